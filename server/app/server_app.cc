@@ -1,0 +1,135 @@
+#include "server/app/server_app.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/common/status_macros.h"
+#include "server/postgres/migrations.h"
+#include "server/rpc/call_logging.h"
+#include "server/rpc/session_handlers.h"
+#include "server/rpc/transaction_handlers.h"
+
+namespace sessionledger {
+namespace {
+
+int ToMillisArg(absl::Duration d) {
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), INT32_MAX));
+}
+
+// Waits for PostgreSQL (it may still be starting next to us) and checks the schema version.
+absl::Status CheckSchemaAtStartup(const Config& config, Logger& logger, absl::Duration timeout) {
+  const absl::Time give_up = absl::Now() + timeout;
+  absl::Status last;
+  do {
+    absl::StatusOr<PgConnection> conn =
+        PgConnection::Connect(config.database_url, absl::Now() + absl::Seconds(3));
+    if (conn.ok()) return CheckSchemaCurrent(*conn, absl::Now() + absl::Seconds(5));
+    last = conn.status();
+    logger.Warn("waiting for postgres", {{"error", last.message()}});
+    absl::SleepFor(absl::Milliseconds(500));
+  } while (absl::Now() < give_up);
+  return absl::UnavailableError(absl::StrCat("DATABASE_URL: cannot connect: ", last.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& config, Logger& logger,
+                                                             absl::Duration startup_timeout) {
+  SL_RETURN_IF_ERROR(CheckSchemaAtStartup(config, logger, startup_timeout));
+  std::unique_ptr<ServerApp> app(new ServerApp(config, logger));
+
+  MemcachedPoolOptions memcached_options;
+  memcached_options.url = config.memcached;
+  memcached_options.size = config.memcached_pool_size;
+  SL_ASSIGN_OR_RETURN(app->memcached_pool_, MemcachedPool::Create(memcached_options));
+
+  PgPoolOptions pg_options;
+  pg_options.conninfo = config.database_url;
+  pg_options.size = config.database_pool_size;
+  app->pg_pool_ = std::make_unique<PgPool>(pg_options);
+
+  // --- Session layer wiring (SessionService) ---
+  app->services_.push_back(std::make_unique<SessionHandlers>());
+  // --- Ledger layer wiring (TransactionService) ---
+  app->services_.push_back(std::make_unique<TransactionHandlers>());
+
+  app->services_.push_back(std::make_unique<HealthService>(app->health_board_));
+  return app;
+}
+
+ServerApp::~ServerApp() {
+  if (server_ != nullptr) {
+    Shutdown(absl::ZeroDuration());
+    Wait();
+  }
+}
+
+absl::Status ServerApp::Start() {
+  // Probe the backing services once before listening, so the first health answer is real, then
+  // keep probing in the background.
+  const MemcachedUrl memcached_url = config_.memcached;
+  const std::string database_url = config_.database_url;
+  HealthMonitor::Probes probes;
+  probes.memcached_ok = [memcached_url] {
+    const MemcachedReachability r = ProbeMemcachedNodes(memcached_url, absl::Milliseconds(500));
+    // Every session has replicas + 1 copies on distinct nodes: with at most `replicas` nodes
+    // down, every session can still be served.
+    return r.total - r.reachable <= memcached_url.replicas;
+  };
+  probes.postgres_ok = [database_url] {
+    const absl::Time deadline = absl::Now() + absl::Seconds(1);
+    absl::StatusOr<PgConnection> conn = PgConnection::Connect(database_url, deadline);
+    return conn.ok() && conn->ExecSimple("SELECT 1", deadline).ok();
+  };
+  health_monitor_ = std::make_unique<HealthMonitor>(health_board_, std::move(probes),
+                                                    config_.health_check_interval, logger_);
+  health_monitor_->ProbeOnce();
+
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(absl::StrCat("[::]:", config_.port), grpc::InsecureServerCredentials(),
+                           &port_);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config_.grpc_max_recv_bytes));
+  // Long-lived HTTP/2 connections are closed now and then so that load spreads over replicas
+  // added later; the grace lets in-flight calls finish first.
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS,
+                             ToMillisArg(config_.grpc_max_connection_age));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                             ToMillisArg(config_.shutdown_grace + absl::Seconds(5)));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30'000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10'000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  for (const auto& service : services_) builder.RegisterService(service.get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<CallLoggingFactory>(logger_));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    server_.reset();
+    return absl::UnavailableError(
+        absl::StrCat("PORT: cannot listen on port ", config_.port, " (in use, or not permitted)"));
+  }
+  logger_.Info("listening", {{"port", port_},
+                             {"memcached_nodes", static_cast<int>(config_.memcached.nodes.size())},
+                             {"memcached_replicas", config_.memcached.replicas},
+                             {"database", RedactDatabaseUrl(config_.database_url)}});
+  return absl::OkStatus();
+}
+
+void ServerApp::Shutdown(absl::Duration grace) {
+  health_board_.Shutdown();
+  if (server_ != nullptr) server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+}
+
+void ServerApp::Wait() {
+  if (server_ != nullptr) server_->Wait();
+  health_monitor_.reset();
+}
+
+}  // namespace sessionledger

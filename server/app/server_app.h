@@ -1,0 +1,58 @@
+#ifndef SESSIONLEDGER_SERVER_APP_SERVER_APP_H_
+#define SESSIONLEDGER_SERVER_APP_SERVER_APP_H_
+
+#include <grpcpp/server.h>
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/common/clock.h"
+#include "server/common/logger.h"
+#include "server/config/config.h"
+#include "server/memcached/memcached_pool.h"
+#include "server/postgres/pg_pool.h"
+#include "server/rpc/health.h"
+
+namespace sessionledger {
+
+// The whole server process minus signal handling: pools, domain services, gRPC handlers,
+// health, reflection. `main` and the service tests build it the same way.
+// Owns everything it creates; holds no state that a later request relies on.
+class ServerApp {
+ public:
+  // Connects nothing eagerly except the schema check: PostgreSQL must be reachable (retried
+  // until `startup_timeout`) and at the schema version this binary expects.
+  static absl::StatusOr<std::unique_ptr<ServerApp>> Create(
+      const Config& config, Logger& logger, absl::Duration startup_timeout = absl::Seconds(15));
+  ~ServerApp();
+
+  // Starts listening on config.port (0 = pick a free port, for tests).
+  absl::Status Start();
+  int port() const { return port_; }
+
+  // Health goes NOT_SERVING, then the server stops accepting calls and lets in-flight calls
+  // finish until `grace` has passed (then cancels them). Returns when all handlers returned.
+  void Shutdown(absl::Duration grace);
+  void Wait();
+
+  HealthBoard& health_board() { return health_board_; }
+
+ private:
+  ServerApp(const Config& config, Logger& logger) : config_(config), logger_(logger) {}
+
+  const Config config_;
+  Logger& logger_;
+  SystemClock clock_;
+  std::unique_ptr<MemcachedPool> memcached_pool_;
+  std::unique_ptr<PgPool> pg_pool_;
+  HealthBoard health_board_;
+  std::vector<std::unique_ptr<grpc::Service>> services_;
+  std::unique_ptr<HealthMonitor> health_monitor_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+};
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_APP_SERVER_APP_H_

@@ -1,0 +1,39 @@
+#ifndef SESSIONLEDGER_SERVER_COMMON_CLOCK_H_
+#define SESSIONLEDGER_SERVER_COMMON_CLOCK_H_
+
+#include <atomic>
+
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+
+namespace sessionledger {
+
+// Source of wall-clock time, injected so that expiry rules can be unit-tested without sleeping.
+// Implementations are thread-safe.
+class Clock {
+ public:
+  virtual ~Clock() = default;
+  virtual absl::Time Now() const = 0;
+};
+
+class SystemClock final : public Clock {
+ public:
+  absl::Time Now() const override { return absl::Now(); }
+};
+
+// A clock that moves only when told to. Thread-safe.
+class FakeClock final : public Clock {
+ public:
+  explicit FakeClock(absl::Time start = absl::FromUnixSeconds(1'700'000'000))
+      : now_micros_(absl::ToUnixMicros(start)) {}
+  absl::Time Now() const override { return absl::FromUnixMicros(now_micros_.load()); }
+  void Advance(absl::Duration d) { now_micros_ += absl::ToInt64Microseconds(d); }
+  void Set(absl::Time t) { now_micros_ = absl::ToUnixMicros(t); }
+
+ private:
+  std::atomic<int64_t> now_micros_;
+};
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_COMMON_CLOCK_H_

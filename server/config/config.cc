@@ -1,0 +1,388 @@
+#include "server/config/config.h"
+
+#include <libpq-fe.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <iterator>
+#include <limits>
+#include <memory>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "server/common/status_macros.h"
+
+namespace sessionledger {
+namespace {
+
+constexpr absl::string_view kMemcachedScheme = "memcached://";
+// Memcached reads a relative expiry above 30 days as an absolute Unix time.
+constexpr int64_t kMemcachedMaxRelativeTtlSeconds = 30 * 24 * 3600;
+
+absl::Status VariableError(absl::string_view name, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(name, ": ", what));
+}
+
+absl::StatusOr<int64_t> ParseInteger(absl::string_view text, int64_t min, int64_t max) {
+  int64_t value;
+  if (!absl::SimpleAtoi(text, &value) || text.empty() || absl::ascii_isspace(text.front()) ||
+      absl::ascii_isspace(text.back())) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "' is not a whole number"));
+  }
+  if (value < min || value > max) {
+    return absl::InvalidArgumentError(absl::StrCat(value, " is out of range ", min, "..", max));
+  }
+  return value;
+}
+
+absl::StatusOr<MemcachedNode> ParseNode(absl::string_view text) {
+  MemcachedNode node;
+  absl::string_view port_text;
+  if (absl::StartsWith(text, "[")) {
+    const size_t close = text.find(']');
+    if (close == absl::string_view::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("'", text, "' has no closing ']'"));
+    }
+    node.host = std::string(text.substr(1, close - 1));
+    absl::string_view rest = text.substr(close + 1);
+    if (!rest.empty()) {
+      if (rest.front() != ':') {
+        return absl::InvalidArgumentError(absl::StrCat("'", text, "' is not [ipv6]:port"));
+      }
+      port_text = rest.substr(1);
+      if (port_text.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("'", text, "' has an empty port"));
+      }
+    }
+  } else {
+    const size_t colon = text.rfind(':');
+    if (colon != absl::string_view::npos && text.find(':') != colon) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("'", text, "': write IPv6 addresses as [addr]:port"));
+    }
+    node.host = std::string(text.substr(0, colon));
+    if (colon != absl::string_view::npos) {
+      port_text = text.substr(colon + 1);
+      if (port_text.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("'", text, "' has an empty port"));
+      }
+    }
+  }
+  if (node.host.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "' has an empty host"));
+  }
+  for (char c : node.host) {
+    if (!(absl::ascii_isalnum(c) || c == '.' || c == '-' || c == '_' || c == ':')) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("host '", node.host, "' has a character that is not allowed"));
+    }
+  }
+  if (!port_text.empty()) {
+    auto port = ParseInteger(port_text, 1, 65535);
+    if (!port.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("port of '", text, "': ", port.status().message()));
+    }
+    node.port = static_cast<uint16_t>(*port);
+  }
+  return node;
+}
+
+struct Raw {
+  const EnvLookup& env;
+  // The variable's value, or `fallback` when it is unset or empty (an empty value in a
+  // Kubernetes manifest means "not set").
+  std::string Get(absl::string_view name, absl::string_view fallback) const {
+    std::optional<std::string> value = env(name);
+    if (!value.has_value() || value->empty()) return std::string(fallback);
+    return *value;
+  }
+  std::optional<std::string> GetRequired(absl::string_view name) const {
+    std::optional<std::string> value = env(name);
+    if (!value.has_value() || value->empty()) return std::nullopt;
+    return value;
+  }
+};
+
+absl::StatusOr<int64_t> IntegerVariable(const Raw& raw, absl::string_view name,
+                                        absl::string_view fallback, int64_t min, int64_t max) {
+  auto value = ParseInteger(raw.Get(name, fallback), min, max);
+  if (!value.ok()) return VariableError(name, value.status().message());
+  return *value;
+}
+
+absl::Status LoadDatabase(const Raw& raw, Config& config) {
+  std::optional<std::string> url = raw.GetRequired("DATABASE_URL");
+  if (!url.has_value()) {
+    return VariableError("DATABASE_URL",
+                         "required, e.g. postgres://user:pass@127.0.0.1:5432/db?sslmode=disable");
+  }
+  if (absl::Status valid = ValidateDatabaseUrl(*url); !valid.ok()) {
+    return VariableError("DATABASE_URL", valid.message());
+  }
+  config.database_url = *url;
+  SL_ASSIGN_OR_RETURN(config.database_pool_size,
+                      IntegerVariable(raw, "DATABASE_POOL_SIZE", "8", 1, 1024));
+  return absl::OkStatus();
+}
+
+absl::Status LoadLogLevel(const Raw& raw, Config& config) {
+  auto level = ParseLogLevel(raw.Get("LOG_LEVEL", "info"));
+  if (!level.ok()) return VariableError("LOG_LEVEL", level.status().message());
+  config.log_level = *level;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<MemcachedUrl> ParseMemcachedUrl(absl::string_view url) {
+  if (!absl::StartsWith(url, kMemcachedScheme)) {
+    return absl::InvalidArgumentError("must start with memcached://");
+  }
+  absl::string_view rest = url.substr(kMemcachedScheme.size());
+  absl::string_view query;
+  if (const size_t q = rest.find('?'); q != absl::string_view::npos) {
+    query = rest.substr(q + 1);
+    rest = rest.substr(0, q);
+  }
+  if (absl::EndsWith(rest, "/")) rest.remove_suffix(1);
+  if (rest.empty()) return absl::InvalidArgumentError("names no host:port");
+
+  MemcachedUrl parsed;
+  for (absl::string_view part : absl::StrSplit(rest, ',')) {
+    SL_ASSIGN_OR_RETURN(MemcachedNode node, ParseNode(part));
+    for (const MemcachedNode& seen : parsed.nodes) {
+      if (seen == node) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("node ", node.host, ":", node.port, " is listed twice"));
+      }
+    }
+    parsed.nodes.push_back(std::move(node));
+  }
+
+  if (!query.empty()) {
+    for (absl::string_view param : absl::StrSplit(query, '&')) {
+      std::pair<absl::string_view, absl::string_view> kv = absl::StrSplit(param, '=');
+      if (kv.first != "replicas") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("unknown parameter '", kv.first, "' (only replicas=N is known)"));
+      }
+      auto replicas = ParseInteger(kv.second, 0, 64);
+      if (!replicas.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("replicas: ", replicas.status().message()));
+      }
+      parsed.replicas = static_cast<int>(*replicas);
+    }
+  }
+  if (parsed.replicas >= static_cast<int>(parsed.nodes.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("replicas=", parsed.replicas, " needs at least ",
+                                                   parsed.replicas + 1, " nodes, the URL names ",
+                                                   parsed.nodes.size()));
+  }
+  return parsed;
+}
+
+absl::Status ValidateDatabaseUrl(absl::string_view url) {
+  if (!absl::StartsWith(url, "postgres://") && !absl::StartsWith(url, "postgresql://")) {
+    return absl::InvalidArgumentError("must start with postgres:// or postgresql://");
+  }
+  char* error = nullptr;
+  const std::string copy(url);
+  std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> options(
+      PQconninfoParse(copy.c_str(), &error), &PQconninfoFree);
+  if (options == nullptr) {
+    std::string message = error != nullptr ? error : "cannot be parsed";
+    PQfreemem(error);
+    // libpq's messages end in a newline; keep the one-line promise.
+    while (!message.empty() && absl::ascii_isspace(message.back())) message.pop_back();
+    return absl::InvalidArgumentError(message);
+  }
+  // libpq parses values lazily, at connect time; catch the common mistakes at start-up instead.
+  for (const PQconninfoOption* option = options.get(); option->keyword != nullptr; ++option) {
+    if (option->val == nullptr) continue;
+    const absl::string_view keyword = option->keyword;
+    const absl::string_view value = option->val;
+    if (keyword == "port") {
+      for (absl::string_view port : absl::StrSplit(value, ',')) {
+        if (!ParseInteger(port, 1, 65535).ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("port '", port, "' is not 1..65535"));
+        }
+      }
+    } else if (keyword == "sslmode") {
+      static constexpr absl::string_view kModes[] = {"disable", "allow",     "prefer",
+                                                     "require", "verify-ca", "verify-full"};
+      if (std::find(std::begin(kModes), std::end(kModes), value) == std::end(kModes)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("sslmode '", value,
+                         "' is not one of disable, allow, prefer, require, verify-ca, "
+                         "verify-full"));
+      }
+    } else if (keyword == "connect_timeout") {
+      if (!ParseInteger(value, 0, 3600).ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("connect_timeout '", value, "' is not a number of seconds"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string RedactDatabaseUrl(absl::string_view url) {
+  // postgres://user:secret@host/db -> postgres://user:****@host/db
+  const size_t scheme_end = url.find("://");
+  if (scheme_end == absl::string_view::npos) return "****";
+  const size_t authority_start = scheme_end + 3;
+  const size_t authority_end = url.find_first_of("/?", authority_start);
+  absl::string_view authority = url.substr(authority_start, authority_end == absl::string_view::npos
+                                                                ? absl::string_view::npos
+                                                                : authority_end - authority_start);
+  std::string redacted(url.substr(0, authority_start));
+  if (const size_t at = authority.rfind('@'); at != absl::string_view::npos) {
+    absl::string_view userinfo = authority.substr(0, at);
+    if (const size_t colon = userinfo.find(':'); colon != absl::string_view::npos) {
+      absl::StrAppend(&redacted, userinfo.substr(0, colon), ":****", authority.substr(at));
+    } else {
+      absl::StrAppend(&redacted, authority);
+    }
+  } else {
+    absl::StrAppend(&redacted, authority);
+  }
+  if (authority_end == absl::string_view::npos) return redacted;
+  // A password may also be a query parameter.
+  absl::string_view tail = url.substr(authority_end);
+  const size_t q = tail.find('?');
+  absl::StrAppend(&redacted, tail.substr(0, q));
+  if (q == absl::string_view::npos) return redacted;
+  std::vector<std::string> params;
+  for (absl::string_view param : absl::StrSplit(tail.substr(q + 1), '&')) {
+    if (absl::StartsWithIgnoreCase(param, "password=")) {
+      params.push_back("password=****");
+    } else {
+      params.emplace_back(param);
+    }
+  }
+  absl::StrAppend(&redacted, "?", absl::StrJoin(params, "&"));
+  return redacted;
+}
+
+const std::vector<ConfigVariable>& ConfigVariables() {
+  static const auto* const kVariables = new std::vector<ConfigVariable>{
+      {"PORT", "50051", "gRPC listen port (all interfaces)"},
+      {"MEMCACHED_URL", "",
+       "memcached://host:port[,host:port...][?replicas=N]; replicas=N keeps N extra copies of "
+       "each session on other nodes"},
+      {"DATABASE_URL", "", "libpq URL, e.g. postgres://user:pass@host:5432/db?sslmode=disable"},
+      {"SESSION_TTL_SECONDS", "1800", "default idle timeout of a session"},
+      {"SESSION_MAX_LIFETIME_SECONDS", "86400",
+       "absolute lifetime of a session; at most 2592000 (30 days); must be >= "
+       "SESSION_TTL_SECONDS"},
+      {"SHUTDOWN_GRACE_SECONDS", "20",
+       "on SIGTERM/SIGINT: stop accepting, finish in-flight calls within this, exit 0"},
+      {"LOG_LEVEL", "info", "debug, info, warn or error; JSON logs to stdout, one object a line"},
+      {"METRICS_PORT", "9464", "HTTP /metrics in Prometheus text format; 0 turns it off"},
+      {"MEMCACHED_POOL_SIZE", "16", "Memcached connections per process"},
+      {"DATABASE_POOL_SIZE", "8", "PostgreSQL connections per process"},
+      {"DEFAULT_CALL_TIMEOUT_MS", "5000",
+       "how long a call may wait on Memcached/PostgreSQL when the caller set no deadline"},
+      {"HEALTH_CHECK_INTERVAL_MS", "2000", "how often Memcached and PostgreSQL are probed"},
+      {"GRPC_MAX_CONNECTION_AGE_SECONDS", "300",
+       "clients reconnect after this long, so load spreads over new replicas"},
+      {"GRPC_MAX_RECV_BYTES", "1048576", "largest request message accepted"},
+  };
+  return *kVariables;
+}
+
+std::string ConfigHelpText() {
+  std::string text =
+      "sessionledger-server: stateless gRPC session and ledger service.\n\n"
+      "Usage:\n"
+      "  sessionledger-server            serve (schema must be up to date)\n"
+      "  sessionledger-server migrate    create or upgrade the PostgreSQL schema, then exit\n"
+      "  sessionledger-server --help     this text\n\n"
+      "Configuration (environment only):\n";
+  size_t width = 0;
+  for (const ConfigVariable& v : ConfigVariables()) width = std::max(width, v.name.size());
+  for (const ConfigVariable& v : ConfigVariables()) {
+    absl::StrAppend(
+        &text, "  ", v.name, std::string(width + 2 - v.name.size(), ' '),
+        v.default_value.empty() ? "(required)" : absl::StrCat("[", v.default_value, "]"), "  ",
+        v.meaning, "\n");
+  }
+  return text;
+}
+
+EnvLookup ProcessEnvironment() {
+  return [](absl::string_view name) -> std::optional<std::string> {
+    const char* value = std::getenv(std::string(name).c_str());
+    if (value == nullptr) return std::nullopt;
+    return std::string(value);
+  };
+}
+
+absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
+  const Raw raw{env};
+  Config config;
+  SL_RETURN_IF_ERROR(LoadLogLevel(raw, config));
+  SL_ASSIGN_OR_RETURN(config.port, IntegerVariable(raw, "PORT", "50051", 1, 65535));
+
+  std::optional<std::string> memcached_url = raw.GetRequired("MEMCACHED_URL");
+  if (!memcached_url.has_value()) {
+    return VariableError("MEMCACHED_URL", "required, e.g. memcached://127.0.0.1:11211");
+  }
+  auto memcached = ParseMemcachedUrl(*memcached_url);
+  if (!memcached.ok()) return VariableError("MEMCACHED_URL", memcached.status().message());
+  config.memcached = *std::move(memcached);
+
+  SL_RETURN_IF_ERROR(LoadDatabase(raw, config));
+
+  SL_ASSIGN_OR_RETURN(const int64_t max_lifetime,
+                      IntegerVariable(raw, "SESSION_MAX_LIFETIME_SECONDS", "86400", 1,
+                                      kMemcachedMaxRelativeTtlSeconds));
+  SL_ASSIGN_OR_RETURN(const int64_t ttl, IntegerVariable(raw, "SESSION_TTL_SECONDS", "1800", 1,
+                                                         kMemcachedMaxRelativeTtlSeconds));
+  if (ttl > max_lifetime) {
+    return VariableError(
+        "SESSION_TTL_SECONDS",
+        absl::StrCat(ttl, " is above SESSION_MAX_LIFETIME_SECONDS (", max_lifetime, ")"));
+  }
+  config.session_ttl = absl::Seconds(ttl);
+  config.session_max_lifetime = absl::Seconds(max_lifetime);
+
+  SL_ASSIGN_OR_RETURN(const int64_t grace,
+                      IntegerVariable(raw, "SHUTDOWN_GRACE_SECONDS", "20", 0, 3600));
+  config.shutdown_grace = absl::Seconds(grace);
+  SL_ASSIGN_OR_RETURN(config.metrics_port, IntegerVariable(raw, "METRICS_PORT", "9464", 0, 65535));
+  if (config.metrics_port != 0 && config.metrics_port == config.port) {
+    return VariableError("METRICS_PORT", absl::StrCat(config.metrics_port, " is also PORT"));
+  }
+  SL_ASSIGN_OR_RETURN(config.memcached_pool_size,
+                      IntegerVariable(raw, "MEMCACHED_POOL_SIZE", "16", 1, 1024));
+  SL_ASSIGN_OR_RETURN(const int64_t call_timeout_ms,
+                      IntegerVariable(raw, "DEFAULT_CALL_TIMEOUT_MS", "5000", 1, 600'000));
+  config.default_call_timeout = absl::Milliseconds(call_timeout_ms);
+  SL_ASSIGN_OR_RETURN(const int64_t health_ms,
+                      IntegerVariable(raw, "HEALTH_CHECK_INTERVAL_MS", "2000", 50, 600'000));
+  config.health_check_interval = absl::Milliseconds(health_ms);
+  SL_ASSIGN_OR_RETURN(const int64_t max_age,
+                      IntegerVariable(raw, "GRPC_MAX_CONNECTION_AGE_SECONDS", "300", 1,
+                                      std::numeric_limits<int32_t>::max() / 1000));
+  config.grpc_max_connection_age = absl::Seconds(max_age);
+  SL_ASSIGN_OR_RETURN(config.grpc_max_recv_bytes,
+                      IntegerVariable(raw, "GRPC_MAX_RECV_BYTES", "1048576", 1024,
+                                      std::numeric_limits<int32_t>::max()));
+  return config;
+}
+
+absl::StatusOr<Config> LoadMigrateConfig(const EnvLookup& env) {
+  const Raw raw{env};
+  Config config;
+  SL_RETURN_IF_ERROR(LoadLogLevel(raw, config));
+  SL_RETURN_IF_ERROR(LoadDatabase(raw, config));
+  return config;
+}
+
+}  // namespace sessionledger

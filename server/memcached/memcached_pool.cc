@@ -1,0 +1,172 @@
+#include "server/memcached/memcached_pool.h"
+
+#include <algorithm>
+#include <ctime>
+
+#include "absl/strings/str_cat.h"
+
+namespace sessionledger {
+namespace {
+
+struct MemcachedDeleter {
+  void operator()(memcached_st* m) const { memcached_free(m); }
+};
+using MemcachedPtr = std::unique_ptr<memcached_st, MemcachedDeleter>;
+
+uint64_t ClampMillis(absl::Duration d) {
+  return static_cast<uint64_t>(std::max<int64_t>(1, absl::ToInt64Milliseconds(d)));
+}
+
+absl::Status AddServers(memcached_st* handle, const MemcachedUrl& url) {
+  for (const MemcachedNode& node : url.nodes) {
+    const memcached_return_t rc = memcached_server_add(handle, node.host.c_str(), node.port);
+    if (!memcached_success(rc)) {
+      return absl::InvalidArgumentError(absl::StrCat("MEMCACHED_URL: cannot add node ", node.host,
+                                                     ":", node.port, ": ",
+                                                     memcached_strerror(handle, rc)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Behaviours that every handle in the pool shares (the pool clones the master).
+absl::Status Configure(memcached_st* handle, const MemcachedPoolOptions& options) {
+  const struct {
+    memcached_behavior_t flag;
+    uint64_t value;
+  } behaviours[] = {
+      {MEMCACHED_BEHAVIOR_BINARY_PROTOCOL, 1},
+      {MEMCACHED_BEHAVIOR_SUPPORT_CAS, 1},
+      {MEMCACHED_BEHAVIOR_TCP_NODELAY, 1},
+      {MEMCACHED_BEHAVIOR_TCP_KEEPALIVE, 1},
+      {MEMCACHED_BEHAVIOR_DISTRIBUTION, MEMCACHED_DISTRIBUTION_CONSISTENT_KETAMA},
+      {MEMCACHED_BEHAVIOR_KETAMA_HASH, MEMCACHED_HASH_MD5},
+      {MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT, ClampMillis(options.connect_timeout)},
+      {MEMCACHED_BEHAVIOR_POLL_TIMEOUT, ClampMillis(options.io_timeout)},
+      {MEMCACHED_BEHAVIOR_RETRY_TIMEOUT,
+       static_cast<uint64_t>(
+           std::max<int64_t>(1, absl::ToInt64Seconds(options.retry_after_failure)))},
+      // Keep key placement fixed while a node is down: an ejected node would move its keys to
+      // other nodes and back again, which reads as lost sessions.
+      {MEMCACHED_BEHAVIOR_AUTO_EJECT_HOSTS, 0},
+      {MEMCACHED_BEHAVIOR_REMOVE_FAILED_SERVERS, 0},
+  };
+  for (const auto& b : behaviours) {
+    const memcached_return_t rc = memcached_behavior_set(handle, b.flag, b.value);
+    if (!memcached_success(rc)) {
+      return absl::InternalError(
+          absl::StrCat("memcached_behavior_set(", b.flag, "): ", memcached_strerror(handle, rc)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void SetIoTimeouts(memcached_st* handle, absl::Duration budget,
+                   const MemcachedPoolOptions& options) {
+  const uint64_t io_ms = ClampMillis(std::min(budget, options.io_timeout));
+  const uint64_t connect_ms = ClampMillis(std::min(budget, options.connect_timeout));
+  memcached_behavior_set(handle, MEMCACHED_BEHAVIOR_POLL_TIMEOUT, io_ms);
+  memcached_behavior_set(handle, MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT, connect_ms);
+  // Socket-level timeouts are in microseconds.
+  memcached_behavior_set(handle, MEMCACHED_BEHAVIOR_RCV_TIMEOUT, io_ms * 1000);
+  memcached_behavior_set(handle, MEMCACHED_BEHAVIOR_SND_TIMEOUT, io_ms * 1000);
+}
+
+}  // namespace
+
+absl::Status MemcachedStatus(memcached_return_t rc, absl::string_view what) {
+  if (memcached_success(rc)) return absl::OkStatus();
+  const std::string message =
+      absl::StrCat("memcached ", what, ": ", memcached_strerror(nullptr, rc));
+  switch (rc) {
+    case MEMCACHED_NOTFOUND:
+      return absl::NotFoundError(message);
+    case MEMCACHED_DATA_EXISTS:
+      return absl::AbortedError(message);
+    case MEMCACHED_NOTSTORED:
+      return absl::FailedPreconditionError(message);
+    case MEMCACHED_E2BIG:
+      return absl::InvalidArgumentError(message);
+    case MEMCACHED_CONNECTION_FAILURE:
+    case MEMCACHED_CONNECTION_SOCKET_CREATE_FAILURE:
+    case MEMCACHED_HOST_LOOKUP_FAILURE:
+    case MEMCACHED_TIMEOUT:
+    case MEMCACHED_ERRNO:
+    case MEMCACHED_SERVER_ERROR:
+    case MEMCACHED_SERVER_MARKED_DEAD:
+    case MEMCACHED_SERVER_TEMPORARILY_DISABLED:
+    case MEMCACHED_UNKNOWN_READ_FAILURE:
+    case MEMCACHED_READ_FAILURE:
+    case MEMCACHED_WRITE_FAILURE:
+    case MEMCACHED_PARTIAL_READ:
+    case MEMCACHED_NO_SERVERS:
+    case MEMCACHED_CONNECTION_BIND_FAILURE:
+    case MEMCACHED_IN_PROGRESS:
+    case MEMCACHED_MEMORY_ALLOCATION_FAILURE:
+    case MEMCACHED_SOME_ERRORS:
+    case MEMCACHED_FAILURE:
+    case MEMCACHED_PROTOCOL_ERROR:
+      return absl::UnavailableError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<MemcachedPool>> MemcachedPool::Create(
+    const MemcachedPoolOptions& options) {
+  if (options.url.nodes.empty()) return absl::InvalidArgumentError("MEMCACHED_URL: no nodes");
+  if (options.size < 1) return absl::InvalidArgumentError("MEMCACHED_POOL_SIZE: must be >= 1");
+  MemcachedPtr master(memcached_create(nullptr));
+  if (master == nullptr) return absl::ResourceExhaustedError("memcached_create failed");
+  if (absl::Status s = Configure(master.get(), options); !s.ok()) return s;
+  if (absl::Status s = AddServers(master.get(), options.url); !s.ok()) return s;
+  // Handles connect lazily, so creating the pool succeeds while memcached is still starting.
+  memcached_pool_st* pool = memcached_pool_create(master.get(), 0, options.size);
+  if (pool == nullptr) return absl::ResourceExhaustedError("memcached_pool_create failed");
+  return std::unique_ptr<MemcachedPool>(new MemcachedPool(options, master.release(), pool));
+}
+
+MemcachedPool::~MemcachedPool() {
+  memcached_pool_destroy(pool_);
+  memcached_free(master_);
+}
+
+MemcachedPool::Lease::~Lease() {
+  if (handle_ != nullptr) memcached_pool_release(pool_, handle_);
+}
+
+absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(absl::Time deadline) {
+  const absl::Duration budget = deadline - absl::Now();
+  if (budget <= absl::ZeroDuration()) {
+    return absl::UnavailableError("memcached: deadline passed before a connection was free");
+  }
+  timespec wait = absl::ToTimespec(budget);
+  memcached_return_t rc = MEMCACHED_SUCCESS;
+  memcached_st* handle = memcached_pool_fetch(pool_, &wait, &rc);
+  if (handle == nullptr) {
+    return absl::UnavailableError(
+        absl::StrCat("memcached: no pooled connection free within the deadline (pool size ",
+                     options_.size, ")"));
+  }
+  SetIoTimeouts(handle, deadline - absl::Now(), options_);
+  return Lease(pool_, handle);
+}
+
+MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout) {
+  MemcachedReachability result;
+  result.total = static_cast<int>(url.nodes.size());
+  for (const MemcachedNode& node : url.nodes) {
+    MemcachedPtr probe(memcached_create(nullptr));
+    if (probe == nullptr) continue;
+    memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT, ClampMillis(timeout));
+    memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_POLL_TIMEOUT, ClampMillis(timeout));
+    memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_BINARY_PROTOCOL, 1);
+    if (!memcached_success(memcached_server_add(probe.get(), node.host.c_str(), node.port))) {
+      continue;
+    }
+    if (memcached_success(memcached_version(probe.get()))) ++result.reachable;
+  }
+  return result;
+}
+
+}  // namespace sessionledger

@@ -1,0 +1,92 @@
+#ifndef SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_POOL_H_
+#define SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_POOL_H_
+
+#include <libmemcached/memcached.h>
+#include <libmemcached/util.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "server/config/config.h"
+
+namespace sessionledger {
+
+struct MemcachedPoolOptions {
+  MemcachedUrl url;
+  int size = 16;
+  // Upper bounds; each lease lowers the I/O timeout further to the caller's remaining deadline.
+  absl::Duration connect_timeout = absl::Milliseconds(500);
+  absl::Duration io_timeout = absl::Seconds(2);
+  // After a node fails, how long libmemcached waits before it tries that node again.
+  absl::Duration retry_after_failure = absl::Seconds(1);
+};
+
+// Maps a libmemcached return code to a status: connection and timeout failures become
+// UNAVAILABLE, a miss NOT_FOUND, a CAS conflict ABORTED, "not stored" FAILED_PRECONDITION, the
+// rest INTERNAL. `what` names the operation for the message.
+absl::Status MemcachedStatus(memcached_return_t rc, absl::string_view what);
+
+// A fixed-size, thread-safe pool of libmemcached handles (libmemcachedutil's memcached_pool_st)
+// over every node of MEMCACHED_URL with consistent (ketama) hashing, the binary protocol and CAS.
+// Nodes are never ejected: a node that fails is retried after `retry_after_failure`, so a
+// memcached that restarts is used again without restarting this process, and keys never move
+// between nodes because one node is briefly down.
+class MemcachedPool {
+ public:
+  // A handle borrowed from the pool; returned on destruction. Move-only. Never copy the
+  // memcached_st it holds.
+  class Lease {
+   public:
+    Lease(Lease&& other) noexcept : pool_(other.pool_), handle_(other.handle_) {
+      other.handle_ = nullptr;
+    }
+    Lease& operator=(Lease&&) = delete;
+    Lease(const Lease&) = delete;
+    ~Lease();
+    memcached_st* get() const { return handle_; }
+    memcached_st* operator->() const { return handle_; }
+
+   private:
+    friend class MemcachedPool;
+    Lease(memcached_pool_st* pool, memcached_st* handle) : pool_(pool), handle_(handle) {}
+    memcached_pool_st* pool_;
+    memcached_st* handle_;
+  };
+
+  static absl::StatusOr<std::unique_ptr<MemcachedPool>> Create(const MemcachedPoolOptions& options);
+  ~MemcachedPool();
+  MemcachedPool(const MemcachedPool&) = delete;
+  MemcachedPool& operator=(const MemcachedPool&) = delete;
+
+  // Waits for a free handle until `deadline`; UNAVAILABLE when none frees up in time (the pool
+  // is exhausted) or the deadline has passed. The handle's I/O timeouts are set to the time
+  // left, so no operation on it blocks past `deadline`.
+  absl::StatusOr<Lease> Acquire(absl::Time deadline);
+
+  const MemcachedPoolOptions& options() const { return options_; }
+  int node_count() const { return static_cast<int>(options_.url.nodes.size()); }
+
+ private:
+  MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_pool_st* pool)
+      : options_(std::move(options)), master_(master), pool_(pool) {}
+
+  const MemcachedPoolOptions options_;
+  memcached_st* master_;  // Template the pool clones; owned.
+  memcached_pool_st* pool_;
+};
+
+// Probes every node with a fresh connection (a version request) and counts the ones that answer.
+// Thread-safe; keeps no connection between calls.
+struct MemcachedReachability {
+  int reachable = 0;
+  int total = 0;
+};
+MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout);
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_POOL_H_

@@ -1,0 +1,262 @@
+#include "server/postgres/pg_pool.h"
+
+#include <poll.h>
+
+#include <cerrno>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace sessionledger {
+namespace {
+
+// libpq messages end in a newline and may span lines; logs want one line.
+std::string OneLine(const char* message) {
+  std::string text = message != nullptr ? message : "";
+  for (char& c : text) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  while (!text.empty() && text.back() == ' ') text.pop_back();
+  return text;
+}
+
+absl::Status StatusFromResult(const PGresult* result) {
+  const char* state = PQresultErrorField(result, PG_DIAG_SQLSTATE);
+  const std::string sqlstate = state != nullptr ? state : "";
+  const char* primary = PQresultErrorField(result, PG_DIAG_MESSAGE_PRIMARY);
+  const std::string message = absl::StrCat(
+      "postgres: ", OneLine(primary != nullptr ? primary : PQresultErrorMessage(result)),
+      sqlstate.empty() ? "" : absl::StrCat(" (SQLSTATE ", sqlstate, ")"));
+  absl::Status status;
+  if (sqlstate == "40001" || sqlstate == "40P01") {
+    status = absl::AbortedError(message);
+  } else if (absl::StartsWith(sqlstate, "23")) {
+    status = absl::FailedPreconditionError(message);
+  } else if (sqlstate == "57014" || absl::StartsWith(sqlstate, "08") || sqlstate == "57P01" ||
+             sqlstate == "57P02" || sqlstate == "57P03" || sqlstate == "53300") {
+    // query_canceled (statement_timeout), connection exceptions, admin/crash shutdown, the
+    // server starting up, too many connections: all transient.
+    status = absl::UnavailableError(message);
+  } else {
+    status = absl::InternalError(message);
+  }
+  if (!sqlstate.empty()) status.SetPayload(kSqlStatePayload, absl::Cord(sqlstate));
+  return status;
+}
+
+}  // namespace
+
+std::string SqlStateOf(const absl::Status& status) {
+  absl::optional<absl::Cord> payload = status.GetPayload(kSqlStatePayload);
+  return payload.has_value() ? std::string(*payload) : std::string();
+}
+
+bool IsRetryableTransactionFailure(const absl::Status& status) {
+  const std::string state = SqlStateOf(status);
+  return state == "40001" || state == "40P01";
+}
+
+absl::StatusOr<PgConnection> PgConnection::Connect(const std::string& conninfo,
+                                                   absl::Time deadline) {
+  // expand_dbname = 1: "dbname" holds the whole URL; the other keywords fill what it leaves out.
+  const char* const keywords[] = {"dbname", "application_name", nullptr};
+  const char* const values[] = {conninfo.c_str(), "sessionledger", nullptr};
+  PGconn* raw = PQconnectStartParams(keywords, values, 1);
+  if (raw == nullptr) return absl::ResourceExhaustedError("postgres: out of memory");
+  PgConnection conn(raw);
+  if (PQstatus(raw) == CONNECTION_BAD) {
+    return absl::UnavailableError(absl::StrCat("postgres: ", OneLine(PQerrorMessage(raw))));
+  }
+  for (;;) {
+    const PostgresPollingStatusType poll_status = PQconnectPoll(raw);
+    if (poll_status == PGRES_POLLING_OK) break;
+    if (poll_status == PGRES_POLLING_FAILED) {
+      return absl::UnavailableError(
+          absl::StrCat("postgres: connect failed: ", OneLine(PQerrorMessage(raw))));
+    }
+    if (absl::Status s = conn.WaitSocket(poll_status == PGRES_POLLING_WRITING, deadline); !s.ok()) {
+      return absl::UnavailableError("postgres: connect timed out");
+    }
+  }
+  if (PQsetnonblocking(raw, 1) != 0) {
+    return absl::UnavailableError("postgres: cannot switch the connection to non-blocking mode");
+  }
+  return conn;
+}
+
+PgConnection& PgConnection::operator=(PgConnection&& other) noexcept {
+  if (this != &other) {
+    if (conn_ != nullptr) PQfinish(conn_);
+    conn_ = std::exchange(other.conn_, nullptr);
+  }
+  return *this;
+}
+
+PgConnection::~PgConnection() {
+  if (conn_ != nullptr) PQfinish(conn_);
+}
+
+absl::Status PgConnection::WaitSocket(bool for_write, absl::Time deadline) {
+  const int fd = PQsocket(conn_);
+  if (fd < 0) return absl::UnavailableError("postgres: connection has no socket");
+  for (;;) {
+    const int64_t remaining_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (remaining_ms <= 0) return absl::DeadlineExceededError("postgres: deadline passed");
+    pollfd pfd{fd, static_cast<short>(for_write ? POLLOUT : POLLIN), 0};
+    const int n = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(remaining_ms, 60'000)));
+    if (n > 0) return absl::OkStatus();
+    if (n < 0 && errno != EINTR) return absl::UnavailableError("postgres: poll failed");
+  }
+}
+
+void PgConnection::CancelAndBreak() {
+  // Closing the socket makes the server abort the open transaction; statement_timeout (set by
+  // callers per transaction) bounds whatever it was running.
+  if (conn_ != nullptr) {
+    PQfinish(conn_);
+    conn_ = nullptr;
+  }
+}
+
+absl::StatusOr<PgResultPtr> PgConnection::Collect(absl::Time deadline) {
+  // Flush the request.
+  for (;;) {
+    const int flushed = PQflush(conn_);
+    if (flushed == 0) break;
+    if (flushed < 0 || !WaitSocket(/*for_write=*/true, deadline).ok()) {
+      CancelAndBreak();
+      return absl::UnavailableError("postgres: sending the statement failed or timed out");
+    }
+  }
+  PgResultPtr kept;
+  absl::Status first_error;
+  for (;;) {
+    while (PQisBusy(conn_)) {
+      if (!WaitSocket(/*for_write=*/false, deadline).ok()) {
+        CancelAndBreak();
+        return absl::UnavailableError("postgres: statement did not finish within the deadline");
+      }
+      if (PQconsumeInput(conn_) == 0) {
+        const std::string why = OneLine(PQerrorMessage(conn_));
+        CancelAndBreak();
+        return absl::UnavailableError(absl::StrCat("postgres: connection lost: ", why));
+      }
+    }
+    PgResultPtr result(PQgetResult(conn_));
+    if (result == nullptr) break;
+    const ExecStatusType status = PQresultStatus(result.get());
+    if (status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK || status == PGRES_EMPTY_QUERY) {
+      kept = std::move(result);
+    } else if (first_error.ok()) {
+      first_error = StatusFromResult(result.get());
+    }
+  }
+  if (PQstatus(conn_) != CONNECTION_OK) {
+    CancelAndBreak();
+    return first_error.ok() ? absl::UnavailableError("postgres: connection lost") : first_error;
+  }
+  if (!first_error.ok()) return first_error;
+  if (kept == nullptr) return absl::InternalError("postgres: statement returned no result");
+  return kept;
+}
+
+absl::StatusOr<PgResultPtr> PgConnection::Exec(
+    absl::string_view sql, const std::vector<std::optional<std::string>>& params,
+    absl::Time deadline) {
+  if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
+  const std::string statement(sql);
+  std::vector<const char*> values;
+  values.reserve(params.size());
+  for (const auto& p : params) values.push_back(p.has_value() ? p->c_str() : nullptr);
+  if (PQsendQueryParams(conn_, statement.c_str(), static_cast<int>(values.size()), nullptr,
+                        values.data(), nullptr, nullptr, 0) == 0) {
+    const std::string why = OneLine(PQerrorMessage(conn_));
+    CancelAndBreak();
+    return absl::UnavailableError(absl::StrCat("postgres: send failed: ", why));
+  }
+  return Collect(deadline);
+}
+
+absl::StatusOr<PgResultPtr> PgConnection::ExecSimple(absl::string_view sql, absl::Time deadline) {
+  if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
+  const std::string statement(sql);
+  if (PQsendQuery(conn_, statement.c_str()) == 0) {
+    const std::string why = OneLine(PQerrorMessage(conn_));
+    CancelAndBreak();
+    return absl::UnavailableError(absl::StrCat("postgres: send failed: ", why));
+  }
+  return Collect(deadline);
+}
+
+PgPool::Lease::~Lease() {
+  if (pool_ != nullptr) pool_->Return(std::move(conn_), broken_);
+}
+
+absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  bool waited = false;
+  for (;;) {
+    if (!idle_.empty()) {
+      PgConnection conn = std::move(idle_.back());
+      idle_.pop_back();
+      if (conn.healthy()) return Lease(this, std::move(conn));
+      --open_;  // Drop a connection PostgreSQL closed (e.g. after a restart) and open anew.
+      continue;
+    }
+    if (open_ < options_.size) {
+      ++open_;
+      lock.unlock();
+      const absl::Time connect_deadline =
+          std::min(deadline, absl::Now() + options_.connect_timeout);
+      absl::StatusOr<PgConnection> conn =
+          PgConnection::Connect(options_.conninfo, connect_deadline);
+      if (!conn.ok()) {
+        lock.lock();
+        --open_;
+        returned_.notify_one();
+        return conn.status();
+      }
+      return Lease(this, *std::move(conn));
+    }
+    if (!waited) {
+      ++waits_;
+      waited = true;
+    }
+    if (returned_.wait_until(lock, absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
+        idle_.empty() && open_ >= options_.size) {
+      return absl::UnavailableError(
+          absl::StrCat("postgres: no pooled connection free within the deadline (pool size ",
+                       options_.size, ")"));
+    }
+  }
+}
+
+void PgPool::Return(std::optional<PgConnection> conn, bool broken) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  // A connection inside a transaction (the user returned early) must not serve the next caller.
+  if (broken || !conn.has_value() || !conn->healthy() ||
+      PQtransactionStatus(conn->raw()) != PQTRANS_IDLE) {
+    --open_;
+  } else {
+    idle_.push_back(std::move(*conn));
+  }
+  returned_.notify_one();
+}
+
+int PgPool::open_connections() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return open_;
+}
+
+int PgPool::idle_connections() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return static_cast<int>(idle_.size());
+}
+
+int64_t PgPool::total_waits() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return waits_;
+}
+
+}  // namespace sessionledger

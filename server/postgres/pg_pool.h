@@ -1,0 +1,134 @@
+#ifndef SESSIONLEDGER_SERVER_POSTGRES_PG_POOL_H_
+#define SESSIONLEDGER_SERVER_POSTGRES_PG_POOL_H_
+
+#include <libpq-fe.h>
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+
+namespace sessionledger {
+
+struct PgResultDeleter {
+  void operator()(PGresult* r) const { PQclear(r); }
+};
+using PgResultPtr = std::unique_ptr<PGresult, PgResultDeleter>;
+
+// Payload key under which a failed statement's SQLSTATE is attached to its absl::Status.
+inline constexpr char kSqlStatePayload[] = "sessionledger/sqlstate";
+// The SQLSTATE attached to `status`, or "" when there is none.
+std::string SqlStateOf(const absl::Status& status);
+// True for SQLSTATE 40001 (serialization_failure) and 40P01 (deadlock_detected): the
+// transaction did nothing and may simply be run again.
+bool IsRetryableTransactionFailure(const absl::Status& status);
+
+// One libpq connection, move-only, closed on destruction. Every call takes a deadline and
+// never blocks past it: libpq is driven in non-blocking mode with poll(2), and a statement still
+// running at the deadline is cancelled and the connection marked broken.
+// Not thread-safe: one thread uses a connection at a time (the pool guarantees that).
+class PgConnection {
+ public:
+  // Connects without blocking past `deadline`. UNAVAILABLE when PostgreSQL cannot be reached
+  // or refuses (the message never contains the password).
+  static absl::StatusOr<PgConnection> Connect(const std::string& conninfo, absl::Time deadline);
+
+  PgConnection(PgConnection&& other) noexcept : conn_(std::exchange(other.conn_, nullptr)) {}
+  PgConnection& operator=(PgConnection&& other) noexcept;
+  PgConnection(const PgConnection&) = delete;
+  PgConnection& operator=(const PgConnection&) = delete;
+  ~PgConnection();
+
+  // Runs one parameterized statement (text parameters; std::nullopt is SQL NULL).
+  // Result status: OK with the result for PGRES_COMMAND_OK / TUPLES_OK; UNAVAILABLE for a lost
+  // connection or the deadline; otherwise a status by SQLSTATE (23xxx integrity violations
+  // FAILED_PRECONDITION, 40001/40P01 ABORTED, 57014 query_canceled UNAVAILABLE, the rest
+  // INTERNAL), with the SQLSTATE attached as payload. SQL text never goes into the message.
+  absl::StatusOr<PgResultPtr> Exec(absl::string_view sql,
+                                   const std::vector<std::optional<std::string>>& params,
+                                   absl::Time deadline);
+  // Runs SQL without parameters (several statements allowed); for BEGIN/COMMIT and migrations.
+  absl::StatusOr<PgResultPtr> ExecSimple(absl::string_view sql, absl::Time deadline);
+
+  bool healthy() const { return conn_ != nullptr && PQstatus(conn_) == CONNECTION_OK; }
+  PGconn* raw() const { return conn_; }
+
+ private:
+  explicit PgConnection(PGconn* conn) : conn_(conn) {}
+  // Sends with PQsend*, then waits for and collects the results until `deadline`.
+  absl::StatusOr<PgResultPtr> Collect(absl::Time deadline);
+  absl::Status WaitSocket(bool for_write, absl::Time deadline);
+  void CancelAndBreak();
+
+  PGconn* conn_;
+};
+
+struct PgPoolOptions {
+  std::string conninfo;  // DATABASE_URL.
+  int size = 8;
+  absl::Duration connect_timeout = absl::Seconds(3);
+};
+
+// A bounded, thread-safe pool of PgConnections. Connections are opened lazily up to `size` and
+// reopened when found broken, so the pool recovers by itself after PostgreSQL restarts.
+// A lease whose user saw a connection-level failure (or is unsure of the session state, e.g. a
+// transaction left open) calls MarkBroken(): the connection is closed instead of returned.
+class PgPool {
+ public:
+  class Lease {
+   public:
+    Lease(Lease&& other) noexcept
+        : pool_(std::exchange(other.pool_, nullptr)),
+          conn_(std::move(other.conn_)),
+          broken_(other.broken_) {}
+    Lease& operator=(Lease&&) = delete;
+    Lease(const Lease&) = delete;
+    ~Lease();
+
+    PgConnection& conn() { return *conn_; }
+    PgConnection* operator->() { return &*conn_; }
+    void MarkBroken() { broken_ = true; }
+
+   private:
+    friend class PgPool;
+    Lease(PgPool* pool, PgConnection conn) : pool_(pool), conn_(std::move(conn)) {}
+    PgPool* pool_;
+    std::optional<PgConnection> conn_;
+    bool broken_ = false;
+  };
+
+  explicit PgPool(PgPoolOptions options) : options_(std::move(options)) {}
+  PgPool(const PgPool&) = delete;
+  PgPool& operator=(const PgPool&) = delete;
+
+  // An idle connection, or a new one while fewer than `size` are open; otherwise waits for a
+  // return until `deadline`. UNAVAILABLE on timeout or when PostgreSQL cannot be reached.
+  absl::StatusOr<Lease> Acquire(absl::Time deadline);
+
+  int size() const { return options_.size; }
+  // Connections open now (idle + leased) and callers waiting for one; for metrics.
+  int open_connections() const;
+  int idle_connections() const;
+  int64_t total_waits() const;
+
+ private:
+  void Return(std::optional<PgConnection> conn, bool broken);
+
+  const PgPoolOptions options_;
+  mutable std::mutex mutex_;
+  std::condition_variable returned_;
+  std::vector<PgConnection> idle_;
+  int open_ = 0;
+  int64_t waits_ = 0;
+};
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_POSTGRES_PG_POOL_H_

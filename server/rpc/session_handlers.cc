@@ -1,0 +1,1 @@
+#include "server/rpc/session_handlers.h"

@@ -1,0 +1,1 @@
+#include "server/rpc/transaction_handlers.h"

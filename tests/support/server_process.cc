@@ -1,0 +1,148 @@
+#include "tests/support/server_process.h"
+
+#include <fcntl.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "tests/support/test_env.h"
+
+extern char** environ;
+
+namespace sessionledger::testing {
+
+std::map<std::string, std::optional<std::string>> BackingServiceEnv() {
+  return {{"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL")},
+          {"DATABASE_URL", RequiredEnv("DATABASE_URL")}};
+}
+
+absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options options) {
+  std::unique_ptr<ServerProcess> process(new ServerProcess());
+  std::map<std::string, std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    std::string entry(*e);
+    const size_t eq = entry.find('=');
+    if (eq != std::string::npos) env[entry.substr(0, eq)] = entry.substr(eq + 1);
+  }
+  env["PORT"] = absl::StrCat(FreeTcpPort());
+  env["METRICS_PORT"] = "0";
+  for (const auto& [k, v] : options.env) {
+    if (v.has_value()) {
+      env[k] = *v;
+    } else {
+      env.erase(k);
+    }
+  }
+  if (auto it = env.find("PORT"); it != env.end()) {
+    process->port_ = std::atoi(it->second.c_str());
+  }
+
+  std::vector<std::string> env_strings;
+  for (const auto& [k, v] : env) env_strings.push_back(absl::StrCat(k, "=", v));
+  std::vector<char*> envp;
+  for (auto& s : env_strings) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> args = {SL_SERVER_BINARY};
+  args.insert(args.end(), options.args.begin(), options.args.end());
+  std::vector<char*> argp;
+  for (auto& a : args) argp.push_back(a.data());
+  argp.push_back(nullptr);
+
+  int pipe_fds[2];
+  if (pipe2(pipe_fds, O_CLOEXEC) != 0) return absl::InternalError("pipe failed");
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    dup2(pipe_fds[1], 1);
+    dup2(pipe_fds[1], 2);
+    execve(argp[0], argp.data(), envp.data());
+    _exit(127);
+  }
+  close(pipe_fds[1]);
+  process->pid_ = pid;
+  const int read_fd = pipe_fds[0];
+  process->reader_ = std::thread([p = process.get(), read_fd] { p->ReadOutput(read_fd); });
+
+  if (!options.wait_until_serving) return process;
+  auto channel = process->NewChannel();
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  const absl::Time give_up = absl::Now() + options.startup_timeout;
+  while (absl::Now() < give_up) {
+    if (auto code = process->WaitForExit(absl::ZeroDuration()); code.has_value()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("server exited with ", *code, " during start-up:\n", process->Output()));
+    }
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(500)));
+    grpc::health::v1::HealthCheckRequest request;
+    grpc::health::v1::HealthCheckResponse response;
+    if (stub->Check(&context, request, &response).ok() &&
+        response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+      return process;
+    }
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  return absl::DeadlineExceededError(
+      absl::StrCat("server did not serve within the start-up timeout:\n", process->Output()));
+}
+
+ServerProcess::~ServerProcess() {
+  if (pid_ > 0 && !exit_code_.has_value()) {
+    kill(pid_, SIGKILL);
+    WaitForExit(absl::Seconds(10));
+  }
+  if (reader_.joinable()) reader_.join();
+}
+
+std::string ServerProcess::target() const { return absl::StrCat("127.0.0.1:", port_); }
+
+std::shared_ptr<grpc::Channel> ServerProcess::NewChannel() const {
+  grpc::ChannelArguments args;
+  // A fresh connection per channel, so tests that restart servers never share a subchannel.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(target(), grpc::InsecureChannelCredentials(), args);
+}
+
+void ServerProcess::Signal(int signal_number) {
+  if (pid_ > 0 && !exit_code_.has_value()) kill(pid_, signal_number);
+}
+
+std::optional<int> ServerProcess::WaitForExit(absl::Duration timeout) {
+  if (exit_code_.has_value()) return exit_code_;
+  const absl::Time give_up = absl::Now() + timeout;
+  for (;;) {
+    int wstatus = 0;
+    const pid_t done = waitpid(pid_, &wstatus, WNOHANG);
+    if (done == pid_) {
+      exit_code_ = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+      return exit_code_;
+    }
+    if (absl::Now() >= give_up) return std::nullopt;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
+std::string ServerProcess::Output() const {
+  std::lock_guard<std::mutex> lock(output_mutex_);
+  return output_;
+}
+
+void ServerProcess::ReadOutput(int fd) {
+  char buffer[4096];
+  for (;;) {
+    const ssize_t got = read(fd, buffer, sizeof(buffer));
+    if (got <= 0) break;
+    std::lock_guard<std::mutex> lock(output_mutex_);
+    output_.append(buffer, static_cast<size_t>(got));
+  }
+  close(fd);
+}
+
+}  // namespace sessionledger::testing

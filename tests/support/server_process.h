@@ -1,0 +1,65 @@
+#ifndef SESSIONLEDGER_TESTS_SUPPORT_SERVER_PROCESS_H_
+#define SESSIONLEDGER_TESTS_SUPPORT_SERVER_PROCESS_H_
+
+#include <grpcpp/channel.h>
+#include <sys/types.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace sessionledger::testing {
+
+// A real sessionledger-server child process, as operators run it: configured by environment
+// only, stdout/stderr captured for assertions. The destructor kills it if still running.
+class ServerProcess {
+ public:
+  struct Options {
+    // Applied on top of this process's environment; std::nullopt unsets the variable. PORT
+    // defaults to a free port and METRICS_PORT to 0 unless set here.
+    std::map<std::string, std::optional<std::string>> env;
+    std::vector<std::string> args;
+    // Wait until the process answers health checks (Start fails otherwise).
+    bool wait_until_serving = true;
+    absl::Duration startup_timeout = absl::Seconds(30);
+  };
+
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(Options options);
+  ~ServerProcess();
+
+  int port() const { return port_; }
+  std::string target() const;
+  std::shared_ptr<grpc::Channel> NewChannel() const;
+  pid_t pid() const { return pid_; }
+
+  void Signal(int signal_number);
+  // The exit code (or 128 + signal), or std::nullopt when still running after `timeout`.
+  std::optional<int> WaitForExit(absl::Duration timeout);
+  // Everything written to stdout and stderr so far.
+  std::string Output() const;
+
+ private:
+  ServerProcess() = default;
+  void ReadOutput(int fd);
+
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::optional<int> exit_code_;
+  mutable std::mutex output_mutex_;
+  std::string output_;
+  std::thread reader_;
+};
+
+// The environment a server needs for the backing services that scripts/test started.
+std::map<std::string, std::optional<std::string>> BackingServiceEnv();
+
+}  // namespace sessionledger::testing
+
+#endif  // SESSIONLEDGER_TESTS_SUPPORT_SERVER_PROCESS_H_

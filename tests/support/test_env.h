@@ -1,0 +1,38 @@
+#ifndef SESSIONLEDGER_TESTS_SUPPORT_TEST_ENV_H_
+#define SESSIONLEDGER_TESTS_SUPPORT_TEST_ENV_H_
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace sessionledger::testing {
+
+// The value of an environment variable that scripts/test exports (MEMCACHED_URL,
+// DATABASE_URL, ...). A missing one fails the calling test with a hint: integration tests never
+// skip silently.
+std::string RequiredEnv(const std::string& name);
+
+struct CommandResult {
+  int exit_code = -1;  // -1: killed by a signal or timed out.
+  std::string output;  // stdout and stderr together.
+};
+
+// Runs argv[0] (searched in PATH) with the current environment plus `env` overrides, waits at
+// most `timeout`, and returns its exit code and output.
+absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
+                                         const std::map<std::string, std::string>& env = {},
+                                         absl::Duration timeout = absl::Seconds(60));
+
+// Runs scripts/backing-services with `args` (e.g. {"stop-memcached", "2"}); fails the test when
+// it does not exit 0.
+void BackingServices(const std::vector<std::string>& args);
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+int FreeTcpPort();
+
+}  // namespace sessionledger::testing
+
+#endif  // SESSIONLEDGER_TESTS_SUPPORT_TEST_ENV_H_

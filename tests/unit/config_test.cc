@@ -1,0 +1,204 @@
+#include "server/config/config.h"
+
+#include <map>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace sessionledger {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+EnvLookup FakeEnv(std::map<std::string, std::string> values) {
+  return [values = std::move(values)](absl::string_view name) -> std::optional<std::string> {
+    auto it = values.find(std::string(name));
+    if (it == values.end()) return std::nullopt;
+    return it->second;
+  };
+}
+
+std::map<std::string, std::string> MinimalEnv() {
+  return {{"MEMCACHED_URL", "memcached://127.0.0.1:11211"},
+          {"DATABASE_URL", "postgres://u:p@127.0.0.1:5432/db?sslmode=disable"}};
+}
+
+// The error for `name` = `value` on top of a valid environment.
+std::string ErrorFor(const std::string& name, const std::string& value) {
+  auto env = MinimalEnv();
+  env[name] = value;
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+  EXPECT_FALSE(config.ok()) << name << "=" << value << " was accepted";
+  return config.ok() ? "" : std::string(config.status().message());
+}
+
+TEST(MemcachedUrlTest, ParsesSingleNode) {
+  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl("memcached://cache-0:11311");
+  ASSERT_TRUE(url.ok()) << url.status();
+  ASSERT_EQ(url->nodes.size(), 1u);
+  EXPECT_EQ(url->nodes[0].host, "cache-0");
+  EXPECT_EQ(url->nodes[0].port, 11311);
+  EXPECT_EQ(url->replicas, 0);
+}
+
+TEST(MemcachedUrlTest, ParsesManyNodesReplicasAndIpv6) {
+  absl::StatusOr<MemcachedUrl> url =
+      ParseMemcachedUrl("memcached://10.0.0.1:1,[::1]:2,mc.svc.cluster.local?replicas=2");
+  ASSERT_TRUE(url.ok()) << url.status();
+  ASSERT_EQ(url->nodes.size(), 3u);
+  EXPECT_EQ(url->nodes[1].host, "::1");
+  EXPECT_EQ(url->nodes[1].port, 2);
+  EXPECT_EQ(url->nodes[2].host, "mc.svc.cluster.local");
+  EXPECT_EQ(url->nodes[2].port, 11211) << "default port";
+  EXPECT_EQ(url->replicas, 2);
+}
+
+TEST(MemcachedUrlTest, RejectsMalformedUrls) {
+  const char* const bad[] = {
+      "",
+      "127.0.0.1:11211",
+      "redis://127.0.0.1:6379",
+      "memcached://",
+      "memcached://host:",
+      "memcached://host:0",
+      "memcached://host:65536",
+      "memcached://host:port",
+      "memcached://:11211",
+      "memcached://a:1,,b:2",
+      "memcached://a:1,a:1",
+      "memcached://::1:11211",
+      "memcached://[::1:11211",
+      "memcached://a:1?replicas=1",
+      "memcached://a:1,b:2?replicas=-1",
+      "memcached://a:1,b:2?replicas=x",
+      "memcached://a:1,b:2?weight=3",
+      "memcached://a b:1",
+  };
+  for (const char* url : bad) {
+    EXPECT_FALSE(ParseMemcachedUrl(url).ok()) << "accepted: " << url;
+  }
+}
+
+TEST(DatabaseUrlTest, AcceptsLibpqUrls) {
+  EXPECT_TRUE(ValidateDatabaseUrl("postgres://u:p@h:5432/db?sslmode=disable").ok());
+  EXPECT_TRUE(ValidateDatabaseUrl("postgresql://h/db").ok());
+  EXPECT_TRUE(ValidateDatabaseUrl("postgres://u@[::1]:5432/db?connect_timeout=3").ok());
+}
+
+TEST(DatabaseUrlTest, RejectsMalformedUrls) {
+  EXPECT_FALSE(ValidateDatabaseUrl("mysql://h/db").ok());
+  EXPECT_FALSE(ValidateDatabaseUrl("host=h dbname=db").ok()) << "URL form only, as the contract";
+  EXPECT_FALSE(ValidateDatabaseUrl("postgres://h/db?no_such_option=1").ok());
+  EXPECT_FALSE(ValidateDatabaseUrl("postgres://h:99999999999/db?sslmode=bogus").ok());
+}
+
+TEST(DatabaseUrlTest, RedactsPasswords) {
+  EXPECT_EQ(RedactDatabaseUrl("postgres://alice:s3cret@db:5432/ledger?sslmode=require"),
+            "postgres://alice:****@db:5432/ledger?sslmode=require");
+  EXPECT_EQ(RedactDatabaseUrl("postgres://alice@db/ledger"), "postgres://alice@db/ledger");
+  EXPECT_EQ(RedactDatabaseUrl("postgres://db/ledger?user=a&password=s3cret"),
+            "postgres://db/ledger?user=a&password=****");
+  EXPECT_THAT(RedactDatabaseUrl("postgres://a:p%40ss@db"), ::testing::Not(HasSubstr("p%40ss")));
+}
+
+TEST(LoadConfigTest, DefaultsMatchTheContract) {
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(MinimalEnv()));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->port, 50051);
+  EXPECT_EQ(config->session_ttl, absl::Seconds(1800));
+  EXPECT_EQ(config->session_max_lifetime, absl::Seconds(86400));
+  EXPECT_EQ(config->shutdown_grace, absl::Seconds(20));
+  EXPECT_EQ(config->log_level, LogLevel::kInfo);
+  EXPECT_EQ(config->metrics_port, 9464);
+  EXPECT_EQ(config->grpc_max_recv_bytes, 1 << 20);
+}
+
+TEST(LoadConfigTest, ReadsEveryVariable) {
+  auto env = MinimalEnv();
+  env["PORT"] = "6000";
+  env["SESSION_TTL_SECONDS"] = "60";
+  env["SESSION_MAX_LIFETIME_SECONDS"] = "2592000";
+  env["SHUTDOWN_GRACE_SECONDS"] = "3";
+  env["LOG_LEVEL"] = "DEBUG";
+  env["METRICS_PORT"] = "0";
+  env["MEMCACHED_POOL_SIZE"] = "4";
+  env["DATABASE_POOL_SIZE"] = "5";
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->port, 6000);
+  EXPECT_EQ(config->session_ttl, absl::Seconds(60));
+  EXPECT_EQ(config->session_max_lifetime, absl::Hours(24 * 30));
+  EXPECT_EQ(config->shutdown_grace, absl::Seconds(3));
+  EXPECT_EQ(config->log_level, LogLevel::kDebug);
+  EXPECT_EQ(config->metrics_port, 0);
+  EXPECT_EQ(config->memcached_pool_size, 4);
+  EXPECT_EQ(config->database_pool_size, 5);
+}
+
+TEST(LoadConfigTest, MissingRequiredVariablesAreNamed) {
+  auto env = MinimalEnv();
+  env.erase("MEMCACHED_URL");
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+  ASSERT_FALSE(config.ok());
+  EXPECT_THAT(std::string(config.status().message()), StartsWith("MEMCACHED_URL: required"));
+
+  env = MinimalEnv();
+  env["DATABASE_URL"] = "";
+  config = LoadConfig(FakeEnv(env));
+  ASSERT_FALSE(config.ok());
+  EXPECT_THAT(std::string(config.status().message()), StartsWith("DATABASE_URL: required"));
+}
+
+TEST(LoadConfigTest, MalformedValuesAreNamedOnOneLine) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"PORT", "0"},
+      {"PORT", "http"},
+      {"PORT", "70000"},
+      {"PORT", " 80"},
+      {"MEMCACHED_URL", "memcached://a:1?replicas=3"},
+      {"DATABASE_URL", "mysql://x"},
+      {"SESSION_TTL_SECONDS", "-5"},
+      {"SESSION_TTL_SECONDS", "1.5"},
+      {"SESSION_MAX_LIFETIME_SECONDS", "2592001"},
+      {"SHUTDOWN_GRACE_SECONDS", "soon"},
+      {"LOG_LEVEL", "verbose"},
+      {"METRICS_PORT", "50051"},
+      {"MEMCACHED_POOL_SIZE", "0"},
+      {"DATABASE_POOL_SIZE", "many"},
+      {"GRPC_MAX_RECV_BYTES", "12"},
+  };
+  for (const auto& [name, value] : cases) {
+    const std::string message = ErrorFor(name, value);
+    EXPECT_THAT(message, StartsWith(std::string(name) + ": ")) << name << "=" << value;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  }
+}
+
+TEST(LoadConfigTest, TtlAboveMaxLifetimeIsAStartupError) {
+  auto env = MinimalEnv();
+  env["SESSION_TTL_SECONDS"] = "7200";
+  env["SESSION_MAX_LIFETIME_SECONDS"] = "3600";
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+  ASSERT_FALSE(config.ok());
+  EXPECT_THAT(std::string(config.status().message()), StartsWith("SESSION_TTL_SECONDS: "));
+  EXPECT_THAT(std::string(config.status().message()), HasSubstr("SESSION_MAX_LIFETIME_SECONDS"));
+}
+
+TEST(LoadConfigTest, MigrateNeedsOnlyTheDatabase) {
+  EXPECT_TRUE(LoadMigrateConfig(FakeEnv({{"DATABASE_URL", "postgres://h/db"}})).ok());
+  EXPECT_FALSE(LoadMigrateConfig(FakeEnv({})).ok());
+}
+
+TEST(ConfigHelpTest, ListsEveryVariableWithItsDefault) {
+  const std::string help = ConfigHelpText();
+  for (const ConfigVariable& v : ConfigVariables()) {
+    EXPECT_THAT(help, HasSubstr(std::string(v.name)));
+    if (!v.default_value.empty()) {
+      EXPECT_THAT(help, HasSubstr("[" + std::string(v.default_value) + "]"));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace sessionledger
