@@ -10,6 +10,7 @@
 #include "server/common/clock.h"
 #include "server/common/logger.h"
 #include "server/config/config.h"
+#include "server/domain/token_authenticator.h"
 #include "server/memcached/memcached_pool.h"
 #include "server/postgres/pg_pool.h"
 #include "server/rpc/health.h"
@@ -47,6 +48,8 @@ class ServerApp {
   std::unique_ptr<MemcachedPool> memcached_pool_;
   std::unique_ptr<PgPool> pg_pool_;
   HealthBoard health_board_;
+  // Built by the session layer; the ledger authenticates callers through it.
+  std::unique_ptr<TokenAuthenticator> authenticator_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<HealthMonitor> health_monitor_;
   std::unique_ptr<grpc::Server> server_;
