@@ -1,0 +1,434 @@
+#include "client/bench.h"
+
+#include <grpcpp/client_context.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/random/random.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "client/channel.h"
+#include "client/latency_histogram.h"
+#include "client/output_format.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "sessionledger/v1/session.grpc.pb.h"
+#include "sessionledger/v1/transaction.grpc.pb.h"
+
+namespace sessionledger::client {
+namespace {
+
+using grpc::health::v1::Health;
+using std::chrono::steady_clock;
+using v1::SessionService;
+using v1::TransactionService;
+
+constexpr size_t kStatusCodes = 17;
+// Prepared sessions outlive any run; created ones expire soon so runs do not fill Memcached.
+constexpr int64_t kPreparedSessionTtl = 3600;
+constexpr int64_t kCreatedSessionTtl = 600;
+// Enough for any run: a transfer moves one minor unit.
+constexpr int64_t kInitialDeposit = int64_t{1} << 40;
+
+std::chrono::system_clock::time_point DeadlineFrom(absl::Duration d) {
+  return std::chrono::system_clock::now() + absl::ToChronoNanoseconds(d);
+}
+
+absl::Status FromGrpc(const grpc::Status& s, const std::string& what) {
+  return absl::Status(
+      static_cast<absl::StatusCode>(s.error_code()),
+      absl::StrCat(what, ": ", StatusCodeName(s.error_code()), ": ", s.error_message()));
+}
+
+class LoadGenerator {
+ public:
+  LoadGenerator(const BenchOptions& options, const std::string& target,
+                absl::Duration call_deadline)
+      : options_(options), call_deadline_(call_deadline) {
+    absl::BitGen gen;
+    run_id_ = absl::StrFormat("%08x", absl::Uniform<uint32_t>(gen));
+    const int connections =
+        options.connections > 0 ? options.connections : std::min(options.concurrency, 4);
+    for (int i = 0; i < connections; ++i) {
+      ChannelOptions channel_options;
+      channel_options.enable_retries = false;
+      channel_options.connection_index = i + 1;
+      auto channel = MakeChannel(target, channel_options);
+      health_.push_back(Health::NewStub(channel));
+      sessions_.push_back(SessionService::NewStub(channel));
+      ledger_.push_back(TransactionService::NewStub(channel));
+    }
+    for (int i = 0; i < options.concurrency; ++i) {
+      auto slot = std::make_unique<Slot>();
+      slot->index = i;
+      slot->connection = static_cast<size_t>(i) % health_.size();
+      slots_.push_back(std::move(slot));
+    }
+  }
+
+  int connections() const { return static_cast<int>(health_.size()); }
+
+  // Synchronous set-up calls; the first failure aborts the run.
+  absl::Status Prepare() {
+    for (auto& slot : slots_) {
+      absl::Status s = PrepareSlot(*slot);
+      if (!s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+
+  BenchResult Run(std::ostream& progress) {
+    const bool counted = options_.requests > 0;
+    const bool warm = !counted && options_.warmup > absl::ZeroDuration();
+    phase_.store(warm ? kWarmup : kMeasure);
+    active_ = static_cast<int>(slots_.size());
+    steady_clock::time_point measure_start = steady_clock::now();
+    for (auto& slot : slots_) {
+      if (!ClaimIteration()) {
+        FinishSlot();
+        continue;
+      }
+      StartIteration(*slot);
+    }
+    if (warm) {
+      Wait(options_.warmup, "warm-up", progress);
+      phase_.store(kMeasure);
+      measure_start = steady_clock::now();
+    }
+    if (counted) {
+      Wait(absl::InfiniteDuration(), "measure", progress);
+    } else {
+      Wait(options_.duration, "measure", progress);
+    }
+    phase_.store(kStop);
+    const steady_clock::time_point measure_end = steady_clock::now();
+    // Every call has a deadline, so every slot comes back.
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [this] { return active_ == 0; });
+    }
+    if (options_.progress) progress << "\n";
+    return Collect(std::chrono::duration<double>(measure_end - measure_start).count());
+  }
+
+ private:
+  enum Phase { kWarmup, kMeasure, kStop };
+
+  // One closed-loop client: exactly one call in flight, so its fields are only touched by
+  // that call's completion callback (gRPC orders callbacks after the call that raised them)
+  // and, once every slot has finished, by Run().
+  struct Slot {
+    int index = 0;
+    size_t connection = 0;
+    uint64_t sequence = 0;
+    std::string token;  // a prepared session's token (also the bearer token for transfers)
+    std::string from_account;
+    std::string to_account;
+    bool reading_back = false;  // create-get-session: the Get half of an iteration
+
+    std::unique_ptr<grpc::ClientContext> context;
+    steady_clock::time_point started;
+    grpc::health::v1::HealthCheckRequest health_request;
+    grpc::health::v1::HealthCheckResponse health_response;
+    v1::CreateSessionRequest create_request;
+    v1::GetSessionRequest get_request;
+    v1::UpdateSessionRequest update_request;
+    v1::TransferRequest transfer_request;
+    v1::Session session_response;
+    v1::Transaction transaction_response;
+
+    LatencyHistogram latencies;
+    std::array<uint64_t, kStatusCodes> codes{};
+    std::atomic<uint64_t> completed{0};  // read by the progress line
+    std::atomic<uint64_t> failed{0};
+  };
+
+  std::unique_ptr<grpc::ClientContext> NewContext(const Slot& slot, bool authenticated) const {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->set_deadline(DeadlineFrom(call_deadline_));
+    if (authenticated) context->AddMetadata("authorization", absl::StrCat("Bearer ", slot.token));
+    return context;
+  }
+
+  absl::Status PrepareSlot(Slot& slot) {
+    const BenchRpc rpc = options_.rpc;
+    if (rpc != BenchRpc::kGetSession && rpc != BenchRpc::kUpdateSession &&
+        rpc != BenchRpc::kTransfer) {
+      return absl::OkStatus();
+    }
+    SessionService::Stub& sessions = *sessions_[slot.connection];
+    v1::CreateSessionRequest create;
+    create.set_user_id(absl::StrCat("bench-", run_id_, "-", slot.index));
+    create.set_ttl_seconds(kPreparedSessionTtl);
+    (*create.mutable_attributes())["bench"] = run_id_;
+    v1::Session session;
+    grpc::Status s = sessions.CreateSession(NewContext(slot, false).get(), create, &session);
+    if (!s.ok()) return FromGrpc(s, "preparing a session (CreateSession)");
+    slot.token = session.token();
+    if (rpc != BenchRpc::kTransfer) return absl::OkStatus();
+
+    TransactionService::Stub& ledger = *ledger_[slot.connection];
+    v1::OpenAccountRequest open;
+    open.set_currency("EUR");
+    v1::Account from;
+    v1::Account to;
+    s = ledger.OpenAccount(NewContext(slot, true).get(), open, &from);
+    if (s.ok()) s = ledger.OpenAccount(NewContext(slot, true).get(), open, &to);
+    if (!s.ok()) return FromGrpc(s, "preparing accounts (OpenAccount)");
+    v1::DepositRequest deposit;
+    deposit.set_account_id(from.account_id());
+    deposit.set_amount_minor(kInitialDeposit);
+    deposit.set_idempotency_key(absl::StrCat("bench-", run_id_, "-", slot.index, "-fund"));
+    v1::Transaction funded;
+    s = ledger.Deposit(NewContext(slot, true).get(), deposit, &funded);
+    if (!s.ok()) return FromGrpc(s, "funding an account (Deposit)");
+    slot.from_account = from.account_id();
+    slot.to_account = to.account_id();
+    return absl::OkStatus();
+  }
+
+  // In --requests mode, takes one iteration from the shared budget.
+  bool ClaimIteration() {
+    if (options_.requests <= 0) return true;
+    return issued_.fetch_add(1, std::memory_order_relaxed) < options_.requests;
+  }
+
+  void StartIteration(Slot& slot) {
+    ++slot.sequence;
+    slot.reading_back = false;
+    StartCall(slot);
+  }
+
+  void StartCall(Slot& slot) {
+    auto done = [this, &slot](grpc::Status status) { OnDone(slot, status); };
+    slot.started = steady_clock::now();
+    switch (options_.rpc) {
+      case BenchRpc::kHealth:
+        slot.context = NewContext(slot, false);
+        health_[slot.connection]->async()->Check(slot.context.get(), &slot.health_request,
+                                                 &slot.health_response, std::move(done));
+        return;
+      case BenchRpc::kCreateGetSession:
+        if (slot.reading_back) {
+          slot.context = NewContext(slot, false);
+          slot.get_request.set_token(slot.session_response.token());
+          sessions_[slot.connection]->async()->GetSession(slot.context.get(), &slot.get_request,
+                                                          &slot.session_response, std::move(done));
+          return;
+        }
+        [[fallthrough]];
+      case BenchRpc::kCreateSession:
+        slot.context = NewContext(slot, false);
+        // A new user per call, as logins of many users look; one user with a huge session
+        // list would measure that user's index instead.
+        slot.create_request.set_user_id(
+            absl::StrCat("bench-", run_id_, "-", slot.index, "-", slot.sequence));
+        slot.create_request.set_ttl_seconds(kCreatedSessionTtl);
+        sessions_[slot.connection]->async()->CreateSession(slot.context.get(), &slot.create_request,
+                                                           &slot.session_response, std::move(done));
+        return;
+      case BenchRpc::kGetSession:
+        slot.context = NewContext(slot, false);
+        slot.get_request.set_token(slot.token);
+        slot.get_request.set_touch(options_.touch);
+        sessions_[slot.connection]->async()->GetSession(slot.context.get(), &slot.get_request,
+                                                        &slot.session_response, std::move(done));
+        return;
+      case BenchRpc::kUpdateSession:
+        slot.context = NewContext(slot, false);
+        slot.update_request.set_token(slot.token);
+        (*slot.update_request.mutable_set())["n"] = absl::StrCat(slot.sequence);
+        sessions_[slot.connection]->async()->UpdateSession(slot.context.get(), &slot.update_request,
+                                                           &slot.session_response, std::move(done));
+        return;
+      case BenchRpc::kTransfer:
+        slot.context = NewContext(slot, true);
+        slot.transfer_request.set_from_account_id(slot.from_account);
+        slot.transfer_request.set_to_account_id(slot.to_account);
+        slot.transfer_request.set_amount_minor(1);
+        slot.transfer_request.set_idempotency_key(
+            absl::StrCat("bench-", run_id_, "-", slot.index, "-", slot.sequence));
+        ledger_[slot.connection]->async()->Transfer(slot.context.get(), &slot.transfer_request,
+                                                    &slot.transaction_response, std::move(done));
+        return;
+    }
+  }
+
+  // Runs on a gRPC callback thread. Issuing the next call from here is what makes the loop
+  // closed: a slot never has more than one call outstanding.
+  void OnDone(Slot& slot, const grpc::Status& status) {
+    const auto elapsed = steady_clock::now() - slot.started;
+    const Phase phase = static_cast<Phase>(phase_.load(std::memory_order_acquire));
+    if (phase == kMeasure) {
+      const size_t code = static_cast<size_t>(status.error_code());
+      ++slot.codes[code < kStatusCodes ? code : 2];
+      if (status.ok()) {
+        slot.latencies.Record(static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count()));
+      }
+    }
+    slot.completed.fetch_add(1, std::memory_order_relaxed);
+    if (!status.ok()) slot.failed.fetch_add(1, std::memory_order_relaxed);
+    if (phase != kStop) {
+      if (options_.rpc == BenchRpc::kCreateGetSession && !slot.reading_back && status.ok()) {
+        slot.reading_back = true;
+        StartCall(slot);
+        return;
+      }
+      if (ClaimIteration()) {
+        StartIteration(slot);
+        return;
+      }
+    }
+    FinishSlot();
+  }
+
+  void FinishSlot() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (--active_ == 0) done_.notify_all();
+  }
+
+  uint64_t Completed(uint64_t* failed) const {
+    uint64_t total = 0;
+    *failed = 0;
+    for (const auto& slot : slots_) {
+      total += slot->completed.load(std::memory_order_relaxed);
+      *failed += slot->failed.load(std::memory_order_relaxed);
+    }
+    return total;
+  }
+
+  // Waits `length` (or until every slot is done), printing a progress line once a second.
+  void Wait(absl::Duration length, const char* phase_name, std::ostream& progress) {
+    const steady_clock::time_point start = steady_clock::now();
+    const auto end = length == absl::InfiniteDuration() ? steady_clock::time_point::max()
+                                                        : start + absl::ToChronoNanoseconds(length);
+    uint64_t failed = 0;
+    uint64_t last = Completed(&failed);
+    steady_clock::time_point last_time = start;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      const auto tick = std::min(end, steady_clock::now() + std::chrono::seconds(1));
+      if (done_.wait_until(lock, tick, [this] { return active_ == 0; })) return;
+      const steady_clock::time_point now = steady_clock::now();
+      if (options_.progress) {
+        const uint64_t completed = Completed(&failed);
+        const double rate = static_cast<double>(completed - last) /
+                            std::max(1e-9, std::chrono::duration<double>(now - last_time).count());
+        progress << absl::StrFormat("\r%s %s %5.1fs  %10.0f calls/s  %llu calls  %llu errors   ",
+                                    BenchRpcName(options_.rpc), phase_name,
+                                    std::chrono::duration<double>(now - start).count(), rate,
+                                    static_cast<unsigned long long>(completed),
+                                    static_cast<unsigned long long>(failed))
+                 << std::flush;
+        last = completed;
+        last_time = now;
+      }
+      if (now >= end) return;
+    }
+  }
+
+  BenchResult Collect(double seconds) const {
+    LatencyHistogram latencies;
+    std::array<uint64_t, kStatusCodes> codes{};
+    for (const auto& slot : slots_) {
+      latencies.Merge(slot->latencies);
+      for (size_t i = 0; i < kStatusCodes; ++i) codes[i] += slot->codes[i];
+    }
+    BenchResult r;
+    r.rpc = BenchRpcName(options_.rpc);
+    r.concurrency = options_.concurrency;
+    r.connections = connections();
+    r.seconds = seconds;
+    r.ok_calls = latencies.count();
+    r.throughput = seconds > 0 ? static_cast<double>(r.ok_calls) / seconds : 0;
+    auto ms = [&](double q) { return static_cast<double>(latencies.ValueAtQuantile(q)) / 1e6; };
+    r.p50_ms = ms(0.50);
+    r.p90_ms = ms(0.90);
+    r.p99_ms = ms(0.99);
+    r.p999_ms = ms(0.999);
+    r.max_ms = static_cast<double>(latencies.max()) / 1e6;
+    for (size_t i = 1; i < kStatusCodes; ++i) {
+      if (codes[i] > 0) r.errors[StatusCodeName(static_cast<grpc::StatusCode>(i))] = codes[i];
+    }
+    return r;
+  }
+
+  const BenchOptions options_;
+  const absl::Duration call_deadline_;
+  std::string run_id_;
+  std::vector<std::unique_ptr<Health::Stub>> health_;
+  std::vector<std::unique_ptr<SessionService::Stub>> sessions_;
+  std::vector<std::unique_ptr<TransactionService::Stub>> ledger_;
+  std::vector<std::unique_ptr<Slot>> slots_;
+
+  std::atomic<int> phase_{kWarmup};
+  std::atomic<int64_t> issued_{0};
+  std::mutex mutex_;
+  std::condition_variable done_;
+  int active_ = 0;  // slots still looping; guarded by mutex_
+};
+
+}  // namespace
+
+absl::StatusOr<BenchResult> RunBench(const BenchOptions& options, const std::string& target,
+                                     absl::Duration call_deadline, std::ostream& progress) {
+  LoadGenerator generator(options, target, call_deadline);
+  absl::Status prepared = generator.Prepare();
+  if (!prepared.ok()) return prepared;
+  return generator.Run(progress);
+}
+
+std::string FormatBenchResult(const BenchResult& r) {
+  std::string errors;
+  for (const auto& [code, count] : r.errors) {
+    absl::StrAppend(&errors, errors.empty() ? "" : ", ", code, "=", count);
+  }
+  return FormatFields({
+      {"rpc", r.rpc},
+      {"concurrency", absl::StrCat(r.concurrency, " (", r.connections, " connections)")},
+      {"measured", absl::StrFormat("%.1f s", r.seconds)},
+      {"ok calls", absl::StrCat(r.ok_calls)},
+      {"throughput", absl::StrFormat("%.0f calls/s", r.throughput)},
+      {"latency p50", absl::StrFormat("%.3f ms", r.p50_ms)},
+      {"latency p90", absl::StrFormat("%.3f ms", r.p90_ms)},
+      {"latency p99", absl::StrFormat("%.3f ms", r.p99_ms)},
+      {"latency p99.9", absl::StrFormat("%.3f ms", r.p999_ms)},
+      {"latency max", absl::StrFormat("%.3f ms", r.max_ms)},
+      {"errors", errors.empty() ? "none" : errors},
+  });
+}
+
+std::string BenchResultJson(const BenchResult& r) {
+  std::string errors;
+  for (const auto& [code, count] : r.errors) {
+    // Code names are fixed upper-case identifiers, so no JSON escaping is needed.
+    absl::StrAppend(&errors, errors.empty() ? "" : ",", "\"", code, "\":", count);
+  }
+  return absl::StrFormat(
+      "{\"rpc\":\"%s\",\"concurrency\":%d,\"connections\":%d,\"seconds\":%.3f,\"calls\":%d,"
+      "\"throughput\":%.1f,\"p50_ms\":%.4f,\"p90_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,"
+      "\"max_ms\":%.4f,\"errors\":{%s}}\n",
+      r.rpc, r.concurrency, r.connections, r.seconds, r.ok_calls, r.throughput, r.p50_ms, r.p90_ms,
+      r.p99_ms, r.p999_ms, r.max_ms, errors);
+}
+
+int RunBenchCommand(const CliOptions& options, const std::string& target, std::ostream& out,
+                    std::ostream& err) {
+  absl::StatusOr<BenchResult> result = RunBench(options.bench, target, options.deadline, err);
+  if (!result.ok()) {
+    err << "bench: " << result.status().message() << "\n";
+    return static_cast<int>(result.status().code());
+  }
+  out << (options.json ? BenchResultJson(*result) : FormatBenchResult(*result));
+  return 0;
+}
+
+}  // namespace sessionledger::client

@@ -1,0 +1,55 @@
+#ifndef SESSIONLEDGER_CLIENT_BENCH_H_
+#define SESSIONLEDGER_CLIENT_BENCH_H_
+
+#include <cstdint>
+#include <map>
+#include <ostream>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "client/cli_options.h"
+
+namespace sessionledger::client {
+
+struct BenchResult {
+  std::string rpc;
+  int concurrency = 0;
+  int connections = 0;
+  double seconds = 0;     // length of the measured phase
+  uint64_t ok_calls = 0;  // successful calls in the measured phase
+  double throughput = 0;  // ok_calls / seconds
+  // Latency of successful calls (failures are often fast and would flatter the figures).
+  double p50_ms = 0;
+  double p90_ms = 0;
+  double p99_ms = 0;
+  double p999_ms = 0;
+  double max_ms = 0;
+  std::map<std::string, uint64_t> errors;  // status code name -> count, OK excluded
+};
+
+// A closed-loop load generator on gRPC's callback API: `concurrency` slots, each with exactly
+// one call in flight, issue the next call from the completion callback of the previous one, so
+// a handful of gRPC threads drive any concurrency (no thread per call). Calls are spread over
+// `connections` channels (separate HTTP/2 connections), each balanced round_robin over the
+// target's addresses.
+//
+// Before the clock starts it prepares its own data through the same target: one session per
+// slot for get-session / update-session, and for transfer a session, two accounts and a large
+// deposit per slot, so slots never contend for a row and each transfer has a unique
+// idempotency key. Progress goes to `progress` once a second (when options.progress).
+absl::StatusOr<BenchResult> RunBench(const BenchOptions& options, const std::string& target,
+                                     absl::Duration call_deadline, std::ostream& progress);
+
+// The readable report and the one-line JSON object (`--json`); both end with '\n'.
+std::string FormatBenchResult(const BenchResult& result);
+std::string BenchResultJson(const BenchResult& result);
+
+// `sessionledger-cli bench`: runs, prints, returns the exit code (non-zero only when the run
+// could not be prepared; call errors are part of the report).
+int RunBenchCommand(const CliOptions& options, const std::string& target, std::ostream& out,
+                    std::ostream& err);
+
+}  // namespace sessionledger::client
+
+#endif  // SESSIONLEDGER_CLIENT_BENCH_H_

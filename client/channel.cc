@@ -1,0 +1,174 @@
+#include "client/channel.h"
+
+#include <arpa/inet.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
+#include <netdb.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <memory>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+
+namespace sessionledger::client {
+namespace {
+
+struct HostPort {
+  std::string host;
+  std::string port;
+};
+
+absl::StatusOr<HostPort> SplitHostPort(const std::string& address) {
+  std::string host;
+  std::string port;
+  if (!address.empty() && address.front() == '[') {
+    const size_t close = address.find(']');
+    if (close == std::string::npos || close + 1 >= address.size() || address[close + 1] != ':') {
+      return absl::InvalidArgumentError(absl::StrCat("--target: bad address '", address, "'"));
+    }
+    host = address.substr(1, close - 1);
+    port = address.substr(close + 2);
+  } else {
+    const size_t colon = address.rfind(':');
+    if (colon == std::string::npos || address.find(':') != colon) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--target: '", address, "' needs the form host:port (IPv6 as [addr]:port)"));
+    }
+    host = address.substr(0, colon);
+    port = address.substr(colon + 1);
+  }
+  int port_number = 0;
+  if (host.empty() || !absl::SimpleAtoi(port, &port_number) || port_number < 1 ||
+      port_number > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--target: '", address, "' needs the form host:port"));
+  }
+  return HostPort{host, port};
+}
+
+// Resolves `host` to literal addresses (numeric hosts come back unchanged).
+absl::StatusOr<std::vector<std::pair<int, std::string>>> Resolve(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* result = nullptr;
+  const int rc = getaddrinfo(host.c_str(), nullptr, &hints, &result);
+  if (rc != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("--target: cannot resolve '", host, "': ", gai_strerror(rc)));
+  }
+  std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> owner(result, &freeaddrinfo);
+  std::vector<std::pair<int, std::string>> addresses;
+  for (const addrinfo* ai = result; ai != nullptr; ai = ai->ai_next) {
+    char text[INET6_ADDRSTRLEN] = {};
+    const void* raw =
+        ai->ai_family == AF_INET
+            ? static_cast<const void*>(&reinterpret_cast<const sockaddr_in*>(ai->ai_addr)->sin_addr)
+            : static_cast<const void*>(
+                  &reinterpret_cast<const sockaddr_in6*>(ai->ai_addr)->sin6_addr);
+    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
+    if (inet_ntop(ai->ai_family, raw, text, sizeof(text)) == nullptr) continue;
+    std::pair<int, std::string> entry{ai->ai_family, text};
+    if (std::find(addresses.begin(), addresses.end(), entry) == addresses.end()) {
+      addresses.push_back(std::move(entry));
+    }
+  }
+  if (addresses.empty()) {
+    return absl::UnavailableError(absl::StrCat("--target: '", host, "' has no address"));
+  }
+  return addresses;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& targets) {
+  if (targets.empty()) return absl::InvalidArgumentError("--target: no address given");
+  if (targets.size() == 1) return targets.front();
+
+  // Per host, its addresses of each family: names like "localhost" resolve to both.
+  std::vector<std::string> v4;
+  std::vector<std::string> v6;
+  bool every_host_has_v4 = true;
+  bool every_host_has_v6 = true;
+  for (const std::string& raw : targets) {
+    std::string address = raw;
+    if (absl::StartsWith(address, "dns:///")) address = address.substr(7);
+    if (absl::StrContains(address, "://") || absl::StartsWith(address, "unix:") ||
+        absl::StartsWith(address, "ipv4:") || absl::StartsWith(address, "ipv6:")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--target: '", raw, "' cannot be part of a list; list plain host:port addresses"));
+    }
+    absl::StatusOr<HostPort> hp = SplitHostPort(address);
+    if (!hp.ok()) return hp.status();
+    absl::StatusOr<std::vector<std::pair<int, std::string>>> resolved = Resolve(hp->host);
+    if (!resolved.ok()) return resolved.status();
+    bool has_v4 = false;
+    bool has_v6 = false;
+    for (const auto& [family, literal] : *resolved) {
+      if (family == AF_INET) {
+        v4.push_back(absl::StrCat(literal, ":", hp->port));
+        has_v4 = true;
+      } else {
+        v6.push_back(absl::StrCat("[", literal, "]:", hp->port));
+        has_v6 = true;
+      }
+    }
+    every_host_has_v4 = every_host_has_v4 && has_v4;
+    every_host_has_v6 = every_host_has_v6 && has_v6;
+  }
+  // IPv4 first: a server listening on 0.0.0.0 only is common, one on [::] only is rare.
+  if (every_host_has_v4) return absl::StrCat("ipv4:", absl::StrJoin(v4, ","));
+  if (every_host_has_v6) return absl::StrCat("ipv6:", absl::StrJoin(v6, ","));
+  return absl::InvalidArgumentError(
+      "--target: the list mixes IPv4-only and IPv6-only hosts; gRPC needs one family per list");
+}
+
+std::string ServiceConfigJson() {
+  // maxAttempts counts the first attempt. Backoff is randomised by gRPC (jitter), so
+  // replicas restarting together are not hit in lockstep.
+  return R"json({
+  "loadBalancingConfig": [{"round_robin": {}}],
+  "methodConfig": [{
+    "name": [
+      {"service": "grpc.health.v1.Health", "method": "Check"},
+      {"service": "sessionledger.v1.SessionService", "method": "GetSession"},
+      {"service": "sessionledger.v1.SessionService", "method": "DeleteSession"},
+      {"service": "sessionledger.v1.SessionService", "method": "ListUserSessions"},
+      {"service": "sessionledger.v1.TransactionService", "method": "GetAccount"},
+      {"service": "sessionledger.v1.TransactionService", "method": "ListTransactions"},
+      {"service": "sessionledger.v1.TransactionService", "method": "Deposit"},
+      {"service": "sessionledger.v1.TransactionService", "method": "Transfer"}
+    ],
+    "retryPolicy": {
+      "maxAttempts": 4,
+      "initialBackoff": "0.1s",
+      "maxBackoff": "1s",
+      "backoffMultiplier": 2,
+      "retryableStatusCodes": ["UNAVAILABLE"]
+    }
+  }]
+})json";
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
+                                           const ChannelOptions& options) {
+  grpc::ChannelArguments args;
+  args.SetServiceConfigJSON(ServiceConfigJson());
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, options.enable_retries ? 1 : 0);
+  if (options.connection_index != 0) {
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    // Distinct arguments also keep the global pool from merging connections.
+    args.SetInt("sessionledger.connection_index", options.connection_index);
+  }
+  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+}
+
+}  // namespace sessionledger::client

@@ -1,0 +1,528 @@
+#include "client/cli_options.h"
+
+#include <algorithm>
+#include <set>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+
+namespace sessionledger::client {
+namespace {
+
+struct FlagSpec {
+  const char* name;
+  bool takes_value;
+};
+
+// Every option of every command. A name means the same thing (and takes a value or not) in
+// every command, which lets us tokenise the command line before knowing the command.
+constexpr FlagSpec kFlags[] = {
+    {"target", true},
+    {"token", true},
+    {"deadline", true},
+    {"json", false},
+    {"help", false},
+    {"service", true},
+    {"user-id", true},
+    {"ttl", true},
+    {"attr", true},
+    {"set", true},
+    {"remove", true},
+    {"expected-version", true},
+    {"touch", false},
+    {"currency", true},
+    {"account", true},
+    {"from", true},
+    {"to", true},
+    {"amount", true},
+    {"idempotency-key", true},
+    {"page-size", true},
+    {"page-token", true},
+    {"all", false},
+    {"rpc", true},
+    {"concurrency", true},
+    {"connections", true},
+    {"duration", true},
+    {"warmup", true},
+    {"requests", true},
+    {"no-progress", false},
+};
+
+const std::set<std::string>& GlobalFlags() {
+  static const auto* const kGlobal =
+      new std::set<std::string>{"target", "token", "deadline", "json", "help"};
+  return *kGlobal;
+}
+
+const FlagSpec* FindFlag(const std::string& name) {
+  for (const FlagSpec& spec : kFlags) {
+    if (name == spec.name) return &spec;
+  }
+  return nullptr;
+}
+
+absl::Status UsageError(const std::string& message) { return absl::InvalidArgumentError(message); }
+
+// The tokenised command line: option values in the order given, and the positional words.
+struct Tokens {
+  std::vector<std::pair<std::string, std::string>> flags;
+  std::vector<std::string> positionals;
+
+  bool Has(const std::string& name) const {
+    for (const auto& [flag, value] : flags) {
+      if (flag == name) return true;
+    }
+    return false;
+  }
+  // The last value given wins, as with most CLIs.
+  std::optional<std::string> Last(const std::string& name) const {
+    std::optional<std::string> result;
+    for (const auto& [flag, value] : flags) {
+      if (flag == name) result = value;
+    }
+    return result;
+  }
+  std::vector<std::string> All(const std::string& name) const {
+    std::vector<std::string> result;
+    for (const auto& [flag, value] : flags) {
+      if (flag == name) result.push_back(value);
+    }
+    return result;
+  }
+};
+
+absl::StatusOr<Tokens> Tokenize(const std::vector<std::string>& args) {
+  Tokens tokens;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (arg == "--") {
+      tokens.positionals.insert(tokens.positionals.end(), args.begin() + i + 1, args.end());
+      break;
+    }
+    if (arg == "-h") {
+      tokens.flags.emplace_back("help", "");
+      continue;
+    }
+    if (arg.size() < 3 || arg.compare(0, 2, "--") != 0) {
+      tokens.positionals.push_back(arg);
+      continue;
+    }
+    const size_t eq = arg.find('=');
+    const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+    const FlagSpec* spec = FindFlag(name);
+    if (spec == nullptr) return UsageError(absl::StrCat("unknown option --", name));
+    if (!spec->takes_value) {
+      if (eq != std::string::npos) {
+        return UsageError(absl::StrCat("option --", name, " takes no value"));
+      }
+      tokens.flags.emplace_back(name, "");
+      continue;
+    }
+    if (eq != std::string::npos) {
+      tokens.flags.emplace_back(name, arg.substr(eq + 1));
+    } else if (i + 1 < args.size()) {
+      tokens.flags.emplace_back(name, args[++i]);
+    } else {
+      return UsageError(absl::StrCat("option --", name, " needs a value"));
+    }
+  }
+  return tokens;
+}
+
+struct CommandSpec {
+  const char* words;  // "session get"
+  Command command;
+  // Options besides the global ones.
+  std::vector<std::string> flags;
+  // Names of optional positional arguments, in order (for messages).
+  std::vector<std::string> positionals;
+};
+
+const std::vector<CommandSpec>& Commands() {
+  static const auto* const kCommands = new std::vector<CommandSpec>{
+      {"help", Command::kHelp, {}, {}},
+      {"health", Command::kHealth, {"service"}, {"SERVICE"}},
+      {"session create", Command::kSessionCreate, {"user-id", "ttl", "attr"}, {"USER_ID"}},
+      {"session get", Command::kSessionGet, {"touch"}, {"TOKEN"}},
+      {"session update", Command::kSessionUpdate, {"set", "remove", "expected-version"}, {"TOKEN"}},
+      {"session rotate", Command::kSessionRotate, {}, {"TOKEN"}},
+      {"session delete", Command::kSessionDelete, {}, {"TOKEN"}},
+      {"session list", Command::kSessionList, {"user-id"}, {"USER_ID"}},
+      {"session revoke", Command::kSessionRevoke, {"user-id"}, {"USER_ID"}},
+      {"account open", Command::kAccountOpen, {"currency"}, {"CURRENCY"}},
+      {"account get", Command::kAccountGet, {"account"}, {"ACCOUNT_ID"}},
+      {"deposit", Command::kDeposit, {"account", "amount", "idempotency-key"}, {}},
+      {"transfer", Command::kTransfer, {"from", "to", "amount", "idempotency-key"}, {}},
+      {"history", Command::kHistory, {"account", "page-size", "page-token", "all"}, {"ACCOUNT_ID"}},
+      {"bench",
+       Command::kBench,
+       {"rpc", "concurrency", "connections", "duration", "warmup", "requests", "touch",
+        "no-progress"},
+       {}},
+  };
+  return *kCommands;
+}
+
+absl::StatusOr<int64_t> ParseInt(const std::string& flag, const std::string& value) {
+  int64_t result = 0;
+  if (!absl::SimpleAtoi(value, &result)) {
+    return UsageError(absl::StrCat("--", flag, ": '", value, "' is not an integer"));
+  }
+  return result;
+}
+
+absl::Status ParseKeyValue(const std::string& flag, const std::string& value,
+                           std::map<std::string, std::string>& into) {
+  const size_t eq = value.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    return UsageError(absl::StrCat("--", flag, ": expected KEY=VALUE, got '", value, "'"));
+  }
+  into[value.substr(0, eq)] = value.substr(eq + 1);
+  return absl::OkStatus();
+}
+
+// Splits a --target value into addresses. "ipv4:" and "ipv6:" targets are already gRPC
+// address lists (their commas are part of the syntax), so they stay whole.
+std::vector<std::string> SplitTargets(const std::string& value) {
+  const std::string trimmed(absl::StripAsciiWhitespace(value));
+  if (absl::StartsWith(trimmed, "ipv4:") || absl::StartsWith(trimmed, "ipv6:")) {
+    return {trimmed};
+  }
+  std::vector<std::string> result;
+  for (absl::string_view part : absl::StrSplit(trimmed, ',', absl::SkipWhitespace())) {
+    result.emplace_back(absl::StripAsciiWhitespace(part));
+  }
+  return result;
+}
+
+absl::StatusOr<BenchRpc> ParseBenchRpc(const std::string& value) {
+  for (BenchRpc rpc :
+       {BenchRpc::kHealth, BenchRpc::kCreateSession, BenchRpc::kGetSession,
+        BenchRpc::kUpdateSession, BenchRpc::kTransfer, BenchRpc::kCreateGetSession}) {
+    if (value == BenchRpcName(rpc)) return rpc;
+  }
+  return UsageError(
+      absl::StrCat("--rpc: '", value,
+                   "' is not one of health, create-session, get-session, update-session, transfer, "
+                   "create-get-session"));
+}
+
+// Applies the command-specific options. `positional` holds the words after the command.
+absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>& positional,
+                                 CliOptions& o) {
+  auto first_positional = [&]() -> std::optional<std::string> {
+    if (positional.empty()) return std::nullopt;
+    return positional.front();
+  };
+  // A value from an option or, failing that, the positional argument.
+  auto option_or_positional = [&](const std::string& flag) -> std::optional<std::string> {
+    if (auto v = t.Last(flag)) return v;
+    return first_positional();
+  };
+  auto required = [&](const std::optional<std::string>& v, const std::string& what,
+                      std::string& into) -> absl::Status {
+    if (!v.has_value() || v->empty()) return UsageError(absl::StrCat("missing ", what));
+    into = *v;
+    return absl::OkStatus();
+  };
+  auto int_flag = [&](const std::string& flag, int64_t& into) -> absl::Status {
+    if (auto v = t.Last(flag)) {
+      absl::StatusOr<int64_t> parsed = ParseInt(flag, *v);
+      if (!parsed.ok()) return parsed.status();
+      into = *parsed;
+    }
+    return absl::OkStatus();
+  };
+  // Session commands take their TOKEN argument from the command line or, so that a token can
+  // be exported once, from --token / SESSIONLEDGER_TOKEN.
+  auto session_token = [&]() -> absl::Status {
+    std::optional<std::string> v = first_positional();
+    if (!v.has_value() && !o.token.empty()) v = o.token;
+    return required(v, "TOKEN (argument, --token or SESSIONLEDGER_TOKEN)", o.session_token);
+  };
+
+  switch (o.command) {
+    case Command::kHelp:
+      return absl::OkStatus();
+    case Command::kHealth:
+      o.health_service = option_or_positional("service").value_or("");
+      return absl::OkStatus();
+    case Command::kSessionCreate: {
+      absl::Status s = required(option_or_positional("user-id"), "--user-id", o.user_id);
+      if (!s.ok()) return s;
+      if (auto v = t.Last("ttl")) {
+        // A TTL is whole seconds on the wire; accept "30m" too, as people think in minutes.
+        int64_t seconds = 0;
+        if (!absl::SimpleAtoi(*v, &seconds)) {
+          absl::StatusOr<absl::Duration> d = ParseDurationFlag("ttl", *v);
+          if (!d.ok()) return d.status();
+          seconds = absl::ToInt64Seconds(*d);
+        }
+        o.ttl_seconds = seconds;
+      }
+      for (const std::string& kv : t.All("attr")) {
+        absl::Status st = ParseKeyValue("attr", kv, o.attributes);
+        if (!st.ok()) return st;
+      }
+      return absl::OkStatus();
+    }
+    case Command::kSessionGet:
+      o.touch = t.Has("touch");
+      return session_token();
+    case Command::kSessionUpdate: {
+      absl::Status s = session_token();
+      if (!s.ok()) return s;
+      for (const std::string& kv : t.All("set")) {
+        s = ParseKeyValue("set", kv, o.attributes);
+        if (!s.ok()) return s;
+      }
+      o.remove = t.All("remove");
+      if (o.attributes.empty() && o.remove.empty()) {
+        return UsageError("session update needs at least one --set KEY=VALUE or --remove KEY");
+      }
+      return int_flag("expected-version", o.expected_version);
+    }
+    case Command::kSessionRotate:
+    case Command::kSessionDelete:
+      return session_token();
+    case Command::kSessionList:
+    case Command::kSessionRevoke:
+      return required(option_or_positional("user-id"), "--user-id", o.user_id);
+    case Command::kAccountOpen:
+      return required(option_or_positional("currency"), "--currency", o.currency);
+    case Command::kAccountGet:
+      return required(option_or_positional("account"), "ACCOUNT_ID", o.account_id);
+    case Command::kDeposit: {
+      absl::Status s = required(t.Last("account"), "--account", o.account_id);
+      if (!s.ok()) return s;
+      if (!t.Has("amount")) return UsageError("missing --amount (minor units, e.g. cents)");
+      s = int_flag("amount", o.amount_minor);
+      if (!s.ok()) return s;
+      o.idempotency_key = t.Last("idempotency-key").value_or("");
+      return absl::OkStatus();
+    }
+    case Command::kTransfer: {
+      absl::Status s = required(t.Last("from"), "--from", o.from_account_id);
+      if (!s.ok()) return s;
+      s = required(t.Last("to"), "--to", o.to_account_id);
+      if (!s.ok()) return s;
+      if (!t.Has("amount")) return UsageError("missing --amount (minor units, e.g. cents)");
+      s = int_flag("amount", o.amount_minor);
+      if (!s.ok()) return s;
+      o.idempotency_key = t.Last("idempotency-key").value_or("");
+      return absl::OkStatus();
+    }
+    case Command::kHistory: {
+      absl::Status s = required(option_or_positional("account"), "ACCOUNT_ID", o.account_id);
+      if (!s.ok()) return s;
+      int64_t page_size = 0;
+      s = int_flag("page-size", page_size);
+      if (!s.ok()) return s;
+      if (page_size < INT32_MIN || page_size > INT32_MAX) {
+        return UsageError("--page-size is out of range");
+      }
+      o.page_size = static_cast<int32_t>(page_size);
+      o.page_token = t.Last("page-token").value_or("");
+      o.all_pages = t.Has("all");
+      return absl::OkStatus();
+    }
+    case Command::kBench: {
+      BenchOptions& b = o.bench;
+      if (auto v = t.Last("rpc")) {
+        absl::StatusOr<BenchRpc> rpc = ParseBenchRpc(*v);
+        if (!rpc.ok()) return rpc.status();
+        b.rpc = *rpc;
+      }
+      int64_t concurrency = b.concurrency;
+      int64_t connections = b.connections;
+      absl::Status s = int_flag("concurrency", concurrency);
+      if (s.ok()) s = int_flag("connections", connections);
+      if (s.ok()) s = int_flag("requests", b.requests);
+      if (!s.ok()) return s;
+      if (concurrency < 1 || concurrency > 100000) {
+        return UsageError("--concurrency must be 1..100000");
+      }
+      if (connections < 0 || connections > 1000) {
+        return UsageError("--connections must be 0..1000");
+      }
+      if (b.requests < 0) return UsageError("--requests must not be negative");
+      b.concurrency = static_cast<int>(concurrency);
+      b.connections = static_cast<int>(connections);
+      for (auto [flag, into] : {std::pair<const char*, absl::Duration*>{"duration", &b.duration},
+                                {"warmup", &b.warmup}}) {
+        if (auto v = t.Last(flag)) {
+          absl::StatusOr<absl::Duration> d = ParseDurationFlag(flag, *v);
+          if (!d.ok()) return d.status();
+          *into = *d;
+        }
+      }
+      if (b.requests == 0 && b.duration <= absl::ZeroDuration()) {
+        return UsageError("--duration must be positive");
+      }
+      b.touch = t.Has("touch");
+      b.progress = !t.Has("no-progress");
+      return absl::OkStatus();
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const char* BenchRpcName(BenchRpc rpc) {
+  switch (rpc) {
+    case BenchRpc::kHealth:
+      return "health";
+    case BenchRpc::kCreateSession:
+      return "create-session";
+    case BenchRpc::kGetSession:
+      return "get-session";
+    case BenchRpc::kUpdateSession:
+      return "update-session";
+    case BenchRpc::kTransfer:
+      return "transfer";
+    case BenchRpc::kCreateGetSession:
+      return "create-get-session";
+  }
+  return "?";
+}
+
+absl::StatusOr<absl::Duration> ParseDurationFlag(const std::string& name,
+                                                 const std::string& value) {
+  double seconds = 0;
+  absl::Duration d;
+  if (absl::SimpleAtod(value, &seconds)) {
+    d = absl::Seconds(seconds);
+  } else if (!absl::ParseDuration(value, &d)) {
+    return UsageError(absl::StrCat("--", name, ": '", value,
+                                   "' is not a duration (e.g. 10s, 500ms, 2m or seconds)"));
+  }
+  if (d < absl::ZeroDuration() || d == absl::InfiniteDuration()) {
+    return UsageError(absl::StrCat("--", name, " must be a finite, non-negative duration"));
+  }
+  return d;
+}
+
+absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args,
+                                            const EnvLookup& env) {
+  absl::StatusOr<Tokens> tokens = Tokenize(args);
+  if (!tokens.ok()) return tokens.status();
+  CliOptions o;
+
+  if (tokens->Has("help") || tokens->positionals.empty()) {
+    if (!tokens->Has("help")) return UsageError("missing command; try --help");
+    o.command = Command::kHelp;
+    return o;
+  }
+
+  // Longest match first, so "session get" wins over a (non-existent) "session".
+  const CommandSpec* spec = nullptr;
+  size_t words_used = 0;
+  const std::vector<std::string>& pos = tokens->positionals;
+  for (const CommandSpec& candidate : Commands()) {
+    std::vector<std::string> words = absl::StrSplit(candidate.words, ' ');
+    if (words.size() > pos.size()) continue;
+    if (!std::equal(words.begin(), words.end(), pos.begin())) continue;
+    if (words.size() > words_used) {
+      spec = &candidate;
+      words_used = words.size();
+    }
+  }
+  if (spec == nullptr) {
+    if (pos[0] == "session" || pos[0] == "account") {
+      return UsageError(absl::StrCat("unknown ", pos[0], " command '", pos.size() > 1 ? pos[1] : "",
+                                     "'; try --help"));
+    }
+    return UsageError(absl::StrCat("unknown command '", pos[0], "'; try --help"));
+  }
+  o.command = spec->command;
+  const std::vector<std::string> rest(pos.begin() + words_used, pos.end());
+  if (rest.size() > spec->positionals.size()) {
+    return UsageError(absl::StrCat("unexpected argument '", rest[spec->positionals.size()],
+                                   "' for '", spec->words, "'"));
+  }
+  for (const auto& [flag, value] : tokens->flags) {
+    if (GlobalFlags().count(flag) > 0) continue;
+    if (std::find(spec->flags.begin(), spec->flags.end(), flag) == spec->flags.end()) {
+      return UsageError(absl::StrCat("option --", flag, " does not apply to '", spec->words, "'"));
+    }
+  }
+
+  // Global options, with the environment as fallback.
+  for (const std::string& value : tokens->All("target")) {
+    for (std::string& t : SplitTargets(value)) o.targets.push_back(std::move(t));
+  }
+  if (o.targets.empty()) {
+    std::optional<std::string> from_env = env(kTargetEnv);
+    if (from_env.has_value() && !from_env->empty()) o.targets = SplitTargets(*from_env);
+  }
+  if (o.targets.empty()) o.targets.push_back(kDefaultTarget);
+  if (auto v = tokens->Last("token")) {
+    o.token = *v;
+  } else if (std::optional<std::string> from_env = env(kTokenEnv)) {
+    o.token = *from_env;
+  }
+  if (auto v = tokens->Last("deadline")) {
+    absl::StatusOr<absl::Duration> d = ParseDurationFlag("deadline", *v);
+    if (!d.ok()) return d.status();
+    if (*d <= absl::ZeroDuration()) return UsageError("--deadline must be positive");
+    o.deadline = *d;
+  }
+  o.json = tokens->Has("json");
+
+  absl::Status s = ApplyCommandOptions(*tokens, rest, o);
+  if (!s.ok()) return s;
+  return o;
+}
+
+std::string UsageText() {
+  return R"(usage: sessionledger-cli [GLOBAL OPTIONS] COMMAND [ARGS]
+
+Commands (SessionService):
+  session create --user-id U [--ttl SECONDS|30m] [--attr K=V ...]
+  session get    [TOKEN] [--touch]
+  session update [TOKEN] [--set K=V ...] [--remove K ...] [--expected-version N]
+  session rotate [TOKEN]
+  session delete [TOKEN]
+  session list   --user-id U
+  session revoke --user-id U
+  (TOKEN defaults to --token / SESSIONLEDGER_TOKEN)
+
+Commands (TransactionService; authenticated with --token / SESSIONLEDGER_TOKEN):
+  account open --currency EUR
+  account get ACCOUNT_ID
+  deposit  --account ID --amount MINOR [--idempotency-key K]
+  transfer --from ID --to ID --amount MINOR [--idempotency-key K]
+  history ACCOUNT_ID [--page-size N] [--page-token T] [--all]
+  (amounts are integer minor units, e.g. cents; without --idempotency-key a key is generated
+   and printed on stderr, so a failed call can be retried with the same key)
+
+Other:
+  health [SERVICE]
+  bench --rpc health|create-session|get-session|update-session|transfer|create-get-session
+        [--concurrency 16] [--connections N] [--duration 10s] [--warmup 2s]
+        [--requests N] [--touch] [--no-progress]
+
+Global options:
+  --target ADDR[,ADDR...]  default localhost:50051 or $SESSIONLEDGER_TARGET; accepts
+                           host:port, dns:///host:port, ipv4:/ipv6: lists; a comma-separated
+                           list is balanced with client-side round_robin
+  --token TOKEN            session token, sent as "authorization: Bearer TOKEN"
+                           (default $SESSIONLEDGER_TOKEN)
+  --deadline DURATION      per call, default 10s (e.g. 500ms, 2s)
+  --json                   print responses as protobuf JSON
+  -h, --help
+
+The exit code is the gRPC status code (0 OK, 3 INVALID_ARGUMENT also for usage errors,
+5 NOT_FOUND, 14 UNAVAILABLE, 16 UNAUTHENTICATED, ...); errors go to stderr.
+)";
+}
+
+}  // namespace sessionledger::client
