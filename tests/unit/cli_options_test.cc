@@ -1,0 +1,251 @@
+#include "client/cli_options.h"
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace sessionledger::client {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::Pair;
+using ::testing::UnorderedElementsAre;
+
+EnvLookup FakeEnv(std::map<std::string, std::string> values) {
+  return [values = std::move(values)](const std::string& name) -> std::optional<std::string> {
+    auto it = values.find(name);
+    if (it == values.end()) return std::nullopt;
+    return it->second;
+  };
+}
+
+absl::StatusOr<CliOptions> Parse(const std::vector<std::string>& args,
+                                 std::map<std::string, std::string> env = {}) {
+  return ParseCommandLine(args, FakeEnv(std::move(env)));
+}
+
+void ExpectUsageError(const std::vector<std::string>& args, const std::string& message_part) {
+  absl::StatusOr<CliOptions> o = Parse(args);
+  ASSERT_FALSE(o.ok()) << "accepted: " << ::testing::PrintToString(args);
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(o.status().message()), HasSubstr(message_part));
+}
+
+TEST(CliOptionsTest, DefaultsWithoutFlagsOrEnvironment) {
+  absl::StatusOr<CliOptions> o = Parse({"health"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kHealth);
+  EXPECT_THAT(o->targets, ElementsAre("localhost:50051"));
+  EXPECT_EQ(o->token, "");
+  EXPECT_EQ(o->deadline, absl::Seconds(10));
+  EXPECT_FALSE(o->json);
+  EXPECT_EQ(o->health_service, "");
+}
+
+TEST(CliOptionsTest, EnvironmentSuppliesTargetAndToken) {
+  absl::StatusOr<CliOptions> o =
+      Parse({"account", "get", "acc-1"},
+            {{"SESSIONLEDGER_TARGET", "a:1,b:2"}, {"SESSIONLEDGER_TOKEN", "tok"}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->targets, ElementsAre("a:1", "b:2"));
+  EXPECT_EQ(o->token, "tok");
+  EXPECT_EQ(o->account_id, "acc-1");
+}
+
+TEST(CliOptionsTest, FlagsOverrideEnvironmentAndMayFollowTheCommand) {
+  absl::StatusOr<CliOptions> o = Parse(
+      {"health", "--target", "dns:///svc:50051", "--token=flag", "--json", "--deadline", "250ms"},
+      {{"SESSIONLEDGER_TARGET", "env:1"}, {"SESSIONLEDGER_TOKEN", "env"}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->targets, ElementsAre("dns:///svc:50051"));
+  EXPECT_EQ(o->token, "flag");
+  EXPECT_TRUE(o->json);
+  EXPECT_EQ(o->deadline, absl::Milliseconds(250));
+}
+
+TEST(CliOptionsTest, RepeatedAndCommaSeparatedTargetsFormOneList) {
+  absl::StatusOr<CliOptions> o =
+      Parse({"--target", "10.0.0.1:1, 10.0.0.2:2", "--target=10.0.0.3:3", "health"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->targets, ElementsAre("10.0.0.1:1", "10.0.0.2:2", "10.0.0.3:3"));
+}
+
+TEST(CliOptionsTest, Ipv4AddressListStaysWhole) {
+  absl::StatusOr<CliOptions> o = Parse({"--target", "ipv4:10.0.0.1:1,10.0.0.2:2", "health"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->targets, ElementsAre("ipv4:10.0.0.1:1,10.0.0.2:2"));
+}
+
+TEST(CliOptionsTest, DeadlineAcceptsBareSeconds) {
+  absl::StatusOr<CliOptions> o = Parse({"--deadline", "1.5", "health"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->deadline, absl::Milliseconds(1500));
+  ExpectUsageError({"--deadline", "soon", "health"}, "--deadline");
+  ExpectUsageError({"--deadline", "0", "health"}, "positive");
+}
+
+TEST(CliOptionsTest, SessionCreate) {
+  absl::StatusOr<CliOptions> o = Parse({"session", "create", "--user-id", "alice", "--ttl", "30m",
+                                        "--attr", "role=admin", "--attr", "theme=a=b"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kSessionCreate);
+  EXPECT_EQ(o->user_id, "alice");
+  EXPECT_EQ(o->ttl_seconds, 1800);
+  // Only the first '=' separates key from value.
+  EXPECT_THAT(o->attributes, UnorderedElementsAre(Pair("role", "admin"), Pair("theme", "a=b")));
+
+  o = Parse({"session", "create", "bob", "--ttl", "60"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->user_id, "bob");
+  EXPECT_EQ(o->ttl_seconds, 60);
+
+  ExpectUsageError({"session", "create"}, "--user-id");
+  ExpectUsageError({"session", "create", "--user-id", "a", "--attr", "novalue"}, "KEY=VALUE");
+  ExpectUsageError({"session", "create", "--user-id", "a", "--attr", "=v"}, "KEY=VALUE");
+}
+
+TEST(CliOptionsTest, SessionTokenFromArgumentOrGlobalToken) {
+  absl::StatusOr<CliOptions> o = Parse({"session", "get", "tok-arg", "--touch"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->session_token, "tok-arg");
+  EXPECT_TRUE(o->touch);
+
+  o = Parse({"session", "rotate"}, {{"SESSIONLEDGER_TOKEN", "tok-env"}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kSessionRotate);
+  EXPECT_EQ(o->session_token, "tok-env");
+
+  o = Parse({"session", "delete", "--token", "tok-flag"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->session_token, "tok-flag");
+
+  ExpectUsageError({"session", "get"}, "TOKEN");
+}
+
+TEST(CliOptionsTest, SessionUpdate) {
+  absl::StatusOr<CliOptions> o = Parse({"session", "update", "t", "--set", "a=1", "--remove", "b",
+                                        "--remove", "c", "--expected-version", "7"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->attributes, UnorderedElementsAre(Pair("a", "1")));
+  EXPECT_THAT(o->remove, ElementsAre("b", "c"));
+  EXPECT_EQ(o->expected_version, 7);
+  ExpectUsageError({"session", "update", "t"}, "--set");
+  ExpectUsageError({"session", "update", "t", "--set", "a=1", "--expected-version", "x"},
+                   "not an integer");
+}
+
+TEST(CliOptionsTest, SessionListAndRevoke) {
+  absl::StatusOr<CliOptions> o = Parse({"session", "list", "--user-id", "alice"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kSessionList);
+  EXPECT_EQ(o->user_id, "alice");
+  o = Parse({"session", "revoke", "alice"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kSessionRevoke);
+  EXPECT_EQ(o->user_id, "alice");
+  ExpectUsageError({"session", "list"}, "--user-id");
+}
+
+TEST(CliOptionsTest, AccountsDepositTransferHistory) {
+  absl::StatusOr<CliOptions> o = Parse({"account", "open", "--currency", "EUR"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kAccountOpen);
+  EXPECT_EQ(o->currency, "EUR");
+
+  o = Parse({"deposit", "--account", "a1", "--amount", "1250"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kDeposit);
+  EXPECT_EQ(o->account_id, "a1");
+  EXPECT_EQ(o->amount_minor, 1250);
+  EXPECT_EQ(o->idempotency_key, "");  // generated at call time
+
+  o = Parse({"transfer", "--from", "a1", "--to", "a2", "--amount", "5", "--idempotency-key", "k1"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->from_account_id, "a1");
+  EXPECT_EQ(o->to_account_id, "a2");
+  EXPECT_EQ(o->amount_minor, 5);
+  EXPECT_EQ(o->idempotency_key, "k1");
+
+  // The server owns the amount rules (> 0); the CLI only checks that it is a number.
+  o = Parse({"transfer", "--from", "a1", "--to", "a2", "--amount", "-5"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->amount_minor, -5);
+
+  o = Parse({"history", "a1", "--page-size", "20", "--all"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kHistory);
+  EXPECT_EQ(o->page_size, 20);
+  EXPECT_TRUE(o->all_pages);
+
+  ExpectUsageError({"deposit", "--account", "a1"}, "--amount");
+  ExpectUsageError({"deposit", "--account", "a1", "--amount", "12.50"}, "not an integer");
+  ExpectUsageError({"transfer", "--from", "a1", "--amount", "1"}, "--to");
+  ExpectUsageError({"history"}, "ACCOUNT_ID");
+  ExpectUsageError({"history", "a1", "--page-size", "99999999999"}, "out of range");
+}
+
+TEST(CliOptionsTest, Bench) {
+  absl::StatusOr<CliOptions> o =
+      Parse({"bench", "--rpc", "get-session", "--concurrency", "32", "--duration", "5s", "--warmup",
+             "0", "--connections", "2", "--touch", "--no-progress", "--json", "--target", "a:1",
+             "--target", "b:2"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kBench);
+  EXPECT_EQ(o->bench.rpc, BenchRpc::kGetSession);
+  EXPECT_EQ(o->bench.concurrency, 32);
+  EXPECT_EQ(o->bench.connections, 2);
+  EXPECT_EQ(o->bench.duration, absl::Seconds(5));
+  EXPECT_EQ(o->bench.warmup, absl::ZeroDuration());
+  EXPECT_TRUE(o->bench.touch);
+  EXPECT_FALSE(o->bench.progress);
+  EXPECT_TRUE(o->json);
+  EXPECT_THAT(o->targets, ElementsAre("a:1", "b:2"));
+
+  for (const char* rpc : {"health", "create-session", "get-session", "update-session", "transfer",
+                          "create-get-session"}) {
+    o = Parse({"bench", "--rpc", rpc});
+    ASSERT_TRUE(o.ok()) << rpc << ": " << o.status();
+    EXPECT_EQ(BenchRpcName(o->bench.rpc), std::string(rpc));
+  }
+  ExpectUsageError({"bench", "--rpc", "delete-everything"}, "--rpc");
+  ExpectUsageError({"bench", "--concurrency", "0"}, "--concurrency");
+  ExpectUsageError({"bench", "--duration", "0"}, "--duration");
+  ExpectUsageError({"bench", "--requests", "-1"}, "--requests");
+}
+
+TEST(CliOptionsTest, UsageErrors) {
+  ExpectUsageError({}, "missing command");
+  ExpectUsageError({"frobnicate"}, "unknown command 'frobnicate'");
+  ExpectUsageError({"session", "explode"}, "unknown session command 'explode'");
+  ExpectUsageError({"session"}, "unknown session command");
+  ExpectUsageError({"health", "--bogus"}, "unknown option --bogus");
+  ExpectUsageError({"health", "--target"}, "needs a value");
+  ExpectUsageError({"health", "--json=yes"}, "takes no value");
+  ExpectUsageError({"health", "--amount", "5"}, "does not apply to 'health'");
+  ExpectUsageError({"account", "get", "a", "b"}, "unexpected argument 'b'");
+}
+
+TEST(CliOptionsTest, HelpWins) {
+  absl::StatusOr<CliOptions> o = Parse({"session", "get", "--help"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kHelp);
+  o = Parse({"-h"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->command, Command::kHelp);
+  EXPECT_THAT(UsageText(), HasSubstr("session create"));
+}
+
+TEST(CliOptionsTest, DoubleDashEndsOptions) {
+  // A token may start with "--" in principle; "--" lets users pass it as an argument.
+  absl::StatusOr<CliOptions> o = Parse({"session", "get", "--", "--odd-token"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->session_token, "--odd-token");
+}
+
+}  // namespace
+}  // namespace sessionledger::client

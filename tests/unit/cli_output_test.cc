@@ -1,0 +1,165 @@
+#include <grpcpp/support/validate_service_config.h>
+
+#include <sstream>
+#include <string>
+
+#include "client/bench.h"
+#include "client/channel.h"
+#include "client/commands.h"
+#include "client/output_format.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace sessionledger::client {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::MatchesRegex;
+using ::testing::Not;
+
+TEST(CliChannelTest, SingleTargetPassesThrough) {
+  for (const char* t : {"localhost:50051", "dns:///svc.ns:50051", "ipv4:10.0.0.1:1,10.0.0.2:2",
+                        "unix:/tmp/s.sock"}) {
+    absl::StatusOr<std::string> target = BuildChannelTarget({t});
+    ASSERT_TRUE(target.ok()) << target.status();
+    EXPECT_EQ(*target, t);
+  }
+}
+
+TEST(CliChannelTest, ListBecomesStaticAddressList) {
+  absl::StatusOr<std::string> target =
+      BuildChannelTarget({"10.0.0.1:50051", "dns:///10.0.0.2:50052"});
+  ASSERT_TRUE(target.ok()) << target.status();
+  EXPECT_EQ(*target, "ipv4:10.0.0.1:50051,10.0.0.2:50052");
+
+  target = BuildChannelTarget({"[::1]:1", "[fe80::2]:2"});
+  ASSERT_TRUE(target.ok()) << target.status();
+  EXPECT_EQ(*target, "ipv6:[::1]:1,[fe80::2]:2");
+}
+
+TEST(CliChannelTest, BadListsAreRejected) {
+  EXPECT_FALSE(BuildChannelTarget({}).ok());
+  EXPECT_EQ(BuildChannelTarget({"10.0.0.1", "10.0.0.2:1"}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(BuildChannelTarget({"10.0.0.1:0", "10.0.0.2:1"}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(BuildChannelTarget({"unix:/x", "10.0.0.2:1"}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(BuildChannelTarget({"10.0.0.1:1", "[::1]:2"}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CliChannelTest, ServiceConfigIsValidAndRetriesOnlyIdempotentMethods) {
+  const std::string config = ServiceConfigJson();
+  EXPECT_EQ(grpc::experimental::ValidateServiceConfigJSON(config), "");
+  EXPECT_THAT(config, HasSubstr("round_robin"));
+  EXPECT_THAT(config, HasSubstr("\"UNAVAILABLE\""));
+  for (const char* method : {"GetSession", "ListUserSessions", "GetAccount", "ListTransactions",
+                             "Deposit", "Transfer", "DeleteSession"}) {
+    EXPECT_THAT(config, HasSubstr(std::string("\"") + method + "\"")) << method;
+  }
+  for (const char* method :
+       {"CreateSession", "UpdateSession", "RotateSession", "RevokeUserSessions", "OpenAccount"}) {
+    EXPECT_THAT(config, Not(HasSubstr(std::string("\"") + method + "\""))) << method;
+  }
+}
+
+TEST(CliOutputTest, JsonUsesContractFieldNamesAndPrintsZeros) {
+  v1::Account account;
+  account.set_account_id("a1");
+  account.set_currency("EUR");
+  const std::string json = ToJson(account);
+  EXPECT_THAT(json, HasSubstr("\"account_id\": \"a1\""));
+  EXPECT_THAT(json, HasSubstr("\"balance_minor\": \"0\""));  // int64 is a string in proto JSON
+  EXPECT_EQ(json.back(), '\n');
+}
+
+TEST(CliOutputTest, SessionTableOmitsEmptyTokenAndSortsAttributes) {
+  v1::Session session;
+  session.set_session_id("sid");
+  session.set_user_id("alice");
+  session.set_version(3);
+  session.mutable_created_at()->set_seconds(1'700'000'000);
+  (*session.mutable_attributes())["z"] = "1";
+  (*session.mutable_attributes())["a"] = "2";
+  const std::string text = FormatSession(session);
+  EXPECT_THAT(text, Not(HasSubstr("token")));
+  EXPECT_THAT(text, HasSubstr("session_id           sid\n"));
+  EXPECT_THAT(text, HasSubstr("created_at           2023-11-14T22:13:20Z\n"));
+  EXPECT_THAT(text, HasSubstr("expires_at           -\n"));
+  EXPECT_THAT(text, HasSubstr("attributes           a=2, z=1\n"));
+  session.set_token("secret");
+  EXPECT_THAT(FormatSession(session), HasSubstr("token                secret\n"));
+}
+
+TEST(CliOutputTest, TableColumnsAlign) {
+  EXPECT_EQ(FormatTable({"A", "LONGER"}, {{"xxxx", "y"}, {"z", "w"}}),
+            "A     LONGER\n"
+            "xxxx  y\n"
+            "z     w\n");
+}
+
+TEST(CliOutputTest, TransactionListShowsNextPageHint) {
+  v1::ListTransactionsResponse response;
+  v1::Transaction* t = response.add_transactions();
+  t->set_kind("deposit");
+  t->set_amount_minor(1250);
+  t->set_currency("EUR");
+  t->set_to_account_id("a1");
+  response.set_next_page_token("pt");
+  const std::string text = FormatTransactionList(response);
+  EXPECT_THAT(text, HasSubstr("deposit"));
+  EXPECT_THAT(text, HasSubstr("1250"));
+  EXPECT_THAT(text, HasSubstr("next page: --page-token pt"));
+}
+
+TEST(CliOutputTest, StatusCodeNames) {
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::OK), "OK");
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::UNAVAILABLE), "UNAVAILABLE");
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::UNAUTHENTICATED), "UNAUTHENTICATED");
+}
+
+TEST(CliOutputTest, BenchJsonHasTheDocumentedFields) {
+  BenchResult r;
+  r.rpc = "get-session";
+  r.concurrency = 32;
+  r.connections = 4;
+  r.seconds = 10;
+  r.ok_calls = 1000;
+  r.throughput = 100;
+  r.p50_ms = 0.5;
+  r.p999_ms = 9.25;
+  r.errors["UNAVAILABLE"] = 3;
+  r.errors["DEADLINE_EXCEEDED"] = 1;
+  const std::string json = BenchResultJson(r);
+  EXPECT_THAT(json, MatchesRegex("^\\{.*\\}\n$"));
+  for (const char* field : {"\"throughput\":100.0", "\"p50_ms\":0.5000",
+                            "\"p90_ms\":", "\"p99_ms\":", "\"p999_ms\":9.2500",
+                            "\"errors\":{\"DEADLINE_EXCEEDED\":1,\"UNAVAILABLE\":3}"}) {
+    EXPECT_THAT(json, HasSubstr(field));
+  }
+  EXPECT_THAT(FormatBenchResult(r), HasSubstr("DEADLINE_EXCEEDED=1, UNAVAILABLE=3"));
+}
+
+TEST(CliOutputTest, IdempotencyKeysAreFreshAndWellFormed) {
+  const std::string a = GenerateIdempotencyKey();
+  const std::string b = GenerateIdempotencyKey();
+  EXPECT_NE(a, b);
+  EXPECT_THAT(a, MatchesRegex("cli-[0-9a-f]{32}"));
+}
+
+TEST(CliRunTest, UsageErrorsExitWithInvalidArgument) {
+  auto no_env = [](const std::string&) -> std::optional<std::string> { return std::nullopt; };
+  std::ostringstream out;
+  std::ostringstream err;
+  EXPECT_EQ(RunCli({"session", "get"}, no_env, out, err), 3);
+  EXPECT_THAT(err.str(), HasSubstr("missing TOKEN"));
+  EXPECT_EQ(out.str(), "");
+
+  std::ostringstream help;
+  EXPECT_EQ(RunCli({"--help"}, no_env, help, err), 0);
+  EXPECT_THAT(help.str(), HasSubstr("usage: sessionledger-cli"));
+}
+
+}  // namespace
+}  // namespace sessionledger::client
