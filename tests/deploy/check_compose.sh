@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Validates docker-compose.yml and both nginx configs without a Docker engine:
+# Validates docker-compose.yml, both nginx configs and deploy/Dockerfile without a Docker
+# engine:
 #   1. `docker-compose config -q` (schema, interpolation, anchors), then the properties the
 #      stack relies on, read from the normalised `config` output;
 #   2. `nginx -t` on deploy/nginx/nginx.conf (its /tmp paths moved into a temp prefix);
-#   3. deploy/nginx/cluster.conf.template rendered with sample ports, then `nginx -t`.
+#   3. deploy/nginx/cluster.conf.template rendered with sample ports, then `nginx -t`;
+#   4. static properties of deploy/Dockerfile (its libraries: check_image_libs.py).
 # Needs Debian packages docker-compose, nginx-light (or nginx) and python3-yaml.
 # Usage: tests/deploy/check_compose.sh [REPO_ROOT]. Exit 0 when all pass, 1 otherwise.
 set -euo pipefail
@@ -175,4 +177,31 @@ fi
 nginx -t -q -e "$dir/error.log" -p "$dir/" -c "$dir/nginx.conf" ||
   fail "nginx -t rejects the rendered $template (see above)"
 
-echo "check_compose: docker-compose.yml, $conf and $template OK"
+# --- 4. deploy/Dockerfile ---------------------------------------------------------------------
+df=deploy/Dockerfile
+# Instructions only, continuation lines joined, comments dropped.
+instructions=$(grep -v '^[[:space:]]*#' "$df" | sed -e ':a' -e '/\\$/N; s/\\\n/ /; ta')
+runtime=$(awk '/^FROM /{stage=$0 ORS; next} {stage=stage $0 ORS} END{printf "%s", stage}' \
+  <<<"$instructions")
+[[ $(grep -c '^FROM ' <<<"$instructions") -ge 2 ]] || fail "$df must be multi-stage"
+grep -q '^ARG RUNTIME_IMAGE=debian:bookworm-slim$' <<<"$instructions" ||
+  fail "$df: the runtime base must be debian:bookworm-slim (ARG RUNTIME_IMAGE)"
+grep -q 'CMAKE_BUILD_TYPE=Release' <<<"$instructions" || fail "$df must build with CMAKE_BUILD_TYPE=Release"
+grep -Eq 'ctest .*-L unit' <<<"$instructions" || fail "$df must run the unit tests (ctest -L unit)"
+if grep -Eiq '(curl|wget)[[:space:]]|^ADD[[:space:]]+https?://' <<<"$instructions"; then
+  fail "$df downloads something; use Debian packages and build arguments instead"
+fi
+grep -Eq '^ENTRYPOINT \["sessionledger-server"\]$' <<<"$runtime" ||
+  fail "$df: the runtime stage needs exec-form ENTRYPOINT [\"sessionledger-server\"] (no shell)"
+user=$(grep '^USER ' <<<"$runtime" | tail -n1 | awk '{print $2}' || true)
+[[ $user =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] ||
+  fail "$df: the runtime stage must end as a numeric non-root USER (runAsNonRoot), not '$user'"
+if grep -Eq -- '-dev([[:space:]]|$)|[[:space:]](g\+\+|cmake|gcc)([[:space:]]|$)' \
+  <<<"$(grep 'apt-get' <<<"$runtime")"; then
+  fail "$df: the runtime stage installs build tools or -dev packages"
+fi
+grep -Eq '^EXPOSE .*\b50051\b' <<<"$runtime" && grep -Eq '^EXPOSE .*\b9464\b' <<<"$runtime" ||
+  fail "$df: the runtime stage must EXPOSE 50051 and 9464 (the server's defaults)"
+[[ -f .dockerignore ]] || fail ".dockerignore is missing at the repository root"
+
+echo "check_compose: docker-compose.yml, $conf, $template and $df OK"
