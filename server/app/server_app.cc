@@ -9,7 +9,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/status_macros.h"
+#include "server/ledger/late_bound_authenticator.h"
 #include "server/postgres/migrations.h"
+#include "server/postgres/pg_ledger_store.h"
 #include "server/rpc/call_logging.h"
 #include "server/rpc/session_handlers.h"
 #include "server/rpc/transaction_handlers.h"
@@ -56,7 +58,11 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
   // --- Session layer wiring (SessionService) ---
   app->services_.push_back(std::make_unique<SessionHandlers>());
   // --- Ledger layer wiring (TransactionService) ---
-  app->services_.push_back(std::make_unique<TransactionHandlers>());
+  // The authenticator is read at call time through the slot, so the order of the two wiring
+  // blocks does not matter; an empty slot makes TransactionService answer UNAVAILABLE.
+  app->services_.push_back(std::make_unique<TransactionHandlers>(
+      std::make_unique<PgLedgerStore>(*app->pg_pool_),
+      std::make_unique<LateBoundAuthenticator>(app->authenticator_), config.default_call_timeout));
 
   app->services_.push_back(std::make_unique<HealthService>(app->health_board_));
   return app;

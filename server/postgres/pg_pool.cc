@@ -79,6 +79,10 @@ absl::StatusOr<PgConnection> PgConnection::Connect(const std::string& conninfo,
       return absl::UnavailableError("postgres: connect timed out");
     }
   }
+  // Notices ("relation already exists, skipping") would go to stderr as plain text and break
+  // the one-JSON-object-per-line log; they carry nothing we act on.
+  PQsetNoticeProcessor(
+      raw, [](void*, const char*) {}, nullptr);
   if (PQsetnonblocking(raw, 1) != 0) {
     return absl::UnavailableError("postgres: cannot switch the connection to non-blocking mode");
   }
@@ -178,6 +182,88 @@ absl::StatusOr<PgResultPtr> PgConnection::Exec(
   return Collect(deadline);
 }
 
+absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
+    const std::vector<PgStatement>& statements, absl::Time deadline) {
+  if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
+  if (PQenterPipelineMode(conn_) != 1) {
+    CancelAndBreak();
+    return absl::UnavailableError("postgres: cannot enter pipeline mode");
+  }
+  for (const PgStatement& statement : statements) {
+    const std::string sql(statement.sql);
+    std::vector<const char*> values;
+    values.reserve(statement.params.size());
+    for (const auto& p : statement.params) values.push_back(p.has_value() ? p->c_str() : nullptr);
+    if (PQsendQueryParams(conn_, sql.c_str(), static_cast<int>(values.size()), nullptr,
+                          values.data(), nullptr, nullptr, 0) == 0) {
+      const std::string why = OneLine(PQerrorMessage(conn_));
+      CancelAndBreak();
+      return absl::UnavailableError(absl::StrCat("postgres: send failed: ", why));
+    }
+  }
+  if (PQpipelineSync(conn_) == 0) {
+    CancelAndBreak();
+    return absl::UnavailableError("postgres: send failed");
+  }
+  for (;;) {
+    const int flushed = PQflush(conn_);
+    if (flushed == 0) break;
+    if (flushed < 0 || !WaitSocket(/*for_write=*/true, deadline).ok()) {
+      CancelAndBreak();
+      return absl::UnavailableError("postgres: sending the statements failed or timed out");
+    }
+  }
+  std::vector<PgResultPtr> results(statements.size());
+  absl::Status first_error;
+  size_t index = 0;  // The statement whose results come next.
+  for (;;) {
+    while (PQisBusy(conn_)) {
+      if (!WaitSocket(/*for_write=*/false, deadline).ok()) {
+        CancelAndBreak();
+        return absl::UnavailableError("postgres: statements did not finish within the deadline");
+      }
+      if (PQconsumeInput(conn_) == 0) {
+        const std::string why = OneLine(PQerrorMessage(conn_));
+        CancelAndBreak();
+        return absl::UnavailableError(absl::StrCat("postgres: connection lost: ", why));
+      }
+    }
+    PgResultPtr result(PQgetResult(conn_));
+    if (result == nullptr) {
+      // End of one statement's results. More ends than statements means the connection is in
+      // a state we do not understand: drop it rather than loop.
+      if (++index > statements.size() + 1 || PQstatus(conn_) != CONNECTION_OK) {
+        CancelAndBreak();
+        return first_error.ok() ? absl::UnavailableError("postgres: connection lost") : first_error;
+      }
+      continue;
+    }
+    const ExecStatusType status = PQresultStatus(result.get());
+    if (status == PGRES_PIPELINE_SYNC) break;
+    if (status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK) {
+      if (index < results.size()) results[index] = std::move(result);
+    } else if (status != PGRES_PIPELINE_ABORTED && first_error.ok()) {
+      first_error = StatusFromResult(result.get());
+    }
+  }
+  if (PQexitPipelineMode(conn_) != 1) {
+    CancelAndBreak();
+    return first_error.ok() ? absl::UnavailableError("postgres: cannot leave pipeline mode")
+                            : first_error;
+  }
+  if (!first_error.ok()) return first_error;
+  for (const PgResultPtr& r : results) {
+    if (r == nullptr) return absl::InternalError("postgres: a statement returned no result");
+  }
+  return results;
+}
+
+bool PgConnection::StillUsable() const {
+  if (!healthy()) return false;
+  pollfd pfd{PQsocket(conn_), POLLIN, 0};
+  return ::poll(&pfd, 1, 0) == 0;
+}
+
 absl::StatusOr<PgResultPtr> PgConnection::ExecSimple(absl::string_view sql, absl::Time deadline) {
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   const std::string statement(sql);
@@ -200,7 +286,7 @@ absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
     if (!idle_.empty()) {
       PgConnection conn = std::move(idle_.back());
       idle_.pop_back();
-      if (conn.healthy()) return Lease(this, std::move(conn));
+      if (conn.StillUsable()) return Lease(this, std::move(conn));
       --open_;  // Drop a connection PostgreSQL closed (e.g. after a restart) and open anew.
       continue;
     }

@@ -30,6 +30,12 @@ std::string SqlStateOf(const absl::Status& status);
 // transaction did nothing and may simply be run again.
 bool IsRetryableTransactionFailure(const absl::Status& status);
 
+// One statement of a pipeline: SQL with $n placeholders and its text parameters.
+struct PgStatement {
+  absl::string_view sql;
+  std::vector<std::optional<std::string>> params;
+};
+
 // One libpq connection, move-only, closed on destruction. Every call takes a deadline and
 // never blocks past it: libpq is driven in non-blocking mode with poll(2), and a statement still
 // running at the deadline is cancelled and the connection marked broken.
@@ -54,10 +60,22 @@ class PgConnection {
   absl::StatusOr<PgResultPtr> Exec(absl::string_view sql,
                                    const std::vector<std::optional<std::string>>& params,
                                    absl::Time deadline);
+  // Sends every statement and then a Sync in one network round trip (libpq pipeline mode).
+  // PostgreSQL runs them as one implicit transaction that commits at the Sync, or rolls back
+  // entirely at the first error; so this returns only after the commit is durable, and the
+  // connection is idle again afterwards (no session state left behind, which keeps it usable
+  // behind PgBouncer's transaction pooling). Unnamed statements only. The results, one per
+  // statement, or the first error with the same mapping as Exec.
+  absl::StatusOr<std::vector<PgResultPtr>> ExecPipeline(const std::vector<PgStatement>& statements,
+                                                        absl::Time deadline);
   // Runs SQL without parameters (several statements allowed); for BEGIN/COMMIT and migrations.
   absl::StatusOr<PgResultPtr> ExecSimple(absl::string_view sql, absl::Time deadline);
 
   bool healthy() const { return conn_ != nullptr && PQstatus(conn_) == CONNECTION_OK; }
+  // False when an idle connection has been closed by the server (restart, admin shutdown,
+  // idle timeout): an idle connection has nothing to read, so a readable socket means a
+  // termination notice or EOF. One non-blocking poll(2); the pool calls it before lending.
+  bool StillUsable() const;
   PGconn* raw() const { return conn_; }
 
  private:
