@@ -200,7 +200,7 @@ if grep -Eq -- '-dev([[:space:]]|$)|[[:space:]](g\+\+|cmake|gcc)([[:space:]]|$)'
   <<<"$(grep 'apt-get' <<<"$runtime")"; then
   fail "$df: the runtime stage installs build tools or -dev packages"
 fi
-grep -Eq '^EXPOSE .*\b50051\b' <<<"$runtime" && grep -Eq '^EXPOSE .*\b9464\b' <<<"$runtime" ||
+{ grep -Eq '^EXPOSE .*\b50051\b' <<<"$runtime" && grep -Eq '^EXPOSE .*\b9464\b' <<<"$runtime"; } ||
   fail "$df: the runtime stage must EXPOSE 50051 and 9464 (the server's defaults)"
 [[ -f .dockerignore ]] || fail ".dockerignore is missing at the repository root"
 
