@@ -462,7 +462,27 @@ def main():
                 f"{n}: list every pod (consistent hashing needs the full, ordered list)")
         c.check(n >= 2, f"StatefulSet/{sts_name}", "run at least 2 memcached nodes")
 
+    kustomize_build(c)
     report(c)
+
+
+def kustomize_build(c):
+    """`kubectl kustomize` when kubectl is installed (it is not a Debian package; CI may lack
+    it): catches what a plain YAML parse cannot, e.g. a broken kustomization field."""
+    import shutil
+    import subprocess
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        print("check_manifests: kubectl not installed, skipping `kubectl kustomize deploy/k8s`")
+        return
+    r = subprocess.run([kubectl, "kustomize", c.k8s_dir], capture_output=True, text=True)
+    if not c.check(r.returncode == 0, "kustomization.yaml",
+                   f"`kubectl kustomize` fails: {r.stderr.strip()}"):
+        return
+    built = [d for d in yaml.safe_load_all(r.stdout) if d]
+    listed = [d for f, d in c.docs if f != "kustomization.yaml" and ".example." not in f]
+    c.check(len(built) == len(listed), "kustomization.yaml",
+            f"`kubectl kustomize` renders {len(built)} objects, the files hold {len(listed)}")
 
 
 def report(c):
