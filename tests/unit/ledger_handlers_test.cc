@@ -1,0 +1,123 @@
+// TransactionHandlers over a real gRPC server in this process (in-process channel), with the
+// in-memory store and a fake authenticator: metadata parsing, proto mapping, status codes.
+#include <grpcpp/server.h>
+#include <grpcpp/server_builder.h>
+
+#include "gtest/gtest.h"
+#include "server/common/clock.h"
+#include "server/ledger/fake_token_authenticator.h"
+#include "server/ledger/in_memory_ledger_store.h"
+#include "server/rpc/transaction_handlers.h"
+
+namespace sessionledger {
+namespace {
+
+namespace pb = ::sessionledger::v1;
+
+class LedgerHandlersTest : public ::testing::Test {
+ protected:
+  LedgerHandlersTest() : store_(clock_), handlers_(store_, auth_, absl::Seconds(5)) {
+    auth_.Add("tok-alice", "alice");
+    grpc::ServerBuilder builder;
+    builder.RegisterService(&handlers_);
+    server_ = builder.BuildAndStart();
+    stub_ = pb::TransactionService::NewStub(server_->InProcessChannel(grpc::ChannelArguments()));
+  }
+  ~LedgerHandlersTest() override { server_->Shutdown(); }
+
+  std::unique_ptr<grpc::ClientContext> Context(const std::string& authorization) {
+    auto context = std::make_unique<grpc::ClientContext>();
+    if (!authorization.empty()) context->AddMetadata("authorization", authorization);
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    return context;
+  }
+
+  FakeClock clock_;
+  FakeAuthenticator auth_;
+  InMemoryLedgerStore store_;
+  TransactionHandlers handlers_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<pb::TransactionService::Stub> stub_;
+};
+
+TEST_F(LedgerHandlersTest, BearerMetadata) {
+  pb::OpenAccountRequest request;
+  request.set_currency("EUR");
+  pb::Account account;
+  for (const char* bad : {"", "tok-alice", "Basic tok-alice", "Bearer ", "Bearer nope"}) {
+    EXPECT_EQ(stub_->OpenAccount(Context(bad).get(), request, &account).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED)
+        << bad;
+  }
+  EXPECT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), request, &account).ok());
+  EXPECT_TRUE(stub_->OpenAccount(Context("bearer tok-alice").get(), request, &account).ok());
+  EXPECT_EQ(account.owner_user_id(), "alice");
+  EXPECT_EQ(account.currency(), "EUR");
+  EXPECT_EQ(account.balance_minor(), 0);
+  EXPECT_EQ(account.created_at().seconds(), 1'700'000'000);
+}
+
+TEST_F(LedgerHandlersTest, DepositTransferListRoundTrip) {
+  pb::OpenAccountRequest open;
+  open.set_currency("EUR");
+  pb::Account a;
+  pb::Account b;
+  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &a).ok());
+  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &b).ok());
+
+  pb::DepositRequest deposit;
+  deposit.set_account_id(a.account_id());
+  deposit.set_amount_minor(1000);
+  deposit.set_idempotency_key("d-1");
+  pb::Transaction t;
+  ASSERT_TRUE(stub_->Deposit(Context("Bearer tok-alice").get(), deposit, &t).ok());
+  EXPECT_EQ(t.kind(), "deposit");
+  EXPECT_EQ(t.from_account_id(), "");
+  EXPECT_EQ(t.to_account_id(), a.account_id());
+  EXPECT_EQ(t.idempotency_key(), "d-1");
+
+  pb::TransferRequest transfer;
+  transfer.set_from_account_id(a.account_id());
+  transfer.set_to_account_id(b.account_id());
+  transfer.set_amount_minor(2000);
+  transfer.set_idempotency_key("t-1");
+  grpc::Status s = stub_->Transfer(Context("Bearer tok-alice").get(), transfer, &t);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("amount_minor"), std::string::npos);
+  transfer.set_amount_minor(400);
+  ASSERT_TRUE(stub_->Transfer(Context("Bearer tok-alice").get(), transfer, &t).ok());
+  EXPECT_EQ(t.kind(), "transfer");
+  EXPECT_EQ(t.currency(), "EUR");
+
+  pb::ListTransactionsRequest list;
+  list.set_account_id(a.account_id());
+  list.set_page_size(1);
+  pb::ListTransactionsResponse page;
+  ASSERT_TRUE(stub_->ListTransactions(Context("Bearer tok-alice").get(), list, &page).ok());
+  ASSERT_EQ(page.transactions_size(), 1);
+  EXPECT_EQ(page.transactions(0).transaction_id(), t.transaction_id());
+  ASSERT_FALSE(page.next_page_token().empty());
+  list.set_page_token(page.next_page_token());
+  ASSERT_TRUE(stub_->ListTransactions(Context("Bearer tok-alice").get(), list, &page).ok());
+  ASSERT_EQ(page.transactions_size(), 1);
+  EXPECT_EQ(page.transactions(0).kind(), "deposit");
+  EXPECT_TRUE(page.next_page_token().empty());
+
+  pb::GetAccountRequest get;
+  get.set_account_id(b.account_id());
+  pb::Account got;
+  ASSERT_TRUE(stub_->GetAccount(Context("Bearer tok-alice").get(), get, &got).ok());
+  EXPECT_EQ(got.balance_minor(), 400);
+}
+
+TEST_F(LedgerHandlersTest, StoreOutageIsUnavailable) {
+  store_.set_unavailable(true);
+  pb::OpenAccountRequest open;
+  open.set_currency("EUR");
+  pb::Account a;
+  EXPECT_EQ(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &a).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+}
+
+}  // namespace
+}  // namespace sessionledger
