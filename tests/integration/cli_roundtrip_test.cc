@@ -1,0 +1,290 @@
+// sessionledger-cli against a real server process backed by the memcached and PostgreSQL that
+// scripts/test starts: every subcommand once, the exit-code convention, multi-address targets,
+// and a one-second run of the load generator.
+#include <google/protobuf/util/json_util.h>
+
+#include <iostream>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "sessionledger/v1/session.pb.h"
+#include "sessionledger/v1/transaction.pb.h"
+#include "tests/support/server_process.h"
+#include "tests/support/test_env.h"
+
+namespace sessionledger::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::MatchesRegex;
+using ::testing::Not;
+
+class CliRoundTripTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ServerProcess::Options options;
+    options.env = BackingServiceEnv();
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+
+  void TearDown() override {
+    // The server's own log usually says why a call failed.
+    if (HasFailure() && server_ != nullptr) {
+      const std::string log = server_->Output();
+      std::cerr << "--- server output (tail) ---\n"
+                << log.substr(log.size() > 4000 ? log.size() - 4000 : 0) << "\n";
+    }
+  }
+
+  // Runs the CLI against the test server; output is stdout and stderr together.
+  CommandResult Cli(std::vector<std::string> args,
+                    const std::map<std::string, std::string>& env = {}) {
+    EXPECT_NE(server_, nullptr);
+    std::vector<std::string> argv = {SL_CLI_BINARY};
+    if (env.count("SESSIONLEDGER_TARGET") == 0) {
+      argv.push_back("--target");
+      argv.push_back(server_ == nullptr ? "127.0.0.1:1" : server_->target());
+    }
+    argv.insert(argv.end(), args.begin(), args.end());
+    absl::StatusOr<CommandResult> result = RunCommand(argv, env, absl::Seconds(60));
+    EXPECT_TRUE(result.ok()) << result.status();
+    return result.ok() ? *result : CommandResult{};
+  }
+
+  // The JSON object in `output` (stderr lines such as the generated idempotency key carry no
+  // braces, so the object is what lies between the first '{' and the last '}').
+  template <typename Message>
+  static Message ParseJson(const std::string& output) {
+    Message message;
+    const size_t begin = output.find('{');
+    const size_t end = output.rfind('}');
+    EXPECT_NE(begin, std::string::npos) << output;
+    if (begin == std::string::npos || end == std::string::npos) return message;
+    const auto status = google::protobuf::util::JsonStringToMessage(
+        output.substr(begin, end - begin + 1), &message);
+    EXPECT_TRUE(status.ok()) << status.ToString() << "\n" << output;
+    return message;
+  }
+
+  static std::string UniqueUser(const std::string& prefix) {
+    return absl::StrCat(prefix, "-", ::testing::UnitTest::GetInstance()->random_seed(), "-",
+                        FreeTcpPort());
+  }
+
+  static ServerProcess* server_;
+};
+
+ServerProcess* CliRoundTripTest::server_ = nullptr;
+
+TEST_F(CliRoundTripTest, HealthTableAndJson) {
+  CommandResult r = Cli({"health"});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output, "SERVING\n");
+  r = Cli({"--json", "health", "sessionledger.v1.SessionService"});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("\"status\": \"SERVING\""));
+  // An unknown service name is NOT_FOUND (5), as the health protocol says.
+  r = Cli({"health", "no.such.Service"});
+  EXPECT_EQ(r.exit_code, 5) << r.output;
+}
+
+TEST_F(CliRoundTripTest, TargetFromEnvironmentAndAddressList) {
+  const std::string port = absl::StrCat(server_->port());
+  CommandResult r = Cli({"health"}, {{"SESSIONLEDGER_TARGET", "127.0.0.1:" + port}});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  // A list is balanced round_robin; a dead address in it does not fail the call.
+  r = Cli({"health"},
+          {{"SESSIONLEDGER_TARGET",
+            absl::StrCat("127.0.0.1:", port, ",localhost:", port, ",127.0.0.1:", FreeTcpPort())}});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  r = Cli({"health"}, {{"SESSIONLEDGER_TARGET", "dns:///localhost:" + port}});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+TEST_F(CliRoundTripTest, UnreachableServerIsUnavailable) {
+  absl::StatusOr<CommandResult> r =
+      RunCommand({SL_CLI_BINARY, "--target", absl::StrCat("127.0.0.1:", FreeTcpPort()),
+                  "--deadline", "3s", "session", "get", "some-token"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit_code, 14) << r->output;
+  EXPECT_THAT(r->output, HasSubstr("error: UNAVAILABLE"));
+}
+
+TEST_F(CliRoundTripTest, UsageErrorIsInvalidArgument) {
+  CommandResult r = Cli({"session", "create"});
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("--user-id"));
+}
+
+TEST_F(CliRoundTripTest, SessionLifecycle) {
+  const std::string user = UniqueUser("cli-session");
+  CommandResult r = Cli(
+      {"--json", "session", "create", "--user-id", user, "--ttl", "600", "--attr", "role=admin"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const v1::Session created = ParseJson<v1::Session>(r.output);
+  ASSERT_FALSE(created.token().empty()) << r.output;
+  EXPECT_EQ(created.user_id(), user);
+  EXPECT_EQ(created.version(), 1);
+  EXPECT_EQ(created.ttl_seconds(), 600);
+
+  // Table output, token from the environment.
+  r = Cli({"session", "get"}, {{"SESSIONLEDGER_TOKEN", created.token()}});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr(created.session_id()));
+  EXPECT_THAT(r.output, HasSubstr("role=admin"));
+  EXPECT_THAT(r.output, Not(HasSubstr(created.token())));  // GetSession returns no token
+
+  r = Cli({"--json", "session", "update", created.token(), "--set", "theme=dark", "--remove",
+           "role", "--expected-version", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const v1::Session updated = ParseJson<v1::Session>(r.output);
+  EXPECT_EQ(updated.version(), 2);
+  EXPECT_EQ(updated.attributes().at("theme"), "dark");
+  EXPECT_EQ(updated.attributes().count("role"), 0u);
+
+  // A stale expected version is ABORTED (10).
+  r = Cli({"session", "update", created.token(), "--set", "x=1", "--expected-version", "1"});
+  EXPECT_EQ(r.exit_code, 10) << r.output;
+
+  r = Cli({"session", "list", "--user-id", user});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr(created.session_id()));
+  EXPECT_THAT(r.output, HasSubstr("(1 live sessions)"));
+
+  r = Cli({"--json", "session", "rotate", created.token()});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const v1::Session rotated = ParseJson<v1::Session>(r.output);
+  EXPECT_NE(rotated.token(), created.token());
+  EXPECT_NE(rotated.session_id(), created.session_id());
+  r = Cli({"session", "get", created.token()});
+  EXPECT_EQ(r.exit_code, 5) << r.output;  // NOT_FOUND
+  EXPECT_THAT(r.output, HasSubstr("error: NOT_FOUND"));
+
+  r = Cli({"session", "delete", rotated.token()});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output, "deleted\n");
+  r = Cli({"session", "delete", rotated.token()});  // idempotent
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  r = Cli({"session", "get", rotated.token(), "--touch"});
+  EXPECT_EQ(r.exit_code, 5) << r.output;
+
+  // Revoke ends every live session of the user.
+  const v1::Session a =
+      ParseJson<v1::Session>(Cli({"--json", "session", "create", "--user-id", user}).output);
+  const v1::Session b =
+      ParseJson<v1::Session>(Cli({"--json", "session", "create", "--user-id", user}).output);
+  r = Cli({"--json", "session", "revoke", user});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(ParseJson<v1::RevokeUserSessionsResponse>(r.output).revoked(), 2);
+  EXPECT_EQ(Cli({"session", "get", a.token()}).exit_code, 5);
+  EXPECT_EQ(Cli({"session", "get", b.token()}).exit_code, 5);
+}
+
+TEST_F(CliRoundTripTest, LedgerLifecycle) {
+  const std::string user = UniqueUser("cli-ledger");
+  CommandResult r = Cli({"--json", "session", "create", "--user-id", user});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string token = ParseJson<v1::Session>(r.output).token();
+  const std::map<std::string, std::string> auth = {{"SESSIONLEDGER_TOKEN", token}};
+
+  // Without a token: UNAUTHENTICATED (16).
+  r = Cli({"account", "open", "--currency", "EUR"});
+  EXPECT_EQ(r.exit_code, 16) << r.output;
+
+  r = Cli({"--json", "account", "open", "--currency", "EUR"}, auth);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const v1::Account from = ParseJson<v1::Account>(r.output);
+  EXPECT_EQ(from.owner_user_id(), user);
+  EXPECT_EQ(from.balance_minor(), 0);
+  r = Cli({"--json", "--token", token, "account", "open", "EUR"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const v1::Account to = ParseJson<v1::Account>(r.output);
+
+  // A deposit without a key gets a generated one, announced on stderr.
+  r = Cli({"--json", "deposit", "--account", from.account_id(), "--amount", "1000"}, auth);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, MatchesRegex("idempotency key: cli-[0-9a-f]{32} .*"));
+  const v1::Transaction deposit = ParseJson<v1::Transaction>(r.output);
+  EXPECT_EQ(deposit.kind(), "deposit");
+  EXPECT_EQ(deposit.amount_minor(), 1000);
+  EXPECT_THAT(deposit.idempotency_key(), MatchesRegex("cli-[0-9a-f]{32}"));
+
+  // Replaying the key returns the original transaction and moves no money.
+  r = Cli({"--json", "deposit", "--account", from.account_id(), "--amount", "1000",
+           "--idempotency-key", deposit.idempotency_key()},
+          auth);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(ParseJson<v1::Transaction>(r.output).transaction_id(), deposit.transaction_id());
+
+  r = Cli({"transfer", "--from", from.account_id(), "--to", to.account_id(), "--amount", "250",
+           "--idempotency-key", "cli-test-transfer-1"},
+          auth);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("transfer"));
+  EXPECT_THAT(r.output, HasSubstr("cli-test-transfer-1"));
+
+  // Insufficient funds: FAILED_PRECONDITION (9), message on stderr.
+  r = Cli({"transfer", "--from", from.account_id(), "--to", to.account_id(), "--amount", "100000"},
+          auth);
+  EXPECT_EQ(r.exit_code, 9) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("error: FAILED_PRECONDITION"));
+
+  r = Cli({"--json", "account", "get", from.account_id()}, auth);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(ParseJson<v1::Account>(r.output).balance_minor(), 750);
+  r = Cli({"account", "get", to.account_id()}, auth);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, MatchesRegex(".*balance_minor +250\n.*"));
+
+  // History, one transaction per page, all pages collected.
+  r = Cli({"--json", "history", from.account_id(), "--page-size", "1", "--all"}, auth);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto history = ParseJson<v1::ListTransactionsResponse>(r.output);
+  ASSERT_EQ(history.transactions_size(), 2) << r.output;
+  EXPECT_EQ(history.transactions(0).kind(), "transfer");  // newest first
+  EXPECT_EQ(history.transactions(1).transaction_id(), deposit.transaction_id());
+  r = Cli({"history", from.account_id(), "--page-size", "1"}, auth);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("next page: --page-token "));
+
+  // Someone else's account: PERMISSION_DENIED (7).
+  const std::string other_token =
+      ParseJson<v1::Session>(
+          Cli({"--json", "session", "create", "--user-id", UniqueUser("cli-other")}).output)
+          .token();
+  r = Cli({"account", "get", from.account_id()}, {{"SESSIONLEDGER_TOKEN", other_token}});
+  EXPECT_EQ(r.exit_code, 7) << r.output;
+}
+
+TEST_F(CliRoundTripTest, BenchRunsForOneSecond) {
+  for (const char* rpc :
+       {"health", "get-session", "create-session", "update-session", "transfer"}) {
+    CommandResult r = Cli({"--json", "bench", "--rpc", rpc, "--concurrency", "4", "--duration",
+                           "1s", "--warmup", "0", "--no-progress"});
+    ASSERT_EQ(r.exit_code, 0) << rpc << ": " << r.output;
+    EXPECT_THAT(r.output, MatchesRegex(absl::StrCat(
+                              ".*\\{\"rpc\":\"", rpc,
+                              "\",.*\"throughput\":[1-9][0-9.]*,\"p50_ms\":.*\"p999_ms\":.*"
+                              "\"errors\":\\{\\}\\}\n")))
+        << rpc << ": " << r.output;
+  }
+  // --requests: an exact number of iterations, two calls each for create-get-session.
+  CommandResult r = Cli({"--json", "bench", "--rpc", "create-get-session", "--concurrency", "3",
+                         "--requests", "20", "--no-progress"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("\"calls\":40,"));
+}
+
+}  // namespace
+}  // namespace sessionledger::testing
