@@ -9,12 +9,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/status_macros.h"
+#include "server/memcached/memcached_session_store.h"
 #include "server/ledger/late_bound_authenticator.h"
 #include "server/postgres/migrations.h"
 #include "server/postgres/pg_ledger_store.h"
 #include "server/rpc/call_logging.h"
 #include "server/rpc/session_handlers.h"
 #include "server/rpc/transaction_handlers.h"
+#include "server/session/session_service.h"
 
 namespace sessionledger {
 namespace {
@@ -56,7 +58,18 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
   app->pg_pool_ = std::make_unique<PgPool>(pg_options);
 
   // --- Session layer wiring (SessionService) ---
-  app->services_.push_back(std::make_unique<SessionHandlers>());
+  {
+    SessionServiceOptions session_options;
+    session_options.default_ttl = config.session_ttl;
+    session_options.max_lifetime = config.session_max_lifetime;
+    auto session_store =
+        std::make_shared<MemcachedSessionStore>(*app->memcached_pool_, config.memcached.replicas);
+    auto sessions = std::make_shared<SessionService>(std::move(session_store), app->clock_,
+                                                     std::move(session_options));
+    app->authenticator_ = std::make_unique<SessionTokenAuthenticator>(sessions);
+    app->services_.push_back(
+        std::make_unique<SessionHandlers>(std::move(sessions), config.default_call_timeout));
+  }
   // --- Ledger layer wiring (TransactionService) ---
   // The authenticator is read at call time through the slot, so the order of the two wiring
   // blocks does not matter; an empty slot makes TransactionService answer UNAVAILABLE.

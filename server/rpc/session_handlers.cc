@@ -1,1 +1,93 @@
 #include "server/rpc/session_handlers.h"
+
+#include "server/rpc/call_deadline.h"
+#include "server/rpc/status_mapping.h"
+
+namespace sessionledger {
+namespace {
+
+void SetTimestamp(int64_t unix_micros, google::protobuf::Timestamp* out) {
+  out->set_seconds(unix_micros / 1'000'000);
+  out->set_nanos(static_cast<int32_t>((unix_micros % 1'000'000) * 1000));
+}
+
+grpc::Status Respond(absl::StatusOr<SessionView> view, v1::Session* response) {
+  if (!view.ok()) return ToGrpcStatus(view.status());
+  ToApiSession(view->stored, response);
+  response->set_token(std::move(view->token));
+  return grpc::Status::OK;
+}
+
+}  // namespace
+
+void ToApiSession(const storage::v1::StoredSession& stored, v1::Session* out) {
+  out->set_session_id(stored.session_id());
+  out->set_user_id(stored.user_id());
+  SetTimestamp(stored.created_at_unix_micros(), out->mutable_created_at());
+  SetTimestamp(stored.expires_at_unix_micros(), out->mutable_expires_at());
+  SetTimestamp(stored.absolute_expires_at_unix_micros(), out->mutable_absolute_expires_at());
+  out->set_ttl_seconds(stored.ttl_seconds());
+  out->set_version(stored.version());
+  *out->mutable_attributes() = stored.attributes();
+}
+
+grpc::Status SessionHandlers::CreateSession(grpc::ServerContext* context,
+                                            const v1::CreateSessionRequest* request,
+                                            v1::Session* response) {
+  return Respond(sessions_->Create(request->user_id(), request->ttl_seconds(),
+                                   request->attributes(), CallDeadline(*context, default_timeout_)),
+                 response);
+}
+
+grpc::Status SessionHandlers::GetSession(grpc::ServerContext* context,
+                                         const v1::GetSessionRequest* request,
+                                         v1::Session* response) {
+  return Respond(
+      sessions_->Get(request->token(), request->touch(), CallDeadline(*context, default_timeout_)),
+      response);
+}
+
+grpc::Status SessionHandlers::UpdateSession(grpc::ServerContext* context,
+                                            const v1::UpdateSessionRequest* request,
+                                            v1::Session* response) {
+  return Respond(
+      sessions_->Update(request->token(), request->set(), request->remove(),
+                        request->expected_version(), CallDeadline(*context, default_timeout_)),
+      response);
+}
+
+grpc::Status SessionHandlers::RotateSession(grpc::ServerContext* context,
+                                            const v1::RotateSessionRequest* request,
+                                            v1::Session* response) {
+  return Respond(sessions_->Rotate(request->token(), CallDeadline(*context, default_timeout_)),
+                 response);
+}
+
+grpc::Status SessionHandlers::DeleteSession(grpc::ServerContext* context,
+                                            const v1::DeleteSessionRequest* request,
+                                            v1::DeleteSessionResponse* /*response*/) {
+  return ToGrpcStatus(
+      sessions_->Delete(request->token(), CallDeadline(*context, default_timeout_)));
+}
+
+grpc::Status SessionHandlers::ListUserSessions(grpc::ServerContext* context,
+                                               const v1::ListUserSessionsRequest* request,
+                                               v1::ListUserSessionsResponse* response) {
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> sessions =
+      sessions_->List(request->user_id(), CallDeadline(*context, default_timeout_));
+  if (!sessions.ok()) return ToGrpcStatus(sessions.status());
+  for (const auto& s : *sessions) ToApiSession(s, response->add_sessions());
+  return grpc::Status::OK;
+}
+
+grpc::Status SessionHandlers::RevokeUserSessions(grpc::ServerContext* context,
+                                                 const v1::RevokeUserSessionsRequest* request,
+                                                 v1::RevokeUserSessionsResponse* response) {
+  absl::StatusOr<int64_t> revoked =
+      sessions_->Revoke(request->user_id(), CallDeadline(*context, default_timeout_));
+  if (!revoked.ok()) return ToGrpcStatus(revoked.status());
+  response->set_revoked(*revoked);
+  return grpc::Status::OK;
+}
+
+}  // namespace sessionledger

@@ -1,0 +1,110 @@
+#ifndef SESSIONLEDGER_SERVER_DOMAIN_SESSION_STORE_H_
+#define SESSIONLEDGER_SERVER_DOMAIN_SESSION_STORE_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "sessionledger/storage/v1/stored_session.pb.h"
+
+namespace sessionledger {
+
+// Where a session lives. Both parts are lower-case hex digests, never secrets:
+//   token_hash  SHA-256 of the token (the session's key suffix);
+//   user_tag    the first 16 bytes of SHA-256(user_id): groups every key of one user, so a
+//               session and its user's revocation generation can be read in one round trip.
+struct SessionKey {
+  std::string token_hash;
+  std::string user_tag;
+};
+
+// Opaque compare-and-swap token of one read: which copy answered and its CAS value.
+struct CasToken {
+  uint64_t cas = 0;
+  int copy = 0;
+};
+
+struct SessionRecord {
+  storage::v1::StoredSession session;
+  CasToken cas;
+};
+
+struct SessionLookup {
+  // Absent when no copy holds the key.
+  std::optional<SessionRecord> record;
+  // The user's current revocation generation (0 when the user was never revoked).
+  uint64_t user_generation = 0;
+};
+
+struct IndexRecord {
+  storage::v1::UserSessionIndex index;
+  // Absent when the user has no index yet (write it with `cas` = nullopt to create it).
+  std::optional<CasToken> cas;
+};
+
+// Storage of sessions, per-user revocation generations and per-user session indexes. Knows
+// nothing of the session rules (expiry, versions, limits): the session layer decides, the store
+// keeps bytes with a Memcached-style relative TTL (1 s .. 30 days; longer is INVALID_ARGUMENT).
+//
+// Every method blocks at most until `deadline` and returns UNAVAILABLE when the backing service
+// cannot answer in time. Implementations are thread-safe.
+class SessionStore {
+ public:
+  virtual ~SessionStore() = default;
+
+  // The session under `key` and its user's generation, in one round trip when nothing is
+  // missing. NOT_FOUND is never returned: a missing session is an empty `record`.
+  virtual absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) = 0;
+
+  // Stores a new session. ALREADY_EXISTS when the key is taken.
+  virtual absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& session,
+                           absl::Duration ttl, absl::Time deadline) = 0;
+
+  // Replaces the session read with `cas`. ABORTED when it changed or vanished since.
+  virtual absl::Status CompareAndSwap(const SessionKey& key, const CasToken& cas,
+                                      const storage::v1::StoredSession& session, absl::Duration ttl,
+                                      absl::Time deadline) = 0;
+
+  // Unconditional write (tombstones).
+  virtual absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& session,
+                           absl::Duration ttl, absl::Time deadline) = 0;
+
+  // Deletes the key; OK when it is already gone.
+  virtual absl::Status Remove(const SessionKey& key, absl::Time deadline) = 0;
+
+  // The user's generation, making sure it is kept for at least `keep_for` from now (so that it
+  // outlives every session created now).
+  virtual absl::StatusOr<uint64_t> ReadGeneration(absl::string_view user_tag,
+                                                  absl::Duration keep_for, absl::Time deadline) = 0;
+
+  // Raises the user's generation to one above the highest stored value and returns it; every
+  // session created before is revoked from then on. Kept for `keep_for`.
+  virtual absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view user_tag,
+                                                     absl::Duration keep_for,
+                                                     absl::Time deadline) = 0;
+
+  virtual absl::StatusOr<IndexRecord> ReadIndex(absl::string_view user_tag,
+                                                absl::Time deadline) = 0;
+  // Creates (`cas` = nullopt) or replaces the index. ABORTED when another writer got there first.
+  virtual absl::Status WriteIndex(absl::string_view user_tag, const std::optional<CasToken>& cas,
+                                  const storage::v1::UserSessionIndex& index, absl::Duration ttl,
+                                  absl::Time deadline) = 0;
+
+  // Reads many sessions of one user (their keys share `user_tag`); the result is parallel to
+  // `token_hashes`, nullopt for a missing one.
+  virtual absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
+      absl::string_view user_tag, const std::vector<std::string>& token_hashes,
+      absl::Time deadline) = 0;
+};
+
+// Memcached stores relative expirations up to 30 days; a longer one is read as a Unix time.
+inline constexpr absl::Duration kMaxStoreTtl = absl::Hours(24 * 30);
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_DOMAIN_SESSION_STORE_H_

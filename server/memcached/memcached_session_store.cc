@@ -1,0 +1,533 @@
+#include "server/memcached/memcached_session_store.h"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/common/status_macros.h"
+
+namespace sessionledger {
+
+using storage::v1::StoredSession;
+using storage::v1::UserSessionIndex;
+
+namespace {
+
+// Attempts when raising a generation copy by compare-and-swap; only concurrent revocations of
+// the same user conflict there.
+constexpr int kGenerationCasAttempts = 16;
+// How many candidate group keys to try per copy when looking for a distinct node. With two
+// nodes each candidate hits the other node with probability ~1/2.
+constexpr int kPlacementProbes = 64;
+
+struct ResultDeleter {
+  void operator()(memcached_result_st* r) const { memcached_result_free(r); }
+};
+using ResultPtr = std::unique_ptr<memcached_result_st, ResultDeleter>;
+
+struct Item {
+  std::string value;
+  uint64_t cas = 0;
+};
+
+// Answers that prove the node is there (as opposed to connection failures and timeouts).
+bool Answered(memcached_return_t rc) {
+  return memcached_success(rc) || rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_NOTSTORED ||
+         rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_END;
+}
+
+absl::StatusOr<time_t> Expiration(absl::Duration ttl) {
+  if (ttl > kMaxStoreTtl) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("memcached TTL ", absl::FormatDuration(ttl), " is above 30 days"));
+  }
+  const int64_t seconds = absl::ToInt64Seconds(absl::Ceil(ttl, absl::Seconds(1)));
+  return static_cast<time_t>(std::max<int64_t>(1, seconds));
+}
+
+// Seconds left until `micros` (a Unix time), or 0 when it has passed.
+time_t SecondsUntil(int64_t micros) {
+  const absl::Duration left = absl::FromUnixMicros(micros) - absl::Now();
+  if (left <= absl::ZeroDuration()) return 0;
+  return static_cast<time_t>(
+      std::min(absl::ToInt64Seconds(absl::Ceil(std::min(left, kMaxStoreTtl), absl::Seconds(1))),
+               absl::ToInt64Seconds(kMaxStoreTtl)));
+}
+
+uint64_t ParseGeneration(const std::string& text) {
+  uint64_t value = 0;
+  return absl::SimpleAtoi(text, &value) ? value : 0;
+}
+
+// One call's view of memcached: a pooled handle, the group key of each copy, the deadline.
+class Conn {
+ public:
+  static absl::StatusOr<Conn> Open(MemcachedPool& pool, int replicas, absl::string_view user_tag,
+                                   absl::Time deadline) {
+    SL_ASSIGN_OR_RETURN(MemcachedPool::Lease lease, pool.Acquire(deadline));
+    Conn conn(std::move(lease), pool.options(), deadline);
+    conn.PlaceCopies(replicas, user_tag);
+    return conn;
+  }
+
+  int copies() const { return static_cast<int>(groups_.size()); }
+
+  // Multi-get of `keys` on copy `copy`: the hits, or UNAVAILABLE when the node did not answer.
+  absl::StatusOr<std::map<std::string, Item>> Get(int copy, const std::vector<std::string>& keys) {
+    SL_RETURN_IF_ERROR(Ready());
+    std::vector<const char*> ptrs;
+    std::vector<size_t> lens;
+    for (const std::string& k : keys) {
+      ptrs.push_back(k.data());
+      lens.push_back(k.size());
+    }
+    const std::string& group = groups_[copy];
+    memcached_return_t rc = memcached_mget_by_key(m(), group.data(), group.size(), ptrs.data(),
+                                                  lens.data(), keys.size());
+    if (!memcached_success(rc)) return MemcachedStatus(rc, "get");
+    ResultPtr result(memcached_result_create(m(), nullptr));
+    if (result == nullptr) return absl::UnavailableError("memcached: out of memory");
+    std::map<std::string, Item> hits;
+    while (memcached_fetch_result(m(), result.get(), &rc) != nullptr) {
+      if (!memcached_success(rc)) break;
+      Item item;
+      item.value.assign(memcached_result_value(result.get()),
+                        memcached_result_length(result.get()));
+      item.cas = memcached_result_cas(result.get());
+      hits.emplace(std::string(memcached_result_key_value(result.get()),
+                               memcached_result_key_length(result.get())),
+                   std::move(item));
+    }
+    if (rc != MEMCACHED_END && rc != MEMCACHED_NOTFOUND && !memcached_success(rc)) {
+      return MemcachedStatus(rc, "get");
+    }
+    return hits;
+  }
+
+  enum class Op { kAdd, kSet, kCas };
+  // The raw return code: callers tell "answered" (stored / exists / not found) from failures.
+  memcached_return_t Store(Op op, int copy, const std::string& key, const std::string& value,
+                           time_t expiration, uint64_t cas = 0) {
+    if (!Ready().ok()) return MEMCACHED_TIMEOUT;
+    const std::string& g = groups_[copy];
+    switch (op) {
+      case Op::kAdd:
+        return memcached_add_by_key(m(), g.data(), g.size(), key.data(), key.size(), value.data(),
+                                    value.size(), expiration, 0);
+      case Op::kSet:
+        return memcached_set_by_key(m(), g.data(), g.size(), key.data(), key.size(), value.data(),
+                                    value.size(), expiration, 0);
+      case Op::kCas:
+        return memcached_cas_by_key(m(), g.data(), g.size(), key.data(), key.size(), value.data(),
+                                    value.size(), expiration, 0, cas);
+    }
+    return MEMCACHED_FAILURE;
+  }
+
+  memcached_return_t Delete(int copy, const std::string& key) {
+    if (!Ready().ok()) return MEMCACHED_TIMEOUT;
+    const std::string& g = groups_[copy];
+    return memcached_delete_by_key(m(), g.data(), g.size(), key.data(), key.size(), 0);
+  }
+
+  memcached_return_t Touch(int copy, const std::string& key, time_t expiration) {
+    if (!Ready().ok()) return MEMCACHED_TIMEOUT;
+    const std::string& g = groups_[copy];
+    return memcached_touch_by_key(m(), g.data(), g.size(), key.data(), key.size(), expiration);
+  }
+
+  // Add on the first copy that answers, then set on the others. ABORTED when the primary already
+  // holds the key.
+  absl::Status AddThenSet(const std::string& key, const std::string& value, time_t expiration) {
+    absl::Status last = absl::UnavailableError("memcached: no node answered");
+    for (int c = 0; c < copies(); ++c) {
+      const memcached_return_t rc = Store(Op::kAdd, c, key, value, expiration);
+      if (memcached_success(rc)) {
+        SetOthers(c, key, value, expiration);
+        return absl::OkStatus();
+      }
+      if (rc == MEMCACHED_NOTSTORED || rc == MEMCACHED_DATA_EXISTS) {
+        return absl::AbortedError("memcached add: key exists");
+      }
+      last = MemcachedStatus(rc, "add");
+    }
+    return last;
+  }
+
+  // CAS on copy `copy` (the one the value was read from), then set on the others.
+  absl::Status CasThenSet(int copy, uint64_t cas, const std::string& key, const std::string& value,
+                          time_t expiration) {
+    if (copy < 0 || copy >= copies()) return absl::AbortedError("memcached cas: stale copy");
+    const memcached_return_t rc = Store(Op::kCas, copy, key, value, expiration, cas);
+    if (memcached_success(rc)) {
+      SetOthers(copy, key, value, expiration);
+      return absl::OkStatus();
+    }
+    if (rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_NOTSTORED) {
+      return absl::AbortedError("memcached cas: changed concurrently");
+    }
+    return MemcachedStatus(rc, "cas");
+  }
+
+  // Set on every copy; OK when at least one copy stored it.
+  absl::Status SetAll(const std::string& key, const std::string& value, time_t expiration) {
+    absl::Status last = absl::UnavailableError("memcached: no node answered");
+    bool stored = false;
+    for (int c = 0; c < copies(); ++c) {
+      const memcached_return_t rc = Store(Op::kSet, c, key, value, expiration);
+      if (memcached_success(rc)) {
+        stored = true;
+      } else {
+        last = MemcachedStatus(rc, "set");
+      }
+    }
+    return stored ? absl::OkStatus() : last;
+  }
+
+  // Raises copy `copy` of a generation key to at least `target` (never lowers it) and keeps it
+  // for `expiration`. False when the node did not answer.
+  bool RaiseGeneration(int copy, const std::string& key, uint64_t target, time_t expiration) {
+    const std::string text = absl::StrCat(target);
+    for (int attempt = 0; attempt < kGenerationCasAttempts; ++attempt) {
+      absl::StatusOr<std::map<std::string, Item>> got = Get(copy, {key});
+      if (!got.ok()) return false;
+      auto it = got->find(key);
+      memcached_return_t rc;
+      if (it == got->end()) {
+        rc = Store(Op::kAdd, copy, key, text, expiration);
+      } else if (ParseGeneration(it->second.value) >= target) {
+        rc = Touch(copy, key, expiration);
+        return Answered(rc);
+      } else {
+        rc = Store(Op::kCas, copy, key, text, expiration, it->second.cas);
+      }
+      if (memcached_success(rc)) return true;
+      if (!Answered(rc)) return false;
+    }
+    return true;  // Lost every race: somebody else keeps raising it, which is as good.
+  }
+
+ private:
+  Conn(MemcachedPool::Lease lease, const MemcachedPoolOptions& options, absl::Time deadline)
+      : lease_(std::move(lease)), options_(options), deadline_(deadline) {}
+
+  memcached_st* m() const { return lease_.get(); }
+
+  // One call may take several round trips; each gets only the time that is left.
+  absl::Status Ready() {
+    const absl::Duration left = deadline_ - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      return absl::UnavailableError("memcached: the call's deadline passed");
+    }
+    const auto ms = [](absl::Duration d) {
+      return static_cast<uint64_t>(std::max<int64_t>(1, absl::ToInt64Milliseconds(d)));
+    };
+    memcached_behavior_set(m(), MEMCACHED_BEHAVIOR_POLL_TIMEOUT,
+                           ms(std::min(left, options_.io_timeout)));
+    memcached_behavior_set(m(), MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT,
+                           ms(std::min(left, options_.connect_timeout)));
+    return absl::OkStatus();
+  }
+
+  void SetOthers(int done, const std::string& key, const std::string& value, time_t expiration) {
+    for (int c = 0; c < copies(); ++c) {
+      if (c != done) (void)Store(Op::kSet, c, key, value, expiration);
+    }
+  }
+
+  // Group key of each copy such that the copies land on distinct nodes of the ketama ring.
+  void PlaceCopies(int replicas, absl::string_view user_tag) {
+    const int nodes = static_cast<int>(memcached_server_count(m()));
+    const int copies = std::max(1, std::min(replicas + 1, nodes));
+    std::vector<const memcached_instance_st*> used;
+    for (int c = 0; c < copies; ++c) {
+      for (int probe = 0; probe < kPlacementProbes; ++probe) {
+        std::string group = (c == 0 && probe == 0) ? std::string(user_tag)
+                                                   : absl::StrCat(user_tag, "#", c, ".", probe);
+        memcached_return_t rc = MEMCACHED_SUCCESS;
+        const memcached_instance_st* node =
+            memcached_server_by_key(m(), group.data(), group.size(), &rc);
+        if (node == nullptr) continue;
+        if (std::find(used.begin(), used.end(), node) != used.end()) continue;
+        used.push_back(node);
+        groups_.push_back(std::move(group));
+        break;
+      }
+    }
+    if (groups_.empty()) groups_.push_back(std::string(user_tag));
+  }
+
+  MemcachedPool::Lease lease_;
+  const MemcachedPoolOptions& options_;
+  absl::Time deadline_;
+  std::vector<std::string> groups_;
+};
+
+}  // namespace
+
+std::string MemcachedSessionStore::SessionKeyName(absl::string_view token_hash) {
+  return absl::StrCat("sl:v1:s:", token_hash);
+}
+std::string MemcachedSessionStore::GenerationKeyName(absl::string_view user_tag) {
+  return absl::StrCat("sl:v1:g:", user_tag);
+}
+std::string MemcachedSessionStore::IndexKeyName(absl::string_view user_tag) {
+  return absl::StrCat("sl:v1:u:", user_tag);
+}
+
+absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& key,
+                                                            absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
+  const std::string skey = SessionKeyName(key.token_hash);
+  const std::string gkey = GenerationKeyName(key.user_tag);
+  SessionLookup lookup;
+  std::vector<int> missed;  // Copies that answered "no such session".
+  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  for (int c = 0; c < conn.copies(); ++c) {
+    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {skey, gkey});
+    if (!got.ok()) {
+      last = got.status();
+      continue;
+    }
+    bool have_generation = false;
+    if (auto g = got->find(gkey); g != got->end()) {
+      lookup.user_generation = std::max(lookup.user_generation, ParseGeneration(g->second.value));
+      have_generation = true;
+    }
+    auto s = got->find(skey);
+    SessionRecord record;
+    // An unparsable value counts as a miss on this copy.
+    if (s == got->end() || !record.session.ParseFromString(s->second.value)) {
+      missed.push_back(c);
+      continue;
+    }
+    record.cas = CasToken{s->second.cas, c};
+    if (!have_generation) {
+      // The generation is normally next to the session; if this copy lost it (its node
+      // restarted), ask the other copies rather than treat the user as never revoked.
+      for (int o = 0; o < conn.copies(); ++o) {
+        if (o == c) continue;
+        absl::StatusOr<std::map<std::string, Item>> other = conn.Get(o, {gkey});
+        if (!other.ok()) continue;
+        if (auto g = other->find(gkey); g != other->end()) {
+          lookup.user_generation =
+              std::max(lookup.user_generation, ParseGeneration(g->second.value));
+        }
+      }
+    }
+    if (!missed.empty()) {
+      // Read repair: earlier copies answered "miss" (typically a node that restarted empty).
+      const time_t ttl = SecondsUntil(record.session.expires_at_unix_micros());
+      for (int m : missed) {
+        if (lookup.user_generation > 0) {
+          conn.RaiseGeneration(m, gkey, lookup.user_generation,
+                               static_cast<time_t>(absl::ToInt64Seconds(kMaxStoreTtl)));
+        }
+        if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, skey, s->second.value, ttl);
+      }
+      // The repaired first copy is the primary again: compare-and-swap must meet there.
+      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(missed.front(), {skey});
+      if (again.ok()) {
+        if (auto r = again->find(skey); r != again->end()) {
+          record.cas = CasToken{r->second.cas, missed.front()};
+        }
+      }
+    }
+    lookup.record = std::move(record);
+    return lookup;
+  }
+  // A copy that answered "miss" is trusted over copies that did not answer: copies are written
+  // together, so a live node without the session almost certainly means there is none.
+  if (!missed.empty()) return lookup;
+  return last;
+}
+
+absl::Status MemcachedSessionStore::Add(const SessionKey& key, const StoredSession& session,
+                                        absl::Duration ttl, absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(ttl));
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
+  const absl::Status added =
+      conn.AddThenSet(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
+  if (absl::IsAborted(added)) return absl::AlreadyExistsError("session key already taken");
+  return added;
+}
+
+absl::Status MemcachedSessionStore::CompareAndSwap(const SessionKey& key, const CasToken& cas,
+                                                   const StoredSession& session, absl::Duration ttl,
+                                                   absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(ttl));
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
+  return conn.CasThenSet(cas.copy, cas.cas, SessionKeyName(key.token_hash),
+                         session.SerializeAsString(), expiration);
+}
+
+absl::Status MemcachedSessionStore::Put(const SessionKey& key, const StoredSession& session,
+                                        absl::Duration ttl, absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(ttl));
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
+  return conn.SetAll(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
+}
+
+absl::Status MemcachedSessionStore::Remove(const SessionKey& key, absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
+  const std::string skey = SessionKeyName(key.token_hash);
+  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  bool answered = false;
+  for (int c = 0; c < conn.copies(); ++c) {
+    const memcached_return_t rc = conn.Delete(c, skey);
+    if (Answered(rc)) {
+      answered = true;
+    } else {
+      last = MemcachedStatus(rc, "delete");
+    }
+  }
+  return answered ? absl::OkStatus() : last;
+}
+
+absl::StatusOr<uint64_t> MemcachedSessionStore::ReadGeneration(absl::string_view user_tag,
+                                                               absl::Duration keep_for,
+                                                               absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(keep_for));
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
+  const std::string gkey = GenerationKeyName(user_tag);
+  uint64_t generation = 0;
+  std::vector<int> answered;
+  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  for (int c = 0; c < conn.copies(); ++c) {
+    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {gkey});
+    if (!got.ok()) {
+      last = got.status();
+      continue;
+    }
+    answered.push_back(c);
+    if (auto g = got->find(gkey); g != got->end()) {
+      generation = std::max(generation, ParseGeneration(g->second.value));
+    }
+  }
+  if (answered.empty()) return last;
+  // Every copy holds the generation for as long as a session created now can live, so that a
+  // later GetSession finds it next to the session.
+  for (int c : answered) conn.RaiseGeneration(c, gkey, generation, expiration);
+  return generation;
+}
+
+absl::StatusOr<uint64_t> MemcachedSessionStore::AdvanceGeneration(absl::string_view user_tag,
+                                                                  absl::Duration keep_for,
+                                                                  absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(keep_for));
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
+  const std::string gkey = GenerationKeyName(user_tag);
+  uint64_t highest = 0;
+  bool any = false;
+  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  for (int c = 0; c < conn.copies(); ++c) {
+    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {gkey});
+    if (!got.ok()) {
+      last = got.status();
+      continue;
+    }
+    any = true;
+    if (auto g = got->find(gkey); g != got->end()) {
+      highest = std::max(highest, ParseGeneration(g->second.value));
+    }
+  }
+  if (!any) return last;
+  const uint64_t target = highest + 1;
+  bool raised = false;
+  for (int c = 0; c < conn.copies(); ++c) {
+    if (conn.RaiseGeneration(c, gkey, target, expiration)) raised = true;
+  }
+  if (!raised) return absl::UnavailableError("memcached: no node took the new generation");
+  return target;
+}
+
+absl::StatusOr<IndexRecord> MemcachedSessionStore::ReadIndex(absl::string_view user_tag,
+                                                             absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
+  const std::string ikey = IndexKeyName(user_tag);
+  std::vector<int> missed;
+  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  for (int c = 0; c < conn.copies(); ++c) {
+    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {ikey});
+    if (!got.ok()) {
+      last = got.status();
+      continue;
+    }
+    IndexRecord record;
+    auto it = got->find(ikey);
+    if (it == got->end() || !record.index.ParseFromString(it->second.value)) {
+      missed.push_back(c);
+      continue;
+    }
+    record.cas = CasToken{it->second.cas, c};
+    if (!missed.empty()) {
+      int64_t newest = 0;
+      for (const auto& e : record.index.entries()) {
+        newest = std::max(newest, e.absolute_expires_at_unix_micros());
+      }
+      const time_t ttl = SecondsUntil(newest);
+      for (int m : missed) {
+        if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, it->second.value, ttl);
+      }
+      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(missed.front(), {ikey});
+      if (again.ok()) {
+        if (auto r = again->find(ikey); r != again->end()) {
+          record.cas = CasToken{r->second.cas, missed.front()};
+        }
+      }
+    }
+    return record;
+  }
+  if (!missed.empty()) return IndexRecord{};
+  return last;
+}
+
+absl::Status MemcachedSessionStore::WriteIndex(absl::string_view user_tag,
+                                               const std::optional<CasToken>& cas,
+                                               const UserSessionIndex& index, absl::Duration ttl,
+                                               absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(ttl));
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
+  const std::string ikey = IndexKeyName(user_tag);
+  const std::string value = index.SerializeAsString();
+  if (!cas.has_value()) return conn.AddThenSet(ikey, value, expiration);
+  return conn.CasThenSet(cas->copy, cas->cas, ikey, value, expiration);
+}
+
+absl::StatusOr<std::vector<std::optional<StoredSession>>> MemcachedSessionStore::ReadSessions(
+    absl::string_view user_tag, const std::vector<std::string>& token_hashes, absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
+  std::vector<std::optional<StoredSession>> out(token_hashes.size());
+  std::vector<size_t> pending(token_hashes.size());
+  for (size_t i = 0; i < pending.size(); ++i) pending[i] = i;
+  bool any = false;
+  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  for (int c = 0; c < conn.copies() && !pending.empty(); ++c) {
+    std::vector<std::string> keys;
+    for (size_t i : pending) keys.push_back(SessionKeyName(token_hashes[i]));
+    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, keys);
+    if (!got.ok()) {
+      last = got.status();
+      continue;
+    }
+    any = true;
+    std::vector<size_t> still;
+    for (size_t n = 0; n < pending.size(); ++n) {
+      auto it = got->find(keys[n]);
+      StoredSession s;
+      if (it != got->end() && s.ParseFromString(it->second.value)) {
+        out[pending[n]] = std::move(s);
+      } else {
+        still.push_back(pending[n]);
+      }
+    }
+    pending = std::move(still);
+  }
+  if (!any) return last;
+  return out;
+}
+
+}  // namespace sessionledger

@@ -1,0 +1,84 @@
+#ifndef SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_SESSION_STORE_H_
+#define SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_SESSION_STORE_H_
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "server/domain/session_store.h"
+#include "server/memcached/memcached_pool.h"
+
+namespace sessionledger {
+
+// SessionStore on Memcached (libmemcached through MemcachedPool).
+//
+// Keys (all derived from digests, never from a token or user_id in clear):
+//   sl:v1:s:<hex SHA-256(token)>  StoredSession (protobuf)
+//   sl:v1:g:<user tag>            the user's revocation generation (decimal)
+//   sl:v1:u:<user tag>            UserSessionIndex (protobuf)
+//
+// Placement and replicas. Every key of one user is stored with the libmemcached "by key"
+// calls under a group key derived from the user tag, so a session and its user's generation
+// sit on the same node and GetSession needs one multi-get. With `replicas` = N there are N + 1
+// copies, copy i under group key i; the group keys are picked (deterministically, from the
+// ketama ring of the node list, the same in every server process) so that copies land on
+// distinct nodes. libmemcached's own NUMBER_OF_REPLICAS is not used: it does not combine with
+// CAS, and a node that restarts empty answers "miss" for keys it held.
+//
+// Reads try copy 0, then the next copy on a miss or an error; a copy that answered "miss" while
+// a later one had the value is repaired (add) on the spot, and the generation is taken as the
+// highest any consulted copy holds, so a node that came back empty can neither lose a session
+// nor un-revoke one. Writes: CAS (or add) on the first copy that answers (the primary), then a
+// plain set on the others.
+//
+// Consistency trade-off (documented, deliberate): while every node is up, all writers of a key
+// meet on copy 0, so compare-and-swap is exact. During a node failure writers fall over to the
+// next copy; if two processes disagree about whether copy 0 is reachable at the same instant, or
+// copy 0 comes back with stale data after a network partition (not a restart), a concurrent
+// unconditional update can be lost (last writer wins on the secondary). Deletions write
+// tombstones on every copy and revocation uses a max-only generation, so neither a deleted nor
+// a revoked session comes back through read repair. Secondary copies are best effort: a write
+// succeeds when the primary took it.
+//
+// Status codes: UNAVAILABLE when no copy answered before the deadline (connection refused,
+// timeout, pool exhausted); ABORTED on CAS conflicts; ALREADY_EXISTS from Add; INVALID_ARGUMENT
+// for a TTL above 30 days. Thread-safe (one pooled handle per call).
+class MemcachedSessionStore final : public SessionStore {
+ public:
+  // `replicas`: extra copies (MEMCACHED_URL ?replicas=N), capped by the node count.
+  MemcachedSessionStore(MemcachedPool& pool, int replicas) : pool_(pool), replicas_(replicas) {}
+
+  absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) override;
+  absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& session,
+                   absl::Duration ttl, absl::Time deadline) override;
+  absl::Status CompareAndSwap(const SessionKey& key, const CasToken& cas,
+                              const storage::v1::StoredSession& session, absl::Duration ttl,
+                              absl::Time deadline) override;
+  absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& session,
+                   absl::Duration ttl, absl::Time deadline) override;
+  absl::Status Remove(const SessionKey& key, absl::Time deadline) override;
+  absl::StatusOr<uint64_t> ReadGeneration(absl::string_view user_tag, absl::Duration keep_for,
+                                          absl::Time deadline) override;
+  absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view user_tag, absl::Duration keep_for,
+                                             absl::Time deadline) override;
+  absl::StatusOr<IndexRecord> ReadIndex(absl::string_view user_tag, absl::Time deadline) override;
+  absl::Status WriteIndex(absl::string_view user_tag, const std::optional<CasToken>& cas,
+                          const storage::v1::UserSessionIndex& index, absl::Duration ttl,
+                          absl::Time deadline) override;
+  absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
+      absl::string_view user_tag, const std::vector<std::string>& token_hashes,
+      absl::Time deadline) override;
+
+  // The memcached keys, exposed for tests that inspect the nodes.
+  static std::string SessionKeyName(absl::string_view token_hash);
+  static std::string GenerationKeyName(absl::string_view user_tag);
+  static std::string IndexKeyName(absl::string_view user_tag);
+
+ private:
+  MemcachedPool& pool_;
+  const int replicas_;
+};
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_SESSION_STORE_H_

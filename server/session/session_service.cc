@@ -1,0 +1,489 @@
+#include "server/session/session_service.h"
+
+#include <algorithm>
+#include <set>
+#include <utility>
+
+#include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/common/status_macros.h"
+#include "server/session/token.h"
+
+namespace sessionledger {
+
+using storage::v1::StoredSession;
+using storage::v1::UserSessionIndex;
+
+namespace {
+
+// Beyond this many entries, creating a session first drops the entries of dead sessions, so an
+// index stays far below Memcached's 1 MiB item limit even for a user who never lists.
+constexpr int kIndexPruneThreshold = 256;
+
+absl::Status NotFound() { return absl::NotFoundError("token: no live session for this token"); }
+
+absl::Time FromMicros(int64_t micros) { return absl::FromUnixMicros(micros); }
+int64_t ToMicros(absl::Time t) { return absl::ToUnixMicros(t); }
+
+// Memcached counts whole seconds; round up so an item never vanishes before its expires_at.
+absl::Duration StoreTtl(absl::Time expires_at, absl::Time now) {
+  const absl::Duration left = expires_at - now;
+  const absl::Duration rounded = absl::Ceil(left, absl::Seconds(1));
+  return std::max(rounded, absl::Seconds(1));
+}
+
+// Slides the idle expiry to now + ttl, never past the absolute lifetime.
+int64_t SlidExpiry(const StoredSession& s, absl::Time now) {
+  return std::min(ToMicros(now + absl::Seconds(s.ttl_seconds())),
+                  s.absolute_expires_at_unix_micros());
+}
+
+size_t AttributesBytes(const AttributeMap& attributes) {
+  size_t total = 0;
+  for (const auto& [k, v] : attributes) total += k.size() + v.size();
+  return total;
+}
+
+absl::Status ValidateAttributeKeys(absl::string_view field, const AttributeMap& attributes,
+                                   const SessionLimits& limits) {
+  for (const auto& kv : attributes) {
+    SL_RETURN_IF_ERROR(ValidateText(field, kv.first, limits.max_attribute_key_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckAttributesSize(absl::string_view field, size_t bytes,
+                                 const SessionLimits& limits) {
+  if (bytes > limits.max_attributes_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": attributes total ", bytes,
+                                                   " bytes, above the limit of ",
+                                                   limits.max_attributes_bytes));
+  }
+  return absl::OkStatus();
+}
+
+StoredSession Tombstone(const StoredSession& live) {
+  StoredSession t;
+  t.set_session_id(live.session_id());
+  t.set_user_id(live.user_id());
+  t.set_token_hash(live.token_hash());
+  t.set_expires_at_unix_micros(live.expires_at_unix_micros());
+  t.set_absolute_expires_at_unix_micros(live.absolute_expires_at_unix_micros());
+  t.set_deleted(true);
+  return t;
+}
+
+}  // namespace
+
+// Full-jitter exponential backoff for compare-and-swap retries, bounded by attempts and by the
+// call's deadline. The random source is created on the first conflict only.
+class SessionService::Backoff {
+ public:
+  Backoff(const SessionServiceOptions& options, absl::Time deadline)
+      : options_(options), deadline_(deadline) {}
+
+  // False when the caller must give up.
+  bool Wait() {
+    ++attempt_;
+    if (attempt_ >= options_.max_cas_attempts) return false;
+    const absl::Duration cap = std::min(
+        options_.backoff_max, options_.backoff_base * (int64_t{1} << std::min(attempt_, 20)));
+    if (!gen_) gen_ = std::make_unique<absl::BitGen>();
+    const absl::Duration pause =
+        absl::Microseconds(absl::Uniform<int64_t>(*gen_, 0, absl::ToInt64Microseconds(cap) + 1));
+    if (absl::Now() + pause >= deadline_) return false;
+    if (options_.sleep) {
+      options_.sleep(pause);
+    } else {
+      absl::SleepFor(pause);
+    }
+    return true;
+  }
+  int attempts() const { return attempt_ + 1; }
+
+ private:
+  const SessionServiceOptions& options_;
+  const absl::Time deadline_;
+  int attempt_ = 0;
+  std::unique_ptr<absl::BitGen> gen_;
+};
+
+absl::Status ValidateText(absl::string_view field, absl::string_view value, size_t max_bytes) {
+  if (value.empty() || value.size() > max_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": must be 1..", max_bytes, " bytes, got ", value.size()));
+  }
+  const auto* p = reinterpret_cast<const unsigned char*>(value.data());
+  const size_t n = value.size();
+  for (size_t i = 0; i < n;) {
+    uint32_t cp;
+    size_t len;
+    const unsigned char c = p[i];
+    if (c < 0x80) {
+      cp = c;
+      len = 1;
+    } else if ((c & 0xE0) == 0xC0) {
+      cp = c & 0x1F;
+      len = 2;
+    } else if ((c & 0xF0) == 0xE0) {
+      cp = c & 0x0F;
+      len = 3;
+    } else if ((c & 0xF8) == 0xF0) {
+      cp = c & 0x07;
+      len = 4;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
+    }
+    if (i + len > n) return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
+    for (size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) {
+        return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
+      }
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    const bool overlong =
+        (len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000);
+    if (overlong || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
+    }
+    if (cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp <= 0x9F)) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": contains a control character"));
+    }
+    i += len;
+  }
+  return absl::OkStatus();
+}
+
+SessionService::SessionService(std::shared_ptr<SessionStore> store, const Clock& clock,
+                               SessionServiceOptions options)
+    : store_(std::move(store)), clock_(clock), options_(std::move(options)) {}
+
+absl::Duration SessionService::GenerationKeepFor() const {
+  // Every session ends by created_at + max_lifetime; the generation must outlive all of them.
+  return std::min(options_.max_lifetime + absl::Minutes(1), kMaxStoreTtl);
+}
+
+absl::Status SessionService::CheckLive(const SessionLookup& lookup, const SessionKey& key,
+                                       absl::Time now) const {
+  if (!lookup.record.has_value()) return NotFound();
+  const StoredSession& s = lookup.record->session;
+  // The hash comparisons guard against a value stored under the wrong key; they use secrets'
+  // digests, hence constant time.
+  if (s.deleted() || !ConstantTimeEquals(s.token_hash(), key.token_hash) ||
+      !ConstantTimeEquals(UserTag(s.user_id()), key.user_tag)) {
+    return NotFound();
+  }
+  if (s.user_generation() < lookup.user_generation) return NotFound();  // Revoked.
+  if (now >= FromMicros(s.expires_at_unix_micros()) ||
+      now >= FromMicros(s.absolute_expires_at_unix_micros())) {
+    return NotFound();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SessionService::AddToIndex(absl::string_view user_tag, const StoredSession& session,
+                                        absl::Time deadline) {
+  Backoff backoff(options_, deadline);
+  for (;;) {
+    SL_ASSIGN_OR_RETURN(IndexRecord record, store_->ReadIndex(user_tag, deadline));
+    const absl::Time now = clock_.Now();
+    if (record.index.entries_size() >= kIndexPruneThreshold) {
+      // Rare: drop dead entries first (reads the user's sessions once).
+      SL_ASSIGN_OR_RETURN(uint64_t generation,
+                          store_->ReadGeneration(user_tag, GenerationKeepFor(), deadline));
+      SL_RETURN_IF_ERROR(LiveSessions(session.user_id(), user_tag, generation, deadline).status());
+      SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
+    }
+    UserSessionIndex index;
+    int64_t newest = session.absolute_expires_at_unix_micros();
+    for (const auto& e : record.index.entries()) {
+      if (FromMicros(e.absolute_expires_at_unix_micros()) <= now) continue;
+      newest = std::max(newest, e.absolute_expires_at_unix_micros());
+      *index.add_entries() = e;
+    }
+    auto* entry = index.add_entries();
+    entry->set_token_hash(session.token_hash());
+    entry->set_session_id(session.session_id());
+    entry->set_absolute_expires_at_unix_micros(session.absolute_expires_at_unix_micros());
+    // The index lives exactly as long as its longest-lived session could.
+    const absl::Status written = store_->WriteIndex(user_tag, record.cas, index,
+                                                    StoreTtl(FromMicros(newest), now), deadline);
+    if (written.ok() || !absl::IsAborted(written)) return written;
+    if (!backoff.Wait()) {
+      return absl::UnavailableError("session index of this user is too busy; retry");
+    }
+  }
+}
+
+absl::StatusOr<SessionView> SessionService::Create(absl::string_view user_id, int64_t ttl_seconds,
+                                                   const AttributeMap& attributes,
+                                                   absl::Time deadline) {
+  SL_RETURN_IF_ERROR(ValidateText("user_id", user_id, options_.limits.max_user_id_bytes));
+  const int64_t max_ttl = absl::ToInt64Seconds(options_.max_lifetime);
+  if (ttl_seconds < 0 || ttl_seconds > max_ttl) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ttl_seconds: must be 0 (server default) or 1..", max_ttl));
+  }
+  if (ttl_seconds == 0) ttl_seconds = absl::ToInt64Seconds(options_.default_ttl);
+  SL_RETURN_IF_ERROR(ValidateAttributeKeys("attributes", attributes, options_.limits));
+  SL_RETURN_IF_ERROR(
+      CheckAttributesSize("attributes", AttributesBytes(attributes), options_.limits));
+
+  SessionView view;
+  SL_ASSIGN_OR_RETURN(view.token, NewToken(user_id));
+  SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(view.token));
+  SL_ASSIGN_OR_RETURN(std::string session_id, NewSessionId());
+  SL_ASSIGN_OR_RETURN(uint64_t generation,
+                      store_->ReadGeneration(key.user_tag, GenerationKeepFor(), deadline));
+
+  const absl::Time now = clock_.Now();
+  StoredSession& s = view.stored;
+  s.set_session_id(session_id);
+  s.set_user_id(std::string(user_id));
+  s.set_created_at_unix_micros(ToMicros(now));
+  s.set_absolute_expires_at_unix_micros(ToMicros(now + options_.max_lifetime));
+  s.set_ttl_seconds(ttl_seconds);
+  s.set_expires_at_unix_micros(SlidExpiry(s, now));
+  s.set_version(1);
+  *s.mutable_attributes() = attributes;
+  s.set_user_generation(generation);
+  s.set_token_hash(key.token_hash);
+
+  // Indexed before it exists, so a session is never live without being listable/revocable by
+  // the index; an entry whose add failed is pruned later.
+  SL_RETURN_IF_ERROR(AddToIndex(key.user_tag, s, deadline));
+  SL_RETURN_IF_ERROR(
+      store_->Add(key, s, StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline));
+  return view;
+}
+
+absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool touch,
+                                                absl::Time deadline) {
+  if (token.empty()) return absl::InvalidArgumentError("token: required");
+  SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(token));
+  Backoff backoff(options_, deadline);
+  for (;;) {
+    SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
+    const absl::Time now = clock_.Now();
+    SL_RETURN_IF_ERROR(CheckLive(lookup, key, now));
+    SessionView view;
+    view.stored = std::move(lookup.record->session);
+    if (!touch) return view;
+    const int64_t slid = SlidExpiry(view.stored, now);
+    if (slid <= view.stored.expires_at_unix_micros()) return view;
+    view.stored.set_expires_at_unix_micros(slid);
+    const absl::Status written = store_->CompareAndSwap(key, lookup.record->cas, view.stored,
+                                                        StoreTtl(FromMicros(slid), now), deadline);
+    if (written.ok()) return view;
+    if (!absl::IsAborted(written)) return written;
+    if (!backoff.Wait()) {
+      return absl::AbortedError("token: session changed concurrently too often; retry");
+    }
+  }
+}
+
+absl::StatusOr<SessionView> SessionService::Update(absl::string_view token, const AttributeMap& set,
+                                                   const KeyList& remove, int64_t expected_version,
+                                                   absl::Time deadline) {
+  if (token.empty()) return absl::InvalidArgumentError("token: required");
+  if (expected_version < 0) {
+    return absl::InvalidArgumentError("expected_version: must be 0 (unconditional) or >= 1");
+  }
+  SL_RETURN_IF_ERROR(ValidateAttributeKeys("set", set, options_.limits));
+  for (const std::string& k : remove) {
+    SL_RETURN_IF_ERROR(ValidateText("remove", k, options_.limits.max_attribute_key_bytes));
+    if (set.count(k) != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("remove: key '", k, "' is also in set; a key may be in only one of them"));
+    }
+  }
+  SL_RETURN_IF_ERROR(CheckAttributesSize("set", AttributesBytes(set), options_.limits));
+  SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(token));
+
+  Backoff backoff(options_, deadline);
+  for (;;) {
+    SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
+    const absl::Time now = clock_.Now();
+    SL_RETURN_IF_ERROR(CheckLive(lookup, key, now));
+    StoredSession s = std::move(lookup.record->session);
+    if (expected_version != 0 && s.version() != expected_version) {
+      return absl::AbortedError(absl::StrCat("expected_version: ", expected_version,
+                                             " does not match the stored version ", s.version()));
+    }
+    auto& attributes = *s.mutable_attributes();
+    for (const std::string& k : remove) attributes.erase(k);
+    for (const auto& [k, v] : set) attributes[k] = v;
+    SL_RETURN_IF_ERROR(CheckAttributesSize("set", AttributesBytes(attributes), options_.limits));
+    s.set_version(s.version() + 1);
+    s.set_expires_at_unix_micros(SlidExpiry(s, now));
+    const absl::Status written =
+        store_->CompareAndSwap(key, lookup.record->cas, s,
+                               StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline);
+    if (written.ok()) {
+      SessionView view;
+      view.stored = std::move(s);
+      return view;
+    }
+    if (!absl::IsAborted(written)) return written;
+    // A conditional update re-reads too: the conflict may have been a touch that left the
+    // version alone, and the re-read decides between success and ABORTED.
+    if (!backoff.Wait()) {
+      return absl::AbortedError("token: session changed concurrently too often; retry");
+    }
+  }
+}
+
+absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl::Time deadline) {
+  if (token.empty()) return absl::InvalidArgumentError("token: required");
+  SL_ASSIGN_OR_RETURN(SessionKey old_key, KeyForToken(token));
+  Backoff backoff(options_, deadline);
+  for (;;) {
+    SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(old_key, deadline));
+    const absl::Time now = clock_.Now();
+    SL_RETURN_IF_ERROR(CheckLive(lookup, old_key, now));
+    const StoredSession& old = lookup.record->session;
+
+    SessionView view;
+    SL_ASSIGN_OR_RETURN(view.token, NewToken(old.user_id()));
+    SL_ASSIGN_OR_RETURN(SessionKey new_key, KeyForToken(view.token));
+    StoredSession& s = view.stored;
+    s = old;
+    SL_ASSIGN_OR_RETURN(*s.mutable_session_id(), NewSessionId());
+    s.set_version(1);
+    s.set_token_hash(new_key.token_hash);
+    s.set_expires_at_unix_micros(SlidExpiry(s, now));
+
+    SL_RETURN_IF_ERROR(AddToIndex(new_key.user_tag, s, deadline));
+    SL_RETURN_IF_ERROR(
+        store_->Add(new_key, s, StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline));
+    // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
+    // both succeed (the loser's new session is removed again).
+    const absl::Status ended =
+        store_->CompareAndSwap(old_key, lookup.record->cas, Tombstone(old),
+                               StoreTtl(FromMicros(old.expires_at_unix_micros()), now), deadline);
+    if (ended.ok()) return view;
+    const absl::Status removed = store_->Remove(new_key, deadline);
+    if (!absl::IsAborted(ended)) return ended;
+    if (!removed.ok()) return removed;
+    if (!backoff.Wait()) {
+      return absl::AbortedError("token: session changed concurrently too often; retry");
+    }
+  }
+}
+
+absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline) {
+  if (token.empty()) return absl::InvalidArgumentError("token: required");
+  absl::StatusOr<SessionKey> key = KeyForToken(token);
+  if (!key.ok()) return absl::OkStatus();  // Never issued, so nothing to delete.
+  SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(*key, deadline));
+  if (!lookup.record.has_value() || lookup.record->session.deleted()) return absl::OkStatus();
+  const StoredSession& s = lookup.record->session;
+  const absl::Time now = clock_.Now();
+  if (!ConstantTimeEquals(s.token_hash(), key->token_hash)) return absl::OkStatus();
+  // A tombstone rather than a delete: a copy that missed this write (its node was unreachable)
+  // must not be able to bring the session back through read repair. It needs to live only as
+  // long as the session itself could have.
+  return store_->Put(*key, Tombstone(s), StoreTtl(FromMicros(s.expires_at_unix_micros()), now),
+                     deadline);
+}
+
+absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,
+                                                                        absl::string_view user_tag,
+                                                                        uint64_t generation,
+                                                                        absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(IndexRecord record, store_->ReadIndex(user_tag, deadline));
+  std::vector<std::string> hashes;
+  hashes.reserve(record.index.entries_size());
+  for (const auto& e : record.index.entries()) hashes.push_back(e.token_hash());
+  std::vector<std::optional<StoredSession>> sessions;
+  if (!hashes.empty()) {
+    SL_ASSIGN_OR_RETURN(sessions, store_->ReadSessions(user_tag, hashes, deadline));
+  }
+  const absl::Time now = clock_.Now();
+  std::vector<StoredSession> live;
+  UserSessionIndex pruned;
+  int64_t newest = 0;
+  for (size_t i = 0; i < hashes.size(); ++i) {
+    const auto& entry = record.index.entries(static_cast<int>(i));
+    const std::optional<StoredSession>& s = sessions[i];
+    const bool expired_for_good = FromMicros(entry.absolute_expires_at_unix_micros()) <= now;
+    if (!s.has_value()) {
+      // Just indexed by a Create whose Add has not landed yet: keep it until its lifetime ends.
+      if (!expired_for_good && FromMicros(entry.absolute_expires_at_unix_micros()) >
+                                   now + options_.max_lifetime - absl::Seconds(30)) {
+        *pruned.add_entries() = entry;
+        newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+      }
+      continue;
+    }
+    const bool alive =
+        !s->deleted() && s->user_id() == user_id && s->token_hash() == entry.token_hash() &&
+        s->user_generation() >= generation && now < FromMicros(s->expires_at_unix_micros()) &&
+        now < FromMicros(s->absolute_expires_at_unix_micros());
+    if (!alive) continue;
+    live.push_back(*s);
+    *pruned.add_entries() = entry;
+    newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+  }
+  if (pruned.entries_size() != record.index.entries_size() && record.cas.has_value()) {
+    // Best effort: a conflicting writer's index wins and is pruned another time.
+    if (pruned.entries_size() == 0) {
+      (void)store_->WriteIndex(user_tag, record.cas, pruned, absl::Seconds(1), deadline);
+    } else {
+      (void)store_->WriteIndex(user_tag, record.cas, pruned, StoreTtl(FromMicros(newest), now),
+                               deadline);
+    }
+  }
+  std::sort(live.begin(), live.end(), [](const StoredSession& a, const StoredSession& b) {
+    return a.created_at_unix_micros() < b.created_at_unix_micros();
+  });
+  return live;
+}
+
+absl::StatusOr<std::vector<StoredSession>> SessionService::List(absl::string_view user_id,
+                                                                absl::Time deadline) {
+  SL_RETURN_IF_ERROR(ValidateText("user_id", user_id, options_.limits.max_user_id_bytes));
+  const std::string tag = UserTag(user_id);
+  SL_ASSIGN_OR_RETURN(uint64_t generation,
+                      store_->ReadGeneration(tag, GenerationKeepFor(), deadline));
+  return LiveSessions(user_id, tag, generation, deadline);
+}
+
+absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::Time deadline) {
+  SL_RETURN_IF_ERROR(ValidateText("user_id", user_id, options_.limits.max_user_id_bytes));
+  const std::string tag = UserTag(user_id);
+  // Count first (sessions live under the current generation), then advance the generation,
+  // which is what actually ends them everywhere at once.
+  SL_ASSIGN_OR_RETURN(uint64_t generation,
+                      store_->ReadGeneration(tag, GenerationKeepFor(), deadline));
+  SL_ASSIGN_OR_RETURN(std::vector<StoredSession> live,
+                      LiveSessions(user_id, tag, generation, deadline));
+  SL_RETURN_IF_ERROR(store_->AdvanceGeneration(tag, GenerationKeepFor(), deadline).status());
+  // Freeing the memory is best effort: the generation already makes these sessions dead.
+  for (const StoredSession& s : live) {
+    (void)store_->Remove(SessionKey{s.token_hash(), tag}, deadline);
+  }
+  return static_cast<int64_t>(live.size());
+}
+
+absl::StatusOr<std::string> SessionService::UserIdForToken(absl::string_view token,
+                                                           absl::Time deadline) {
+  if (token.empty()) return absl::InvalidArgumentError("token: required");
+  SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(token));
+  SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
+  SL_RETURN_IF_ERROR(CheckLive(lookup, key, clock_.Now()));
+  return lookup.record->session.user_id();
+}
+
+absl::StatusOr<std::string> SessionTokenAuthenticator::UserIdForToken(absl::string_view token,
+                                                                      absl::Time deadline) {
+  absl::StatusOr<std::string> user = sessions_->UserIdForToken(token, deadline);
+  if (user.ok()) return user;
+  if (absl::IsUnavailable(user.status()) || absl::IsDeadlineExceeded(user.status())) {
+    return absl::UnavailableError(user.status().message());
+  }
+  return absl::UnauthenticatedError("authorization: missing, unknown or expired session token");
+}
+
+}  // namespace sessionledger

@@ -1,0 +1,123 @@
+#ifndef SESSIONLEDGER_SERVER_SESSION_SESSION_SERVICE_H_
+#define SESSIONLEDGER_SERVER_SESSION_SESSION_SERVICE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "google/protobuf/map.h"
+#include "google/protobuf/repeated_ptr_field.h"
+#include "server/common/clock.h"
+#include "server/domain/session_store.h"
+#include "server/domain/token_authenticator.h"
+
+namespace sessionledger {
+
+// Input limits of the contract (defaults); all lengths in bytes.
+struct SessionLimits {
+  size_t max_user_id_bytes = 128;
+  size_t max_attribute_key_bytes = 128;
+  // Sum of key and value bytes over all attributes of a session.
+  size_t max_attributes_bytes = 64 * 1024;
+};
+
+struct SessionServiceOptions {
+  absl::Duration default_ttl = absl::Seconds(1800);
+  absl::Duration max_lifetime = absl::Seconds(86400);
+  SessionLimits limits;
+  // Compare-and-swap conflicts are retried at most this often (and never past the deadline),
+  // sleeping a random time in [0, min(backoff_max, backoff_base * 2^attempt)) between tries
+  // ("full jitter"), so that writers on many replicas spread out instead of colliding again.
+  int max_cas_attempts = 64;
+  absl::Duration backoff_base = absl::Microseconds(500);
+  absl::Duration backoff_max = absl::Milliseconds(20);
+  // How the retry loop waits; tests inject one that does not sleep.
+  std::function<void(absl::Duration)> sleep;
+};
+
+using AttributeMap = google::protobuf::Map<std::string, std::string>;
+using KeyList = google::protobuf::RepeatedPtrField<std::string>;
+
+// A session as the service returns it. `token` is set only by Create and Rotate.
+struct SessionView {
+  std::string token;
+  storage::v1::StoredSession stored;
+};
+
+// The SessionService rules of api-contract.md over a SessionStore: token issue, idle expiry and
+// absolute lifetime (with the injected clock), compare-and-swap updates, rotation, per-user
+// listing and revocation. Keeps no state between calls (the store holds everything), so any
+// number of server processes can serve the same sessions.
+//
+// Status codes: INVALID_ARGUMENT (request shape; checked first), NOT_FOUND (unknown, expired,
+// deleted or revoked session), ABORTED (UpdateSession's expected_version mismatch, or
+// compare-and-swap still conflicting after the bounded retries), UNAVAILABLE (store down or too
+// slow for `deadline`). Thread-safe.
+class SessionService {
+ public:
+  SessionService(std::shared_ptr<SessionStore> store, const Clock& clock,
+                 SessionServiceOptions options);
+
+  absl::StatusOr<SessionView> Create(absl::string_view user_id, int64_t ttl_seconds,
+                                     const AttributeMap& attributes, absl::Time deadline);
+  absl::StatusOr<SessionView> Get(absl::string_view token, bool touch, absl::Time deadline);
+  absl::StatusOr<SessionView> Update(absl::string_view token, const AttributeMap& set,
+                                     const KeyList& remove, int64_t expected_version,
+                                     absl::Time deadline);
+  absl::StatusOr<SessionView> Rotate(absl::string_view token, absl::Time deadline);
+  absl::Status Delete(absl::string_view token, absl::Time deadline);
+  // Live sessions of the user, oldest first.
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> List(absl::string_view user_id,
+                                                               absl::Time deadline);
+  // Ends every live session of the user; returns how many were live.
+  absl::StatusOr<int64_t> Revoke(absl::string_view user_id, absl::Time deadline);
+
+  // token -> user_id without touching the session (one store round trip).
+  absl::StatusOr<std::string> UserIdForToken(absl::string_view token, absl::Time deadline);
+
+  const SessionServiceOptions& options() const { return options_; }
+
+ private:
+  class Backoff;
+
+  absl::Status CheckLive(const SessionLookup& lookup, const SessionKey& key, absl::Time now) const;
+  absl::Status AddToIndex(absl::string_view user_tag, const storage::v1::StoredSession& session,
+                          absl::Time deadline);
+  // Drops index entries whose session is gone, expired, deleted or (below `generation`)
+  // revoked; returns the live sessions. Writing the pruned index back is best effort.
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(absl::string_view user_id,
+                                                                       absl::string_view user_tag,
+                                                                       uint64_t generation,
+                                                                       absl::Time deadline);
+  absl::Duration GenerationKeepFor() const;
+
+  std::shared_ptr<SessionStore> store_;
+  const Clock& clock_;
+  SessionServiceOptions options_;
+};
+
+// TokenAuthenticator for the ledger: a thin adapter that maps NOT_FOUND (and a malformed token)
+// to UNAUTHENTICATED. Thread-safe.
+class SessionTokenAuthenticator final : public TokenAuthenticator {
+ public:
+  explicit SessionTokenAuthenticator(std::shared_ptr<SessionService> sessions)
+      : sessions_(std::move(sessions)) {}
+  absl::StatusOr<std::string> UserIdForToken(absl::string_view token, absl::Time deadline) override;
+
+ private:
+  std::shared_ptr<SessionService> sessions_;
+};
+
+// Validation helpers, exposed for tests.
+// 1..max_bytes of UTF-8 without control characters (C0, DEL, C1).
+absl::Status ValidateText(absl::string_view field, absl::string_view value, size_t max_bytes);
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_SESSION_SESSION_SERVICE_H_

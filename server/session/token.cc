@@ -1,0 +1,141 @@
+#include "server/session/token.h"
+
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
+#include <sys/random.h>
+
+#include <cerrno>
+
+#include "absl/strings/str_cat.h"
+
+namespace sessionledger {
+namespace {
+
+constexpr char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+int DecodeChar(char c) {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (c == '-') return 62;
+  if (c == '_') return 63;
+  return -1;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> RandomBytes(size_t n) {
+  std::string out(n, '\0');
+  size_t filled = 0;
+  while (filled < n) {
+    const ssize_t got = getrandom(out.data() + filled, n - filled, 0);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return absl::UnavailableError(absl::StrCat("getrandom failed, errno ", errno));
+    }
+    filled += static_cast<size_t>(got);
+  }
+  return out;
+}
+
+std::string Base64UrlEncode(absl::string_view bytes) {
+  std::string out;
+  out.reserve((bytes.size() * 4 + 2) / 3);
+  size_t i = 0;
+  for (; i + 3 <= bytes.size(); i += 3) {
+    const uint32_t v = (static_cast<uint8_t>(bytes[i]) << 16) |
+                       (static_cast<uint8_t>(bytes[i + 1]) << 8) |
+                       static_cast<uint8_t>(bytes[i + 2]);
+    out.push_back(kAlphabet[(v >> 18) & 63]);
+    out.push_back(kAlphabet[(v >> 12) & 63]);
+    out.push_back(kAlphabet[(v >> 6) & 63]);
+    out.push_back(kAlphabet[v & 63]);
+  }
+  const size_t rest = bytes.size() - i;
+  if (rest == 1) {
+    const uint32_t v = static_cast<uint8_t>(bytes[i]) << 16;
+    out.push_back(kAlphabet[(v >> 18) & 63]);
+    out.push_back(kAlphabet[(v >> 12) & 63]);
+  } else if (rest == 2) {
+    const uint32_t v =
+        (static_cast<uint8_t>(bytes[i]) << 16) | (static_cast<uint8_t>(bytes[i + 1]) << 8);
+    out.push_back(kAlphabet[(v >> 18) & 63]);
+    out.push_back(kAlphabet[(v >> 12) & 63]);
+    out.push_back(kAlphabet[(v >> 6) & 63]);
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> Base64UrlDecode(absl::string_view text) {
+  if (text.size() % 4 == 1) return absl::InvalidArgumentError("bad base64url length");
+  std::string out;
+  out.reserve(text.size() * 3 / 4);
+  uint32_t acc = 0;
+  int bits = 0;
+  for (char c : text) {
+    const int v = DecodeChar(c);
+    if (v < 0) return absl::InvalidArgumentError("bad base64url character");
+    acc = (acc << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<char>((acc >> bits) & 0xff));
+    }
+  }
+  // Leftover bits must be zero, so every byte string has exactly one encoding.
+  if ((acc & ((1u << bits) - 1)) != 0) return absl::InvalidArgumentError("non-canonical base64url");
+  return out;
+}
+
+std::string Sha256(absl::string_view data) {
+  unsigned char digest[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), digest);
+  return std::string(reinterpret_cast<const char*>(digest), sizeof(digest));
+}
+
+std::string HexLower(absl::string_view bytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (char c : bytes) {
+    const auto b = static_cast<uint8_t>(c);
+    out.push_back(kHex[b >> 4]);
+    out.push_back(kHex[b & 15]);
+  }
+  return out;
+}
+
+std::string UserTag(absl::string_view user_id) {
+  return HexLower(Sha256(user_id).substr(0, kUserTagBytes));
+}
+
+absl::StatusOr<std::string> NewToken(absl::string_view user_id) {
+  absl::StatusOr<std::string> secret = RandomBytes(kTokenSecretBytes);
+  if (!secret.ok()) return secret.status();
+  return Base64UrlEncode(absl::StrCat(*secret, Sha256(user_id).substr(0, kUserTagBytes)));
+}
+
+absl::StatusOr<std::string> NewSessionId() {
+  absl::StatusOr<std::string> id = RandomBytes(16);
+  if (!id.ok()) return id.status();
+  return Base64UrlEncode(*id);
+}
+
+absl::StatusOr<SessionKey> KeyForToken(absl::string_view token) {
+  if (token.size() != kTokenLength) return absl::NotFoundError("token: unknown session");
+  absl::StatusOr<std::string> raw = Base64UrlDecode(token);
+  if (!raw.ok() || raw->size() != kTokenSecretBytes + kUserTagBytes) {
+    return absl::NotFoundError("token: unknown session");
+  }
+  SessionKey key;
+  key.token_hash = HexLower(Sha256(token));
+  key.user_tag = HexLower(absl::string_view(*raw).substr(kTokenSecretBytes));
+  return key;
+}
+
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
+  if (a.size() != b.size()) return false;
+  return CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+}  // namespace sessionledger

@@ -1,0 +1,204 @@
+#ifndef SESSIONLEDGER_TESTS_UNIT_FAKE_SESSION_STORE_H_
+#define SESSIONLEDGER_TESTS_UNIT_FAKE_SESSION_STORE_H_
+
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "server/common/clock.h"
+#include "server/domain/session_store.h"
+
+// The fake rejects TTLs a real Memcached would misread, so unit tests catch them.
+#define SL_FAKE_CHECK_TTL(ttl)                                                   \
+  if ((ttl) <= absl::ZeroDuration() || (ttl) > kMaxStoreTtl) {                   \
+    return absl::InvalidArgumentError("fake store: TTL outside 1 s .. 30 days"); \
+  }
+
+namespace sessionledger::testing {
+
+// In-memory SessionStore with Memcached semantics (TTL against the injected clock, CAS values
+// that change on every write). Knobs let tests force conflicts and outages. Thread-safe.
+class FakeSessionStore final : public SessionStore {
+ public:
+  explicit FakeSessionStore(const Clock& clock) : clock_(clock) {}
+
+  // Every store call fails with UNAVAILABLE while set.
+  void set_unavailable(bool v) {
+    std::lock_guard<std::mutex> l(mu_);
+    unavailable_ = v;
+  }
+  // The next `n` session CompareAndSwap calls fail with ABORTED, as if another writer won.
+  void FailNextCas(int n) {
+    std::lock_guard<std::mutex> l(mu_);
+    fail_cas_ = n;
+  }
+  int cas_calls() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return cas_calls_;
+  }
+  // What the store holds under a token hash, expired or not (tests inspect keys).
+  bool HasRaw(const std::string& token_hash) const {
+    std::lock_guard<std::mutex> l(mu_);
+    return sessions_.count(token_hash) != 0;
+  }
+  absl::Duration TtlOf(const std::string& token_hash) const {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = sessions_.find(token_hash);
+    return it == sessions_.end() ? absl::ZeroDuration() : it->second.expires - clock_.Now();
+  }
+  size_t IndexSize(const std::string& user_tag) const {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = indexes_.find(user_tag);
+    return it == indexes_.end() ? 0 : static_cast<size_t>(it->second.value.entries_size());
+  }
+
+  absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    SessionLookup out;
+    if (auto* e = Live(sessions_, key.token_hash))
+      out.record = SessionRecord{e->value, {e->cas, 0}};
+    if (auto* g = Live(generations_, key.user_tag)) out.user_generation = g->value;
+    return out;
+  }
+
+  absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& s, absl::Duration ttl,
+                   absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    SL_FAKE_CHECK_TTL(ttl);
+    if (Live(sessions_, key.token_hash) != nullptr) return absl::AlreadyExistsError("exists");
+    sessions_[key.token_hash] = {s, ++next_cas_, clock_.Now() + ttl};
+    return absl::OkStatus();
+  }
+
+  absl::Status CompareAndSwap(const SessionKey& key, const CasToken& cas,
+                              const storage::v1::StoredSession& s, absl::Duration ttl,
+                              absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    SL_FAKE_CHECK_TTL(ttl);
+    ++cas_calls_;
+    if (fail_cas_ > 0) {
+      --fail_cas_;
+      return absl::AbortedError("injected conflict");
+    }
+    auto* e = Live(sessions_, key.token_hash);
+    if (e == nullptr || e->cas != cas.cas) return absl::AbortedError("cas mismatch");
+    *e = {s, ++next_cas_, clock_.Now() + ttl};
+    return absl::OkStatus();
+  }
+
+  absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& s, absl::Duration ttl,
+                   absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    SL_FAKE_CHECK_TTL(ttl);
+    sessions_[key.token_hash] = {s, ++next_cas_, clock_.Now() + ttl};
+    return absl::OkStatus();
+  }
+
+  absl::Status Remove(const SessionKey& key, absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    sessions_.erase(key.token_hash);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<uint64_t> ReadGeneration(absl::string_view tag, absl::Duration keep_for,
+                                          absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    SL_FAKE_CHECK_TTL(keep_for);
+    auto* g = Live(generations_, std::string(tag));
+    const uint64_t value = g == nullptr ? 0 : g->value;
+    generations_[std::string(tag)] = {value, ++next_cas_, clock_.Now() + keep_for};
+    return value;
+  }
+
+  absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view tag, absl::Duration keep_for,
+                                             absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    SL_FAKE_CHECK_TTL(keep_for);
+    auto* g = Live(generations_, std::string(tag));
+    const uint64_t value = (g == nullptr ? 0 : g->value) + 1;
+    generations_[std::string(tag)] = {value, ++next_cas_, clock_.Now() + keep_for};
+    return value;
+  }
+
+  absl::StatusOr<IndexRecord> ReadIndex(absl::string_view tag, absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    IndexRecord out;
+    if (auto* e = Live(indexes_, std::string(tag))) {
+      out.index = e->value;
+      out.cas = CasToken{e->cas, 0};
+    }
+    return out;
+  }
+
+  absl::Status WriteIndex(absl::string_view tag, const std::optional<CasToken>& cas,
+                          const storage::v1::UserSessionIndex& index, absl::Duration ttl,
+                          absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    SL_FAKE_CHECK_TTL(ttl);
+    auto* e = Live(indexes_, std::string(tag));
+    if (cas.has_value() ? (e == nullptr || e->cas != cas->cas) : e != nullptr) {
+      return absl::AbortedError("index changed");
+    }
+    indexes_[std::string(tag)] = {index, ++next_cas_, clock_.Now() + ttl};
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
+      absl::string_view, const std::vector<std::string>& hashes, absl::Time) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (unavailable_) return Down();
+    std::vector<std::optional<storage::v1::StoredSession>> out;
+    for (const auto& h : hashes) {
+      auto* e = Live(sessions_, h);
+      out.push_back(e == nullptr ? std::nullopt
+                                 : std::optional<storage::v1::StoredSession>(e->value));
+    }
+    return out;
+  }
+
+ private:
+  template <typename T>
+  struct Entry {
+    T value;
+    uint64_t cas = 0;
+    absl::Time expires;
+  };
+
+  static absl::Status Down() { return absl::UnavailableError("fake store: down"); }
+
+  template <typename T>
+  Entry<T>* Live(std::map<std::string, Entry<T>>& m, const std::string& k) {
+    auto it = m.find(k);
+    if (it == m.end()) return nullptr;
+    if (clock_.Now() >= it->second.expires) {
+      m.erase(it);
+      return nullptr;
+    }
+    return &it->second;
+  }
+
+  const Clock& clock_;
+  mutable std::mutex mu_;
+  bool unavailable_ = false;
+  int fail_cas_ = 0;
+  int cas_calls_ = 0;
+  uint64_t next_cas_ = 0;
+  std::map<std::string, Entry<storage::v1::StoredSession>> sessions_;
+  std::map<std::string, Entry<uint64_t>> generations_;
+  std::map<std::string, Entry<storage::v1::UserSessionIndex>> indexes_;
+};
+
+}  // namespace sessionledger::testing
+
+#undef SL_FAKE_CHECK_TTL
+
+#endif  // SESSIONLEDGER_TESTS_UNIT_FAKE_SESSION_STORE_H_
