@@ -1,0 +1,348 @@
+// PgLedgerStore against the real PostgreSQL of scripts/backing-services (DATABASE_URL), through
+// LedgerService with a fake authenticator: every rule, concurrency, timeouts and outages at the
+// store level, without server processes.
+#include <atomic>
+#include <map>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "server/common/logger.h"
+#include "server/ledger/fake_token_authenticator.h"
+#include "server/ledger/ledger_service.h"
+#include "server/postgres/migrations.h"
+#include "server/postgres/pg_ledger_store.h"
+#include "tests/support/test_env.h"
+
+namespace sessionledger {
+namespace {
+
+using ::sessionledger::testing::BackingServices;
+using ::sessionledger::testing::RequiredEnv;
+
+std::string UniqueSuffix() {
+  static std::atomic<int> counter{0};
+  std::random_device random;
+  return absl::StrCat(random(), "-", counter++);
+}
+
+absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
+
+class LedgerPgStoreTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const std::string url = RequiredEnv("DATABASE_URL");
+    Logger logger(LogLevel::kWarn);
+    absl::StatusOr<PgConnection> conn = PgConnection::Connect(url, Soon());
+    ASSERT_TRUE(conn.ok()) << conn.status();
+    absl::StatusOr<int> version = ApplyMigrations(*conn, logger, Soon());
+    ASSERT_TRUE(version.ok()) << version.status();
+  }
+
+  LedgerPgStoreTest()
+      : pool_(PgPoolOptions{RequiredEnv("DATABASE_URL"), 16, absl::Seconds(2)}),
+        store_(pool_),
+        ledger_(store_, auth_) {}
+
+  // A new user with a fresh token; returns the token.
+  std::string NewUser(const std::string& name) {
+    const std::string user = absl::StrCat(name, "-", UniqueSuffix());
+    const std::string token = absl::StrCat("token-", user);
+    auth_.Add(token, user);
+    users_[token] = user;
+    return token;
+  }
+  Account Open(const std::string& token, const std::string& currency = "EUR") {
+    absl::StatusOr<Account> a = ledger_.OpenAccount(token, currency, Soon());
+    EXPECT_TRUE(a.ok()) << a.status();
+    return a.value_or(Account{});
+  }
+  int64_t Balance(const std::string& token, const std::string& id) {
+    absl::StatusOr<Account> a = ledger_.GetAccount(token, id, Soon());
+    EXPECT_TRUE(a.ok()) << a.status();
+    return a.ok() ? a->balance_minor : -1;
+  }
+  // SQL check of the invariants over `accounts`: balance = deposits in + transfers in -
+  // transfers out, as recorded in the transaction rows.
+  void ExpectBalancesMatchRows(const std::vector<std::string>& account_ids) {
+    absl::StatusOr<PgPool::Lease> lease = pool_.Acquire(Soon());
+    ASSERT_TRUE(lease.ok());
+    for (const std::string& id : account_ids) {
+      absl::StatusOr<PgResultPtr> r = (*lease)->Exec(
+          "SELECT a.balance_minor, "
+          "  coalesce((SELECT sum(amount_minor) FROM transactions WHERE to_account_id = "
+          "a.account_id), 0)"
+          "  - coalesce((SELECT sum(amount_minor) FROM transactions WHERE from_account_id = "
+          "a.account_id), 0)"
+          " FROM accounts a WHERE a.account_id = $1::uuid",
+          {id}, Soon());
+      ASSERT_TRUE(r.ok()) << r.status();
+      ASSERT_EQ(PQntuples(r->get()), 1);
+      EXPECT_EQ(std::string(PQgetvalue(r->get(), 0, 0)), std::string(PQgetvalue(r->get(), 0, 1)))
+          << "account " << id;
+    }
+  }
+
+  PgPool pool_;
+  PgLedgerStore store_;
+  FakeAuthenticator auth_;
+  LedgerService ledger_;
+  std::map<std::string, std::string> users_;
+};
+
+TEST_F(LedgerPgStoreTest, EveryMethodAndErrorCode) {
+  const std::string alice = NewUser("alice");
+  const std::string bob = NewUser("bob");
+  const Account a = Open(alice);
+  const Account a_usd = Open(alice, "USD");
+  const Account b = Open(bob);
+  EXPECT_EQ(a.owner_user_id, users_[alice]);
+  EXPECT_EQ(a.balance_minor, 0);
+  EXPECT_LT(absl::AbsDuration(a.created_at - absl::Now()), absl::Minutes(1));
+  const std::string missing = "6d9d2f4e-8a3b-4c55-9e0f-000000000000";
+
+  EXPECT_EQ(ledger_.GetAccount(alice, missing, Soon()).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(ledger_.GetAccount(alice, b.account_id, Soon()).status().code(),
+            absl::StatusCode::kPermissionDenied);
+
+  absl::StatusOr<Transaction> d = ledger_.Deposit(alice, {a.account_id, 1000, "dep-1"}, Soon());
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->kind, TransactionKind::kDeposit);
+  EXPECT_EQ(d->currency, "EUR");
+  absl::StatusOr<Transaction> replay =
+      ledger_.Deposit(alice, {a.account_id, 1000, "dep-1"}, Soon());
+  ASSERT_TRUE(replay.ok()) << replay.status();
+  EXPECT_EQ(replay->transaction_id, d->transaction_id);
+  EXPECT_EQ(replay->created_at, d->created_at);
+  EXPECT_EQ(Balance(alice, a.account_id), 1000);
+  EXPECT_EQ(ledger_.Deposit(alice, {a.account_id, 999, "dep-1"}, Soon()).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(
+      ledger_.Transfer(alice, {a.account_id, b.account_id, 1000, "dep-1"}, Soon()).status().code(),
+      absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(ledger_.Deposit(alice, {b.account_id, 5, "dep-2"}, Soon()).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(ledger_.Deposit(alice, {missing, 5, "dep-2"}, Soon()).status().code(),
+            absl::StatusCode::kNotFound);
+
+  auto transfer = [&](const std::string& token, const std::string& from, const std::string& to,
+                      int64_t amount, const std::string& key) {
+    return ledger_.Transfer(token, {from, to, amount, key}, Soon());
+  };
+  EXPECT_EQ(transfer(alice, a.account_id, missing, 5, "t").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(transfer(alice, missing, a.account_id, 5, "t").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(transfer(bob, a.account_id, b.account_id, 5, "t").status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(transfer(alice, a.account_id, a_usd.account_id, 5, "t").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(transfer(alice, a.account_id, b.account_id, 1001, "t").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1, "dep-3"}, Soon()).ok());
+  absl::StatusOr<Transaction> t = transfer(alice, a.account_id, b.account_id, 1001, "t");
+  ASSERT_TRUE(t.ok()) << t.status();  // The failed attempt left the key unused.
+  EXPECT_EQ(t->from_account_id, a.account_id);
+  EXPECT_EQ(Balance(alice, a.account_id), 0);
+  EXPECT_EQ(Balance(bob, b.account_id), 1001);
+
+  // Overflow of the destination.
+  const Account big = Open(bob);
+  ASSERT_TRUE(ledger_.Deposit(bob, {big.account_id, INT64_MAX, "max"}, Soon()).ok());
+  EXPECT_EQ(ledger_.Deposit(bob, {big.account_id, 1, "over"}, Soon()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(transfer(bob, b.account_id, big.account_id, 1, "over-t").status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  absl::StatusOr<ListResult> page = ledger_.ListTransactions(alice, {a.account_id, 2, ""}, Soon());
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->transactions.size(), 2u);
+  EXPECT_EQ(page->transactions[0].transaction_id, t->transaction_id);
+  EXPECT_EQ(page->transactions[0].idempotency_key, "t");
+  page = ledger_.ListTransactions(alice, {a.account_id, 2, page->next_page_token}, Soon());
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->transactions.size(), 1u);
+  EXPECT_EQ(page->transactions[0].transaction_id, d->transaction_id);
+  EXPECT_TRUE(page->next_page_token.empty());
+  EXPECT_EQ(ledger_.ListTransactions(bob, {a.account_id, 0, ""}, Soon()).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(ledger_.ListTransactions(bob, {missing, 0, ""}, Soon()).status().code(),
+            absl::StatusCode::kNotFound);
+  ExpectBalancesMatchRows({a.account_id, a_usd.account_id, b.account_id, big.account_id});
+}
+
+TEST_F(LedgerPgStoreTest, ConcurrentIdenticalTransfersMoveMoneyOnce) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  // Exactly enough for one transfer: a second application would fail for lack of funds, and
+  // must instead be answered with the first one's transaction.
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 700, "fund"}, Soon()).ok());
+  std::vector<std::thread> threads;
+  std::vector<absl::StatusOr<Transaction>> results(50, absl::UnknownError("not run"));
+  for (int i = 0; i < 50; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = ledger_.Transfer(alice, {a.account_id, b.account_id, 700, "same-key"}, Soon());
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::set<std::string> ids;
+  for (const auto& r : results) {
+    ASSERT_TRUE(r.ok()) << r.status();
+    ids.insert(r->transaction_id);
+  }
+  EXPECT_EQ(ids.size(), 1u);
+  EXPECT_EQ(Balance(alice, a.account_id), 0);
+  EXPECT_EQ(Balance(alice, b.account_id), 700);
+}
+
+TEST_F(LedgerPgStoreTest, ConservationUnderConcurrentRandomTransfers) {
+  std::vector<std::string> tokens;
+  std::vector<std::pair<std::string, std::string>> accounts;  // (token, id)
+  int64_t deposited = 0;
+  for (int u = 0; u < 8; ++u) {
+    tokens.push_back(NewUser("user"));
+    for (int k = 0; k < 4; ++k) {
+      const Account acc = Open(tokens.back());
+      accounts.emplace_back(tokens.back(), acc.account_id);
+      ASSERT_TRUE(
+          ledger_.Deposit(tokens.back(), {acc.account_id, 1000, absl::StrCat("seed-", k)}, Soon())
+              .ok());
+      deposited += 1000;
+    }
+  }
+  std::atomic<int> ok{0}, insufficient{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 16; ++w) {
+    threads.emplace_back([&, w] {
+      std::mt19937 random(w);
+      for (int i = 0; i < 125; ++i) {
+        const auto& from = accounts[random() % accounts.size()];
+        const auto& to = accounts[random() % accounts.size()];
+        if (from.second == to.second) continue;
+        absl::StatusOr<Transaction> r =
+            ledger_.Transfer(from.first,
+                             {from.second, to.second, static_cast<int64_t>(random() % 700 + 1),
+                              absl::StrCat("w", w, "-", i)},
+                             Soon());
+        if (r.ok()) {
+          ++ok;
+        } else if (r.status().code() == absl::StatusCode::kFailedPrecondition) {
+          ++insufficient;
+        } else {
+          ++other;
+          ADD_FAILURE() << r.status();
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_GT(ok.load(), 0);
+  EXPECT_EQ(other.load(), 0);
+  int64_t total = 0;
+  std::vector<std::string> ids;
+  for (const auto& [token, id] : accounts) {
+    const int64_t balance = Balance(token, id);
+    EXPECT_GE(balance, 0);
+    total += balance;
+    ids.push_back(id);
+  }
+  EXPECT_EQ(total, deposited);
+  ExpectBalancesMatchRows(ids);
+}
+
+TEST_F(LedgerPgStoreTest, PaginationUnderConcurrentInsertsIsExactlyOnce) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1'000'000, "fund"}, Soon()).ok());
+  std::set<std::string> before;
+  for (int i = 0; i < 120; ++i) {
+    absl::StatusOr<Transaction> t =
+        ledger_.Transfer(alice, {a.account_id, b.account_id, 1, absl::StrCat("pre-", i)}, Soon());
+    ASSERT_TRUE(t.ok()) << t.status();
+    before.insert(t->transaction_id);
+  }
+  std::atomic<bool> stop{false};
+  std::thread writer([&] {
+    for (int i = 0; !stop.load(); ++i) {
+      // Both directions, so new rows land on both of the account's indexes.
+      const bool out = i % 2 == 0;
+      (void)ledger_.Transfer(alice,
+                             {out ? a.account_id : b.account_id, out ? b.account_id : a.account_id,
+                              1, absl::StrCat("during-", i)},
+                             Soon());
+    }
+  });
+  std::map<std::string, int> seen;
+  std::string token;
+  do {
+    absl::StatusOr<ListResult> page =
+        ledger_.ListTransactions(alice, {a.account_id, 7, token}, Soon());
+    ASSERT_TRUE(page.ok()) << page.status();
+    for (const Transaction& t : page->transactions) ++seen[t.transaction_id];
+    token = page->next_page_token;
+  } while (!token.empty());
+  stop = true;
+  writer.join();
+  for (const auto& [id, count] : seen) EXPECT_EQ(count, 1) << id;
+  for (const std::string& id : before) EXPECT_EQ(seen.count(id), 1u) << id;
+}
+
+TEST_F(LedgerPgStoreTest, SlowPostgresGivesUnavailableWithinTheDeadline) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 10, "fund"}, Soon()).ok());
+  // Another session holds the source row lock, so the transfer waits until its
+  // statement_timeout (derived from the deadline) cancels it.
+  absl::StatusOr<PgConnection> blocker = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(blocker.ok());
+  ASSERT_TRUE(blocker->ExecSimple("BEGIN", Soon()).ok());
+  ASSERT_TRUE(blocker
+                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
+                         {a.account_id}, Soon())
+                  .ok());
+  const absl::Time start = absl::Now();
+  const absl::Time deadline = start + absl::Milliseconds(800);
+  absl::StatusOr<Transaction> t =
+      ledger_.Transfer(alice, {a.account_id, b.account_id, 5, "slow"}, deadline);
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable) << t.status();
+  EXPECT_LE(took, absl::Milliseconds(900));
+  ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
+  // The key stayed unused and the pool's connection is still good.
+  absl::StatusOr<Transaction> retry =
+      ledger_.Transfer(alice, {a.account_id, b.account_id, 5, "slow"}, Soon());
+  EXPECT_TRUE(retry.ok()) << retry.status();
+  EXPECT_EQ(Balance(alice, b.account_id), 5);
+}
+
+TEST_F(LedgerPgStoreTest, PostgresDownIsUnavailableAndRecoversWithoutRestart) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  // Warm the pool so it holds connections that the restart will kill.
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(ledger_.GetAccount(alice, a.account_id, Soon()).ok());
+
+  BackingServices({"stop-postgres"});
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Transaction> down =
+      ledger_.Deposit(alice, {a.account_id, 5, "while-down"}, absl::Now() + absl::Seconds(5));
+  EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_EQ(ledger_.GetAccount(alice, a.account_id, absl::Now() + absl::Seconds(5)).status().code(),
+            absl::StatusCode::kUnavailable);
+
+  BackingServices({"start-postgres"});
+  // No restart of anything on our side: the first call after PostgreSQL is back succeeds.
+  absl::StatusOr<Transaction> up = ledger_.Deposit(alice, {a.account_id, 5, "while-down"}, Soon());
+  EXPECT_TRUE(up.ok()) << up.status();
+  EXPECT_EQ(Balance(alice, a.account_id), 5);
+}
+
+}  // namespace
+}  // namespace sessionledger
