@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <queue>
 #include <thread>
 #include <vector>
 
@@ -90,6 +91,15 @@ class LoadGenerator {
     phase_.store(warm ? kWarmup : kMeasure);
     active_ = static_cast<int>(slots_.size());
     steady_clock::time_point measure_start = steady_clock::now();
+    if (options_.rate > 0) {
+      // Stagger the slots' schedules evenly over one interval.
+      interval_ = std::chrono::nanoseconds(
+          static_cast<int64_t>(1e9 * static_cast<double>(options_.concurrency) / options_.rate));
+      for (auto& slot : slots_) {
+        slot->next_start = measure_start + interval_ * slot->index / options_.concurrency;
+      }
+      pacer_ = std::thread([this] { RunPacer(); });
+    }
     for (auto& slot : slots_) {
       if (!ClaimIteration()) {
         FinishSlot();
@@ -114,6 +124,14 @@ class LoadGenerator {
       std::unique_lock<std::mutex> lock(mutex_);
       done_.wait(lock, [this] { return active_ == 0; });
     }
+    if (pacer_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lock(pacer_mutex_);
+        pacer_stop_ = true;
+      }
+      pacer_wake_.notify_all();
+      pacer_.join();
+    }
     if (options_.progress) progress << "\n";
     return Collect(std::chrono::duration<double>(measure_end - measure_start).count());
   }
@@ -132,6 +150,8 @@ class LoadGenerator {
     std::string from_account;
     std::string to_account;
     bool reading_back = false;  // create-get-session: the Get half of an iteration
+    // --rate: when this slot's next iteration is due.
+    steady_clock::time_point next_start;
 
     std::unique_ptr<grpc::ClientContext> context;
     steady_clock::time_point started;
@@ -203,12 +223,57 @@ class LoadGenerator {
   void StartIteration(Slot& slot) {
     ++slot.sequence;
     slot.reading_back = false;
-    StartCall(slot);
+    if (options_.rate <= 0) {
+      StartCall(slot, steady_clock::now());
+      return;
+    }
+    const steady_clock::time_point due = slot.next_start;
+    slot.next_start += interval_;
+    const steady_clock::time_point now = steady_clock::now();
+    if (due <= now) {
+      // Behind schedule: start at once but count the latency from when the call was due.
+      StartCall(slot, due);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(pacer_mutex_);
+      pending_.push(Pending{due, &slot});
+    }
+    pacer_wake_.notify_one();
   }
 
-  void StartCall(Slot& slot) {
+  // --rate: one thread starts the calls that are due. gRPC's own timers fire up to a
+  // millisecond late, which would halve the rate at a few thousand calls per second; a
+  // condition-variable wait on the monotonic clock wakes within tens of microseconds.
+  void RunPacer() {
+    std::unique_lock<std::mutex> lock(pacer_mutex_);
+    while (!pacer_stop_) {
+      if (pending_.empty()) {
+        pacer_wake_.wait(lock);
+        continue;
+      }
+      const Pending next = pending_.top();
+      if (steady_clock::now() < next.due) {
+        pacer_wake_.wait_until(lock, next.due);
+        continue;
+      }
+      pending_.pop();
+      lock.unlock();
+      if (phase_.load(std::memory_order_acquire) == kStop) {
+        FinishSlot();
+      } else {
+        // From when it really started: the pacer's own lateness is the client's, not the
+        // server's. The slot's schedule stays fixed, so the lateness does not accumulate.
+        StartCall(*next.slot, steady_clock::now());
+      }
+      lock.lock();
+    }
+  }
+
+  // `started` is when the call began or, under --rate, when it was due.
+  void StartCall(Slot& slot, steady_clock::time_point started) {
     auto done = [this, &slot](grpc::Status status) { OnDone(slot, status); };
-    slot.started = steady_clock::now();
+    slot.started = started;
     switch (options_.rpc) {
       case BenchRpc::kHealth:
         slot.context = NewContext(slot, false);
@@ -279,7 +344,7 @@ class LoadGenerator {
     if (phase != kStop) {
       if (options_.rpc == BenchRpc::kCreateGetSession && !slot.reading_back && status.ok()) {
         slot.reading_back = true;
-        StartCall(slot);
+        StartCall(slot, steady_clock::now());
         return;
       }
       if (ClaimIteration()) {
@@ -369,6 +434,18 @@ class LoadGenerator {
   std::vector<std::unique_ptr<TransactionService::Stub>> ledger_;
   std::vector<std::unique_ptr<Slot>> slots_;
 
+  // --rate: time between one slot's iterations, and the slots waiting for their turn.
+  struct Pending {
+    steady_clock::time_point due;
+    Slot* slot;
+    bool operator>(const Pending& other) const { return due > other.due; }
+  };
+  std::chrono::nanoseconds interval_{0};
+  std::mutex pacer_mutex_;
+  std::condition_variable pacer_wake_;
+  std::priority_queue<Pending, std::vector<Pending>, std::greater<Pending>> pending_;
+  bool pacer_stop_ = false;  // guarded by pacer_mutex_
+  std::thread pacer_;
   std::atomic<int> phase_{kWarmup};
   std::atomic<int64_t> issued_{0};
   std::mutex mutex_;

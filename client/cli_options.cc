@@ -52,6 +52,7 @@ constexpr FlagSpec kFlags[] = {
     {"duration", true},
     {"warmup", true},
     {"requests", true},
+    {"rate", true},
     {"no-progress", false},
 };
 
@@ -163,7 +164,7 @@ const std::vector<CommandSpec>& Commands() {
       {"history", Command::kHistory, {"account", "page-size", "page-token", "all"}, {"ACCOUNT_ID"}},
       {"bench",
        Command::kBench,
-       {"rpc", "concurrency", "connections", "duration", "warmup", "requests", "touch",
+       {"rpc", "concurrency", "connections", "duration", "warmup", "requests", "rate", "touch",
         "no-progress"},
        {}},
   };
@@ -366,6 +367,11 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
       if (b.requests == 0 && b.duration <= absl::ZeroDuration()) {
         return UsageError("--duration must be positive");
       }
+      if (auto v = t.Last("rate")) {
+        if (!absl::SimpleAtod(*v, &b.rate) || !(b.rate >= 0) || b.rate > 1e9) {
+          return UsageError(absl::StrCat("--rate: '", *v, "' is not a rate in calls/s"));
+        }
+      }
       b.touch = t.Has("touch");
       b.progress = !t.Has("no-progress");
       return absl::OkStatus();
@@ -508,7 +514,7 @@ Other:
   health [SERVICE]
   bench --rpc health|create-session|get-session|update-session|transfer|create-get-session
         [--concurrency 16] [--connections N] [--duration 10s] [--warmup 2s]
-        [--requests N] [--touch] [--no-progress]
+        [--requests N] [--rate CALLS_PER_S] [--touch] [--no-progress]
 
 Global options:
   --target ADDR[,ADDR...]  default localhost:50051 or $SESSIONLEDGER_TARGET; accepts

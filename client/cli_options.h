@@ -60,6 +60,10 @@ struct BenchOptions {
   absl::Duration warmup = absl::Seconds(2);
   // > 0: stop after this many iterations instead of after `duration` (no warm-up).
   int64_t requests = 0;
+  // > 0: pace the slots to this many iterations per second in total (each slot starts its
+  // calls on a fixed schedule). Latency is then measured from the scheduled start, so a
+  // server that falls behind shows its queueing delay (no coordinated omission).
+  double rate = 0;
   // GetSession with touch = true (a write to Memcached) instead of a pure read.
   bool touch = false;
   bool progress = true;

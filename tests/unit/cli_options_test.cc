@@ -212,6 +212,11 @@ TEST(CliOptionsTest, Bench) {
     ASSERT_TRUE(o.ok()) << rpc << ": " << o.status();
     EXPECT_EQ(BenchRpcName(o->bench.rpc), std::string(rpc));
   }
+  o = Parse({"bench", "--rate", "2500.5"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_DOUBLE_EQ(o->bench.rate, 2500.5);
+  ExpectUsageError({"bench", "--rate", "-1"}, "--rate");
+  ExpectUsageError({"bench", "--rate", "fast"}, "--rate");
   ExpectUsageError({"bench", "--rpc", "delete-everything"}, "--rpc");
   ExpectUsageError({"bench", "--concurrency", "0"}, "--concurrency");
   ExpectUsageError({"bench", "--duration", "0"}, "--duration");
