@@ -17,6 +17,8 @@ readonly SL_PACKAGES=(
   grpc-proto
   # Tests.
   libgtest-dev libgmock-dev python3-yaml nghttp2-client
+  # Deploy checks: compose file validation (no Docker engine needed).
+  docker-compose
   # Backing services and their client tools (scripts/backing-services).
   memcached libmemcached-tools postgresql postgresql-contrib
 )

@@ -120,8 +120,9 @@ absl::StatusOr<std::unique_ptr<MemcachedPool>> MemcachedPool::Create(
   if (master == nullptr) return absl::ResourceExhaustedError("memcached_create failed");
   if (absl::Status s = Configure(master.get(), options); !s.ok()) return s;
   if (absl::Status s = AddServers(master.get(), options.url); !s.ok()) return s;
-  // Handles connect lazily, so creating the pool succeeds while memcached is still starting.
-  memcached_pool_st* pool = memcached_pool_create(master.get(), 0, options.size);
+  // One handle up front (libmemcachedutil refuses an initial size of 0); handles connect
+  // lazily, so creating the pool succeeds while memcached is still starting.
+  memcached_pool_st* pool = memcached_pool_create(master.get(), 1, options.size);
   if (pool == nullptr) return absl::ResourceExhaustedError("memcached_pool_create failed");
   return std::unique_ptr<MemcachedPool>(new MemcachedPool(options, master.release(), pool));
 }

@@ -1,2 +1,325 @@
-// Placeholder; replaced below.
+// The server process as operators run it: real memcached and PostgreSQL from
+// scripts/backing-services, configuration by environment, signals, exit codes and logs.
+#include "tests/support/server_process.h"
+
+#include <signal.h>
+
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "server/postgres/migrations.h"
+#include "tests/support/test_env.h"
+
+namespace sessionledger::testing {
+namespace {
+
+using grpc::health::v1::Health;
+using grpc::health::v1::HealthCheckRequest;
+using grpc::health::v1::HealthCheckResponse;
+using ::testing::HasSubstr;
+
+constexpr char kSession[] = "sessionledger.v1.SessionService";
+constexpr char kTransaction[] = "sessionledger.v1.TransactionService";
+
+absl::StatusOr<HealthCheckResponse::ServingStatus> CheckHealth(
+    const std::shared_ptr<grpc::Channel>& channel, const std::string& service) {
+  auto stub = Health::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  HealthCheckRequest request;
+  request.set_service(service);
+  HealthCheckResponse response;
+  grpc::Status status = stub->Check(&context, request, &response);
+  if (!status.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+  }
+  return response.status();
+}
+
+// Polls until `service` reports `want` (health probes run every HEALTH_CHECK_INTERVAL_MS).
+bool EventuallyHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
+                      HealthCheckResponse::ServingStatus want,
+                      absl::Duration timeout = absl::Seconds(10)) {
+  const absl::Time give_up = absl::Now() + timeout;
+  while (absl::Now() < give_up) {
+    auto status = CheckHealth(channel, service);
+    if (status.ok() && *status == want) return true;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return false;
+}
+
+// DATABASE_URL with another database name.
+std::string DatabaseUrlFor(const std::string& database) {
+  const std::string url = RequiredEnv("DATABASE_URL");
+  const size_t query = url.find('?');
+  const size_t slash = url.rfind('/', query);
+  return absl::StrCat(url.substr(0, slash + 1), database,
+                      query == std::string::npos ? "" : url.substr(query));
+}
+
+void RecreateDatabase(const std::string& database) {
+  auto result = RunCommand({"psql", RequiredEnv("DATABASE_URL"), "-v", "ON_ERROR_STOP=1", "-qc",
+                            absl::StrCat("DROP DATABASE IF EXISTS ", database, " WITH (FORCE)"),
+                            "-qc", absl::StrCat("CREATE DATABASE ", database)});
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->exit_code, 0) << result->output;
+}
+
+std::unique_ptr<ServerProcess> StartServer(
+    std::map<std::string, std::optional<std::string>> extra_env = {}) {
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["HEALTH_CHECK_INTERVAL_MS"] = "100";
+  for (auto& [k, v] : extra_env) options.env[k] = v;
+  auto server = ServerProcess::Start(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  return server.ok() ? *std::move(server) : nullptr;
+}
+
+TEST(ServerProcessTest, HealthIsServingForEveryServiceWithRealBackends) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  auto channel = server->NewChannel();
+  EXPECT_TRUE(EventuallyHealth(channel, "", HealthCheckResponse::SERVING));
+  EXPECT_TRUE(EventuallyHealth(channel, kSession, HealthCheckResponse::SERVING));
+  EXPECT_TRUE(EventuallyHealth(channel, kTransaction, HealthCheckResponse::SERVING));
+  auto unknown = CheckHealth(channel, "no.such.Service");
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ServerProcessTest, StoppedMemcachedNodeTurnsSessionHealthNotServingUntilItReturns) {
+  auto plain = StartServer();  // Two nodes, no replicas: a node down loses sessions.
+  auto replicated = StartServer({{"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}});
+  ASSERT_NE(plain, nullptr);
+  ASSERT_NE(replicated, nullptr);
+  auto plain_channel = plain->NewChannel();
+  auto replicated_channel = replicated->NewChannel();
+  ASSERT_TRUE(EventuallyHealth(plain_channel, kSession, HealthCheckResponse::SERVING));
+
+  BackingServices({"stop-memcached", "2"});
+  const bool went_down =
+      EventuallyHealth(plain_channel, kSession, HealthCheckResponse::NOT_SERVING);
+  const auto transaction_status = CheckHealth(plain_channel, kTransaction);
+  const auto overall_status = CheckHealth(plain_channel, "");
+  const auto replicated_status = CheckHealth(replicated_channel, kSession);
+  BackingServices({"start-memcached", "2"});
+
+  EXPECT_TRUE(went_down);
+  EXPECT_EQ(transaction_status.value_or(HealthCheckResponse::UNKNOWN),
+            HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(overall_status.value_or(HealthCheckResponse::UNKNOWN), HealthCheckResponse::SERVING)
+      << "the process itself still accepts work";
+  EXPECT_EQ(replicated_status.value_or(HealthCheckResponse::UNKNOWN), HealthCheckResponse::SERVING)
+      << "with replicas=1 every session survives one node";
+  EXPECT_TRUE(EventuallyHealth(plain_channel, kSession, HealthCheckResponse::SERVING))
+      << "recovers without a restart";
+}
+
+TEST(ServerProcessTest, ReflectionListsEveryServiceAndDescribesHealth) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  auto stub = grpc::reflection::v1alpha::ServerReflection::NewStub(server->NewChannel());
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  auto stream = stub->ServerReflectionInfo(&context);
+
+  grpc::reflection::v1alpha::ServerReflectionRequest list;
+  list.set_list_services("");
+  ASSERT_TRUE(stream->Write(list));
+  grpc::reflection::v1alpha::ServerReflectionResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  std::vector<std::string> names;
+  for (const auto& service : response.list_services_response().service()) {
+    names.push_back(service.name());
+  }
+  EXPECT_THAT(names,
+              ::testing::IsSupersetOf({std::string(kSession), std::string(kTransaction),
+                                       std::string("grpc.health.v1.Health"),
+                                       std::string("grpc.reflection.v1alpha.ServerReflection")}));
+
+  // What `grpcurl ... grpc.health.v1.Health/Check` needs: the health service's descriptor.
+  grpc::reflection::v1alpha::ServerReflectionRequest describe;
+  describe.set_file_containing_symbol("grpc.health.v1.Health");
+  ASSERT_TRUE(stream->Write(describe));
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_FALSE(response.has_error_response()) << response.error_response().error_message();
+  EXPECT_GT(response.file_descriptor_response().file_descriptor_proto_size(), 0);
+
+  describe.set_file_containing_symbol("sessionledger.v1.TransactionService");
+  ASSERT_TRUE(stream->Write(describe));
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_FALSE(response.has_error_response()) << response.error_response().error_message();
+  stream->WritesDone();
+}
+
+TEST(ServerProcessTest, SigtermEndsWatchStreamsRefusesNewCallsAndExitsZero) {
+  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}});
+  ASSERT_NE(server, nullptr);
+  auto channel = server->NewChannel();
+  auto stub = Health::NewStub(channel);
+  grpc::ClientContext watch_context;
+  HealthCheckRequest request;
+  auto watch = stub->Watch(&watch_context, request);
+  HealthCheckResponse update;
+  ASSERT_TRUE(watch->Read(&update));
+  EXPECT_EQ(update.status(), HealthCheckResponse::SERVING);
+
+  const absl::Time signalled = absl::Now();
+  server->Signal(SIGTERM);
+  ASSERT_TRUE(watch->Read(&update)) << "a watcher hears NOT_SERVING before the stream ends";
+  EXPECT_EQ(update.status(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_FALSE(watch->Read(&update));
+  EXPECT_TRUE(watch->Finish().ok());
+
+  const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(15));
+  ASSERT_TRUE(exit_code.has_value()) << "still running after SIGTERM";
+  EXPECT_EQ(*exit_code, 0) << server->Output();
+  EXPECT_LT(absl::Now() - signalled, absl::Seconds(8))
+      << "with nothing in flight the drain does not wait for the whole grace period";
+  EXPECT_THAT(server->Output(), HasSubstr("\"msg\":\"shutting down\""));
+  EXPECT_THAT(server->Output(), HasSubstr("\"msg\":\"stopped\""));
+
+  auto after = CheckHealth(server->NewChannel(), "");
+  EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << "no new calls";
+}
+
+TEST(ServerProcessTest, SigintAlsoDrainsAndExitsZero) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  server->Signal(SIGINT);
+  const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(15));
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_EQ(*exit_code, 0) << server->Output();
+}
+
+TEST(ServerProcessTest, LogsAreOneJsonObjectPerLineWithPerCallFields) {
+  // Trust authentication ignores the password, so the URL still works with one in it.
+  const std::string with_password =
+      absl::StrReplaceAll(RequiredEnv("DATABASE_URL"),
+                          {{"postgres://sessionledger@", "postgres://sessionledger:Pa55w0rd-x@"}});
+  ASSERT_NE(with_password, RequiredEnv("DATABASE_URL"));
+  auto server = StartServer({{"LOG_LEVEL", "debug"}, {"DATABASE_URL", with_password}});
+  ASSERT_NE(server, nullptr);
+  ASSERT_TRUE(CheckHealth(server->NewChannel(), "").ok());
+  server->Signal(SIGTERM);
+  ASSERT_TRUE(server->WaitForExit(absl::Seconds(15)).has_value());
+  const std::string output = server->Output();
+  std::vector<std::string> lines = absl::StrSplit(output, '\n', absl::SkipEmpty());
+  ASSERT_FALSE(lines.empty());
+  bool saw_call = false;
+  for (const std::string& line : lines) {
+    EXPECT_TRUE(absl::StartsWith(line, "{\"ts\":\"") && absl::EndsWith(line, "}")) << line;
+    EXPECT_THAT(line, HasSubstr("\"level\":\""));
+    if (absl::StrContains(line, "\"method\":\"/grpc.health.v1.Health/Check\"")) {
+      saw_call = true;
+      EXPECT_THAT(line, HasSubstr("\"code\":\"OK\""));
+      EXPECT_THAT(line, HasSubstr("\"duration_ms\":"));
+      EXPECT_THAT(line, HasSubstr("\"peer\":\"ipv"));
+    }
+  }
+  EXPECT_TRUE(saw_call) << output;
+  EXPECT_THAT(output, ::testing::Not(HasSubstr("Pa55w0rd-x")))
+      << "the database URL is logged redacted only";
+  EXPECT_THAT(output, HasSubstr("postgres://sessionledger:****@"));
+}
+
+struct RefusalCase {
+  std::string name;
+  std::map<std::string, std::optional<std::string>> env;
+  int exit_code;
+  std::string message;
+};
+
+TEST(ServerProcessTest, RefusesToStartOnBadConfigurationWithOneLineNamingTheVariable) {
+  const RefusalCase cases[] = {
+      {"malformed DATABASE_URL", {{"DATABASE_URL", "mysql://127.0.0.1/db"}}, 2, "DATABASE_URL: "},
+      {"bad sslmode",
+       {{"DATABASE_URL", DatabaseUrlFor("x") + "&sslmode=sometimes"}},
+       2,
+       "DATABASE_URL: "},
+      {"missing MEMCACHED_URL", {{"MEMCACHED_URL", std::nullopt}}, 2, "MEMCACHED_URL: required"},
+      {"bad PORT", {{"PORT", "http"}}, 2, "PORT: "},
+      {"ttl above lifetime",
+       {{"SESSION_TTL_SECONDS", "100"}, {"SESSION_MAX_LIFETIME_SECONDS", "10"}},
+       2,
+       "SESSION_TTL_SECONDS: "},
+  };
+  for (const RefusalCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    ServerProcess::Options options;
+    options.env = BackingServiceEnv();
+    for (const auto& [k, v] : c.env) options.env[k] = v;
+    options.wait_until_serving = false;
+    auto server = ServerProcess::Start(options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    const std::optional<int> exit_code = (*server)->WaitForExit(absl::Seconds(10));
+    ASSERT_TRUE(exit_code.has_value()) << "did not refuse: " << (*server)->Output();
+    EXPECT_EQ(*exit_code, c.exit_code);
+    const std::string output = (*server)->Output();
+    EXPECT_THAT(output, HasSubstr("sessionledger-server: " + c.message));
+    EXPECT_EQ(std::count(output.begin(), output.end(), '\n'), 1) << output;
+  }
+}
+
+TEST(ServerProcessTest, RefusesToServeASchemaThatIsBehindAndMigrateFixesIt) {
+  const std::string database = "sl_schema_behind_test";
+  RecreateDatabase(database);
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["DATABASE_URL"] = DatabaseUrlFor(database);
+  options.wait_until_serving = false;
+  auto refused = ServerProcess::Start(options);
+  ASSERT_TRUE(refused.ok());
+  const std::optional<int> exit_code = (*refused)->WaitForExit(absl::Seconds(20));
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_NE(*exit_code, 0);
+  EXPECT_THAT((*refused)->Output(), HasSubstr("run `sessionledger-server migrate`"));
+
+  auto migrated =
+      RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", DatabaseUrlFor(database)}});
+  ASSERT_TRUE(migrated.ok());
+  ASSERT_EQ(migrated->exit_code, 0) << migrated->output;
+  options.wait_until_serving = true;
+  auto serving = ServerProcess::Start(options);
+  EXPECT_TRUE(serving.ok()) << serving.status();
+}
+
+TEST(ServerProcessTest, ConcurrentMigrationsAreSafeAndIdempotent) {
+  const std::string database = "sl_concurrent_migrate_test";
+  RecreateDatabase(database);
+  std::vector<std::thread> runners;
+  std::vector<absl::StatusOr<CommandResult>> results(4, absl::UnknownError("not run"));
+  for (int i = 0; i < 4; ++i) {
+    runners.emplace_back([&, i] {
+      results[i] =
+          RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", DatabaseUrlFor(database)}});
+    });
+  }
+  for (auto& r : runners) r.join();
+  for (const auto& result : results) {
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_EQ(result->exit_code, 0) << result->output;
+  }
+  auto again =
+      RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", DatabaseUrlFor(database)}});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->exit_code, 0) << again->output;
+
+  auto count = RunCommand({"psql", DatabaseUrlFor(database), "-Atc",
+                           "SELECT count(*), max(version) FROM schema_migrations"});
+  ASSERT_TRUE(count.ok());
+  EXPECT_EQ(count->output, absl::StrCat(LatestSchemaVersion(), "|", LatestSchemaVersion(), "\n"))
+      << "each migration recorded exactly once";
+}
+
+}  // namespace
+}  // namespace sessionledger::testing

@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -22,6 +24,22 @@ std::map<std::string, std::optional<std::string>> BackingServiceEnv() {
   return {{"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL")},
           {"DATABASE_URL", RequiredEnv("DATABASE_URL")}};
 }
+
+namespace {
+
+bool PortAcceptsConnections(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  const bool connected = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  close(fd);
+  return connected;
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options options) {
   std::unique_ptr<ServerProcess> process(new ServerProcess());
@@ -71,9 +89,18 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options opti
   process->reader_ = std::thread([p = process.get(), read_fd] { p->ReadOutput(read_fd); });
 
   if (!options.wait_until_serving) return process;
+  // Wait for the port with plain TCP first: a gRPC channel that connects too early sits in
+  // reconnect backoff for seconds after the server is up.
+  const absl::Time give_up = absl::Now() + options.startup_timeout;
+  while (!PortAcceptsConnections(process->port_) && absl::Now() < give_up) {
+    if (auto code = process->WaitForExit(absl::ZeroDuration()); code.has_value()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("server exited with ", *code, " during start-up:\n", process->Output()));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
   auto channel = process->NewChannel();
   auto stub = grpc::health::v1::Health::NewStub(channel);
-  const absl::Time give_up = absl::Now() + options.startup_timeout;
   while (absl::Now() < give_up) {
     if (auto code = process->WaitForExit(absl::ZeroDuration()); code.has_value()) {
       return absl::FailedPreconditionError(
@@ -83,8 +110,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options opti
     context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(500)));
     grpc::health::v1::HealthCheckRequest request;
     grpc::health::v1::HealthCheckResponse response;
-    if (stub->Check(&context, request, &response).ok() &&
-        response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+    grpc::Status check = stub->Check(&context, request, &response);
+    if (check.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
       return process;
     }
     absl::SleepFor(absl::Milliseconds(100));
@@ -107,6 +134,10 @@ std::shared_ptr<grpc::Channel> ServerProcess::NewChannel() const {
   grpc::ChannelArguments args;
   // A fresh connection per channel, so tests that restart servers never share a subchannel.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  // Tests restart servers: reconnect within a second, not after gRPC's default backoff of up to
+  // 120 s.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   return grpc::CreateCustomChannel(target(), grpc::InsecureChannelCredentials(), args);
 }
 
