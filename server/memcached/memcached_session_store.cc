@@ -23,10 +23,23 @@ constexpr int kGenerationCasAttempts = 16;
 // nodes each candidate hits the other node with probability ~1/2.
 constexpr int kPlacementProbes = 64;
 
-struct ResultDeleter {
-  void operator()(memcached_result_st* r) const { memcached_result_free(r); }
+// A result on the stack: libmemcached frees a heap-allocated result by itself when a fetch
+// loop ends, so handing it one of ours would free it twice. This owns only the value buffer.
+class ScopedResult {
+ public:
+  explicit ScopedResult(memcached_st* m) : ok_(memcached_result_create(m, &result_) != nullptr) {}
+  ~ScopedResult() {
+    if (ok_) memcached_result_free(&result_);
+  }
+  ScopedResult(const ScopedResult&) = delete;
+  ScopedResult& operator=(const ScopedResult&) = delete;
+  bool ok() const { return ok_; }
+  memcached_result_st* get() { return &result_; }
+
+ private:
+  memcached_result_st result_;
+  bool ok_;
 };
-using ResultPtr = std::unique_ptr<memcached_result_st, ResultDeleter>;
 
 struct Item {
   std::string value;
@@ -44,17 +57,19 @@ absl::StatusOr<time_t> Expiration(absl::Duration ttl) {
     return absl::InvalidArgumentError(
         absl::StrCat("memcached TTL ", absl::FormatDuration(ttl), " is above 30 days"));
   }
-  const int64_t seconds = absl::ToInt64Seconds(absl::Ceil(ttl, absl::Seconds(1)));
-  return static_cast<time_t>(std::max<int64_t>(1, seconds));
+  // memcached's clock ticks once a second, so an item can expire up to a second before its
+  // TTL; one extra second keeps it at least as long as the session lives (the session layer
+  // checks expires_at itself, so lingering a little longer is harmless).
+  const int64_t seconds = absl::ToInt64Seconds(absl::Ceil(ttl, absl::Seconds(1))) + 1;
+  return static_cast<time_t>(std::min(seconds, absl::ToInt64Seconds(kMaxStoreTtl)));
 }
 
 // Seconds left until `micros` (a Unix time), or 0 when it has passed.
 time_t SecondsUntil(int64_t micros) {
   const absl::Duration left = absl::FromUnixMicros(micros) - absl::Now();
   if (left <= absl::ZeroDuration()) return 0;
-  return static_cast<time_t>(
-      std::min(absl::ToInt64Seconds(absl::Ceil(std::min(left, kMaxStoreTtl), absl::Seconds(1))),
-               absl::ToInt64Seconds(kMaxStoreTtl)));
+  return static_cast<time_t>(std::min(absl::ToInt64Seconds(absl::Ceil(left, absl::Seconds(1))) + 1,
+                                      absl::ToInt64Seconds(kMaxStoreTtl)));
 }
 
 uint64_t ParseGeneration(const std::string& text) {
@@ -88,8 +103,8 @@ class Conn {
     memcached_return_t rc = memcached_mget_by_key(m(), group.data(), group.size(), ptrs.data(),
                                                   lens.data(), keys.size());
     if (!memcached_success(rc)) return MemcachedStatus(rc, "get");
-    ResultPtr result(memcached_result_create(m(), nullptr));
-    if (result == nullptr) return absl::UnavailableError("memcached: out of memory");
+    ScopedResult result(m());
+    if (!result.ok()) return absl::UnavailableError("memcached: out of memory");
     std::map<std::string, Item> hits;
     while (memcached_fetch_result(m(), result.get(), &rc) != nullptr) {
       if (!memcached_success(rc)) break;

@@ -6,6 +6,10 @@
 namespace sessionledger {
 namespace {
 
+// Backing-service work stops this much before the caller's deadline, so that the caller gets our
+// UNAVAILABLE (retryable, with a reason) rather than its own DEADLINE_EXCEEDED.
+constexpr absl::Duration kAnswerMargin = absl::Milliseconds(50);
+
 void SetTimestamp(int64_t unix_micros, google::protobuf::Timestamp* out) {
   out->set_seconds(unix_micros / 1'000'000);
   out->set_nanos(static_cast<int32_t>((unix_micros % 1'000'000) * 1000));
@@ -19,6 +23,10 @@ grpc::Status Respond(absl::StatusOr<SessionView> view, v1::Session* response) {
 }
 
 }  // namespace
+
+absl::Time SessionHandlers::Deadline(const grpc::ServerContext& context) const {
+  return CallDeadline(context, default_timeout_) - kAnswerMargin;
+}
 
 void ToApiSession(const storage::v1::StoredSession& stored, v1::Session* out) {
   out->set_session_id(stored.session_id());
@@ -35,46 +43,41 @@ grpc::Status SessionHandlers::CreateSession(grpc::ServerContext* context,
                                             const v1::CreateSessionRequest* request,
                                             v1::Session* response) {
   return Respond(sessions_->Create(request->user_id(), request->ttl_seconds(),
-                                   request->attributes(), CallDeadline(*context, default_timeout_)),
+                                   request->attributes(), Deadline(*context)),
                  response);
 }
 
 grpc::Status SessionHandlers::GetSession(grpc::ServerContext* context,
                                          const v1::GetSessionRequest* request,
                                          v1::Session* response) {
-  return Respond(
-      sessions_->Get(request->token(), request->touch(), CallDeadline(*context, default_timeout_)),
-      response);
+  return Respond(sessions_->Get(request->token(), request->touch(), Deadline(*context)), response);
 }
 
 grpc::Status SessionHandlers::UpdateSession(grpc::ServerContext* context,
                                             const v1::UpdateSessionRequest* request,
                                             v1::Session* response) {
-  return Respond(
-      sessions_->Update(request->token(), request->set(), request->remove(),
-                        request->expected_version(), CallDeadline(*context, default_timeout_)),
-      response);
+  return Respond(sessions_->Update(request->token(), request->set(), request->remove(),
+                                   request->expected_version(), Deadline(*context)),
+                 response);
 }
 
 grpc::Status SessionHandlers::RotateSession(grpc::ServerContext* context,
                                             const v1::RotateSessionRequest* request,
                                             v1::Session* response) {
-  return Respond(sessions_->Rotate(request->token(), CallDeadline(*context, default_timeout_)),
-                 response);
+  return Respond(sessions_->Rotate(request->token(), Deadline(*context)), response);
 }
 
 grpc::Status SessionHandlers::DeleteSession(grpc::ServerContext* context,
                                             const v1::DeleteSessionRequest* request,
                                             v1::DeleteSessionResponse* /*response*/) {
-  return ToGrpcStatus(
-      sessions_->Delete(request->token(), CallDeadline(*context, default_timeout_)));
+  return ToGrpcStatus(sessions_->Delete(request->token(), Deadline(*context)));
 }
 
 grpc::Status SessionHandlers::ListUserSessions(grpc::ServerContext* context,
                                                const v1::ListUserSessionsRequest* request,
                                                v1::ListUserSessionsResponse* response) {
   absl::StatusOr<std::vector<storage::v1::StoredSession>> sessions =
-      sessions_->List(request->user_id(), CallDeadline(*context, default_timeout_));
+      sessions_->List(request->user_id(), Deadline(*context));
   if (!sessions.ok()) return ToGrpcStatus(sessions.status());
   for (const auto& s : *sessions) ToApiSession(s, response->add_sessions());
   return grpc::Status::OK;
@@ -83,8 +86,7 @@ grpc::Status SessionHandlers::ListUserSessions(grpc::ServerContext* context,
 grpc::Status SessionHandlers::RevokeUserSessions(grpc::ServerContext* context,
                                                  const v1::RevokeUserSessionsRequest* request,
                                                  v1::RevokeUserSessionsResponse* response) {
-  absl::StatusOr<int64_t> revoked =
-      sessions_->Revoke(request->user_id(), CallDeadline(*context, default_timeout_));
+  absl::StatusOr<int64_t> revoked = sessions_->Revoke(request->user_id(), Deadline(*context));
   if (!revoked.ok()) return ToGrpcStatus(revoked.status());
   response->set_revoked(*revoked);
   return grpc::Status::OK;

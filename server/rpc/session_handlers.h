@@ -35,6 +35,8 @@ class SessionHandlers final : public sessionledger::v1::SessionService::Service 
                                   v1::RevokeUserSessionsResponse* response) override;
 
  private:
+  absl::Time Deadline(const grpc::ServerContext& context) const;
+
   std::shared_ptr<SessionService> sessions_;
   const absl::Duration default_timeout_;
 };
