@@ -133,7 +133,8 @@ class LedgerStore {
   // The account's transactions (as source or destination) with seq < `before_seq`, newest
   // first, at most `limit` (>= 1). NOT_FOUND when the account does not exist;
   // PERMISSION_DENIED when it is not `acting_user_id`'s (both checked in the same query, so
-  // listing costs one round trip). UNAVAILABLE.
+  // listing costs one round trip). A transaction made by another user (a transfer into this
+  // account) is listed with an empty idempotency_key: the key belongs to its user. UNAVAILABLE.
   virtual absl::StatusOr<TransactionPage> ListTransactions(absl::string_view acting_user_id,
                                                            absl::string_view account_id,
                                                            int64_t before_seq, int limit,

@@ -117,6 +117,7 @@ absl::StatusOr<TransactionPage> InMemoryLedgerStore::ListTransactions(
       break;
     }
     page.transactions.push_back(t);
+    if (it->user_id != acting_user_id) page.transactions.back().idempotency_key.clear();
   }
   return page;
 }

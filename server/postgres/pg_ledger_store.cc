@@ -97,7 +97,7 @@ FROM transactions WHERE user_id = $1 AND idempotency_key = $2)sql";
 constexpr absl::string_view kListTransactions = R"sql(
 SELECT a.owner_user_id, t.transaction_id, t.kind, t.from_account_id, t.to_account_id,
        t.amount_minor, t.currency, (extract(epoch FROM t.created_at) * 1000000)::bigint,
-       t.seq, t.idempotency_key
+       t.seq, t.idempotency_key, t.user_id
 FROM accounts a
 LEFT JOIN LATERAL (
   SELECT * FROM (
@@ -333,7 +333,11 @@ absl::StatusOr<TransactionPage> PgLedgerStore::ListTransactions(absl::string_vie
       page.more = true;
       break;
     }
-    page.transactions.push_back(TransactionFromColumns(r, row, 1, Text(r, row, 9)));
+    // Another user's key (a transfer into this account) is theirs, not the lister's: keys can
+    // carry client-side identifiers such as order numbers.
+    const bool own_key = Text(r, row, 10) == acting_user_id;
+    page.transactions.push_back(
+        TransactionFromColumns(r, row, 1, own_key ? Text(r, row, 9) : std::string()));
   }
   return page;
 }

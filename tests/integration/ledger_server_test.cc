@@ -269,6 +269,10 @@ TEST_F(LedgerServerTest, EveryMethodAndErrorCode) {
   altered[3] = altered[3] == 'A' ? 'B' : 'A';
   EXPECT_EQ(a_->List(alice, a1.account_id(), 1, altered, &page).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
+  ASSERT_TRUE(b_->List(bob, b1.account_id(), 0, "", &page).ok());
+  ASSERT_EQ(page.transactions_size(), 1);
+  EXPECT_EQ(page.transactions(0).transaction_id(), t.transaction_id());
+  EXPECT_EQ(page.transactions(0).idempotency_key(), "");  // Alice's key stays hers.
   EXPECT_EQ(a_->List(alice, a1.account_id(), -1, "", &page).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(a_->List(bob, a1.account_id(), 0, "", &page).error_code(),

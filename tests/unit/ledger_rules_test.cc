@@ -64,7 +64,7 @@ TEST(LedgerRules, PageSize) {
   EXPECT_EQ(EffectivePageSize(-1).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-TEST(PageToken, RoundTrips) {
+TEST(LedgerPageToken, RoundTrips) {
   const PageCursor cursor{"0b6f5c1e-1234-4abc-8def-0123456789ab", 123456789012345};
   const std::string token = EncodePageToken(cursor);
   for (char c : token) {
@@ -76,7 +76,7 @@ TEST(PageToken, RoundTrips) {
   EXPECT_EQ(decoded->last_seq, cursor.last_seq);
 }
 
-TEST(PageToken, EveryAlteredCharacterIsRejected) {
+TEST(LedgerPageToken, EveryAlteredCharacterIsRejected) {
   const std::string token = EncodePageToken({"0b6f5c1e-1234-4abc-8def-0123456789ab", 42});
   const std::string alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
   for (size_t i = 0; i < token.size(); ++i) {

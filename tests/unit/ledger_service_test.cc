@@ -241,6 +241,8 @@ TEST_F(LedgerServiceTest, ListPaginatesNewestFirstAndChecksTokens) {
       ledger_.ListTransactions("bob-token", {b.account_id, 0, ""}, kDeadline);
   ASSERT_TRUE(bobs.ok());
   EXPECT_EQ(bobs->transactions.size(), 6u);
+  EXPECT_EQ(bobs->transactions[0].idempotency_key, "");  // Alice's key is not bob's to see.
+  EXPECT_EQ(all.front().idempotency_key, "t5");
   EXPECT_TRUE(bobs->next_page_token.empty());
 }
 
