@@ -7,6 +7,7 @@
 #include "server/common/clock.h"
 #include "server/ledger/fake_token_authenticator.h"
 #include "server/ledger/in_memory_ledger_store.h"
+#include "server/ledger/late_bound_authenticator.h"
 #include "server/rpc/transaction_handlers.h"
 
 namespace sessionledger {
@@ -117,6 +118,21 @@ TEST_F(LedgerHandlersTest, StoreOutageIsUnavailable) {
   pb::Account a;
   EXPECT_EQ(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &a).error_code(),
             grpc::StatusCode::UNAVAILABLE);
+}
+
+// The server wires the ledger to the app's authenticator slot; an empty slot (no session layer)
+// must give a clean UNAVAILABLE, and a filled one must be used without rewiring.
+TEST(LedgerLateBoundAuthenticator, EmptySlotIsUnavailableThenForwards) {
+  std::unique_ptr<TokenAuthenticator> slot;
+  LateBoundAuthenticator late(slot);
+  EXPECT_EQ(late.UserIdForToken("t", absl::InfiniteFuture()).status().code(),
+            absl::StatusCode::kUnavailable);
+  auto fake = std::make_unique<FakeAuthenticator>();
+  fake->Add("t", "carol");
+  slot = std::move(fake);
+  EXPECT_EQ(late.UserIdForToken("t", absl::InfiniteFuture()).value_or(""), "carol");
+  EXPECT_EQ(late.UserIdForToken("u", absl::InfiniteFuture()).status().code(),
+            absl::StatusCode::kUnauthenticated);
 }
 
 }  // namespace
