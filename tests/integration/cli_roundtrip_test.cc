@@ -279,6 +279,14 @@ TEST_F(CliRoundTripTest, BenchRunsForOneSecond) {
                               "\"errors\":\\{\\}\\}\n")))
         << rpc << ": " << r.output;
   }
+  // --rate paces the loop: about 200 calls in one second, whatever the concurrency.
+  CommandResult paced =
+      Cli({"--json", "bench", "--rpc", "health", "--concurrency", "8", "--duration", "1s",
+           "--warmup", "0", "--rate", "200", "--no-progress"});
+  ASSERT_EQ(paced.exit_code, 0) << paced.output;
+  EXPECT_THAT(paced.output, MatchesRegex(".*\"throughput\":(19[0-9]|20[0-9])\\.[0-9],.*"))
+      << paced.output;
+
   // --requests: an exact number of iterations, two calls each for create-get-session.
   CommandResult r = Cli({"--json", "bench", "--rpc", "create-get-session", "--concurrency", "3",
                          "--requests", "20", "--no-progress"});
