@@ -43,15 +43,23 @@ absl::StatusOr<std::string> LedgerService::Authenticate(absl::string_view sessio
         "authorization: missing or malformed; send `authorization: Bearer <session token>`");
   }
   absl::StatusOr<std::string> user = authenticator_.UserIdForToken(session_token, deadline);
-  if (!user.ok() && user.status().code() != absl::StatusCode::kUnauthenticated &&
-      user.status().code() != absl::StatusCode::kUnavailable &&
-      user.status().code() != absl::StatusCode::kDeadlineExceeded) {
-    // The authenticator promises only these codes; anything else means the session store is
-    // unusable, which the caller should treat as a transient outage.
-    return absl::UnavailableError(
-        absl::StrCat("session store: ", std::string(user.status().message())));
+  if (user.ok()) return user;
+  switch (user.status().code()) {
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kDeadlineExceeded:
+      return user.status();
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kPermissionDenied:
+      // Codes the interface does not promise but whose meaning is clear: the token names no
+      // live session. The caller must see UNAUTHENTICATED, not an account-level NOT_FOUND.
+      return absl::UnauthenticatedError("authorization: unknown or expired session token");
+    default:
+      // Anything else means the session store is unusable: a transient outage to the caller.
+      return absl::UnavailableError(
+          absl::StrCat("session store: ", std::string(user.status().message())));
   }
-  return user;
 }
 
 absl::StatusOr<Account> LedgerService::OpenAccount(absl::string_view session_token,

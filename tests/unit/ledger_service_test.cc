@@ -98,6 +98,35 @@ TEST_F(LedgerServiceTest, SessionStoreOutageIsUnavailable) {
               StatusIs(absl::StatusCode::kUnavailable));
 }
 
+// An authenticator that fails with a fixed status.
+class FailingAuthenticator final : public TokenAuthenticator {
+ public:
+  explicit FailingAuthenticator(absl::Status status) : status_(std::move(status)) {}
+  absl::StatusOr<std::string> UserIdForToken(absl::string_view, absl::Time) override {
+    return status_;
+  }
+
+ private:
+  absl::Status status_;
+};
+
+TEST(LedgerServiceAuthTest, AuthenticatorCodesAreNormalised) {
+  FakeClock clock;
+  InMemoryLedgerStore store(clock);
+  const std::pair<absl::Status, absl::StatusCode> cases[] = {
+      {absl::NotFoundError("x"), absl::StatusCode::kUnauthenticated},
+      {absl::InvalidArgumentError("x"), absl::StatusCode::kUnauthenticated},
+      {absl::UnauthenticatedError("x"), absl::StatusCode::kUnauthenticated},
+      {absl::UnavailableError("x"), absl::StatusCode::kUnavailable},
+      {absl::InternalError("x"), absl::StatusCode::kUnavailable},
+  };
+  for (const auto& [given, want] : cases) {
+    FailingAuthenticator auth(given);
+    LedgerService ledger(store, auth);
+    EXPECT_EQ(ledger.OpenAccount("tok", "EUR", kDeadline).status().code(), want) << given;
+  }
+}
+
 TEST_F(LedgerServiceTest, StoreOutageIsUnavailable) {
   store_.set_unavailable(true);
   EXPECT_THAT(ledger_.OpenAccount("alice-token", "EUR", kDeadline).status(),
