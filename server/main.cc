@@ -1,13 +1,18 @@
 // sessionledger-server: thin entry point. Reads the environment once, then either migrates the
 // schema or serves until SIGTERM/SIGINT.
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "server/app/server_app.h"
 #include "server/config/config.h"
 #include "server/postgres/migrations.h"
@@ -32,6 +37,28 @@ int Migrate() {
   if (!version.ok()) return Fail(version.status());
   logger.Info("schema is up to date", {{"version", *version}});
   return 0;
+}
+
+// For container health checks (the image has no shell or grpc_health_probe): asks the local
+// server's health service for "" and exits 0 only when it is SERVING.
+int HealthCheck() {
+  const char* port = std::getenv("PORT");
+  const std::string target = absl::StrCat("127.0.0.1:", port != nullptr && *port ? port : "50051");
+  auto stub = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  grpc::health::v1::HealthCheckRequest request;
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status status = stub->Check(&context, request, &response);
+  if (!status.ok()) {
+    std::fprintf(stderr, "sessionledger-server healthcheck: %s: %s\n", target.c_str(),
+                 status.error_message().c_str());
+    return 1;
+  }
+  const bool serving = response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+  std::printf("%s\n", serving ? "SERVING" : "NOT_SERVING");
+  return serving ? 0 : 1;
 }
 
 int Serve() {
@@ -73,10 +100,12 @@ int main(int argc, char** argv) {
     std::fputs(sessionledger::ConfigHelpText().c_str(), stdout);
     return 0;
   }
-  if (argc > 2 || (argc == 2 && command != "migrate" && command != "serve")) {
+  if (argc > 2 ||
+      (argc == 2 && command != "migrate" && command != "serve" && command != "healthcheck")) {
     std::fprintf(stderr, "sessionledger-server: unknown arguments; see --help\n");
     return 2;
   }
   if (command == "migrate") return sessionledger::Migrate();
+  if (command == "healthcheck") return sessionledger::HealthCheck();
   return sessionledger::Serve();
 }

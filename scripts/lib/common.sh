@@ -12,7 +12,7 @@ readonly SL_PACKAGES=(
   cmake g++ make pkg-config clang-format
   # Libraries the server links.
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
-  libmemcached-dev libpq-dev libssl-dev
+  libmemcached-dev libpq-dev libssl-dev prometheus-cpp-dev
   # Standard .proto files (grpc/health/v1/health.proto).
   grpc-proto
   # Tests.

@@ -9,11 +9,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/status_macros.h"
-#include "server/memcached/memcached_session_store.h"
 #include "server/ledger/late_bound_authenticator.h"
+#include "server/memcached/memcached_session_store.h"
 #include "server/postgres/migrations.h"
 #include "server/postgres/pg_ledger_store.h"
-#include "server/rpc/call_logging.h"
+#include "server/rpc/call_observer.h"
 #include "server/rpc/session_handlers.h"
 #include "server/rpc/transaction_handlers.h"
 #include "server/session/session_service.h"
@@ -109,6 +109,8 @@ absl::Status ServerApp::Start() {
                                                     config_.health_check_interval, logger_);
   health_monitor_->ProbeOnce();
 
+  if (absl::Status s = StartMetrics(); !s.ok()) return s;
+
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(absl::StrCat("[::]:", config_.port), grpc::InsecureServerCredentials(),
@@ -126,7 +128,7 @@ absl::Status ServerApp::Start() {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   for (const auto& service : services_) builder.RegisterService(service.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  interceptors.push_back(std::make_unique<CallLoggingFactory>(logger_));
+  interceptors.push_back(std::make_unique<CallObserverFactory>(logger_, &metrics_));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
@@ -135,9 +137,54 @@ absl::Status ServerApp::Start() {
         absl::StrCat("PORT: cannot listen on port ", config_.port, " (in use, or not permitted)"));
   }
   logger_.Info("listening", {{"port", port_},
+                             {"metrics_port", metrics_port()},
                              {"memcached_nodes", static_cast<int>(config_.memcached.nodes.size())},
                              {"memcached_replicas", config_.memcached.replicas},
                              {"database", RedactDatabaseUrl(config_.database_url)}});
+  return absl::OkStatus();
+}
+
+absl::Status ServerApp::StartMetrics() {
+  if (config_.metrics_port == 0) return absl::OkStatus();
+  MemcachedPool* memcached = memcached_pool_.get();
+  PgPool* postgres = pg_pool_.get();
+  metrics_.AddSampled({"sessionledger_pool_size",
+                       "Configured connections per pool",
+                       false,
+                       {{"pool", "memcached"}},
+                       [memcached] { return double(memcached->options().size); }});
+  metrics_.AddSampled({"sessionledger_pool_size",
+                       "Configured connections per pool",
+                       false,
+                       {{"pool", "postgres"}},
+                       [postgres] { return double(postgres->size()); }});
+  metrics_.AddSampled({"sessionledger_pool_in_use",
+                       "Connections lent to calls right now",
+                       false,
+                       {{"pool", "memcached"}},
+                       [memcached] { return double(memcached->leased()); }});
+  metrics_.AddSampled(
+      {"sessionledger_pool_in_use",
+       "Connections lent to calls right now",
+       false,
+       {{"pool", "postgres"}},
+       [postgres] { return double(postgres->open_connections() - postgres->idle_connections()); }});
+  metrics_.AddSampled({"sessionledger_pool_open",
+                       "Connections open (idle and in use)",
+                       false,
+                       {{"pool", "postgres"}},
+                       [postgres] { return double(postgres->open_connections()); }});
+  metrics_.AddSampled({"sessionledger_pool_waits_total",
+                       "Acquires that found every connection busy and had to wait",
+                       true,
+                       {{"pool", "postgres"}},
+                       [postgres] { return double(postgres->total_waits()); }});
+  metrics_.AddSampled({"sessionledger_pool_exhausted_total",
+                       "Acquires that found no connection free before their deadline",
+                       true,
+                       {{"pool", "memcached"}},
+                       [memcached] { return double(memcached->exhausted()); }});
+  SL_ASSIGN_OR_RETURN(metrics_http_, MetricsHttpServer::Start(config_.metrics_port, metrics_));
   return absl::OkStatus();
 }
 

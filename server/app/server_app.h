@@ -12,6 +12,7 @@
 #include "server/config/config.h"
 #include "server/domain/token_authenticator.h"
 #include "server/memcached/memcached_pool.h"
+#include "server/metrics/server_metrics.h"
 #include "server/postgres/pg_pool.h"
 #include "server/rpc/health.h"
 
@@ -31,6 +32,8 @@ class ServerApp {
   // Starts listening on config.port (0 = pick a free port, for tests).
   absl::Status Start();
   int port() const { return port_; }
+  // 0 when METRICS_PORT is 0.
+  int metrics_port() const { return metrics_http_ != nullptr ? metrics_http_->port() : 0; }
 
   // Health goes NOT_SERVING, then the server stops accepting calls and lets in-flight calls
   // finish until `grace` has passed (then cancels them). Returns when all handlers returned.
@@ -41,6 +44,7 @@ class ServerApp {
 
  private:
   ServerApp(const Config& config, Logger& logger) : config_(config), logger_(logger) {}
+  absl::Status StartMetrics();
 
   const Config config_;
   Logger& logger_;
@@ -52,6 +56,8 @@ class ServerApp {
   std::unique_ptr<TokenAuthenticator> authenticator_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<HealthMonitor> health_monitor_;
+  ServerMetrics metrics_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 };

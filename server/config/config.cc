@@ -302,6 +302,7 @@ std::string ConfigHelpText() {
       "Usage:\n"
       "  sessionledger-server            serve (schema must be up to date)\n"
       "  sessionledger-server migrate    create or upgrade the PostgreSQL schema, then exit\n"
+      "  sessionledger-server healthcheck  exit 0 when the server on PORT is SERVING (containers)\n"
       "  sessionledger-server --help     this text\n\n"
       "Configuration (environment only):\n";
   size_t width = 0;

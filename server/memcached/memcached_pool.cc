@@ -133,7 +133,10 @@ MemcachedPool::~MemcachedPool() {
 }
 
 MemcachedPool::Lease::~Lease() {
-  if (handle_ != nullptr) memcached_pool_release(pool_, handle_);
+  if (handle_ != nullptr) {
+    memcached_pool_release(owner_->pool_, handle_);
+    owner_->leased_.fetch_sub(1, std::memory_order_relaxed);
+  }
 }
 
 absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(absl::Time deadline) {
@@ -145,12 +148,14 @@ absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(absl::Time deadline)
   memcached_return_t rc = MEMCACHED_SUCCESS;
   memcached_st* handle = memcached_pool_fetch(pool_, &wait, &rc);
   if (handle == nullptr) {
+    exhausted_.fetch_add(1, std::memory_order_relaxed);
     return absl::UnavailableError(
         absl::StrCat("memcached: no pooled connection free within the deadline (pool size ",
                      options_.size, ")"));
   }
   SetIoTimeouts(handle, deadline - absl::Now(), options_);
-  return Lease(pool_, handle);
+  leased_.fetch_add(1, std::memory_order_relaxed);
+  return Lease(this, handle);
 }
 
 MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout) {

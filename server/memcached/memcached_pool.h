@@ -4,6 +4,7 @@
 #include <libmemcached/memcached.h>
 #include <libmemcached/util.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -41,7 +42,7 @@ class MemcachedPool {
   // memcached_st it holds.
   class Lease {
    public:
-    Lease(Lease&& other) noexcept : pool_(other.pool_), handle_(other.handle_) {
+    Lease(Lease&& other) noexcept : owner_(other.owner_), handle_(other.handle_) {
       other.handle_ = nullptr;
     }
     Lease& operator=(Lease&&) = delete;
@@ -52,8 +53,8 @@ class MemcachedPool {
 
    private:
     friend class MemcachedPool;
-    Lease(memcached_pool_st* pool, memcached_st* handle) : pool_(pool), handle_(handle) {}
-    memcached_pool_st* pool_;
+    Lease(MemcachedPool* owner, memcached_st* handle) : owner_(owner), handle_(handle) {}
+    MemcachedPool* owner_;
     memcached_st* handle_;
   };
 
@@ -69,6 +70,9 @@ class MemcachedPool {
 
   const MemcachedPoolOptions& options() const { return options_; }
   int node_count() const { return static_cast<int>(options_.url.nodes.size()); }
+  // For metrics: handles lent out now, and Acquire calls that found none free in time.
+  int leased() const { return leased_.load(std::memory_order_relaxed); }
+  int64_t exhausted() const { return exhausted_.load(std::memory_order_relaxed); }
 
  private:
   MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_pool_st* pool)
@@ -77,6 +81,8 @@ class MemcachedPool {
   const MemcachedPoolOptions options_;
   memcached_st* master_;  // Template the pool clones; owned.
   memcached_pool_st* pool_;
+  std::atomic<int> leased_{0};
+  std::atomic<int64_t> exhausted_{0};
 };
 
 // Probes every node with a fresh connection (a version request) and counts the ones that answer.

@@ -33,6 +33,10 @@ void BackingServices(const std::vector<std::string>& args);
 // A TCP port on 127.0.0.1 that was free a moment ago.
 int FreeTcpPort();
 
+// GET http://127.0.0.1:<port><path> with HTTP/1.0; returns status line, headers and body as
+// received. UNAVAILABLE when nothing answers.
+absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
+
 }  // namespace sessionledger::testing
 
 #endif  // SESSIONLEDGER_TESTS_SUPPORT_TEST_ENV_H_

@@ -1,0 +1,123 @@
+#include "server/metrics/server_metrics.h"
+
+#include <prometheus/collectable.h>
+#include <prometheus/exposer.h>
+#include <prometheus/text_serializer.h>
+
+#include <exception>
+#include <map>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+
+namespace sessionledger {
+
+// Builds metric families from the registered read functions at each scrape.
+class ServerMetrics::SampledCollectable final : public prometheus::Collectable {
+ public:
+  void Add(Sampled sampled) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    sampled_.push_back(std::move(sampled));
+  }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // Several samples may share a name (one per label set): one family each name.
+    std::map<std::string, prometheus::MetricFamily> families;
+    for (const Sampled& s : sampled_) {
+      prometheus::MetricFamily& family = families[s.name];
+      family.name = s.name;
+      family.help = s.help;
+      family.type = s.is_counter ? prometheus::MetricType::Counter : prometheus::MetricType::Gauge;
+      prometheus::ClientMetric metric;
+      for (const auto& [k, v] : s.labels) metric.label.push_back({k, v});
+      const double value = s.read();
+      if (s.is_counter) {
+        metric.counter.value = value;
+      } else {
+        metric.gauge.value = value;
+      }
+      family.metric.push_back(std::move(metric));
+    }
+    std::vector<prometheus::MetricFamily> out;
+    for (auto& [name, family] : families) out.push_back(std::move(family));
+    return out;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<Sampled> sampled_;
+};
+
+namespace {
+
+// Sub-millisecond for cache hits up to seconds for calls that wait on a slow backing service.
+const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
+  static const auto* const kBuckets = new prometheus::Histogram::BucketBoundaries{
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
+  return *kBuckets;
+}
+
+}  // namespace
+
+ServerMetrics::ServerMetrics()
+    : registry_(std::make_shared<prometheus::Registry>()),
+      sampled_(std::make_shared<SampledCollectable>()),
+      requests_(prometheus::BuildCounter()
+                    .Name("sessionledger_rpc_requests_total")
+                    .Help("Finished RPCs by full method name and gRPC status code")
+                    .Register(*registry_)),
+      durations_(prometheus::BuildHistogram()
+                     .Name("sessionledger_rpc_duration_seconds")
+                     .Help("RPC latency as the server saw it, by full method name")
+                     .Register(*registry_)),
+      in_flight_(prometheus::BuildGauge()
+                     .Name("sessionledger_rpc_in_flight")
+                     .Help("RPCs received and not yet answered")
+                     .Register(*registry_)
+                     .Add({})) {}
+
+ServerMetrics::~ServerMetrics() = default;
+
+void ServerMetrics::RpcStarted() { in_flight_.Increment(); }
+
+void ServerMetrics::RpcFinished(const std::string& method, absl::string_view code_name,
+                                double seconds) {
+  in_flight_.Decrement();
+  requests_.Add({{"method", method}, {"code", std::string(code_name)}}).Increment();
+  durations_.Add({{"method", method}}, LatencyBuckets()).Observe(seconds);
+}
+
+void ServerMetrics::AddSampled(Sampled sampled) { sampled_->Add(std::move(sampled)); }
+
+std::string ServerMetrics::RenderText() const {
+  std::vector<prometheus::MetricFamily> families = registry_->Collect();
+  std::vector<prometheus::MetricFamily> sampled = sampled_->Collect();
+  families.insert(families.end(), sampled.begin(), sampled.end());
+  return prometheus::TextSerializer().Serialize(families);
+}
+
+absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
+    int port, const ServerMetrics& metrics) {
+  std::unique_ptr<prometheus::Exposer> exposer;
+  try {
+    // civetweb's "num_threads": scrapes are rare; two threads keep the footprint small.
+    exposer = std::make_unique<prometheus::Exposer>(absl::StrCat("0.0.0.0:", port),
+                                                    /*num_threads=*/2);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("METRICS_PORT: cannot listen on port ", port, ": ", e.what()));
+  }
+  exposer->RegisterCollectable(metrics.registry());
+  exposer->RegisterCollectable(metrics.sampled_);
+  const std::vector<int> ports = exposer->GetListeningPorts();
+  return std::unique_ptr<MetricsHttpServer>(
+      new MetricsHttpServer(std::move(exposer), ports.empty() ? port : ports.front()));
+}
+
+MetricsHttpServer::MetricsHttpServer(std::unique_ptr<prometheus::Exposer> exposer, int port)
+    : exposer_(std::move(exposer)), port_(port) {}
+
+MetricsHttpServer::~MetricsHttpServer() = default;
+
+}  // namespace sessionledger

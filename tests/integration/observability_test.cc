@@ -1,0 +1,164 @@
+// What operators see of a running server: /metrics, request ids, the container health check.
+#include <grpcpp/client_context.h>
+#include <signal.h>
+
+#include <regex>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "sessionledger/v1/session.grpc.pb.h"
+#include "tests/support/server_process.h"
+#include "tests/support/test_env.h"
+
+namespace sessionledger::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::unique_ptr<ServerProcess> StartServer(std::map<std::string, std::optional<std::string>> env) {
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  for (auto& [k, v] : env) options.env[k] = v;
+  auto server = ServerProcess::Start(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  return server.ok() ? *std::move(server) : nullptr;
+}
+
+// The value of the sample `name{labels}` in a Prometheus text exposition, or -1.
+double SampleValue(const std::string& exposition, const std::string& series) {
+  for (absl::string_view line : absl::StrSplit(exposition, '\n')) {
+    if (absl::StartsWith(line, series + " ")) {
+      double value = -1;
+      if (absl::SimpleAtod(line.substr(series.size() + 1), &value)) return value;
+    }
+  }
+  return -1;
+}
+
+std::string Scrape(int port) {
+  absl::StatusOr<std::string> response = HttpGet(port, "/metrics");
+  EXPECT_TRUE(response.ok()) << response.status();
+  if (!response.ok()) return "";
+  EXPECT_THAT(*response, ::testing::StartsWith("HTTP/1.1 200"));
+  const size_t body = response->find("\r\n\r\n");
+  return body == std::string::npos ? "" : response->substr(body + 4);
+}
+
+TEST(MetricsTest, CountersMoveAfterCallsAndTheFormatParses) {
+  const int metrics_port = FreeTcpPort();
+  auto server = StartServer({{"METRICS_PORT", absl::StrCat(metrics_port)}});
+  ASSERT_NE(server, nullptr);
+  auto channel = server->NewChannel();
+
+  const std::string before = Scrape(metrics_port);
+  const std::string ok_series =
+      R"(sessionledger_rpc_requests_total{code="OK",method="/grpc.health.v1.Health/Check"})";
+  const double ok_before = std::max(0.0, SampleValue(before, ok_series));
+
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  for (int i = 0; i < 5; ++i) {
+    grpc::ClientContext context;
+    grpc::health::v1::HealthCheckRequest request;
+    grpc::health::v1::HealthCheckResponse response;
+    ASSERT_TRUE(health->Check(&context, request, &response).ok());
+  }
+  {
+    // A failing call is counted under its code.
+    auto sessions = sessionledger::v1::SessionService::NewStub(channel);
+    grpc::ClientContext context;
+    sessionledger::v1::GetSessionRequest request;  // Empty token: INVALID_ARGUMENT.
+    sessionledger::v1::Session response;
+    EXPECT_FALSE(sessions->GetSession(&context, request, &response).ok());
+  }
+
+  const std::string after = Scrape(metrics_port);
+  EXPECT_EQ(SampleValue(after, ok_series), ok_before + 5) << after;
+  EXPECT_GE(SampleValue(after, R"(sessionledger_rpc_requests_total{code="INVALID_ARGUMENT",)"
+                               R"(method="/sessionledger.v1.SessionService/GetSession"})"),
+            1)
+      << after;
+  EXPECT_GE(SampleValue(after, R"(sessionledger_rpc_duration_seconds_count{)"
+                               R"(method="/grpc.health.v1.Health/Check"})"),
+            5);
+  EXPECT_EQ(SampleValue(after, "sessionledger_rpc_in_flight"), 0);
+  EXPECT_EQ(SampleValue(after, R"(sessionledger_pool_size{pool="memcached"})"), 16);
+  EXPECT_EQ(SampleValue(after, R"(sessionledger_pool_size{pool="postgres"})"), 8);
+  EXPECT_GE(SampleValue(after, R"(sessionledger_pool_waits_total{pool="postgres"})"), 0);
+
+  // Every line is a comment (# HELP / # TYPE) or `name{labels} value`.
+  const std::regex sample(
+      R"re([a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? [-+0-9.eE]+|[-+]?Inf|NaN)re");
+  int samples = 0;
+  for (absl::string_view line : absl::StrSplit(after, '\n', absl::SkipEmpty())) {
+    if (absl::StartsWith(line, "# HELP ") || absl::StartsWith(line, "# TYPE ")) continue;
+    EXPECT_TRUE(std::regex_match(std::string(line), sample)) << line;
+    ++samples;
+  }
+  EXPECT_GT(samples, 10);
+}
+
+TEST(MetricsTest, PortZeroTurnsMetricsOff) {
+  auto server = StartServer({{"METRICS_PORT", "0"}});
+  ASSERT_NE(server, nullptr);
+  EXPECT_THAT(server->Output(), HasSubstr("\"metrics_port\":0"));
+}
+
+TEST(RequestIdTest, EchoesTheCallersIdAndLogsIt) {
+  auto server = StartServer({{"LOG_LEVEL", "debug"}});
+  ASSERT_NE(server, nullptr);
+  auto health = grpc::health::v1::Health::NewStub(server->NewChannel());
+  grpc::ClientContext context;
+  context.AddMetadata("x-request-id", "req-abc-123");
+  grpc::health::v1::HealthCheckRequest request;
+  grpc::health::v1::HealthCheckResponse response;
+  ASSERT_TRUE(health->Check(&context, request, &response).ok());
+  auto echoed = context.GetServerInitialMetadata().find("x-request-id");
+  ASSERT_NE(echoed, context.GetServerInitialMetadata().end());
+  EXPECT_EQ(std::string(echoed->second.data(), echoed->second.size()), "req-abc-123");
+  server->Signal(SIGTERM);
+  ASSERT_TRUE(server->WaitForExit(absl::Seconds(15)).has_value());
+  EXPECT_THAT(server->Output(), HasSubstr("\"request_id\":\"req-abc-123\""));
+}
+
+TEST(RequestIdTest, GeneratesOneWhenAbsentOrUnusable) {
+  auto server = StartServer({});
+  ASSERT_NE(server, nullptr);
+  auto health = grpc::health::v1::Health::NewStub(server->NewChannel());
+  std::set<std::string> ids;
+  for (const char* sent : {"", "has space", ""}) {
+    grpc::ClientContext context;
+    if (*sent != '\0') context.AddMetadata("x-request-id", sent);
+    grpc::health::v1::HealthCheckRequest request;
+    grpc::health::v1::HealthCheckResponse response;
+    ASSERT_TRUE(health->Check(&context, request, &response).ok());
+    auto echoed = context.GetServerInitialMetadata().find("x-request-id");
+    ASSERT_NE(echoed, context.GetServerInitialMetadata().end());
+    const std::string id(echoed->second.data(), echoed->second.size());
+    EXPECT_THAT(id, ::testing::MatchesRegex("[0-9a-f]{24}"));
+    ids.insert(id);
+  }
+  EXPECT_EQ(ids.size(), 3u) << "each call gets its own id";
+}
+
+TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {
+  auto server = StartServer({});
+  ASSERT_NE(server, nullptr);
+  const std::string port = absl::StrCat(server->port());
+  auto serving = RunCommand({SL_SERVER_BINARY, "healthcheck"}, {{"PORT", port}});
+  ASSERT_TRUE(serving.ok());
+  EXPECT_EQ(serving->exit_code, 0) << serving->output;
+  EXPECT_THAT(serving->output, HasSubstr("SERVING"));
+
+  server->Signal(SIGKILL);
+  server->WaitForExit(absl::Seconds(10));
+  auto down = RunCommand({SL_SERVER_BINARY, "healthcheck"}, {{"PORT", port}});
+  ASSERT_TRUE(down.ok());
+  EXPECT_EQ(down->exit_code, 1) << down->output;
+}
+
+}  // namespace
+}  // namespace sessionledger::testing
