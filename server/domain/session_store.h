@@ -57,8 +57,8 @@ class SessionStore {
  public:
   virtual ~SessionStore() = default;
 
-  // The session under `key` and its user's generation, in one round trip when nothing is
-  // missing. NOT_FOUND is never returned: a missing session is an empty `record`.
+  // The session under `key` and its user's generation, read together (one round trip per
+  // copy). NOT_FOUND is never returned: a missing session is an empty `record`.
   virtual absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) = 0;
 
   // Stores a new session. ALREADY_EXISTS when the key is taken.

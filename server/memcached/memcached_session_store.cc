@@ -298,66 +298,104 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   const std::string skey = SessionKeyName(key.token_hash);
   const std::string gkey = GenerationKeyName(key.user_tag);
-  SessionLookup lookup;
-  std::vector<int> missed;  // Copies that answered "no such session".
+
+  // Every copy is consulted (one multi-get each: session + generation), because only reading a
+  // copy tells whether it is missing: a node that restarted empty is repaired on the first read
+  // whichever copy it holds. With replicas = 0 this is a single round trip.
+  struct CopyState {
+    bool answered = false;
+    std::optional<Item> session;  // Raw value, when present and parsable.
+    StoredSession parsed;
+    uint64_t generation = 0;
+    bool has_generation = false;
+  };
+  std::vector<CopyState> copies(static_cast<size_t>(conn.copies()));
   absl::Status last = absl::UnavailableError("memcached: no node answered");
+  int best = -1;
+  SessionLookup lookup;
   for (int c = 0; c < conn.copies(); ++c) {
     absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {skey, gkey});
     if (!got.ok()) {
       last = got.status();
       continue;
     }
-    bool have_generation = false;
+    CopyState& state = copies[static_cast<size_t>(c)];
+    state.answered = true;
     if (auto g = got->find(gkey); g != got->end()) {
-      lookup.user_generation = std::max(lookup.user_generation, ParseGeneration(g->second.value));
-      have_generation = true;
+      state.generation = ParseGeneration(g->second.value);
+      state.has_generation = true;
+      lookup.user_generation = std::max(lookup.user_generation, state.generation);
     }
-    auto s = got->find(skey);
-    SessionRecord record;
-    // An unparsable value counts as a miss on this copy.
-    if (s == got->end() || !record.session.ParseFromString(s->second.value)) {
-      missed.push_back(c);
-      continue;
-    }
-    record.cas = CasToken{s->second.cas, c};
-    if (!have_generation) {
-      // The generation is normally next to the session; if this copy lost it (its node
-      // restarted), ask the other copies rather than treat the user as never revoked.
-      for (int o = 0; o < conn.copies(); ++o) {
-        if (o == c) continue;
-        absl::StatusOr<std::map<std::string, Item>> other = conn.Get(o, {gkey});
-        if (!other.ok()) continue;
-        if (auto g = other->find(gkey); g != other->end()) {
-          lookup.user_generation =
-              std::max(lookup.user_generation, ParseGeneration(g->second.value));
-        }
+    // An unparsable value counts as missing on this copy.
+    if (auto it = got->find(skey);
+        it != got->end() && state.parsed.ParseFromString(it->second.value)) {
+      state.session = std::move(it->second);
+      // Which copy is authoritative: a tombstone anywhere wins (a deletion must stick), then the
+      // highest version, then the earlier copy (the primary).
+      if (best < 0) {
+        best = c;
+      } else {
+        const StoredSession& b = copies[static_cast<size_t>(best)].parsed;
+        const bool better =
+            (state.parsed.deleted() && !b.deleted()) ||
+            (state.parsed.deleted() == b.deleted() && state.parsed.version() > b.version());
+        if (better) best = c;
       }
     }
-    if (!missed.empty()) {
-      // Read repair: earlier copies answered "miss" (typically a node that restarted empty).
-      const time_t ttl = SecondsUntil(record.session.expires_at_unix_micros());
-      for (int m : missed) {
-        if (lookup.user_generation > 0) {
-          conn.RaiseGeneration(m, gkey, lookup.user_generation,
-                               static_cast<time_t>(absl::ToInt64Seconds(kMaxStoreTtl)));
-        }
-        if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, skey, s->second.value, ttl);
-      }
-      // The repaired first copy is the primary again: compare-and-swap must meet there.
-      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(missed.front(), {skey});
+  }
+  int primary = -1;
+  for (int c = 0; c < conn.copies(); ++c) {
+    if (copies[static_cast<size_t>(c)].answered) {
+      primary = c;
+      break;
+    }
+  }
+  if (primary < 0) return last;
+  if (best < 0) return lookup;  // No copy holds the session.
+
+  const CopyState& winner = copies[static_cast<size_t>(best)];
+  const time_t ttl = SecondsUntil(winner.parsed.expires_at_unix_micros());
+  const time_t generation_ttl = static_cast<time_t>(absl::ToInt64Seconds(kMaxStoreTtl));
+  bool primary_rewritten = false;
+  // Read repair: copies that answered but lack the session, hold an older version, or miss the
+  // generation (or hold a lower one) get the authoritative state back.
+  for (int c = 0; c < conn.copies(); ++c) {
+    CopyState& state = copies[static_cast<size_t>(c)];
+    if (!state.answered) continue;
+    if (lookup.user_generation > 0 &&
+        (!state.has_generation || state.generation < lookup.user_generation)) {
+      conn.RaiseGeneration(c, gkey, lookup.user_generation, generation_ttl);
+    }
+    if (c == best || ttl <= 0) continue;
+    const bool stale = !state.session.has_value() ||
+                       (winner.parsed.deleted() && !state.parsed.deleted()) ||
+                       state.parsed.version() < winner.parsed.version();
+    if (!stale) continue;
+    const memcached_return_t rc =
+        state.session.has_value() ? conn.Store(Conn::Op::kSet, c, skey, winner.session->value, ttl)
+                                  : conn.Store(Conn::Op::kAdd, c, skey, winner.session->value, ttl);
+    if (memcached_success(rc) && c == primary) primary_rewritten = true;
+  }
+
+  SessionRecord record;
+  record.session = winner.parsed;
+  record.cas = CasToken{winner.session->cas, best};
+  if (best != primary) {
+    // Compare-and-swap must meet every writer on the primary, so hand out its CAS value.
+    if (primary_rewritten) {
+      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(primary, {skey});
       if (again.ok()) {
         if (auto r = again->find(skey); r != again->end()) {
-          record.cas = CasToken{r->second.cas, missed.front()};
+          record.cas = CasToken{r->second.cas, primary};
         }
       }
+    } else if (copies[static_cast<size_t>(primary)].session.has_value() &&
+               copies[static_cast<size_t>(primary)].parsed.version() == winner.parsed.version()) {
+      record.cas = CasToken{copies[static_cast<size_t>(primary)].session->cas, primary};
     }
-    lookup.record = std::move(record);
-    return lookup;
   }
-  // A copy that answered "miss" is trusted over copies that did not answer: copies are written
-  // together, so a live node without the session almost certainly means there is none.
-  if (!missed.empty()) return lookup;
-  return last;
+  lookup.record = std::move(record);
+  return lookup;
 }
 
 absl::Status MemcachedSessionStore::Add(const SessionKey& key, const StoredSession& session,

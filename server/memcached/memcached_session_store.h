@@ -25,10 +25,14 @@ namespace sessionledger {
 // distinct nodes. libmemcached's own NUMBER_OF_REPLICAS is not used: it does not combine with
 // CAS, and a node that restarts empty answers "miss" for keys it held.
 //
-// Reads try copy 0, then the next copy on a miss or an error; a copy that answered "miss" while
-// a later one had the value is repaired (add) on the spot, and the generation is taken as the
-// highest any consulted copy holds, so a node that came back empty can neither lose a session
-// nor un-revoke one. Writes: CAS (or add) on the first copy that answers (the primary), then a
+// Lookup reads every copy (one multi-get of session + generation per copy; a single round trip
+// when replicas = 0), because only reading a copy shows that it is missing: a node that
+// restarted empty is repaired (add) by the first read, whichever copy it holds. The copies are
+// reconciled: a tombstone anywhere wins, then the highest version; the generation is the highest
+// any copy holds and is written back where it is missing, so a restarted node can neither lose
+// a session nor un-revoke one. A copy that answers "miss" is trusted over copies that do not
+// answer (NOT_FOUND rather than UNAVAILABLE). Index and list reads stop at the first copy that
+// has the value. Writes: CAS (or add) on the first copy that answers (the primary), then a
 // plain set on the others.
 //
 // Consistency trade-off (documented, deliberate): while every node is up, all writers of a key

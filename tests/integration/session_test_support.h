@@ -176,6 +176,38 @@ inline bool MemcachedHas(int node, const std::string& key) {
   return absl::StartsWith(reply, "VALUE ");
 }
 
+// The raw value of `key` on node `node` (text protocol), or nullopt when it is absent.
+inline std::optional<std::string> MemcachedGetValue(int node, const std::string& key) {
+  const std::string reply = MemcachedText(MemcachedPort(node), "get " + key);
+  if (!absl::StartsWith(reply, "VALUE ")) return std::nullopt;
+  const size_t header_end = reply.find("\r\n");
+  std::vector<std::string> header = absl::StrSplit(reply.substr(0, header_end), ' ');
+  if (header.size() < 4) return std::nullopt;
+  return reply.substr(header_end + 2, std::stoul(header[3]));
+}
+
+// Writes `key` = `value` on node `node` directly (as a stale copy would be left behind).
+inline bool MemcachedSetRaw(int node, const std::string& key, const std::string& value,
+                            int ttl_seconds) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(MemcachedPort(node)));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bool stored = false;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string request =
+        absl::StrCat("set ", key, " 0 ", ttl_seconds, " ", value.size(), "\r\n", value, "\r\n");
+    if (write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
+      char buf[64];
+      const ssize_t got = read(fd, buf, sizeof(buf));
+      stored = got >= 6 && std::string(buf, 6) == "STORED";
+    }
+  }
+  close(fd);
+  return stored;
+}
+
 }  // namespace sessionledger::testing
 
 #endif  // SESSIONLEDGER_TESTS_INTEGRATION_SESSION_TEST_SUPPORT_H_

@@ -1,0 +1,93 @@
+// Concurrent updates of one session through two server processes on the real memcached.
+#include <atomic>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/integration/session_test_support.h"
+
+namespace sessionledger::testing {
+namespace {
+
+class SessionConcurrencyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    a_ = StartSessionServer();
+    b_ = StartSessionServer();
+    ASSERT_TRUE(a_ != nullptr && b_ != nullptr);
+  }
+  std::unique_ptr<ServerProcess> a_;
+  std::unique_ptr<ServerProcess> b_;
+};
+
+TEST_F(SessionConcurrencyTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
+  constexpr int kThreads = 8;
+  constexpr int kUpdates = 200;
+  SessionClient creator(*a_);
+  const v1::Session s = creator.MustCreate(absl::StrCat("conc-", absl::ToUnixMicros(absl::Now())));
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      // Half the threads go through each server, each over its own connection.
+      SessionClient client(t % 2 == 0 ? *a_ : *b_);
+      for (int i = 0; i < kUpdates; ++i) {
+        v1::Session out;
+        grpc::Status st =
+            client.Update(s.token(), {{absl::StrCat("t", t, "-", i), "x"}}, {}, 0, &out);
+        if (!st.ok()) {
+          ++failures;
+          ADD_FAILURE() << st.error_code() << " " << st.error_message();
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  SessionClient reader(*b_);
+  v1::Session final_session;
+  ASSERT_TRUE(reader.Get(s.token(), false, &final_session).ok());
+  EXPECT_EQ(final_session.attributes_size(), kThreads * kUpdates);
+  EXPECT_EQ(final_session.version(), 1 + kThreads * kUpdates);
+  for (int t = 0; t < kThreads; ++t) {
+    for (int i = 0; i < kUpdates; ++i) {
+      ASSERT_EQ(final_session.attributes().count(absl::StrCat("t", t, "-", i)), 1u)
+          << "lost update t" << t << "-" << i;
+    }
+  }
+}
+
+TEST_F(SessionConcurrencyTest, ExactlyOneOfTwoSameVersionWritersWins) {
+  SessionClient setup(*a_);
+  const v1::Session s = setup.MustCreate(absl::StrCat("race-", absl::ToUnixMicros(absl::Now())));
+  for (int round = 0; round < 20; ++round) {
+    const int64_t version = 1 + round;
+    std::atomic<int> ready{0};
+    grpc::Status results[2];
+    std::vector<std::thread> threads;
+    for (int w = 0; w < 2; ++w) {
+      threads.emplace_back([&, w] {
+        SessionClient client(w == 0 ? *a_ : *b_);
+        ++ready;
+        while (ready.load() < 2) {
+        }
+        v1::Session out;
+        results[w] = client.Update(s.token(), {{"winner", absl::StrCat(w)}}, {}, version, &out);
+      });
+    }
+    for (auto& t : threads) t.join();
+    const int ok = results[0].ok() + results[1].ok();
+    ASSERT_EQ(ok, 1) << "round " << round << ": " << results[0].error_message() << " / "
+                     << results[1].error_message();
+    const grpc::Status& loser = results[0].ok() ? results[1] : results[0];
+    EXPECT_EQ(loser.error_code(), grpc::StatusCode::ABORTED) << loser.error_message();
+  }
+  v1::Session final_session;
+  ASSERT_TRUE(setup.Get(s.token(), false, &final_session).ok());
+  EXPECT_EQ(final_session.version(), 21);
+}
+
+}  // namespace
+}  // namespace sessionledger::testing

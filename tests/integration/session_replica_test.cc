@@ -1,0 +1,238 @@
+// SessionService under memcached node restarts, losses, outages and stalls (real nodes from
+// scripts/backing-services; these tests stop and restart them, and always bring them back).
+#include <openssl/sha.h>
+#include <signal.h>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "tests/integration/session_test_support.h"
+
+namespace sessionledger::testing {
+namespace {
+
+std::string SessionKey(const std::string& token) {
+  unsigned char digest[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(token.data()), token.size(), digest);
+  return "sl:v1:s:" + absl::BytesToHexString(
+                          absl::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
+}
+
+int CountSessionKeys(int node) {
+  int n = 0;
+  for (const std::string& k : MemcachedKeys(node)) n += absl::StartsWith(k, "sl:v1:s:");
+  return n;
+}
+
+class SessionReplicaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    server_ = StartSessionServer({{"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}});
+    ASSERT_NE(server_, nullptr);
+    client_ = std::make_unique<SessionClient>(*server_);
+  }
+  void TearDown() override {
+    // Whatever happened, leave both nodes running for the next test.
+    BackingServices({"start-memcached", "1"});
+    BackingServices({"start-memcached", "2"});
+  }
+
+  std::vector<v1::Session> CreateMany(const std::string& prefix, int n) {
+    std::vector<v1::Session> out;
+    const std::string run = absl::StrCat(absl::ToUnixMicros(absl::Now()));
+    for (int i = 0; i < n; ++i) {
+      out.push_back(
+          client_->MustCreate(absl::StrCat(prefix, "-", run, "-", i), 0, {{"i", absl::StrCat(i)}}));
+    }
+    return out;
+  }
+
+  void ExpectAllReadable(const std::vector<v1::Session>& sessions) {
+    for (const v1::Session& s : sessions) {
+      v1::Session got;
+      grpc::Status st = client_->Get(s.token(), false, &got);
+      EXPECT_TRUE(st.ok()) << s.user_id() << ": " << st.error_code() << " " << st.error_message();
+      EXPECT_EQ(got.session_id(), s.session_id());
+    }
+  }
+
+  // Reads each session until `node` holds its copy again (read repair), within a few seconds:
+  // libmemcached retries a node that failed only after its retry timeout (1 s).
+  void ReadUntilRepaired(const std::vector<v1::Session>& sessions, int node) {
+    for (const v1::Session& s : sessions) {
+      const absl::Time give_up = absl::Now() + absl::Seconds(5);
+      bool repaired = false;
+      while (!repaired && absl::Now() < give_up) {
+        EXPECT_EQ(client_->GetCode(s.token()), grpc::StatusCode::OK);
+        repaired = MemcachedHas(node, SessionKey(s.token()));
+        if (!repaired) absl::SleepFor(absl::Milliseconds(100));
+      }
+      EXPECT_TRUE(repaired) << "node " << node << " never got its copy of " << s.user_id();
+    }
+  }
+
+  std::unique_ptr<ServerProcess> server_;
+  std::unique_ptr<SessionClient> client_;
+};
+
+TEST_F(SessionReplicaTest, EverySessionIsOnBothNodes) {
+  std::vector<v1::Session> sessions = CreateMany("both", 10);
+  for (const v1::Session& s : sessions) {
+    EXPECT_TRUE(MemcachedHas(1, SessionKey(s.token())));
+    EXPECT_TRUE(MemcachedHas(2, SessionKey(s.token())));
+  }
+}
+
+TEST_F(SessionReplicaTest, NodeThatRestartsEmptyLosesNothingAndIsRepairedOnRead) {
+  std::vector<v1::Session> sessions = CreateMany("flap", 20);
+  BackingServices({"restart-memcached", "1"});
+  ASSERT_EQ(CountSessionKeys(1), 0) << "the restarted node should come back empty";
+  ExpectAllReadable(sessions);
+  ReadUntilRepaired(sessions, 1);
+  // Updates after the flap reach both copies again.
+  v1::Session out;
+  ASSERT_TRUE(client_->Update(sessions[0].token(), {{"after", "flap"}}, {}, 0, &out).ok());
+  EXPECT_EQ(out.version(), 2);
+}
+
+TEST_F(SessionReplicaTest, StoppingEitherNodeLosesNoSession) {
+  std::vector<v1::Session> sessions = CreateMany("loss", 20);
+  BackingServices({"stop-memcached", "1"});
+  ExpectAllReadable(sessions);
+  // Writes keep working on the surviving copy.
+  v1::Session out;
+  ASSERT_TRUE(client_->Update(sessions[0].token(), {{"during", "outage"}}, {}, 0, &out).ok());
+  sessions.push_back(client_->MustCreate("created-during-outage"));
+  ASSERT_TRUE(client_->Delete(sessions[1].token()).ok());
+
+  BackingServices({"start-memcached", "1"});  // Comes back empty.
+  std::vector<v1::Session> live = sessions;
+  live.erase(live.begin() + 1);
+  ReadUntilRepaired(live, 1);
+
+  BackingServices({"stop-memcached", "2"});
+  ExpectAllReadable(live);
+  v1::Session got;
+  ASSERT_TRUE(client_->Get(sessions[0].token(), false, &got).ok());
+  EXPECT_EQ(got.attributes().at("during"), "outage");
+  EXPECT_EQ(client_->GetCode(sessions[1].token()), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(SessionReplicaTest, RevocationHoldsWhenANodeLosesTheGenerationButCopiesLinger) {
+  const std::string user = absl::StrCat("revoked-", absl::ToUnixMicros(absl::Now()));
+  v1::Session s = client_->MustCreate(user);
+  const std::string key = SessionKey(s.token());
+  const std::optional<std::string> value = MemcachedGetValue(1, key);
+  ASSERT_TRUE(value.has_value());
+  v1::RevokeUserSessionsResponse revoked;
+  ASSERT_TRUE(client_->Revoke(user, &revoked).ok());
+  EXPECT_EQ(revoked.revoked(), 1);
+  // Node 1 restarts and so forgets the user's generation; then stale copies of the session
+  // reappear on both nodes (say, a delete that never reached them). Only the generation that
+  // node 2 still holds can keep the session dead, so reads must consult it.
+  BackingServices({"restart-memcached", "1"});
+  ASSERT_TRUE(MemcachedSetRaw(1, key, *value, 60));
+  ASSERT_TRUE(MemcachedSetRaw(2, key, *value, 60));
+  // The user tag: hex of the first 16 bytes of SHA-256(user_id).
+  const std::string generation_key = "sl:v1:g:" + SessionKey(user).substr(8, 32);
+  EXPECT_FALSE(MemcachedHas(1, generation_key));
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_EQ(client_->GetCode(s.token()), grpc::StatusCode::NOT_FOUND);
+    absl::SleepFor(absl::Milliseconds(150));  // Past libmemcached's 1 s retry of node 1.
+  }
+  // ... and the read repaired the generation on node 1.
+  EXPECT_TRUE(MemcachedHas(1, generation_key));
+  v1::Session fresh = client_->MustCreate(user);
+  EXPECT_EQ(client_->GetCode(fresh.token()), grpc::StatusCode::OK);
+}
+
+TEST(SessionOutageTest, MemcachedDownIsUnavailableWithinTheDeadlineAndRecovers) {
+  std::unique_ptr<ServerProcess> server = StartSessionServer();
+  ASSERT_NE(server, nullptr);
+  SessionClient client(*server);
+  v1::Session s = client.MustCreate("outage-user");
+  BackingServices({"stop-memcached", "1"});
+  BackingServices({"stop-memcached", "2"});
+  client.set_timeout(absl::Seconds(2));
+  const absl::Time start = absl::Now();
+  v1::Session out;
+  grpc::Status st = client.Get(s.token(), false, &out);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  EXPECT_EQ(client.Create("outage-user", 0, &out).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(4));
+
+  BackingServices({"start-memcached", "1"});
+  BackingServices({"start-memcached", "2"});
+  // The same process serves again once memcached is back (no restart).
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  grpc::Status created;
+  do {
+    absl::SleepFor(absl::Milliseconds(200));
+    created = client.Create("outage-user", 0, &out);
+  } while (!created.ok() && absl::Now() < give_up);
+  ASSERT_TRUE(created.ok()) << created.error_message();
+  EXPECT_EQ(client.GetCode(out.token()), grpc::StatusCode::OK);
+}
+
+// memcached's pid from the pid file scripts/backing-services keeps.
+pid_t MemcachedPid(int node) {
+  const std::string state = RequiredEnv("SL_STATE_DIR");
+  for (const std::string& dir : {state + "/run", state + "/runtime/run"}) {
+    std::ifstream in(absl::StrCat(dir, "/memcached-", node, ".pid"));
+    pid_t pid = 0;
+    if (in >> pid && pid > 0) return pid;
+  }
+  return 0;
+}
+
+// Freezes a memcached (SIGSTOP) for its lifetime: the node accepts connections but never
+// answers, like a stalled server.
+class Freeze {
+ public:
+  explicit Freeze(pid_t pid) : pid_(pid) {
+    if (pid_ > 0) kill(pid_, SIGSTOP);
+  }
+  ~Freeze() {
+    if (pid_ > 0) kill(pid_, SIGCONT);
+  }
+
+ private:
+  pid_t pid_;
+};
+
+TEST(SessionOutageTest, StalledMemcachedIsUnavailableWithinTheDeadline) {
+  std::unique_ptr<ServerProcess> server = StartSessionServer();
+  ASSERT_NE(server, nullptr);
+  SessionClient client(*server);
+  v1::Session s = client.MustCreate("stall-user");
+  const pid_t pid1 = MemcachedPid(1);
+  const pid_t pid2 = MemcachedPid(2);
+  ASSERT_TRUE(pid1 > 0 && pid2 > 0);
+  {
+    Freeze f1(pid1);
+    Freeze f2(pid2);
+    client.set_timeout(absl::Milliseconds(1500));
+    const absl::Time start = absl::Now();
+    v1::Session out;
+    grpc::Status st = client.Get(s.token(), false, &out);
+    const absl::Duration took = absl::Now() - start;
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+    EXPECT_LT(took, absl::Milliseconds(1500));
+  }
+  client.set_timeout(absl::Seconds(5));
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  grpc::StatusCode code;
+  do {
+    code = client.GetCode(s.token());
+    if (code != grpc::StatusCode::OK) absl::SleepFor(absl::Milliseconds(200));
+  } while (code != grpc::StatusCode::OK && absl::Now() < give_up);
+  EXPECT_EQ(code, grpc::StatusCode::OK);
+}
+
+}  // namespace
+}  // namespace sessionledger::testing
