@@ -1,9 +1,15 @@
 #include "server/config/config.h"
 
 #include <libpq-fe.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
 #include <memory>
@@ -129,6 +135,106 @@ absl::Status LoadDatabase(const Raw& raw, Config& config) {
                       IntegerVariable(raw, "DATABASE_POOL_SIZE", "8", 1, 1024));
   return absl::OkStatus();
 }
+
+// A certificate or key file is a few KiB; the cap keeps a mistaken path (/dev/zero, a disk
+// image) from eating memory before the process even listens.
+constexpr size_t kMaxPemFileBytes = 1 << 20;
+
+absl::StatusOr<std::string> ReadPemFile(absl::string_view variable, const std::string& path) {
+  std::unique_ptr<FILE, decltype(&std::fclose)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (file == nullptr) {
+    return VariableError(variable, absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
+  }
+  std::string contents;
+  char buffer[4096];
+  size_t got;
+  while ((got = std::fread(buffer, 1, sizeof(buffer), file.get())) > 0) {
+    contents.append(buffer, got);
+    if (contents.size() > kMaxPemFileBytes) {
+      return VariableError(variable, absl::StrCat(path, " is larger than 1 MiB; not a PEM file"));
+    }
+  }
+  if (std::ferror(file.get())) {
+    return VariableError(variable, absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
+  }
+  return contents;
+}
+
+using BioPtr = std::unique_ptr<BIO, decltype(&BIO_free)>;
+using X509Ptr = std::unique_ptr<X509, decltype(&X509_free)>;
+using EvpPkeyPtr = std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)>;
+
+BioPtr MemoryBio(const std::string& pem) {
+  return BioPtr(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
+}
+
+// OpenSSL would otherwise ask on the terminal for the passphrase of an encrypted key.
+int NoPassphrase(char*, int, int, void*) { return 0; }
+
+absl::StatusOr<X509Ptr> FirstCertificate(absl::string_view variable, const std::string& path,
+                                         const std::string& pem) {
+  BioPtr bio = MemoryBio(pem);
+  X509Ptr cert(
+      bio != nullptr ? PEM_read_bio_X509(bio.get(), nullptr, NoPassphrase, nullptr) : nullptr,
+      &X509_free);
+  ERR_clear_error();  // The queue is per thread; leave nothing behind for gRPC's TLS code.
+  if (cert == nullptr) {
+    return VariableError(variable, absl::StrCat(path, " holds no PEM certificate"));
+  }
+  return cert;
+}
+
+}  // namespace
+
+absl::StatusOr<TlsConfig> LoadTlsFiles(std::optional<std::string> cert_file,
+                                       std::optional<std::string> key_file,
+                                       std::optional<std::string> client_ca_file) {
+  // Empty means unset, as for every other variable (Kubernetes manifests write "").
+  if (cert_file.has_value() && cert_file->empty()) cert_file.reset();
+  if (key_file.has_value() && key_file->empty()) key_file.reset();
+  if (client_ca_file.has_value() && client_ca_file->empty()) client_ca_file.reset();
+  TlsConfig tls;
+  if (!cert_file.has_value() && !key_file.has_value()) {
+    if (client_ca_file.has_value()) {
+      return VariableError("TLS_CLIENT_CA_FILE",
+                           "needs TLS_CERT_FILE and TLS_KEY_FILE (mutual TLS is TLS first)");
+    }
+    return tls;
+  }
+  if (!cert_file.has_value()) return VariableError("TLS_CERT_FILE", "required with TLS_KEY_FILE");
+  if (!key_file.has_value()) return VariableError("TLS_KEY_FILE", "required with TLS_CERT_FILE");
+
+  SL_ASSIGN_OR_RETURN(tls.cert_chain_pem, ReadPemFile("TLS_CERT_FILE", *cert_file));
+  SL_ASSIGN_OR_RETURN(tls.private_key_pem, ReadPemFile("TLS_KEY_FILE", *key_file));
+  SL_ASSIGN_OR_RETURN(X509Ptr cert,
+                      FirstCertificate("TLS_CERT_FILE", *cert_file, tls.cert_chain_pem));
+  BioPtr key_bio = MemoryBio(tls.private_key_pem);
+  EvpPkeyPtr key(key_bio != nullptr
+                     ? PEM_read_bio_PrivateKey(key_bio.get(), nullptr, NoPassphrase, nullptr)
+                     : nullptr,
+                 &EVP_PKEY_free);
+  ERR_clear_error();
+  if (key == nullptr) {
+    return VariableError("TLS_KEY_FILE",
+                         absl::StrCat(*key_file, " holds no unencrypted PEM private key"));
+  }
+  // gRPC would only fail later with "cannot listen"; a mismatch is a configuration error.
+  const bool matches = X509_check_private_key(cert.get(), key.get()) == 1;
+  ERR_clear_error();
+  if (!matches) {
+    return VariableError(
+        "TLS_KEY_FILE",
+        absl::StrCat(*key_file, " is not the key of the certificate in ", *cert_file));
+  }
+  if (client_ca_file.has_value()) {
+    SL_ASSIGN_OR_RETURN(tls.client_ca_pem, ReadPemFile("TLS_CLIENT_CA_FILE", *client_ca_file));
+    SL_RETURN_IF_ERROR(
+        FirstCertificate("TLS_CLIENT_CA_FILE", *client_ca_file, tls.client_ca_pem).status());
+  }
+  return tls;
+}
+
+namespace {
 
 absl::Status LoadLogLevel(const Raw& raw, Config& config) {
   auto level = ParseLogLevel(raw.Get("LOG_LEVEL", "info"));
@@ -291,7 +397,15 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"HEALTH_CHECK_INTERVAL_MS", "2000", "how often Memcached and PostgreSQL are probed"},
       {"GRPC_MAX_CONNECTION_AGE_SECONDS", "300",
        "clients reconnect after this long, so load spreads over new replicas"},
-      {"GRPC_MAX_RECV_BYTES", "1048576", "largest request message accepted"},
+      {"GRPC_MAX_RECV_BYTES", "1048576",
+       "largest request message accepted; a larger one fails with RESOURCE_EXHAUSTED"},
+      {"GRPC_MAX_CONCURRENT_STREAMS", "100",
+       "concurrent calls per client connection (HTTP/2 streams); more wait for a free one"},
+      {"TLS_CERT_FILE", "unset",
+       "PEM certificate chain of the gRPC port; with TLS_KEY_FILE turns TLS on (read at start)"},
+      {"TLS_KEY_FILE", "unset", "PEM private key (unencrypted) of TLS_CERT_FILE"},
+      {"TLS_CLIENT_CA_FILE", "unset",
+       "PEM CA bundle; set = mutual TLS: every client must present a certificate it signed"},
   };
   return *kVariables;
 }
@@ -375,6 +489,10 @@ absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
   SL_ASSIGN_OR_RETURN(config.grpc_max_recv_bytes,
                       IntegerVariable(raw, "GRPC_MAX_RECV_BYTES", "1048576", 1024,
                                       std::numeric_limits<int32_t>::max()));
+  SL_ASSIGN_OR_RETURN(config.grpc_max_concurrent_streams,
+                      IntegerVariable(raw, "GRPC_MAX_CONCURRENT_STREAMS", "100", 1, 100'000));
+  SL_ASSIGN_OR_RETURN(config.tls, LoadTlsFiles(env("TLS_CERT_FILE"), env("TLS_KEY_FILE"),
+                                               env("TLS_CLIENT_CA_FILE")));
   return config;
 }
 

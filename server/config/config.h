@@ -36,6 +36,25 @@ absl::Status ValidateDatabaseUrl(absl::string_view url);
 // The same string with any password replaced by "****", safe to log.
 std::string RedactDatabaseUrl(absl::string_view url);
 
+// Transport security of the gRPC port, read once at start-up (TLS_CERT_FILE, TLS_KEY_FILE,
+// TLS_CLIENT_CA_FILE). The PEM contents, not the paths, are kept: a certificate rotated on disk
+// takes effect at the next restart, never halfway through the process's life.
+struct TlsConfig {
+  bool enabled() const { return !cert_chain_pem.empty(); }
+  // Mutual TLS: clients must present a certificate that chains to client_ca_pem.
+  bool require_client_cert() const { return !client_ca_pem.empty(); }
+  std::string cert_chain_pem;
+  std::string private_key_pem;
+  std::string client_ca_pem;
+};
+
+// Reads and checks the three TLS files (any may be unset or empty = not configured): the
+// certificate and key must come together and match, the client CA needs TLS and must hold at
+// least one certificate. Errors name the variable on one line, like every config error.
+absl::StatusOr<TlsConfig> LoadTlsFiles(std::optional<std::string> cert_file,
+                                       std::optional<std::string> key_file,
+                                       std::optional<std::string> client_ca_file);
+
 // Everything the process reads from its environment, validated once at start-up. Components
 // receive the plain values they need, never the environment.
 struct Config {
@@ -54,6 +73,10 @@ struct Config {
   absl::Duration health_check_interval = absl::Seconds(2);
   absl::Duration grpc_max_connection_age = absl::Seconds(300);
   int64_t grpc_max_recv_bytes = 1 << 20;
+  // Per HTTP/2 connection; a client that opens more waits for a free stream instead of making
+  // the server allocate for an unbounded number of calls at once.
+  int grpc_max_concurrent_streams = 100;
+  TlsConfig tls;  // Plaintext when !tls.enabled().
 };
 
 // One row of the configuration table: `--help` prints these and the README mirrors them.

@@ -200,5 +200,38 @@ TEST(ConfigHelpTest, ListsEveryVariableWithItsDefault) {
   }
 }
 
+TEST(LoadConfigTest, GrpcLimitsHaveSafeDefaultsAndBounds) {
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(MinimalEnv()));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->grpc_max_recv_bytes, 1 << 20);
+  EXPECT_EQ(config->grpc_max_concurrent_streams, 100);
+  EXPECT_FALSE(config->tls.enabled()) << "TLS is opt-in";
+
+  auto env = MinimalEnv();
+  env["GRPC_MAX_RECV_BYTES"] = "65536";
+  env["GRPC_MAX_CONCURRENT_STREAMS"] = "8";
+  config = LoadConfig(FakeEnv(env));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->grpc_max_recv_bytes, 65536);
+  EXPECT_EQ(config->grpc_max_concurrent_streams, 8);
+
+  for (const char* bad : {"0", "-1", "lots", "100001", "1e3"}) {
+    const std::string message = ErrorFor("GRPC_MAX_CONCURRENT_STREAMS", bad);
+    EXPECT_THAT(message, StartsWith("GRPC_MAX_CONCURRENT_STREAMS: ")) << bad;
+  }
+  // Below 1 KiB no real request fits; above 2 GiB gRPC's int argument overflows.
+  EXPECT_THAT(ErrorFor("GRPC_MAX_RECV_BYTES", "1023"), StartsWith("GRPC_MAX_RECV_BYTES: "));
+  EXPECT_THAT(ErrorFor("GRPC_MAX_RECV_BYTES", "2147483648"), StartsWith("GRPC_MAX_RECV_BYTES: "));
+}
+
+TEST(ConfigHelpTest, DocumentsTheHardeningVariables) {
+  const std::string help = ConfigHelpText();
+  for (const char* name : {"GRPC_MAX_RECV_BYTES", "GRPC_MAX_CONCURRENT_STREAMS", "TLS_CERT_FILE",
+                           "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE"}) {
+    EXPECT_THAT(help, HasSubstr(name));
+  }
+  EXPECT_THAT(help, HasSubstr("RESOURCE_EXHAUSTED"));
+}
+
 }  // namespace
 }  // namespace sessionledger
