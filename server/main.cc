@@ -2,6 +2,9 @@
 // schema or serves until SIGTERM/SIGINT.
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_certificate_verifier.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <signal.h>
 
 #include <cstdio>
@@ -9,11 +12,13 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/app/server_app.h"
+#include "server/common/status_macros.h"
 #include "server/config/config.h"
 #include "server/postgres/migrations.h"
 
@@ -39,13 +44,37 @@ int Migrate() {
   return 0;
 }
 
+// The health check speaks whatever the server's port speaks (same TLS_* variables). It asks
+// its own process, so it does not verify the server's certificate (there may be no CA file in
+// the container); under mutual TLS it presents the server's own certificate, which therefore
+// must also be valid as a client certificate of TLS_CLIENT_CA_FILE (see SECURITY.md).
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> HealthCheckCredentials() {
+  const EnvLookup env = ProcessEnvironment();
+  SL_ASSIGN_OR_RETURN(TlsConfig tls, LoadTlsFiles(env("TLS_CERT_FILE"), env("TLS_KEY_FILE"),
+                                                  env("TLS_CLIENT_CA_FILE")));
+  if (!tls.enabled()) return grpc::InsecureChannelCredentials();
+  grpc::experimental::TlsChannelCredentialsOptions options;
+  options.set_verify_server_certs(false);
+  options.set_check_call_host(false);
+  options.set_certificate_verifier(std::make_shared<grpc::experimental::NoOpCertificateVerifier>());
+  if (tls.require_client_cert()) {
+    options.set_certificate_provider(
+        std::make_shared<grpc::experimental::StaticDataCertificateProvider>(
+            std::vector<grpc::experimental::IdentityKeyCertPair>{
+                {tls.private_key_pem, tls.cert_chain_pem}}));
+    options.watch_identity_key_cert_pairs();
+  }
+  return grpc::experimental::TlsCredentials(options);
+}
+
 // For container health checks (the image has no shell or grpc_health_probe): asks the local
 // server's health service for "" and exits 0 only when it is SERVING.
 int HealthCheck() {
   const char* port = std::getenv("PORT");
   const std::string target = absl::StrCat("127.0.0.1:", port != nullptr && *port ? port : "50051");
-  auto stub = grpc::health::v1::Health::NewStub(
-      grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = HealthCheckCredentials();
+  if (!credentials.ok()) return Fail(credentials.status());
+  auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(target, *credentials));
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
   grpc::health::v1::HealthCheckRequest request;
@@ -82,8 +111,9 @@ int Serve() {
     int signal_number = 0;
     sigwait(&stop_signals, &signal_number);
     logger.Info("shutting down", {{"signal", strsignal(signal_number)},
+                                  {"notice_ms", absl::ToInt64Milliseconds(config->shutdown_notice)},
                                   {"grace_seconds", absl::ToInt64Seconds(config->shutdown_grace)}});
-    (*app)->Shutdown(config->shutdown_grace);
+    (*app)->Shutdown(config->shutdown_notice, config->shutdown_grace);
   });
   (*app)->Wait();
   signal_waiter.join();

@@ -40,6 +40,18 @@ absl::Status CheckSchemaAtStartup(const Config& config, Logger& logger, absl::Du
   return absl::UnavailableError(absl::StrCat("DATABASE_URL: cannot connect: ", last.message()));
 }
 
+// Plaintext unless TLS is configured; with a client CA, mutual TLS: a client without a
+// certificate signed by that CA fails the handshake and never reaches a handler.
+std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls) {
+  if (!tls.enabled()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions options(
+      tls.require_client_cert() ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  options.pem_root_certs = tls.client_ca_pem;
+  options.pem_key_cert_pairs.push_back({tls.private_key_pem, tls.cert_chain_pem});
+  return grpc::SslServerCredentials(options);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& config, Logger& logger,
@@ -83,7 +95,7 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
 
 ServerApp::~ServerApp() {
   if (server_ != nullptr) {
-    Shutdown(absl::ZeroDuration());
+    Shutdown(absl::ZeroDuration(), absl::ZeroDuration());
     Wait();
   }
 }
@@ -113,9 +125,12 @@ absl::Status ServerApp::Start() {
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(absl::StrCat("[::]:", config_.port), grpc::InsecureServerCredentials(),
+  builder.AddListeningPort(absl::StrCat("[::]:", config_.port), ServerCredentials(config_.tls),
                            &port_);
+  // A larger request fails with RESOURCE_EXHAUSTED before any handler (or backing service) sees
+  // it.
   builder.SetMaxReceiveMessageSize(static_cast<int>(config_.grpc_max_recv_bytes));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, config_.grpc_max_concurrent_streams);
   // Long-lived HTTP/2 connections are closed now and then so that load spreads over replicas
   // added later; the grace lets in-flight calls finish first.
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS,
@@ -140,6 +155,9 @@ absl::Status ServerApp::Start() {
                              {"metrics_port", metrics_port()},
                              {"memcached_nodes", static_cast<int>(config_.memcached.nodes.size())},
                              {"memcached_replicas", config_.memcached.replicas},
+                             {"tls", config_.tls.require_client_cert() ? "mutual"
+                                     : config_.tls.enabled()           ? "on"
+                                                                       : "off"},
                              {"database", RedactDatabaseUrl(config_.database_url)}});
   return absl::OkStatus();
 }
@@ -188,8 +206,9 @@ absl::Status ServerApp::StartMetrics() {
   return absl::OkStatus();
 }
 
-void ServerApp::Shutdown(absl::Duration grace) {
+void ServerApp::Shutdown(absl::Duration notice, absl::Duration grace) {
   health_board_.Shutdown();
+  absl::SleepFor(notice);
   if (server_ != nullptr) server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
 }
 

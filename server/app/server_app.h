@@ -35,9 +35,11 @@ class ServerApp {
   // 0 when METRICS_PORT is 0.
   int metrics_port() const { return metrics_http_ != nullptr ? metrics_http_->port() : 0; }
 
-  // Health goes NOT_SERVING, then the server stops accepting calls and lets in-flight calls
-  // finish until `grace` has passed (then cancels them). Returns when all handlers returned.
-  void Shutdown(absl::Duration grace);
+  // Health goes NOT_SERVING at once; after `notice` (calls are still served meanwhile, so
+  // load balancers and health-checking clients move away without errors) the server refuses new
+  // calls, tells clients with GOAWAY, and lets in-flight calls finish until `grace` has passed
+  // (then cancels them). Returns once the server refuses new calls.
+  void Shutdown(absl::Duration notice, absl::Duration grace);
   void Wait();
 
   HealthBoard& health_board() { return health_board_; }

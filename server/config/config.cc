@@ -388,6 +388,9 @@ const std::vector<ConfigVariable>& ConfigVariables() {
        "SESSION_TTL_SECONDS"},
       {"SHUTDOWN_GRACE_SECONDS", "20",
        "on SIGTERM/SIGINT: stop accepting, finish in-flight calls within this, exit 0"},
+      {"SHUTDOWN_NOTICE_MS", "1000",
+       "on SIGTERM: how long health reads NOT_SERVING (new calls still served) before the server "
+       "refuses new calls, so health-checking clients and load balancers move away first"},
       {"LOG_LEVEL", "info", "debug, info, warn or error; JSON logs to stdout, one object a line"},
       {"METRICS_PORT", "9464", "HTTP /metrics in Prometheus text format; 0 turns it off"},
       {"MEMCACHED_POOL_SIZE", "16", "Memcached connections per process"},
@@ -470,6 +473,9 @@ absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
   SL_ASSIGN_OR_RETURN(const int64_t grace,
                       IntegerVariable(raw, "SHUTDOWN_GRACE_SECONDS", "20", 0, 3600));
   config.shutdown_grace = absl::Seconds(grace);
+  SL_ASSIGN_OR_RETURN(const int64_t notice_ms,
+                      IntegerVariable(raw, "SHUTDOWN_NOTICE_MS", "1000", 0, 60'000));
+  config.shutdown_notice = absl::Milliseconds(notice_ms);
   SL_ASSIGN_OR_RETURN(config.metrics_port, IntegerVariable(raw, "METRICS_PORT", "9464", 0, 65535));
   if (config.metrics_port != 0 && config.metrics_port == config.port) {
     return VariableError("METRICS_PORT", absl::StrCat(config.metrics_port, " is also PORT"));

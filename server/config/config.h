@@ -64,6 +64,8 @@ struct Config {
   absl::Duration session_ttl = absl::Seconds(1800);
   absl::Duration session_max_lifetime = absl::Seconds(86400);
   absl::Duration shutdown_grace = absl::Seconds(20);
+  // Between health going NOT_SERVING and the server refusing new calls.
+  absl::Duration shutdown_notice = absl::Seconds(1);
   LogLevel log_level = LogLevel::kInfo;
   uint16_t metrics_port = 9464;  // 0 = off.
   int memcached_pool_size = 16;

@@ -16,6 +16,7 @@
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "server/postgres/migrations.h"
+#include "sessionledger/v1/session.grpc.pb.h"
 #include "tests/support/test_env.h"
 
 namespace sessionledger::testing {
@@ -162,7 +163,7 @@ TEST(ServerProcessTest, ReflectionListsEveryServiceAndDescribesHealth) {
 }
 
 TEST(ServerProcessTest, SigtermEndsWatchStreamsRefusesNewCallsAndExitsZero) {
-  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}});
+  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "0"}});
   ASSERT_NE(server, nullptr);
   auto channel = server->NewChannel();
   auto stub = Health::NewStub(channel);
@@ -190,6 +191,55 @@ TEST(ServerProcessTest, SigtermEndsWatchStreamsRefusesNewCallsAndExitsZero) {
 
   auto after = CheckHealth(server->NewChannel(), "");
   EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << "no new calls";
+}
+
+// Sends `signal` (e.g. "-STOP") to the memcached that scripts/backing-services runs on `port`.
+void SignalMemcached(const std::string& signal, const std::string& port) {
+  auto result = RunCommand({"pkill", signal, "-f", absl::StrCat("memcached .*-p ", port, " ")});
+  ASSERT_TRUE(result.ok());
+  ASSERT_EQ(result->exit_code, 0) << "no memcached on port " << port << ": " << result->output;
+}
+
+TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
+  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "500"}});
+  ASSERT_NE(server, nullptr);
+  auto channel = server->NewChannel();
+  const std::string port_1 = RequiredEnv("SL_MEMCACHED_PORT_1");
+  const std::string port_2 = RequiredEnv("SL_MEMCACHED_PORT_2");
+
+  // Memcached frozen: the kernel still accepts connections, but no reply comes until SIGCONT,
+  // so CreateSession stays in flight (its I/O timeout is 2 s).
+  SignalMemcached("-STOP", port_1);
+  SignalMemcached("-STOP", port_2);
+  grpc::Status slow_status;
+  sessionledger::v1::Session created;
+  std::thread slow_call([&] {
+    auto stub = sessionledger::v1::SessionService::NewStub(channel);
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    sessionledger::v1::CreateSessionRequest request;
+    request.set_user_id("drain-test-user");
+    slow_status = stub->CreateSession(&context, request, &created);
+  });
+  absl::SleepFor(absl::Milliseconds(200));
+  server->Signal(SIGTERM);
+  absl::SleepFor(absl::Milliseconds(100));
+  // During the notice period health says NOT_SERVING but calls are still answered.
+  const auto during_notice = CheckHealth(channel, "");
+  absl::SleepFor(absl::Milliseconds(700));
+  // After it, a new connection is refused.
+  const auto after_notice = CheckHealth(server->NewChannel(), "");
+  SignalMemcached("-CONT", port_1);
+  SignalMemcached("-CONT", port_2);
+  slow_call.join();
+
+  EXPECT_EQ(during_notice.value_or(HealthCheckResponse::UNKNOWN), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(after_notice.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(slow_status.ok()) << slow_status.error_code() << ": " << slow_status.error_message();
+  EXPECT_FALSE(created.token().empty()) << "the in-flight call got its full answer";
+  const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(15));
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_EQ(*exit_code, 0) << server->Output();
 }
 
 TEST(ServerProcessTest, SigintAlsoDrainsAndExitsZero) {

@@ -109,6 +109,7 @@ TEST(LoadConfigTest, DefaultsMatchTheContract) {
   EXPECT_EQ(config->session_ttl, absl::Seconds(1800));
   EXPECT_EQ(config->session_max_lifetime, absl::Seconds(86400));
   EXPECT_EQ(config->shutdown_grace, absl::Seconds(20));
+  EXPECT_EQ(config->shutdown_notice, absl::Seconds(1));
   EXPECT_EQ(config->log_level, LogLevel::kInfo);
   EXPECT_EQ(config->metrics_port, 9464);
   EXPECT_EQ(config->grpc_max_recv_bytes, 1 << 20);
@@ -162,6 +163,7 @@ TEST(LoadConfigTest, MalformedValuesAreNamedOnOneLine) {
       {"SESSION_TTL_SECONDS", "1.5"},
       {"SESSION_MAX_LIFETIME_SECONDS", "2592001"},
       {"SHUTDOWN_GRACE_SECONDS", "soon"},
+      {"SHUTDOWN_NOTICE_MS", "-1"},
       {"LOG_LEVEL", "verbose"},
       {"METRICS_PORT", "50051"},
       {"MEMCACHED_POOL_SIZE", "0"},
