@@ -1,0 +1,448 @@
+// Three replicas of sessionledger-server behind client-side round_robin, under load, while a
+// replica is killed, the replicas restart one by one, a memcached node stops, and PostgreSQL
+// restarts. Each scenario asserts what issue 6 promises: no call fails as the client sees it
+// (retries with the same idempotency key hide every fault), money is conserved exactly, no
+// transfer is applied twice, no session is lost, and the replicas ride out backing-service
+// restarts without being restarted themselves.
+//
+// Duration: SL_CHAOS_SECONDS (default 20) of load per scenario.
+#include <signal.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "tests/chaos/chaos_client.h"
+#include "tests/support/server_process.h"
+#include "tests/support/test_env.h"
+
+namespace sessionledger::testing {
+namespace {
+
+constexpr int kReplicas = 3;
+constexpr int kWorkers = 4;
+constexpr int kAccountsPerWorker = 2;
+constexpr int kSessionsBeforeFaultPerWorker = 50;
+constexpr int64_t kInitialDeposit = 10'000'000;
+
+absl::Duration LoadDuration() {
+  const char* seconds = std::getenv("SL_CHAOS_SECONDS");
+  const int n = seconds != nullptr ? std::atoi(seconds) : 0;
+  return absl::Seconds(n > 0 ? n : 20);
+}
+
+std::string RunId() {
+  std::random_device random;
+  return absl::StrCat(absl::ToUnixMillis(absl::Now()), "-", random() % 100000);
+}
+
+// The replicas, each on a fixed port so that a restarted replica takes its old place in the
+// client's address list (as a pod behind a stable address would).
+class Replicas {
+ public:
+  Replicas() {
+    for (int i = 0; i < kReplicas; ++i) ports_.push_back(FreeTcpPort());
+    servers_.resize(kReplicas);
+  }
+
+  void StartAll() {
+    for (int i = 0; i < kReplicas; ++i) Start(i);
+  }
+
+  void Start(int i) {
+    ServerProcess::Options options;
+    options.env = BackingServiceEnv();
+    // Two memcached nodes, every session on both: losing one node loses no session.
+    options.env["MEMCACHED_URL"] = RequiredEnv("MEMCACHED_URL_REPLICATED");
+    options.env["PORT"] = absl::StrCat(ports_[i]);
+    options.env["LOG_LEVEL"] = "warn";
+    options.env["SHUTDOWN_GRACE_SECONDS"] = "5";
+    options.env["HEALTH_CHECK_INTERVAL_MS"] = "500";
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
+    ASSERT_TRUE(server.ok()) << "replica " << i << ": " << server.status();
+    servers_[i] = std::move(*server);
+  }
+
+  std::vector<std::string> Targets() const {
+    std::vector<std::string> targets;
+    for (int port : ports_) targets.push_back(absl::StrCat("127.0.0.1:", port));
+    return targets;
+  }
+
+  ServerProcess& at(int i) { return *servers_[i]; }
+  bool running(int i) {
+    return servers_[i] != nullptr && !servers_[i]->WaitForExit(absl::ZeroDuration()).has_value();
+  }
+
+  void DumpOutput(std::ostream& out) {
+    for (int i = 0; i < kReplicas; ++i) {
+      if (servers_[i] == nullptr) continue;
+      std::string output = servers_[i]->Output();
+      if (output.size() > 4000) output = "..." + output.substr(output.size() - 4000);
+      out << "--- replica " << i << " (port " << ports_[i] << ") output:\n" << output << "\n";
+    }
+  }
+
+ private:
+  std::vector<int> ports_;
+  std::vector<std::unique_ptr<ServerProcess>> servers_;
+};
+
+struct TransferRecord {
+  std::string token;  // The acting user's session.
+  std::string key;
+  std::string from;
+  std::string to;
+  int64_t amount = 0;
+  std::string transaction_id;
+  int attempts = 0;
+};
+
+struct AccountRef {
+  std::string id;
+  std::string owner_token;
+};
+
+// Everything one worker thread owns: its user, session, accounts and what it has seen.
+struct Worker {
+  std::string user;
+  std::string token;  // Authenticates its ledger calls; created before the fault.
+  std::vector<std::string> accounts;
+  std::vector<std::string> sessions;  // Every token it received (before and during the fault).
+  std::string counter_token;          // A session the worker updates with a counter.
+  int64_t counter_acked = 0;          // Last counter value an UpdateSession acknowledged.
+  std::vector<TransferRecord> transfers;
+  int64_t seq = 0;
+};
+
+class ClusterChaosTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    run_ = RunId();
+    replicas_.StartAll();
+    ASSERT_FALSE(HasFatalFailure());
+    client_ = std::make_unique<ChaosClient>(replicas_.Targets(), ChaosClient::Options{});
+    workers_.resize(kWorkers);
+    for (int w = 0; w < kWorkers; ++w) {
+      Worker& worker = workers_[w];
+      worker.user = absl::StrCat("chaos-", run_, "-w", w);
+      pb::Session session;
+      ASSERT_TRUE(client_->CreateSession(worker.user, &session).ok());
+      worker.token = session.token();
+      ASSERT_TRUE(client_->CreateSession(worker.user, &session).ok());
+      worker.counter_token = session.token();
+      for (int s = 0; s < kSessionsBeforeFaultPerWorker; ++s) {
+        ASSERT_TRUE(client_->CreateSession(worker.user, &session).ok());
+        worker.sessions.push_back(session.token());
+      }
+      for (int a = 0; a < kAccountsPerWorker; ++a) {
+        pb::Account account;
+        ASSERT_TRUE(client_->OpenAccount(worker.token, &account).ok());
+        pb::Transaction deposit;
+        grpc::Status deposited =
+            client_->Deposit(worker.token, account.account_id(), kInitialDeposit,
+                             absl::StrCat(run_, "-deposit-", w, "-", a), &deposit);
+        ASSERT_TRUE(deposited.ok()) << deposited.error_code() << " " << deposited.error_message();
+        worker.accounts.push_back(account.account_id());
+        all_accounts_.push_back({account.account_id(), worker.token});
+      }
+    }
+    sessions_before_fault_ = kWorkers * (kSessionsBeforeFaultPerWorker + 2);
+  }
+
+  void TearDown() override {
+    if (HasFailure()) replicas_.DumpOutput(std::cerr);
+  }
+
+  // Runs the workers for LoadDuration() while `fault` runs on this thread (it starts after a
+  // short calm so that the load is steady), then stops them and checks everything.
+  void RunScenario(const std::string& name, const std::function<void()>& fault) {
+    const absl::Time start = absl::Now();
+    const absl::Time stop_at = start + LoadDuration();
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> threads;
+    for (int w = 0; w < kWorkers; ++w) {
+      threads.emplace_back([this, w, &stop] { WorkerLoop(workers_[w], w, stop); });
+    }
+    absl::SleepFor(absl::Seconds(3));
+    const absl::Time fault_start = absl::Now();
+    fault();
+    const absl::Duration fault_took = absl::Now() - fault_start;
+    absl::SleepFor(std::max(absl::ZeroDuration(), stop_at - absl::Now()));
+    stop = true;
+    for (std::thread& t : threads) t.join();
+    const absl::Duration load_took = absl::Now() - start;
+
+    CallCounters& c = client_->counters();
+    const int64_t load_calls = c.calls, load_retries = c.retries, load_failures = c.failures;
+    int64_t transfers = 0, sessions = 0;
+    for (const Worker& w : workers_) {
+      transfers += static_cast<int64_t>(w.transfers.size());
+      sessions += static_cast<int64_t>(w.sessions.size()) + 2;
+    }
+    std::cout << "[chaos] " << name << ": load " << absl::FormatDuration(load_took) << ", fault "
+              << absl::FormatDuration(fault_took) << "; calls=" << load_calls
+              << " attempts=" << c.attempts << " retries=" << load_retries
+              << " retried_calls=" << c.retried_calls << " failures=" << load_failures
+              << " (unavailable=" << c.unavailable << " attempt_timeouts=" << c.attempt_timeouts
+              << " aborted=" << c.aborted << "); transfers=" << transfers
+              << " sessions=" << sessions << " (before fault " << sessions_before_fault_ << ")"
+              << std::endl;
+    for (const std::string& f : client_->FailureSamples()) std::cout << "[chaos]   " << f << "\n";
+    EXPECT_EQ(load_failures, 0) << "calls failed as the client saw them";
+
+    VerifySessions(name);
+    VerifyMoney(name);
+    EXPECT_EQ(c.failures.load(), load_failures) << "verification calls failed";
+    std::cout << "[chaos] " << name << ": verified with " << c.calls - load_calls << " more calls ("
+              << c.retries - load_retries << " retries, " << c.failures - load_failures
+              << " failures)" << std::endl;
+  }
+
+  void WorkerLoop(Worker& worker, int w, const std::atomic<bool>& stop) {
+    std::mt19937_64 random(std::random_device{}());
+    std::uniform_int_distribution<int> percent(0, 99);
+    while (!stop.load()) {
+      const int op = percent(random);
+      if (op < 35) {
+        TransferRecord t;
+        t.token = worker.token;
+        t.key = absl::StrCat(run_, "-t-", w, "-", worker.seq++);
+        t.from = worker.accounts[random() % worker.accounts.size()];
+        do {
+          t.to = all_accounts_[random() % all_accounts_.size()].id;
+        } while (t.to == t.from);
+        t.amount = 1 + static_cast<int64_t>(random() % 100);
+        pb::Transaction out;
+        if (client_->Transfer(t.token, t.from, t.to, t.amount, t.key, &out, &t.attempts).ok()) {
+          t.transaction_id = out.transaction_id();
+          worker.transfers.push_back(std::move(t));
+        }
+      } else if (op < 60) {
+        pb::Session out;
+        const std::string& token = worker.sessions[random() % worker.sessions.size()];
+        client_->GetSession(token, op % 2 == 0, &out);
+      } else if (op < 75) {
+        pb::Session out;
+        const int64_t next = worker.counter_acked + 1;
+        if (client_->UpdateSession(worker.counter_token, "n", absl::StrCat(next), &out).ok()) {
+          worker.counter_acked = next;
+        }
+      } else if (op < 85) {
+        pb::Session out;
+        if (client_->CreateSession(worker.user, &out).ok()) worker.sessions.push_back(out.token());
+      } else {
+        pb::Account out;
+        client_->GetAccount(worker.token, worker.accounts[random() % worker.accounts.size()], &out);
+      }
+      // ~100-150 calls/s per worker: enough traffic to have calls in flight at every fault
+      // without starving the replicas of the machine's two cores.
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  }
+
+  // Every session whose token the client received is still valid, and every acknowledged
+  // counter update is what the session holds.
+  void VerifySessions(const std::string& name) {
+    std::atomic<int64_t> lost{0};
+    std::vector<std::thread> threads;
+    for (int w = 0; w < kWorkers; ++w) {
+      threads.emplace_back([this, w, &lost] {
+        Worker& worker = workers_[w];
+        std::vector<std::string> tokens = worker.sessions;
+        tokens.push_back(worker.token);
+        for (const std::string& token : tokens) {
+          pb::Session out;
+          if (!client_->GetSession(token, false, &out).ok()) lost++;
+        }
+        pb::Session counter;
+        grpc::Status status = client_->GetSession(worker.counter_token, false, &counter);
+        if (!status.ok()) {
+          lost++;
+        } else {
+          const auto it = counter.attributes().find("n");
+          const std::string got = it == counter.attributes().end() ? "" : it->second;
+          EXPECT_EQ(got, worker.counter_acked == 0 ? "" : absl::StrCat(worker.counter_acked))
+              << "worker " << w << ": an acknowledged UpdateSession was lost";
+        }
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    std::cout << "[chaos] " << name << ": sessions lost=" << lost << std::endl;
+    EXPECT_EQ(lost.load(), 0) << "sessions the client held are gone";
+  }
+
+  // Money: every balance equals its deposit plus the transfers the client saw succeed; the sum
+  // equals the deposits; each idempotency key has exactly one transaction row; replaying keys
+  // returns the original transaction and moves nothing.
+  void VerifyMoney(const std::string& name) {
+    std::map<std::string, int64_t> expected;
+    std::map<std::string, std::multiset<std::string>> outgoing_keys;
+    std::map<std::string, int64_t> incoming_transfers;
+    std::vector<const TransferRecord*> records;
+    for (const AccountRef& a : all_accounts_) expected[a.id] = kInitialDeposit;
+    for (const Worker& w : workers_) {
+      for (const TransferRecord& t : w.transfers) {
+        expected[t.from] -= t.amount;
+        expected[t.to] += t.amount;
+        outgoing_keys[t.from].insert(t.key);
+        incoming_transfers[t.to]++;
+        records.push_back(&t);
+      }
+    }
+
+    auto check_balances = [&](const char* when) {
+      int64_t sum = 0;
+      int64_t wrong = 0;
+      for (const AccountRef& a : all_accounts_) {
+        pb::Account account;
+        grpc::Status status = client_->GetAccount(a.owner_token, a.id, &account);
+        ASSERT_TRUE(status.ok()) << status.error_message();
+        sum += account.balance_minor();
+        if (account.balance_minor() != expected[a.id]) {
+          ++wrong;
+          ADD_FAILURE() << when << ": account " << a.id << " balance " << account.balance_minor()
+                        << ", expected " << expected[a.id];
+        }
+      }
+      const int64_t deposits = kInitialDeposit * static_cast<int64_t>(all_accounts_.size());
+      std::cout << "[chaos] " << name << ": " << when << ": sum of balances " << sum
+                << ", deposits " << deposits << ", accounts off " << wrong << std::endl;
+      EXPECT_EQ(sum, deposits);
+    };
+    check_balances("after the load");
+
+    // The ledger's own rows: one per key, nothing the client did not see succeed.
+    int64_t rows_checked = 0;
+    for (const AccountRef& a : all_accounts_) {
+      std::multiset<std::string> keys_out;
+      int64_t transfers_in = 0, deposits = 0;
+      std::string page_token;
+      do {
+        pb::ListTransactionsResponse page;
+        grpc::Status status = client_->ListTransactions(a.owner_token, a.id, page_token, &page);
+        ASSERT_TRUE(status.ok()) << status.error_message();
+        for (const pb::Transaction& t : page.transactions()) {
+          ++rows_checked;
+          if (t.kind() == "deposit") {
+            ++deposits;
+          } else if (t.from_account_id() == a.id) {
+            keys_out.insert(t.idempotency_key());
+          } else {
+            ++transfers_in;
+          }
+        }
+        page_token = page.next_page_token();
+      } while (!page_token.empty());
+      EXPECT_EQ(deposits, 1) << a.id;
+      EXPECT_EQ(keys_out, outgoing_keys[a.id])
+          << "transfers out of " << a.id << " differ from what the client saw succeed";
+      EXPECT_EQ(transfers_in, incoming_transfers[a.id]) << a.id;
+    }
+
+    // Replay: every transfer that needed a retry (those are the ones whose first attempt may
+    // have committed unseen), plus a sample of the rest.
+    int64_t replayed = 0, retried = 0;
+    std::mt19937_64 random(42);
+    for (const TransferRecord* t : records) {
+      const bool was_retried = t->attempts > 1;
+      retried += was_retried;
+      if (!was_retried && random() % 10 != 0) continue;
+      pb::Transaction out;
+      grpc::Status status = client_->Transfer(t->token, t->from, t->to, t->amount, t->key, &out);
+      ++replayed;
+      EXPECT_TRUE(status.ok()) << t->key << ": " << status.error_message();
+      EXPECT_EQ(out.transaction_id(), t->transaction_id)
+          << "key " << t->key << " has two transactions";
+    }
+    std::cout << "[chaos] " << name << ": transfers recorded=" << records.size()
+              << " retried=" << retried << " replayed=" << replayed
+              << " ledger rows checked=" << rows_checked << std::endl;
+    check_balances("after replaying keys");
+  }
+
+  std::string run_;
+  Replicas replicas_;
+  std::unique_ptr<ChaosClient> client_;
+  std::vector<Worker> workers_;
+  std::vector<AccountRef> all_accounts_;
+  int64_t sessions_before_fault_ = 0;
+};
+
+TEST_F(ClusterChaosTest, KillNineOneReplicaAndStartItAgain) {
+  RunScenario("kill -9 replica", [this] {
+    const pid_t old_pid = replicas_.at(1).pid();
+    replicas_.at(1).Signal(SIGKILL);
+    EXPECT_EQ(replicas_.at(1).WaitForExit(absl::Seconds(10)), 128 + SIGKILL);
+    // Down for a while, so that calls meet the dead address, then back on the same port.
+    absl::SleepFor(absl::Seconds(3));
+    replicas_.Start(1);
+    EXPECT_NE(replicas_.at(1).pid(), old_pid);
+  });
+}
+
+TEST_F(ClusterChaosTest, RollingRestartWithSigterm) {
+  RunScenario("rolling restart", [this] {
+    for (int i = 0; i < kReplicas; ++i) {
+      replicas_.at(i).Signal(SIGTERM);
+      // The drain: NOT_SERVING, then GOAWAY, in-flight calls finish, exit 0.
+      EXPECT_EQ(replicas_.at(i).WaitForExit(absl::Seconds(15)), 0) << "replica " << i;
+      replicas_.Start(i);
+      // Let the client's health check see the new replica SERVING before the next one goes.
+      absl::SleepFor(absl::Seconds(1));
+    }
+  });
+}
+
+TEST_F(ClusterChaosTest, OneMemcachedNodeStopsAndStartsAgain) {
+  std::vector<pid_t> pids;
+  for (int i = 0; i < kReplicas; ++i) pids.push_back(replicas_.at(i).pid());
+  RunScenario("memcached node stop/start", [this] {
+    BackingServices({"stop-memcached", "2"});
+    absl::SleepFor(absl::Seconds(6));
+    // It comes back empty; the copies on node 1 keep every session alive.
+    BackingServices({"start-memcached", "2"});
+  });
+  for (int i = 0; i < kReplicas; ++i) {
+    EXPECT_TRUE(replicas_.running(i)) << "replica " << i;
+    EXPECT_EQ(replicas_.at(i).pid(), pids[i]);
+  }
+  BackingServices({"start-memcached", "2"});
+}
+
+TEST_F(ClusterChaosTest, PostgresRestarts) {
+  std::vector<pid_t> pids;
+  for (int i = 0; i < kReplicas; ++i) pids.push_back(replicas_.at(i).pid());
+  RunScenario("postgres restart", [] { BackingServices({"restart-postgres"}); });
+  // The same processes serve the ledger again: each replica, asked directly, commits a
+  // transfer (its pool replaced the connections PostgreSQL closed).
+  for (int i = 0; i < kReplicas; ++i) {
+    EXPECT_TRUE(replicas_.running(i)) << "replica " << i;
+    EXPECT_EQ(replicas_.at(i).pid(), pids[i]) << "replica " << i << " was restarted";
+    ChaosClient direct({replicas_.at(i).target()}, ChaosClient::Options{});
+    pb::Transaction out;
+    grpc::Status status =
+        direct.Transfer(workers_[0].token, workers_[0].accounts[0], workers_[0].accounts[1], 1,
+                        absl::StrCat(run_, "-direct-", i), &out);
+    EXPECT_TRUE(status.ok()) << "replica " << i << ": " << status.error_message();
+    // Informational: a retry here means the replica's pool handed out a connection that
+    // PostgreSQL had closed, and the client's retry covered it.
+    std::cout << "[chaos] postgres restart: replica " << i << " direct transfer took "
+              << direct.counters().attempts << " attempt(s)" << std::endl;
+  }
+  BackingServices({"start-postgres"});
+}
+
+}  // namespace
+}  // namespace sessionledger::testing
