@@ -18,7 +18,9 @@ namespace sessionledger {
 // data statement, then a Sync; they form one implicit transaction that commits at the Sync, and
 // the reply is built only after the Sync is acknowledged, i.e. after a durable commit.
 //
-// A Deposit/Transfer is a single data-modifying CTE: look the idempotency key up; lock both
+// A Deposit/Transfer is a single data-modifying CTE, wrapped in the PL/pgSQL function
+// ledger_apply_movement (migration 2) only so that PostgreSQL caches its plan per connection:
+// look the idempotency key up; lock both
 // accounts FOR UPDATE in account_id order (a fixed order, so transfers never deadlock); check
 // ownership, currency, overflow and funds on the locked rows; insert the transaction row with
 // ON CONFLICT (user_id, idempotency_key) DO NOTHING; update both balances only if that insert
