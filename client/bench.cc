@@ -51,14 +51,14 @@ absl::Status FromGrpc(const grpc::Status& s, const std::string& what) {
 class LoadGenerator {
  public:
   LoadGenerator(const BenchOptions& options, const std::string& target,
-                absl::Duration call_deadline)
+                const ChannelOptions& base_channel_options, absl::Duration call_deadline)
       : options_(options), call_deadline_(call_deadline) {
     absl::BitGen gen;
     run_id_ = absl::StrFormat("%08x", absl::Uniform<uint32_t>(gen));
     const int connections =
         options.connections > 0 ? options.connections : std::min(options.concurrency, 4);
     for (int i = 0; i < connections; ++i) {
-      ChannelOptions channel_options;
+      ChannelOptions channel_options = base_channel_options;
       channel_options.enable_retries = false;
       channel_options.connection_index = i + 1;
       auto channel = MakeChannel(target, channel_options);
@@ -456,8 +456,9 @@ class LoadGenerator {
 }  // namespace
 
 absl::StatusOr<BenchResult> RunBench(const BenchOptions& options, const std::string& target,
+                                     const ChannelOptions& channel_options,
                                      absl::Duration call_deadline, std::ostream& progress) {
-  LoadGenerator generator(options, target, call_deadline);
+  LoadGenerator generator(options, target, channel_options, call_deadline);
   absl::Status prepared = generator.Prepare();
   if (!prepared.ok()) return prepared;
   return generator.Run(progress);
@@ -497,9 +498,10 @@ std::string BenchResultJson(const BenchResult& r) {
       r.p99_ms, r.p999_ms, r.max_ms, errors);
 }
 
-int RunBenchCommand(const CliOptions& options, const std::string& target, std::ostream& out,
-                    std::ostream& err) {
-  absl::StatusOr<BenchResult> result = RunBench(options.bench, target, options.deadline, err);
+int RunBenchCommand(const CliOptions& options, const std::string& target,
+                    const ChannelOptions& channel_options, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<BenchResult> result =
+      RunBench(options.bench, target, channel_options, options.deadline, err);
   if (!result.ok()) {
     err << "bench: " << result.status().message() << "\n";
     return static_cast<int>(result.status().code());

@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "client/channel.h"
 #include "client/cli_options.h"
 
 namespace sessionledger::client {
@@ -39,6 +40,7 @@ struct BenchResult {
 // deposit per slot, so slots never contend for a row and each transfer has a unique
 // idempotency key. Progress goes to `progress` once a second (when options.progress).
 absl::StatusOr<BenchResult> RunBench(const BenchOptions& options, const std::string& target,
+                                     const ChannelOptions& channel_options,
                                      absl::Duration call_deadline, std::ostream& progress);
 
 // The readable report and the one-line JSON object (`--json`); both end with '\n'.
@@ -47,8 +49,8 @@ std::string BenchResultJson(const BenchResult& result);
 
 // `sessionledger-cli bench`: runs, prints, returns the exit code (non-zero only when the run
 // could not be prepared; call errors are part of the report).
-int RunBenchCommand(const CliOptions& options, const std::string& target, std::ostream& out,
-                    std::ostream& err);
+int RunBenchCommand(const CliOptions& options, const std::string& target,
+                    const ChannelOptions& channel_options, std::ostream& out, std::ostream& err);
 
 }  // namespace sessionledger::client
 

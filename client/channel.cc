@@ -8,7 +8,10 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <fstream>
 #include <memory>
+#include <sstream>
+#include <tuple>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -158,9 +161,34 @@ std::string ServiceConfigJson() {
 })json";
 }
 
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const TlsOptions& tls) {
+  if (!tls.enabled) return grpc::InsecureChannelCredentials();
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    return absl::InvalidArgumentError("--cert-file and --key-file go together");
+  }
+  grpc::SslCredentialsOptions ssl;
+  for (auto [flag, path, into] : {std::tuple<const char*, const std::string*, std::string*>{
+                                      "--ca-file", &tls.ca_file, &ssl.pem_root_certs},
+                                  {"--cert-file", &tls.cert_file, &ssl.pem_cert_chain},
+                                  {"--key-file", &tls.key_file, &ssl.pem_private_key}}) {
+    if (path->empty()) continue;
+    std::ifstream in(*path, std::ios::binary);
+    std::ostringstream contents;
+    contents << in.rdbuf();
+    if (!in || contents.str().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read '", *path, "'"));
+    }
+    *into = contents.str();
+  }
+  return grpc::SslCredentials(ssl);
+}
+
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
                                            const ChannelOptions& options) {
   grpc::ChannelArguments args;
+  if (!options.ssl_target_name_override.empty()) {
+    args.SetSslTargetNameOverride(options.ssl_target_name_override);
+  }
   args.SetServiceConfigJSON(ServiceConfigJson());
   args.SetInt(GRPC_ARG_ENABLE_RETRIES, options.enable_retries ? 1 : 0);
   if (options.connection_index != 0) {
@@ -168,7 +196,8 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
     // Distinct arguments also keep the global pool from merging connections.
     args.SetInt("sessionledger.connection_index", options.connection_index);
   }
-  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  return grpc::CreateCustomChannel(
+      target, options.credentials ? options.credentials : grpc::InsecureChannelCredentials(), args);
 }
 
 }  // namespace sessionledger::client

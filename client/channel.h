@@ -2,6 +2,7 @@
 #define SESSIONLEDGER_CLIENT_CHANNEL_H_
 
 #include <grpcpp/channel.h>
+#include <grpcpp/security/credentials.h>
 
 #include <memory>
 #include <string>
@@ -28,7 +29,26 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
 // retried: a retry after a lost response could apply them twice.
 std::string ServiceConfigJson();
 
+// Transport security of the channel. Off (plaintext) unless `enabled`; a CA file, client
+// certificate or server-name override turns it on. Empty ca_file means the system roots.
+struct TlsOptions {
+  bool enabled = false;
+  std::string ca_file;    // PEM roots that sign the server's certificate
+  std::string cert_file;  // PEM client certificate chain, for servers that require mutual TLS
+  std::string key_file;   // its unencrypted PEM private key
+  // Name to check the server certificate against, when the target is an IP address or a
+  // load balancer whose name differs from the certificate's.
+  std::string server_name;
+};
+
+// Plaintext credentials, or TLS ones built from the files named in `tls` (read here, once).
+// INVALID_ARGUMENT names the option whose file is missing or unreadable.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const TlsOptions& tls);
+
 struct ChannelOptions {
+  std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: plaintext
+  // Set with TlsOptions::server_name.
+  std::string ssl_target_name_override;
   // Off for the load generator: it must see every error as it happened.
   bool enable_retries = true;
   // Channels with different indexes never share a connection, so N channels are N TCP

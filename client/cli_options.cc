@@ -53,12 +53,18 @@ constexpr FlagSpec kFlags[] = {
     {"warmup", true},
     {"requests", true},
     {"rate", true},
+    {"tls", false},
+    {"ca-file", true},
+    {"cert-file", true},
+    {"key-file", true},
+    {"tls-server-name", true},
     {"no-progress", false},
 };
 
 const std::set<std::string>& GlobalFlags() {
   static const auto* const kGlobal =
-      new std::set<std::string>{"target", "token", "deadline", "json", "help"};
+      new std::set<std::string>{"target", "token",   "deadline",  "json",     "help",
+                                "tls",    "ca-file", "cert-file", "key-file", "tls-server-name"};
   return *kGlobal;
 }
 
@@ -482,6 +488,17 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
     o.deadline = *d;
   }
   o.json = tokens->Has("json");
+  o.tls.ca_file = tokens->Last("ca-file").value_or("");
+  o.tls.cert_file = tokens->Last("cert-file").value_or("");
+  o.tls.key_file = tokens->Last("key-file").value_or("");
+  o.tls.server_name = tokens->Last("tls-server-name").value_or("");
+  // Any TLS file or name implies TLS: a CA file with a plaintext channel would be ignored
+  // silently, which is worse than either.
+  o.tls.enabled = tokens->Has("tls") || !o.tls.ca_file.empty() || !o.tls.cert_file.empty() ||
+                  !o.tls.key_file.empty() || !o.tls.server_name.empty();
+  if (o.tls.cert_file.empty() != o.tls.key_file.empty()) {
+    return UsageError("--cert-file and --key-file go together");
+  }
 
   absl::Status s = ApplyCommandOptions(*tokens, rest, o);
   if (!s.ok()) return s;
@@ -524,6 +541,11 @@ Global options:
                            (default $SESSIONLEDGER_TOKEN)
   --deadline DURATION      per call, default 10s (e.g. 500ms, 2s)
   --json                   print responses as protobuf JSON
+  --tls                    use TLS (system root certificates); implied by the options below
+  --ca-file PEM            roots that sign the server's certificate
+  --cert-file PEM --key-file PEM
+                           client certificate, for servers with TLS_CLIENT_CA_FILE (mTLS)
+  --tls-server-name NAME   name to verify in the server certificate (e.g. for IP targets)
   -h, --help
 
 The exit code is the gRPC status code (0 OK, 3 INVALID_ARGUMENT also for usage errors,

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "client/channel.h"
 
 namespace sessionledger::client {
 
@@ -83,6 +84,7 @@ struct CliOptions {
   std::string token;
   absl::Duration deadline = absl::Seconds(10);
   bool json = false;
+  TlsOptions tls;
 
   // Per-command arguments.
   std::string health_service;

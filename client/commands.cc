@@ -232,10 +232,19 @@ int RunCli(const std::vector<std::string>& args, const EnvLookup& env, std::ostr
     err << "sessionledger-cli: " << target.status().message() << "\n";
     return static_cast<int>(target.status().code());
   }
-  if (options->command == Command::kBench) {
-    return RunBenchCommand(*options, *target, out, err);
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      MakeCredentials(options->tls);
+  if (!credentials.ok()) {
+    err << "sessionledger-cli: " << credentials.status().message() << "\n";
+    return static_cast<int>(credentials.status().code());
   }
-  return RunRpcCommand(*options, MakeChannel(*target, ChannelOptions{}), out, err);
+  ChannelOptions channel_options;
+  channel_options.credentials = *credentials;
+  channel_options.ssl_target_name_override = options->tls.server_name;
+  if (options->command == Command::kBench) {
+    return RunBenchCommand(*options, *target, channel_options, out, err);
+  }
+  return RunRpcCommand(*options, MakeChannel(*target, channel_options), out, err);
 }
 
 }  // namespace sessionledger::client

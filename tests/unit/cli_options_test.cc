@@ -235,6 +235,28 @@ TEST(CliOptionsTest, UsageErrors) {
   ExpectUsageError({"account", "get", "a", "b"}, "unexpected argument 'b'");
 }
 
+TEST(CliOptionsTest, TlsIsOffByDefaultAndImpliedByItsFiles) {
+  absl::StatusOr<CliOptions> o = Parse({"health"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_FALSE(o->tls.enabled);
+
+  o = Parse({"--tls", "health"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_TRUE(o->tls.enabled);
+  EXPECT_EQ(o->tls.ca_file, "");
+
+  o = Parse({"health", "--ca-file", "ca.pem", "--cert-file", "c.pem", "--key-file", "k.pem",
+             "--tls-server-name", "api.example"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_TRUE(o->tls.enabled);
+  EXPECT_EQ(o->tls.ca_file, "ca.pem");
+  EXPECT_EQ(o->tls.cert_file, "c.pem");
+  EXPECT_EQ(o->tls.key_file, "k.pem");
+  EXPECT_EQ(o->tls.server_name, "api.example");
+
+  ExpectUsageError({"health", "--cert-file", "c.pem"}, "--cert-file and --key-file");
+}
+
 TEST(CliOptionsTest, HelpWins) {
   absl::StatusOr<CliOptions> o = Parse({"session", "get", "--help"});
   ASSERT_TRUE(o.ok()) << o.status();

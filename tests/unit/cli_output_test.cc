@@ -64,6 +64,22 @@ TEST(CliChannelTest, ServiceConfigIsValidAndRetriesOnlyIdempotentMethods) {
   }
 }
 
+TEST(CliChannelTest, CredentialsReportUnreadableFiles) {
+  TlsOptions tls;
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = MakeCredentials(tls);
+  ASSERT_TRUE(creds.ok()) << creds.status();  // plaintext
+  EXPECT_NE(*creds, nullptr);
+
+  tls.enabled = true;
+  creds = MakeCredentials(tls);  // system roots
+  ASSERT_TRUE(creds.ok()) << creds.status();
+
+  tls.ca_file = "/nonexistent/ca.pem";
+  creds = MakeCredentials(tls);
+  EXPECT_EQ(creds.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("--ca-file"));
+}
+
 TEST(CliOutputTest, JsonUsesContractFieldNamesAndPrintsZeros) {
   v1::Account account;
   account.set_account_id("a1");
