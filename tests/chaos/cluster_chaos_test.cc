@@ -7,20 +7,28 @@
 //
 // Duration: SL_CHAOS_SECONDS (default 20) of load per scenario.
 #include <signal.h>
+#include <stdlib.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/chaos/chaos_client.h"
@@ -80,6 +88,7 @@ class Replicas {
     return targets;
   }
 
+  const std::vector<int>& ports() const { return ports_; }
   ServerProcess& at(int i) { return *servers_[i]; }
   bool running(int i) {
     return servers_[i] != nullptr && !servers_[i]->WaitForExit(absl::ZeroDuration()).has_value();
@@ -97,6 +106,93 @@ class Replicas {
  private:
   std::vector<int> ports_;
   std::vector<std::unique_ptr<ServerProcess>> servers_;
+};
+
+// nginx from deploy/nginx/cluster.conf.template (rendered as its header says) in front of the
+// replicas: one address for the client, a replica picked per call. Stopped with SIGQUIT
+// (graceful) when destroyed.
+class Nginx {
+ public:
+  static std::unique_ptr<Nginx> Start(int listen_port, const std::vector<int>& upstreams) {
+    std::unique_ptr<Nginx> nginx(new Nginx());
+    char dir_template[] = "/tmp/sessionledger-nginx-XXXXXX";
+    if (mkdtemp(dir_template) == nullptr) {
+      ADD_FAILURE() << "mkdtemp failed";
+      return nullptr;
+    }
+    nginx->dir_ = dir_template;
+    // nginx's workers run as `nobody` and create their temp directories in here.
+    chmod(nginx->dir_.c_str(), 0755);
+    std::ifstream in(absl::StrCat(SL_SOURCE_DIR, "/deploy/nginx/cluster.conf.template"));
+    std::stringstream template_text;
+    template_text << in.rdbuf();
+    std::string conf;
+    for (absl::string_view line : absl::StrSplit(template_text.str(), '\n')) {
+      if (absl::StripAsciiWhitespace(line) == "@UPSTREAMS@") {
+        for (int port : upstreams) {
+          absl::StrAppend(&conf, "    server 127.0.0.1:", port, " max_fails=1 fail_timeout=2s;\n");
+        }
+        continue;
+      }
+      absl::StrAppend(&conf,
+                      absl::StrReplaceAll(line, {{"@PREFIX@", nginx->dir_},
+                                                 {"@LISTEN_PORT@", absl::StrCat(listen_port)}}),
+                      "\n");
+    }
+    const std::string conf_path = nginx->dir_ + "/nginx.conf";
+    std::ofstream(conf_path) << conf;
+    absl::StatusOr<CommandResult> started =
+        RunCommand({"nginx", "-e", nginx->dir_ + "/error.log", "-p", nginx->dir_, "-c", conf_path});
+    if (!started.ok() || started->exit_code != 0) {
+      ADD_FAILURE() << "nginx did not start (is it installed? scripts/test installs it): "
+                    << (started.ok() ? started->output : started.status().ToString());
+      return nullptr;
+    }
+    nginx->port_ = listen_port;
+    const absl::Time give_up = absl::Now() + absl::Seconds(10);
+    while (nginx->Pid() <= 0 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(50));
+    if (nginx->Pid() <= 0) {
+      ADD_FAILURE() << "nginx wrote no pid file in " << nginx->dir_;
+      return nullptr;
+    }
+    return nginx;
+  }
+
+  ~Nginx() {
+    const pid_t pid = Pid();
+    if (pid > 0) {
+      kill(pid, SIGQUIT);
+      // Not our child (it daemonised): wait for /proc to forget it.
+      const absl::Time give_up = absl::Now() + absl::Seconds(10);
+      while (Alive(pid) && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(50));
+      if (Alive(pid)) kill(pid, SIGKILL);
+    }
+    (void)RunCommand({"rm", "-rf", dir_});
+  }
+
+  std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
+  std::string AccessLog() const {
+    std::ifstream in(dir_ + "/access.log");
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+  }
+
+ private:
+  Nginx() = default;
+  pid_t Pid() const {
+    std::ifstream in(dir_ + "/nginx.pid");
+    pid_t pid = 0;
+    return in >> pid ? pid : 0;
+  }
+  static bool Alive(pid_t pid) {
+    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+    std::string pid_field, comm, state;
+    return stat >> pid_field >> comm >> state && state != "Z";
+  }
+
+  std::string dir_;
+  int port_ = 0;
 };
 
 struct TransferRecord {
@@ -132,7 +228,8 @@ class ClusterChaosTest : public ::testing::Test {
     run_ = RunId();
     replicas_.StartAll();
     ASSERT_FALSE(HasFatalFailure());
-    client_ = std::make_unique<ChaosClient>(replicas_.Targets(), ChaosClient::Options{});
+    StartClient();
+    ASSERT_FALSE(HasFatalFailure());
     workers_.resize(kWorkers);
     for (int w = 0; w < kWorkers; ++w) {
       Worker& worker = workers_[w];
@@ -163,6 +260,11 @@ class ClusterChaosTest : public ::testing::Test {
 
   void TearDown() override {
     if (HasFailure()) replicas_.DumpOutput(std::cerr);
+  }
+
+  // Client-side round_robin over the replicas.
+  virtual void StartClient() {
+    client_ = std::make_unique<ChaosClient>(replicas_.Targets(), ChaosClient::Options{});
   }
 
   // Runs the workers for LoadDuration() while `fault` runs on this thread (it starts after a
@@ -442,6 +544,63 @@ TEST_F(ClusterChaosTest, PostgresRestarts) {
               << direct.counters().attempts << " attempt(s)" << std::endl;
   }
   BackingServices({"start-postgres"});
+}
+
+// The same load through nginx: one address, a replica picked per call, no client-side health
+// checking. nginx only learns that a replica is gone when connecting to it fails, so these
+// scenarios show what a load balancer in front of the replicas sees of a drain and a crash.
+class ClusterChaosThroughNginxTest : public ClusterChaosTest {
+ protected:
+  void StartClient() override {
+    nginx_ = Nginx::Start(FreeTcpPort(), replicas_.ports());
+    ASSERT_NE(nginx_, nullptr);
+    ChaosClient::Options options;
+    options.health_check = false;
+    client_ = std::make_unique<ChaosClient>(std::vector<std::string>{nginx_->target()}, options);
+  }
+  void TearDown() override {
+    ClusterChaosTest::TearDown();
+    if (HasFailure() && nginx_ != nullptr) {
+      std::string log = nginx_->AccessLog();
+      // The calls nginx did not answer with grpc-status 0 explain most failures.
+      std::string bad;
+      for (absl::string_view line : absl::StrSplit(log, '\n')) {
+        if (!line.empty() && !absl::StrContains(line, "grpc=0 ")) absl::StrAppend(&bad, line, "\n");
+      }
+      std::cerr << "--- nginx calls without grpc-status 0:\n" << bad.substr(0, 8000);
+    }
+  }
+
+  std::unique_ptr<Nginx> nginx_;
+};
+
+TEST_F(ClusterChaosThroughNginxTest, KillNineOneReplicaAndStartItAgain) {
+  RunScenario("nginx: kill -9 replica", [this] {
+    replicas_.at(2).Signal(SIGKILL);
+    EXPECT_EQ(replicas_.at(2).WaitForExit(absl::Seconds(10)), 128 + SIGKILL);
+    absl::SleepFor(absl::Seconds(3));
+    replicas_.Start(2);
+  });
+}
+
+// DISABLED: fails with 1-2 calls per run answered CANCELLED (not retryable) by the replica
+// being drained, a gRPC core bug: a call that reaches the server after Shutdown() began but
+// was never matched to a handler is "zombified" and finished with CANCELLED instead of
+// UNAVAILABLE (grpc/grpc#41785, fix proposed in grpc/grpc#41786; present in gRPC 1.51).
+// nginx, which does not see the drain's NOT_SERVING, keeps starting calls on its cached
+// upstream connection until it reads the replica's GOAWAY, and loses that race now and then.
+// Client-side round_robin with health checking does not meet it (RollingRestartWithSigterm
+// above: the replica leaves the rotation during SHUTDOWN_NOTICE_MS). Run it with
+// --gtest_also_run_disabled_tests; enable it once the server or gRPC answers UNAVAILABLE.
+TEST_F(ClusterChaosThroughNginxTest, DISABLED_RollingRestartWithSigterm) {
+  RunScenario("nginx: rolling restart", [this] {
+    for (int i = 0; i < kReplicas; ++i) {
+      replicas_.at(i).Signal(SIGTERM);
+      EXPECT_EQ(replicas_.at(i).WaitForExit(absl::Seconds(15)), 0) << "replica " << i;
+      replicas_.Start(i);
+      absl::SleepFor(absl::Seconds(1));
+    }
+  });
 }
 
 }  // namespace
