@@ -61,6 +61,11 @@ class SessionStore {
   // copy). NOT_FOUND is never returned: a missing session is an empty `record`.
   virtual absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) = 0;
 
+  // Like Lookup, for hot read-only paths (authentication): stops at the first copy that holds
+  // the session (one round trip when it is the first copy) and repairs nothing. A copy that
+  // lacks the generation still makes it ask the others, so revocation is never missed.
+  virtual absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) = 0;
+
   // Stores a new session. ALREADY_EXISTS when the key is taken.
   virtual absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& session,
                            absl::Duration ttl, absl::Time deadline) = 0;

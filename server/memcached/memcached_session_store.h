@@ -53,6 +53,7 @@ class MemcachedSessionStore final : public SessionStore {
   MemcachedSessionStore(MemcachedPool& pool, int replicas) : pool_(pool), replicas_(replicas) {}
 
   absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) override;
+  absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) override;
   absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& session,
                    absl::Duration ttl, absl::Time deadline) override;
   absl::Status CompareAndSwap(const SessionKey& key, const CasToken& cas,

@@ -471,7 +471,7 @@ absl::StatusOr<std::string> SessionService::UserIdForToken(absl::string_view tok
                                                            absl::Time deadline) {
   if (token.empty()) return absl::InvalidArgumentError("token: required");
   SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(token));
-  SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
+  SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Peek(key, deadline));
   SL_RETURN_IF_ERROR(CheckLive(lookup, key, clock_.Now()));
   return lookup.record->session.user_id();
 }

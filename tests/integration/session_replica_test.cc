@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "sessionledger/v1/transaction.grpc.pb.h"
 #include "tests/integration/session_test_support.h"
 
 namespace sessionledger::testing {
@@ -149,6 +150,35 @@ TEST_F(SessionReplicaTest, RevocationHoldsWhenANodeLosesTheGenerationButCopiesLi
   EXPECT_TRUE(MemcachedHas(1, generation_key));
   v1::Session fresh = client_->MustCreate(user);
   EXPECT_EQ(client_->GetCode(fresh.token()), grpc::StatusCode::OK);
+}
+
+// The ledger authenticates every call through the session layer's read-only path; it must fall
+// through a copy that restarted empty and must honour revocation.
+TEST_F(SessionReplicaTest, LedgerAuthenticationFallsThroughAnEmptyNodeAndHonoursRevocation) {
+  // Eight users: each user's first copy is on node 1 or node 2, so (but for 1 in 256) some have
+  // theirs on the node that restarts below.
+  std::vector<v1::Session> sessions = CreateMany("auth", 8);
+  auto ledger = v1::TransactionService::NewStub(server_->NewChannel());
+  const auto open_account = [&](const std::string& token) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    ctx.AddMetadata("authorization", "Bearer " + token);
+    v1::OpenAccountRequest req;
+    req.set_currency("EUR");
+    v1::Account account;
+    return ledger->OpenAccount(&ctx, req, &account).error_code();
+  };
+  BackingServices({"restart-memcached", "1"});
+  absl::SleepFor(absl::Milliseconds(1200));  // Past libmemcached's retry timeout for node 1.
+  for (const v1::Session& s : sessions) {
+    EXPECT_EQ(open_account(s.token()), grpc::StatusCode::OK) << s.session_id();
+  }
+  for (const v1::Session& s : sessions) {
+    v1::RevokeUserSessionsResponse revoked;
+    ASSERT_TRUE(client_->Revoke(s.user_id(), &revoked).ok());
+    EXPECT_EQ(revoked.revoked(), 1);
+    EXPECT_EQ(open_account(s.token()), grpc::StatusCode::UNAUTHENTICATED) << s.session_id();
+  }
 }
 
 TEST(SessionOutageTest, MemcachedDownIsUnavailableWithinTheDeadlineAndRecovers) {

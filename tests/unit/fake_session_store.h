@@ -62,6 +62,18 @@ class FakeSessionStore final : public SessionStore {
     return out;
   }
 
+  absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      ++peeks_;
+    }
+    return Lookup(key, deadline);
+  }
+  int peeks() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return peeks_;
+  }
+
   absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& s, absl::Duration ttl,
                    absl::Time) override {
     std::lock_guard<std::mutex> l(mu_);
@@ -191,6 +203,7 @@ class FakeSessionStore final : public SessionStore {
   bool unavailable_ = false;
   int fail_cas_ = 0;
   int cas_calls_ = 0;
+  int peeks_ = 0;
   uint64_t next_cas_ = 0;
   std::map<std::string, Entry<storage::v1::StoredSession>> sessions_;
   std::map<std::string, Entry<uint64_t>> generations_;

@@ -376,6 +376,7 @@ TEST_F(SessionServiceTest, AuthenticatorResolvesUserWithoutTouching) {
   absl::StatusOr<std::string> user = auth.UserIdForToken(v.token, Deadline());
   ASSERT_TRUE(user.ok()) << user.status();
   EXPECT_EQ(*user, "alice");
+  EXPECT_EQ(store_->peeks(), 1);  // The read-only path, no repair work.
   EXPECT_EQ(Get(v.token)->stored.expires_at_unix_micros(), v.stored.expires_at_unix_micros());
   EXPECT_TRUE(absl::IsUnauthenticated(auth.UserIdForToken("", Deadline()).status()));
   EXPECT_TRUE(absl::IsUnauthenticated(auth.UserIdForToken("junk", Deadline()).status()));
