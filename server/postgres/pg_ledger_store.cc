@@ -130,6 +130,9 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
   absl::Status last;
   bool retried_connection = false;
   for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
+    // Back off here, after the previous attempt's lease went back to the pool, so a sleeping
+    // retry never holds a connection that another call could use.
+    if (IsRetryableTransactionFailure(last)) Backoff(attempt, deadline);
     const absl::Duration left = deadline - absl::Now();
     if (left <= absl::ZeroDuration()) {
       return last.ok() ? absl::UnavailableError("postgres: the call's deadline has passed") : last;
@@ -146,10 +149,7 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
     if (results.ok()) return std::move((*results)[1]);
     last = results.status();
     if (!lease->healthy()) lease.MarkBroken();
-    if (IsRetryableTransactionFailure(last)) {
-      if (attempt + 1 < kMaxAttempts) Backoff(attempt, deadline);
-      continue;
-    }
+    if (IsRetryableTransactionFailure(last)) continue;
     // A pooled connection can die between its stale check and its use (PostgreSQL restarting):
     // one retry on a fresh connection, only when running the statement twice is harmless.
     if (idempotent && !retried_connection && last.code() == absl::StatusCode::kUnavailable &&
