@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "server/common/status_macros.h"
 
@@ -342,36 +343,51 @@ std::string RedactDatabaseUrl(absl::string_view url) {
   const size_t scheme_end = url.find("://");
   if (scheme_end == absl::string_view::npos) return "****";
   const size_t authority_start = scheme_end + 3;
-  const size_t authority_end = url.find_first_of("/?", authority_start);
-  absl::string_view authority = url.substr(authority_start, authority_end == absl::string_view::npos
-                                                                ? absl::string_view::npos
-                                                                : authority_end - authority_start);
+  // libpq reads user info up to the first '@' before the first '/', across any '?': a password
+  // may hold an unencoded '?' (postgres://app:my?secret@db/x). Stopping at '?' would log it.
+  const size_t path_start = url.find('/', authority_start);
+  const absl::string_view before_path = url.substr(
+      authority_start, path_start == absl::string_view::npos ? absl::string_view::npos
+                                                             : path_start - authority_start);
   std::string redacted(url.substr(0, authority_start));
-  if (const size_t at = authority.rfind('@'); at != absl::string_view::npos) {
-    absl::string_view userinfo = authority.substr(0, at);
+  size_t rest_start = authority_start;
+  if (const size_t at = before_path.rfind('@'); at != absl::string_view::npos) {
+    const absl::string_view userinfo = before_path.substr(0, at);
     if (const size_t colon = userinfo.find(':'); colon != absl::string_view::npos) {
-      absl::StrAppend(&redacted, userinfo.substr(0, colon), ":****", authority.substr(at));
+      absl::StrAppend(&redacted, userinfo.substr(0, colon), ":****@");
     } else {
-      absl::StrAppend(&redacted, authority);
+      absl::StrAppend(&redacted, userinfo, "@");
     }
-  } else {
-    absl::StrAppend(&redacted, authority);
+    rest_start = authority_start + at + 1;
   }
-  if (authority_end == absl::string_view::npos) return redacted;
-  // A password may also be a query parameter.
-  absl::string_view tail = url.substr(authority_end);
-  const size_t q = tail.find('?');
-  absl::StrAppend(&redacted, tail.substr(0, q));
-  if (q == absl::string_view::npos) return redacted;
-  std::vector<std::string> params;
-  for (absl::string_view param : absl::StrSplit(tail.substr(q + 1), '&')) {
-    if (absl::StartsWithIgnoreCase(param, "password=")) {
-      params.push_back("password=****");
-    } else {
-      params.emplace_back(param);
+  // Host, path and query; a password may also be a query parameter.
+  const absl::string_view rest = url.substr(rest_start);
+  const size_t q = rest.find('?');
+  absl::StrAppend(&redacted, rest.substr(0, q));
+  if (q != absl::string_view::npos) {
+    std::vector<std::string> params;
+    for (absl::string_view param : absl::StrSplit(rest.substr(q + 1), '&')) {
+      if (absl::StartsWithIgnoreCase(param, "password=")) {
+        params.push_back("password=****");
+      } else {
+        params.emplace_back(param);
+      }
     }
+    absl::StrAppend(&redacted, "?", absl::StrJoin(params, "&"));
   }
-  absl::StrAppend(&redacted, "?", absl::StrJoin(params, "&"));
+  // Belt and braces: whatever libpq itself would use as the password goes too, wherever and
+  // however the URL spells it (found by fuzzing: tests/fuzz/regressions/config).
+  const std::string copy(url);
+  std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> options(
+      PQconninfoParse(copy.c_str(), nullptr), &PQconninfoFree);
+  for (const PQconninfoOption* o = options.get(); o != nullptr && o->keyword != nullptr; ++o) {
+    if (o->val == nullptr || *o->val == '\0' || absl::string_view(o->keyword) != "password") {
+      continue;
+    }
+    std::string tail = redacted.substr(authority_start);
+    absl::StrReplaceAll({{o->val, "****"}}, &tail);
+    redacted = absl::StrCat(redacted.substr(0, authority_start), tail);
+  }
   return redacted;
 }
 
