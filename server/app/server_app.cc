@@ -14,6 +14,7 @@
 #include "server/postgres/migrations.h"
 #include "server/postgres/pg_ledger_store.h"
 #include "server/rpc/call_observer.h"
+#include "server/rpc/request_parse_errors.h"
 #include "server/rpc/session_handlers.h"
 #include "server/rpc/transaction_handlers.h"
 #include "server/session/session_service.h"
@@ -143,6 +144,8 @@ absl::Status ServerApp::Start() {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   for (const auto& service : services_) builder.RegisterService(service.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  // First, so that the call observer logs and counts the corrected code.
+  interceptors.push_back(std::make_unique<RequestParseErrorsFactory>());
   interceptors.push_back(std::make_unique<CallObserverFactory>(logger_, &metrics_));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();

@@ -1,0 +1,44 @@
+#include "server/rpc/request_parse_errors.h"
+
+#include <string>
+
+namespace sessionledger {
+namespace {
+
+using grpc::experimental::InterceptionHookPoints;
+
+class RequestParseErrors final : public grpc::experimental::Interceptor {
+ public:
+  explicit RequestParseErrors(grpc::experimental::ServerRpcInfo* info)
+      : method_(info->method() != nullptr ? info->method() : "") {}
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    // A unary request that gRPC failed to deserialize reaches this hook as a null message.
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE) &&
+        methods->GetRecvMessage() == nullptr) {
+      unparsable_ = true;
+    }
+    if (unparsable_ &&
+        methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS) &&
+        methods->GetSendStatus().error_code() == grpc::StatusCode::INTERNAL) {
+      methods->ModifySendStatus(
+          grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                       "request: cannot be parsed as the request message of " + method_ +
+                           " (string fields must be valid UTF-8)"));
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string method_;
+  bool unparsable_ = false;
+};
+
+}  // namespace
+
+grpc::experimental::Interceptor* RequestParseErrorsFactory::CreateServerInterceptor(
+    grpc::experimental::ServerRpcInfo* info) {
+  return new RequestParseErrors(info);
+}
+
+}  // namespace sessionledger

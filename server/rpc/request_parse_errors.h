@@ -1,0 +1,24 @@
+#ifndef SESSIONLEDGER_SERVER_RPC_REQUEST_PARSE_ERRORS_H_
+#define SESSIONLEDGER_SERVER_RPC_REQUEST_PARSE_ERRORS_H_
+
+#include <grpcpp/support/server_interceptor.h>
+
+namespace sessionledger {
+
+// Server interceptor, one per call, that turns gRPC's answer to a request it could not parse
+// into INVALID_ARGUMENT naming the request. gRPC answers such a request itself, before any
+// handler runs, with INTERNAL and an empty message: for proto3 a string field that is not valid
+// UTF-8 (a user_id or an idempotency key from a client that does not check) is a parse error,
+// and so are truncated or garbled bytes. INTERNAL would say "our fault, retrying will not help
+// you find out why"; the contract says bad input is INVALID_ARGUMENT with a message naming it.
+// The factory is thread-safe and keeps no state between calls.
+class RequestParseErrorsFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override;
+};
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_RPC_REQUEST_PARSE_ERRORS_H_
