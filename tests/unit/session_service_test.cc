@@ -321,6 +321,22 @@ TEST_F(SessionServiceTest, ListShowsLiveSessionsOfThatUserOnly) {
   EXPECT_TRUE(service_->List("nobody", Deadline())->empty());
 }
 
+TEST_F(SessionServiceTest, IndexStaysBoundedForAUserWhoNeverLists) {
+  // Sessions that end (deleted, idled out) leave index entries behind; once the index passes its
+  // prune threshold, the next CreateSession drops them, and entries past their absolute lifetime
+  // go on every write, so the index tracks live sessions, not the user's history.
+  std::vector<std::string> tokens;
+  for (int i = 0; i < 300; ++i) tokens.push_back(MustCreate("chatty").token);
+  EXPECT_EQ(store_->IndexSize(UserTag("chatty")), 300u);
+  for (int i = 1; i < 300; ++i) ASSERT_TRUE(service_->Delete(tokens[i], Deadline()).ok());
+  clock_.Advance(absl::Seconds(31));  // Past the grace for entries of in-flight creates.
+  MustCreate("chatty");
+  EXPECT_EQ(store_->IndexSize(UserTag("chatty")), 2u);
+  clock_.Advance(kLifetime);  // Every session reached its absolute lifetime.
+  MustCreate("chatty");
+  EXPECT_EQ(store_->IndexSize(UserTag("chatty")), 1u);
+}
+
 TEST_F(SessionServiceTest, RevokeEndsEveryLiveSessionAndLaterOnesWork) {
   SessionView a1 = MustCreate("alice");
   SessionView a2 = MustCreate("alice");
