@@ -10,11 +10,13 @@ using grpc::experimental::InterceptionHookPoints;
 class RequestParseErrors final : public grpc::experimental::Interceptor {
  public:
   explicit RequestParseErrors(grpc::experimental::ServerRpcInfo* info)
-      : method_(info->method() != nullptr ? info->method() : "") {}
+      : method_(info->method() != nullptr ? info->method() : ""),
+        unary_(info->type() == grpc::experimental::ServerRpcInfo::Type::UNARY) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    // A unary request that gRPC failed to deserialize reaches this hook as a null message.
-    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE) &&
+    // A unary request that gRPC failed to deserialize reaches this hook as a null message. (On a
+    // stream a null message only means the client finished sending: streams are left alone.)
+    if (unary_ && methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE) &&
         methods->GetRecvMessage() == nullptr) {
       unparsable_ = true;
     }
@@ -31,6 +33,7 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
 
  private:
   const std::string method_;
+  const bool unary_;
   bool unparsable_ = false;
 };
 
