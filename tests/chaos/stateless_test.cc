@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -122,13 +123,17 @@ TEST(StatelessTest, RssStaysFlatAcross100000Sessions) {
   int64_t rss_max = rss_warm;
   int64_t failed = 0;
   std::vector<int64_t> rounds;
-  for (int round = 0; round < 5; ++round) {
+  // SL_STATELESS_ROUNDS runs more rounds by hand, to tell a slow leak from allocator noise.
+  const char* rounds_env = std::getenv("SL_STATELESS_ROUNDS");
+  const int round_count =
+      rounds_env != nullptr && std::atoi(rounds_env) > 0 ? std::atoi(rounds_env) : 5;
+  for (int round = 0; round < round_count; ++round) {
     failed += CreateAndRead(port, 20'000, kThreads, absl::StrCat(prefix, "-", round));
     rounds.push_back(RssKib(pid));
     rss_max = std::max(rss_max, rounds.back());
   }
   const int64_t rss_after = rounds.back();
-  std::cout << "[stateless] 100000 sessions created and read in "
+  std::cout << "[stateless] " << 20'000 * round_count << " sessions created and read in "
             << absl::FormatDuration(absl::Now() - start) << " (incl. 20000 warm-up), " << kThreads
             << " client threads; VmRSS KiB after warm-up " << rss_warm
             << ", after each 20000: " << absl::StrJoin(rounds, " ") << " (max "
