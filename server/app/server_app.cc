@@ -86,9 +86,11 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
   // --- Ledger layer wiring (TransactionService) ---
   // The authenticator is read at call time through the slot, so the order of the two wiring
   // blocks does not matter; an empty slot makes TransactionService answer UNAVAILABLE.
+  auto ledger_store = std::make_unique<PgLedgerStore>(*app->pg_pool_);
+  app->ledger_store_ = ledger_store.get();
   app->services_.push_back(std::make_unique<TransactionHandlers>(
-      std::make_unique<PgLedgerStore>(*app->pg_pool_),
-      std::make_unique<LateBoundAuthenticator>(app->authenticator_), config.default_call_timeout));
+      std::move(ledger_store), std::make_unique<LateBoundAuthenticator>(app->authenticator_),
+      config.default_call_timeout));
 
   app->services_.push_back(std::make_unique<HealthService>(app->health_board_));
   return app;
@@ -205,6 +207,19 @@ absl::Status ServerApp::StartMetrics() {
                        true,
                        {{"pool", "memcached"}},
                        [memcached] { return double(memcached->exhausted()); }});
+  metrics_.AddSampled({"sessionledger_memcached_node_failures_total",
+                       "Memcached operations whose node did not answer in time (a replica may "
+                       "still have served the call)",
+                       true,
+                       {},
+                       [memcached] { return double(memcached->node_failures()); }});
+  const PgLedgerStore* ledger = ledger_store_;
+  metrics_.AddSampled({"sessionledger_postgres_retries_total",
+                       "Ledger statements re-run after a serialization failure, deadlock or lost "
+                       "connection",
+                       true,
+                       {},
+                       [ledger] { return double(ledger->retries()); }});
   SL_ASSIGN_OR_RETURN(metrics_http_, MetricsHttpServer::Start(config_.metrics_port, metrics_));
   return absl::OkStatus();
 }

@@ -13,6 +13,7 @@
 #include "server/domain/token_authenticator.h"
 #include "server/memcached/memcached_pool.h"
 #include "server/metrics/server_metrics.h"
+#include "server/postgres/pg_ledger_store.h"
 #include "server/postgres/pg_pool.h"
 #include "server/rpc/health.h"
 
@@ -53,6 +54,8 @@ class ServerApp {
   SystemClock clock_;
   std::unique_ptr<MemcachedPool> memcached_pool_;
   std::unique_ptr<PgPool> pg_pool_;
+  // Owned by the TransactionService handlers; read for metrics only.
+  const PgLedgerStore* ledger_store_ = nullptr;
   HealthBoard health_board_;
   // Built by the session layer; the ledger authenticates callers through it.
   std::unique_ptr<TokenAuthenticator> authenticator_;

@@ -50,6 +50,8 @@ class MemcachedPool {
     ~Lease();
     memcached_st* get() const { return handle_; }
     memcached_st* operator->() const { return handle_; }
+    // An operation on this handle found its node down or too slow (for metrics).
+    void RecordNodeFailure() { owner_->node_failures_.fetch_add(1, std::memory_order_relaxed); }
 
    private:
     friend class MemcachedPool;
@@ -73,6 +75,7 @@ class MemcachedPool {
   // For metrics: handles lent out now, and Acquire calls that found none free in time.
   int leased() const { return leased_.load(std::memory_order_relaxed); }
   int64_t exhausted() const { return exhausted_.load(std::memory_order_relaxed); }
+  int64_t node_failures() const { return node_failures_.load(std::memory_order_relaxed); }
 
  private:
   MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_pool_st* pool)
@@ -83,6 +86,7 @@ class MemcachedPool {
   memcached_pool_st* pool_;
   std::atomic<int> leased_{0};
   std::atomic<int64_t> exhausted_{0};
+  std::atomic<int64_t> node_failures_{0};
 };
 
 // Probes every node with a fresh connection (a version request) and counts the ones that answer.

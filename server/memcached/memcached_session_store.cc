@@ -102,7 +102,7 @@ class Conn {
     const std::string& group = groups_[copy];
     memcached_return_t rc = memcached_mget_by_key(m(), group.data(), group.size(), ptrs.data(),
                                                   lens.data(), keys.size());
-    if (!memcached_success(rc)) return MemcachedStatus(rc, "get");
+    if (!memcached_success(Counted(rc))) return MemcachedStatus(rc, "get");
     ScopedResult result(m());
     if (!result.ok()) return absl::UnavailableError("memcached: out of memory");
     std::map<std::string, Item> hits;
@@ -117,7 +117,7 @@ class Conn {
                    std::move(item));
     }
     if (rc != MEMCACHED_END && rc != MEMCACHED_NOTFOUND && !memcached_success(rc)) {
-      return MemcachedStatus(rc, "get");
+      return MemcachedStatus(Counted(rc), "get");
     }
     return hits;
   }
@@ -130,14 +130,14 @@ class Conn {
     const std::string& g = groups_[copy];
     switch (op) {
       case Op::kAdd:
-        return memcached_add_by_key(m(), g.data(), g.size(), key.data(), key.size(), value.data(),
-                                    value.size(), expiration, 0);
+        return Counted(memcached_add_by_key(m(), g.data(), g.size(), key.data(), key.size(),
+                                            value.data(), value.size(), expiration, 0));
       case Op::kSet:
-        return memcached_set_by_key(m(), g.data(), g.size(), key.data(), key.size(), value.data(),
-                                    value.size(), expiration, 0);
+        return Counted(memcached_set_by_key(m(), g.data(), g.size(), key.data(), key.size(),
+                                            value.data(), value.size(), expiration, 0));
       case Op::kCas:
-        return memcached_cas_by_key(m(), g.data(), g.size(), key.data(), key.size(), value.data(),
-                                    value.size(), expiration, 0, cas);
+        return Counted(memcached_cas_by_key(m(), g.data(), g.size(), key.data(), key.size(),
+                                            value.data(), value.size(), expiration, 0, cas));
     }
     return MEMCACHED_FAILURE;
   }
@@ -145,13 +145,14 @@ class Conn {
   memcached_return_t Delete(int copy, const std::string& key) {
     if (!Ready().ok()) return MEMCACHED_TIMEOUT;
     const std::string& g = groups_[copy];
-    return memcached_delete_by_key(m(), g.data(), g.size(), key.data(), key.size(), 0);
+    return Counted(memcached_delete_by_key(m(), g.data(), g.size(), key.data(), key.size(), 0));
   }
 
   memcached_return_t Touch(int copy, const std::string& key, time_t expiration) {
     if (!Ready().ok()) return MEMCACHED_TIMEOUT;
     const std::string& g = groups_[copy];
-    return memcached_touch_by_key(m(), g.data(), g.size(), key.data(), key.size(), expiration);
+    return Counted(
+        memcached_touch_by_key(m(), g.data(), g.size(), key.data(), key.size(), expiration));
   }
 
   // Add on the first copy that answers, then set on the others. ABORTED when the primary already
@@ -230,6 +231,13 @@ class Conn {
       : lease_(std::move(lease)), options_(options), deadline_(deadline) {}
 
   memcached_st* m() const { return lease_.get(); }
+
+  // Counts a node that did not answer (a replica may still have saved the call), so that
+  // operators see a failing node before calls fail.
+  memcached_return_t Counted(memcached_return_t rc) {
+    if (!Answered(rc)) lease_.RecordNodeFailure();
+    return rc;
+  }
 
   // One call may take several round trips; each gets only the time that is left.
   absl::Status Ready() {

@@ -149,12 +149,16 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
     if (results.ok()) return std::move((*results)[1]);
     last = results.status();
     if (!lease->healthy()) lease.MarkBroken();
-    if (IsRetryableTransactionFailure(last)) continue;
+    if (IsRetryableTransactionFailure(last)) {
+      retries_.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
     // A pooled connection can die between its stale check and its use (PostgreSQL restarting):
     // one retry on a fresh connection, only when running the statement twice is harmless.
     if (idempotent && !retried_connection && last.code() == absl::StatusCode::kUnavailable &&
         !lease->healthy()) {
       retried_connection = true;
+      retries_.fetch_add(1, std::memory_order_relaxed);
       continue;
     }
     return last;

@@ -1,6 +1,7 @@
 #ifndef SESSIONLEDGER_SERVER_POSTGRES_PG_LEDGER_STORE_H_
 #define SESSIONLEDGER_SERVER_POSTGRES_PG_LEDGER_STORE_H_
 
+#include <atomic>
 #include <functional>
 #include <vector>
 
@@ -46,6 +47,9 @@ class PgLedgerStore final : public LedgerStore {
                                                    absl::string_view account_id, int64_t before_seq,
                                                    int limit, absl::Time deadline) override;
 
+  // Statements run again after a serialization failure, deadlock or lost connection (metrics).
+  int64_t retries() const { return retries_.load(std::memory_order_relaxed); }
+
  private:
   // Runs `statement` after the statement_timeout prefix on a pooled connection and returns its
   // result. Retries 40001/40P01 and, when `idempotent`, one lost connection.
@@ -55,6 +59,7 @@ class PgLedgerStore final : public LedgerStore {
                                         bool* retry_key_race);
 
   PgPool& pool_;
+  std::atomic<int64_t> retries_{0};
 };
 
 }  // namespace sessionledger

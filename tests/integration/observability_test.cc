@@ -88,6 +88,8 @@ TEST(MetricsTest, CountersMoveAfterCallsAndTheFormatParses) {
   EXPECT_EQ(SampleValue(after, R"(sessionledger_pool_size{pool="memcached"})"), 16);
   EXPECT_EQ(SampleValue(after, R"(sessionledger_pool_size{pool="postgres"})"), 8);
   EXPECT_GE(SampleValue(after, R"(sessionledger_pool_waits_total{pool="postgres"})"), 0);
+  EXPECT_EQ(SampleValue(after, "sessionledger_memcached_node_failures_total"), 0);
+  EXPECT_EQ(SampleValue(after, "sessionledger_postgres_retries_total"), 0);
 
   // Every line is a comment (# HELP / # TYPE) or `name{labels} value`.
   const std::regex sample(
@@ -99,6 +101,37 @@ TEST(MetricsTest, CountersMoveAfterCallsAndTheFormatParses) {
     ++samples;
   }
   EXPECT_GT(samples, 10);
+}
+
+TEST(MetricsTest, CountsMemcachedNodeFailuresThatReplicasHid) {
+  const int metrics_port = FreeTcpPort();
+  auto server = StartServer({{"METRICS_PORT", absl::StrCat(metrics_port)},
+                             {"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}});
+  ASSERT_NE(server, nullptr);
+  auto sessions = sessionledger::v1::SessionService::NewStub(server->NewChannel());
+  sessionledger::v1::Session created;
+  {
+    grpc::ClientContext context;
+    sessionledger::v1::CreateSessionRequest request;
+    request.set_user_id("metrics-node-failure");
+    ASSERT_TRUE(sessions->CreateSession(&context, request, &created).ok());
+  }
+  BackingServices({"stop-memcached", "2"});
+  grpc::Status read;
+  for (int i = 0; i < 3; ++i) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    sessionledger::v1::GetSessionRequest request;
+    request.set_token(created.token());
+    sessionledger::v1::Session got;
+    read = sessions->GetSession(&context, request, &got);
+    if (!read.ok()) break;
+  }
+  const std::string exposition = Scrape(metrics_port);
+  BackingServices({"start-memcached", "2"});
+  EXPECT_TRUE(read.ok()) << "the other copy serves the session: " << read.error_message();
+  EXPECT_GE(SampleValue(exposition, "sessionledger_memcached_node_failures_total"), 1)
+      << exposition;
 }
 
 TEST(MetricsTest, PortZeroTurnsMetricsOff) {
