@@ -1,9 +1,10 @@
-// Three replicas of sessionledger-server behind client-side round_robin, under load, while a
-// replica is killed, the replicas restart one by one, a memcached node stops, and PostgreSQL
-// restarts. Each scenario asserts what issue 6 promises: no call fails as the client sees it
-// (retries with the same idempotency key hide every fault), money is conserved exactly, no
-// transfer is applied twice, no session is lost, and the replicas ride out backing-service
-// restarts without being restarted themselves.
+// Three replicas of sessionledger-server behind client-side round_robin (and, for two
+// scenarios, behind nginx), under load, while replicas are killed with SIGKILL, the replicas
+// restart one by one with SIGTERM, a memcached node stops, and PostgreSQL restarts. Each scenario
+// asserts what issue 6 promises: no call fails as the client sees it (retries with the same
+// idempotency key hide every fault), money is conserved exactly, no transfer is applied twice, no
+// session is lost, and the replicas ride out backing-service restarts without being restarted
+// themselves.
 //
 // Duration: SL_CHAOS_SECONDS (default 20) of load per scenario.
 #include <signal.h>
