@@ -75,6 +75,11 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
     SessionServiceOptions session_options;
     session_options.default_ttl = config.session_ttl;
     session_options.max_lifetime = config.session_max_lifetime;
+    session_options.limits.max_user_id_bytes = static_cast<size_t>(config.max_user_id_bytes);
+    session_options.limits.max_attribute_key_bytes =
+        static_cast<size_t>(config.max_attribute_key_bytes);
+    session_options.limits.max_attributes_bytes =
+        static_cast<size_t>(config.max_session_attributes_bytes);
     auto session_store =
         std::make_shared<MemcachedSessionStore>(*app->memcached_pool_, config.memcached.replicas);
     auto sessions = std::make_shared<SessionService>(std::move(session_store), app->clock_,
@@ -90,7 +95,8 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
   app->ledger_store_ = ledger_store.get();
   app->services_.push_back(std::make_unique<TransactionHandlers>(
       std::move(ledger_store), std::make_unique<LateBoundAuthenticator>(app->authenticator_),
-      config.default_call_timeout));
+      config.default_call_timeout,
+      LedgerLimits{static_cast<size_t>(config.max_idempotency_key_bytes)}));
 
   app->services_.push_back(std::make_unique<HealthService>(app->health_board_));
   return app;

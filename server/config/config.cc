@@ -416,6 +416,12 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"HEALTH_CHECK_INTERVAL_MS", "2000", "how often Memcached and PostgreSQL are probed"},
       {"GRPC_MAX_CONNECTION_AGE_SECONDS", "300",
        "clients reconnect after this long, so load spreads over new replicas"},
+      {"MAX_USER_ID_BYTES", "128", "longest user_id accepted (bytes of UTF-8)"},
+      {"MAX_ATTRIBUTE_KEY_BYTES", "128", "longest session attribute key accepted"},
+      {"MAX_SESSION_ATTRIBUTES_BYTES", "65536",
+       "a session's attributes together (key and value bytes); at most 524288, as one "
+       "Memcached item holds at most 1 MiB"},
+      {"MAX_IDEMPOTENCY_KEY_BYTES", "128", "longest idempotency_key accepted"},
       {"GRPC_MAX_RECV_BYTES", "1048576",
        "largest request message accepted; a larger one fails with RESOURCE_EXHAUSTED"},
       {"GRPC_MAX_CONCURRENT_STREAMS", "100",
@@ -515,6 +521,14 @@ absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
                       IntegerVariable(raw, "GRPC_MAX_CONCURRENT_STREAMS", "100", 1, 100'000));
   SL_ASSIGN_OR_RETURN(config.tls, LoadTlsFiles(env("TLS_CERT_FILE"), env("TLS_KEY_FILE"),
                                                env("TLS_CLIENT_CA_FILE")));
+  SL_ASSIGN_OR_RETURN(config.max_user_id_bytes,
+                      IntegerVariable(raw, "MAX_USER_ID_BYTES", "128", 1, 4096));
+  SL_ASSIGN_OR_RETURN(config.max_attribute_key_bytes,
+                      IntegerVariable(raw, "MAX_ATTRIBUTE_KEY_BYTES", "128", 1, 4096));
+  SL_ASSIGN_OR_RETURN(config.max_session_attributes_bytes,
+                      IntegerVariable(raw, "MAX_SESSION_ATTRIBUTES_BYTES", "65536", 1, 512 * 1024));
+  SL_ASSIGN_OR_RETURN(config.max_idempotency_key_bytes,
+                      IntegerVariable(raw, "MAX_IDEMPOTENCY_KEY_BYTES", "128", 1, 4096));
   return config;
 }
 

@@ -75,6 +75,11 @@ struct Config {
   absl::Duration health_check_interval = absl::Seconds(2);
   absl::Duration grpc_max_connection_age = absl::Seconds(300);
   int64_t grpc_max_recv_bytes = 1 << 20;
+  // The contract's input limits (its defaults); requests beyond them are INVALID_ARGUMENT.
+  int64_t max_user_id_bytes = 128;
+  int64_t max_attribute_key_bytes = 128;
+  int64_t max_session_attributes_bytes = 64 * 1024;
+  int64_t max_idempotency_key_bytes = 128;
   // Per HTTP/2 connection; a client that opens more waits for a free stream instead of making
   // the server allocate for an unbounded number of calls at once.
   int grpc_max_concurrent_streams = 100;

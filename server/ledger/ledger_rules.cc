@@ -59,11 +59,11 @@ absl::Status ValidateCurrency(absl::string_view currency) {
   return absl::OkStatus();
 }
 
-absl::Status ValidateIdempotencyKey(absl::string_view key) {
+absl::Status ValidateIdempotencyKey(absl::string_view key, size_t max_bytes) {
   if (key.empty()) return absl::InvalidArgumentError("idempotency_key: required");
-  if (key.size() > kMaxIdempotencyKeyBytes) {
+  if (key.size() > max_bytes) {
     return absl::InvalidArgumentError(
-        absl::StrCat("idempotency_key: at most ", kMaxIdempotencyKeyBytes, " bytes"));
+        absl::StrCat("idempotency_key: at most ", max_bytes, " bytes"));
   }
   if (key.find('\0') != absl::string_view::npos || !IsValidUtf8(key)) {
     return absl::InvalidArgumentError("idempotency_key: must be UTF-8 without NUL characters");

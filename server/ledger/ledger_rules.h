@@ -24,7 +24,8 @@ absl::Status ValidateCurrency(absl::string_view currency);
 // OK for 1..128 bytes of valid UTF-8 without NUL; INVALID_ARGUMENT naming `idempotency_key`.
 // NUL is refused because PostgreSQL text cannot hold it, and invalid UTF-8 because the
 // database encoding is UTF-8: both would otherwise fail deep in the store as INTERNAL.
-absl::Status ValidateIdempotencyKey(absl::string_view key);
+absl::Status ValidateIdempotencyKey(absl::string_view key,
+                                    size_t max_bytes = kMaxIdempotencyKeyBytes);
 
 // The canonical (lower-case, hyphenated) form of a UUID written as 8-4-4-4-12 hex digits in
 // either case; std::nullopt for anything else. Account ids are UUIDs, so a string that is not

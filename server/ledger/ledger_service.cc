@@ -88,7 +88,8 @@ absl::StatusOr<Transaction> LedgerService::Deposit(absl::string_view session_tok
                                                    absl::Time deadline) {
   SL_RETURN_IF_ERROR(RequireNonEmpty(params.account_id, "account_id"));
   SL_RETURN_IF_ERROR(ValidateAmount(params.amount_minor));
-  SL_RETURN_IF_ERROR(ValidateIdempotencyKey(params.idempotency_key));
+  SL_RETURN_IF_ERROR(
+      ValidateIdempotencyKey(params.idempotency_key, limits_.max_idempotency_key_bytes));
   SL_ASSIGN_OR_RETURN(std::string user, Authenticate(session_token, deadline));
   SL_ASSIGN_OR_RETURN(std::string to, ExistingAccountId(params.account_id, "account_id"));
   MoneyMovement movement;
@@ -114,7 +115,8 @@ absl::StatusOr<Transaction> LedgerService::Transfer(absl::string_view session_to
     return absl::InvalidArgumentError("to_account_id: must differ from from_account_id");
   }
   SL_RETURN_IF_ERROR(ValidateAmount(params.amount_minor));
-  SL_RETURN_IF_ERROR(ValidateIdempotencyKey(params.idempotency_key));
+  SL_RETURN_IF_ERROR(
+      ValidateIdempotencyKey(params.idempotency_key, limits_.max_idempotency_key_bytes));
   SL_ASSIGN_OR_RETURN(std::string user, Authenticate(session_token, deadline));
   SL_ASSIGN_OR_RETURN(std::string from,
                       ExistingAccountId(params.from_account_id, "from_account_id"));

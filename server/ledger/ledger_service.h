@@ -10,6 +10,7 @@
 #include "absl/time/time.h"
 #include "server/domain/ledger_store.h"
 #include "server/domain/token_authenticator.h"
+#include "server/ledger/ledger_rules.h"
 
 namespace sessionledger {
 
@@ -46,10 +47,14 @@ struct ListResult {
 // finds: NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION. UNAVAILABLE when the session store
 // or PostgreSQL cannot answer before `deadline`. Stateless apart from its two references;
 // thread-safe.
+struct LedgerLimits {
+  size_t max_idempotency_key_bytes = kMaxIdempotencyKeyBytes;
+};
+
 class LedgerService {
  public:
-  LedgerService(LedgerStore& store, TokenAuthenticator& authenticator)
-      : store_(store), authenticator_(authenticator) {}
+  LedgerService(LedgerStore& store, TokenAuthenticator& authenticator, LedgerLimits limits = {})
+      : store_(store), authenticator_(authenticator), limits_(limits) {}
 
   // INVALID_ARGUMENT bad currency; UNAUTHENTICATED; UNAVAILABLE.
   absl::StatusOr<Account> OpenAccount(absl::string_view session_token, absl::string_view currency,
@@ -76,6 +81,7 @@ class LedgerService {
 
   LedgerStore& store_;
   TokenAuthenticator& authenticator_;
+  const LedgerLimits limits_;
 };
 
 }  // namespace sessionledger

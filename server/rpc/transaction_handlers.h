@@ -29,10 +29,10 @@ class TransactionHandlers final : public sessionledger::v1::TransactionService::
   // The same, owning the store and the authenticator (how the server wires it).
   TransactionHandlers(std::unique_ptr<LedgerStore> store,
                       std::unique_ptr<TokenAuthenticator> authenticator,
-                      absl::Duration default_call_timeout)
+                      absl::Duration default_call_timeout, LedgerLimits limits = {})
       : owned_store_(std::move(store)),
         owned_authenticator_(std::move(authenticator)),
-        ledger_(*owned_store_, *owned_authenticator_),
+        ledger_(*owned_store_, *owned_authenticator_, limits),
         default_call_timeout_(default_call_timeout) {}
 
   grpc::Status OpenAccount(grpc::ServerContext* context,

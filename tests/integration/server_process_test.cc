@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "server/postgres/migrations.h"
 #include "sessionledger/v1/session.grpc.pb.h"
+#include "sessionledger/v1/transaction.grpc.pb.h"
 #include "tests/support/test_env.h"
 
 namespace sessionledger::testing {
@@ -318,6 +319,57 @@ TEST(ServerProcessTest, RefusesToStartOnBadConfigurationWithOneLineNamingTheVari
     EXPECT_THAT(output, HasSubstr("sessionledger-server: " + c.message));
     EXPECT_EQ(std::count(output.begin(), output.end(), '\n'), 1) << output;
   }
+}
+
+TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {
+  auto server = StartServer({{"MAX_USER_ID_BYTES", "8"},
+                             {"MAX_ATTRIBUTE_KEY_BYTES", "3"},
+                             {"MAX_SESSION_ATTRIBUTES_BYTES", "10"},
+                             {"MAX_IDEMPOTENCY_KEY_BYTES", "4"}});
+  ASSERT_NE(server, nullptr);
+  auto channel = server->NewChannel();
+  auto sessions = sessionledger::v1::SessionService::NewStub(channel);
+  const auto create = [&](const std::string& user, std::map<std::string, std::string> attrs,
+                          sessionledger::v1::Session* out) {
+    grpc::ClientContext context;
+    sessionledger::v1::CreateSessionRequest request;
+    request.set_user_id(user);
+    for (const auto& [k, v] : attrs) (*request.mutable_attributes())[k] = v;
+    return sessions->CreateSession(&context, request, out);
+  };
+  sessionledger::v1::Session session;
+  grpc::Status status = create("123456789", {}, &session);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("user_id"));
+  EXPECT_EQ(create("u", {{"long", "v"}}, &session).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(create("u", {{"k", "0123456789"}}, &session).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  ASSERT_TRUE(create("12345678", {{"abc", "1234567"}}, &session).ok());
+
+  auto ledger = sessionledger::v1::TransactionService::NewStub(channel);
+  sessionledger::v1::Account account;
+  {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer " + session.token());
+    sessionledger::v1::OpenAccountRequest request;
+    request.set_currency("EUR");
+    ASSERT_TRUE(ledger->OpenAccount(&context, request, &account).ok());
+  }
+  const auto deposit = [&](const std::string& key) {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer " + session.token());
+    sessionledger::v1::DepositRequest request;
+    request.set_account_id(account.account_id());
+    request.set_amount_minor(1);
+    request.set_idempotency_key(key);
+    sessionledger::v1::Transaction transaction;
+    return ledger->Deposit(&context, request, &transaction);
+  };
+  status = deposit("abcde");
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("idempotency_key"));
+  EXPECT_TRUE(deposit("abcd").ok());
 }
 
 TEST(ServerProcessTest, RefusesToServeASchemaThatIsBehindAndMigrateFixesIt) {

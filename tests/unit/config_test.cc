@@ -113,6 +113,10 @@ TEST(LoadConfigTest, DefaultsMatchTheContract) {
   EXPECT_EQ(config->log_level, LogLevel::kInfo);
   EXPECT_EQ(config->metrics_port, 9464);
   EXPECT_EQ(config->grpc_max_recv_bytes, 1 << 20);
+  EXPECT_EQ(config->max_user_id_bytes, 128);
+  EXPECT_EQ(config->max_attribute_key_bytes, 128);
+  EXPECT_EQ(config->max_session_attributes_bytes, 64 * 1024);
+  EXPECT_EQ(config->max_idempotency_key_bytes, 128);
 }
 
 TEST(LoadConfigTest, ReadsEveryVariable) {
@@ -169,6 +173,10 @@ TEST(LoadConfigTest, MalformedValuesAreNamedOnOneLine) {
       {"MEMCACHED_POOL_SIZE", "0"},
       {"DATABASE_POOL_SIZE", "many"},
       {"GRPC_MAX_RECV_BYTES", "12"},
+      {"MAX_USER_ID_BYTES", "0"},
+      {"MAX_ATTRIBUTE_KEY_BYTES", "4097"},
+      {"MAX_SESSION_ATTRIBUTES_BYTES", "1048576"},
+      {"MAX_IDEMPOTENCY_KEY_BYTES", "x"},
   };
   for (const auto& [name, value] : cases) {
     const std::string message = ErrorFor(name, value);

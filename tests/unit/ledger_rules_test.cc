@@ -30,6 +30,9 @@ TEST(LedgerRules, IdempotencyKey) {
   EXPECT_EQ(ValidateIdempotencyKey("\xc3").code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ValidateIdempotencyKey("\xc0\xaf").code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ValidateIdempotencyKey("\xed\xa0\x80").code(), absl::StatusCode::kInvalidArgument);
+  // The limit is configurable (MAX_IDEMPOTENCY_KEY_BYTES).
+  EXPECT_TRUE(ValidateIdempotencyKey("abcd", 4).ok());
+  EXPECT_EQ(ValidateIdempotencyKey("abcde", 4).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(LedgerRules, CanonicalUuid) {
@@ -89,7 +92,7 @@ TEST(LedgerPageToken, EveryAlteredCharacterIsRejected) {
     }
   }
   for (const std::string& bad : {std::string(), token.substr(1), token + "A", std::string("!!!"),
-                                token.substr(0, token.size() - 1)}) {
+                                 token.substr(0, token.size() - 1)}) {
     EXPECT_EQ(DecodePageToken(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
 }
