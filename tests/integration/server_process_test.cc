@@ -345,7 +345,11 @@ TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {
             grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(create("u", {{"k", "0123456789"}}, &session).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
-  ASSERT_TRUE(create("12345678", {{"abc", "1234567"}}, &session).ok());
+  // A fresh 8-byte user per run: idempotency keys are scoped per user, and "abcd" must be
+  // unused.
+  const std::string user =
+      absl::StrCat(absl::Hex(absl::ToUnixNanos(absl::Now()) & 0xffffffff, absl::kZeroPad8));
+  ASSERT_TRUE(create(user, {{"abc", "1234567"}}, &session).ok());
 
   auto ledger = sessionledger::v1::TransactionService::NewStub(channel);
   sessionledger::v1::Account account;
