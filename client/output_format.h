@@ -19,7 +19,7 @@ namespace sessionledger::client {
 std::string ToJson(const google::protobuf::Message& message);
 
 // "OK", "NOT_FOUND", ...: the canonical names, as in the contract and in bench output.
-const char* StatusCodeName(grpc::StatusCode code);
+std::string StatusCodeName(grpc::StatusCode code);
 
 // Human-readable renderings; each ends with '\n'.
 using Rows = std::vector<std::vector<std::string>>;

@@ -35,7 +35,7 @@ class CallObserverFactory final : public grpc::experimental::ServerInterceptorFa
 };
 
 // "OK", "INVALID_ARGUMENT", ...: the canonical name, as logs and metrics show it.
-const char* StatusCodeName(grpc::StatusCode code);
+std::string StatusCodeName(grpc::StatusCode code);
 
 // The request id a handler sees for its call (what the interceptor accepted or generated), or ""
 // outside an observed call.

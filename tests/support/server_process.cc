@@ -16,8 +16,6 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "tests/support/test_env.h"
 
-extern char** environ;
-
 namespace sessionledger::testing {
 
 std::map<std::string, std::optional<std::string>> BackingServiceEnv() {
@@ -43,49 +41,20 @@ bool PortAcceptsConnections(int port) {
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options options) {
   std::unique_ptr<ServerProcess> process(new ServerProcess());
-  std::map<std::string, std::string> env;
-  for (char** e = environ; *e != nullptr; ++e) {
-    std::string entry(*e);
-    const size_t eq = entry.find('=');
-    if (eq != std::string::npos) env[entry.substr(0, eq)] = entry.substr(eq + 1);
-  }
-  env["PORT"] = absl::StrCat(FreeTcpPort());
-  env["METRICS_PORT"] = "0";
-  for (const auto& [k, v] : options.env) {
-    if (v.has_value()) {
-      env[k] = *v;
-    } else {
-      env.erase(k);
-    }
-  }
+  std::map<std::string, std::optional<std::string>> overrides = {
+      {"PORT", absl::StrCat(FreeTcpPort())}, {"METRICS_PORT", "0"}};
+  for (const auto& [k, v] : options.env) overrides[k] = v;
+  const std::map<std::string, std::string> env = EnvironmentWith(overrides);
   if (auto it = env.find("PORT"); it != env.end()) {
     process->port_ = std::atoi(it->second.c_str());
   }
-
-  std::vector<std::string> env_strings;
-  for (const auto& [k, v] : env) env_strings.push_back(absl::StrCat(k, "=", v));
-  std::vector<char*> envp;
-  for (auto& s : env_strings) envp.push_back(s.data());
-  envp.push_back(nullptr);
   std::vector<std::string> args = {SL_SERVER_BINARY};
   args.insert(args.end(), options.args.begin(), options.args.end());
-  std::vector<char*> argp;
-  for (auto& a : args) argp.push_back(a.data());
-  argp.push_back(nullptr);
-
-  int pipe_fds[2];
-  if (pipe2(pipe_fds, O_CLOEXEC) != 0) return absl::InternalError("pipe failed");
-  const pid_t pid = fork();
-  if (pid < 0) return absl::InternalError("fork failed");
-  if (pid == 0) {
-    dup2(pipe_fds[1], 1);
-    dup2(pipe_fds[1], 2);
-    execve(argp[0], argp.data(), envp.data());
-    _exit(127);
-  }
-  close(pipe_fds[1]);
+  absl::StatusOr<ChildProcess> child = SpawnWithOutputPipe(args, env);
+  if (!child.ok()) return child.status();
+  const pid_t pid = child->pid;
   process->pid_ = pid;
-  const int read_fd = pipe_fds[0];
+  const int read_fd = child->output_fd;
   process->reader_ = std::thread([p = process.get(), read_fd] { p->ReadOutput(read_fd); });
 
   if (!options.wait_until_serving) return process;

@@ -31,18 +31,28 @@ std::string RequiredEnv(const std::string& name) {
   return value;
 }
 
-absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
-                                         const std::map<std::string, std::string>& env,
-                                         absl::Duration timeout) {
+std::map<std::string, std::string> EnvironmentWith(
+    const std::map<std::string, std::optional<std::string>>& overrides) {
   std::map<std::string, std::string> merged;
   for (char** e = environ; *e != nullptr; ++e) {
     std::string entry(*e);
     const size_t eq = entry.find('=');
     if (eq != std::string::npos) merged[entry.substr(0, eq)] = entry.substr(eq + 1);
   }
-  for (const auto& [k, v] : env) merged[k] = v;
+  for (const auto& [k, v] : overrides) {
+    if (v.has_value()) {
+      merged[k] = *v;
+    } else {
+      merged.erase(k);
+    }
+  }
+  return merged;
+}
+
+absl::StatusOr<ChildProcess> SpawnWithOutputPipe(const std::vector<std::string>& argv,
+                                                 const std::map<std::string, std::string>& env) {
   std::vector<std::string> env_strings;
-  for (const auto& [k, v] : merged) env_strings.push_back(absl::StrCat(k, "=", v));
+  for (const auto& [k, v] : env) env_strings.push_back(absl::StrCat(k, "=", v));
   std::vector<char*> envp;
   for (auto& s : env_strings) envp.push_back(s.data());
   envp.push_back(nullptr);
@@ -64,6 +74,17 @@ absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
     _exit(127);
   }
   close(pipe_fds[1]);
+  return ChildProcess{pid, pipe_fds[0]};
+}
+
+absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
+                                         const std::map<std::string, std::string>& env,
+                                         absl::Duration timeout) {
+  std::map<std::string, std::optional<std::string>> overrides(env.begin(), env.end());
+  absl::StatusOr<ChildProcess> child = SpawnWithOutputPipe(argv, EnvironmentWith(overrides));
+  if (!child.ok()) return child.status();
+  const pid_t pid = child->pid;
+  const int output_fd = child->output_fd;
   CommandResult result;
   const absl::Time deadline = absl::Now() + timeout;
   char buffer[4096];
@@ -74,15 +95,15 @@ absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
       timed_out = true;
       break;
     }
-    pollfd pfd{pipe_fds[0], POLLIN, 0};
+    pollfd pfd{output_fd, POLLIN, 0};
     const int n = poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left_ms, 1000)));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) continue;
-    const ssize_t got = read(pipe_fds[0], buffer, sizeof(buffer));
+    const ssize_t got = read(output_fd, buffer, sizeof(buffer));
     if (got <= 0) break;
     result.output.append(buffer, static_cast<size_t>(got));
   }
-  close(pipe_fds[0]);
+  close(output_fd);
   if (timed_out) kill(pid, SIGKILL);
   int wstatus = 0;
   waitpid(pid, &wstatus, 0);

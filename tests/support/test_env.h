@@ -1,7 +1,10 @@
 #ifndef SESSIONLEDGER_TESTS_SUPPORT_TEST_ENV_H_
 #define SESSIONLEDGER_TESTS_SUPPORT_TEST_ENV_H_
 
+#include <sys/types.h>
+
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,6 +17,20 @@ namespace sessionledger::testing {
 // DATABASE_URL, ...). A missing one fails the calling test with a hint: integration tests never
 // skip silently.
 std::string RequiredEnv(const std::string& name);
+
+// This process's environment with `overrides` applied; std::nullopt unsets a variable.
+std::map<std::string, std::string> EnvironmentWith(
+    const std::map<std::string, std::optional<std::string>>& overrides);
+
+// A started child whose stdout and stderr go to `output_fd` (the read end of a pipe, owned by
+// the caller) and whose stdin is /dev/null.
+struct ChildProcess {
+  pid_t pid = -1;
+  int output_fd = -1;
+};
+// Starts argv[0] (searched in PATH) with exactly `env`.
+absl::StatusOr<ChildProcess> SpawnWithOutputPipe(const std::vector<std::string>& argv,
+                                                 const std::map<std::string, std::string>& env);
 
 struct CommandResult {
   int exit_code = -1;  // -1: killed by a signal or timed out.
