@@ -1,6 +1,7 @@
 #include "server/session/session_service.h"
 
 #include <algorithm>
+#include <limits>
 #include <set>
 #include <utility>
 
@@ -175,6 +176,10 @@ absl::Status SessionService::CheckLive(const SessionLookup& lookup, const Sessio
     return NotFound();
   }
   if (s.user_generation() < lookup.user_generation) return NotFound();  // Revoked.
+  // Versions start at 1 and grow by one per update: anything else was not written by this
+  // service (a corrupt or forged Memcached value), and at INT64_MAX the next update would
+  // overflow (found by tests/fuzz's stored_session target; UBSan).
+  if (s.version() < 1 || s.version() == std::numeric_limits<int64_t>::max()) return NotFound();
   if (now >= FromMicros(s.expires_at_unix_micros()) ||
       now >= FromMicros(s.absolute_expires_at_unix_micros())) {
     return NotFound();
