@@ -10,13 +10,29 @@
 
 namespace sessionledger {
 
-// The time by which a handler must have answered: the caller's deadline, or now +
-// `default_timeout` when the caller set none (so a backing service never holds a call forever).
-inline absl::Time CallDeadline(const grpc::ServerContext& context, absl::Duration default_timeout) {
-  const absl::Time fallback = absl::Now() + default_timeout;
+// The time by which backing-service work must end so that the caller still receives our answer
+// (UNAVAILABLE with a reason, which it may retry) rather than its own DEADLINE_EXCEEDED.
+//
+// `caller_deadline` is absl::InfiniteFuture() when the caller set none; then `default_timeout`
+// bounds the call so that a backing service never holds it forever. The margin left for the
+// reply grows with the budget (a tenth of it, 50 ms to 500 ms): sending the reply, scheduling on
+// a loaded machine and libmemcached's per-wait timeouts all overrun by more than a fixed few
+// milliseconds, and a long call can spare more.
+inline absl::Time AnswerBy(absl::Time now, absl::Time caller_deadline,
+                           absl::Duration default_timeout) {
+  const absl::Time deadline = std::min(caller_deadline, now + default_timeout);
+  const absl::Duration budget = deadline - now;
+  const absl::Duration margin = std::min(
+      std::clamp(budget / 10, absl::Milliseconds(50), absl::Milliseconds(500)), budget / 2);
+  return deadline - std::max(margin, absl::ZeroDuration());
+}
+
+inline absl::Time AnswerBy(const grpc::ServerContext& context, absl::Duration default_timeout) {
   const auto deadline = context.deadline();
-  if (deadline == std::chrono::system_clock::time_point::max()) return fallback;
-  return std::min(absl::FromChrono(deadline), fallback);
+  const absl::Time caller_deadline = deadline == std::chrono::system_clock::time_point::max()
+                                         ? absl::InfiniteFuture()
+                                         : absl::FromChrono(deadline);
+  return AnswerBy(absl::Now(), caller_deadline, default_timeout);
 }
 
 }  // namespace sessionledger

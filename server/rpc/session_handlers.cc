@@ -6,10 +6,6 @@
 namespace sessionledger {
 namespace {
 
-// Backing-service work stops this much before the caller's deadline, so that the caller gets our
-// UNAVAILABLE (retryable, with a reason) rather than its own DEADLINE_EXCEEDED.
-constexpr absl::Duration kAnswerMargin = absl::Milliseconds(50);
-
 void SetTimestamp(int64_t unix_micros, google::protobuf::Timestamp* out) {
   out->set_seconds(unix_micros / 1'000'000);
   out->set_nanos(static_cast<int32_t>((unix_micros % 1'000'000) * 1000));
@@ -25,7 +21,7 @@ grpc::Status Respond(absl::StatusOr<SessionView> view, v1::Session* response) {
 }  // namespace
 
 absl::Time SessionHandlers::Deadline(const grpc::ServerContext& context) const {
-  return CallDeadline(context, default_timeout_) - kAnswerMargin;
+  return AnswerBy(context, default_timeout_);
 }
 
 void ToApiSession(const storage::v1::StoredSession& stored, v1::Session* out) {

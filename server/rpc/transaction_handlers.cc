@@ -62,7 +62,7 @@ grpc::Status TransactionHandlers::OpenAccount(grpc::ServerContext* context,
                                               const pb::OpenAccountRequest* request,
                                               pb::Account* response) {
   absl::StatusOr<Account> account = ledger_.OpenAccount(
-      BearerToken(*context), request->currency(), CallDeadline(*context, default_call_timeout_));
+      BearerToken(*context), request->currency(), AnswerBy(*context, default_call_timeout_));
   if (!account.ok()) return ToGrpcStatus(account.status());
   ToProto(*account, response);
   return grpc::Status::OK;
@@ -72,7 +72,7 @@ grpc::Status TransactionHandlers::GetAccount(grpc::ServerContext* context,
                                              const pb::GetAccountRequest* request,
                                              pb::Account* response) {
   absl::StatusOr<Account> account = ledger_.GetAccount(
-      BearerToken(*context), request->account_id(), CallDeadline(*context, default_call_timeout_));
+      BearerToken(*context), request->account_id(), AnswerBy(*context, default_call_timeout_));
   if (!account.ok()) return ToGrpcStatus(account.status());
   ToProto(*account, response);
   return grpc::Status::OK;
@@ -86,7 +86,7 @@ grpc::Status TransactionHandlers::Deposit(grpc::ServerContext* context,
   params.amount_minor = request->amount_minor();
   params.idempotency_key = request->idempotency_key();
   absl::StatusOr<Transaction> transaction =
-      ledger_.Deposit(BearerToken(*context), params, CallDeadline(*context, default_call_timeout_));
+      ledger_.Deposit(BearerToken(*context), params, AnswerBy(*context, default_call_timeout_));
   if (!transaction.ok()) return ToGrpcStatus(transaction.status());
   ToProto(*transaction, response);
   return grpc::Status::OK;
@@ -101,7 +101,7 @@ grpc::Status TransactionHandlers::Transfer(grpc::ServerContext* context,
   params.amount_minor = request->amount_minor();
   params.idempotency_key = request->idempotency_key();
   absl::StatusOr<Transaction> transaction = ledger_.Transfer(
-      BearerToken(*context), params, CallDeadline(*context, default_call_timeout_));
+      BearerToken(*context), params, AnswerBy(*context, default_call_timeout_));
   if (!transaction.ok()) return ToGrpcStatus(transaction.status());
   ToProto(*transaction, response);
   return grpc::Status::OK;
@@ -115,7 +115,7 @@ grpc::Status TransactionHandlers::ListTransactions(grpc::ServerContext* context,
   params.page_size = request->page_size();
   params.page_token = request->page_token();
   absl::StatusOr<ListResult> result = ledger_.ListTransactions(
-      BearerToken(*context), params, CallDeadline(*context, default_call_timeout_));
+      BearerToken(*context), params, AnswerBy(*context, default_call_timeout_));
   if (!result.ok()) return ToGrpcStatus(result.status());
   for (const Transaction& t : result->transactions) ToProto(t, response->add_transactions());
   response->set_next_page_token(result->next_page_token);
