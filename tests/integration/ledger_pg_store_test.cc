@@ -313,7 +313,9 @@ TEST_F(LedgerPgStoreTest, SlowPostgresGivesUnavailableWithinTheDeadline) {
       ledger_.Transfer(alice, {a.account_id, b.account_id, 5, "slow"}, deadline);
   const absl::Duration took = absl::Now() - start;
   EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable) << t.status();
-  EXPECT_LE(took, absl::Milliseconds(900));
+  // Cancelled near the deadline, not after the lock is released; the slack absorbs sanitized
+  // builds on a loaded machine.
+  EXPECT_LE(took, absl::Milliseconds(1300));
   ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
   // The key stayed unused and the pool's connection is still good.
   absl::StatusOr<Transaction> retry =
