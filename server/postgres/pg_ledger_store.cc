@@ -1,10 +1,13 @@
 #include "server/postgres/pg_ledger_store.h"
 
+#include <algorithm>
+#include <condition_variable>
 #include <random>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "server/common/status_macros.h"
 
@@ -13,6 +16,11 @@ namespace {
 
 // Serialization/deadlock retries, and key-race re-runs, per call.
 constexpr int kMaxAttempts = 5;
+
+// A movement with less time left than this does not join a batch (it runs alone): the batch's
+// statement_timeout comes from its earliest deadline, and one hurried caller should not cut
+// the budget of the others.
+constexpr absl::Duration kMinBatchBudget = absl::Milliseconds(100);
 
 constexpr absl::string_view kSetStatementTimeout =
     "SELECT set_config('statement_timeout', $1, true)";
@@ -33,6 +41,13 @@ FROM accounts WHERE account_id = $1::uuid)sql";
 // connection; its 20 output columns are read by position below.
 constexpr absl::string_view kApplyMovement =
     "SELECT * FROM ledger_apply_movement($1, $2, $3::bytea, $4::uuid, $5::uuid, $6::bigint, $7)";
+
+// Locks every account of a batch ($1, a uuid[] literal) before any movement runs. The LockRows
+// node sits above the Sort, so rows are locked in account_id order: the order in which
+// ledger_apply_movement locks its two accounts, which keeps batches, single movements and other
+// replicas free of deadlocks over accounts.
+constexpr absl::string_view kLockAccounts =
+    "SELECT 1 FROM accounts WHERE account_id = ANY($1::uuid[]) ORDER BY account_id FOR UPDATE";
 
 // The key alone, with a fresh snapshot: after a refused movement, a concurrent request with the
 // same key may have committed while this one waited for the account locks.
@@ -123,6 +138,79 @@ void Backoff(int attempt, absl::Time deadline) {
   absl::SleepFor(std::min(pause, std::max(absl::ZeroDuration(), deadline - absl::Now())));
 }
 
+// The statement_timeout for a transaction with `left` until its deadline. It leaves PostgreSQL
+// a margin to report its own timeout before our deadline, so the connection survives (a
+// client-side timeout has to drop it).
+absl::Duration ServerBudget(absl::Duration left) {
+  return std::max(absl::Milliseconds(1), left - std::min(left / 5, absl::Milliseconds(200)));
+}
+
+PgStatement MovementStatement(const MoneyMovement& m) {
+  const bool transfer = m.kind == TransactionKind::kTransfer;
+  return {kApplyMovement,
+          {m.acting_user_id, m.idempotency_key,
+           absl::StrCat("\\x", absl::BytesToHexString(m.fingerprint)),
+           transfer ? std::optional<std::string>(m.from_account_id) : std::nullopt, m.to_account_id,
+           absl::StrCat(m.amount_minor), std::string(TransactionKindName(m.kind))}};
+}
+
+// What one row of ledger_apply_movement means for its movement.
+enum class MovementRow {
+  kAnswer,   // *answer is final: the new or the replayed transaction, or an error.
+  kKeyRace,  // Allowed but not inserted: a concurrent request with the key won the insert.
+  kRefused,  // *answer is the MovementFailure() error seen with the statement's snapshot.
+};
+
+MovementRow ReadMovementRow(const MoneyMovement& m, const PGresult* r,
+                            absl::StatusOr<Transaction>* answer) {
+  const bool transfer = m.kind == TransactionKind::kTransfer;
+  if (PQntuples(r) != 1 || PQnfields(r) != 20) {
+    *answer = absl::InternalError("postgres: unexpected result shape for a movement");
+    return MovementRow::kAnswer;
+  }
+  if (!IsNull(r, 0, 0)) {
+    if (Int(r, 0, 4) != (transfer ? 2 : 1)) {
+      // Cannot happen with the locks held; refuse loudly rather than report a half move. The
+      // transaction has committed, so this is worth an alert, not a retry.
+      *answer =
+          absl::InternalError("postgres: movement recorded with an unexpected balance update");
+      return MovementRow::kAnswer;
+    }
+    Transaction t;
+    t.transaction_id = Text(r, 0, 0);
+    t.created_at = Micros(r, 0, 1);
+    t.seq = Int(r, 0, 2);
+    t.currency = Text(r, 0, 3);
+    t.kind = m.kind;
+    t.from_account_id = m.from_account_id;
+    t.to_account_id = m.to_account_id;
+    t.amount_minor = m.amount_minor;
+    t.idempotency_key = m.idempotency_key;
+    *answer = std::move(t);
+    return MovementRow::kAnswer;
+  }
+  if (!IsNull(r, 0, 5)) {
+    *answer = Replay(m, TransactionFromColumns(r, 0, 5, m.idempotency_key), Text(r, 0, 13));
+    return MovementRow::kAnswer;
+  }
+  MovementFacts facts;
+  facts.from_found = !IsNull(r, 0, 14);
+  facts.from_owner = Text(r, 0, 14);
+  facts.from_currency = Text(r, 0, 15);
+  facts.from_balance = Int(r, 0, 16);
+  facts.to_found = !IsNull(r, 0, 17);
+  facts.to_owner = Text(r, 0, 17);
+  facts.to_currency = Text(r, 0, 18);
+  facts.to_balance = Int(r, 0, 19);
+  absl::Status failure = MovementFailure(m, facts);
+  if (failure.ok()) {
+    *answer = absl::AbortedError("postgres: idempotency key race");
+    return MovementRow::kKeyRace;
+  }
+  *answer = std::move(failure);
+  return MovementRow::kRefused;
+}
+
 }  // namespace
 
 absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, bool idempotent,
@@ -138,10 +226,7 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
       return last.ok() ? absl::UnavailableError("postgres: the call's deadline has passed") : last;
     }
     SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
-    // Leave PostgreSQL a margin to report its own timeout before our deadline, so the
-    // connection survives (a client-side timeout has to drop it).
-    const absl::Duration server_budget =
-        std::max(absl::Milliseconds(1), left - std::min(left / 5, absl::Milliseconds(200)));
+    const absl::Duration server_budget = ServerBudget(left);
     const std::vector<PgStatement> statements = {
         {kSetStatementTimeout, {absl::StrCat(absl::ToInt64Milliseconds(server_budget))}},
         statement};
@@ -192,55 +277,17 @@ absl::StatusOr<Account> PgLedgerStore::GetAccount(absl::string_view account_id,
 absl::StatusOr<Transaction> PgLedgerStore::ApplyOnce(const MoneyMovement& m, absl::Time deadline,
                                                      bool* retry_key_race) {
   *retry_key_race = false;
-  const bool transfer = m.kind == TransactionKind::kTransfer;
   // Idempotent thanks to the key: a re-run after a lost connection replays or applies once.
-  SL_ASSIGN_OR_RETURN(PgResultPtr result,
-                      Run({kApplyMovement,
-                           {m.acting_user_id, m.idempotency_key,
-                            absl::StrCat("\\x", absl::BytesToHexString(m.fingerprint)),
-                            transfer ? std::optional<std::string>(m.from_account_id) : std::nullopt,
-                            m.to_account_id, absl::StrCat(m.amount_minor),
-                            std::string(TransactionKindName(m.kind))}},
-                          /*idempotent=*/true, deadline));
-  const PGresult* r = result.get();
-  if (PQntuples(r) != 1 || PQnfields(r) != 20) {
-    return absl::InternalError("postgres: unexpected result shape for a movement");
-  }
-  if (!IsNull(r, 0, 0)) {
-    if (Int(r, 0, 4) != (transfer ? 2 : 1)) {
-      // Cannot happen with the locks held; refuse loudly rather than report a half move. The
-      // transaction has committed, so this is worth an alert, not a retry.
-      return absl::InternalError("postgres: movement recorded with an unexpected balance update");
-    }
-    Transaction t;
-    t.transaction_id = Text(r, 0, 0);
-    t.created_at = Micros(r, 0, 1);
-    t.seq = Int(r, 0, 2);
-    t.currency = Text(r, 0, 3);
-    t.kind = m.kind;
-    t.from_account_id = m.from_account_id;
-    t.to_account_id = m.to_account_id;
-    t.amount_minor = m.amount_minor;
-    t.idempotency_key = m.idempotency_key;
-    return t;
-  }
-  if (!IsNull(r, 0, 5)) {
-    return Replay(m, TransactionFromColumns(r, 0, 5, m.idempotency_key), Text(r, 0, 13));
-  }
-  MovementFacts facts;
-  facts.from_found = !IsNull(r, 0, 14);
-  facts.from_owner = Text(r, 0, 14);
-  facts.from_currency = Text(r, 0, 15);
-  facts.from_balance = Int(r, 0, 16);
-  facts.to_found = !IsNull(r, 0, 17);
-  facts.to_owner = Text(r, 0, 17);
-  facts.to_currency = Text(r, 0, 18);
-  facts.to_balance = Int(r, 0, 19);
-  absl::Status failure = MovementFailure(m, facts);
-  if (failure.ok()) {
-    // Allowed but not inserted: a concurrent request with the same key won the insert.
-    *retry_key_race = true;
-    return absl::AbortedError("postgres: idempotency key race");
+  SL_ASSIGN_OR_RETURN(PgResultPtr result, Run(MovementStatement(m), /*idempotent=*/true, deadline));
+  absl::StatusOr<Transaction> answer = absl::UnknownError("postgres: no answer");
+  switch (ReadMovementRow(m, result.get(), &answer)) {
+    case MovementRow::kAnswer:
+      return answer;
+    case MovementRow::kKeyRace:
+      *retry_key_race = true;
+      return answer;
+    case MovementRow::kRefused:
+      break;
   }
   // The key was looked up with the snapshot taken before this statement waited for the
   // account locks; an identical request may have committed meanwhile and changed the
@@ -251,17 +298,195 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyOnce(const MoneyMovement& m, abs
     return Replay(m, TransactionFromColumns(again.get(), 0, 0, m.idempotency_key),
                   Text(again.get(), 0, 8));
   }
-  return failure;
+  return answer;
 }
 
-absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
-                                                         absl::Time deadline) {
+absl::StatusOr<Transaction> PgLedgerStore::ApplyAlone(const MoneyMovement& m, absl::Time deadline) {
   for (int attempt = 0;; ++attempt) {
     bool key_race = false;
     absl::StatusOr<Transaction> result = ApplyOnce(m, deadline, &key_race);
     if (!key_race) return result;
     if (attempt + 1 >= kMaxAttempts) {
       return absl::AbortedError("postgres: the idempotency key kept racing; retry the call");
+    }
+  }
+}
+
+// One queued movement, owned by the caller's stack frame. The caller leaves ApplyMovement only
+// when its movement is no longer referenced: still queued (it dequeues itself), or settled.
+struct PgLedgerStore::Pending {
+  enum class State {
+    kQueued,    // In queue_.
+    kTaken,     // In a leader's batch.
+    kDone,      // `result` is the answer.
+    kRunAlone,  // The caller runs it through the single path.
+  };
+  Pending(const MoneyMovement& m, absl::Time d) : movement(m), deadline(d) {}
+
+  const MoneyMovement& movement;
+  const absl::Time deadline;
+  // Guarded by batch_mutex_.
+  State state = State::kQueued;
+  absl::StatusOr<Transaction> result = absl::UnknownError("postgres: no answer");
+  std::condition_variable wake;
+};
+
+PgLedgerStore::PgLedgerStore(PgPool& pool, PgLedgerStoreOptions options)
+    : pool_(pool),
+      max_batch_(std::max(1, options.max_batch)),
+      max_leaders_(options.max_concurrent_batches > 0 ? options.max_concurrent_batches
+                                                      : std::max(1, pool.size())) {}
+
+int PgLedgerStore::queued_movements() const {
+  std::lock_guard<std::mutex> lock(batch_mutex_);
+  return static_cast<int>(queue_.size());
+}
+
+absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
+                                                         absl::Time deadline) {
+  Pending self(m, deadline);
+  std::unique_lock<std::mutex> lock(batch_mutex_);
+  queue_.push_back(&self);
+  for (;;) {
+    switch (self.state) {
+      case Pending::State::kDone:
+        return std::move(self.result);
+      case Pending::State::kRunAlone:
+        lock.unlock();
+        return ApplyAlone(m, deadline);
+      case Pending::State::kTaken:
+        // The leader answers within the batch's deadline, which is at most ours.
+        self.wake.wait(lock);
+        continue;
+      case Pending::State::kQueued:
+        break;
+    }
+    if (absl::Now() >= deadline) {
+      queue_.erase(std::find(queue_.begin(), queue_.end(), &self));
+      return absl::UnavailableError(
+          "postgres: the call's deadline passed while it waited for a connection");
+    }
+    if (leaders_ < max_leaders_) {
+      ++leaders_;
+      const std::vector<Pending*> batch = TakeBatchLocked(&self);
+      WakeNextLeaderLocked();  // Another slot may be free as well.
+      lock.unlock();
+      RunBatch(batch);
+      lock.lock();
+      --leaders_;
+      WakeNextLeaderLocked();
+      continue;  // Settled now: kDone or kRunAlone.
+    }
+    self.wake.wait_until(lock, absl::ToChronoTime(deadline));
+  }
+}
+
+void PgLedgerStore::WakeNextLeaderLocked() {
+  if (!queue_.empty() && leaders_ < max_leaders_) queue_.front()->wake.notify_one();
+}
+
+std::vector<PgLedgerStore::Pending*> PgLedgerStore::TakeBatchLocked(Pending* self) {
+  queue_.erase(std::find(queue_.begin(), queue_.end(), self));
+  self->state = Pending::State::kTaken;
+  std::vector<Pending*> batch = {self};
+  const absl::Time now = absl::Now();
+  // A hurried leader runs alone rather than shorten a batch's budget.
+  if (self->deadline - now < kMinBatchBudget) return batch;
+  while (!queue_.empty() && static_cast<int>(batch.size()) < max_batch_) {
+    Pending* p = queue_.front();
+    queue_.pop_front();
+    if (p->deadline <= now) {
+      p->result = absl::UnavailableError(
+          "postgres: the call's deadline passed while it waited for a connection");
+      p->state = Pending::State::kDone;
+      p->wake.notify_one();
+    } else if (p->deadline - now < kMinBatchBudget) {
+      p->state = Pending::State::kRunAlone;
+      p->wake.notify_one();
+    } else {
+      p->state = Pending::State::kTaken;
+      batch.push_back(p);
+    }
+  }
+  return batch;
+}
+
+void PgLedgerStore::Settle(Pending* p, std::optional<absl::StatusOr<Transaction>> result) {
+  std::lock_guard<std::mutex> lock(batch_mutex_);
+  if (result.has_value()) {
+    p->result = *std::move(result);
+    p->state = Pending::State::kDone;
+  } else {
+    p->state = Pending::State::kRunAlone;
+  }
+  // Under the mutex: once it sees the new state the caller may return and destroy `p`.
+  p->wake.notify_one();
+}
+
+void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
+  if (batch.size() == 1) {
+    Settle(batch[0], ApplyAlone(batch[0]->movement, batch[0]->deadline));
+    return;
+  }
+  absl::Time deadline = absl::InfiniteFuture();
+  std::vector<std::string> accounts;
+  accounts.reserve(2 * batch.size());
+  for (const Pending* p : batch) {
+    deadline = std::min(deadline, p->deadline);
+    if (p->movement.kind == TransactionKind::kTransfer) {
+      accounts.push_back(p->movement.from_account_id);
+    }
+    accounts.push_back(p->movement.to_account_id);
+  }
+  std::sort(accounts.begin(), accounts.end());
+  accounts.erase(std::unique(accounts.begin(), accounts.end()), accounts.end());
+
+  std::vector<PgStatement> statements;
+  statements.reserve(batch.size() + 2);
+  statements.push_back(
+      {kSetStatementTimeout,
+       {absl::StrCat(absl::ToInt64Milliseconds(ServerBudget(deadline - absl::Now())))}});
+  // Account ids are canonical UUIDs (the ledger layer checks them), so they need no quoting
+  // inside the array literal; anything else fails the cast and the batch falls back.
+  statements.push_back({kLockAccounts, {absl::StrCat("{", absl::StrJoin(accounts, ","), "}")}});
+  for (const Pending* p : batch) statements.push_back(MovementStatement(p->movement));
+
+  // The lease goes back to the pool before anyone is answered, so a caller sent to the single
+  // path finds it free.
+  absl::StatusOr<std::vector<PgResultPtr>> results =
+      [&]() -> absl::StatusOr<std::vector<PgResultPtr>> {
+    if (deadline <= absl::Now()) {
+      return absl::UnavailableError("postgres: the call's deadline has passed");
+    }
+    SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
+    absl::StatusOr<std::vector<PgResultPtr>> r = lease->ExecPipeline(statements, deadline);
+    if (!r.ok() && !lease->healthy()) lease.MarkBroken();
+    return r;
+  }();
+
+  if (!results.ok()) {
+    // Nothing, or (after a lost commit acknowledgement) everything, was applied: the single
+    // path, idempotent by the key, applies or replays each movement.
+    batch_fallbacks_.fetch_add(1, std::memory_order_relaxed);
+    for (Pending* p : batch) Settle(p, std::nullopt);
+    return;
+  }
+  batches_.fetch_add(1, std::memory_order_relaxed);
+  batched_movements_.fetch_add(static_cast<int64_t>(batch.size()), std::memory_order_relaxed);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Pending* p = batch[i];
+    absl::StatusOr<Transaction> answer = absl::UnknownError("postgres: no answer");
+    switch (ReadMovementRow(p->movement, (*results)[i + 2].get(), &answer)) {
+      case MovementRow::kAnswer:
+      // The rows were read after the batch held every account lock, so a committed identical
+      // request would have been seen as the key's transaction: no re-check of the key needed.
+      case MovementRow::kRefused:
+        Settle(p, std::move(answer));
+        break;
+      case MovementRow::kKeyRace:
+        // Nothing applied for it; alone, it will replay the winner's transaction.
+        Settle(p, std::nullopt);
+        break;
     }
   }
 }

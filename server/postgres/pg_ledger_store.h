@@ -2,13 +2,24 @@
 #define SESSIONLEDGER_SERVER_POSTGRES_PG_LEDGER_STORE_H_
 
 #include <atomic>
+#include <deque>
 #include <functional>
+#include <mutex>
+#include <optional>
 #include <vector>
 
 #include "server/domain/ledger_store.h"
 #include "server/postgres/pg_pool.h"
 
 namespace sessionledger {
+
+// Tuning of PgLedgerStore's commit batching; the defaults suit the server.
+struct PgLedgerStoreOptions {
+  // Most movements that share one transaction (and so one commit).
+  int max_batch = 16;
+  // Most batches (transactions of ApplyMovement) in flight at once; 0 = the pool's size.
+  int max_concurrent_batches = 0;
+};
 
 // LedgerStore on PostgreSQL (schema: server/postgres/migrations.inc).
 //
@@ -29,6 +40,35 @@ namespace sessionledger {
 // nothing, and is then re-run once to return the winner's transaction (the only extra round
 // trip, together with a key re-check after a refused movement).
 //
+// Commit batching (ApplyMovement). Under load PostgreSQL is bound by commit WAL flushes, so
+// concurrent Deposits/Transfers share commits. Each call queues its movement; at most
+// `max_concurrent_batches` callers at a time are leaders. A caller that finds a leader slot
+// free becomes a leader: it takes its own movement and up to max_batch - 1 queued ones (in
+// arrival order), runs them in one transaction on one pooled connection, hands every movement
+// its result and wakes its caller. The other callers wait without holding a connection: for a
+// leader to take their movement, or for a leader slot (a finishing leader wakes the oldest
+// queued caller, which then leads the movements queued meanwhile). Batches thus form only
+// while all leader slots are busy, with no timer: a call alone runs alone, through exactly the
+// single-movement path above, with no added latency. A batch is one pipeline:
+//   statement_timeout from the batch's earliest deadline (movements already past their
+//   deadline are answered UNAVAILABLE, those nearly so run alone instead of cutting the
+//   batch's budget);
+//   `SELECT 1 FROM accounts WHERE account_id = ANY(<every account of the batch>)
+//    ORDER BY account_id FOR UPDATE` (LockRows sits above the Sort, so rows are locked in
+//   account_id order: the same global order as single movements, hence no deadlock between
+//   batches, single movements and other replicas);
+//   ledger_apply_movement once per movement, in order (each sees the previous ones' effects,
+//   e.g. balances, or the key of an identical movement earlier in the batch, which it
+//   replays); Sync.
+// Why it is safe: a batch is one transaction, so its movements commit together or not at all,
+// and nobody is answered before the Sync acknowledges the commit. Each row is read exactly as
+// the single path reads it; a refusal needs no key re-check since the rows were read after all
+// locks were held, and a key race (a concurrent request with the key, inserting nothing) runs
+// that movement alone afterwards. If the batch fails as a whole (40001/40P01, timeout, lost
+// connection, anything) each movement runs again alone through the single path, in its
+// caller's thread with its own deadline; that path is idempotent by the key, so a batch whose
+// commit is unknown is replayed, never applied twice.
+//
 // PgBouncer (transaction pooling): only unnamed statements, no session-level SET, and every
 // transaction ends at its Sync, so any server connection can serve any call.
 //
@@ -36,7 +76,7 @@ namespace sessionledger {
 // (40001/40P01) are retried a bounded number of times, then ABORTED.
 class PgLedgerStore final : public LedgerStore {
  public:
-  explicit PgLedgerStore(PgPool& pool) : pool_(pool) {}
+  explicit PgLedgerStore(PgPool& pool, PgLedgerStoreOptions options = {});
 
   absl::StatusOr<Account> CreateAccount(absl::string_view owner_user_id, absl::string_view currency,
                                         absl::Time deadline) override;
@@ -47,19 +87,51 @@ class PgLedgerStore final : public LedgerStore {
                                                    absl::string_view account_id, int64_t before_seq,
                                                    int limit, absl::Time deadline) override;
 
-  // Statements run again after a serialization failure, deadlock or lost connection (metrics).
+  // For metrics. Statements run again after a serialization failure, deadlock or lost
+  // connection.
   int64_t retries() const { return retries_.load(std::memory_order_relaxed); }
+  // Committed transactions that carried more than one movement, and the movements they
+  // carried (their ratio is the mean batch size).
+  int64_t batches() const { return batches_.load(std::memory_order_relaxed); }
+  int64_t batched_movements() const { return batched_movements_.load(std::memory_order_relaxed); }
+  // Batches that failed as a whole, so that each of their movements ran again alone.
+  int64_t batch_fallbacks() const { return batch_fallbacks_.load(std::memory_order_relaxed); }
+  // Movements waiting for a leader now (a gauge).
+  int queued_movements() const;
 
  private:
+  struct Pending;
+
   // Runs `statement` after the statement_timeout prefix on a pooled connection and returns its
   // result. Retries 40001/40P01 and, when `idempotent`, one lost connection.
   absl::StatusOr<PgResultPtr> Run(const PgStatement& statement, bool idempotent,
                                   absl::Time deadline);
   absl::StatusOr<Transaction> ApplyOnce(const MoneyMovement& movement, absl::Time deadline,
                                         bool* retry_key_race);
+  // The single-movement path: ApplyOnce, re-run after a key race.
+  absl::StatusOr<Transaction> ApplyAlone(const MoneyMovement& movement, absl::Time deadline);
+
+  // With batch_mutex_ held: moves `self` and up to max_batch - 1 other queued movements out of
+  // the queue; answers or releases those that cannot join.
+  std::vector<Pending*> TakeBatchLocked(Pending* self);
+  // Runs `batch` (the leader's movement first) and gives each movement its outcome.
+  void RunBatch(const std::vector<Pending*>& batch);
+  // Hands `p` its final result, or sends it to the single path when `result` is empty.
+  void Settle(Pending* p, std::optional<absl::StatusOr<Transaction>> result);
+  // With batch_mutex_ held: wakes the oldest queued caller if a leader slot is free.
+  void WakeNextLeaderLocked();
 
   PgPool& pool_;
+  const int max_batch_;
+  const int max_leaders_;
   std::atomic<int64_t> retries_{0};
+  std::atomic<int64_t> batches_{0};
+  std::atomic<int64_t> batched_movements_{0};
+  std::atomic<int64_t> batch_fallbacks_{0};
+
+  mutable std::mutex batch_mutex_;
+  std::deque<Pending*> queue_;  // Guarded by batch_mutex_; oldest first.
+  int leaders_ = 0;             // Guarded by batch_mutex_.
 };
 
 }  // namespace sessionledger
