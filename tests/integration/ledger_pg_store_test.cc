@@ -2,7 +2,11 @@
 // LedgerService with a fake authenticator: every rule, concurrency, timeouts and outages at the
 // store level, without server processes.
 #include <atomic>
+#include <cstdlib>
+#include <functional>
+#include <iostream>
 #include <map>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -344,6 +348,336 @@ TEST_F(LedgerPgStoreTest, PostgresDownIsUnavailableAndRecoversWithoutRestart) {
   absl::StatusOr<Transaction> up = ledger_.Deposit(alice, {a.account_id, 5, "while-down"}, Soon());
   EXPECT_TRUE(up.ok()) << up.status();
   EXPECT_EQ(Balance(alice, a.account_id), 5);
+}
+
+// The batching path of PgLedgerStore, on a store whose pool has one connection, so that it runs
+// at most one batch at a time: while a "gate" movement holds that slot (waiting on a row lock
+// another session holds), the movements started next queue up, and they all form the next
+// batch when the gate opens. That makes the batch's composition and order deterministic.
+class LedgerPgBatchTest : public LedgerPgStoreTest {
+ protected:
+  LedgerPgBatchTest()
+      : small_pool_(PgPoolOptions{RequiredEnv("DATABASE_URL"), 1, absl::Seconds(2)}),
+        batch_store_(small_pool_),
+        batch_ledger_(batch_store_, auth_) {}
+
+  ~LedgerPgBatchTest() override {
+    for (auto& t : threads_) t.join();
+  }
+
+  // Backend pids of the sessions blocked by `conn`'s session.
+  int BlockedBy(PgConnection& conn) {
+    absl::StatusOr<PgPool::Lease> lease = pool_.Acquire(Soon());
+    EXPECT_TRUE(lease.ok());
+    if (!lease.ok()) return -1;
+    absl::StatusOr<PgResultPtr> r = (*lease)->Exec(
+        "SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))",
+        {absl::StrCat(PQbackendPID(conn.raw()))}, Soon());
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? std::atoi(PQgetvalue(r->get(), 0, 0)) : -1;
+  }
+  void WaitUntilBlockedBy(PgConnection& conn, int sessions) {
+    const absl::Time give_up = Soon();
+    while (BlockedBy(conn) < sessions) {
+      ASSERT_LT(absl::Now(), give_up) << "nobody waits on the blocking session";
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  }
+
+  // Runs `call` on a thread; returns once `queued` movements wait in batch_store_'s queue.
+  void Start(std::function<void()> call, int queued) {
+    threads_.emplace_back(std::move(call));
+    const absl::Time give_up = Soon();
+    while (batch_store_.queued_movements() < queued) {
+      ASSERT_LT(absl::Now(), give_up) << "the movement did not queue";
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+
+  // Occupies the store's only batch slot: a deposit into a fresh account of `token` waits on
+  // that account's row lock, held by `blocker` until OpenGate().
+  void CloseGate(const std::string& token, absl::Time deadline = Soon()) {
+    const Account gate = Open(token);
+    absl::StatusOr<PgConnection> blocker =
+        PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+    ASSERT_TRUE(blocker.ok()) << blocker.status();
+    blocker_.emplace(*std::move(blocker));
+    ASSERT_TRUE(blocker_->ExecSimple("BEGIN", Soon()).ok());
+    ASSERT_TRUE(blocker_
+                    ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
+                           {gate.account_id}, Soon())
+                    .ok());
+    threads_.emplace_back([this, token, gate, deadline] {
+      gate_result_ = batch_ledger_.Deposit(token, {gate.account_id, 1, "gate"}, deadline);
+    });
+    WaitUntilBlockedBy(*blocker_, 1);
+  }
+  void OpenGate() { ASSERT_TRUE(blocker_->ExecSimple("ROLLBACK", Soon()).ok()); }
+  void JoinAll() {
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+
+  PgPool small_pool_;
+  PgLedgerStore batch_store_;
+  LedgerService batch_ledger_;
+  std::optional<PgConnection> blocker_;
+  absl::StatusOr<Transaction> gate_result_ = absl::UnknownError("not run");
+  std::vector<std::thread> threads_;
+};
+
+TEST_F(LedgerPgBatchTest, EachMovementOfABatchGetsTheSinglePathsAnswer) {
+  const std::string alice = NewUser("alice");
+  const std::string bob = NewUser("bob");
+  const Account a1 = Open(alice);
+  const Account a2 = Open(alice);
+  const Account b1 = Open(bob);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a1.account_id, 1000, "fund"}, Soon()).ok());
+  const std::string missing = "6d9d2f4e-8a3b-4c55-9e0f-000000000000";
+
+  CloseGate(alice);
+  const int64_t batches = batch_store_.batches();
+  const int64_t batched = batch_store_.batched_movements();
+  constexpr int kMovements = 9;
+  std::vector<absl::StatusOr<Transaction>> r(kMovements, absl::UnknownError("not run"));
+  auto transfer = [&](int i, const std::string& token, const std::string& from,
+                      const std::string& to, int64_t amount, const std::string& key) {
+    Start(
+        [&, i, token, from, to, amount, key] {
+          r[i] = batch_ledger_.Transfer(token, {from, to, amount, key}, Soon());
+        },
+        i + 1);
+  };
+  // In this order in one transaction, each sees the effects of those before it.
+  transfer(0, alice, a1.account_id, b1.account_id, 600, "k1");  // applied
+  transfer(1, alice, a1.account_id, b1.account_id, 600, "k2");  // 400 left: insufficient
+  transfer(2, alice, a1.account_id, a2.account_id, 400, "k3");  // applied, a1 empty
+  transfer(3, alice, a1.account_id, b1.account_id, 600, "k1");  // replay of 0
+  transfer(4, alice, a1.account_id, b1.account_id, 5, "k1");    // key used otherwise
+  Start([&] { r[5] = batch_ledger_.Deposit(alice, {a2.account_id, 100, "d1"}, Soon()); }, 6);
+  transfer(6, bob, a1.account_id, b1.account_id, 1, "k6");      // not bob's account
+  transfer(7, alice, a2.account_id, missing, 1, "k7");          // no such account
+  transfer(8, alice, a2.account_id, a1.account_id, 450, "k8");  // 400 + 100 in a2: applied
+  OpenGate();
+  JoinAll();
+
+  ASSERT_TRUE(gate_result_.ok()) << gate_result_.status();
+  EXPECT_EQ(batch_store_.batches(), batches + 1) << "the 9 movements were not one batch";
+  EXPECT_EQ(batch_store_.batched_movements(), batched + kMovements);
+  EXPECT_EQ(batch_store_.batch_fallbacks(), 0);
+  ASSERT_TRUE(r[0].ok()) << r[0].status();
+  EXPECT_EQ(r[1].status().code(), absl::StatusCode::kFailedPrecondition) << r[1].status();
+  EXPECT_TRUE(r[2].ok()) << r[2].status();
+  ASSERT_TRUE(r[3].ok()) << r[3].status();
+  EXPECT_EQ(r[3]->transaction_id, r[0]->transaction_id);
+  EXPECT_EQ(r[3]->created_at, r[0]->created_at);
+  EXPECT_EQ(r[4].status().code(), absl::StatusCode::kAlreadyExists) << r[4].status();
+  EXPECT_TRUE(r[5].ok()) << r[5].status();
+  EXPECT_EQ(r[6].status().code(), absl::StatusCode::kPermissionDenied) << r[6].status();
+  EXPECT_EQ(r[7].status().code(), absl::StatusCode::kNotFound) << r[7].status();
+  EXPECT_TRUE(r[8].ok()) << r[8].status();
+  EXPECT_EQ(Balance(alice, a1.account_id), 450);
+  EXPECT_EQ(Balance(alice, a2.account_id), 50);
+  EXPECT_EQ(Balance(bob, b1.account_id), 600);
+  // The refused key stayed unused.
+  EXPECT_TRUE(
+      batch_ledger_.Transfer(alice, {a1.account_id, b1.account_id, 450, "k2"}, Soon()).ok());
+  ExpectBalancesMatchRows({a1.account_id, a2.account_id, b1.account_id});
+}
+
+TEST_F(LedgerPgBatchTest, SameKeyManyTimesInOneBatchAppliesOnce) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  // Enough for exactly one transfer, as in ConcurrentIdenticalTransfersMoveMoneyOnce.
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 700, "fund"}, Soon()).ok());
+  CloseGate(alice);
+  const int64_t batches = batch_store_.batches();
+  constexpr int kCalls = 12;
+  std::vector<absl::StatusOr<Transaction>> r(kCalls, absl::UnknownError("not run"));
+  for (int i = 0; i < kCalls; ++i) {
+    Start(
+        [&, i] {
+          r[i] = batch_ledger_.Transfer(alice, {a.account_id, b.account_id, 700, "same"}, Soon());
+        },
+        i + 1);
+  }
+  OpenGate();
+  JoinAll();
+  EXPECT_EQ(batch_store_.batches(), batches + 1);
+  std::set<std::string> ids;
+  for (const auto& t : r) {
+    ASSERT_TRUE(t.ok()) << t.status();
+    ids.insert(t->transaction_id);
+  }
+  EXPECT_EQ(ids.size(), 1u);
+  EXPECT_EQ(Balance(alice, a.account_id), 0);
+  EXPECT_EQ(Balance(alice, b.account_id), 700);
+}
+
+TEST_F(LedgerPgBatchTest, KeyRaceWithAnotherTransactionIsAnsweredAsAlone) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  const Account c = Open(alice);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1000, "fund"}, Soon()).ok());
+  ASSERT_TRUE(ledger_.Transfer(alice, {a.account_id, b.account_id, 10, "model"}, Soon()).ok());
+  CloseGate(alice);
+  // Another transaction records the key "raced" for the same parameters (the model's
+  // fingerprint) and stays open, so the batch's insert of that key has to wait for it.
+  absl::StatusOr<PgConnection> other = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(other.ok());
+  ASSERT_TRUE(other->ExecSimple("BEGIN", Soon()).ok());
+  absl::StatusOr<PgResultPtr> raced = other->Exec(
+      "INSERT INTO transactions (transaction_id, kind, from_account_id, to_account_id, "
+      "amount_minor, currency, user_id, idempotency_key, request_fingerprint) "
+      "SELECT gen_random_uuid(), kind, from_account_id, to_account_id, amount_minor, currency, "
+      "user_id, 'raced', request_fingerprint FROM transactions "
+      "WHERE user_id = $1 AND idempotency_key = 'model' RETURNING transaction_id",
+      {users_[alice]}, Soon());
+  ASSERT_TRUE(raced.ok()) << raced.status();
+  const std::string raced_id = PQgetvalue(raced->get(), 0, 0);
+
+  const int64_t batches = batch_store_.batches();
+  absl::StatusOr<Transaction> racing = absl::UnknownError("not run");
+  absl::StatusOr<Transaction> plain = absl::UnknownError("not run");
+  Start(
+      [&] {
+        racing = batch_ledger_.Transfer(alice, {a.account_id, b.account_id, 10, "raced"}, Soon());
+      },
+      1);
+  Start(
+      [&] {
+        plain = batch_ledger_.Transfer(alice, {a.account_id, c.account_id, 20, "plain"}, Soon());
+      },
+      2);
+  OpenGate();
+  WaitUntilBlockedBy(*other, 1);
+  ASSERT_TRUE(other->ExecSimple("COMMIT", Soon()).ok());
+  JoinAll();
+  EXPECT_EQ(batch_store_.batches(), batches + 1);
+  EXPECT_EQ(batch_store_.batch_fallbacks(), 0);
+  ASSERT_TRUE(racing.ok()) << racing.status();
+  EXPECT_EQ(racing->transaction_id, raced_id);  // The winner's, as a replay.
+  EXPECT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(Balance(alice, a.account_id), 1000 - 10 - 20);  // "raced" itself moved nothing.
+  EXPECT_EQ(Balance(alice, c.account_id), 20);
+}
+
+TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  const Account held = Open(alice);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1000, "fund"}, Soon()).ok());
+  ASSERT_TRUE(ledger_.Deposit(alice, {held.account_id, 1000, "fund-held"}, Soon()).ok());
+  // The gate gives up first (its statement_timeout), then the batch behind it waits on the
+  // same lock until the earliest deadline in it (`stuck`'s) cancels the whole transaction.
+  const absl::Time start = absl::Now();
+  CloseGate(alice, start + absl::Milliseconds(600));
+  ASSERT_TRUE(blocker_
+                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
+                         {held.account_id}, Soon())
+                  .ok());
+  const int64_t fallbacks = batch_store_.batch_fallbacks();
+  const int64_t batches = batch_store_.batches();
+  absl::StatusOr<Transaction> stuck = absl::UnknownError("not run");
+  std::vector<absl::StatusOr<Transaction>> ok(3, absl::UnknownError("not run"));
+  Start(
+      [&] {
+        stuck = batch_ledger_.Transfer(alice, {held.account_id, b.account_id, 5, "stuck"},
+                                       start + absl::Milliseconds(1200));
+      },
+      1);
+  for (int i = 0; i < 3; ++i) {
+    Start(
+        [&, i] {
+          ok[i] = batch_ledger_.Transfer(
+              alice, {a.account_id, b.account_id, 100, absl::StrCat("ok", i)}, Soon());
+        },
+        i + 2);
+  }
+  // The batch: the three good transfers only commit after their fallback, alone.
+  const absl::Time give_up = Soon();
+  while (batch_store_.batch_fallbacks() == fallbacks && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  JoinAll();
+  OpenGate();
+  EXPECT_EQ(gate_result_.status().code(), absl::StatusCode::kUnavailable) << gate_result_.status();
+  EXPECT_EQ(batch_store_.batch_fallbacks(), fallbacks + 1);
+  EXPECT_EQ(batch_store_.batches(), batches);
+  EXPECT_EQ(stuck.status().code(), absl::StatusCode::kUnavailable) << stuck.status();
+  for (const auto& t : ok) EXPECT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(Balance(alice, a.account_id), 700);
+  EXPECT_EQ(Balance(alice, b.account_id), 300);
+  EXPECT_EQ(Balance(alice, held.account_id), 1000);
+  // The stuck one's key stayed unused; the others replay.
+  EXPECT_TRUE(
+      batch_ledger_.Transfer(alice, {held.account_id, b.account_id, 5, "stuck"}, Soon()).ok());
+  absl::StatusOr<Transaction> again =
+      batch_ledger_.Transfer(alice, {a.account_id, b.account_id, 100, "ok0"}, Soon());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->transaction_id, ok[0]->transaction_id);
+  ExpectBalancesMatchRows({a.account_id, b.account_id, held.account_id});
+}
+
+// Many callers moving money both ways between a few accounts (crossing pairs, the classic
+// deadlock) through few batch slots: batches form, nothing deadlocks, money is conserved.
+TEST_F(LedgerPgStoreTest, CrossingTransfersInBatchesConserveMoneyWithoutDeadlocks) {
+  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 2, absl::Seconds(2)});
+  PgLedgerStore store(pool, PgLedgerStoreOptions{8, 0});
+  LedgerService ledger(store, auth_);
+  std::vector<std::pair<std::string, std::string>> accounts;  // (token, id)
+  for (int u = 0; u < 4; ++u) {
+    const std::string token = NewUser("cross");
+    const Account acc = Open(token);
+    ASSERT_TRUE(ledger_.Deposit(token, {acc.account_id, 10'000, "seed"}, Soon()).ok());
+    accounts.emplace_back(token, acc.account_id);
+  }
+  std::atomic<int> ok{0}, insufficient{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 24; ++w) {
+    threads.emplace_back([&, w] {
+      std::mt19937 random(w);
+      for (int i = 0; i < 40; ++i) {
+        const size_t from = random() % accounts.size();
+        const size_t to = (from + 1 + random() % (accounts.size() - 1)) % accounts.size();
+        absl::StatusOr<Transaction> r = ledger.Transfer(
+            accounts[from].first,
+            {accounts[from].second, accounts[to].second, static_cast<int64_t>(random() % 3000 + 1),
+             absl::StrCat("x", w, "-", i)},
+            Soon());
+        if (r.ok()) {
+          ++ok;
+        } else if (r.status().code() == absl::StatusCode::kFailedPrecondition) {
+          ++insufficient;
+        } else {
+          ADD_FAILURE() << r.status();
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_GT(ok.load(), 0);
+  EXPECT_GT(store.batches(), 0) << "no batch ever carried more than one movement";
+  EXPECT_GT(store.batched_movements(), store.batches());
+  // Every account is locked in one order, by batches and single movements alike: a deadlock
+  // (40P01) would have failed a batch as a whole or forced a retry.
+  EXPECT_EQ(store.batch_fallbacks(), 0);
+  EXPECT_EQ(store.retries(), 0);
+  int64_t total = 0;
+  std::vector<std::string> ids;
+  for (const auto& [token, id] : accounts) {
+    const int64_t balance = Balance(token, id);
+    EXPECT_GE(balance, 0);
+    total += balance;
+    ids.push_back(id);
+  }
+  EXPECT_EQ(total, 40'000);
+  ExpectBalancesMatchRows(ids);
+  std::cout << "batches " << store.batches() << ", movements in them " << store.batched_movements()
+            << ", ok " << ok << ", insufficient " << insufficient << "\n";
 }
 
 }  // namespace
