@@ -47,6 +47,12 @@ struct IndexRecord {
   std::optional<CasToken> cas;
 };
 
+// What creating a session for a user needs to know first.
+struct UserState {
+  uint64_t generation = 0;
+  IndexRecord index;
+};
+
 // Storage of sessions, per-user revocation generations and per-user session indexes. Knows
 // nothing of the session rules (expiry, versions, limits): the session layer decides, the store
 // keeps bytes with a Memcached-style relative TTL (1 s .. 30 days; longer is INVALID_ARGUMENT).
@@ -99,6 +105,21 @@ class SessionStore {
   virtual absl::Status WriteIndex(absl::string_view user_tag, const std::optional<CasToken>& cas,
                                   const storage::v1::UserSessionIndex& index, absl::Duration ttl,
                                   absl::Time deadline) = 0;
+
+  // ReadGeneration and ReadIndex together. This default makes two calls; a store that keeps
+  // both next to each other overrides it to read them in one round trip.
+  virtual absl::StatusOr<UserState> ReadUserState(absl::string_view user_tag,
+                                                  absl::Duration keep_generation_for,
+                                                  absl::Time deadline) {
+    UserState state;
+    absl::StatusOr<uint64_t> generation = ReadGeneration(user_tag, keep_generation_for, deadline);
+    if (!generation.ok()) return generation.status();
+    state.generation = *generation;
+    absl::StatusOr<IndexRecord> index = ReadIndex(user_tag, deadline);
+    if (!index.ok()) return index.status();
+    state.index = *std::move(index);
+    return state;
+  }
 
   // Reads many sessions of one user (their keys share `user_tag`); the result is parallel to
   // `token_hashes`, nullopt for a missing one.

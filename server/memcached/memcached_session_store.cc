@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -289,6 +290,89 @@ class Conn {
   std::vector<std::string> groups_;
 };
 
+// What each copy answered to one multi-get; nullopt for a copy that did not answer.
+using CopyReads = std::vector<std::optional<std::map<std::string, Item>>>;
+
+// Reads `keys` from every copy. UNAVAILABLE when none answered.
+absl::StatusOr<CopyReads> ReadEveryCopy(Conn& conn, const std::vector<std::string>& keys) {
+  CopyReads reads(static_cast<size_t>(conn.copies()));
+  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  bool any = false;
+  for (int c = 0; c < conn.copies(); ++c) {
+    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, keys);
+    if (!got.ok()) {
+      last = got.status();
+      continue;
+    }
+    reads[static_cast<size_t>(c)] = *std::move(got);
+    any = true;
+  }
+  if (!any) return last;
+  return reads;
+}
+
+// The user's generation from what the copies answered. Every copy that answered then holds it
+// for `expiration` (a touch where it is already there; a repair where it is missing or lower),
+// so that it outlives every session created now. Generation 0 (never revoked) is the absence
+// of the key and needs no write.
+uint64_t KeepGeneration(Conn& conn, const std::string& gkey, const CopyReads& reads,
+                        time_t expiration) {
+  uint64_t generation = 0;
+  for (const auto& read : reads) {
+    if (!read.has_value()) continue;
+    if (auto g = read->find(gkey); g != read->end()) {
+      generation = std::max(generation, ParseGeneration(g->second.value));
+    }
+  }
+  if (generation == 0) return 0;
+  for (int c = 0; c < conn.copies(); ++c) {
+    const auto& read = reads[static_cast<size_t>(c)];
+    if (!read.has_value()) continue;
+    auto g = read->find(gkey);
+    if (g != read->end() && ParseGeneration(g->second.value) == generation) {
+      (void)conn.Touch(c, gkey, expiration);
+    } else {
+      conn.RaiseGeneration(c, gkey, generation, expiration);
+    }
+  }
+  return generation;
+}
+
+// The index from the first copy that holds it; copies before it that answered without it (a
+// node that came back empty) get it back, and the CAS token is then the primary's.
+IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads& reads) {
+  std::vector<int> missed;
+  for (int c = 0; c < conn.copies(); ++c) {
+    const auto& read = reads[static_cast<size_t>(c)];
+    if (!read.has_value()) continue;
+    IndexRecord record;
+    auto it = read->find(ikey);
+    if (it == read->end() || !record.index.ParseFromString(it->second.value)) {
+      missed.push_back(c);
+      continue;
+    }
+    record.cas = CasToken{it->second.cas, c};
+    if (!missed.empty()) {
+      int64_t newest = 0;
+      for (const auto& e : record.index.entries()) {
+        newest = std::max(newest, e.absolute_expires_at_unix_micros());
+      }
+      const time_t ttl = SecondsUntil(newest);
+      for (int m : missed) {
+        if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, it->second.value, ttl);
+      }
+      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(missed.front(), {ikey});
+      if (again.ok()) {
+        if (auto r = again->find(ikey); r != again->end()) {
+          record.cas = CasToken{r->second.cas, missed.front()};
+        }
+      }
+    }
+    return record;
+  }
+  return IndexRecord{};
+}
+
 }  // namespace
 
 std::string MemcachedSessionStore::SessionKeyName(absl::string_view token_hash) {
@@ -496,25 +580,8 @@ absl::StatusOr<uint64_t> MemcachedSessionStore::ReadGeneration(absl::string_view
   SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(keep_for));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string gkey = GenerationKeyName(user_tag);
-  uint64_t generation = 0;
-  std::vector<int> answered;
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
-  for (int c = 0; c < conn.copies(); ++c) {
-    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {gkey});
-    if (!got.ok()) {
-      last = got.status();
-      continue;
-    }
-    answered.push_back(c);
-    if (auto g = got->find(gkey); g != got->end()) {
-      generation = std::max(generation, ParseGeneration(g->second.value));
-    }
-  }
-  if (answered.empty()) return last;
-  // Every copy holds the generation for as long as a session created now can live, so that a
-  // later GetSession finds it next to the session.
-  for (int c : answered) conn.RaiseGeneration(c, gkey, generation, expiration);
-  return generation;
+  SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {gkey}));
+  return KeepGeneration(conn, gkey, reads, expiration);
 }
 
 absl::StatusOr<uint64_t> MemcachedSessionStore::AdvanceGeneration(absl::string_view user_tag,
@@ -551,41 +618,22 @@ absl::StatusOr<IndexRecord> MemcachedSessionStore::ReadIndex(absl::string_view u
                                                              absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string ikey = IndexKeyName(user_tag);
-  std::vector<int> missed;
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
-  for (int c = 0; c < conn.copies(); ++c) {
-    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {ikey});
-    if (!got.ok()) {
-      last = got.status();
-      continue;
-    }
-    IndexRecord record;
-    auto it = got->find(ikey);
-    if (it == got->end() || !record.index.ParseFromString(it->second.value)) {
-      missed.push_back(c);
-      continue;
-    }
-    record.cas = CasToken{it->second.cas, c};
-    if (!missed.empty()) {
-      int64_t newest = 0;
-      for (const auto& e : record.index.entries()) {
-        newest = std::max(newest, e.absolute_expires_at_unix_micros());
-      }
-      const time_t ttl = SecondsUntil(newest);
-      for (int m : missed) {
-        if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, it->second.value, ttl);
-      }
-      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(missed.front(), {ikey});
-      if (again.ok()) {
-        if (auto r = again->find(ikey); r != again->end()) {
-          record.cas = CasToken{r->second.cas, missed.front()};
-        }
-      }
-    }
-    return record;
-  }
-  if (!missed.empty()) return IndexRecord{};
-  return last;
+  SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {ikey}));
+  return IndexFromCopies(conn, ikey, reads);
+}
+
+absl::StatusOr<UserState> MemcachedSessionStore::ReadUserState(absl::string_view user_tag,
+                                                               absl::Duration keep_generation_for,
+                                                               absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(keep_generation_for));
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
+  const std::string gkey = GenerationKeyName(user_tag);
+  const std::string ikey = IndexKeyName(user_tag);
+  SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {gkey, ikey}));
+  UserState state;
+  state.generation = KeepGeneration(conn, gkey, reads, expiration);
+  state.index = IndexFromCopies(conn, ikey, reads);
+  return state;
 }
 
 absl::Status MemcachedSessionStore::WriteIndex(absl::string_view user_tag,

@@ -67,6 +67,10 @@ class MemcachedSessionStore final : public SessionStore {
   absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view user_tag, absl::Duration keep_for,
                                              absl::Time deadline) override;
   absl::StatusOr<IndexRecord> ReadIndex(absl::string_view user_tag, absl::Time deadline) override;
+  // One multi-get per copy for both keys (they share the user's group key, so one node).
+  absl::StatusOr<UserState> ReadUserState(absl::string_view user_tag,
+                                          absl::Duration keep_generation_for,
+                                          absl::Time deadline) override;
   absl::Status WriteIndex(absl::string_view user_tag, const std::optional<CasToken>& cas,
                           const storage::v1::UserSessionIndex& index, absl::Duration ttl,
                           absl::Time deadline) override;

@@ -188,10 +188,17 @@ absl::Status SessionService::CheckLive(const SessionLookup& lookup, const Sessio
 }
 
 absl::Status SessionService::AddToIndex(absl::string_view user_tag, const StoredSession& session,
+                                        std::optional<IndexRecord> already_read,
                                         absl::Time deadline) {
   Backoff backoff(options_, deadline);
   for (;;) {
-    SL_ASSIGN_OR_RETURN(IndexRecord record, store_->ReadIndex(user_tag, deadline));
+    IndexRecord record;
+    if (already_read.has_value()) {
+      record = *std::move(already_read);
+      already_read.reset();  // A conflict means it is stale: read again.
+    } else {
+      SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
+    }
     const absl::Time now = clock_.Now();
     if (record.index.entries_size() >= kIndexPruneThreshold) {
       // Rare: drop dead entries first (reads the user's sessions once).
@@ -239,8 +246,10 @@ absl::StatusOr<SessionView> SessionService::Create(absl::string_view user_id, in
   SL_ASSIGN_OR_RETURN(view.token, NewToken(user_id));
   SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(view.token));
   SL_ASSIGN_OR_RETURN(std::string session_id, NewSessionId());
-  SL_ASSIGN_OR_RETURN(uint64_t generation,
-                      store_->ReadGeneration(key.user_tag, GenerationKeepFor(), deadline));
+  // The generation and the index in one round trip: the session records the former and joins
+  // the latter.
+  SL_ASSIGN_OR_RETURN(UserState user,
+                      store_->ReadUserState(key.user_tag, GenerationKeepFor(), deadline));
 
   const absl::Time now = clock_.Now();
   StoredSession& s = view.stored;
@@ -252,12 +261,12 @@ absl::StatusOr<SessionView> SessionService::Create(absl::string_view user_id, in
   s.set_expires_at_unix_micros(SlidExpiry(s, now));
   s.set_version(1);
   *s.mutable_attributes() = attributes;
-  s.set_user_generation(generation);
+  s.set_user_generation(user.generation);
   s.set_token_hash(key.token_hash);
 
   // Indexed before it exists, so a session is never live without being listable/revocable by
   // the index; an entry whose add failed is pruned later.
-  SL_RETURN_IF_ERROR(AddToIndex(key.user_tag, s, deadline));
+  SL_RETURN_IF_ERROR(AddToIndex(key.user_tag, s, std::move(user.index), deadline));
   SL_RETURN_IF_ERROR(
       store_->Add(key, s, StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline));
   return view;
@@ -359,7 +368,7 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     s.set_token_hash(new_key.token_hash);
     s.set_expires_at_unix_micros(SlidExpiry(s, now));
 
-    SL_RETURN_IF_ERROR(AddToIndex(new_key.user_tag, s, deadline));
+    SL_RETURN_IF_ERROR(AddToIndex(new_key.user_tag, s, std::nullopt, deadline));
     SL_RETURN_IF_ERROR(
         store_->Add(new_key, s, StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline));
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -87,8 +88,10 @@ class SessionService {
   class Backoff;
 
   absl::Status CheckLive(const SessionLookup& lookup, const SessionKey& key, absl::Time now) const;
+  // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when
+  // the caller has just read the index (saves a round trip), re-reading after a conflict.
   absl::Status AddToIndex(absl::string_view user_tag, const storage::v1::StoredSession& session,
-                          absl::Time deadline);
+                          std::optional<IndexRecord> already_read, absl::Time deadline);
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
   // revoked; returns the live sessions. Writing the pruned index back is best effort.
   absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(absl::string_view user_id,

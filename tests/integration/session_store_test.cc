@@ -1,8 +1,13 @@
 // MemcachedSessionStore directly against the real memcached nodes: TTL limits and placement.
+#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/config/config.h"
@@ -96,6 +101,68 @@ TEST_F(SessionStoreTest, GenerationOnlyGrows) {
   EXPECT_EQ(*store_->ReadGeneration(tag, absl::Seconds(60), Deadline()), 2u);
   EXPECT_EQ(MemcachedGetValue(1, MemcachedSessionStore::GenerationKeyName(tag)), "2");
   EXPECT_EQ(*store_->AdvanceGeneration(tag, absl::Seconds(60), Deadline()), 3u);
+}
+
+// memcached's command counters, summed over both nodes (text-protocol "stats").
+std::map<std::string, int64_t> CommandCounts() {
+  std::map<std::string, int64_t> counts;
+  for (int node : {1, 2}) {
+    for (absl::string_view line :
+         absl::StrSplit(MemcachedText(MemcachedPort(node), "stats"), "\r\n")) {
+      std::vector<std::string> parts = absl::StrSplit(line, ' ');
+      int64_t value = 0;
+      if (parts.size() == 3 && parts[0] == "STAT" && absl::StartsWith(parts[1], "cmd_") &&
+          absl::SimpleAtoi(parts[2], &value)) {
+        counts[parts[1]] += value;
+      }
+    }
+  }
+  return counts;
+}
+
+int64_t Delta(const std::map<std::string, int64_t>& before,
+              const std::map<std::string, int64_t>& after, const std::string& name) {
+  auto b = before.find(name);
+  auto a = after.find(name);
+  return (a == after.end() ? 0 : a->second) - (b == before.end() ? 0 : b->second);
+}
+
+// CreateSession's first step: the generation and the index in one multi-get, and for a user
+// who was never revoked no write at all (generation 0 is the absence of the key).
+TEST_F(SessionStoreTest, UserStateReadsBothKeysAndKeepsOnlyARealGenerationAlive) {
+  Open("MEMCACHED_URL");
+  const std::string tag = Key("state").user_tag;
+  std::map<std::string, int64_t> before = CommandCounts();
+  absl::StatusOr<UserState> fresh = store_->ReadUserState(tag, absl::Seconds(60), Deadline());
+  std::map<std::string, int64_t> after = CommandCounts();
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(fresh->generation, 0u);
+  EXPECT_FALSE(fresh->index.cas.has_value());
+  EXPECT_EQ(Delta(before, after, "cmd_get"), 2);  // Two keys, read together.
+  EXPECT_EQ(Delta(before, after, "cmd_set"), 0);
+  EXPECT_EQ(Delta(before, after, "cmd_touch"), 0);
+  EXPECT_FALSE(MemcachedHas(1, MemcachedSessionStore::GenerationKeyName(tag)) ||
+               MemcachedHas(2, MemcachedSessionStore::GenerationKeyName(tag)));
+
+  // The CAS token it returns creates the index; the next read sees it and the generation.
+  storage::v1::UserSessionIndex index;
+  index.add_entries()->set_session_id("s1");
+  ASSERT_TRUE(store_->WriteIndex(tag, fresh->index.cas, index, absl::Seconds(60), Deadline()).ok());
+  ASSERT_EQ(*store_->AdvanceGeneration(tag, absl::Seconds(60), Deadline()), 1u);
+  before = CommandCounts();
+  absl::StatusOr<UserState> revoked = store_->ReadUserState(tag, absl::Seconds(60), Deadline());
+  after = CommandCounts();
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(revoked->generation, 1u);
+  ASSERT_TRUE(revoked->index.cas.has_value());
+  ASSERT_EQ(revoked->index.index.entries_size(), 1);
+  EXPECT_EQ(revoked->index.index.entries(0).session_id(), "s1");
+  EXPECT_EQ(Delta(before, after, "cmd_get"), 2);
+  EXPECT_EQ(Delta(before, after, "cmd_set"), 0);
+  EXPECT_EQ(Delta(before, after, "cmd_touch"), 1);  // Outlives the sessions created now.
+  // A stale CAS token loses against the index written meanwhile.
+  EXPECT_TRUE(absl::IsAborted(
+      store_->WriteIndex(tag, fresh->index.cas, index, absl::Seconds(60), Deadline())));
 }
 
 }  // namespace
