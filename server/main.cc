@@ -5,6 +5,7 @@
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_certificate_verifier.h>
 #include <grpcpp/security/tls_credentials_options.h>
+#include <malloc.h>
 #include <signal.h>
 
 #include <cstdio>
@@ -99,6 +100,11 @@ int Serve() {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // glibc gives every thread that allocates under contention its own malloc arena, up to 8 per
+  // core; with gRPC's poller threads that was 14 arenas of ~200 KiB each after the first seconds
+  // of load, most of the step from idle to serving RSS. Two arenas measured no throughput loss
+  // on 2 cores. MALLOC_ARENA_MAX in the environment still wins.
+  if (std::getenv("MALLOC_ARENA_MAX") == nullptr) mallopt(M_ARENA_MAX, 2);
 
   absl::StatusOr<Config> config = LoadConfig(ProcessEnvironment());
   if (!config.ok()) return Fail(config.status());
