@@ -42,6 +42,9 @@ FROM accounts WHERE account_id = $1::uuid)sql";
 constexpr absl::string_view kApplyMovement =
     "SELECT * FROM ledger_apply_movement($1, $2, $3::bytea, $4::uuid, $5::uuid, $6::bigint, $7)";
 
+// The columns of ledger_apply_movement's row.
+constexpr int kMovementColumns = 20;
+
 // Locks every account of a batch ($1, a uuid[] literal) before any movement runs. The LockRows
 // node sits above the Sort, so rows are locked in account_id order: the order in which
 // ledger_apply_movement locks its two accounts, which keeps batches, single movements and other
@@ -154,6 +157,28 @@ PgStatement MovementStatement(const MoneyMovement& m) {
            absl::StrCat(m.amount_minor), std::string(TransactionKindName(m.kind))}};
 }
 
+// One statement applying `batch.size()` movements in order, each through ledger_apply_movement
+// (one call per row of the VALUES list, in list order: the lateral call runs in a nested loop
+// over the Values Scan). A volatile function sees what the calls before it in the same statement
+// wrote, so each movement sees the balances and keys the earlier ones left. One statement rather
+// than one per movement: parsing, planning and executor start-up once per batch cost about a
+// third less PostgreSQL CPU per movement. Output: the function's columns, then the movement's
+// position (1-based), ordered by it.
+std::string BatchApplySql(size_t movements) {
+  std::string sql = "SELECT r.*, m.ord FROM (VALUES ";
+  for (size_t i = 0; i < movements; ++i) {
+    const size_t p = 7 * i;
+    absl::StrAppend(&sql, i == 0 ? "" : ", ", "($", p + 1, "::text, $", p + 2, "::text, $", p + 3,
+                    "::bytea, $", p + 4, "::uuid, $", p + 5, "::uuid, $", p + 6, "::bigint, $",
+                    p + 7, "::text, ", i + 1, ")");
+  }
+  absl::StrAppend(&sql,
+                  ") AS m (usr, key, fingerprint, src, dst, amount, kind, ord) "
+                  "CROSS JOIN LATERAL ledger_apply_movement(m.usr, m.key, m.fingerprint, m.src, "
+                  "m.dst, m.amount, m.kind) AS r ORDER BY m.ord");
+  return sql;
+}
+
 // What one row of ledger_apply_movement means for its movement.
 enum class MovementRow {
   kAnswer,   // *answer is final: the new or the replayed transaction, or an error.
@@ -161,15 +186,12 @@ enum class MovementRow {
   kRefused,  // *answer is the MovementFailure() error seen with the statement's snapshot.
 };
 
-MovementRow ReadMovementRow(const MoneyMovement& m, const PGresult* r,
+// Reads `row` of a result whose first kMovementColumns columns are ledger_apply_movement's.
+MovementRow ReadMovementRow(const MoneyMovement& m, const PGresult* r, int row,
                             absl::StatusOr<Transaction>* answer) {
   const bool transfer = m.kind == TransactionKind::kTransfer;
-  if (PQntuples(r) != 1 || PQnfields(r) != 20) {
-    *answer = absl::InternalError("postgres: unexpected result shape for a movement");
-    return MovementRow::kAnswer;
-  }
-  if (!IsNull(r, 0, 0)) {
-    if (Int(r, 0, 4) != (transfer ? 2 : 1)) {
+  if (!IsNull(r, row, 0)) {
+    if (Int(r, row, 4) != (transfer ? 2 : 1)) {
       // Cannot happen with the locks held; refuse loudly rather than report a half move. The
       // transaction has committed, so this is worth an alert, not a retry.
       *answer =
@@ -177,10 +199,10 @@ MovementRow ReadMovementRow(const MoneyMovement& m, const PGresult* r,
       return MovementRow::kAnswer;
     }
     Transaction t;
-    t.transaction_id = Text(r, 0, 0);
-    t.created_at = Micros(r, 0, 1);
-    t.seq = Int(r, 0, 2);
-    t.currency = Text(r, 0, 3);
+    t.transaction_id = Text(r, row, 0);
+    t.created_at = Micros(r, row, 1);
+    t.seq = Int(r, row, 2);
+    t.currency = Text(r, row, 3);
     t.kind = m.kind;
     t.from_account_id = m.from_account_id;
     t.to_account_id = m.to_account_id;
@@ -189,19 +211,19 @@ MovementRow ReadMovementRow(const MoneyMovement& m, const PGresult* r,
     *answer = std::move(t);
     return MovementRow::kAnswer;
   }
-  if (!IsNull(r, 0, 5)) {
-    *answer = Replay(m, TransactionFromColumns(r, 0, 5, m.idempotency_key), Text(r, 0, 13));
+  if (!IsNull(r, row, 5)) {
+    *answer = Replay(m, TransactionFromColumns(r, row, 5, m.idempotency_key), Text(r, row, 13));
     return MovementRow::kAnswer;
   }
   MovementFacts facts;
-  facts.from_found = !IsNull(r, 0, 14);
-  facts.from_owner = Text(r, 0, 14);
-  facts.from_currency = Text(r, 0, 15);
-  facts.from_balance = Int(r, 0, 16);
-  facts.to_found = !IsNull(r, 0, 17);
-  facts.to_owner = Text(r, 0, 17);
-  facts.to_currency = Text(r, 0, 18);
-  facts.to_balance = Int(r, 0, 19);
+  facts.from_found = !IsNull(r, row, 14);
+  facts.from_owner = Text(r, row, 14);
+  facts.from_currency = Text(r, row, 15);
+  facts.from_balance = Int(r, row, 16);
+  facts.to_found = !IsNull(r, row, 17);
+  facts.to_owner = Text(r, row, 17);
+  facts.to_currency = Text(r, row, 18);
+  facts.to_balance = Int(r, row, 19);
   absl::Status failure = MovementFailure(m, facts);
   if (failure.ok()) {
     *answer = absl::AbortedError("postgres: idempotency key race");
@@ -279,8 +301,11 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyOnce(const MoneyMovement& m, abs
   *retry_key_race = false;
   // Idempotent thanks to the key: a re-run after a lost connection replays or applies once.
   SL_ASSIGN_OR_RETURN(PgResultPtr result, Run(MovementStatement(m), /*idempotent=*/true, deadline));
+  if (PQntuples(result.get()) != 1 || PQnfields(result.get()) != kMovementColumns) {
+    return absl::InternalError("postgres: unexpected result shape for a movement");
+  }
   absl::StatusOr<Transaction> answer = absl::UnknownError("postgres: no answer");
-  switch (ReadMovementRow(m, result.get(), &answer)) {
+  switch (ReadMovementRow(m, result.get(), 0, &answer)) {
     case MovementRow::kAnswer:
       return answer;
     case MovementRow::kKeyRace:
@@ -335,7 +360,9 @@ PgLedgerStore::PgLedgerStore(PgPool& pool, PgLedgerStoreOptions options)
     : pool_(pool),
       max_batch_(std::max(1, options.max_batch)),
       max_leaders_(options.max_concurrent_batches > 0 ? options.max_concurrent_batches
-                                                      : std::max(1, pool.size())) {}
+                                                      : std::max(1, pool.size())),
+      parallel_threshold_(options.parallel_batch_threshold > 0 ? options.parallel_batch_threshold
+                                                               : std::max(1, max_batch_ / 2)) {}
 
 int PgLedgerStore::queued_movements() const {
   std::lock_guard<std::mutex> lock(batch_mutex_);
@@ -366,7 +393,7 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
       return absl::UnavailableError(
           "postgres: the call's deadline passed while it waited for a connection");
     }
-    if (leaders_ < max_leaders_) {
+    if (MayLeadLocked()) {
       ++leaders_;
       const std::vector<Pending*> batch = TakeBatchLocked(&self);
       WakeNextLeaderLocked();  // Another slot may be free as well.
@@ -381,8 +408,13 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
   }
 }
 
+bool PgLedgerStore::MayLeadLocked() const {
+  return leaders_ == 0 ||
+         (leaders_ < max_leaders_ && static_cast<int>(queue_.size()) >= parallel_threshold_);
+}
+
 void PgLedgerStore::WakeNextLeaderLocked() {
-  if (!queue_.empty() && leaders_ < max_leaders_) queue_.front()->wake.notify_one();
+  if (!queue_.empty() && MayLeadLocked()) queue_.front()->wake.notify_one();
 }
 
 std::vector<PgLedgerStore::Pending*> PgLedgerStore::TakeBatchLocked(Pending* self) {
@@ -441,15 +473,22 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
   std::sort(accounts.begin(), accounts.end());
   accounts.erase(std::unique(accounts.begin(), accounts.end()), accounts.end());
 
+  const std::string apply_sql = BatchApplySql(batch.size());
+  PgStatement apply{apply_sql, {}};
+  apply.params.reserve(7 * batch.size());
+  for (const Pending* p : batch) {
+    PgStatement one = MovementStatement(p->movement);
+    for (auto& param : one.params) apply.params.push_back(std::move(param));
+  }
   std::vector<PgStatement> statements;
-  statements.reserve(batch.size() + 2);
+  statements.reserve(3);
   statements.push_back(
       {kSetStatementTimeout,
        {absl::StrCat(absl::ToInt64Milliseconds(ServerBudget(deadline - absl::Now())))}});
   // Account ids are canonical UUIDs (the ledger layer checks them), so they need no quoting
   // inside the array literal; anything else fails the cast and the batch falls back.
   statements.push_back({kLockAccounts, {absl::StrCat("{", absl::StrJoin(accounts, ","), "}")}});
-  for (const Pending* p : batch) statements.push_back(MovementStatement(p->movement));
+  statements.push_back(std::move(apply));
 
   // The lease goes back to the pool before anyone is answered, so a caller sent to the single
   // path finds it free.
@@ -461,6 +500,19 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
     SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
     absl::StatusOr<std::vector<PgResultPtr>> r = lease->ExecPipeline(statements, deadline);
     if (!r.ok() && !lease->healthy()) lease.MarkBroken();
+    if (!r.ok()) return r;
+    // One row per movement, in order. Anything else (which cannot happen) is handled like a
+    // failed batch: whatever committed is replayed by the single path.
+    const PGresult* rows = (*r)[2].get();
+    if (PQntuples(rows) != static_cast<int>(batch.size()) ||
+        PQnfields(rows) != kMovementColumns + 1) {
+      return absl::InternalError("postgres: unexpected result shape for a batch");
+    }
+    for (int i = 0; i < PQntuples(rows); ++i) {
+      if (Int(rows, i, kMovementColumns) != i + 1) {
+        return absl::InternalError("postgres: batch rows out of order");
+      }
+    }
     return r;
   }();
 
@@ -476,7 +528,7 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
   for (size_t i = 0; i < batch.size(); ++i) {
     Pending* p = batch[i];
     absl::StatusOr<Transaction> answer = absl::UnknownError("postgres: no answer");
-    switch (ReadMovementRow(p->movement, (*results)[i + 2].get(), &answer)) {
+    switch (ReadMovementRow(p->movement, (*results)[2].get(), static_cast<int>(i), &answer)) {
       case MovementRow::kAnswer:
       // The rows were read after the batch held every account lock, so a committed identical
       // request would have been seen as the key's transaction: no re-check of the key needed.
