@@ -622,6 +622,69 @@ TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
   ExpectBalancesMatchRows({a.account_id, b.account_id, held.account_id});
 }
 
+TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue) {
+  // Two batch slots; a second batch starts while one runs once 2 movements wait.
+  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 2, absl::Seconds(2)});
+  PgLedgerStore store(pool, PgLedgerStoreOptions{4, 0, 2});
+  LedgerService ledger(store, auth_);
+  const std::string alice = NewUser("alice");
+  const Account held = Open(alice);
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1000, "fund"}, Soon()).ok());
+  absl::StatusOr<PgConnection> blocker = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(blocker.ok());
+  ASSERT_TRUE(blocker->ExecSimple("BEGIN", Soon()).ok());
+  ASSERT_TRUE(blocker
+                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
+                         {held.account_id}, Soon())
+                  .ok());
+  absl::StatusOr<Transaction> stuck = absl::UnknownError("not run");
+  std::atomic<int> done{0};
+  std::vector<absl::StatusOr<Transaction>> r(2, absl::UnknownError("not run"));
+  // Joined before the store and the results above go away, even when an assertion returns.
+  std::vector<std::thread> threads;
+  struct JoinOnExit {
+    std::vector<std::thread>& threads;
+    ~JoinOnExit() {
+      for (auto& t : threads) t.join();
+    }
+  } join_on_exit{threads};
+  threads.emplace_back([&] {
+    stuck = ledger.Deposit(alice, {held.account_id, 1, "stuck"}, Soon());
+  });
+  WaitUntilBlockedBy(*blocker, 1);
+  auto transfer = [&](int i) {
+    threads.emplace_back([&, i] {
+      r[i] = ledger.Transfer(alice, {a.account_id, b.account_id, 10, absl::StrCat("t", i)}, Soon());
+      ++done;
+    });
+  };
+  transfer(0);
+  const absl::Time give_up = Soon();
+  while (store.queued_movements() < 1) {
+    ASSERT_LT(absl::Now(), give_up);
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  // One movement waiting is not enough to start a second batch beside the stuck one.
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_EQ(store.queued_movements(), 1);
+  EXPECT_EQ(done.load(), 0);
+  transfer(1);
+  while (done.load() < 2) {
+    ASSERT_LT(absl::Now(), give_up) << "the queued movements waited for the stuck batch";
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_TRUE(r[0].ok()) << r[0].status();
+  EXPECT_TRUE(r[1].ok()) << r[1].status();
+  EXPECT_EQ(store.batches(), 1);
+  EXPECT_EQ(store.batched_movements(), 2);
+  ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
+  for (auto& t : threads) t.join();
+  threads.clear();
+  EXPECT_TRUE(stuck.ok()) << stuck.status();  // Through once the lock went.
+}
+
 // Many callers moving money both ways between a few accounts (crossing pairs, the classic
 // deadlock) through few batch slots: batches form, nothing deadlocks, money is conserved.
 TEST_F(LedgerPgStoreTest, CrossingTransfersInBatchesConserveMoneyWithoutDeadlocks) {
