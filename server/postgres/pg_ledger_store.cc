@@ -362,7 +362,8 @@ PgLedgerStore::PgLedgerStore(PgPool& pool, PgLedgerStoreOptions options)
       max_leaders_(options.max_concurrent_batches > 0 ? options.max_concurrent_batches
                                                       : std::max(1, pool.size())),
       parallel_threshold_(options.parallel_batch_threshold > 0 ? options.parallel_batch_threshold
-                                                               : std::max(1, max_batch_ / 2)) {}
+                                                               : std::max(1, max_batch_ / 2)),
+      eager_leaders_(std::min(max_leaders_, std::max(1, options.eager_batches))) {}
 
 int PgLedgerStore::queued_movements() const {
   std::lock_guard<std::mutex> lock(batch_mutex_);
@@ -409,7 +410,7 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
 }
 
 bool PgLedgerStore::MayLeadLocked() const {
-  return leaders_ == 0 ||
+  return leaders_ < eager_leaders_ ||
          (leaders_ < max_leaders_ && static_cast<int>(queue_.size()) >= parallel_threshold_);
 }
 

@@ -19,7 +19,10 @@ struct PgLedgerStoreOptions {
   int max_batch = 16;
   // Most batches (transactions of ApplyMovement) in flight at once; 0 = the pool's size.
   int max_concurrent_batches = 0;
-  // A batch starts while another one runs only once this many movements wait; 0 = half of
+  // Batches that start as soon as a movement waits. Two keep PostgreSQL busy while one of
+  // them waits for its commit to be flushed.
+  int eager_batches = 2;
+  // Beyond eager_batches, a batch starts only once this many movements wait; 0 = half of
   // max_batch.
   int parallel_batch_threshold = 0;
 };
@@ -44,19 +47,21 @@ struct PgLedgerStoreOptions {
 // trip, together with a key re-check after a refused movement).
 //
 // Commit batching (ApplyMovement). Under load PostgreSQL is bound by commit WAL flushes (and
-// by per-transaction CPU), so concurrent Deposits/Transfers share commits. Each call queues its
-// movement. A caller becomes a leader when no batch runs, or, while fewer than
-// `max_concurrent_batches` run, once `parallel_batch_threshold` movements wait: it takes its
-// own movement and up to max_batch - 1 queued ones (in arrival order), runs them in one
-// transaction on one pooled connection, hands every movement its result and wakes its caller.
-// The other callers wait without holding a connection: for a leader to take their movement,
-// or for their turn to lead (a finishing leader wakes the oldest queued caller, which then
-// leads the movements queued meanwhile). Batches thus form only while others run, with no
-// timer: a call alone runs alone, through exactly the single-movement path above, with no
-// added latency. The threshold keeps batches large under load (fewer commits: at 32 clients
-// on 2 cores, 8 movements per commit instead of 1.6 made Transfer ~1.4x faster than one
-// batch slot per pooled connection); its price is that movements queued behind a batch stuck
-// on a row lock wait for it until that many queue up or it ends (by its statement_timeout).
+// by per-transaction CPU), so concurrent Deposits/Transfers share commits. Each call queues
+// its movement. A caller becomes a leader while fewer than `eager_batches` (2) batches run,
+// or, while fewer than `max_concurrent_batches` run, once `parallel_batch_threshold` (8)
+// movements wait: it takes its own movement and up to max_batch - 1 queued ones (in arrival
+// order), runs them in one transaction on one pooled connection, hands every movement its
+// result and wakes its caller. The other callers wait without holding a connection: for a
+// leader to take their movement, or for their turn to lead (a finishing leader wakes the
+// oldest queued caller, which then leads the movements queued meanwhile). Batches thus form
+// only while others run, with no timer: a call alone runs alone, through exactly the
+// single-movement path above, with no added latency. Two eager batches keep PostgreSQL busy
+// while one waits for its commit flush; the threshold keeps batches large under load (fewer
+// commits: at 32 clients on 2 cores, ~8 movements per commit instead of 1.6 made Transfer
+// ~1.4x faster than one batch slot per pooled connection). Its price: when both eager batches
+// are stuck on row locks, the movements queued behind them wait until 8 queue up or a batch
+// ends (at the latest by its statement_timeout).
 // A batch of more than one movement is one pipeline:
 //   statement_timeout from the batch's earliest deadline (movements already past their
 //   deadline are answered UNAVAILABLE, those nearly so run alone instead of cutting the
@@ -136,6 +141,7 @@ class PgLedgerStore final : public LedgerStore {
   const int max_batch_;
   const int max_leaders_;
   const int parallel_threshold_;
+  const int eager_leaders_;
   std::atomic<int64_t> retries_{0};
   std::atomic<int64_t> batches_{0};
   std::atomic<int64_t> batched_movements_{0};
