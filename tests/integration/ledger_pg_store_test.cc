@@ -623,23 +623,30 @@ TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
 }
 
 TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue) {
-  // Two batch slots; a second batch starts while one runs once 2 movements wait.
-  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 2, absl::Seconds(2)});
-  PgLedgerStore store(pool, PgLedgerStoreOptions{4, 0, 2});
+  // Three batch slots, two of them eager; the third batch starts once 2 movements wait.
+  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 3, absl::Seconds(2)});
+  PgLedgerStoreOptions options;
+  options.max_batch = 4;
+  options.eager_batches = 2;
+  options.parallel_batch_threshold = 2;
+  PgLedgerStore store(pool, options);
   LedgerService ledger(store, auth_);
   const std::string alice = NewUser("alice");
   const Account held = Open(alice);
+  const Account held2 = Open(alice);
   const Account a = Open(alice);
   const Account b = Open(alice);
   ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1000, "fund"}, Soon()).ok());
   absl::StatusOr<PgConnection> blocker = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
   ASSERT_TRUE(blocker.ok());
   ASSERT_TRUE(blocker->ExecSimple("BEGIN", Soon()).ok());
-  ASSERT_TRUE(blocker
-                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
-                         {held.account_id}, Soon())
-                  .ok());
+  ASSERT_TRUE(
+      blocker
+          ->Exec("SELECT 1 FROM accounts WHERE account_id IN ($1::uuid, $2::uuid) FOR UPDATE",
+                 {held.account_id, held2.account_id}, Soon())
+          .ok());
   absl::StatusOr<Transaction> stuck = absl::UnknownError("not run");
+  absl::StatusOr<Transaction> stuck2 = absl::UnknownError("not run");
   std::atomic<int> done{0};
   std::vector<absl::StatusOr<Transaction>> r(2, absl::UnknownError("not run"));
   // Joined before the store and the results above go away, even when an assertion returns.
@@ -654,6 +661,10 @@ TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue)
     stuck = ledger.Deposit(alice, {held.account_id, 1, "stuck"}, Soon());
   });
   WaitUntilBlockedBy(*blocker, 1);
+  threads.emplace_back([&] {
+    stuck2 = ledger.Deposit(alice, {held2.account_id, 1, "stuck2"}, Soon());
+  });
+  WaitUntilBlockedBy(*blocker, 2);  // Both eager batches are stuck.
   auto transfer = [&](int i) {
     threads.emplace_back([&, i] {
       r[i] = ledger.Transfer(alice, {a.account_id, b.account_id, 10, absl::StrCat("t", i)}, Soon());
@@ -666,7 +677,7 @@ TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue)
     ASSERT_LT(absl::Now(), give_up);
     absl::SleepFor(absl::Milliseconds(1));
   }
-  // One movement waiting is not enough to start a second batch beside the stuck one.
+  // One movement waiting is not enough to start a third batch beside the stuck ones.
   absl::SleepFor(absl::Milliseconds(50));
   EXPECT_EQ(store.queued_movements(), 1);
   EXPECT_EQ(done.load(), 0);
@@ -682,7 +693,8 @@ TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue)
   ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
   for (auto& t : threads) t.join();
   threads.clear();
-  EXPECT_TRUE(stuck.ok()) << stuck.status();  // Through once the lock went.
+  EXPECT_TRUE(stuck.ok()) << stuck.status();  // Through once the locks went.
+  EXPECT_TRUE(stuck2.ok()) << stuck2.status();
 }
 
 // Many callers moving money both ways between a few accounts (crossing pairs, the classic
