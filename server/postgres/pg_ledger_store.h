@@ -81,7 +81,9 @@ struct PgLedgerStoreOptions {
 // that movement alone afterwards. If the batch fails as a whole (40001/40P01, timeout, lost
 // connection, anything) each movement runs again alone through the single path, in its
 // caller's thread with its own deadline; that path is idempotent by the key, so a batch whose
-// commit is unknown is replayed, never applied twice.
+// commit is unknown is replayed, never applied twice. (The only lock taken outside the global
+// order is a key's index entry: two batches reusing each other's keys with other parameters
+// can deadlock on those; PostgreSQL detects it and both batches fall back.)
 //
 // PgBouncer (transaction pooling): only unnamed statements, no session-level SET, and every
 // transaction ends at its Sync, so any server connection can serve any call.
