@@ -83,7 +83,7 @@ struct PgLedgerStoreOptions {
 // caller's thread with its own deadline; that path is idempotent by the key, so a batch whose
 // commit is unknown is replayed, never applied twice. (The only lock taken outside the global
 // order is a key's index entry: two batches reusing each other's keys with other parameters
-// can deadlock on those; PostgreSQL detects it and both batches fall back.)
+// can deadlock on those; PostgreSQL detects it and the batch it cancels falls back.)
 //
 // PgBouncer (transaction pooling): only unnamed statements, no session-level SET, and every
 // transaction ends at its Sync, so any server connection can serve any call.
