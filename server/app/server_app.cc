@@ -237,6 +237,27 @@ absl::Status ServerApp::StartMetrics() {
                        true,
                        {},
                        [ledger] { return double(ledger->retries()); }});
+  metrics_.AddSampled({"sessionledger_postgres_batches_total",
+                       "Committed ledger transactions that carried more than one Deposit/Transfer",
+                       true,
+                       {},
+                       [ledger] { return double(ledger->batches()); }});
+  metrics_.AddSampled({"sessionledger_postgres_batched_movements_total",
+                       "Deposits/Transfers committed in batches (divided by batches_total: the "
+                       "mean batch size)",
+                       true,
+                       {},
+                       [ledger] { return double(ledger->batched_movements()); }});
+  metrics_.AddSampled({"sessionledger_postgres_batch_fallbacks_total",
+                       "Batches that failed as a whole, so each of their movements ran again alone",
+                       true,
+                       {},
+                       [ledger] { return double(ledger->batch_fallbacks()); }});
+  metrics_.AddSampled({"sessionledger_postgres_batch_queue",
+                       "Deposits/Transfers waiting to join a batch now",
+                       false,
+                       {},
+                       [ledger] { return double(ledger->queued_movements()); }});
   SL_ASSIGN_OR_RETURN(metrics_http_, MetricsHttpServer::Start(config_.metrics_port, metrics_));
   return absl::OkStatus();
 }

@@ -90,6 +90,10 @@ TEST(MetricsTest, CountersMoveAfterCallsAndTheFormatParses) {
   EXPECT_GE(SampleValue(after, R"(sessionledger_pool_waits_total{pool="postgres"})"), 0);
   EXPECT_EQ(SampleValue(after, "sessionledger_memcached_node_failures_total"), 0);
   EXPECT_EQ(SampleValue(after, "sessionledger_postgres_retries_total"), 0);
+  EXPECT_EQ(SampleValue(after, "sessionledger_postgres_batches_total"), 0);
+  EXPECT_EQ(SampleValue(after, "sessionledger_postgres_batched_movements_total"), 0);
+  EXPECT_EQ(SampleValue(after, "sessionledger_postgres_batch_fallbacks_total"), 0);
+  EXPECT_EQ(SampleValue(after, "sessionledger_postgres_batch_queue"), 0);
 
   // Every line is a comment (# HELP / # TYPE) or `name{labels} value`.
   const std::regex sample(
