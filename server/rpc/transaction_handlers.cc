@@ -61,8 +61,8 @@ std::string BearerToken(const grpc::ServerContext& context) {
 grpc::Status TransactionHandlers::OpenAccount(grpc::ServerContext* context,
                                               const pb::OpenAccountRequest* request,
                                               pb::Account* response) {
-  absl::StatusOr<Account> account = ledger_.OpenAccount(
-      BearerToken(*context), request->currency(), AnswerBy(*context, default_call_timeout_));
+  absl::StatusOr<Account> account = ledger_.OpenAccount(BearerToken(*context), request->currency(),
+                                                        AnswerBy(*context, default_call_timeout_));
   if (!account.ok()) return ToGrpcStatus(account.status());
   ToProto(*account, response);
   return grpc::Status::OK;
@@ -71,8 +71,8 @@ grpc::Status TransactionHandlers::OpenAccount(grpc::ServerContext* context,
 grpc::Status TransactionHandlers::GetAccount(grpc::ServerContext* context,
                                              const pb::GetAccountRequest* request,
                                              pb::Account* response) {
-  absl::StatusOr<Account> account = ledger_.GetAccount(
-      BearerToken(*context), request->account_id(), AnswerBy(*context, default_call_timeout_));
+  absl::StatusOr<Account> account = ledger_.GetAccount(BearerToken(*context), request->account_id(),
+                                                       AnswerBy(*context, default_call_timeout_));
   if (!account.ok()) return ToGrpcStatus(account.status());
   ToProto(*account, response);
   return grpc::Status::OK;
@@ -100,8 +100,8 @@ grpc::Status TransactionHandlers::Transfer(grpc::ServerContext* context,
   params.to_account_id = request->to_account_id();
   params.amount_minor = request->amount_minor();
   params.idempotency_key = request->idempotency_key();
-  absl::StatusOr<Transaction> transaction = ledger_.Transfer(
-      BearerToken(*context), params, AnswerBy(*context, default_call_timeout_));
+  absl::StatusOr<Transaction> transaction =
+      ledger_.Transfer(BearerToken(*context), params, AnswerBy(*context, default_call_timeout_));
   if (!transaction.ok()) return ToGrpcStatus(transaction.status());
   ToProto(*transaction, response);
   return grpc::Status::OK;

@@ -257,8 +257,8 @@ TEST(SessionOutageTest, StalledMemcachedIsUnavailableWithinTheDeadline) {
     const absl::Duration took = absl::Now() - start;
     EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
     EXPECT_LT(took, deadline);
-    std::cout << "stalled GetSession answered " << st.error_code() << " after " << took
-              << " of a " << deadline << " deadline\n";
+    std::cout << "stalled GetSession answered " << st.error_code() << " after " << took << " of a "
+              << deadline << " deadline\n";
   }
   client.set_timeout(absl::Seconds(5));
   const absl::Time give_up = absl::Now() + absl::Seconds(10);
