@@ -311,19 +311,25 @@ absl::StatusOr<CopyReads> ReadEveryCopy(Conn& conn, const std::vector<std::strin
   return reads;
 }
 
+// The highest generation any copy answered (0 when none holds the key).
+uint64_t HighestGeneration(const std::string& gkey, const CopyReads& reads) {
+  uint64_t highest = 0;
+  for (const auto& read : reads) {
+    if (!read.has_value()) continue;
+    if (auto g = read->find(gkey); g != read->end()) {
+      highest = std::max(highest, ParseGeneration(g->second.value));
+    }
+  }
+  return highest;
+}
+
 // The user's generation from what the copies answered. Every copy that answered then holds it
 // for `expiration` (a touch where it is already there; a repair where it is missing or lower),
 // so that it outlives every session created now. Generation 0 (never revoked) is the absence
 // of the key and needs no write.
 uint64_t KeepGeneration(Conn& conn, const std::string& gkey, const CopyReads& reads,
                         time_t expiration) {
-  uint64_t generation = 0;
-  for (const auto& read : reads) {
-    if (!read.has_value()) continue;
-    if (auto g = read->find(gkey); g != read->end()) {
-      generation = std::max(generation, ParseGeneration(g->second.value));
-    }
-  }
+  const uint64_t generation = HighestGeneration(gkey, reads);
   if (generation == 0) return 0;
   for (int c = 0; c < conn.copies(); ++c) {
     const auto& read = reads[static_cast<size_t>(c)];
@@ -590,22 +596,8 @@ absl::StatusOr<uint64_t> MemcachedSessionStore::AdvanceGeneration(absl::string_v
   SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(keep_for));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string gkey = GenerationKeyName(user_tag);
-  uint64_t highest = 0;
-  bool any = false;
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
-  for (int c = 0; c < conn.copies(); ++c) {
-    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {gkey});
-    if (!got.ok()) {
-      last = got.status();
-      continue;
-    }
-    any = true;
-    if (auto g = got->find(gkey); g != got->end()) {
-      highest = std::max(highest, ParseGeneration(g->second.value));
-    }
-  }
-  if (!any) return last;
-  const uint64_t target = highest + 1;
+  SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {gkey}));
+  const uint64_t target = HighestGeneration(gkey, reads) + 1;
   bool raised = false;
   for (int c = 0; c < conn.copies(); ++c) {
     if (conn.RaiseGeneration(c, gkey, target, expiration)) raised = true;

@@ -35,6 +35,16 @@ std::string UniqueSuffix() {
 
 absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
 
+// Every call succeeded, and all of them with the same transaction (one money movement).
+void ExpectOneTransaction(const std::vector<absl::StatusOr<Transaction>>& results) {
+  std::set<std::string> ids;
+  for (const auto& r : results) {
+    ASSERT_TRUE(r.ok()) << r.status();
+    ids.insert(r->transaction_id);
+  }
+  EXPECT_EQ(ids.size(), 1u);
+}
+
 class LedgerPgStoreTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -194,12 +204,7 @@ TEST_F(LedgerPgStoreTest, ConcurrentIdenticalTransfersMoveMoneyOnce) {
     });
   }
   for (auto& t : threads) t.join();
-  std::set<std::string> ids;
-  for (const auto& r : results) {
-    ASSERT_TRUE(r.ok()) << r.status();
-    ids.insert(r->transaction_id);
-  }
-  EXPECT_EQ(ids.size(), 1u);
+  ExpectOneTransaction(results);
   EXPECT_EQ(Balance(alice, a.account_id), 0);
   EXPECT_EQ(Balance(alice, b.account_id), 700);
 }
@@ -505,12 +510,7 @@ TEST_F(LedgerPgBatchTest, SameKeyManyTimesInOneBatchAppliesOnce) {
   OpenGate();
   JoinAll();
   EXPECT_EQ(batch_store_.batches(), batches + 1);
-  std::set<std::string> ids;
-  for (const auto& t : r) {
-    ASSERT_TRUE(t.ok()) << t.status();
-    ids.insert(t->transaction_id);
-  }
-  EXPECT_EQ(ids.size(), 1u);
+  ExpectOneTransaction(r);
   EXPECT_EQ(Balance(alice, a.account_id), 0);
   EXPECT_EQ(Balance(alice, b.account_id), 700);
 }
