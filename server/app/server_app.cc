@@ -64,7 +64,10 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
   MemcachedPoolOptions memcached_options;
   memcached_options.url = config.memcached;
   memcached_options.size = config.memcached_pool_size;
+  memcached_options.pipelined_reads = config.memcached_pipelined_reads;
   SL_ASSIGN_OR_RETURN(app->memcached_pool_, MemcachedPool::Create(memcached_options));
+  // As many threads as pooled Memcached connections: blocking work needs one of those anyway.
+  app->blocking_ = std::make_unique<BlockingExecutor>(config.memcached_pool_size);
 
   PgPoolOptions pg_options;
   pg_options.conninfo = config.database_url;
@@ -81,13 +84,13 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
         static_cast<size_t>(config.max_attribute_key_bytes);
     session_options.limits.max_attributes_bytes =
         static_cast<size_t>(config.max_session_attributes_bytes);
-    auto session_store =
-        std::make_shared<MemcachedSessionStore>(*app->memcached_pool_, config.memcached.replicas);
+    auto session_store = std::make_shared<MemcachedSessionStore>(
+        *app->memcached_pool_, config.memcached.replicas, app->blocking_.get());
     auto sessions = std::make_shared<SessionService>(std::move(session_store), app->clock_,
                                                      std::move(session_options));
     app->authenticator_ = std::make_unique<SessionTokenAuthenticator>(sessions);
-    app->services_.push_back(
-        std::make_unique<SessionHandlers>(std::move(sessions), config.default_call_timeout));
+    app->services_.push_back(std::make_unique<SessionHandlers>(
+        std::move(sessions), config.default_call_timeout, *app->blocking_));
   }
   // --- Ledger layer wiring (TransactionService) ---
   // The authenticator is read at call time through the slot, so the order of the two wiring
@@ -230,6 +233,20 @@ absl::Status ServerApp::StartMetrics() {
                        true,
                        {},
                        [memcached] { return double(memcached->node_failures()); }});
+  if (const PipelinedReader* reader = memcached->reader(); reader != nullptr) {
+    metrics_.AddSampled({"sessionledger_memcached_read_batches_total",
+                         "Writes of pipelined Memcached reads to a node (each carries every read "
+                         "that arrived meanwhile)",
+                         true,
+                         {},
+                         [reader] { return double(reader->batches()); }});
+    metrics_.AddSampled({"sessionledger_memcached_batched_reads_total",
+                         "Pipelined Memcached reads sent (divided by read_batches_total: the mean "
+                         "batch size)",
+                         true,
+                         {},
+                         [reader] { return double(reader->batched_reads()); }});
+  }
   const PgLedgerStore* ledger = ledger_store_;
   metrics_.AddSampled({"sessionledger_postgres_retries_total",
                        "Ledger statements re-run after a serialization failure, deadlock or lost "

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "server/common/blocking_executor.h"
 #include "server/common/clock.h"
 #include "server/common/logger.h"
 #include "server/config/config.h"
@@ -54,6 +55,9 @@ class ServerApp {
   SystemClock clock_;
   std::unique_ptr<MemcachedPool> memcached_pool_;
   std::unique_ptr<PgPool> pg_pool_;
+  // After the pools, so destroyed before them: its queued work uses them. Before the services
+  // and the server, so it outlives every call that hands work to it.
+  std::unique_ptr<BlockingExecutor> blocking_;
   // Owned by the TransactionService handlers; read for metrics only.
   const PgLedgerStore* ledger_store_ = nullptr;
   HealthBoard health_board_;

@@ -4,8 +4,10 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -66,6 +68,15 @@ class SessionStore {
   // The session under `key` and its user's generation, read together (one round trip per
   // copy). NOT_FOUND is never returned: a missing session is an empty `record`.
   virtual absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) = 0;
+
+  // Lookup that answers through `done` instead of returning, for callers that must not block
+  // (gRPC callback handlers). `done` runs exactly once, possibly before LookupAsync returns,
+  // possibly on another thread, and must not block. This default runs Lookup on the calling
+  // thread; a store with non-blocking I/O overrides it.
+  using LookupCallback = absl::AnyInvocable<void(absl::StatusOr<SessionLookup>) &&>;
+  virtual void LookupAsync(const SessionKey& key, absl::Time deadline, LookupCallback done) {
+    std::move(done)(Lookup(key, deadline));
+  }
 
   // Like Lookup, for hot read-only paths (authentication): stops at the first copy that holds
   // the session (one round trip when it is the first copy) and repairs nothing. A copy that

@@ -4,6 +4,7 @@
 #include <ctime>
 
 #include "absl/strings/str_cat.h"
+#include "server/common/status_macros.h"
 
 namespace sessionledger {
 namespace {
@@ -122,14 +123,42 @@ absl::StatusOr<std::unique_ptr<MemcachedPool>> MemcachedPool::Create(
   if (absl::Status s = AddServers(master.get(), options.url); !s.ok()) return s;
   // One handle up front (libmemcachedutil refuses an initial size of 0); handles connect
   // lazily, so creating the pool succeeds while memcached is still starting.
+  std::unique_ptr<PipelinedReader> reader;
+  if (options.pipelined_reads) {
+    PipelinedReaderOptions reader_options;
+    reader_options.nodes = options.url.nodes;
+    reader_options.connect_timeout = options.connect_timeout;
+    reader_options.io_timeout = options.io_timeout;
+    reader_options.retry_after_failure = options.retry_after_failure;
+    SL_ASSIGN_OR_RETURN(reader, PipelinedReader::Start(std::move(reader_options)));
+  }
+  MemcachedPtr placement(memcached_clone(nullptr, master.get()));
+  if (placement == nullptr) return absl::ResourceExhaustedError("memcached_clone failed");
   memcached_pool_st* pool = memcached_pool_create(master.get(), 1, options.size);
   if (pool == nullptr) return absl::ResourceExhaustedError("memcached_pool_create failed");
-  return std::unique_ptr<MemcachedPool>(new MemcachedPool(options, master.release(), pool));
+  return std::unique_ptr<MemcachedPool>(
+      new MemcachedPool(options, master.release(), placement.release(), pool, std::move(reader)));
 }
 
 MemcachedPool::~MemcachedPool() {
   memcached_pool_destroy(pool_);
+  memcached_free(placement_);
   memcached_free(master_);
+}
+
+int MemcachedPool::NodeForGroupKey(absl::string_view group_key) const {
+  absl::MutexLock lock(&placement_mu_);
+  memcached_return_t rc = MEMCACHED_SUCCESS;
+  const memcached_instance_st* node =
+      memcached_server_by_key(placement_, group_key.data(), group_key.size(), &rc);
+  if (node == nullptr) return -1;
+  const absl::string_view host = memcached_server_name(node);
+  const in_port_t port = memcached_server_port(node);
+  const auto& nodes = options_.url.nodes;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    if (nodes[i].host == host && nodes[i].port == port) return static_cast<int>(i);
+  }
+  return -1;
 }
 
 MemcachedPool::Lease::~Lease() {

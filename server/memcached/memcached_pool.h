@@ -11,8 +11,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/config/config.h"
+#include "server/memcached/pipelined_reader.h"
 
 namespace sessionledger {
 
@@ -24,6 +26,9 @@ struct MemcachedPoolOptions {
   absl::Duration io_timeout = absl::Seconds(2);
   // After a node fails, how long libmemcached waits before it tries that node again.
   absl::Duration retry_after_failure = absl::Seconds(1);
+  // Reads through a PipelinedReader (one pipelined connection per node, batching concurrent
+  // reads) rather than through a pooled libmemcached handle. Writes always use the pool.
+  bool pipelined_reads = true;
 };
 
 // Maps a libmemcached return code to a status: connection and timeout failures become
@@ -51,7 +56,7 @@ class MemcachedPool {
     memcached_st* get() const { return handle_; }
     memcached_st* operator->() const { return handle_; }
     // An operation on this handle found its node down or too slow (for metrics).
-    void RecordNodeFailure() { owner_->node_failures_.fetch_add(1, std::memory_order_relaxed); }
+    void RecordNodeFailure() { owner_->RecordNodeFailure(); }
 
    private:
     friend class MemcachedPool;
@@ -71,19 +76,35 @@ class MemcachedPool {
   absl::StatusOr<Lease> Acquire(absl::Time deadline);
 
   const MemcachedPoolOptions& options() const { return options_; }
+  // Index in options().url.nodes of the node that `group_key` maps to on the ketama ring (the
+  // node libmemcached's *_by_key calls use), or -1. No I/O; thread-safe.
+  int NodeForGroupKey(absl::string_view group_key) const;
+  // The pipelined reader, or null when `pipelined_reads` is off.
+  PipelinedReader* reader() const { return reader_.get(); }
   int node_count() const { return static_cast<int>(options_.url.nodes.size()); }
   // For metrics: handles lent out now, and Acquire calls that found none free in time.
   int leased() const { return leased_.load(std::memory_order_relaxed); }
   int64_t exhausted() const { return exhausted_.load(std::memory_order_relaxed); }
   int64_t node_failures() const { return node_failures_.load(std::memory_order_relaxed); }
+  // An operation found a node down or too slow.
+  void RecordNodeFailure() { node_failures_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
-  MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_pool_st* pool)
-      : options_(std::move(options)), master_(master), pool_(pool) {}
+  MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_st* placement,
+                memcached_pool_st* pool, std::unique_ptr<PipelinedReader> reader)
+      : options_(std::move(options)),
+        master_(master),
+        pool_(pool),
+        reader_(std::move(reader)),
+        placement_(placement) {}
 
   const MemcachedPoolOptions options_;
   memcached_st* master_;  // Template the pool clones; owned.
   memcached_pool_st* pool_;
+  std::unique_ptr<PipelinedReader> reader_;
+  mutable absl::Mutex placement_mu_;
+  // A clone of master_ that only hashes keys to nodes (never connects); owned.
+  memcached_st* const placement_ ABSL_PT_GUARDED_BY(placement_mu_);
   std::atomic<int> leased_{0};
   std::atomic<int64_t> exhausted_{0};
   std::atomic<int64_t> node_failures_{0};

@@ -1,6 +1,7 @@
 #include "server/memcached/memcached_session_store.h"
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <optional>
@@ -42,10 +43,7 @@ class ScopedResult {
   bool ok_;
 };
 
-struct Item {
-  std::string value;
-  uint64_t cas = 0;
-};
+using Item = MemcachedItem;
 
 // Answers that prove the node is there (as opposed to connection failures and timeouts).
 bool Answered(memcached_return_t rc) {
@@ -78,21 +76,55 @@ uint64_t ParseGeneration(const std::string& text) {
   return absl::SimpleAtoi(text, &value) ? value : 0;
 }
 
+// Where one copy of a user's keys lives: the group key for libmemcached's *_by_key calls and the
+// index of the node it hashes to (-1 if unknown; reads then go through libmemcached).
+struct CopyPlace {
+  std::string group;
+  int node = -1;
+};
+
+// Group key of each copy such that the copies land on distinct nodes of the ketama ring.
+std::vector<CopyPlace> PlaceCopies(const MemcachedPool& pool, int replicas,
+                                   absl::string_view user_tag) {
+  const int copies = std::max(1, std::min(replicas + 1, pool.node_count()));
+  std::vector<CopyPlace> places;
+  for (int c = 0; c < copies; ++c) {
+    for (int probe = 0; probe < kPlacementProbes; ++probe) {
+      CopyPlace place;
+      place.group = (c == 0 && probe == 0) ? std::string(user_tag)
+                                           : absl::StrCat(user_tag, "#", c, ".", probe);
+      place.node = pool.NodeForGroupKey(place.group);
+      if (place.node < 0) continue;
+      const bool taken = std::any_of(places.begin(), places.end(),
+                                     [&](const CopyPlace& p) { return p.node == place.node; });
+      if (taken) continue;
+      places.push_back(std::move(place));
+      break;
+    }
+  }
+  if (places.empty()) places.push_back(CopyPlace{std::string(user_tag), -1});
+  return places;
+}
+
 // One call's view of memcached: a pooled handle, the group key of each copy, the deadline.
 class Conn {
  public:
   static absl::StatusOr<Conn> Open(MemcachedPool& pool, int replicas, absl::string_view user_tag,
                                    absl::Time deadline) {
     SL_ASSIGN_OR_RETURN(MemcachedPool::Lease lease, pool.Acquire(deadline));
-    Conn conn(std::move(lease), pool.options(), deadline);
-    conn.PlaceCopies(replicas, user_tag);
-    return conn;
+    return Conn(std::move(lease), pool.options(), pool.reader(), deadline,
+                PlaceCopies(pool, replicas, user_tag));
   }
 
-  int copies() const { return static_cast<int>(groups_.size()); }
+  int copies() const { return static_cast<int>(copies_.size()); }
 
   // Multi-get of `keys` on copy `copy`: the hits, or UNAVAILABLE when the node did not answer.
   absl::StatusOr<std::map<std::string, Item>> Get(int copy, const std::vector<std::string>& keys) {
+    if (reader_ != nullptr && copies_[copy].node >= 0) {
+      absl::StatusOr<MemcachedHits> hits = reader_->Get(copies_[copy].node, keys, deadline_);
+      if (!hits.ok() && absl::IsUnavailable(hits.status())) lease_.RecordNodeFailure();
+      return hits;
+    }
     SL_RETURN_IF_ERROR(Ready());
     std::vector<const char*> ptrs;
     std::vector<size_t> lens;
@@ -100,7 +132,7 @@ class Conn {
       ptrs.push_back(k.data());
       lens.push_back(k.size());
     }
-    const std::string& group = groups_[copy];
+    const std::string& group = copies_[copy].group;
     memcached_return_t rc = memcached_mget_by_key(m(), group.data(), group.size(), ptrs.data(),
                                                   lens.data(), keys.size());
     if (!memcached_success(Counted(rc))) return MemcachedStatus(rc, "get");
@@ -128,7 +160,7 @@ class Conn {
   memcached_return_t Store(Op op, int copy, const std::string& key, const std::string& value,
                            time_t expiration, uint64_t cas = 0) {
     if (!Ready().ok()) return MEMCACHED_TIMEOUT;
-    const std::string& g = groups_[copy];
+    const std::string& g = copies_[copy].group;
     switch (op) {
       case Op::kAdd:
         return Counted(memcached_add_by_key(m(), g.data(), g.size(), key.data(), key.size(),
@@ -145,13 +177,13 @@ class Conn {
 
   memcached_return_t Delete(int copy, const std::string& key) {
     if (!Ready().ok()) return MEMCACHED_TIMEOUT;
-    const std::string& g = groups_[copy];
+    const std::string& g = copies_[copy].group;
     return Counted(memcached_delete_by_key(m(), g.data(), g.size(), key.data(), key.size(), 0));
   }
 
   memcached_return_t Touch(int copy, const std::string& key, time_t expiration) {
     if (!Ready().ok()) return MEMCACHED_TIMEOUT;
-    const std::string& g = groups_[copy];
+    const std::string& g = copies_[copy].group;
     return Counted(
         memcached_touch_by_key(m(), g.data(), g.size(), key.data(), key.size(), expiration));
   }
@@ -228,8 +260,13 @@ class Conn {
   }
 
  private:
-  Conn(MemcachedPool::Lease lease, const MemcachedPoolOptions& options, absl::Time deadline)
-      : lease_(std::move(lease)), options_(options), deadline_(deadline) {}
+  Conn(MemcachedPool::Lease lease, const MemcachedPoolOptions& options, PipelinedReader* reader,
+       absl::Time deadline, std::vector<CopyPlace> copies)
+      : lease_(std::move(lease)),
+        options_(options),
+        reader_(reader),
+        deadline_(deadline),
+        copies_(std::move(copies)) {}
 
   memcached_st* m() const { return lease_.get(); }
 
@@ -262,32 +299,11 @@ class Conn {
     }
   }
 
-  // Group key of each copy such that the copies land on distinct nodes of the ketama ring.
-  void PlaceCopies(int replicas, absl::string_view user_tag) {
-    const int nodes = static_cast<int>(memcached_server_count(m()));
-    const int copies = std::max(1, std::min(replicas + 1, nodes));
-    std::vector<const memcached_instance_st*> used;
-    for (int c = 0; c < copies; ++c) {
-      for (int probe = 0; probe < kPlacementProbes; ++probe) {
-        std::string group = (c == 0 && probe == 0) ? std::string(user_tag)
-                                                   : absl::StrCat(user_tag, "#", c, ".", probe);
-        memcached_return_t rc = MEMCACHED_SUCCESS;
-        const memcached_instance_st* node =
-            memcached_server_by_key(m(), group.data(), group.size(), &rc);
-        if (node == nullptr) continue;
-        if (std::find(used.begin(), used.end(), node) != used.end()) continue;
-        used.push_back(node);
-        groups_.push_back(std::move(group));
-        break;
-      }
-    }
-    if (groups_.empty()) groups_.push_back(std::string(user_tag));
-  }
-
   MemcachedPool::Lease lease_;
   const MemcachedPoolOptions& options_;
+  PipelinedReader* reader_;
   absl::Time deadline_;
-  std::vector<std::string> groups_;
+  std::vector<CopyPlace> copies_;
 };
 
 // What each copy answered to one multi-get; nullopt for a copy that did not answer.
@@ -379,6 +395,109 @@ IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads
   return IndexRecord{};
 }
 
+// What one copy answered to a lookup's multi-get (session + generation).
+struct CopyState {
+  bool answered = false;
+  std::optional<Item> session;  // Raw value, when present and parsable.
+  StoredSession parsed;
+  uint64_t generation = 0;
+  bool has_generation = false;
+};
+
+// The copies of a lookup reconciled: which copy is authoritative and what the others lack.
+struct LookupPlan {
+  std::vector<CopyState> copies;
+  int best = -1;            // The copy whose session wins; -1 when no copy holds the session.
+  int primary = -1;         // The first copy that answered.
+  uint64_t generation = 0;  // The highest any copy holds.
+};
+
+LookupPlan PlanLookup(CopyReads& reads, const std::string& skey, const std::string& gkey) {
+  LookupPlan plan;
+  plan.copies.resize(reads.size());
+  for (size_t i = 0; i < reads.size(); ++i) {
+    if (!reads[i].has_value()) continue;
+    const int c = static_cast<int>(i);
+    CopyState& state = plan.copies[i];
+    state.answered = true;
+    if (plan.primary < 0) plan.primary = c;
+    std::map<std::string, Item>& got = *reads[i];
+    if (auto g = got.find(gkey); g != got.end()) {
+      state.generation = ParseGeneration(g->second.value);
+      state.has_generation = true;
+      plan.generation = std::max(plan.generation, state.generation);
+    }
+    // An unparsable value counts as missing on this copy.
+    if (auto it = got.find(skey);
+        it != got.end() && state.parsed.ParseFromString(it->second.value)) {
+      state.session = std::move(it->second);
+      // Which copy is authoritative: a tombstone anywhere wins (a deletion must stick), then the
+      // highest version, then the earlier copy (the primary).
+      if (plan.best < 0) {
+        plan.best = c;
+      } else {
+        const StoredSession& b = plan.copies[static_cast<size_t>(plan.best)].parsed;
+        const bool better =
+            (state.parsed.deleted() && !b.deleted()) ||
+            (state.parsed.deleted() == b.deleted() && state.parsed.version() > b.version());
+        if (better) plan.best = c;
+      }
+    }
+  }
+  return plan;
+}
+
+// A copy that lacks the winning session or holds an older state of it.
+bool IsStale(const CopyState& copy, const CopyState& winner) {
+  return !copy.session.has_value() || (winner.parsed.deleted() && !copy.parsed.deleted()) ||
+         copy.parsed.version() < winner.parsed.version();
+}
+
+bool LacksGeneration(const CopyState& copy, uint64_t generation) {
+  return generation > 0 && (!copy.has_generation || copy.generation < generation);
+}
+
+// The generation is written back wherever an answering copy lacks it (or holds a lower one), so
+// a restarted node cannot un-revoke a user.
+void RepairGenerations(Conn& conn, const std::string& gkey, const LookupPlan& plan) {
+  const time_t generation_ttl = static_cast<time_t>(absl::ToInt64Seconds(kMaxStoreTtl));
+  for (int c = 0; c < conn.copies(); ++c) {
+    const CopyState& state = plan.copies[static_cast<size_t>(c)];
+    if (state.answered && LacksGeneration(state, plan.generation)) {
+      conn.RaiseGeneration(c, gkey, plan.generation, generation_ttl);
+    }
+  }
+}
+
+// True when a read-only answer would be wrong or incomplete: some answering copy lacks what
+// the others hold, or the winner is not on the primary (its CAS value would not meet other
+// writers). Lookup repairs those cases.
+bool NeedsRepair(const LookupPlan& plan) {
+  if (plan.best < 0) return false;  // Nothing to repair from.
+  const CopyState* winner = &plan.copies[static_cast<size_t>(plan.best)];
+  if (plan.best != plan.primary) return true;
+  const bool live = SecondsUntil(winner->parsed.expires_at_unix_micros()) > 0;
+  for (const CopyState& state : plan.copies) {
+    if (!state.answered) continue;
+    if (LacksGeneration(state, plan.generation)) return true;
+    if (live && &state != winner && IsStale(state, *winner)) return true;
+  }
+  return false;
+}
+
+// The lookup of a plan that needs no repair.
+SessionLookup Settled(LookupPlan plan) {
+  SessionLookup lookup;
+  lookup.user_generation = plan.generation;
+  if (plan.best < 0) return lookup;
+  CopyState& winner = plan.copies[static_cast<size_t>(plan.best)];
+  SessionRecord record;
+  record.session = std::move(winner.parsed);
+  record.cas = CasToken{winner.session->cas, plan.best};
+  lookup.record = std::move(record);
+  return lookup;
+}
+
 }  // namespace
 
 std::string MemcachedSessionStore::SessionKeyName(absl::string_view token_hash) {
@@ -400,100 +519,121 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   // Every copy is consulted (one multi-get each: session + generation), because only reading a
   // copy tells whether it is missing: a node that restarted empty is repaired on the first read
   // whichever copy it holds. With replicas = 0 this is a single round trip.
-  struct CopyState {
-    bool answered = false;
-    std::optional<Item> session;  // Raw value, when present and parsable.
-    StoredSession parsed;
-    uint64_t generation = 0;
-    bool has_generation = false;
-  };
-  std::vector<CopyState> copies(static_cast<size_t>(conn.copies()));
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
-  int best = -1;
+  SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {skey, gkey}));
+  LookupPlan plan = PlanLookup(reads, skey, gkey);
   SessionLookup lookup;
-  for (int c = 0; c < conn.copies(); ++c) {
-    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {skey, gkey});
-    if (!got.ok()) {
-      last = got.status();
-      continue;
-    }
-    CopyState& state = copies[static_cast<size_t>(c)];
-    state.answered = true;
-    if (auto g = got->find(gkey); g != got->end()) {
-      state.generation = ParseGeneration(g->second.value);
-      state.has_generation = true;
-      lookup.user_generation = std::max(lookup.user_generation, state.generation);
-    }
-    // An unparsable value counts as missing on this copy.
-    if (auto it = got->find(skey);
-        it != got->end() && state.parsed.ParseFromString(it->second.value)) {
-      state.session = std::move(it->second);
-      // Which copy is authoritative: a tombstone anywhere wins (a deletion must stick), then the
-      // highest version, then the earlier copy (the primary).
-      if (best < 0) {
-        best = c;
-      } else {
-        const StoredSession& b = copies[static_cast<size_t>(best)].parsed;
-        const bool better =
-            (state.parsed.deleted() && !b.deleted()) ||
-            (state.parsed.deleted() == b.deleted() && state.parsed.version() > b.version());
-        if (better) best = c;
-      }
-    }
-  }
-  int primary = -1;
-  for (int c = 0; c < conn.copies(); ++c) {
-    if (copies[static_cast<size_t>(c)].answered) {
-      primary = c;
-      break;
-    }
-  }
-  if (primary < 0) return last;
-  if (best < 0) return lookup;  // No copy holds the session.
+  lookup.user_generation = plan.generation;
+  if (plan.best < 0) return lookup;  // No copy holds the session.
 
-  const CopyState& winner = copies[static_cast<size_t>(best)];
+  const CopyState& winner = plan.copies[static_cast<size_t>(plan.best)];
   const time_t ttl = SecondsUntil(winner.parsed.expires_at_unix_micros());
-  const time_t generation_ttl = static_cast<time_t>(absl::ToInt64Seconds(kMaxStoreTtl));
+  RepairGenerations(conn, gkey, plan);
   bool primary_rewritten = false;
-  // Read repair: copies that answered but lack the session, hold an older version, or miss the
-  // generation (or hold a lower one) get the authoritative state back.
-  for (int c = 0; c < conn.copies(); ++c) {
-    CopyState& state = copies[static_cast<size_t>(c)];
-    if (!state.answered) continue;
-    if (lookup.user_generation > 0 &&
-        (!state.has_generation || state.generation < lookup.user_generation)) {
-      conn.RaiseGeneration(c, gkey, lookup.user_generation, generation_ttl);
-    }
-    if (c == best || ttl <= 0) continue;
-    const bool stale = !state.session.has_value() ||
-                       (winner.parsed.deleted() && !state.parsed.deleted()) ||
-                       state.parsed.version() < winner.parsed.version();
-    if (!stale) continue;
+  // Read repair: copies that answered but lack the session or hold an older version get the
+  // authoritative state back.
+  for (int c = 0; c < conn.copies() && ttl > 0; ++c) {
+    const CopyState& state = plan.copies[static_cast<size_t>(c)];
+    if (!state.answered || c == plan.best || !IsStale(state, winner)) continue;
     const memcached_return_t rc =
         state.session.has_value() ? conn.Store(Conn::Op::kSet, c, skey, winner.session->value, ttl)
                                   : conn.Store(Conn::Op::kAdd, c, skey, winner.session->value, ttl);
-    if (memcached_success(rc) && c == primary) primary_rewritten = true;
+    if (memcached_success(rc) && c == plan.primary) primary_rewritten = true;
   }
 
   SessionRecord record;
   record.session = winner.parsed;
-  record.cas = CasToken{winner.session->cas, best};
-  if (best != primary) {
+  record.cas = CasToken{winner.session->cas, plan.best};
+  if (plan.best != plan.primary) {
     // Compare-and-swap must meet every writer on the primary, so hand out its CAS value.
+    const CopyState& primary = plan.copies[static_cast<size_t>(plan.primary)];
     if (primary_rewritten) {
-      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(primary, {skey});
+      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(plan.primary, {skey});
       if (again.ok()) {
         if (auto r = again->find(skey); r != again->end()) {
-          record.cas = CasToken{r->second.cas, primary};
+          record.cas = CasToken{r->second.cas, plan.primary};
         }
       }
-    } else if (copies[static_cast<size_t>(primary)].session.has_value() &&
-               copies[static_cast<size_t>(primary)].parsed.version() == winner.parsed.version()) {
-      record.cas = CasToken{copies[static_cast<size_t>(primary)].session->cas, primary};
+    } else if (primary.session.has_value() && primary.parsed.version() == winner.parsed.version()) {
+      record.cas = CasToken{primary.session->cas, plan.primary};
     }
   }
   lookup.record = std::move(record);
   return lookup;
+}
+
+void MemcachedSessionStore::LookupAsync(const SessionKey& key, absl::Time deadline,
+                                        LookupCallback done) {
+  PipelinedReader* reader = pool_.reader();
+  std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, key.user_tag);
+  const bool readable =
+      reader != nullptr &&
+      std::all_of(places.begin(), places.end(), [](const CopyPlace& p) { return p.node >= 0; });
+  if (!readable) {
+    LookupBlocking(key, deadline, std::move(done));
+    return;
+  }
+  // The copies are read at once; the last answer to arrive decides. A lookup that needs no
+  // repair (the common case) is answered right there, on the reader's thread; one that must
+  // write goes to the blocking path, which reads again and repairs.
+  struct Join {
+    MemcachedSessionStore* store;
+    SessionKey key;
+    absl::Time deadline;
+    LookupCallback done;
+    std::string skey;
+    std::string gkey;
+    std::vector<absl::StatusOr<MemcachedHits>> answers;
+    std::atomic<size_t> pending;
+  };
+  auto join = std::make_shared<Join>();
+  join->store = this;
+  join->key = key;
+  join->deadline = deadline;
+  join->done = std::move(done);
+  join->skey = SessionKeyName(key.token_hash);
+  join->gkey = GenerationKeyName(key.user_tag);
+  join->answers.assign(places.size(), absl::UnavailableError("memcached: not read"));
+  join->pending.store(places.size());
+  const std::vector<std::string> keys = {join->skey, join->gkey};
+  for (size_t c = 0; c < places.size(); ++c) {
+    reader->GetAsync(places[c].node, keys, deadline, [join, c](absl::StatusOr<MemcachedHits> got) {
+      join->answers[c] = std::move(got);
+      if (join->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      CopyReads reads(join->answers.size());
+      absl::Status last = absl::UnavailableError("memcached: no node answered");
+      bool any = false;
+      for (size_t i = 0; i < join->answers.size(); ++i) {
+        if (!join->answers[i].ok()) {
+          last = join->answers[i].status();
+          if (absl::IsUnavailable(last)) join->store->pool_.RecordNodeFailure();
+          continue;
+        }
+        reads[i] = *std::move(join->answers[i]);
+        any = true;
+      }
+      if (!any) {
+        std::move(join->done)(last);
+        return;
+      }
+      LookupPlan plan = PlanLookup(reads, join->skey, join->gkey);
+      if (!NeedsRepair(plan)) {
+        std::move(join->done)(Settled(std::move(plan)));
+        return;
+      }
+      join->store->LookupBlocking(join->key, join->deadline, std::move(join->done));
+    });
+  }
+}
+
+void MemcachedSessionStore::LookupBlocking(const SessionKey& key, absl::Time deadline,
+                                           LookupCallback done) {
+  if (executor_ == nullptr) {
+    std::move(done)(Lookup(key, deadline));
+    return;
+  }
+  executor_->Run([this, key, deadline, done = std::move(done)]() mutable {
+    std::move(done)(Lookup(key, deadline));
+  });
 }
 
 absl::StatusOr<SessionLookup> MemcachedSessionStore::Peek(const SessionKey& key,

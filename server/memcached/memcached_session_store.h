@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "server/common/blocking_executor.h"
 #include "server/domain/session_store.h"
 #include "server/memcached/memcached_pool.h"
 
@@ -50,9 +51,15 @@ namespace sessionledger {
 class MemcachedSessionStore final : public SessionStore {
  public:
   // `replicas`: extra copies (MEMCACHED_URL ?replicas=N), capped by the node count.
-  MemcachedSessionStore(MemcachedPool& pool, int replicas) : pool_(pool), replicas_(replicas) {}
+  // `executor` runs the blocking part of LookupAsync (repairs, and every lookup when the pool
+  // has no pipelined reader); null runs it on the calling thread.
+  MemcachedSessionStore(MemcachedPool& pool, int replicas, BlockingExecutor* executor = nullptr)
+      : pool_(pool), replicas_(replicas), executor_(executor) {}
 
   absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) override;
+  // Reads every copy at once through the pipelined reader and answers on its I/O thread when
+  // no copy needs repair; otherwise (and without a reader) runs Lookup on the executor.
+  void LookupAsync(const SessionKey& key, absl::Time deadline, LookupCallback done) override;
   absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) override;
   absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& session,
                    absl::Duration ttl, absl::Time deadline) override;
@@ -84,8 +91,12 @@ class MemcachedSessionStore final : public SessionStore {
   static std::string IndexKeyName(absl::string_view user_tag);
 
  private:
+  // Lookup on the executor (or here, without one), answering through `done`.
+  void LookupBlocking(const SessionKey& key, absl::Time deadline, LookupCallback done);
+
   MemcachedPool& pool_;
   const int replicas_;
+  BlockingExecutor* const executor_;
 };
 
 }  // namespace sessionledger

@@ -27,7 +27,7 @@ inline absl::Time AnswerBy(absl::Time now, absl::Time caller_deadline,
   return deadline - std::max(margin, absl::ZeroDuration());
 }
 
-inline absl::Time AnswerBy(const grpc::ServerContext& context, absl::Duration default_timeout) {
+inline absl::Time AnswerBy(const grpc::ServerContextBase& context, absl::Duration default_timeout) {
   const auto deadline = context.deadline();
   const absl::Time caller_deadline = deadline == std::chrono::system_clock::time_point::max()
                                          ? absl::InfiniteFuture()

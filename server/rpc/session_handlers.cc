@@ -20,7 +20,7 @@ grpc::Status Respond(absl::StatusOr<SessionView> view, v1::Session* response) {
 
 }  // namespace
 
-absl::Time SessionHandlers::Deadline(const grpc::ServerContext& context) const {
+absl::Time SessionHandlers::Deadline(const grpc::ServerContextBase& context) const {
   return AnswerBy(context, default_timeout_);
 }
 
@@ -43,10 +43,28 @@ grpc::Status SessionHandlers::CreateSession(grpc::ServerContext* context,
                  response);
 }
 
-grpc::Status SessionHandlers::GetSession(grpc::ServerContext* context,
-                                         const v1::GetSessionRequest* request,
-                                         v1::Session* response) {
-  return Respond(sessions_->Get(request->token(), request->touch(), Deadline(*context)), response);
+grpc::ServerUnaryReactor* SessionHandlers::GetSession(grpc::CallbackServerContext* context,
+                                                      const v1::GetSessionRequest* request,
+                                                      v1::Session* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  AnswerGetSession(*request, Deadline(*context), response,
+                   [reactor](grpc::Status status) { reactor->Finish(std::move(status)); });
+  return reactor;
+}
+
+void SessionHandlers::AnswerGetSession(const v1::GetSessionRequest& request, absl::Time deadline,
+                                       v1::Session* response, Done done) {
+  auto answer = [response, done = std::move(done)](absl::StatusOr<SessionView> view) mutable {
+    std::move(done)(Respond(std::move(view), response));
+  };
+  if (request.touch()) {
+    // Sliding the expiry writes through a blocking client: not on a callback thread.
+    blocking_.Run([this, token = request.token(), deadline, answer = std::move(answer)]() mutable {
+      answer(sessions_->Get(token, /*touch=*/true, deadline));
+    });
+  } else {
+    sessions_->ReadAsync(request.token(), deadline, std::move(answer));
+  }
 }
 
 grpc::Status SessionHandlers::UpdateSession(grpc::ServerContext* context,

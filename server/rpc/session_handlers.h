@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "absl/time/time.h"
+#include "server/common/blocking_executor.h"
 #include "server/session/session_service.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 
@@ -12,15 +13,28 @@ namespace sessionledger {
 // sessionledger.v1.SessionService: translates between protobuf and SessionService, bounds every
 // call by the caller's deadline (or `default_timeout` when it set none), and maps errors through
 // ToGrpcStatus. Stateless apart from its references; thread-safe.
-class SessionHandlers final : public sessionledger::v1::SessionService::Service {
+//
+// GetSession, the hot read, is a callback (non-blocking) method: the read goes out through the
+// store's LookupAsync and the answer is sent from wherever the store completes it, so no thread
+// sleeps while Memcached answers. GetSession with touch (a compare-and-swap write) runs on
+// `blocking`. The other methods are synchronous.
+class SessionHandlers final
+    : public v1::SessionService::WithCallbackMethod_GetSession<v1::SessionService::Service> {
  public:
-  SessionHandlers(std::shared_ptr<SessionService> sessions, absl::Duration default_timeout)
-      : sessions_(std::move(sessions)), default_timeout_(default_timeout) {}
+  SessionHandlers(std::shared_ptr<SessionService> sessions, absl::Duration default_timeout,
+                  BlockingExecutor& blocking)
+      : sessions_(std::move(sessions)), default_timeout_(default_timeout), blocking_(blocking) {}
 
   grpc::Status CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
                              v1::Session* response) override;
-  grpc::Status GetSession(grpc::ServerContext* context, const v1::GetSessionRequest* request,
-                          v1::Session* response) override;
+  grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* context,
+                                       const v1::GetSessionRequest* request,
+                                       v1::Session* response) override;
+  // GetSession without gRPC's reactor: fills `response` and then calls `done` exactly once,
+  // possibly before returning, possibly on another thread.
+  using Done = absl::AnyInvocable<void(grpc::Status) &&>;
+  void AnswerGetSession(const v1::GetSessionRequest& request, absl::Time deadline,
+                        v1::Session* response, Done done);
   grpc::Status UpdateSession(grpc::ServerContext* context, const v1::UpdateSessionRequest* request,
                              v1::Session* response) override;
   grpc::Status RotateSession(grpc::ServerContext* context, const v1::RotateSessionRequest* request,
@@ -35,10 +49,11 @@ class SessionHandlers final : public sessionledger::v1::SessionService::Service 
                                   v1::RevokeUserSessionsResponse* response) override;
 
  private:
-  absl::Time Deadline(const grpc::ServerContext& context) const;
+  absl::Time Deadline(const grpc::ServerContextBase& context) const;
 
   std::shared_ptr<SessionService> sessions_;
   const absl::Duration default_timeout_;
+  BlockingExecutor& blocking_;
 };
 
 // Stored form -> API form (without the token).

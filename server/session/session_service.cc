@@ -297,6 +297,34 @@ absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool to
   }
 }
 
+void SessionService::ReadAsync(absl::string_view token, absl::Time deadline, ViewCallback done) {
+  if (token.empty()) {
+    std::move(done)(absl::InvalidArgumentError("token: required"));
+    return;
+  }
+  absl::StatusOr<SessionKey> key = KeyForToken(token);
+  if (!key.ok()) {
+    std::move(done)(key.status());
+    return;
+  }
+  // The continuation keeps its own copy of the key: the store may answer after we return.
+  store_->LookupAsync(
+      *key, deadline,
+      [this, key = *key, done = std::move(done)](absl::StatusOr<SessionLookup> lookup) mutable {
+        if (!lookup.ok()) {
+          std::move(done)(lookup.status());
+          return;
+        }
+        if (absl::Status live = CheckLive(*lookup, key, clock_.Now()); !live.ok()) {
+          std::move(done)(live);
+          return;
+        }
+        SessionView view;
+        view.stored = std::move(lookup->record->session);
+        std::move(done)(std::move(view));
+      });
+}
+
 absl::StatusOr<SessionView> SessionService::Update(absl::string_view token, const AttributeMap& set,
                                                    const KeyList& remove, int64_t expected_version,
                                                    absl::Time deadline) {

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -68,6 +69,10 @@ class SessionService {
   absl::StatusOr<SessionView> Create(absl::string_view user_id, int64_t ttl_seconds,
                                      const AttributeMap& attributes, absl::Time deadline);
   absl::StatusOr<SessionView> Get(absl::string_view token, bool touch, absl::Time deadline);
+  // Get without touch, for callers that must not block: `done` runs exactly once, possibly
+  // before ReadAsync returns, possibly on the store's I/O thread, and must not block.
+  using ViewCallback = absl::AnyInvocable<void(absl::StatusOr<SessionView>) &&>;
+  void ReadAsync(absl::string_view token, absl::Time deadline, ViewCallback done);
   absl::StatusOr<SessionView> Update(absl::string_view token, const AttributeMap& set,
                                      const KeyList& remove, int64_t expected_version,
                                      absl::Time deadline);

@@ -16,6 +16,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
 #include "server/common/clock.h"
 #include "server/common/status_macros.h"
 #include "server/config/config.h"
@@ -348,18 +349,25 @@ std::string FuzzStoredSession(absl::string_view data) {
   options.sleep = [](absl::Duration) {};
   auto sessions =
       std::make_shared<SessionService>(std::make_shared<FuzzedSessionStore>(state), clock, options);
-  SessionHandlers handlers(sessions, absl::Seconds(5));
+  BlockingExecutor blocking(1);
+  SessionHandlers handlers(sessions, absl::Seconds(5), blocking);
 
   const bool live_key_checks_fail =
       state.session.deleted() || state.session.token_hash() != key->token_hash;
   std::string problem;
   {
-    grpc::ServerContext context;
     v1::GetSessionRequest request;
     request.set_token(*token);
     request.set_touch((flags & 32) != 0);
     v1::Session response;
-    const grpc::Status status = handlers.GetSession(&context, &request, &response);
+    grpc::Status status;
+    absl::Notification answered;
+    handlers.AnswerGetSession(request, absl::Now() + absl::Seconds(5), &response,
+                              [&](grpc::Status s) {
+                                status = std::move(s);
+                                answered.Notify();
+                              });
+    answered.WaitForNotification();
     problem = CheckCode("GetSession", status);
     if (problem.empty() && status.ok() && live_key_checks_fail) {
       problem = "GetSession served a deleted session or one stored under another key";

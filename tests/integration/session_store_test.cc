@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/config/config.h"
@@ -20,16 +21,34 @@ namespace {
 
 class SessionStoreTest : public ::testing::Test {
  protected:
-  void Open(const std::string& url_env) {
+  void Open(const std::string& url_env, bool pipelined_reads = true) {
     absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv(url_env));
     ASSERT_TRUE(url.ok()) << url.status();
     MemcachedPoolOptions options;
     options.url = *url;
     options.size = 2;
+    options.pipelined_reads = pipelined_reads;
     absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
     ASSERT_TRUE(pool.ok()) << pool.status();
     pool_ = std::move(*pool);
-    store_ = std::make_unique<MemcachedSessionStore>(*pool_, url->replicas);
+    store_ = std::make_unique<MemcachedSessionStore>(*pool_, url->replicas, &executor_);
+  }
+
+  // LookupAsync, waited for.
+  absl::StatusOr<SessionLookup> LookupAsync(const SessionKey& key) {
+    absl::Notification answered;
+    absl::StatusOr<SessionLookup> result = absl::InternalError("never answered");
+    int answers = 0;
+    store_->LookupAsync(key, Deadline(), [&](absl::StatusOr<SessionLookup> got) {
+      result = std::move(got);
+      ++answers;
+      answered.Notify();
+    });
+    answered.WaitForNotification();
+    // A second answer would run after Notify; give it a moment to show up.
+    absl::SleepFor(absl::Milliseconds(20));
+    EXPECT_EQ(answers, 1);
+    return result;
   }
 
   static SessionKey Key(const std::string& name) {
@@ -38,9 +57,140 @@ class SessionStoreTest : public ::testing::Test {
   }
   static absl::Time Deadline() { return absl::Now() + absl::Seconds(5); }
 
+  BlockingExecutor executor_{2};
   std::unique_ptr<MemcachedPool> pool_;
   std::unique_ptr<MemcachedSessionStore> store_;
 };
+
+// A loopback port nothing listens on (bound, then released).
+int UnusedPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  int port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  close(fd);
+  return port;
+}
+
+storage::v1::StoredSession Session(const std::string& id, int64_t version) {
+  storage::v1::StoredSession s;
+  s.set_session_id(id);
+  s.set_version(version);
+  s.set_expires_at_unix_micros(absl::ToUnixMicros(absl::Now() + absl::Minutes(5)));
+  return s;
+}
+
+// Both read paths (pipelined reader, pooled libmemcached handles) must agree with Lookup.
+class LookupAsyncTest : public SessionStoreTest, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(LookupAsyncTest, AnswersWhatLookupAnswers) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  const SessionKey key = Key("async");
+  absl::StatusOr<SessionLookup> missing = LookupAsync(key);
+  ASSERT_TRUE(missing.ok()) << missing.status();
+  EXPECT_FALSE(missing->record.has_value());
+
+  ASSERT_TRUE(store_->Add(key, Session("a", 1), absl::Seconds(60), Deadline()).ok());
+  ASSERT_EQ(*store_->AdvanceGeneration(key.user_tag, absl::Seconds(60), Deadline()), 1u);
+  absl::StatusOr<SessionLookup> sync = store_->Lookup(key, Deadline());
+  absl::StatusOr<SessionLookup> async = LookupAsync(key);
+  ASSERT_TRUE(sync.ok() && async.ok());
+  ASSERT_TRUE(sync->record.has_value() && async->record.has_value());
+  EXPECT_EQ(async->record->session.SerializeAsString(), sync->record->session.SerializeAsString());
+  EXPECT_EQ(async->record->cas.copy, sync->record->cas.copy);
+  EXPECT_EQ(async->record->cas.cas, sync->record->cas.cas);
+  EXPECT_EQ(async->user_generation, 1u);
+
+  // Its CAS token is the one writers meet on: it wins once, then loses.
+  ASSERT_TRUE(
+      store_
+          ->CompareAndSwap(key, async->record->cas, Session("a", 2), absl::Seconds(60), Deadline())
+          .ok());
+  EXPECT_TRUE(absl::IsAborted(store_->CompareAndSwap(key, async->record->cas, Session("a", 3),
+                                                     absl::Seconds(60), Deadline())));
+}
+
+// A node that lost the session (restarted empty) or kept an older version: the asynchronous
+// read must not answer from what it saw, but repair the copy like Lookup does.
+TEST_P(LookupAsyncTest, RepairsACopyThatLostOrMissedAWrite) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  for (int node : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("node ", node));
+    const SessionKey key = Key(absl::StrCat("repair", node));
+    const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+    ASSERT_TRUE(store_->Add(key, Session("r", 1), absl::Seconds(60), Deadline()).ok());
+    absl::StatusOr<SessionLookup> first = store_->Lookup(key, Deadline());
+    ASSERT_TRUE(first.ok() && first->record.has_value());
+    ASSERT_TRUE(store_
+                    ->CompareAndSwap(key, first->record->cas, Session("r", 2), absl::Seconds(60),
+                                     Deadline())
+                    .ok());
+    // The node keeps version 1: it missed the update.
+    ASSERT_TRUE(MemcachedSetRaw(node, skey, Session("r", 1).SerializeAsString(), 60));
+    absl::StatusOr<SessionLookup> got = LookupAsync(key);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_TRUE(got->record.has_value());
+    EXPECT_EQ(got->record->session.version(), 2);
+    storage::v1::StoredSession repaired;
+    ASSERT_TRUE(repaired.ParseFromString(MemcachedGetValue(node, skey).value_or("")));
+    EXPECT_EQ(repaired.version(), 2);
+
+    // The node lost it altogether.
+    ASSERT_TRUE(MemcachedSetRaw(node, skey, "", -1));  // Expired at once: gone.
+    ASSERT_FALSE(MemcachedHas(node, skey));
+    got = LookupAsync(key);
+    ASSERT_TRUE(got.ok() && got->record.has_value());
+    EXPECT_EQ(got->record->session.version(), 2);
+    EXPECT_TRUE(MemcachedHas(node, skey));
+  }
+}
+
+// A revocation that one copy lacks still counts, and is written back.
+TEST_P(LookupAsyncTest, SeesARevocationOnlyOneCopyHolds) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  for (int node : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("node ", node));
+    const SessionKey key = Key(absl::StrCat("revoked", node));
+    const std::string gkey = MemcachedSessionStore::GenerationKeyName(key.user_tag);
+    ASSERT_TRUE(store_->Add(key, Session("g", 1), absl::Seconds(60), Deadline()).ok());
+    ASSERT_EQ(*store_->AdvanceGeneration(key.user_tag, absl::Seconds(60), Deadline()), 1u);
+    ASSERT_TRUE(MemcachedSetRaw(node, gkey, "", -1));  // Expired at once: gone.
+    ASSERT_FALSE(MemcachedHas(node, gkey));
+    absl::StatusOr<SessionLookup> got = LookupAsync(key);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->user_generation, 1u);
+    EXPECT_EQ(MemcachedGetValue(node, gkey), "1");
+  }
+}
+
+TEST_P(LookupAsyncTest, NoNodeAnsweringIsUnavailable) {
+  MemcachedPoolOptions options;
+  options.url.nodes = {MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())},
+                       MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}};
+  options.url.replicas = 1;
+  options.size = 2;
+  options.pipelined_reads = GetParam();
+  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  pool_ = std::move(*pool);
+  store_ = std::make_unique<MemcachedSessionStore>(*pool_, 1, &executor_);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<SessionLookup> got = LookupAsync(Key("down"));
+  EXPECT_TRUE(absl::IsUnavailable(got.status())) << got.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+  EXPECT_GE(pool_->node_failures(), 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(ReadPaths, LookupAsyncTest, ::testing::Values(true, false),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? std::string("Pipelined") : std::string("Pooled");
+                         });
 
 TEST_F(SessionStoreTest, ThirtyDayTtlIsRelativeAndLongerIsRejected) {
   Open("MEMCACHED_URL");

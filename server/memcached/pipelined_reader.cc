@@ -1,0 +1,573 @@
+#include "server/memcached/pipelined_reader.h"
+
+#include <netdb.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+
+namespace sessionledger {
+
+namespace {
+
+// epoll tag of the wake-up eventfd; nodes are tagged with their index and connection serial.
+constexpr uint64_t kWakeTag = 0xffff;
+constexpr size_t kReadChunk = 64 * 1024;
+// Longest header line we accept ("VALUE <250-byte key> <flags> <bytes> <cas>"); anything longer
+// is not memcached speaking.
+constexpr size_t kMaxLine = 512;
+// memcached's largest item is 1 MiB by default (-I raises it up to 1 GiB); this is only a
+// sanity bound against a corrupt length.
+constexpr uint64_t kMaxValueBytes = uint64_t{1} << 30;
+
+uint64_t Tag(size_t index, uint64_t serial) { return (serial << 16) | index; }
+
+std::string Errno(absl::string_view what, int err) {
+  return absl::StrCat(what, ": ", std::strerror(err));
+}
+
+bool ValidKey(const std::string& key) {
+  if (key.empty() || key.size() > 250) return false;
+  return std::all_of(key.begin(), key.end(), [](char c) {
+    const auto u = static_cast<unsigned char>(c);
+    return u > 32 && u != 127;
+  });
+}
+
+}  // namespace
+
+struct PipelinedReader::Request {
+  std::string command;
+  std::vector<std::string> keys;
+  std::string node_label;
+  absl::Time started;
+  absl::Time give_up;  // The caller's deadline or io_timeout, whichever is first.
+  Callback done;
+  bool answered = false;
+
+  // Only the first answer counts (a read that timed out may still get its values later).
+  void Answer(absl::StatusOr<MemcachedHits> result) {
+    if (answered) return;
+    answered = true;
+    std::move(done)(std::move(result));
+  }
+};
+
+struct PipelinedReader::Node {
+  Node(size_t i, MemcachedNode a)
+      : index(i), address(std::move(a)), label(absl::StrCat(address.host, ":", address.port)) {}
+
+  const size_t index;
+  const MemcachedNode address;
+  const std::string label;
+
+  // Guarded by the reader's mu_ (callers and the I/O thread).
+  std::vector<std::shared_ptr<Request>> queued;
+  absl::Time failed_until = absl::InfinitePast();
+  bool resolved = false;
+  sockaddr_storage peer{};
+  socklen_t peer_len = 0;
+
+  // The I/O thread's alone.
+  int fd = -1;
+  uint64_t serial = 0;  // Tells events of a closed connection from the current one.
+  bool connecting = false;
+  bool watching_writes = false;
+  absl::Time connect_deadline;
+  absl::Time last_progress;
+  absl::Time failed_until_seen = absl::InfinitePast();
+  // Requests written (or being written), in the order memcached answers them.
+  std::deque<std::shared_ptr<Request>> in_flight;
+  std::string out;
+  size_t out_offset = 0;
+  std::string in;
+  size_t in_offset = 0;
+  MemcachedHits partial;  // Hits read so far for in_flight.front().
+};
+
+absl::StatusOr<std::unique_ptr<PipelinedReader>> PipelinedReader::Start(
+    PipelinedReaderOptions options) {
+  if (options.nodes.empty()) return absl::InvalidArgumentError("memcached reader: no nodes");
+  if (options.nodes.size() >= kWakeTag) {
+    return absl::InvalidArgumentError("memcached reader: too many nodes");
+  }
+  const int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+  if (epoll_fd < 0) return absl::InternalError(Errno("epoll_create1", errno));
+  const int wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd < 0) {
+    const int err = errno;
+    close(epoll_fd);
+    return absl::InternalError(Errno("eventfd", err));
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kWakeTag;
+  if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, wake_fd, &ev) != 0) {
+    const int err = errno;
+    close(wake_fd);
+    close(epoll_fd);
+    return absl::InternalError(Errno("epoll_ctl", err));
+  }
+  std::unique_ptr<PipelinedReader> reader(
+      new PipelinedReader(std::move(options), epoll_fd, wake_fd));
+  reader->io_thread_ = std::thread([r = reader.get()] { r->Run(); });
+  return reader;
+}
+
+PipelinedReader::PipelinedReader(PipelinedReaderOptions options, int epoll_fd, int wake_fd)
+    : options_(std::move(options)), epoll_fd_(epoll_fd), wake_fd_(wake_fd) {
+  for (size_t i = 0; i < options_.nodes.size(); ++i) {
+    nodes_.push_back(std::make_unique<Node>(i, options_.nodes[i]));
+  }
+}
+
+PipelinedReader::~PipelinedReader() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  const uint64_t one = 1;
+  (void)!write(wake_fd_, &one, sizeof one);
+  if (io_thread_.joinable()) io_thread_.join();
+  close(wake_fd_);
+  close(epoll_fd_);
+}
+
+int PipelinedReader::NodeIndex(absl::string_view host, uint16_t port) const {
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    if (nodes_[i]->address.host == host && nodes_[i]->address.port == port) {
+      return static_cast<int>(i);
+    }
+  }
+  return -1;
+}
+
+absl::StatusOr<MemcachedHits> PipelinedReader::Get(int node_index,
+                                                   const std::vector<std::string>& keys,
+                                                   absl::Time deadline) {
+  struct Outcome {
+    absl::Notification ready;
+    absl::StatusOr<MemcachedHits> result;
+  };
+  auto outcome = std::make_shared<Outcome>();
+  GetAsync(node_index, keys, deadline, [outcome](absl::StatusOr<MemcachedHits> result) {
+    outcome->result = std::move(result);
+    outcome->ready.Notify();
+  });
+  // The I/O thread answers by the deadline; the slack only guards against it being wedged.
+  const absl::Time wait_until =
+      std::min(deadline, absl::Now() + options_.io_timeout) + absl::Milliseconds(200);
+  if (!outcome->ready.WaitForNotificationWithDeadline(wait_until)) {
+    return absl::UnavailableError("memcached reader: no answer from the I/O thread");
+  }
+  return std::move(outcome->result);
+}
+
+void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& keys,
+                               absl::Time deadline, Callback done) {
+  if (node_index < 0 || node_index >= static_cast<int>(nodes_.size())) {
+    std::move(done)(
+        absl::InvalidArgumentError(absl::StrCat("memcached reader: no node ", node_index)));
+    return;
+  }
+  if (keys.empty()) {
+    std::move(done)(MemcachedHits{});
+    return;
+  }
+  auto request = std::make_shared<Request>();
+  request->command = "gets";
+  for (const std::string& key : keys) {
+    if (!ValidKey(key)) {
+      std::move(done)(absl::InvalidArgumentError("memcached reader: invalid key"));
+      return;
+    }
+    absl::StrAppend(&request->command, " ", key);
+  }
+  request->command += "\r\n";
+  request->keys = keys;
+
+  Node& node = *nodes_[static_cast<size_t>(node_index)];
+  const absl::Time now = absl::Now();
+  request->node_label = node.label;
+  request->started = now;
+  request->give_up = std::min(deadline, now + options_.io_timeout);
+  if (request->give_up <= now) {
+    std::move(done)(absl::UnavailableError("memcached: the call's deadline passed"));
+    return;
+  }
+
+  bool resolved = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) {
+      std::move(done)(absl::UnavailableError("memcached reader: shutting down"));
+      return;
+    }
+    if (now < node.failed_until) {
+      std::move(done)(absl::UnavailableError(
+          absl::StrCat("memcached ", node.label, ": failed recently; retrying after ",
+                       absl::FormatDuration(options_.retry_after_failure))));
+      return;
+    }
+    resolved = node.resolved;
+  }
+  if (!resolved) {
+    // Resolved here rather than on the I/O thread, so that a slow DNS lookup delays only the
+    // callers that need this node, never the reads of the others.
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    addrinfo* found = nullptr;
+    const int rc = getaddrinfo(node.address.host.c_str(), absl::StrCat(node.address.port).c_str(),
+                               &hints, &found);
+    absl::Status failed;
+    {
+      absl::MutexLock lock(&mu_);
+      if (rc != 0 || found == nullptr) {
+        node.failed_until = absl::Now() + options_.retry_after_failure;
+        failed = absl::UnavailableError(
+            absl::StrCat("memcached ", node.label, ": cannot resolve: ", gai_strerror(rc)));
+      } else {
+        std::memcpy(&node.peer, found->ai_addr, found->ai_addrlen);
+        node.peer_len = found->ai_addrlen;
+        node.resolved = true;
+      }
+    }
+    if (found != nullptr) freeaddrinfo(found);
+    if (!failed.ok()) {
+      std::move(done)(failed);
+      return;
+    }
+  }
+
+  request->done = std::move(done);
+  bool wake = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) {
+      request->Answer(absl::UnavailableError("memcached reader: shutting down"));
+      return;
+    }
+    node.queued.push_back(std::move(request));
+    wake = !wake_pending_;
+    wake_pending_ = true;
+  }
+  if (wake) {
+    const uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof one);
+  }
+}
+
+void PipelinedReader::Run() {
+  epoll_event events[32];
+  std::vector<std::vector<std::shared_ptr<Request>>> fresh(nodes_.size());
+  for (;;) {
+    absl::Time now = absl::Now();
+    const absl::Time timer = NextTimer(now);
+    int timeout_ms = -1;
+    if (timer != absl::InfiniteFuture()) {
+      timeout_ms = static_cast<int>(std::max<int64_t>(
+          0, absl::ToInt64Milliseconds(absl::Ceil(timer - now, absl::Milliseconds(1)))));
+    }
+    const int n = epoll_wait(epoll_fd_, events, 32, timeout_ms);
+    now = absl::Now();
+    for (int i = 0; i < n; ++i) {
+      const uint64_t tag = events[i].data.u64;
+      if (tag == kWakeTag) {
+        uint64_t count = 0;
+        (void)!read(wake_fd_, &count, sizeof count);
+        continue;
+      }
+      Node& node = *nodes_[tag & 0xffff];
+      if (node.fd >= 0 && node.serial == (tag >> 16)) OnEvents(node, events[i].events, now);
+    }
+    bool stopping = false;
+    {
+      absl::MutexLock lock(&mu_);
+      stopping = stopping_;
+      wake_pending_ = false;
+      for (size_t i = 0; i < nodes_.size(); ++i) {
+        fresh[i].swap(nodes_[i]->queued);
+        nodes_[i]->failed_until_seen = nodes_[i]->failed_until;
+      }
+    }
+    if (stopping) {
+      const absl::Status gone = absl::UnavailableError("memcached reader: shutting down");
+      for (size_t i = 0; i < nodes_.size(); ++i) {
+        for (auto& r : fresh[i]) r->Answer(gone);
+        Drop(*nodes_[i], gone, false, now);
+      }
+      return;
+    }
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      if (!fresh[i].empty()) Dispatch(*nodes_[i], std::move(fresh[i]), now);
+      fresh[i].clear();
+    }
+    for (auto& owned : nodes_) {
+      Node& node = *owned;
+      if (node.connecting && now >= node.connect_deadline) {
+        Drop(node,
+             absl::UnavailableError(absl::StrCat("memcached ", node.label, ": connect timed out")),
+             true, now);
+      } else if (!node.in_flight.empty() && now - node.last_progress >= options_.io_timeout) {
+        Drop(node,
+             absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer for ",
+                                                 absl::FormatDuration(options_.io_timeout))),
+             true, now);
+      } else {
+        ExpireReads(node, now);
+      }
+    }
+  }
+}
+
+absl::Time PipelinedReader::NextTimer(absl::Time now) const {
+  absl::Time next = absl::InfiniteFuture();
+  for (const auto& node : nodes_) {
+    if (node->connecting) next = std::min(next, node->connect_deadline);
+    if (node->in_flight.empty()) continue;
+    next = std::min(next, node->last_progress + options_.io_timeout);
+    for (const auto& r : node->in_flight) {
+      if (!r->answered) next = std::min(next, r->give_up);
+    }
+  }
+  return std::max(next, now);
+}
+
+void PipelinedReader::ExpireReads(Node& node, absl::Time now) {
+  for (auto& r : node.in_flight) {
+    if (r->answered || now < r->give_up) continue;
+    r->Answer(
+        absl::UnavailableError(absl::StrCat("memcached ", r->node_label, ": no answer within ",
+                                            absl::FormatDuration(r->give_up - r->started))));
+  }
+}
+
+void PipelinedReader::Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh,
+                               absl::Time now) {
+  if (node.fd < 0) {
+    if (now < node.failed_until_seen) {
+      const absl::Status failed =
+          absl::UnavailableError(absl::StrCat("memcached ", node.label, ": failed recently"));
+      for (auto& r : fresh) r->Answer(failed);
+      return;
+    }
+    StartConnect(node, now);
+    if (node.fd < 0) {
+      const absl::Status failed =
+          absl::UnavailableError(absl::StrCat("memcached ", node.label, ": cannot connect"));
+      for (auto& r : fresh) r->Answer(failed);
+      return;
+    }
+  }
+  // The stall clock starts when an idle node is given work.
+  if (node.in_flight.empty()) node.last_progress = now;
+  batches_.fetch_add(1, std::memory_order_relaxed);
+  batched_reads_.fetch_add(static_cast<int64_t>(fresh.size()), std::memory_order_relaxed);
+  for (auto& r : fresh) {
+    node.out += r->command;
+    node.in_flight.push_back(std::move(r));
+  }
+  if (!node.connecting) Flush(node, now);
+}
+
+void PipelinedReader::StartConnect(Node& node, absl::Time now) {
+  sockaddr_storage peer{};
+  socklen_t peer_len = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!node.resolved) return;
+    peer = node.peer;
+    peer_len = node.peer_len;
+  }
+  const int fd = socket(peer.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;
+  const int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  node.fd = fd;
+  ++node.serial;
+  node.connecting = false;
+  node.watching_writes = false;
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&peer), peer_len) != 0) {
+    if (errno != EINPROGRESS) {
+      Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), errno)), true,
+           now);
+      return;
+    }
+    node.connecting = true;
+    node.connect_deadline = now + options_.connect_timeout;
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP | (node.connecting ? EPOLLOUT : 0u);
+  ev.data.u64 = Tag(node.index, node.serial);
+  node.watching_writes = node.connecting;
+  if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    Drop(node, absl::UnavailableError(Errno("epoll_ctl", errno)), false, now);
+  }
+}
+
+void PipelinedReader::Watch(Node& node, bool want_write) {
+  if (node.fd < 0 || node.watching_writes == want_write) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP | (want_write ? EPOLLOUT : 0u);
+  ev.data.u64 = Tag(node.index, node.serial);
+  if (epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, node.fd, &ev) == 0) node.watching_writes = want_write;
+}
+
+void PipelinedReader::OnEvents(Node& node, uint32_t events, absl::Time now) {
+  if (node.connecting) {
+    if ((events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) == 0) return;
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(node.fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+    if (err != 0) {
+      Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), err)), true,
+           now);
+      return;
+    }
+    node.connecting = false;
+    node.last_progress = now;
+    Flush(node, now);
+    return;
+  }
+  if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0) ReadAnswers(node, now);
+  if (node.fd >= 0 && (events & EPOLLOUT) != 0) Flush(node, now);
+}
+
+void PipelinedReader::Flush(Node& node, absl::Time now) {
+  while (node.out_offset < node.out.size()) {
+    const ssize_t sent = send(node.fd, node.out.data() + node.out_offset,
+                              node.out.size() - node.out_offset, MSG_NOSIGNAL);
+    if (sent > 0) {
+      node.out_offset += static_cast<size_t>(sent);
+      continue;
+    }
+    if (sent < 0 && errno == EINTR) continue;
+    if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      Watch(node, true);
+      return;
+    }
+    Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), errno)), false,
+         now);
+    return;
+  }
+  node.out.clear();
+  node.out_offset = 0;
+  Watch(node, false);
+}
+
+void PipelinedReader::ReadAnswers(Node& node, absl::Time now) {
+  for (;;) {
+    const size_t old_size = node.in.size();
+    node.in.resize(old_size + kReadChunk);
+    const ssize_t got = recv(node.fd, node.in.data() + old_size, kReadChunk, 0);
+    node.in.resize(old_size + static_cast<size_t>(std::max<ssize_t>(got, 0)));
+    if (got > 0) {
+      node.last_progress = now;
+      if (!ParseAnswers(node)) {
+        Drop(node,
+             absl::UnavailableError(
+                 absl::StrCat("memcached ", node.label, ": unexpected answer; connection reset")),
+             false, now);
+        return;
+      }
+      if (static_cast<size_t>(got) < kReadChunk) return;
+      continue;
+    }
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    Drop(node,
+         absl::UnavailableError(
+             got == 0 ? absl::StrCat("memcached ", node.label, ": connection closed by the server")
+                      : Errno(absl::StrCat("memcached ", node.label), errno)),
+         false, now);
+    return;
+  }
+}
+
+bool PipelinedReader::ParseAnswers(Node& node) {
+  std::string& in = node.in;
+  for (;;) {
+    const size_t eol = in.find("\r\n", node.in_offset);
+    if (eol == std::string::npos) {
+      if (in.size() - node.in_offset > kMaxLine) return false;
+      break;
+    }
+    // Bytes with nobody waiting for them mean we lost track of the stream.
+    if (node.in_flight.empty()) return false;
+    const absl::string_view line(in.data() + node.in_offset, eol - node.in_offset);
+    if (line == "END") {
+      std::shared_ptr<Request> done = std::move(node.in_flight.front());
+      node.in_flight.pop_front();
+      MemcachedHits hits = std::move(node.partial);
+      node.partial.clear();
+      done->Answer(std::move(hits));
+      node.in_offset = eol + 2;
+      continue;
+    }
+    if (!absl::StartsWith(line, "VALUE ")) return false;  // ERROR, SERVER_ERROR, ...
+    const std::vector<absl::string_view> fields = absl::StrSplit(line, ' ');
+    uint64_t bytes = 0;
+    uint64_t cas = 0;
+    if (fields.size() != 5 || !absl::SimpleAtoi(fields[3], &bytes) ||
+        !absl::SimpleAtoi(fields[4], &cas) || bytes > kMaxValueBytes) {
+      return false;
+    }
+    const Request& front = *node.in_flight.front();
+    if (std::find(front.keys.begin(), front.keys.end(), fields[1]) == front.keys.end()) {
+      return false;
+    }
+    const size_t value_at = eol + 2;
+    if (in.size() < value_at + bytes + 2) break;  // The value is still on its way.
+    if (in.compare(value_at + bytes, 2, "\r\n") != 0) return false;
+    MemcachedItem item;
+    item.value.assign(in, value_at, bytes);
+    item.cas = cas;
+    node.partial[std::string(fields[1])] = std::move(item);
+    node.in_offset = value_at + bytes + 2;
+  }
+  if (node.in_offset == in.size()) {
+    in.clear();
+    node.in_offset = 0;
+  } else if (node.in_offset > kReadChunk) {
+    in.erase(0, node.in_offset);
+    node.in_offset = 0;
+  }
+  return true;
+}
+
+void PipelinedReader::Drop(Node& node, const absl::Status& why, bool mark_failed, absl::Time now) {
+  if (node.fd >= 0) close(node.fd);  // Also leaves the epoll set.
+  node.fd = -1;
+  node.connecting = false;
+  node.watching_writes = false;
+  node.out.clear();
+  node.out_offset = 0;
+  node.in.clear();
+  node.in_offset = 0;
+  node.partial.clear();
+  for (auto& r : node.in_flight) r->Answer(why);
+  node.in_flight.clear();
+  if (mark_failed) {
+    node.failed_until_seen = now + options_.retry_after_failure;
+    absl::MutexLock lock(&mu_);
+    node.failed_until = node.failed_until_seen;
+    // Look the name up again next time: the node may come back at another address.
+    node.resolved = false;
+  }
+}
+
+}  // namespace sessionledger

@@ -1,0 +1,128 @@
+#ifndef SESSIONLEDGER_SERVER_MEMCACHED_PIPELINED_READER_H_
+#define SESSIONLEDGER_SERVER_MEMCACHED_PIPELINED_READER_H_
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/config/config.h"
+
+namespace sessionledger {
+
+// One value of a multi-get and its CAS unique.
+struct MemcachedItem {
+  std::string value;
+  uint64_t cas = 0;
+};
+// The hits of one multi-get by key; a missing key is a miss.
+using MemcachedHits = std::map<std::string, MemcachedItem>;
+
+struct PipelinedReaderOptions {
+  std::vector<MemcachedNode> nodes;
+  absl::Duration connect_timeout = absl::Milliseconds(500);
+  // A node with requests in flight that sends nothing for this long is declared stalled: its
+  // connection is dropped and every request on it fails.
+  absl::Duration io_timeout = absl::Seconds(2);
+  // After a node could not be reached (connect refused or timed out, or it stalled), reads of
+  // it fail at once for this long instead of each waiting for a connect timeout.
+  absl::Duration retry_after_failure = absl::Seconds(1);
+};
+
+// Multi-gets ("gets", text protocol) for hot read paths, pipelined over one persistent
+// connection per memcached node and driven by one I/O thread.
+//
+// Why not libmemcached: a blocking client makes every read one cross-process round trip of its
+// own (its sends, a wake-up of a memcached worker, a sleep and wake of the calling thread).
+// Here requests that arrive while others are in flight are written to the node together and
+// answered together, so under load memcached wakes once per batch instead of once per read.
+// Writes stay on libmemcached: they are rarer and need its CAS and add semantics.
+//
+// Every read is answered when its values arrive, its deadline passes or `io_timeout` passes,
+// whichever comes first (the I/O thread keeps the clock); a slow or dead node never holds a
+// caller beyond that. Answers are
+// matched to requests by order (memcached answers one connection's requests in order), so any
+// protocol surprise drops the connection rather than risk handing one caller another's values.
+// A dropped connection is reopened by the next read.
+//
+// Thread-safe. Destruction fails reads still waiting with UNAVAILABLE and joins the I/O thread.
+class PipelinedReader {
+ public:
+  static absl::StatusOr<std::unique_ptr<PipelinedReader>> Start(PipelinedReaderOptions options);
+  ~PipelinedReader();
+  PipelinedReader(const PipelinedReader&) = delete;
+  PipelinedReader& operator=(const PipelinedReader&) = delete;
+
+  // Index of `host`:`port` in options().nodes, or -1.
+  int NodeIndex(absl::string_view host, uint16_t port) const;
+
+  // The hits among `keys` (memcached text-protocol keys: 1..250 bytes, no spaces or control
+  // characters; INVALID_ARGUMENT otherwise) on node `node`. UNAVAILABLE when the node did not
+  // answer in time or is marked failed.
+  absl::StatusOr<MemcachedHits> Get(int node, const std::vector<std::string>& keys,
+                                    absl::Time deadline);
+
+  // Get without blocking: `done` runs exactly once, on the I/O thread (or at once on the
+  // calling thread when the read fails before it is queued). `done` must not block: it holds up
+  // every read of this process.
+  using Callback = absl::AnyInvocable<void(absl::StatusOr<MemcachedHits>) &&>;
+  void GetAsync(int node, const std::vector<std::string>& keys, absl::Time deadline, Callback done);
+
+  const PipelinedReaderOptions& options() const { return options_; }
+  // For metrics: write batches sent, and reads they carried.
+  int64_t batches() const { return batches_.load(std::memory_order_relaxed); }
+  int64_t batched_reads() const { return batched_reads_.load(std::memory_order_relaxed); }
+
+ private:
+  struct Request;
+  struct Node;
+
+  PipelinedReader(PipelinedReaderOptions options, int epoll_fd, int wake_fd);
+  void Run();
+  // I/O-thread helpers; `node` belongs to the I/O thread except where noted.
+  void Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh, absl::Time now);
+  void StartConnect(Node& node, absl::Time now);
+  void OnEvents(Node& node, uint32_t events, absl::Time now);
+  void Flush(Node& node, absl::Time now);
+  void ReadAnswers(Node& node, absl::Time now);
+  // Parses complete answers from the node's input; false on a protocol error.
+  bool ParseAnswers(Node& node);
+  void Drop(Node& node, const absl::Status& why, bool mark_failed, absl::Time now);
+  // Answers reads whose time is up; their values, when they come, are read and dropped.
+  void ExpireReads(Node& node, absl::Time now);
+  void Watch(Node& node, bool want_write);
+  absl::Time NextTimer(absl::Time now) const;
+
+  const PipelinedReaderOptions options_;
+  const int epoll_fd_;
+  const int wake_fd_;
+  std::vector<std::unique_ptr<Node>> nodes_;
+
+  absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // True while a wake-up is written but not yet consumed, so that callers arriving meanwhile
+  // skip the write (one wake-up per I/O loop turn, not per read).
+  bool wake_pending_ ABSL_GUARDED_BY(mu_) = false;
+
+  std::atomic<int64_t> batches_{0};
+  std::atomic<int64_t> batched_reads_{0};
+  std::thread io_thread_;
+};
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_MEMCACHED_PIPELINED_READER_H_
