@@ -26,8 +26,8 @@ struct MemcachedPoolOptions {
   absl::Duration io_timeout = absl::Seconds(2);
   // After a node fails, how long libmemcached waits before it tries that node again.
   absl::Duration retry_after_failure = absl::Seconds(1);
-  // Reads through a PipelinedReader (one pipelined connection per node, batching concurrent
-  // reads) rather than through a pooled libmemcached handle. Writes always use the pool.
+  // Starts a PipelinedReader (one pipelined connection per node, batching concurrent reads) for
+  // the non-blocking session lookups. Blocking calls and all writes always use the pool.
   bool pipelined_reads = true;
 };
 

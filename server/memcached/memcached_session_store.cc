@@ -77,7 +77,7 @@ uint64_t ParseGeneration(const std::string& text) {
 }
 
 // Where one copy of a user's keys lives: the group key for libmemcached's *_by_key calls and the
-// index of the node it hashes to (-1 if unknown; reads then go through libmemcached).
+// index of the node it hashes to (for the pipelined reader; -1 if unknown).
 struct CopyPlace {
   std::string group;
   int node = -1;
@@ -112,19 +112,13 @@ class Conn {
   static absl::StatusOr<Conn> Open(MemcachedPool& pool, int replicas, absl::string_view user_tag,
                                    absl::Time deadline) {
     SL_ASSIGN_OR_RETURN(MemcachedPool::Lease lease, pool.Acquire(deadline));
-    return Conn(std::move(lease), pool.options(), pool.reader(), deadline,
-                PlaceCopies(pool, replicas, user_tag));
+    return Conn(std::move(lease), pool.options(), deadline, PlaceCopies(pool, replicas, user_tag));
   }
 
   int copies() const { return static_cast<int>(copies_.size()); }
 
   // Multi-get of `keys` on copy `copy`: the hits, or UNAVAILABLE when the node did not answer.
   absl::StatusOr<std::map<std::string, Item>> Get(int copy, const std::vector<std::string>& keys) {
-    if (reader_ != nullptr && copies_[copy].node >= 0) {
-      absl::StatusOr<MemcachedHits> hits = reader_->Get(copies_[copy].node, keys, deadline_);
-      if (!hits.ok() && absl::IsUnavailable(hits.status())) lease_.RecordNodeFailure();
-      return hits;
-    }
     SL_RETURN_IF_ERROR(Ready());
     std::vector<const char*> ptrs;
     std::vector<size_t> lens;
@@ -260,11 +254,10 @@ class Conn {
   }
 
  private:
-  Conn(MemcachedPool::Lease lease, const MemcachedPoolOptions& options, PipelinedReader* reader,
-       absl::Time deadline, std::vector<CopyPlace> copies)
+  Conn(MemcachedPool::Lease lease, const MemcachedPoolOptions& options, absl::Time deadline,
+       std::vector<CopyPlace> copies)
       : lease_(std::move(lease)),
         options_(options),
-        reader_(reader),
         deadline_(deadline),
         copies_(std::move(copies)) {}
 
@@ -301,7 +294,6 @@ class Conn {
 
   MemcachedPool::Lease lease_;
   const MemcachedPoolOptions& options_;
-  PipelinedReader* reader_;
   absl::Time deadline_;
   std::vector<CopyPlace> copies_;
 };

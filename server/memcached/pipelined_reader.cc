@@ -38,6 +38,12 @@ std::string Errno(absl::string_view what, int err) {
   return absl::StrCat(what, ": ", std::strerror(err));
 }
 
+// Whether a failed connect should make reads fail fast for a while. A refusal costs nothing to
+// retry and ends the moment memcached is back (a restart), so the next read tries again, as a
+// fresh libmemcached handle would. Anything slower or stranger (unreachable host, timeout)
+// backs off, and the name is looked up again.
+bool BackOffAfter(int connect_errno) { return connect_errno != ECONNREFUSED; }
+
 bool ValidKey(const std::string& key) {
   if (key.empty() || key.size() > 250) return false;
   return std::all_of(key.begin(), key.end(), [](char c) {
@@ -402,9 +408,10 @@ void PipelinedReader::StartConnect(Node& node, absl::Time now) {
   node.connecting = false;
   node.watching_writes = false;
   if (connect(fd, reinterpret_cast<const sockaddr*>(&peer), peer_len) != 0) {
-    if (errno != EINPROGRESS) {
-      Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), errno)), true,
-           now);
+    const int err = errno;
+    if (err != EINPROGRESS) {
+      Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), err)),
+           BackOffAfter(err), now);
       return;
     }
     node.connecting = true;
@@ -434,8 +441,8 @@ void PipelinedReader::OnEvents(Node& node, uint32_t events, absl::Time now) {
     socklen_t len = sizeof err;
     if (getsockopt(node.fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
     if (err != 0) {
-      Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), err)), true,
-           now);
+      Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), err)),
+           BackOffAfter(err), now);
       return;
     }
     node.connecting = false;

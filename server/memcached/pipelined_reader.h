@@ -38,8 +38,9 @@ struct PipelinedReaderOptions {
   // A node with requests in flight that sends nothing for this long is declared stalled: its
   // connection is dropped and every request on it fails.
   absl::Duration io_timeout = absl::Seconds(2);
-  // After a node could not be reached (connect refused or timed out, or it stalled), reads of
-  // it fail at once for this long instead of each waiting for a connect timeout.
+  // After a node could not be reached (connect timed out or failed other than by refusal, or
+  // it stalled), reads of it fail at once for this long instead of each waiting for a connect
+  // timeout. A refused connect is retried by the next read.
   absl::Duration retry_after_failure = absl::Seconds(1);
 };
 
@@ -50,7 +51,9 @@ struct PipelinedReaderOptions {
 // own (its sends, a wake-up of a memcached worker, a sleep and wake of the calling thread).
 // Here requests that arrive while others are in flight are written to the node together and
 // answered together, so under load memcached wakes once per batch instead of once per read.
-// Writes stay on libmemcached: they are rarer and need its CAS and add semantics.
+// It serves the non-blocking lookups (GetSession). Blocking paths stay on libmemcached: a
+// thread that waits anyway only pays for the extra hand-off to the I/O thread (measured: 15-25
+// us more server CPU per call for CreateSession and UpdateSession). Writes stay there too.
 //
 // Every read is answered when its values arrive, its deadline passes or `io_timeout` passes,
 // whichever comes first (the I/O thread keeps the clock); a slow or dead node never holds a
