@@ -4,6 +4,7 @@
 #include <grpcpp/server.h>
 
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -17,6 +18,7 @@
 #include "server/postgres/pg_ledger_store.h"
 #include "server/postgres/pg_pool.h"
 #include "server/rpc/health.h"
+#include "server/rpc/session_handlers.h"
 
 namespace sessionledger {
 
@@ -64,9 +66,13 @@ class ServerApp {
   // Built by the session layer; the ledger authenticates callers through it.
   std::unique_ptr<TokenAuthenticator> authenticator_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
+  SessionHandlers* session_handlers_ = nullptr;  // One of services_.
   std::unique_ptr<HealthMonitor> health_monitor_;
   ServerMetrics metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
+  // GetSession's completion queue and its threads; destroyed after the server.
+  std::unique_ptr<grpc::ServerCompletionQueue> get_session_cq_;
+  std::vector<std::thread> get_session_threads_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 };

@@ -214,20 +214,23 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
     return;
   }
 
+  // `done` never runs under mu_: it may start another read.
   bool resolved = false;
+  absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
     if (stopping_) {
-      std::move(done)(absl::UnavailableError("memcached reader: shutting down"));
-      return;
-    }
-    if (now < node.failed_until) {
-      std::move(done)(absl::UnavailableError(
+      refused = absl::UnavailableError("memcached reader: shutting down");
+    } else if (now < node.failed_until) {
+      refused = absl::UnavailableError(
           absl::StrCat("memcached ", node.label, ": failed recently; retrying after ",
-                       absl::FormatDuration(options_.retry_after_failure))));
-      return;
+                       absl::FormatDuration(options_.retry_after_failure)));
     }
     resolved = node.resolved;
+  }
+  if (!refused.ok()) {
+    std::move(done)(refused);
+    return;
   }
   if (!resolved) {
     // Resolved here rather than on the I/O thread, so that a slow DNS lookup delays only the
@@ -261,15 +264,19 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
 
   request->done = std::move(done);
   bool wake = false;
+  bool stopping = false;
   {
     absl::MutexLock lock(&mu_);
-    if (stopping_) {
-      request->Answer(absl::UnavailableError("memcached reader: shutting down"));
-      return;
+    stopping = stopping_;
+    if (!stopping) {
+      node.queued.push_back(request);
+      wake = !wake_pending_;
+      wake_pending_ = true;
     }
-    node.queued.push_back(std::move(request));
-    wake = !wake_pending_;
-    wake_pending_ = true;
+  }
+  if (stopping) {
+    request->Answer(absl::UnavailableError("memcached reader: shutting down"));
+    return;
   }
   if (wake) {
     const uint64_t one = 1;
@@ -566,8 +573,7 @@ void PipelinedReader::Drop(Node& node, const absl::Status& why, bool mark_failed
   node.in.clear();
   node.in_offset = 0;
   node.partial.clear();
-  for (auto& r : node.in_flight) r->Answer(why);
-  node.in_flight.clear();
+  // Marked first, so that a caller retrying from its callback already fails fast.
   if (mark_failed) {
     node.failed_until_seen = now + options_.retry_after_failure;
     absl::MutexLock lock(&mu_);
@@ -575,6 +581,9 @@ void PipelinedReader::Drop(Node& node, const absl::Status& why, bool mark_failed
     // Look the name up again next time: the node may come back at another address.
     node.resolved = false;
   }
+  std::deque<std::shared_ptr<Request>> answered = std::move(node.in_flight);
+  node.in_flight.clear();
+  for (auto& r : answered) r->Answer(why);
 }
 
 }  // namespace sessionledger

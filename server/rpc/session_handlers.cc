@@ -1,5 +1,6 @@
 #include "server/rpc/session_handlers.h"
 
+#include "server/rpc/async_call.h"
 #include "server/rpc/call_deadline.h"
 #include "server/rpc/status_mapping.h"
 
@@ -43,13 +44,40 @@ grpc::Status SessionHandlers::CreateSession(grpc::ServerContext* context,
                  response);
 }
 
-grpc::ServerUnaryReactor* SessionHandlers::GetSession(grpc::CallbackServerContext* context,
-                                                      const v1::GetSessionRequest* request,
-                                                      v1::Session* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  AnswerGetSession(*request, Deadline(*context), response,
-                   [reactor](grpc::Status status) { reactor->Finish(std::move(status)); });
-  return reactor;
+// One GetSession call: requested from the completion queue, answered through
+// AnswerGetSession, deleted once its answer is sent (or the server shuts down).
+class SessionHandlers::GetSessionCall final : public AsyncCall {
+ public:
+  GetSessionCall(SessionHandlers& handlers, grpc::ServerCompletionQueue* cq)
+      : handlers_(handlers), cq_(cq), responder_(&context_) {
+    handlers_.RequestGetSession(&context_, &request_, &responder_, cq_, cq_, this);
+  }
+
+  void Proceed(bool ok) override {
+    if (!ok || answering_) {
+      // Shutting down before a call arrived, or the answer has gone out (or was cancelled).
+      delete this;
+      return;
+    }
+    answering_ = true;
+    new GetSessionCall(handlers_, cq_);  // The next caller.
+    handlers_.AnswerGetSession(
+        request_, handlers_.Deadline(context_), &response_,
+        [this](grpc::Status status) { responder_.Finish(response_, status, this); });
+  }
+
+ private:
+  SessionHandlers& handlers_;
+  grpc::ServerCompletionQueue* const cq_;
+  grpc::ServerContext context_;
+  v1::GetSessionRequest request_;
+  v1::Session response_;
+  grpc::ServerAsyncResponseWriter<v1::Session> responder_;
+  bool answering_ = false;
+};
+
+void SessionHandlers::AcceptGetSession(grpc::ServerCompletionQueue* cq, int accepting) {
+  for (int i = 0; i < accepting; ++i) new GetSessionCall(*this, cq);
 }
 
 void SessionHandlers::AnswerGetSession(const v1::GetSessionRequest& request, absl::Time deadline,
