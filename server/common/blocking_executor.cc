@@ -13,25 +13,27 @@ BlockingExecutor::BlockingExecutor(int threads) {
 
 BlockingExecutor::~BlockingExecutor() {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
   }
+  changed_.notify_all();
   for (std::thread& t : threads_) t.join();
 }
 
 void BlockingExecutor::Run(absl::AnyInvocable<void() &&> work) {
-  absl::MutexLock lock(&mu_);
-  queue_.push_back(std::move(work));
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.push_back(std::move(work));
+  }
+  changed_.notify_one();
 }
 
 void BlockingExecutor::Work() {
   for (;;) {
     absl::AnyInvocable<void() &&> work;
     {
-      absl::MutexLock lock(&mu_);
-      auto ready = [this]()
-                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !queue_.empty() || stopping_; };
-      mu_.Await(absl::Condition(&ready));
+      std::unique_lock<std::mutex> lock(mutex_);
+      changed_.wait(lock, [this] { return !queue_.empty() || stopping_; });
       if (queue_.empty()) return;  // Stopping, and nothing left to run.
       work = std::move(queue_.front());
       queue_.pop_front();

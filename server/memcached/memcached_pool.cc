@@ -147,7 +147,7 @@ MemcachedPool::~MemcachedPool() {
 }
 
 int MemcachedPool::NodeForGroupKey(absl::string_view group_key) const {
-  absl::MutexLock lock(&placement_mu_);
+  std::lock_guard<std::mutex> lock(placement_mu_);
   memcached_return_t rc = MEMCACHED_SUCCESS;
   const memcached_instance_st* node =
       memcached_server_by_key(placement_, group_key.data(), group_key.size(), &rc);

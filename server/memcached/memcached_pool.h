@@ -6,12 +6,12 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/config/config.h"
 #include "server/memcached/pipelined_reader.h"
@@ -102,9 +102,10 @@ class MemcachedPool {
   memcached_st* master_;  // Template the pool clones; owned.
   memcached_pool_st* pool_;
   std::unique_ptr<PipelinedReader> reader_;
-  mutable absl::Mutex placement_mu_;
-  // A clone of master_ that only hashes keys to nodes (never connects); owned.
-  memcached_st* const placement_ ABSL_PT_GUARDED_BY(placement_mu_);
+  mutable std::mutex placement_mu_;
+  // A clone of master_ that only hashes keys to nodes (never connects); owned; used under
+  // placement_mu_.
+  memcached_st* const placement_;
   std::atomic<int> leased_{0};
   std::atomic<int64_t> exhausted_{0};
   std::atomic<int64_t> node_failures_{0};

@@ -15,8 +15,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "server/common/notification.h"
 
 namespace sessionledger {
 
@@ -141,7 +141,7 @@ PipelinedReader::PipelinedReader(PipelinedReaderOptions options, int epoll_fd, i
 
 PipelinedReader::~PipelinedReader() {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
   const uint64_t one = 1;
@@ -164,7 +164,7 @@ absl::StatusOr<MemcachedHits> PipelinedReader::Get(int node_index,
                                                    const std::vector<std::string>& keys,
                                                    absl::Time deadline) {
   struct Outcome {
-    absl::Notification ready;
+    Notification ready;
     absl::StatusOr<MemcachedHits> result;
   };
   auto outcome = std::make_shared<Outcome>();
@@ -218,7 +218,7 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
   bool resolved = false;
   absl::Status refused;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) {
       refused = absl::UnavailableError("memcached reader: shutting down");
     } else if (now < node.failed_until) {
@@ -244,7 +244,7 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
                                &hints, &found);
     absl::Status failed;
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       if (rc != 0 || found == nullptr) {
         node.failed_until = absl::Now() + options_.retry_after_failure;
         failed = absl::UnavailableError(
@@ -266,7 +266,7 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
   bool wake = false;
   bool stopping = false;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     stopping = stopping_;
     if (!stopping) {
       node.queued.push_back(request);
@@ -309,7 +309,7 @@ void PipelinedReader::Run() {
     }
     bool stopping = false;
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       stopping = stopping_;
       wake_pending_ = false;
       for (size_t i = 0; i < nodes_.size(); ++i) {
@@ -401,7 +401,7 @@ void PipelinedReader::StartConnect(Node& node, absl::Time now) {
   sockaddr_storage peer{};
   socklen_t peer_len = 0;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (!node.resolved) return;
     peer = node.peer;
     peer_len = node.peer_len;
@@ -576,7 +576,7 @@ void PipelinedReader::Drop(Node& node, const absl::Status& why, bool mark_failed
   // Marked first, so that a caller retrying from its callback already fails fast.
   if (mark_failed) {
     node.failed_until_seen = now + options_.retry_after_failure;
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     node.failed_until = node.failed_until_seen;
     // Look the name up again next time: the node may come back at another address.
     node.resolved = false;

@@ -16,8 +16,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/synchronization/notification.h"
 #include "server/common/clock.h"
+#include "server/common/notification.h"
 #include "server/common/status_macros.h"
 #include "server/config/config.h"
 #include "server/ledger/in_memory_ledger_store.h"
@@ -361,7 +361,7 @@ std::string FuzzStoredSession(absl::string_view data) {
     request.set_touch((flags & 32) != 0);
     v1::Session response;
     grpc::Status status;
-    absl::Notification answered;
+    Notification answered;
     handlers.AnswerGetSession(request, absl::Now() + absl::Seconds(5), &response,
                               [&](grpc::Status s) {
                                 status = std::move(s);

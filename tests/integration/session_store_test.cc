@@ -8,9 +8,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "server/common/notification.h"
 #include "server/config/config.h"
 #include "server/memcached/memcached_pool.h"
 #include "server/memcached/memcached_session_store.h"
@@ -36,7 +36,7 @@ class SessionStoreTest : public ::testing::Test {
 
   // LookupAsync, waited for.
   absl::StatusOr<SessionLookup> LookupAsync(const SessionKey& key) {
-    absl::Notification answered;
+    Notification answered;
     absl::StatusOr<SessionLookup> result = absl::InternalError("never answered");
     int answers = 0;
     store_->LookupAsync(key, Deadline(), [&](absl::StatusOr<SessionLookup> got) {
