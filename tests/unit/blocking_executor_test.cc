@@ -4,17 +4,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/synchronization/blocking_counter.h"
-#include "absl/synchronization/mutex.h"
-#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "server/common/notification.h"
 
 namespace sessionledger {
 namespace {
@@ -57,47 +58,51 @@ class Occupancy {
   absl::AnyInvocable<void() &&> Piece() {
     return [this] {
       {
-        absl::MutexLock lock(&mu_);
+        std::lock_guard<std::mutex> lock(mu_);
         ++running_;
         max_running_ = std::max(max_running_, running_);
+        changed_.notify_all();
       }
       gate_.WaitForNotification();
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       --running_;
       ++finished_;
+      changed_.notify_all();
     };
   }
   // Waits until exactly `n` pieces are running; false if that does not happen in time.
   bool AwaitRunning(int n) {
-    absl::MutexLock lock(&mu_);
-    auto reached = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return running_ >= n; };
-    return mu_.AwaitWithTimeout(absl::Condition(&reached), kPatience) && running_ == n;
+    std::unique_lock<std::mutex> lock(mu_);
+    const bool reached = changed_.wait_for(lock, absl::ToChronoNanoseconds(kPatience),
+                                           [this, n] { return running_ >= n; });
+    return reached && running_ == n;
   }
   bool AwaitFinished(int n) {
-    absl::MutexLock lock(&mu_);
-    auto reached = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return finished_ >= n; };
-    return mu_.AwaitWithTimeout(absl::Condition(&reached), kPatience);
+    std::unique_lock<std::mutex> lock(mu_);
+    return changed_.wait_for(lock, absl::ToChronoNanoseconds(kPatience),
+                             [this, n] { return finished_ >= n; });
   }
   int running() {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     return running_;
   }
   int max_running() {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     return max_running_;
   }
   // Idempotent, so that a cleanup may open the gate again after the test did.
   void Open() {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (!gate_.HasBeenNotified()) gate_.Notify();
   }
 
  private:
-  absl::Mutex mu_;
-  int running_ ABSL_GUARDED_BY(mu_) = 0;
-  int max_running_ ABSL_GUARDED_BY(mu_) = 0;
-  int finished_ ABSL_GUARDED_BY(mu_) = 0;
-  absl::Notification gate_;
+  std::mutex mu_;
+  std::condition_variable changed_;  // Notified whenever running_ or finished_ changes.
+  int running_ = 0;                  // Guarded by mu_.
+  int max_running_ = 0;              // Guarded by mu_.
+  int finished_ = 0;                 // Guarded by mu_.
+  Notification gate_;
 };
 
 class BlockingExecutorConcurrencyTest : public ::testing::TestWithParam<int> {};
@@ -138,7 +143,7 @@ TEST(BlockingExecutorTest, DestructionRunsQueuedWorkAfterWaitingForRunningWork) 
   // The only thread is busy: all of these are still queued when destruction begins.
   for (int i = 0; i < kQueued; ++i) executor->Run([&runs, i] { runs[i].fetch_add(1); });
 
-  absl::Notification destroyed;
+  Notification destroyed;
   std::thread destroyer([&] {
     executor.reset();
     destroyed.Notify();
