@@ -243,6 +243,49 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
   EXPECT_EQ(*exit_code, 0) << server->Output();
 }
 
+// GetSession runs on the asynchronous API, its read on the Memcached reader's thread: a call in
+// flight when SIGTERM arrives must still get its answer, and the process must then exit cleanly
+// (its completion queue is shut down only after the server has finished every call).
+TEST(ServerProcessTest, SigtermLetsAnInFlightGetSessionFinish) {
+  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "500"}});
+  ASSERT_NE(server, nullptr);
+  auto channel = server->NewChannel();
+  auto stub = sessionledger::v1::SessionService::NewStub(channel);
+  sessionledger::v1::Session created;
+  {
+    grpc::ClientContext context;
+    sessionledger::v1::CreateSessionRequest request;
+    request.set_user_id("drain-get-user");
+    ASSERT_TRUE(stub->CreateSession(&context, request, &created).ok());
+  }
+  const std::string port_1 = RequiredEnv("SL_MEMCACHED_PORT_1");
+  const std::string port_2 = RequiredEnv("SL_MEMCACHED_PORT_2");
+  SignalMemcached("-STOP", port_1);
+  SignalMemcached("-STOP", port_2);
+  grpc::Status read_status;
+  sessionledger::v1::Session read;
+  std::thread in_flight([&] {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    sessionledger::v1::GetSessionRequest request;
+    request.set_token(created.token());
+    read_status = stub->GetSession(&context, request, &read);
+  });
+  absl::SleepFor(absl::Milliseconds(200));
+  server->Signal(SIGTERM);
+  // Thawed well within the reader's 2 s I/O timeout, after the server stopped taking calls.
+  absl::SleepFor(absl::Milliseconds(700));
+  SignalMemcached("-CONT", port_1);
+  SignalMemcached("-CONT", port_2);
+  in_flight.join();
+
+  EXPECT_TRUE(read_status.ok()) << read_status.error_code() << ": " << read_status.error_message();
+  EXPECT_EQ(read.session_id(), created.session_id()) << "the in-flight call got its full answer";
+  const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(15));
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_EQ(*exit_code, 0) << server->Output();
+}
+
 TEST(ServerProcessTest, SigintAlsoDrainsAndExitsZero) {
   auto server = StartServer();
   ASSERT_NE(server, nullptr);
