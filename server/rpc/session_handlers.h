@@ -19,9 +19,10 @@ namespace sessionledger {
 // completes it, so no thread sleeps while Memcached answers. GetSession with touch (a
 // compare-and-swap write) runs on `blocking`. The other methods are synchronous.
 //
-// Not the callback API: in gRPC 1.51 on Linux its completions are polled by "nexting" threads
-// with a 100 ms timeout, and with it registered every method of the server, Health included,
-// showed 100 ms stalls at p99.9 (scripts/bench, 32 in flight).
+// Not the callback API: in gRPC 1.51 on Linux its completions are run by "nexting" threads
+// that, after a second without work, sleep 100 ms between polls, and with it registered every
+// method of the server, Health included, showed 100 ms stalls at p99.9 (scripts/bench, 32 in
+// flight).
 class SessionHandlers final
     : public v1::SessionService::WithAsyncMethod_GetSession<v1::SessionService::Service> {
  public:
