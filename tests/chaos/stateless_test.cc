@@ -100,10 +100,28 @@ int64_t CreateAndRead(int port, int64_t total, int threads, const std::string& p
   return failed;
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+// ASan's own bookkeeping grows with the calls served even when the server's memory does not:
+// +15% over the five rounds with an 8 MiB quarantine, where the same test without ASan stays
+// within 1% (both measured on this test). A leak of ~200 bytes a call, which ASan's redzones
+// make ~300, would still show as +35% or more.
+constexpr int64_t kAllowedGrowthPercent = 30;
+#else
+constexpr int64_t kAllowedGrowthPercent = 10;
+#endif
+
 TEST(StatelessTest, RssStaysFlatAcross100000Sessions) {
   ServerProcess::Options options;
   options.env = BackingServiceEnv();
   options.env["LOG_LEVEL"] = "warn";
+  // Under AddressSanitizer (scripts/test --sanitize) freed memory waits in a quarantine of
+  // 256 MiB by default, which the warm-up does not fill: RSS then climbs round after round
+  // until it is full, and the check measured ASan rather than the server (seen in CI: +12%).
+  // A small quarantine is full before the warm-up ends. Ignored by builds without ASan.
+  const char* asan_options = std::getenv("ASAN_OPTIONS");
+  options.env["ASAN_OPTIONS"] = absl::StrCat(
+      asan_options != nullptr ? asan_options : "",
+      asan_options != nullptr && *asan_options != '\0' ? ":" : "", "quarantine_size_mb=8");
   absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
   ASSERT_TRUE(server.ok()) << server.status();
   const pid_t pid = (*server)->pid();
@@ -140,8 +158,9 @@ TEST(StatelessTest, RssStaysFlatAcross100000Sessions) {
             << (100.0 * (rss_max - rss_warm) / rss_warm) << "% over warm-up); failed calls "
             << failed << std::endl;
   EXPECT_EQ(failed, 0);
-  EXPECT_LE(rss_max, rss_warm + rss_warm / 10) << "server memory grew with the sessions served";
-  EXPECT_LE(rss_after, rss_warm + rss_warm / 10);
+  EXPECT_LE(rss_max, rss_warm + rss_warm * kAllowedGrowthPercent / 100)
+      << "server memory grew with the sessions served";
+  EXPECT_LE(rss_after, rss_warm + rss_warm * kAllowedGrowthPercent / 100);
 }
 
 // Runs the server in a private mount namespace in which every mount point is remounted
