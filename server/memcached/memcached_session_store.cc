@@ -301,22 +301,29 @@ class Conn {
 // What each copy answered to one multi-get; nullopt for a copy that did not answer.
 using CopyReads = std::vector<std::optional<std::map<std::string, Item>>>;
 
-// Reads `keys` from every copy. UNAVAILABLE when none answered.
-absl::StatusOr<CopyReads> ReadEveryCopy(Conn& conn, const std::vector<std::string>& keys) {
-  CopyReads reads(static_cast<size_t>(conn.copies()));
+// What every copy answered, from each copy's own result: UNAVAILABLE (the last copy's error)
+// when none answered.
+absl::StatusOr<CopyReads> CopyReadsOf(std::vector<absl::StatusOr<MemcachedHits>> answers) {
+  CopyReads reads(answers.size());
   absl::Status last = absl::UnavailableError("memcached: no node answered");
   bool any = false;
-  for (int c = 0; c < conn.copies(); ++c) {
-    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, keys);
-    if (!got.ok()) {
-      last = got.status();
+  for (size_t c = 0; c < answers.size(); ++c) {
+    if (!answers[c].ok()) {
+      last = answers[c].status();
       continue;
     }
-    reads[static_cast<size_t>(c)] = *std::move(got);
+    reads[c] = *std::move(answers[c]);
     any = true;
   }
   if (!any) return last;
   return reads;
+}
+
+// Reads `keys` from every copy, one after the other. UNAVAILABLE when none answered.
+absl::StatusOr<CopyReads> ReadEveryCopy(Conn& conn, const std::vector<std::string>& keys) {
+  std::vector<absl::StatusOr<MemcachedHits>> answers;
+  for (int c = 0; c < conn.copies(); ++c) answers.push_back(conn.Get(c, keys));
+  return CopyReadsOf(std::move(answers));
 }
 
 // The highest generation any copy answered (0 when none holds the key).
@@ -589,25 +596,15 @@ void MemcachedSessionStore::LookupAsync(const SessionKey& key, absl::Time deadli
   const std::vector<std::string> keys = {join->skey, join->gkey};
   for (size_t c = 0; c < places.size(); ++c) {
     reader->GetAsync(places[c].node, keys, deadline, [join, c](absl::StatusOr<MemcachedHits> got) {
+      if (absl::IsUnavailable(got.status())) join->store->pool_.RecordNodeFailure();
       join->answers[c] = std::move(got);
       if (join->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-      CopyReads reads(join->answers.size());
-      absl::Status last = absl::UnavailableError("memcached: no node answered");
-      bool any = false;
-      for (size_t i = 0; i < join->answers.size(); ++i) {
-        if (!join->answers[i].ok()) {
-          last = join->answers[i].status();
-          if (absl::IsUnavailable(last)) join->store->pool_.RecordNodeFailure();
-          continue;
-        }
-        reads[i] = *std::move(join->answers[i]);
-        any = true;
-      }
-      if (!any) {
-        std::move(join->done)(last);
+      absl::StatusOr<CopyReads> reads = CopyReadsOf(std::move(join->answers));
+      if (!reads.ok()) {
+        std::move(join->done)(reads.status());
         return;
       }
-      LookupPlan plan = PlanLookup(reads, join->skey, join->gkey);
+      LookupPlan plan = PlanLookup(*reads, join->skey, join->gkey);
       if (!NeedsRepair(plan)) {
         std::move(join->done)(Settled(std::move(plan)));
         return;

@@ -57,7 +57,6 @@ bool ValidKey(const std::string& key) {
 struct PipelinedReader::Request {
   std::string command;
   std::vector<std::string> keys;
-  std::string node_label;
   absl::Time started;
   absl::Time give_up;  // The caller's deadline or io_timeout, whichever is first.
   Callback done;
@@ -206,7 +205,6 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
 
   Node& node = *nodes_[static_cast<size_t>(node_index)];
   const absl::Time now = absl::Now();
-  request->node_label = node.label;
   request->started = now;
   request->give_up = std::min(deadline, now + options_.io_timeout);
   if (request->give_up <= now) {
@@ -363,9 +361,8 @@ absl::Time PipelinedReader::NextTimer(absl::Time now) const {
 void PipelinedReader::ExpireReads(Node& node, absl::Time now) {
   for (auto& r : node.in_flight) {
     if (r->answered || now < r->give_up) continue;
-    r->Answer(
-        absl::UnavailableError(absl::StrCat("memcached ", r->node_label, ": no answer within ",
-                                            absl::FormatDuration(r->give_up - r->started))));
+    r->Answer(absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer within ",
+                                                  absl::FormatDuration(r->give_up - r->started))));
   }
 }
 
