@@ -246,19 +246,19 @@ absl::Status ServerApp::StartMetrics() {
                        true,
                        {},
                        [memcached] { return double(memcached->node_failures()); }});
-  if (const PipelinedReader* reader = memcached->reader(); reader != nullptr) {
-    metrics_.AddSampled({"sessionledger_memcached_read_batches_total",
-                         "Writes of pipelined Memcached reads to a node (each carries every read "
-                         "that arrived meanwhile)",
+  if (const MemcachedPipeline* pipeline = memcached->pipeline(); pipeline != nullptr) {
+    metrics_.AddSampled({"sessionledger_memcached_pipeline_batches_total",
+                         "Writes of pipelined Memcached requests to a node (each carries every "
+                         "request that arrived meanwhile)",
                          true,
                          {},
-                         [reader] { return double(reader->batches()); }});
-    metrics_.AddSampled({"sessionledger_memcached_batched_reads_total",
-                         "Pipelined Memcached reads sent (divided by read_batches_total: the mean "
-                         "batch size)",
+                         [pipeline] { return double(pipeline->batches()); }});
+    metrics_.AddSampled({"sessionledger_memcached_pipelined_requests_total",
+                         "Pipelined Memcached requests sent (divided by pipeline_batches_total: "
+                         "the mean batch size)",
                          true,
                          {},
-                         [reader] { return double(reader->batched_reads()); }});
+                         [pipeline] { return double(pipeline->batched_requests()); }});
   }
   const PgLedgerStore* ledger = ledger_store_;
   metrics_.AddSampled({"sessionledger_postgres_retries_total",

@@ -78,6 +78,24 @@ class SessionStore {
     std::move(done)(Lookup(key, deadline));
   }
 
+  // Asynchronous forms of ReadUserState, WriteIndex and Add (CreateSession's steps), under
+  // LookupAsync's rules; these defaults call the blocking form on the calling thread.
+  using StatusCallback = absl::AnyInvocable<void(absl::Status) &&>;
+  using UserStateCallback = absl::AnyInvocable<void(absl::StatusOr<UserState>) &&>;
+  virtual void ReadUserStateAsync(absl::string_view user_tag, absl::Duration keep_generation_for,
+                                  absl::Time deadline, UserStateCallback done) {
+    std::move(done)(ReadUserState(user_tag, keep_generation_for, deadline));
+  }
+  virtual void WriteIndexAsync(absl::string_view user_tag, const std::optional<CasToken>& cas,
+                               const storage::v1::UserSessionIndex& index, absl::Duration ttl,
+                               absl::Time deadline, StatusCallback done) {
+    std::move(done)(WriteIndex(user_tag, cas, index, ttl, deadline));
+  }
+  virtual void AddAsync(const SessionKey& key, const storage::v1::StoredSession& session,
+                        absl::Duration ttl, absl::Time deadline, StatusCallback done) {
+    std::move(done)(Add(key, session, ttl, deadline));
+  }
+
   // Like Lookup, for hot read-only paths (authentication): stops at the first copy that holds
   // the session (one round trip when it is the first copy) and repairs nothing. A copy that
   // lacks the generation still makes it ask the others, so revocation is never missed.

@@ -123,21 +123,21 @@ absl::StatusOr<std::unique_ptr<MemcachedPool>> MemcachedPool::Create(
   if (absl::Status s = AddServers(master.get(), options.url); !s.ok()) return s;
   // One handle up front (libmemcachedutil refuses an initial size of 0); handles connect
   // lazily, so creating the pool succeeds while memcached is still starting.
-  std::unique_ptr<PipelinedReader> reader;
+  std::unique_ptr<MemcachedPipeline> pipeline;
   if (options.pipelined_reads) {
-    PipelinedReaderOptions reader_options;
-    reader_options.nodes = options.url.nodes;
-    reader_options.connect_timeout = options.connect_timeout;
-    reader_options.io_timeout = options.io_timeout;
-    reader_options.retry_after_failure = options.retry_after_failure;
-    SL_ASSIGN_OR_RETURN(reader, PipelinedReader::Start(std::move(reader_options)));
+    MemcachedPipelineOptions pipeline_options;
+    pipeline_options.nodes = options.url.nodes;
+    pipeline_options.connect_timeout = options.connect_timeout;
+    pipeline_options.io_timeout = options.io_timeout;
+    pipeline_options.retry_after_failure = options.retry_after_failure;
+    SL_ASSIGN_OR_RETURN(pipeline, MemcachedPipeline::Start(std::move(pipeline_options)));
   }
   MemcachedPtr placement(memcached_clone(nullptr, master.get()));
   if (placement == nullptr) return absl::ResourceExhaustedError("memcached_clone failed");
   memcached_pool_st* pool = memcached_pool_create(master.get(), 1, options.size);
   if (pool == nullptr) return absl::ResourceExhaustedError("memcached_pool_create failed");
   return std::unique_ptr<MemcachedPool>(
-      new MemcachedPool(options, master.release(), placement.release(), pool, std::move(reader)));
+      new MemcachedPool(options, master.release(), placement.release(), pool, std::move(pipeline)));
 }
 
 MemcachedPool::~MemcachedPool() {

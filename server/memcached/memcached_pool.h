@@ -14,7 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "server/config/config.h"
-#include "server/memcached/pipelined_reader.h"
+#include "server/memcached/memcached_pipeline.h"
 
 namespace sessionledger {
 
@@ -26,7 +26,7 @@ struct MemcachedPoolOptions {
   absl::Duration io_timeout = absl::Seconds(2);
   // After a node fails, how long libmemcached waits before it tries that node again.
   absl::Duration retry_after_failure = absl::Seconds(1);
-  // Starts a PipelinedReader (one pipelined connection per node, batching concurrent reads) for
+  // Starts a MemcachedPipeline (one pipelined connection per node, batching concurrent reads) for
   // the non-blocking session lookups. Blocking calls and all writes always use the pool.
   bool pipelined_reads = true;
 };
@@ -79,8 +79,8 @@ class MemcachedPool {
   // Index in options().url.nodes of the node that `group_key` maps to on the ketama ring (the
   // node libmemcached's *_by_key calls use), or -1. No I/O; thread-safe.
   int NodeForGroupKey(absl::string_view group_key) const;
-  // The pipelined reader, or null when `pipelined_reads` is off.
-  PipelinedReader* reader() const { return reader_.get(); }
+  // The pipelined connections, or null when `pipelined_reads` is off.
+  MemcachedPipeline* pipeline() const { return pipeline_.get(); }
   int node_count() const { return static_cast<int>(options_.url.nodes.size()); }
   // For metrics: handles lent out now, and Acquire calls that found none free in time.
   int leased() const { return leased_.load(std::memory_order_relaxed); }
@@ -91,17 +91,17 @@ class MemcachedPool {
 
  private:
   MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_st* placement,
-                memcached_pool_st* pool, std::unique_ptr<PipelinedReader> reader)
+                memcached_pool_st* pool, std::unique_ptr<MemcachedPipeline> pipeline)
       : options_(std::move(options)),
         master_(master),
         pool_(pool),
-        reader_(std::move(reader)),
+        pipeline_(std::move(pipeline)),
         placement_(placement) {}
 
   const MemcachedPoolOptions options_;
   memcached_st* master_;  // Template the pool clones; owned.
   memcached_pool_st* pool_;
-  std::unique_ptr<PipelinedReader> reader_;
+  std::unique_ptr<MemcachedPipeline> pipeline_;
   mutable std::mutex placement_mu_;
   // A clone of master_ that only hashes keys to nodes (never connects); owned; used under
   // placement_mu_.

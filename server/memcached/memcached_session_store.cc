@@ -77,7 +77,7 @@ uint64_t ParseGeneration(const std::string& text) {
 }
 
 // Where one copy of a user's keys lives: the group key for libmemcached's *_by_key calls and the
-// index of the node it hashes to (for the pipelined reader; -1 if unknown).
+// index of the node it hashes to (for the pipeline; -1 if unknown).
 struct CopyPlace {
   std::string group;
   int node = -1;
@@ -359,39 +359,54 @@ uint64_t KeepGeneration(Conn& conn, const std::string& gkey, const CopyReads& re
   return generation;
 }
 
-// The index from the first copy that holds it; copies before it that answered without it (a
-// node that came back empty) get it back, and the CAS token is then the primary's.
-IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads& reads) {
-  std::vector<int> missed;
-  for (int c = 0; c < conn.copies(); ++c) {
-    const auto& read = reads[static_cast<size_t>(c)];
+// Where a user's index was found among the copies' answers.
+struct IndexPlan {
+  IndexRecord record;          // From the first copy that holds it (empty when none does).
+  const Item* held = nullptr;  // Its raw value.
+  std::vector<int> missed;     // Copies before it that answered without it (came back empty).
+};
+
+IndexPlan PlanIndex(const CopyReads& reads, const std::string& ikey) {
+  IndexPlan plan;
+  for (size_t i = 0; i < reads.size(); ++i) {
+    const auto& read = reads[i];
     if (!read.has_value()) continue;
+    const int c = static_cast<int>(i);
     IndexRecord record;
     auto it = read->find(ikey);
     if (it == read->end() || !record.index.ParseFromString(it->second.value)) {
-      missed.push_back(c);
+      plan.missed.push_back(c);
       continue;
     }
     record.cas = CasToken{it->second.cas, c};
-    if (!missed.empty()) {
-      int64_t newest = 0;
-      for (const auto& e : record.index.entries()) {
-        newest = std::max(newest, e.absolute_expires_at_unix_micros());
-      }
-      const time_t ttl = SecondsUntil(newest);
-      for (int m : missed) {
-        if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, it->second.value, ttl);
-      }
-      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(missed.front(), {ikey});
-      if (again.ok()) {
-        if (auto r = again->find(ikey); r != again->end()) {
-          record.cas = CasToken{r->second.cas, missed.front()};
-        }
-      }
-    }
-    return record;
+    plan.record = std::move(record);
+    plan.held = &it->second;
+    return plan;
   }
-  return IndexRecord{};
+  plan.missed.clear();  // Nobody holds it: nothing to repair from.
+  return plan;
+}
+
+// The index from the first copy that holds it; copies before it that answered without it (a
+// node that came back empty) get it back, and the CAS token is then the primary's.
+IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads& reads) {
+  IndexPlan plan = PlanIndex(reads, ikey);
+  if (plan.missed.empty()) return std::move(plan.record);
+  int64_t newest = 0;
+  for (const auto& e : plan.record.index.entries()) {
+    newest = std::max(newest, e.absolute_expires_at_unix_micros());
+  }
+  const time_t ttl = SecondsUntil(newest);
+  for (int m : plan.missed) {
+    if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, plan.held->value, ttl);
+  }
+  absl::StatusOr<std::map<std::string, Item>> again = conn.Get(plan.missed.front(), {ikey});
+  if (again.ok()) {
+    if (auto r = again->find(ikey); r != again->end()) {
+      plan.record.cas = CasToken{r->second.cas, plan.missed.front()};
+    }
+  }
+  return std::move(plan.record);
 }
 
 // What one copy answered to a lookup's multi-get (session + generation).
@@ -497,6 +512,131 @@ SessionLookup Settled(LookupPlan plan) {
   return lookup;
 }
 
+// The pipeline when it can reach every copy, else null (no pipeline, or a node it does not
+// know): the caller then takes the blocking path.
+MemcachedPipeline* PipelineFor(const MemcachedPool& pool, const std::vector<CopyPlace>& places) {
+  MemcachedPipeline* pipeline = pool.pipeline();
+  if (pipeline == nullptr) return nullptr;
+  const bool known =
+      std::all_of(places.begin(), places.end(), [](const CopyPlace& p) { return p.node >= 0; });
+  return known ? pipeline : nullptr;
+}
+
+void CountFailure(MemcachedPool& pool, const absl::Status& status) {
+  if (absl::IsUnavailable(status)) pool.RecordNodeFailure();
+}
+
+// ReadEveryCopy without blocking: every copy is read at once, and `done` gets what each
+// answered once the last answer is in (on the pipeline's I/O thread).
+using CopyReadsCallback = absl::AnyInvocable<void(absl::StatusOr<CopyReads>) &&>;
+void ReadEveryCopyAsync(MemcachedPool& pool, MemcachedPipeline& pipeline,
+                        const std::vector<CopyPlace>& places, const std::vector<std::string>& keys,
+                        absl::Time deadline, CopyReadsCallback done) {
+  struct Join {
+    MemcachedPool* pool;
+    std::vector<absl::StatusOr<MemcachedHits>> answers;
+    std::atomic<size_t> pending;
+    CopyReadsCallback done;
+  };
+  auto join = std::make_shared<Join>();
+  join->pool = &pool;
+  join->answers.assign(places.size(), absl::UnavailableError("memcached: not read"));
+  join->pending.store(places.size());
+  join->done = std::move(done);
+  for (size_t c = 0; c < places.size(); ++c) {
+    pipeline.GetAsync(places[c].node, keys, deadline, [join, c](absl::StatusOr<MemcachedHits> got) {
+      CountFailure(*join->pool, got.status());
+      join->answers[c] = std::move(got);
+      if (join->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      std::move(join->done)(CopyReadsOf(std::move(join->answers)));
+    });
+  }
+}
+
+// One value written the way Conn::AddThenSet and Conn::CasThenSet write it (the primary copy
+// first, then a set on the others), without blocking: each step starts from the answer of the
+// one before, on the pipeline's I/O thread.
+struct CopyWrite {
+  MemcachedPool* pool = nullptr;
+  MemcachedPipeline* pipeline = nullptr;
+  std::vector<CopyPlace> places;
+  std::string key;
+  std::string value;
+  time_t expiration = 0;
+  absl::Time deadline;
+  SessionStore::StatusCallback done;
+  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  std::atomic<size_t> sets_pending{0};
+
+  int copies() const { return static_cast<int>(places.size()); }
+};
+
+// The primary took the value: set it on the other copies (best effort, as in Conn::SetOthers)
+// and answer once they have answered, so that a caller's next write cannot overtake them.
+void SetOthersAsync(const std::shared_ptr<CopyWrite>& write, int primary) {
+  if (write->copies() == 1) {
+    std::move(write->done)(absl::OkStatus());
+    return;
+  }
+  write->sets_pending.store(static_cast<size_t>(write->copies() - 1));
+  for (int c = 0; c < write->copies(); ++c) {
+    if (c == primary) continue;
+    write->pipeline->StoreAsync(
+        write->places[static_cast<size_t>(c)].node, MemcachedWrite::kSet, write->key, write->value,
+        write->expiration, 0, write->deadline, [write](absl::StatusOr<MemcachedStored> stored) {
+          CountFailure(*write->pool, stored.status());
+          if (write->sets_pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+          std::move(write->done)(absl::OkStatus());
+        });
+  }
+}
+
+// Add on copy `copy`, or on the next one when it does not answer. ABORTED when the key exists.
+void AddFromCopy(const std::shared_ptr<CopyWrite>& write, int copy) {
+  if (copy >= write->copies()) {
+    std::move(write->done)(write->last);
+    return;
+  }
+  MemcachedPipeline& pipeline = *write->pipeline;
+  const int node = write->places[static_cast<size_t>(copy)].node;
+  pipeline.StoreAsync(node, MemcachedWrite::kAdd, write->key, write->value, write->expiration, 0,
+                      write->deadline, [write, copy](absl::StatusOr<MemcachedStored> stored) {
+                        if (stored.ok() && *stored == MemcachedStored::kStored) {
+                          SetOthersAsync(write, copy);
+                        } else if (stored.ok()) {
+                          std::move(write->done)(absl::AbortedError("memcached add: key exists"));
+                        } else if (absl::IsUnavailable(stored.status())) {
+                          write->pool->RecordNodeFailure();
+                          write->last = stored.status();
+                          AddFromCopy(write, copy + 1);
+                        } else {
+                          std::move(write->done)(stored.status());
+                        }
+                      });
+}
+
+// CAS on the copy the value was read from. ABORTED when it changed or vanished since.
+void CasOnCopy(const std::shared_ptr<CopyWrite>& write, const CasToken& cas) {
+  if (cas.copy < 0 || cas.copy >= write->copies()) {
+    std::move(write->done)(absl::AbortedError("memcached cas: stale copy"));
+    return;
+  }
+  MemcachedPipeline& pipeline = *write->pipeline;
+  const int node = write->places[static_cast<size_t>(cas.copy)].node;
+  pipeline.StoreAsync(
+      node, MemcachedWrite::kCas, write->key, write->value, write->expiration, cas.cas,
+      write->deadline, [write, copy = cas.copy](absl::StatusOr<MemcachedStored> stored) {
+        if (stored.ok() && *stored == MemcachedStored::kStored) {
+          SetOthersAsync(write, copy);
+        } else if (stored.ok()) {
+          std::move(write->done)(absl::AbortedError("memcached cas: changed concurrently"));
+        } else {
+          CountFailure(*write->pool, stored.status());
+          std::move(write->done)(stored.status());
+        }
+      });
+}
+
 }  // namespace
 
 std::string MemcachedSessionStore::SessionKeyName(absl::string_view token_hash) {
@@ -562,67 +702,154 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
 
 void MemcachedSessionStore::LookupAsync(const SessionKey& key, absl::Time deadline,
                                         LookupCallback done) {
-  PipelinedReader* reader = pool_.reader();
-  std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, key.user_tag);
-  const bool readable =
-      reader != nullptr &&
-      std::all_of(places.begin(), places.end(), [](const CopyPlace& p) { return p.node >= 0; });
-  if (!readable) {
+  const std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, key.user_tag);
+  MemcachedPipeline* pipeline = PipelineFor(pool_, places);
+  if (pipeline == nullptr) {
     LookupBlocking(key, deadline, std::move(done));
     return;
   }
   // The copies are read at once; the last answer to arrive decides. A lookup that needs no
-  // repair (the common case) is answered right there, on the reader's thread; one that must
+  // repair (the common case) is answered right there, on the pipeline's thread; one that must
   // write goes to the blocking path, which reads again and repairs.
-  struct Join {
-    MemcachedSessionStore* store;
-    SessionKey key;
-    absl::Time deadline;
-    LookupCallback done;
-    std::string skey;
-    std::string gkey;
-    std::vector<absl::StatusOr<MemcachedHits>> answers;
-    std::atomic<size_t> pending;
-  };
-  auto join = std::make_shared<Join>();
-  join->store = this;
-  join->key = key;
-  join->deadline = deadline;
-  join->done = std::move(done);
-  join->skey = SessionKeyName(key.token_hash);
-  join->gkey = GenerationKeyName(key.user_tag);
-  join->answers.assign(places.size(), absl::UnavailableError("memcached: not read"));
-  join->pending.store(places.size());
-  const std::vector<std::string> keys = {join->skey, join->gkey};
-  for (size_t c = 0; c < places.size(); ++c) {
-    reader->GetAsync(places[c].node, keys, deadline, [join, c](absl::StatusOr<MemcachedHits> got) {
-      if (absl::IsUnavailable(got.status())) join->store->pool_.RecordNodeFailure();
-      join->answers[c] = std::move(got);
-      if (join->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-      absl::StatusOr<CopyReads> reads = CopyReadsOf(std::move(join->answers));
-      if (!reads.ok()) {
-        std::move(join->done)(reads.status());
-        return;
-      }
-      LookupPlan plan = PlanLookup(*reads, join->skey, join->gkey);
-      if (!NeedsRepair(plan)) {
-        std::move(join->done)(Settled(std::move(plan)));
-        return;
-      }
-      join->store->LookupBlocking(join->key, join->deadline, std::move(join->done));
-    });
-  }
+  std::string skey = SessionKeyName(key.token_hash);
+  std::string gkey = GenerationKeyName(key.user_tag);
+  const std::vector<std::string> keys = {skey, gkey};
+  ReadEveryCopyAsync(pool_, *pipeline, places, keys, deadline,
+                     [this, key, deadline, skey = std::move(skey), gkey = std::move(gkey),
+                      done = std::move(done)](absl::StatusOr<CopyReads> reads) mutable {
+                       if (!reads.ok()) {
+                         std::move(done)(reads.status());
+                         return;
+                       }
+                       LookupPlan plan = PlanLookup(*reads, skey, gkey);
+                       if (!NeedsRepair(plan)) {
+                         std::move(done)(Settled(std::move(plan)));
+                         return;
+                       }
+                       LookupBlocking(key, deadline, std::move(done));
+                     });
 }
 
 void MemcachedSessionStore::LookupBlocking(const SessionKey& key, absl::Time deadline,
                                            LookupCallback done) {
-  if (executor_ == nullptr) {
-    std::move(done)(Lookup(key, deadline));
-    return;
-  }
-  executor_->Run([this, key, deadline, done = std::move(done)]() mutable {
+  RunBlocking([this, key, deadline, done = std::move(done)]() mutable {
     std::move(done)(Lookup(key, deadline));
   });
+}
+
+void MemcachedSessionStore::RunBlocking(absl::AnyInvocable<void() &&> work) {
+  if (executor_ == nullptr) {
+    std::move(work)();
+    return;
+  }
+  executor_->Run(std::move(work));
+}
+
+void MemcachedSessionStore::ReadUserStateAsync(absl::string_view user_tag,
+                                               absl::Duration keep_generation_for,
+                                               absl::Time deadline, UserStateCallback done) {
+  const std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, user_tag);
+  MemcachedPipeline* pipeline = PipelineFor(pool_, places);
+  const absl::StatusOr<time_t> expiration = Expiration(keep_generation_for);
+  if (pipeline == nullptr || !expiration.ok()) {
+    RunBlocking([this, tag = std::string(user_tag), keep_generation_for, deadline,
+                 done = std::move(done)]() mutable {
+      std::move(done)(ReadUserState(tag, keep_generation_for, deadline));
+    });
+    return;
+  }
+  std::string gkey = GenerationKeyName(user_tag);
+  std::string ikey = IndexKeyName(user_tag);
+  const std::vector<std::string> keys = {gkey, ikey};
+  ReadEveryCopyAsync(
+      pool_, *pipeline, places, keys, deadline,
+      [this, tag = std::string(user_tag), keep_generation_for, deadline, gkey = std::move(gkey),
+       ikey = std::move(ikey), done = std::move(done)](absl::StatusOr<CopyReads> reads) mutable {
+        if (!reads.ok()) {
+          std::move(done)(reads.status());
+          return;
+        }
+        // A user who was never revoked has no generation to keep alive; an index that no
+        // answering copy lost needs no repair. Then nothing is written, as here; otherwise
+        // ReadUserState reads again and writes, on the blocking path.
+        if (HighestGeneration(gkey, *reads) == 0) {
+          IndexPlan plan = PlanIndex(*reads, ikey);
+          if (plan.missed.empty()) {
+            UserState state;
+            state.index = std::move(plan.record);
+            std::move(done)(std::move(state));
+            return;
+          }
+        }
+        RunBlocking([this, tag = std::move(tag), keep_generation_for, deadline,
+                     done = std::move(done)]() mutable {
+          std::move(done)(ReadUserState(tag, keep_generation_for, deadline));
+        });
+      });
+}
+
+void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,
+                                            const std::optional<CasToken>& cas,
+                                            const UserSessionIndex& index, absl::Duration ttl,
+                                            absl::Time deadline, StatusCallback done) {
+  std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, user_tag);
+  MemcachedPipeline* pipeline = PipelineFor(pool_, places);
+  const absl::StatusOr<time_t> expiration = Expiration(ttl);
+  if (!expiration.ok()) {
+    std::move(done)(expiration.status());
+    return;
+  }
+  if (pipeline == nullptr) {
+    RunBlocking([this, tag = std::string(user_tag), cas, index, ttl, deadline,
+                 done = std::move(done)]() mutable {
+      std::move(done)(WriteIndex(tag, cas, index, ttl, deadline));
+    });
+    return;
+  }
+  auto write = std::make_shared<CopyWrite>();
+  write->pool = &pool_;
+  write->pipeline = pipeline;
+  write->places = std::move(places);
+  write->key = IndexKeyName(user_tag);
+  write->value = index.SerializeAsString();
+  write->expiration = *expiration;
+  write->deadline = deadline;
+  write->done = std::move(done);
+  if (cas.has_value()) {
+    CasOnCopy(write, *cas);
+  } else {
+    AddFromCopy(write, 0);
+  }
+}
+
+void MemcachedSessionStore::AddAsync(const SessionKey& key, const StoredSession& session,
+                                     absl::Duration ttl, absl::Time deadline, StatusCallback done) {
+  std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, key.user_tag);
+  MemcachedPipeline* pipeline = PipelineFor(pool_, places);
+  const absl::StatusOr<time_t> expiration = Expiration(ttl);
+  if (!expiration.ok()) {
+    std::move(done)(expiration.status());
+    return;
+  }
+  if (pipeline == nullptr) {
+    RunBlocking([this, key, session, ttl, deadline, done = std::move(done)]() mutable {
+      std::move(done)(Add(key, session, ttl, deadline));
+    });
+    return;
+  }
+  auto write = std::make_shared<CopyWrite>();
+  write->pool = &pool_;
+  write->pipeline = pipeline;
+  write->places = std::move(places);
+  write->key = SessionKeyName(key.token_hash);
+  write->value = session.SerializeAsString();
+  write->expiration = *expiration;
+  write->deadline = deadline;
+  write->done = [done = std::move(done)](absl::Status added) mutable {
+    if (absl::IsAborted(added)) added = absl::AlreadyExistsError("session key already taken");
+    std::move(done)(std::move(added));
+  };
+  AddFromCopy(write, 0);
 }
 
 absl::StatusOr<SessionLookup> MemcachedSessionStore::Peek(const SessionKey& key,

@@ -51,14 +51,14 @@ namespace sessionledger {
 class MemcachedSessionStore final : public SessionStore {
  public:
   // `replicas`: extra copies (MEMCACHED_URL ?replicas=N), capped by the node count.
-  // `executor` runs the blocking part of LookupAsync (repairs, and every lookup when the pool
-  // has no pipelined reader); null runs it on the calling thread.
+  // `executor` runs the blocking part of the asynchronous methods (repairs, and everything when
+  // the pool has no pipeline); null runs it on the calling thread.
   MemcachedSessionStore(MemcachedPool& pool, int replicas, BlockingExecutor* executor = nullptr)
       : pool_(pool), replicas_(replicas), executor_(executor) {}
 
   absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) override;
-  // Reads every copy at once through the pipelined reader and answers on its I/O thread when
-  // no copy needs repair; otherwise (and without a reader) runs Lookup on the executor.
+  // Reads every copy at once through the pipeline and answers on its I/O thread when no copy
+  // needs repair; otherwise (and without a pipeline) runs Lookup on the executor.
   void LookupAsync(const SessionKey& key, absl::Time deadline, LookupCallback done) override;
   absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) override;
   absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& session,
@@ -81,6 +81,18 @@ class MemcachedSessionStore final : public SessionStore {
   absl::Status WriteIndex(absl::string_view user_tag, const std::optional<CasToken>& cas,
                           const storage::v1::UserSessionIndex& index, absl::Duration ttl,
                           absl::Time deadline) override;
+  // CreateSession's steps through the pipeline, answering on its I/O thread. ReadUserStateAsync
+  // writes nothing: when the generation must be kept alive (a revoked user) or an index copy
+  // repaired, it runs ReadUserState on the executor. The writes take the primary copy first,
+  // then set the others, as their blocking forms do. Without a pipeline, all three run their
+  // blocking form on the executor.
+  void ReadUserStateAsync(absl::string_view user_tag, absl::Duration keep_generation_for,
+                          absl::Time deadline, UserStateCallback done) override;
+  void WriteIndexAsync(absl::string_view user_tag, const std::optional<CasToken>& cas,
+                       const storage::v1::UserSessionIndex& index, absl::Duration ttl,
+                       absl::Time deadline, StatusCallback done) override;
+  void AddAsync(const SessionKey& key, const storage::v1::StoredSession& session,
+                absl::Duration ttl, absl::Time deadline, StatusCallback done) override;
   absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
       absl::string_view user_tag, const std::vector<std::string>& token_hashes,
       absl::Time deadline) override;
@@ -93,6 +105,8 @@ class MemcachedSessionStore final : public SessionStore {
  private:
   // Lookup on the executor (or here, without one), answering through `done`.
   void LookupBlocking(const SessionKey& key, absl::Time deadline, LookupCallback done);
+  // Runs `work` on the executor (or here, without one).
+  void RunBlocking(absl::AnyInvocable<void() &&> work);
 
   MemcachedPool& pool_;
   const int replicas_;

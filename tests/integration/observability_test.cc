@@ -136,9 +136,9 @@ TEST(MetricsTest, CountsMemcachedNodeFailuresThatReplicasHid) {
   EXPECT_TRUE(read.ok()) << "the other copy serves the session: " << read.error_message();
   EXPECT_GE(SampleValue(exposition, "sessionledger_memcached_node_failures_total"), 1)
       << exposition;
-  // Reads went through the pipelined reader: at least the user state and the session on node 1.
-  const double batches = SampleValue(exposition, "sessionledger_memcached_read_batches_total");
-  const double reads = SampleValue(exposition, "sessionledger_memcached_batched_reads_total");
+  // Requests went through the pipeline: at least the user state and the session on node 1.
+  const double batches = SampleValue(exposition, "sessionledger_memcached_pipeline_batches_total");
+  const double reads = SampleValue(exposition, "sessionledger_memcached_pipelined_requests_total");
   EXPECT_GE(batches, 1) << exposition;
   EXPECT_GE(reads, 2) << exposition;
   EXPECT_LE(batches, reads) << exposition;

@@ -1,6 +1,8 @@
 // MemcachedSessionStore directly against the real memcached nodes: TTL limits and placement.
+#include <atomic>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -188,6 +190,219 @@ TEST_P(LookupAsyncTest, NoNodeAnsweringIsUnavailable) {
 }
 
 INSTANTIATE_TEST_SUITE_P(ReadPaths, LookupAsyncTest, ::testing::Values(true, false),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? std::string("Pipelined") : std::string("Pooled");
+                         });
+
+// CreateSession's asynchronous steps on both paths (pipeline, pooled handles on the executor)
+// must store exactly what their blocking forms store.
+class CreateStepsAsyncTest : public SessionStoreTest, public ::testing::WithParamInterface<bool> {
+ protected:
+  // Runs `start` with a callback and waits for its one answer.
+  template <typename Result, typename Start>
+  Result Await(Start start) {
+    Notification answered;
+    std::optional<Result> result;
+    std::atomic<int> answers{0};
+    start([&](Result got) {
+      result = std::move(got);
+      answers.fetch_add(1);
+      answered.Notify();
+    });
+    answered.WaitForNotification();
+    absl::SleepFor(absl::Milliseconds(20));  // Room for a second answer to show up.
+    EXPECT_EQ(answers.load(), 1);
+    return *std::move(result);
+  }
+  absl::StatusOr<UserState> ReadUserStateAsync(const std::string& tag) {
+    return Await<absl::StatusOr<UserState>>([&](SessionStore::UserStateCallback done) {
+      store_->ReadUserStateAsync(tag, absl::Seconds(60), Deadline(), std::move(done));
+    });
+  }
+  absl::Status WriteIndexAsync(const std::string& tag, const std::optional<CasToken>& cas,
+                               const storage::v1::UserSessionIndex& index) {
+    return Await<absl::Status>([&](SessionStore::StatusCallback done) {
+      store_->WriteIndexAsync(tag, cas, index, absl::Seconds(60), Deadline(), std::move(done));
+    });
+  }
+  absl::Status AddAsync(const SessionKey& key, const storage::v1::StoredSession& session) {
+    return Await<absl::Status>([&](SessionStore::StatusCallback done) {
+      store_->AddAsync(key, session, absl::Seconds(60), Deadline(), std::move(done));
+    });
+  }
+};
+
+storage::v1::UserSessionIndex IndexOf(std::initializer_list<const char*> ids) {
+  storage::v1::UserSessionIndex index;
+  for (const char* id : ids) {
+    auto* entry = index.add_entries();
+    entry->set_session_id(id);
+    entry->set_absolute_expires_at_unix_micros(absl::ToUnixMicros(absl::Now() + absl::Minutes(5)));
+  }
+  return index;
+}
+
+TEST_P(CreateStepsAsyncTest, WritesWhatTheBlockingFormsWriteOnEveryCopy) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  const SessionKey key = Key("create");
+  const std::string ikey = MemcachedSessionStore::IndexKeyName(key.user_tag);
+  const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+
+  absl::StatusOr<UserState> fresh = ReadUserStateAsync(key.user_tag);
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(fresh->generation, 0u);
+  EXPECT_FALSE(fresh->index.cas.has_value());
+
+  // A new index is added once; a second writer that also saw none loses.
+  ASSERT_TRUE(WriteIndexAsync(key.user_tag, std::nullopt, IndexOf({"s1"})).ok());
+  EXPECT_TRUE(absl::IsAborted(WriteIndexAsync(key.user_tag, std::nullopt, IndexOf({"x"}))));
+  for (int node : {1, 2}) {
+    storage::v1::UserSessionIndex held;
+    ASSERT_TRUE(held.ParseFromString(MemcachedGetValue(node, ikey).value_or("")));
+    ASSERT_EQ(held.entries_size(), 1) << "node " << node;
+    EXPECT_EQ(held.entries(0).session_id(), "s1");
+  }
+
+  // The next read hands out the CAS token writers meet on: it wins once, then loses.
+  absl::StatusOr<UserState> read = ReadUserStateAsync(key.user_tag);
+  absl::StatusOr<UserState> sync =
+      store_->ReadUserState(key.user_tag, absl::Seconds(60), Deadline());
+  ASSERT_TRUE(read.ok() && sync.ok());
+  ASSERT_TRUE(read->index.cas.has_value() && sync->index.cas.has_value());
+  EXPECT_EQ(read->index.cas->copy, sync->index.cas->copy);
+  EXPECT_EQ(read->index.cas->cas, sync->index.cas->cas);
+  EXPECT_EQ(read->index.index.SerializeAsString(), sync->index.index.SerializeAsString());
+  ASSERT_TRUE(WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s1", "s2"})).ok());
+  EXPECT_TRUE(absl::IsAborted(WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"y"}))));
+  EXPECT_TRUE(absl::IsAborted(
+      WriteIndexAsync(key.user_tag, CasToken{read->index.cas->cas, 7}, IndexOf({"y"}))));
+  for (int node : {1, 2}) {
+    storage::v1::UserSessionIndex held;
+    ASSERT_TRUE(held.ParseFromString(MemcachedGetValue(node, ikey).value_or("")));
+    EXPECT_EQ(held.entries_size(), 2) << "node " << node;
+  }
+
+  // The session: added on every copy, and only once.
+  ASSERT_TRUE(AddAsync(key, Session("s2", 1)).ok());
+  const absl::Status again = AddAsync(key, Session("other", 1));
+  EXPECT_TRUE(absl::IsAlreadyExists(again)) << again;
+  for (int node : {1, 2}) {
+    storage::v1::StoredSession held;
+    ASSERT_TRUE(held.ParseFromString(MemcachedGetValue(node, skey).value_or("")));
+    EXPECT_EQ(held.session_id(), "s2") << "node " << node;
+  }
+  absl::StatusOr<SessionLookup> found = store_->Lookup(key, Deadline());
+  ASSERT_TRUE(found.ok() && found->record.has_value());
+  EXPECT_EQ(found->record->session.session_id(), "s2");
+}
+
+// What makes the read write (a generation to keep alive, an index copy to repair) still
+// happens: it goes to the blocking form.
+TEST_P(CreateStepsAsyncTest, RevokedUserAndLostIndexCopyAreReadLikeTheBlockingForm) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  for (int node : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("node ", node));
+    const std::string tag = Key(absl::StrCat("state", node)).user_tag;
+    const std::string gkey = MemcachedSessionStore::GenerationKeyName(tag);
+    const std::string ikey = MemcachedSessionStore::IndexKeyName(tag);
+    ASSERT_TRUE(
+        store_->WriteIndex(tag, std::nullopt, IndexOf({"s1"}), absl::Minutes(5), Deadline()).ok());
+    ASSERT_TRUE(MemcachedSetRaw(node, ikey, "", -1));  // This copy lost the index.
+    ASSERT_FALSE(MemcachedHas(node, ikey));
+
+    absl::StatusOr<UserState> read = ReadUserStateAsync(tag);
+    ASSERT_TRUE(read.ok()) << read.status();
+    EXPECT_EQ(read->generation, 0u);
+    ASSERT_EQ(read->index.index.entries_size(), 1);
+    // A lost primary copy was repaired and its CAS token handed out (a lost secondary is left
+    // to the next write): the blocking form, reading now, agrees on both.
+    absl::StatusOr<UserState> sync = store_->ReadUserState(tag, absl::Seconds(60), Deadline());
+    ASSERT_TRUE(sync.ok() && sync->index.cas.has_value() && read->index.cas.has_value());
+    EXPECT_EQ(read->index.cas->copy, sync->index.cas->copy);
+    EXPECT_EQ(read->index.cas->cas, sync->index.cas->cas);
+    EXPECT_TRUE(WriteIndexAsync(tag, read->index.cas, IndexOf({"s1", "s2"})).ok());
+
+    // Revoked: the generation is read and kept for the 60 s asked, not the 2 s it was written
+    // with.
+    ASSERT_EQ(*store_->AdvanceGeneration(tag, absl::Seconds(2), Deadline()), 1u);
+    read = ReadUserStateAsync(tag);
+    ASSERT_TRUE(read.ok()) << read.status();
+    EXPECT_EQ(read->generation, 1u);
+    EXPECT_EQ(read->index.index.entries_size(), 2);
+    absl::SleepFor(absl::Seconds(3));
+    EXPECT_EQ(MemcachedGetValue(1, gkey), "1");
+    EXPECT_EQ(MemcachedGetValue(2, gkey), "1");
+  }
+}
+
+// With the first node of the list down, every write still lands: on the copy that answers.
+TEST_P(CreateStepsAsyncTest, WritesFallOverToTheCopyThatAnswers) {
+  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL"));
+  ASSERT_TRUE(url.ok()) << url.status();
+  MemcachedPoolOptions options;
+  options.url.nodes = {MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())},
+                       url->nodes.front()};
+  options.url.replicas = 1;
+  options.size = 2;
+  options.pipelined_reads = GetParam();
+  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  pool_ = std::move(*pool);
+  store_ = std::make_unique<MemcachedSessionStore>(*pool_, 1, &executor_);
+  // Eight users: their primary copies fall on both nodes.
+  for (int i = 0; i < 8; ++i) {
+    const SessionKey key = Key(absl::StrCat("failover", i));
+    absl::StatusOr<UserState> state = ReadUserStateAsync(key.user_tag);
+    ASSERT_TRUE(state.ok()) << state.status();
+    const absl::Status indexed = WriteIndexAsync(key.user_tag, state->index.cas, IndexOf({"f"}));
+    ASSERT_TRUE(indexed.ok()) << indexed;
+    const absl::Status added = AddAsync(key, Session("f", 1));
+    ASSERT_TRUE(added.ok()) << added;
+    absl::StatusOr<SessionLookup> found = store_->Lookup(key, Deadline());
+    ASSERT_TRUE(found.ok() && found->record.has_value());
+    absl::StatusOr<IndexRecord> index = store_->ReadIndex(key.user_tag, Deadline());
+    ASSERT_TRUE(index.ok() && index->index.entries_size() == 1);
+  }
+  EXPECT_GE(pool_->node_failures(), 1);
+}
+
+TEST_P(CreateStepsAsyncTest, NoNodeAnsweringIsUnavailable) {
+  MemcachedPoolOptions options;
+  options.url.nodes = {MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())},
+                       MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}};
+  options.url.replicas = 1;
+  options.size = 2;
+  options.pipelined_reads = GetParam();
+  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  pool_ = std::move(*pool);
+  store_ = std::make_unique<MemcachedSessionStore>(*pool_, 1, &executor_);
+  const SessionKey key = Key("down");
+  const absl::Time start = absl::Now();
+  EXPECT_TRUE(absl::IsUnavailable(ReadUserStateAsync(key.user_tag).status()));
+  EXPECT_TRUE(absl::IsUnavailable(WriteIndexAsync(key.user_tag, std::nullopt, IndexOf({"d"}))));
+  EXPECT_TRUE(absl::IsUnavailable(AddAsync(key, Session("d", 1))));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+}
+
+TEST_P(CreateStepsAsyncTest, TtlAboveThirtyDaysIsInvalid) {
+  Open("MEMCACHED_URL", GetParam());
+  const SessionKey key = Key("ttl");
+  const absl::Status indexed = Await<absl::Status>([&](SessionStore::StatusCallback done) {
+    store_->WriteIndexAsync(key.user_tag, std::nullopt, IndexOf({"t"}),
+                            kMaxStoreTtl + absl::Seconds(1), Deadline(), std::move(done));
+  });
+  EXPECT_TRUE(absl::IsInvalidArgument(indexed)) << indexed;
+  const absl::Status added = Await<absl::Status>([&](SessionStore::StatusCallback done) {
+    store_->AddAsync(key, Session("t", 1), kMaxStoreTtl + absl::Seconds(1), Deadline(),
+                     std::move(done));
+  });
+  EXPECT_TRUE(absl::IsInvalidArgument(added)) << added;
+  EXPECT_FALSE(MemcachedHas(1, MemcachedSessionStore::SessionKeyName(key.token_hash)) ||
+               MemcachedHas(2, MemcachedSessionStore::SessionKeyName(key.token_hash)));
+}
+
+INSTANTIATE_TEST_SUITE_P(WritePaths, CreateStepsAsyncTest, ::testing::Values(true, false),
                          [](const ::testing::TestParamInfo<bool>& p) {
                            return p.param ? std::string("Pipelined") : std::string("Pooled");
                          });

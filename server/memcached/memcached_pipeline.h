@@ -1,5 +1,5 @@
-#ifndef SESSIONLEDGER_SERVER_MEMCACHED_PIPELINED_READER_H_
-#define SESSIONLEDGER_SERVER_MEMCACHED_PIPELINED_READER_H_
+#ifndef SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_PIPELINE_H_
+#define SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_PIPELINE_H_
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -31,7 +31,13 @@ struct MemcachedItem {
 // The hits of one multi-get by key; a missing key is a miss.
 using MemcachedHits = std::map<std::string, MemcachedItem>;
 
-struct PipelinedReaderOptions {
+// Storage commands, as memcached names them.
+enum class MemcachedWrite { kAdd, kSet, kCas };
+// What memcached answered to a storage command: kStored, or why it did not store (add: the key
+// exists; cas: it changed since read, or is gone).
+enum class MemcachedStored { kStored, kNotStored, kExists, kNotFound };
+
+struct MemcachedPipelineOptions {
   std::vector<MemcachedNode> nodes;
   absl::Duration connect_timeout = absl::Milliseconds(500);
   // A node with requests in flight that sends nothing for this long is declared stalled: its
@@ -43,31 +49,35 @@ struct PipelinedReaderOptions {
   absl::Duration retry_after_failure = absl::Seconds(1);
 };
 
-// Multi-gets ("gets", text protocol) for hot read paths, pipelined over one persistent
-// connection per memcached node and driven by one I/O thread.
+// Memcached requests for hot paths that must not block a thread, pipelined over one persistent
+// connection per memcached node and driven by one I/O thread: multi-gets ("gets") and storage
+// commands (add, set, cas), text protocol.
 //
-// Why not libmemcached: a blocking client makes every read one cross-process round trip of its
-// own (its sends, a wake-up of a memcached worker, a sleep and wake of the calling thread).
+// Why not libmemcached: a blocking client makes every request one cross-process round trip of
+// its own (its sends, a wake-up of a memcached worker, a sleep and wake of the calling thread).
 // Here requests that arrive while others are in flight are written to the node together and
-// answered together, so under load memcached wakes once per batch instead of once per read.
-// It serves the non-blocking lookups (GetSession). Blocking paths stay on libmemcached: a
-// thread that waits anyway only pays for the extra hand-off to the I/O thread (measured: 15-25
-// us more server CPU per call for CreateSession and UpdateSession). Writes stay there too.
+// answered together, so under load memcached wakes once per batch instead of once per request.
+// It serves the non-blocking paths (GetSession, CreateSession). Blocking paths stay on
+// libmemcached: a thread that waits anyway only pays for the extra hand-off to the I/O thread
+// (measured: 15-25 us more server CPU per call for CreateSession and UpdateSession when they
+// were blocking).
 //
-// Every read is answered when its values arrive, its deadline passes or `io_timeout` passes,
+// Every request is answered when its reply arrives, its deadline passes or `io_timeout` passes,
 // whichever comes first (the I/O thread keeps the clock); a slow or dead node never holds a
-// caller beyond that. Answers are
-// matched to requests by order (memcached answers one connection's requests in order), so any
-// protocol surprise drops the connection rather than risk handing one caller another's values.
-// A dropped connection is reopened by the next read.
+// caller beyond that. A write answered UNAVAILABLE may still have been applied, as with any
+// client. Replies are matched to requests by order (memcached answers one connection's
+// requests in order, and so applies one connection's writes in the order they were sent), so
+// any protocol surprise drops the connection rather than risk handing one caller another's
+// reply. A dropped connection is reopened by the next request.
 //
-// Thread-safe. Destruction fails reads still waiting with UNAVAILABLE and joins the I/O thread.
-class PipelinedReader {
+// Thread-safe. Destruction fails requests still waiting with UNAVAILABLE and joins the I/O
+// thread.
+class MemcachedPipeline {
  public:
-  static absl::StatusOr<std::unique_ptr<PipelinedReader>> Start(PipelinedReaderOptions options);
-  ~PipelinedReader();
-  PipelinedReader(const PipelinedReader&) = delete;
-  PipelinedReader& operator=(const PipelinedReader&) = delete;
+  static absl::StatusOr<std::unique_ptr<MemcachedPipeline>> Start(MemcachedPipelineOptions options);
+  ~MemcachedPipeline();
+  MemcachedPipeline(const MemcachedPipeline&) = delete;
+  MemcachedPipeline& operator=(const MemcachedPipeline&) = delete;
 
   // Index of `host`:`port` in options().nodes, or -1.
   int NodeIndex(absl::string_view host, uint16_t port) const;
@@ -84,16 +94,32 @@ class PipelinedReader {
   using Callback = absl::AnyInvocable<void(absl::StatusOr<MemcachedHits>) &&>;
   void GetAsync(int node, const std::vector<std::string>& keys, absl::Time deadline, Callback done);
 
-  const PipelinedReaderOptions& options() const { return options_; }
-  // For metrics: write batches sent, and reads they carried.
+  // Stores `value` under `key` on node `node` with `op` (`cas`: the CAS unique read; ignored
+  // otherwise) and a memcached expiration (`exptime`: seconds, 0..30 days; 0 never expires).
+  // UNAVAILABLE as for reads; INVALID_ARGUMENT for a bad key or exptime.
+  absl::StatusOr<MemcachedStored> Store(int node, MemcachedWrite op, const std::string& key,
+                                        absl::string_view value, int64_t exptime, uint64_t cas,
+                                        absl::Time deadline);
+  // Store without blocking, under GetAsync's rules.
+  using StoreCallback = absl::AnyInvocable<void(absl::StatusOr<MemcachedStored>) &&>;
+  void StoreAsync(int node, MemcachedWrite op, const std::string& key, absl::string_view value,
+                  int64_t exptime, uint64_t cas, absl::Time deadline, StoreCallback done);
+
+  const MemcachedPipelineOptions& options() const { return options_; }
+  // For metrics: write batches sent, and requests they carried.
   int64_t batches() const { return batches_.load(std::memory_order_relaxed); }
-  int64_t batched_reads() const { return batched_reads_.load(std::memory_order_relaxed); }
+  int64_t batched_requests() const { return batched_requests_.load(std::memory_order_relaxed); }
 
  private:
   struct Request;
   struct Node;
 
-  PipelinedReader(PipelinedReaderOptions options, int epoll_fd, int wake_fd);
+  MemcachedPipeline(MemcachedPipelineOptions options, int epoll_fd, int wake_fd);
+  // Queues `request` (its command and callback set) for node `node_index`, or fails it.
+  void Submit(int node_index, std::shared_ptr<Request> request, absl::Time deadline);
+  // Runs `begin` with a callback and waits for it (the blocking Get and Store).
+  template <typename Reply, typename Begin>
+  absl::StatusOr<Reply> WaitFor(Begin begin, absl::Time deadline);
   void Run();
   // I/O-thread helpers; `node` belongs to the I/O thread except where noted.
   void Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh, absl::Time now);
@@ -109,7 +135,7 @@ class PipelinedReader {
   void Watch(Node& node, bool want_write);
   absl::Time NextTimer(absl::Time now) const;
 
-  const PipelinedReaderOptions options_;
+  const MemcachedPipelineOptions options_;
   const int epoll_fd_;
   const int wake_fd_;
   std::vector<std::unique_ptr<Node>> nodes_;
@@ -123,10 +149,10 @@ class PipelinedReader {
   bool wake_pending_ = false;
 
   std::atomic<int64_t> batches_{0};
-  std::atomic<int64_t> batched_reads_{0};
+  std::atomic<int64_t> batched_requests_{0};
   std::thread io_thread_;
 };
 
 }  // namespace sessionledger
 
-#endif  // SESSIONLEDGER_SERVER_MEMCACHED_PIPELINED_READER_H_
+#endif  // SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_PIPELINE_H_

@@ -1,4 +1,4 @@
-#include "server/memcached/pipelined_reader.h"
+#include "server/memcached/memcached_pipeline.h"
 
 #include <netdb.h>
 #include <netinet/tcp.h>
@@ -31,6 +31,8 @@ constexpr size_t kMaxLine = 512;
 // memcached's largest item is 1 MiB by default (-I raises it up to 1 GiB); this is only a
 // sanity bound against a corrupt length.
 constexpr uint64_t kMaxValueBytes = uint64_t{1} << 30;
+// Longest relative expiration memcached takes; above it exptime is a Unix time.
+constexpr int64_t kMaxRelativeExptime = int64_t{30} * 24 * 3600;
 
 uint64_t Tag(size_t index, uint64_t serial) { return (serial << 16) | index; }
 
@@ -44,6 +46,22 @@ std::string Errno(absl::string_view what, int err) {
 // backs off, and the name is looked up again.
 bool BackOffAfter(int connect_errno) { return connect_errno != ECONNREFUSED; }
 
+std::optional<MemcachedStored> StoreReply(absl::string_view line) {
+  if (line == "STORED") return MemcachedStored::kStored;
+  if (line == "NOT_STORED") return MemcachedStored::kNotStored;
+  if (line == "EXISTS") return MemcachedStored::kExists;
+  if (line == "NOT_FOUND") return MemcachedStored::kNotFound;
+  return std::nullopt;
+}
+
+// A store memcached refused: a value too large for it is the caller's to fix (as libmemcached's
+// E2BIG); anything else is the node's trouble, and another copy may take the write.
+absl::Status StoreRefused(absl::string_view node, absl::string_view line) {
+  const std::string message = absl::StrCat("memcached ", node, ": ", line);
+  if (absl::StrContains(line, "too large")) return absl::InvalidArgumentError(message);
+  return absl::UnavailableError(message);
+}
+
 bool ValidKey(const std::string& key) {
   if (key.empty() || key.size() > 250) return false;
   return std::all_of(key.begin(), key.end(), [](char c) {
@@ -54,23 +72,40 @@ bool ValidKey(const std::string& key) {
 
 }  // namespace
 
-struct PipelinedReader::Request {
-  std::string command;
-  std::vector<std::string> keys;
+struct MemcachedPipeline::Request {
+  std::string command;            // The request as sent, data block included.
+  std::vector<std::string> keys;  // A get's keys; empty for a storage command.
   absl::Time started;
-  absl::Time give_up;  // The caller's deadline or io_timeout, whichever is first.
-  Callback done;
+  absl::Time give_up;    // The caller's deadline or io_timeout, whichever is first.
+  Callback got;          // Set for a get,
+  StoreCallback stored;  // or for a storage command.
   bool answered = false;
 
-  // Only the first answer counts (a read that timed out may still get its values later).
-  void Answer(absl::StatusOr<MemcachedHits> result) {
+  bool is_store() const { return static_cast<bool>(stored); }
+
+  // Only the first answer counts (a request that timed out may still get its reply later).
+  void Answer(MemcachedHits hits) {
     if (answered) return;
     answered = true;
-    std::move(done)(std::move(result));
+    std::move(got)(std::move(hits));
+  }
+  void Answer(MemcachedStored reply) {
+    if (answered) return;
+    answered = true;
+    std::move(stored)(reply);
+  }
+  void Fail(const absl::Status& why) {
+    if (answered) return;
+    answered = true;
+    if (is_store()) {
+      std::move(stored)(why);
+    } else {
+      std::move(got)(why);
+    }
   }
 };
 
-struct PipelinedReader::Node {
+struct MemcachedPipeline::Node {
   Node(size_t i, MemcachedNode a)
       : index(i), address(std::move(a)), label(absl::StrCat(address.host, ":", address.port)) {}
 
@@ -102,11 +137,11 @@ struct PipelinedReader::Node {
   MemcachedHits partial;  // Hits read so far for in_flight.front().
 };
 
-absl::StatusOr<std::unique_ptr<PipelinedReader>> PipelinedReader::Start(
-    PipelinedReaderOptions options) {
-  if (options.nodes.empty()) return absl::InvalidArgumentError("memcached reader: no nodes");
+absl::StatusOr<std::unique_ptr<MemcachedPipeline>> MemcachedPipeline::Start(
+    MemcachedPipelineOptions options) {
+  if (options.nodes.empty()) return absl::InvalidArgumentError("memcached pipeline: no nodes");
   if (options.nodes.size() >= kWakeTag) {
-    return absl::InvalidArgumentError("memcached reader: too many nodes");
+    return absl::InvalidArgumentError("memcached pipeline: too many nodes");
   }
   const int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
   if (epoll_fd < 0) return absl::InternalError(Errno("epoll_create1", errno));
@@ -125,20 +160,20 @@ absl::StatusOr<std::unique_ptr<PipelinedReader>> PipelinedReader::Start(
     close(epoll_fd);
     return absl::InternalError(Errno("epoll_ctl", err));
   }
-  std::unique_ptr<PipelinedReader> reader(
-      new PipelinedReader(std::move(options), epoll_fd, wake_fd));
+  std::unique_ptr<MemcachedPipeline> reader(
+      new MemcachedPipeline(std::move(options), epoll_fd, wake_fd));
   reader->io_thread_ = std::thread([r = reader.get()] { r->Run(); });
   return reader;
 }
 
-PipelinedReader::PipelinedReader(PipelinedReaderOptions options, int epoll_fd, int wake_fd)
+MemcachedPipeline::MemcachedPipeline(MemcachedPipelineOptions options, int epoll_fd, int wake_fd)
     : options_(std::move(options)), epoll_fd_(epoll_fd), wake_fd_(wake_fd) {
   for (size_t i = 0; i < options_.nodes.size(); ++i) {
     nodes_.push_back(std::make_unique<Node>(i, options_.nodes[i]));
   }
 }
 
-PipelinedReader::~PipelinedReader() {
+MemcachedPipeline::~MemcachedPipeline() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
@@ -150,7 +185,7 @@ PipelinedReader::~PipelinedReader() {
   close(epoll_fd_);
 }
 
-int PipelinedReader::NodeIndex(absl::string_view host, uint16_t port) const {
+int MemcachedPipeline::NodeIndex(absl::string_view host, uint16_t port) const {
   for (size_t i = 0; i < nodes_.size(); ++i) {
     if (nodes_[i]->address.host == host && nodes_[i]->address.port == port) {
       return static_cast<int>(i);
@@ -159,15 +194,21 @@ int PipelinedReader::NodeIndex(absl::string_view host, uint16_t port) const {
   return -1;
 }
 
-absl::StatusOr<MemcachedHits> PipelinedReader::Get(int node_index,
-                                                   const std::vector<std::string>& keys,
-                                                   absl::Time deadline) {
+absl::StatusOr<MemcachedHits> MemcachedPipeline::Get(int node_index,
+                                                     const std::vector<std::string>& keys,
+                                                     absl::Time deadline) {
+  return WaitFor<MemcachedHits>(
+      [&](Callback done) { GetAsync(node_index, keys, deadline, std::move(done)); }, deadline);
+}
+
+template <typename Reply, typename Begin>
+absl::StatusOr<Reply> MemcachedPipeline::WaitFor(Begin begin, absl::Time deadline) {
   struct Outcome {
     Notification ready;
-    absl::StatusOr<MemcachedHits> result;
+    absl::StatusOr<Reply> result;
   };
   auto outcome = std::make_shared<Outcome>();
-  GetAsync(node_index, keys, deadline, [outcome](absl::StatusOr<MemcachedHits> result) {
+  begin([outcome](absl::StatusOr<Reply> result) {
     outcome->result = std::move(result);
     outcome->ready.Notify();
   });
@@ -175,18 +216,13 @@ absl::StatusOr<MemcachedHits> PipelinedReader::Get(int node_index,
   const absl::Time wait_until =
       std::min(deadline, absl::Now() + options_.io_timeout) + absl::Milliseconds(200);
   if (!outcome->ready.WaitForNotificationWithDeadline(wait_until)) {
-    return absl::UnavailableError("memcached reader: no answer from the I/O thread");
+    return absl::UnavailableError("memcached pipeline: no answer from the I/O thread");
   }
   return std::move(outcome->result);
 }
 
-void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& keys,
-                               absl::Time deadline, Callback done) {
-  if (node_index < 0 || node_index >= static_cast<int>(nodes_.size())) {
-    std::move(done)(
-        absl::InvalidArgumentError(absl::StrCat("memcached reader: no node ", node_index)));
-    return;
-  }
+void MemcachedPipeline::GetAsync(int node_index, const std::vector<std::string>& keys,
+                                 absl::Time deadline, Callback done) {
   if (keys.empty()) {
     std::move(done)(MemcachedHits{});
     return;
@@ -195,30 +231,75 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
   request->command = "gets";
   for (const std::string& key : keys) {
     if (!ValidKey(key)) {
-      std::move(done)(absl::InvalidArgumentError("memcached reader: invalid key"));
+      std::move(done)(absl::InvalidArgumentError("memcached pipeline: invalid key"));
       return;
     }
     absl::StrAppend(&request->command, " ", key);
   }
   request->command += "\r\n";
   request->keys = keys;
+  request->got = std::move(done);
+  Submit(node_index, std::move(request), deadline);
+}
 
+absl::StatusOr<MemcachedStored> MemcachedPipeline::Store(int node_index, MemcachedWrite op,
+                                                         const std::string& key,
+                                                         absl::string_view value, int64_t exptime,
+                                                         uint64_t cas, absl::Time deadline) {
+  return WaitFor<MemcachedStored>(
+      [&](StoreCallback done) {
+        StoreAsync(node_index, op, key, value, exptime, cas, deadline, std::move(done));
+      },
+      deadline);
+}
+
+void MemcachedPipeline::StoreAsync(int node_index, MemcachedWrite op, const std::string& key,
+                                   absl::string_view value, int64_t exptime, uint64_t cas,
+                                   absl::Time deadline, StoreCallback done) {
+  if (!ValidKey(key)) {
+    std::move(done)(absl::InvalidArgumentError("memcached pipeline: invalid key"));
+    return;
+  }
+  // Above 30 days memcached reads exptime as a Unix time; that is never what a caller means.
+  if (exptime < 0 || exptime > kMaxRelativeExptime) {
+    std::move(done)(absl::InvalidArgumentError(
+        absl::StrCat("memcached pipeline: exptime ", exptime, " is not 0..", kMaxRelativeExptime)));
+    return;
+  }
+  auto request = std::make_shared<Request>();
+  const char* verb = op == MemcachedWrite::kAdd   ? "add"
+                     : op == MemcachedWrite::kSet ? "set"
+                                                  : "cas";
+  request->command = absl::StrCat(verb, " ", key, " 0 ", exptime, " ", value.size());
+  if (op == MemcachedWrite::kCas) absl::StrAppend(&request->command, " ", cas);
+  absl::StrAppend(&request->command, "\r\n", value, "\r\n");
+  request->stored = std::move(done);
+  Submit(node_index, std::move(request), deadline);
+}
+
+void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
+                               absl::Time deadline) {
+  if (node_index < 0 || node_index >= static_cast<int>(nodes_.size())) {
+    request->Fail(
+        absl::InvalidArgumentError(absl::StrCat("memcached pipeline: no node ", node_index)));
+    return;
+  }
   Node& node = *nodes_[static_cast<size_t>(node_index)];
   const absl::Time now = absl::Now();
   request->started = now;
   request->give_up = std::min(deadline, now + options_.io_timeout);
   if (request->give_up <= now) {
-    std::move(done)(absl::UnavailableError("memcached: the call's deadline passed"));
+    request->Fail(absl::UnavailableError("memcached: the call's deadline passed"));
     return;
   }
 
-  // `done` never runs under mu_: it may start another read.
+  // No callback runs under mu_: it may start another request.
   bool resolved = false;
   absl::Status refused;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) {
-      refused = absl::UnavailableError("memcached reader: shutting down");
+      refused = absl::UnavailableError("memcached pipeline: shutting down");
     } else if (now < node.failed_until) {
       refused = absl::UnavailableError(
           absl::StrCat("memcached ", node.label, ": failed recently; retrying after ",
@@ -227,12 +308,12 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
     resolved = node.resolved;
   }
   if (!refused.ok()) {
-    std::move(done)(refused);
+    request->Fail(refused);
     return;
   }
   if (!resolved) {
     // Resolved here rather than on the I/O thread, so that a slow DNS lookup delays only the
-    // callers that need this node, never the reads of the others.
+    // callers that need this node, never the requests of the others.
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -255,12 +336,11 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
     }
     if (found != nullptr) freeaddrinfo(found);
     if (!failed.ok()) {
-      std::move(done)(failed);
+      request->Fail(failed);
       return;
     }
   }
 
-  request->done = std::move(done);
   bool wake = false;
   bool stopping = false;
   {
@@ -273,7 +353,7 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
     }
   }
   if (stopping) {
-    request->Answer(absl::UnavailableError("memcached reader: shutting down"));
+    request->Fail(absl::UnavailableError("memcached pipeline: shutting down"));
     return;
   }
   if (wake) {
@@ -282,7 +362,7 @@ void PipelinedReader::GetAsync(int node_index, const std::vector<std::string>& k
   }
 }
 
-void PipelinedReader::Run() {
+void MemcachedPipeline::Run() {
   epoll_event events[32];
   std::vector<std::vector<std::shared_ptr<Request>>> fresh(nodes_.size());
   for (;;) {
@@ -316,9 +396,9 @@ void PipelinedReader::Run() {
       }
     }
     if (stopping) {
-      const absl::Status gone = absl::UnavailableError("memcached reader: shutting down");
+      const absl::Status gone = absl::UnavailableError("memcached pipeline: shutting down");
       for (size_t i = 0; i < nodes_.size(); ++i) {
-        for (auto& r : fresh[i]) r->Answer(gone);
+        for (auto& r : fresh[i]) r->Fail(gone);
         Drop(*nodes_[i], gone, false, now);
       }
       return;
@@ -345,7 +425,7 @@ void PipelinedReader::Run() {
   }
 }
 
-absl::Time PipelinedReader::NextTimer(absl::Time now) const {
+absl::Time MemcachedPipeline::NextTimer(absl::Time now) const {
   absl::Time next = absl::InfiniteFuture();
   for (const auto& node : nodes_) {
     if (node->connecting) next = std::min(next, node->connect_deadline);
@@ -358,35 +438,35 @@ absl::Time PipelinedReader::NextTimer(absl::Time now) const {
   return std::max(next, now);
 }
 
-void PipelinedReader::ExpireReads(Node& node, absl::Time now) {
+void MemcachedPipeline::ExpireReads(Node& node, absl::Time now) {
   for (auto& r : node.in_flight) {
     if (r->answered || now < r->give_up) continue;
-    r->Answer(absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer within ",
-                                                  absl::FormatDuration(r->give_up - r->started))));
+    r->Fail(absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer within ",
+                                                absl::FormatDuration(r->give_up - r->started))));
   }
 }
 
-void PipelinedReader::Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh,
-                               absl::Time now) {
+void MemcachedPipeline::Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh,
+                                 absl::Time now) {
   if (node.fd < 0) {
     if (now < node.failed_until_seen) {
       const absl::Status failed =
           absl::UnavailableError(absl::StrCat("memcached ", node.label, ": failed recently"));
-      for (auto& r : fresh) r->Answer(failed);
+      for (auto& r : fresh) r->Fail(failed);
       return;
     }
     StartConnect(node, now);
     if (node.fd < 0) {
       const absl::Status failed =
           absl::UnavailableError(absl::StrCat("memcached ", node.label, ": cannot connect"));
-      for (auto& r : fresh) r->Answer(failed);
+      for (auto& r : fresh) r->Fail(failed);
       return;
     }
   }
   // The stall clock starts when an idle node is given work.
   if (node.in_flight.empty()) node.last_progress = now;
   batches_.fetch_add(1, std::memory_order_relaxed);
-  batched_reads_.fetch_add(static_cast<int64_t>(fresh.size()), std::memory_order_relaxed);
+  batched_requests_.fetch_add(static_cast<int64_t>(fresh.size()), std::memory_order_relaxed);
   for (auto& r : fresh) {
     node.out += r->command;
     node.in_flight.push_back(std::move(r));
@@ -394,7 +474,7 @@ void PipelinedReader::Dispatch(Node& node, std::vector<std::shared_ptr<Request>>
   if (!node.connecting) Flush(node, now);
 }
 
-void PipelinedReader::StartConnect(Node& node, absl::Time now) {
+void MemcachedPipeline::StartConnect(Node& node, absl::Time now) {
   sockaddr_storage peer{};
   socklen_t peer_len = 0;
   {
@@ -430,7 +510,7 @@ void PipelinedReader::StartConnect(Node& node, absl::Time now) {
   }
 }
 
-void PipelinedReader::Watch(Node& node, bool want_write) {
+void MemcachedPipeline::Watch(Node& node, bool want_write) {
   if (node.fd < 0 || node.watching_writes == want_write) return;
   epoll_event ev{};
   ev.events = EPOLLIN | EPOLLRDHUP | (want_write ? EPOLLOUT : 0u);
@@ -438,7 +518,7 @@ void PipelinedReader::Watch(Node& node, bool want_write) {
   if (epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, node.fd, &ev) == 0) node.watching_writes = want_write;
 }
 
-void PipelinedReader::OnEvents(Node& node, uint32_t events, absl::Time now) {
+void MemcachedPipeline::OnEvents(Node& node, uint32_t events, absl::Time now) {
   if (node.connecting) {
     if ((events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) == 0) return;
     int err = 0;
@@ -458,7 +538,7 @@ void PipelinedReader::OnEvents(Node& node, uint32_t events, absl::Time now) {
   if (node.fd >= 0 && (events & EPOLLOUT) != 0) Flush(node, now);
 }
 
-void PipelinedReader::Flush(Node& node, absl::Time now) {
+void MemcachedPipeline::Flush(Node& node, absl::Time now) {
   while (node.out_offset < node.out.size()) {
     const ssize_t sent = send(node.fd, node.out.data() + node.out_offset,
                               node.out.size() - node.out_offset, MSG_NOSIGNAL);
@@ -480,7 +560,7 @@ void PipelinedReader::Flush(Node& node, absl::Time now) {
   Watch(node, false);
 }
 
-void PipelinedReader::ReadAnswers(Node& node, absl::Time now) {
+void MemcachedPipeline::ReadAnswers(Node& node, absl::Time now) {
   for (;;) {
     const size_t old_size = node.in.size();
     node.in.resize(old_size + kReadChunk);
@@ -509,7 +589,7 @@ void PipelinedReader::ReadAnswers(Node& node, absl::Time now) {
   }
 }
 
-bool PipelinedReader::ParseAnswers(Node& node) {
+bool MemcachedPipeline::ParseAnswers(Node& node) {
   std::string& in = node.in;
   for (;;) {
     const size_t eol = in.find("\r\n", node.in_offset);
@@ -520,6 +600,23 @@ bool PipelinedReader::ParseAnswers(Node& node) {
     // Bytes with nobody waiting for them mean we lost track of the stream.
     if (node.in_flight.empty()) return false;
     const absl::string_view line(in.data() + node.in_offset, eol - node.in_offset);
+    if (node.in_flight.front()->is_store()) {
+      std::optional<MemcachedStored> reply = StoreReply(line);
+      // memcached refuses a store it cannot carry out (a value above its item size limit, no
+      // memory) with SERVER_ERROR and swallows the data, so the stream stays in step: only
+      // that store fails. Anything else (ERROR, CLIENT_ERROR, ...) means we lost track.
+      const bool refused = absl::StartsWith(line, "SERVER_ERROR");
+      if (!reply.has_value() && !refused) return false;
+      std::shared_ptr<Request> done = std::move(node.in_flight.front());
+      node.in_flight.pop_front();
+      if (refused) {
+        done->Fail(StoreRefused(node.label, line));
+      } else {
+        done->Answer(*reply);
+      }
+      node.in_offset = eol + 2;
+      continue;
+    }
     if (line == "END") {
       std::shared_ptr<Request> done = std::move(node.in_flight.front());
       node.in_flight.pop_front();
@@ -560,7 +657,8 @@ bool PipelinedReader::ParseAnswers(Node& node) {
   return true;
 }
 
-void PipelinedReader::Drop(Node& node, const absl::Status& why, bool mark_failed, absl::Time now) {
+void MemcachedPipeline::Drop(Node& node, const absl::Status& why, bool mark_failed,
+                             absl::Time now) {
   if (node.fd >= 0) close(node.fd);  // Also leaves the epoll set.
   node.fd = -1;
   node.connecting = false;
@@ -580,7 +678,7 @@ void PipelinedReader::Drop(Node& node, const absl::Status& why, bool mark_failed
   }
   std::deque<std::shared_ptr<Request>> answered = std::move(node.in_flight);
   node.in_flight.clear();
-  for (auto& r : answered) r->Answer(why);
+  for (auto& r : answered) r->Fail(why);
 }
 
 }  // namespace sessionledger

@@ -1,0 +1,1736 @@
+// MemcachedPipeline against the real memcached nodes of scripts/backing-services (values, CAS,
+// concurrency, restarts) and against a scripted TCP server in this file for what a real
+// memcached will not do on demand: refuse, stall, answer garbage, hang up.
+#include "server/memcached/memcached_pipeline.h"
+
+#include <arpa/inet.h>
+#include <libmemcached/memcached.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "gtest/gtest.h"
+#include "server/common/notification.h"
+#include "server/config/config.h"
+#include "tests/support/test_env.h"
+
+namespace sessionledger::testing {
+namespace {
+
+using std::string_literals::operator""s;
+
+// CI runs this under ASan on two cores: time bounds get this much slack above what they check.
+constexpr absl::Duration kMargin = absl::Milliseconds(1500);
+
+// A run-unique key prefix: memcached keeps what earlier runs wrote.
+std::string Prefix(absl::string_view what) {
+  return absl::StrCat("plr:", getpid(), ":", absl::ToUnixMicros(absl::Now()), ":", what, ":");
+}
+
+absl::Time Deadline(absl::Duration d = absl::Seconds(10)) { return absl::Now() + d; }
+
+// ---------------------------------------------------------------------------------------------
+// The real nodes, written and read through libmemcached for reference.
+
+using MemcachedPtr = std::unique_ptr<memcached_st, decltype(&memcached_free)>;
+
+std::vector<MemcachedNode> RealNodes() {
+  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL"));
+  EXPECT_TRUE(url.ok()) << url.status();
+  return url.ok() ? url->nodes : std::vector<MemcachedNode>{};
+}
+
+// A libmemcached handle on `node` alone (so every key lands there), with CAS.
+MemcachedPtr Libmemcached(const MemcachedNode& node) {
+  MemcachedPtr mc(memcached_create(nullptr), &memcached_free);
+  EXPECT_EQ(memcached_server_add(mc.get(), node.host.c_str(), node.port), MEMCACHED_SUCCESS);
+  EXPECT_EQ(memcached_behavior_set(mc.get(), MEMCACHED_BEHAVIOR_SUPPORT_CAS, 1), MEMCACHED_SUCCESS);
+  return mc;
+}
+
+bool Set(memcached_st* mc, const std::string& key, const std::string& value) {
+  const memcached_return_t rc =
+      memcached_set(mc, key.data(), key.size(), value.data(), value.size(), 600, 0);
+  EXPECT_EQ(rc, MEMCACHED_SUCCESS) << memcached_strerror(mc, rc);
+  return rc == MEMCACHED_SUCCESS;
+}
+
+// What libmemcached's mget reports for `keys`: values and CAS uniques of the hits.
+MemcachedHits Mget(memcached_st* mc, const std::vector<std::string>& keys) {
+  std::vector<const char*> ptrs;
+  std::vector<size_t> lens;
+  for (const std::string& k : keys) {
+    ptrs.push_back(k.data());
+    lens.push_back(k.size());
+  }
+  MemcachedHits hits;
+  memcached_return_t rc = memcached_mget(mc, ptrs.data(), lens.data(), keys.size());
+  EXPECT_EQ(rc, MEMCACHED_SUCCESS) << memcached_strerror(mc, rc);
+  // On the stack, as memcached_session_store.cc does: with libmemcached 1.1.4 a result from
+  // memcached_result_create(mc, nullptr) is freed twice by memcached_result_free after a fetch.
+  memcached_result_st storage;
+  memcached_result_st* result = memcached_result_create(mc, &storage);
+  if (result == nullptr) {
+    ADD_FAILURE() << "memcached_result_create failed";
+    return hits;
+  }
+  while (memcached_fetch_result(mc, result, &rc) != nullptr) {
+    MemcachedItem& item =
+        hits[std::string(memcached_result_key_value(result), memcached_result_key_length(result))];
+    item.value.assign(memcached_result_value(result), memcached_result_length(result));
+    item.cas = memcached_result_cas(result);
+  }
+  memcached_result_free(result);
+  EXPECT_TRUE(rc == MEMCACHED_END || rc == MEMCACHED_NOTFOUND) << memcached_strerror(mc, rc);
+  return hits;
+}
+
+std::unique_ptr<MemcachedPipeline> StartReader(
+    std::vector<MemcachedNode> nodes, absl::Duration io_timeout = absl::Seconds(5),
+    absl::Duration retry_after_failure = absl::Seconds(1)) {
+  MemcachedPipelineOptions options;
+  options.nodes = std::move(nodes);
+  options.io_timeout = io_timeout;
+  options.retry_after_failure = retry_after_failure;
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  EXPECT_TRUE(reader.ok()) << reader.status();
+  return reader.ok() ? std::move(*reader) : nullptr;
+}
+
+// Hits compared field by field; values are compared without printing them (some are 500 KB).
+::testing::AssertionResult SameHits(const MemcachedHits& got, const MemcachedHits& want) {
+  if (got.size() != want.size()) {
+    return ::testing::AssertionFailure() << got.size() << " hits, want " << want.size();
+  }
+  for (const auto& [key, item] : want) {
+    auto it = got.find(key);
+    if (it == got.end()) return ::testing::AssertionFailure() << "no hit for " << key;
+    if (it->second.value != item.value) {
+      return ::testing::AssertionFailure()
+             << key << ": value of " << it->second.value.size() << " bytes differs (want "
+             << item.value.size() << " bytes)";
+    }
+    if (it->second.cas != item.cas) {
+      return ::testing::AssertionFailure()
+             << key << ": cas " << it->second.cas << ", want " << item.cas;
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+std::string StoredName(MemcachedStored stored) {
+  switch (stored) {
+    case MemcachedStored::kStored:
+      return "STORED";
+    case MemcachedStored::kNotStored:
+      return "NOT_STORED";
+    case MemcachedStored::kExists:
+      return "EXISTS";
+    case MemcachedStored::kNotFound:
+      return "NOT_FOUND";
+  }
+  return "?";
+}
+
+// Whether a storage command was answered `want` (rather than another reply or an error).
+::testing::AssertionResult IsReply(const absl::StatusOr<MemcachedStored>& got,
+                                   MemcachedStored want) {
+  if (!got.ok()) {
+    return ::testing::AssertionFailure() << got.status() << ", want " << StoredName(want);
+  }
+  if (*got != want) {
+    return ::testing::AssertionFailure() << StoredName(*got) << ", want " << StoredName(want);
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// What an asynchronous call answered, when, and on which thread its callback ran.
+template <typename T>
+struct AsyncAnswer {
+  absl::StatusOr<T> result = absl::DeadlineExceededError("no callback in time");
+  absl::Time at;
+  std::thread::id thread;
+};
+
+// The callback of one asynchronous call, and a wait for it. The state is shared with the
+// callback, so a callback that comes after a timed-out wait writes to nothing freed.
+template <typename T>
+class Pending {
+ public:
+  absl::AnyInvocable<void(absl::StatusOr<T>) &&> Callback() const {
+    return [state = state_](absl::StatusOr<T> result) {
+      state->answer.result = std::move(result);
+      state->answer.at = absl::Now();
+      state->answer.thread = std::this_thread::get_id();
+      state->done.Notify();
+    };
+  }
+  // The answer, or DEADLINE_EXCEEDED when no callback ran within `timeout`.
+  AsyncAnswer<T> Wait(absl::Duration timeout = absl::Seconds(30)) const {
+    if (!state_->done.WaitForNotificationWithTimeout(timeout)) return AsyncAnswer<T>{};
+    return state_->answer;
+  }
+
+ private:
+  struct State {
+    Notification done;
+    AsyncAnswer<T> answer;
+  };
+  std::shared_ptr<State> state_ = std::make_shared<State>();
+};
+
+AsyncAnswer<MemcachedStored> AwaitStore(MemcachedPipeline& pipeline, int node, MemcachedWrite op,
+                                        const std::string& key, absl::string_view value,
+                                        uint64_t cas = 0) {
+  Pending<MemcachedStored> pending;
+  pipeline.StoreAsync(node, op, key, value, 0, cas, Deadline(absl::Seconds(20)),
+                      pending.Callback());
+  return pending.Wait();
+}
+
+AsyncAnswer<MemcachedHits> AwaitGet(MemcachedPipeline& pipeline, int node,
+                                    const std::vector<std::string>& keys) {
+  Pending<MemcachedHits> pending;
+  pipeline.GetAsync(node, keys, Deadline(absl::Seconds(20)), pending.Callback());
+  return pending.Wait();
+}
+
+// Whether `got` is exactly one hit, `key` holding `value`; values are not printed (some are
+// 100 KB).
+::testing::AssertionResult HitIs(const absl::StatusOr<MemcachedHits>& got, const std::string& key,
+                                 const std::string& value) {
+  if (!got.ok()) return ::testing::AssertionFailure() << got.status();
+  if (got->size() != 1 || got->count(key) != 1) {
+    return ::testing::AssertionFailure() << got->size() << " hits, want just " << key;
+  }
+  const std::string& v = got->at(key).value;
+  if (v != value) {
+    return ::testing::AssertionFailure() << key << ": value of " << v.size()
+                                         << " bytes differs (want " << value.size() << " bytes)";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+class MemcachedPipelineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    nodes_ = RealNodes();
+    ASSERT_EQ(nodes_.size(), 2u);
+    for (const MemcachedNode& n : nodes_) mc_.push_back(Libmemcached(n));
+    reader_ = StartReader(nodes_);
+    ASSERT_NE(reader_, nullptr);
+  }
+
+  std::vector<MemcachedNode> nodes_;
+  std::vector<MemcachedPtr> mc_;
+  std::unique_ptr<MemcachedPipeline> reader_;
+};
+
+TEST_F(MemcachedPipelineTest, HitsMissesAndCasAreWhatLibmemcachedReports) {
+  const std::string p = Prefix("basic");
+  const std::vector<std::string> keys = {p + "a", p + "b", p + "missing", p + "c"};
+  ASSERT_TRUE(Set(mc_[0].get(), p + "a", "alpha"));
+  ASSERT_TRUE(Set(mc_[0].get(), p + "b", ""));  // An empty value is a hit, not a miss.
+  ASSERT_TRUE(Set(mc_[0].get(), p + "c", "gamma"));
+  ASSERT_TRUE(Set(mc_[1].get(), p + "c", "gamma on the other node"));
+
+  for (int node : {0, 1}) {
+    SCOPED_TRACE(absl::StrCat("node ", node));
+    const MemcachedHits want = Mget(mc_[node].get(), keys);
+    ASSERT_EQ(want.size(), node == 0 ? 3u : 1u);
+    absl::StatusOr<MemcachedHits> got = reader_->Get(node, keys, Deadline());
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(SameHits(*got, want));
+    EXPECT_EQ(got->count(p + "missing"), 0u);
+  }
+
+  // A rewrite changes the CAS unique; the reader reports the new one, not a remembered one.
+  const uint64_t old_cas = Mget(mc_[0].get(), {p + "a"})[p + "a"].cas;
+  ASSERT_TRUE(Set(mc_[0].get(), p + "a", "alpha 2"));
+  const MemcachedHits want = Mget(mc_[0].get(), {p + "a"});
+  ASSERT_NE(want.at(p + "a").cas, old_cas);
+  absl::StatusOr<MemcachedHits> got = reader_->Get(0, {p + "a"}, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(SameHits(*got, want));
+}
+
+TEST_F(MemcachedPipelineTest, BinaryValuesRoundTripExactly) {
+  const std::string p = Prefix("binary");
+  std::string every_byte;
+  for (int b = 0; b < 256; ++b) every_byte.push_back(static_cast<char>(b));
+  const std::map<std::string, std::string> values = {
+      {p + "crlf", "\r\n"s},
+      {p + "end", "END\r\n"s},
+      {p + "fake-answer", "x\r\nEND\r\nVALUE other 0 1 9\r\ny\r\nEND\r\n"s},
+      {p + "nul", "\0\0a\0\r\n\0"s},
+      {p + "every-byte", every_byte + every_byte},
+      {p + "trailing-cr", "abc\r"s},
+  };
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : values) {
+    ASSERT_TRUE(Set(mc_[1].get(), k, v));
+    keys.push_back(k);
+  }
+  absl::StatusOr<MemcachedHits> got = reader_->Get(1, keys, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), values.size());
+  for (const auto& [k, v] : values) {
+    ASSERT_EQ(got->count(k), 1u) << k;
+    EXPECT_EQ(got->at(k).value, v) << k;
+  }
+  EXPECT_TRUE(SameHits(*got, Mget(mc_[1].get(), keys)));
+}
+
+TEST_F(MemcachedPipelineTest, LargeValueRoundTripsAlsoAmongConcurrentReads) {
+  const std::string p = Prefix("large");
+  std::mt19937 random(20240601);
+  std::string large(500 * 1024, '\0');
+  for (char& c : large) c = static_cast<char>(random());
+  // Make sure the value holds what would end an answer if it were parsed as text.
+  large.replace(1000, 7, "\r\nEND\r\n");
+  ASSERT_TRUE(Set(mc_[0].get(), p + "large", large));
+  ASSERT_TRUE(Set(mc_[0].get(), p + "small", "small"));
+  const MemcachedHits want = Mget(mc_[0].get(), {p + "large", p + "small"});
+  ASSERT_EQ(want.size(), 2u);
+
+  absl::StatusOr<MemcachedHits> got = reader_->Get(0, {p + "large", p + "small"}, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(SameHits(*got, want));
+
+  // Several large answers pipelined on one connection, interleaved with small ones: each must
+  // be cut at its own length.
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 10; ++i) {
+        const bool big = (t + i) % 2 == 0;
+        const std::vector<std::string> keys = {big ? p + "large" : p + "small"};
+        absl::StatusOr<MemcachedHits> r = reader_->Get(0, keys, Deadline(absl::Seconds(20)));
+        if (!r.ok() || r->size() != 1 || !SameHits(*r, {{keys[0], want.at(keys[0])}})) {
+          mismatches.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
+}
+
+TEST_F(MemcachedPipelineTest, ManyThreadsGetExactlyTheKeysTheyAskedFor) {
+  constexpr int kThreads = 32;
+  constexpr int kReadsPerThread = 500;
+  constexpr int kOwnKeys = 8;
+  constexpr int kSharedKeys = 5;
+  const std::string p = Prefix("threads");
+  auto own = [&](int t, int i) { return absl::StrCat(p, "t", t, ":", i); };
+  auto shared = [&](int i) { return absl::StrCat(p, "shared:", i); };
+  // Values name their node and key, so a hit from the wrong node or for the wrong key shows.
+  auto value = [](int node, const std::string& key) { return absl::StrCat(node, "=", key); };
+
+  std::vector<MemcachedHits> expected(2);  // Per node: every seeded key with its CAS.
+  for (int node : {0, 1}) {
+    std::vector<std::string> seeded;
+    for (int t = 0; t < kThreads; ++t) {
+      for (int i = 0; i < kOwnKeys; ++i) seeded.push_back(own(t, i));
+    }
+    for (int i = 0; i < kSharedKeys; ++i) seeded.push_back(shared(i));
+    for (const std::string& k : seeded) ASSERT_TRUE(Set(mc_[node].get(), k, value(node, k)));
+    expected[node] = Mget(mc_[node].get(), seeded);
+    ASSERT_EQ(expected[node].size(), seeded.size());
+  }
+
+  const int64_t batched_before = reader_->batched_requests();
+  const int64_t batches_before = reader_->batches();
+  std::mutex mu;
+  int failures = 0;
+  std::string first_failure;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kReadsPerThread; ++i) {
+        const int node = (t + i) % 2;
+        const std::string mine = own(t, i % kOwnKeys);
+        const std::string common = shared((t * 7 + i) % kSharedKeys);
+        const std::string missing = absl::StrCat(p, "missing:", t, ":", i);
+        // The order varies, so answers cannot be matched by position in the request.
+        std::vector<std::string> keys = {mine, missing, common};
+        std::rotate(keys.begin(), keys.begin() + i % 3, keys.end());
+        absl::StatusOr<MemcachedHits> got = reader_->Get(node, keys, Deadline(absl::Seconds(30)));
+        std::string problem;
+        if (!got.ok()) {
+          problem = got.status().ToString();
+        } else {
+          const MemcachedHits want = {{mine, expected[node].at(mine)},
+                                      {common, expected[node].at(common)}};
+          ::testing::AssertionResult same = SameHits(*got, want);
+          if (!same) problem = same.message();
+        }
+        if (!problem.empty()) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (failures++ == 0) {
+            first_failure = absl::StrCat("thread ", t, " read ", i, " node ", node, ": ", problem);
+          }
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(failures, 0) << first_failure;
+  // Every read went out on a connection, some in shared batches; never more batches than reads.
+  const int64_t reads = reader_->batched_requests() - batched_before;
+  const int64_t batches = reader_->batches() - batches_before;
+  EXPECT_EQ(reads, kThreads * kReadsPerThread);
+  EXPECT_GE(batches, 1);
+  EXPECT_LE(batches, reads);
+  std::cout << "[ info ] " << reads << " reads in " << batches << " batches\n";
+}
+
+TEST_F(MemcachedPipelineTest, ManyOutstandingAsyncReadsEachAnsweredOnceOnTheIoThread) {
+  constexpr int kReads = 4000;
+  constexpr int kKeys = 50;
+  const std::string p = Prefix("async");
+  auto key = [&](int i) { return absl::StrCat(p, i); };
+  std::vector<MemcachedHits> expected(2);
+  for (int node : {0, 1}) {
+    std::vector<std::string> seeded;
+    for (int i = 0; i < kKeys; ++i) {
+      seeded.push_back(key(i));
+      ASSERT_TRUE(Set(mc_[node].get(), key(i), absl::StrCat(node, ":", i)));
+    }
+    expected[node] = Mget(mc_[node].get(), seeded);
+    ASSERT_EQ(expected[node].size(), static_cast<size_t>(kKeys));
+  }
+
+  std::vector<std::atomic<int>> answers(kReads);
+  std::vector<std::atomic<bool>> right(kReads);
+  std::mutex mu;
+  std::condition_variable answered_changed;
+  int answered = 0;  // Guarded by mu, as is callback_threads.
+  std::set<std::thread::id> callback_threads;
+  // Whatever fails below, no callback may outlive what it writes to.
+  absl::Cleanup stop_reader = [this] { reader_.reset(); };
+  for (int r = 0; r < kReads; ++r) {
+    const int node = r % 2;
+    const std::vector<std::string> keys = {key(r % kKeys), key((r + 1) % kKeys),
+                                           absl::StrCat(p, "missing:", r)};
+    reader_->GetAsync(node, keys, Deadline(absl::Seconds(30)),
+                      [&, r, node, keys](absl::StatusOr<MemcachedHits> got) {
+                        answers[r].fetch_add(1);
+                        right[r] =
+                            got.ok() && SameHits(*got, {{keys[0], expected[node].at(keys[0])},
+                                                        {keys[1], expected[node].at(keys[1])}});
+                        std::lock_guard<std::mutex> lock(mu);
+                        ++answered;
+                        callback_threads.insert(std::this_thread::get_id());
+                        answered_changed.notify_all();
+                      });
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(answered_changed.wait_for(lock, absl::ToChronoNanoseconds(absl::Seconds(60)),
+                                          [&] { return answered >= kReads; }))
+        << answered << " of " << kReads << " answered";
+    // Successful reads are answered by the reader's one I/O thread, never the caller's.
+    EXPECT_EQ(callback_threads.size(), 1u);
+    EXPECT_EQ(callback_threads.count(std::this_thread::get_id()), 0u);
+  }
+  reader_.reset();  // Joins the I/O thread: no answer can come later than this.
+  for (int r = 0; r < kReads; ++r) {
+    ASSERT_EQ(answers[r].load(), 1) << "read " << r;
+    ASSERT_TRUE(right[r].load()) << "read " << r;
+  }
+}
+
+TEST_F(MemcachedPipelineTest, InvalidRequestsFailWithInvalidArgumentAndHarmNothing) {
+  const std::string p = Prefix("invalid");
+  ASSERT_TRUE(Set(mc_[0].get(), p + "ok", "fine"));
+  const std::string longest(250, 'k');
+  const std::vector<std::string> bad_keys = {
+      "",
+      "with space",
+      "tab\there",
+      "new\nline",
+      // Would inject a second command if it reached the wire.
+      p + "ok\r\nflush_all",
+      "nul\0byte"s,
+      "del\x7f",
+      std::string(251, 'k'),
+  };
+  for (const std::string& bad : bad_keys) {
+    SCOPED_TRACE(absl::StrCat("key of ", bad.size(), " bytes: ", absl::CEscape(bad)));
+    absl::StatusOr<MemcachedHits> got = reader_->Get(0, {p + "ok", bad}, Deadline());
+    EXPECT_TRUE(absl::IsInvalidArgument(got.status())) << got.status();
+    struct Answers {
+      std::atomic<int> calls{0};
+      std::atomic<absl::StatusCode> code{absl::StatusCode::kOk};
+    };
+    auto answers = std::make_shared<Answers>();
+    reader_->GetAsync(0, {bad}, Deadline(), [answers](absl::StatusOr<MemcachedHits> r) {
+      answers->code = r.status().code();
+      answers->calls.fetch_add(1);
+    });
+    // A request that fails validation is answered at once, on the calling thread.
+    EXPECT_EQ(answers->calls.load(), 1);
+    EXPECT_EQ(answers->code.load(), absl::StatusCode::kInvalidArgument);
+  }
+  for (int node : {-1, 2, 1000}) {
+    absl::StatusOr<MemcachedHits> got = reader_->Get(node, {p + "ok"}, Deadline());
+    EXPECT_TRUE(absl::IsInvalidArgument(got.status())) << "node " << node << ": " << got.status();
+  }
+
+  // Still working, and nothing was flushed or mixed into the connection.
+  absl::StatusOr<MemcachedHits> empty = reader_->Get(0, {}, Deadline());
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_TRUE(empty->empty());
+  absl::StatusOr<MemcachedHits> got = reader_->Get(0, {p + "ok", longest}, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(SameHits(*got, Mget(mc_[0].get(), {p + "ok"})));
+}
+
+TEST_F(MemcachedPipelineTest, NodeIndexFindsConfiguredNodesOnly) {
+  EXPECT_EQ(reader_->NodeIndex(nodes_[0].host, nodes_[0].port), 0);
+  EXPECT_EQ(reader_->NodeIndex(nodes_[1].host, nodes_[1].port), 1);
+  EXPECT_EQ(reader_->NodeIndex(nodes_[0].host, 1), -1);
+  EXPECT_EQ(reader_->NodeIndex("192.0.2.1", nodes_[0].port), -1);
+}
+
+TEST_F(MemcachedPipelineTest, PassedDeadlineFailsAtOnce) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<MemcachedHits> got = reader_->Get(0, {"k"}, start - absl::Seconds(1));
+  EXPECT_TRUE(absl::IsUnavailable(got.status())) << got.status();
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(200));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage commands on the real nodes, checked through libmemcached as well as the pipeline.
+
+TEST_F(MemcachedPipelineTest, AddStoresOnlyAMissingKey) {
+  const std::string p = Prefix("add");
+  const std::string key = p + "k";
+  EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kAdd, key, "first", 600, 0, Deadline()),
+                      MemcachedStored::kStored));
+  const MemcachedHits want = Mget(mc_[0].get(), {key});
+  ASSERT_EQ(want.size(), 1u);
+  EXPECT_EQ(want.at(key).value, "first");
+  absl::StatusOr<MemcachedHits> got = reader_->Get(0, {key}, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(SameHits(*got, want));
+  EXPECT_TRUE(Mget(mc_[1].get(), {key}).empty()) << "written to the node not asked";
+
+  // The key exists now: refused, and neither the value nor its CAS changed.
+  EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kAdd, key, "second", 600, 0, Deadline()),
+                      MemcachedStored::kNotStored));
+  EXPECT_TRUE(SameHits(Mget(mc_[0].get(), {key}), want));
+
+  // Also when another client wrote it.
+  const std::string theirs = p + "theirs";
+  ASSERT_TRUE(Set(mc_[1].get(), theirs, "theirs"));
+  EXPECT_TRUE(IsReply(reader_->Store(1, MemcachedWrite::kAdd, theirs, "mine", 600, 0, Deadline()),
+                      MemcachedStored::kNotStored));
+  EXPECT_EQ(Mget(mc_[1].get(), {theirs})[theirs].value, "theirs");
+}
+
+TEST_F(MemcachedPipelineTest, SetOverwritesAndValuesRoundTripByteExactly) {
+  const std::string p = Prefix("set");
+  std::string every_byte;
+  for (int b = 0; b < 256; ++b) every_byte.push_back(static_cast<char>(b));
+  std::mt19937 random(20240602);
+  // Odd-sized, so that it is cut nowhere round.
+  std::string large(100 * 1024 + 3, '\0');
+  for (char& c : large) c = static_cast<char>(random());
+  for (const std::string& reply : {"\r\nSTORED\r\n"s, "\r\nEND\r\n"s, "\r\nNOT_FOUND\r\n"s}) {
+    large.replace(static_cast<size_t>(random() % (large.size() - reply.size())), reply.size(),
+                  reply);
+  }
+  const std::map<std::string, std::string> values = {
+      {p + "plain", "new value"},
+      {p + "empty", ""},
+      {p + "crlf", "\r\n"s},
+      {p + "nul", "\0\0a\0\r\n\0"s},
+      {p + "every-byte", every_byte + every_byte},
+      {p + "replies", "STORED\r\nEXISTS\r\nEND\r\n"s},
+      // With a wrong length memcached would read the rest as a command of its own.
+      {p + "injection", absl::StrCat("x\r\nset ", p, "injected 0 0 1\r\ny")},
+      {p + "large", large},
+  };
+  std::vector<std::string> keys;
+  for (const auto& [key, value] : values) {
+    SCOPED_TRACE(key);
+    ASSERT_TRUE(Set(mc_[1].get(), key, "old value"));
+    EXPECT_TRUE(IsReply(reader_->Store(1, MemcachedWrite::kSet, key, value, 600, 0, Deadline()),
+                        MemcachedStored::kStored));
+    keys.push_back(key);
+  }
+  keys.push_back(p + "injected");
+  const MemcachedHits want = Mget(mc_[1].get(), keys);
+  EXPECT_EQ(want.size(), values.size()) << "a value was cut, or ran into a command";
+  for (const auto& [key, value] : values) {
+    ASSERT_EQ(want.count(key), 1u) << key;
+    EXPECT_TRUE(want.at(key).value == value)
+        << key << ": libmemcached reads " << want.at(key).value.size() << " bytes, want "
+        << value.size();
+  }
+  absl::StatusOr<MemcachedHits> got = reader_->Get(1, keys, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(SameHits(*got, want));
+
+  // A set stores over whatever is there; its CAS argument is ignored.
+  EXPECT_TRUE(
+      IsReply(reader_->Store(1, MemcachedWrite::kSet, p + "plain", "newer", 600, 12345, Deadline()),
+              MemcachedStored::kStored));
+  EXPECT_TRUE(HitIs(reader_->Get(1, {p + "plain"}, Deadline()), p + "plain", "newer"));
+
+  // Many large writes at once: more than a socket buffer to send, written in pieces.
+  constexpr int kLarge = 40;
+  std::vector<Pending<MemcachedStored>> pending(kLarge);
+  std::vector<std::string> large_keys;
+  auto large_value = [&large](int i) {
+    std::string v = large;
+    v.replace(0, 8, absl::StrCat(absl::Dec(i, absl::kZeroPad8)));
+    return v;
+  };
+  for (int i = 0; i < kLarge; ++i) {
+    large_keys.push_back(absl::StrCat(p, "large:", i));
+    reader_->StoreAsync(1, MemcachedWrite::kSet, large_keys.back(), large_value(i), 600, 0,
+                        Deadline(absl::Seconds(20)), pending[i].Callback());
+  }
+  for (int i = 0; i < kLarge; ++i) {
+    EXPECT_TRUE(IsReply(pending[i].Wait().result, MemcachedStored::kStored)) << "write " << i;
+  }
+  const MemcachedHits large_want = Mget(mc_[1].get(), large_keys);
+  ASSERT_EQ(large_want.size(), static_cast<size_t>(kLarge));
+  for (int i = 0; i < kLarge; ++i) {
+    const std::string& v = large_want.at(large_keys[i]).value;
+    EXPECT_TRUE(v == large_value(i)) << "write " << i << ": " << v.size() << " bytes, differs";
+  }
+}
+
+TEST_F(MemcachedPipelineTest, CasStoresOnlyOverTheValueItRead) {
+  const std::string p = Prefix("cas");
+  const std::string key = p + "k";
+  ASSERT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kSet, key, "v1", 600, 0, Deadline()),
+                      MemcachedStored::kStored));
+  absl::StatusOr<MemcachedHits> read = reader_->Get(0, {key}, Deadline());
+  ASSERT_TRUE(HitIs(read, key, "v1"));
+  const uint64_t cas1 = read->at(key).cas;
+  EXPECT_EQ(cas1, Mget(mc_[0].get(), {key})[key].cas);
+
+  EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kCas, key, "v2", 600, cas1, Deadline()),
+                      MemcachedStored::kStored));
+  read = reader_->Get(0, {key}, Deadline());
+  ASSERT_TRUE(HitIs(read, key, "v2"));
+  const uint64_t cas2 = read->at(key).cas;
+  EXPECT_NE(cas2, cas1);
+  EXPECT_TRUE(SameHits(Mget(mc_[0].get(), {key}), *read));
+
+  // The same CAS again is stale now: refused, and nothing changed.
+  EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kCas, key, "v3", 600, cas1, Deadline()),
+                      MemcachedStored::kExists));
+  EXPECT_TRUE(SameHits(Mget(mc_[0].get(), {key}), *read));
+
+  // Another client wrote in between.
+  ASSERT_TRUE(Set(mc_[0].get(), key, "theirs"));
+  EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kCas, key, "mine", 600, cas2, Deadline()),
+                      MemcachedStored::kExists));
+  const MemcachedHits theirs = Mget(mc_[0].get(), {key});
+  EXPECT_EQ(theirs.at(key).value, "theirs");
+  // Over the CAS that client reports, the write goes through.
+  EXPECT_TRUE(IsReply(
+      reader_->Store(0, MemcachedWrite::kCas, key, "mine", 600, theirs.at(key).cas, Deadline()),
+      MemcachedStored::kStored));
+  EXPECT_EQ(Mget(mc_[0].get(), {key})[key].value, "mine");
+
+  // Nothing to compare with: not found, and not created.
+  EXPECT_TRUE(
+      IsReply(reader_->Store(0, MemcachedWrite::kCas, p + "missing", "v", 600, cas2, Deadline()),
+              MemcachedStored::kNotFound));
+  EXPECT_TRUE(Mget(mc_[0].get(), {p + "missing"}).empty());
+}
+
+TEST_F(MemcachedPipelineTest, ExptimeIsSecondsFromNowUpToThirtyDays) {
+  constexpr int64_t kThirtyDays = 2592000;
+  const std::string p = Prefix("exptime");
+  ASSERT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kSet, p + "set", "v", 1, 0, Deadline()),
+                      MemcachedStored::kStored));
+  ASSERT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kAdd, p + "add", "v", 1, 0, Deadline()),
+                      MemcachedStored::kStored));
+  ASSERT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kSet, p + "cas", "v", 0, 0, Deadline()),
+                      MemcachedStored::kStored));
+  absl::StatusOr<MemcachedHits> read = reader_->Get(0, {p + "cas"}, Deadline());
+  ASSERT_TRUE(HitIs(read, p + "cas", "v"));
+  ASSERT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kCas, p + "cas", "w", 1,
+                                     read->at(p + "cas").cas, Deadline()),
+                      MemcachedStored::kStored));
+  ASSERT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kSet, p + "never", "v", 0, 0, Deadline()),
+                      MemcachedStored::kStored));
+  // The longest relative time: a second more and memcached would read a Unix time in 1970.
+  ASSERT_TRUE(IsReply(
+      reader_->Store(0, MemcachedWrite::kSet, p + "30-days", "v", kThirtyDays, 0, Deadline()),
+      MemcachedStored::kStored));
+
+  // memcached's clock ticks once a second: an item given 1 s lives at most 2 s.
+  absl::SleepFor(absl::Milliseconds(2500));
+  const std::vector<std::string> keys = {p + "set", p + "add", p + "cas", p + "never",
+                                         p + "30-days"};
+  absl::StatusOr<MemcachedHits> got = reader_->Get(0, keys, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  const MemcachedHits want = Mget(mc_[0].get(), keys);
+  EXPECT_TRUE(SameHits(*got, want));
+  EXPECT_EQ(got->size(), 2u);
+  EXPECT_EQ(got->count(p + "never"), 1u);
+  EXPECT_EQ(got->count(p + "30-days"), 1u);
+  // Gone means gone: it can be added again.
+  EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kAdd, p + "add", "again", 0, 0, Deadline()),
+                      MemcachedStored::kStored));
+}
+
+TEST_F(MemcachedPipelineTest, InvalidStoresFailWithInvalidArgumentAndSendNothing) {
+  const std::string p = Prefix("invalid-store");
+  const std::string key = p + "kept";
+  ASSERT_TRUE(Set(mc_[0].get(), key, "kept"));
+  const MemcachedHits want = Mget(mc_[0].get(), {key});
+  ASSERT_EQ(want.size(), 1u);
+  // The right CAS: a cas that slipped through would change the value.
+  const uint64_t cas = want.at(key).cas;
+  const int64_t batches_before = reader_->batches();
+  const int64_t requests_before = reader_->batched_requests();
+
+  // Both calls answer `code`; the asynchronous one at once, on the calling thread.
+  auto expect_refused = [&](MemcachedWrite op, const std::string& k, int64_t exptime,
+                            absl::Time deadline, absl::StatusCode code) {
+    absl::StatusOr<MemcachedStored> got =
+        reader_->Store(0, op, k, "changed", exptime, cas, deadline);
+    EXPECT_EQ(got.status().code(), code) << got.status();
+    Pending<MemcachedStored> pending;
+    reader_->StoreAsync(0, op, k, "changed", exptime, cas, deadline, pending.Callback());
+    const AsyncAnswer<MemcachedStored> answer = pending.Wait(absl::ZeroDuration());
+    EXPECT_EQ(answer.result.status().code(), code) << answer.result.status();
+    EXPECT_EQ(answer.thread, std::this_thread::get_id());
+  };
+  const std::vector<MemcachedWrite> ops = {MemcachedWrite::kAdd, MemcachedWrite::kSet,
+                                           MemcachedWrite::kCas};
+  for (int64_t exptime :
+       {int64_t{-1}, int64_t{-2592000}, int64_t{2592001}, int64_t{1700000000},
+        std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min()}) {
+    for (MemcachedWrite op : ops) {
+      SCOPED_TRACE(absl::StrCat("op ", static_cast<int>(op), ", exptime ", exptime));
+      expect_refused(op, key, exptime, Deadline(), absl::StatusCode::kInvalidArgument);
+    }
+  }
+  const std::vector<std::string> bad_keys = {
+      "",
+      "with space",
+      "tab\there",
+      "new\nline",
+      // Would inject a command of its own if it reached the wire.
+      key + "\r\nflush_all",
+      "nul\0byte"s,
+      "del\x7f",
+      std::string(251, 'k'),
+  };
+  for (const std::string& bad : bad_keys) {
+    for (MemcachedWrite op : ops) {
+      SCOPED_TRACE(absl::StrCat("op ", static_cast<int>(op), ", key of ", bad.size(),
+                                " bytes: ", absl::CEscape(bad)));
+      expect_refused(op, bad, 0, Deadline(), absl::StatusCode::kInvalidArgument);
+    }
+  }
+  // A node that is not configured, and a deadline already passed.
+  for (int node : {-1, 2}) {
+    absl::StatusOr<MemcachedStored> got =
+        reader_->Store(node, MemcachedWrite::kSet, key, "changed", 0, 0, Deadline());
+    EXPECT_TRUE(absl::IsInvalidArgument(got.status())) << "node " << node << ": " << got.status();
+  }
+  const absl::Time start = absl::Now();
+  expect_refused(MemcachedWrite::kSet, key, 0, start - absl::Seconds(1),
+                 absl::StatusCode::kUnavailable);
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(200));
+
+  EXPECT_EQ(reader_->batches(), batches_before);
+  EXPECT_EQ(reader_->batched_requests(), requests_before);
+  // Nothing reached the node: the value is as it was, and nothing was flushed.
+  EXPECT_TRUE(SameHits(Mget(mc_[0].get(), {key}), want));
+
+  // The longest key is fine.
+  const std::string longest = p + std::string(250 - p.size(), 'k');
+  EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kSet, longest, "v", 600, 0, Deadline()),
+                      MemcachedStored::kStored));
+  EXPECT_TRUE(HitIs(reader_->Get(0, {longest}, Deadline()), longest, "v"));
+}
+
+// Replies are matched to requests by order alone. Every thread works its own key on the same
+// node and connection, so their requests interleave on the wire; each reply differs with the
+// request (STORED, NOT_STORED, EXISTS, NOT_FOUND, values of varied length), so one handed to the
+// wrong caller shows.
+TEST_F(MemcachedPipelineTest, InterleavedStoresAndGetsFromManyThreadsEachGetTheirOwnReply) {
+  constexpr int kThreads = 8;
+  constexpr int kOps = 200;
+  constexpr int kBurstEvery = 25;
+  constexpr int kBurst = 10;
+  constexpr int kNode = 0;
+  const std::string p = Prefix("interleaved");
+
+  std::mutex mu;
+  int failures = 0;  // Guarded by mu, as are first_failure and callback_threads.
+  std::string first_failure;
+  std::set<std::thread::id> callback_threads;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      const std::string key = absl::StrCat(p, "t", t);
+      std::set<std::thread::id> seen;
+      auto fail = [&](int i, absl::string_view step, absl::string_view problem) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (failures++ == 0) {
+          first_failure = absl::StrCat("thread ", t, " op ", i, " ", step, ": ", problem);
+        }
+      };
+      for (int i = 0; i < kOps; ++i) {
+        const std::string value =
+            absl::StrCat(t, ":", i, ":", std::string(static_cast<size_t>((t * 31 + i) % 64), 'v'));
+        const AsyncAnswer<MemcachedStored> set =
+            AwaitStore(*reader_, kNode, MemcachedWrite::kSet, key, value);
+        seen.insert(set.thread);
+        if (auto r = IsReply(set.result, MemcachedStored::kStored); !r) {
+          fail(i, "set", r.message());
+          continue;
+        }
+        // Issued after the set's callback: must see the set.
+        const AsyncAnswer<MemcachedHits> get = AwaitGet(*reader_, kNode, {key});
+        seen.insert(get.thread);
+        if (auto r = HitIs(get.result, key, value); !r) {
+          fail(i, "get after set", r.message());
+          continue;
+        }
+        const uint64_t cas = get.result->at(key).cas;
+        std::string now_value = value;
+        MemcachedStored want = MemcachedStored::kStored;
+        AsyncAnswer<MemcachedStored> write;
+        switch (i % 4) {
+          case 0:
+            want = MemcachedStored::kNotStored;
+            write = AwaitStore(*reader_, kNode, MemcachedWrite::kAdd, key, "added");
+            break;
+          case 1:
+            want = MemcachedStored::kExists;
+            write = AwaitStore(*reader_, kNode, MemcachedWrite::kCas, key, "stale", cas + 1);
+            break;
+          case 2:
+            want = MemcachedStored::kNotFound;
+            write = AwaitStore(*reader_, kNode, MemcachedWrite::kCas,
+                               absl::StrCat(key, ":missing:", i), "v", cas);
+            break;
+          default:
+            now_value = value + ":cas";
+            write = AwaitStore(*reader_, kNode, MemcachedWrite::kCas, key, now_value, cas);
+            break;
+        }
+        seen.insert(write.thread);
+        if (auto r = IsReply(write.result, want); !r) fail(i, "write", r.message());
+        const AsyncAnswer<MemcachedHits> check = AwaitGet(*reader_, kNode, {key});
+        seen.insert(check.thread);
+        if (auto r = HitIs(check.result, key, now_value); !r)
+          fail(i, "get after write", r.message());
+
+        if (i % kBurstEvery != kBurstEvery - 1) continue;
+        // Writes back to back without waiting, and a read right behind them: memcached applies
+        // one connection's requests in order, so the read sees the last write, and the writes'
+        // callbacks have all run, in order, by the time the read's runs.
+        struct Burst {
+          std::mutex mu;
+          std::vector<int> order;  // Guarded by mu, as is wrong.
+          int wrong = 0;
+        };
+        auto burst = std::make_shared<Burst>();
+        for (int j = 0; j < kBurst; ++j) {
+          reader_->StoreAsync(kNode, MemcachedWrite::kSet, key, absl::StrCat(value, ":burst:", j),
+                              0, 0, Deadline(absl::Seconds(20)),
+                              [burst, j](absl::StatusOr<MemcachedStored> r) {
+                                std::lock_guard<std::mutex> lock(burst->mu);
+                                burst->order.push_back(j);
+                                if (!IsReply(r, MemcachedStored::kStored)) ++burst->wrong;
+                              });
+        }
+        const AsyncAnswer<MemcachedHits> last = AwaitGet(*reader_, kNode, {key});
+        if (auto r = HitIs(last.result, key, absl::StrCat(value, ":burst:", kBurst - 1)); !r) {
+          fail(i, "get behind a burst", r.message());
+        }
+        std::lock_guard<std::mutex> lock(burst->mu);
+        std::vector<int> in_order(kBurst);
+        for (int j = 0; j < kBurst; ++j) in_order[j] = j;
+        if (burst->order != in_order || burst->wrong != 0) {
+          fail(i, "burst",
+               absl::StrCat("callbacks in order ", absl::StrJoin(burst->order, ","), ", ",
+                            burst->wrong, " not STORED"));
+        }
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      callback_threads.insert(seen.begin(), seen.end());
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(failures, 0) << first_failure;
+  // Every callback ran on the pipeline's one I/O thread.
+  EXPECT_EQ(callback_threads.size(), 1u);
+  EXPECT_EQ(callback_threads.count(std::this_thread::get_id()), 0u);
+}
+
+TEST_F(MemcachedPipelineTest, BatchMetricsCountStores) {
+  const std::string p = Prefix("metrics");
+  int64_t batches = reader_->batches();
+  int64_t requests = reader_->batched_requests();
+  // One at a time, every store is a batch of its own.
+  constexpr int kSequential = 10;
+  for (int i = 0; i < kSequential; ++i) {
+    ASSERT_TRUE(IsReply(
+        reader_->Store(i % 2, MemcachedWrite::kSet, absl::StrCat(p, i), "v", 600, 0, Deadline()),
+        MemcachedStored::kStored));
+  }
+  EXPECT_EQ(reader_->batches() - batches, kSequential);
+  EXPECT_EQ(reader_->batched_requests() - requests, kSequential);
+
+  // Many at once, mixed with reads: each is counted once, in at most as many batches.
+  constexpr int kStores = 300;
+  constexpr int kGets = 100;
+  batches = reader_->batches();
+  requests = reader_->batched_requests();
+  std::vector<Pending<MemcachedStored>> stores(kStores);
+  std::vector<Pending<MemcachedHits>> gets(kGets);
+  for (int i = 0; i < kStores; ++i) {
+    reader_->StoreAsync(0, MemcachedWrite::kSet, absl::StrCat(p, "many:", i), "v", 600, 0,
+                        Deadline(absl::Seconds(20)), stores[i].Callback());
+    if (i % 3 == 0) {
+      reader_->GetAsync(0, {absl::StrCat(p, "many:", i)}, Deadline(absl::Seconds(20)),
+                        gets[i / 3].Callback());
+    }
+  }
+  for (auto& s : stores) ASSERT_TRUE(IsReply(s.Wait().result, MemcachedStored::kStored));
+  for (auto& g : gets) ASSERT_TRUE(g.Wait().result.ok());
+  const int64_t sent = reader_->batched_requests() - requests;
+  const int64_t sent_batches = reader_->batches() - batches;
+  EXPECT_EQ(sent, kStores + kGets);
+  EXPECT_GE(sent_batches, 1);
+  EXPECT_LE(sent_batches, sent);
+  std::cout << "[ info ] " << sent << " stores and reads in " << sent_batches << " batches\n";
+}
+
+// memcached's default item size limit is 1 MiB; a larger value is refused (memcached answers
+// SERVER_ERROR): INVALID_ARGUMENT, as libmemcached's E2BIG, and the node keeps working.
+TEST_F(MemcachedPipelineTest, ValueAboveTheItemSizeLimitIsNotStoredAndTheNodeKeepsWorking) {
+  const std::string p = Prefix("too-large");
+  const std::string huge(2 * 1024 * 1024, 'x');
+  absl::StatusOr<MemcachedStored> got =
+      reader_->Store(0, MemcachedWrite::kSet, p + "huge", huge, 600, 0, Deadline());
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument) << got.status();
+  EXPECT_TRUE(Mget(mc_[0].get(), {p + "huge"}).empty());
+
+  EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kSet, p + "small", "v", 600, 0, Deadline()),
+                      MemcachedStored::kStored));
+  EXPECT_TRUE(HitIs(reader_->Get(0, {p + "small"}, Deadline()), p + "small", "v"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node restarts and outages (the real nodes; these tests stop them and always bring them back).
+
+class MemcachedPipelineOutageTest : public MemcachedPipelineTest {
+ protected:
+  void TearDown() override {
+    BackingServices({"start-memcached", "1"});
+    BackingServices({"start-memcached", "2"});
+  }
+
+  // Node 2 of scripts/backing-services, as an index into nodes_.
+  int SecondNode() {
+    int port = 0;
+    EXPECT_TRUE(absl::SimpleAtoi(RequiredEnv("SL_MEMCACHED_PORT_2"), &port));
+    return reader_->NodeIndex("127.0.0.1", static_cast<uint16_t>(port));
+  }
+
+  // Reads `keys` from `node` until a read succeeds or `patience` passes.
+  absl::StatusOr<MemcachedHits> GetWhenBack(int node, const std::vector<std::string>& keys,
+                                            absl::Duration patience) {
+    const absl::Time give_up = absl::Now() + patience;
+    absl::StatusOr<MemcachedHits> got = absl::UnavailableError("not tried");
+    while (absl::Now() < give_up) {
+      got = reader_->Get(node, keys, Deadline(absl::Seconds(2)));
+      if (got.ok()) break;
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    return got;
+  }
+};
+
+TEST_F(MemcachedPipelineOutageTest, ReadsRecoverAfterARestartWithTheSameReader) {
+  const int node = SecondNode();
+  ASSERT_GE(node, 0);
+  const std::string p = Prefix("restart");
+  ASSERT_TRUE(Set(mc_[node].get(), p + "before", "v"));
+  absl::StatusOr<MemcachedHits> got = reader_->Get(node, {p + "before"}, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();  // The connection is open now.
+  ASSERT_EQ(got->size(), 1u);
+
+  BackingServices({"restart-memcached", "2"});
+  got = GetWhenBack(node, {p + "before"}, absl::Seconds(5));
+  ASSERT_TRUE(got.ok()) << "no read succeeded within 5 s of the restart: " << got.status();
+  // Read from the new, empty memcached.
+  EXPECT_TRUE(got->empty());
+
+  MemcachedPtr fresh = Libmemcached(nodes_[node]);
+  ASSERT_TRUE(Set(fresh.get(), p + "after", "after the restart"));
+  got = reader_->Get(node, {p + "before", p + "after"}, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(SameHits(*got, Mget(fresh.get(), {p + "after"})));
+}
+
+TEST_F(MemcachedPipelineOutageTest, AStoppedNodeFailsFastAndTheOtherKeepsAnswering) {
+  const int node = SecondNode();
+  ASSERT_GE(node, 0);
+  const int other = 1 - node;
+  const std::string p = Prefix("stopped");
+  ASSERT_TRUE(Set(mc_[other].get(), p + "k", "other"));
+  ASSERT_TRUE(reader_->Get(node, {p + "k"}, Deadline()).ok());
+
+  BackingServices({"stop-memcached", "2"});
+  // The first read may meet the old connection's end; from then on the node refuses.
+  for (int i = 0; i < 3; ++i) {
+    const absl::Time start = absl::Now();
+    absl::StatusOr<MemcachedHits> got = reader_->Get(node, {p + "k"}, Deadline());
+    EXPECT_TRUE(absl::IsUnavailable(got.status())) << got.status();
+    EXPECT_LT(absl::Now() - start, kMargin) << "a refused connection must not wait for a timeout";
+  }
+  absl::StatusOr<MemcachedHits> got = reader_->Get(other, {p + "k"}, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->size(), 1u);
+
+  BackingServices({"start-memcached", "2"});
+  // Refusals do not back off, and no stale connection is left: the first read succeeds.
+  got = reader_->Get(node, {p + "k"}, Deadline());
+  EXPECT_TRUE(got.ok()) << got.status();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A scripted server on 127.0.0.1, for failures a real memcached does not produce on demand.
+
+// How the server treats one connection: `reply` answers each request line (nullopt: say
+// nothing), and the server hangs up after its first reply when `hang_up` is set.
+struct Script {
+  std::function<std::optional<std::string>(const std::string& line)> reply;
+  bool hang_up = false;
+};
+
+// Reads and never answers (a stalled memcached).
+Script Silent() {
+  return {[](const std::string&) { return std::nullopt; }};
+}
+// Answers every request with `text`, whatever it asked.
+Script Say(std::string text) {
+  return {[text](const std::string&) { return text; }};
+}
+// Answers "gets k1 k2 ..." like a memcached holding "value of <key>" with CAS 7 for every key.
+Script Serve() {
+  return {[](const std::string& line) {
+    std::string out;
+    std::vector<std::string> words = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    for (size_t i = 1; i < words.size(); ++i) {
+      const std::string v = "value of " + words[i];
+      absl::StrAppend(&out, "VALUE ", words[i], " 0 ", v.size(), " 7\r\n", v, "\r\n");
+    }
+    return out + "END\r\n";
+  }};
+}
+bool IsStorageCommand(const std::string& line) {
+  return absl::StartsWith(line, "add ") || absl::StartsWith(line, "set ") ||
+         absl::StartsWith(line, "cas ");
+}
+// Answers every storage command with `text`, and nothing else (its data line included: the
+// values sent to these servers hold no "\r\n").
+Script SayToStores(std::string text) {
+  return {[text](const std::string& line) -> std::optional<std::string> {
+    if (!IsStorageCommand(line)) return std::nullopt;
+    return text;
+  }};
+}
+// Answers "gets" as Serve() does and storage commands by their verb, each with a reply of its
+// own (set: STORED, add: NOT_STORED, cas: EXISTS), so that a reply handed to the wrong request
+// shows. Says nothing to data lines.
+Script ServeStores() {
+  Script gets = Serve();
+  return {[gets](const std::string& line) -> std::optional<std::string> {
+    if (absl::StartsWith(line, "gets ")) return gets.reply(line);
+    if (absl::StartsWith(line, "set ")) return "STORED\r\n"s;
+    if (absl::StartsWith(line, "add ")) return "NOT_STORED\r\n"s;
+    if (absl::StartsWith(line, "cas ")) return "EXISTS\r\n"s;
+    return std::nullopt;
+  }};
+}
+
+class FakeMemcached {
+ public:
+  // Connection number i (counting from 0) follows scripts[min(i, size - 1)]. Port 0: any free.
+  explicit FakeMemcached(std::vector<Script> scripts, int port = 0) : scripts_(std::move(scripts)) {
+    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const int one = 1;
+    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    socklen_t len = sizeof addr;
+    if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        listen(listen_fd_, 64) != 0 ||
+        getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      ADD_FAILURE() << "cannot listen on 127.0.0.1:" << port << ": " << std::strerror(errno);
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    acceptor_ = std::thread([this] { Accept(); });
+  }
+
+  ~FakeMemcached() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+      for (const auto& c : connections_) shutdown(c->fd, SHUT_RDWR);
+    }
+    shutdown(listen_fd_, SHUT_RDWR);  // Wakes accept().
+    if (acceptor_.joinable()) acceptor_.join();
+    std::vector<std::unique_ptr<Connection>> connections;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      connections.swap(connections_);
+    }
+    for (const auto& c : connections) {
+      c->thread.join();
+      close(c->fd);
+    }
+    close(listen_fd_);
+  }
+
+  MemcachedNode node() const { return MemcachedNode{"127.0.0.1", static_cast<uint16_t>(port_)}; }
+  int accepted() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int>(connections_.size());
+  }
+  // Waits until `n` request lines have arrived, over all connections.
+  bool AwaitLines(int n, absl::Duration timeout = absl::Seconds(30)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return lines_changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
+                                   [this, n] { return lines_ >= n; });
+  }
+
+ private:
+  struct Connection {
+    int fd;
+    std::thread thread;
+  };
+
+  void Accept() {
+    for (;;) {
+      const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) return;
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) {
+        close(fd);
+        return;
+      }
+      const Script& script = scripts_[std::min(connections_.size(), scripts_.size() - 1)];
+      auto c = std::make_unique<Connection>();
+      c->fd = fd;
+      c->thread = std::thread([this, fd, script] { Serve(fd, script); });
+      connections_.push_back(std::move(c));
+    }
+  }
+
+  void Serve(int fd, Script script) {
+    std::string in;
+    char buffer[4096];
+    for (;;) {
+      const ssize_t got = recv(fd, buffer, sizeof buffer, 0);
+      if (got <= 0) return;
+      in.append(buffer, static_cast<size_t>(got));
+      size_t eol;
+      while ((eol = in.find("\r\n")) != std::string::npos) {
+        const std::string line = in.substr(0, eol);
+        in.erase(0, eol + 2);
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          ++lines_;
+          lines_changed_.notify_all();
+        }
+        std::optional<std::string> reply = script.reply(line);
+        if (!reply.has_value()) continue;
+        if (send(fd, reply->data(), reply->size(), MSG_NOSIGNAL) < 0) return;
+        if (script.hang_up) {
+          shutdown(fd, SHUT_RDWR);  // Closed in the destructor, so the number is not reused.
+          return;
+        }
+      }
+    }
+  }
+
+  const std::vector<Script> scripts_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::condition_variable lines_changed_;                 // Notified whenever lines_ grows.
+  bool stopping_ = false;                                 // Guarded by mu_.
+  int lines_ = 0;                                         // Guarded by mu_.
+  std::vector<std::unique_ptr<Connection>> connections_;  // Guarded by mu_.
+};
+
+struct Timed {
+  absl::StatusOr<MemcachedHits> result;
+  absl::Duration took;
+};
+Timed TimedGet(MemcachedPipeline& reader, const std::vector<std::string>& keys,
+               absl::Time deadline) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<MemcachedHits> result = reader.Get(0, keys, deadline);
+  return {std::move(result), absl::Now() - start};
+}
+
+// A refusal is cheap to retry and ends the moment memcached is back, so it fails the read at once
+// but does not make the next reads fail for retry_after_failure.
+TEST(MemcachedPipelineFailureTest, RefusedConnectionFailsFastAndTheNextReadTriesAgain) {
+  const int port = FreeTcpPort();
+  ASSERT_GT(port, 0);
+  std::unique_ptr<MemcachedPipeline> reader =
+      StartReader({MemcachedNode{"127.0.0.1", static_cast<uint16_t>(port)}}, absl::Seconds(5),
+                  absl::Seconds(60));
+  ASSERT_NE(reader, nullptr);
+
+  for (int i = 0; i < 3; ++i) {
+    Timed refused = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
+    EXPECT_TRUE(absl::IsUnavailable(refused.result.status())) << refused.result.status();
+    EXPECT_LT(refused.took, absl::Seconds(1)) << "a refused connect must not wait for a timeout";
+  }
+
+  // Something listens now: the very next read connects (a 60 s back-off would fail it).
+  FakeMemcached server({Serve()}, port);
+  ASSERT_EQ(server.node().port, port);
+  Timed got = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
+  ASSERT_TRUE(got.result.ok()) << got.result.status();
+  EXPECT_EQ(got.result->at("k").value, "value of k");
+  EXPECT_EQ(got.result->at("k").cas, 7u);
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+TEST(MemcachedPipelineFailureTest, StalledNodeFailsAtIoTimeoutAndIsSkippedThenRetried) {
+  FakeMemcached server({Silent(), Serve()});
+  const absl::Duration io_timeout = absl::Seconds(1);
+  const absl::Duration retry = absl::Seconds(3);
+  std::unique_ptr<MemcachedPipeline> reader = StartReader({server.node()}, io_timeout, retry);
+  ASSERT_NE(reader, nullptr);
+
+  const absl::Time first = absl::Now();
+  Timed stalled = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(5)));
+  EXPECT_TRUE(absl::IsUnavailable(stalled.result.status())) << stalled.result.status();
+  EXPECT_GE(stalled.took, io_timeout - absl::Milliseconds(50));
+  EXPECT_LE(stalled.took, io_timeout + kMargin);
+  EXPECT_TRUE(server.AwaitLines(1));  // It did reach the node.
+
+  // The stalled node is dropped and marked failed: reads fail at once, without a connection.
+  Timed skipped = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(5)));
+  EXPECT_TRUE(absl::IsUnavailable(skipped.result.status())) << skipped.result.status();
+  EXPECT_LT(skipped.took, absl::Milliseconds(500));
+  EXPECT_EQ(server.accepted(), 1);
+
+  absl::StatusOr<MemcachedHits> got = absl::UnavailableError("not tried");
+  absl::Time succeeded;
+  while (absl::Now() < first + io_timeout + retry + absl::Seconds(5)) {
+    got = reader->Get(0, {"k"}, Deadline(absl::Seconds(2)));
+    succeeded = absl::Now();
+    if (got.ok()) break;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->at("k").value, "value of k");
+  EXPECT_GE(succeeded - first, io_timeout + retry - absl::Milliseconds(50));
+  EXPECT_EQ(server.accepted(), 2);
+}
+
+TEST(MemcachedPipelineFailureTest, DeadlineShorterThanIoTimeoutIsKept) {
+  FakeMemcached server({Silent()});
+  const absl::Duration io_timeout = absl::Seconds(4);
+  std::unique_ptr<MemcachedPipeline> reader = StartReader({server.node()}, io_timeout);
+  ASSERT_NE(reader, nullptr);
+  // wait + kMargin < io_timeout: what ends these reads is their deadline, not the stall.
+  const absl::Duration wait = absl::Milliseconds(400);
+  Timed stalled = TimedGet(*reader, {"k"}, Deadline(wait));
+  EXPECT_TRUE(absl::IsUnavailable(stalled.result.status())) << stalled.result.status();
+  EXPECT_GE(stalled.took, wait - absl::Milliseconds(50));
+  EXPECT_LE(stalled.took, wait + kMargin);
+
+  // The same, without a blocked caller: the I/O thread answers at the deadline.
+  struct Answer {
+    Notification done;
+    absl::StatusOr<MemcachedHits> result;
+    absl::Duration took;
+  };
+  auto answer = std::make_shared<Answer>();
+  const absl::Time start = absl::Now();
+  reader->GetAsync(0, {"k"}, Deadline(wait), [answer, start](absl::StatusOr<MemcachedHits> r) {
+    answer->result = std::move(r);
+    answer->took = absl::Now() - start;
+    answer->done.Notify();
+  });
+  ASSERT_TRUE(answer->done.WaitForNotificationWithTimeout(io_timeout + kMargin));
+  EXPECT_TRUE(absl::IsUnavailable(answer->result.status())) << answer->result.status();
+  EXPECT_GE(answer->took, wait - absl::Milliseconds(50));
+  EXPECT_LE(answer->took, wait + kMargin);
+}
+
+// Answers that are not memcached's, or not for what was asked, drop the connection and fail the
+// read; the next read opens a new connection (the node is not marked failed).
+struct Surprise {
+  std::string name;
+  std::string answer;  // To "gets k".
+};
+void PrintTo(const Surprise& s, std::ostream* os) { *os << s.name; }
+
+class MemcachedPipelineProtocolTest : public ::testing::TestWithParam<Surprise> {};
+
+TEST_P(MemcachedPipelineProtocolTest, SurpriseFailsTheReadAndTheNextReadReconnects) {
+  FakeMemcached server({Say(GetParam().answer), Serve()});
+  const absl::Duration io_timeout = absl::Seconds(5);
+  // A long retry period: if the surprise marked the node failed, the next read would fail.
+  std::unique_ptr<MemcachedPipeline> reader =
+      StartReader({server.node()}, io_timeout, absl::Seconds(60));
+  ASSERT_NE(reader, nullptr);
+
+  Timed bad = TimedGet(*reader, {"k"}, Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(bad.result.status())) << bad.result.status();
+  EXPECT_LT(bad.took, io_timeout / 2) << "a bad answer must end the read, not a timeout";
+
+  Timed good = TimedGet(*reader, {"k", "k2"}, Deadline());
+  ASSERT_TRUE(good.result.ok()) << good.result.status();
+  EXPECT_EQ(good.result->size(), 2u);
+  EXPECT_EQ(good.result->at("k").value, "value of k");
+  EXPECT_EQ(good.result->at("k2").value, "value of k2");
+  EXPECT_EQ(server.accepted(), 2);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Answers, MemcachedPipelineProtocolTest,
+    ::testing::Values(
+        Surprise{"Greeting", "HELLO\r\n"}, Surprise{"Error", "ERROR\r\n"},
+        Surprise{"ServerError", "SERVER_ERROR out of memory\r\n"},
+        // Another caller's key: must never be handed to this one.
+        Surprise{"KeyNotAsked", "VALUE someone-else 0 1 1\r\nx\r\nEND\r\n"},
+        // More bytes than announced; cut at the announced length the rest would read as "END".
+        Surprise{"LongerThanAnnounced", "VALUE k 0 1 1\r\naxxEND\r\n"},
+        Surprise{"LengthNotANumber", "VALUE k 0 x 1\r\nx\r\nEND\r\n"},
+        // No CAS: a "get" answer, not a "gets" one.
+        Surprise{"NoCas", "VALUE k 0 1\r\nx\r\nEND\r\n"},
+        // A header line far longer than memcached ever sends, with no end.
+        Surprise{"EndlessLine", std::string(4096, 'V')}),
+    [](const ::testing::TestParamInfo<Surprise>& info) { return info.param.name; });
+
+TEST(MemcachedPipelineFailureTest, ServerHangUpReconnectsWithoutMarkingTheNodeFailed) {
+  Script once = Say("END\r\n");
+  once.hang_up = true;
+  FakeMemcached server({once, Serve()});
+  std::unique_ptr<MemcachedPipeline> reader =
+      StartReader({server.node()}, absl::Seconds(5), absl::Seconds(60));
+  ASSERT_NE(reader, nullptr);
+
+  absl::StatusOr<MemcachedHits> got = reader->Get(0, {"k"}, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(got->empty());
+
+  // A read racing the hang-up may fail; within the 60 s retry period one must succeed, which
+  // it could not if the hang-up had marked the node failed.
+  const absl::Time give_up = absl::Now() + absl::Seconds(5);
+  do {
+    got = reader->Get(0, {"k"}, Deadline());
+    if (got.ok()) break;
+    absl::SleepFor(absl::Milliseconds(20));
+  } while (absl::Now() < give_up);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->at("k").value, "value of k");
+  EXPECT_EQ(server.accepted(), 2);
+}
+
+TEST(MemcachedPipelineFailureTest, DestructionAnswersEveryOutstandingReadOnceWithUnavailable) {
+  FakeMemcached server({Silent()});
+  std::unique_ptr<MemcachedPipeline> reader = StartReader({server.node()}, absl::Seconds(60));
+  ASSERT_NE(reader, nullptr);
+  constexpr int kReads = 300;
+  std::vector<std::atomic<int>> answers(kReads);
+  std::vector<std::atomic<int>> codes(kReads);
+  for (int r = 0; r < kReads; ++r) {
+    reader->GetAsync(0, {absl::StrCat("k", r)}, Deadline(absl::Seconds(120)),
+                     [&answers, &codes, r](absl::StatusOr<MemcachedHits> got) {
+                       codes[r] = static_cast<int>(got.status().code());
+                       answers[r].fetch_add(1);
+                     });
+  }
+  // Every read is on the wire, waiting for the stalled node.
+  ASSERT_TRUE(server.AwaitLines(kReads));
+  for (int r = 0; r < kReads; ++r) ASSERT_EQ(answers[r].load(), 0) << "read " << r;
+
+  const absl::Time start = absl::Now();
+  reader.reset();
+  EXPECT_LT(absl::Now() - start, kMargin) << "destruction must not wait for the stalled node";
+  for (int r = 0; r < kReads; ++r) {
+    ASSERT_EQ(answers[r].load(), 1) << "read " << r;
+    ASSERT_EQ(codes[r].load(), static_cast<int>(absl::StatusCode::kUnavailable)) << "read " << r;
+  }
+}
+
+// A caller that reacts to UNAVAILABLE by reading again (another node, say) does so from its
+// callback. The callback of a read refused before it is queued (its node is marked failed) runs
+// on the calling thread; the new read from inside it must not deadlock on the reader's own lock.
+// Run in a child process with an alarm, so that a deadlock fails this test instead of hanging
+// the suite.
+TEST(MemcachedPipelineDeathTest, CallbackOfAFailFastReadMayStartAnotherRead) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        alarm(10);
+        {
+          FakeMemcached stalled({Silent()});
+          std::unique_ptr<MemcachedPipeline> reader =
+              StartReader({stalled.node()}, absl::Milliseconds(300), absl::Seconds(60));
+          // The stall marks the node failed, just after it answers the reads on the node. Once it
+          // is marked, reads are refused before they are queued: their callback has run by the
+          // time GetAsync returns.
+          if (reader == nullptr || reader->Get(0, {"k"}, Deadline()).ok()) _exit(2);
+          bool marked = false;
+          for (int i = 0; i < 100 && !marked; ++i) {
+            auto answered = std::make_shared<Notification>();
+            reader->GetAsync(0, {"k"}, Deadline(),
+                             [answered](absl::StatusOr<MemcachedHits>) { answered->Notify(); });
+            marked = answered->HasBeenNotified();
+            answered->WaitForNotification();
+          }
+          if (!marked) _exit(2);
+          Notification second_answered;
+          reader->GetAsync(0, {"k"}, Deadline(), [&](absl::StatusOr<MemcachedHits> first) {
+            if (first.ok()) _exit(3);
+            reader->GetAsync(0, {"k"}, Deadline(),
+                             [&](absl::StatusOr<MemcachedHits>) { second_answered.Notify(); });
+          });
+          if (!second_answered.WaitForNotificationWithTimeout(absl::Seconds(5))) _exit(4);
+          // Join every thread (the reader's here, the fake server's at the end of this scope)
+          // before exiting: ThreadSanitizer fails an exit that leaves a finished thread unjoined.
+          reader.reset();
+        }
+        _exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage commands against the scripted server.
+
+struct TimedStore {
+  absl::StatusOr<MemcachedStored> result;
+  absl::Duration took;
+};
+TimedStore TimedSet(MemcachedPipeline& pipeline, absl::Time deadline) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<MemcachedStored> result =
+      pipeline.Store(0, MemcachedWrite::kSet, "k", "v", 0, 0, deadline);
+  return {std::move(result), absl::Now() - start};
+}
+
+// A reply that is not a storage reply (or not this one) to a store: the store fails, and the
+// connection is dropped, not the node marked failed. Surprise::answer answers "set k" here.
+class MemcachedPipelineStoreProtocolTest : public ::testing::TestWithParam<Surprise> {};
+
+TEST_P(MemcachedPipelineStoreProtocolTest, SurpriseFailsTheStoreAndTheNextStoreReconnects) {
+  FakeMemcached server({SayToStores(GetParam().answer), ServeStores()});
+  const absl::Duration io_timeout = absl::Seconds(5);
+  // A long retry period: if the surprise marked the node failed, the next store would fail.
+  std::unique_ptr<MemcachedPipeline> pipeline =
+      StartReader({server.node()}, io_timeout, absl::Seconds(60));
+  ASSERT_NE(pipeline, nullptr);
+
+  TimedStore bad = TimedSet(*pipeline, Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(bad.result.status()))
+      << (bad.result.ok() ? StoredName(*bad.result) : bad.result.status().ToString());
+  EXPECT_LT(bad.took, io_timeout / 2) << "a bad reply must end the store, not a timeout";
+
+  EXPECT_TRUE(IsReply(TimedSet(*pipeline, Deadline()).result, MemcachedStored::kStored));
+  EXPECT_TRUE(IsReply(pipeline->Store(0, MemcachedWrite::kAdd, "k", "v", 0, 0, Deadline()),
+                      MemcachedStored::kNotStored));
+  EXPECT_EQ(server.accepted(), 2);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Replies, MemcachedPipelineStoreProtocolTest,
+    ::testing::Values(
+        Surprise{"Error", "ERROR\r\n"}, Surprise{"ClientError", "CLIENT_ERROR bad data chunk\r\n"},
+        // What a get is answered.
+        Surprise{"Value", "VALUE k 0 1 1\r\nx\r\nEND\r\n"}, Surprise{"End", "END\r\n"},
+        // Replies of other commands.
+        Surprise{"Deleted", "DELETED\r\n"}, Surprise{"Touched", "TOUCHED\r\n"},
+        // Near misses.
+        Surprise{"TrailingSpace", "STORED \r\n"}, Surprise{"LowerCase", "stored\r\n"},
+        Surprise{"EmptyLine", "\r\n"}, Surprise{"EndlessLine", std::string(4096, 'S')}),
+    [](const ::testing::TestParamInfo<Surprise>& info) { return info.param.name; });
+
+// Once one reply is wrong the stream cannot be trusted: what follows it, well-formed or not, is
+// nobody's answer.
+TEST(MemcachedPipelineFailureTest, BadStoreReplyFailsEveryRequestInFlightOnTheConnection) {
+  // Replies once the store and the get behind it are both on the wire: junk for the store, then
+  // a good answer for the get.
+  Script junk_then_value{[](const std::string& line) -> std::optional<std::string> {
+    if (!absl::StartsWith(line, "gets ")) return std::nullopt;
+    return "ERROR\r\nVALUE k 0 10 7\r\nvalue of k\r\nEND\r\n"s;
+  }};
+  FakeMemcached server({junk_then_value, ServeStores()});
+  std::unique_ptr<MemcachedPipeline> pipeline =
+      StartReader({server.node()}, absl::Seconds(5), absl::Seconds(60));
+  ASSERT_NE(pipeline, nullptr);
+
+  Pending<MemcachedStored> store;
+  Pending<MemcachedHits> get;
+  pipeline->StoreAsync(0, MemcachedWrite::kSet, "k", "v", 0, 0, Deadline(), store.Callback());
+  pipeline->GetAsync(0, {"k"}, Deadline(), get.Callback());
+  const AsyncAnswer<MemcachedStored> stored = store.Wait();
+  const AsyncAnswer<MemcachedHits> got = get.Wait();
+  EXPECT_TRUE(absl::IsUnavailable(stored.result.status()))
+      << (stored.result.ok() ? StoredName(*stored.result) : stored.result.status().ToString());
+  EXPECT_TRUE(absl::IsUnavailable(got.result.status())) << got.result.status();
+
+  EXPECT_TRUE(IsReply(TimedSet(*pipeline, Deadline()).result, MemcachedStored::kStored));
+  EXPECT_EQ(server.accepted(), 2);
+}
+
+TEST(MemcachedPipelineFailureTest, StoreWithoutReplyFailsByItsDeadlineOrTheIoTimeout) {
+  FakeMemcached server({Silent()});
+  {
+    const absl::Duration io_timeout = absl::Seconds(4);
+    std::unique_ptr<MemcachedPipeline> pipeline = StartReader({server.node()}, io_timeout);
+    ASSERT_NE(pipeline, nullptr);
+    // wait + kMargin < io_timeout: what ends these stores is their deadline.
+    const absl::Duration wait = absl::Milliseconds(400);
+    TimedStore stalled = TimedSet(*pipeline, Deadline(wait));
+    EXPECT_TRUE(absl::IsUnavailable(stalled.result.status()))
+        << (stalled.result.ok() ? StoredName(*stalled.result) : stalled.result.status().ToString());
+    EXPECT_GE(stalled.took, wait - absl::Milliseconds(50));
+    EXPECT_LE(stalled.took, wait + kMargin);
+
+    // Without a blocked caller: the I/O thread answers at the deadline.
+    Pending<MemcachedStored> pending;
+    const absl::Time start = absl::Now();
+    pipeline->StoreAsync(0, MemcachedWrite::kCas, "k", "v", 0, 7, Deadline(wait),
+                         pending.Callback());
+    const AsyncAnswer<MemcachedStored> answer = pending.Wait(io_timeout + kMargin);
+    EXPECT_TRUE(absl::IsUnavailable(answer.result.status()))
+        << (answer.result.ok() ? StoredName(*answer.result) : answer.result.status().ToString());
+    EXPECT_GE(answer.at - start, wait - absl::Milliseconds(50));
+    EXPECT_LE(answer.at - start, wait + kMargin);
+  }
+  {
+    // A deadline far off: the stall ends the store at io_timeout.
+    const absl::Duration io_timeout = absl::Milliseconds(700);
+    std::unique_ptr<MemcachedPipeline> pipeline = StartReader({server.node()}, io_timeout);
+    ASSERT_NE(pipeline, nullptr);
+    TimedStore stalled = TimedSet(*pipeline, Deadline(absl::Seconds(10)));
+    EXPECT_TRUE(absl::IsUnavailable(stalled.result.status()))
+        << (stalled.result.ok() ? StoredName(*stalled.result) : stalled.result.status().ToString());
+    EXPECT_GE(stalled.took, io_timeout - absl::Milliseconds(50));
+    EXPECT_LE(stalled.took, io_timeout + kMargin);
+  }
+  // They did reach the node: three stores of two lines each.
+  EXPECT_TRUE(server.AwaitLines(6, absl::Seconds(1)));
+}
+
+// A store given up at its deadline still gets its reply later, on the same connection; that
+// reply must be skipped, not handed to the store sent after it.
+TEST(MemcachedPipelineFailureTest, LateReplyOfAStoreGivenUpIsNotHandedToTheNextStore) {
+  auto first = std::make_shared<std::atomic<bool>>(true);
+  Script slow_first{[first](const std::string& line) -> std::optional<std::string> {
+    if (!IsStorageCommand(line)) return std::nullopt;
+    if (first->exchange(false)) {
+      absl::SleepFor(absl::Milliseconds(600));
+      return "NOT_STORED\r\n"s;
+    }
+    return "STORED\r\n"s;
+  }};
+  FakeMemcached server({slow_first});
+  std::unique_ptr<MemcachedPipeline> pipeline = StartReader({server.node()}, absl::Seconds(5));
+  ASSERT_NE(pipeline, nullptr);
+
+  TimedStore given_up = TimedSet(*pipeline, Deadline(absl::Milliseconds(200)));
+  EXPECT_TRUE(absl::IsUnavailable(given_up.result.status()))
+      << (given_up.result.ok() ? StoredName(*given_up.result)
+                               : given_up.result.status().ToString());
+  EXPECT_LT(given_up.took, absl::Milliseconds(200) + kMargin);
+  // Sent while the first reply is still due: its answer is the second reply.
+  EXPECT_TRUE(IsReply(TimedSet(*pipeline, Deadline()).result, MemcachedStored::kStored));
+  EXPECT_TRUE(IsReply(TimedSet(*pipeline, Deadline()).result, MemcachedStored::kStored));
+  EXPECT_EQ(server.accepted(), 1) << "a late reply is no reason to drop the connection";
+}
+
+TEST(MemcachedPipelineFailureTest, DestructionAnswersEveryOutstandingStoreOnceWithUnavailable) {
+  FakeMemcached server({Silent()});
+  std::unique_ptr<MemcachedPipeline> pipeline = StartReader({server.node()}, absl::Seconds(60));
+  ASSERT_NE(pipeline, nullptr);
+  constexpr int kRequests = 300;  // Two stores, then a get, and so on.
+  std::vector<std::atomic<int>> answers(kRequests);
+  std::vector<std::atomic<int>> codes(kRequests);
+  int lines = 0;
+  for (int r = 0; r < kRequests; ++r) {
+    if (r % 3 == 2) {
+      pipeline->GetAsync(0, {absl::StrCat("k", r)}, Deadline(absl::Seconds(120)),
+                         [&answers, &codes, r](absl::StatusOr<MemcachedHits> got) {
+                           codes[r] = static_cast<int>(got.status().code());
+                           answers[r].fetch_add(1);
+                         });
+      lines += 1;
+    } else {
+      const MemcachedWrite op = r % 3 == 0 ? MemcachedWrite::kSet : MemcachedWrite::kCas;
+      pipeline->StoreAsync(0, op, absl::StrCat("k", r), "v", 0, 7, Deadline(absl::Seconds(120)),
+                           [&answers, &codes, r](absl::StatusOr<MemcachedStored> got) {
+                             codes[r] = static_cast<int>(got.status().code());
+                             answers[r].fetch_add(1);
+                           });
+      lines += 2;
+    }
+  }
+  ASSERT_TRUE(server.AwaitLines(lines));
+  for (int r = 0; r < kRequests; ++r) ASSERT_EQ(answers[r].load(), 0) << "request " << r;
+
+  const absl::Time start = absl::Now();
+  pipeline.reset();
+  EXPECT_LT(absl::Now() - start, kMargin) << "destruction must not wait for the stalled node";
+  for (int r = 0; r < kRequests; ++r) {
+    ASSERT_EQ(answers[r].load(), 1) << "request " << r;
+    ASSERT_EQ(codes[r].load(), static_cast<int>(absl::StatusCode::kUnavailable)) << "request " << r;
+  }
+}
+
+// memcached answers a storage command it cannot carry out (a value above its item size limit, no
+// memory for it) with SERVER_ERROR and swallows the data: the connection stays in step, and the
+// requests behind it are answered as usual.
+TEST(MemcachedPipelineFailureTest, ServerErrorToAStoreFailsThatStoreOnly) {
+  Script refuse_then_value{[](const std::string& line) -> std::optional<std::string> {
+    if (!absl::StartsWith(line, "gets ")) return std::nullopt;
+    return "SERVER_ERROR object too large for cache\r\nVALUE k 0 10 7\r\nvalue of k\r\nEND\r\n"s;
+  }};
+  FakeMemcached server({refuse_then_value, ServeStores()});
+  std::unique_ptr<MemcachedPipeline> pipeline =
+      StartReader({server.node()}, absl::Seconds(5), absl::Seconds(60));
+  ASSERT_NE(pipeline, nullptr);
+
+  Pending<MemcachedStored> store;
+  Pending<MemcachedHits> get;
+  pipeline->StoreAsync(0, MemcachedWrite::kSet, "k", "v", 0, 0, Deadline(), store.Callback());
+  pipeline->GetAsync(0, {"k"}, Deadline(), get.Callback());
+  const AsyncAnswer<MemcachedStored> stored = store.Wait();
+  EXPECT_EQ(stored.result.status().code(), absl::StatusCode::kInvalidArgument)
+      << stored.result.status();
+  EXPECT_TRUE(HitIs(get.Wait().result, "k", "value of k"));
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+// A caller that reacts to a write's reply with another request (a read after NOT_STORED, a cas
+// retry after EXISTS) starts it from the callback, on the I/O thread. Returns an exit code for
+// the child of the death test below: 0 when a chain of such requests, each started from the
+// previous one's callback, got its own replies.
+int RunChainOfRequestsFromCallbacks() {
+  constexpr int kSteps = 40;
+  FakeMemcached server({ServeStores()});
+  std::unique_ptr<MemcachedPipeline> pipeline = StartReader({server.node()});
+  if (pipeline == nullptr) return 2;
+  const std::thread::id caller = std::this_thread::get_id();
+  std::atomic<int> wrong{0};
+  Notification finished;
+  std::function<void(int)> step = [&](int i) {
+    if (i == kSteps) {
+      finished.Notify();
+      return;
+    }
+    // Checks a reply and starts the next step, from the callback's thread.
+    auto then = [&, i](bool right) {
+      if (!right || std::this_thread::get_id() == caller) wrong.fetch_add(1);
+      step(i + 1);
+    };
+    auto expect = [then](MemcachedStored want) {
+      return [then, want](absl::StatusOr<MemcachedStored> r) { then(r.ok() && *r == want); };
+    };
+    switch (i % 5) {
+      case 0:
+        pipeline->StoreAsync(0, MemcachedWrite::kSet, "k", "v", 0, 0, Deadline(),
+                             expect(MemcachedStored::kStored));
+        break;
+      case 1:
+        pipeline->StoreAsync(0, MemcachedWrite::kAdd, "k", "v", 0, 0, Deadline(),
+                             expect(MemcachedStored::kNotStored));
+        break;
+      case 2:
+        pipeline->StoreAsync(0, MemcachedWrite::kCas, "k", "v", 0, 7, Deadline(),
+                             expect(MemcachedStored::kExists));
+        break;
+      case 3:
+        pipeline->GetAsync(0, {"k"}, Deadline(), [then](absl::StatusOr<MemcachedHits> r) {
+          then(r.ok() && r->count("k") == 1 && r->at("k").value == "value of k");
+        });
+        break;
+      default:
+        // Refused before it is queued: answered at once, on the thread that asked (the I/O
+        // thread, inside the previous callback).
+        pipeline->StoreAsync(0, MemcachedWrite::kSet, "bad key", "v", 0, 0, Deadline(),
+                             [then](absl::StatusOr<MemcachedStored> r) {
+                               then(absl::IsInvalidArgument(r.status()));
+                             });
+        break;
+    }
+  };
+  step(0);
+  if (!finished.WaitForNotificationWithTimeout(absl::Seconds(5))) return 3;
+  // Join the reader's thread (and the fake server's, on return) before the child exits:
+  // ThreadSanitizer fails an exit that leaves a finished thread unjoined.
+  pipeline.reset();
+  return wrong.load() == 0 ? 0 : 4;
+}
+
+TEST(MemcachedPipelineDeathTest, CallbackOfAStoreMayStartAnotherStore) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        alarm(10);
+        _exit(RunChainOfRequestsFromCallbacks());
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+}  // namespace
+}  // namespace sessionledger::testing
