@@ -70,9 +70,10 @@ class ServerApp {
   std::unique_ptr<HealthMonitor> health_monitor_;
   ServerMetrics metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
-  // GetSession's completion queue and its threads; destroyed after the server.
-  std::unique_ptr<grpc::ServerCompletionQueue> get_session_cq_;
-  std::vector<std::thread> get_session_threads_;
+  // The completion queue of the asynchronous methods (GetSession, CreateSession) and its
+  // threads; destroyed after the server.
+  std::unique_ptr<grpc::ServerCompletionQueue> async_cq_;
+  std::vector<std::thread> async_threads_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 };

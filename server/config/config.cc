@@ -410,11 +410,12 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"LOG_LEVEL", "info", "debug, info, warn or error; JSON logs to stdout, one object a line"},
       {"METRICS_PORT", "9464", "HTTP /metrics in Prometheus text format; 0 turns it off"},
       {"MEMCACHED_POOL_SIZE", "16",
-       "Memcached connections per process (for writes; and for reads "
-       "when MEMCACHED_PIPELINED_READS is 0)"},
-      {"MEMCACHED_PIPELINED_READS", "1",
-       "1: session reads share one pipelined connection per Memcached node, so concurrent reads "
-       "travel together; 0: each read takes a pooled libmemcached connection"},
+       "Memcached connections per process (for the blocking calls; and for GetSession and "
+       "CreateSession when MEMCACHED_PIPELINE is 0)"},
+      {"MEMCACHED_PIPELINE", "1",
+       "1: GetSession and CreateSession share one pipelined connection per Memcached node, so "
+       "concurrent requests travel together and no thread waits; 0: they take pooled "
+       "libmemcached connections"},
       {"DATABASE_POOL_SIZE", "8", "PostgreSQL connections per process"},
       {"DEFAULT_CALL_TIMEOUT_MS", "5000",
        "how long a call may wait on Memcached/PostgreSQL when the caller set no deadline"},
@@ -509,9 +510,9 @@ absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
   }
   SL_ASSIGN_OR_RETURN(config.memcached_pool_size,
                       IntegerVariable(raw, "MEMCACHED_POOL_SIZE", "16", 1, 1024));
-  SL_ASSIGN_OR_RETURN(const int64_t pipelined_reads,
-                      IntegerVariable(raw, "MEMCACHED_PIPELINED_READS", "1", 0, 1));
-  config.memcached_pipelined_reads = pipelined_reads == 1;
+  SL_ASSIGN_OR_RETURN(const int64_t pipeline,
+                      IntegerVariable(raw, "MEMCACHED_PIPELINE", "1", 0, 1));
+  config.memcached_pipeline = pipeline == 1;
   SL_ASSIGN_OR_RETURN(const int64_t call_timeout_ms,
                       IntegerVariable(raw, "DEFAULT_CALL_TIMEOUT_MS", "5000", 1, 600'000));
   config.default_call_timeout = absl::Milliseconds(call_timeout_ms);

@@ -69,7 +69,7 @@ struct Config {
   LogLevel log_level = LogLevel::kInfo;
   uint16_t metrics_port = 9464;  // 0 = off.
   int memcached_pool_size = 16;
-  bool memcached_pipelined_reads = true;
+  bool memcached_pipeline = true;
   int database_pool_size = 8;
   // How long a call may wait for a backing service when its caller set no deadline.
   absl::Duration default_call_timeout = absl::Seconds(5);

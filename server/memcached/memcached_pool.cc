@@ -124,7 +124,7 @@ absl::StatusOr<std::unique_ptr<MemcachedPool>> MemcachedPool::Create(
   // One handle up front (libmemcachedutil refuses an initial size of 0); handles connect
   // lazily, so creating the pool succeeds while memcached is still starting.
   std::unique_ptr<MemcachedPipeline> pipeline;
-  if (options.pipelined_reads) {
+  if (options.pipeline) {
     MemcachedPipelineOptions pipeline_options;
     pipeline_options.nodes = options.url.nodes;
     pipeline_options.connect_timeout = options.connect_timeout;

@@ -26,9 +26,9 @@ struct MemcachedPoolOptions {
   absl::Duration io_timeout = absl::Seconds(2);
   // After a node fails, how long libmemcached waits before it tries that node again.
   absl::Duration retry_after_failure = absl::Seconds(1);
-  // Starts a MemcachedPipeline (one pipelined connection per node, batching concurrent reads) for
-  // the non-blocking session lookups. Blocking calls and all writes always use the pool.
-  bool pipelined_reads = true;
+  // Starts a MemcachedPipeline (one pipelined connection per node, batching concurrent requests)
+  // for the non-blocking session calls. Blocking calls always use the pool.
+  bool pipeline = true;
 };
 
 // Maps a libmemcached return code to a status: connection and timeout failures become
@@ -79,7 +79,7 @@ class MemcachedPool {
   // Index in options().url.nodes of the node that `group_key` maps to on the ketama ring (the
   // node libmemcached's *_by_key calls use), or -1. No I/O; thread-safe.
   int NodeForGroupKey(absl::string_view group_key) const;
-  // The pipelined connections, or null when `pipelined_reads` is off.
+  // The pipelined connections, or null when `pipeline` is off.
   MemcachedPipeline* pipeline() const { return pipeline_.get(); }
   int node_count() const { return static_cast<int>(options_.url.nodes.size()); }
   // For metrics: handles lent out now, and Acquire calls that found none free in time.

@@ -23,10 +23,7 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
     if (unparsable_ &&
         methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS) &&
         methods->GetSendStatus().error_code() == grpc::StatusCode::INTERNAL) {
-      methods->ModifySendStatus(
-          grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                       "request: cannot be parsed as the request message of " + method_ +
-                           " (string fields must be valid UTF-8)"));
+      methods->ModifySendStatus(UnparsableRequest(method_));
     }
     methods->Proceed();
   }
@@ -38,6 +35,12 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
 };
 
 }  // namespace
+
+grpc::Status UnparsableRequest(const std::string& method) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                      "request: cannot be parsed as the request message of " + method +
+                          " (string fields must be valid UTF-8)");
+}
 
 grpc::experimental::Interceptor* RequestParseErrorsFactory::CreateServerInterceptor(
     grpc::experimental::ServerRpcInfo* info) {

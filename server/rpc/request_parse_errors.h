@@ -3,6 +3,8 @@
 
 #include <grpcpp/support/server_interceptor.h>
 
+#include <string>
+
 namespace sessionledger {
 
 // Server interceptor, one per call, that turns gRPC's answer to a request it could not parse
@@ -12,6 +14,10 @@ namespace sessionledger {
 // and so are truncated or garbled bytes. INTERNAL would say "our fault, retrying will not help
 // you find out why"; the contract says bad input is INVALID_ARGUMENT with a message naming it.
 // The factory is thread-safe and keeps no state between calls.
+// The answer to a request of `method` (full name, "/package.Service/Method") that cannot be
+// parsed; also used by handlers that parse their requests themselves.
+grpc::Status UnparsableRequest(const std::string& method);
+
 class RequestParseErrorsFactory final
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:

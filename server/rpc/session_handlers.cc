@@ -2,6 +2,7 @@
 
 #include "server/rpc/async_call.h"
 #include "server/rpc/call_deadline.h"
+#include "server/rpc/request_parse_errors.h"
 #include "server/rpc/status_mapping.h"
 
 namespace sessionledger {
@@ -36,21 +37,26 @@ void ToApiSession(const storage::v1::StoredSession& stored, v1::Session* out) {
   *out->mutable_attributes() = stored.attributes();
 }
 
-grpc::Status SessionHandlers::CreateSession(grpc::ServerContext* context,
-                                            const v1::CreateSessionRequest* request,
-                                            v1::Session* response) {
-  return Respond(sessions_->Create(request->user_id(), request->ttl_seconds(),
-                                   request->attributes(), Deadline(*context)),
-                 response);
-}
-
-// One GetSession call: requested from the completion queue, answered through
-// AnswerGetSession, deleted once its answer is sent (or the server shuts down).
-class SessionHandlers::GetSessionCall final : public AsyncCall {
+// One call of an asynchronous method: requested from the completion queue with `request`,
+// parsed here, answered with `answer`, deleted once its answer is sent (or the server shuts
+// down).
+template <typename Request, typename Response>
+class SessionHandlers::UnaryCall final : public AsyncCall {
  public:
-  GetSessionCall(SessionHandlers& handlers, grpc::ServerCompletionQueue* cq)
-      : handlers_(handlers), cq_(cq), responder_(&context_) {
-    handlers_.RequestGetSession(&context_, &request_, &responder_, cq_, cq_, this);
+  using RequestMethod = void (SessionHandlers::*)(
+      grpc::ServerContext*, grpc::ByteBuffer*, grpc::ServerAsyncResponseWriter<grpc::ByteBuffer>*,
+      grpc::CompletionQueue*, grpc::ServerCompletionQueue*, void*);
+  using AnswerMethod = void (SessionHandlers::*)(const Request&, absl::Time, Response*, Done);
+
+  UnaryCall(SessionHandlers& handlers, grpc::ServerCompletionQueue* cq, const char* method,
+            RequestMethod request, AnswerMethod answer)
+      : handlers_(handlers),
+        cq_(cq),
+        method_(method),
+        request_method_(request),
+        answer_(answer),
+        responder_(&context_) {
+    (handlers_.*request_method_)(&context_, &received_, &responder_, cq_, cq_, this);
   }
 
   void Proceed(bool ok) override {
@@ -60,24 +66,63 @@ class SessionHandlers::GetSessionCall final : public AsyncCall {
       return;
     }
     answering_ = true;
-    new GetSessionCall(handlers_, cq_);  // The next caller.
-    handlers_.AnswerGetSession(
-        request_, handlers_.Deadline(context_), &response_,
-        [this](grpc::Status status) { responder_.Finish(response_, status, this); });
+    new UnaryCall(handlers_, cq_, method_, request_method_, answer_);  // The next caller.
+    if (!grpc::SerializationTraits<Request>::Deserialize(&received_, &request_).ok()) {
+      responder_.FinishWithError(UnparsableRequest(method_), this);
+      return;
+    }
+    (handlers_.*answer_)(request_, handlers_.Deadline(context_), &response_,
+                         [this](grpc::Status status) { Finish(std::move(status)); });
   }
 
  private:
+  void Finish(grpc::Status status) {
+    if (!status.ok()) {
+      responder_.FinishWithError(status, this);
+      return;
+    }
+    grpc::ByteBuffer sent;
+    bool own_buffer = false;
+    const grpc::Status serialized =
+        grpc::SerializationTraits<Response>::Serialize(response_, &sent, &own_buffer);
+    if (!serialized.ok()) {
+      responder_.FinishWithError(serialized, this);
+      return;
+    }
+    responder_.Finish(sent, grpc::Status::OK, this);
+  }
+
   SessionHandlers& handlers_;
   grpc::ServerCompletionQueue* const cq_;
+  const char* const method_;
+  const RequestMethod request_method_;
+  const AnswerMethod answer_;
   grpc::ServerContext context_;
-  v1::GetSessionRequest request_;
-  v1::Session response_;
-  grpc::ServerAsyncResponseWriter<v1::Session> responder_;
+  grpc::ByteBuffer received_;
+  Request request_;
+  Response response_;
+  grpc::ServerAsyncResponseWriter<grpc::ByteBuffer> responder_;
   bool answering_ = false;
 };
 
-void SessionHandlers::AcceptGetSession(grpc::ServerCompletionQueue* cq, int accepting) {
-  for (int i = 0; i < accepting; ++i) new GetSessionCall(*this, cq);
+void SessionHandlers::Accept(grpc::ServerCompletionQueue* cq, int accepting) {
+  for (int i = 0; i < accepting; ++i) {
+    new UnaryCall<v1::GetSessionRequest, v1::Session>(
+        *this, cq, "/sessionledger.v1.SessionService/GetSession",
+        &SessionHandlers::RequestGetSession, &SessionHandlers::AnswerGetSession);
+    new UnaryCall<v1::CreateSessionRequest, v1::Session>(
+        *this, cq, "/sessionledger.v1.SessionService/CreateSession",
+        &SessionHandlers::RequestCreateSession, &SessionHandlers::AnswerCreateSession);
+  }
+}
+
+void SessionHandlers::AnswerCreateSession(const v1::CreateSessionRequest& request,
+                                          absl::Time deadline, v1::Session* response, Done done) {
+  sessions_->CreateAsync(
+      request.user_id(), request.ttl_seconds(), request.attributes(), deadline,
+      [response, done = std::move(done)](absl::StatusOr<SessionView> view) mutable {
+        std::move(done)(Respond(std::move(view), response));
+      });
 }
 
 void SessionHandlers::AnswerGetSession(const v1::GetSessionRequest& request, absl::Time deadline,

@@ -14,33 +14,39 @@ namespace sessionledger {
 // call by the caller's deadline (or `default_timeout` when it set none), and maps errors through
 // ToGrpcStatus. Stateless apart from its references; thread-safe.
 //
-// GetSession, the hot read, is served on gRPC's asynchronous API (AcceptGetSession): the read
-// goes out through the store's LookupAsync and the answer is sent from wherever the store
-// completes it, so no thread sleeps while Memcached answers. GetSession with touch (a
-// compare-and-swap write) runs on `blocking`. The other methods are synchronous.
+// GetSession (the hot read) and CreateSession (the login path) are served on gRPC's
+// asynchronous API (Accept): their store calls go out through the store's asynchronous methods
+// and the answer is sent from wherever the store completes it, so no thread sleeps while
+// Memcached answers. GetSession with touch (a compare-and-swap write) runs on `blocking`. The
+// other methods are synchronous.
 //
 // Not the callback API: in gRPC 1.51 on Linux its completions are run by "nexting" threads
 // that, after a second without work, sleep 100 ms between polls, and with it registered every
 // method of the server, Health included, showed 100 ms stalls at p99.9 (scripts/bench, 32 in
 // flight).
+//
+// The asynchronous methods are registered raw (bytes in, bytes out) and parse their requests
+// themselves: gRPC answers an asynchronous request it cannot parse with a bare INTERNAL that no
+// interceptor sees, where the contract wants INVALID_ARGUMENT naming the request.
 class SessionHandlers final
-    : public v1::SessionService::WithAsyncMethod_GetSession<v1::SessionService::Service> {
+    : public v1::SessionService::WithRawMethod_GetSession<
+          v1::SessionService::WithRawMethod_CreateSession<v1::SessionService::Service>> {
  public:
   SessionHandlers(std::shared_ptr<SessionService> sessions, absl::Duration default_timeout,
                   BlockingExecutor& blocking)
       : sessions_(std::move(sessions)), default_timeout_(default_timeout), blocking_(blocking) {}
 
-  grpc::Status CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
-                             v1::Session* response) override;
-  // Serves GetSession from completion queue `cq` (of the server this service is registered
-  // on, after it started), keeping `accepting` calls requested at any time. Run
-  // RunCompletionQueue(cq) on at least one thread.
-  void AcceptGetSession(grpc::ServerCompletionQueue* cq, int accepting);
-  // GetSession without gRPC's reactor: fills `response` and then calls `done` exactly once,
-  // possibly before returning, possibly on another thread.
+  // Serves GetSession and CreateSession from completion queue `cq` (of the server this service
+  // is registered on, after it started), keeping `accepting` calls of each requested at any
+  // time. Run RunCompletionQueue(cq) on at least one thread.
+  void Accept(grpc::ServerCompletionQueue* cq, int accepting);
+  // The asynchronous methods without gRPC's machinery: fill `response`, then call `done`
+  // exactly once, possibly before returning, possibly on another thread.
   using Done = absl::AnyInvocable<void(grpc::Status) &&>;
   void AnswerGetSession(const v1::GetSessionRequest& request, absl::Time deadline,
                         v1::Session* response, Done done);
+  void AnswerCreateSession(const v1::CreateSessionRequest& request, absl::Time deadline,
+                           v1::Session* response, Done done);
   grpc::Status UpdateSession(grpc::ServerContext* context, const v1::UpdateSessionRequest* request,
                              v1::Session* response) override;
   grpc::Status RotateSession(grpc::ServerContext* context, const v1::RotateSessionRequest* request,
@@ -56,7 +62,8 @@ class SessionHandlers final
 
  private:
   absl::Time Deadline(const grpc::ServerContextBase& context) const;
-  class GetSessionCall;
+  template <typename Request, typename Response>
+  class UnaryCall;
 
   std::shared_ptr<SessionService> sessions_;
   const absl::Duration default_timeout_;

@@ -207,20 +207,9 @@ absl::Status SessionService::AddToIndex(absl::string_view user_tag, const Stored
       SL_RETURN_IF_ERROR(LiveSessions(session.user_id(), user_tag, generation, deadline).status());
       SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
     }
-    UserSessionIndex index;
-    int64_t newest = session.absolute_expires_at_unix_micros();
-    for (const auto& e : record.index.entries()) {
-      if (FromMicros(e.absolute_expires_at_unix_micros()) <= now) continue;
-      newest = std::max(newest, e.absolute_expires_at_unix_micros());
-      *index.add_entries() = e;
-    }
-    auto* entry = index.add_entries();
-    entry->set_token_hash(session.token_hash());
-    entry->set_session_id(session.session_id());
-    entry->set_absolute_expires_at_unix_micros(session.absolute_expires_at_unix_micros());
-    // The index lives exactly as long as its longest-lived session could.
-    const absl::Status written = store_->WriteIndex(user_tag, record.cas, index,
-                                                    StoreTtl(FromMicros(newest), now), deadline);
+    const IndexWrite write = IndexWith(record.index, session, now);
+    const absl::Status written =
+        store_->WriteIndex(user_tag, record.cas, write.index, write.ttl, deadline);
     if (written.ok() || !absl::IsAborted(written)) return written;
     if (!backoff.Wait()) {
       return absl::UnavailableError("session index of this user is too busy; retry");
@@ -228,9 +217,8 @@ absl::Status SessionService::AddToIndex(absl::string_view user_tag, const Stored
   }
 }
 
-absl::StatusOr<SessionView> SessionService::Create(absl::string_view user_id, int64_t ttl_seconds,
-                                                   const AttributeMap& attributes,
-                                                   absl::Time deadline) {
+absl::StatusOr<SessionService::NewSession> SessionService::PrepareCreate(
+    absl::string_view user_id, int64_t ttl_seconds, const AttributeMap& attributes) const {
   SL_RETURN_IF_ERROR(ValidateText("user_id", user_id, options_.limits.max_user_id_bytes));
   const int64_t max_ttl = absl::ToInt64Seconds(options_.max_lifetime);
   if (ttl_seconds < 0 || ttl_seconds > max_ttl) {
@@ -242,34 +230,137 @@ absl::StatusOr<SessionView> SessionService::Create(absl::string_view user_id, in
   SL_RETURN_IF_ERROR(
       CheckAttributesSize("attributes", AttributesBytes(attributes), options_.limits));
 
-  SessionView view;
-  SL_ASSIGN_OR_RETURN(view.token, NewToken(user_id));
-  SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(view.token));
-  SL_ASSIGN_OR_RETURN(std::string session_id, NewSessionId());
+  NewSession created;
+  SL_ASSIGN_OR_RETURN(created.view.token, NewToken(user_id));
+  SL_ASSIGN_OR_RETURN(created.key, KeyForToken(created.view.token));
+  StoredSession& s = created.view.stored;
+  SL_ASSIGN_OR_RETURN(*s.mutable_session_id(), NewSessionId());
+  s.set_user_id(std::string(user_id));
+  s.set_ttl_seconds(ttl_seconds);
+  s.set_version(1);
+  *s.mutable_attributes() = attributes;
+  s.set_token_hash(created.key.token_hash);
+  return created;
+}
+
+void SessionService::StampCreated(StoredSession& s, uint64_t user_generation,
+                                  absl::Time now) const {
+  s.set_created_at_unix_micros(ToMicros(now));
+  s.set_absolute_expires_at_unix_micros(ToMicros(now + options_.max_lifetime));
+  s.set_expires_at_unix_micros(SlidExpiry(s, now));
+  s.set_user_generation(user_generation);
+}
+
+absl::Duration SessionService::SessionTtl(const StoredSession& s, absl::Time now) {
+  return StoreTtl(FromMicros(s.expires_at_unix_micros()), now);
+}
+
+SessionService::IndexWrite SessionService::IndexWith(const UserSessionIndex& current,
+                                                     const StoredSession& session, absl::Time now) {
+  IndexWrite write;
+  int64_t newest = session.absolute_expires_at_unix_micros();
+  for (const auto& e : current.entries()) {
+    if (FromMicros(e.absolute_expires_at_unix_micros()) <= now) continue;
+    newest = std::max(newest, e.absolute_expires_at_unix_micros());
+    *write.index.add_entries() = e;
+  }
+  auto* entry = write.index.add_entries();
+  entry->set_token_hash(session.token_hash());
+  entry->set_session_id(session.session_id());
+  entry->set_absolute_expires_at_unix_micros(session.absolute_expires_at_unix_micros());
+  // The index lives exactly as long as its longest-lived session could.
+  write.ttl = StoreTtl(FromMicros(newest), now);
+  return write;
+}
+
+absl::StatusOr<SessionView> SessionService::FinishCreate(NewSession created,
+                                                         std::optional<IndexRecord> index,
+                                                         absl::Time now, absl::Time deadline) {
+  const StoredSession& s = created.view.stored;
+  // Indexed before it exists, so a session is never live without being listable/revocable by
+  // the index; an entry whose add failed is pruned later.
+  SL_RETURN_IF_ERROR(AddToIndex(created.key.user_tag, s, std::move(index), deadline));
+  SL_RETURN_IF_ERROR(store_->Add(created.key, s, SessionTtl(s, now), deadline));
+  return std::move(created.view);
+}
+
+absl::StatusOr<SessionView> SessionService::Create(absl::string_view user_id, int64_t ttl_seconds,
+                                                   const AttributeMap& attributes,
+                                                   absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(NewSession created, PrepareCreate(user_id, ttl_seconds, attributes));
   // The generation and the index in one round trip: the session records the former and joins
   // the latter.
   SL_ASSIGN_OR_RETURN(UserState user,
-                      store_->ReadUserState(key.user_tag, GenerationKeepFor(), deadline));
-
+                      store_->ReadUserState(created.key.user_tag, GenerationKeepFor(), deadline));
   const absl::Time now = clock_.Now();
-  StoredSession& s = view.stored;
-  s.set_session_id(session_id);
-  s.set_user_id(std::string(user_id));
-  s.set_created_at_unix_micros(ToMicros(now));
-  s.set_absolute_expires_at_unix_micros(ToMicros(now + options_.max_lifetime));
-  s.set_ttl_seconds(ttl_seconds);
-  s.set_expires_at_unix_micros(SlidExpiry(s, now));
-  s.set_version(1);
-  *s.mutable_attributes() = attributes;
-  s.set_user_generation(user.generation);
-  s.set_token_hash(key.token_hash);
+  StampCreated(created.view.stored, user.generation, now);
+  return FinishCreate(std::move(created), std::move(user.index), now, deadline);
+}
 
-  // Indexed before it exists, so a session is never live without being listable/revocable by
-  // the index; an entry whose add failed is pruned later.
-  SL_RETURN_IF_ERROR(AddToIndex(key.user_tag, s, std::move(user.index), deadline));
-  SL_RETURN_IF_ERROR(
-      store_->Add(key, s, StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline));
-  return view;
+void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
+                                 const AttributeMap& attributes, absl::Time deadline,
+                                 ViewCallback done) {
+  absl::StatusOr<NewSession> prepared = PrepareCreate(user_id, ttl_seconds, attributes);
+  if (!prepared.ok()) {
+    std::move(done)(prepared.status());
+    return;
+  }
+  // Create's steps, each started from the answer of the one before. The common case (a fresh
+  // index entry and the add) never blocks; an index conflict or a large index goes to the
+  // blocking path, whose retries sleep.
+  auto created = std::make_shared<NewSession>(*std::move(prepared));
+  const std::string user_tag = created->key.user_tag;
+  store_->ReadUserStateAsync(
+      user_tag, GenerationKeepFor(), deadline,
+      [this, created, deadline, done = std::move(done)](absl::StatusOr<UserState> user) mutable {
+        if (!user.ok()) {
+          std::move(done)(user.status());
+          return;
+        }
+        const absl::Time now = clock_.Now();
+        StampCreated(created->view.stored, user->generation, now);
+        if (user->index.index.entries_size() >= kIndexPruneThreshold) {
+          FinishCreateBlocking(created, std::move(user->index), now, deadline, std::move(done));
+          return;
+        }
+        const IndexWrite write = IndexWith(user->index.index, created->view.stored, now);
+        store_->WriteIndexAsync(
+            created->key.user_tag, user->index.cas, write.index, write.ttl, deadline,
+            [this, created, now, deadline, done = std::move(done)](absl::Status written) mutable {
+              if (absl::IsAborted(written)) {
+                // Another session of this user was indexed meanwhile: read again and retry.
+                FinishCreateBlocking(created, std::nullopt, now, deadline, std::move(done));
+                return;
+              }
+              if (!written.ok()) {
+                std::move(done)(written);
+                return;
+              }
+              const StoredSession& s = created->view.stored;
+              store_->AddAsync(created->key, s, SessionTtl(s, now), deadline,
+                               [created, done = std::move(done)](absl::Status added) mutable {
+                                 if (!added.ok()) {
+                                   std::move(done)(added);
+                                   return;
+                                 }
+                                 std::move(done)(std::move(created->view));
+                               });
+            });
+      });
+}
+
+void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
+                                          std::optional<IndexRecord> index, absl::Time now,
+                                          absl::Time deadline, ViewCallback done) {
+  auto finish = [this, created = std::move(created), index = std::move(index), now, deadline,
+                 done = std::move(done)]() mutable {
+    std::move(done)(FinishCreate(std::move(*created), std::move(index), now, deadline));
+  };
+  if (options_.blocking == nullptr) {
+    std::move(finish)();
+  } else {
+    options_.blocking->Run(std::move(finish));
+  }
 }
 
 absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool touch,

@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "google/protobuf/map.h"
 #include "google/protobuf/repeated_ptr_field.h"
+#include "server/common/blocking_executor.h"
 #include "server/common/clock.h"
 #include "server/domain/session_store.h"
 #include "server/domain/token_authenticator.h"
@@ -41,6 +42,9 @@ struct SessionServiceOptions {
   absl::Duration backoff_max = absl::Milliseconds(20);
   // How the retry loop waits; tests inject one that does not sleep.
   std::function<void(absl::Duration)> sleep;
+  // Runs what an asynchronous call must finish blocking (a retry loop that sleeps); null runs
+  // it on the thread the store answered on.
+  BlockingExecutor* blocking = nullptr;
 };
 
 using AttributeMap = google::protobuf::Map<std::string, std::string>;
@@ -68,10 +72,14 @@ class SessionService {
 
   absl::StatusOr<SessionView> Create(absl::string_view user_id, int64_t ttl_seconds,
                                      const AttributeMap& attributes, absl::Time deadline);
-  absl::StatusOr<SessionView> Get(absl::string_view token, bool touch, absl::Time deadline);
-  // Get without touch, for callers that must not block: `done` runs exactly once, possibly
-  // before ReadAsync returns, possibly on the store's I/O thread, and must not block.
+  // The answers of the asynchronous calls: `done` runs exactly once, possibly before the call
+  // returns, possibly on the store's I/O thread, and must not block.
   using ViewCallback = absl::AnyInvocable<void(absl::StatusOr<SessionView>) &&>;
+  // Create for callers that must not block.
+  void CreateAsync(absl::string_view user_id, int64_t ttl_seconds, const AttributeMap& attributes,
+                   absl::Time deadline, ViewCallback done);
+  absl::StatusOr<SessionView> Get(absl::string_view token, bool touch, absl::Time deadline);
+  // Get without touch, for callers that must not block.
   void ReadAsync(absl::string_view token, absl::Time deadline, ViewCallback done);
   absl::StatusOr<SessionView> Update(absl::string_view token, const AttributeMap& set,
                                      const KeyList& remove, int64_t expected_version,
@@ -91,6 +99,31 @@ class SessionService {
 
  private:
   class Backoff;
+
+  // A session Create is about to store: checked input, fresh token and key.
+  struct NewSession {
+    SessionView view;
+    SessionKey key;
+  };
+  // The user's index with `session` added (dead entries dropped) and how long to keep it.
+  struct IndexWrite {
+    storage::v1::UserSessionIndex index;
+    absl::Duration ttl;
+  };
+
+  absl::StatusOr<NewSession> PrepareCreate(absl::string_view user_id, int64_t ttl_seconds,
+                                           const AttributeMap& attributes) const;
+  // Sets what depends on the moment of creation and the user's revocation generation.
+  void StampCreated(storage::v1::StoredSession& s, uint64_t user_generation, absl::Time now) const;
+  static absl::Duration SessionTtl(const storage::v1::StoredSession& s, absl::Time now);
+  static IndexWrite IndexWith(const storage::v1::UserSessionIndex& current,
+                              const storage::v1::StoredSession& session, absl::Time now);
+  // Indexes and stores a stamped session (the blocking tail of Create).
+  absl::StatusOr<SessionView> FinishCreate(NewSession created, std::optional<IndexRecord> index,
+                                           absl::Time now, absl::Time deadline);
+  // FinishCreate on options_.blocking, answering through `done`.
+  void FinishCreateBlocking(std::shared_ptr<NewSession> created, std::optional<IndexRecord> index,
+                            absl::Time now, absl::Time deadline, ViewCallback done);
 
   absl::Status CheckLive(const SessionLookup& lookup, const SessionKey& key, absl::Time now) const;
   // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when

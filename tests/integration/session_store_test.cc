@@ -23,13 +23,13 @@ namespace {
 
 class SessionStoreTest : public ::testing::Test {
  protected:
-  void Open(const std::string& url_env, bool pipelined_reads = true) {
+  void Open(const std::string& url_env, bool pipeline = true) {
     absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv(url_env));
     ASSERT_TRUE(url.ok()) << url.status();
     MemcachedPoolOptions options;
     options.url = *url;
     options.size = 2;
-    options.pipelined_reads = pipelined_reads;
+    options.pipeline = pipeline;
     absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
     ASSERT_TRUE(pool.ok()) << pool.status();
     pool_ = std::move(*pool);
@@ -177,7 +177,7 @@ TEST_P(LookupAsyncTest, NoNodeAnsweringIsUnavailable) {
                        MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}};
   options.url.replicas = 1;
   options.size = 2;
-  options.pipelined_reads = GetParam();
+  options.pipeline = GetParam();
   absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
   ASSERT_TRUE(pool.ok()) << pool.status();
   pool_ = std::move(*pool);
@@ -344,7 +344,7 @@ TEST_P(CreateStepsAsyncTest, WritesFallOverToTheCopyThatAnswers) {
                        url->nodes.front()};
   options.url.replicas = 1;
   options.size = 2;
-  options.pipelined_reads = GetParam();
+  options.pipeline = GetParam();
   absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
   ASSERT_TRUE(pool.ok()) << pool.status();
   pool_ = std::move(*pool);
@@ -372,7 +372,7 @@ TEST_P(CreateStepsAsyncTest, NoNodeAnsweringIsUnavailable) {
                        MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}};
   options.url.replicas = 1;
   options.size = 2;
-  options.pipelined_reads = GetParam();
+  options.pipeline = GetParam();
   absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
   ASSERT_TRUE(pool.ok()) << pool.status();
   pool_ = std::move(*pool);

@@ -1,13 +1,28 @@
 #include "server/session/session_service.h"
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <future>
+#include <limits>
 #include <memory>
+#include <mutex>
+#include <optional>
+#include <ostream>
+#include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
+#include "server/common/blocking_executor.h"
+#include "server/common/status_macros.h"
 #include "server/session/token.h"
 #include "tests/unit/fake_session_store.h"
 
@@ -413,6 +428,688 @@ TEST_F(SessionServiceTest, ATokenNamingAnotherUsersTagIsRejected) {
   forged.set_user_id("mallory");
   ASSERT_TRUE(store_->Put(key, forged, absl::Seconds(60), Deadline()).ok());
   EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// CreateAsync
+
+// Store calls a test can observe and answer; the asynchronous steps of CreateSession are told
+// apart from the blocking calls of the retry path.
+enum class Op {
+  kReadUserStateAsync,
+  kWriteIndexAsync,
+  kAddAsync,
+  kReadUserState,
+  kReadGeneration,
+  kReadIndex,
+  kWriteIndex,
+  kAdd,
+  kReadSessions,
+  kOther,
+};
+
+// A SessionStore that delegates to a FakeSessionStore, records every call and the thread it ran
+// on, and lets a test answer any call itself. The asynchronous forms answer on the calling
+// thread, or, given an `io` executor, on its thread after copying their arguments (like a store
+// with non-blocking I/O answering from its event loop). Thread-safe; set the injection before
+// the calls it is meant for.
+class RecordingStore final : public SessionStore {
+ public:
+  // Runs before every call, outside any lock (it may call the service). A non-OK status is the
+  // call's answer; OK lets the call through to the fake.
+  using Inject = std::function<absl::Status(Op)>;
+
+  RecordingStore(std::shared_ptr<testing::FakeSessionStore> fake, BlockingExecutor* io)
+      : fake_(std::move(fake)), io_(io) {}
+
+  void set_inject(Inject inject) {
+    std::lock_guard<std::mutex> l(mu_);
+    inject_ = std::make_shared<Inject>(std::move(inject));
+  }
+  int Count(Op op) const {
+    std::lock_guard<std::mutex> l(mu_);
+    return static_cast<int>(
+        std::count_if(calls_.begin(), calls_.end(), [op](const Call& c) { return c.op == op; }));
+  }
+  int total() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return static_cast<int>(calls_.size());
+  }
+  std::set<std::thread::id> Threads(Op op) const {
+    std::lock_guard<std::mutex> l(mu_);
+    std::set<std::thread::id> threads;
+    for (const Call& c : calls_) {
+      if (c.op == op) threads.insert(c.thread);
+    }
+    return threads;
+  }
+
+  void ReadUserStateAsync(absl::string_view user_tag, absl::Duration keep_generation_for,
+                          absl::Time deadline, UserStateCallback done) override {
+    Answer([this, tag = std::string(user_tag), keep_generation_for, deadline,
+            done = std::move(done)]() mutable {
+      if (absl::Status s = Record(Op::kReadUserStateAsync); !s.ok()) {
+        std::move(done)(s);
+        return;
+      }
+      std::move(done)(fake_->ReadUserState(tag, keep_generation_for, deadline));
+    });
+  }
+  void WriteIndexAsync(absl::string_view user_tag, const std::optional<CasToken>& cas,
+                       const storage::v1::UserSessionIndex& index, absl::Duration ttl,
+                       absl::Time deadline, StatusCallback done) override {
+    Answer([this, tag = std::string(user_tag), cas, index, ttl, deadline,
+            done = std::move(done)]() mutable {
+      if (absl::Status s = Record(Op::kWriteIndexAsync); !s.ok()) {
+        std::move(done)(s);
+        return;
+      }
+      std::move(done)(fake_->WriteIndex(tag, cas, index, ttl, deadline));
+    });
+  }
+  void AddAsync(const SessionKey& key, const storage::v1::StoredSession& session,
+                absl::Duration ttl, absl::Time deadline, StatusCallback done) override {
+    Answer([this, key, session, ttl, deadline, done = std::move(done)]() mutable {
+      if (absl::Status s = Record(Op::kAddAsync); !s.ok()) {
+        std::move(done)(s);
+        return;
+      }
+      std::move(done)(fake_->Add(key, session, ttl, deadline));
+    });
+  }
+
+  absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kOther));
+    return fake_->Lookup(key, deadline);
+  }
+  absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kOther));
+    return fake_->Peek(key, deadline);
+  }
+  absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& session,
+                   absl::Duration ttl, absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kAdd));
+    return fake_->Add(key, session, ttl, deadline);
+  }
+  absl::Status CompareAndSwap(const SessionKey& key, const CasToken& cas,
+                              const storage::v1::StoredSession& session, absl::Duration ttl,
+                              absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kOther));
+    return fake_->CompareAndSwap(key, cas, session, ttl, deadline);
+  }
+  absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& session,
+                   absl::Duration ttl, absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kOther));
+    return fake_->Put(key, session, ttl, deadline);
+  }
+  absl::Status Remove(const SessionKey& key, absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kOther));
+    return fake_->Remove(key, deadline);
+  }
+  absl::StatusOr<uint64_t> ReadGeneration(absl::string_view user_tag, absl::Duration keep_for,
+                                          absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kReadGeneration));
+    return fake_->ReadGeneration(user_tag, keep_for, deadline);
+  }
+  absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view user_tag, absl::Duration keep_for,
+                                             absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kOther));
+    return fake_->AdvanceGeneration(user_tag, keep_for, deadline);
+  }
+  absl::StatusOr<IndexRecord> ReadIndex(absl::string_view user_tag, absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kReadIndex));
+    return fake_->ReadIndex(user_tag, deadline);
+  }
+  absl::Status WriteIndex(absl::string_view user_tag, const std::optional<CasToken>& cas,
+                          const storage::v1::UserSessionIndex& index, absl::Duration ttl,
+                          absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kWriteIndex));
+    return fake_->WriteIndex(user_tag, cas, index, ttl, deadline);
+  }
+  absl::StatusOr<UserState> ReadUserState(absl::string_view user_tag,
+                                          absl::Duration keep_generation_for,
+                                          absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kReadUserState));
+    return fake_->ReadUserState(user_tag, keep_generation_for, deadline);
+  }
+  absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
+      absl::string_view user_tag, const std::vector<std::string>& token_hashes,
+      absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kReadSessions));
+    return fake_->ReadSessions(user_tag, token_hashes, deadline);
+  }
+
+ private:
+  struct Call {
+    Op op;
+    std::thread::id thread;
+  };
+
+  absl::Status Record(Op op) {
+    std::shared_ptr<Inject> inject;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      calls_.push_back({op, std::this_thread::get_id()});
+      inject = inject_;
+    }
+    return inject != nullptr && *inject ? (*inject)(op) : absl::OkStatus();
+  }
+  void Answer(absl::AnyInvocable<void() &&> work) {
+    if (io_ == nullptr) {
+      std::move(work)();
+    } else {
+      io_->Run(std::move(work));
+    }
+  }
+
+  const std::shared_ptr<testing::FakeSessionStore> fake_;
+  BlockingExecutor* const io_;
+  mutable std::mutex mu_;
+  std::vector<Call> calls_;         // Guarded by mu_.
+  std::shared_ptr<Inject> inject_;  // Guarded by mu_.
+};
+
+// The answers of one asynchronous call, for a test to wait on. Thread-safe.
+class AsyncAnswer {
+ public:
+  SessionService::ViewCallback Callback() {
+    return [this](absl::StatusOr<SessionView> view) {
+      std::lock_guard<std::mutex> l(mu_);
+      if (++calls_ == 1) {
+        view_ = std::move(view);
+        thread_ = std::this_thread::get_id();
+      }
+      answered_.notify_all();
+    };
+  }
+  // The first answer; DEADLINE_EXCEEDED when none came (the call lost its callback).
+  absl::StatusOr<SessionView> Wait() {
+    std::unique_lock<std::mutex> l(mu_);
+    if (!answered_.wait_for(l, std::chrono::seconds(10), [this] { return calls_ > 0; })) {
+      return absl::DeadlineExceededError("test: CreateAsync did not answer within 10 s");
+    }
+    return view_;
+  }
+  int calls() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return calls_;
+  }
+  std::thread::id thread() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return thread_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable answered_;
+  int calls_ = 0;
+  absl::StatusOr<SessionView> view_ = absl::UnknownError("test: no answer");
+  std::thread::id thread_;
+};
+
+std::thread::id ThreadOf(BlockingExecutor& executor) {
+  std::promise<std::thread::id> id;
+  std::future<std::thread::id> got = id.get_future();
+  executor.Run([&id] { id.set_value(std::this_thread::get_id()); });
+  return got.get();
+}
+
+struct CreateAsyncMode {
+  bool executor;   // SessionServiceOptions::blocking is a BlockingExecutor (else null).
+  bool io_thread;  // The store answers the asynchronous calls on its own thread.
+};
+
+void PrintTo(const CreateAsyncMode& mode, std::ostream* os) {
+  *os << (mode.executor ? "blocking executor" : "no blocking executor") << ", store answers on "
+      << (mode.io_thread ? "its I/O thread" : "the calling thread");
+}
+
+// CreateAsync over a RecordingStore, in every combination of where the store answers and where
+// the blocking path runs. Every test must see each of its calls answered exactly once.
+class CreateAsyncTest : public ::testing::TestWithParam<CreateAsyncMode> {
+ protected:
+  CreateAsyncTest() {
+    fake_ = std::make_shared<testing::FakeSessionStore>(clock_);
+    if (GetParam().io_thread) {
+      io_ = std::make_unique<BlockingExecutor>(1);
+      io_thread_ = ThreadOf(*io_);
+    }
+    store_ = std::make_shared<RecordingStore>(fake_, io_.get());
+    options_.default_ttl = kTtl;
+    options_.max_lifetime = kLifetime;
+    // Runs on several threads at once, so it keeps no state.
+    options_.sleep = [](absl::Duration) {};
+    Restart(1);
+  }
+
+  void TearDown() override {
+    // Runs what is still queued (the service outlives it), then joins.
+    io_.reset();
+    blocking_.reset();
+    std::lock_guard<std::mutex> l(answers_mu_);
+    for (size_t i = 0; i < answers_.size(); ++i) {
+      EXPECT_EQ(answers_[i]->calls(), 1) << "CreateAsync #" << i << " must answer exactly once";
+    }
+  }
+
+  // A new service with `options_` and, in executor mode, a blocking executor of `threads`.
+  void Restart(int threads) {
+    blocking_.reset();
+    if (GetParam().executor) {
+      blocking_ = std::make_unique<BlockingExecutor>(threads);
+      blocking_thread_ = threads == 1 ? ThreadOf(*blocking_) : std::thread::id();
+    }
+    SessionServiceOptions options = options_;
+    options.blocking = blocking_.get();
+    service_ = std::make_shared<SessionService>(store_, clock_, options);
+  }
+
+  absl::Time Deadline() const { return absl::Now() + absl::Seconds(10); }
+
+  AsyncAnswer& Start(const std::string& user, int64_t ttl = 0, const AttributeMap& attrs = {}) {
+    AsyncAnswer* answer;
+    {
+      std::lock_guard<std::mutex> l(answers_mu_);
+      answers_.push_back(std::make_unique<AsyncAnswer>());
+      answer = answers_.back().get();
+    }
+    service_->CreateAsync(user, ttl, attrs, Deadline(), answer->Callback());
+    return *answer;
+  }
+  absl::StatusOr<SessionView> CreateAsync(const std::string& user, int64_t ttl = 0,
+                                          const AttributeMap& attrs = {}) {
+    return Start(user, ttl, attrs).Wait();
+  }
+  SessionView MustCreate(const std::string& user) {
+    absl::StatusOr<SessionView> v = service_->Create(user, 0, {}, Deadline());
+    EXPECT_TRUE(v.ok()) << v.status();
+    return v.ok() ? *v : SessionView{};
+  }
+  std::vector<std::string> ListedIds(const std::string& user) {
+    absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+        service_->List(user, Deadline());
+    EXPECT_TRUE(listed.ok()) << listed.status();
+    return listed.ok() ? Ids(*listed) : std::vector<std::string>{};
+  }
+
+  // Where the store's answers run, and where the blocking path must run.
+  std::thread::id StoreThread() const {
+    return GetParam().io_thread ? io_thread_ : std::this_thread::get_id();
+  }
+  std::thread::id FinisherThread() const {
+    return GetParam().executor ? blocking_thread_ : StoreThread();
+  }
+
+  FakeClock clock_;
+  std::shared_ptr<testing::FakeSessionStore> fake_;
+  std::unique_ptr<BlockingExecutor> io_;
+  std::thread::id io_thread_;
+  std::shared_ptr<RecordingStore> store_;
+  SessionServiceOptions options_;
+  std::unique_ptr<BlockingExecutor> blocking_;
+  std::thread::id blocking_thread_;
+  std::shared_ptr<SessionService> service_;
+  std::mutex answers_mu_;
+  std::vector<std::unique_ptr<AsyncAnswer>> answers_;  // Guarded by answers_mu_.
+};
+
+INSTANTIATE_TEST_SUITE_P(Modes, CreateAsyncTest,
+                         ::testing::Values(CreateAsyncMode{false, false},
+                                           CreateAsyncMode{true, false},
+                                           CreateAsyncMode{false, true},
+                                           CreateAsyncMode{true, true}),
+                         [](const ::testing::TestParamInfo<CreateAsyncMode>& info) {
+                           return std::string(info.param.executor ? "Executor" : "Inline") +
+                                  (info.param.io_thread ? "IoThread" : "CallerThread");
+                         });
+
+TEST_P(CreateAsyncTest, AnswersWhatCreateWouldAndTheSessionIsReadableAndListed) {
+  const absl::Time now = clock_.Now();
+  AttributeMap attrs;
+  attrs["role"] = "admin";
+  attrs["lang"] = "de";
+  AsyncAnswer& answer = Start("alice", 0, attrs);
+  absl::StatusOr<SessionView> v = answer.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(answer.thread(), StoreThread());
+  // The common case is asynchronous throughout: no blocking store call, no executor.
+  EXPECT_EQ(store_->Count(Op::kReadUserStateAsync), 1);
+  EXPECT_EQ(store_->Count(Op::kWriteIndexAsync), 1);
+  EXPECT_EQ(store_->Count(Op::kAddAsync), 1);
+  EXPECT_EQ(store_->total(), 3);
+
+  EXPECT_EQ(v->token.size(), kTokenLength);
+  const SessionKey key = *KeyForToken(v->token);
+  EXPECT_EQ(key.user_tag, UserTag("alice"));
+  const storage::v1::StoredSession& s = v->stored;
+  EXPECT_EQ(s.token_hash(), key.token_hash);
+  EXPECT_FALSE(s.session_id().empty());
+  EXPECT_EQ(s.user_id(), "alice");
+  EXPECT_EQ(s.version(), 1);
+  EXPECT_EQ(s.ttl_seconds(), 60);
+  EXPECT_EQ(s.created_at_unix_micros(), Micros(now));
+  EXPECT_EQ(s.expires_at_unix_micros(), Micros(now + kTtl));
+  EXPECT_EQ(s.absolute_expires_at_unix_micros(), Micros(now + kLifetime));
+  EXPECT_EQ(s.user_generation(), 0u);
+  EXPECT_FALSE(s.deleted());
+  ASSERT_EQ(s.attributes().size(), 2u);
+  EXPECT_EQ(s.attributes().at("role"), "admin");
+  EXPECT_EQ(s.attributes().at("lang"), "de");
+  EXPECT_EQ(fake_->TtlOf(key.token_hash), kTtl);
+
+  // Field for field what Create stores, but for the token's own parts.
+  absl::StatusOr<SessionView> c = service_->Create("alice", 0, attrs, Deadline());
+  ASSERT_TRUE(c.ok()) << c.status();
+  storage::v1::StoredSession a = s;
+  storage::v1::StoredSession b = c->stored;
+  for (storage::v1::StoredSession* m : {&a, &b}) {
+    m->clear_session_id();
+    m->clear_token_hash();
+  }
+  EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(a, b))
+      << a.DebugString() << "\nvs Create's\n"
+      << b.DebugString();
+
+  absl::StatusOr<SessionView> read = service_->Get(v->token, false, Deadline());
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->stored.session_id(), s.session_id());
+  EXPECT_EQ(read->stored.version(), 1);
+  EXPECT_THAT(ListedIds("alice"), UnorderedElementsAre(s.session_id(), c->stored.session_id()));
+  absl::StatusOr<IndexRecord> index = fake_->ReadIndex(UserTag("alice"), Deadline());
+  ASSERT_TRUE(index.ok());
+  ASSERT_EQ(index->index.entries_size(), 2);
+  EXPECT_EQ(index->index.entries(0).token_hash(), key.token_hash);
+  EXPECT_EQ(index->index.entries(0).session_id(), s.session_id());
+  EXPECT_EQ(index->index.entries(0).absolute_expires_at_unix_micros(), Micros(now + kLifetime));
+}
+
+TEST_P(CreateAsyncTest, ExplicitTtlIsKept) {
+  const absl::Time now = clock_.Now();
+  absl::StatusOr<SessionView> v = CreateAsync("alice", 100);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->stored.ttl_seconds(), 100);
+  EXPECT_EQ(v->stored.expires_at_unix_micros(), Micros(now + absl::Seconds(100)));
+  EXPECT_EQ(fake_->TtlOf(KeyForToken(v->token)->token_hash), absl::Seconds(100));
+  clock_.Advance(absl::Seconds(99));
+  EXPECT_TRUE(service_->Get(v->token, false, Deadline()).ok());
+  clock_.Advance(absl::Seconds(1));
+  EXPECT_TRUE(absl::IsNotFound(service_->Get(v->token, false, Deadline()).status()));
+}
+
+TEST_P(CreateAsyncTest, RejectsBadInputLikeCreateWithoutTouchingTheStore) {
+  struct Case {
+    std::string user;
+    int64_t ttl;
+    AttributeMap attrs;
+    std::string field;
+  };
+  AttributeMap empty_key;
+  empty_key[""] = "v";
+  AttributeMap control_key;
+  control_key["a\x01"] = "v";
+  AttributeMap too_big;
+  too_big["k"] = std::string(64 * 1024, 'v');  // One byte above 64 KiB with the key.
+  const std::vector<Case> cases = {
+      {"", 0, {}, "user_id"},
+      {std::string(129, 'u'), 0, {}, "user_id"},
+      {"bad\tuser", 0, {}, "user_id"},
+      {"bad\x7fuser", 0, {}, "user_id"},
+      {"bad\xffuser", 0, {}, "user_id"},
+      {"alice", -1, {}, "ttl_seconds"},
+      {"alice", std::numeric_limits<int64_t>::min(), {}, "ttl_seconds"},
+      {"alice", 301, {}, "ttl_seconds"},
+      {"alice", 0, empty_key, "attributes"},
+      {"alice", 0, control_key, "attributes"},
+      {"alice", 0, too_big, "attributes"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    SCOPED_TRACE(absl::StrCat("case ", i, " (", c.field, ")"));
+    const absl::Status got = CreateAsync(c.user, c.ttl, c.attrs).status();
+    EXPECT_TRUE(absl::IsInvalidArgument(got)) << got;
+    EXPECT_THAT(std::string(got.message()), HasSubstr(c.field));
+    EXPECT_EQ(got, service_->Create(c.user, c.ttl, c.attrs, Deadline()).status());
+  }
+  EXPECT_EQ(store_->total(), 0);
+
+  // The limits themselves are fine.
+  AttributeMap largest;
+  largest["k"] = std::string(64 * 1024 - 1, 'v');
+  absl::StatusOr<SessionView> v = CreateAsync(std::string(128, 'u'), 300, largest);
+  EXPECT_TRUE(v.ok()) << v.status();
+}
+
+TEST_P(CreateAsyncTest, SessionOfARevokedUserIsLiveUntilTheNextRevoke) {
+  const std::string tag = UserTag("alice");
+  SessionView old = MustCreate("alice");
+  ASSERT_EQ(*service_->Revoke("alice", Deadline()), 1);
+  for (uint64_t generation = 1; generation <= 2; ++generation) {
+    SCOPED_TRACE(absl::StrCat("generation ", generation));
+    absl::StatusOr<SessionView> v = CreateAsync("alice");
+    ASSERT_TRUE(v.ok()) << v.status();
+    EXPECT_EQ(*fake_->ReadGeneration(tag, absl::Hours(1), Deadline()), generation);
+    EXPECT_EQ(v->stored.user_generation(), generation);
+    EXPECT_TRUE(service_->Get(v->token, false, Deadline()).ok());
+    EXPECT_THAT(ListedIds("alice"), UnorderedElementsAre(v->stored.session_id()));
+    EXPECT_TRUE(absl::IsNotFound(service_->Get(old.token, false, Deadline()).status()));
+
+    absl::StatusOr<int64_t> revoked = service_->Revoke("alice", Deadline());
+    ASSERT_TRUE(revoked.ok()) << revoked.status();
+    EXPECT_EQ(*revoked, 1);
+    EXPECT_TRUE(absl::IsNotFound(service_->Get(v->token, false, Deadline()).status()));
+    EXPECT_TRUE(ListedIds("alice").empty());
+    old = *v;
+  }
+}
+
+TEST_P(CreateAsyncTest, IndexConflictFinishesOnTheBlockingPathAndKeepsEverySession) {
+  // Another Create of the same user indexes its session between our read of the index and our
+  // write, so the compare-and-swap really conflicts: first on creating the user's index, then
+  // on replacing an existing one.
+  for (const bool existing_index : {false, true}) {
+    const std::string user = existing_index ? "bob" : "alice";
+    SCOPED_TRACE(user);
+    std::vector<std::string> expected;
+    if (existing_index) expected.push_back(MustCreate(user).stored.session_id());
+    auto other = std::make_shared<std::optional<SessionView>>();
+    auto fired = std::make_shared<std::atomic<bool>>(false);
+    store_->set_inject([this, user, other, fired](Op op) {
+      if (op == Op::kWriteIndexAsync && !fired->exchange(true)) {
+        absl::StatusOr<SessionView> c = service_->Create(user, 0, {}, Deadline());
+        EXPECT_TRUE(c.ok()) << c.status();
+        if (c.ok()) *other = *c;
+      }
+      return absl::OkStatus();
+    });
+    const int async_writes = store_->Count(Op::kWriteIndexAsync);
+    const int async_adds = store_->Count(Op::kAddAsync);
+    const int adds = store_->Count(Op::kAdd);
+    AsyncAnswer& answer = Start(user);
+    absl::StatusOr<SessionView> v = answer.Wait();
+    store_->set_inject(nullptr);
+    ASSERT_TRUE(v.ok()) << v.status();
+    ASSERT_TRUE(other->has_value());
+    expected.push_back((*other)->stored.session_id());
+    expected.push_back(v->stored.session_id());
+    EXPECT_EQ(store_->Count(Op::kWriteIndexAsync), async_writes + 1);
+    // The blocking path added the session (the asynchronous add never ran), on the executor
+    // when there is one.
+    EXPECT_EQ(store_->Count(Op::kAddAsync), async_adds);
+    EXPECT_EQ(store_->Count(Op::kAdd), adds + 2);  // The other Create's and ours.
+    EXPECT_EQ(answer.thread(), FinisherThread());
+    EXPECT_EQ(store_->Threads(Op::kAdd).count(FinisherThread()), 1u);
+    if (GetParam().executor) {
+      EXPECT_NE(FinisherThread(), std::this_thread::get_id());
+      EXPECT_NE(FinisherThread(), StoreThread());
+    }
+
+    EXPECT_EQ(fake_->IndexSize(UserTag(user)), expected.size());
+    const std::vector<std::string> listed = ListedIds(user);
+    EXPECT_EQ(std::set<std::string>(listed.begin(), listed.end()),
+              std::set<std::string>(expected.begin(), expected.end()));
+    EXPECT_EQ(listed.size(), expected.size());
+    EXPECT_TRUE(service_->Get(v->token, false, Deadline()).ok());
+    EXPECT_TRUE(service_->Get((*other)->token, false, Deadline()).ok());
+  }
+}
+
+TEST_P(CreateAsyncTest, AbortedIndexWriteRereadsTheIndex) {
+  SessionView first = MustCreate("alice");
+  auto fired = std::make_shared<std::atomic<bool>>(false);
+  store_->set_inject([fired](Op op) {
+    if (op == Op::kWriteIndexAsync && !fired->exchange(true)) {
+      return absl::AbortedError("injected: index changed");
+    }
+    return absl::OkStatus();
+  });
+  const int reads = store_->Count(Op::kReadIndex);
+  AsyncAnswer& answer = Start("alice");
+  absl::StatusOr<SessionView> v = answer.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(answer.thread(), FinisherThread());
+  EXPECT_EQ(store_->Count(Op::kReadIndex), reads + 1);
+  EXPECT_EQ(store_->Threads(Op::kWriteIndex).count(FinisherThread()), 1u);
+  EXPECT_EQ(fake_->IndexSize(UserTag("alice")), 2u);
+  EXPECT_THAT(ListedIds("alice"),
+              UnorderedElementsAre(first.stored.session_id(), v->stored.session_id()));
+}
+
+TEST_P(CreateAsyncTest, IndexThatKeepsConflictingIsUnavailableLikeCreate) {
+  options_.max_cas_attempts = 5;
+  Restart(1);
+  store_->set_inject([](Op op) {
+    if (op == Op::kWriteIndexAsync || op == Op::kWriteIndex) {
+      return absl::AbortedError("injected: index changed");
+    }
+    return absl::OkStatus();
+  });
+  const absl::Status got = CreateAsync("alice").status();
+  EXPECT_TRUE(absl::IsUnavailable(got)) << got;
+  EXPECT_EQ(store_->Count(Op::kWriteIndex), 5);
+  EXPECT_EQ(store_->Count(Op::kAdd) + store_->Count(Op::kAddAsync), 0);
+  EXPECT_EQ(got, service_->Create("alice", 0, {}, Deadline()).status());
+  EXPECT_EQ(store_->Count(Op::kWriteIndex), 10);
+}
+
+TEST_P(CreateAsyncTest, StoreFailuresOfEachStepReachDone) {
+  struct Case {
+    Op op;
+    absl::Status injected;
+  };
+  const std::vector<Case> cases = {
+      {Op::kReadUserStateAsync, absl::UnavailableError("injected: down")},
+      {Op::kWriteIndexAsync, absl::UnavailableError("injected: down")},
+      {Op::kAddAsync, absl::UnavailableError("injected: down")},
+      {Op::kAddAsync, absl::AlreadyExistsError("injected: exists")},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(absl::StrCat("op ", static_cast<int>(c.op), ": ", c.injected.ToString()));
+    const int writes = store_->Count(Op::kWriteIndexAsync);
+    store_->set_inject([&c](Op op) { return op == c.op ? c.injected : absl::OkStatus(); });
+    AsyncAnswer& answer = Start("alice");
+    const absl::Status got = answer.Wait().status();
+    EXPECT_EQ(got.code(), c.injected.code()) << got;
+    EXPECT_EQ(answer.thread(), StoreThread());
+    // Nothing is written after a failed read.
+    if (c.op == Op::kReadUserStateAsync) {
+      EXPECT_EQ(store_->Count(Op::kWriteIndexAsync), writes);
+    }
+    // Create answers the same failure of its blocking step with the same code.
+    const Op blocking = c.op == Op::kReadUserStateAsync ? Op::kReadUserState
+                        : c.op == Op::kWriteIndexAsync  ? Op::kWriteIndex
+                                                        : Op::kAdd;
+    store_->set_inject(
+        [&c, blocking](Op op) { return op == blocking ? c.injected : absl::OkStatus(); });
+    EXPECT_EQ(service_->Create("alice", 0, {}, Deadline()).status().code(), c.injected.code());
+    store_->set_inject(nullptr);
+  }
+  // No session was stored (entries of failed adds stay in the index until pruned).
+  EXPECT_TRUE(ListedIds("alice").empty());
+
+  fake_->set_unavailable(true);
+  const absl::Status down = CreateAsync("alice").status();
+  EXPECT_TRUE(absl::IsUnavailable(down)) << down;
+  fake_->set_unavailable(false);
+  EXPECT_TRUE(CreateAsync("alice").ok());
+}
+
+TEST_P(CreateAsyncTest, StoreFailuresOnTheBlockingPathReachDone) {
+  for (Op failing : {Op::kReadIndex, Op::kWriteIndex, Op::kAdd}) {
+    SCOPED_TRACE(absl::StrCat("op ", static_cast<int>(failing)));
+    store_->set_inject([failing](Op op) {
+      if (op == Op::kWriteIndexAsync) return absl::AbortedError("injected: index changed");
+      if (op == failing) return absl::UnavailableError("injected: down");
+      return absl::OkStatus();
+    });
+    AsyncAnswer& answer = Start("alice");
+    const absl::Status got = answer.Wait().status();
+    EXPECT_TRUE(absl::IsUnavailable(got)) << got;
+    EXPECT_EQ(answer.thread(), FinisherThread());
+  }
+}
+
+TEST_P(CreateAsyncTest, ConcurrentCreatesOfOneUserAreAllIndexed) {
+  // Real (short) backoff sleeps spread the retries of the blocking path.
+  options_.sleep = nullptr;
+  options_.backoff_base = absl::Microseconds(50);
+  options_.backoff_max = absl::Milliseconds(2);
+  Restart(4);
+  // A pause between reading the index and writing it makes the creates overlap (and conflict)
+  // even when the store answers on the callers' threads.
+  store_->set_inject([](Op op) {
+    if (op == Op::kWriteIndexAsync) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    return absl::OkStatus();
+  });
+  constexpr int kThreads = 4;
+  constexpr int kPerThread = 25;
+  std::vector<AsyncAnswer*> answers(kThreads * kPerThread);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) answers[t * kPerThread + i] = &Start("alice");
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  std::set<std::string> created;
+  for (AsyncAnswer* answer : answers) {
+    absl::StatusOr<SessionView> v = answer->Wait();
+    ASSERT_TRUE(v.ok()) << v.status();
+    created.insert(v->stored.session_id());
+  }
+  ASSERT_EQ(created.size(), answers.size());
+  const std::vector<std::string> listed = ListedIds("alice");
+  EXPECT_EQ(std::set<std::string>(listed.begin(), listed.end()), created);
+  EXPECT_EQ(listed.size(), created.size());
+  EXPECT_EQ(fake_->IndexSize(UserTag("alice")), created.size());
+}
+
+TEST_P(CreateAsyncTest, IndexAtThePruneThresholdGoesThroughThePrunePath) {
+  for (int i = 0; i < 256; ++i) MustCreate("chatty");
+  ASSERT_EQ(fake_->IndexSize(UserTag("chatty")), 256u);
+  const int session_reads = store_->Count(Op::kReadSessions);
+  AsyncAnswer& answer = Start("chatty");
+  absl::StatusOr<SessionView> v = answer.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(answer.thread(), FinisherThread());
+  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 1);  // Pruning read them.
+  EXPECT_EQ(store_->Count(Op::kWriteIndexAsync), 0);
+  EXPECT_EQ(fake_->IndexSize(UserTag("chatty")), 257u);
+  EXPECT_TRUE(service_->Get(v->token, false, Deadline()).ok());
+  const std::vector<std::string> listed = ListedIds("chatty");
+  EXPECT_EQ(listed.size(), 257u);
+  EXPECT_EQ(std::count(listed.begin(), listed.end(), v->stored.session_id()), 1);
+}
+
+TEST_P(CreateAsyncTest, PrunePathDropsDeadEntries) {
+  std::vector<SessionView> sessions;
+  for (int i = 0; i < 300; ++i) sessions.push_back(MustCreate("chatty"));
+  for (int i = 1; i < 300; ++i) ASSERT_TRUE(service_->Delete(sessions[i].token, Deadline()).ok());
+  clock_.Advance(absl::Seconds(31));  // Past the grace for entries of in-flight creates.
+  absl::StatusOr<SessionView> v = CreateAsync("chatty");
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(fake_->IndexSize(UserTag("chatty")), 2u);
+  EXPECT_THAT(ListedIds("chatty"),
+              UnorderedElementsAre(sessions[0].stored.session_id(), v->stored.session_id()));
 }
 
 }  // namespace
