@@ -1,6 +1,7 @@
 #include "server/session/session_service.h"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <set>
 #include <utility>
@@ -305,9 +306,8 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
     std::move(done)(prepared.status());
     return;
   }
-  // Create's steps, each started from the answer of the one before. The common case (a fresh
-  // index entry and the add) never blocks; an index conflict or a large index goes to the
-  // blocking path, whose retries sleep.
+  // Create's steps, each started from the answer of the one before. The common case never
+  // blocks; an index conflict or a large index goes to the blocking path, whose retries sleep.
   auto created = std::make_shared<NewSession>(*std::move(prepared));
   const std::string user_tag = created->key.user_tag;
   store_->ReadUserStateAsync(
@@ -324,36 +324,60 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
           return;
         }
         const IndexWrite write = IndexWith(user->index.index, created->view.stored, now);
-        store_->WriteIndexAsync(
-            created->key.user_tag, user->index.cas, write.index, write.ttl, deadline,
-            [this, created, now, deadline, done = std::move(done)](absl::Status written) mutable {
-              if (absl::IsAborted(written)) {
-                // Another session of this user was indexed meanwhile: read again and retry.
-                FinishCreateBlocking(created, std::nullopt, now, deadline, std::move(done));
-                return;
-              }
-              if (!written.ok()) {
-                std::move(done)(written);
-                return;
-              }
-              const StoredSession& s = created->view.stored;
-              store_->AddAsync(created->key, s, SessionTtl(s, now), deadline,
-                               [created, done = std::move(done)](absl::Status added) mutable {
-                                 if (!added.ok()) {
-                                   std::move(done)(added);
-                                   return;
-                                 }
-                                 std::move(done)(std::move(created->view));
-                               });
-            });
+        // The index entry and the session are written at once (one round trip, not two): the
+        // token is handed out only once both are in, so no caller ever holds a session that is
+        // not indexed. A session whose index write failed is never handed out and expires.
+        struct Join {
+          absl::Status written;
+          absl::Status added;
+          std::atomic<int> pending{2};
+          ViewCallback done;
+        };
+        auto join = std::make_shared<Join>();
+        join->done = std::move(done);
+        auto settle = [this, created, now, deadline, join]() {
+          if (join->pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+          if (!join->added.ok()) {
+            std::move(join->done)(join->added);
+          } else if (absl::IsAborted(join->written)) {
+            // Another session of this user was indexed meanwhile: read again and retry.
+            FinishCreateBlocking(created, std::nullopt, now, deadline, std::move(join->done),
+                                 /*added=*/true);
+          } else if (!join->written.ok()) {
+            std::move(join->done)(join->written);
+          } else {
+            std::move(join->done)(std::move(created->view));
+          }
+        };
+        store_->WriteIndexAsync(created->key.user_tag, user->index.cas, write.index, write.ttl,
+                                deadline, [join, settle](absl::Status written) mutable {
+                                  join->written = std::move(written);
+                                  settle();
+                                });
+        const StoredSession& s = created->view.stored;
+        store_->AddAsync(created->key, s, SessionTtl(s, now), deadline,
+                         [join, settle](absl::Status added) mutable {
+                           join->added = std::move(added);
+                           settle();
+                         });
       });
 }
 
 void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
                                           std::optional<IndexRecord> index, absl::Time now,
-                                          absl::Time deadline, ViewCallback done) {
+                                          absl::Time deadline, ViewCallback done, bool added) {
   auto finish = [this, created = std::move(created), index = std::move(index), now, deadline,
-                 done = std::move(done)]() mutable {
+                 done = std::move(done), added]() mutable {
+    if (added) {
+      const absl::Status indexed =
+          AddToIndex(created->key.user_tag, created->view.stored, std::move(index), deadline);
+      if (!indexed.ok()) {
+        std::move(done)(indexed);
+      } else {
+        std::move(done)(std::move(created->view));
+      }
+      return;
+    }
     std::move(done)(FinishCreate(std::move(*created), std::move(index), now, deadline));
   };
   if (options_.blocking == nullptr) {

@@ -75,7 +75,10 @@ class SessionService {
   // The answers of the asynchronous calls: `done` runs exactly once, possibly before the call
   // returns, possibly on the store's I/O thread, and must not block.
   using ViewCallback = absl::AnyInvocable<void(absl::StatusOr<SessionView>) &&>;
-  // Create for callers that must not block.
+  // Create for callers that must not block. It writes the index entry and the session at once
+  // (one round trip less than Create): the token is handed out only once both are stored, so no
+  // caller ever holds a session that is not indexed; one whose index write failed is never
+  // handed out and expires unseen.
   void CreateAsync(absl::string_view user_id, int64_t ttl_seconds, const AttributeMap& attributes,
                    absl::Time deadline, ViewCallback done);
   absl::StatusOr<SessionView> Get(absl::string_view token, bool touch, absl::Time deadline);
@@ -121,9 +124,11 @@ class SessionService {
   // Indexes and stores a stamped session (the blocking tail of Create).
   absl::StatusOr<SessionView> FinishCreate(NewSession created, std::optional<IndexRecord> index,
                                            absl::Time now, absl::Time deadline);
-  // FinishCreate on options_.blocking, answering through `done`.
+  // FinishCreate on options_.blocking, answering through `done`; with `added`, the session is
+  // already stored and only its index entry is written.
   void FinishCreateBlocking(std::shared_ptr<NewSession> created, std::optional<IndexRecord> index,
-                            absl::Time now, absl::Time deadline, ViewCallback done);
+                            absl::Time now, absl::Time deadline, ViewCallback done,
+                            bool added = false);
 
   absl::Status CheckLive(const SessionLookup& lookup, const SessionKey& key, absl::Time now) const;
   // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when
