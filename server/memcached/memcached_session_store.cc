@@ -571,6 +571,22 @@ struct CopyWrite {
   int copies() const { return static_cast<int>(places.size()); }
 };
 
+std::shared_ptr<CopyWrite> NewCopyWrite(MemcachedPool& pool, MemcachedPipeline& pipeline,
+                                        std::vector<CopyPlace> places, std::string key,
+                                        std::string value, time_t expiration, absl::Time deadline,
+                                        SessionStore::StatusCallback done) {
+  auto write = std::make_shared<CopyWrite>();
+  write->pool = &pool;
+  write->pipeline = &pipeline;
+  write->places = std::move(places);
+  write->key = std::move(key);
+  write->value = std::move(value);
+  write->expiration = expiration;
+  write->deadline = deadline;
+  write->done = std::move(done);
+  return write;
+}
+
 // The primary took the value: set it on the other copies (best effort, as in Conn::SetOthers)
 // and answer once they have answered, so that a caller's next write cannot overtake them.
 void SetOthersAsync(const std::shared_ptr<CopyWrite>& write, int primary) {
@@ -806,15 +822,8 @@ void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,
     });
     return;
   }
-  auto write = std::make_shared<CopyWrite>();
-  write->pool = &pool_;
-  write->pipeline = pipeline;
-  write->places = std::move(places);
-  write->key = IndexKeyName(user_tag);
-  write->value = index.SerializeAsString();
-  write->expiration = *expiration;
-  write->deadline = deadline;
-  write->done = std::move(done);
+  auto write = NewCopyWrite(pool_, *pipeline, std::move(places), IndexKeyName(user_tag),
+                            index.SerializeAsString(), *expiration, deadline, std::move(done));
   if (cas.has_value()) {
     CasOnCopy(write, *cas);
   } else {
@@ -837,18 +846,13 @@ void MemcachedSessionStore::AddAsync(const SessionKey& key, const StoredSession&
     });
     return;
   }
-  auto write = std::make_shared<CopyWrite>();
-  write->pool = &pool_;
-  write->pipeline = pipeline;
-  write->places = std::move(places);
-  write->key = SessionKeyName(key.token_hash);
-  write->value = session.SerializeAsString();
-  write->expiration = *expiration;
-  write->deadline = deadline;
-  write->done = [done = std::move(done)](absl::Status added) mutable {
-    if (absl::IsAborted(added)) added = absl::AlreadyExistsError("session key already taken");
-    std::move(done)(std::move(added));
-  };
+  auto write = NewCopyWrite(pool_, *pipeline, std::move(places), SessionKeyName(key.token_hash),
+                            session.SerializeAsString(), *expiration, deadline,
+                            [done = std::move(done)](absl::Status added) mutable {
+                              if (absl::IsAborted(added))
+                                added = absl::AlreadyExistsError("session key already taken");
+                              std::move(done)(std::move(added));
+                            });
   AddFromCopy(write, 0);
 }
 

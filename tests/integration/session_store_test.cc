@@ -36,6 +36,19 @@ class SessionStoreTest : public ::testing::Test {
     store_ = std::make_unique<MemcachedSessionStore>(*pool_, url->replicas, &executor_);
   }
 
+  // Two copies (replicas = 1) on `nodes`.
+  void OpenNodes(std::vector<MemcachedNode> nodes, bool pipeline) {
+    MemcachedPoolOptions options;
+    options.url.nodes = std::move(nodes);
+    options.url.replicas = 1;
+    options.size = 2;
+    options.pipeline = pipeline;
+    absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    pool_ = std::move(*pool);
+    store_ = std::make_unique<MemcachedSessionStore>(*pool_, 1, &executor_);
+  }
+
   // LookupAsync, waited for.
   absl::StatusOr<SessionLookup> LookupAsync(const SessionKey& key) {
     Notification answered;
@@ -79,6 +92,9 @@ int UnusedPort() {
   close(fd);
   return port;
 }
+
+// A node nothing listens on.
+MemcachedNode DeadNode() { return MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}; }
 
 storage::v1::StoredSession Session(const std::string& id, int64_t version) {
   storage::v1::StoredSession s;
@@ -172,16 +188,7 @@ TEST_P(LookupAsyncTest, SeesARevocationOnlyOneCopyHolds) {
 }
 
 TEST_P(LookupAsyncTest, NoNodeAnsweringIsUnavailable) {
-  MemcachedPoolOptions options;
-  options.url.nodes = {MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())},
-                       MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}};
-  options.url.replicas = 1;
-  options.size = 2;
-  options.pipeline = GetParam();
-  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
-  ASSERT_TRUE(pool.ok()) << pool.status();
-  pool_ = std::move(*pool);
-  store_ = std::make_unique<MemcachedSessionStore>(*pool_, 1, &executor_);
+  OpenNodes({DeadNode(), DeadNode()}, GetParam());
   const absl::Time start = absl::Now();
   absl::StatusOr<SessionLookup> got = LookupAsync(Key("down"));
   EXPECT_TRUE(absl::IsUnavailable(got.status())) << got.status();
@@ -339,16 +346,7 @@ TEST_P(CreateStepsAsyncTest, RevokedUserAndLostIndexCopyAreReadLikeTheBlockingFo
 TEST_P(CreateStepsAsyncTest, WritesFallOverToTheCopyThatAnswers) {
   absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL"));
   ASSERT_TRUE(url.ok()) << url.status();
-  MemcachedPoolOptions options;
-  options.url.nodes = {MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())},
-                       url->nodes.front()};
-  options.url.replicas = 1;
-  options.size = 2;
-  options.pipeline = GetParam();
-  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
-  ASSERT_TRUE(pool.ok()) << pool.status();
-  pool_ = std::move(*pool);
-  store_ = std::make_unique<MemcachedSessionStore>(*pool_, 1, &executor_);
+  OpenNodes({DeadNode(), url->nodes.front()}, GetParam());
   // Eight users: their primary copies fall on both nodes.
   for (int i = 0; i < 8; ++i) {
     const SessionKey key = Key(absl::StrCat("failover", i));
@@ -367,16 +365,7 @@ TEST_P(CreateStepsAsyncTest, WritesFallOverToTheCopyThatAnswers) {
 }
 
 TEST_P(CreateStepsAsyncTest, NoNodeAnsweringIsUnavailable) {
-  MemcachedPoolOptions options;
-  options.url.nodes = {MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())},
-                       MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}};
-  options.url.replicas = 1;
-  options.size = 2;
-  options.pipeline = GetParam();
-  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
-  ASSERT_TRUE(pool.ok()) << pool.status();
-  pool_ = std::move(*pool);
-  store_ = std::make_unique<MemcachedSessionStore>(*pool_, 1, &executor_);
+  OpenNodes({DeadNode(), DeadNode()}, GetParam());
   const SessionKey key = Key("down");
   const absl::Time start = absl::Now();
   EXPECT_TRUE(absl::IsUnavailable(ReadUserStateAsync(key.user_tag).status()));
