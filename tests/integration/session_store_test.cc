@@ -336,9 +336,11 @@ TEST_P(CreateStepsAsyncTest, RevokedUserAndLostIndexCopyAreReadLikeTheBlockingFo
     ASSERT_TRUE(read.ok()) << read.status();
     EXPECT_EQ(read->generation, 1u);
     EXPECT_EQ(read->index.index.entries_size(), 2);
-    absl::SleepFor(absl::Seconds(3));
-    EXPECT_EQ(MemcachedGetValue(1, gkey), "1");
-    EXPECT_EQ(MemcachedGetValue(2, gkey), "1");
+    if (node == 1) {  // Once is enough for the wait.
+      absl::SleepFor(absl::Seconds(3));
+      EXPECT_EQ(MemcachedGetValue(1, gkey), "1");
+      EXPECT_EQ(MemcachedGetValue(2, gkey), "1");
+    }
   }
 }
 
