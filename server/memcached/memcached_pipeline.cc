@@ -419,7 +419,7 @@ void MemcachedPipeline::Run() {
                                                  absl::FormatDuration(options_.io_timeout))),
              true, now);
       } else {
-        ExpireReads(node, now);
+        ExpireRequests(node, now);
       }
     }
   }
@@ -438,7 +438,7 @@ absl::Time MemcachedPipeline::NextTimer(absl::Time now) const {
   return std::max(next, now);
 }
 
-void MemcachedPipeline::ExpireReads(Node& node, absl::Time now) {
+void MemcachedPipeline::ExpireRequests(Node& node, absl::Time now) {
   for (auto& r : node.in_flight) {
     if (r->answered || now < r->give_up) continue;
     r->Fail(absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer within ",

@@ -44,8 +44,8 @@ struct MemcachedPipelineOptions {
   // connection is dropped and every request on it fails.
   absl::Duration io_timeout = absl::Seconds(2);
   // After a node could not be reached (connect timed out or failed other than by refusal, or
-  // it stalled), reads of it fail at once for this long instead of each waiting for a connect
-  // timeout. A refused connect is retried by the next read.
+  // it stalled), requests to it fail at once for this long instead of each waiting for a connect
+  // timeout. A refused connect is retried by the next request.
   absl::Duration retry_after_failure = absl::Seconds(1);
 };
 
@@ -89,8 +89,8 @@ class MemcachedPipeline {
                                     absl::Time deadline);
 
   // Get without blocking: `done` runs exactly once, on the I/O thread (or at once on the
-  // calling thread when the read fails before it is queued). `done` must not block: it holds up
-  // every read of this process.
+  // calling thread when the request fails before it is queued). `done` must not block: it holds up
+  // every request of this process.
   using Callback = absl::AnyInvocable<void(absl::StatusOr<MemcachedHits>) &&>;
   void GetAsync(int node, const std::vector<std::string>& keys, absl::Time deadline, Callback done);
 
@@ -130,8 +130,8 @@ class MemcachedPipeline {
   // Parses complete answers from the node's input; false on a protocol error.
   bool ParseAnswers(Node& node);
   void Drop(Node& node, const absl::Status& why, bool mark_failed, absl::Time now);
-  // Answers reads whose time is up; their values, when they come, are read and dropped.
-  void ExpireReads(Node& node, absl::Time now);
+  // Answers requests whose time is up; their replies, when they come, are read and dropped.
+  void ExpireRequests(Node& node, absl::Time now);
   void Watch(Node& node, bool want_write);
   absl::Time NextTimer(absl::Time now) const;
 

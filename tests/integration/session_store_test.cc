@@ -104,7 +104,7 @@ storage::v1::StoredSession Session(const std::string& id, int64_t version) {
   return s;
 }
 
-// Both read paths (pipelined reader, pooled libmemcached handles) must agree with Lookup.
+// Both read paths (pipeline, pooled libmemcached handles) must agree with Lookup.
 class LookupAsyncTest : public SessionStoreTest, public ::testing::WithParamInterface<bool> {};
 
 TEST_P(LookupAsyncTest, AnswersWhatLookupAnswers) {
