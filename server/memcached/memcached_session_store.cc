@@ -764,14 +764,14 @@ void MemcachedSessionStore::RunBlocking(absl::AnyInvocable<void() &&> work) {
 void MemcachedSessionStore::ReadUserStateAsync(absl::string_view user_tag,
                                                absl::Duration keep_generation_for,
                                                absl::Time deadline, UserStateCallback done) {
+  if (const absl::StatusOr<time_t> expiration = Expiration(keep_generation_for); !expiration.ok()) {
+    std::move(done)(expiration.status());
+    return;
+  }
   const std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, user_tag);
   MemcachedPipeline* pipeline = PipelineFor(pool_, places);
-  const absl::StatusOr<time_t> expiration = Expiration(keep_generation_for);
-  if (pipeline == nullptr || !expiration.ok()) {
-    RunBlocking([this, tag = std::string(user_tag), keep_generation_for, deadline,
-                 done = std::move(done)]() mutable {
-      std::move(done)(ReadUserState(tag, keep_generation_for, deadline));
-    });
+  if (pipeline == nullptr) {
+    ReadUserStateBlocking(std::string(user_tag), keep_generation_for, deadline, std::move(done));
     return;
   }
   std::string gkey = GenerationKeyName(user_tag);
@@ -797,11 +797,17 @@ void MemcachedSessionStore::ReadUserStateAsync(absl::string_view user_tag,
             return;
           }
         }
-        RunBlocking([this, tag = std::move(tag), keep_generation_for, deadline,
-                     done = std::move(done)]() mutable {
-          std::move(done)(ReadUserState(tag, keep_generation_for, deadline));
-        });
+        ReadUserStateBlocking(std::move(tag), keep_generation_for, deadline, std::move(done));
       });
+}
+
+void MemcachedSessionStore::ReadUserStateBlocking(std::string user_tag,
+                                                  absl::Duration keep_generation_for,
+                                                  absl::Time deadline, UserStateCallback done) {
+  RunBlocking([this, user_tag = std::move(user_tag), keep_generation_for, deadline,
+               done = std::move(done)]() mutable {
+    std::move(done)(ReadUserState(user_tag, keep_generation_for, deadline));
+  });
 }
 
 void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,

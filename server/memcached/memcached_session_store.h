@@ -105,6 +105,9 @@ class MemcachedSessionStore final : public SessionStore {
  private:
   // Lookup on the executor (or here, without one), answering through `done`.
   void LookupBlocking(const SessionKey& key, absl::Time deadline, LookupCallback done);
+  // ReadUserState on the executor (or here, without one), answering through `done`.
+  void ReadUserStateBlocking(std::string user_tag, absl::Duration keep_generation_for,
+                             absl::Time deadline, UserStateCallback done);
   // Runs `work` on the executor (or here, without one).
   void RunBlocking(absl::AnyInvocable<void() &&> work);
 

@@ -309,9 +309,8 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
   // Create's steps, each started from the answer of the one before. The common case never
   // blocks; an index conflict or a large index goes to the blocking path, whose retries sleep.
   auto created = std::make_shared<NewSession>(*std::move(prepared));
-  const std::string user_tag = created->key.user_tag;
   store_->ReadUserStateAsync(
-      user_tag, GenerationKeepFor(), deadline,
+      created->key.user_tag, GenerationKeepFor(), deadline,
       [this, created, deadline, done = std::move(done)](absl::StatusOr<UserState> user) mutable {
         if (!user.ok()) {
           std::move(done)(user.status());

@@ -389,6 +389,12 @@ TEST_P(CreateStepsAsyncTest, TtlAboveThirtyDaysIsInvalid) {
                      std::move(done));
   });
   EXPECT_TRUE(absl::IsInvalidArgument(added)) << added;
+  const absl::Status read =
+      Await<absl::StatusOr<UserState>>([&](SessionStore::UserStateCallback done) {
+        store_->ReadUserStateAsync(key.user_tag, kMaxStoreTtl + absl::Seconds(1), Deadline(),
+                                   std::move(done));
+      }).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(read)) << read;
   EXPECT_FALSE(MemcachedHas(1, MemcachedSessionStore::SessionKeyName(key.token_hash)) ||
                MemcachedHas(2, MemcachedSessionStore::SessionKeyName(key.token_hash)));
 }
