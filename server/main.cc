@@ -21,6 +21,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/app/server_app.h"
 #include "server/common/status_macros.h"
+#include "server/common/thread_name.h"
 #include "server/config/config.h"
 #include "server/postgres/migrations.h"
 
@@ -115,6 +116,7 @@ int Serve() {
   if (absl::Status started = (*app)->Start(); !started.ok()) return Fail(started);
 
   std::thread signal_waiter([&] {
+    NameThisThread("sl-signals");
     int signal_number = 0;
     sigwait(&stop_signals, &signal_number);
     logger.Info("shutting down", {{"signal", strsignal(signal_number)},

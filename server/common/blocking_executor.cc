@@ -3,12 +3,18 @@
 #include <algorithm>
 #include <utility>
 
+#include "server/common/thread_name.h"
+
 namespace sessionledger {
 
 BlockingExecutor::BlockingExecutor(int threads) {
   const int count = std::max(1, threads);
   threads_.reserve(static_cast<size_t>(count));
-  for (int i = 0; i < count; ++i) threads_.emplace_back([this] { Work(); });
+  for (int i = 0; i < count; ++i)
+    threads_.emplace_back([this] {
+      NameThisThread("sl-blocking");
+      Work();
+    });
 }
 
 BlockingExecutor::~BlockingExecutor() {

@@ -17,6 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "server/common/notification.h"
+#include "server/common/thread_name.h"
 
 namespace sessionledger {
 
@@ -162,7 +163,10 @@ absl::StatusOr<std::unique_ptr<MemcachedPipeline>> MemcachedPipeline::Start(
   }
   std::unique_ptr<MemcachedPipeline> reader(
       new MemcachedPipeline(std::move(options), epoll_fd, wake_fd));
-  reader->io_thread_ = std::thread([r = reader.get()] { r->Run(); });
+  reader->io_thread_ = std::thread([r = reader.get()] {
+    NameThisThread("sl-memcached-io");
+    r->Run();
+  });
   return reader;
 }
 

@@ -1,6 +1,7 @@
 #include "server/rpc/health.h"
 
 #include "absl/time/clock.h"
+#include "server/common/thread_name.h"
 
 namespace sessionledger {
 
@@ -96,7 +97,10 @@ grpc::Status HealthService::Watch(grpc::ServerContext* context, const HealthChec
 HealthMonitor::HealthMonitor(HealthBoard& board, Probes probes, absl::Duration interval,
                              Logger& logger)
     : board_(board), probes_(std::move(probes)), interval_(interval), logger_(logger) {
-  thread_ = std::thread([this] { Run(); });
+  thread_ = std::thread([this] {
+    NameThisThread("sl-health-probe");
+    Run();
+  });
 }
 
 HealthMonitor::~HealthMonitor() {

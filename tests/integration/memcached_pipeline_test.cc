@@ -42,6 +42,7 @@
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "server/common/notification.h"
+#include "server/common/thread_name.h"
 #include "server/config/config.h"
 #include "tests/support/test_env.h"
 
@@ -439,6 +440,7 @@ TEST_F(MemcachedPipelineTest, ManyOutstandingAsyncReadsEachAnsweredOnceOnTheIoTh
   std::condition_variable answered_changed;
   int answered = 0;  // Guarded by mu, as is callback_threads.
   std::set<std::thread::id> callback_threads;
+  std::set<std::string> callback_thread_names;
   // Whatever fails below, no callback may outlive what it writes to.
   absl::Cleanup stop_reader = [this] { reader_.reset(); };
   for (int r = 0; r < kReads; ++r) {
@@ -454,6 +456,7 @@ TEST_F(MemcachedPipelineTest, ManyOutstandingAsyncReadsEachAnsweredOnceOnTheIoTh
                         std::lock_guard<std::mutex> lock(mu);
                         ++answered;
                         callback_threads.insert(std::this_thread::get_id());
+                        callback_thread_names.insert(ThisThreadName());
                         answered_changed.notify_all();
                       });
   }
@@ -465,6 +468,7 @@ TEST_F(MemcachedPipelineTest, ManyOutstandingAsyncReadsEachAnsweredOnceOnTheIoTh
     // Successful reads are answered by the reader's one I/O thread, never the caller's.
     EXPECT_EQ(callback_threads.size(), 1u);
     EXPECT_EQ(callback_threads.count(std::this_thread::get_id()), 0u);
+    EXPECT_EQ(callback_thread_names, std::set<std::string>{"sl-memcached-io"});
   }
   reader_.reset();  // Joins the I/O thread: no answer can come later than this.
   for (int r = 0; r < kReads; ++r) {

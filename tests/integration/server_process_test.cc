@@ -4,10 +4,14 @@
 
 #include <signal.h>
 
+#include <filesystem>
+#include <fstream>
+#include <set>
 #include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
@@ -96,6 +100,26 @@ TEST(ServerProcessTest, HealthIsServingForEveryServiceWithRealBackends) {
   EXPECT_TRUE(EventuallyHealth(channel, kTransaction, HealthCheckResponse::SERVING));
   auto unknown = CheckHealth(channel, "no.such.Service");
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
+}
+
+// What `top -H` and `perf` show of the process: each thread of ours under its role's name.
+TEST(ServerProcessTest, ThreadsAreNamedForTheirRole) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  ASSERT_TRUE(EventuallyHealth(server->NewChannel(), "", HealthCheckResponse::SERVING));
+  std::set<std::string> names;
+  const std::filesystem::path tasks = absl::StrCat("/proc/", server->pid(), "/task");
+  for (const auto& task : std::filesystem::directory_iterator(tasks)) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    names.insert(name);
+  }
+  for (const char* expected :
+       {"sl-async-cq", "sl-memcached-io", "sl-blocking", "sl-health-probe", "sl-signals"}) {
+    EXPECT_TRUE(names.count(expected))
+        << expected << " missing among " << absl::StrJoin(names, ", ");
+  }
 }
 
 TEST(ServerProcessTest, StoppedMemcachedNodeTurnsSessionHealthNotServingUntilItReturns) {

@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "server/common/notification.h"
+#include "server/common/thread_name.h"
 
 namespace sessionledger {
 namespace {
@@ -40,6 +41,18 @@ TEST(BlockingExecutorTest, RunsEveryPieceOfWorkExactlyOnce) {
     all_done.Wait();
   }
   for (int i = 0; i < kPieces; ++i) EXPECT_EQ(runs[i].load(), 1) << "piece " << i;
+}
+
+TEST(BlockingExecutorTest, WorkRunsOnThreadsNamedForTheExecutor) {
+  std::string name;
+  Notification ran;
+  BlockingExecutor executor(1);
+  executor.Run([&] {
+    name = ThisThreadName();
+    ran.Notify();
+  });
+  ASSERT_TRUE(ran.WaitForNotificationWithTimeout(kPatience));
+  EXPECT_EQ(name, "sl-blocking");
 }
 
 TEST(BlockingExecutorTest, OneThreadRunsWorkInOrderOfSubmission) {
