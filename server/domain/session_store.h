@@ -78,8 +78,9 @@ class SessionStore {
     std::move(done)(Lookup(key, deadline));
   }
 
-  // Asynchronous forms of ReadUserState, WriteIndex and Add (CreateSession's steps), under
-  // LookupAsync's rules; these defaults call the blocking form on the calling thread.
+  // Asynchronous forms of ReadUserState, WriteIndex, Add (CreateSession's steps) and
+  // CompareAndSwap (UpdateSession's and a touch's write), under LookupAsync's rules; these
+  // defaults call the blocking form on the calling thread.
   using StatusCallback = absl::AnyInvocable<void(absl::Status) &&>;
   using UserStateCallback = absl::AnyInvocable<void(absl::StatusOr<UserState>) &&>;
   virtual void ReadUserStateAsync(absl::string_view user_tag, absl::Duration keep_generation_for,
@@ -94,6 +95,11 @@ class SessionStore {
   virtual void AddAsync(const SessionKey& key, const storage::v1::StoredSession& session,
                         absl::Duration ttl, absl::Time deadline, StatusCallback done) {
     std::move(done)(Add(key, session, ttl, deadline));
+  }
+  virtual void CompareAndSwapAsync(const SessionKey& key, const CasToken& cas,
+                                   const storage::v1::StoredSession& session, absl::Duration ttl,
+                                   absl::Time deadline, StatusCallback done) {
+    std::move(done)(CompareAndSwap(key, cas, session, ttl, deadline));
   }
 
   // Like Lookup, for hot read-only paths (authentication): stops at the first copy that holds

@@ -810,10 +810,11 @@ void MemcachedSessionStore::ReadUserStateBlocking(std::string user_tag,
   });
 }
 
-void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,
-                                            const std::optional<CasToken>& cas,
-                                            const UserSessionIndex& index, absl::Duration ttl,
-                                            absl::Time deadline, StatusCallback done) {
+void MemcachedSessionStore::WriteCopiesAsync(absl::string_view user_tag, std::string key_name,
+                                             std::string value, const std::optional<CasToken>& cas,
+                                             absl::Duration ttl, absl::Time deadline,
+                                             absl::FunctionRef<BlockingWrite()> blocking,
+                                             StatusCallback done) {
   std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, user_tag);
   MemcachedPipeline* pipeline = PipelineFor(pool_, places);
   const absl::StatusOr<time_t> expiration = Expiration(ttl);
@@ -822,14 +823,13 @@ void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,
     return;
   }
   if (pipeline == nullptr) {
-    RunBlocking([this, tag = std::string(user_tag), cas, index, ttl, deadline,
-                 done = std::move(done)]() mutable {
-      std::move(done)(WriteIndex(tag, cas, index, ttl, deadline));
+    RunBlocking([write = blocking(), done = std::move(done)]() mutable {
+      std::move(done)(std::move(write)());
     });
     return;
   }
-  auto write = NewCopyWrite(pool_, *pipeline, std::move(places), IndexKeyName(user_tag),
-                            index.SerializeAsString(), *expiration, deadline, std::move(done));
+  auto write = NewCopyWrite(pool_, *pipeline, std::move(places), std::move(key_name),
+                            std::move(value), *expiration, deadline, std::move(done));
   if (cas.has_value()) {
     CasOnCopy(write, *cas);
   } else {
@@ -837,29 +837,46 @@ void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,
   }
 }
 
+void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,
+                                            const std::optional<CasToken>& cas,
+                                            const UserSessionIndex& index, absl::Duration ttl,
+                                            absl::Time deadline, StatusCallback done) {
+  WriteCopiesAsync(
+      user_tag, IndexKeyName(user_tag), index.SerializeAsString(), cas, ttl, deadline,
+      [&]() -> BlockingWrite {
+        return [this, tag = std::string(user_tag), cas, index, ttl, deadline] {
+          return WriteIndex(tag, cas, index, ttl, deadline);
+        };
+      },
+      std::move(done));
+}
+
 void MemcachedSessionStore::AddAsync(const SessionKey& key, const StoredSession& session,
                                      absl::Duration ttl, absl::Time deadline, StatusCallback done) {
-  std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, key.user_tag);
-  MemcachedPipeline* pipeline = PipelineFor(pool_, places);
-  const absl::StatusOr<time_t> expiration = Expiration(ttl);
-  if (!expiration.ok()) {
-    std::move(done)(expiration.status());
-    return;
-  }
-  if (pipeline == nullptr) {
-    RunBlocking([this, key, session, ttl, deadline, done = std::move(done)]() mutable {
-      std::move(done)(Add(key, session, ttl, deadline));
-    });
-    return;
-  }
-  auto write = NewCopyWrite(pool_, *pipeline, std::move(places), SessionKeyName(key.token_hash),
-                            session.SerializeAsString(), *expiration, deadline,
-                            [done = std::move(done)](absl::Status added) mutable {
-                              if (absl::IsAborted(added))
-                                added = absl::AlreadyExistsError("session key already taken");
-                              std::move(done)(std::move(added));
-                            });
-  AddFromCopy(write, 0);
+  WriteCopiesAsync(
+      key.user_tag, SessionKeyName(key.token_hash), session.SerializeAsString(), std::nullopt, ttl,
+      deadline,
+      [&]() -> BlockingWrite {
+        return [this, key, session, ttl, deadline] { return Add(key, session, ttl, deadline); };
+      },
+      [done = std::move(done)](absl::Status added) mutable {
+        // The pipeline's add reports a taken key as ABORTED; Add's contract says ALREADY_EXISTS.
+        if (absl::IsAborted(added)) added = absl::AlreadyExistsError("session key already taken");
+        std::move(done)(std::move(added));
+      });
+}
+
+void MemcachedSessionStore::CompareAndSwapAsync(const SessionKey& key, const CasToken& cas,
+                                                const StoredSession& session, absl::Duration ttl,
+                                                absl::Time deadline, StatusCallback done) {
+  WriteCopiesAsync(
+      key.user_tag, SessionKeyName(key.token_hash), session.SerializeAsString(), cas, ttl, deadline,
+      [&]() -> BlockingWrite {
+        return [this, key, cas, session, ttl, deadline] {
+          return CompareAndSwap(key, cas, session, ttl, deadline);
+        };
+      },
+      std::move(done));
 }
 
 absl::StatusOr<SessionLookup> MemcachedSessionStore::Peek(const SessionKey& key,

@@ -81,11 +81,12 @@ class MemcachedSessionStore final : public SessionStore {
   absl::Status WriteIndex(absl::string_view user_tag, const std::optional<CasToken>& cas,
                           const storage::v1::UserSessionIndex& index, absl::Duration ttl,
                           absl::Time deadline) override;
-  // CreateSession's steps through the pipeline, answering on its I/O thread. ReadUserStateAsync
-  // writes nothing: when the generation must be kept alive (a revoked user) or an index copy
-  // repaired, it runs ReadUserState on the executor. The writes take the primary copy first,
-  // then set the others, as their blocking forms do. Without a pipeline, all three run their
-  // blocking form on the executor.
+  // CreateSession's and UpdateSession's steps through the pipeline, answering on its I/O
+  // thread (a request refused before it is sent, such as a TTL above 30 days or a CAS token of
+  // no copy, is answered at once). ReadUserStateAsync writes nothing: when the generation must be
+  // kept alive (a revoked user) or an index copy repaired, it runs ReadUserState on the executor.
+  // The writes take the primary copy first, then set the others, as their blocking forms do.
+  // Without a pipeline, each runs its blocking form on the executor.
   void ReadUserStateAsync(absl::string_view user_tag, absl::Duration keep_generation_for,
                           absl::Time deadline, UserStateCallback done) override;
   void WriteIndexAsync(absl::string_view user_tag, const std::optional<CasToken>& cas,
@@ -93,6 +94,9 @@ class MemcachedSessionStore final : public SessionStore {
                        absl::Time deadline, StatusCallback done) override;
   void AddAsync(const SessionKey& key, const storage::v1::StoredSession& session,
                 absl::Duration ttl, absl::Time deadline, StatusCallback done) override;
+  void CompareAndSwapAsync(const SessionKey& key, const CasToken& cas,
+                           const storage::v1::StoredSession& session, absl::Duration ttl,
+                           absl::Time deadline, StatusCallback done) override;
   absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
       absl::string_view user_tag, const std::vector<std::string>& token_hashes,
       absl::Time deadline) override;
@@ -110,6 +114,14 @@ class MemcachedSessionStore final : public SessionStore {
                              absl::Time deadline, UserStateCallback done);
   // Runs `work` on the executor (or here, without one).
   void RunBlocking(absl::AnyInvocable<void() &&> work);
+  // The asynchronous writes: `value` under `key_name` among `user_tag`'s copies, by CAS on the
+  // copy `cas` names, or by add when there is none. When the pipeline cannot place every copy,
+  // the write `blocking` returns (the same write through libmemcached) runs on the executor;
+  // it is made only then, so the hot path copies nothing for it.
+  using BlockingWrite = absl::AnyInvocable<absl::Status() &&>;
+  void WriteCopiesAsync(absl::string_view user_tag, std::string key_name, std::string value,
+                        const std::optional<CasToken>& cas, absl::Duration ttl, absl::Time deadline,
+                        absl::FunctionRef<BlockingWrite()> blocking, StatusCallback done);
 
   MemcachedPool& pool_;
   const int replicas_;

@@ -4,6 +4,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -13,6 +14,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/common/notification.h"
+#include "server/common/thread_name.h"
 #include "server/config/config.h"
 #include "server/memcached/memcached_pool.h"
 #include "server/memcached/memcached_session_store.h"
@@ -102,6 +104,11 @@ storage::v1::StoredSession Session(const std::string& id, int64_t version) {
   s.set_version(version);
   s.set_expires_at_unix_micros(absl::ToUnixMicros(absl::Now() + absl::Minutes(5)));
   return s;
+}
+
+// Test name suffix of a path parameter (true: the pipeline; false: pooled libmemcached handles).
+std::string PathName(const ::testing::TestParamInfo<bool>& p) {
+  return p.param ? "Pipelined" : "Pooled";
 }
 
 // Both read paths (pipeline, pooled libmemcached handles) must agree with Lookup.
@@ -196,23 +203,23 @@ TEST_P(LookupAsyncTest, NoNodeAnsweringIsUnavailable) {
   EXPECT_GE(pool_->node_failures(), 1);
 }
 
-INSTANTIATE_TEST_SUITE_P(ReadPaths, LookupAsyncTest, ::testing::Values(true, false),
-                         [](const ::testing::TestParamInfo<bool>& p) {
-                           return p.param ? std::string("Pipelined") : std::string("Pooled");
-                         });
+INSTANTIATE_TEST_SUITE_P(ReadPaths, LookupAsyncTest, ::testing::Values(true, false), PathName);
 
-// CreateSession's asynchronous steps on both paths (pipeline, pooled handles on the executor)
-// must store exactly what their blocking forms store.
-class CreateStepsAsyncTest : public SessionStoreTest, public ::testing::WithParamInterface<bool> {
+// The asynchronous writes on both paths (parameter: true for the pipeline, false for pooled
+// handles on the executor).
+class AsyncStoreTest : public SessionStoreTest, public ::testing::WithParamInterface<bool> {
  protected:
-  // Runs `start` with a callback and waits for its one answer.
+  // Runs `start` with a callback and waits for its one answer; notes where it ran.
   template <typename Result, typename Start>
   Result Await(Start start) {
     Notification answered;
     std::optional<Result> result;
     std::atomic<int> answers{0};
+    const std::thread::id caller = std::this_thread::get_id();
     start([&](Result got) {
       result = std::move(got);
+      answered_on_ = ThisThreadName();
+      answered_at_once_ = std::this_thread::get_id() == caller;
       answers.fetch_add(1);
       answered.Notify();
     });
@@ -221,6 +228,24 @@ class CreateStepsAsyncTest : public SessionStoreTest, public ::testing::WithPara
     EXPECT_EQ(answers.load(), 1);
     return *std::move(result);
   }
+
+  // The last answer came from the store's own thread: the pipeline's I/O thread, or without a
+  // pipeline the executor (never the I/O thread). `or_at_once` also accepts an answer given on
+  // the calling thread before the call returned (a request refused before any I/O).
+  void ExpectAnsweredOnTheStoreThread(bool or_at_once = false) const {
+    if (or_at_once && answered_at_once_) return;
+    EXPECT_FALSE(answered_at_once_);
+    EXPECT_EQ(answered_on_, GetParam() ? "sl-memcached-io" : "sl-blocking");
+  }
+
+  std::string answered_on_;
+  bool answered_at_once_ = false;
+};
+
+// CreateSession's asynchronous steps on both paths must store exactly what their blocking forms
+// store.
+class CreateStepsAsyncTest : public AsyncStoreTest {
+ protected:
   absl::StatusOr<UserState> ReadUserStateAsync(const std::string& tag) {
     return Await<absl::StatusOr<UserState>>([&](SessionStore::UserStateCallback done) {
       store_->ReadUserStateAsync(tag, absl::Seconds(60), Deadline(), std::move(done));
@@ -400,9 +425,206 @@ TEST_P(CreateStepsAsyncTest, TtlAboveThirtyDaysIsInvalid) {
 }
 
 INSTANTIATE_TEST_SUITE_P(WritePaths, CreateStepsAsyncTest, ::testing::Values(true, false),
-                         [](const ::testing::TestParamInfo<bool>& p) {
-                           return p.param ? std::string("Pipelined") : std::string("Pooled");
-                         });
+                         PathName);
+
+// UpdateSession's (and a touch's) asynchronous write on both paths: compare-and-swap on the copy
+// the token names, then a set on the others, answering what the blocking form answers.
+class CompareAndSwapAsyncTest : public AsyncStoreTest {
+ protected:
+  absl::Status CompareAndSwapAsync(const SessionKey& key, const CasToken& cas,
+                                   const storage::v1::StoredSession& session,
+                                   absl::Duration ttl = absl::Seconds(60)) {
+    return Await<absl::Status>([&](SessionStore::StatusCallback done) {
+      store_->CompareAndSwapAsync(key, cas, session, ttl, Deadline(), std::move(done));
+    });
+  }
+  // The CAS token a read of `key` hands out (nullopt when it finds no session).
+  std::optional<CasToken> ReadToken(const SessionKey& key) {
+    absl::StatusOr<SessionLookup> read = LookupAsync(key);
+    if (!read.ok() || !read->record.has_value()) return std::nullopt;
+    return read->record->cas;
+  }
+  std::optional<CasToken> AddAndRead(const SessionKey& key,
+                                     const storage::v1::StoredSession& session) {
+    const absl::Status added = store_->Add(key, session, absl::Seconds(60), Deadline());
+    EXPECT_TRUE(added.ok()) << added;
+    return ReadToken(key);
+  }
+};
+
+// The session node `node` holds under `key`, read directly; nullopt when it holds none.
+std::optional<storage::v1::StoredSession> SessionOn(int node, const SessionKey& key) {
+  const std::optional<std::string> raw =
+      MemcachedGetValue(node, MemcachedSessionStore::SessionKeyName(key.token_hash));
+  storage::v1::StoredSession session;
+  if (!raw.has_value() || !session.ParseFromString(*raw)) return std::nullopt;
+  return session;
+}
+
+// The seconds node `node` keeps `key` for (meta get flag "t"; -1: forever); nullopt when absent.
+std::optional<int64_t> TtlOn(int node, const SessionKey& key) {
+  const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+  // MemcachedText reads up to "END": the plain get after the meta get ends the reply.
+  const std::string reply =
+      MemcachedText(MemcachedPort(node), absl::StrCat("mg ", skey, " t\r\nget ", skey));
+  int64_t ttl = 0;
+  if (!absl::StartsWith(reply, "HD t") ||
+      !absl::SimpleAtoi(reply.substr(4, reply.find("\r\n") - 4), &ttl)) {
+    return std::nullopt;
+  }
+  return ttl;
+}
+
+// Each of `nodes` holds session `id` at `version` under `key`.
+void ExpectCopiesHold(const SessionKey& key, const std::string& id, int64_t version,
+                      std::initializer_list<int> nodes = {1, 2}) {
+  for (int node : nodes) {
+    const std::optional<storage::v1::StoredSession> held = SessionOn(node, key);
+    ASSERT_TRUE(held.has_value()) << "node " << node;
+    EXPECT_EQ(held->session_id(), id) << "node " << node;
+    EXPECT_EQ(held->version(), version) << "node " << node;
+  }
+}
+
+// The token a read hands out replaces the session on every copy, kept as the blocking form keeps
+// it: the TTL asked (+1 s for memcached's coarse clock), up to the 30-day limit.
+TEST_P(CompareAndSwapAsyncTest, WritesEveryCopyWithTheTtlOfTheBlockingForm) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  const SessionKey key = Key("swap");
+  const SessionKey twin = Key("swaptwin");
+  std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+  const std::optional<CasToken> twin_cas = AddAndRead(twin, Session("s", 1));
+  ASSERT_TRUE(cas.has_value() && twin_cas.has_value());
+
+  const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2), absl::Minutes(10));
+  ASSERT_TRUE(swapped.ok()) << swapped;
+  ExpectAnsweredOnTheStoreThread();
+  ASSERT_TRUE(
+      store_->CompareAndSwap(twin, *twin_cas, Session("s", 2), absl::Minutes(10), Deadline()).ok());
+  ExpectCopiesHold(key, "s", 2);
+  for (int node : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("node ", node));
+    const std::optional<int64_t> async_ttl = TtlOn(node, key);
+    const std::optional<int64_t> blocking_ttl = TtlOn(node, twin);
+    ASSERT_TRUE(async_ttl.has_value() && blocking_ttl.has_value());
+    EXPECT_GE(*async_ttl, 599);
+    EXPECT_LE(*async_ttl, 601);
+    EXPECT_NEAR(*async_ttl, *blocking_ttl, 1);
+  }
+
+  // 30 days is the longest TTL memcached reads as relative: kept that long on every copy, not
+  // taken for a Unix time in 1970 (gone at once).
+  cas = ReadToken(key);
+  ASSERT_TRUE(cas.has_value());
+  const absl::Status longest = CompareAndSwapAsync(key, *cas, Session("s", 3), kMaxStoreTtl);
+  ASSERT_TRUE(longest.ok()) << longest;
+  ExpectAnsweredOnTheStoreThread();
+  ExpectCopiesHold(key, "s", 3);
+  for (int node : {1, 2}) {
+    const std::optional<int64_t> ttl = TtlOn(node, key);
+    ASSERT_TRUE(ttl.has_value()) << "node " << node;
+    EXPECT_GE(*ttl, absl::ToInt64Seconds(kMaxStoreTtl) - 2) << "node " << node;
+  }
+}
+
+// A writer whose read is outdated loses, and every copy keeps the winner's session.
+TEST_P(CompareAndSwapAsyncTest, StaleTokenIsAbortedAndTheWinnerStays) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  const SessionKey key = Key("stale");
+  std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+  ASSERT_TRUE(cas.has_value());
+  // Another writer read the same value and got there first.
+  ASSERT_TRUE(
+      store_->CompareAndSwap(key, *cas, Session("theirs", 2), absl::Seconds(60), Deadline()).ok());
+  const absl::Status lost = CompareAndSwapAsync(key, *cas, Session("ours", 2));
+  EXPECT_TRUE(absl::IsAborted(lost)) << lost;
+  ExpectAnsweredOnTheStoreThread();
+  ExpectCopiesHold(key, "theirs", 2);
+
+  // Two asynchronous writers with one token: the first wins, the second loses.
+  cas = ReadToken(key);
+  ASSERT_TRUE(cas.has_value());
+  const absl::Status first = CompareAndSwapAsync(key, *cas, Session("first", 3));
+  EXPECT_TRUE(first.ok()) << first;
+  const absl::Status second = CompareAndSwapAsync(key, *cas, Session("second", 3));
+  EXPECT_TRUE(absl::IsAborted(second)) << second;
+  ExpectAnsweredOnTheStoreThread();
+  ExpectCopiesHold(key, "first", 3);
+}
+
+// A token that names no copy, or whose key was deleted since the read, writes nothing.
+TEST_P(CompareAndSwapAsyncTest, TokenOfNoCopyOrOfAVanishedKeyIsAborted) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  const SessionKey key = Key("vanished");
+  const std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+  ASSERT_TRUE(cas.has_value());
+  // Two copies: 0 and 1. An index wrapped around onto a real copy would meet its CAS value.
+  for (int copy : {-1, 2, 2 + cas->copy, 7}) {
+    SCOPED_TRACE(absl::StrCat("copy ", copy));
+    const absl::Status swapped =
+        CompareAndSwapAsync(key, CasToken{cas->cas, copy}, Session("s", 2));
+    EXPECT_TRUE(absl::IsAborted(swapped)) << swapped;
+    ExpectAnsweredOnTheStoreThread(/*or_at_once=*/true);
+  }
+  ExpectCopiesHold(key, "s", 1);
+
+  ASSERT_TRUE(store_->Remove(key, Deadline()).ok());
+  const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
+  EXPECT_TRUE(absl::IsAborted(swapped)) << swapped;
+  ExpectAnsweredOnTheStoreThread();
+  const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+  EXPECT_FALSE(MemcachedHas(1, skey) || MemcachedHas(2, skey));
+}
+
+// With one node down, a token from the copy that answered still wins there; one naming the copy
+// on the dead node gets UNAVAILABLE (no falling over: the other copy's CAS value differs).
+TEST_P(CompareAndSwapAsyncTest, CopyOnADeadNodeIsUnavailableAndTheLiveCopyStillSwaps) {
+  OpenNodes({DeadNode(), MemcachedNode{"127.0.0.1", static_cast<uint16_t>(MemcachedPort(1))}},
+            GetParam());
+  // Users until both placements were seen: the first copy down, and the second.
+  bool dead_seen[2] = {false, false};
+  for (int i = 0; i < 32 && !(dead_seen[0] && dead_seen[1]); ++i) {
+    SCOPED_TRACE(absl::StrCat("user ", i));
+    const SessionKey key = Key(absl::StrCat("deadnode", i));
+    const std::optional<CasToken> cas = AddAndRead(key, Session("d", 1));
+    ASSERT_TRUE(cas.has_value());
+    const int dead = 1 - cas->copy;  // The read was answered by the live copy.
+    dead_seen[dead] = true;
+
+    const int64_t failures = pool_->node_failures();
+    const absl::Time start = absl::Now();
+    const absl::Status down = CompareAndSwapAsync(key, CasToken{cas->cas, dead}, Session("d", 2));
+    EXPECT_TRUE(absl::IsUnavailable(down)) << down;
+    EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+    EXPECT_GT(pool_->node_failures(), failures);
+    ExpectAnsweredOnTheStoreThread();
+    ExpectCopiesHold(key, "d", 1, {1});
+
+    const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("d", 3));
+    EXPECT_TRUE(swapped.ok()) << swapped;
+    ExpectAnsweredOnTheStoreThread();
+    ExpectCopiesHold(key, "d", 3, {1});
+  }
+  EXPECT_TRUE(dead_seen[0] && dead_seen[1]);
+}
+
+// Refused at once, before any I/O, and nothing is written: the token still wins afterwards.
+TEST_P(CompareAndSwapAsyncTest, TtlAboveThirtyDaysIsInvalidAndWritesNothing) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  const SessionKey key = Key("ttl");
+  const std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+  ASSERT_TRUE(cas.has_value());
+  const absl::Status refused =
+      CompareAndSwapAsync(key, *cas, Session("s", 2), kMaxStoreTtl + absl::Seconds(1));
+  EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
+  EXPECT_TRUE(answered_at_once_);
+  ExpectCopiesHold(key, "s", 1);
+  const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
+  EXPECT_TRUE(swapped.ok()) << swapped;
+}
+
+INSTANTIATE_TEST_SUITE_P(WritePaths, CompareAndSwapAsyncTest, ::testing::Values(true, false),
+                         PathName);
 
 TEST_F(SessionStoreTest, ThirtyDayTtlIsRelativeAndLongerIsRejected) {
   Open("MEMCACHED_URL");
