@@ -92,8 +92,8 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
     auto sessions = std::make_shared<SessionService>(std::move(session_store), app->clock_,
                                                      std::move(session_options));
     app->authenticator_ = std::make_unique<SessionTokenAuthenticator>(sessions);
-    auto handlers = std::make_unique<SessionHandlers>(std::move(sessions),
-                                                      config.default_call_timeout, *app->blocking_);
+    auto handlers =
+        std::make_unique<SessionHandlers>(std::move(sessions), config.default_call_timeout);
     app->session_handlers_ = handlers.get();
     app->services_.push_back(std::move(handlers));
   }

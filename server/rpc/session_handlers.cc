@@ -20,6 +20,13 @@ grpc::Status Respond(absl::StatusOr<SessionView> view, v1::Session* response) {
   return grpc::Status::OK;
 }
 
+// The service's answer as the asynchronous method's.
+SessionService::ViewCallback Answer(v1::Session* response, SessionHandlers::Done done) {
+  return [response, done = std::move(done)](absl::StatusOr<SessionView> view) mutable {
+    std::move(done)(Respond(std::move(view), response));
+  };
+}
+
 }  // namespace
 
 absl::Time SessionHandlers::Deadline(const grpc::ServerContextBase& context) const {
@@ -113,39 +120,28 @@ void SessionHandlers::Accept(grpc::ServerCompletionQueue* cq, int accepting) {
     new UnaryCall<v1::CreateSessionRequest, v1::Session>(
         *this, cq, "/sessionledger.v1.SessionService/CreateSession",
         &SessionHandlers::RequestCreateSession, &SessionHandlers::AnswerCreateSession);
+    new UnaryCall<v1::UpdateSessionRequest, v1::Session>(
+        *this, cq, "/sessionledger.v1.SessionService/UpdateSession",
+        &SessionHandlers::RequestUpdateSession, &SessionHandlers::AnswerUpdateSession);
   }
 }
 
 void SessionHandlers::AnswerCreateSession(const v1::CreateSessionRequest& request,
                                           absl::Time deadline, v1::Session* response, Done done) {
-  sessions_->CreateAsync(
-      request.user_id(), request.ttl_seconds(), request.attributes(), deadline,
-      [response, done = std::move(done)](absl::StatusOr<SessionView> view) mutable {
-        std::move(done)(Respond(std::move(view), response));
-      });
+  sessions_->CreateAsync(request.user_id(), request.ttl_seconds(), request.attributes(), deadline,
+                         Answer(response, std::move(done)));
 }
 
 void SessionHandlers::AnswerGetSession(const v1::GetSessionRequest& request, absl::Time deadline,
                                        v1::Session* response, Done done) {
-  auto answer = [response, done = std::move(done)](absl::StatusOr<SessionView> view) mutable {
-    std::move(done)(Respond(std::move(view), response));
-  };
-  if (request.touch()) {
-    // Sliding the expiry writes through a blocking client: not on a callback thread.
-    blocking_.Run([this, token = request.token(), deadline, answer = std::move(answer)]() mutable {
-      answer(sessions_->Get(token, /*touch=*/true, deadline));
-    });
-  } else {
-    sessions_->ReadAsync(request.token(), deadline, std::move(answer));
-  }
+  sessions_->GetAsync(request.token(), request.touch(), deadline,
+                      Answer(response, std::move(done)));
 }
 
-grpc::Status SessionHandlers::UpdateSession(grpc::ServerContext* context,
-                                            const v1::UpdateSessionRequest* request,
-                                            v1::Session* response) {
-  return Respond(sessions_->Update(request->token(), request->set(), request->remove(),
-                                   request->expected_version(), Deadline(*context)),
-                 response);
+void SessionHandlers::AnswerUpdateSession(const v1::UpdateSessionRequest& request,
+                                          absl::Time deadline, v1::Session* response, Done done) {
+  sessions_->UpdateAsync(request.token(), request.set(), request.remove(),
+                         request.expected_version(), deadline, Answer(response, std::move(done)));
 }
 
 grpc::Status SessionHandlers::RotateSession(grpc::ServerContext* context,

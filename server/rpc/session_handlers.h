@@ -4,7 +4,6 @@
 #include <memory>
 
 #include "absl/time/time.h"
-#include "server/common/blocking_executor.h"
 #include "server/session/session_service.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 
@@ -14,11 +13,11 @@ namespace sessionledger {
 // call by the caller's deadline (or `default_timeout` when it set none), and maps errors through
 // ToGrpcStatus. Stateless apart from its references; thread-safe.
 //
-// GetSession (the hot read) and CreateSession (the login path) are served on gRPC's
-// asynchronous API (Accept): their store calls go out through the store's asynchronous methods
-// and the answer is sent from wherever the store completes it, so no thread sleeps while
-// Memcached answers. GetSession with touch (a compare-and-swap write) runs on `blocking`. The
-// other methods are synchronous.
+// GetSession (the hot read, with or without touch), CreateSession (the login path) and
+// UpdateSession are served on gRPC's asynchronous API (Accept): their store calls go out
+// through the store's asynchronous methods and the answer is sent from wherever the store
+// completes it, so no thread sleeps while Memcached answers (the service finishes a lost
+// compare-and-swap race on its blocking executor). The other methods are synchronous.
 //
 // Not the callback API: in gRPC 1.51 on Linux its completions are run by "nexting" threads
 // that, after a second without work, sleep 100 ms between polls, and with it registered every
@@ -30,15 +29,15 @@ namespace sessionledger {
 // interceptor sees, where the contract wants INVALID_ARGUMENT naming the request.
 class SessionHandlers final
     : public v1::SessionService::WithRawMethod_GetSession<
-          v1::SessionService::WithRawMethod_CreateSession<v1::SessionService::Service>> {
+          v1::SessionService::WithRawMethod_CreateSession<
+              v1::SessionService::WithRawMethod_UpdateSession<v1::SessionService::Service>>> {
  public:
-  SessionHandlers(std::shared_ptr<SessionService> sessions, absl::Duration default_timeout,
-                  BlockingExecutor& blocking)
-      : sessions_(std::move(sessions)), default_timeout_(default_timeout), blocking_(blocking) {}
+  SessionHandlers(std::shared_ptr<SessionService> sessions, absl::Duration default_timeout)
+      : sessions_(std::move(sessions)), default_timeout_(default_timeout) {}
 
-  // Serves GetSession and CreateSession from completion queue `cq` (of the server this service
-  // is registered on, after it started), keeping `accepting` calls of each requested at any
-  // time. Run RunCompletionQueue(cq) on at least one thread.
+  // Serves the asynchronous methods from completion queue `cq` (of the server this service is
+  // registered on, after it started), keeping `accepting` calls of each requested at any time.
+  // Run RunCompletionQueue(cq) on at least one thread.
   void Accept(grpc::ServerCompletionQueue* cq, int accepting);
   // The asynchronous methods without gRPC's machinery: fill `response`, then call `done`
   // exactly once, possibly before returning, possibly on another thread.
@@ -47,8 +46,8 @@ class SessionHandlers final
                         v1::Session* response, Done done);
   void AnswerCreateSession(const v1::CreateSessionRequest& request, absl::Time deadline,
                            v1::Session* response, Done done);
-  grpc::Status UpdateSession(grpc::ServerContext* context, const v1::UpdateSessionRequest* request,
-                             v1::Session* response) override;
+  void AnswerUpdateSession(const v1::UpdateSessionRequest& request, absl::Time deadline,
+                           v1::Session* response, Done done);
   grpc::Status RotateSession(grpc::ServerContext* context, const v1::RotateSessionRequest* request,
                              v1::Session* response) override;
   grpc::Status DeleteSession(grpc::ServerContext* context, const v1::DeleteSessionRequest* request,
@@ -67,7 +66,6 @@ class SessionHandlers final
 
   std::shared_ptr<SessionService> sessions_;
   const absl::Duration default_timeout_;
-  BlockingExecutor& blocking_;
 };
 
 // Stored form -> API form (without the token).

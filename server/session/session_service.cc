@@ -368,6 +368,8 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
   auto finish = [this, created = std::move(created), index = std::move(index), now, deadline,
                  done = std::move(done), added]() mutable {
     if (added) {
+      // The index write lost a race: wait as AddToIndex would after a conflict, then retry.
+      Backoff(options_, deadline).Wait();
       const absl::Status indexed =
           AddToIndex(created->key.user_tag, created->view.stored, std::move(index), deadline);
       if (!indexed.ok()) {
@@ -379,11 +381,14 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
     }
     std::move(done)(FinishCreate(std::move(*created), std::move(index), now, deadline));
   };
-  if (options_.blocking == nullptr) {
-    std::move(finish)();
-  } else {
-    options_.blocking->Run(std::move(finish));
-  }
+  RunBlocking(std::move(finish));
+}
+
+bool SessionService::Touch(StoredSession& s, absl::Time now) {
+  const int64_t slid = SlidExpiry(s, now);
+  if (slid <= s.expires_at_unix_micros()) return false;
+  s.set_expires_at_unix_micros(slid);
+  return true;
 }
 
 absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool touch,
@@ -397,12 +402,9 @@ absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool to
     SL_RETURN_IF_ERROR(CheckLive(lookup, key, now));
     SessionView view;
     view.stored = std::move(lookup.record->session);
-    if (!touch) return view;
-    const int64_t slid = SlidExpiry(view.stored, now);
-    if (slid <= view.stored.expires_at_unix_micros()) return view;
-    view.stored.set_expires_at_unix_micros(slid);
+    if (!touch || !Touch(view.stored, now)) return view;
     const absl::Status written = store_->CompareAndSwap(key, lookup.record->cas, view.stored,
-                                                        StoreTtl(FromMicros(slid), now), deadline);
+                                                        SessionTtl(view.stored, now), deadline);
     if (written.ok()) return view;
     if (!absl::IsAborted(written)) return written;
     if (!backoff.Wait()) {
@@ -411,7 +413,8 @@ absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool to
   }
 }
 
-void SessionService::ReadAsync(absl::string_view token, absl::Time deadline, ViewCallback done) {
+void SessionService::GetAsync(absl::string_view token, bool touch, absl::Time deadline,
+                              ViewCallback done) {
   if (token.empty()) {
     std::move(done)(absl::InvalidArgumentError("token: required"));
     return;
@@ -421,27 +424,81 @@ void SessionService::ReadAsync(absl::string_view token, absl::Time deadline, Vie
     std::move(done)(key.status());
     return;
   }
-  // The continuation keeps its own copy of the key: the store may answer after we return.
-  store_->LookupAsync(
-      *key, deadline,
-      [this, key = *key, done = std::move(done)](absl::StatusOr<SessionLookup> lookup) mutable {
-        if (!lookup.ok()) {
-          std::move(done)(lookup.status());
-          return;
-        }
-        if (absl::Status live = CheckLive(*lookup, key, clock_.Now()); !live.ok()) {
-          std::move(done)(live);
-          return;
-        }
-        SessionView view;
-        view.stored = std::move(lookup->record->session);
-        std::move(done)(std::move(view));
-      });
+  ChangeAsync(
+      *std::move(key), deadline,
+      [touch](StoredSession& s, absl::Time now) -> absl::StatusOr<bool> {
+        return touch && Touch(s, now);
+      },
+      [this, token = std::string(token), touch, deadline] { return Get(token, touch, deadline); },
+      std::move(done));
 }
 
-absl::StatusOr<SessionView> SessionService::Update(absl::string_view token, const AttributeMap& set,
-                                                   const KeyList& remove, int64_t expected_version,
-                                                   absl::Time deadline) {
+void SessionService::ChangeAsync(SessionKey key, absl::Time deadline, Change change,
+                                 absl::AnyInvocable<absl::StatusOr<SessionView>() &&> retry,
+                                 ViewCallback done) {
+  // The continuations keep their own copies: the store may answer after we return.
+  auto lookup_key = std::make_shared<SessionKey>(std::move(key));
+  const SessionKey& k = *lookup_key;
+  store_->LookupAsync(k, deadline,
+                      [this, key = std::move(lookup_key), deadline, change = std::move(change),
+                       retry = std::move(retry),
+                       done = std::move(done)](absl::StatusOr<SessionLookup> lookup) mutable {
+                        if (!lookup.ok()) {
+                          std::move(done)(lookup.status());
+                          return;
+                        }
+                        const absl::Time now = clock_.Now();
+                        if (absl::Status live = CheckLive(*lookup, *key, now); !live.ok()) {
+                          std::move(done)(live);
+                          return;
+                        }
+                        auto view = std::make_shared<SessionView>();
+                        view->stored = std::move(lookup->record->session);
+                        absl::StatusOr<bool> write = change(view->stored, now);
+                        if (!write.ok()) {
+                          std::move(done)(write.status());
+                          return;
+                        }
+                        if (!*write) {
+                          std::move(done)(std::move(*view));
+                          return;
+                        }
+                        store_->CompareAndSwapAsync(
+                            *key, lookup->record->cas, view->stored, SessionTtl(view->stored, now),
+                            deadline,
+                            [this, view, deadline, retry = std::move(retry),
+                             done = std::move(done)](absl::Status written) mutable {
+                              if (written.ok()) {
+                                std::move(done)(std::move(*view));
+                              } else if (!absl::IsAborted(written)) {
+                                std::move(done)(written);
+                              } else {
+                                // Lost a race: the blocking form reads again and retries, sleeping
+                                // between tries. It first waits as its own loop would after a
+                                // conflict, so that the writers that just collided spread out
+                                // instead of colliding again.
+                                RunBlocking([this, deadline, retry = std::move(retry),
+                                             done = std::move(done)]() mutable {
+                                  Backoff(options_, deadline).Wait();
+                                  std::move(done)(std::move(retry)());
+                                });
+                              }
+                            });
+                      });
+}
+
+void SessionService::RunBlocking(absl::AnyInvocable<void() &&> work) const {
+  if (options_.blocking == nullptr) {
+    std::move(work)();
+  } else {
+    options_.blocking->Run(std::move(work));
+  }
+}
+
+absl::StatusOr<SessionKey> SessionService::CheckUpdate(absl::string_view token,
+                                                       const AttributeMap& set,
+                                                       const KeyList& remove,
+                                                       int64_t expected_version) const {
   if (token.empty()) return absl::InvalidArgumentError("token: required");
   if (expected_version < 0) {
     return absl::InvalidArgumentError("expected_version: must be 0 (unconditional) or >= 1");
@@ -455,32 +512,40 @@ absl::StatusOr<SessionView> SessionService::Update(absl::string_view token, cons
     }
   }
   SL_RETURN_IF_ERROR(CheckAttributesSize("set", AttributesBytes(set), options_.limits));
-  SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(token));
+  return KeyForToken(token);
+}
 
+absl::Status SessionService::ApplyUpdate(StoredSession& s, const AttributeMap& set,
+                                         const KeyList& remove, int64_t expected_version,
+                                         absl::Time now) const {
+  if (expected_version != 0 && s.version() != expected_version) {
+    return absl::AbortedError(absl::StrCat("expected_version: ", expected_version,
+                                           " does not match the stored version ", s.version()));
+  }
+  auto& attributes = *s.mutable_attributes();
+  for (const std::string& k : remove) attributes.erase(k);
+  for (const auto& [k, v] : set) attributes[k] = v;
+  SL_RETURN_IF_ERROR(CheckAttributesSize("set", AttributesBytes(attributes), options_.limits));
+  s.set_version(s.version() + 1);
+  s.set_expires_at_unix_micros(SlidExpiry(s, now));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SessionView> SessionService::Update(absl::string_view token, const AttributeMap& set,
+                                                   const KeyList& remove, int64_t expected_version,
+                                                   absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(SessionKey key, CheckUpdate(token, set, remove, expected_version));
   Backoff backoff(options_, deadline);
   for (;;) {
     SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
     const absl::Time now = clock_.Now();
     SL_RETURN_IF_ERROR(CheckLive(lookup, key, now));
-    StoredSession s = std::move(lookup.record->session);
-    if (expected_version != 0 && s.version() != expected_version) {
-      return absl::AbortedError(absl::StrCat("expected_version: ", expected_version,
-                                             " does not match the stored version ", s.version()));
-    }
-    auto& attributes = *s.mutable_attributes();
-    for (const std::string& k : remove) attributes.erase(k);
-    for (const auto& [k, v] : set) attributes[k] = v;
-    SL_RETURN_IF_ERROR(CheckAttributesSize("set", AttributesBytes(attributes), options_.limits));
-    s.set_version(s.version() + 1);
-    s.set_expires_at_unix_micros(SlidExpiry(s, now));
-    const absl::Status written =
-        store_->CompareAndSwap(key, lookup.record->cas, s,
-                               StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline);
-    if (written.ok()) {
-      SessionView view;
-      view.stored = std::move(s);
-      return view;
-    }
+    SessionView view;
+    view.stored = std::move(lookup.record->session);
+    SL_RETURN_IF_ERROR(ApplyUpdate(view.stored, set, remove, expected_version, now));
+    const absl::Status written = store_->CompareAndSwap(key, lookup.record->cas, view.stored,
+                                                        SessionTtl(view.stored, now), deadline);
+    if (written.ok()) return view;
     if (!absl::IsAborted(written)) return written;
     // A conditional update re-reads too: the conflict may have been a touch that left the
     // version alone, and the re-read decides between success and ABORTED.
@@ -488,6 +553,27 @@ absl::StatusOr<SessionView> SessionService::Update(absl::string_view token, cons
       return absl::AbortedError("token: session changed concurrently too often; retry");
     }
   }
+}
+
+void SessionService::UpdateAsync(absl::string_view token, const AttributeMap& set,
+                                 const KeyList& remove, int64_t expected_version,
+                                 absl::Time deadline, ViewCallback done) {
+  absl::StatusOr<SessionKey> key = CheckUpdate(token, set, remove, expected_version);
+  if (!key.ok()) {
+    std::move(done)(key.status());
+    return;
+  }
+  auto request = std::make_shared<const std::pair<AttributeMap, KeyList>>(set, remove);
+  ChangeAsync(
+      *std::move(key), deadline,
+      [this, request, expected_version](StoredSession& s, absl::Time now) -> absl::StatusOr<bool> {
+        SL_RETURN_IF_ERROR(ApplyUpdate(s, request->first, request->second, expected_version, now));
+        return true;
+      },
+      [this, token = std::string(token), request, expected_version, deadline] {
+        return Update(token, request->first, request->second, expected_version, deadline);
+      },
+      std::move(done));
 }
 
 absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl::Time deadline) {

@@ -82,11 +82,17 @@ class SessionService {
   void CreateAsync(absl::string_view user_id, int64_t ttl_seconds, const AttributeMap& attributes,
                    absl::Time deadline, ViewCallback done);
   absl::StatusOr<SessionView> Get(absl::string_view token, bool touch, absl::Time deadline);
-  // Get without touch, for callers that must not block.
-  void ReadAsync(absl::string_view token, absl::Time deadline, ViewCallback done);
   absl::StatusOr<SessionView> Update(absl::string_view token, const AttributeMap& set,
                                      const KeyList& remove, int64_t expected_version,
                                      absl::Time deadline);
+  // Get and Update for callers that must not block: one read and (for an update, or a touch
+  // that slides the expiry) one compare-and-swap through the store's asynchronous methods. A
+  // lost race finishes on options_.blocking as the blocking form, which reads again and retries
+  // with backoff, so both answer what Get and Update would (the asynchronous attempt comes on
+  // top of the blocking form's max_cas_attempts).
+  void GetAsync(absl::string_view token, bool touch, absl::Time deadline, ViewCallback done);
+  void UpdateAsync(absl::string_view token, const AttributeMap& set, const KeyList& remove,
+                   int64_t expected_version, absl::Time deadline, ViewCallback done);
   absl::StatusOr<SessionView> Rotate(absl::string_view token, absl::Time deadline);
   absl::Status Delete(absl::string_view token, absl::Time deadline);
   // Live sessions of the user, oldest first.
@@ -131,6 +137,24 @@ class SessionService {
                             bool added = false);
 
   absl::Status CheckLive(const SessionLookup& lookup, const SessionKey& key, absl::Time now) const;
+  // Slides the idle expiry of `s` at `now`; false when that changes nothing (no write needed).
+  static bool Touch(storage::v1::StoredSession& s, absl::Time now);
+  // Update's request checks; the key of `token` when they pass.
+  absl::StatusOr<SessionKey> CheckUpdate(absl::string_view token, const AttributeMap& set,
+                                         const KeyList& remove, int64_t expected_version) const;
+  // Applies an update to the live session `s` read at `now`: ABORTED on an expected_version
+  // mismatch, INVALID_ARGUMENT when the attributes grow past the limit.
+  absl::Status ApplyUpdate(storage::v1::StoredSession& s, const AttributeMap& set,
+                           const KeyList& remove, int64_t expected_version, absl::Time now) const;
+  // Reads the session under `key` and checks it is live; `change` edits it and says whether it
+  // must be written back (an error ends the call), which a compare-and-swap then does. Nothing
+  // blocks; a lost race is answered by `retry` (the blocking form) on options_.blocking.
+  using Change =
+      absl::AnyInvocable<absl::StatusOr<bool>(storage::v1::StoredSession&, absl::Time now)>;
+  void ChangeAsync(SessionKey key, absl::Time deadline, Change change,
+                   absl::AnyInvocable<absl::StatusOr<SessionView>() &&> retry, ViewCallback done);
+  // Runs `work` on options_.blocking, or here without one.
+  void RunBlocking(absl::AnyInvocable<void() &&> work) const;
   // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when
   // the caller has just read the index (saves a round trip), re-reading after a conflict.
   absl::Status AddToIndex(absl::string_view user_tag, const storage::v1::StoredSession& session,

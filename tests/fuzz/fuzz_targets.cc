@@ -176,9 +176,7 @@ class FuzzedSessionStore final : public SessionStore {
     }
     return lookup;
   }
-  // SessionStore::Peek (the read-only lookup of the authentication path) is being added to the
-  // interface; declared without `override` so this compiles both before and after it lands.
-  absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) {
+  absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) override {
     return Lookup(key, deadline);
   }
   absl::Status Add(const SessionKey&, const StoredSession&, absl::Duration ttl,
@@ -360,8 +358,18 @@ std::string FuzzStoredSession(absl::string_view data) {
   options.sleep = [](absl::Duration) {};
   auto sessions =
       std::make_shared<SessionService>(std::make_shared<FuzzedSessionStore>(state), clock, options);
-  BlockingExecutor blocking(1);
-  SessionHandlers handlers(sessions, absl::Seconds(5), blocking);
+  SessionHandlers handlers(sessions, absl::Seconds(5));
+  // Runs one of the handler's asynchronous methods to its answer.
+  auto answer = [&handlers](auto method, const auto& request, v1::Session* response) {
+    grpc::Status status;
+    Notification answered;
+    (handlers.*method)(request, absl::Now() + absl::Seconds(5), response, [&](grpc::Status s) {
+      status = std::move(s);
+      answered.Notify();
+    });
+    answered.WaitForNotification();
+    return status;
+  };
 
   const bool live_key_checks_fail =
       state.session.deleted() || state.session.token_hash() != key->token_hash;
@@ -371,14 +379,7 @@ std::string FuzzStoredSession(absl::string_view data) {
     request.set_token(*token);
     request.set_touch((flags & 32) != 0);
     v1::Session response;
-    grpc::Status status;
-    Notification answered;
-    handlers.AnswerGetSession(request, absl::Now() + absl::Seconds(5), &response,
-                              [&](grpc::Status s) {
-                                status = std::move(s);
-                                answered.Notify();
-                              });
-    answered.WaitForNotification();
+    const grpc::Status status = answer(&SessionHandlers::AnswerGetSession, request, &response);
     problem = CheckCode("GetSession", status);
     if (problem.empty() && status.ok() && live_key_checks_fail) {
       problem = "GetSession served a deleted session or one stored under another key";
@@ -386,14 +387,13 @@ std::string FuzzStoredSession(absl::string_view data) {
     if (problem.empty() && !response.token().empty()) problem = "GetSession returned a token";
   }
   if (problem.empty()) {
-    grpc::ServerContext context;
     v1::UpdateSessionRequest request;
     request.set_token(*token);
     (*request.mutable_set())["k"] = "v";
     request.add_remove("gone");
     request.set_expected_version((flags & 64) != 0 ? stored.version() : 0);
     v1::Session response;
-    const grpc::Status status = handlers.UpdateSession(&context, &request, &response);
+    const grpc::Status status = answer(&SessionHandlers::AnswerUpdateSession, request, &response);
     problem = CheckCode("UpdateSession", status);
     if (problem.empty() && status.ok() && live_key_checks_fail) {
       problem = "UpdateSession changed a deleted session or one stored under another key";

@@ -685,11 +685,12 @@ TEST_F(BadInputTest, UnknownFieldsAreIgnoredAndGarbageIsRefused) {
         std::string("\x0a\x7f", 2),                                       // Truncated string.
         std::string("\x0f", 1)}) {                                        // Field number 1, group.
     SCOPED_TRACE(absl::CEscape(garbage));
-    // GetSession and CreateSession parse their own requests (asynchronous, raw methods); the
-    // answer is the same as where gRPC parses them.
+    // GetSession, CreateSession and UpdateSession parse their own requests (asynchronous, raw
+    // methods); the answer is the same as where gRPC parses them (the other methods).
     for (const char* method : {"/sessionledger.v1.SessionService/CreateSession",
                                "/sessionledger.v1.SessionService/GetSession",
-                               "/sessionledger.v1.SessionService/UpdateSession"}) {
+                               "/sessionledger.v1.SessionService/UpdateSession",
+                               "/sessionledger.v1.SessionService/RotateSession"}) {
       SCOPED_TRACE(method);
       const grpc::Status status = RawCall(method, garbage, "");
       EXPECT_EQ(status.error_code(), StatusCode::INVALID_ARGUMENT) << status.error_message();

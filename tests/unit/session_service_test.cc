@@ -431,15 +431,19 @@ TEST_F(SessionServiceTest, ATokenNamingAnotherUsersTagIsRejected) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CreateAsync
+// CreateAsync, GetAsync and UpdateAsync
 
-// Store calls a test can observe and answer; the asynchronous steps of CreateSession are told
-// apart from the blocking calls of the retry path.
+// Store calls a test can observe and answer; the asynchronous steps of CreateSession,
+// GetSession and UpdateSession are told apart from the blocking calls of the retry paths.
 enum class Op {
   kReadUserStateAsync,
   kWriteIndexAsync,
   kAddAsync,
+  kLookupAsync,
+  kCompareAndSwapAsync,
   kReadUserState,
+  kLookup,
+  kCompareAndSwap,
   kReadGeneration,
   kReadIndex,
   kWriteIndex,
@@ -465,6 +469,16 @@ class RecordingStore final : public SessionStore {
   void set_inject(Inject inject) {
     std::lock_guard<std::mutex> l(mu_);
     inject_ = std::make_shared<Inject>(std::move(inject));
+  }
+  // Injects `action`'s answer into the first call of `op` only; the result says whether that
+  // call came.
+  std::shared_ptr<const std::atomic<bool>> InjectOnce(Op op, std::function<absl::Status()> action) {
+    auto fired = std::make_shared<std::atomic<bool>>(false);
+    set_inject([op, action = std::move(action), fired](Op called) {
+      if (called != op || fired->exchange(true)) return absl::OkStatus();
+      return action();
+    });
+    return fired;
   }
   int Count(Op op) const {
     std::lock_guard<std::mutex> l(mu_);
@@ -517,9 +531,29 @@ class RecordingStore final : public SessionStore {
       std::move(done)(fake_->Add(key, session, ttl, deadline));
     });
   }
+  void LookupAsync(const SessionKey& key, absl::Time deadline, LookupCallback done) override {
+    Answer([this, key, deadline, done = std::move(done)]() mutable {
+      if (absl::Status s = Record(Op::kLookupAsync); !s.ok()) {
+        std::move(done)(s);
+        return;
+      }
+      std::move(done)(fake_->Lookup(key, deadline));
+    });
+  }
+  void CompareAndSwapAsync(const SessionKey& key, const CasToken& cas,
+                           const storage::v1::StoredSession& session, absl::Duration ttl,
+                           absl::Time deadline, StatusCallback done) override {
+    Answer([this, key, cas, session, ttl, deadline, done = std::move(done)]() mutable {
+      if (absl::Status s = Record(Op::kCompareAndSwapAsync); !s.ok()) {
+        std::move(done)(s);
+        return;
+      }
+      std::move(done)(fake_->CompareAndSwap(key, cas, session, ttl, deadline));
+    });
+  }
 
   absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) override {
-    SL_RETURN_IF_ERROR(Record(Op::kOther));
+    SL_RETURN_IF_ERROR(Record(Op::kLookup));
     return fake_->Lookup(key, deadline);
   }
   absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) override {
@@ -534,7 +568,7 @@ class RecordingStore final : public SessionStore {
   absl::Status CompareAndSwap(const SessionKey& key, const CasToken& cas,
                               const storage::v1::StoredSession& session, absl::Duration ttl,
                               absl::Time deadline) override {
-    SL_RETURN_IF_ERROR(Record(Op::kOther));
+    SL_RETURN_IF_ERROR(Record(Op::kCompareAndSwap));
     return fake_->CompareAndSwap(key, cas, session, ttl, deadline);
   }
   absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& session,
@@ -626,7 +660,7 @@ class AsyncAnswer {
   absl::StatusOr<SessionView> Wait() {
     std::unique_lock<std::mutex> l(mu_);
     if (!answered_.wait_for(l, std::chrono::seconds(10), [this] { return calls_ > 0; })) {
-      return absl::DeadlineExceededError("test: CreateAsync did not answer within 10 s");
+      return absl::DeadlineExceededError("test: the call did not answer within 10 s");
     }
     return view_;
   }
@@ -654,21 +688,29 @@ std::thread::id ThreadOf(BlockingExecutor& executor) {
   return got.get();
 }
 
-struct CreateAsyncMode {
+struct AsyncMode {
   bool executor;   // SessionServiceOptions::blocking is a BlockingExecutor (else null).
   bool io_thread;  // The store answers the asynchronous calls on its own thread.
 };
 
-void PrintTo(const CreateAsyncMode& mode, std::ostream* os) {
+void PrintTo(const AsyncMode& mode, std::ostream* os) {
   *os << (mode.executor ? "blocking executor" : "no blocking executor") << ", store answers on "
       << (mode.io_thread ? "its I/O thread" : "the calling thread");
 }
 
-// CreateAsync over a RecordingStore, in every combination of where the store answers and where
-// the blocking path runs. Every test must see each of its calls answered exactly once.
-class CreateAsyncTest : public ::testing::TestWithParam<CreateAsyncMode> {
+constexpr AsyncMode kAsyncModes[] = {{false, false}, {true, false}, {false, true}, {true, true}};
+
+std::string AsyncModeName(const ::testing::TestParamInfo<AsyncMode>& info) {
+  return std::string(info.param.executor ? "Executor" : "Inline") +
+         (info.param.io_thread ? "IoThread" : "CallerThread");
+}
+
+// The asynchronous calls of a SessionService over a RecordingStore, in every combination of
+// where the store answers and where the blocking path runs. Every test must see each of its
+// calls answered exactly once.
+class AsyncServiceTest : public ::testing::TestWithParam<AsyncMode> {
  protected:
-  CreateAsyncTest() {
+  AsyncServiceTest() {
     fake_ = std::make_shared<testing::FakeSessionStore>(clock_);
     if (GetParam().io_thread) {
       io_ = std::make_unique<BlockingExecutor>(1);
@@ -688,7 +730,8 @@ class CreateAsyncTest : public ::testing::TestWithParam<CreateAsyncMode> {
     blocking_.reset();
     std::lock_guard<std::mutex> l(answers_mu_);
     for (size_t i = 0; i < answers_.size(); ++i) {
-      EXPECT_EQ(answers_[i]->calls(), 1) << "CreateAsync #" << i << " must answer exactly once";
+      EXPECT_EQ(answers_[i]->calls(), 1)
+          << "asynchronous call #" << i << " must answer exactly once";
     }
   }
 
@@ -706,22 +749,15 @@ class CreateAsyncTest : public ::testing::TestWithParam<CreateAsyncMode> {
 
   absl::Time Deadline() const { return absl::Now() + absl::Seconds(10); }
 
-  AsyncAnswer& Start(const std::string& user, int64_t ttl = 0, const AttributeMap& attrs = {}) {
-    AsyncAnswer* answer;
-    {
-      std::lock_guard<std::mutex> l(answers_mu_);
-      answers_.push_back(std::make_unique<AsyncAnswer>());
-      answer = answers_.back().get();
-    }
-    service_->CreateAsync(user, ttl, attrs, Deadline(), answer->Callback());
-    return *answer;
+  // A fresh answer for one asynchronous call; TearDown checks it was answered exactly once.
+  AsyncAnswer& NewAnswer() {
+    std::lock_guard<std::mutex> l(answers_mu_);
+    answers_.push_back(std::make_unique<AsyncAnswer>());
+    return *answers_.back();
   }
-  absl::StatusOr<SessionView> CreateAsync(const std::string& user, int64_t ttl = 0,
-                                          const AttributeMap& attrs = {}) {
-    return Start(user, ttl, attrs).Wait();
-  }
-  SessionView MustCreate(const std::string& user) {
-    absl::StatusOr<SessionView> v = service_->Create(user, 0, {}, Deadline());
+
+  SessionView MustCreate(const std::string& user, int64_t ttl = 0, const AttributeMap& attrs = {}) {
+    absl::StatusOr<SessionView> v = service_->Create(user, ttl, attrs, Deadline());
     EXPECT_TRUE(v.ok()) << v.status();
     return v.ok() ? *v : SessionView{};
   }
@@ -753,15 +789,20 @@ class CreateAsyncTest : public ::testing::TestWithParam<CreateAsyncMode> {
   std::vector<std::unique_ptr<AsyncAnswer>> answers_;  // Guarded by answers_mu_.
 };
 
-INSTANTIATE_TEST_SUITE_P(Modes, CreateAsyncTest,
-                         ::testing::Values(CreateAsyncMode{false, false},
-                                           CreateAsyncMode{true, false},
-                                           CreateAsyncMode{false, true},
-                                           CreateAsyncMode{true, true}),
-                         [](const ::testing::TestParamInfo<CreateAsyncMode>& info) {
-                           return std::string(info.param.executor ? "Executor" : "Inline") +
-                                  (info.param.io_thread ? "IoThread" : "CallerThread");
-                         });
+class CreateAsyncTest : public AsyncServiceTest {
+ protected:
+  AsyncAnswer& Start(const std::string& user, int64_t ttl = 0, const AttributeMap& attrs = {}) {
+    AsyncAnswer& answer = NewAnswer();
+    service_->CreateAsync(user, ttl, attrs, Deadline(), answer.Callback());
+    return answer;
+  }
+  absl::StatusOr<SessionView> CreateAsync(const std::string& user, int64_t ttl = 0,
+                                          const AttributeMap& attrs = {}) {
+    return Start(user, ttl, attrs).Wait();
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Modes, CreateAsyncTest, ::testing::ValuesIn(kAsyncModes), AsyncModeName);
 
 TEST_P(CreateAsyncTest, AnswersWhatCreateWouldAndTheSessionIsReadableAndListed) {
   const absl::Time now = clock_.Now();
@@ -836,6 +877,20 @@ TEST_P(CreateAsyncTest, ExplicitTtlIsKept) {
   EXPECT_TRUE(absl::IsNotFound(service_->Get(v->token, false, Deadline()).status()));
 }
 
+// Attributes the contract refuses, each on its own.
+struct BadAttributes {
+  AttributeMap empty_key;
+  AttributeMap control_key;
+  AttributeMap too_big;  // One byte above the 64 KiB total, key included.
+};
+BadAttributes MakeBadAttributes() {
+  BadAttributes bad;
+  bad.empty_key[""] = "v";
+  bad.control_key["a\x01"] = "v";
+  bad.too_big["k"] = std::string(64 * 1024, 'v');
+  return bad;
+}
+
 TEST_P(CreateAsyncTest, RejectsBadInputLikeCreateWithoutTouchingTheStore) {
   struct Case {
     std::string user;
@@ -843,12 +898,7 @@ TEST_P(CreateAsyncTest, RejectsBadInputLikeCreateWithoutTouchingTheStore) {
     AttributeMap attrs;
     std::string field;
   };
-  AttributeMap empty_key;
-  empty_key[""] = "v";
-  AttributeMap control_key;
-  control_key["a\x01"] = "v";
-  AttributeMap too_big;
-  too_big["k"] = std::string(64 * 1024, 'v');  // One byte above 64 KiB with the key.
+  const BadAttributes bad = MakeBadAttributes();
   const std::vector<Case> cases = {
       {"", 0, {}, "user_id"},
       {std::string(129, 'u'), 0, {}, "user_id"},
@@ -858,9 +908,9 @@ TEST_P(CreateAsyncTest, RejectsBadInputLikeCreateWithoutTouchingTheStore) {
       {"alice", -1, {}, "ttl_seconds"},
       {"alice", std::numeric_limits<int64_t>::min(), {}, "ttl_seconds"},
       {"alice", 301, {}, "ttl_seconds"},
-      {"alice", 0, empty_key, "attributes"},
-      {"alice", 0, control_key, "attributes"},
-      {"alice", 0, too_big, "attributes"},
+      {"alice", 0, bad.empty_key, "attributes"},
+      {"alice", 0, bad.control_key, "attributes"},
+      {"alice", 0, bad.too_big, "attributes"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const Case& c = cases[i];
@@ -912,13 +962,10 @@ TEST_P(CreateAsyncTest, IndexConflictFinishesOnTheBlockingPathAndKeepsEverySessi
     std::vector<std::string> expected;
     if (existing_index) expected.push_back(MustCreate(user).stored.session_id());
     auto other = std::make_shared<std::optional<SessionView>>();
-    auto fired = std::make_shared<std::atomic<bool>>(false);
-    store_->set_inject([this, user, other, fired](Op op) {
-      if (op == Op::kWriteIndexAsync && !fired->exchange(true)) {
-        absl::StatusOr<SessionView> c = service_->Create(user, 0, {}, Deadline());
-        EXPECT_TRUE(c.ok()) << c.status();
-        if (c.ok()) *other = *c;
-      }
+    store_->InjectOnce(Op::kWriteIndexAsync, [this, user, other] {
+      absl::StatusOr<SessionView> c = service_->Create(user, 0, {}, Deadline());
+      EXPECT_TRUE(c.ok()) << c.status();
+      if (c.ok()) *other = *c;
       return absl::OkStatus();
     });
     const int async_writes = store_->Count(Op::kWriteIndexAsync);
@@ -955,13 +1002,8 @@ TEST_P(CreateAsyncTest, IndexConflictFinishesOnTheBlockingPathAndKeepsEverySessi
 
 TEST_P(CreateAsyncTest, AbortedIndexWriteRereadsTheIndex) {
   SessionView first = MustCreate("alice");
-  auto fired = std::make_shared<std::atomic<bool>>(false);
-  store_->set_inject([fired](Op op) {
-    if (op == Op::kWriteIndexAsync && !fired->exchange(true)) {
-      return absl::AbortedError("injected: index changed");
-    }
-    return absl::OkStatus();
-  });
+  store_->InjectOnce(Op::kWriteIndexAsync,
+                     [] { return absl::AbortedError("injected: index changed"); });
   const int reads = store_->Count(Op::kReadIndex);
   AsyncAnswer& answer = Start("alice");
   absl::StatusOr<SessionView> v = answer.Wait();
@@ -1114,6 +1156,612 @@ TEST_P(CreateAsyncTest, PrunePathDropsDeadEntries) {
   EXPECT_EQ(fake_->IndexSize(UserTag("chatty")), 2u);
   EXPECT_THAT(ListedIds("chatty"),
               UnorderedElementsAre(sessions[0].stored.session_id(), v->stored.session_id()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// GetAsync and UpdateAsync
+
+::testing::AssertionResult SameSession(const storage::v1::StoredSession& got,
+                                       const storage::v1::StoredSession& want) {
+  if (google::protobuf::util::MessageDifferencer::Equals(got, want)) {
+    return ::testing::AssertionSuccess();
+  }
+  return ::testing::AssertionFailure() << got.DebugString() << "\nwanted\n" << want.DebugString();
+}
+
+// What two sessions created alike at the same moment still differ in.
+storage::v1::StoredSession WithoutIdentity(storage::v1::StoredSession s) {
+  s.clear_session_id();
+  s.clear_token_hash();
+  return s;
+}
+
+struct UpdateRequest {
+  AttributeMap set;
+  std::vector<std::string> remove;
+  int64_t expected_version = 0;
+};
+
+// GetAsync and UpdateAsync (both through ChangeAsync), compared with Get and Update.
+class ChangeAsyncTest : public AsyncServiceTest {
+ protected:
+  AsyncAnswer& StartGet(const std::string& token, bool touch) {
+    AsyncAnswer& answer = NewAnswer();
+    service_->GetAsync(token, touch, Deadline(), answer.Callback());
+    return answer;
+  }
+  AsyncAnswer& StartUpdate(const std::string& token, const UpdateRequest& r) {
+    AsyncAnswer& answer = NewAnswer();
+    const KeyList remove(r.remove.begin(), r.remove.end());
+    service_->UpdateAsync(token, r.set, remove, r.expected_version, Deadline(), answer.Callback());
+    return answer;
+  }
+  // A touch, or the update `r`, of `token`.
+  AsyncAnswer& StartChange(const std::string& token, bool update, const UpdateRequest& r) {
+    return update ? StartUpdate(token, r) : StartGet(token, /*touch=*/true);
+  }
+  absl::StatusOr<SessionView> GetAsync(const std::string& token, bool touch) {
+    return StartGet(token, touch).Wait();
+  }
+  absl::StatusOr<SessionView> UpdateAsync(const std::string& token, const UpdateRequest& r) {
+    return StartUpdate(token, r).Wait();
+  }
+
+  // The blocking forms, whose answers the asynchronous ones must match.
+  absl::StatusOr<SessionView> Get(const std::string& token, bool touch) {
+    return service_->Get(token, touch, Deadline());
+  }
+  absl::StatusOr<SessionView> Update(const std::string& token, const UpdateRequest& r) {
+    const KeyList remove(r.remove.begin(), r.remove.end());
+    return service_->Update(token, r.set, remove, r.expected_version, Deadline());
+  }
+  absl::Status BlockingChange(const std::string& token, bool update, const UpdateRequest& r) {
+    return (update ? Update(token, r) : Get(token, /*touch=*/true)).status();
+  }
+
+  // What the store holds for a token that has a value (read past the RecordingStore, so it
+  // counts no call), and for how long.
+  SessionRecord Stored(const std::string& token) {
+    absl::StatusOr<SessionLookup> lookup = fake_->Lookup(*KeyForToken(token), Deadline());
+    EXPECT_TRUE(lookup.ok() && lookup->record.has_value()) << "nothing stored for the token";
+    return lookup.ok() && lookup->record.has_value() ? *lookup->record : SessionRecord{};
+  }
+  absl::Duration StoredTtl(const std::string& token) {
+    return fake_->TtlOf(KeyForToken(token)->token_hash);
+  }
+  // Session writes through either form of compare-and-swap.
+  int Writes() const {
+    return store_->Count(Op::kCompareAndSwapAsync) + store_->Count(Op::kCompareAndSwap);
+  }
+  // The call took one asynchronous read and one asynchronous write, and nothing blocking.
+  void ExpectOneAsyncReadAndWriteOnly() const {
+    EXPECT_EQ(store_->Count(Op::kLookupAsync), 1);
+    EXPECT_EQ(store_->Count(Op::kCompareAndSwapAsync), 1);
+    EXPECT_EQ(store_->Count(Op::kLookup), 0);
+    EXPECT_EQ(store_->Count(Op::kCompareAndSwap), 0);
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Modes, ChangeAsyncTest, ::testing::ValuesIn(kAsyncModes), AsyncModeName);
+
+TEST_P(ChangeAsyncTest, GetWithoutTouchAnswersWhatGetDoesAndWritesNothing) {
+  AttributeMap attrs;
+  attrs["role"] = "admin";
+  const SessionView v = MustCreate("alice", 0, attrs);
+  clock_.Advance(absl::Seconds(40));
+  const SessionRecord before = Stored(v.token);
+  const int calls = store_->total();
+  AsyncAnswer& answer = StartGet(v.token, /*touch=*/false);
+  absl::StatusOr<SessionView> got = answer.Wait();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(answer.thread(), StoreThread());
+  // One asynchronous read; no write, nothing blocking.
+  EXPECT_EQ(store_->Count(Op::kLookupAsync), 1);
+  EXPECT_EQ(store_->total(), calls + 1);
+  EXPECT_TRUE(got->token.empty());
+  EXPECT_TRUE(SameSession(got->stored, v.stored));
+  const absl::StatusOr<SessionView> blocking = Get(v.token, false);
+  ASSERT_TRUE(blocking.ok()) << blocking.status();
+  EXPECT_TRUE(SameSession(got->stored, blocking->stored));
+  EXPECT_EQ(Writes(), 0);
+  EXPECT_EQ(Stored(v.token).cas.cas, before.cas.cas);
+  // The expiry did not slide: 20 s later the session has idled out.
+  clock_.Advance(absl::Seconds(20));
+  EXPECT_TRUE(absl::IsNotFound(GetAsync(v.token, false).status()));
+}
+
+TEST_P(ChangeAsyncTest, TouchSlidesTheExpiryLikeGetAndStoresIt) {
+  // Twins created at the same moment: one touched by GetAsync, the other by Get.
+  const SessionView mine = MustCreate("alice");
+  const SessionView twin = MustCreate("alice");
+  clock_.Advance(absl::Seconds(40));
+  AsyncAnswer& answer = StartGet(mine.token, /*touch=*/true);
+  absl::StatusOr<SessionView> got = answer.Wait();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(answer.thread(), StoreThread());
+  ExpectOneAsyncReadAndWriteOnly();
+
+  storage::v1::StoredSession expected = mine.stored;
+  expected.set_expires_at_unix_micros(Micros(clock_.Now() + kTtl));  // A touch is no update.
+  EXPECT_TRUE(SameSession(got->stored, expected));
+  EXPECT_TRUE(SameSession(Stored(mine.token).session, expected));
+  EXPECT_EQ(StoredTtl(mine.token), kTtl);
+  const absl::StatusOr<SessionView> blocking = Get(twin.token, true);
+  ASSERT_TRUE(blocking.ok()) << blocking.status();
+  EXPECT_TRUE(SameSession(WithoutIdentity(got->stored), WithoutIdentity(blocking->stored)));
+  EXPECT_EQ(StoredTtl(mine.token), StoredTtl(twin.token));
+  // 40 s after the touch the untouched expiry would have passed; the slid one has not.
+  clock_.Advance(absl::Seconds(40));
+  EXPECT_TRUE(GetAsync(mine.token, false).ok());
+}
+
+TEST_P(ChangeAsyncTest, TouchThatSlidesNothingWritesNothing) {
+  const SessionView v = MustCreate("alice");  // Expires now + ttl: a touch now changes nothing.
+  const SessionRecord before = Stored(v.token);
+  AsyncAnswer& answer = StartGet(v.token, /*touch=*/true);
+  absl::StatusOr<SessionView> got = answer.Wait();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(answer.thread(), StoreThread());
+  EXPECT_TRUE(SameSession(got->stored, v.stored));
+  EXPECT_EQ(Writes(), 0);
+  EXPECT_EQ(Stored(v.token).cas.cas, before.cas.cas);
+
+  // Near the absolute lifetime the first touch slides up to it, and later ones change nothing.
+  const SessionView capped = MustCreate("bob", 200);
+  const int64_t absolute = capped.stored.absolute_expires_at_unix_micros();
+  clock_.Advance(absl::Seconds(150));
+  got = GetAsync(capped.token, true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->stored.expires_at_unix_micros(), absolute);
+  EXPECT_EQ(StoredTtl(capped.token), absl::Seconds(150));
+  EXPECT_EQ(Writes(), 1);
+  clock_.Advance(absl::Seconds(10));
+  got = GetAsync(capped.token, true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->stored.expires_at_unix_micros(), absolute);
+  EXPECT_EQ(Writes(), 1);
+  clock_.Advance(absl::Seconds(140));
+  EXPECT_TRUE(absl::IsNotFound(GetAsync(capped.token, true).status()));
+  EXPECT_EQ(Writes(), 1);
+}
+
+TEST_P(ChangeAsyncTest, UpdateAnswersWhatUpdateWouldAndStoresIt) {
+  AttributeMap attrs;
+  attrs["a"] = "1";
+  attrs["b"] = "2";
+  // Twins created at the same moment: one updated by UpdateAsync, the other by Update.
+  const SessionView mine = MustCreate("alice", 0, attrs);
+  const SessionView twin = MustCreate("alice", 0, attrs);
+  clock_.Advance(absl::Seconds(30));
+  UpdateRequest r;
+  r.set["c"] = "3";
+  r.set["a"] = "one";
+  r.remove = {"b", "missing"};
+  AsyncAnswer& answer = StartUpdate(mine.token, r);
+  absl::StatusOr<SessionView> got = answer.Wait();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(answer.thread(), StoreThread());
+  ExpectOneAsyncReadAndWriteOnly();
+
+  EXPECT_TRUE(got->token.empty());
+  storage::v1::StoredSession expected = mine.stored;
+  expected.set_version(2);
+  expected.set_expires_at_unix_micros(Micros(clock_.Now() + kTtl));
+  expected.mutable_attributes()->clear();
+  (*expected.mutable_attributes())["a"] = "one";
+  (*expected.mutable_attributes())["c"] = "3";
+  EXPECT_TRUE(SameSession(got->stored, expected));
+  EXPECT_TRUE(SameSession(Stored(mine.token).session, expected));
+  EXPECT_EQ(StoredTtl(mine.token), kTtl);
+  const absl::StatusOr<SessionView> blocking = Update(twin.token, r);
+  ASSERT_TRUE(blocking.ok()) << blocking.status();
+  EXPECT_TRUE(SameSession(WithoutIdentity(got->stored), WithoutIdentity(blocking->stored)));
+  EXPECT_EQ(StoredTtl(mine.token), StoredTtl(twin.token));
+  got = GetAsync(mine.token, false);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(SameSession(got->stored, expected));
+}
+
+TEST_P(ChangeAsyncTest, ConditionalUpdateChecksTheStoredVersion) {
+  const SessionView v = MustCreate("alice");
+  UpdateRequest r;
+  r.set["k"] = "v";
+  r.expected_version = 1;
+  absl::StatusOr<SessionView> got = UpdateAsync(v.token, r);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->stored.version(), 2);
+
+  // Behind and ahead of the stored version 2.
+  for (const int64_t stale : {1, 3}) {
+    SCOPED_TRACE(absl::StrCat("expected_version ", stale));
+    r.expected_version = stale;
+    const SessionRecord before = Stored(v.token);
+    const int writes = Writes();
+    AsyncAnswer& answer = StartUpdate(v.token, r);
+    const absl::Status status = answer.Wait().status();
+    EXPECT_TRUE(absl::IsAborted(status)) << status;
+    EXPECT_THAT(std::string(status.message()), HasSubstr("expected_version"));
+    EXPECT_EQ(answer.thread(), StoreThread());
+    EXPECT_EQ(Writes(), writes);
+    EXPECT_EQ(Stored(v.token).cas.cas, before.cas.cas);
+    EXPECT_EQ(status, Update(v.token, r).status());
+  }
+  r.expected_version = 2;
+  got = UpdateAsync(v.token, r);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->stored.version(), 3);
+  EXPECT_TRUE(SameSession(Stored(v.token).session, got->stored));
+}
+
+TEST_P(ChangeAsyncTest, BadInputIsRejectedLikeUpdateWithoutTouchingTheStore) {
+  const SessionView v = MustCreate("alice");
+  const int calls = store_->total();
+  struct Case {
+    UpdateRequest request;
+    std::string field;
+  };
+  AttributeMap kv;
+  kv["k"] = "v";
+  const BadAttributes bad = MakeBadAttributes();
+  AttributeMap long_key;
+  long_key[std::string(129, 'k')] = "v";
+  const std::vector<Case> cases = {
+      {{kv, {}, -1}, "expected_version"},
+      {{kv, {}, std::numeric_limits<int64_t>::min()}, "expected_version"},
+      {{kv, {"k"}, 0}, "remove"},
+      {{kv, {""}, 0}, "remove"},
+      {{kv, {"a\x01"}, 0}, "remove"},
+      {{bad.empty_key, {}, 0}, "set"},
+      {{bad.control_key, {}, 0}, "set"},
+      {{long_key, {}, 0}, "set"},
+      {{bad.too_big, {}, 0}, "set"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    SCOPED_TRACE(absl::StrCat("case ", i, " (", c.field, ")"));
+    const absl::Status got = UpdateAsync(v.token, c.request).status();
+    EXPECT_TRUE(absl::IsInvalidArgument(got)) << got;
+    EXPECT_THAT(std::string(got.message()), HasSubstr(c.field));
+    EXPECT_EQ(got, Update(v.token, c.request).status());
+  }
+  // No token at all; the request checks come before the token's.
+  const absl::Status no_token = UpdateAsync("", {kv, {}, 0}).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(no_token)) << no_token;
+  EXPECT_THAT(std::string(no_token.message()), HasSubstr("token"));
+  EXPECT_EQ(no_token, Update("", {kv, {}, 0}).status());
+  const absl::Status bad_both = UpdateAsync("garbage", {kv, {}, -1}).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(bad_both)) << bad_both;
+  EXPECT_EQ(bad_both, Update("garbage", {kv, {}, -1}).status());
+  for (const bool touch : {false, true}) {
+    SCOPED_TRACE(touch ? "touch" : "no touch");
+    const absl::Status got = GetAsync("", touch).status();
+    EXPECT_TRUE(absl::IsInvalidArgument(got)) << got;
+    EXPECT_EQ(got, Get("", touch).status());
+  }
+  // A malformed token names no session (NOT_FOUND, as Get and Update answer): no store call.
+  for (const std::string& token : {std::string("garbage"), std::string(kTokenLength, '!')}) {
+    SCOPED_TRACE(token);
+    for (const bool touch : {false, true}) {
+      const absl::Status got = GetAsync(token, touch).status();
+      EXPECT_TRUE(absl::IsNotFound(got)) << got;
+      EXPECT_EQ(got, Get(token, touch).status());
+    }
+    const absl::Status got = UpdateAsync(token, {kv, {}, 0}).status();
+    EXPECT_TRUE(absl::IsNotFound(got)) << got;
+    EXPECT_EQ(got, Update(token, {kv, {}, 0}).status());
+  }
+  EXPECT_EQ(store_->total(), calls);
+  EXPECT_TRUE(SameSession(Stored(v.token).session, v.stored));
+}
+
+TEST_P(ChangeAsyncTest, AttributesTooLargeOnlyAfterMergingAreRejectedAndNothingIsWritten) {
+  AttributeMap attrs;
+  attrs["a"] = std::string(40 * 1024, 'x');
+  const SessionView v = MustCreate("alice", 0, attrs);
+  const SessionRecord before = Stored(v.token);
+  UpdateRequest r;
+  r.set["b"] = std::string(30 * 1024, 'y');  // Fine alone, too much with "a".
+  AsyncAnswer& answer = StartUpdate(v.token, r);
+  const absl::Status status = answer.Wait().status();
+  EXPECT_TRUE(absl::IsInvalidArgument(status)) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("set"));
+  EXPECT_EQ(answer.thread(), StoreThread());
+  EXPECT_EQ(store_->Count(Op::kLookupAsync), 1);
+  EXPECT_EQ(Writes(), 0);
+  EXPECT_EQ(Stored(v.token).cas.cas, before.cas.cas);
+  EXPECT_EQ(status, Update(v.token, r).status());
+  // Removing the big one in the same call makes room.
+  r.remove = {"a"};
+  absl::StatusOr<SessionView> got = UpdateAsync(v.token, r);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->stored.attributes().size(), 1u);
+  EXPECT_EQ(got->stored.version(), 2);
+}
+
+TEST_P(ChangeAsyncTest, SessionThatIsNotLiveIsNotFoundAndNothingIsWritten) {
+  // Values that are still stored, but dead: idled out (the item outlives expires_at, as when
+  // Memcached rounds its TTL up), deleted (a tombstone), revoked (the value survived Revoke's
+  // best-effort removal).
+  const SessionView idle = MustCreate("alice", 2);
+  ASSERT_TRUE(fake_->Put(*KeyForToken(idle.token), idle.stored, kTtl, Deadline()).ok());
+  const SessionView deleted = MustCreate("alice");
+  ASSERT_TRUE(service_->Delete(deleted.token, Deadline()).ok());
+  const SessionView revoked = MustCreate("bob");
+  ASSERT_TRUE(service_->Revoke("bob", Deadline()).ok());
+  ASSERT_TRUE(fake_->Add(*KeyForToken(revoked.token), revoked.stored, kTtl, Deadline()).ok());
+  clock_.Advance(absl::Seconds(2));
+  const std::vector<std::string> stored = {idle.token, deleted.token, revoked.token};
+  std::vector<uint64_t> cas;
+  for (const std::string& token : stored) cas.push_back(Stored(token).cas.cas);
+
+  UpdateRequest r;
+  r.set["k"] = "v";
+  std::vector<std::string> tokens = stored;
+  tokens.push_back(*NewToken("alice"));  // Never issued.
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("token ", i));
+    for (int call = 0; call < 3; ++call) {
+      const bool update = call == 2;
+      const bool touch = call == 1;
+      AsyncAnswer& answer = update ? StartUpdate(tokens[i], r) : StartGet(tokens[i], touch);
+      const absl::Status status = answer.Wait().status();
+      EXPECT_TRUE(absl::IsNotFound(status)) << status;
+      EXPECT_EQ(answer.thread(), StoreThread());
+      EXPECT_EQ(status, update ? Update(tokens[i], r).status() : Get(tokens[i], touch).status());
+    }
+  }
+  EXPECT_EQ(Writes(), 0);
+  for (size_t i = 0; i < stored.size(); ++i) EXPECT_EQ(Stored(stored[i]).cas.cas, cas[i]);
+}
+
+TEST_P(ChangeAsyncTest, LostRaceFinishesOnTheBlockingPath) {
+  for (const bool update : {false, true}) {
+    SCOPED_TRACE(update ? "UpdateAsync" : "GetAsync with touch");
+    const SessionView v = MustCreate("alice");
+    clock_.Advance(absl::Seconds(10));
+    store_->InjectOnce(Op::kCompareAndSwapAsync,
+                       [] { return absl::AbortedError("injected: lost a race"); });
+    const int async_writes = store_->Count(Op::kCompareAndSwapAsync);
+    const int lookups = store_->Count(Op::kLookup);
+    const int writes = store_->Count(Op::kCompareAndSwap);
+    UpdateRequest r;
+    r.set["k"] = "v";
+    AsyncAnswer& answer = StartChange(v.token, update, r);
+    absl::StatusOr<SessionView> got = answer.Wait();
+    store_->set_inject(nullptr);
+    ASSERT_TRUE(got.ok()) << got.status();
+    // One asynchronous try, then the blocking form: read again, write once, on the executor
+    // when there is one.
+    EXPECT_EQ(store_->Count(Op::kCompareAndSwapAsync), async_writes + 1);
+    EXPECT_EQ(store_->Count(Op::kLookup), lookups + 1);
+    EXPECT_EQ(store_->Count(Op::kCompareAndSwap), writes + 1);
+    EXPECT_EQ(answer.thread(), FinisherThread());
+    EXPECT_EQ(store_->Threads(Op::kLookup), std::set<std::thread::id>{FinisherThread()});
+    EXPECT_EQ(store_->Threads(Op::kCompareAndSwap), std::set<std::thread::id>{FinisherThread()});
+    if (GetParam().executor) {
+      EXPECT_NE(FinisherThread(), std::this_thread::get_id());
+      EXPECT_NE(FinisherThread(), StoreThread());
+    }
+
+    storage::v1::StoredSession expected = v.stored;
+    expected.set_expires_at_unix_micros(Micros(clock_.Now() + kTtl));
+    if (update) {
+      expected.set_version(2);
+      (*expected.mutable_attributes())["k"] = "v";
+    }
+    EXPECT_TRUE(SameSession(got->stored, expected));
+    EXPECT_TRUE(SameSession(Stored(v.token).session, expected));
+    EXPECT_EQ(StoredTtl(v.token), kTtl);
+  }
+}
+
+TEST_P(ChangeAsyncTest, ConcurrentUpdateBetweenReadAndWriteIsKeptByTheRetry) {
+  for (const bool update : {false, true}) {
+    SCOPED_TRACE(update ? "UpdateAsync" : "GetAsync with touch");
+    const SessionView v = MustCreate("alice");
+    clock_.Advance(absl::Seconds(10));
+    // Another writer updates the session between our read and our write, so the
+    // compare-and-swap really conflicts.
+    const auto fired = store_->InjectOnce(Op::kCompareAndSwapAsync, [this, token = v.token] {
+      UpdateRequest other;
+      other.set["other"] = "x";
+      const absl::Status updated = Update(token, other).status();
+      EXPECT_TRUE(updated.ok()) << updated;
+      return absl::OkStatus();
+    });
+    UpdateRequest mine;
+    mine.set["mine"] = "y";
+    AsyncAnswer& answer = StartChange(v.token, update, mine);
+    absl::StatusOr<SessionView> got = answer.Wait();
+    store_->set_inject(nullptr);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(fired->load());
+    EXPECT_EQ(answer.thread(), FinisherThread());
+    // Both changes: the other writer's and, for an update, ours on top.
+    storage::v1::StoredSession expected = v.stored;
+    expected.set_expires_at_unix_micros(Micros(clock_.Now() + kTtl));
+    expected.set_version(update ? 3 : 2);
+    (*expected.mutable_attributes())["other"] = "x";
+    if (update) (*expected.mutable_attributes())["mine"] = "y";
+    EXPECT_TRUE(SameSession(got->stored, expected));
+    EXPECT_TRUE(SameSession(Stored(v.token).session, expected));
+  }
+}
+
+TEST_P(ChangeAsyncTest, ConditionalUpdateThatLostARaceIsDecidedByTheReread) {
+  const SessionView v = MustCreate("alice");
+  clock_.Advance(absl::Seconds(10));
+  // The first conflict is a concurrent touch, which leaves the version alone: the re-read still
+  // finds version 1 and the update succeeds. The second is a concurrent update: the re-read
+  // finds version 3 where we expected 2.
+  auto conflicts = std::make_shared<std::atomic<int>>(0);
+  store_->set_inject([this, token = v.token, conflicts](Op op) {
+    if (op == Op::kCompareAndSwapAsync) {
+      const int n = conflicts->fetch_add(1);
+      UpdateRequest other;
+      other.set["other"] = "x";
+      const absl::Status written =
+          (n == 0 ? Get(token, /*touch=*/true) : Update(token, other)).status();
+      EXPECT_TRUE(written.ok()) << written;
+    }
+    return absl::OkStatus();
+  });
+  UpdateRequest r;
+  r.set["k"] = "v";
+  r.expected_version = 1;
+  AsyncAnswer& first = StartUpdate(v.token, r);
+  absl::StatusOr<SessionView> got = first.Wait();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(first.thread(), FinisherThread());
+  EXPECT_EQ(got->stored.version(), 2);
+  EXPECT_TRUE(SameSession(Stored(v.token).session, got->stored));
+
+  clock_.Advance(absl::Seconds(10));
+  r.set["k"] = "w";
+  r.expected_version = 2;
+  AsyncAnswer& second = StartUpdate(v.token, r);
+  const absl::Status status = second.Wait().status();
+  store_->set_inject(nullptr);
+  EXPECT_TRUE(absl::IsAborted(status)) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("expected_version"));
+  EXPECT_EQ(second.thread(), FinisherThread());
+  EXPECT_EQ(conflicts->load(), 2);
+  const storage::v1::StoredSession stored = Stored(v.token).session;
+  EXPECT_EQ(stored.version(), 3);
+  EXPECT_EQ(stored.attributes().at("k"), "v");
+  EXPECT_EQ(stored.attributes().at("other"), "x");
+}
+
+TEST_P(ChangeAsyncTest, ConflictsThatNeverEndAreAbortedLikeTheBlockingForm) {
+  options_.max_cas_attempts = 5;
+  Restart(1);
+  const SessionView v = MustCreate("alice");
+  clock_.Advance(absl::Seconds(10));
+  store_->set_inject([](Op op) {
+    if (op == Op::kCompareAndSwapAsync || op == Op::kCompareAndSwap) {
+      return absl::AbortedError("injected: lost a race");
+    }
+    return absl::OkStatus();
+  });
+  UpdateRequest r;
+  r.set["k"] = "v";
+  for (const bool update : {false, true}) {
+    SCOPED_TRACE(update ? "UpdateAsync" : "GetAsync with touch");
+    const int writes = store_->Count(Op::kCompareAndSwap);
+    AsyncAnswer& answer = StartChange(v.token, update, r);
+    const absl::Status status = answer.Wait().status();
+    EXPECT_TRUE(absl::IsAborted(status)) << status;
+    EXPECT_EQ(answer.thread(), FinisherThread());
+    // The blocking form's bounded retries.
+    EXPECT_EQ(store_->Count(Op::kCompareAndSwap), writes + 5);
+    EXPECT_EQ(status, BlockingChange(v.token, update, r));
+  }
+  store_->set_inject(nullptr);
+  EXPECT_TRUE(SameSession(Stored(v.token).session, v.stored));
+}
+
+TEST_P(ChangeAsyncTest, StoreFailuresReachDoneWithoutRetries) {
+  struct Case {
+    Op failing;
+    bool lost_race;  // The asynchronous compare-and-swap conflicts first.
+  };
+  const std::vector<Case> cases = {
+      {Op::kLookupAsync, false},
+      {Op::kCompareAndSwapAsync, false},
+      {Op::kLookup, true},
+      {Op::kCompareAndSwap, true},
+  };
+  const SessionView v = MustCreate("alice");
+  UpdateRequest r;
+  r.set["k"] = "v";
+  for (const Case& c : cases) {
+    for (const bool update : {false, true}) {
+      SCOPED_TRACE(absl::StrCat("op ", static_cast<int>(c.failing),
+                                update ? ", UpdateAsync" : ", GetAsync with touch"));
+      clock_.Advance(absl::Seconds(1));  // So that a touch has something to write.
+      const SessionRecord before = Stored(v.token);
+      const int async_writes = store_->Count(Op::kCompareAndSwapAsync);
+      const int lookups = store_->Count(Op::kLookup);
+      const int writes = store_->Count(Op::kCompareAndSwap);
+      store_->set_inject([c](Op op) {
+        if (op == c.failing) return absl::UnavailableError("injected: down");
+        if (c.lost_race && op == Op::kCompareAndSwapAsync) {
+          return absl::AbortedError("injected: lost a race");
+        }
+        return absl::OkStatus();
+      });
+      AsyncAnswer& answer = StartChange(v.token, update, r);
+      const absl::Status status = answer.Wait().status();
+      store_->set_inject(nullptr);
+      EXPECT_TRUE(absl::IsUnavailable(status)) << status;
+      EXPECT_EQ(answer.thread(), c.lost_race ? FinisherThread() : StoreThread());
+      EXPECT_EQ(store_->Count(Op::kCompareAndSwapAsync),
+                async_writes + (c.failing == Op::kLookupAsync ? 0 : 1));
+      EXPECT_EQ(store_->Count(Op::kLookup), lookups + (c.lost_race ? 1 : 0));
+      EXPECT_EQ(store_->Count(Op::kCompareAndSwap),
+                writes + (c.failing == Op::kCompareAndSwap ? 1 : 0));
+      EXPECT_EQ(Stored(v.token).cas.cas, before.cas.cas);
+    }
+  }
+  fake_->set_unavailable(true);
+  EXPECT_TRUE(absl::IsUnavailable(GetAsync(v.token, false).status()));
+  EXPECT_TRUE(absl::IsUnavailable(UpdateAsync(v.token, r).status()));
+  fake_->set_unavailable(false);
+  EXPECT_TRUE(UpdateAsync(v.token, r).ok());
+}
+
+TEST_P(ChangeAsyncTest, ConcurrentUpdatesOfOneSessionAllSurvive) {
+  // Enough attempts that no update gives up; real (short) backoff sleeps spread the retries.
+  options_.max_cas_attempts = 1000;
+  options_.sleep = nullptr;
+  options_.backoff_base = absl::Microseconds(50);
+  options_.backoff_max = absl::Milliseconds(2);
+  Restart(4);
+  // A pause between reading the session and writing it makes the updates overlap (and
+  // conflict) even when the store answers on the callers' threads.
+  store_->set_inject([](Op op) {
+    if (op == Op::kCompareAndSwapAsync) {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    return absl::OkStatus();
+  });
+  const SessionView v = MustCreate("alice");
+  constexpr int kThreads = 5;
+  constexpr int kPerThread = 10;
+  std::vector<AsyncAnswer*> answers(kThreads * kPerThread);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        UpdateRequest r;
+        r.set[absl::StrCat("k", t * kPerThread + i)] = "x";
+        answers[t * kPerThread + i] = &StartUpdate(v.token, r);
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  // Every update was written once, on top of all those before it.
+  std::set<int64_t> versions;
+  for (size_t i = 0; i < answers.size(); ++i) {
+    absl::StatusOr<SessionView> got = answers[i]->Wait();
+    ASSERT_TRUE(got.ok()) << "update " << i << ": " << got.status();
+    EXPECT_EQ(got->stored.attributes().count(absl::StrCat("k", i)), 1u) << "update " << i;
+    versions.insert(got->stored.version());
+  }
+  const int64_t n = static_cast<int64_t>(answers.size());
+  EXPECT_EQ(versions.size(), answers.size());
+  EXPECT_EQ(*versions.begin(), 2);
+  EXPECT_EQ(*versions.rbegin(), 1 + n);
+  store_->set_inject(nullptr);
+  // (With these overlaps, some always lose a race; otherwise the retry went untested.)
+  EXPECT_GT(store_->Count(Op::kLookup), 0);
+  absl::StatusOr<SessionView> final_view = GetAsync(v.token, false);
+  ASSERT_TRUE(final_view.ok()) << final_view.status();
+  EXPECT_EQ(final_view->stored.version(), 1 + n);
+  EXPECT_EQ(final_view->stored.attributes().size(), answers.size());
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(final_view->stored.attributes().count(absl::StrCat("k", i)), 1u) << i;
+  }
 }
 
 }  // namespace
