@@ -39,12 +39,14 @@ class SessionStoreTest : public ::testing::Test {
   }
 
   // Two copies (replicas = 1) on `nodes`.
-  void OpenNodes(std::vector<MemcachedNode> nodes, bool pipeline) {
+  void OpenNodes(std::vector<MemcachedNode> nodes, bool pipeline,
+                 absl::Duration io_timeout = MemcachedPoolOptions().io_timeout) {
     MemcachedPoolOptions options;
     options.url.nodes = std::move(nodes);
     options.url.replicas = 1;
     options.size = 2;
     options.pipeline = pipeline;
+    options.io_timeout = io_timeout;
     absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
     ASSERT_TRUE(pool.ok()) << pool.status();
     pool_ = std::move(*pool);
@@ -97,6 +99,30 @@ int UnusedPort() {
 
 // A node nothing listens on.
 MemcachedNode DeadNode() { return MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}; }
+
+// A node that takes connections (the kernel completes them) and requests, and never answers.
+class SilentNode {
+ public:
+  SilentNode() : fd_(socket(AF_INET, SOCK_STREAM, 0)) {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 && listen(fd_, 16) == 0 &&
+        getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+      port_ = ntohs(addr.sin_port);
+    }
+  }
+  ~SilentNode() { close(fd_); }
+  SilentNode(const SilentNode&) = delete;
+  SilentNode& operator=(const SilentNode&) = delete;
+
+  MemcachedNode node() const { return MemcachedNode{"127.0.0.1", port_}; }
+
+ private:
+  int fd_;
+  uint16_t port_ = 0;
+};
 
 storage::v1::StoredSession Session(const std::string& id, int64_t version) {
   storage::v1::StoredSession s;
@@ -606,6 +632,31 @@ TEST_P(CompareAndSwapAsyncTest, CopyOnADeadNodeIsUnavailableAndTheLiveCopyStillS
     ExpectCopiesHold(key, "d", 3, {1});
   }
   EXPECT_TRUE(dead_seen[0] && dead_seen[1]);
+}
+
+// The answer waits for the other copies' sets (or their timeout), so that the caller's next
+// write cannot overtake them on a copy: with the second copy on a node that never answers, a
+// swap on the live copy still succeeds, but only once that set has timed out.
+TEST_P(CompareAndSwapAsyncTest, AnswerWaitsForTheOtherCopiesSets) {
+  SilentNode silent;
+  ASSERT_NE(silent.node().port, 0);
+  constexpr absl::Duration kIoTimeout = absl::Milliseconds(300);
+  OpenNodes({MemcachedNode{"127.0.0.1", static_cast<uint16_t>(MemcachedPort(1))}, silent.node()},
+            GetParam(), kIoTimeout);
+  const SessionKey key = Key("slowcopy");
+  // Stored on the live copy (the silent one times out), and read from it.
+  std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+  ASSERT_TRUE(cas.has_value());
+  // The timeouts above marked the silent node failed; past that, requests go to it again
+  // (libmemcached counts the retry time in whole seconds of the wall clock, hence + 1 s).
+  absl::SleepFor(MemcachedPoolOptions().retry_after_failure + absl::Milliseconds(1100));
+
+  const absl::Time start = absl::Now();
+  const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_TRUE(swapped.ok()) << swapped;  // The other copies are best effort.
+  EXPECT_GE(took, kIoTimeout - absl::Milliseconds(50));
+  ExpectCopiesHold(key, "s", 2, {1});
 }
 
 // Refused at once, before any I/O, and nothing is written: the token still wins afterwards.
