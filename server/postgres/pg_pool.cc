@@ -115,8 +115,10 @@ absl::Status PgConnection::WaitSocket(bool for_write, absl::Time deadline) {
 }
 
 void PgConnection::CancelAndBreak() {
-  // Closing the socket makes the server abort the open transaction; statement_timeout (set by
-  // callers per transaction) bounds whatever it was running.
+  // Closing the socket makes the server abort the open transaction once it reads again; what
+  // was already sent (a pipeline up to its COMMIT) still runs, bounded by the statement_timeout
+  // callers set per transaction. So a call answered UNAVAILABLE may still commit; its
+  // idempotency key makes the retry answer with that transaction.
   if (conn_ != nullptr) {
     PQfinish(conn_);
     conn_ = nullptr;

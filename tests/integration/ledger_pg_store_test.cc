@@ -388,6 +388,14 @@ class LedgerPgBatchTest : public LedgerPgStoreTest {
       absl::SleepFor(absl::Milliseconds(5));
     }
   }
+  // Waits until no session waits on `conn`'s locks any more.
+  void WaitUntilNobodyWaitsOn(PgConnection& conn) {
+    const absl::Time give_up = Soon();
+    while (BlockedBy(conn) > 0) {
+      ASSERT_LT(absl::Now(), give_up) << "a session still waits on the blocking session";
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  }
 
   // Runs `call` on a thread; returns once `queued` movements wait in batch_store_'s queue.
   void Start(std::function<void()> call, int queued) {
@@ -603,6 +611,12 @@ TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
     absl::SleepFor(absl::Milliseconds(5));
   }
   JoinAll();
+  // A caller whose deadline passed first drops its connection, but PostgreSQL still runs what
+  // was sent (up to the COMMIT) until its statement_timeout, a little later: an UNAVAILABLE
+  // answer can still commit, which the idempotency key makes safe to retry. On a loaded machine
+  // the stuck transfer's statement can outlive its caller that way; releasing the lock under
+  // it would let it commit, so wait for it to time out first.
+  WaitUntilNobodyWaitsOn(*blocker_);
   OpenGate();
   EXPECT_EQ(gate_result_.status().code(), absl::StatusCode::kUnavailable) << gate_result_.status();
   EXPECT_EQ(batch_store_.batch_fallbacks(), fallbacks + 1);
