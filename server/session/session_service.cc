@@ -384,17 +384,8 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
   RunBlocking(std::move(finish));
 }
 
-bool SessionService::Touch(StoredSession& s, absl::Time now) {
-  const int64_t slid = SlidExpiry(s, now);
-  if (slid <= s.expires_at_unix_micros()) return false;
-  s.set_expires_at_unix_micros(slid);
-  return true;
-}
-
-absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool touch,
-                                                absl::Time deadline) {
-  if (token.empty()) return absl::InvalidArgumentError("token: required");
-  SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(token));
+absl::StatusOr<SessionView> SessionService::Modify(const SessionKey& key, absl::Time deadline,
+                                                   Edit& edit) {
   Backoff backoff(options_, deadline);
   for (;;) {
     SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
@@ -402,15 +393,90 @@ absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool to
     SL_RETURN_IF_ERROR(CheckLive(lookup, key, now));
     SessionView view;
     view.stored = std::move(lookup.record->session);
-    if (!touch || !Touch(view.stored, now)) return view;
+    SL_ASSIGN_OR_RETURN(const bool write, edit(view.stored, now));
+    if (!write) return view;
     const absl::Status written = store_->CompareAndSwap(key, lookup.record->cas, view.stored,
                                                         SessionTtl(view.stored, now), deadline);
     if (written.ok()) return view;
     if (!absl::IsAborted(written)) return written;
+    // Every conflict re-reads, a conditional update too: the conflict may have been a touch
+    // that left the version alone, and the re-read decides between success and ABORTED.
     if (!backoff.Wait()) {
       return absl::AbortedError("token: session changed concurrently too often; retry");
     }
   }
+}
+
+void SessionService::ModifyAsync(SessionKey key, absl::Time deadline, Edit edit,
+                                 ViewCallback done) {
+  // The continuation keeps its own copy of the key: the store may answer after we return.
+  auto owned = std::make_shared<SessionKey>(std::move(key));
+  const SessionKey& k = *owned;
+  store_->LookupAsync(k, deadline,
+                      [this, key = std::move(owned), deadline, edit = std::move(edit),
+                       done = std::move(done)](absl::StatusOr<SessionLookup> lookup) mutable {
+                        if (!lookup.ok()) {
+                          std::move(done)(lookup.status());
+                          return;
+                        }
+                        const absl::Time now = clock_.Now();
+                        if (absl::Status live = CheckLive(*lookup, *key, now); !live.ok()) {
+                          std::move(done)(live);
+                          return;
+                        }
+                        auto view = std::make_shared<SessionView>();
+                        view->stored = std::move(lookup->record->session);
+                        absl::StatusOr<bool> write = edit(view->stored, now);
+                        if (!write.ok()) {
+                          std::move(done)(write.status());
+                          return;
+                        }
+                        if (!*write) {
+                          std::move(done)(std::move(*view));
+                          return;
+                        }
+                        store_->CompareAndSwapAsync(
+                            *key, lookup->record->cas, view->stored, SessionTtl(view->stored, now),
+                            deadline,
+                            [this, key, view, deadline, edit = std::move(edit),
+                             done = std::move(done)](absl::Status written) mutable {
+                              if (written.ok()) {
+                                std::move(done)(std::move(*view));
+                                return;
+                              }
+                              if (!absl::IsAborted(written)) {
+                                std::move(done)(written);
+                                return;
+                              }
+                              // Lost a race: Modify reads again and retries, sleeping between
+                              // tries. It first waits as its loop would after a conflict, so that
+                              // the writers that just collided spread out instead of colliding
+                              // again.
+                              RunBlocking([this, key, deadline, edit = std::move(edit),
+                                           done = std::move(done)]() mutable {
+                                Backoff(options_, deadline).Wait();
+                                std::move(done)(Modify(*key, deadline, edit));
+                              });
+                            });
+                      });
+}
+
+SessionService::Edit SessionService::TouchEdit(bool touch) {
+  return [touch](StoredSession& s, absl::Time now) -> absl::StatusOr<bool> {
+    if (!touch) return false;
+    const int64_t slid = SlidExpiry(s, now);
+    if (slid <= s.expires_at_unix_micros()) return false;  // Nothing to write.
+    s.set_expires_at_unix_micros(slid);
+    return true;
+  };
+}
+
+absl::StatusOr<SessionView> SessionService::Get(absl::string_view token, bool touch,
+                                                absl::Time deadline) {
+  if (token.empty()) return absl::InvalidArgumentError("token: required");
+  SL_ASSIGN_OR_RETURN(SessionKey key, KeyForToken(token));
+  Edit edit = TouchEdit(touch);
+  return Modify(key, deadline, edit);
 }
 
 void SessionService::GetAsync(absl::string_view token, bool touch, absl::Time deadline,
@@ -424,67 +490,7 @@ void SessionService::GetAsync(absl::string_view token, bool touch, absl::Time de
     std::move(done)(key.status());
     return;
   }
-  ChangeAsync(
-      *std::move(key), deadline,
-      [touch](StoredSession& s, absl::Time now) -> absl::StatusOr<bool> {
-        return touch && Touch(s, now);
-      },
-      [this, token = std::string(token), touch, deadline] { return Get(token, touch, deadline); },
-      std::move(done));
-}
-
-void SessionService::ChangeAsync(SessionKey key, absl::Time deadline, Change change,
-                                 absl::AnyInvocable<absl::StatusOr<SessionView>() &&> retry,
-                                 ViewCallback done) {
-  // The continuations keep their own copies: the store may answer after we return.
-  auto lookup_key = std::make_shared<SessionKey>(std::move(key));
-  const SessionKey& k = *lookup_key;
-  store_->LookupAsync(k, deadline,
-                      [this, key = std::move(lookup_key), deadline, change = std::move(change),
-                       retry = std::move(retry),
-                       done = std::move(done)](absl::StatusOr<SessionLookup> lookup) mutable {
-                        if (!lookup.ok()) {
-                          std::move(done)(lookup.status());
-                          return;
-                        }
-                        const absl::Time now = clock_.Now();
-                        if (absl::Status live = CheckLive(*lookup, *key, now); !live.ok()) {
-                          std::move(done)(live);
-                          return;
-                        }
-                        auto view = std::make_shared<SessionView>();
-                        view->stored = std::move(lookup->record->session);
-                        absl::StatusOr<bool> write = change(view->stored, now);
-                        if (!write.ok()) {
-                          std::move(done)(write.status());
-                          return;
-                        }
-                        if (!*write) {
-                          std::move(done)(std::move(*view));
-                          return;
-                        }
-                        store_->CompareAndSwapAsync(
-                            *key, lookup->record->cas, view->stored, SessionTtl(view->stored, now),
-                            deadline,
-                            [this, view, deadline, retry = std::move(retry),
-                             done = std::move(done)](absl::Status written) mutable {
-                              if (written.ok()) {
-                                std::move(done)(std::move(*view));
-                              } else if (!absl::IsAborted(written)) {
-                                std::move(done)(written);
-                              } else {
-                                // Lost a race: the blocking form reads again and retries, sleeping
-                                // between tries. It first waits as its own loop would after a
-                                // conflict, so that the writers that just collided spread out
-                                // instead of colliding again.
-                                RunBlocking([this, deadline, retry = std::move(retry),
-                                             done = std::move(done)]() mutable {
-                                  Backoff(options_, deadline).Wait();
-                                  std::move(done)(std::move(retry)());
-                                });
-                              }
-                            });
-                      });
+  ModifyAsync(*std::move(key), deadline, TouchEdit(touch), std::move(done));
 }
 
 void SessionService::RunBlocking(absl::AnyInvocable<void() &&> work) const {
@@ -515,44 +521,30 @@ absl::StatusOr<SessionKey> SessionService::CheckUpdate(absl::string_view token,
   return KeyForToken(token);
 }
 
-absl::Status SessionService::ApplyUpdate(StoredSession& s, const AttributeMap& set,
-                                         const KeyList& remove, int64_t expected_version,
-                                         absl::Time now) const {
-  if (expected_version != 0 && s.version() != expected_version) {
-    return absl::AbortedError(absl::StrCat("expected_version: ", expected_version,
-                                           " does not match the stored version ", s.version()));
-  }
-  auto& attributes = *s.mutable_attributes();
-  for (const std::string& k : remove) attributes.erase(k);
-  for (const auto& [k, v] : set) attributes[k] = v;
-  SL_RETURN_IF_ERROR(CheckAttributesSize("set", AttributesBytes(attributes), options_.limits));
-  s.set_version(s.version() + 1);
-  s.set_expires_at_unix_micros(SlidExpiry(s, now));
-  return absl::OkStatus();
+SessionService::Edit SessionService::UpdateEdit(const AttributeMap& set, const KeyList& remove,
+                                                int64_t expected_version) const {
+  return [this, set, remove, expected_version](StoredSession& s,
+                                               absl::Time now) -> absl::StatusOr<bool> {
+    if (expected_version != 0 && s.version() != expected_version) {
+      return absl::AbortedError(absl::StrCat("expected_version: ", expected_version,
+                                             " does not match the stored version ", s.version()));
+    }
+    auto& attributes = *s.mutable_attributes();
+    for (const std::string& k : remove) attributes.erase(k);
+    for (const auto& [k, v] : set) attributes[k] = v;
+    SL_RETURN_IF_ERROR(CheckAttributesSize("set", AttributesBytes(attributes), options_.limits));
+    s.set_version(s.version() + 1);
+    s.set_expires_at_unix_micros(SlidExpiry(s, now));
+    return true;
+  };
 }
 
 absl::StatusOr<SessionView> SessionService::Update(absl::string_view token, const AttributeMap& set,
                                                    const KeyList& remove, int64_t expected_version,
                                                    absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(SessionKey key, CheckUpdate(token, set, remove, expected_version));
-  Backoff backoff(options_, deadline);
-  for (;;) {
-    SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
-    const absl::Time now = clock_.Now();
-    SL_RETURN_IF_ERROR(CheckLive(lookup, key, now));
-    SessionView view;
-    view.stored = std::move(lookup.record->session);
-    SL_RETURN_IF_ERROR(ApplyUpdate(view.stored, set, remove, expected_version, now));
-    const absl::Status written = store_->CompareAndSwap(key, lookup.record->cas, view.stored,
-                                                        SessionTtl(view.stored, now), deadline);
-    if (written.ok()) return view;
-    if (!absl::IsAborted(written)) return written;
-    // A conditional update re-reads too: the conflict may have been a touch that left the
-    // version alone, and the re-read decides between success and ABORTED.
-    if (!backoff.Wait()) {
-      return absl::AbortedError("token: session changed concurrently too often; retry");
-    }
-  }
+  Edit edit = UpdateEdit(set, remove, expected_version);
+  return Modify(key, deadline, edit);
 }
 
 void SessionService::UpdateAsync(absl::string_view token, const AttributeMap& set,
@@ -563,17 +555,8 @@ void SessionService::UpdateAsync(absl::string_view token, const AttributeMap& se
     std::move(done)(key.status());
     return;
   }
-  auto request = std::make_shared<const std::pair<AttributeMap, KeyList>>(set, remove);
-  ChangeAsync(
-      *std::move(key), deadline,
-      [this, request, expected_version](StoredSession& s, absl::Time now) -> absl::StatusOr<bool> {
-        SL_RETURN_IF_ERROR(ApplyUpdate(s, request->first, request->second, expected_version, now));
-        return true;
-      },
-      [this, token = std::string(token), request, expected_version, deadline] {
-        return Update(token, request->first, request->second, expected_version, deadline);
-      },
-      std::move(done));
+  ModifyAsync(*std::move(key), deadline, UpdateEdit(set, remove, expected_version),
+              std::move(done));
 }
 
 absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl::Time deadline) {

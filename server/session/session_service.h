@@ -137,22 +137,23 @@ class SessionService {
                             bool added = false);
 
   absl::Status CheckLive(const SessionLookup& lookup, const SessionKey& key, absl::Time now) const;
-  // Slides the idle expiry of `s` at `now`; false when that changes nothing (no write needed).
-  static bool Touch(storage::v1::StoredSession& s, absl::Time now);
+  // A change to a live session read at `now`: true when it must be written back (by
+  // compare-and-swap), false when the session is the answer as it is; an error ends the call.
+  using Edit = absl::AnyInvocable<absl::StatusOr<bool>(storage::v1::StoredSession&, absl::Time)>;
+  // GetSession's edit: with `touch`, slide the idle expiry (no write when that changes nothing).
+  static Edit TouchEdit(bool touch);
   // Update's request checks; the key of `token` when they pass.
   absl::StatusOr<SessionKey> CheckUpdate(absl::string_view token, const AttributeMap& set,
                                          const KeyList& remove, int64_t expected_version) const;
-  // Applies an update to the live session `s` read at `now`: ABORTED on an expected_version
-  // mismatch, INVALID_ARGUMENT when the attributes grow past the limit.
-  absl::Status ApplyUpdate(storage::v1::StoredSession& s, const AttributeMap& set,
-                           const KeyList& remove, int64_t expected_version, absl::Time now) const;
-  // Reads the session under `key` and checks it is live; `change` edits it and says whether it
-  // must be written back (an error ends the call), which a compare-and-swap then does. Nothing
-  // blocks; a lost race is answered by `retry` (the blocking form) on options_.blocking.
-  using Change =
-      absl::AnyInvocable<absl::StatusOr<bool>(storage::v1::StoredSession&, absl::Time now)>;
-  void ChangeAsync(SessionKey key, absl::Time deadline, Change change,
-                   absl::AnyInvocable<absl::StatusOr<SessionView>() &&> retry, ViewCallback done);
+  // UpdateSession's edit: ABORTED on an expected_version mismatch, INVALID_ARGUMENT when the
+  // attributes grow past the limit; otherwise the next version with the expiry slid.
+  Edit UpdateEdit(const AttributeMap& set, const KeyList& remove, int64_t expected_version) const;
+  // Reads the session under `key`, checks it is live, applies `edit` and writes the result by
+  // compare-and-swap, re-reading after a conflict (bounded, with backoff).
+  absl::StatusOr<SessionView> Modify(const SessionKey& key, absl::Time deadline, Edit& edit);
+  // Modify without blocking: one read and at most one compare-and-swap through the store's
+  // asynchronous methods; a lost race finishes as Modify on options_.blocking.
+  void ModifyAsync(SessionKey key, absl::Time deadline, Edit edit, ViewCallback done);
   // Runs `work` on options_.blocking, or here without one.
   void RunBlocking(absl::AnyInvocable<void() &&> work) const;
   // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when
