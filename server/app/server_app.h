@@ -70,10 +70,10 @@ class ServerApp {
   std::unique_ptr<HealthMonitor> health_monitor_;
   ServerMetrics metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
-  // The completion queue of the asynchronous methods (GetSession, CreateSession) and its
-  // threads; destroyed after the server.
-  std::unique_ptr<grpc::ServerCompletionQueue> async_cq_;
-  std::vector<std::thread> async_threads_;
+  // The completion queues of the asynchronous methods (GetSession, CreateSession,
+  // UpdateSession) and their thread; destroyed after the server.
+  std::unique_ptr<AsyncCallQueues> async_queues_;
+  std::thread async_thread_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 };

@@ -3,6 +3,11 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
+#include <memory>
+
+#include "absl/time/time.h"
+
 namespace sessionledger {
 
 // A call served on gRPC's asynchronous API: its address is the tag of every operation it
@@ -15,12 +20,47 @@ class AsyncCall {
   virtual void Proceed(bool ok) = 0;
 };
 
-// Hands every completion of `cq` to its AsyncCall until the queue is shut down and drained.
-inline void RunCompletionQueue(grpc::ServerCompletionQueue* cq) {
-  void* tag = nullptr;
-  bool ok = false;
-  while (cq->Next(&tag, &ok)) static_cast<AsyncCall*>(tag)->Proceed(ok);
-}
+// The completion queues of the asynchronous methods, served by one thread (Run).
+//
+// Calls are requested on `arrivals()`, a server queue, and bound to `answers()`, where their
+// Finish completes. The answers are sent from the store's I/O thread; if the serving thread
+// slept on the queue they complete on, it would be woken once more per call only to delete
+// the call. Nobody sleeps on `answers()`: the serving thread takes what has completed there
+// each time it wakes for an arrival anyway, and at least every `sweep`, so that an idle
+// server still frees its last calls (and gRPC's own events on them) within that time.
+class AsyncCallQueues {
+ public:
+  explicit AsyncCallQueues(std::unique_ptr<grpc::ServerCompletionQueue> arrivals,
+                           absl::Duration sweep = absl::Milliseconds(100));
+  AsyncCallQueues(const AsyncCallQueues&) = delete;
+  AsyncCallQueues& operator=(const AsyncCallQueues&) = delete;
+
+  grpc::ServerCompletionQueue* arrivals() { return arrivals_.get(); }
+  grpc::CompletionQueue* answers() { return &answers_; }
+
+  // Call before starting an operation whose AsyncCall tag completes on answers(): it makes
+  // the serving thread look there as soon as it next wakes.
+  void ExpectAnswer() { expected_answers_.fetch_add(1, std::memory_order_release); }
+
+  // Hands every completion of both queues to its AsyncCall until Shutdown, then drains them.
+  // Run it on exactly one thread.
+  void Run();
+
+  // Once the server has finished every call (no operation will start on either queue any
+  // more): makes Run drain both queues and return.
+  void Shutdown() { arrivals_->Shutdown(); }
+
+ private:
+  // Takes what has completed on answers_: while answers are expected, or (`everything`) until
+  // the queue is empty.
+  void TakeAnswers(bool everything);
+
+  const std::unique_ptr<grpc::ServerCompletionQueue> arrivals_;
+  grpc::CompletionQueue answers_;
+  const absl::Duration sweep_;
+  // Answers started and not yet taken from answers_.
+  std::atomic<int64_t> expected_answers_{0};
+};
 
 }  // namespace sessionledger
 

@@ -55,15 +55,16 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
       grpc::CompletionQueue*, grpc::ServerCompletionQueue*, void*);
   using AnswerMethod = void (SessionHandlers::*)(const Request&, absl::Time, Response*, Done);
 
-  UnaryCall(SessionHandlers& handlers, grpc::ServerCompletionQueue* cq, const char* method,
+  UnaryCall(SessionHandlers& handlers, AsyncCallQueues& queues, const char* method,
             RequestMethod request, AnswerMethod answer)
       : handlers_(handlers),
-        cq_(cq),
+        queues_(queues),
         method_(method),
         request_method_(request),
         answer_(answer),
         responder_(&context_) {
-    (handlers_.*request_method_)(&context_, &received_, &responder_, cq_, cq_, this);
+    (handlers_.*request_method_)(&context_, &received_, &responder_, queues_.answers(),
+                                 queues_.arrivals(), this);
   }
 
   void Proceed(bool ok) override {
@@ -73,8 +74,9 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
       return;
     }
     answering_ = true;
-    new UnaryCall(handlers_, cq_, method_, request_method_, answer_);  // The next caller.
+    new UnaryCall(handlers_, queues_, method_, request_method_, answer_);  // The next caller.
     if (!grpc::SerializationTraits<Request>::Deserialize(&received_, &request_).ok()) {
+      queues_.ExpectAnswer();
       responder_.FinishWithError(UnparsableRequest(method_), this);
       return;
     }
@@ -84,6 +86,7 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
 
  private:
   void Finish(grpc::Status status) {
+    queues_.ExpectAnswer();
     if (!status.ok()) {
       responder_.FinishWithError(status, this);
       return;
@@ -100,7 +103,7 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
   }
 
   SessionHandlers& handlers_;
-  grpc::ServerCompletionQueue* const cq_;
+  AsyncCallQueues& queues_;
   const char* const method_;
   const RequestMethod request_method_;
   const AnswerMethod answer_;
@@ -112,16 +115,16 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
   bool answering_ = false;
 };
 
-void SessionHandlers::Accept(grpc::ServerCompletionQueue* cq, int accepting) {
+void SessionHandlers::Accept(AsyncCallQueues& queues, int accepting) {
   for (int i = 0; i < accepting; ++i) {
     new UnaryCall<v1::GetSessionRequest, v1::Session>(
-        *this, cq, "/sessionledger.v1.SessionService/GetSession",
+        *this, queues, "/sessionledger.v1.SessionService/GetSession",
         &SessionHandlers::RequestGetSession, &SessionHandlers::AnswerGetSession);
     new UnaryCall<v1::CreateSessionRequest, v1::Session>(
-        *this, cq, "/sessionledger.v1.SessionService/CreateSession",
+        *this, queues, "/sessionledger.v1.SessionService/CreateSession",
         &SessionHandlers::RequestCreateSession, &SessionHandlers::AnswerCreateSession);
     new UnaryCall<v1::UpdateSessionRequest, v1::Session>(
-        *this, cq, "/sessionledger.v1.SessionService/UpdateSession",
+        *this, queues, "/sessionledger.v1.SessionService/UpdateSession",
         &SessionHandlers::RequestUpdateSession, &SessionHandlers::AnswerUpdateSession);
   }
 }

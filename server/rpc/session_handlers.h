@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "absl/time/time.h"
+#include "server/rpc/async_call.h"
 #include "server/session/session_service.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 
@@ -35,10 +36,10 @@ class SessionHandlers final
   SessionHandlers(std::shared_ptr<SessionService> sessions, absl::Duration default_timeout)
       : sessions_(std::move(sessions)), default_timeout_(default_timeout) {}
 
-  // Serves the asynchronous methods from completion queue `cq` (of the server this service is
-  // registered on, after it started), keeping `accepting` calls of each requested at any time.
-  // Run RunCompletionQueue(cq) on at least one thread.
-  void Accept(grpc::ServerCompletionQueue* cq, int accepting);
+  // Serves the asynchronous methods from `queues` (whose arrivals queue belongs to the server
+  // this service is registered on, after it started), keeping `accepting` calls of each
+  // requested at any time. Run queues.Run() on a thread.
+  void Accept(AsyncCallQueues& queues, int accepting);
   // The asynchronous methods without gRPC's machinery: fill `response`, then call `done`
   // exactly once, possibly before returning, possibly on another thread.
   using Done = absl::AnyInvocable<void(grpc::Status) &&>;

@@ -1,0 +1,43 @@
+#include "server/rpc/async_call.h"
+
+#include "absl/time/clock.h"
+
+namespace sessionledger {
+
+AsyncCallQueues::AsyncCallQueues(std::unique_ptr<grpc::ServerCompletionQueue> arrivals,
+                                 absl::Duration sweep)
+    : arrivals_(std::move(arrivals)), sweep_(sweep) {}
+
+void AsyncCallQueues::Run() {
+  void* tag = nullptr;
+  bool ok = false;
+  for (;;) {
+    const grpc::CompletionQueue::NextStatus got =
+        arrivals_->AsyncNext(&tag, &ok, absl::ToChronoTime(absl::Now() + sweep_));
+    if (got == grpc::CompletionQueue::SHUTDOWN) break;
+    if (got == grpc::CompletionQueue::GOT_EVENT) static_cast<AsyncCall*>(tag)->Proceed(ok);
+    TakeAnswers(/*everything=*/got == grpc::CompletionQueue::TIMEOUT);
+  }
+  answers_.Shutdown();
+  while (answers_.Next(&tag, &ok)) {
+    expected_answers_.fetch_sub(1, std::memory_order_relaxed);
+    static_cast<AsyncCall*>(tag)->Proceed(ok);
+  }
+}
+
+void AsyncCallQueues::TakeAnswers(bool everything) {
+  void* tag = nullptr;
+  bool ok = false;
+  // A zero deadline only takes what is there. gRPC's events of its own on these calls are
+  // consumed inside AsyncNext and never returned, so they are not counted.
+  while (everything || expected_answers_.load(std::memory_order_acquire) > 0) {
+    if (answers_.AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC)) !=
+        grpc::CompletionQueue::GOT_EVENT) {
+      return;
+    }
+    expected_answers_.fetch_sub(1, std::memory_order_relaxed);
+    static_cast<AsyncCall*>(tag)->Proceed(ok);
+  }
+}
+
+}  // namespace sessionledger

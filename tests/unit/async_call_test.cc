@@ -1,0 +1,160 @@
+#include "server/rpc/async_call.h"
+
+#include <grpcpp/alarm.h>
+#include <grpcpp/server_builder.h>
+
+#include <deque>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+
+namespace sessionledger {
+namespace {
+
+// Stands in for a call: notes each completion handed to it and the thread it ran on.
+class RecordingCall final : public AsyncCall {
+ public:
+  void Proceed(bool ok) override {
+    ok_ = ok;
+    thread_ = std::this_thread::get_id();
+    done_.Notify();
+  }
+  bool HasRun() const { return done_.HasBeenNotified(); }
+  bool WaitFor(absl::Duration timeout) const {
+    return done_.WaitForNotificationWithTimeout(timeout);
+  }
+  bool ok() const { return ok_; }
+  std::thread::id thread() const { return thread_; }
+
+ private:
+  absl::Notification done_;
+  bool ok_ = false;
+  std::thread::id thread_;
+};
+
+// A started server (no ports: nothing can call it) with AsyncCallQueues served on a thread,
+// so the tests drive both queues with alarms.
+class AsyncCallQueuesTest : public ::testing::Test {
+ protected:
+  void Start(absl::Duration sweep) {
+    grpc::ServerBuilder builder;
+    queues_ = std::make_unique<AsyncCallQueues>(builder.AddCompletionQueue(), sweep);
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    serving_ = std::thread([this] { queues_->Run(); });
+  }
+
+  // Stops the server, then the queues; true once Run has returned.
+  void Stop() {
+    if (!serving_.joinable()) return;
+    server_->Shutdown();
+    server_->Wait();
+    queues_->Shutdown();
+    serving_.join();
+  }
+
+  void TearDown() override { Stop(); }
+
+  // A call that outlives the queues, so that a failed test still drains cleanly.
+  RecordingCall& NewCall() { return calls_.emplace_back(); }
+
+  // Completes `call` on `queue` now, as a finished operation of a call would.
+  void CompleteNow(grpc::CompletionQueue* queue, RecordingCall& call) {
+    alarms_.push_back(std::make_unique<grpc::Alarm>());
+    alarms_.back()->Set(queue, gpr_now(GPR_CLOCK_MONOTONIC), &call);
+  }
+
+  std::unique_ptr<AsyncCallQueues> queues_;
+  std::unique_ptr<grpc::Server> server_;
+  std::thread serving_;
+  // Destroyed after the queues are drained.
+  std::deque<RecordingCall> calls_;
+  std::vector<std::unique_ptr<grpc::Alarm>> alarms_;
+};
+
+TEST_F(AsyncCallQueuesTest, AnArrivalIsHandedToItsCallOnTheServingThread) {
+  Start(absl::Hours(1));
+  RecordingCall& arrival = NewCall();
+  CompleteNow(queues_->arrivals(), arrival);
+  ASSERT_TRUE(arrival.WaitFor(absl::Seconds(5)));
+  EXPECT_TRUE(arrival.ok());
+  EXPECT_EQ(arrival.thread(), serving_.get_id());
+}
+
+// The point of the second queue: an answer does not wake the serving thread. It is taken
+// with the next arrival, which wakes the thread anyway.
+TEST_F(AsyncCallQueuesTest, AnAnswerWaitsForTheNextArrivalInsteadOfWakingTheThread) {
+  Start(absl::Hours(1));
+  RecordingCall& answer = NewCall();
+  queues_->ExpectAnswer();
+  CompleteNow(queues_->answers(), answer);
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_FALSE(answer.HasRun()) << "the serving thread was woken for an answer";
+
+  RecordingCall& arrival = NewCall();
+  CompleteNow(queues_->arrivals(), arrival);
+  ASSERT_TRUE(arrival.WaitFor(absl::Seconds(5)));
+  ASSERT_TRUE(answer.WaitFor(absl::Seconds(5)));
+  EXPECT_TRUE(answer.ok());
+  EXPECT_EQ(answer.thread(), serving_.get_id());
+}
+
+TEST_F(AsyncCallQueuesTest, EveryAnswerExpectedIsTakenWithTheNextArrival) {
+  Start(absl::Hours(1));
+  constexpr int kAnswers = 20;
+  std::vector<RecordingCall*> answers;
+  for (int i = 0; i < kAnswers; ++i) {
+    answers.push_back(&NewCall());
+    queues_->ExpectAnswer();
+    CompleteNow(queues_->answers(), *answers.back());
+  }
+  // Alarms complete on gRPC's timer thread: let them all land before the arrival.
+  absl::SleepFor(absl::Milliseconds(200));
+  RecordingCall& arrival = NewCall();
+  CompleteNow(queues_->arrivals(), arrival);
+  ASSERT_TRUE(arrival.WaitFor(absl::Seconds(5)));
+  for (int i = 0; i < kAnswers; ++i) {
+    EXPECT_TRUE(answers[i]->WaitFor(absl::Seconds(5))) << "answer " << i;
+  }
+}
+
+// An idle server must still free its last calls.
+TEST_F(AsyncCallQueuesTest, AnIdleServerTakesItsAnswersWithinTheSweep) {
+  Start(absl::Milliseconds(50));
+  absl::SleepFor(absl::Milliseconds(120));  // Mid-wait, not just after a sweep began.
+  RecordingCall& answer = NewCall();
+  queues_->ExpectAnswer();
+  const absl::Time completed = absl::Now();
+  CompleteNow(queues_->answers(), answer);
+  ASSERT_TRUE(answer.WaitFor(absl::Seconds(5))) << "an answer with no arrival after it is kept";
+  EXPECT_LT(absl::Now() - completed, absl::Milliseconds(1000));
+  EXPECT_EQ(answer.thread(), serving_.get_id());
+}
+
+// Completions nobody announced (gRPC's own, which AsyncNext consumes itself) still go with
+// the sweep, while the count of expected answers stays right for the ones that follow.
+TEST_F(AsyncCallQueuesTest, TheSweepAlsoTakesCompletionsThatWereNotExpected) {
+  Start(absl::Milliseconds(50));
+  RecordingCall& unannounced = NewCall();
+  CompleteNow(queues_->answers(), unannounced);
+  ASSERT_TRUE(unannounced.WaitFor(absl::Seconds(5)));
+}
+
+TEST_F(AsyncCallQueuesTest, ShutdownHandsOverWhatIsLeftAndReturns) {
+  Start(absl::Hours(1));
+  RecordingCall& answer = NewCall();
+  queues_->ExpectAnswer();
+  CompleteNow(queues_->answers(), answer);
+  absl::SleepFor(absl::Milliseconds(50));
+  ASSERT_FALSE(answer.HasRun());
+  Stop();
+  EXPECT_TRUE(answer.HasRun()) << "Run returned with an answer left on its queue";
+  EXPECT_TRUE(answer.ok());
+}
+
+}  // namespace
+}  // namespace sessionledger
