@@ -139,6 +139,8 @@ class MemcachedPipeline {
   const int epoll_fd_;
   const int wake_fd_;
   std::vector<std::unique_ptr<Node>> nodes_;
+  // Where the I/O thread receives, before appending to a node's input.
+  const std::unique_ptr<char[]> read_buffer_;
 
   // std::mutex rather than absl::Mutex: ThreadSanitizer sees its hand-overs (Debian's Abseil
   // is not instrumented).
