@@ -84,8 +84,28 @@ void ServerMetrics::RpcStarted() { in_flight_.Increment(); }
 void ServerMetrics::RpcFinished(const std::string& method, absl::string_view code_name,
                                 double seconds) {
   in_flight_.Decrement();
-  requests_.Add({{"method", method}, {"code", std::string(code_name)}}).Increment();
-  durations_.Add({{"method", method}}, LatencyBuckets()).Observe(seconds);
+  prometheus::Counter* requests = nullptr;
+  prometheus::Histogram* duration = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(series_mutex_);
+    MethodSeries& series = series_[method];
+    if (series.duration == nullptr) {
+      series.duration = &durations_.Add({{"method", method}}, LatencyBuckets());
+    }
+    duration = series.duration;
+    for (const auto& [code, counter] : series.requests) {
+      if (code == code_name) {
+        requests = counter;
+        break;
+      }
+    }
+    if (requests == nullptr) {
+      requests = &requests_.Add({{"method", method}, {"code", std::string(code_name)}});
+      series.requests.emplace_back(std::string(code_name), requests);
+    }
+  }
+  requests->Increment();
+  duration->Observe(seconds);
 }
 
 void ServerMetrics::AddSampled(Sampled sampled) { sampled_->Add(std::move(sampled)); }
