@@ -68,6 +68,14 @@ class AsyncCallQueuesTest : public ::testing::Test {
     alarms_.back()->Set(queue, gpr_now(GPR_CLOCK_MONOTONIC), &call);
   }
 
+  // A call's answer, announced and completed now, as UnaryCall's Finish does.
+  RecordingCall& CompleteAnswer() {
+    RecordingCall& answer = NewCall();
+    queues_->ExpectAnswer();
+    CompleteNow(queues_->answers(), answer);
+    return answer;
+  }
+
   std::unique_ptr<AsyncCallQueues> queues_;
   std::unique_ptr<grpc::Server> server_;
   std::thread serving_;
@@ -89,9 +97,7 @@ TEST_F(AsyncCallQueuesTest, AnArrivalIsHandedToItsCallOnTheServingThread) {
 // with the next arrival, which wakes the thread anyway.
 TEST_F(AsyncCallQueuesTest, AnAnswerWaitsForTheNextArrivalInsteadOfWakingTheThread) {
   Start(absl::Hours(1));
-  RecordingCall& answer = NewCall();
-  queues_->ExpectAnswer();
-  CompleteNow(queues_->answers(), answer);
+  RecordingCall& answer = CompleteAnswer();
   absl::SleepFor(absl::Milliseconds(200));
   EXPECT_FALSE(answer.HasRun()) << "the serving thread was woken for an answer";
 
@@ -107,11 +113,7 @@ TEST_F(AsyncCallQueuesTest, EveryAnswerExpectedIsTakenWithTheNextArrival) {
   Start(absl::Hours(1));
   constexpr int kAnswers = 20;
   std::vector<RecordingCall*> answers;
-  for (int i = 0; i < kAnswers; ++i) {
-    answers.push_back(&NewCall());
-    queues_->ExpectAnswer();
-    CompleteNow(queues_->answers(), *answers.back());
-  }
+  for (int i = 0; i < kAnswers; ++i) answers.push_back(&CompleteAnswer());
   // Alarms complete on gRPC's timer thread: let them all land before the arrival.
   absl::SleepFor(absl::Milliseconds(200));
   RecordingCall& arrival = NewCall();
@@ -126,10 +128,8 @@ TEST_F(AsyncCallQueuesTest, EveryAnswerExpectedIsTakenWithTheNextArrival) {
 TEST_F(AsyncCallQueuesTest, AnIdleServerTakesItsAnswersWithinTheSweep) {
   Start(absl::Milliseconds(50));
   absl::SleepFor(absl::Milliseconds(120));  // Mid-wait, not just after a sweep began.
-  RecordingCall& answer = NewCall();
-  queues_->ExpectAnswer();
   const absl::Time completed = absl::Now();
-  CompleteNow(queues_->answers(), answer);
+  RecordingCall& answer = CompleteAnswer();
   ASSERT_TRUE(answer.WaitFor(absl::Seconds(5))) << "an answer with no arrival after it is kept";
   EXPECT_LT(absl::Now() - completed, absl::Milliseconds(1000));
   EXPECT_EQ(answer.thread(), serving_.get_id());
@@ -146,9 +146,7 @@ TEST_F(AsyncCallQueuesTest, TheSweepAlsoTakesCompletionsThatWereNotExpected) {
 
 TEST_F(AsyncCallQueuesTest, ShutdownHandsOverWhatIsLeftAndReturns) {
   Start(absl::Hours(1));
-  RecordingCall& answer = NewCall();
-  queues_->ExpectAnswer();
-  CompleteNow(queues_->answers(), answer);
+  RecordingCall& answer = CompleteAnswer();
   absl::SleepFor(absl::Milliseconds(50));
   ASSERT_FALSE(answer.HasRun());
   Stop();
