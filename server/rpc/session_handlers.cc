@@ -76,8 +76,7 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
     answering_ = true;
     new UnaryCall(handlers_, queues_, method_, request_method_, answer_);  // The next caller.
     if (!grpc::SerializationTraits<Request>::Deserialize(&received_, &request_).ok()) {
-      queues_.ExpectAnswer();
-      responder_.FinishWithError(UnparsableRequest(method_), this);
+      Finish(UnparsableRequest(method_));
       return;
     }
     (handlers_.*answer_)(request_, handlers_.Deadline(context_), &response_,
