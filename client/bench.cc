@@ -19,6 +19,7 @@
 #include "client/channel.h"
 #include "client/latency_histogram.h"
 #include "client/output_format.h"
+#include "client/process_cpu.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 #include "sessionledger/v1/transaction.grpc.pb.h"
@@ -46,6 +47,53 @@ absl::Status FromGrpc(const grpc::Status& s, const std::string& what) {
   return absl::Status(
       static_cast<absl::StatusCode>(s.error_code()),
       absl::StrCat(what, ": ", StatusCodeName(s.error_code()), ": ", s.error_message()));
+}
+
+// The CPU time of this process and of each --cpu-of entry at one moment; a reading that failed
+// holds why.
+struct CpuSample {
+  absl::StatusOr<absl::Duration> client;
+  std::vector<absl::StatusOr<std::vector<ProcessCpu>>> entries;
+};
+
+CpuSample SampleCpu(const std::vector<CpuOf>& cpu_of) {
+  CpuSample sample{SelfCpuTime(), {}};
+  for (const CpuOf& entry : cpu_of) sample.entries.push_back(ReadProcessesCpu(entry.pids));
+  return sample;
+}
+
+absl::StatusOr<absl::Duration> Difference(absl::Duration start, absl::Duration end) {
+  return end - start;
+}
+absl::StatusOr<absl::Duration> Difference(const std::vector<ProcessCpu>& start,
+                                          const std::vector<ProcessCpu>& end) {
+  return CpuUsedBetween(start, end);
+}
+
+template <typename Reading>
+absl::StatusOr<absl::Duration> CpuUsed(const absl::StatusOr<Reading>& start,
+                                       const absl::StatusOr<Reading>& end) {
+  for (const auto& [reading, when] : {std::pair{&start, "start"}, std::pair{&end, "end"}}) {
+    if (!reading->ok()) {
+      return absl::Status(
+          reading->status().code(),
+          absl::StrCat(reading->status().message(), " at the ", when, " of the measured phase"));
+    }
+  }
+  return Difference(*start, *end);
+}
+
+CpuPerCall PerCall(const std::string& name, const absl::StatusOr<absl::Duration>& used,
+                   uint64_t calls) {
+  CpuPerCall result{name, std::nullopt, ""};
+  if (!used.ok()) {
+    result.unavailable = std::string(used.status().message());
+  } else if (calls == 0) {
+    result.unavailable = "no calls were measured";
+  } else {
+    result.us_per_call = absl::ToDoubleMicroseconds(*used) / static_cast<double>(calls);
+  }
+  return result;
 }
 
 class LoadGenerator {
@@ -91,6 +139,7 @@ class LoadGenerator {
     phase_.store(warm ? kWarmup : kMeasure);
     active_ = static_cast<int>(slots_.size());
     steady_clock::time_point measure_start = steady_clock::now();
+    CpuSample cpu_start = SampleCpu(options_.cpu_of);
     if (options_.rate > 0) {
       // Stagger the slots' schedules evenly over one interval.
       interval_ = std::chrono::nanoseconds(
@@ -109,6 +158,7 @@ class LoadGenerator {
     }
     if (warm) {
       Wait(options_.warmup, "warm-up", progress);
+      cpu_start = SampleCpu(options_.cpu_of);
       phase_.store(kMeasure);
       measure_start = steady_clock::now();
     }
@@ -119,6 +169,7 @@ class LoadGenerator {
     }
     phase_.store(kStop);
     const steady_clock::time_point measure_end = steady_clock::now();
+    const CpuSample cpu_end = SampleCpu(options_.cpu_of);
     // Every call has a deadline, so every slot comes back.
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -133,7 +184,8 @@ class LoadGenerator {
       pacer_.join();
     }
     if (options_.progress) progress << "\n";
-    return Collect(std::chrono::duration<double>(measure_end - measure_start).count());
+    return Collect(std::chrono::duration<double>(measure_end - measure_start).count(), cpu_start,
+                   cpu_end);
   }
 
  private:
@@ -400,7 +452,7 @@ class LoadGenerator {
     }
   }
 
-  BenchResult Collect(double seconds) const {
+  BenchResult Collect(double seconds, const CpuSample& cpu_start, const CpuSample& cpu_end) const {
     LatencyHistogram latencies;
     std::array<uint64_t, kStatusCodes> codes{};
     for (const auto& slot : slots_) {
@@ -422,6 +474,13 @@ class LoadGenerator {
     r.max_ms = static_cast<double>(latencies.max()) / 1e6;
     for (size_t i = 1; i < kStatusCodes; ++i) {
       if (codes[i] > 0) r.errors[StatusCodeName(static_cast<grpc::StatusCode>(i))] = codes[i];
+    }
+    uint64_t calls = 0;
+    for (const uint64_t count : codes) calls += count;
+    r.cpu.push_back(PerCall("client", CpuUsed(cpu_start.client, cpu_end.client), calls));
+    for (size_t i = 0; i < options_.cpu_of.size(); ++i) {
+      r.cpu.push_back(PerCall(options_.cpu_of[i].name,
+                              CpuUsed(cpu_start.entries[i], cpu_end.entries[i]), calls));
     }
     return r;
   }
@@ -469,7 +528,7 @@ std::string FormatBenchResult(const BenchResult& r) {
   for (const auto& [code, count] : r.errors) {
     absl::StrAppend(&errors, errors.empty() ? "" : ", ", code, "=", count);
   }
-  return FormatFields({
+  std::vector<std::pair<std::string, std::string>> fields = {
       {"rpc", r.rpc},
       {"concurrency", absl::StrCat(r.concurrency, " (", r.connections, " connections)")},
       {"measured", absl::StrFormat("%.1f s", r.seconds)},
@@ -481,7 +540,14 @@ std::string FormatBenchResult(const BenchResult& r) {
       {"latency p99.9", absl::StrFormat("%.3f ms", r.p999_ms)},
       {"latency max", absl::StrFormat("%.3f ms", r.max_ms)},
       {"errors", errors.empty() ? "none" : errors},
-  });
+  };
+  for (const CpuPerCall& cpu : r.cpu) {
+    fields.emplace_back(absl::StrCat("cpu ", cpu.name),
+                        cpu.us_per_call.has_value()
+                            ? absl::StrFormat("%.1f us/call", *cpu.us_per_call)
+                            : absl::StrCat("not measured: ", cpu.unavailable));
+  }
+  return FormatFields(fields);
 }
 
 std::string BenchResultJson(const BenchResult& r) {
@@ -490,12 +556,19 @@ std::string BenchResultJson(const BenchResult& r) {
     // Code names are fixed upper-case identifiers, so no JSON escaping is needed.
     absl::StrAppend(&errors, errors.empty() ? "" : ",", "\"", code, "\":", count);
   }
+  std::string cpu;
+  for (const CpuPerCall& entry : r.cpu) {
+    // Names are "client" or checked by the option parser to need no JSON escaping.
+    absl::StrAppend(
+        &cpu, cpu.empty() ? "" : ",", "\"", entry.name, "\":",
+        entry.us_per_call.has_value() ? absl::StrFormat("%.2f", *entry.us_per_call) : "null");
+  }
   return absl::StrFormat(
       "{\"rpc\":\"%s\",\"concurrency\":%d,\"connections\":%d,\"seconds\":%.3f,\"calls\":%d,"
       "\"throughput\":%.1f,\"p50_ms\":%.4f,\"p90_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,"
-      "\"max_ms\":%.4f,\"errors\":{%s}}\n",
+      "\"max_ms\":%.4f,\"cpu_us_per_call\":{%s},\"errors\":{%s}}\n",
       r.rpc, r.concurrency, r.connections, r.seconds, r.ok_calls, r.throughput, r.p50_ms, r.p90_ms,
-      r.p99_ms, r.p999_ms, r.max_ms, errors);
+      r.p99_ms, r.p999_ms, r.max_ms, cpu, errors);
 }
 
 int RunBenchCommand(const CliOptions& options, const std::string& target,
@@ -505,6 +578,12 @@ int RunBenchCommand(const CliOptions& options, const std::string& target,
   if (!result.ok()) {
     err << "bench: " << result.status().message() << "\n";
     return static_cast<int>(result.status().code());
+  }
+  for (const CpuPerCall& cpu : result->cpu) {
+    if (!cpu.us_per_call.has_value()) {
+      err << "bench: CPU of " << cpu.name << " not measured (reported as null): " << cpu.unavailable
+          << "\n";
+    }
   }
   out << (options.json ? BenchResultJson(*result) : FormatBenchResult(*result));
   return 0;

@@ -3,8 +3,10 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -12,6 +14,13 @@
 #include "client/cli_options.h"
 
 namespace sessionledger::client {
+
+// CPU time one process group used per call in the measured phase.
+struct CpuPerCall {
+  std::string name;                   // "client" or a --cpu-of NAME
+  std::optional<double> us_per_call;  // none when it could not be measured ...
+  std::string unavailable;            // ... and then why
+};
 
 struct BenchResult {
   std::string rpc;
@@ -27,6 +36,9 @@ struct BenchResult {
   double p999_ms = 0;
   double max_ms = 0;
   std::map<std::string, uint64_t> errors;  // status code name -> count, OK excluded
+  // Per successful and failed call of the measured phase: "client" (this process) first, then
+  // each --cpu-of entry in the order given.
+  std::vector<CpuPerCall> cpu;
 };
 
 // A closed-loop load generator on gRPC's callback API: `concurrency` slots, each with exactly
@@ -39,16 +51,22 @@ struct BenchResult {
 // slot for get-session / update-session, and for transfer a session, two accounts and a large
 // deposit per slot, so slots never contend for a row and each transfer has a unique
 // idempotency key. Progress goes to `progress` once a second (when options.progress).
+//
+// The CPU time of this process (getrusage) and of the options.cpu_of processes (/proc/PID/stat)
+// is read when the measured phase starts and when it ends; a process that cannot be read then
+// (it has ended) leaves its entry without a value, it does not fail the run.
 absl::StatusOr<BenchResult> RunBench(const BenchOptions& options, const std::string& target,
                                      const ChannelOptions& channel_options,
                                      absl::Duration call_deadline, std::ostream& progress);
 
-// The readable report and the one-line JSON object (`--json`); both end with '\n'.
+// The readable report and the one-line JSON object (`--json`); both end with '\n'. CPU entries
+// without a value are JSON null.
 std::string FormatBenchResult(const BenchResult& result);
 std::string BenchResultJson(const BenchResult& result);
 
 // `sessionledger-cli bench`: runs, prints, returns the exit code (non-zero only when the run
-// could not be prepared; call errors are part of the report).
+// could not be prepared; call errors are part of the report). Says on `err` why a CPU entry has
+// no value.
 int RunBenchCommand(const CliOptions& options, const std::string& target,
                     const ChannelOptions& channel_options, std::ostream& out, std::ostream& err);
 

@@ -59,6 +59,7 @@ constexpr FlagSpec kFlags[] = {
     {"key-file", true},
     {"tls-server-name", true},
     {"no-progress", false},
+    {"cpu-of", true},
 };
 
 const std::set<std::string>& GlobalFlags() {
@@ -171,7 +172,7 @@ const std::vector<CommandSpec>& Commands() {
       {"bench",
        Command::kBench,
        {"rpc", "concurrency", "connections", "duration", "warmup", "requests", "rate", "touch",
-        "no-progress"},
+        "no-progress", "cpu-of"},
        {}},
   };
   return *kCommands;
@@ -219,6 +220,39 @@ absl::StatusOr<BenchRpc> ParseBenchRpc(const std::string& value) {
       absl::StrCat("--rpc: '", value,
                    "' is not one of health, create-session, get-session, update-session, transfer, "
                    "create-get-session"));
+}
+
+// One --cpu-of value, NAME=PID[+PID...]. Names go into the JSON report unescaped, so they are
+// restricted to characters that need no escaping.
+absl::StatusOr<CpuOf> ParseCpuOf(const std::string& value) {
+  const size_t eq = value.find('=');
+  if (eq == std::string::npos) {
+    return UsageError(absl::StrCat("--cpu-of: expected NAME=PID[+PID...], got '", value, "'"));
+  }
+  CpuOf entry;
+  entry.name = value.substr(0, eq);
+  if (entry.name.empty()) return UsageError(absl::StrCat("--cpu-of: empty NAME in '", value, "'"));
+  for (const char c : entry.name) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') {
+      return UsageError(absl::StrCat("--cpu-of: NAME '", entry.name,
+                                     "' may hold only letters, digits, '-', '_' and '.'"));
+    }
+  }
+  if (entry.name == "client") {
+    return UsageError("--cpu-of: NAME 'client' is reserved for the CLI's own CPU");
+  }
+  for (const absl::string_view part : absl::StrSplit(value.substr(eq + 1), '+')) {
+    int pid = 0;
+    if (!absl::SimpleAtoi(part, &pid) || pid <= 0) {
+      return UsageError(
+          absl::StrCat("--cpu-of ", entry.name, ": '", part, "' is not a positive process id"));
+    }
+    if (std::find(entry.pids.begin(), entry.pids.end(), pid) != entry.pids.end()) {
+      return UsageError(absl::StrCat("--cpu-of ", entry.name, ": pid ", pid, " given twice"));
+    }
+    entry.pids.push_back(pid);
+  }
+  return entry;
 }
 
 // Applies the command-specific options. `positional` holds the words after the command.
@@ -380,6 +414,16 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
       }
       b.touch = t.Has("touch");
       b.progress = !t.Has("no-progress");
+      for (const std::string& value : t.All("cpu-of")) {
+        absl::StatusOr<CpuOf> entry = ParseCpuOf(value);
+        if (!entry.ok()) return entry.status();
+        for (const CpuOf& earlier : b.cpu_of) {
+          if (earlier.name == entry->name) {
+            return UsageError(absl::StrCat("--cpu-of: NAME '", entry->name, "' given twice"));
+          }
+        }
+        b.cpu_of.push_back(*std::move(entry));
+      }
       return absl::OkStatus();
     }
   }
@@ -532,6 +576,10 @@ Other:
   bench --rpc health|create-session|get-session|update-session|transfer|create-get-session
         [--concurrency 16] [--connections N] [--duration 10s] [--warmup 2s]
         [--requests N] [--rate CALLS_PER_S] [--touch] [--no-progress]
+        [--cpu-of NAME=PID[+PID...] ...]
+        (--cpu-of: also report the CPU microseconds per call of these processes over the
+         measured window, e.g. --cpu-of server=1234 --cpu-of memcached=2001+2002; the
+         client's own is always reported)
 
 Global options:
   --target ADDR[,ADDR...]  default localhost:50051 or $SESSIONLEDGER_TARGET; accepts

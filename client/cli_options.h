@@ -51,6 +51,12 @@ enum class BenchRpc {
   kCreateGetSession
 };
 
+// --cpu-of NAME=PID[+PID...]: processes whose CPU time the bench report divides by the calls.
+struct CpuOf {
+  std::string name;       // the report's key; letters, digits, '-', '_', '.'; never "client"
+  std::vector<int> pids;  // positive, no pid twice
+};
+
 struct BenchOptions {
   BenchRpc rpc = BenchRpc::kHealth;
   int concurrency = 16;
@@ -68,6 +74,8 @@ struct BenchOptions {
   // GetSession with touch = true (a write to Memcached) instead of a pure read.
   bool touch = false;
   bool progress = true;
+  // In the order given; the client's own CPU is always reported, under "client".
+  std::vector<CpuOf> cpu_of;
 };
 
 // Everything a command line says, already validated for shape (numbers parse, required

@@ -1,14 +1,16 @@
 // sessionledger-cli against a real server process backed by the memcached and PostgreSQL that
 // scripts/test starts: every subcommand once, the exit-code convention, multi-address targets,
-// and a one-second run of the load generator.
+// and one-second runs of the load generator (with the server's CPU per call).
 #include <google/protobuf/util/json_util.h>
 
 #include <iostream>
 #include <map>
 #include <memory>
+#include <regex>
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -292,6 +294,29 @@ TEST_F(CliRoundTripTest, BenchRunsForOneSecond) {
                          "--requests", "20", "--no-progress"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("\"calls\":40,"));
+}
+
+TEST_F(CliRoundTripTest, BenchReportsCpuPerCallOfClientAndServer) {
+  // A pid whose process has ended (a shell that printed its own pid and exited): its entry is
+  // null and the run goes on.
+  absl::StatusOr<CommandResult> shell = RunCommand({"sh", "-c", "echo $$"});
+  ASSERT_TRUE(shell.ok()) << shell.status();
+  const std::string ended_pid(absl::StripAsciiWhitespace(shell->output));
+  CommandResult r =
+      Cli({"--json", "bench", "--rpc", "get-session", "--concurrency", "4", "--duration", "1s",
+           "--warmup", "0", "--no-progress", "--cpu-of", absl::StrCat("server=", server_->pid()),
+           "--cpu-of", absl::StrCat("ended=", ended_pid)});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::smatch cpu;
+  ASSERT_TRUE(std::regex_search(
+      r.output, cpu,
+      std::regex("\"cpu_us_per_call\":\\{\"client\":([0-9.]+),\"server\":([0-9.]+),"
+                 "\"ended\":null\\}")))
+      << r.output;
+  EXPECT_GT(std::stod(cpu[1].str()), 0) << r.output;
+  EXPECT_GT(std::stod(cpu[2].str()), 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr(absl::StrCat("CPU of ended not measured (reported as null): pid ",
+                                               ended_pid, " is gone")));
 }
 
 }  // namespace

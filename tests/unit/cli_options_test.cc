@@ -223,6 +223,37 @@ TEST(CliOptionsTest, Bench) {
   ExpectUsageError({"bench", "--requests", "-1"}, "--requests");
 }
 
+TEST(CliOptionsTest, BenchCpuOf) {
+  absl::StatusOr<CliOptions> o = Parse({"bench"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_TRUE(o->bench.cpu_of.empty());
+
+  o = Parse({"bench", "--cpu-of", "server=1234", "--cpu-of=memcached=2001+2002", "--cpu-of",
+             "pooled-server.2_b=7"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  ASSERT_EQ(o->bench.cpu_of.size(), 3u);
+  EXPECT_EQ(o->bench.cpu_of[0].name, "server");
+  EXPECT_THAT(o->bench.cpu_of[0].pids, ElementsAre(1234));
+  EXPECT_EQ(o->bench.cpu_of[1].name, "memcached");
+  EXPECT_THAT(o->bench.cpu_of[1].pids, ElementsAre(2001, 2002));
+  EXPECT_EQ(o->bench.cpu_of[2].name, "pooled-server.2_b");
+  EXPECT_THAT(o->bench.cpu_of[2].pids, ElementsAre(7));
+
+  for (const char* value :
+       {"server", "server1234", "=1234", "server=", "server=abc", "server=12x", "server=0",
+        "server=-5", "server=1+", "server=+1", "server=1++2", "server=99999999999", "server=1+1",
+        "client=1", "se rver=1", "se\"rver=1"}) {
+    ExpectUsageError({"bench", "--cpu-of", value}, "--cpu-of");
+  }
+  ExpectUsageError({"bench", "--cpu-of", "s=1", "--cpu-of", "s=2"}, "'s' given twice");
+  ExpectUsageError({"bench", "--cpu-of", "client=1"}, "reserved");
+  ExpectUsageError({"bench", "--cpu-of", "=1"}, "empty NAME");
+  ExpectUsageError({"bench", "--cpu-of", "s=0"}, "positive process id");
+  ExpectUsageError({"bench", "--cpu-of", "s"}, "NAME=PID");
+  ExpectUsageError({"bench", "--cpu-of"}, "needs a value");
+  ExpectUsageError({"health", "--cpu-of", "s=1"}, "does not apply to 'health'");
+}
+
 TEST(CliOptionsTest, UsageErrors) {
   ExpectUsageError({}, "missing command");
   ExpectUsageError({"frobnicate"}, "unknown command 'frobnicate'");

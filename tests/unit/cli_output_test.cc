@@ -159,6 +159,23 @@ TEST(CliOutputTest, BenchJsonHasTheDocumentedFields) {
   EXPECT_THAT(FormatBenchResult(r), HasSubstr("DEADLINE_EXCEEDED=1, UNAVAILABLE=3"));
 }
 
+TEST(CliOutputTest, BenchReportsCpuPerCallAndNullForWhatWasNotMeasured) {
+  BenchResult r;
+  r.rpc = "health";
+  EXPECT_THAT(BenchResultJson(r), HasSubstr("\"cpu_us_per_call\":{},"));
+  r.cpu = {
+      {"client", 15.25, ""}, {"server", 23.004, ""}, {"memcached", std::nullopt, "pid 7 is gone"}};
+  const std::string json = BenchResultJson(r);
+  EXPECT_THAT(json, MatchesRegex("^\\{.*\\}\n$"));
+  EXPECT_THAT(
+      json,
+      HasSubstr("\"cpu_us_per_call\":{\"client\":15.25,\"server\":23.00,\"memcached\":null}"));
+  const std::string text = FormatBenchResult(r);
+  EXPECT_THAT(text, HasSubstr("cpu client     15.2 us/call\n"));
+  EXPECT_THAT(text, HasSubstr("cpu server     23.0 us/call\n"));
+  EXPECT_THAT(text, HasSubstr("cpu memcached  not measured: pid 7 is gone\n"));
+}
+
 TEST(CliOutputTest, IdempotencyKeysAreFreshAndWellFormed) {
   const std::string a = GenerateIdempotencyKey();
   const std::string b = GenerateIdempotencyKey();
