@@ -122,7 +122,7 @@ absl::Status ServerApp::Start() {
   // OpenSSL initialises itself (provider loading, ~2 MiB of code paged in) on its first digest.
   // Paying that now keeps it out of the first call's latency, and the idle RSS is then the
   // serving RSS rather than a figure that jumps with the first session.
-  (void)Sha256("warm-up");
+  if (absl::Status sha256 = CheckSha256(); !sha256.ok()) return sha256;
   // Probe the backing services once before listening, so the first health answer is real, then
   // keep probing in the background.
   const MemcachedUrl memcached_url = config_.memcached;

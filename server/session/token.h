@@ -30,6 +30,9 @@ absl::StatusOr<std::string> Base64UrlDecode(absl::string_view text);
 
 // Raw 32-byte SHA-256 (OpenSSL libcrypto).
 std::string Sha256(absl::string_view data);
+// Whether OpenSSL can make SHA-256 digests, and right ones. Call it once at startup: Sha256
+// aborts if it cannot.
+absl::Status CheckSha256();
 std::string HexLower(absl::string_view bytes);
 
 // Hex of the first 16 bytes of SHA-256(user_id).

@@ -1,5 +1,8 @@
+#include <atomic>
 #include <set>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -56,6 +59,32 @@ TEST(Base64UrlTest, RejectsStandardAlphabetPaddingAndNonCanonicalText) {
 TEST(Sha256Test, MatchesKnownDigest) {
   EXPECT_EQ(HexLower(Sha256("abc")),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(HexLower(Sha256("")),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  // Two blocks once padded (FIPS 180-2, appendix B.2).
+  EXPECT_EQ(HexLower(Sha256("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq")),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  EXPECT_TRUE(CheckSha256().ok());
+}
+
+// The algorithm object is fetched once and shared: threads digesting at once must each get
+// their own right answer (and the TSan run sees no race).
+TEST(Sha256Test, ConcurrentDigestsAreIndependent) {
+  const std::string expected_abc = Sha256("abc");
+  const std::string expected_token = Sha256(std::string(64, 't'));
+  std::vector<std::thread> threads;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 2000; ++i) {
+        const bool odd = (i + t) % 2 == 1;
+        const std::string got = odd ? Sha256("abc") : Sha256(std::string(64, 't'));
+        if (got != (odd ? expected_abc : expected_token)) wrong.fetch_add(1);
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(wrong.load(), 0);
 }
 
 TEST(TokenTest, HasAtLeast256RandomBitsUrlSafeNoPadding) {
