@@ -69,8 +69,10 @@ class SessionHandlers final
   const absl::Duration default_timeout_;
 };
 
-// Stored form -> API form (without the token).
+// Stored form -> API form (without the token). The second form moves the strings and the
+// attributes out of `stored`, for the hot paths that drop it afterwards.
 void ToApiSession(const storage::v1::StoredSession& stored, v1::Session* out);
+void ToApiSession(storage::v1::StoredSession&& stored, v1::Session* out);
 
 }  // namespace sessionledger
 
