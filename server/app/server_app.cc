@@ -173,7 +173,8 @@ absl::Status ServerApp::Start() {
   async_queues_ = std::make_unique<AsyncCallQueues>(builder.AddCompletionQueue());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   // First, so that the call observer logs and counts the corrected code.
-  interceptors.push_back(std::make_unique<RequestParseErrorsFactory>());
+  interceptors.push_back(
+      std::make_unique<RequestParseErrorsFactory>(SessionHandlers::SelfParsingMethods()));
   interceptors.push_back(std::make_unique<CallObserverFactory>(logger_, &metrics_));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();

@@ -1,5 +1,6 @@
 #include "server/rpc/request_parse_errors.h"
 
+#include <algorithm>
 #include <string>
 
 namespace sessionledger {
@@ -44,6 +45,11 @@ grpc::Status UnparsableRequest(const std::string& method) {
 
 grpc::experimental::Interceptor* RequestParseErrorsFactory::CreateServerInterceptor(
     grpc::experimental::ServerRpcInfo* info) {
+  const char* method = info->method();
+  if (method != nullptr &&
+      std::find(self_parsing_.begin(), self_parsing_.end(), method) != self_parsing_.end()) {
+    return nullptr;  // gRPC then runs no hooks of ours for this call.
+  }
   return new RequestParseErrors(info);
 }
 

@@ -4,6 +4,7 @@
 #include <grpcpp/support/server_interceptor.h>
 
 #include <string>
+#include <vector>
 
 namespace sessionledger {
 
@@ -18,11 +19,19 @@ namespace sessionledger {
 // parsed; also used by handlers that parse their requests themselves.
 grpc::Status UnparsableRequest(const std::string& method);
 
+// Methods in `self_parsing` (full names) get no interceptor: their handlers take the request's
+// bytes and answer an unparsable one with UnparsableRequest themselves, so gRPC never fails to
+// parse for them, and an interceptor there would only cost every call its hooks.
 class RequestParseErrorsFactory final
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
+  explicit RequestParseErrorsFactory(std::vector<std::string> self_parsing = {})
+      : self_parsing_(std::move(self_parsing)) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override;
+
+ private:
+  const std::vector<std::string> self_parsing_;
 };
 
 }  // namespace sessionledger

@@ -8,6 +8,10 @@
 namespace sessionledger {
 namespace {
 
+constexpr char kGetSession[] = "/sessionledger.v1.SessionService/GetSession";
+constexpr char kCreateSession[] = "/sessionledger.v1.SessionService/CreateSession";
+constexpr char kUpdateSession[] = "/sessionledger.v1.SessionService/UpdateSession";
+
 void SetTimestamp(int64_t unix_micros, google::protobuf::Timestamp* out) {
   out->set_seconds(unix_micros / 1'000'000);
   out->set_nanos(static_cast<int32_t>((unix_micros % 1'000'000) * 1000));
@@ -132,17 +136,21 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
   bool answering_ = false;
 };
 
+std::vector<std::string> SessionHandlers::SelfParsingMethods() {
+  return {kGetSession, kCreateSession, kUpdateSession};
+}
+
 void SessionHandlers::Accept(AsyncCallQueues& queues, int accepting) {
   for (int i = 0; i < accepting; ++i) {
-    new UnaryCall<v1::GetSessionRequest, v1::Session>(
-        *this, queues, "/sessionledger.v1.SessionService/GetSession",
-        &SessionHandlers::RequestGetSession, &SessionHandlers::AnswerGetSession);
-    new UnaryCall<v1::CreateSessionRequest, v1::Session>(
-        *this, queues, "/sessionledger.v1.SessionService/CreateSession",
-        &SessionHandlers::RequestCreateSession, &SessionHandlers::AnswerCreateSession);
-    new UnaryCall<v1::UpdateSessionRequest, v1::Session>(
-        *this, queues, "/sessionledger.v1.SessionService/UpdateSession",
-        &SessionHandlers::RequestUpdateSession, &SessionHandlers::AnswerUpdateSession);
+    new UnaryCall<v1::GetSessionRequest, v1::Session>(*this, queues, kGetSession,
+                                                      &SessionHandlers::RequestGetSession,
+                                                      &SessionHandlers::AnswerGetSession);
+    new UnaryCall<v1::CreateSessionRequest, v1::Session>(*this, queues, kCreateSession,
+                                                         &SessionHandlers::RequestCreateSession,
+                                                         &SessionHandlers::AnswerCreateSession);
+    new UnaryCall<v1::UpdateSessionRequest, v1::Session>(*this, queues, kUpdateSession,
+                                                         &SessionHandlers::RequestUpdateSession,
+                                                         &SessionHandlers::AnswerUpdateSession);
   }
 }
 

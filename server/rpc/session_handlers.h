@@ -2,6 +2,8 @@
 #define SESSIONLEDGER_SERVER_RPC_SESSION_HANDLERS_H_
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "server/rpc/async_call.h"
@@ -40,6 +42,8 @@ class SessionHandlers final
   // this service is registered on, after it started), keeping `accepting` calls of each
   // requested at any time. Run queues.Run() on a thread.
   void Accept(AsyncCallQueues& queues, int accepting);
+  // Full names of the methods Accept serves, which parse their requests themselves.
+  static std::vector<std::string> SelfParsingMethods();
   // The asynchronous methods without gRPC's machinery: fill `response`, then call `done`
   // exactly once, possibly before returning, possibly on another thread.
   using Done = absl::AnyInvocable<void(grpc::Status) &&>;
