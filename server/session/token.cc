@@ -24,10 +24,10 @@ int DecodeChar(char c) {
   return -1;
 }
 
-// SHA-256 fetched from the default provider once. SHA256() and EVP_sha256() fetch it by name
-// on every call (OpenSSL 3 "implicit fetching": a locked lookup and a third allocation), and
-// the hot read digests two or three times per call. Immutable once fetched, so shared by all
-// threads; never freed, as it lives as long as the process.
+// SHA-256 fetched from the default provider once. SHA256(), and EVP_Digest given EVP_sha256(),
+// look the implementation up by name on every digest (OpenSSL 3 "implicit fetching": a locked
+// lookup and a third allocation), and the hot read digests two or three times per call. Immutable
+// once fetched, so shared by all threads; never freed, as it lives as long as the process.
 const EVP_MD* Sha256Algorithm() {
   static const EVP_MD* const algorithm = EVP_MD_fetch(nullptr, "SHA256", nullptr);
   return algorithm;
