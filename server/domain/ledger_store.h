@@ -70,10 +70,16 @@ struct MovementFacts {
 // (either account), PERMISSION_DENIED (the acting user does not own the source, or for a
 // deposit the destination), INVALID_ARGUMENT (currency mismatch, destination balance would
 // overflow), FAILED_PRECONDITION (insufficient funds). OK when nothing forbids the movement.
-// Currency and overflow come after PERMISSION_DENIED so that a stranger learns nothing about
-// an account beyond its existence.
+// Currency and overflow depend on the destination, so they come after PERMISSION_DENIED, and
+// for a transfer into another user's account after the funds check too: otherwise a caller
+// with an empty account could read a stranger's currency off the error, and the exact balance
+// by bisecting the amount until "would overflow" turns into "insufficient funds". Past the
+// funds check the caller could make the transfer, which would tell them the currency anyway.
 inline absl::Status MovementFailure(const MoneyMovement& m, const MovementFacts& f) {
   const bool transfer = m.kind == TransactionKind::kTransfer;
+  const auto insufficient_funds = [] {
+    return absl::FailedPreconditionError("amount_minor: insufficient funds in from_account_id");
+  };
   if (transfer && !f.from_found) return absl::NotFoundError("from_account_id: no such account");
   if (!f.to_found) {
     return absl::NotFoundError(transfer ? "to_account_id: no such account"
@@ -85,6 +91,8 @@ inline absl::Status MovementFailure(const MoneyMovement& m, const MovementFacts&
   if (!transfer && f.to_owner != m.acting_user_id) {
     return absl::PermissionDeniedError("account_id: not an account of the acting user");
   }
+  const bool into_strangers_account = transfer && f.to_owner != m.acting_user_id;
+  if (into_strangers_account && f.from_balance < m.amount_minor) return insufficient_funds();
   if (transfer && f.from_currency != f.to_currency) {
     return absl::InvalidArgumentError(
         "to_account_id: currency differs from that of from_account_id");
@@ -92,9 +100,7 @@ inline absl::Status MovementFailure(const MoneyMovement& m, const MovementFacts&
   if (f.to_balance > std::numeric_limits<int64_t>::max() - m.amount_minor) {
     return absl::InvalidArgumentError("amount_minor: the destination balance would overflow");
   }
-  if (transfer && f.from_balance < m.amount_minor) {
-    return absl::FailedPreconditionError("amount_minor: insufficient funds in from_account_id");
-  }
+  if (transfer && f.from_balance < m.amount_minor) return insufficient_funds();
   return absl::OkStatus();
 }
 

@@ -1,5 +1,6 @@
 #include "server/ledger/ledger_service.h"
 
+#include "absl/strings/match.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/common/clock.h"
@@ -16,6 +17,9 @@ const absl::Time kDeadline = absl::InfiniteFuture();
 constexpr char kNoSuchAccount[] = "4f1c2a9e-0000-4000-8000-00000000ffff";
 
 MATCHER_P(StatusIs, code, "") { return arg.code() == code; }
+MATCHER_P2(StatusIsAndSays, code, text, "") {
+  return arg.code() == code && absl::StrContains(arg.message(), text);
+}
 
 class LedgerServiceTest : public ::testing::Test {
  protected:
@@ -217,6 +221,41 @@ TEST_F(LedgerServiceTest, OverflowIsInvalidArgument) {
   ASSERT_TRUE(Deposit("alice-token", b.account_id, 1, "d3").ok());
   EXPECT_THAT(Transfer("alice-token", b.account_id, a.account_id, 1, "t").status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// A transfer into someone else's account must not tell a caller who cannot pay anything about
+// that account: neither its currency nor, by bisecting the amount against the overflow check,
+// its balance.
+TEST_F(LedgerServiceTest, TransferErrorsRevealNothingOfAStrangersAccountToACallerWhoCannotPay) {
+  const Account alices_euros = Open("alice-token", "EUR");
+  const Account bobs_dollars = Open("bob-token", "USD");
+  const Account bobs_euros = Open("bob-token", "EUR");
+  ASSERT_TRUE(Deposit("bob-token", bobs_euros.account_id, INT64_MAX - 10, "rich").ok());
+
+  EXPECT_THAT(
+      Transfer("alice-token", alices_euros.account_id, bobs_dollars.account_id, 1, "t1").status(),
+      StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(
+      Transfer("alice-token", alices_euros.account_id, bobs_euros.account_id, 11, "t2").status(),
+      StatusIs(absl::StatusCode::kFailedPrecondition));
+
+  // Once the caller could pay, the destination's own checks apply as before.
+  ASSERT_TRUE(Deposit("alice-token", alices_euros.account_id, 20, "d").ok());
+  EXPECT_THAT(
+      Transfer("alice-token", alices_euros.account_id, bobs_dollars.account_id, 1, "t3").status(),
+      StatusIsAndSays(absl::StatusCode::kInvalidArgument, "currency"));
+  EXPECT_THAT(
+      Transfer("alice-token", alices_euros.account_id, bobs_euros.account_id, 11, "t4").status(),
+      StatusIsAndSays(absl::StatusCode::kInvalidArgument, "overflow"));
+}
+
+// Between one's own accounts there is nothing to hide: the contract's order holds, and a
+// currency mismatch is INVALID_ARGUMENT even with no money in the source.
+TEST_F(LedgerServiceTest, OwnAccountsKeepTheContractOrder) {
+  const Account euros = Open("alice-token", "EUR");
+  const Account dollars = Open("alice-token", "USD");
+  EXPECT_THAT(Transfer("alice-token", euros.account_id, dollars.account_id, 5, "t").status(),
+              StatusIsAndSays(absl::StatusCode::kInvalidArgument, "currency"));
 }
 
 TEST_F(LedgerServiceTest, ListPaginatesNewestFirstAndChecksTokens) {
