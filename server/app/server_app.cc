@@ -149,6 +149,10 @@ absl::Status ServerApp::Start() {
   grpc::ServerBuilder builder;
   builder.AddListeningPort(absl::StrCat("[::]:", config_.port), ServerCredentials(config_.tls),
                            &port_);
+  // gRPC sets SO_REUSEPORT by default, so a second server on a port already taken would start
+  // without complaint and silently take half of the first one's new connections (another build,
+  // another database). Without it the second one fails to start, naming PORT.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   // A larger request fails with RESOURCE_EXHAUSTED before any handler (or backing service) sees
   // it.
   builder.SetMaxReceiveMessageSize(static_cast<int>(config_.grpc_max_recv_bytes));

@@ -388,6 +388,23 @@ TEST(ServerProcessTest, RefusesToStartOnBadConfigurationWithOneLineNamingTheVari
   }
 }
 
+// Two servers must never share a port: the second would take some of the first one's new
+// connections, and calls would land on either.
+TEST(ServerProcessTest, RefusesAPortAnotherServerListensOn) {
+  auto first = StartServer();
+  ASSERT_NE(first, nullptr);
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["PORT"] = std::to_string(first->port());
+  options.wait_until_serving = false;
+  auto second = ServerProcess::Start(options);
+  ASSERT_TRUE(second.ok()) << second.status();
+  const std::optional<int> exit_code = (*second)->WaitForExit(absl::Seconds(15));
+  ASSERT_TRUE(exit_code.has_value()) << "started on a taken port: " << (*second)->Output();
+  EXPECT_NE(*exit_code, 0);
+  EXPECT_THAT((*second)->Output(), HasSubstr("PORT: cannot listen on port"));
+}
+
 TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {
   auto server = StartServer({{"MAX_USER_ID_BYTES", "8"},
                              {"MAX_ATTRIBUTE_KEY_BYTES", "3"},
