@@ -29,6 +29,10 @@ namespace {
 constexpr absl::string_view kMemcachedScheme = "memcached://";
 // Memcached reads a relative expiry above 30 days as an absolute Unix time.
 constexpr int64_t kMemcachedMaxRelativeTtlSeconds = 30 * 24 * 3600;
+// A user id and an idempotency key share one btree entry (the key is unique per user), and
+// PostgreSQL refuses an entry above 2704 bytes: a longer one would turn a Deposit into INTERNAL.
+// Two of these, with their headers, stay well below that.
+constexpr int64_t kMaxIndexedTextBytes = 1024;
 
 absl::Status VariableError(absl::string_view name, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(name, ": ", what));
@@ -410,24 +414,29 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"LOG_LEVEL", "info", "debug, info, warn or error; JSON logs to stdout, one object a line"},
       {"METRICS_PORT", "9464", "HTTP /metrics in Prometheus text format; 0 turns it off"},
       {"MEMCACHED_POOL_SIZE", "16",
-       "Memcached connections per process (for the blocking calls; and for GetSession and "
-       "CreateSession when MEMCACHED_PIPELINE is 0)"},
+       "Memcached connections per process (for the blocking calls; and for GetSession, "
+       "CreateSession and UpdateSession when MEMCACHED_PIPELINE is 0)"},
       {"MEMCACHED_PIPELINE", "1",
-       "1: GetSession and CreateSession share one pipelined connection per Memcached node, so "
+       "1: GetSession, CreateSession and UpdateSession share one pipelined connection per "
+       "Memcached node, so "
        "concurrent requests travel together and no thread waits; 0: they take pooled "
        "libmemcached connections"},
       {"DATABASE_POOL_SIZE", "8", "PostgreSQL connections per process"},
       {"DEFAULT_CALL_TIMEOUT_MS", "5000",
-       "how long a call may wait on Memcached/PostgreSQL when the caller set no deadline"},
+       "longest a call waits on Memcached/PostgreSQL, whatever the caller's deadline (an "
+       "earlier deadline of the caller's comes first)"},
       {"HEALTH_CHECK_INTERVAL_MS", "2000", "how often Memcached and PostgreSQL are probed"},
       {"GRPC_MAX_CONNECTION_AGE_SECONDS", "300",
        "clients reconnect after this long, so load spreads over new replicas"},
-      {"MAX_USER_ID_BYTES", "128", "longest user_id accepted (bytes of UTF-8)"},
+      {"MAX_USER_ID_BYTES", "128",
+       "longest user_id accepted (bytes of UTF-8); at most 1024, as PostgreSQL indexes it "
+       "together with an idempotency key"},
       {"MAX_ATTRIBUTE_KEY_BYTES", "128", "longest session attribute key accepted"},
       {"MAX_SESSION_ATTRIBUTES_BYTES", "65536",
        "a session's attributes together (key and value bytes); at most 524288, as one "
        "Memcached item holds at most 1 MiB"},
-      {"MAX_IDEMPOTENCY_KEY_BYTES", "128", "longest idempotency_key accepted"},
+      {"MAX_IDEMPOTENCY_KEY_BYTES", "128",
+       "longest idempotency_key accepted; at most 1024 (see MAX_USER_ID_BYTES)"},
       {"GRPC_MAX_RECV_BYTES", "1048576",
        "largest request message accepted; a larger one fails with RESOURCE_EXHAUSTED"},
       {"GRPC_MAX_CONCURRENT_STREAMS", "100",
@@ -531,13 +540,14 @@ absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
   SL_ASSIGN_OR_RETURN(config.tls, LoadTlsFiles(env("TLS_CERT_FILE"), env("TLS_KEY_FILE"),
                                                env("TLS_CLIENT_CA_FILE")));
   SL_ASSIGN_OR_RETURN(config.max_user_id_bytes,
-                      IntegerVariable(raw, "MAX_USER_ID_BYTES", "128", 1, 4096));
+                      IntegerVariable(raw, "MAX_USER_ID_BYTES", "128", 1, kMaxIndexedTextBytes));
   SL_ASSIGN_OR_RETURN(config.max_attribute_key_bytes,
                       IntegerVariable(raw, "MAX_ATTRIBUTE_KEY_BYTES", "128", 1, 4096));
   SL_ASSIGN_OR_RETURN(config.max_session_attributes_bytes,
                       IntegerVariable(raw, "MAX_SESSION_ATTRIBUTES_BYTES", "65536", 1, 512 * 1024));
-  SL_ASSIGN_OR_RETURN(config.max_idempotency_key_bytes,
-                      IntegerVariable(raw, "MAX_IDEMPOTENCY_KEY_BYTES", "128", 1, 4096));
+  SL_ASSIGN_OR_RETURN(
+      config.max_idempotency_key_bytes,
+      IntegerVariable(raw, "MAX_IDEMPOTENCY_KEY_BYTES", "128", 1, kMaxIndexedTextBytes));
   return config;
 }
 

@@ -13,8 +13,9 @@ namespace sessionledger {
 // The time by which backing-service work must end so that the caller still receives our answer
 // (UNAVAILABLE with a reason, which it may retry) rather than its own DEADLINE_EXCEEDED.
 //
-// `caller_deadline` is absl::InfiniteFuture() when the caller set none; then `default_timeout`
-// bounds the call so that a backing service never holds it forever. The margin left for the
+// `caller_deadline` is absl::InfiniteFuture() when the caller set none. `default_timeout`
+// bounds every call, also one whose caller would wait longer, so that a stalled backing service
+// holds no call (and its connection or thread) for longer than that. The margin left for the
 // reply grows with the budget (a tenth of it, 50 ms to 500 ms): sending the reply, scheduling on
 // a loaded machine and libmemcached's per-wait timeouts all overrun by more than a fixed few
 // milliseconds, and a long call can spare more.

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -403,6 +404,52 @@ TEST(ServerProcessTest, RefusesAPortAnotherServerListensOn) {
   ASSERT_TRUE(exit_code.has_value()) << "started on a taken port: " << (*second)->Output();
   EXPECT_NE(*exit_code, 0);
   EXPECT_THAT((*second)->Output(), HasSubstr("PORT: cannot listen on port"));
+}
+
+// At their largest allowed values, a user id and an idempotency key must still fit the
+// PostgreSQL index they share: a Deposit succeeds instead of failing with INTERNAL.
+TEST(ServerProcessTest, LargestAllowedUserIdAndIdempotencyKeyFitTheLedger) {
+  auto server = StartServer({{"MAX_USER_ID_BYTES", "1024"}, {"MAX_IDEMPOTENCY_KEY_BYTES", "1024"}});
+  ASSERT_NE(server, nullptr);
+  // Random, so that PostgreSQL cannot compress them below the limit.
+  std::mt19937_64 bits{std::random_device{}()};
+  const auto random_text = [&bits](size_t n) {
+    static constexpr char kAlphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    std::uniform_int_distribution<size_t> pick(0, sizeof kAlphabet - 2);
+    std::string text(n, ' ');
+    for (char& c : text) c = kAlphabet[pick(bits)];
+    return text;
+  };
+  auto channel = server->NewChannel();
+  auto sessions = sessionledger::v1::SessionService::NewStub(channel);
+  sessionledger::v1::Session session;
+  {
+    grpc::ClientContext context;
+    sessionledger::v1::CreateSessionRequest request;
+    request.set_user_id(random_text(1024));
+    const grpc::Status status = sessions->CreateSession(&context, request, &session);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  auto ledger = sessionledger::v1::TransactionService::NewStub(channel);
+  sessionledger::v1::Account account;
+  {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer " + session.token());
+    sessionledger::v1::OpenAccountRequest request;
+    request.set_currency("EUR");
+    const grpc::Status status = ledger->OpenAccount(&context, request, &account);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", "Bearer " + session.token());
+  sessionledger::v1::DepositRequest request;
+  request.set_account_id(account.account_id());
+  request.set_amount_minor(1);
+  request.set_idempotency_key(random_text(1024));
+  sessionledger::v1::Transaction transaction;
+  const grpc::Status status = ledger->Deposit(&context, request, &transaction);
+  EXPECT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
 }
 
 TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {

@@ -234,6 +234,21 @@ TEST(LoadConfigTest, GrpcLimitsHaveSafeDefaultsAndBounds) {
   EXPECT_THAT(ErrorFor("GRPC_MAX_RECV_BYTES", "2147483648"), StartsWith("GRPC_MAX_RECV_BYTES: "));
 }
 
+// A user id and an idempotency key are indexed together in PostgreSQL, whose btree entries
+// hold at most 2704 bytes; limits above what fits would make Deposit fail with INTERNAL.
+TEST(LoadConfigTest, IndexedInputLimitsStayWithinWhatPostgresCanIndex) {
+  auto env = MinimalEnv();
+  env["MAX_USER_ID_BYTES"] = "1024";
+  env["MAX_IDEMPOTENCY_KEY_BYTES"] = "1024";
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->max_user_id_bytes, 1024);
+  EXPECT_EQ(config->max_idempotency_key_bytes, 1024);
+  EXPECT_THAT(ErrorFor("MAX_USER_ID_BYTES", "1025"), StartsWith("MAX_USER_ID_BYTES: "));
+  EXPECT_THAT(ErrorFor("MAX_IDEMPOTENCY_KEY_BYTES", "1025"),
+              StartsWith("MAX_IDEMPOTENCY_KEY_BYTES: "));
+}
+
 TEST(ConfigHelpTest, DocumentsTheHardeningVariables) {
   const std::string help = ConfigHelpText();
   for (const char* name : {"GRPC_MAX_RECV_BYTES", "GRPC_MAX_CONCURRENT_STREAMS", "TLS_CERT_FILE",
