@@ -409,6 +409,9 @@ IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads
   return std::move(plan.record);
 }
 
+// A CAS token's copy when no copy's CAS value is current: compare-and-swap fails at once.
+constexpr int kNoCopy = -1;
+
 // What one copy answered to a lookup's multi-get (session + generation).
 struct CopyState {
   bool answered = false;
@@ -684,15 +687,26 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   const time_t ttl = SecondsUntil(winner.parsed.expires_at_unix_micros());
   RepairGenerations(conn, gkey, plan);
   bool primary_rewritten = false;
+  bool primary_moved_on = false;
   // Read repair: copies that answered but lack the session or hold an older version get the
-  // authoritative state back.
+  // authoritative state back, but only if they still hold what we read (add where it was
+  // missing, compare-and-swap where it was older). The copies were read one after another, so
+  // a copy that looks stale may have taken a newer write since: overwriting it would undo that
+  // write, and on the primary, where every writer's compare-and-swap meets, lose it for good.
   for (int c = 0; c < conn.copies() && ttl > 0; ++c) {
     const CopyState& state = plan.copies[static_cast<size_t>(c)];
     if (!state.answered || c == plan.best || !IsStale(state, winner)) continue;
     const memcached_return_t rc =
-        state.session.has_value() ? conn.Store(Conn::Op::kSet, c, skey, winner.session->value, ttl)
-                                  : conn.Store(Conn::Op::kAdd, c, skey, winner.session->value, ttl);
-    if (memcached_success(rc) && c == plan.primary) primary_rewritten = true;
+        state.session.has_value()
+            ? conn.Store(Conn::Op::kCas, c, skey, winner.session->value, ttl, state.session->cas)
+            : conn.Store(Conn::Op::kAdd, c, skey, winner.session->value, ttl);
+    if (c != plan.primary) continue;
+    if (memcached_success(rc)) {
+      primary_rewritten = true;
+    } else if (rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTSTORED ||
+               rc == MEMCACHED_NOTFOUND) {
+      primary_moved_on = true;
+    }
   }
 
   SessionRecord record;
@@ -701,7 +715,13 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   if (plan.best != plan.primary) {
     // Compare-and-swap must meet every writer on the primary, so hand out its CAS value.
     const CopyState& primary = plan.copies[static_cast<size_t>(plan.primary)];
-    if (primary_rewritten) {
+    if (primary_moved_on) {
+      // Another writer got there first, so no CAS value we hold is current: a token on no copy
+      // makes a compare-and-swap fail at once (ABORTED), and an unconditional update reads
+      // again. (CAS value 0 would not do: libmemcached's binary protocol reads it as "store
+      // unconditionally".)
+      record.cas = CasToken{0, kNoCopy};
+    } else if (primary_rewritten) {
       absl::StatusOr<std::map<std::string, Item>> again = conn.Get(plan.primary, {skey});
       if (again.ok()) {
         if (auto r = again->find(skey); r != again->end()) {

@@ -1,5 +1,7 @@
 // Concurrent updates of one session through two server processes on the real memcached.
 #include <atomic>
+#include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,17 +24,19 @@ class SessionConcurrencyTest : public ::testing::Test {
   std::unique_ptr<ServerProcess> b_;
 };
 
-TEST_F(SessionConcurrencyTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
+// Unconditional updates (expected_version 0) from 8 threads, half through each server: the
+// servers retry compare-and-swap themselves, so every update must be in the final session.
+void ExpectUnconditionalUpdatesAllSurvive(ServerProcess& a, ServerProcess& b) {
   constexpr int kThreads = 8;
   constexpr int kUpdates = 200;
-  SessionClient creator(*a_);
+  SessionClient creator(a);
   const v1::Session s = creator.MustCreate(absl::StrCat("conc-", absl::ToUnixMicros(absl::Now())));
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       // Half the threads go through each server, each over its own connection.
-      SessionClient client(t % 2 == 0 ? *a_ : *b_);
+      SessionClient client(t % 2 == 0 ? a : b);
       for (int i = 0; i < kUpdates; ++i) {
         v1::Session out;
         grpc::Status st =
@@ -46,7 +50,7 @@ TEST_F(SessionConcurrencyTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
   }
   for (auto& t : threads) t.join();
   EXPECT_EQ(failures.load(), 0);
-  SessionClient reader(*b_);
+  SessionClient reader(b);
   v1::Session final_session;
   ASSERT_TRUE(reader.Get(s.token(), false, &final_session).ok());
   EXPECT_EQ(final_session.attributes_size(), kThreads * kUpdates);
@@ -57,6 +61,22 @@ TEST_F(SessionConcurrencyTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
           << "lost update t" << t << "-" << i;
     }
   }
+}
+
+TEST_F(SessionConcurrencyTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
+  ExpectUnconditionalUpdatesAllSurvive(*a_, *b_);
+}
+
+// With a replica, reads that meet a write half-way (the primary copy changed, the other not
+// yet, or the other way round) repair the stale copy. A repair must never overwrite a newer
+// write on the primary, where every writer's compare-and-swap meets.
+TEST(SessionConcurrencyReplicatedTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
+  const std::map<std::string, std::optional<std::string>> replicated = {
+      {"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}};
+  auto a = StartSessionServer(replicated);
+  auto b = StartSessionServer(replicated);
+  ASSERT_TRUE(a != nullptr && b != nullptr);
+  ExpectUnconditionalUpdatesAllSurvive(*a, *b);
 }
 
 TEST_F(SessionConcurrencyTest, ExactlyOneOfTwoSameVersionWritersWins) {
