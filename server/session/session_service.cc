@@ -188,8 +188,12 @@ absl::Status SessionService::CheckLive(const SessionLookup& lookup, const Sessio
   return absl::OkStatus();
 }
 
+int SessionService::PruneIndexAt() const {
+  return std::min(kIndexPruneThreshold, options_.limits.max_live_sessions_per_user);
+}
+
 absl::Status SessionService::AddToIndex(absl::string_view user_tag, const StoredSession& session,
-                                        std::optional<IndexRecord> already_read,
+                                        std::optional<IndexRecord> already_read, bool replaces_one,
                                         absl::Time deadline) {
   Backoff backoff(options_, deadline);
   for (;;) {
@@ -201,11 +205,20 @@ absl::Status SessionService::AddToIndex(absl::string_view user_tag, const Stored
       SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
     }
     const absl::Time now = clock_.Now();
-    if (record.index.entries_size() >= kIndexPruneThreshold) {
+    if (record.index.entries_size() >= PruneIndexAt()) {
       // Rare: drop dead entries first (reads the user's sessions once).
       SL_ASSIGN_OR_RETURN(uint64_t generation,
                           store_->ReadGeneration(user_tag, GenerationKeepFor(), deadline));
-      SL_RETURN_IF_ERROR(LiveSessions(session.user_id(), user_tag, generation, deadline).status());
+      SL_ASSIGN_OR_RETURN(std::vector<StoredSession> live,
+                          LiveSessions(session.user_id(), user_tag, generation, deadline));
+      // Without a bound the index would outgrow Memcached's item limit, and every create of
+      // this user would then fail with Memcached's "object too large".
+      const int limit = options_.limits.max_live_sessions_per_user;
+      if (!replaces_one && static_cast<int64_t>(live.size()) >= limit) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("user_id: already holds ", live.size(), " live sessions, the most one ",
+                         "user may hold (", limit, "); delete or revoke some first"));
+      }
       SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
     }
     const IndexWrite write = IndexWith(record.index, session, now);
@@ -280,7 +293,8 @@ absl::StatusOr<SessionView> SessionService::FinishCreate(NewSession created,
   const StoredSession& s = created.view.stored;
   // Indexed before it exists, so a session is never live without being listable/revocable by
   // the index; an entry whose add failed is pruned later.
-  SL_RETURN_IF_ERROR(AddToIndex(created.key.user_tag, s, std::move(index), deadline));
+  SL_RETURN_IF_ERROR(
+      AddToIndex(created.key.user_tag, s, std::move(index), /*replaces_one=*/false, deadline));
   SL_RETURN_IF_ERROR(store_->Add(created.key, s, SessionTtl(s, now), deadline));
   return std::move(created.view);
 }
@@ -318,7 +332,7 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
         }
         const absl::Time now = clock_.Now();
         StampCreated(created->view.stored, user->generation, now);
-        if (user->index.index.entries_size() >= kIndexPruneThreshold) {
+        if (user->index.index.entries_size() >= PruneIndexAt()) {
           FinishCreateBlocking(created, std::move(user->index), now, deadline, std::move(done));
           return;
         }
@@ -371,7 +385,8 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
       // The index write lost a race: wait as AddToIndex would after a conflict, then retry.
       Backoff(options_, deadline).Wait();
       const absl::Status indexed =
-          AddToIndex(created->key.user_tag, created->view.stored, std::move(index), deadline);
+          AddToIndex(created->key.user_tag, created->view.stored, std::move(index),
+                     /*replaces_one=*/false, deadline);
       if (!indexed.ok()) {
         std::move(done)(indexed);
       } else {
@@ -579,7 +594,8 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     s.set_token_hash(new_key.token_hash);
     s.set_expires_at_unix_micros(SlidExpiry(s, now));
 
-    SL_RETURN_IF_ERROR(AddToIndex(new_key.user_tag, s, std::nullopt, deadline));
+    SL_RETURN_IF_ERROR(
+        AddToIndex(new_key.user_tag, s, std::nullopt, /*replaces_one=*/true, deadline));
     SL_RETURN_IF_ERROR(
         store_->Add(new_key, s, StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline));
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot

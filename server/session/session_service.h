@@ -28,6 +28,9 @@ struct SessionLimits {
   size_t max_attribute_key_bytes = 128;
   // Sum of key and value bytes over all attributes of a session.
   size_t max_attributes_bytes = 64 * 1024;
+  // Live sessions one user may hold at once. Each is an entry of ~100 bytes in the user's index,
+  // one Memcached item of at most 1 MiB: 4096 of them take ~400 KiB.
+  int max_live_sessions_per_user = 4096;
 };
 
 struct SessionServiceOptions {
@@ -158,8 +161,13 @@ class SessionService {
   void RunBlocking(absl::AnyInvocable<void() &&> work) const;
   // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when
   // the caller has just read the index (saves a round trip), re-reading after a conflict.
+  // RESOURCE_EXHAUSTED when the user already holds limits.max_live_sessions_per_user live
+  // sessions, unless `replaces_one` (a rotation, whose old session ends).
   absl::Status AddToIndex(absl::string_view user_tag, const storage::v1::StoredSession& session,
-                          std::optional<IndexRecord> already_read, absl::Time deadline);
+                          std::optional<IndexRecord> already_read, bool replaces_one,
+                          absl::Time deadline);
+  // How many entries an index may have before a new session prunes it first.
+  int PruneIndexAt() const;
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
   // revoked; returns the live sessions. Writing the pruned index back is best effort.
   absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(absl::string_view user_id,

@@ -352,6 +352,27 @@ TEST_F(SessionServiceTest, IndexStaysBoundedForAUserWhoNeverLists) {
   EXPECT_EQ(store_->IndexSize(UserTag("chatty")), 1u);
 }
 
+// A user's live sessions are bounded, so that the user's index (one Memcached item) never
+// outgrows Memcached's item limit. Ended sessions make room again; a rotation replaces one.
+TEST_F(SessionServiceTest, LiveSessionsPerUserAreBounded) {
+  SessionServiceOptions options = service_->options();
+  options.limits.max_live_sessions_per_user = 3;
+  service_ = std::make_shared<SessionService>(store_, clock_, options);
+  std::vector<SessionView> held;
+  for (int i = 0; i < 3; ++i) held.push_back(MustCreate("greedy"));
+  absl::StatusOr<SessionView> fourth = service_->Create("greedy", 0, {}, Deadline());
+  ASSERT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted) << fourth.status();
+  EXPECT_THAT(std::string(fourth.status().message()), HasSubstr("user_id"));
+  EXPECT_TRUE(service_->Create("modest", 0, {}, Deadline()).ok()) << "other users are not held";
+
+  absl::StatusOr<SessionView> rotated = service_->Rotate(held[0].token, Deadline());
+  EXPECT_TRUE(rotated.ok()) << rotated.status();
+
+  ASSERT_TRUE(service_->Delete(held[1].token, Deadline()).ok());
+  clock_.Advance(absl::Seconds(31));  // Past the grace for entries of in-flight creates.
+  EXPECT_TRUE(service_->Create("greedy", 0, {}, Deadline()).ok());
+}
+
 TEST_F(SessionServiceTest, RevokeEndsEveryLiveSessionAndLaterOnesWork) {
   SessionView a1 = MustCreate("alice");
   SessionView a2 = MustCreate("alice");
