@@ -141,11 +141,15 @@ class LoadGenerator {
     steady_clock::time_point measure_start = steady_clock::now();
     CpuSample cpu_start = SampleCpu(options_.cpu_of);
     if (options_.rate > 0) {
-      // Stagger the slots' schedules evenly over one interval.
+      // Stagger the slots' schedules evenly over one interval. The option parser bounds the
+      // rate from below, so the interval fits in int64 nanoseconds; each slot's offset is
+      // computed in double, as interval_ * index could overflow.
       interval_ = std::chrono::nanoseconds(
           static_cast<int64_t>(1e9 * static_cast<double>(options_.concurrency) / options_.rate));
       for (auto& slot : slots_) {
-        slot->next_start = measure_start + interval_ * slot->index / options_.concurrency;
+        slot->next_start =
+            measure_start + std::chrono::nanoseconds(static_cast<int64_t>(
+                                1e9 * static_cast<double>(slot->index) / options_.rate));
       }
       pacer_ = std::thread([this] { RunPacer(); });
     }
@@ -170,7 +174,17 @@ class LoadGenerator {
     phase_.store(kStop);
     const steady_clock::time_point measure_end = steady_clock::now();
     const CpuSample cpu_end = SampleCpu(options_.cpu_of);
-    // Every call has a deadline, so every slot comes back.
+    if (pacer_.joinable()) {
+      // Slots waiting for their turn would otherwise keep the run going until they were due,
+      // which at a low rate is long after the measured phase (or never).
+      {
+        std::lock_guard<std::mutex> lock(pacer_mutex_);
+        pacer_drain_ = true;
+      }
+      pacer_wake_.notify_all();
+    }
+    // Every call has a deadline and the pacer finishes every waiting slot, so every slot
+    // comes back.
     {
       std::unique_lock<std::mutex> lock(mutex_);
       done_.wait(lock, [this] { return active_ == 0; });
@@ -302,6 +316,8 @@ class LoadGenerator {
   // --rate: one thread starts the calls that are due. gRPC's own timers fire up to a
   // millisecond late, which would halve the rate at a few thousand calls per second; a
   // condition-variable wait on the monotonic clock wakes within tens of microseconds.
+  // Once Run() says to drain, every waiting slot finishes at once, without waiting for its
+  // due time; slots that a late completion queues after that are finished as they come.
   void RunPacer() {
     std::unique_lock<std::mutex> lock(pacer_mutex_);
     while (!pacer_stop_) {
@@ -310,12 +326,13 @@ class LoadGenerator {
         continue;
       }
       const Pending next = pending_.top();
-      if (steady_clock::now() < next.due) {
+      if (!pacer_drain_ && steady_clock::now() < next.due) {
         pacer_wake_.wait_until(lock, next.due);
         continue;
       }
       pending_.pop();
       lock.unlock();
+      // Draining implies kStop: Run() stores the phase before it sets pacer_drain_.
       if (phase_.load(std::memory_order_acquire) == kStop) {
         FinishSlot();
       } else {
@@ -508,7 +525,8 @@ class LoadGenerator {
   std::mutex pacer_mutex_;
   std::condition_variable pacer_wake_;
   std::priority_queue<Pending, std::vector<Pending>, std::greater<Pending>> pending_;
-  bool pacer_stop_ = false;  // guarded by pacer_mutex_
+  bool pacer_drain_ = false;  // the measured phase is over; guarded by pacer_mutex_
+  bool pacer_stop_ = false;   // guarded by pacer_mutex_
   std::thread pacer_;
   std::atomic<int> phase_{kWarmup};
   std::atomic<int64_t> issued_{0};

@@ -78,6 +78,10 @@ const FlagSpec* FindFlag(const std::string& name) {
 
 absl::Status UsageError(const std::string& message) { return absl::InvalidArgumentError(message); }
 
+// Bounds of bench options whose conversion to nanoseconds would otherwise overflow.
+constexpr double kLowestRate = 0.001;
+constexpr double kHighestRate = 1e9;
+
 // The tokenised command line: option values in the order given, and the positional words.
 struct Tokens {
   std::vector<std::pair<std::string, std::string>> flags;
@@ -408,8 +412,14 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
         return UsageError("--duration must be positive");
       }
       if (auto v = t.Last("rate")) {
-        if (!absl::SimpleAtod(*v, &b.rate) || !(b.rate >= 0) || b.rate > 1e9) {
+        if (!absl::SimpleAtod(*v, &b.rate) || !(b.rate >= 0) || b.rate > kHighestRate) {
           return UsageError(absl::StrCat("--rate: '", *v, "' is not a rate in calls/s"));
+        }
+        // One slot's interval, concurrency / rate seconds, must fit in int64 nanoseconds:
+        // with at most 100000 slots this bound keeps it under 10^17 ns.
+        if (b.rate > 0 && b.rate < kLowestRate) {
+          return UsageError(absl::StrCat(
+              "--rate must be 0 (no pacing) or at least 0.001 calls/s, got '", *v, "'"));
         }
       }
       b.touch = t.Has("touch");
@@ -577,6 +587,7 @@ Other:
         [--concurrency 16] [--connections N] [--duration 10s] [--warmup 2s]
         [--requests N] [--rate CALLS_PER_S] [--touch] [--no-progress]
         [--cpu-of NAME=PID[+PID...] ...]
+        (--rate: at least 0.001, or 0 for unpaced)
         (--cpu-of: also report the CPU microseconds per call of these processes over the
          measured window, e.g. --cpu-of server=1234 --cpu-of memcached=2001+2002; the
          client's own is always reported)

@@ -69,7 +69,8 @@ struct BenchOptions {
   int64_t requests = 0;
   // > 0: pace the slots to this many iterations per second in total (each slot starts its
   // calls on a fixed schedule). Latency is then measured from the scheduled start, so a
-  // server that falls behind shows its queueing delay (no coordinated omission).
+  // server that falls behind shows its queueing delay (no coordinated omission). The parser
+  // allows 0 or 0.001..1e9, so one slot's interval (concurrency / rate) fits in int64 ns.
   double rate = 0;
   // GetSession with touch = true (a write to Memcached) instead of a pure read.
   bool touch = false;

@@ -12,6 +12,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "sessionledger/v1/session.pb.h"
@@ -294,6 +295,21 @@ TEST_F(CliRoundTripTest, BenchRunsForOneSecond) {
                          "--requests", "20", "--no-progress"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("\"calls\":40,"));
+}
+
+TEST_F(CliRoundTripTest, BenchWithALowRateEndsWithTheMeasuredPhase) {
+  // Two slots at 0.2 calls/s: each slot's next call is due 10 s apart, the second slot's first
+  // one 5 s after the start. The run must still end about when --duration says, not when the
+  // waiting slots come due (10 s before the fix).
+  const absl::Time start = absl::Now();
+  CommandResult r = Cli({"--json", "bench", "--rpc", "health", "--concurrency", "2", "--duration",
+                         "1", "--warmup", "0", "--rate", "0.2", "--no-progress"});
+  const absl::Duration took = absl::Now() - start;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_LT(took, absl::Seconds(4)) << r.output;
+  // Only the first slot's first call was due within the second.
+  EXPECT_THAT(r.output, HasSubstr("\"calls\":1,")) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("\"errors\":{}")) << r.output;
 }
 
 TEST_F(CliRoundTripTest, BenchReportsCpuPerCallOfClientAndServer) {

@@ -223,6 +223,18 @@ TEST(CliOptionsTest, Bench) {
   ExpectUsageError({"bench", "--requests", "-1"}, "--requests");
 }
 
+TEST(CliOptionsTest, BenchRateHasALowerBound) {
+  // concurrency / rate seconds must fit in int64 nanoseconds; 1e-12 used to overflow the
+  // conversion and hang the run.
+  for (const char* rate : {"1e-12", "0.0009", "1e-300", "4.9e-324"}) {
+    ExpectUsageError({"bench", "--rate", rate}, "--rate");
+  }
+  for (const char* rate : {"0.001", "0.2", "0"}) {
+    absl::StatusOr<CliOptions> o = Parse({"bench", "--rate", rate, "--concurrency", "100000"});
+    ASSERT_TRUE(o.ok()) << rate << ": " << o.status();
+  }
+}
+
 TEST(CliOptionsTest, BenchCpuOf) {
   absl::StatusOr<CliOptions> o = Parse({"bench"});
   ASSERT_TRUE(o.ok()) << o.status();
