@@ -259,6 +259,27 @@ absl::StatusOr<CpuOf> ParseCpuOf(const std::string& value) {
   return entry;
 }
 
+// --ttl: whole seconds on the wire; "30m" is accepted too, as people think in minutes. A
+// fraction is an error rather than truncated: "500ms" would become 0, which the server takes
+// as "its default TTL" (30 minutes), the opposite of what was asked.
+absl::StatusOr<int64_t> ParseTtl(const std::string& value) {
+  int64_t seconds = 0;
+  if (!absl::SimpleAtoi(value, &seconds)) {
+    absl::StatusOr<absl::Duration> d = ParseDurationFlag("ttl", value);
+    if (!d.ok()) return d.status();
+    if (absl::Trunc(*d, absl::Seconds(1)) != *d) {
+      return UsageError(absl::StrCat("--ttl: '", value, "' is not a whole number of seconds"));
+    }
+    seconds = absl::ToInt64Seconds(*d);
+  }
+  if (seconds < 1) {
+    return UsageError(absl::StrCat(
+        "--ttl must be at least 1 second (leave it out for the server's default), got '", value,
+        "'"));
+  }
+  return seconds;
+}
+
 // Applies the command-specific options. `positional` holds the words after the command.
 absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>& positional,
                                  CliOptions& o) {
@@ -303,14 +324,9 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
       absl::Status s = required(option_or_positional("user-id"), "--user-id", o.user_id);
       if (!s.ok()) return s;
       if (auto v = t.Last("ttl")) {
-        // A TTL is whole seconds on the wire; accept "30m" too, as people think in minutes.
-        int64_t seconds = 0;
-        if (!absl::SimpleAtoi(*v, &seconds)) {
-          absl::StatusOr<absl::Duration> d = ParseDurationFlag("ttl", *v);
-          if (!d.ok()) return d.status();
-          seconds = absl::ToInt64Seconds(*d);
-        }
-        o.ttl_seconds = seconds;
+        absl::StatusOr<int64_t> seconds = ParseTtl(*v);
+        if (!seconds.ok()) return seconds.status();
+        o.ttl_seconds = *seconds;
       }
       for (const std::string& kv : t.All("attr")) {
         absl::Status st = ParseKeyValue("attr", kv, o.attributes);
@@ -564,6 +580,7 @@ std::string UsageText() {
 
 Commands (SessionService):
   session create --user-id U [--ttl SECONDS|30m] [--attr K=V ...]
+                 (--ttl: whole seconds, at least 1; without it the server's default)
   session get    [TOKEN] [--touch]
   session update [TOKEN] [--set K=V ...] [--remove K ...] [--expected-version N]
   session rotate [TOKEN]

@@ -104,9 +104,31 @@ TEST(CliOptionsTest, SessionCreate) {
   EXPECT_EQ(o->user_id, "bob");
   EXPECT_EQ(o->ttl_seconds, 60);
 
+  o = Parse({"session", "create", "bob", "--ttl", "90s"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->ttl_seconds, 90);
+
   ExpectUsageError({"session", "create"}, "--user-id");
   ExpectUsageError({"session", "create", "--user-id", "a", "--attr", "novalue"}, "KEY=VALUE");
   ExpectUsageError({"session", "create", "--user-id", "a", "--attr", "=v"}, "KEY=VALUE");
+}
+
+TEST(CliOptionsTest, SessionCreateRejectsTtlBelowOneSecondOrWithAFraction) {
+  // A TTL is whole seconds on the wire and 0 means "the server's default" (30 minutes): a
+  // truncated "500ms" would have made a long session of a short one.
+  for (const char* ttl : {"500ms", "0.5", "999ms", "0", "0s", "-1", "-5s"}) {
+    ExpectUsageError({"session", "create", "--user-id", "a", "--ttl", ttl}, "--ttl");
+  }
+  for (const char* ttl : {"1.5", "1500ms", "90.5s"}) {
+    ExpectUsageError({"session", "create", "--user-id", "a", "--ttl", ttl},
+                     "not a whole number of seconds");
+  }
+  absl::StatusOr<CliOptions> o = Parse({"session", "create", "--user-id", "a", "--ttl", "1"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->ttl_seconds, 1);
+  o = Parse({"session", "create", "--user-id", "a", "--ttl", "1000ms"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->ttl_seconds, 1);
 }
 
 TEST(CliOptionsTest, SessionTokenFromArgumentOrGlobalToken) {
