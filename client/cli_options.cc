@@ -82,6 +82,24 @@ absl::Status UsageError(const std::string& message) { return absl::InvalidArgume
 constexpr double kLowestRate = 0.001;
 constexpr double kHighestRate = 1e9;
 
+// An unknown "--name". It may well be an argument rather than a mistyped option: session
+// tokens are URL-safe base64, which can start with "--". So a name that does not look like
+// one of ours is not echoed (the message would put a secret on the terminal and in logs),
+// and the message says how to pass such an argument.
+absl::Status UnknownOption(const std::string& name, const std::string& arg) {
+  constexpr size_t kLongestEchoed = 20;  // our longest option name has 15 characters
+  const bool looks_like_option =
+      name.size() <= kLongestEchoed && std::all_of(name.begin(), name.end(), [](char c) {
+        return absl::ascii_islower(static_cast<unsigned char>(c)) ||
+               absl::ascii_isdigit(static_cast<unsigned char>(c)) || c == '-';
+      });
+  return UsageError(absl::StrCat(
+      looks_like_option ? absl::StrCat("unknown option --", name)
+                        : absl::StrCat("unknown option of ", arg.size(), " characters"),
+      "; an argument that starts with '-' (a token can) goes after '--', which ends the "
+      "options, e.g. session get -- TOKEN"));
+}
+
 // The tokenised command line: option values in the order given, and the positional words.
 struct Tokens {
   std::vector<std::pair<std::string, std::string>> flags;
@@ -129,7 +147,7 @@ absl::StatusOr<Tokens> Tokenize(const std::vector<std::string>& args) {
     const size_t eq = arg.find('=');
     const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
     const FlagSpec* spec = FindFlag(name);
-    if (spec == nullptr) return UsageError(absl::StrCat("unknown option --", name));
+    if (spec == nullptr) return UnknownOption(name, arg);
     if (!spec->takes_value) {
       if (eq != std::string::npos) {
         return UsageError(absl::StrCat("option --", name, " takes no value"));
@@ -623,6 +641,9 @@ Global options:
                            client certificate, for servers with TLS_CLIENT_CA_FILE (mTLS)
   --tls-server-name NAME   name to verify in the server certificate (e.g. for IP targets)
   -h, --help
+  --                       ends the options: every word after it is an argument, so an
+                           argument that starts with '-' (a token can) goes after it, e.g.
+                           session get -- TOKEN
 
 The exit code is the gRPC status code (0 OK, 3 INVALID_ARGUMENT also for usage errors,
 5 NOT_FOUND, 14 UNAVAILABLE, 16 UNAUTHENTICATED, ...); errors go to stderr.

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -13,6 +14,7 @@ namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::Pair;
 using ::testing::UnorderedElementsAre;
 
@@ -330,6 +332,29 @@ TEST(CliOptionsTest, HelpWins) {
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_EQ(o->command, Command::kHelp);
   EXPECT_THAT(UsageText(), HasSubstr("session create"));
+}
+
+TEST(CliOptionsTest, UnknownLongOptionIsNotEchoed) {
+  // Session tokens are URL-safe base64 and may start with "--": a token passed without "--"
+  // before it must not end up on stderr (and in CI logs) in an error message.
+  const std::string token = "--Zm9vYmFyLXNlY3JldC10b2tlbi12YWx1ZS0xMjM0NTY3";
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"session", "get", token},
+        std::vector<std::string>{"session", "get", token + "=x"},
+        std::vector<std::string>{"session", "get", "--Ab_c"}}) {
+    absl::StatusOr<CliOptions> o = Parse(args);
+    ASSERT_FALSE(o.ok());
+    EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+    const std::string message(o.status().message());
+    EXPECT_THAT(message, Not(HasSubstr(args[2].substr(2, 4)))) << message;
+    EXPECT_THAT(message,
+                HasSubstr(absl::StrCat("unknown option of ", args[2].size(), " characters")));
+    EXPECT_THAT(message, HasSubstr("'--'")) << message;  // says how to pass such an argument
+  }
+  // A short, option-like name is still named, with the same hint.
+  ExpectUsageError({"health", "--bogus"}, "unknown option --bogus;");
+  ExpectUsageError({"health", "--bogus"}, "goes after '--'");
+  EXPECT_THAT(UsageText(), HasSubstr("--                       ends the options"));
 }
 
 TEST(CliOptionsTest, DoubleDashEndsOptions) {

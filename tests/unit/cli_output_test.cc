@@ -196,5 +196,16 @@ TEST(CliRunTest, UsageErrorsExitWithInvalidArgument) {
   EXPECT_THAT(help.str(), HasSubstr("usage: sessionledger-cli"));
 }
 
+TEST(CliRunTest, TokenThatLooksLikeAnOptionStaysOffStderr) {
+  auto no_env = [](const std::string&) -> std::optional<std::string> { return std::nullopt; };
+  const std::string token = "--c2VjcmV0LXRva2VuLXRoYXQtc3RhcnRzLXdpdGgtZGFzaGVz";
+  std::ostringstream out;
+  std::ostringstream err;
+  EXPECT_EQ(RunCli({"session", "get", token}, no_env, out, err), 3);
+  EXPECT_THAT(err.str(), Not(HasSubstr(token.substr(2, 8)))) << err.str();
+  EXPECT_THAT(err.str(), HasSubstr("session get -- TOKEN")) << err.str();
+  EXPECT_EQ(out.str(), "");
+}
+
 }  // namespace
 }  // namespace sessionledger::client
