@@ -178,6 +178,14 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const 
     if (!in || contents.str().empty()) {
       return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read '", *path, "'"));
     }
+    // gRPC takes any bytes here and only fails at connect time, with log noise and
+    // "UNAVAILABLE: empty address list", which names neither the option nor the file.
+    if (!absl::StrContains(contents.str(), "-----BEGIN ")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, ": '", *path,
+                       "' is not PEM (no \"-----BEGIN \" line); DER converts with "
+                       "openssl x509 (or pkey) -inform der -outform pem"));
+    }
     *into = contents.str();
   }
   return grpc::SslCredentials(ssl);

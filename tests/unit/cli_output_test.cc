@@ -1,5 +1,6 @@
 #include <grpcpp/support/validate_service_config.h>
 
+#include <fstream>
 #include <sstream>
 #include <string>
 
@@ -78,6 +79,51 @@ TEST(CliChannelTest, CredentialsReportUnreadableFiles) {
   creds = MakeCredentials(tls);
   EXPECT_EQ(creds.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(creds.status().message()), HasSubstr("--ca-file"));
+}
+
+TEST(CliChannelTest, CredentialsRejectFilesThatAreNotPem) {
+  // gRPC accepts any bytes and fails only at connect time, with "UNAVAILABLE: empty address
+  // list"; the option whose file is wrong must be named up front, as a usage error.
+  const std::string not_pem = ::testing::TempDir() + "/cli_output_test_not_pem.der";
+  {
+    std::ofstream out(not_pem, std::ios::binary);
+    out << std::string("\x30\x82\x01\x0a\x02\x82\x01\x01\x00", 9) << "binary DER";
+  }
+  const std::string pem = ::testing::TempDir() + "/cli_output_test.pem";
+  {
+    std::ofstream out(pem);
+    out << "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+  }
+  TlsOptions tls;
+  tls.enabled = true;
+  tls.ca_file = not_pem;
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = MakeCredentials(tls);
+  EXPECT_EQ(creds.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("--ca-file"));
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("not PEM"));
+
+  tls.ca_file = pem;
+  tls.cert_file = not_pem;
+  tls.key_file = pem;
+  creds = MakeCredentials(tls);
+  EXPECT_EQ(creds.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("--cert-file"));
+
+  tls.cert_file = pem;
+  tls.key_file = not_pem;
+  creds = MakeCredentials(tls);
+  EXPECT_EQ(creds.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("--key-file"));
+
+  // Through the command line: exit 3 before any call, the option on stderr.
+  auto no_env = [](const std::string&) -> std::optional<std::string> { return std::nullopt; };
+  std::ostringstream out;
+  std::ostringstream err;
+  EXPECT_EQ(RunCli({"--target", "127.0.0.1:1", "--ca-file", not_pem, "health"}, no_env, out, err),
+            3);
+  EXPECT_THAT(err.str(), HasSubstr("--ca-file"));
+  EXPECT_THAT(err.str(), HasSubstr("not PEM"));
+  EXPECT_EQ(out.str(), "");
 }
 
 TEST(CliOutputTest, JsonUsesContractFieldNamesAndPrintsZeros) {
