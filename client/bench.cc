@@ -103,8 +103,10 @@ class LoadGenerator {
       : options_(options), call_deadline_(call_deadline) {
     absl::BitGen gen;
     run_id_ = absl::StrFormat("%08x", absl::Uniform<uint32_t>(gen));
+    // More connections than slots would leave the extra ones idle while the report counted
+    // them, so there are never more connections than slots.
     const int connections =
-        options.connections > 0 ? options.connections : std::min(options.concurrency, 4);
+        std::min(options.concurrency, options.connections > 0 ? options.connections : 4);
     for (int i = 0; i < connections; ++i) {
       ChannelOptions channel_options = base_channel_options;
       channel_options.enable_retries = false;

@@ -622,7 +622,8 @@ Other:
         [--concurrency 16] [--connections N] [--duration 10s] [--warmup 2s]
         [--requests N] [--rate CALLS_PER_S] [--touch] [--no-progress]
         [--cpu-of NAME=PID[+PID...] ...]
-        (--rate: at least 0.001, or 0 for unpaced)
+        (--rate: at least 0.001, or 0 for unpaced;
+         --connections: default 4, never more than --concurrency)
         (--cpu-of: also report the CPU microseconds per call of these processes over the
          measured window, e.g. --cpu-of server=1234 --cpu-of memcached=2001+2002; the
          client's own is always reported)

@@ -60,8 +60,8 @@ struct CpuOf {
 struct BenchOptions {
   BenchRpc rpc = BenchRpc::kHealth;
   int concurrency = 16;
-  // 0 = min(concurrency, 4). Separate HTTP/2 connections, so the server can spread the load
-  // over its threads as many independent clients would.
+  // 0 = 4; the generator opens at most `concurrency` of them. Separate HTTP/2 connections, so
+  // the server can spread the load over its threads as many independent clients would.
   int connections = 0;
   absl::Duration duration = absl::Seconds(10);
   absl::Duration warmup = absl::Seconds(2);

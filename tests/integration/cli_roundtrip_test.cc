@@ -312,6 +312,24 @@ TEST_F(CliRoundTripTest, BenchWithALowRateEndsWithTheMeasuredPhase) {
   EXPECT_THAT(r.output, HasSubstr("\"errors\":{}")) << r.output;
 }
 
+TEST_F(CliRoundTripTest, BenchReportsTheConnectionsItUses) {
+  // Slots are spread over the connections; with fewer slots than connections the extra ones
+  // would carry no calls, so the generator opens no more connections than slots.
+  CommandResult r =
+      Cli({"--json", "bench", "--rpc", "health", "--concurrency", "2", "--connections", "5",
+           "--duration", "0.3", "--warmup", "0", "--no-progress"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("\"concurrency\":2,\"connections\":2,")) << r.output;
+  r = Cli({"bench", "--rpc", "health", "--concurrency", "2", "--connections", "5", "--duration",
+           "0.3", "--warmup", "0", "--no-progress"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("2 (2 connections)")) << r.output;
+  r = Cli({"--json", "bench", "--rpc", "health", "--concurrency", "6", "--connections", "3",
+           "--duration", "0.3", "--warmup", "0", "--no-progress"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("\"concurrency\":6,\"connections\":3,")) << r.output;
+}
+
 TEST_F(CliRoundTripTest, BenchReportsCpuPerCallOfClientAndServer) {
   // A pid whose process has ended (a shell that printed its own pid and exited): its entry is
   // null and the run goes on.
