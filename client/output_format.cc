@@ -4,10 +4,12 @@
 #include <google/protobuf/util/time_util.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <map>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace sessionledger::client {
 namespace {
@@ -49,7 +51,81 @@ std::string StatusCodeName(grpc::StatusCode code) {
   return name.empty() ? "UNKNOWN" : name;
 }
 
-std::string FormatTable(const std::vector<std::string>& header, const Rows& rows) {
+std::string EscapeForTerminal(absl::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  auto code_point = [&](uint32_t c) { absl::StrAppend(&out, absl::StrFormat("\\u%04x", c)); };
+  size_t i = 0;
+  while (i < text.size()) {
+    const unsigned char byte = static_cast<unsigned char>(text[i]);
+    if (byte < 0x80) {
+      switch (byte) {
+        case '\\':
+          out += "\\\\";
+          break;
+        case '\n':
+          out += "\\n";
+          break;
+        case '\r':
+          out += "\\r";
+          break;
+        case '\t':
+          out += "\\t";
+          break;
+        default:
+          if (byte < 0x20 || byte == 0x7f) {
+            absl::StrAppend(&out, absl::StrFormat("\\x%02x", byte));
+          } else {
+            out.push_back(static_cast<char>(byte));
+          }
+      }
+      ++i;
+      continue;
+    }
+    // A multi-byte UTF-8 sequence: copied when well formed and not a control character.
+    const size_t length = byte >= 0xf0 ? 4 : byte >= 0xe0 ? 3 : byte >= 0xc0 ? 2 : 0;
+    uint32_t c = length == 4 ? byte & 0x07u : length == 3 ? byte & 0x0fu : byte & 0x1fu;
+    bool well_formed = length != 0 && byte < 0xf5 && i + length <= text.size();
+    for (size_t k = 1; well_formed && k < length; ++k) {
+      const unsigned char next = static_cast<unsigned char>(text[i + k]);
+      well_formed = (next & 0xc0) == 0x80;
+      c = (c << 6) | (next & 0x3fu);
+    }
+    // Overlong forms and surrogates are not UTF-8; terminals may still act on them.
+    well_formed = well_formed &&
+                  c >= (length == 2   ? 0x80u
+                        : length == 3 ? 0x800u
+                                      : 0x10000u) &&
+                  c <= 0x10ffff && !(c >= 0xd800 && c <= 0xdfff);
+    if (!well_formed) {
+      absl::StrAppend(&out, absl::StrFormat("\\x%02x", byte));
+      ++i;
+      continue;
+    }
+    // C1 controls (U+0080..U+009F, e.g. U+009B, a one-character CSI) and the bidirectional
+    // overrides and isolates, which reorder what the terminal shows.
+    if (c <= 0x9f || (c >= 0x202a && c <= 0x202e) || (c >= 0x2066 && c <= 0x2069)) {
+      code_point(c);
+    } else {
+      out.append(text.data() + i, length);
+    }
+    i += length;
+  }
+  return out;
+}
+
+std::string FormatTable(const std::vector<std::string>& raw_header, const Rows& raw_rows) {
+  auto escape_row = [](const std::vector<std::string>& row) {
+    std::vector<std::string> escaped;
+    escaped.reserve(row.size());
+    for (const std::string& cell : row) escaped.push_back(EscapeForTerminal(cell));
+    return escaped;
+  };
+  const std::vector<std::string> header = escape_row(raw_header);
+  Rows rows;
+  rows.reserve(raw_rows.size());
+  for (const auto& row : raw_rows) rows.push_back(escape_row(row));
+
   std::vector<size_t> widths(header.size(), 0);
   auto widen = [&](const std::vector<std::string>& row) {
     for (size_t i = 0; i < row.size() && i < widths.size(); ++i) {
@@ -73,7 +149,12 @@ std::string FormatTable(const std::vector<std::string>& header, const Rows& rows
   return out;
 }
 
-std::string FormatFields(const std::vector<std::pair<std::string, std::string>>& fields) {
+std::string FormatFields(const std::vector<std::pair<std::string, std::string>>& raw_fields) {
+  std::vector<std::pair<std::string, std::string>> fields;
+  fields.reserve(raw_fields.size());
+  for (const auto& [name, value] : raw_fields) {
+    fields.emplace_back(EscapeForTerminal(name), EscapeForTerminal(value));
+  }
   size_t width = 0;
   for (const auto& [name, value] : fields) width = std::max(width, name.size());
   std::string out;

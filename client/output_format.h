@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/string_view.h"
 #include "grpc/health/v1/health.pb.h"
 #include "sessionledger/v1/session.pb.h"
 #include "sessionledger/v1/transaction.pb.h"
@@ -21,7 +22,15 @@ std::string ToJson(const google::protobuf::Message& message);
 // "OK", "NOT_FOUND", ...: the canonical names, as in the contract and in bench output.
 std::string StatusCodeName(grpc::StatusCode code);
 
-// Human-readable renderings; each ends with '\n'.
+// `text` fit to print on a terminal: a backslash becomes "\\", control characters become C
+// escapes ("\n", "\t", "\x1b"), C1 controls and bidirectional overrides become "\u009b" and
+// the like, and bytes that are not UTF-8 become "\xNN". Other UTF-8 passes unchanged. Values
+// come from the server and, through it, from whoever set them (session attributes), so a
+// value must not be able to break a row or send escape sequences to the terminal.
+std::string EscapeForTerminal(absl::string_view text);
+
+// Human-readable renderings; each ends with '\n'. Every cell and value is passed through
+// EscapeForTerminal (JSON output has its own escaping).
 using Rows = std::vector<std::vector<std::string>>;
 // Left-aligned columns separated by two spaces; the header row is printed first.
 std::string FormatTable(const std::vector<std::string>& header, const Rows& rows);

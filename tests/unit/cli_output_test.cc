@@ -1,9 +1,11 @@
 #include <grpcpp/support/validate_service_config.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "client/bench.h"
 #include "client/channel.h"
 #include "client/commands.h"
@@ -124,6 +126,58 @@ TEST(CliChannelTest, CredentialsRejectFilesThatAreNotPem) {
   EXPECT_THAT(err.str(), HasSubstr("--ca-file"));
   EXPECT_THAT(err.str(), HasSubstr("not PEM"));
   EXPECT_EQ(out.str(), "");
+}
+
+TEST(CliOutputTest, EscapeForTerminal) {
+  EXPECT_EQ(EscapeForTerminal("plain text, 1=2"), "plain text, 1=2");
+  EXPECT_EQ(EscapeForTerminal("a\nb\r\tc\\d"), "a\\nb\\r\\tc\\\\d");
+  EXPECT_EQ(EscapeForTerminal("\x1b[31mred\x07\x7f"), "\\x1b[31mred\\x07\\x7f");
+  EXPECT_EQ(EscapeForTerminal(std::string("a\0b", 3)), "a\\x00b");
+  // UTF-8 passes, C1 controls (U+009B is a one-character CSI) and bidi overrides do not.
+  const std::string utf8 =
+      "gr\xc3\xbc\xc3\x9f"
+      "e \xe2\x82\xac \xf0\x9f\x99\x82";
+  EXPECT_EQ(EscapeForTerminal(utf8), utf8);
+  EXPECT_EQ(EscapeForTerminal("\xc2\x9b"
+                              "31m"),
+            "\\u009b31m");
+  EXPECT_EQ(EscapeForTerminal("abc\xe2\x80\xae"
+                              "def"),
+            "abc\\u202edef");
+  // Bytes that are not UTF-8: a lone 8-bit CSI, a truncated sequence, an overlong '/'.
+  EXPECT_EQ(EscapeForTerminal("\x9b"
+                              "31m"),
+            "\\x9b31m");
+  EXPECT_EQ(EscapeForTerminal("x\xe2\x82"), "x\\xe2\\x82");
+  EXPECT_EQ(EscapeForTerminal("\xc0\xaf"), "\\xc0\\xaf");
+}
+
+TEST(CliOutputTest, AttributeValuesCannotBreakRowsOrReachTheTerminal) {
+  v1::Session session;
+  session.set_session_id("sid");
+  session.set_user_id("alice");
+  (*session.mutable_attributes())["note"] = "line1\nline2\x1b]0;owned\x07\x1b[2J";
+  (*session.mutable_attributes())["k\ney"] = "v";
+  const std::string escaped_note = "note=line1\\nline2\\x1b]0;owned\\x07\\x1b[2J";
+  for (const std::string& text : {FormatSession(session), [&] {
+                                    v1::ListUserSessionsResponse list;
+                                    *list.add_sessions() = session;
+                                    return FormatSessionList(list);
+                                  }()}) {
+    EXPECT_EQ(text.find('\x1b'), std::string::npos) << text;
+    EXPECT_EQ(text.find('\x07'), std::string::npos) << text;
+    EXPECT_THAT(text, HasSubstr(absl::StrCat("k\\ney=v, ", escaped_note, "\n"))) << text;
+  }
+  // The session table has one line per field, the list one per session plus header and total.
+  const std::string fields = FormatSession(session);
+  EXPECT_EQ(std::count(fields.begin(), fields.end(), '\n'), 8) << fields;
+  v1::ListUserSessionsResponse list;
+  *list.add_sessions() = session;
+  const std::string table = FormatSessionList(list);
+  EXPECT_EQ(std::count(table.begin(), table.end(), '\n'), 3) << table;
+
+  // JSON has its own escaping and keeps the value as it is.
+  EXPECT_THAT(ToJson(session), HasSubstr("line1\\nline2\\u001b]0;owned"));
 }
 
 TEST(CliOutputTest, JsonUsesContractFieldNamesAndPrintsZeros) {
