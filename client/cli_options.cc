@@ -79,6 +79,7 @@ const FlagSpec* FindFlag(const std::string& name) {
 absl::Status UsageError(const std::string& message) { return absl::InvalidArgumentError(message); }
 
 // Bounds of bench options whose conversion to nanoseconds would otherwise overflow.
+constexpr absl::Duration kLongestBenchPhase = absl::Hours(24);
 constexpr double kLowestRate = 0.001;
 constexpr double kHighestRate = 1e9;
 
@@ -439,6 +440,11 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
         if (auto v = t.Last(flag)) {
           absl::StatusOr<absl::Duration> d = ParseDurationFlag(flag, *v);
           if (!d.ok()) return d.status();
+          // The generator adds the length to a steady_clock time point in nanoseconds; far
+          // beyond a day that overflows and the phase would end at once.
+          if (*d > kLongestBenchPhase) {
+            return UsageError(absl::StrCat("--", flag, " must be at most 24h, got '", *v, "'"));
+          }
           *into = *d;
         }
       }
@@ -622,7 +628,7 @@ Other:
         [--concurrency 16] [--connections N] [--duration 10s] [--warmup 2s]
         [--requests N] [--rate CALLS_PER_S] [--touch] [--no-progress]
         [--cpu-of NAME=PID[+PID...] ...]
-        (--rate: at least 0.001, or 0 for unpaced;
+        (--duration and --warmup: at most 24h; --rate: at least 0.001, or 0 for unpaced;
          --connections: default 4, never more than --concurrency)
         (--cpu-of: also report the CPU microseconds per call of these processes over the
          measured window, e.g. --cpu-of server=1234 --cpu-of memcached=2001+2002; the

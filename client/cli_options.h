@@ -63,6 +63,7 @@ struct BenchOptions {
   // 0 = 4; the generator opens at most `concurrency` of them. Separate HTTP/2 connections, so
   // the server can spread the load over its threads as many independent clients would.
   int connections = 0;
+  // Each at most 24h (the parser's bound; beyond it steady_clock arithmetic would overflow).
   absl::Duration duration = absl::Seconds(10);
   absl::Duration warmup = absl::Seconds(2);
   // > 0: stop after this many iterations instead of after `duration` (no warm-up).

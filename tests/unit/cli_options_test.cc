@@ -259,6 +259,17 @@ TEST(CliOptionsTest, BenchRateHasALowerBound) {
   }
 }
 
+TEST(CliOptionsTest, BenchDurationAndWarmupAreAtMostADay) {
+  // 1e10 s overflowed steady_clock arithmetic, and the run ended at once with 0 calls.
+  for (const char* flag : {"--duration", "--warmup"}) {
+    for (const char* length : {"1e10", "86401", "24h1s", "1e300"}) {
+      ExpectUsageError({"bench", flag, length}, flag);
+    }
+    absl::StatusOr<CliOptions> o = Parse({"bench", flag, "24h"});
+    ASSERT_TRUE(o.ok()) << flag << ": " << o.status();
+  }
+}
+
 TEST(CliOptionsTest, BenchCpuOf) {
   absl::StatusOr<CliOptions> o = Parse({"bench"});
   ASSERT_TRUE(o.ok()) << o.status();
