@@ -81,6 +81,16 @@ void RecreateDatabase(const std::string& database) {
   ASSERT_EQ(result->exit_code, 0) << result->output;
 }
 
+// Opens a EUR account for the session's user.
+grpc::Status OpenEuroAccount(sessionledger::v1::TransactionService::Stub& ledger,
+                             const std::string& token, sessionledger::v1::Account* account) {
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", "Bearer " + token);
+  sessionledger::v1::OpenAccountRequest request;
+  request.set_currency("EUR");
+  return ledger.OpenAccount(&context, request, account);
+}
+
 std::unique_ptr<ServerProcess> StartServer(
     std::map<std::string, std::optional<std::string>> extra_env = {}) {
   ServerProcess::Options options;
@@ -434,11 +444,7 @@ TEST(ServerProcessTest, LargestAllowedUserIdAndIdempotencyKeyFitTheLedger) {
   auto ledger = sessionledger::v1::TransactionService::NewStub(channel);
   sessionledger::v1::Account account;
   {
-    grpc::ClientContext context;
-    context.AddMetadata("authorization", "Bearer " + session.token());
-    sessionledger::v1::OpenAccountRequest request;
-    request.set_currency("EUR");
-    const grpc::Status status = ledger->OpenAccount(&context, request, &account);
+    const grpc::Status status = OpenEuroAccount(*ledger, session.token(), &account);
     ASSERT_TRUE(status.ok()) << status.error_message();
   }
   grpc::ClientContext context;
@@ -484,13 +490,7 @@ TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {
 
   auto ledger = sessionledger::v1::TransactionService::NewStub(channel);
   sessionledger::v1::Account account;
-  {
-    grpc::ClientContext context;
-    context.AddMetadata("authorization", "Bearer " + session.token());
-    sessionledger::v1::OpenAccountRequest request;
-    request.set_currency("EUR");
-    ASSERT_TRUE(ledger->OpenAccount(&context, request, &account).ok());
-  }
+  ASSERT_TRUE(OpenEuroAccount(*ledger, session.token(), &account).ok());
   const auto deposit = [&](const std::string& key) {
     grpc::ClientContext context;
     context.AddMetadata("authorization", "Bearer " + session.token());
