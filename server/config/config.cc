@@ -446,6 +446,9 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"TLS_KEY_FILE", "unset", "PEM private key (unencrypted) of TLS_CERT_FILE"},
       {"TLS_CLIENT_CA_FILE", "unset",
        "PEM CA bundle; set = mutual TLS: every client must present a certificate it signed"},
+      {"MALLOC_ARENA_MAX", "2",
+       "glibc's malloc arenas; the server sets 2 unless the variable is set, so that RSS does "
+       "not grow with the number of threads"},
   };
   return *kVariables;
 }

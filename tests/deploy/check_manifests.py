@@ -302,7 +302,8 @@ def main():
     lifecycle = server.get("lifecycle") or {}
     pre_stop = lifecycle.get("preStop") or {}
     c.check("exec" not in pre_stop, dwhere,
-            "preStop uses exec, but the image has no shell or sleep binary; use preStop.sleep")
+            "preStop uses exec; use preStop.sleep, the kubelet's own wait (nothing runs in "
+            "the container)")
     sleep = (pre_stop.get("sleep") or {}).get("seconds")
     c.check(isinstance(sleep, int) and sleep > 0, dwhere,
             "lifecycle.preStop.sleep.seconds must be > 0 so endpoints are removed before drain")
