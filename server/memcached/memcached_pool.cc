@@ -4,6 +4,7 @@
 #include <ctime>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/common/status_macros.h"
 
 namespace sessionledger {
@@ -185,6 +186,19 @@ absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(absl::Time deadline)
   SetIoTimeouts(handle, deadline - absl::Now(), options_);
   leased_.fetch_add(1, std::memory_order_relaxed);
   return Lease(this, handle);
+}
+
+void MemcachedPool::MarkNodeStalled(int node) {
+  if (node < 0 || node >= node_count()) return;
+  const int64_t until = absl::ToUnixMicros(absl::Now() + options_.retry_after_failure);
+  stalled_until_micros_[static_cast<size_t>(node)].store(until, std::memory_order_relaxed);
+}
+
+bool MemcachedPool::NodeStalled(int node) const {
+  if (node < 0 || node >= node_count()) return false;
+  const int64_t until =
+      stalled_until_micros_[static_cast<size_t>(node)].load(std::memory_order_relaxed);
+  return until != 0 && absl::ToUnixMicros(absl::Now()) < until;
 }
 
 MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout) {

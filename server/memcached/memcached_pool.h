@@ -57,6 +57,9 @@ class MemcachedPool {
     memcached_st* operator->() const { return handle_; }
     // An operation on this handle found its node down or too slow (for metrics).
     void RecordNodeFailure() { owner_->RecordNodeFailure(); }
+    // See MemcachedPool::MarkNodeStalled and NodeStalled.
+    void MarkNodeStalled(int node) { owner_->MarkNodeStalled(node); }
+    bool NodeStalled(int node) const { return owner_->NodeStalled(node); }
 
    private:
     friend class MemcachedPool;
@@ -88,6 +91,12 @@ class MemcachedPool {
   int64_t node_failures() const { return node_failures_.load(std::memory_order_relaxed); }
   // An operation found a node down or too slow.
   void RecordNodeFailure() { node_failures_.fetch_add(1, std::memory_order_relaxed); }
+  // Node `node` (an index in options().url.nodes) kept an operation waiting and did not answer:
+  // for `retry_after_failure`, NodeStalled says so to every handle of the pool. Each handle
+  // would otherwise find out for itself, waiting out its own I/O timeout. Out-of-range nodes
+  // are ignored. Thread-safe.
+  void MarkNodeStalled(int node);
+  bool NodeStalled(int node) const;
 
  private:
   MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_st* placement,
@@ -96,7 +105,8 @@ class MemcachedPool {
         master_(master),
         pool_(pool),
         pipeline_(std::move(pipeline)),
-        placement_(placement) {}
+        placement_(placement),
+        stalled_until_micros_(new std::atomic<int64_t>[options_.url.nodes.size()]()) {}
 
   const MemcachedPoolOptions options_;
   memcached_st* master_;  // Template the pool clones; owned.
@@ -109,6 +119,8 @@ class MemcachedPool {
   std::atomic<int> leased_{0};
   std::atomic<int64_t> exhausted_{0};
   std::atomic<int64_t> node_failures_{0};
+  // Per node: until when it counts as stalled (Unix microseconds; 0: not stalled).
+  std::unique_ptr<std::atomic<int64_t>[]> stalled_until_micros_;
 };
 
 // Probes every node with a fresh connection (a version request) and counts the ones that answer.

@@ -106,6 +106,10 @@ std::vector<CopyPlace> PlaceCopies(const MemcachedPool& pool, int replicas,
   return places;
 }
 
+// A node that did not answer after keeping an operation waiting this long counts as stalled
+// (a refused connection fails at once and does not).
+constexpr absl::Duration kStallEvidence = absl::Milliseconds(100);
+
 // One call's view of memcached: a pooled handle, the group key of each copy, the deadline.
 class Conn {
  public:
@@ -119,7 +123,7 @@ class Conn {
 
   // Multi-get of `keys` on copy `copy`: the hits, or UNAVAILABLE when the node did not answer.
   absl::StatusOr<std::map<std::string, Item>> Get(int copy, const std::vector<std::string>& keys) {
-    SL_RETURN_IF_ERROR(Ready());
+    SL_RETURN_IF_ERROR(Ready(copy));
     std::vector<const char*> ptrs;
     std::vector<size_t> lens;
     for (const std::string& k : keys) {
@@ -129,7 +133,7 @@ class Conn {
     const std::string& group = copies_[copy].group;
     memcached_return_t rc = memcached_mget_by_key(m(), group.data(), group.size(), ptrs.data(),
                                                   lens.data(), keys.size());
-    if (!memcached_success(Counted(rc))) return MemcachedStatus(rc, "get");
+    if (!memcached_success(Counted(copy, rc))) return MemcachedStatus(rc, "get");
     ScopedResult result(m());
     if (!result.ok()) return absl::UnavailableError("memcached: out of memory");
     std::map<std::string, Item> hits;
@@ -144,7 +148,7 @@ class Conn {
                    std::move(item));
     }
     if (rc != MEMCACHED_END && rc != MEMCACHED_NOTFOUND && !memcached_success(rc)) {
-      return MemcachedStatus(Counted(rc), "get");
+      return MemcachedStatus(Counted(copy, rc), "get");
     }
     return hits;
   }
@@ -153,33 +157,34 @@ class Conn {
   // The raw return code: callers tell "answered" (stored / exists / not found) from failures.
   memcached_return_t Store(Op op, int copy, const std::string& key, const std::string& value,
                            time_t expiration, uint64_t cas = 0) {
-    if (!Ready().ok()) return MEMCACHED_TIMEOUT;
+    if (!Ready(copy).ok()) return MEMCACHED_TIMEOUT;
     const std::string& g = copies_[copy].group;
     switch (op) {
       case Op::kAdd:
-        return Counted(memcached_add_by_key(m(), g.data(), g.size(), key.data(), key.size(),
-                                            value.data(), value.size(), expiration, 0));
+        return Counted(copy, memcached_add_by_key(m(), g.data(), g.size(), key.data(), key.size(),
+                                                  value.data(), value.size(), expiration, 0));
       case Op::kSet:
-        return Counted(memcached_set_by_key(m(), g.data(), g.size(), key.data(), key.size(),
-                                            value.data(), value.size(), expiration, 0));
+        return Counted(copy, memcached_set_by_key(m(), g.data(), g.size(), key.data(), key.size(),
+                                                  value.data(), value.size(), expiration, 0));
       case Op::kCas:
-        return Counted(memcached_cas_by_key(m(), g.data(), g.size(), key.data(), key.size(),
-                                            value.data(), value.size(), expiration, 0, cas));
+        return Counted(copy, memcached_cas_by_key(m(), g.data(), g.size(), key.data(), key.size(),
+                                                  value.data(), value.size(), expiration, 0, cas));
     }
     return MEMCACHED_FAILURE;
   }
 
   memcached_return_t Delete(int copy, const std::string& key) {
-    if (!Ready().ok()) return MEMCACHED_TIMEOUT;
+    if (!Ready(copy).ok()) return MEMCACHED_TIMEOUT;
     const std::string& g = copies_[copy].group;
-    return Counted(memcached_delete_by_key(m(), g.data(), g.size(), key.data(), key.size(), 0));
+    return Counted(copy,
+                   memcached_delete_by_key(m(), g.data(), g.size(), key.data(), key.size(), 0));
   }
 
   memcached_return_t Touch(int copy, const std::string& key, time_t expiration) {
-    if (!Ready().ok()) return MEMCACHED_TIMEOUT;
+    if (!Ready(copy).ok()) return MEMCACHED_TIMEOUT;
     const std::string& g = copies_[copy].group;
     return Counted(
-        memcached_touch_by_key(m(), g.data(), g.size(), key.data(), key.size(), expiration));
+        copy, memcached_touch_by_key(m(), g.data(), g.size(), key.data(), key.size(), expiration));
   }
 
   // Add on the first copy that answers, then set on the others. ABORTED when the primary already
@@ -264,17 +269,29 @@ class Conn {
   memcached_st* m() const { return lease_.get(); }
 
   // Counts a node that did not answer (a replica may still have saved the call), so that
-  // operators see a failing node before calls fail.
-  memcached_return_t Counted(memcached_return_t rc) {
-    if (!Answered(rc)) lease_.RecordNodeFailure();
+  // operators see a failing node before calls fail. A node that made us wait and then did not
+  // answer is skipped for a while by every call of this process (see Ready).
+  memcached_return_t Counted(int copy, memcached_return_t rc) {
+    if (Answered(rc)) return rc;
+    lease_.RecordNodeFailure();
+    if (absl::Now() - op_started_ >= kStallEvidence) {
+      lease_.MarkNodeStalled(copies_[static_cast<size_t>(copy)].node);
+    }
     return rc;
   }
 
-  // One call may take several round trips; each gets only the time that is left.
-  absl::Status Ready() {
-    const absl::Duration left = deadline_ - absl::Now();
+  // One call may take several round trips; each gets only the time that is left. A copy on a
+  // node that recently stalled is not asked at all: with replicas, a call makes several round
+  // trips to each copy one after the other, and waiting out the I/O timeout on each would
+  // spend the whole deadline on a node that the other copy makes unnecessary.
+  absl::Status Ready(int copy) {
+    op_started_ = absl::Now();
+    const absl::Duration left = deadline_ - op_started_;
     if (left <= absl::ZeroDuration()) {
       return absl::UnavailableError("memcached: the call's deadline passed");
+    }
+    if (lease_.NodeStalled(copies_[static_cast<size_t>(copy)].node)) {
+      return absl::UnavailableError("memcached: node stalled recently; not asked");
     }
     const auto ms = [](absl::Duration d) {
       return static_cast<uint64_t>(std::max<int64_t>(1, absl::ToInt64Milliseconds(d)));
@@ -296,6 +313,7 @@ class Conn {
   const MemcachedPoolOptions& options_;
   absl::Time deadline_;
   std::vector<CopyPlace> copies_;
+  absl::Time op_started_;
 };
 
 // What each copy answered to one multi-get; nullopt for a copy that did not answer.

@@ -236,6 +236,48 @@ class Freeze {
   pid_t pid_;
 };
 
+// A node that stalls (accepts connections, never answers) is what replicas are for: every
+// session method must still work on the other copy within the server's default call timeout
+// (5 s). The blocking methods make several round trips to each copy one after the other; before
+// the pool shared what it learnt of a stalled node, each of them waited out the 2 s I/O timeout
+// again, and ListUserSessions, RotateSession and RevokeUserSessions ran out of time.
+TEST_F(SessionReplicaTest, StallingEitherNodeLeavesEveryMethodWorking) {
+  for (int node : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("node ", node, " stalled"));
+    const std::string user = absl::StrCat("stall-", node, "-", absl::ToUnixMicros(absl::Now()));
+    // After the previous round's thaw the server keeps off that node for a second (its
+    // retry-after-failure), and a session created meanwhile would have one copy only.
+    absl::SleepFor(absl::Milliseconds(1500));
+    const v1::Session first = client_->MustCreate(user);
+    const v1::Session second = client_->MustCreate(user);
+    for (const v1::Session* s : {&first, &second}) {
+      ASSERT_TRUE(MemcachedHas(1, SessionKey(s->token())) &&
+                  MemcachedHas(2, SessionKey(s->token())))
+          << "a session is not on both nodes before the stall";
+    }
+    const pid_t pid = MemcachedPid(node);
+    ASSERT_GT(pid, 0);
+    Freeze frozen(pid);
+    client_->set_timeout(absl::Seconds(10));
+    v1::Session out;
+    grpc::Status st = client_->Get(first.token(), false, &out);
+    EXPECT_TRUE(st.ok()) << "GetSession: " << st.error_message();
+    st = client_->Update(first.token(), {{"during", "stall"}}, {}, 0, &out);
+    EXPECT_TRUE(st.ok()) << "UpdateSession: " << st.error_message();
+    st = client_->Create(user, 0, &out);
+    EXPECT_TRUE(st.ok()) << "CreateSession: " << st.error_message();
+    v1::ListUserSessionsResponse listed;
+    st = client_->List(user, &listed);
+    EXPECT_TRUE(st.ok()) << "ListUserSessions: " << st.error_message();
+    st = client_->Rotate(second.token(), &out);
+    EXPECT_TRUE(st.ok()) << "RotateSession: " << st.error_message();
+    v1::RevokeUserSessionsResponse revoked;
+    st = client_->Revoke(user, &revoked);
+    EXPECT_TRUE(st.ok()) << "RevokeUserSessions: " << st.error_message();
+    EXPECT_EQ(client_->GetCode(first.token()), grpc::StatusCode::NOT_FOUND) << "revoked";
+  }
+}
+
 TEST(SessionOutageTest, StalledMemcachedIsUnavailableWithinTheDeadline) {
   std::unique_ptr<ServerProcess> server = StartSessionServer();
   ASSERT_NE(server, nullptr);

@@ -677,6 +677,36 @@ TEST_P(CompareAndSwapAsyncTest, TtlAboveThirtyDaysIsInvalidAndWritesNothing) {
 INSTANTIATE_TEST_SUITE_P(WritePaths, CompareAndSwapAsyncTest, ::testing::Values(true, false),
                          PathName);
 
+// What one handle learns of a stalled node, every handle of the pool knows, for the retry time.
+TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
+  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL_REPLICATED"));
+  ASSERT_TRUE(url.ok()) << url.status();
+  MemcachedPoolOptions options;
+  options.url = *url;
+  options.size = 2;
+  options.pipeline = false;
+  options.retry_after_failure = absl::Milliseconds(300);
+  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  ASSERT_EQ((*pool)->node_count(), 2);
+  EXPECT_FALSE((*pool)->NodeStalled(0));
+  EXPECT_FALSE((*pool)->NodeStalled(1));
+  {
+    absl::StatusOr<MemcachedPool::Lease> lease = (*pool)->Acquire(absl::Now() + absl::Seconds(1));
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    lease->MarkNodeStalled(1);
+  }
+  absl::StatusOr<MemcachedPool::Lease> other = (*pool)->Acquire(absl::Now() + absl::Seconds(1));
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_TRUE(other->NodeStalled(1));
+  EXPECT_FALSE(other->NodeStalled(0));
+  (*pool)->MarkNodeStalled(-1);  // Ignored, as is any index past the last node.
+  (*pool)->MarkNodeStalled(2);
+  EXPECT_FALSE((*pool)->NodeStalled(-1));
+  absl::SleepFor(absl::Milliseconds(400));
+  EXPECT_FALSE((*pool)->NodeStalled(1)) << "still stalled after its retry time";
+}
+
 TEST_F(SessionStoreTest, ThirtyDayTtlIsRelativeAndLongerIsRejected) {
   Open("MEMCACHED_URL");
   storage::v1::StoredSession s;
