@@ -721,10 +721,13 @@ absl::StatusOr<std::string> SessionTokenAuthenticator::UserIdForToken(absl::stri
                                                                       absl::Time deadline) {
   absl::StatusOr<std::string> user = sessions_->UserIdForToken(token, deadline);
   if (user.ok()) return user;
-  if (absl::IsUnavailable(user.status()) || absl::IsDeadlineExceeded(user.status())) {
-    return absl::UnavailableError(user.status().message());
+  const absl::Status& why = user.status();
+  // Only these say the token is bad. Anything else is the session store's fault, not the
+  // token's, and a client told UNAUTHENTICATED would give up a good session.
+  if (absl::IsNotFound(why) || absl::IsInvalidArgument(why) || absl::IsUnauthenticated(why)) {
+    return absl::UnauthenticatedError("authorization: missing, unknown or expired session token");
   }
-  return absl::UnauthenticatedError("authorization: missing, unknown or expired session token");
+  return absl::UnavailableError(why.message());
 }
 
 }  // namespace sessionledger

@@ -182,7 +182,7 @@ class SessionService {
 };
 
 // TokenAuthenticator for the ledger: a thin adapter that maps NOT_FOUND (and a malformed token)
-// to UNAUTHENTICATED. Thread-safe.
+// to UNAUTHENTICATED, and every other failure of the session store to UNAVAILABLE. Thread-safe.
 class SessionTokenAuthenticator final : public TokenAuthenticator {
  public:
   explicit SessionTokenAuthenticator(std::shared_ptr<SessionService> sessions)

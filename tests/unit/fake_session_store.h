@@ -26,6 +26,14 @@ class FakeSessionStore final : public SessionStore {
   void set_unavailable(bool v) {
     std::lock_guard<std::mutex> l(mu_);
     unavailable_ = v;
+    failure_ = absl::UnavailableError("fake store: down");
+  }
+  // Every store call fails with `failure` (a store fault of another kind), until
+  // set_unavailable(false).
+  void set_failure(absl::Status failure) {
+    std::lock_guard<std::mutex> l(mu_);
+    unavailable_ = true;
+    failure_ = std::move(failure);
   }
   // The next `n` session CompareAndSwap calls fail with ABORTED, as if another writer won.
   void FailNextCas(int n) {
@@ -185,7 +193,7 @@ class FakeSessionStore final : public SessionStore {
     absl::Time expires;
   };
 
-  static absl::Status Down() { return absl::UnavailableError("fake store: down"); }
+  absl::Status Down() const { return failure_; }
 
   template <typename T>
   Entry<T>* Live(std::map<std::string, Entry<T>>& m, const std::string& k) {
@@ -201,6 +209,7 @@ class FakeSessionStore final : public SessionStore {
   const Clock& clock_;
   mutable std::mutex mu_;
   bool unavailable_ = false;
+  absl::Status failure_ = absl::UnavailableError("fake store: down");
   int fail_cas_ = 0;
   int cas_calls_ = 0;
   int peeks_ = 0;

@@ -438,6 +438,10 @@ TEST_F(SessionServiceTest, AuthenticatorResolvesUserWithoutTouching) {
   SessionView w = MustCreate("alice");
   store_->set_unavailable(true);
   EXPECT_TRUE(absl::IsUnavailable(auth.UserIdForToken(w.token, Deadline()).status()));
+  // A store fault of another kind is still the store's, not the token's: a client told
+  // UNAUTHENTICATED would give up a good session.
+  store_->set_failure(absl::InternalError("memcached: unexpected reply"));
+  EXPECT_TRUE(absl::IsUnavailable(auth.UserIdForToken(w.token, Deadline()).status()));
 }
 
 TEST_F(SessionServiceTest, ATokenNamingAnotherUsersTagIsRejected) {
