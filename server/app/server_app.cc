@@ -143,6 +143,15 @@ absl::Status ServerApp::Start() {
                                                     config_.health_check_interval, logger_);
   health_monitor_->ProbeOnce();
 
+  if (config_.default_call_timeout > config_.shutdown_grace) {
+    // gRPC cancels what is still in flight when the grace ends, but a handler waiting on
+    // PostgreSQL or Memcached runs on until its own deadline, and the process exits only then:
+    // past the grace, an orchestrator's kill may cut it short.
+    logger_.Warn(
+        "a call may outlive the shutdown grace",
+        {{"default_call_timeout_ms", absl::ToInt64Milliseconds(config_.default_call_timeout)},
+         {"shutdown_grace_ms", absl::ToInt64Milliseconds(config_.shutdown_grace)}});
+  }
   if (absl::Status s = StartMetrics(); !s.ok()) return s;
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -458,6 +458,20 @@ TEST(ServerProcessTest, LargestAllowedUserIdAndIdempotencyKeyFitTheLedger) {
   EXPECT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
 }
 
+// A call timeout longer than the drain means a call can keep the process past its grace; the
+// operator hears of it at start-up, and not otherwise.
+TEST(ServerProcessTest, WarnsWhenACallCanOutliveTheShutdownGrace) {
+  auto warned = StartServer({{"SHUTDOWN_GRACE_SECONDS", "2"}, {"DEFAULT_CALL_TIMEOUT_MS", "5000"}});
+  ASSERT_NE(warned, nullptr);
+  auto quiet = StartServer({{"SHUTDOWN_GRACE_SECONDS", "5"}, {"DEFAULT_CALL_TIMEOUT_MS", "5000"}});
+  ASSERT_NE(quiet, nullptr);
+  // The line is written before the server listens; give the output reader a moment.
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_THAT(warned->Output(), HasSubstr("a call may outlive the shutdown grace"));
+  EXPECT_THAT(warned->Output(), HasSubstr("\"shutdown_grace_ms\":2000"));
+  EXPECT_THAT(quiet->Output(), ::testing::Not(HasSubstr("outlive the shutdown grace")));
+}
+
 TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {
   auto server = StartServer({{"MAX_USER_ID_BYTES", "8"},
                              {"MAX_ATTRIBUTE_KEY_BYTES", "3"},
