@@ -107,7 +107,8 @@ std::vector<CopyPlace> PlaceCopies(const MemcachedPool& pool, int replicas,
 }
 
 // A node that did not answer after keeping an operation waiting this long counts as stalled
-// (a refused connection fails at once and does not).
+// (a refused connection fails at once and does not), unless the wait was cut short by the
+// caller's deadline rather than by the node's own timeouts.
 constexpr absl::Duration kStallEvidence = absl::Milliseconds(100);
 
 // One call's view of memcached: a pooled handle, the group key of each copy, the deadline.
@@ -274,7 +275,7 @@ class Conn {
   memcached_return_t Counted(int copy, memcached_return_t rc) {
     if (Answered(rc)) return rc;
     lease_.RecordNodeFailure();
-    if (absl::Now() - op_started_ >= kStallEvidence) {
+    if (!op_cut_by_caller_ && absl::Now() - op_started_ >= kStallEvidence) {
       lease_.MarkNodeStalled(copies_[static_cast<size_t>(copy)].node);
     }
     return rc;
@@ -290,6 +291,8 @@ class Conn {
     if (left <= absl::ZeroDuration()) {
       return absl::UnavailableError("memcached: the call's deadline passed");
     }
+    // A caller in a hurry may give up on a node that is merely slower than it would like.
+    op_cut_by_caller_ = left < options_.io_timeout;
     if (lease_.NodeStalled(copies_[static_cast<size_t>(copy)].node)) {
       return absl::UnavailableError("memcached: node stalled recently; not asked");
     }
@@ -314,6 +317,7 @@ class Conn {
   absl::Time deadline_;
   std::vector<CopyPlace> copies_;
   absl::Time op_started_;
+  bool op_cut_by_caller_ = false;
 };
 
 // What each copy answered to one multi-get; nullopt for a copy that did not answer.

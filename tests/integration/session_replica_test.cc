@@ -278,6 +278,31 @@ TEST_F(SessionReplicaTest, StallingEitherNodeLeavesEveryMethodWorking) {
   }
 }
 
+// A caller whose own deadline ends while it waits on a node says nothing about the node: the
+// node must not be skipped afterwards as stalled.
+TEST(SessionOutageTest, ACallerThatGivesUpEarlyDoesNotMarkTheNodeStalled) {
+  std::unique_ptr<ServerProcess> server = StartSessionServer();
+  ASSERT_NE(server, nullptr);
+  SessionClient client(*server);
+  const std::string user = absl::StrCat("hurry-", absl::ToUnixMicros(absl::Now()));
+  client.MustCreate(user);
+  const pid_t pid1 = MemcachedPid(1);
+  const pid_t pid2 = MemcachedPid(2);
+  ASSERT_TRUE(pid1 > 0 && pid2 > 0);
+  {
+    Freeze f1(pid1);
+    Freeze f2(pid2);
+    client.set_timeout(absl::Milliseconds(800));  // Shorter than the node's 2 s I/O timeout.
+    v1::ListUserSessionsResponse listed;
+    EXPECT_EQ(client.List(user, &listed).error_code(), grpc::StatusCode::UNAVAILABLE);
+  }
+  client.set_timeout(absl::Seconds(5));
+  v1::ListUserSessionsResponse listed;
+  const grpc::Status st = client.List(user, &listed);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(listed.sessions_size(), 1);
+}
+
 TEST(SessionOutageTest, StalledMemcachedIsUnavailableWithinTheDeadline) {
   std::unique_ptr<ServerProcess> server = StartSessionServer();
   ASSERT_NE(server, nullptr);
