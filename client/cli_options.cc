@@ -563,7 +563,11 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
 
   // Global options, with the environment as fallback.
   for (const std::string& value : tokens->All("target")) {
-    for (std::string& t : SplitTargets(value)) o.targets.push_back(std::move(t));
+    std::vector<std::string> addresses = SplitTargets(value);
+    // An empty --target (say, from an unset shell variable) must not quietly become the
+    // default address: the call would go to whatever listens there.
+    if (addresses.empty()) return UsageError("--target: no address given");
+    for (std::string& t : addresses) o.targets.push_back(std::move(t));
   }
   if (o.targets.empty()) {
     std::optional<std::string> from_env = env(kTargetEnv);

@@ -308,6 +308,9 @@ TEST(CliOptionsTest, UsageErrors) {
   ExpectUsageError({"session"}, "unknown session command");
   ExpectUsageError({"health", "--bogus"}, "unknown option --bogus");
   ExpectUsageError({"health", "--target"}, "needs a value");
+  ExpectUsageError({"health", "--target", ""}, "--target: no address given");
+  ExpectUsageError({"health", "--target=,"}, "--target: no address given");
+  ExpectUsageError({"health", "--target", " , "}, "--target: no address given");
   ExpectUsageError({"health", "--json=yes"}, "takes no value");
   ExpectUsageError({"health", "--amount", "5"}, "does not apply to 'health'");
   ExpectUsageError({"account", "get", "a", "b"}, "unexpected argument 'b'");
