@@ -194,11 +194,11 @@ void MemcachedPool::MarkNodeStalled(int node) {
   stalled_until_micros_[static_cast<size_t>(node)].store(until, std::memory_order_relaxed);
 }
 
-bool MemcachedPool::NodeStalled(int node) const {
+bool MemcachedPool::NodeStalled(int node, absl::Time now) const {
   if (node < 0 || node >= node_count()) return false;
   const int64_t until =
       stalled_until_micros_[static_cast<size_t>(node)].load(std::memory_order_relaxed);
-  return until != 0 && absl::ToUnixMicros(absl::Now()) < until;
+  return until != 0 && absl::ToUnixMicros(now) < until;
 }
 
 MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout) {

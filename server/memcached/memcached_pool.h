@@ -59,7 +59,7 @@ class MemcachedPool {
     void RecordNodeFailure() { owner_->RecordNodeFailure(); }
     // See MemcachedPool::MarkNodeStalled and NodeStalled.
     void MarkNodeStalled(int node) { owner_->MarkNodeStalled(node); }
-    bool NodeStalled(int node) const { return owner_->NodeStalled(node); }
+    bool NodeStalled(int node, absl::Time now) const { return owner_->NodeStalled(node, now); }
 
    private:
     friend class MemcachedPool;
@@ -96,7 +96,8 @@ class MemcachedPool {
   // would otherwise find out for itself, waiting out its own I/O timeout. Out-of-range nodes
   // are ignored. Thread-safe.
   void MarkNodeStalled(int node);
-  bool NodeStalled(int node) const;
+  // Whether `node` counts as stalled at `now` (the caller's clock reading, to spare a second).
+  bool NodeStalled(int node, absl::Time now) const;
 
  private:
   MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_st* placement,

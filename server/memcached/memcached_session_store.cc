@@ -293,7 +293,7 @@ class Conn {
     }
     // A caller in a hurry may give up on a node that is merely slower than it would like.
     op_cut_by_caller_ = left < options_.io_timeout;
-    if (lease_.NodeStalled(copies_[static_cast<size_t>(copy)].node)) {
+    if (lease_.NodeStalled(copies_[static_cast<size_t>(copy)].node, op_started_)) {
       return absl::UnavailableError("memcached: node stalled recently; not asked");
     }
     const auto ms = [](absl::Duration d) {

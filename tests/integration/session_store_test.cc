@@ -689,8 +689,8 @@ TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
   absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
   ASSERT_TRUE(pool.ok()) << pool.status();
   ASSERT_EQ((*pool)->node_count(), 2);
-  EXPECT_FALSE((*pool)->NodeStalled(0));
-  EXPECT_FALSE((*pool)->NodeStalled(1));
+  EXPECT_FALSE((*pool)->NodeStalled(0, absl::Now()));
+  EXPECT_FALSE((*pool)->NodeStalled(1, absl::Now()));
   {
     absl::StatusOr<MemcachedPool::Lease> lease = (*pool)->Acquire(absl::Now() + absl::Seconds(1));
     ASSERT_TRUE(lease.ok()) << lease.status();
@@ -698,13 +698,13 @@ TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
   }
   absl::StatusOr<MemcachedPool::Lease> other = (*pool)->Acquire(absl::Now() + absl::Seconds(1));
   ASSERT_TRUE(other.ok()) << other.status();
-  EXPECT_TRUE(other->NodeStalled(1));
-  EXPECT_FALSE(other->NodeStalled(0));
+  EXPECT_TRUE(other->NodeStalled(1, absl::Now()));
+  EXPECT_FALSE(other->NodeStalled(0, absl::Now()));
   (*pool)->MarkNodeStalled(-1);  // Ignored, as is any index past the last node.
   (*pool)->MarkNodeStalled(2);
-  EXPECT_FALSE((*pool)->NodeStalled(-1));
+  EXPECT_FALSE((*pool)->NodeStalled(-1, absl::Now()));
   absl::SleepFor(absl::Milliseconds(400));
-  EXPECT_FALSE((*pool)->NodeStalled(1)) << "still stalled after its retry time";
+  EXPECT_FALSE((*pool)->NodeStalled(1, absl::Now())) << "still stalled after its retry time";
 }
 
 TEST_F(SessionStoreTest, ThirtyDayTtlIsRelativeAndLongerIsRejected) {
