@@ -9,6 +9,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
 #include <cstdlib>
 
 #include "absl/strings/str_cat.h"
@@ -122,6 +124,11 @@ std::optional<int> ServerProcess::WaitForExit(absl::Duration timeout) {
     const pid_t done = waitpid(pid_, &wstatus, WNOHANG);
     if (done == pid_) {
       exit_code_ = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+      // The child is gone but the reader may not have drained the pipe yet: without this wait a
+      // test could read the output before the child's last lines reach it. Bounded, because a
+      // grandchild could hold the pipe open.
+      std::unique_lock<std::mutex> lock(output_mutex_);
+      output_closed_.wait_for(lock, std::chrono::seconds(10), [this] { return output_at_eof_; });
       return exit_code_;
     }
     if (absl::Now() >= give_up) return std::nullopt;
@@ -138,11 +145,17 @@ void ServerProcess::ReadOutput(int fd) {
   char buffer[4096];
   for (;;) {
     const ssize_t got = read(fd, buffer, sizeof(buffer));
+    if (got < 0 && errno == EINTR) continue;
     if (got <= 0) break;
     std::lock_guard<std::mutex> lock(output_mutex_);
     output_.append(buffer, static_cast<size_t>(got));
   }
   close(fd);
+  {
+    std::lock_guard<std::mutex> lock(output_mutex_);
+    output_at_eof_ = true;
+  }
+  output_closed_.notify_all();
 }
 
 }  // namespace sessionledger::testing

@@ -4,6 +4,7 @@
 #include <grpcpp/channel.h>
 #include <sys/types.h>
 
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -40,7 +41,8 @@ class ServerProcess {
   pid_t pid() const { return pid_; }
 
   void Signal(int signal_number);
-  // The exit code (or 128 + signal), or std::nullopt when still running after `timeout`.
+  // The exit code (or 128 + signal), or std::nullopt when still running after `timeout`. Once it
+  // returns a code, Output() holds everything the process wrote.
   std::optional<int> WaitForExit(absl::Duration timeout);
   // Everything written to stdout and stderr so far.
   std::string Output() const;
@@ -53,6 +55,8 @@ class ServerProcess {
   int port_ = 0;
   std::optional<int> exit_code_;
   mutable std::mutex output_mutex_;
+  std::condition_variable output_closed_;
+  bool output_at_eof_ = false;
   std::string output_;
   std::thread reader_;
 };
