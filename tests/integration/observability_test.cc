@@ -147,7 +147,7 @@ TEST(MetricsTest, CountsMemcachedNodeFailuresThatReplicasHid) {
 TEST(MetricsTest, PortZeroTurnsMetricsOff) {
   auto server = StartServer({{"METRICS_PORT", "0"}});
   ASSERT_NE(server, nullptr);
-  EXPECT_THAT(server->Output(), HasSubstr("\"metrics_port\":0"));
+  EXPECT_TRUE(server->WaitForOutput("\"metrics_port\":0", absl::Seconds(10))) << server->Output();
 }
 
 TEST(RequestIdTest, EchoesTheCallersIdAndLogsIt) {

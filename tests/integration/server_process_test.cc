@@ -465,10 +465,11 @@ TEST(ServerProcessTest, WarnsWhenACallCanOutliveTheShutdownGrace) {
   ASSERT_NE(warned, nullptr);
   auto quiet = StartServer({{"SHUTDOWN_GRACE_SECONDS", "5"}, {"DEFAULT_CALL_TIMEOUT_MS", "5000"}});
   ASSERT_NE(quiet, nullptr);
-  // The line is written before the server listens; give the output reader a moment.
-  absl::SleepFor(absl::Milliseconds(300));
-  EXPECT_THAT(warned->Output(), HasSubstr("a call may outlive the shutdown grace"));
+  EXPECT_TRUE(warned->WaitForOutput("a call may outlive the shutdown grace", absl::Seconds(10)))
+      << warned->Output();
   EXPECT_THAT(warned->Output(), HasSubstr("\"shutdown_grace_ms\":2000"));
+  // The warning comes before the "listening" line, so once that is in, silence means none.
+  ASSERT_TRUE(quiet->WaitForOutput("\"msg\":\"listening\"", absl::Seconds(10))) << quiet->Output();
   EXPECT_THAT(quiet->Output(), ::testing::Not(HasSubstr("outlive the shutdown grace")));
 }
 

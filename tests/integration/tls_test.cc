@@ -190,7 +190,7 @@ TEST_F(TlsTest, TlsServesTlsClientsOnly) {
   EXPECT_EQ(health.exit_code, 1) << "plaintext health check got through: " << health.output;
 
   EXPECT_FALSE(server->WaitForExit(absl::ZeroDuration()).has_value()) << server->Output();
-  EXPECT_TRUE(absl::StrContains(server->Output(), "\"tls\":\"on\"")) << server->Output();
+  EXPECT_TRUE(server->WaitForOutput("\"tls\":\"on\"", absl::Seconds(10))) << server->Output();
 }
 
 TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
@@ -209,7 +209,7 @@ TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
   EXPECT_EQ(health.exit_code, 0) << health.output;
 
   EXPECT_FALSE(server->WaitForExit(absl::ZeroDuration()).has_value()) << server->Output();
-  EXPECT_TRUE(absl::StrContains(server->Output(), "\"tls\":\"mutual\"")) << server->Output();
+  EXPECT_TRUE(server->WaitForOutput("\"tls\":\"mutual\"", absl::Seconds(10))) << server->Output();
 }
 
 TEST_F(TlsTest, UnreadableFilesStopTheServerWithOneLineNamingTheVariable) {

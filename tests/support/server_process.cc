@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdlib>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -128,7 +129,7 @@ std::optional<int> ServerProcess::WaitForExit(absl::Duration timeout) {
       // test could read the output before the child's last lines reach it. Bounded, because a
       // grandchild could hold the pipe open.
       std::unique_lock<std::mutex> lock(output_mutex_);
-      output_closed_.wait_for(lock, std::chrono::seconds(10), [this] { return output_at_eof_; });
+      output_changed_.wait_for(lock, std::chrono::seconds(10), [this] { return output_at_eof_; });
       return exit_code_;
     }
     if (absl::Now() >= give_up) return std::nullopt;
@@ -141,21 +142,31 @@ std::string ServerProcess::Output() const {
   return output_;
 }
 
+bool ServerProcess::WaitForOutput(absl::string_view text, absl::Duration timeout) const {
+  std::unique_lock<std::mutex> lock(output_mutex_);
+  return output_changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [&] {
+    return output_at_eof_ || absl::StrContains(output_, text);
+  }) && absl::StrContains(output_, text);
+}
+
 void ServerProcess::ReadOutput(int fd) {
   char buffer[4096];
   for (;;) {
     const ssize_t got = read(fd, buffer, sizeof(buffer));
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0) break;
-    std::lock_guard<std::mutex> lock(output_mutex_);
-    output_.append(buffer, static_cast<size_t>(got));
+    {
+      std::lock_guard<std::mutex> lock(output_mutex_);
+      output_.append(buffer, static_cast<size_t>(got));
+    }
+    output_changed_.notify_all();
   }
   close(fd);
   {
     std::lock_guard<std::mutex> lock(output_mutex_);
     output_at_eof_ = true;
   }
-  output_closed_.notify_all();
+  output_changed_.notify_all();
 }
 
 }  // namespace sessionledger::testing

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace sessionledger::testing {
@@ -46,6 +47,9 @@ class ServerProcess {
   std::optional<int> WaitForExit(absl::Duration timeout);
   // Everything written to stdout and stderr so far.
   std::string Output() const;
+  // Whether `text` appears in the output within `timeout`. A line the child has written can reach
+  // Output() a little later, so a test expecting one waits here rather than reading once.
+  bool WaitForOutput(absl::string_view text, absl::Duration timeout) const;
 
  private:
   ServerProcess() = default;
@@ -55,7 +59,7 @@ class ServerProcess {
   int port_ = 0;
   std::optional<int> exit_code_;
   mutable std::mutex output_mutex_;
-  std::condition_variable output_closed_;
+  mutable std::condition_variable output_changed_;
   bool output_at_eof_ = false;
   std::string output_;
   std::thread reader_;
