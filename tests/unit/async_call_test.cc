@@ -62,10 +62,12 @@ class AsyncCallQueuesTest : public ::testing::Test {
   // A call that outlives the queues, so that a failed test still drains cleanly.
   RecordingCall& NewCall() { return calls_.emplace_back(); }
 
-  // Completes `call` on `queue` now, as a finished operation of a call would.
+  // Completes `call` on `queue` now, as a finished operation of a call would. An alarm already
+  // past is posted to the queue inside Set(); one due "now" would go through gRPC's timer
+  // thread and could land after whatever the test does next.
   void CompleteNow(grpc::CompletionQueue* queue, RecordingCall& call) {
     alarms_.push_back(std::make_unique<grpc::Alarm>());
-    alarms_.back()->Set(queue, gpr_now(GPR_CLOCK_MONOTONIC), &call);
+    alarms_.back()->Set(queue, gpr_inf_past(GPR_CLOCK_MONOTONIC), &call);
   }
 
   // A call's answer, announced and completed now, as UnaryCall's Finish does.
@@ -114,8 +116,6 @@ TEST_F(AsyncCallQueuesTest, EveryAnswerExpectedIsTakenWithTheNextArrival) {
   constexpr int kAnswers = 20;
   std::vector<RecordingCall*> answers;
   for (int i = 0; i < kAnswers; ++i) answers.push_back(&CompleteAnswer());
-  // Alarms complete on gRPC's timer thread: let them all land before the arrival.
-  absl::SleepFor(absl::Milliseconds(200));
   RecordingCall& arrival = NewCall();
   CompleteNow(queues_->arrivals(), arrival);
   ASSERT_TRUE(arrival.WaitFor(absl::Seconds(5)));
