@@ -581,8 +581,10 @@ TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
   ASSERT_TRUE(ledger_.Deposit(alice, {held.account_id, 1000, "fund-held"}, Soon()).ok());
   // The gate gives up first (its statement_timeout), then the batch behind it waits on the
   // same lock until the earliest deadline in it (`stuck`'s) cancels the whole transaction.
+  // Generous windows: the gate, the lock and the four queued movements must all be in place
+  // before the gate gives up, which under a sanitizer on a busy machine takes a while.
   const absl::Time start = absl::Now();
-  CloseGate(alice, start + absl::Milliseconds(600));
+  CloseGate(alice, start + absl::Seconds(2));
   ASSERT_TRUE(blocker_
                   ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
                          {held.account_id}, Soon())
@@ -594,7 +596,7 @@ TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
   Start(
       [&] {
         stuck = batch_ledger_.Transfer(alice, {held.account_id, b.account_id, 5, "stuck"},
-                                       start + absl::Milliseconds(1200));
+                                       start + absl::Seconds(4));
       },
       1);
   for (int i = 0; i < 3; ++i) {

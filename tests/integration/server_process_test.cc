@@ -4,11 +4,13 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <set>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -118,18 +120,27 @@ TEST(ServerProcessTest, ThreadsAreNamedForTheirRole) {
   auto server = StartServer();
   ASSERT_NE(server, nullptr);
   ASSERT_TRUE(EventuallyHealth(server->NewChannel(), "", HealthCheckResponse::SERVING));
-  std::set<std::string> names;
+  const std::vector<std::string> expected = {"sl-async-cq", "sl-memcached-io", "sl-blocking",
+                                             "sl-health-probe", "sl-signals"};
+  // Some threads start after the server answers, and each names itself once it first runs.
   const std::filesystem::path tasks = absl::StrCat("/proc/", server->pid(), "/task");
-  for (const auto& task : std::filesystem::directory_iterator(tasks)) {
-    std::ifstream comm(task.path() / "comm");
-    std::string name;
-    std::getline(comm, name);
-    names.insert(name);
+  std::set<std::string> names;
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  for (;;) {
+    names.clear();
+    for (const auto& task : std::filesystem::directory_iterator(tasks)) {
+      std::ifstream comm(task.path() / "comm");
+      std::string name;
+      std::getline(comm, name);
+      names.insert(name);
+    }
+    const bool all_named = std::all_of(expected.begin(), expected.end(),
+                                       [&](const std::string& n) { return names.count(n) > 0; });
+    if (all_named || absl::Now() >= give_up) break;
+    absl::SleepFor(absl::Milliseconds(50));
   }
-  for (const char* expected :
-       {"sl-async-cq", "sl-memcached-io", "sl-blocking", "sl-health-probe", "sl-signals"}) {
-    EXPECT_TRUE(names.count(expected))
-        << expected << " missing among " << absl::StrJoin(names, ", ");
+  for (const std::string& name : expected) {
+    EXPECT_TRUE(names.count(name)) << name << " missing among " << absl::StrJoin(names, ", ");
   }
 }
 
@@ -145,14 +156,15 @@ TEST(ServerProcessTest, StoppedMemcachedNodeTurnsSessionHealthNotServingUntilItR
   BackingServices({"stop-memcached", "2"});
   const bool went_down =
       EventuallyHealth(plain_channel, kSession, HealthCheckResponse::NOT_SERVING);
-  const auto transaction_status = CheckHealth(plain_channel, kTransaction);
+  // The probe sets the two services one after the other; a single read could fall between.
+  const bool transaction_went_down = EventuallyHealth(
+      plain_channel, kTransaction, HealthCheckResponse::NOT_SERVING, absl::Seconds(2));
   const auto overall_status = CheckHealth(plain_channel, "");
   const auto replicated_status = CheckHealth(replicated_channel, kSession);
   BackingServices({"start-memcached", "2"});
 
   EXPECT_TRUE(went_down);
-  EXPECT_EQ(transaction_status.value_or(HealthCheckResponse::UNKNOWN),
-            HealthCheckResponse::NOT_SERVING);
+  EXPECT_TRUE(transaction_went_down);
   EXPECT_EQ(overall_status.value_or(HealthCheckResponse::UNKNOWN), HealthCheckResponse::SERVING)
       << "the process itself still accepts work";
   EXPECT_EQ(replicated_status.value_or(HealthCheckResponse::UNKNOWN), HealthCheckResponse::SERVING)
@@ -249,6 +261,7 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
   SignalMemcached("-STOP", port_2);
   grpc::Status slow_status;
   sessionledger::v1::Session created;
+  const absl::Time call_began = absl::Now();
   std::thread slow_call([&] {
     auto stub = sessionledger::v1::SessionService::NewStub(channel);
     grpc::ClientContext context;
@@ -259,18 +272,24 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
   });
   absl::SleepFor(absl::Milliseconds(200));
   server->Signal(SIGTERM);
-  absl::SleepFor(absl::Milliseconds(100));
-  // During the notice period health says NOT_SERVING but calls are still answered.
-  const auto during_notice = CheckHealth(channel, "");
-  absl::SleepFor(absl::Milliseconds(700));
-  // After it, a new connection is refused.
-  const auto after_notice = CheckHealth(server->NewChannel(), "");
+  // During the notice period health says NOT_SERVING, and says it: calls are still answered.
+  // Polled rather than read once, as the signal takes a moment to arrive on a busy machine.
+  const bool not_serving_during_notice =
+      EventuallyHealth(channel, "", HealthCheckResponse::NOT_SERVING, absl::Milliseconds(900));
+  // After it, a new connection is refused. Memcached is thawed before the in-flight call's 2 s
+  // I/O timeout would fail it, so the wait for the refusal ends 1.7 s after the call began.
+  absl::StatusCode after_notice = absl::StatusCode::kOk;
+  while (absl::Now() < call_began + absl::Milliseconds(1700)) {
+    after_notice = CheckHealth(server->NewChannel(), "").status().code();
+    if (after_notice == absl::StatusCode::kUnavailable) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
   SignalMemcached("-CONT", port_1);
   SignalMemcached("-CONT", port_2);
   slow_call.join();
 
-  EXPECT_EQ(during_notice.value_or(HealthCheckResponse::UNKNOWN), HealthCheckResponse::NOT_SERVING);
-  EXPECT_EQ(after_notice.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(not_serving_during_notice);
+  EXPECT_EQ(after_notice, absl::StatusCode::kUnavailable);
   EXPECT_TRUE(slow_status.ok()) << slow_status.error_code() << ": " << slow_status.error_message();
   EXPECT_FALSE(created.token().empty()) << "the in-flight call got its full answer";
   const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(15));

@@ -2,6 +2,7 @@
 // scripts/backing-services (two nodes, no replicas unless a test says otherwise).
 #include <openssl/sha.h>
 
+#include <algorithm>
 #include <set>
 #include <string>
 
@@ -33,6 +34,13 @@ std::string UniqueUser(const std::string& base) {
 int64_t Seconds(const google::protobuf::Timestamp& t) { return t.seconds(); }
 absl::Time ToTime(const google::protobuf::Timestamp& t) {
   return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
+}
+
+// Sleeps until `t`, a time taken from the server's own stamps: the margins of the expiry tests
+// below are then not eaten by how long the calls before took on a busy machine.
+void SleepUntil(absl::Time t) {
+  const absl::Duration left = t - absl::Now();
+  if (left > absl::ZeroDuration()) absl::SleepFor(left);
 }
 
 class SessionApiTest : public ::testing::Test {
@@ -171,16 +179,20 @@ TEST_F(SessionApiTest, MemcachedHoldsHashedKeysAndProtobufValuesOnly) {
 TEST_F(SessionApiTest, IdleExpiryAndTouchSliding) {
   v1::Session s = client_->MustCreate(UniqueUser("erin"), 2);
   const std::string key = "sl:v1:s:" + Sha256Hex(s.token());
-  absl::SleepFor(absl::Milliseconds(1200));
+  const absl::Time created = ToTime(s.created_at());
+  SleepUntil(created + absl::Milliseconds(1200));
   v1::Session touched;
   ASSERT_TRUE(client_->Get(s.token(), true, &touched).ok());
   EXPECT_GT(ToTime(touched.expires_at()), ToTime(s.expires_at()));
   EXPECT_EQ(touched.version(), 1);
-  absl::SleepFor(absl::Milliseconds(1200));  // 2.4 s after creation: alive thanks to the touch.
+  // Past the first expiry, alive thanks to the touch.
+  SleepUntil(std::max(created + absl::Milliseconds(2400),
+                      ToTime(touched.expires_at()) - absl::Milliseconds(800)));
   v1::Session untouched;
   ASSERT_TRUE(client_->Get(s.token(), false, &untouched).ok());
   EXPECT_EQ(ToTime(untouched.expires_at()), ToTime(touched.expires_at()));
-  absl::SleepFor(absl::Milliseconds(1200));  // A read without touch did not slide it.
+  // A read without touch did not slide it.
+  SleepUntil(ToTime(touched.expires_at()) + absl::Milliseconds(400));
   EXPECT_EQ(client_->GetCode(s.token()), grpc::StatusCode::NOT_FOUND);
   // Memcached's own TTL follows the idle lifetime: the item is gone from every node soon after
   // (the store rounds up and adds a second for memcached's one-second clock).
@@ -191,10 +203,12 @@ TEST_F(SessionApiTest, IdleExpiryAndTouchSliding) {
 
 TEST_F(SessionApiTest, UpdateCountsAsActivity) {
   v1::Session s = client_->MustCreate(UniqueUser("frank"), 2);
-  absl::SleepFor(absl::Milliseconds(1500));
+  const absl::Time created = ToTime(s.created_at());
+  SleepUntil(created + absl::Milliseconds(1200));
   v1::Session u;
   ASSERT_TRUE(client_->Update(s.token(), {{"k", "v"}}, {}, 0, &u).ok());
-  absl::SleepFor(absl::Milliseconds(1000));  // 2.5 s after creation, 1 s after the update.
+  // Past the creation's expiry; the update's is at least 3.2 s after creation.
+  SleepUntil(created + absl::Milliseconds(2300));
   EXPECT_EQ(client_->GetCode(s.token()), grpc::StatusCode::OK);
 }
 
@@ -237,24 +251,30 @@ TEST_F(SessionApiTest, ListAndRevokeAll) {
 
 TEST(SessionLifetimeTest, TouchCannotPassTheAbsoluteLifetime) {
   std::unique_ptr<ServerProcess> server =
-      StartSessionServer({{"SESSION_MAX_LIFETIME_SECONDS", "3"}, {"SESSION_TTL_SECONDS", "2"}});
+      StartSessionServer({{"SESSION_MAX_LIFETIME_SECONDS", "4"}, {"SESSION_TTL_SECONDS", "2"}});
   ASSERT_NE(server, nullptr);
   SessionClient client(*server);
   v1::Session s = client.MustCreate(UniqueUser("ivan"));
   EXPECT_EQ(s.ttl_seconds(), 2);
-  EXPECT_EQ(ToTime(s.absolute_expires_at()) - ToTime(s.created_at()), absl::Seconds(3));
+  const absl::Time created = ToTime(s.created_at());
+  EXPECT_EQ(ToTime(s.absolute_expires_at()) - created, absl::Seconds(4));
   v1::Session t;
-  EXPECT_EQ(client.Create("ivan", 4, &t).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  absl::SleepFor(absl::Milliseconds(1500));
+  EXPECT_EQ(client.Create("ivan", 5, &t).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // The first touch slides the expiry and stays inside the lifetime; the second, at least 2 s
+  // after creation, would slide past it and is held to it. Each has 0.6 s or more of room on
+  // either side (the first must come before 2 s, the second before the first's expiry).
+  SleepUntil(created + absl::Milliseconds(1400));
+  ASSERT_TRUE(client.Get(s.token(), true, &t).ok());
+  EXPECT_GT(ToTime(t.expires_at()), ToTime(s.expires_at()));
+  EXPECT_LT(ToTime(t.expires_at()), ToTime(t.absolute_expires_at()));
+  SleepUntil(created + absl::Milliseconds(2800));
   ASSERT_TRUE(client.Get(s.token(), true, &t).ok());
   EXPECT_EQ(ToTime(t.expires_at()), ToTime(t.absolute_expires_at()));
-  absl::SleepFor(absl::Milliseconds(1000));
-  ASSERT_TRUE(client.Get(s.token(), true, &t).ok());
   EXPECT_EQ(ToTime(t.expires_at()), ToTime(s.absolute_expires_at()));
   v1::Session rotated;
   ASSERT_TRUE(client.Rotate(s.token(), &rotated).ok());
   EXPECT_EQ(ToTime(rotated.absolute_expires_at()), ToTime(s.absolute_expires_at()));
-  absl::SleepFor(absl::Milliseconds(700));  // 3.2 s after creation.
+  SleepUntil(ToTime(s.absolute_expires_at()) + absl::Milliseconds(200));
   EXPECT_EQ(client.GetCode(rotated.token(), true), grpc::StatusCode::NOT_FOUND);
 }
 

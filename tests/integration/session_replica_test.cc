@@ -11,6 +11,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "sessionledger/v1/transaction.grpc.pb.h"
 #include "tests/integration/session_test_support.h"
@@ -294,7 +295,11 @@ TEST(SessionOutageTest, ACallerThatGivesUpEarlyDoesNotMarkTheNodeStalled) {
     Freeze f2(pid2);
     client.set_timeout(absl::Milliseconds(800));  // Shorter than the node's 2 s I/O timeout.
     v1::ListUserSessionsResponse listed;
-    EXPECT_EQ(client.List(user, &listed).error_code(), grpc::StatusCode::UNAVAILABLE);
+    // The server answers shortly before the caller's deadline; on a loaded machine that answer
+    // can arrive after it. Either way the call failed; what counts is the next one.
+    EXPECT_THAT(
+        client.List(user, &listed).error_code(),
+        ::testing::AnyOf(grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::DEADLINE_EXCEEDED));
   }
   client.set_timeout(absl::Seconds(5));
   v1::ListUserSessionsResponse listed;
