@@ -44,7 +44,11 @@ class SessionServiceTest : public ::testing::Test {
     SessionServiceOptions options;
     options.default_ttl = kTtl;
     options.max_lifetime = kLifetime;
-    options.sleep = [this](absl::Duration d) { slept_ += d; };
+    // Called from several threads when concurrent updates back off.
+    options.sleep = [this](absl::Duration d) {
+      std::lock_guard<std::mutex> lock(slept_mutex_);
+      slept_ += d;
+    };
     service_ = std::make_shared<SessionService>(store_, clock_, options);
   }
 
@@ -69,6 +73,7 @@ class SessionServiceTest : public ::testing::Test {
   FakeClock clock_;
   std::shared_ptr<testing::FakeSessionStore> store_;
   std::shared_ptr<SessionService> service_;
+  std::mutex slept_mutex_;
   absl::Duration slept_;
 };
 
