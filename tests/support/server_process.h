@@ -53,6 +53,7 @@ class ServerProcess {
 
  private:
   ServerProcess() = default;
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> StartOnce(const Options& options);
   void ReadOutput(int fd);
 
   pid_t pid_ = -1;
