@@ -292,10 +292,8 @@ TEST(StatelessTest, ServesSessionsAndTransfersWithARootFilesystemThatIsReadOnly)
   }
   ASSERT_TRUE(serving) << server.Output();
   // The wrapper's line can reach our reader after the server already answers.
-  const absl::Time check_give_up = absl::Now() + absl::Seconds(10);
-  while (!absl::StrContains(server.Output(), "ro-check:") && absl::Now() < check_give_up) {
-    absl::SleepFor(absl::Milliseconds(20));
-  }
+  PollUntil(absl::Now() + absl::Seconds(10),
+            [&] { return absl::StrContains(server.Output(), "ro-check:"); });
   ASSERT_TRUE(absl::StrContains(server.Output(), "ro-check: ok")) << server.Output();
 
   auto channel = ChannelTo(port, 1);

@@ -57,13 +57,13 @@ absl::StatusOr<HealthCheckResponse::ServingStatus> CheckHealth(
 bool EventuallyHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
                       HealthCheckResponse::ServingStatus want,
                       absl::Duration timeout = absl::Seconds(10)) {
-  const absl::Time give_up = absl::Now() + timeout;
-  while (absl::Now() < give_up) {
-    auto status = CheckHealth(channel, service);
-    if (status.ok() && *status == want) return true;
-    absl::SleepFor(absl::Milliseconds(50));
-  }
-  return false;
+  return PollUntil(
+      absl::Now() + timeout,
+      [&] {
+        auto status = CheckHealth(channel, service);
+        return status.ok() && *status == want;
+      },
+      absl::Milliseconds(50));
 }
 
 // DATABASE_URL with another database name.
@@ -125,8 +125,7 @@ TEST(ServerProcessTest, ThreadsAreNamedForTheirRole) {
   // Some threads start after the server answers, and each names itself once it first runs.
   const std::filesystem::path tasks = absl::StrCat("/proc/", server->pid(), "/task");
   std::set<std::string> names;
-  const absl::Time give_up = absl::Now() + absl::Seconds(10);
-  for (;;) {
+  PollUntil(absl::Now() + absl::Seconds(10), [&] {
     names.clear();
     for (const auto& task : std::filesystem::directory_iterator(tasks)) {
       std::ifstream comm(task.path() / "comm");
@@ -134,11 +133,9 @@ TEST(ServerProcessTest, ThreadsAreNamedForTheirRole) {
       std::getline(comm, name);
       names.insert(name);
     }
-    const bool all_named = std::all_of(expected.begin(), expected.end(),
-                                       [&](const std::string& n) { return names.count(n) > 0; });
-    if (all_named || absl::Now() >= give_up) break;
-    absl::SleepFor(absl::Milliseconds(50));
-  }
+    return std::all_of(expected.begin(), expected.end(),
+                       [&](const std::string& n) { return names.count(n) > 0; });
+  });
   for (const std::string& name : expected) {
     EXPECT_TRUE(names.count(name)) << name << " missing among " << absl::StrJoin(names, ", ");
   }
@@ -279,11 +276,10 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
   // After it, a new connection is refused. Memcached is thawed before the in-flight call's 2 s
   // I/O timeout would fail it, so the wait for the refusal ends 1.7 s after the call began.
   absl::StatusCode after_notice = absl::StatusCode::kOk;
-  while (absl::Now() < call_began + absl::Milliseconds(1700)) {
+  PollUntil(call_began + absl::Milliseconds(1700), [&] {
     after_notice = CheckHealth(server->NewChannel(), "").status().code();
-    if (after_notice == absl::StatusCode::kUnavailable) break;
-    absl::SleepFor(absl::Milliseconds(50));
-  }
+    return after_notice == absl::StatusCode::kUnavailable;
+  });
   SignalMemcached("-CONT", port_1);
   SignalMemcached("-CONT", port_2);
   slow_call.join();

@@ -160,15 +160,16 @@ inline std::string MemcachedText(int port, const std::string& command) {
 inline std::vector<std::string> MemcachedKeys(int node) {
   std::vector<std::string> keys;
   std::string dump;
-  const absl::Time give_up = absl::Now() + absl::Seconds(20);
-  for (;;) {
-    dump = MemcachedText(MemcachedPort(node), "lru_crawler metadump all");
-    if (absl::EndsWith(dump, "END\r\n")) break;
-    if (absl::Now() >= give_up) {
-      ADD_FAILURE() << "memcached node " << node << " refused a key dump: " << dump;
-      return keys;
-    }
-    absl::SleepFor(absl::Milliseconds(100));
+  const bool dumped = PollUntil(
+      absl::Now() + absl::Seconds(20),
+      [&] {
+        dump = MemcachedText(MemcachedPort(node), "lru_crawler metadump all");
+        return absl::EndsWith(dump, "END\r\n");
+      },
+      absl::Milliseconds(100));
+  if (!dumped) {
+    ADD_FAILURE() << "memcached node " << node << " refused a key dump: " << dump;
+    return keys;
   }
   for (absl::string_view line : absl::StrSplit(dump, "\r\n")) {
     if (!absl::StartsWith(line, "key=")) continue;

@@ -145,6 +145,14 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
   return response;
 }
 
+bool PollUntil(absl::Time give_up, const std::function<bool()>& done, absl::Duration every) {
+  for (;;) {
+    if (done()) return true;
+    if (absl::Now() >= give_up) return false;
+    absl::SleepFor(every);
+  }
+}
+
 int FreeTcpPort() {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};

@@ -3,6 +3,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -49,6 +50,12 @@ void BackingServices(const std::vector<std::string>& args);
 
 // A TCP port on 127.0.0.1 that was free a moment ago.
 int FreeTcpPort();
+
+// Asks `done` every `every` until it says yes or `give_up` has passed; whether it said yes. A
+// test expecting something to happen waits for it this way rather than sleeping a fixed time
+// and looking once, which a loaded machine can lose.
+bool PollUntil(absl::Time give_up, const std::function<bool()>& done,
+               absl::Duration every = absl::Milliseconds(20));
 
 // GET http://127.0.0.1:<port><path> with HTTP/1.0; returns status line, headers and body as
 // received. UNAVAILABLE when nothing answers.
