@@ -21,6 +21,8 @@ readonly SL_PACKAGES=(
   docker-compose
   # Backing services and their client tools (scripts/backing-services).
   memcached libmemcached-tools postgresql postgresql-contrib
+  # scripts/bench-instructions and its smoke test (callgrind).
+  valgrind
 )
 
 sl_log() { printf '==> %s\n' "$*" >&2; }
@@ -56,11 +58,13 @@ sl_install_packages() {
 }
 
 # sl_build BUILD_DIR [CMAKE_ARGS...]: configures (cheap when nothing changed) and builds.
+# BUILD_DIR is absolute or relative to the repo root.
 sl_build() {
   local build_dir=$1
   shift
+  [[ $build_dir == /* ]] || build_dir=$SL_REPO_ROOT/$build_dir
   sl_log "configuring $build_dir ($*)"
-  cmake -S "$SL_REPO_ROOT" -B "$SL_REPO_ROOT/$build_dir" "$@"
+  cmake -S "$SL_REPO_ROOT" -B "$build_dir" "$@"
   sl_log "building $build_dir"
-  cmake --build "$SL_REPO_ROOT/$build_dir" -j"$(nproc)"
+  cmake --build "$build_dir" -j"$(nproc)"
 }
