@@ -327,7 +327,9 @@ using CopyReads = std::vector<std::optional<std::map<std::string, Item>>>;
 // when none answered.
 absl::StatusOr<CopyReads> CopyReadsOf(std::vector<absl::StatusOr<MemcachedHits>> answers) {
   CopyReads reads(answers.size());
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  // Built only when needed: an error with a message is a heap allocation, and this runs for
+  // every read.
+  absl::Status last;
   bool any = false;
   for (size_t c = 0; c < answers.size(); ++c) {
     if (!answers[c].ok()) {
@@ -337,7 +339,7 @@ absl::StatusOr<CopyReads> CopyReadsOf(std::vector<absl::StatusOr<MemcachedHits>>
     reads[c] = *std::move(answers[c]);
     any = true;
   }
-  if (!any) return last;
+  if (!any) return last.ok() ? absl::UnavailableError("memcached: no node answered") : last;
   return reads;
 }
 
@@ -565,7 +567,9 @@ void ReadEveryCopyAsync(MemcachedPool& pool, MemcachedPipeline& pipeline,
   };
   auto join = std::make_shared<Join>();
   join->pool = &pool;
-  join->answers.assign(places.size(), absl::UnavailableError("memcached: not read"));
+  // Each slot is overwritten by its copy's answer before `done` runs. The placeholder has no
+  // message, which keeps it off the heap (this runs for every read).
+  join->answers.assign(places.size(), absl::Status(absl::StatusCode::kUnavailable, ""));
   join->pending.store(places.size());
   join->done = std::move(done);
   for (size_t c = 0; c < places.size(); ++c) {
@@ -590,7 +594,7 @@ struct CopyWrite {
   time_t expiration = 0;
   absl::Time deadline;
   SessionStore::StatusCallback done;
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
+  absl::Status last;  // The last copy's error, set when a copy fails.
   std::atomic<size_t> sets_pending{0};
 
   int copies() const { return static_cast<int>(places.size()); }
@@ -635,7 +639,8 @@ void SetOthersAsync(const std::shared_ptr<CopyWrite>& write, int primary) {
 // Add on copy `copy`, or on the next one when it does not answer. ABORTED when the key exists.
 void AddFromCopy(const std::shared_ptr<CopyWrite>& write, int copy) {
   if (copy >= write->copies()) {
-    std::move(write->done)(write->last);
+    std::move(write->done)(write->last.ok() ? absl::UnavailableError("memcached: no node answered")
+                                            : write->last);
     return;
   }
   MemcachedPipeline& pipeline = *write->pipeline;

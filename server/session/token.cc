@@ -5,6 +5,7 @@
 #include <openssl/sha.h>
 #include <sys/random.h>
 
+#include <array>
 #include <cerrno>
 #include <cstdlib>
 
@@ -15,14 +16,17 @@ namespace {
 
 constexpr char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-int DecodeChar(char c) {
-  if (c >= 'A' && c <= 'Z') return c - 'A';
-  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-  if (c >= '0' && c <= '9') return c - '0' + 52;
-  if (c == '-') return 62;
-  if (c == '_') return 63;
-  return -1;
-}
+// kAlphabet inverted: the 6-bit value of each byte, or -1 for a byte outside the alphabet.
+// A table rather than range tests because every authenticated call decodes a token.
+struct DecodeTable {
+  int8_t value[256] = {};
+  constexpr DecodeTable() {
+    for (auto& v : value) v = -1;
+    for (int i = 0; i < 64; ++i)
+      value[static_cast<unsigned char>(kAlphabet[i])] = static_cast<int8_t>(i);
+  }
+};
+constexpr DecodeTable kDecode;
 
 // SHA-256 fetched from the default provider once. SHA256(), and EVP_Digest given EVP_sha256(),
 // look the implementation up by name on every digest (OpenSSL 3 "implicit fetching": a locked
@@ -31,6 +35,21 @@ int DecodeChar(char c) {
 const EVP_MD* Sha256Algorithm() {
   static const EVP_MD* const algorithm = EVP_MD_fetch(nullptr, "SHA256", nullptr);
   return algorithm;
+}
+
+// The digest on the stack: the hot read derives two hex keys from digests, and a std::string
+// of 32 bytes would be one more heap allocation each.
+using Sha256Digest = std::array<unsigned char, SHA256_DIGEST_LENGTH>;
+Sha256Digest Sha256Of(absl::string_view data) {
+  Sha256Digest digest;
+  const EVP_MD* algorithm = Sha256Algorithm();
+  // CheckSha256 at startup rules this out; should it still happen, keys derived from an
+  // unwritten digest would be wrong for every token, so stop instead.
+  if (algorithm == nullptr ||
+      EVP_Digest(data.data(), data.size(), digest.data(), nullptr, algorithm, nullptr) != 1) {
+    std::abort();
+  }
+  return digest;
 }
 
 }  // namespace
@@ -50,47 +69,59 @@ absl::StatusOr<std::string> RandomBytes(size_t n) {
 }
 
 std::string Base64UrlEncode(absl::string_view bytes) {
-  std::string out;
-  out.reserve((bytes.size() * 4 + 2) / 3);
+  // Sized once and written by index: these run on every token issued and read, and a
+  // push_back per character cost several times the encoding itself.
+  std::string out((bytes.size() * 4 + 2) / 3, '\0');
+  char* o = out.data();
+  const auto byte = [&](size_t k) { return static_cast<uint32_t>(static_cast<uint8_t>(bytes[k])); };
   size_t i = 0;
   for (; i + 3 <= bytes.size(); i += 3) {
-    const uint32_t v = (static_cast<uint8_t>(bytes[i]) << 16) |
-                       (static_cast<uint8_t>(bytes[i + 1]) << 8) |
-                       static_cast<uint8_t>(bytes[i + 2]);
-    out.push_back(kAlphabet[(v >> 18) & 63]);
-    out.push_back(kAlphabet[(v >> 12) & 63]);
-    out.push_back(kAlphabet[(v >> 6) & 63]);
-    out.push_back(kAlphabet[v & 63]);
+    const uint32_t v = (byte(i) << 16) | (byte(i + 1) << 8) | byte(i + 2);
+    *o++ = kAlphabet[(v >> 18) & 63];
+    *o++ = kAlphabet[(v >> 12) & 63];
+    *o++ = kAlphabet[(v >> 6) & 63];
+    *o++ = kAlphabet[v & 63];
   }
   const size_t rest = bytes.size() - i;
   if (rest == 1) {
-    const uint32_t v = static_cast<uint8_t>(bytes[i]) << 16;
-    out.push_back(kAlphabet[(v >> 18) & 63]);
-    out.push_back(kAlphabet[(v >> 12) & 63]);
+    const uint32_t v = byte(i) << 16;
+    *o++ = kAlphabet[(v >> 18) & 63];
+    *o++ = kAlphabet[(v >> 12) & 63];
   } else if (rest == 2) {
-    const uint32_t v =
-        (static_cast<uint8_t>(bytes[i]) << 16) | (static_cast<uint8_t>(bytes[i + 1]) << 8);
-    out.push_back(kAlphabet[(v >> 18) & 63]);
-    out.push_back(kAlphabet[(v >> 12) & 63]);
-    out.push_back(kAlphabet[(v >> 6) & 63]);
+    const uint32_t v = (byte(i) << 16) | (byte(i + 1) << 8);
+    *o++ = kAlphabet[(v >> 18) & 63];
+    *o++ = kAlphabet[(v >> 12) & 63];
+    *o++ = kAlphabet[(v >> 6) & 63];
   }
   return out;
 }
 
 absl::StatusOr<std::string> Base64UrlDecode(absl::string_view text) {
   if (text.size() % 4 == 1) return absl::InvalidArgumentError("bad base64url length");
-  std::string out;
-  out.reserve(text.size() * 3 / 4);
+  std::string out(text.size() * 3 / 4, '\0');
+  char* o = out.data();
+  const auto value = [&](size_t k) { return kDecode.value[static_cast<unsigned char>(text[k])]; };
+  // Whole groups of four characters (three bytes) first, the tail bit by bit below.
+  size_t i = 0;
+  for (; i + 4 <= text.size(); i += 4) {
+    const int a = value(i), b = value(i + 1), c = value(i + 2), d = value(i + 3);
+    if ((a | b | c | d) < 0) return absl::InvalidArgumentError("bad base64url character");
+    const uint32_t v = (static_cast<uint32_t>(a) << 18) | (static_cast<uint32_t>(b) << 12) |
+                       (static_cast<uint32_t>(c) << 6) | static_cast<uint32_t>(d);
+    *o++ = static_cast<char>(v >> 16);
+    *o++ = static_cast<char>((v >> 8) & 0xff);
+    *o++ = static_cast<char>(v & 0xff);
+  }
   uint32_t acc = 0;
   int bits = 0;
-  for (char c : text) {
-    const int v = DecodeChar(c);
+  for (char c : text.substr(i)) {
+    const int v = kDecode.value[static_cast<unsigned char>(c)];
     if (v < 0) return absl::InvalidArgumentError("bad base64url character");
     acc = (acc << 6) | static_cast<uint32_t>(v);
     bits += 6;
     if (bits >= 8) {
       bits -= 8;
-      out.push_back(static_cast<char>((acc >> bits) & 0xff));
+      *o++ = static_cast<char>((acc >> bits) & 0xff);
     }
   }
   // Leftover bits must be zero, so every byte string has exactly one encoding.
@@ -99,15 +130,8 @@ absl::StatusOr<std::string> Base64UrlDecode(absl::string_view text) {
 }
 
 std::string Sha256(absl::string_view data) {
-  unsigned char digest[SHA256_DIGEST_LENGTH];
-  const EVP_MD* algorithm = Sha256Algorithm();
-  // CheckSha256 at startup rules this out; should it still happen, keys derived from an
-  // unwritten digest would be wrong for every token, so stop instead.
-  if (algorithm == nullptr ||
-      EVP_Digest(data.data(), data.size(), digest, nullptr, algorithm, nullptr) != 1) {
-    std::abort();
-  }
-  return std::string(reinterpret_cast<const char*>(digest), sizeof(digest));
+  const Sha256Digest digest = Sha256Of(data);
+  return std::string(reinterpret_cast<const char*>(digest.data()), digest.size());
 }
 
 absl::Status CheckSha256() {
@@ -125,24 +149,27 @@ absl::Status CheckSha256() {
 
 std::string HexLower(absl::string_view bytes) {
   static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(bytes.size() * 2);
+  std::string out(bytes.size() * 2, '\0');
+  char* o = out.data();
   for (char c : bytes) {
     const auto b = static_cast<uint8_t>(c);
-    out.push_back(kHex[b >> 4]);
-    out.push_back(kHex[b & 15]);
+    *o++ = kHex[b >> 4];
+    *o++ = kHex[b & 15];
   }
   return out;
 }
 
 std::string UserTag(absl::string_view user_id) {
-  return HexLower(Sha256(user_id).substr(0, kUserTagBytes));
+  const Sha256Digest digest = Sha256Of(user_id);
+  return HexLower(absl::string_view(reinterpret_cast<const char*>(digest.data()), kUserTagBytes));
 }
 
 absl::StatusOr<std::string> NewToken(absl::string_view user_id) {
   absl::StatusOr<std::string> secret = RandomBytes(kTokenSecretBytes);
   if (!secret.ok()) return secret.status();
-  return Base64UrlEncode(absl::StrCat(*secret, Sha256(user_id).substr(0, kUserTagBytes)));
+  const Sha256Digest digest = Sha256Of(user_id);
+  return Base64UrlEncode(absl::StrCat(
+      *secret, absl::string_view(reinterpret_cast<const char*>(digest.data()), kUserTagBytes)));
 }
 
 absl::StatusOr<std::string> NewSessionId() {
@@ -158,7 +185,9 @@ absl::StatusOr<SessionKey> KeyForToken(absl::string_view token) {
     return absl::NotFoundError("token: unknown session");
   }
   SessionKey key;
-  key.token_hash = HexLower(Sha256(token));
+  const Sha256Digest digest = Sha256Of(token);
+  key.token_hash =
+      HexLower(absl::string_view(reinterpret_cast<const char*>(digest.data()), digest.size()));
   key.user_tag = HexLower(absl::string_view(*raw).substr(kTokenSecretBytes));
   return key;
 }

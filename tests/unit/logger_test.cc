@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "absl/strings/str_split.h"
+#include "absl/time/civil_time.h"
+#include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -70,6 +72,52 @@ TEST(LoggerTest, EscapesControlCharactersAndInvalidUtf8) {
   std::string out;
   AppendJsonString(out, std::string("a\"b\\c\nd\x01\xff\xc3\xa9", 11));
   EXPECT_EQ(out, R"("a\"b\\c\nd\u0001\ufffdé")");
+  // DEL is escaped too, and long plain runs around escapes are kept whole.
+  out.clear();
+  AppendJsonString(out, "plain run\x7f/sessionledger.v1.SessionService/GetSession\"");
+  EXPECT_EQ(out, R"("plain run\u007f/sessionledger.v1.SessionService/GetSession\"")");
+}
+
+// The hand-written formatter against absl's own, over instants where dates go wrong: epoch and
+// era edges, leap days (1900 and 2100 are not leap years, 2000 is), year and month ends, the
+// last representable microsecond of 9999, and a spread of instants in between.
+TEST(LoggerTest, UtcTimestampMatchesAbslFormatTime) {
+  const absl::TimeZone utc = absl::UTCTimeZone();
+  std::vector<absl::Time> instants = {
+      absl::UnixEpoch(),
+      absl::UnixEpoch() - absl::Microseconds(1),
+      absl::FromCivil(absl::CivilSecond(1000, 1, 1, 0, 0, 0), utc),
+      absl::FromCivil(absl::CivilSecond(1000, 3, 1, 0, 0, 0), utc) - absl::Microseconds(1),
+      absl::FromCivil(absl::CivilSecond(1600, 2, 29, 12, 0, 0), utc),
+      absl::FromCivil(absl::CivilSecond(1900, 2, 28, 23, 59, 59), utc) + absl::Microseconds(999999),
+      absl::FromCivil(absl::CivilSecond(1900, 3, 1, 0, 0, 0), utc),
+      absl::FromCivil(absl::CivilSecond(2000, 2, 29, 0, 0, 0), utc),
+      absl::FromCivil(absl::CivilSecond(2000, 12, 31, 23, 59, 59), utc),
+      absl::FromCivil(absl::CivilSecond(2026, 11, 29, 15, 9, 24), utc) + absl::Microseconds(123456),
+      absl::FromCivil(absl::CivilSecond(2100, 2, 28, 0, 0, 0), utc),
+      absl::FromCivil(absl::CivilSecond(2100, 3, 1, 0, 0, 0), utc),
+      absl::FromCivil(absl::CivilSecond(9999, 12, 31, 23, 59, 59), utc) +
+          absl::Microseconds(999999),
+  };
+  // Every ~3.7 days and ~1.3 hours from 1900 to 2200, with the microseconds moving too.
+  for (absl::Time t = absl::FromCivil(absl::CivilSecond(1900, 1, 1, 0, 0, 0), utc);
+       t < absl::FromCivil(absl::CivilSecond(2200, 1, 1, 0, 0, 0), utc);
+       t += absl::Seconds(321234) + absl::Microseconds(12345)) {
+    instants.push_back(t);
+  }
+  for (const absl::Time t : instants) {
+    std::string ours = "prefix:";
+    AppendUtcTimestamp(ours, t);
+    EXPECT_EQ(ours, "prefix:" + absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", t, utc));
+  }
+  // Outside years 1000-9999 the year is absl's: fewer digits, five, or signed.
+  for (const absl::Time t : {absl::FromCivil(absl::CivilSecond(10000, 1, 1, 0, 0, 0), utc),
+                             absl::FromCivil(absl::CivilSecond(999, 12, 31, 0, 0, 0), utc),
+                             absl::FromCivil(absl::CivilSecond(-1, 12, 31, 0, 0, 0), utc)}) {
+    std::string ours;
+    AppendUtcTimestamp(ours, t);
+    EXPECT_EQ(ours, absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", t, utc));
+  }
 }
 
 TEST(LoggerTest, ConcurrentLinesNeverInterleave) {

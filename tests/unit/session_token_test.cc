@@ -56,6 +56,32 @@ TEST(Base64UrlTest, RejectsStandardAlphabetPaddingAndNonCanonicalText) {
   EXPECT_FALSE(Base64UrlDecode("Zm9vY").ok());  // Impossible length.
 }
 
+// Decoding reads whole groups of four characters and then the tail on its own: every byte
+// value must survive both, and a character outside the alphabet must fail in every position.
+TEST(Base64UrlTest, EveryByteRoundTripsAndEveryForeignCharacterIsRejected) {
+  std::string all_bytes;
+  for (int b = 0; b < 256; ++b) all_bytes.push_back(static_cast<char>(b));
+  for (size_t offset = 0; offset < 3; ++offset) {  // Every byte in each position of a group.
+    const std::string bytes = all_bytes.substr(offset);
+    absl::StatusOr<std::string> decoded = Base64UrlDecode(Base64UrlEncode(bytes));
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_EQ(*decoded, bytes);
+  }
+  const std::string valid = Base64UrlEncode("token bytes!");             // 16 characters, no tail.
+  const std::string valid_with_tail = Base64UrlEncode("token bytes!!");  // 18 characters.
+  for (int b = 0; b < 256; ++b) {
+    const char c = static_cast<char>(b);
+    if (IsUrlSafeAlphabet(std::string(1, c))) continue;
+    for (const std::string& text : {valid, valid_with_tail}) {
+      for (size_t at = 0; at < text.size(); ++at) {
+        std::string bad = text;
+        bad[at] = c;
+        EXPECT_FALSE(Base64UrlDecode(bad).ok()) << "byte " << b << " at " << at;
+      }
+    }
+  }
+}
+
 TEST(Sha256Test, MatchesKnownDigest) {
   EXPECT_EQ(HexLower(Sha256("abc")),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
