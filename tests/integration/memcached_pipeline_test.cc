@@ -1359,6 +1359,10 @@ INSTANTIATE_TEST_SUITE_P(
         Surprise{"ServerError", "SERVER_ERROR out of memory\r\n"},
         // Another caller's key: must never be handed to this one.
         Surprise{"KeyNotAsked", "VALUE someone-else 0 1 1\r\nx\r\nEND\r\n"},
+        // The command's own word, and an empty key, are not keys that were asked for either.
+        Surprise{"CommandWordAsKey", "VALUE gets 0 1 1\r\nx\r\nEND\r\n"},
+        Surprise{"EmptyKey", "VALUE  0 1 1\r\nx\r\nEND\r\n"},
+        Surprise{"SixFields", "VALUE k 0 1 1 9\r\nx\r\nEND\r\n"},
         // More bytes than announced; cut at the announced length the rest would read as "END".
         Surprise{"LongerThanAnnounced", "VALUE k 0 1 1\r\naxxEND\r\n"},
         Surprise{"LengthNotANumber", "VALUE k 0 x 1\r\nx\r\nEND\r\n"},
