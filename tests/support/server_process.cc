@@ -58,8 +58,14 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options opti
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::StartOnce(const Options& options) {
   std::unique_ptr<ServerProcess> process(new ServerProcess());
-  std::map<std::string, std::optional<std::string>> overrides = {
-      {"PORT", absl::StrCat(FreeTcpPort())}, {"METRICS_PORT", "0"}};
+  // A test that chose METRICS_PORT with FreeTcpPort() has not bound it yet, so the kernel may
+  // offer that same port again here; the server would then refuse two listeners on one port.
+  std::string port;
+  do {
+    port = absl::StrCat(FreeTcpPort());
+  } while (options.env.count("METRICS_PORT") != 0 && options.env.at("METRICS_PORT") == port);
+  std::map<std::string, std::optional<std::string>> overrides = {{"PORT", port},
+                                                                 {"METRICS_PORT", "0"}};
   for (const auto& [k, v] : options.env) overrides[k] = v;
   const std::map<std::string, std::string> env = EnvironmentWith(overrides);
   if (auto it = env.find("PORT"); it != env.end()) {
