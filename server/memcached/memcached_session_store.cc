@@ -320,6 +320,13 @@ class Conn {
   bool op_cut_by_caller_ = false;
 };
 
+// `last`, the error of the last copy that failed, or UNAVAILABLE when none was recorded. Callers
+// keep `last` OK until a copy fails: an error with a message is a heap allocation, and reads
+// and writes that succeed should not pay for one.
+absl::Status LastCopyError(const absl::Status& last) {
+  return last.ok() ? absl::UnavailableError("memcached: no node answered") : last;
+}
+
 // What each copy answered to one multi-get; nullopt for a copy that did not answer.
 using CopyReads = std::vector<std::optional<std::map<std::string, Item>>>;
 
@@ -327,9 +334,7 @@ using CopyReads = std::vector<std::optional<std::map<std::string, Item>>>;
 // when none answered.
 absl::StatusOr<CopyReads> CopyReadsOf(std::vector<absl::StatusOr<MemcachedHits>> answers) {
   CopyReads reads(answers.size());
-  // Built only when needed: an error with a message is a heap allocation, and this runs for
-  // every read.
-  absl::Status last;
+  absl::Status last;  // See LastCopyError.
   bool any = false;
   for (size_t c = 0; c < answers.size(); ++c) {
     if (!answers[c].ok()) {
@@ -339,7 +344,7 @@ absl::StatusOr<CopyReads> CopyReadsOf(std::vector<absl::StatusOr<MemcachedHits>>
     reads[c] = *std::move(answers[c]);
     any = true;
   }
-  if (!any) return last.ok() ? absl::UnavailableError("memcached: no node answered") : last;
+  if (!any) return LastCopyError(last);
   return reads;
 }
 
@@ -594,7 +599,7 @@ struct CopyWrite {
   time_t expiration = 0;
   absl::Time deadline;
   SessionStore::StatusCallback done;
-  absl::Status last;  // The last copy's error, set when a copy fails.
+  absl::Status last;  // The last copy's error; see LastCopyError.
   std::atomic<size_t> sets_pending{0};
 
   int copies() const { return static_cast<int>(places.size()); }
@@ -639,8 +644,7 @@ void SetOthersAsync(const std::shared_ptr<CopyWrite>& write, int primary) {
 // Add on copy `copy`, or on the next one when it does not answer. ABORTED when the key exists.
 void AddFromCopy(const std::shared_ptr<CopyWrite>& write, int copy) {
   if (copy >= write->copies()) {
-    std::move(write->done)(write->last.ok() ? absl::UnavailableError("memcached: no node answered")
-                                            : write->last);
+    std::move(write->done)(LastCopyError(write->last));
     return;
   }
   MemcachedPipeline& pipeline = *write->pipeline;

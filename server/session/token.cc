@@ -52,6 +52,11 @@ Sha256Digest Sha256Of(absl::string_view data) {
   return digest;
 }
 
+// The first `n` bytes of a digest, as the string_view the encoders take.
+absl::string_view DigestBytes(const Sha256Digest& digest, size_t n = SHA256_DIGEST_LENGTH) {
+  return absl::string_view(reinterpret_cast<const char*>(digest.data()), n);
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> RandomBytes(size_t n) {
@@ -114,8 +119,8 @@ absl::StatusOr<std::string> Base64UrlDecode(absl::string_view text) {
   }
   uint32_t acc = 0;
   int bits = 0;
-  for (char c : text.substr(i)) {
-    const int v = kDecode.value[static_cast<unsigned char>(c)];
+  for (; i < text.size(); ++i) {
+    const int v = value(i);
     if (v < 0) return absl::InvalidArgumentError("bad base64url character");
     acc = (acc << 6) | static_cast<uint32_t>(v);
     bits += 6;
@@ -129,10 +134,7 @@ absl::StatusOr<std::string> Base64UrlDecode(absl::string_view text) {
   return out;
 }
 
-std::string Sha256(absl::string_view data) {
-  const Sha256Digest digest = Sha256Of(data);
-  return std::string(reinterpret_cast<const char*>(digest.data()), digest.size());
-}
+std::string Sha256(absl::string_view data) { return std::string(DigestBytes(Sha256Of(data))); }
 
 absl::Status CheckSha256() {
   if (Sha256Algorithm() == nullptr) {
@@ -160,16 +162,13 @@ std::string HexLower(absl::string_view bytes) {
 }
 
 std::string UserTag(absl::string_view user_id) {
-  const Sha256Digest digest = Sha256Of(user_id);
-  return HexLower(absl::string_view(reinterpret_cast<const char*>(digest.data()), kUserTagBytes));
+  return HexLower(DigestBytes(Sha256Of(user_id), kUserTagBytes));
 }
 
 absl::StatusOr<std::string> NewToken(absl::string_view user_id) {
   absl::StatusOr<std::string> secret = RandomBytes(kTokenSecretBytes);
   if (!secret.ok()) return secret.status();
-  const Sha256Digest digest = Sha256Of(user_id);
-  return Base64UrlEncode(absl::StrCat(
-      *secret, absl::string_view(reinterpret_cast<const char*>(digest.data()), kUserTagBytes)));
+  return Base64UrlEncode(absl::StrCat(*secret, DigestBytes(Sha256Of(user_id), kUserTagBytes)));
 }
 
 absl::StatusOr<std::string> NewSessionId() {
@@ -185,9 +184,7 @@ absl::StatusOr<SessionKey> KeyForToken(absl::string_view token) {
     return absl::NotFoundError("token: unknown session");
   }
   SessionKey key;
-  const Sha256Digest digest = Sha256Of(token);
-  key.token_hash =
-      HexLower(absl::string_view(reinterpret_cast<const char*>(digest.data()), digest.size()));
+  key.token_hash = HexLower(DigestBytes(Sha256Of(token)));
   key.user_tag = HexLower(absl::string_view(*raw).substr(kTokenSecretBytes));
   return key;
 }

@@ -99,7 +99,8 @@ TEST(LoggerTest, UtcTimestampMatchesAbslFormatTime) {
       absl::FromCivil(absl::CivilSecond(9999, 12, 31, 23, 59, 59), utc) +
           absl::Microseconds(999999),
   };
-  // Every ~3.7 days and ~1.3 hours from 1900 to 2200, with the microseconds moving too.
+  // From 1900 to 2200 in steps of 321,234 s and 12,345 us (~3.7 days, so that the time of day
+  // and the microseconds move too).
   for (absl::Time t = absl::FromCivil(absl::CivilSecond(1900, 1, 1, 0, 0, 0), utc);
        t < absl::FromCivil(absl::CivilSecond(2200, 1, 1, 0, 0, 0), utc);
        t += absl::Seconds(321234) + absl::Microseconds(12345)) {
