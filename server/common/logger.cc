@@ -180,9 +180,12 @@ void AppendUtcTimestamp(std::string& out, absl::Time t) {
 void Logger::Log(LogLevel level, absl::string_view message,
                  std::initializer_list<LogField> fields) {
   if (!Enabled(level)) return;
-  std::string line;
+  LogBatch* batch = LogBatch::Current();
+  std::string single_line;
+  // Inside a batch the line is formatted straight into the batch's buffer.
+  std::string& line = batch != nullptr ? batch->BufferFor(*this) : single_line;
   // An access-log line is ~250 bytes; growing the buffer midway would copy it.
-  line.reserve(320 + message.size());
+  line.reserve(line.size() + 320 + message.size());
   line += "{\"ts\":\"";
   AppendUtcTimestamp(line, absl::Now());
   line += "\",\"level\":\"";
@@ -204,16 +207,61 @@ void Logger::Log(LogLevel level, absl::string_view message,
     }
   }
   line += "}\n";
+  if (batch != nullptr) {
+    batch->AfterLine();
+  } else {
+    WriteLines(line);
+  }
+}
 
+void Logger::WriteLines(absl::string_view lines) {
   std::lock_guard<std::mutex> lock(write_mutex_);
   size_t written = 0;
-  while (written < line.size()) {
-    const ssize_t n = ::write(fd_, line.data() + written, line.size() - written);
+  while (written < lines.size()) {
+    const ssize_t n = ::write(fd_, lines.data() + written, lines.size() - written);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0)
-      return;  // Nowhere left to report a failing stdout; dropping the line is all we can do.
+      return;  // Nowhere left to report a failing stdout; dropping the lines is all we can do.
     written += static_cast<size_t>(n);
   }
+}
+
+namespace {
+// The outermost LogBatch open on this thread. Only LogBatch's constructor and destructor, on
+// their own thread, change it, so no other thread ever sees it.
+thread_local LogBatch* current_log_batch = nullptr;
+
+// A batch writes out early past this size, so that a long turn cannot hold many lines back.
+constexpr size_t kLogBatchFlushBytes = 64 * 1024;
+}  // namespace
+
+LogBatch::LogBatch() : enclosing_(current_log_batch) {
+  if (enclosing_ == nullptr) current_log_batch = this;
+}
+
+LogBatch::~LogBatch() {
+  if (enclosing_ != nullptr) return;
+  Flush();
+  current_log_batch = nullptr;
+}
+
+LogBatch* LogBatch::Current() { return current_log_batch; }
+
+std::string& LogBatch::BufferFor(Logger& logger) {
+  if (logger_ != &logger) {
+    Flush();
+    logger_ = &logger;
+  }
+  return lines_;
+}
+
+void LogBatch::AfterLine() {
+  if (lines_.size() >= kLogBatchFlushBytes) Flush();
+}
+
+void LogBatch::Flush() {
+  if (logger_ != nullptr && !lines_.empty()) logger_->WriteLines(lines_);
+  lines_.clear();
 }
 
 }  // namespace sessionledger

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "server/common/logger.h"
 #include "server/common/notification.h"
 #include "server/common/thread_name.h"
 
@@ -381,6 +382,9 @@ void MemcachedPipeline::Run() {
           0, absl::ToInt64Milliseconds(absl::Ceil(timer - now, absl::Milliseconds(1)))));
     }
     const int n = epoll_wait(epoll_fd_, events, 32, timeout_ms);
+    // The answers this turn sends log a line each (the call observer); they go out in one
+    // write when the turn ends, after the answers rather than before each of them.
+    LogBatch access_log_lines;
     now = absl::Now();
     for (int i = 0; i < n; ++i) {
       const uint64_t tag = events[i].data.u64;

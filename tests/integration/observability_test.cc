@@ -187,6 +187,32 @@ TEST(RequestIdTest, GeneratesOneWhenAbsentOrUnusable) {
   EXPECT_EQ(ids.size(), 3u) << "each call gets its own id";
 }
 
+// GetSession is answered on the memcached pipeline's thread, which writes the access-log lines
+// of each turn together when the turn ends: the line must come out then, while the server
+// idles, not wait for a later turn or for shutdown.
+TEST(RequestIdTest, LogsACallThePipelineAnsweredBeforeItsNextTurn) {
+  auto server = StartServer({});
+  ASSERT_NE(server, nullptr);
+  auto sessions = sessionledger::v1::SessionService::NewStub(server->NewChannel());
+  sessionledger::v1::Session created;
+  {
+    grpc::ClientContext context;
+    sessionledger::v1::CreateSessionRequest request;
+    request.set_user_id("access-log-pipeline");
+    ASSERT_TRUE(sessions->CreateSession(&context, request, &created).ok());
+  }
+  grpc::ClientContext context;
+  context.AddMetadata("x-request-id", "req-pipeline-read");
+  sessionledger::v1::GetSessionRequest request;
+  request.set_token(created.token());
+  sessionledger::v1::Session got;
+  ASSERT_TRUE(sessions->GetSession(&context, request, &got).ok());
+  EXPECT_TRUE(server->WaitForOutput(
+      R"("method":"/sessionledger.v1.SessionService/GetSession","code":"OK")", absl::Seconds(10)))
+      << server->Output();
+  EXPECT_THAT(server->Output(), HasSubstr(R"("request_id":"req-pipeline-read")"));
+}
+
 TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {
   auto server = StartServer({});
   ASSERT_NE(server, nullptr);

@@ -1,11 +1,14 @@
 #include "server/common/logger.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/civil_time.h"
 #include "absl/time/time.h"
@@ -26,6 +29,20 @@ class PipeCapture {
     if (fds_[1] >= 0) close(fds_[1]);
   }
   int write_fd() const { return fds_[1]; }
+  // What has been written so far, without waiting for more.
+  std::string ReadAvailable() {
+    std::string out;
+    pollfd readable{fds_[0], POLLIN, 0};
+    char buffer[4096];
+    while (poll(&readable, 1, 0) == 1 && (readable.revents & POLLIN) != 0) {
+      const ssize_t n = read(fds_[0], buffer, sizeof(buffer));
+      if (n <= 0) break;
+      out.append(buffer, n);
+    }
+    return out;
+  }
+  // Room for `bytes` unread, so that a test can write that much without a reader.
+  void Enlarge(int bytes) { EXPECT_GE(fcntl(fds_[1], F_SETPIPE_SZ, bytes), bytes); }
   std::string CloseAndRead() {
     close(fds_[1]);
     fds_[1] = -1;
@@ -138,6 +155,93 @@ TEST(LoggerTest, ConcurrentLinesNeverInterleave) {
   ASSERT_EQ(lines.size(), 200u);
   for (const std::string& line : lines) {
     EXPECT_THAT(line, ::testing::MatchesRegex(R"(\{.*"msg":"line","thread":[0-3],"i":[0-9]+\})"));
+  }
+}
+
+std::vector<std::string> Lines(const std::string& text) {
+  return absl::StrSplit(text, '\n', absl::SkipEmpty());
+}
+
+TEST(LogBatchTest, HoldsItsThreadsLinesUntilItEnds) {
+  PipeCapture capture;
+  Logger logger(LogLevel::kInfo, capture.write_fd());
+  {
+    LogBatch batch;
+    logger.Info("first", {{"n", 1}});
+    logger.Info("second", {{"n", 2}});
+    logger.Debug("below the level");
+    EXPECT_EQ(capture.ReadAvailable(), "");
+  }
+  const std::vector<std::string> lines = Lines(capture.ReadAvailable());
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_THAT(lines[0], HasSubstr(R"("msg":"first","n":1})"));
+  EXPECT_THAT(lines[1], HasSubstr(R"("msg":"second","n":2})"));
+  // Without a batch, a line is written at once again.
+  logger.Info("third");
+  EXPECT_THAT(capture.ReadAvailable(), HasSubstr(R"("msg":"third")"));
+}
+
+TEST(LogBatchTest, NestedBatchesWriteWhenTheOutermostEnds) {
+  PipeCapture capture;
+  Logger logger(LogLevel::kInfo, capture.write_fd());
+  {
+    LogBatch outer;
+    logger.Info("outer");
+    {
+      LogBatch inner;
+      logger.Info("inner");
+    }
+    EXPECT_EQ(capture.ReadAvailable(), "");
+  }
+  const std::vector<std::string> lines = Lines(capture.ReadAvailable());
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_THAT(lines[0], HasSubstr(R"("msg":"outer")"));
+  EXPECT_THAT(lines[1], HasSubstr(R"("msg":"inner")"));
+}
+
+TEST(LogBatchTest, OtherThreadsWriteAtOnce) {
+  PipeCapture capture;
+  Logger logger(LogLevel::kInfo, capture.write_fd());
+  LogBatch batch;
+  std::thread([&logger] { logger.Info("from another thread"); }).join();
+  EXPECT_THAT(capture.ReadAvailable(), HasSubstr(R"("msg":"from another thread")"));
+  logger.Info("held");
+  EXPECT_EQ(capture.ReadAvailable(), "");
+}
+
+TEST(LogBatchTest, ALineForAnotherLoggerWritesOutTheFirstLoggersLines) {
+  PipeCapture first_capture;
+  PipeCapture second_capture;
+  Logger first(LogLevel::kInfo, first_capture.write_fd());
+  Logger second(LogLevel::kInfo, second_capture.write_fd());
+  {
+    LogBatch batch;
+    first.Info("to the first");
+    second.Info("to the second");
+    EXPECT_THAT(first_capture.ReadAvailable(), HasSubstr(R"("msg":"to the first")"));
+    EXPECT_EQ(second_capture.ReadAvailable(), "");
+  }
+  EXPECT_THAT(second_capture.ReadAvailable(), HasSubstr(R"("msg":"to the second")"));
+  EXPECT_EQ(first_capture.ReadAvailable(), "");
+}
+
+TEST(LogBatchTest, WritesOutEarlyPast64KiB) {
+  PipeCapture capture;
+  capture.Enlarge(1 << 20);
+  Logger logger(LogLevel::kInfo, capture.write_fd());
+  const std::string filler(1000, 'x');
+  std::string early;
+  {
+    LogBatch batch;
+    for (int i = 0; i < 100; ++i) logger.Info("big", {{"i", i}, {"filler", filler}});
+    early = capture.ReadAvailable();
+    EXPECT_GE(early.size(), 64u * 1024);
+    EXPECT_LT(early.size(), 100u * filler.size());
+  }
+  const std::vector<std::string> lines = Lines(early + capture.ReadAvailable());
+  ASSERT_EQ(lines.size(), 100u);
+  for (int i = 0; i < 100; ++i) {
+    EXPECT_THAT(lines[i], HasSubstr(absl::StrCat(R"("msg":"big","i":)", i, ",")));
   }
 }
 
