@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <queue>
@@ -368,20 +369,12 @@ class LoadGenerator {
     slot.session_reader.reset();
     slot.transaction_reader.reset();
     switch (options_.rpc) {
-      case BenchRpc::kHealth: {
+      case BenchRpc::kHealth:
         slot.context = NewContext(slot, false);
-        Health::Stub& stub = *health_[slot.connection];
-        Issue(
-            slot, &slot.health_response, slot.health_reader,
-            [&](auto done) {
-              stub.async()->Check(slot.context.get(), &slot.health_request, &slot.health_response,
-                                  std::move(done));
-            },
-            [&](grpc::CompletionQueue* queue) {
-              return stub.PrepareAsyncCheck(slot.context.get(), slot.health_request, queue);
-            });
+        Issue(slot, *health_[slot.connection], &Health::Stub::async::Check,
+              &Health::Stub::PrepareAsyncCheck, slot.health_request, &slot.health_response,
+              slot.health_reader);
         return;
-      }
       case BenchRpc::kCreateGetSession:
         if (slot.reading_back) {
           slot.context = NewContext(slot, false);
@@ -390,93 +383,68 @@ class LoadGenerator {
           return;
         }
         [[fallthrough]];
-      case BenchRpc::kCreateSession: {
+      case BenchRpc::kCreateSession:
         slot.context = NewContext(slot, false);
         // A new user per call, as logins of many users look; one user with a huge session
         // list would measure that user's index instead.
         slot.create_request.set_user_id(
             absl::StrCat("bench-", run_id_, "-", slot.index, "-", slot.sequence));
         slot.create_request.set_ttl_seconds(kCreatedSessionTtl);
-        SessionService::Stub& stub = *sessions_[slot.connection];
-        Issue(
-            slot, &slot.session_response, slot.session_reader,
-            [&](auto done) {
-              stub.async()->CreateSession(slot.context.get(), &slot.create_request,
-                                          &slot.session_response, std::move(done));
-            },
-            [&](grpc::CompletionQueue* queue) {
-              return stub.PrepareAsyncCreateSession(slot.context.get(), slot.create_request, queue);
-            });
+        Issue(slot, *sessions_[slot.connection], &SessionService::Stub::async::CreateSession,
+              &SessionService::Stub::PrepareAsyncCreateSession, slot.create_request,
+              &slot.session_response, slot.session_reader);
         return;
-      }
       case BenchRpc::kGetSession:
         slot.context = NewContext(slot, false);
         slot.get_request.set_token(slot.token);
         slot.get_request.set_touch(options_.touch);
         IssueGetSession(slot);
         return;
-      case BenchRpc::kUpdateSession: {
+      case BenchRpc::kUpdateSession:
         slot.context = NewContext(slot, false);
         slot.update_request.set_token(slot.token);
         (*slot.update_request.mutable_set())["n"] = absl::StrCat(slot.sequence);
-        SessionService::Stub& stub = *sessions_[slot.connection];
-        Issue(
-            slot, &slot.session_response, slot.session_reader,
-            [&](auto done) {
-              stub.async()->UpdateSession(slot.context.get(), &slot.update_request,
-                                          &slot.session_response, std::move(done));
-            },
-            [&](grpc::CompletionQueue* queue) {
-              return stub.PrepareAsyncUpdateSession(slot.context.get(), slot.update_request, queue);
-            });
+        Issue(slot, *sessions_[slot.connection], &SessionService::Stub::async::UpdateSession,
+              &SessionService::Stub::PrepareAsyncUpdateSession, slot.update_request,
+              &slot.session_response, slot.session_reader);
         return;
-      }
-      case BenchRpc::kTransfer: {
+      case BenchRpc::kTransfer:
         slot.context = NewContext(slot, true);
         slot.transfer_request.set_from_account_id(slot.from_account);
         slot.transfer_request.set_to_account_id(slot.to_account);
         slot.transfer_request.set_amount_minor(1);
         slot.transfer_request.set_idempotency_key(
             absl::StrCat("bench-", run_id_, "-", slot.index, "-", slot.sequence));
-        TransactionService::Stub& stub = *ledger_[slot.connection];
-        Issue(
-            slot, &slot.transaction_response, slot.transaction_reader,
-            [&](auto done) {
-              stub.async()->Transfer(slot.context.get(), &slot.transfer_request,
-                                     &slot.transaction_response, std::move(done));
-            },
-            [&](grpc::CompletionQueue* queue) {
-              return stub.PrepareAsyncTransfer(slot.context.get(), slot.transfer_request, queue);
-            });
+        Issue(slot, *ledger_[slot.connection], &TransactionService::Stub::async::Transfer,
+              &TransactionService::Stub::PrepareAsyncTransfer, slot.transfer_request,
+              &slot.transaction_response, slot.transaction_reader);
         return;
-      }
     }
   }
 
   void IssueGetSession(Slot& slot) {
-    SessionService::Stub& stub = *sessions_[slot.connection];
-    Issue(
-        slot, &slot.session_response, slot.session_reader,
-        [&](auto done) {
-          stub.async()->GetSession(slot.context.get(), &slot.get_request, &slot.session_response,
-                                   std::move(done));
-        },
-        [&](grpc::CompletionQueue* queue) {
-          return stub.PrepareAsyncGetSession(slot.context.get(), slot.get_request, queue);
-        });
+    Issue(slot, *sessions_[slot.connection], &SessionService::Stub::async::GetSession,
+          &SessionService::Stub::PrepareAsyncGetSession, slot.get_request, &slot.session_response,
+          slot.session_reader);
   }
 
-  // Starts the slot's call: closed-loop through gRPC's callback API (`callback_form`), under
-  // --rate through the completion queue that RunCompleter() drains (`queued_form`).
-  template <typename Response, typename CallbackForm, typename QueuedForm>
-  void Issue(Slot& slot, Response* response,
-             std::unique_ptr<grpc::ClientAsyncResponseReader<Response>>& reader,
-             CallbackForm callback_form, QueuedForm queued_form) {
+  // Starts the slot's call to one unary method of `stub`: closed-loop through gRPC's callback
+  // API (`callback_form`), under --rate through the completion queue that RunCompleter() drains
+  // (`queued_form`).
+  template <typename Stub, typename Request, typename Response>
+  void Issue(Slot& slot, Stub& stub,
+             void (Stub::async::*callback_form)(grpc::ClientContext*, const Request*, Response*,
+                                                std::function<void(grpc::Status)>),
+             std::unique_ptr<grpc::ClientAsyncResponseReader<Response>> (Stub::*queued_form)(
+                 grpc::ClientContext*, const Request&, grpc::CompletionQueue*),
+             const Request& request, Response* response,
+             std::unique_ptr<grpc::ClientAsyncResponseReader<Response>>& reader) {
     if (options_.rate <= 0) {
-      callback_form([this, &slot](grpc::Status status) { OnDone(slot, status); });
+      (stub.async()->*callback_form)(slot.context.get(), &request, response,
+                                     [this, &slot](grpc::Status status) { OnDone(slot, status); });
       return;
     }
-    reader = queued_form(&paced_calls_);
+    reader = (stub.*queued_form)(slot.context.get(), request, &paced_calls_);
     reader->StartCall();
     reader->Finish(response, &slot.status, &slot);
   }
