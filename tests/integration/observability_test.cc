@@ -11,6 +11,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "sessionledger/v1/session.grpc.pb.h"
+#include "tests/integration/session_test_support.h"
 #include "tests/support/server_process.h"
 #include "tests/support/test_env.h"
 
@@ -193,14 +194,10 @@ TEST(RequestIdTest, GeneratesOneWhenAbsentOrUnusable) {
 TEST(RequestIdTest, LogsACallThePipelineAnsweredBeforeItsNextTurn) {
   auto server = StartServer({});
   ASSERT_NE(server, nullptr);
+  const sessionledger::v1::Session created =
+      SessionClient(*server).MustCreate("access-log-pipeline");
+  ASSERT_FALSE(created.token().empty());
   auto sessions = sessionledger::v1::SessionService::NewStub(server->NewChannel());
-  sessionledger::v1::Session created;
-  {
-    grpc::ClientContext context;
-    sessionledger::v1::CreateSessionRequest request;
-    request.set_user_id("access-log-pipeline");
-    ASSERT_TRUE(sessions->CreateSession(&context, request, &created).ok());
-  }
   grpc::ClientContext context;
   context.AddMetadata("x-request-id", "req-pipeline-read");
   sessionledger::v1::GetSessionRequest request;
