@@ -73,8 +73,9 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> HealthCheckCredentials
 // For container health checks (the image has no shell or grpc_health_probe): asks the local
 // server's health service for "" and exits 0 only when it is SERVING.
 int HealthCheck() {
-  const char* port = std::getenv("PORT");
-  const std::string target = absl::StrCat("127.0.0.1:", port != nullptr && *port ? port : "50051");
+  const absl::StatusOr<uint16_t> port = ListenPort(ProcessEnvironment());
+  if (!port.ok()) return Fail(port.status());
+  const std::string target = absl::StrCat("127.0.0.1:", *port);
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = HealthCheckCredentials();
   if (!credentials.ok()) return Fail(credentials.status());
   auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(target, *credentials));
@@ -104,8 +105,10 @@ int Serve() {
   // glibc gives every thread that allocates under contention its own malloc arena, up to 8 per
   // core; with gRPC's poller threads that was 14 arenas of ~200 KiB each after the first seconds
   // of load, most of the step from idle to serving RSS. Two arenas measured no throughput loss
-  // on 2 cores. MALLOC_ARENA_MAX in the environment still wins.
-  if (std::getenv("MALLOC_ARENA_MAX") == nullptr) mallopt(M_ARENA_MAX, 2);
+  // on 2 cores. MALLOC_ARENA_MAX in the environment still wins; empty means unset, as for every
+  // variable (glibc ignores an empty one too).
+  const char* arena_max = std::getenv("MALLOC_ARENA_MAX");
+  if (arena_max == nullptr || *arena_max == '\0') mallopt(M_ARENA_MAX, 2);
 
   absl::StatusOr<Config> config = LoadConfig(ProcessEnvironment());
   if (!config.ok()) return Fail(config.status());

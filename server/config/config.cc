@@ -297,6 +297,36 @@ absl::StatusOr<MemcachedUrl> ParseMemcachedUrl(absl::string_view url) {
   return parsed;
 }
 
+namespace {
+
+// libpq's parse errors quote the piece of the URL they stumbled on, which may be the password
+// ("invalid percent-encoded token: \"s3cr%et\""); start-up errors end up in logs. Quoted
+// single characters (syntax, such as "]" or "=") stay; the message ends at the first longer or
+// unclosed quotation, which becomes "...": what follows could be the rest of the URL.
+std::string WithoutQuotedText(absl::string_view message) {
+  std::string out;
+  size_t i = 0;
+  while (i < message.size()) {
+    const size_t open = message.find('"', i);
+    if (open == absl::string_view::npos) {
+      absl::StrAppend(&out, message.substr(i));
+      break;
+    }
+    const size_t close = message.find('"', open + 1);
+    absl::StrAppend(&out, message.substr(i, open - i));
+    if (close == absl::string_view::npos || close - open - 1 > 1) {
+      out.append("\"...\"");
+      break;
+    }
+    absl::StrAppend(&out, message.substr(open, close - open + 1));
+    i = close + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+// Never echoes a value from the URL: see WithoutQuotedText.
 absl::Status ValidateDatabaseUrl(absl::string_view url) {
   if (!absl::StartsWith(url, "postgres://") && !absl::StartsWith(url, "postgresql://")) {
     return absl::InvalidArgumentError("must start with postgres:// or postgresql://");
@@ -310,7 +340,9 @@ absl::Status ValidateDatabaseUrl(absl::string_view url) {
     PQfreemem(error);
     // libpq's messages end in a newline; keep the one-line promise.
     while (!message.empty() && absl::ascii_isspace(message.back())) message.pop_back();
-    return absl::InvalidArgumentError(message);
+    return absl::InvalidArgumentError(
+        absl::StrCat(WithoutQuotedText(message),
+                     " (percent-encode any of : / @ ? # % in the user name or password)"));
   }
   // libpq parses values lazily, at connect time; catch the common mistakes at start-up instead.
   for (const PQconninfoOption* option = options.get(); option->keyword != nullptr; ++option) {
@@ -320,7 +352,11 @@ absl::Status ValidateDatabaseUrl(absl::string_view url) {
     if (keyword == "port") {
       for (absl::string_view port : absl::StrSplit(value, ',')) {
         if (!ParseInteger(port, 1, 65535).ok()) {
-          return absl::InvalidArgumentError(absl::StrCat("port '", port, "' is not 1..65535"));
+          // A password with an unencoded '/' is read as host:port ("postgres://app:se/cret@db"
+          // gives port "se"): the value is not echoed.
+          return absl::InvalidArgumentError(
+              "the port is not 1..65535 (percent-encode any of : / @ ? # % in the user name or "
+              "password)");
         }
       }
     } else if (keyword == "sslmode") {
@@ -328,14 +364,11 @@ absl::Status ValidateDatabaseUrl(absl::string_view url) {
                                                      "require", "verify-ca", "verify-full"};
       if (std::find(std::begin(kModes), std::end(kModes), value) == std::end(kModes)) {
         return absl::InvalidArgumentError(
-            absl::StrCat("sslmode '", value,
-                         "' is not one of disable, allow, prefer, require, verify-ca, "
-                         "verify-full"));
+            "sslmode is not one of disable, allow, prefer, require, verify-ca, verify-full");
       }
     } else if (keyword == "connect_timeout") {
       if (!ParseInteger(value, 0, 3600).ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("connect_timeout '", value, "' is not a number of seconds"));
+        return absl::InvalidArgumentError("connect_timeout is not a number of seconds (0..3600)");
       }
     }
   }
@@ -481,11 +514,16 @@ EnvLookup ProcessEnvironment() {
   };
 }
 
+absl::StatusOr<uint16_t> ListenPort(const EnvLookup& env) {
+  SL_ASSIGN_OR_RETURN(const int64_t port, IntegerVariable(Raw{env}, "PORT", "50051", 1, 65535));
+  return static_cast<uint16_t>(port);
+}
+
 absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
   const Raw raw{env};
   Config config;
   SL_RETURN_IF_ERROR(LoadLogLevel(raw, config));
-  SL_ASSIGN_OR_RETURN(config.port, IntegerVariable(raw, "PORT", "50051", 1, 65535));
+  SL_ASSIGN_OR_RETURN(config.port, ListenPort(env));
 
   std::optional<std::string> memcached_url = raw.GetRequired("MEMCACHED_URL");
   if (!memcached_url.has_value()) {

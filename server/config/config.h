@@ -31,7 +31,8 @@ struct MemcachedUrl {
 
 absl::StatusOr<MemcachedUrl> ParseMemcachedUrl(absl::string_view url);
 
-// Checks a libpq connection string (URL or key=value form) without connecting.
+// Checks a libpq URL (postgres:// or postgresql://) without connecting. Its errors never quote
+// the URL, which may hold a password.
 absl::Status ValidateDatabaseUrl(absl::string_view url);
 // The same string with any password replaced by "****", safe to log.
 std::string RedactDatabaseUrl(absl::string_view url);
@@ -99,6 +100,10 @@ std::string ConfigHelpText();
 using EnvLookup = std::function<std::optional<std::string>(absl::string_view name)>;
 // Reads the real process environment.
 EnvLookup ProcessEnvironment();
+
+// PORT alone (default 50051), checked as LoadConfig checks it: for `healthcheck`, which needs
+// no other variable.
+absl::StatusOr<uint16_t> ListenPort(const EnvLookup& env);
 
 // Validates every variable. The error message is one line that starts with the variable's
 // name and says what is wrong, e.g. "MEMCACHED_URL: required, e.g. memcached://127.0.0.1:11211".

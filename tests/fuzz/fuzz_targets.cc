@@ -95,6 +95,19 @@ std::string CheckDatabaseUrl(absl::string_view text) {
       valid.message().find('\n') != absl::string_view::npos) {
     return "DATABASE_URL error spans lines for a one-line input";
   }
+  // The URL may hold a password and the error goes to the log: it may quote a single (syntax)
+  // character, never a longer piece of the URL.
+  if (!valid.ok()) {
+    const absl::string_view message = valid.message();
+    for (size_t open = message.find('"'); open != absl::string_view::npos;) {
+      const size_t close = message.find('"', open + 1);
+      if (close == absl::string_view::npos) break;  // The "..." that ends a cut message.
+      if (close - open - 1 > 1 && message.substr(open, close - open + 1) != "\"...\"") {
+        return absl::StrCat("DATABASE_URL error quotes the URL: ", message);
+      }
+      open = message.find('"', close + 1);
+    }
+  }
   const std::string redacted = RedactDatabaseUrl(text);
   if (!valid.ok()) return "";
   // Percent-escapes make libpq's password differ from its spelling in the URL; a distinctive

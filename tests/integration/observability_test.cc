@@ -226,5 +226,12 @@ TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {
   EXPECT_EQ(down->exit_code, 1) << down->output;
 }
 
+TEST(HealthcheckCommandTest, NamesABadPort) {
+  auto bad = RunCommand({SL_SERVER_BINARY, "healthcheck"}, {{"PORT", "5005x"}});
+  ASSERT_TRUE(bad.ok());
+  EXPECT_EQ(bad->exit_code, 2) << bad->output;
+  EXPECT_THAT(bad->output, HasSubstr("PORT: ")) << bad->output;
+}
+
 }  // namespace
 }  // namespace sessionledger::testing

@@ -9,6 +9,7 @@ namespace sessionledger {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 EnvLookup FakeEnv(std::map<std::string, std::string> values) {
@@ -91,6 +92,28 @@ TEST(DatabaseUrlTest, RejectsMalformedUrls) {
   EXPECT_FALSE(ValidateDatabaseUrl("host=h dbname=db").ok()) << "URL form only, as the contract";
   EXPECT_FALSE(ValidateDatabaseUrl("postgres://h/db?no_such_option=1").ok());
   EXPECT_FALSE(ValidateDatabaseUrl("postgres://h:99999999999/db?sslmode=bogus").ok());
+}
+
+// Start-up errors end up in logs; a mistyped URL must not put its password there.
+TEST(DatabaseUrlTest, ErrorsDoNotQuoteTheUrl) {
+  // libpq's own parse error quotes the bad token, here the password.
+  const absl::Status bad_escape = ValidateDatabaseUrl("postgres://app:Zq7%zzpw@db/x");
+  EXPECT_FALSE(bad_escape.ok());
+  EXPECT_THAT(bad_escape.message(), HasSubstr("percent-encoded"));
+  EXPECT_THAT(bad_escape.message(), Not(HasSubstr("Zq7")));
+  EXPECT_THAT(bad_escape.message(), Not(HasSubstr("zzpw")));
+  // An unencoded '/' in the password makes libpq read "app:Zq7" as host:port.
+  const absl::Status slash = ValidateDatabaseUrl("postgres://app:Zq7/pw9@db/x");
+  EXPECT_FALSE(slash.ok());
+  EXPECT_THAT(slash.message(), HasSubstr("port"));
+  EXPECT_THAT(slash.message(), Not(HasSubstr("Zq7")));
+  for (const char* url :
+       {"postgres://db/x?sslmode=Zq7pw9", "postgres://db/x?connect_timeout=Zq7pw9",
+        "postgres://db/x?Zq7pw9", "postgres://db/x?password=a=Zq7pw9"}) {
+    const absl::Status status = ValidateDatabaseUrl(url);
+    EXPECT_FALSE(status.ok()) << url;
+    EXPECT_THAT(status.message(), Not(HasSubstr("Zq7"))) << url;
+  }
 }
 
 TEST(DatabaseUrlTest, RedactsPasswords) {
