@@ -21,12 +21,28 @@ std::string Time(const google::protobuf::Timestamp& ts) {
 
 std::string OrDash(const std::string& s) { return s.empty() ? "-" : s; }
 
+// A key or value as one unambiguous piece of a k=v list: in double quotes (an inner quote
+// doubled) when it is empty, has a comma, '=' or quote, or starts or ends with a space.
+// Otherwise the value "x, role=admin" would read as a second attribute.
+std::string AttributePiece(const std::string& text) {
+  const bool plain = !text.empty() && text.find_first_of(",=\"") == std::string::npos &&
+                     text.front() != ' ' && text.back() != ' ';
+  if (plain) return text;
+  std::string quoted = "\"";
+  for (char c : text) {
+    if (c == '"') quoted.push_back('"');
+    quoted.push_back(c);
+  }
+  quoted.push_back('"');
+  return quoted;
+}
+
 // Attributes sorted by key (protobuf maps have no order) as k=v, comma-separated.
 std::string Attributes(const google::protobuf::Map<std::string, std::string>& attributes) {
   std::map<std::string, std::string> sorted(attributes.begin(), attributes.end());
   std::string out;
   for (const auto& [k, v] : sorted) {
-    absl::StrAppend(&out, out.empty() ? "" : ", ", k, "=", v);
+    absl::StrAppend(&out, out.empty() ? "" : ", ", AttributePiece(k), "=", AttributePiece(v));
   }
   return out.empty() ? "-" : out;
 }

@@ -208,6 +208,18 @@ TEST(CliOutputTest, SessionTableOmitsEmptyTokenAndSortsAttributes) {
   EXPECT_THAT(FormatSession(session), HasSubstr("token                secret\n"));
 }
 
+TEST(CliOutputTest, AttributesThatLookLikeSeveralAreQuoted) {
+  v1::Session session;
+  (*session.mutable_attributes())["note"] = "x, role=admin";
+  (*session.mutable_attributes())["a=b"] = "say \"hi\"";
+  (*session.mutable_attributes())["empty"] = "";
+  (*session.mutable_attributes())["pad"] = " x";
+  (*session.mutable_attributes())["plain"] = "a b";
+  EXPECT_THAT(FormatSession(session),
+              HasSubstr("attributes           \"a=b\"=\"say \"\"hi\"\"\", empty=\"\", "
+                        "note=\"x, role=admin\", pad=\" x\", plain=a b\n"));
+}
+
 TEST(CliOutputTest, TableColumnsAlign) {
   EXPECT_EQ(FormatTable({"A", "LONGER"}, {{"xxxx", "y"}, {"z", "w"}}),
             "A     LONGER\n"
