@@ -102,9 +102,8 @@ class SessionStore {
     std::move(done)(CompareAndSwap(key, cas, session, ttl, deadline));
   }
 
-  // Like Lookup, for hot read-only paths (authentication): stops at the first copy that holds
-  // the session (one round trip when it is the first copy) and repairs nothing. A copy that
-  // lacks the generation still makes it ask the others, so revocation is never missed.
+  // Like Lookup, for read-only paths (authentication): the same answer from every copy (a
+  // deletion or revocation on any copy holds), but nothing is repaired.
   virtual absl::StatusOr<SessionLookup> Peek(const SessionKey& key, absl::Time deadline) = 0;
 
   // Stores a new session. ALREADY_EXISTS when the key is taken.

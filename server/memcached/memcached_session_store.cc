@@ -935,41 +935,12 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Peek(const SessionKey& key,
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   const std::string skey = SessionKeyName(key.token_hash);
   const std::string gkey = GenerationKeyName(key.user_tag);
-  SessionLookup lookup;
-  bool answered = false;
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
-  for (int c = 0; c < conn.copies(); ++c) {
-    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, {skey, gkey});
-    if (!got.ok()) {
-      last = got.status();
-      continue;
-    }
-    answered = true;
-    bool has_generation = false;
-    if (auto g = got->find(gkey); g != got->end()) {
-      lookup.user_generation = std::max(lookup.user_generation, ParseGeneration(g->second.value));
-      has_generation = true;
-    }
-    SessionRecord record;
-    auto it = got->find(skey);
-    // A miss (say, a node that restarted empty) sends us on to the next copy.
-    if (it == got->end() || !record.session.ParseFromString(it->second.value)) continue;
-    record.cas = CasToken{it->second.cas, c};
-    if (!has_generation) {
-      for (int o = c + 1; o < conn.copies(); ++o) {
-        absl::StatusOr<std::map<std::string, Item>> other = conn.Get(o, {gkey});
-        if (!other.ok()) continue;
-        if (auto g = other->find(gkey); g != other->end()) {
-          lookup.user_generation =
-              std::max(lookup.user_generation, ParseGeneration(g->second.value));
-        }
-      }
-    }
-    lookup.record = std::move(record);
-    return lookup;
-  }
-  if (answered) return lookup;
-  return last;
+  // Every copy, reconciled as Lookup reconciles them (a tombstone anywhere wins, then the
+  // highest version; the highest generation), but nothing is written back. Stopping at the
+  // first copy that held the session let a copy that missed a deletion, rotation or second
+  // revocation (skipped for a second after it stalled) keep authorising ledger calls.
+  SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {skey, gkey}));
+  return Settled(PlanLookup(reads, skey, gkey));
 }
 
 absl::Status MemcachedSessionStore::Add(const SessionKey& key, const StoredSession& session,

@@ -183,6 +183,77 @@ TEST_F(SessionReplicaTest, LedgerAuthenticationFallsThroughAnEmptyNodeAndHonours
   }
 }
 
+// A copy that missed a deletion, a rotation or a second revocation (a node skipped for a
+// second after it stalled) must not keep authorising ledger calls: authentication weighs every
+// copy, whichever node holds the user's first copy.
+TEST_F(SessionReplicaTest, LedgerAuthenticationHonoursEndsThatOneCopyMissed) {
+  auto ledger = v1::TransactionService::NewStub(server_->NewChannel());
+  const auto open_account = [&](const std::string& token) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    ctx.AddMetadata("authorization", "Bearer " + token);
+    v1::OpenAccountRequest req;
+    req.set_currency("EUR");
+    v1::Account account;
+    return ledger->OpenAccount(&ctx, req, &account).error_code();
+  };
+  // Each `ended` session's key holds its end (a tombstone, or a live value under a raised
+  // generation); one node at a time gets back the state from before the end.
+  const auto expect_ended_on_both = [&](const std::string& token, const std::string& key,
+                                        const std::string& before, const std::string& after) {
+    for (int node : {1, 2}) {
+      ASSERT_TRUE(MemcachedSetRaw(node, key, before, 60));
+      EXPECT_EQ(open_account(token), grpc::StatusCode::UNAUTHENTICATED)
+          << "node " << node << " alone missed the end of " << key;
+      ASSERT_TRUE(MemcachedSetRaw(node, key, after, 60));
+    }
+  };
+  // Four users each: each user's first copy is on node 1 or node 2.
+  for (const v1::Session& s : CreateMany("missed-delete", 4)) {
+    const std::string key = SessionKey(s.token());
+    ASSERT_EQ(open_account(s.token()), grpc::StatusCode::OK);
+    const std::optional<std::string> live = MemcachedGetValue(1, key);
+    ASSERT_TRUE(live.has_value());
+    ASSERT_TRUE(client_->Delete(s.token()).ok());
+    const std::optional<std::string> tombstone = MemcachedGetValue(1, key);
+    ASSERT_TRUE(tombstone.has_value()) << "DeleteSession leaves a tombstone under replicas";
+    expect_ended_on_both(s.token(), key, *live, *tombstone);
+  }
+  for (const v1::Session& s : CreateMany("missed-rotate", 4)) {
+    const std::string key = SessionKey(s.token());
+    const std::optional<std::string> live = MemcachedGetValue(1, key);
+    ASSERT_TRUE(live.has_value());
+    v1::Session rotated;
+    ASSERT_TRUE(client_->Rotate(s.token(), &rotated).ok());
+    const std::optional<std::string> tombstone = MemcachedGetValue(1, key);
+    ASSERT_TRUE(tombstone.has_value());
+    expect_ended_on_both(s.token(), key, *live, *tombstone);
+    EXPECT_EQ(open_account(rotated.token()), grpc::StatusCode::OK);
+  }
+  // A second revocation that one copy missed: that copy still holds the first generation.
+  for (const v1::Session& first : CreateMany("missed-revoke", 4)) {
+    v1::RevokeUserSessionsResponse revoked;
+    ASSERT_TRUE(client_->Revoke(first.user_id(), &revoked).ok());
+    const std::string generation_key = "sl:v1:g:" + SessionKey(first.user_id()).substr(8, 32);
+    const std::optional<std::string> first_generation = MemcachedGetValue(1, generation_key);
+    ASSERT_TRUE(first_generation.has_value());
+    const v1::Session s = client_->MustCreate(first.user_id());
+    const std::string key = SessionKey(s.token());
+    const std::optional<std::string> live = MemcachedGetValue(1, key);
+    ASSERT_TRUE(live.has_value());
+    ASSERT_EQ(open_account(s.token()), grpc::StatusCode::OK);
+    ASSERT_TRUE(client_->Revoke(first.user_id(), &revoked).ok());
+    const std::optional<std::string> second_generation = MemcachedGetValue(1, generation_key);
+    ASSERT_TRUE(second_generation.has_value());
+    ASSERT_NE(*second_generation, *first_generation);
+    // The session's copies linger (a removal that did not reach them), and one node at a time
+    // holds the older generation.
+    ASSERT_TRUE(MemcachedSetRaw(1, key, *live, 60));
+    ASSERT_TRUE(MemcachedSetRaw(2, key, *live, 60));
+    expect_ended_on_both(s.token(), generation_key, *first_generation, *second_generation);
+  }
+}
+
 TEST(SessionOutageTest, MemcachedDownIsUnavailableWithinTheDeadlineAndRecovers) {
   std::unique_ptr<ServerProcess> server = StartSessionServer();
   ASSERT_NE(server, nullptr);
