@@ -148,6 +148,13 @@ absl::Duration ServerBudget(absl::Duration left) {
   return std::max(absl::Milliseconds(1), left - std::min(left / 5, absl::Milliseconds(200)));
 }
 
+// statement_timeout for a connection just taken from the pool: the budget of what is left
+// now, not of what was left before waiting for a connection (that wait can take most of it,
+// and then the call's deadline, which breaks the connection, would come before PostgreSQL's).
+std::string StatementTimeoutMillis(absl::Time deadline) {
+  return absl::StrCat(absl::ToInt64Milliseconds(ServerBudget(deadline - absl::Now())));
+}
+
 PgStatement MovementStatement(const MoneyMovement& m) {
   const bool transfer = m.kind == TransactionKind::kTransfer;
   return {kApplyMovement,
@@ -243,27 +250,27 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
     // Back off here, after the previous attempt's lease went back to the pool, so a sleeping
     // retry never holds a connection that another call could use.
     if (IsRetryableTransactionFailure(last)) Backoff(attempt, deadline);
-    const absl::Duration left = deadline - absl::Now();
-    if (left <= absl::ZeroDuration()) {
+    if (deadline <= absl::Now()) {
       return last.ok() ? absl::UnavailableError("postgres: the call's deadline has passed") : last;
     }
     SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
-    const absl::Duration server_budget = ServerBudget(left);
     const std::vector<PgStatement> statements = {
-        {kSetStatementTimeout, {absl::StrCat(absl::ToInt64Milliseconds(server_budget))}},
-        statement};
+        {kSetStatementTimeout, {StatementTimeoutMillis(deadline)}}, statement};
     absl::StatusOr<std::vector<PgResultPtr>> results = lease->ExecPipeline(statements, deadline);
     if (results.ok()) return std::move((*results)[1]);
     last = results.status();
-    if (!lease->healthy()) lease.MarkBroken();
+    const bool replace_connection = !lease->healthy() || NeedsFreshConnection(last);
+    if (replace_connection) lease.MarkBroken();
     if (IsRetryableTransactionFailure(last)) {
       retries_.fetch_add(1, std::memory_order_relaxed);
       continue;
     }
-    // A pooled connection can die between its stale check and its use (PostgreSQL restarting):
-    // one retry on a fresh connection, only when running the statement twice is harmless.
-    if (idempotent && !retried_connection && last.code() == absl::StatusCode::kUnavailable &&
-        !lease->healthy()) {
+    // A pooled connection can die between its stale check and its use (PostgreSQL restarting),
+    // or lead to a server that became read-only (a failover): one retry on a fresh connection,
+    // only when running the statement twice is harmless, or when it cannot have run (a
+    // read-only server refuses a write before doing anything).
+    if ((idempotent || NeedsFreshConnection(last)) && !retried_connection &&
+        last.code() == absl::StatusCode::kUnavailable && replace_connection) {
       retried_connection = true;
       retries_.fetch_add(1, std::memory_order_relaxed);
       continue;
@@ -391,6 +398,9 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
     }
     if (absl::Now() >= deadline) {
       queue_.erase(std::find(queue_.begin(), queue_.end(), &self));
+      // A leader that finished may have woken this caller as the next one: pass that on, or
+      // the callers behind it would wait for a free slot until their own deadlines.
+      WakeNextLeaderLocked();
       return absl::UnavailableError(
           "postgres: the call's deadline passed while it waited for a connection");
     }
@@ -483,9 +493,7 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
   }
   std::vector<PgStatement> statements;
   statements.reserve(3);
-  statements.push_back(
-      {kSetStatementTimeout,
-       {absl::StrCat(absl::ToInt64Milliseconds(ServerBudget(deadline - absl::Now())))}});
+  statements.push_back({kSetStatementTimeout, {""}});  // Set once a connection is ours.
   // Account ids are canonical UUIDs (the ledger layer checks them), so they need no quoting
   // inside the array literal; anything else fails the cast and the batch falls back.
   statements.push_back({kLockAccounts, {absl::StrCat("{", absl::StrJoin(accounts, ","), "}")}});
@@ -499,8 +507,9 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
       return absl::UnavailableError("postgres: the call's deadline has passed");
     }
     SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
+    statements[0].params[0] = StatementTimeoutMillis(deadline);
     absl::StatusOr<std::vector<PgResultPtr>> r = lease->ExecPipeline(statements, deadline);
-    if (!r.ok() && !lease->healthy()) lease.MarkBroken();
+    if (!r.ok() && (!lease->healthy() || NeedsFreshConnection(r.status()))) lease.MarkBroken();
     if (!r.ok()) return r;
     // One row per movement, in order. Anything else (which cannot happen) is handled like a
     // failed batch: whatever committed is replayed by the single path.

@@ -34,9 +34,14 @@ absl::Status StatusFromResult(const PGresult* result) {
   } else if (absl::StartsWith(sqlstate, "23")) {
     status = absl::FailedPreconditionError(message);
   } else if (sqlstate == "57014" || absl::StartsWith(sqlstate, "08") || sqlstate == "57P01" ||
-             sqlstate == "57P02" || sqlstate == "57P03" || sqlstate == "53300") {
+             sqlstate == "57P02" || sqlstate == "57P03" || sqlstate == "57P05" ||
+             absl::StartsWith(sqlstate, "53") || sqlstate == "25006" || sqlstate == "55P03" ||
+             sqlstate == "58030") {
     // query_canceled (statement_timeout), connection exceptions, admin/crash shutdown, the
-    // server starting up, too many connections: all transient.
+    // server starting up, an idle session closed, insufficient resources (disk, memory,
+    // connections), a read-only server (a standby, say the old primary after a failover), a
+    // lock_timeout, an I/O error: the database's trouble, not the call's. The contract makes
+    // that UNAVAILABLE, which clients retry, never INTERNAL.
     status = absl::UnavailableError(message);
   } else {
     status = absl::InternalError(message);
@@ -50,6 +55,12 @@ absl::Status StatusFromResult(const PGresult* result) {
 std::string SqlStateOf(const absl::Status& status) {
   absl::optional<absl::Cord> payload = status.GetPayload(kSqlStatePayload);
   return payload.has_value() ? std::string(*payload) : std::string();
+}
+
+bool NeedsFreshConnection(const absl::Status& status) {
+  // After a failover the pooled connections may still lead to the old primary, now read-only;
+  // a new connection resolves the host again and finds the new one.
+  return SqlStateOf(status) == "25006";
 }
 
 bool IsRetryableTransactionFailure(const absl::Status& status) {

@@ -29,6 +29,9 @@ std::string SqlStateOf(const absl::Status& status);
 // True for SQLSTATE 40001 (serialization_failure) and 40P01 (deadlock_detected): the
 // transaction did nothing and may simply be run again.
 bool IsRetryableTransactionFailure(const absl::Status& status);
+// True when the connection that gave `status` should be replaced even though it is still up:
+// SQLSTATE 25006, a read-only server (a standby, or the old primary after a failover).
+bool NeedsFreshConnection(const absl::Status& status);
 
 // One statement of a pipeline: SQL with $n placeholders and its text parameters.
 struct PgStatement {

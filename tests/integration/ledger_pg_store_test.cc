@@ -439,6 +439,102 @@ class LedgerPgBatchTest : public LedgerPgStoreTest {
   std::vector<std::thread> threads_;
 };
 
+// PostgreSQL's statement_timeout is what lets a statement stuck behind a lock end before the
+// call's deadline, so that the connection goes back to the pool whole; the deadline itself can
+// only break the connection. The budget must be what is left once a connection is ours: a call
+// that spent most of its deadline waiting for one still needs PostgreSQL to give up first.
+TEST_F(LedgerPgBatchTest, ACallThatWaitedForAConnectionGivesPostgresOnlyWhatIsLeft) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  absl::StatusOr<PgConnection> blocker = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(blocker.ok()) << blocker.status();
+  ASSERT_TRUE(blocker->ExecSimple("BEGIN", Soon()).ok());
+  ASSERT_TRUE(blocker
+                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
+                         {a.account_id}, Soon())
+                  .ok());
+  // The pool's only connection, held for half of the call's three seconds.
+  std::optional<PgPool::Lease> held;
+  {
+    absl::StatusOr<PgPool::Lease> lease = small_pool_.Acquire(Soon());
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    held.emplace(*std::move(lease));
+  }
+  ASSERT_EQ(small_pool_.open_connections(), 1);
+  std::thread release([&] {
+    absl::SleepFor(absl::Milliseconds(1500));
+    held.reset();
+  });
+  const absl::StatusOr<Transaction> late =
+      batch_ledger_.Deposit(alice, {a.account_id, 1, "late"}, absl::Now() + absl::Seconds(3));
+  release.join();
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable) << late.status();
+  EXPECT_EQ(small_pool_.open_connections(), 1)
+      << "the call's deadline broke the connection: PostgreSQL was given more time than was left";
+  ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
+  EXPECT_EQ(Balance(alice, a.account_id), 0);
+}
+
+// After a failover a pooled connection may lead to the old primary, now read-only (SQLSTATE
+// 25006): that connection is replaced and the call retried on a new one, which finds a
+// writable server; the caller never sees INTERNAL.
+TEST_F(LedgerPgBatchTest, AConnectionToAReadOnlyServerIsReplaced) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const auto pooled_connection_turns_read_only = [&] {
+    absl::StatusOr<PgPool::Lease> lease = small_pool_.Acquire(Soon());
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    ASSERT_TRUE((*lease)->ExecSimple("SET default_transaction_read_only = on", Soon()).ok());
+  };
+  pooled_connection_turns_read_only();
+  absl::StatusOr<Transaction> deposit =
+      batch_ledger_.Deposit(alice, {a.account_id, 5, "after-failover"}, Soon());
+  EXPECT_TRUE(deposit.ok()) << deposit.status();
+  EXPECT_EQ(Balance(alice, a.account_id), 5);
+  // OpenAccount is not idempotent, but a read-only server refused it before doing anything.
+  pooled_connection_turns_read_only();
+  absl::StatusOr<Account> opened = batch_ledger_.OpenAccount(alice, "EUR", Soon());
+  EXPECT_TRUE(opened.ok()) << opened.status();
+  absl::StatusOr<PgPool::Lease> lease = small_pool_.Acquire(Soon());
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  absl::StatusOr<PgResultPtr> mode =
+      (*lease)->Exec("SELECT current_setting('default_transaction_read_only')", {}, Soon());
+  ASSERT_TRUE(mode.ok()) << mode.status();
+  EXPECT_STREQ(PQgetvalue(mode->get(), 0, 0), "off") << "the read-only connection is still pooled";
+}
+
+// Failures that are the database's trouble rather than the call's are UNAVAILABLE, which
+// clients retry, never INTERNAL: a read-only server and a lock_timeout among them.
+TEST_F(LedgerPgStoreTest, DatabaseTroubleIsUnavailable) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  absl::StatusOr<PgConnection> conn = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(conn.ok()) << conn.status();
+  ASSERT_TRUE(conn->ExecSimple("SET default_transaction_read_only = on", Soon()).ok());
+  absl::StatusOr<PgResultPtr> write =
+      conn->Exec("UPDATE accounts SET balance_minor = balance_minor WHERE account_id = $1::uuid",
+                 {a.account_id}, Soon());
+  EXPECT_EQ(write.status().code(), absl::StatusCode::kUnavailable) << write.status();
+  EXPECT_EQ(SqlStateOf(write.status()), "25006");
+  EXPECT_TRUE(NeedsFreshConnection(write.status()));
+
+  absl::StatusOr<PgConnection> holder = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(holder.ok()) << holder.status();
+  ASSERT_TRUE(holder->ExecSimple("BEGIN", Soon()).ok());
+  ASSERT_TRUE(holder
+                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
+                         {a.account_id}, Soon())
+                  .ok());
+  ASSERT_TRUE(conn->ExecSimple("SET default_transaction_read_only = off", Soon()).ok());
+  ASSERT_TRUE(conn->ExecSimple("SET lock_timeout = '20ms'", Soon()).ok());
+  absl::StatusOr<PgResultPtr> locked = conn->Exec(
+      "SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE", {a.account_id}, Soon());
+  EXPECT_EQ(locked.status().code(), absl::StatusCode::kUnavailable) << locked.status();
+  EXPECT_EQ(SqlStateOf(locked.status()), "55P03");
+  EXPECT_FALSE(NeedsFreshConnection(locked.status()));
+  ASSERT_TRUE(holder->ExecSimple("ROLLBACK", Soon()).ok());
+}
+
 TEST_F(LedgerPgBatchTest, EachMovementOfABatchGetsTheSinglePathsAnswer) {
   const std::string alice = NewUser("alice");
   const std::string bob = NewUser("bob");
