@@ -22,6 +22,9 @@ namespace {
 // Beyond this many entries, creating a session first drops the entries of dead sessions, so an
 // index stays far below Memcached's 1 MiB item limit even for a user who never lists.
 constexpr int kIndexPruneThreshold = 256;
+// How long an index entry whose session is missing is kept: longer than any Create or Rotate
+// takes between writing the entry and adding the session.
+constexpr absl::Duration kJustIndexed = absl::Seconds(30);
 
 absl::Status NotFound() { return absl::NotFoundError("token: no live session for this token"); }
 
@@ -282,6 +285,7 @@ SessionService::IndexWrite SessionService::IndexWith(const UserSessionIndex& cur
   entry->set_token_hash(session.token_hash());
   entry->set_session_id(session.session_id());
   entry->set_absolute_expires_at_unix_micros(session.absolute_expires_at_unix_micros());
+  entry->set_indexed_at_unix_micros(ToMicros(now));
   // The index lives exactly as long as its longest-lived session could.
   write.ttl = StoreTtl(FromMicros(newest), now);
   return write;
@@ -600,13 +604,25 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
         store_->Add(new_key, s, StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline));
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
     // both succeed (the loser's new session is removed again).
+    StoredSession ended_old = Tombstone(old);
+    ended_old.set_rotated_to_token_hash(new_key.token_hash);
     const absl::Status ended =
-        store_->CompareAndSwap(old_key, lookup.record->cas, Tombstone(old),
+        store_->CompareAndSwap(old_key, lookup.record->cas, ended_old,
                                StoreTtl(FromMicros(old.expires_at_unix_micros()), now), deadline);
     if (ended.ok()) return view;
-    const absl::Status removed = store_->Remove(new_key, deadline);
-    if (!absl::IsAborted(ended)) return ended;
-    if (!removed.ok()) return removed;
+    if (!absl::IsAborted(ended)) {
+      // No answer is not no: a compare-and-swap whose reply was lost (a timeout) may have ended
+      // the old token, and removing the new session then would leave the caller with neither.
+      absl::StatusOr<SessionLookup> after = store_->Lookup(old_key, deadline);
+      if (!after.ok()) return ended;  // Still unknown: the new session is left to expire.
+      if (after->record.has_value() && after->record->session.deleted() &&
+          after->record->session.rotated_to_token_hash() == new_key.token_hash) {
+        return view;
+      }
+      (void)store_->Remove(new_key, deadline);
+      return ended;
+    }
+    SL_RETURN_IF_ERROR(store_->Remove(new_key, deadline));
     if (!backoff.Wait()) {
       return absl::AbortedError("token: session changed concurrently too often; retry");
     }
@@ -650,9 +666,14 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
     const std::optional<StoredSession>& s = sessions[i];
     const bool expired_for_good = FromMicros(entry.absolute_expires_at_unix_micros()) <= now;
     if (!s.has_value()) {
-      // Just indexed by a Create whose Add has not landed yet: keep it until its lifetime ends.
-      if (!expired_for_good && FromMicros(entry.absolute_expires_at_unix_micros()) >
-                                   now + options_.max_lifetime - absl::Seconds(30)) {
+      // Just indexed by a Create or Rotate whose Add has not landed yet: keep it. A rotated
+      // session keeps its predecessor's absolute expiry, so only the entry's own time tells
+      // (entries of older releases lack it; theirs is that of a new session).
+      const absl::Time indexed_at =
+          entry.indexed_at_unix_micros() != 0
+              ? FromMicros(entry.indexed_at_unix_micros())
+              : FromMicros(entry.absolute_expires_at_unix_micros()) - options_.max_lifetime;
+      if (!expired_for_good && indexed_at > now - kJustIndexed) {
         *pruned.add_entries() = entry;
         newest = std::max(newest, entry.absolute_expires_at_unix_micros());
       }

@@ -4,6 +4,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "server/common/clock.h"
 #include "server/domain/session_store.h"
@@ -35,10 +36,17 @@ class FakeSessionStore final : public SessionStore {
     unavailable_ = true;
     failure_ = std::move(failure);
   }
-  // The next `n` session CompareAndSwap calls fail with ABORTED, as if another writer won.
-  void FailNextCas(int n) {
+  // The next `n` session CompareAndSwap calls fail with `failure` without writing: by default
+  // ABORTED, as if another writer won.
+  void FailNextCas(int n, absl::Status failure = absl::AbortedError("injected conflict")) {
     std::lock_guard<std::mutex> l(mu_);
     fail_cas_ = n;
+    cas_failure_ = std::move(failure);
+  }
+  // The next session CompareAndSwap is applied but answers `lost` (a reply lost to a timeout).
+  void LoseNextCasAnswer(absl::Status lost) {
+    std::lock_guard<std::mutex> l(mu_);
+    lose_cas_answer_ = std::move(lost);
   }
   int cas_calls() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -101,12 +109,12 @@ class FakeSessionStore final : public SessionStore {
     ++cas_calls_;
     if (fail_cas_ > 0) {
       --fail_cas_;
-      return absl::AbortedError("injected conflict");
+      return cas_failure_;
     }
     auto* e = Live(sessions_, key.token_hash);
     if (e == nullptr || e->cas != cas.cas) return absl::AbortedError("cas mismatch");
     *e = {s, ++next_cas_, clock_.Now() + ttl};
-    return absl::OkStatus();
+    return std::exchange(lose_cas_answer_, absl::OkStatus());
   }
 
   absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& s, absl::Duration ttl,
@@ -211,6 +219,8 @@ class FakeSessionStore final : public SessionStore {
   bool unavailable_ = false;
   absl::Status failure_ = absl::UnavailableError("fake store: down");
   int fail_cas_ = 0;
+  absl::Status cas_failure_;
+  absl::Status lose_cas_answer_;
   int cas_calls_ = 0;
   int peeks_ = 0;
   uint64_t next_cas_ = 0;

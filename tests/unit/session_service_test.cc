@@ -397,6 +397,62 @@ TEST_F(SessionServiceTest, RevokeEndsEveryLiveSessionAndLaterOnesWork) {
   EXPECT_TRUE(absl::IsInvalidArgument(service_->Revoke("", Deadline()).status()));
 }
 
+// A rotation whose ending compare-and-swap was applied but whose answer was lost (a timeout):
+// the old token is already dead, so removing the new session would leave the caller with
+// neither. It reads back that the old one ended in its favour and answers with the new token.
+TEST_F(SessionServiceTest, RotateWhoseEndingAnswerWasLostKeepsTheNewSession) {
+  SessionView v = MustCreate("alice");
+  store_->LoseNextCasAnswer(absl::UnavailableError("memcached: timed out"));
+  absl::StatusOr<SessionView> r = service_->Rotate(v.token, Deadline());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(Get(r->token).ok());
+  EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
+}
+
+// ListUserSessions between a rotation's index write and its add must not drop the new session's
+// entry for good: the entry keeps the old session's absolute expiry, so it looks old.
+TEST_F(SessionServiceTest, ListingDuringARotationKeepsTheNewSessionIndexed) {
+  SessionView v = MustCreate("alice");
+  for (int i = 0; i < 3; ++i) {  // Kept alive, and older than any grace for a fresh one.
+    clock_.Advance(kTtl / 2);
+    ASSERT_TRUE(Get(v.token, /*touch=*/true).ok());
+  }
+  absl::StatusOr<SessionView> r = service_->Rotate(v.token, Deadline());
+  ASSERT_TRUE(r.ok()) << r.status();
+  const SessionKey key = *KeyForToken(r->token);
+  // As if the add had not landed yet when ListUserSessions read the index.
+  ASSERT_TRUE(store_->Remove(key, Deadline()).ok());
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> during =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(during.ok()) << during.status();
+  EXPECT_TRUE(during->empty());
+  ASSERT_TRUE(store_->Add(key, r->stored, kTtl, Deadline()).ok());
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> after =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(after.ok()) << after.status();
+  ASSERT_EQ(after->size(), 1u) << "the rotated session's index entry was pruned";
+  EXPECT_EQ((*after)[0].session_id(), r->stored.session_id());
+  // Past the grace, an entry whose session never came is pruned.
+  ASSERT_TRUE(store_->Remove(key, Deadline()).ok());
+  clock_.Advance(absl::Seconds(31));
+  ASSERT_TRUE(service_->List("alice", Deadline()).ok());
+  ASSERT_TRUE(store_->Add(key, r->stored, kTtl, Deadline()).ok());
+  after = service_->List("alice", Deadline());
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_TRUE(after->empty());
+}
+
+// One whose ending write did not land: UNAVAILABLE, and the old token still works.
+TEST_F(SessionServiceTest, RotateWhoseEndingWriteFailedKeepsTheOldSession) {
+  SessionView v = MustCreate("alice");
+  store_->FailNextCas(1, absl::UnavailableError("memcached: timed out"));
+  EXPECT_TRUE(absl::IsUnavailable(service_->Rotate(v.token, Deadline()).status()));
+  EXPECT_TRUE(Get(v.token).ok());
+  absl::StatusOr<SessionView> r = service_->Rotate(v.token, Deadline());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(Get(r->token).ok());
+}
+
 TEST_F(SessionServiceTest, RevocationHoldsEvenIfTheSessionValueSurvives) {
   SessionView a = MustCreate("alice");
   const std::string hash = KeyForToken(a.token)->token_hash;
