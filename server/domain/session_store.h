@@ -156,7 +156,8 @@ class SessionStore {
   }
 
   // Reads many sessions of one user (their keys share `user_tag`); the result is parallel to
-  // `token_hashes`, nullopt for a missing one.
+  // `token_hashes`, nullopt for a missing one. Copies are weighed as Lookup weighs them (a
+  // tombstone on any copy wins), and nothing is repaired.
   virtual absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
       absl::string_view user_tag, const std::vector<std::string>& token_hashes,
       absl::Time deadline) = 0;

@@ -458,6 +458,14 @@ struct LookupPlan {
   uint64_t generation = 0;  // The highest any copy holds.
 };
 
+// Which of two copies of a session is authoritative: a tombstone anywhere wins (a deletion must
+// stick), then the highest version; on a tie the one already chosen (the earlier copy, the
+// primary) stays.
+bool Supersedes(const StoredSession& candidate, const StoredSession& chosen) {
+  return (candidate.deleted() && !chosen.deleted()) ||
+         (candidate.deleted() == chosen.deleted() && candidate.version() > chosen.version());
+}
+
 LookupPlan PlanLookup(CopyReads& reads, const std::string& skey, const std::string& gkey) {
   LookupPlan plan;
   plan.copies.resize(reads.size());
@@ -477,16 +485,9 @@ LookupPlan PlanLookup(CopyReads& reads, const std::string& skey, const std::stri
     if (auto it = got.find(skey);
         it != got.end() && state.parsed.ParseFromString(it->second.value)) {
       state.session = std::move(it->second);
-      // Which copy is authoritative: a tombstone anywhere wins (a deletion must stick), then the
-      // highest version, then the earlier copy (the primary).
-      if (plan.best < 0) {
+      if (plan.best < 0 ||
+          Supersedes(state.parsed, plan.copies[static_cast<size_t>(plan.best)].parsed)) {
         plan.best = c;
-      } else {
-        const StoredSession& b = plan.copies[static_cast<size_t>(plan.best)].parsed;
-        const bool better =
-            (state.parsed.deleted() && !b.deleted()) ||
-            (state.parsed.deleted() == b.deleted() && state.parsed.version() > b.version());
-        if (better) plan.best = c;
       }
     }
   }
@@ -1048,33 +1049,22 @@ absl::Status MemcachedSessionStore::WriteIndex(absl::string_view user_tag,
 absl::StatusOr<std::vector<std::optional<StoredSession>>> MemcachedSessionStore::ReadSessions(
     absl::string_view user_tag, const std::vector<std::string>& token_hashes, absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
+  std::vector<std::string> keys;
+  keys.reserve(token_hashes.size());
+  for (const std::string& hash : token_hashes) keys.push_back(SessionKeyName(hash));
+  // Every copy, each session reconciled as Lookup reconciles it: a copy that missed a deletion
+  // or an update must not list a session as live or stale (nothing is repaired here).
+  SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, keys));
   std::vector<std::optional<StoredSession>> out(token_hashes.size());
-  std::vector<size_t> pending(token_hashes.size());
-  for (size_t i = 0; i < pending.size(); ++i) pending[i] = i;
-  bool any = false;
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
-  for (int c = 0; c < conn.copies() && !pending.empty(); ++c) {
-    std::vector<std::string> keys;
-    for (size_t i : pending) keys.push_back(SessionKeyName(token_hashes[i]));
-    absl::StatusOr<std::map<std::string, Item>> got = conn.Get(c, keys);
-    if (!got.ok()) {
-      last = got.status();
-      continue;
-    }
-    any = true;
-    std::vector<size_t> still;
-    for (size_t n = 0; n < pending.size(); ++n) {
-      auto it = got->find(keys[n]);
+  for (const auto& read : reads) {
+    if (!read.has_value()) continue;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      auto it = read->find(keys[i]);
       StoredSession s;
-      if (it != got->end() && s.ParseFromString(it->second.value)) {
-        out[pending[n]] = std::move(s);
-      } else {
-        still.push_back(pending[n]);
-      }
+      if (it == read->end() || !s.ParseFromString(it->second.value)) continue;
+      if (!out[i].has_value() || Supersedes(s, *out[i])) out[i] = std::move(s);
     }
-    pending = std::move(still);
   }
-  if (!any) return last;
   return out;
 }
 

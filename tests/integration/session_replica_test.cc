@@ -254,6 +254,42 @@ TEST_F(SessionReplicaTest, LedgerAuthenticationHonoursEndsThatOneCopyMissed) {
   }
 }
 
+// ListUserSessions weighs every copy too: a copy that missed a deletion or an update must not
+// list the session as live, or with its old attributes.
+TEST_F(SessionReplicaTest, ListingHonoursWritesThatOneCopyMissed) {
+  for (const v1::Session& s : CreateMany("list-missed", 4)) {
+    const std::string key = SessionKey(s.token());
+    const std::optional<std::string> first = MemcachedGetValue(1, key);
+    ASSERT_TRUE(first.has_value());
+    v1::Session updated;
+    ASSERT_TRUE(client_->Update(s.token(), {{"i", "updated"}}, {}, 0, &updated).ok());
+    const std::optional<std::string> second = MemcachedGetValue(1, key);
+    ASSERT_TRUE(second.has_value());
+    for (int node : {1, 2}) {
+      ASSERT_TRUE(MemcachedSetRaw(node, key, *first, 60));
+      v1::ListUserSessionsResponse listed;
+      ASSERT_TRUE(client_->List(s.user_id(), &listed).ok());
+      ASSERT_EQ(listed.sessions_size(), 1) << "node " << node;
+      EXPECT_EQ(listed.sessions(0).attributes().at("i"), "updated") << "node " << node;
+      ASSERT_TRUE(MemcachedSetRaw(node, key, *second, 60));
+    }
+    ASSERT_TRUE(client_->Delete(s.token()).ok());
+    // A listing drops a deleted session from the index, so each node gets a session of its own
+    // (the same user: the same first copy).
+    for (int node : {1, 2}) {
+      const v1::Session doomed = client_->MustCreate(s.user_id());
+      const std::string doomed_key = SessionKey(doomed.token());
+      const std::optional<std::string> live = MemcachedGetValue(1, doomed_key);
+      ASSERT_TRUE(live.has_value());
+      ASSERT_TRUE(client_->Delete(doomed.token()).ok());
+      ASSERT_TRUE(MemcachedSetRaw(node, doomed_key, *live, 60));
+      v1::ListUserSessionsResponse listed;
+      ASSERT_TRUE(client_->List(s.user_id(), &listed).ok());
+      EXPECT_EQ(listed.sessions_size(), 0) << "node " << node << " alone missed the deletion";
+    }
+  }
+}
+
 TEST(SessionOutageTest, MemcachedDownIsUnavailableWithinTheDeadlineAndRecovers) {
   std::unique_ptr<ServerProcess> server = StartSessionServer();
   ASSERT_NE(server, nullptr);
