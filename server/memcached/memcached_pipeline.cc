@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <utility>
 
@@ -72,6 +73,24 @@ bool ValidKey(const std::string& key) {
   });
 }
 
+absl::StatusOr<MemcachedAddress> LookUpNode(const MemcachedNode& node) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(node.host.c_str(), absl::StrCat(node.port).c_str(), &hints, &found);
+  if (rc != 0 || found == nullptr) {
+    if (found != nullptr) freeaddrinfo(found);
+    return absl::UnavailableError(absl::StrCat("cannot resolve: ", gai_strerror(rc)));
+  }
+  MemcachedAddress address;
+  std::memcpy(&address.address, found->ai_addr, found->ai_addrlen);
+  address.length = found->ai_addrlen;
+  freeaddrinfo(found);
+  return address;
+}
+
 }  // namespace
 
 struct MemcachedPipeline::Request {
@@ -115,10 +134,15 @@ struct MemcachedPipeline::Node {
   const MemcachedNode address;
   const std::string label;
 
-  // Guarded by the reader's mu_ (callers and the I/O thread).
+  // Guarded by the reader's mu_ (callers, the I/O thread and the resolver thread).
   std::vector<std::shared_ptr<Request>> queued;
   absl::Time failed_until = absl::InfinitePast();
   bool resolved = false;
+  bool resolving = false;      // Asked of the node's resolver thread, not answered yet.
+  bool lookup_wanted = false;  // Asked, and not yet taken up by that thread.
+  std::condition_variable resolve_wanted;
+  // Requests that came while the name was not resolved; they are queued once it is.
+  std::vector<std::shared_ptr<Request>> awaiting_address;
   sockaddr_storage peer{};
   socklen_t peer_len = 0;
 
@@ -168,6 +192,12 @@ absl::StatusOr<std::unique_ptr<MemcachedPipeline>> MemcachedPipeline::Start(
     NameThisThread("sl-memcached-io");
     r->Run();
   });
+  for (auto& node : reader->nodes_) {
+    reader->resolver_threads_.emplace_back([r = reader.get(), n = node.get()] {
+      NameThisThread("sl-memcache-dns");
+      r->ResolveNames(*n);
+    });
+  }
   return reader;
 }
 
@@ -186,9 +216,13 @@ MemcachedPipeline::~MemcachedPipeline() {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
+  for (auto& node : nodes_) node->resolve_wanted.notify_all();
   const uint64_t one = 1;
   (void)!write(wake_fd_, &one, sizeof one);
   if (io_thread_.joinable()) io_thread_.join();
+  // A lookup in progress is waited for (getaddrinfo cannot be interrupted); its requests were
+  // already failed by the I/O thread on its way out.
+  for (auto& t : resolver_threads_) t.join();
   close(wake_fd_);
   close(epoll_fd_);
 }
@@ -302,8 +336,8 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
   }
 
   // No callback runs under mu_: it may start another request.
-  bool resolved = false;
   absl::Status refused;
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) {
@@ -312,56 +346,27 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
       refused = absl::UnavailableError(
           absl::StrCat("memcached ", node.label, ": failed recently; retrying after ",
                        absl::FormatDuration(options_.retry_after_failure)));
-    }
-    resolved = node.resolved;
-  }
-  if (!refused.ok()) {
-    request->Fail(refused);
-    return;
-  }
-  if (!resolved) {
-    // Resolved here rather than on the I/O thread, so that a slow DNS lookup delays only the
-    // callers that need this node, never the requests of the others.
-    addrinfo hints{};
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    addrinfo* found = nullptr;
-    const int rc = getaddrinfo(node.address.host.c_str(), absl::StrCat(node.address.port).c_str(),
-                               &hints, &found);
-    absl::Status failed;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (rc != 0 || found == nullptr) {
-        node.failed_until = absl::Now() + options_.retry_after_failure;
-        failed = absl::UnavailableError(
-            absl::StrCat("memcached ", node.label, ": cannot resolve: ", gai_strerror(rc)));
+    } else {
+      if (node.resolved) {
+        node.queued.push_back(std::move(request));
       } else {
-        std::memcpy(&node.peer, found->ai_addr, found->ai_addrlen);
-        node.peer_len = found->ai_addrlen;
-        node.resolved = true;
+        // The name is looked up on the resolver thread, never here: this may be the thread
+        // that takes every call's arrival, or the I/O thread itself (a write to the next copy,
+        // started from an answer), and a slow name server would hold up everyone's requests.
+        node.awaiting_address.push_back(std::move(request));
+        if (!node.resolving) {
+          node.resolving = true;
+          node.lookup_wanted = true;
+          node.resolve_wanted.notify_one();
+        }
       }
-    }
-    if (found != nullptr) freeaddrinfo(found);
-    if (!failed.ok()) {
-      request->Fail(failed);
-      return;
-    }
-  }
-
-  bool wake = false;
-  bool stopping = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stopping = stopping_;
-    if (!stopping) {
-      node.queued.push_back(request);
+      // Also for a request that waits for an address: the I/O thread keeps its deadline.
       wake = !wake_pending_;
       wake_pending_ = true;
     }
   }
-  if (stopping) {
-    request->Fail(absl::UnavailableError("memcached pipeline: shutting down"));
+  if (!refused.ok()) {
+    request->Fail(refused);
     return;
   }
   if (wake) {
@@ -370,12 +375,69 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
   }
 }
 
+void MemcachedPipeline::ResolveNames(Node& node) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    node.resolve_wanted.wait(lock, [&] { return stopping_ || node.lookup_wanted; });
+    if (stopping_) return;
+    node.lookup_wanted = false;
+    lock.unlock();
+    const absl::StatusOr<MemcachedAddress> address =
+        options_.resolve ? options_.resolve(node.address) : LookUpNode(node.address);
+    lock.lock();
+    node.resolving = false;
+    if (address.ok()) {
+      node.peer = address->address;
+      node.peer_len = address->length;
+      node.resolved = true;
+      for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
+      node.awaiting_address.clear();
+      if (!wake_pending_) {
+        wake_pending_ = true;
+        const uint64_t one = 1;
+        (void)!write(wake_fd_, &one, sizeof one);
+      }
+      continue;
+    }
+    node.failed_until = absl::Now() + options_.retry_after_failure;
+    std::vector<std::shared_ptr<Request>> failed = std::move(node.awaiting_address);
+    node.awaiting_address.clear();
+    lock.unlock();
+    const absl::Status why = absl::UnavailableError(
+        absl::StrCat("memcached ", node.label, ": ", address.status().message()));
+    for (auto& r : failed) r->Fail(why);
+    lock.lock();
+  }
+}
+
+absl::Time MemcachedPipeline::TakeExpiredAwaitingLocked(
+    absl::Time now, std::vector<std::shared_ptr<Request>>& expired) {
+  absl::Time next = absl::InfiniteFuture();
+  for (auto& node : nodes_) {
+    auto& awaiting = node->awaiting_address;
+    for (auto it = awaiting.begin(); it != awaiting.end();) {
+      if (now >= (*it)->give_up) {
+        expired.push_back(std::move(*it));
+        it = awaiting.erase(it);
+      } else {
+        next = std::min(next, (*it)->give_up);
+        ++it;
+      }
+    }
+  }
+  return next;
+}
+
 void MemcachedPipeline::Run() {
   epoll_event events[32];
   std::vector<std::vector<std::shared_ptr<Request>>> fresh(nodes_.size());
+  std::vector<std::shared_ptr<Request>> unresolved_expired;
+  // When the next request waiting for an address gives up (as of the last turn; a new one
+  // wakes this thread).
+  absl::Time next_unresolved_give_up = absl::InfiniteFuture();
   for (;;) {
     absl::Time now = absl::Now();
-    const absl::Time timer = NextTimer(now);
+    const absl::Time timer = std::min(NextTimer(now), std::max(next_unresolved_give_up, now));
     int timeout_ms = -1;
     if (timer != absl::InfiniteFuture()) {
       timeout_ms = static_cast<int>(std::max<int64_t>(
@@ -405,7 +467,15 @@ void MemcachedPipeline::Run() {
         fresh[i].swap(nodes_[i]->queued);
         nodes_[i]->failed_until_seen = nodes_[i]->failed_until;
       }
+      next_unresolved_give_up =
+          TakeExpiredAwaitingLocked(stopping ? absl::InfiniteFuture() : now, unresolved_expired);
     }
+    for (auto& r : unresolved_expired) {
+      r->Fail(absl::UnavailableError(stopping
+                                         ? "memcached pipeline: shutting down"
+                                         : "memcached: the node's name was not resolved in time"));
+    }
+    unresolved_expired.clear();
     if (stopping) {
       const absl::Status gone = absl::UnavailableError("memcached pipeline: shutting down");
       for (size_t i = 0; i < nodes_.size(); ++i) {

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -37,8 +38,18 @@ enum class MemcachedWrite { kAdd, kSet, kCas };
 // exists; cas: it changed since read, or is gone).
 enum class MemcachedStored { kStored, kNotStored, kExists, kNotFound };
 
+// Where a node's name led: the address to connect to.
+struct MemcachedAddress {
+  sockaddr_storage address{};
+  socklen_t length = 0;
+};
+
 struct MemcachedPipelineOptions {
   std::vector<MemcachedNode> nodes;
+  // How a node's host is looked up: getaddrinfo when unset (tests inject slow lookups). It runs
+  // on the pipeline's own resolver thread, so a slow name server holds up only the requests
+  // for that node, and those no longer than their deadlines.
+  std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> resolve;
   absl::Duration connect_timeout = absl::Milliseconds(500);
   // A node with requests in flight that sends nothing for this long is declared stalled: its
   // connection is dropped and every request on it fails.
@@ -121,6 +132,13 @@ class MemcachedPipeline {
   template <typename Reply, typename Begin>
   absl::StatusOr<Reply> WaitFor(Begin begin, absl::Time deadline);
   void Run();
+  // A node's resolver thread: looks up its name whenever requests wait for an address. One per
+  // node, so that a slow lookup of one never delays another's.
+  void ResolveNames(Node& node);
+  // Under mu_: requests waiting for an address whose time is up are moved to `expired`; the
+  // result is when the next of the others gives up.
+  absl::Time TakeExpiredAwaitingLocked(absl::Time now,
+                                       std::vector<std::shared_ptr<Request>>& expired);
   // I/O-thread helpers; `node` belongs to the I/O thread except where noted.
   void Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh, absl::Time now);
   void StartConnect(Node& node, absl::Time now);
@@ -153,6 +171,7 @@ class MemcachedPipeline {
   std::atomic<int64_t> batches_{0};
   std::atomic<int64_t> batched_requests_{0};
   std::thread io_thread_;
+  std::vector<std::thread> resolver_threads_;  // One per node.
 };
 
 }  // namespace sessionledger

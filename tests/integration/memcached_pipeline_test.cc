@@ -1233,6 +1233,57 @@ Timed TimedGet(MemcachedPipeline& reader, const std::vector<std::string>& keys,
 
 // A refusal is cheap to retry and ends the moment memcached is back, so it fails the read at once
 // but does not make the next reads fail for retry_after_failure.
+// A slow name server holds up only the requests of the node being looked up, and those no
+// longer than their deadlines. The lookup used to run on the thread that submitted the request:
+// the one that takes every call's arrival, or the I/O thread itself (a write to the next copy),
+// so one slow lookup stalled every request of the process.
+TEST(MemcachedPipelineFailureTest, ASlowNameLookupHoldsUpNoCallerAndNoOtherNode) {
+  const std::vector<MemcachedNode> real = RealNodes();
+  ASSERT_EQ(real.size(), 2u);
+  MemcachedPipelineOptions options;
+  options.nodes = {real[0], MemcachedNode{"slow-dns.test", real[1].port}};
+  auto lookup_may_finish = std::make_shared<Notification>();
+  auto slow_lookups = std::make_shared<std::atomic<int>>(0);
+  const std::string slow_target = real[1].host;
+  options.resolve = [=](const MemcachedNode& node) -> absl::StatusOr<MemcachedAddress> {
+    std::string host = node.host;
+    if (host == "slow-dns.test") {
+      slow_lookups->fetch_add(1);
+      lookup_may_finish->WaitForNotificationWithTimeout(absl::Seconds(10));
+      host = slow_target;
+    }
+    MemcachedAddress address;
+    auto* in = reinterpret_cast<sockaddr_in*>(&address.address);
+    in->sin_family = AF_INET;
+    in->sin_port = htons(node.port);
+    if (inet_pton(AF_INET, host.c_str(), &in->sin_addr) != 1) {
+      return absl::UnavailableError("not an IPv4 address: " + host);
+    }
+    address.length = sizeof(sockaddr_in);
+    return address;
+  };
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  const std::string p = Prefix("slow-dns");
+  ASSERT_TRUE(Set(Libmemcached(real[0]).get(), p + "k", "fast"));
+  ASSERT_TRUE(Set(Libmemcached(real[1]).get(), p + "k", "slow"));
+
+  const absl::Time start = absl::Now();
+  Pending<MemcachedHits> slow;
+  (*reader)->GetAsync(1, {p + "k"}, absl::Now() + absl::Milliseconds(300), slow.Callback());
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(100)) << "the caller waited for the lookup";
+  // Meanwhile the other node answers.
+  EXPECT_TRUE(HitIs((*reader)->Get(0, {p + "k"}, Deadline()), p + "k", "fast"));
+  const AsyncAnswer<MemcachedHits> late = slow.Wait();
+  EXPECT_TRUE(absl::IsUnavailable(late.result.status())) << late.result.status();
+  EXPECT_LT(late.at - start, absl::Seconds(1)) << "the read outlived its deadline";
+
+  // Once the name resolves, the node is used; it was looked up once.
+  lookup_may_finish->Notify();
+  EXPECT_TRUE(HitIs((*reader)->Get(1, {p + "k"}, Deadline()), p + "k", "slow"));
+  EXPECT_EQ(slow_lookups->load(), 1);
+}
+
 TEST(MemcachedPipelineFailureTest, RefusedConnectionFailsFastAndTheNextReadTriesAgain) {
   const int port = FreeTcpPort();
   ASSERT_GT(port, 0);

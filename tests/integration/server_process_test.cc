@@ -120,8 +120,8 @@ TEST(ServerProcessTest, ThreadsAreNamedForTheirRole) {
   auto server = StartServer();
   ASSERT_NE(server, nullptr);
   ASSERT_TRUE(EventuallyHealth(server->NewChannel(), "", HealthCheckResponse::SERVING));
-  const std::vector<std::string> expected = {"sl-async-cq", "sl-memcached-io", "sl-blocking",
-                                             "sl-health-probe", "sl-signals"};
+  const std::vector<std::string> expected = {"sl-async-cq", "sl-memcached-io", "sl-memcache-dns",
+                                             "sl-blocking", "sl-health-probe", "sl-signals"};
   // Some threads start after the server answers, and each names itself once it first runs.
   const std::filesystem::path tasks = absl::StrCat("/proc/", server->pid(), "/task");
   std::set<std::string> names;
