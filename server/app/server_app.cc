@@ -322,8 +322,15 @@ void ServerApp::Shutdown(absl::Duration notice, absl::Duration grace) {
 
 void ServerApp::Wait() {
   if (server_ != nullptr) server_->Wait();
-  // The server has finished every call, so nothing will be queued any more.
   if (async_thread_.joinable()) {
+    // gRPC's shutdown ends with the connections. An asynchronous call whose client cancelled it
+    // meanwhile may still wait on Memcached or the blocking threads; it ends by its deadline
+    // (the store answers every request by then), and must, before the queues shut down.
+    const absl::Duration longest_call = config_.default_call_timeout + absl::Seconds(5);
+    if (!async_queues_->WaitForCallsToEnd(absl::Now() + longest_call)) {
+      logger_.Log(LogLevel::kError, "asynchronous calls still unanswered at shutdown",
+                  {{"waited_ms", absl::ToInt64Milliseconds(longest_call)}});
+    }
     async_queues_->Shutdown();
     async_thread_.join();
   }

@@ -25,6 +25,15 @@ void AsyncCallQueues::Run() {
   }
 }
 
+bool AsyncCallQueues::WaitForCallsToEnd(absl::Time deadline) const {
+  // Only at shutdown, so a poll: the calls' own path stays free of locks and signals.
+  while (calls_answering_.load(std::memory_order_acquire) > 0) {
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return true;
+}
+
 void AsyncCallQueues::TakeAnswers(bool everything) {
   void* tag = nullptr;
   bool ok = false;

@@ -46,6 +46,14 @@ class AsyncCallQueues {
   // Run it on exactly one thread.
   void Run();
 
+  // A call began answering (it will start its answer on answers()), or ended (deleted).
+  void CallBegan() { calls_answering_.fetch_add(1, std::memory_order_relaxed); }
+  void CallEnded() { calls_answering_.fetch_sub(1, std::memory_order_release); }
+  // Waits until every call that began has ended, or until `deadline` (then false). gRPC's
+  // shutdown ends with the connections, not with these calls: one whose client cancelled it
+  // may still wait on a store, and must end before Shutdown, or its answer would start on a
+  // queue already shut down.
+  bool WaitForCallsToEnd(absl::Time deadline) const;
   // Once the server has finished every call (no operation will start on either queue any
   // more): makes Run drain both queues and return.
   void Shutdown() { arrivals_->Shutdown(); }
@@ -60,6 +68,8 @@ class AsyncCallQueues {
   const absl::Duration sweep_;
   // Answers started and not yet taken from answers_.
   std::atomic<int64_t> expected_answers_{0};
+  // Calls between CallBegan and CallEnded.
+  std::atomic<int64_t> calls_answering_{0};
 };
 
 }  // namespace sessionledger

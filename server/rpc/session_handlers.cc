@@ -89,6 +89,10 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
                                  queues_.arrivals(), this);
   }
 
+  ~UnaryCall() override {
+    if (answering_) queues_.CallEnded();
+  }
+
   void Proceed(bool ok) override {
     if (!ok || answering_) {
       // Shutting down before a call arrived, or the answer has gone out (or was cancelled).
@@ -96,6 +100,7 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
       return;
     }
     answering_ = true;
+    queues_.CallBegan();
     new UnaryCall(handlers_, queues_, method_, request_method_, answer_);  // The next caller.
     if (!grpc::SerializationTraits<Request>::Deserialize(&received_, &request_).ok()) {
       Finish(UnparsableRequest(method_));

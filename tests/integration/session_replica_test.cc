@@ -5,7 +5,9 @@
 
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/escaping.h"
@@ -413,6 +415,42 @@ TEST(SessionOutageTest, ACallerThatGivesUpEarlyDoesNotMarkTheNodeStalled) {
   const grpc::Status st = client.List(user, &listed);
   EXPECT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(listed.sessions_size(), 1);
+}
+
+// gRPC's shutdown ends with the connections (or the grace period), not with the asynchronous
+// calls: a GetSession that its client cancelled while it waited on a stalled memcached was
+// answered after the server had shut the calls' queues, and the process died at exit instead
+// of exiting 0. (A call timeout above the grace period is allowed, with a warning.)
+TEST(SessionOutageTest, ShutdownWaitsForACancelledCallStillWaitingOnMemcached) {
+  // One stalled node, so the call has nowhere else to go.
+  std::unique_ptr<ServerProcess> server = StartSessionServer(
+      {{"MEMCACHED_URL", absl::StrCat("memcached://127.0.0.1:", MemcachedPort(1))},
+       {"SHUTDOWN_NOTICE_MS", "0"},
+       {"SHUTDOWN_GRACE_SECONDS", "1"},
+       {"DEFAULT_CALL_TIMEOUT_MS", "4000"}});
+  ASSERT_NE(server, nullptr);
+  SessionClient client(*server);
+  const v1::Session s =
+      client.MustCreate(absl::StrCat("shutdown-cancelled-", absl::ToUnixMicros(absl::Now())));
+  const pid_t pid = MemcachedPid(1);
+  ASSERT_GT(pid, 0);
+  Freeze frozen(pid);
+  auto stub = v1::SessionService::NewStub(server->NewChannel());
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+  v1::GetSessionRequest request;
+  request.set_token(s.token());
+  v1::Session response;
+  grpc::Status status;
+  std::thread call([&] { status = stub->GetSession(&context, request, &response); });
+  absl::SleepFor(absl::Milliseconds(300));  // The call now waits on the frozen node.
+  context.TryCancel();
+  call.join();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  server->Signal(SIGTERM);
+  const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(20));
+  ASSERT_TRUE(exit_code.has_value()) << "still running after SIGTERM";
+  EXPECT_EQ(*exit_code, 0) << server->Output();
 }
 
 TEST(SessionOutageTest, StalledMemcachedIsUnavailableWithinTheDeadline) {
