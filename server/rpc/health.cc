@@ -50,9 +50,13 @@ std::optional<HealthBoard::ServingStatus> HealthBoard::WaitForChange(const std::
                                                                      ServingStatus last,
                                                                      absl::Time deadline) const {
   std::unique_lock<std::mutex> lock(mutex_);
+  // A service the board does not know reads as SERVICE_UNKNOWN, as Watch reports it: with an
+  // unknown name counted as a change, a Watch of a misspelt name spun on a core.
   changed_.wait_until(lock, absl::ToChronoTime(deadline), [&] {
     auto it = statuses_.find(service);
-    return shutting_down_ || it == statuses_.end() || it->second != last;
+    const ServingStatus now =
+        it == statuses_.end() ? HealthCheckResponse::SERVICE_UNKNOWN : it->second;
+    return shutting_down_ || now != last;
   });
   auto it = statuses_.find(service);
   if (it == statuses_.end()) return std::nullopt;

@@ -31,7 +31,8 @@ class HealthBoard {
   std::optional<ServingStatus> Get(const std::string& service) const;
   void Shutdown();
   bool shutting_down() const;
-  // Blocks until `service`'s status differs from `last`, shutdown begins, or `deadline`.
+  // Blocks until `service`'s status (SERVICE_UNKNOWN while the board does not know it) differs
+  // from `last`, shutdown begins, or `deadline`.
   std::optional<ServingStatus> WaitForChange(const std::string& service, ServingStatus last,
                                              absl::Time deadline) const;
 

@@ -40,6 +40,17 @@ TEST(HealthBoardTest, WaitForChangeWakesOnChange) {
   EXPECT_EQ(status, HealthCheckResponse::SERVING);
 }
 
+// Watch of a name the board does not know waits like any other: it used to return at once,
+// and the Watch loop spun on a core for as long as the stream stayed open.
+TEST(HealthBoardTest, WaitForChangeOfAnUnknownServiceWaits) {
+  HealthBoard board;
+  const absl::Time start = absl::Now();
+  const auto status = board.WaitForChange("no.such.Service", HealthCheckResponse::SERVICE_UNKNOWN,
+                                          start + absl::Milliseconds(200));
+  EXPECT_EQ(status, std::nullopt);
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(190));
+}
+
 TEST(HealthMonitorTest, MapsProbesToServices) {
   HealthBoard board;
   Logger logger(LogLevel::kError, -1);
