@@ -19,6 +19,31 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
   name       text        NOT NULL,
   applied_at timestamptz NOT NULL DEFAULT now()
 ))sql";
+// Added after the table was released, so by ALTER; empty in rows recorded before it (read as
+// the row's own version: no older binary may run on them).
+constexpr absl::string_view kAddCompatibilityColumn = R"sql(
+ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS works_with_binaries_from integer)sql";
+
+// Checks that this binary may run on a schema at `version`, newer than it knows: every
+// migration it does not know must work with binaries of its LatestSchemaVersion().
+absl::Status CheckNewerSchemaWorksWithThisBinary(PgConnection& conn, int version,
+                                                 absl::Time deadline) {
+  const int latest = LatestSchemaVersion();
+  const absl::Status refused = absl::FailedPreconditionError(
+      absl::StrCat("database schema is at version ", version, ", newer than this binary knows (",
+                   latest, ") and not compatible with it: deploy a newer binary"));
+  absl::StatusOr<PgResultPtr> needs = conn.Exec(
+      "SELECT max(coalesce(works_with_binaries_from, version)) FROM schema_migrations "
+      "WHERE version > $1::integer",
+      {absl::StrCat(latest)}, deadline);
+  // No such column: the newer schema was recorded by a release that did not say.
+  if (!needs.ok()) return SqlStateOf(needs.status()) == "42703" ? refused : needs.status();
+  int oldest = 0;
+  if (!absl::SimpleAtoi(PQgetvalue(needs->get(), 0, 0), &oldest) || oldest > latest) {
+    return refused;
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -54,11 +79,7 @@ absl::Status CheckSchemaCurrent(PgConnection& conn, absl::Time deadline) {
         absl::StrCat("database schema is at version ", version, ", this binary needs ", latest,
                      ": run `sessionledger-server migrate` first"));
   }
-  if (version > latest) {
-    return absl::FailedPreconditionError(absl::StrCat("database schema is at version ", version,
-                                                      ", newer than this binary knows (", latest,
-                                                      "): deploy a newer binary"));
-  }
+  if (version > latest) return CheckNewerSchemaWorksWithThisBinary(conn, version, deadline);
   return absl::OkStatus();
 }
 
@@ -82,17 +103,22 @@ absl::StatusOr<int> ApplyMigrations(PgConnection& conn, Logger& logger, absl::Ti
   SL_RETURN_IF_ERROR(conn.ExecSimple(kCreateSchemaTable, deadline).status());
   SL_ASSIGN_OR_RETURN(int version, CurrentSchemaVersion(conn, deadline));
   if (version > LatestSchemaVersion()) {
-    return absl::FailedPreconditionError(absl::StrCat("database schema is at version ", version,
-                                                      ", newer than this binary knows (",
-                                                      LatestSchemaVersion(), ")"));
+    // A rollback's migrate job: nothing to apply, and fine if this binary may run on it.
+    SL_RETURN_IF_ERROR(CheckNewerSchemaWorksWithThisBinary(conn, version, deadline));
+    return version;
   }
+  SL_RETURN_IF_ERROR(conn.ExecSimple(kAddCompatibilityColumn, deadline).status());
   for (const Migration& migration : Migrations()) {
     if (migration.version <= version) continue;
     SL_RETURN_IF_ERROR(conn.ExecSimple("BEGIN", deadline).status());
     absl::Status applied = conn.ExecSimple(migration.sql, deadline).status();
     if (applied.ok()) {
-      applied = conn.Exec("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                          {absl::StrCat(migration.version), std::string(migration.name)}, deadline)
+      applied = conn.Exec(
+                        "INSERT INTO schema_migrations (version, name, works_with_binaries_from) "
+                        "VALUES ($1, $2, $3)",
+                        {absl::StrCat(migration.version), std::string(migration.name),
+                         absl::StrCat(migration.works_with_binaries_from)},
+                        deadline)
                     .status();
     }
     if (applied.ok()) applied = conn.ExecSimple("COMMIT", deadline).status();

@@ -560,6 +560,54 @@ TEST(ServerProcessTest, RefusesToServeASchemaThatIsBehindAndMigrateFixesIt) {
   EXPECT_TRUE(serving.ok()) << serving.status();
 }
 
+// A schema that a newer release migrated: this release still starts on it (and its `migrate`
+// is a no-op) while every migration it does not know says it works with binaries this old, so
+// that a rollback, or an old pod started in mid-rollout, keeps running; it refuses otherwise.
+TEST(ServerProcessTest, RunsOnANewerSchemaOnlyWhenItsMigrationsSayItMay) {
+  const std::string database = "sl_schema_ahead_test";
+  RecreateDatabase(database);
+  const std::string url = DatabaseUrlFor(database);
+  auto migrated = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
+  ASSERT_TRUE(migrated.ok());
+  ASSERT_EQ(migrated->exit_code, 0) << migrated->output;
+  const int latest = LatestSchemaVersion();
+  const auto record_future_migration = [&](int version, int works_with_binaries_from) {
+    auto recorded = RunCommand(
+        {"psql", url, "-v", "ON_ERROR_STOP=1", "-qc",
+         absl::StrCat("INSERT INTO schema_migrations (version, name, works_with_binaries_from) "
+                      "VALUES (",
+                      version, ", 'future', ", works_with_binaries_from, ")")});
+    ASSERT_TRUE(recorded.ok());
+    ASSERT_EQ(recorded->exit_code, 0) << recorded->output;
+  };
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["DATABASE_URL"] = url;
+
+  // An additive migration of the next release.
+  record_future_migration(latest + 1, latest);
+  {
+    auto serving = ServerProcess::Start(options);
+    EXPECT_TRUE(serving.ok()) << serving.status();
+  }
+  auto again = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->exit_code, 0) << again->output;
+
+  // One after it that older code cannot work with.
+  record_future_migration(latest + 2, latest + 2);
+  options.wait_until_serving = false;
+  auto refused = ServerProcess::Start(options);
+  ASSERT_TRUE(refused.ok());
+  const std::optional<int> exit_code = (*refused)->WaitForExit(absl::Seconds(20));
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_NE(*exit_code, 0);
+  EXPECT_THAT((*refused)->Output(), HasSubstr("not compatible with it: deploy a newer binary"));
+  auto refused_migrate = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
+  ASSERT_TRUE(refused_migrate.ok());
+  EXPECT_NE(refused_migrate->exit_code, 0) << refused_migrate->output;
+}
+
 TEST(ServerProcessTest, ConcurrentMigrationsAreSafeAndIdempotent) {
   const std::string database = "sl_concurrent_migrate_test";
   RecreateDatabase(database);
