@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/common/logger.h"
+#include "server/common/status_macros.h"
 #include "server/ledger/fake_token_authenticator.h"
 #include "server/ledger/ledger_service.h"
 #include "server/postgres/migrations.h"
@@ -69,6 +70,20 @@ class LedgerPgStoreTest : public ::testing::Test {
     users_[token] = user;
     return token;
   }
+  // A session of its own holding `account_id`'s row lock (FOR UPDATE, in an open transaction)
+  // until it rolls back or closes.
+  absl::StatusOr<PgConnection> LockAccountRow(const std::string& account_id) {
+    absl::StatusOr<PgConnection> holder =
+        PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+    if (!holder.ok()) return holder.status();
+    SL_RETURN_IF_ERROR(holder->ExecSimple("BEGIN", Soon()).status());
+    SL_RETURN_IF_ERROR(holder
+                           ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
+                                  {account_id}, Soon())
+                           .status());
+    return holder;
+  }
+
   Account Open(const std::string& token, const std::string& currency = "EUR") {
     absl::StatusOr<Account> a = ledger_.OpenAccount(token, currency, Soon());
     EXPECT_TRUE(a.ok()) << a.status();
@@ -411,15 +426,9 @@ class LedgerPgBatchTest : public LedgerPgStoreTest {
   // that account's row lock, held by `blocker` until OpenGate().
   void CloseGate(const std::string& token, absl::Time deadline = Soon()) {
     const Account gate = Open(token);
-    absl::StatusOr<PgConnection> blocker =
-        PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+    absl::StatusOr<PgConnection> blocker = LockAccountRow(gate.account_id);
     ASSERT_TRUE(blocker.ok()) << blocker.status();
     blocker_.emplace(*std::move(blocker));
-    ASSERT_TRUE(blocker_->ExecSimple("BEGIN", Soon()).ok());
-    ASSERT_TRUE(blocker_
-                    ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
-                           {gate.account_id}, Soon())
-                    .ok());
     threads_.emplace_back([this, token, gate, deadline] {
       gate_result_ = batch_ledger_.Deposit(token, {gate.account_id, 1, "gate"}, deadline);
     });
@@ -446,13 +455,8 @@ class LedgerPgBatchTest : public LedgerPgStoreTest {
 TEST_F(LedgerPgBatchTest, ACallThatWaitedForAConnectionGivesPostgresOnlyWhatIsLeft) {
   const std::string alice = NewUser("alice");
   const Account a = Open(alice);
-  absl::StatusOr<PgConnection> blocker = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  absl::StatusOr<PgConnection> blocker = LockAccountRow(a.account_id);
   ASSERT_TRUE(blocker.ok()) << blocker.status();
-  ASSERT_TRUE(blocker->ExecSimple("BEGIN", Soon()).ok());
-  ASSERT_TRUE(blocker
-                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
-                         {a.account_id}, Soon())
-                  .ok());
   // The pool's only connection, held for half of the call's three seconds.
   std::optional<PgPool::Lease> held;
   {
@@ -518,13 +522,8 @@ TEST_F(LedgerPgStoreTest, DatabaseTroubleIsUnavailable) {
   EXPECT_EQ(SqlStateOf(write.status()), "25006");
   EXPECT_TRUE(NeedsFreshConnection(write.status()));
 
-  absl::StatusOr<PgConnection> holder = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  absl::StatusOr<PgConnection> holder = LockAccountRow(a.account_id);
   ASSERT_TRUE(holder.ok()) << holder.status();
-  ASSERT_TRUE(holder->ExecSimple("BEGIN", Soon()).ok());
-  ASSERT_TRUE(holder
-                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
-                         {a.account_id}, Soon())
-                  .ok());
   ASSERT_TRUE(conn->ExecSimple("SET default_transaction_read_only = off", Soon()).ok());
   ASSERT_TRUE(conn->ExecSimple("SET lock_timeout = '20ms'", Soon()).ok());
   absl::StatusOr<PgResultPtr> locked = conn->Exec(

@@ -537,19 +537,25 @@ TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {
   EXPECT_TRUE(deposit("abcd").ok());
 }
 
+// Starts a server that must refuse to serve: it exits non-zero within 20 s, and its output
+// says `why`.
+void ExpectRefusesToStart(ServerProcess::Options options, absl::string_view why) {
+  options.wait_until_serving = false;
+  auto refused = ServerProcess::Start(options);
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  const std::optional<int> exit_code = (*refused)->WaitForExit(absl::Seconds(20));
+  ASSERT_TRUE(exit_code.has_value()) << "still running";
+  EXPECT_NE(*exit_code, 0);
+  EXPECT_THAT((*refused)->Output(), HasSubstr(why));
+}
+
 TEST(ServerProcessTest, RefusesToServeASchemaThatIsBehindAndMigrateFixesIt) {
   const std::string database = "sl_schema_behind_test";
   RecreateDatabase(database);
   ServerProcess::Options options;
   options.env = BackingServiceEnv();
   options.env["DATABASE_URL"] = DatabaseUrlFor(database);
-  options.wait_until_serving = false;
-  auto refused = ServerProcess::Start(options);
-  ASSERT_TRUE(refused.ok());
-  const std::optional<int> exit_code = (*refused)->WaitForExit(absl::Seconds(20));
-  ASSERT_TRUE(exit_code.has_value());
-  EXPECT_NE(*exit_code, 0);
-  EXPECT_THAT((*refused)->Output(), HasSubstr("run `sessionledger-server migrate`"));
+  ExpectRefusesToStart(options, "run `sessionledger-server migrate`");
 
   auto migrated =
       RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", DatabaseUrlFor(database)}});
@@ -596,13 +602,7 @@ TEST(ServerProcessTest, RunsOnANewerSchemaOnlyWhenItsMigrationsSayItMay) {
 
   // One after it that older code cannot work with.
   record_future_migration(latest + 2, latest + 2);
-  options.wait_until_serving = false;
-  auto refused = ServerProcess::Start(options);
-  ASSERT_TRUE(refused.ok());
-  const std::optional<int> exit_code = (*refused)->WaitForExit(absl::Seconds(20));
-  ASSERT_TRUE(exit_code.has_value());
-  EXPECT_NE(*exit_code, 0);
-  EXPECT_THAT((*refused)->Output(), HasSubstr("not compatible with it: deploy a newer binary"));
+  ExpectRefusesToStart(options, "not compatible with it: deploy a newer binary");
   auto refused_migrate = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
   ASSERT_TRUE(refused_migrate.ok());
   EXPECT_NE(refused_migrate->exit_code, 0) << refused_migrate->output;

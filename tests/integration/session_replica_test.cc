@@ -81,8 +81,21 @@ class SessionReplicaTest : public ::testing::Test {
     }
   }
 
+  // How the ledger, which authenticates every call by its session token, answers `token`.
+  grpc::StatusCode OpenAccount(const std::string& token) {
+    if (ledger_ == nullptr) ledger_ = v1::TransactionService::NewStub(server_->NewChannel());
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    ctx.AddMetadata("authorization", "Bearer " + token);
+    v1::OpenAccountRequest req;
+    req.set_currency("EUR");
+    v1::Account account;
+    return ledger_->OpenAccount(&ctx, req, &account).error_code();
+  }
+
   std::unique_ptr<ServerProcess> server_;
   std::unique_ptr<SessionClient> client_;
+  std::unique_ptr<v1::TransactionService::Stub> ledger_;
 };
 
 TEST_F(SessionReplicaTest, EverySessionIsOnBothNodes) {
@@ -162,26 +175,16 @@ TEST_F(SessionReplicaTest, LedgerAuthenticationFallsThroughAnEmptyNodeAndHonours
   // Eight users: each user's first copy is on node 1 or node 2, so (but for 1 in 256) some have
   // theirs on the node that restarts below.
   std::vector<v1::Session> sessions = CreateMany("auth", 8);
-  auto ledger = v1::TransactionService::NewStub(server_->NewChannel());
-  const auto open_account = [&](const std::string& token) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-    ctx.AddMetadata("authorization", "Bearer " + token);
-    v1::OpenAccountRequest req;
-    req.set_currency("EUR");
-    v1::Account account;
-    return ledger->OpenAccount(&ctx, req, &account).error_code();
-  };
   BackingServices({"restart-memcached", "1"});
   absl::SleepFor(absl::Milliseconds(1200));  // Past libmemcached's retry timeout for node 1.
   for (const v1::Session& s : sessions) {
-    EXPECT_EQ(open_account(s.token()), grpc::StatusCode::OK) << s.session_id();
+    EXPECT_EQ(OpenAccount(s.token()), grpc::StatusCode::OK) << s.session_id();
   }
   for (const v1::Session& s : sessions) {
     v1::RevokeUserSessionsResponse revoked;
     ASSERT_TRUE(client_->Revoke(s.user_id(), &revoked).ok());
     EXPECT_EQ(revoked.revoked(), 1);
-    EXPECT_EQ(open_account(s.token()), grpc::StatusCode::UNAUTHENTICATED) << s.session_id();
+    EXPECT_EQ(OpenAccount(s.token()), grpc::StatusCode::UNAUTHENTICATED) << s.session_id();
   }
 }
 
@@ -189,23 +192,13 @@ TEST_F(SessionReplicaTest, LedgerAuthenticationFallsThroughAnEmptyNodeAndHonours
 // second after it stalled) must not keep authorising ledger calls: authentication weighs every
 // copy, whichever node holds the user's first copy.
 TEST_F(SessionReplicaTest, LedgerAuthenticationHonoursEndsThatOneCopyMissed) {
-  auto ledger = v1::TransactionService::NewStub(server_->NewChannel());
-  const auto open_account = [&](const std::string& token) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-    ctx.AddMetadata("authorization", "Bearer " + token);
-    v1::OpenAccountRequest req;
-    req.set_currency("EUR");
-    v1::Account account;
-    return ledger->OpenAccount(&ctx, req, &account).error_code();
-  };
   // Each `ended` session's key holds its end (a tombstone, or a live value under a raised
   // generation); one node at a time gets back the state from before the end.
   const auto expect_ended_on_both = [&](const std::string& token, const std::string& key,
                                         const std::string& before, const std::string& after) {
     for (int node : {1, 2}) {
       ASSERT_TRUE(MemcachedSetRaw(node, key, before, 60));
-      EXPECT_EQ(open_account(token), grpc::StatusCode::UNAUTHENTICATED)
+      EXPECT_EQ(OpenAccount(token), grpc::StatusCode::UNAUTHENTICATED)
           << "node " << node << " alone missed the end of " << key;
       ASSERT_TRUE(MemcachedSetRaw(node, key, after, 60));
     }
@@ -213,7 +206,7 @@ TEST_F(SessionReplicaTest, LedgerAuthenticationHonoursEndsThatOneCopyMissed) {
   // Four users each: each user's first copy is on node 1 or node 2.
   for (const v1::Session& s : CreateMany("missed-delete", 4)) {
     const std::string key = SessionKey(s.token());
-    ASSERT_EQ(open_account(s.token()), grpc::StatusCode::OK);
+    ASSERT_EQ(OpenAccount(s.token()), grpc::StatusCode::OK);
     const std::optional<std::string> live = MemcachedGetValue(1, key);
     ASSERT_TRUE(live.has_value());
     ASSERT_TRUE(client_->Delete(s.token()).ok());
@@ -230,7 +223,7 @@ TEST_F(SessionReplicaTest, LedgerAuthenticationHonoursEndsThatOneCopyMissed) {
     const std::optional<std::string> tombstone = MemcachedGetValue(1, key);
     ASSERT_TRUE(tombstone.has_value());
     expect_ended_on_both(s.token(), key, *live, *tombstone);
-    EXPECT_EQ(open_account(rotated.token()), grpc::StatusCode::OK);
+    EXPECT_EQ(OpenAccount(rotated.token()), grpc::StatusCode::OK);
   }
   // A second revocation that one copy missed: that copy still holds the first generation.
   for (const v1::Session& first : CreateMany("missed-revoke", 4)) {
@@ -243,7 +236,7 @@ TEST_F(SessionReplicaTest, LedgerAuthenticationHonoursEndsThatOneCopyMissed) {
     const std::string key = SessionKey(s.token());
     const std::optional<std::string> live = MemcachedGetValue(1, key);
     ASSERT_TRUE(live.has_value());
-    ASSERT_EQ(open_account(s.token()), grpc::StatusCode::OK);
+    ASSERT_EQ(OpenAccount(s.token()), grpc::StatusCode::OK);
     ASSERT_TRUE(client_->Revoke(first.user_id(), &revoked).ok());
     const std::optional<std::string> second_generation = MemcachedGetValue(1, generation_key);
     ASSERT_TRUE(second_generation.has_value());
