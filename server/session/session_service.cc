@@ -613,13 +613,19 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     if (!absl::IsAborted(ended)) {
       // No answer is not no: a compare-and-swap whose reply was lost (a timeout) may have ended
       // the old token, and removing the new session then would leave the caller with neither.
+      // Only the copy it was sent to can say it was not applied (the others get the write only
+      // after it); when that copy does not answer, the outcome stays unknown and the new
+      // session, never handed out, is left to expire.
       absl::StatusOr<SessionLookup> after = store_->Lookup(old_key, deadline);
-      if (!after.ok()) return ended;  // Still unknown: the new session is left to expire.
-      if (after->record.has_value() && after->record->session.deleted() &&
-          after->record->session.rotated_to_token_hash() == new_key.token_hash) {
+      if (!after.ok() || !after->record.has_value()) return ended;
+      const SessionRecord& now_stored = *after->record;
+      if (now_stored.session.deleted() &&
+          now_stored.session.rotated_to_token_hash() == new_key.token_hash) {
         return view;
       }
-      (void)store_->Remove(new_key, deadline);
+      if (!now_stored.session.deleted() && now_stored.cas.copy == lookup.record->cas.copy) {
+        (void)store_->Remove(new_key, deadline);
+      }
       return ended;
     }
     SL_RETURN_IF_ERROR(store_->Remove(new_key, deadline));

@@ -3,6 +3,7 @@
 
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -48,6 +49,12 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     lose_cas_answer_ = std::move(lost);
   }
+  // From the next session CompareAndSwap on, lookups answer from copy `copy`, as with
+  // replicas when the copy the write went to stopped answering.
+  void AnswerFromCopyAfterNextCas(int copy) {
+    std::lock_guard<std::mutex> l(mu_);
+    copy_after_cas_ = copy;
+  }
   int cas_calls() const {
     std::lock_guard<std::mutex> l(mu_);
     return cas_calls_;
@@ -73,7 +80,7 @@ class FakeSessionStore final : public SessionStore {
     if (unavailable_) return Down();
     SessionLookup out;
     if (auto* e = Live(sessions_, key.token_hash))
-      out.record = SessionRecord{e->value, {e->cas, 0}};
+      out.record = SessionRecord{e->value, {e->cas, answering_copy_}};
     if (auto* g = Live(generations_, key.user_tag)) out.user_generation = g->value;
     return out;
   }
@@ -107,6 +114,8 @@ class FakeSessionStore final : public SessionStore {
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(ttl);
     ++cas_calls_;
+    if (copy_after_cas_.has_value())
+      answering_copy_ = *std::exchange(copy_after_cas_, std::nullopt);
     if (fail_cas_ > 0) {
       --fail_cas_;
       return cas_failure_;
@@ -220,6 +229,8 @@ class FakeSessionStore final : public SessionStore {
   absl::Status failure_ = absl::UnavailableError("fake store: down");
   int fail_cas_ = 0;
   absl::Status cas_failure_;
+  std::optional<int> copy_after_cas_;
+  int answering_copy_ = 0;
   absl::Status lose_cas_answer_;
   int cas_calls_ = 0;
   int peeks_ = 0;

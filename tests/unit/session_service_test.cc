@@ -409,6 +409,21 @@ TEST_F(SessionServiceTest, RotateWhoseEndingAnswerWasLostKeepsTheNewSession) {
   EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
 }
 
+// One whose ending write failed, when the copy it went to no longer answers: whether it was
+// applied is unknown, so the new session is kept (never handed out, it expires) rather than
+// removed, which would leave the caller with neither token if the write had landed.
+TEST_F(SessionServiceTest, RotateWhoseEndingWriteIsUnknownKeepsTheNewSession) {
+  SessionView v = MustCreate("alice");
+  store_->FailNextCas(1, absl::UnavailableError("memcached: timed out"));
+  store_->AnswerFromCopyAfterNextCas(1);
+  EXPECT_TRUE(absl::IsUnavailable(service_->Rotate(v.token, Deadline()).status()));
+  EXPECT_TRUE(Get(v.token).ok());
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->size(), 2u) << "the new session was removed";
+}
+
 // ListUserSessions between a rotation's index write and its add must not drop the new session's
 // entry for good: the entry keeps the old session's absolute expiry, so it looks old.
 TEST_F(SessionServiceTest, ListingDuringARotationKeepsTheNewSessionIndexed) {
