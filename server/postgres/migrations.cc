@@ -107,7 +107,11 @@ absl::StatusOr<int> ApplyMigrations(PgConnection& conn, Logger& logger, absl::Ti
     SL_RETURN_IF_ERROR(CheckNewerSchemaWorksWithThisBinary(conn, version, deadline));
     return version;
   }
-  SL_RETURN_IF_ERROR(conn.ExecSimple(kAddCompatibilityColumn, deadline).status());
+  // Only when there is something to record: it needs the table's owner and an exclusive lock,
+  // and a migrate with nothing to do must keep working for whoever could run it before.
+  if (version < LatestSchemaVersion()) {
+    SL_RETURN_IF_ERROR(conn.ExecSimple(kAddCompatibilityColumn, deadline).status());
+  }
   for (const Migration& migration : Migrations()) {
     if (migration.version <= version) continue;
     SL_RETURN_IF_ERROR(conn.ExecSimple("BEGIN", deadline).status());
