@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
@@ -416,12 +417,20 @@ TEST(SessionOutageTest, ACallerThatGivesUpEarlyDoesNotMarkTheNodeStalled) {
 // of exiting 0. (A call timeout above the grace period is allowed, with a warning.)
 TEST(SessionOutageTest, ShutdownWaitsForACancelledCallStillWaitingOnMemcached) {
   // One stalled node, so the call has nowhere else to go.
+  const int metrics_port = FreeTcpPort();
   std::unique_ptr<ServerProcess> server = StartSessionServer(
       {{"MEMCACHED_URL", absl::StrCat("memcached://127.0.0.1:", MemcachedPort(1))},
+       {"METRICS_PORT", absl::StrCat(metrics_port)},
        {"SHUTDOWN_NOTICE_MS", "0"},
        {"SHUTDOWN_GRACE_SECONDS", "1"},
        {"DEFAULT_CALL_TIMEOUT_MS", "4000"}});
   ASSERT_NE(server, nullptr);
+  // Whether the server holds exactly one call (the interceptor counts it from its arrival to
+  // its answer).
+  const auto one_call_in_flight = [&] {
+    absl::StatusOr<std::string> metrics = HttpGet(metrics_port, "/metrics");
+    return metrics.ok() && absl::StrContains(*metrics, "\nsessionledger_rpc_in_flight 1\n");
+  };
   SessionClient client(*server);
   const v1::Session s =
       client.MustCreate(absl::StrCat("shutdown-cancelled-", absl::ToUnixMicros(absl::Now())));
@@ -436,10 +445,12 @@ TEST(SessionOutageTest, ShutdownWaitsForACancelledCallStillWaitingOnMemcached) {
   v1::Session response;
   grpc::Status status;
   std::thread call([&] { status = stub->GetSession(&context, request, &response); });
-  absl::SleepFor(absl::Milliseconds(300));  // The call now waits on the frozen node.
+  // The call reached the server and waits on the frozen node.
+  EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(10), one_call_in_flight));
   context.TryCancel();
   call.join();
   EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  ASSERT_TRUE(one_call_in_flight()) << "the cancelled call no longer waits: nothing to test";
   server->Signal(SIGTERM);
   const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(20));
   ASSERT_TRUE(exit_code.has_value()) << "still running after SIGTERM";
