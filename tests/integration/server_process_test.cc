@@ -608,6 +608,37 @@ TEST(ServerProcessTest, RunsOnANewerSchemaOnlyWhenItsMigrationsSayItMay) {
   EXPECT_NE(refused_migrate->exit_code, 0) << refused_migrate->output;
 }
 
+// A schema the previous release migrated has no compatibility column; a migrate with nothing
+// to apply leaves it so (adding it needs the table's owner, which that migrate may not be), and
+// the server runs on it.
+TEST(ServerProcessTest, AMigrateWithNothingToApplyChangesNothing) {
+  const std::string database = "sl_schema_previous_release_test";
+  RecreateDatabase(database);
+  const std::string url = DatabaseUrlFor(database);
+  auto migrated = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
+  ASSERT_TRUE(migrated.ok());
+  ASSERT_EQ(migrated->exit_code, 0) << migrated->output;
+  const auto psql = [&](const std::string& sql) {
+    auto result = RunCommand({"psql", url, "-v", "ON_ERROR_STOP=1", "-Atc", sql});
+    EXPECT_TRUE(result.ok()) << result.status();
+    return result.ok() ? result->output : std::string();
+  };
+  const std::string has_column =
+      "SELECT count(*) FROM information_schema.columns WHERE table_name = 'schema_migrations' "
+      "AND column_name = 'works_with_binaries_from'";
+  psql("ALTER TABLE schema_migrations DROP COLUMN works_with_binaries_from");
+  ASSERT_EQ(psql(has_column), "0\n");
+  auto again = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->exit_code, 0) << again->output;
+  EXPECT_EQ(psql(has_column), "0\n");
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["DATABASE_URL"] = url;
+  auto serving = ServerProcess::Start(options);
+  EXPECT_TRUE(serving.ok()) << serving.status();
+}
+
 TEST(ServerProcessTest, ConcurrentMigrationsAreSafeAndIdempotent) {
   const std::string database = "sl_concurrent_migrate_test";
   RecreateDatabase(database);
