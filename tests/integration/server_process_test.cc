@@ -83,6 +83,15 @@ void RecreateDatabase(const std::string& database) {
   ASSERT_EQ(result->exit_code, 0) << result->output;
 }
 
+// A new database `database`, migrated by this release.
+void RecreateMigratedDatabase(const std::string& database) {
+  RecreateDatabase(database);
+  auto migrated =
+      RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", DatabaseUrlFor(database)}});
+  ASSERT_TRUE(migrated.ok()) << migrated.status();
+  ASSERT_EQ(migrated->exit_code, 0) << migrated->output;
+}
+
 // Opens a EUR account for the session's user.
 grpc::Status OpenEuroAccount(sessionledger::v1::TransactionService::Stub& ledger,
                              const std::string& token, sessionledger::v1::Account* account) {
@@ -571,11 +580,8 @@ TEST(ServerProcessTest, RefusesToServeASchemaThatIsBehindAndMigrateFixesIt) {
 // that a rollback, or an old pod started in mid-rollout, keeps running; it refuses otherwise.
 TEST(ServerProcessTest, RunsOnANewerSchemaOnlyWhenItsMigrationsSayItMay) {
   const std::string database = "sl_schema_ahead_test";
-  RecreateDatabase(database);
+  RecreateMigratedDatabase(database);
   const std::string url = DatabaseUrlFor(database);
-  auto migrated = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
-  ASSERT_TRUE(migrated.ok());
-  ASSERT_EQ(migrated->exit_code, 0) << migrated->output;
   const int latest = LatestSchemaVersion();
   const auto record_future_migration = [&](int version, int works_with_binaries_from) {
     auto recorded = RunCommand(
@@ -613,11 +619,8 @@ TEST(ServerProcessTest, RunsOnANewerSchemaOnlyWhenItsMigrationsSayItMay) {
 // the server runs on it.
 TEST(ServerProcessTest, AMigrateWithNothingToApplyChangesNothing) {
   const std::string database = "sl_schema_previous_release_test";
-  RecreateDatabase(database);
+  RecreateMigratedDatabase(database);
   const std::string url = DatabaseUrlFor(database);
-  auto migrated = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
-  ASSERT_TRUE(migrated.ok());
-  ASSERT_EQ(migrated->exit_code, 0) << migrated->output;
   const auto psql = [&](const std::string& sql) {
     auto result = RunCommand({"psql", url, "-v", "ON_ERROR_STOP=1", "-Atc", sql});
     EXPECT_TRUE(result.ok()) << result.status();
