@@ -27,6 +27,9 @@ namespace {
 
 // epoll tag of the wake-up eventfd; nodes are tagged with their index and connection serial.
 constexpr uint64_t kWakeTag = 0xffff;
+// epoll tags of the nodes' lookup eventfds: this index, with the node's index + 1 above it.
+constexpr uint64_t kLookupTagIndex = 0xfffe;
+uint64_t LookupTag(size_t node_index) { return ((node_index + 1) << 16) | kLookupTagIndex; }
 constexpr size_t kReadChunk = 64 * 1024;
 // Longest header line we accept ("VALUE <250-byte key> <flags> <bytes> <cas>"); anything longer
 // is not memcached speaking.
@@ -91,6 +94,52 @@ absl::StatusOr<MemcachedAddress> LookUpNode(const MemcachedNode& node) {
   return address;
 }
 
+// What a node's resolver thread shares with the pipeline. The thread touches nothing else, so
+// the pipeline never has to wait for it: getaddrinfo cannot be interrupted, and a shutdown that
+// joined a thread stuck on an unreachable name server would outlast the pod's grace period.
+// The thread and the pipeline each hold it; whichever lets go last closes its eventfd.
+struct NodeLookup {
+  NodeLookup(MemcachedNode a,
+             std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> r)
+      : address(std::move(a)),
+        resolve(std::move(r)),
+        done_fd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+  ~NodeLookup() {
+    if (done_fd >= 0) close(done_fd);
+  }
+  NodeLookup(const NodeLookup&) = delete;
+  NodeLookup& operator=(const NodeLookup&) = delete;
+
+  const MemcachedNode address;
+  const std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> resolve;
+  // Signalled when `result` is set; in the pipeline's epoll set.
+  const int done_fd;
+
+  std::mutex mu;
+  std::condition_variable wanted_cv;
+  bool wanted = false;  // Guarded by mu, as are the two below.
+  bool stop = false;
+  std::optional<absl::StatusOr<MemcachedAddress>> result;
+};
+
+// A node's resolver thread: one lookup each time it is asked, until told to stop.
+void ResolveNames(const std::shared_ptr<NodeLookup>& lookup) {
+  std::unique_lock<std::mutex> lock(lookup->mu);
+  for (;;) {
+    lookup->wanted_cv.wait(lock, [&] { return lookup->stop || lookup->wanted; });
+    if (lookup->stop) return;
+    lookup->wanted = false;
+    lock.unlock();
+    absl::StatusOr<MemcachedAddress> address =
+        lookup->resolve ? lookup->resolve(lookup->address) : LookUpNode(lookup->address);
+    lock.lock();
+    if (lookup->stop) return;
+    lookup->result = std::move(address);
+    const uint64_t one = 1;
+    (void)!write(lookup->done_fd, &one, sizeof one);
+  }
+}
+
 }  // namespace
 
 struct MemcachedPipeline::Request {
@@ -138,13 +187,14 @@ struct MemcachedPipeline::Node {
   std::vector<std::shared_ptr<Request>> queued;
   absl::Time failed_until = absl::InfinitePast();
   bool resolved = false;
-  bool resolving = false;      // Asked of the node's resolver thread, not answered yet.
-  bool lookup_wanted = false;  // Asked, and not yet taken up by that thread.
-  std::condition_variable resolve_wanted;
+  bool resolving = false;  // Asked of the node's resolver thread, not answered yet.
   // Requests that came while the name was not resolved; they are queued once it is.
   std::vector<std::shared_ptr<Request>> awaiting_address;
   sockaddr_storage peer{};
   socklen_t peer_len = 0;
+
+  // Shared with the node's resolver thread; lock order: the reader's mu_, then lookup->mu.
+  std::shared_ptr<NodeLookup> lookup;
 
   // The I/O thread's alone.
   int fd = -1;
@@ -166,7 +216,7 @@ struct MemcachedPipeline::Node {
 absl::StatusOr<std::unique_ptr<MemcachedPipeline>> MemcachedPipeline::Start(
     MemcachedPipelineOptions options) {
   if (options.nodes.empty()) return absl::InvalidArgumentError("memcached pipeline: no nodes");
-  if (options.nodes.size() >= kWakeTag) {
+  if (options.nodes.size() >= kLookupTagIndex) {
     return absl::InvalidArgumentError("memcached pipeline: too many nodes");
   }
   const int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
@@ -188,15 +238,25 @@ absl::StatusOr<std::unique_ptr<MemcachedPipeline>> MemcachedPipeline::Start(
   }
   std::unique_ptr<MemcachedPipeline> reader(
       new MemcachedPipeline(std::move(options), epoll_fd, wake_fd));
+  for (auto& node : reader->nodes_) {
+    node->lookup = std::make_shared<NodeLookup>(node->address, reader->options_.resolve);
+    epoll_event done{};
+    done.events = EPOLLIN;
+    done.data.u64 = LookupTag(node->index);
+    if (node->lookup->done_fd < 0 ||
+        epoll_ctl(epoll_fd, EPOLL_CTL_ADD, node->lookup->done_fd, &done) != 0) {
+      return absl::InternalError(Errno("lookup eventfd", errno));
+    }
+  }
   reader->io_thread_ = std::thread([r = reader.get()] {
     NameThisThread("sl-memcached-io");
     r->Run();
   });
   for (auto& node : reader->nodes_) {
-    reader->resolver_threads_.emplace_back([r = reader.get(), n = node.get()] {
+    std::thread([lookup = node->lookup] {
       NameThisThread("sl-memcache-dns");
-      r->ResolveNames(*n);
-    });
+      ResolveNames(lookup);
+    }).detach();
   }
   return reader;
 }
@@ -216,13 +276,17 @@ MemcachedPipeline::~MemcachedPipeline() {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
-  for (auto& node : nodes_) node->resolve_wanted.notify_all();
+  // Resolver threads are told to stop, never waited for (see NodeLookup); the requests of a
+  // lookup in progress are failed by the I/O thread on its way out.
+  for (auto& node : nodes_) {
+    if (node->lookup == nullptr) continue;
+    std::lock_guard<std::mutex> lock(node->lookup->mu);
+    node->lookup->stop = true;
+    node->lookup->wanted_cv.notify_all();
+  }
   const uint64_t one = 1;
   (void)!write(wake_fd_, &one, sizeof one);
   if (io_thread_.joinable()) io_thread_.join();
-  // A lookup in progress is waited for (getaddrinfo cannot be interrupted); its requests were
-  // already failed by the I/O thread on its way out.
-  for (auto& t : resolver_threads_) t.join();
   close(wake_fd_);
   close(epoll_fd_);
 }
@@ -356,8 +420,9 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
         node.awaiting_address.push_back(std::move(request));
         if (!node.resolving) {
           node.resolving = true;
-          node.lookup_wanted = true;
-          node.resolve_wanted.notify_one();
+          std::lock_guard<std::mutex> asking(node.lookup->mu);
+          node.lookup->wanted = true;
+          node.lookup->wanted_cv.notify_one();
         }
       }
       // Also for a request that waits for an address: the I/O thread keeps its deadline.
@@ -375,39 +440,35 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
   }
 }
 
-void MemcachedPipeline::ResolveNames(Node& node) {
-  std::unique_lock<std::mutex> lock(mu_);
-  for (;;) {
-    node.resolve_wanted.wait(lock, [&] { return stopping_ || node.lookup_wanted; });
-    if (stopping_) return;
-    node.lookup_wanted = false;
-    lock.unlock();
-    const absl::StatusOr<MemcachedAddress> address =
-        options_.resolve ? options_.resolve(node.address) : LookUpNode(node.address);
-    lock.lock();
-    node.resolving = false;
-    if (address.ok()) {
-      node.peer = address->address;
-      node.peer_len = address->length;
-      node.resolved = true;
-      for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
-      node.awaiting_address.clear();
-      if (!wake_pending_) {
-        wake_pending_ = true;
-        const uint64_t one = 1;
-        (void)!write(wake_fd_, &one, sizeof one);
-      }
-      continue;
-    }
-    node.failed_until = absl::Now() + options_.retry_after_failure;
-    std::vector<std::shared_ptr<Request>> failed = std::move(node.awaiting_address);
-    node.awaiting_address.clear();
-    lock.unlock();
-    const absl::Status why = absl::UnavailableError(
-        absl::StrCat("memcached ", node.label, ": ", address.status().message()));
-    for (auto& r : failed) r->Fail(why);
-    lock.lock();
+void MemcachedPipeline::TakeLookupResult(Node& node, absl::Time now) {
+  uint64_t count = 0;
+  (void)!read(node.lookup->done_fd, &count, sizeof count);
+  std::optional<absl::StatusOr<MemcachedAddress>> address;
+  {
+    std::lock_guard<std::mutex> lock(node.lookup->mu);
+    address.swap(node.lookup->result);
   }
+  if (!address.has_value()) return;
+  std::vector<std::shared_ptr<Request>> failed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    node.resolving = false;
+    if (address->ok()) {
+      node.peer = (*address)->address;
+      node.peer_len = (*address)->length;
+      node.resolved = true;
+      // Dispatched with the rest of this turn's requests.
+      for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
+    } else {
+      node.failed_until = now + options_.retry_after_failure;
+      failed = std::move(node.awaiting_address);
+    }
+    node.awaiting_address.clear();
+  }
+  if (failed.empty()) return;
+  const absl::Status why = absl::UnavailableError(
+      absl::StrCat("memcached ", node.label, ": ", address->status().message()));
+  for (auto& r : failed) r->Fail(why);
 }
 
 absl::Time MemcachedPipeline::TakeExpiredAwaitingLocked(
@@ -453,6 +514,10 @@ void MemcachedPipeline::Run() {
       if (tag == kWakeTag) {
         uint64_t count = 0;
         (void)!read(wake_fd_, &count, sizeof count);
+        continue;
+      }
+      if ((tag & 0xffff) == kLookupTagIndex) {
+        TakeLookupResult(*nodes_[(tag >> 16) - 1], now);
         continue;
       }
       Node& node = *nodes_[tag & 0xffff];

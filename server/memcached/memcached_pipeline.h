@@ -132,9 +132,10 @@ class MemcachedPipeline {
   template <typename Reply, typename Begin>
   absl::StatusOr<Reply> WaitFor(Begin begin, absl::Time deadline);
   void Run();
-  // A node's resolver thread: looks up its name whenever requests wait for an address. One per
-  // node, so that a slow lookup of one never delays another's.
-  void ResolveNames(Node& node);
+  // I/O thread: applies what the node's resolver thread found (one per node, so that a slow
+  // lookup of one never delays another's): the address, and the requests that waited for it
+  // queued; or the requests failed and the node backed off.
+  void TakeLookupResult(Node& node, absl::Time now);
   // Under mu_: requests waiting for an address whose time is up are moved to `expired`; the
   // result is when the next of the others gives up.
   absl::Time TakeExpiredAwaitingLocked(absl::Time now,
@@ -171,7 +172,6 @@ class MemcachedPipeline {
   std::atomic<int64_t> batches_{0};
   std::atomic<int64_t> batched_requests_{0};
   std::thread io_thread_;
-  std::vector<std::thread> resolver_threads_;  // One per node.
 };
 
 }  // namespace sessionledger

@@ -1284,6 +1284,31 @@ TEST(MemcachedPipelineFailureTest, ASlowNameLookupHoldsUpNoCallerAndNoOtherNode)
   EXPECT_EQ(slow_lookups->load(), 1);
 }
 
+// Shutdown does not wait for a name lookup stuck on an unreachable name server: getaddrinfo
+// cannot be interrupted, and a process that waited for it could outlast its grace period.
+TEST(MemcachedPipelineFailureTest, DestructionDoesNotWaitForAHungNameLookup) {
+  MemcachedPipelineOptions options;
+  options.nodes = {MemcachedNode{"hung-dns.test", 11211}};
+  auto lookup_may_finish = std::make_shared<Notification>();
+  auto lookup_started = std::make_shared<Notification>();
+  options.resolve = [=](const MemcachedNode&) -> absl::StatusOr<MemcachedAddress> {
+    lookup_started->Notify();
+    lookup_may_finish->WaitForNotificationWithTimeout(absl::Seconds(30));
+    return absl::UnavailableError("name server unreachable");
+  };
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  Pending<MemcachedHits> waiting;
+  (*reader)->GetAsync(0, {"k"}, Deadline(absl::Seconds(20)), waiting.Callback());
+  ASSERT_TRUE(lookup_started->WaitForNotificationWithTimeout(absl::Seconds(10)));
+  const absl::Time start = absl::Now();
+  reader->reset();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "destruction waited for the lookup";
+  const AsyncAnswer<MemcachedHits> answer = waiting.Wait(absl::Seconds(1));
+  EXPECT_TRUE(absl::IsUnavailable(answer.result.status())) << answer.result.status();
+  lookup_may_finish->Notify();  // The resolver thread ends on its own.
+}
+
 TEST(MemcachedPipelineFailureTest, RefusedConnectionFailsFastAndTheNextReadTriesAgain) {
   const int port = FreeTcpPort();
   ASSERT_GT(port, 0);
