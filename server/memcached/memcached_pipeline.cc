@@ -183,7 +183,7 @@ struct MemcachedPipeline::Node {
   const MemcachedNode address;
   const std::string label;
 
-  // Guarded by the reader's mu_ (callers, the I/O thread and the resolver thread).
+  // Guarded by the reader's mu_ (callers and the I/O thread).
   std::vector<std::shared_ptr<Request>> queued;
   absl::Time failed_until = absl::InfinitePast();
   bool resolved = false;
