@@ -111,7 +111,7 @@ struct NodeLookup {
   NodeLookup& operator=(const NodeLookup&) = delete;
 
   const MemcachedNode address;
-  const std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> resolve;
+  const std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> resolve;  // Set.
   // Signalled when `result` is set; in the pipeline's epoll set.
   const int done_fd;
 
@@ -130,8 +130,7 @@ void ResolveNames(const std::shared_ptr<NodeLookup>& lookup) {
     if (lookup->stop) return;
     lookup->wanted = false;
     lock.unlock();
-    absl::StatusOr<MemcachedAddress> address =
-        lookup->resolve ? lookup->resolve(lookup->address) : LookUpNode(lookup->address);
+    absl::StatusOr<MemcachedAddress> address = lookup->resolve(lookup->address);
     lock.lock();
     if (lookup->stop) return;
     lookup->result = std::move(address);
@@ -239,7 +238,8 @@ absl::StatusOr<std::unique_ptr<MemcachedPipeline>> MemcachedPipeline::Start(
   std::unique_ptr<MemcachedPipeline> reader(
       new MemcachedPipeline(std::move(options), epoll_fd, wake_fd));
   for (auto& node : reader->nodes_) {
-    node->lookup = std::make_shared<NodeLookup>(node->address, reader->options_.resolve);
+    node->lookup = std::make_shared<NodeLookup>(
+        node->address, reader->options_.resolve ? reader->options_.resolve : LookUpNode);
     epoll_event done{};
     done.events = EPOLLIN;
     done.data.u64 = LookupTag(node->index);
