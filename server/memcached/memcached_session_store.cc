@@ -51,25 +51,28 @@ bool Answered(memcached_return_t rc) {
          rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_END;
 }
 
-absl::StatusOr<time_t> Expiration(absl::Duration ttl) {
+// Seconds left until `micros` (a Unix time), as an exptime; 0 when it has passed.
+time_t SecondsUntil(int64_t micros) {
+  const absl::Duration left = absl::FromUnixMicros(micros) - absl::Now();
+  if (left <= absl::ZeroDuration()) return 0;
+  return *MemcachedExptime(std::min(left, kMaxStoreTtl));
+}
+
+}  // namespace
+
+absl::StatusOr<time_t> MemcachedExptime(absl::Duration ttl) {
   if (ttl > kMaxStoreTtl) {
     return absl::InvalidArgumentError(
         absl::StrCat("memcached TTL ", absl::FormatDuration(ttl), " is above 30 days"));
   }
-  // memcached's clock ticks once a second, so an item can expire up to a second before its
-  // TTL; one extra second keeps it at least as long as the session lives (the session layer
-  // checks expires_at itself, so lingering a little longer is harmless).
-  const int64_t seconds = absl::ToInt64Seconds(absl::Ceil(ttl, absl::Seconds(1))) + 1;
+  // Two seconds over the TTL, one for each way memcached's clock runs ahead of an item (see the
+  // header). The session layer checks expires_at itself, so lingering longer is harmless;
+  // lapsing early is not (a live session would answer NOT_FOUND).
+  const int64_t seconds = absl::ToInt64Seconds(absl::Ceil(ttl, absl::Seconds(1))) + 2;
   return static_cast<time_t>(std::min(seconds, absl::ToInt64Seconds(kMaxStoreTtl)));
 }
 
-// Seconds left until `micros` (a Unix time), or 0 when it has passed.
-time_t SecondsUntil(int64_t micros) {
-  const absl::Duration left = absl::FromUnixMicros(micros) - absl::Now();
-  if (left <= absl::ZeroDuration()) return 0;
-  return static_cast<time_t>(std::min(absl::ToInt64Seconds(absl::Ceil(left, absl::Seconds(1))) + 1,
-                                      absl::ToInt64Seconds(kMaxStoreTtl)));
-}
+namespace {
 
 uint64_t ParseGeneration(const std::string& text) {
   uint64_t value = 0;
@@ -816,7 +819,8 @@ void MemcachedSessionStore::RunBlocking(absl::AnyInvocable<void() &&> work) {
 void MemcachedSessionStore::ReadUserStateAsync(absl::string_view user_tag,
                                                absl::Duration keep_generation_for,
                                                absl::Time deadline, UserStateCallback done) {
-  if (const absl::StatusOr<time_t> expiration = Expiration(keep_generation_for); !expiration.ok()) {
+  if (const absl::StatusOr<time_t> expiration = MemcachedExptime(keep_generation_for);
+      !expiration.ok()) {
     std::move(done)(expiration.status());
     return;
   }
@@ -869,7 +873,7 @@ void MemcachedSessionStore::WriteCopiesAsync(absl::string_view user_tag, std::st
                                              StatusCallback done) {
   std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, user_tag);
   MemcachedPipeline* pipeline = PipelineFor(pool_, places);
-  const absl::StatusOr<time_t> expiration = Expiration(ttl);
+  const absl::StatusOr<time_t> expiration = MemcachedExptime(ttl);
   if (!expiration.ok()) {
     std::move(done)(expiration.status());
     return;
@@ -946,7 +950,7 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Peek(const SessionKey& key,
 
 absl::Status MemcachedSessionStore::Add(const SessionKey& key, const StoredSession& session,
                                         absl::Duration ttl, absl::Time deadline) {
-  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(ttl));
+  SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   const absl::Status added =
       conn.AddThenSet(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
@@ -957,7 +961,7 @@ absl::Status MemcachedSessionStore::Add(const SessionKey& key, const StoredSessi
 absl::Status MemcachedSessionStore::CompareAndSwap(const SessionKey& key, const CasToken& cas,
                                                    const StoredSession& session, absl::Duration ttl,
                                                    absl::Time deadline) {
-  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(ttl));
+  SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   return conn.CasThenSet(cas.copy, cas.cas, SessionKeyName(key.token_hash),
                          session.SerializeAsString(), expiration);
@@ -965,7 +969,7 @@ absl::Status MemcachedSessionStore::CompareAndSwap(const SessionKey& key, const 
 
 absl::Status MemcachedSessionStore::Put(const SessionKey& key, const StoredSession& session,
                                         absl::Duration ttl, absl::Time deadline) {
-  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(ttl));
+  SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   return conn.SetAll(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
 }
@@ -989,7 +993,7 @@ absl::Status MemcachedSessionStore::Remove(const SessionKey& key, absl::Time dea
 absl::StatusOr<uint64_t> MemcachedSessionStore::ReadGeneration(absl::string_view user_tag,
                                                                absl::Duration keep_for,
                                                                absl::Time deadline) {
-  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(keep_for));
+  SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(keep_for));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string gkey = GenerationKeyName(user_tag);
   SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {gkey}));
@@ -999,7 +1003,7 @@ absl::StatusOr<uint64_t> MemcachedSessionStore::ReadGeneration(absl::string_view
 absl::StatusOr<uint64_t> MemcachedSessionStore::AdvanceGeneration(absl::string_view user_tag,
                                                                   absl::Duration keep_for,
                                                                   absl::Time deadline) {
-  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(keep_for));
+  SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(keep_for));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string gkey = GenerationKeyName(user_tag);
   SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {gkey}));
@@ -1023,7 +1027,7 @@ absl::StatusOr<IndexRecord> MemcachedSessionStore::ReadIndex(absl::string_view u
 absl::StatusOr<UserState> MemcachedSessionStore::ReadUserState(absl::string_view user_tag,
                                                                absl::Duration keep_generation_for,
                                                                absl::Time deadline) {
-  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(keep_generation_for));
+  SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(keep_generation_for));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string gkey = GenerationKeyName(user_tag);
   const std::string ikey = IndexKeyName(user_tag);
@@ -1038,7 +1042,7 @@ absl::Status MemcachedSessionStore::WriteIndex(absl::string_view user_tag,
                                                const std::optional<CasToken>& cas,
                                                const UserSessionIndex& index, absl::Duration ttl,
                                                absl::Time deadline) {
-  SL_ASSIGN_OR_RETURN(time_t expiration, Expiration(ttl));
+  SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string ikey = IndexKeyName(user_tag);
   const std::string value = index.SerializeAsString();

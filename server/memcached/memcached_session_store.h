@@ -1,15 +1,28 @@
 #ifndef SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_SESSION_STORE_H_
 #define SESSIONLEDGER_SERVER_MEMCACHED_MEMCACHED_SESSION_STORE_H_
 
+#include <ctime>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "server/common/blocking_executor.h"
 #include "server/domain/session_store.h"
 #include "server/memcached/memcached_pool.h"
 
 namespace sessionledger {
+
+// The relative exptime that keeps a memcached item for at least `ttl`, or for memcached's
+// 30-day maximum; INVALID_ARGUMENT above 30 days. memcached's clock is a count of whole seconds
+// that a timer refreshes about once a second, so an exptime can lapse up to two seconds early:
+//  - one second from rounding: the clock lags real time by the timer's phase, up to a second;
+//  - one more when the timer's drift carries that phase across a second boundary: the clock
+//    then steps by two. The drift measured on Debian 12's memcached 1.6.18 is about 0.8 ms per
+//    tick, so every node steps once in roughly twenty minutes and any session living longer
+//    than that meets a step.
+absl::StatusOr<time_t> MemcachedExptime(absl::Duration ttl);
 
 // SessionStore on Memcached (libmemcached through MemcachedPool).
 //

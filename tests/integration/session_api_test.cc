@@ -262,11 +262,13 @@ TEST(SessionLifetimeTest, TouchCannotPassTheAbsoluteLifetime) {
   // after creation, would slide past it and is held to it. Each has 0.6 s or more of room on
   // either side (the first must come before 2 s, the second before the first's expiry).
   SleepUntil(created + absl::Milliseconds(1400));
-  ASSERT_TRUE(client.Get(s.token(), true, &t).ok());
+  grpc::Status got = client.Get(s.token(), true, &t);
+  ASSERT_TRUE(got.ok()) << got.error_code() << " " << got.error_message();
   EXPECT_GT(ToTime(t.expires_at()), ToTime(s.expires_at()));
   EXPECT_LT(ToTime(t.expires_at()), ToTime(t.absolute_expires_at()));
   SleepUntil(created + absl::Milliseconds(2800));
-  ASSERT_TRUE(client.Get(s.token(), true, &t).ok());
+  got = client.Get(s.token(), true, &t);
+  ASSERT_TRUE(got.ok()) << got.error_code() << " " << got.error_message();
   EXPECT_EQ(ToTime(t.expires_at()), ToTime(t.absolute_expires_at()));
   EXPECT_EQ(ToTime(t.expires_at()), ToTime(s.absolute_expires_at()));
   v1::Session rotated;
