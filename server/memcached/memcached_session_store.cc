@@ -461,12 +461,20 @@ struct LookupPlan {
   uint64_t generation = 0;  // The highest any copy holds.
 };
 
+// Two copies of one state of a session, but for expires_at: a touch slides the expiry without
+// a new version, and may have reached only the secondary (the primary skipped for a second).
+bool SameStateExpiringLater(const StoredSession& candidate, const StoredSession& chosen) {
+  return candidate.deleted() == chosen.deleted() && candidate.version() == chosen.version() &&
+         candidate.expires_at_unix_micros() > chosen.expires_at_unix_micros();
+}
+
 // Which of two copies of a session is authoritative: a tombstone anywhere wins (a deletion must
-// stick), then the highest version; on a tie the one already chosen (the earlier copy, the
-// primary) stays.
+// stick), then the highest version, then the later expiry (expiries only move forward); on a
+// tie the one already chosen (the earlier copy, the primary) stays.
 bool Supersedes(const StoredSession& candidate, const StoredSession& chosen) {
   return (candidate.deleted() && !chosen.deleted()) ||
-         (candidate.deleted() == chosen.deleted() && candidate.version() > chosen.version());
+         (candidate.deleted() == chosen.deleted() && candidate.version() > chosen.version()) ||
+         SameStateExpiringLater(candidate, chosen);
 }
 
 LookupPlan PlanLookup(CopyReads& reads, const std::string& skey, const std::string& gkey) {
@@ -497,10 +505,11 @@ LookupPlan PlanLookup(CopyReads& reads, const std::string& skey, const std::stri
   return plan;
 }
 
-// A copy that lacks the winning session or holds an older state of it.
+// A copy that lacks the winning session or holds an older state of it (or an earlier expiry).
 bool IsStale(const CopyState& copy, const CopyState& winner) {
   return !copy.session.has_value() || (winner.parsed.deleted() && !copy.parsed.deleted()) ||
-         copy.parsed.version() < winner.parsed.version();
+         copy.parsed.version() < winner.parsed.version() ||
+         SameStateExpiringLater(winner.parsed, copy.parsed);
 }
 
 bool LacksGeneration(const CopyState& copy, uint64_t generation) {

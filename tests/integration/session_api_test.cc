@@ -31,9 +31,6 @@ std::string UniqueUser(const std::string& base) {
 }
 
 int64_t Seconds(const google::protobuf::Timestamp& t) { return t.seconds(); }
-absl::Time ToTime(const google::protobuf::Timestamp& t) {
-  return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
-}
 
 // Sleeps until `t`, a time taken from the server's own stamps: the margins of the expiry tests
 // below are then not eaten by how long the calls before took on a busy machine.

@@ -286,6 +286,32 @@ TEST_F(SessionReplicaTest, ListingHonoursWritesThatOneCopyMissed) {
   }
 }
 
+// A touch slides expires_at without a new version. A copy that missed it (a node skipped for a
+// second) must not hand back the earlier expiry, whichever node holds the first copy, and a read
+// gives it the later one.
+TEST_F(SessionReplicaTest, TouchThatOneCopyMissedIsKeptAndRepaired) {
+  for (const v1::Session& s : CreateMany("missed-touch", 4)) {
+    const std::string key = SessionKey(s.token());
+    const std::optional<std::string> before = MemcachedGetValue(1, key);
+    ASSERT_TRUE(before.has_value());
+    absl::SleepFor(absl::Milliseconds(10));
+    v1::Session touched;
+    ASSERT_TRUE(client_->Get(s.token(), true, &touched).ok());
+    ASSERT_GT(ToTime(touched.expires_at()), ToTime(s.expires_at()));
+    const std::optional<std::string> after = MemcachedGetValue(1, key);
+    ASSERT_TRUE(after.has_value());
+    ASSERT_EQ(MemcachedGetValue(2, key), after);
+    for (int node : {1, 2}) {
+      ASSERT_TRUE(MemcachedSetRaw(node, key, *before, 60));
+      v1::Session got;
+      ASSERT_TRUE(client_->Get(s.token(), false, &got).ok());
+      EXPECT_EQ(ToTime(got.expires_at()), ToTime(touched.expires_at()))
+          << "node " << node << " alone missed the touch";
+      EXPECT_EQ(MemcachedGetValue(node, key), after) << "node " << node << " was not repaired";
+    }
+  }
+}
+
 TEST(SessionOutageTest, MemcachedDownIsUnavailableWithinTheDeadlineAndRecovers) {
   std::unique_ptr<ServerProcess> server = StartSessionServer();
   ASSERT_NE(server, nullptr);

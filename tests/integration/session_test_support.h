@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 #include "tests/support/server_process.h"
@@ -27,6 +28,10 @@
 namespace sessionledger::testing {
 
 namespace v1 = ::sessionledger::v1;
+
+inline absl::Time ToTime(const google::protobuf::Timestamp& t) {
+  return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
+}
 
 inline std::unique_ptr<ServerProcess> StartSessionServer(
     std::map<std::string, std::optional<std::string>> overrides = {}) {
