@@ -38,10 +38,12 @@ absl::Duration StoreTtl(absl::Time expires_at, absl::Time now) {
   return std::max(rounded, absl::Seconds(1));
 }
 
-// Slides the idle expiry to now + ttl, never past the absolute lifetime.
+// Slides the idle expiry to now + ttl, never past the absolute lifetime and never back: the
+// server that last slid it may have a clock ahead of ours.
 int64_t SlidExpiry(const StoredSession& s, absl::Time now) {
-  return std::min(ToMicros(now + absl::Seconds(s.ttl_seconds())),
-                  s.absolute_expires_at_unix_micros());
+  return std::max(s.expires_at_unix_micros(),
+                  std::min(ToMicros(now + absl::Seconds(s.ttl_seconds())),
+                           s.absolute_expires_at_unix_micros()));
 }
 
 size_t AttributesBytes(const AttributeMap& attributes) {

@@ -97,6 +97,25 @@ TEST_F(SessionServiceTest, CreateReturnsTokenVersionOneAndLifetimes) {
   EXPECT_EQ(store_->TtlOf(hash), kTtl);
 }
 
+// The server that last slid the expiry may have a clock ahead of this one (skew between
+// replicas, or a step back): an update or a rotation never moves expires_at back.
+TEST_F(SessionServiceTest, UpdateAndRotateNeverMoveTheExpiryBack) {
+  SessionView v = MustCreate("alice");
+  clock_.Advance(absl::Seconds(20));
+  absl::StatusOr<SessionView> touched = Get(v.token, /*touch=*/true);
+  ASSERT_TRUE(touched.ok()) << touched.status();
+  const int64_t touched_expiry = touched->stored.expires_at_unix_micros();
+  clock_.Advance(absl::Seconds(-5));
+  AttributeMap set;
+  set["k"] = "v";
+  absl::StatusOr<SessionView> u = Update(v.token, set);
+  ASSERT_TRUE(u.ok()) << u.status();
+  EXPECT_EQ(u->stored.expires_at_unix_micros(), touched_expiry);
+  absl::StatusOr<SessionView> r = service_->Rotate(v.token, Deadline());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->stored.expires_at_unix_micros(), touched_expiry);
+}
+
 TEST_F(SessionServiceTest, CreateRejectsBadInput) {
   const auto create = [&](const std::string& user, int64_t ttl, const AttributeMap& attrs) {
     return service_->Create(user, ttl, attrs, Deadline()).status();
