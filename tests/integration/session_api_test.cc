@@ -173,16 +173,16 @@ TEST_F(SessionApiTest, MemcachedHoldsHashedKeysAndProtobufValuesOnly) {
 }
 
 TEST_F(SessionApiTest, IdleExpiryAndTouchSliding) {
-  v1::Session s = client_->MustCreate(UniqueUser("erin"), 2);
+  v1::Session s = client_->MustCreate(UniqueUser("erin"), 3);
   const std::string key = "sl:v1:s:" + Sha256Hex(s.token());
   const absl::Time created = ToTime(s.created_at());
-  SleepUntil(created + absl::Milliseconds(1200));
+  SleepUntil(created + absl::Milliseconds(1500));
   v1::Session touched;
   ASSERT_TRUE(client_->Get(s.token(), true, &touched).ok());
   EXPECT_GT(ToTime(touched.expires_at()), ToTime(s.expires_at()));
   EXPECT_EQ(touched.version(), 1);
-  // Past the first expiry (the touch came at least 1.2 s after creation), alive thanks to it.
-  SleepUntil(ToTime(touched.expires_at()) - absl::Milliseconds(800));
+  // Past the first expiry (the touch came at least 1.5 s after creation), alive thanks to it.
+  SleepUntil(ToTime(touched.expires_at()) - absl::Milliseconds(1200));
   v1::Session untouched;
   ASSERT_TRUE(client_->Get(s.token(), false, &untouched).ok());
   EXPECT_EQ(ToTime(untouched.expires_at()), ToTime(touched.expires_at()));
@@ -198,13 +198,13 @@ TEST_F(SessionApiTest, IdleExpiryAndTouchSliding) {
 }
 
 TEST_F(SessionApiTest, UpdateCountsAsActivity) {
-  v1::Session s = client_->MustCreate(UniqueUser("frank"), 2);
+  v1::Session s = client_->MustCreate(UniqueUser("frank"), 3);
   const absl::Time created = ToTime(s.created_at());
-  SleepUntil(created + absl::Milliseconds(1200));
+  SleepUntil(created + absl::Milliseconds(1500));
   v1::Session u;
   ASSERT_TRUE(client_->Update(s.token(), {{"k", "v"}}, {}, 0, &u).ok());
-  // Past the creation's expiry; the update's is at least 3.2 s after creation.
-  SleepUntil(created + absl::Milliseconds(2300));
+  // Past the creation's expiry; the update's is at least 4.5 s after creation.
+  SleepUntil(created + absl::Milliseconds(3300));
   EXPECT_EQ(client_->GetCode(s.token()), grpc::StatusCode::OK);
 }
 
@@ -247,24 +247,25 @@ TEST_F(SessionApiTest, ListAndRevokeAll) {
 
 TEST(SessionLifetimeTest, TouchCannotPassTheAbsoluteLifetime) {
   std::unique_ptr<ServerProcess> server =
-      StartSessionServer({{"SESSION_MAX_LIFETIME_SECONDS", "4"}, {"SESSION_TTL_SECONDS", "2"}});
+      StartSessionServer({{"SESSION_MAX_LIFETIME_SECONDS", "8"}, {"SESSION_TTL_SECONDS", "4"}});
   ASSERT_NE(server, nullptr);
   SessionClient client(*server);
   v1::Session s = client.MustCreate(UniqueUser("ivan"));
-  EXPECT_EQ(s.ttl_seconds(), 2);
+  EXPECT_EQ(s.ttl_seconds(), 4);
   const absl::Time created = ToTime(s.created_at());
-  EXPECT_EQ(ToTime(s.absolute_expires_at()) - created, absl::Seconds(4));
+  EXPECT_EQ(ToTime(s.absolute_expires_at()) - created, absl::Seconds(8));
   v1::Session t;
-  EXPECT_EQ(client.Create("ivan", 5, &t).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  // The first touch slides the expiry and stays inside the lifetime; the second, at least 2 s
-  // after creation, would slide past it and is held to it. Each has 0.6 s or more of room on
-  // either side (the first must come before 2 s, the second before the first's expiry).
-  SleepUntil(created + absl::Milliseconds(1400));
+  EXPECT_EQ(client.Create("ivan", 9, &t).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // The first touch slides the expiry and stays inside the lifetime; the second, more than 4 s
+  // after creation, would slide past it and is held to it. A call can only come late, and each
+  // has 1.5 s or more of room for that (the first must come before 4 s, the second before the
+  // first's expiry at 6 s or later).
+  SleepUntil(created + absl::Milliseconds(2000));
   grpc::Status got = client.Get(s.token(), true, &t);
   ASSERT_TRUE(got.ok()) << got.error_code() << " " << got.error_message();
   EXPECT_GT(ToTime(t.expires_at()), ToTime(s.expires_at()));
   EXPECT_LT(ToTime(t.expires_at()), ToTime(t.absolute_expires_at()));
-  SleepUntil(created + absl::Milliseconds(2800));
+  SleepUntil(created + absl::Milliseconds(4500));
   got = client.Get(s.token(), true, &t);
   ASSERT_TRUE(got.ok()) << got.error_code() << " " << got.error_message();
   EXPECT_EQ(ToTime(t.expires_at()), ToTime(t.absolute_expires_at()));

@@ -533,9 +533,10 @@ TEST_P(CompareAndSwapAsyncTest, WritesEveryCopyWithTheTtlOfTheBlockingForm) {
     const std::optional<int64_t> async_ttl = TtlOn(node, key);
     const std::optional<int64_t> blocking_ttl = TtlOn(node, twin);
     ASSERT_TRUE(async_ttl.has_value() && blocking_ttl.has_value());
-    EXPECT_GE(*async_ttl, 600);
+    // memcached's clock may step by two seconds between the writes or the reads.
+    EXPECT_GE(*async_ttl, 598);
     EXPECT_LE(*async_ttl, 602);
-    EXPECT_NEAR(*async_ttl, *blocking_ttl, 1);
+    EXPECT_NEAR(*async_ttl, *blocking_ttl, 2);
   }
 
   // 30 days is the longest TTL memcached reads as relative: kept that long on every copy, not
