@@ -23,8 +23,17 @@ namespace {
 // index stays far below Memcached's 1 MiB item limit even for a user who never lists.
 constexpr int kIndexPruneThreshold = 256;
 // How long an index entry whose session is missing is kept: longer than any Create or Rotate
-// takes between writing the entry and adding the session.
+// takes between writing the entry and adding the session (AddSessionBy).
 constexpr absl::Duration kJustIndexed = absl::Seconds(30);
+
+// The deadline of the add that follows an index entry written at `indexed_at`. A listing prunes
+// an entry whose session is still missing kJustIndexed after it was written; an add that came
+// later (a call timeout above that, a stalled node) would leave a live session out of the
+// index, unlisted and unrevocable by RevokeUserSessions' count. Half of it leaves room for
+// clock skew between the server that indexed and the one that lists.
+absl::Time AddSessionBy(absl::Time indexed_at, absl::Time deadline) {
+  return std::min(deadline, indexed_at + kJustIndexed / 2);
+}
 
 absl::Status NotFound() { return absl::NotFoundError("token: no live session for this token"); }
 
@@ -197,9 +206,10 @@ int SessionService::PruneIndexAt() const {
   return std::min(kIndexPruneThreshold, options_.limits.max_live_sessions_per_user);
 }
 
-absl::Status SessionService::AddToIndex(absl::string_view user_tag, const StoredSession& session,
-                                        std::optional<IndexRecord> already_read, bool replaces_one,
-                                        absl::Time deadline) {
+absl::StatusOr<absl::Time> SessionService::AddToIndex(absl::string_view user_tag,
+                                                      const StoredSession& session,
+                                                      std::optional<IndexRecord> already_read,
+                                                      bool replaces_one, absl::Time deadline) {
   Backoff backoff(options_, deadline);
   for (;;) {
     IndexRecord record;
@@ -229,7 +239,8 @@ absl::Status SessionService::AddToIndex(absl::string_view user_tag, const Stored
     const IndexWrite write = IndexWith(record.index, session, now);
     const absl::Status written =
         store_->WriteIndex(user_tag, record.cas, write.index, write.ttl, deadline);
-    if (written.ok() || !absl::IsAborted(written)) return written;
+    if (written.ok()) return now;
+    if (!absl::IsAborted(written)) return written;
     if (!backoff.Wait()) {
       return absl::UnavailableError("session index of this user is too busy; retry");
     }
@@ -299,9 +310,11 @@ absl::StatusOr<SessionView> SessionService::FinishCreate(NewSession created,
   const StoredSession& s = created.view.stored;
   // Indexed before it exists, so a session is never live without being listable/revocable by
   // the index; an entry whose add failed is pruned later.
-  SL_RETURN_IF_ERROR(
+  SL_ASSIGN_OR_RETURN(
+      const absl::Time indexed_at,
       AddToIndex(created.key.user_tag, s, std::move(index), /*replaces_one=*/false, deadline));
-  SL_RETURN_IF_ERROR(store_->Add(created.key, s, SessionTtl(s, now), deadline));
+  SL_RETURN_IF_ERROR(
+      store_->Add(created.key, s, SessionTtl(s, now), AddSessionBy(indexed_at, deadline)));
   return std::move(created.view);
 }
 
@@ -374,7 +387,7 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
                                   settle();
                                 });
         const StoredSession& s = created->view.stored;
-        store_->AddAsync(created->key, s, SessionTtl(s, now), deadline,
+        store_->AddAsync(created->key, s, SessionTtl(s, now), AddSessionBy(now, deadline),
                          [join, settle](absl::Status added) mutable {
                            join->added = std::move(added);
                            settle();
@@ -392,7 +405,8 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
       Backoff(options_, deadline).Wait();
       const absl::Status indexed =
           AddToIndex(created->key.user_tag, created->view.stored, std::move(index),
-                     /*replaces_one=*/false, deadline);
+                     /*replaces_one=*/false, deadline)
+              .status();
       if (!indexed.ok()) {
         std::move(done)(indexed);
       } else {
@@ -600,10 +614,11 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     s.set_token_hash(new_key.token_hash);
     s.set_expires_at_unix_micros(SlidExpiry(s, now));
 
-    SL_RETURN_IF_ERROR(
-        AddToIndex(new_key.user_tag, s, std::nullopt, /*replaces_one=*/true, deadline));
-    SL_RETURN_IF_ERROR(
-        store_->Add(new_key, s, StoreTtl(FromMicros(s.expires_at_unix_micros()), now), deadline));
+    SL_ASSIGN_OR_RETURN(const absl::Time indexed_at, AddToIndex(new_key.user_tag, s, std::nullopt,
+                                                                /*replaces_one=*/true, deadline));
+    SL_RETURN_IF_ERROR(store_->Add(new_key, s,
+                                   StoreTtl(FromMicros(s.expires_at_unix_micros()), now),
+                                   AddSessionBy(indexed_at, deadline)));
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
     // both succeed (the loser's new session is removed again).
     StoredSession ended_old = Tombstone(old);

@@ -162,10 +162,12 @@ class SessionService {
   // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when
   // the caller has just read the index (saves a round trip), re-reading after a conflict.
   // RESOURCE_EXHAUSTED when the user already holds limits.max_live_sessions_per_user live
-  // sessions, unless `replaces_one` (a rotation, whose old session ends).
-  absl::Status AddToIndex(absl::string_view user_tag, const storage::v1::StoredSession& session,
-                          std::optional<IndexRecord> already_read, bool replaces_one,
-                          absl::Time deadline);
+  // sessions, unless `replaces_one` (a rotation, whose old session ends). Returns the entry's
+  // indexed_at.
+  absl::StatusOr<absl::Time> AddToIndex(absl::string_view user_tag,
+                                        const storage::v1::StoredSession& session,
+                                        std::optional<IndexRecord> already_read, bool replaces_one,
+                                        absl::Time deadline);
   // How many entries an index may have before a new session prunes it first.
   int PruneIndexAt() const;
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)

@@ -55,6 +55,11 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     copy_after_cas_ = copy;
   }
+  // The deadline the last Add was given.
+  absl::Time last_add_deadline() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return last_add_deadline_;
+  }
   int cas_calls() const {
     std::lock_guard<std::mutex> l(mu_);
     return cas_calls_;
@@ -98,8 +103,9 @@ class FakeSessionStore final : public SessionStore {
   }
 
   absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& s, absl::Duration ttl,
-                   absl::Time) override {
+                   absl::Time deadline) override {
     std::lock_guard<std::mutex> l(mu_);
+    last_add_deadline_ = deadline;
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(ttl);
     if (Live(sessions_, key.token_hash) != nullptr) return absl::AlreadyExistsError("exists");
@@ -233,6 +239,7 @@ class FakeSessionStore final : public SessionStore {
   int answering_copy_ = 0;
   absl::Status lose_cas_answer_;
   int cas_calls_ = 0;
+  absl::Time last_add_deadline_ = absl::InfinitePast();
   int peeks_ = 0;
   uint64_t next_cas_ = 0;
   std::map<std::string, Entry<storage::v1::StoredSession>> sessions_;

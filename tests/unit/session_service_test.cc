@@ -116,6 +116,23 @@ TEST_F(SessionServiceTest, UpdateAndRotateNeverMoveTheExpiryBack) {
   EXPECT_EQ(r->stored.expires_at_unix_micros(), touched_expiry);
 }
 
+// A listing prunes an index entry whose session is still missing 30 s after it was written, so
+// the add that follows the entry must be over well before: by 15 s after it, whatever the
+// call's own deadline (an add after the prune would leave a live session out of the index).
+TEST_F(SessionServiceTest, TheAddAfterAnIndexEntryEndsWithinHalfTheGraceOfListings) {
+  const absl::Time indexed_at = clock_.Now();
+  const absl::Time far_deadline = indexed_at + absl::Minutes(5);
+  absl::StatusOr<SessionView> v = service_->Create("alice", 0, {}, far_deadline);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(store_->last_add_deadline(), indexed_at + absl::Seconds(15));
+  absl::StatusOr<SessionView> r = service_->Rotate(v->token, far_deadline);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(store_->last_add_deadline(), indexed_at + absl::Seconds(15));
+  // A nearer deadline stays.
+  ASSERT_TRUE(service_->Create("bob", 0, {}, indexed_at + absl::Seconds(3)).ok());
+  EXPECT_EQ(store_->last_add_deadline(), indexed_at + absl::Seconds(3));
+}
+
 TEST_F(SessionServiceTest, CreateRejectsBadInput) {
   const auto create = [&](const std::string& user, int64_t ttl, const AttributeMap& attrs) {
     return service_->Create(user, ttl, attrs, Deadline()).status();
@@ -923,6 +940,14 @@ class CreateAsyncTest : public AsyncServiceTest {
 };
 
 INSTANTIATE_TEST_SUITE_P(Modes, CreateAsyncTest, ::testing::ValuesIn(kAsyncModes), AsyncModeName);
+
+TEST_P(CreateAsyncTest, TheAddEndsWithinHalfTheGraceOfListings) {
+  const absl::Time indexed_at = clock_.Now();
+  AsyncAnswer& answer = NewAnswer();
+  service_->CreateAsync("alice", 0, {}, indexed_at + absl::Minutes(5), answer.Callback());
+  ASSERT_TRUE(answer.Wait().ok());
+  EXPECT_EQ(fake_->last_add_deadline(), indexed_at + absl::Seconds(15));
+}
 
 TEST_P(CreateAsyncTest, AnswersWhatCreateWouldAndTheSessionIsReadableAndListed) {
   const absl::Time now = clock_.Now();
