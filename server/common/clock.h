@@ -21,6 +21,14 @@ class SystemClock final : public Clock {
   absl::Time Now() const override { return absl::Now(); }
 };
 
+// Whether `now` falls in a window of `length` that ends at `until` (a node skipped after a
+// failure, say). A window that seems to end further than `length` ahead was opened on a wall
+// clock that has since stepped back (NTP, a resumed VM): it counts as over, rather than lasting
+// for as long as the step.
+inline bool InWindowEnding(absl::Time now, absl::Time until, absl::Duration length) {
+  return now < until && until - now <= length;
+}
+
 // A clock that moves only when told to. Thread-safe.
 class FakeClock final : public Clock {
  public:

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "server/common/clock.h"
 #include "server/common/logger.h"
 #include "server/common/notification.h"
 #include "server/common/thread_name.h"
@@ -406,7 +407,7 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) {
       refused = absl::UnavailableError("memcached pipeline: shutting down");
-    } else if (now < node.failed_until) {
+    } else if (InWindowEnding(now, node.failed_until, options_.retry_after_failure)) {
       refused = absl::UnavailableError(
           absl::StrCat("memcached ", node.label, ": failed recently; retrying after ",
                        absl::FormatDuration(options_.retry_after_failure)));
@@ -595,7 +596,7 @@ void MemcachedPipeline::ExpireRequests(Node& node, absl::Time now) {
 void MemcachedPipeline::Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh,
                                  absl::Time now) {
   if (node.fd < 0) {
-    if (now < node.failed_until_seen) {
+    if (InWindowEnding(now, node.failed_until_seen, options_.retry_after_failure)) {
       const absl::Status failed =
           absl::UnavailableError(absl::StrCat("memcached ", node.label, ": failed recently"));
       for (auto& r : fresh) r->Fail(failed);

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/clock.h"
 #include "server/common/status_macros.h"
 
 namespace sessionledger {
@@ -198,7 +199,8 @@ bool MemcachedPool::NodeStalled(int node, absl::Time now) const {
   if (node < 0 || node >= node_count()) return false;
   const int64_t until =
       stalled_until_micros_[static_cast<size_t>(node)].load(std::memory_order_relaxed);
-  return until != 0 && absl::ToUnixMicros(now) < until;
+  return until != 0 &&
+         InWindowEnding(now, absl::FromUnixMicros(until), options_.retry_after_failure);
 }
 
 MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout) {
