@@ -705,6 +705,8 @@ TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
   ASSERT_TRUE(other.ok()) << other.status();
   EXPECT_TRUE(other->NodeStalled(1, marked));
   EXPECT_FALSE(other->NodeStalled(0, marked));
+  EXPECT_TRUE(other->NodeStalled(1, marked - absl::Milliseconds(50)))
+      << "a moment read just before another handle marked the node";
   EXPECT_FALSE(other->NodeStalled(1, marked - absl::Hours(1)))
       << "a wall clock stepped back an hour kept the node out for an hour";
   (*pool)->MarkNodeStalled(-1);  // Ignored, as is any index past the last node.
