@@ -616,16 +616,14 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
 
     SL_ASSIGN_OR_RETURN(const absl::Time indexed_at, AddToIndex(new_key.user_tag, s, std::nullopt,
                                                                 /*replaces_one=*/true, deadline));
-    SL_RETURN_IF_ERROR(store_->Add(new_key, s,
-                                   StoreTtl(FromMicros(s.expires_at_unix_micros()), now),
-                                   AddSessionBy(indexed_at, deadline)));
+    SL_RETURN_IF_ERROR(
+        store_->Add(new_key, s, SessionTtl(s, now), AddSessionBy(indexed_at, deadline)));
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
     // both succeed (the loser's new session is removed again).
     StoredSession ended_old = Tombstone(old);
     ended_old.set_rotated_to_token_hash(new_key.token_hash);
-    const absl::Status ended =
-        store_->CompareAndSwap(old_key, lookup.record->cas, ended_old,
-                               StoreTtl(FromMicros(old.expires_at_unix_micros()), now), deadline);
+    const absl::Status ended = store_->CompareAndSwap(old_key, lookup.record->cas, ended_old,
+                                                      SessionTtl(old, now), deadline);
     if (ended.ok()) return view;
     if (!absl::IsAborted(ended)) {
       // No answer is not no: a compare-and-swap whose reply was lost (a timeout) may have ended
@@ -664,8 +662,7 @@ absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline
   // A tombstone rather than a delete: a copy that missed this write (its node was unreachable)
   // must not be able to bring the session back through read repair. It needs to live only as
   // long as the session itself could have.
-  return store_->Put(*key, Tombstone(s), StoreTtl(FromMicros(s.expires_at_unix_micros()), now),
-                     deadline);
+  return store_->Put(*key, Tombstone(s), SessionTtl(s, now), deadline);
 }
 
 absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,
