@@ -1,11 +1,11 @@
 #ifndef SESSIONLEDGER_SERVER_COMMON_NOTIFICATION_H_
 #define SESSIONLEDGER_SERVER_COMMON_NOTIFICATION_H_
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
 
-#include "absl/time/clock.h"
 #include "absl/time/time.h"
 
 namespace sessionledger {
@@ -28,13 +28,14 @@ class Notification {
     std::unique_lock<std::mutex> lock(mutex_);
     changed_.wait(lock, [this] { return notified_; });
   }
-  // False when `deadline` passed first.
-  bool WaitForNotificationWithDeadline(absl::Time deadline) const {
-    std::unique_lock<std::mutex> lock(mutex_);
-    return changed_.wait_until(lock, absl::ToChronoTime(deadline), [this] { return notified_; });
-  }
+  // False when `timeout` passed first. Timed on the steady clock: a wall-clock step neither
+  // stretches the wait nor cuts it short.
   bool WaitForNotificationWithTimeout(absl::Duration timeout) const {
-    return WaitForNotificationWithDeadline(absl::Now() + timeout);
+    // Bounded, so that adding it to the clock's reading cannot overflow.
+    const absl::Duration bounded = std::clamp(timeout, absl::ZeroDuration(), absl::Hours(24 * 365));
+    std::unique_lock<std::mutex> lock(mutex_);
+    return changed_.wait_for(lock, absl::ToChronoNanoseconds(bounded),
+                             [this] { return notified_; });
   }
 
  private:

@@ -145,8 +145,8 @@ void ResolveNames(const std::shared_ptr<NodeLookup>& lookup) {
 struct MemcachedPipeline::Request {
   std::string command;            // The request as sent, data block included.
   std::vector<std::string> keys;  // A get's keys; empty for a storage command.
-  absl::Time started;
-  absl::Time give_up;    // The caller's deadline or io_timeout, whichever is first.
+  SteadyTime started;
+  SteadyTime give_up;    // The caller's deadline or io_timeout, whichever is first.
   Callback got;          // Set for a get,
   StoreCallback stored;  // or for a storage command.
   bool answered = false;
@@ -185,7 +185,7 @@ struct MemcachedPipeline::Node {
 
   // Guarded by the reader's mu_ (callers and the I/O thread).
   std::vector<std::shared_ptr<Request>> queued;
-  absl::Time failed_until = absl::InfinitePast();
+  SteadyTime failed_until = SteadyTime::min();
   bool resolved = false;
   bool resolving = false;  // Asked of the node's resolver thread, not answered yet.
   // Requests that came while the name was not resolved; they are queued once it is.
@@ -201,9 +201,9 @@ struct MemcachedPipeline::Node {
   uint64_t serial = 0;  // Tells events of a closed connection from the current one.
   bool connecting = false;
   bool watching_writes = false;
-  absl::Time connect_deadline;
-  absl::Time last_progress;
-  absl::Time failed_until_seen = absl::InfinitePast();
+  SteadyTime connect_deadline;
+  SteadyTime last_progress;
+  SteadyTime failed_until_seen = SteadyTime::min();
   // Requests written (or being written), in the order memcached answers them.
   std::deque<std::shared_ptr<Request>> in_flight;
   std::string out;
@@ -320,9 +320,9 @@ absl::StatusOr<Reply> MemcachedPipeline::WaitFor(Begin begin, absl::Time deadlin
     outcome->ready.Notify();
   });
   // The I/O thread answers by the deadline; the slack only guards against it being wedged.
-  const absl::Time wait_until =
-      std::min(deadline, absl::Now() + options_.io_timeout) + absl::Milliseconds(200);
-  if (!outcome->ready.WaitForNotificationWithDeadline(wait_until)) {
+  const absl::Duration wait =
+      std::min(deadline - WallNow(), options_.io_timeout) + absl::Milliseconds(200);
+  if (!outcome->ready.WaitForNotificationWithTimeout(wait)) {
     return absl::UnavailableError("memcached pipeline: no answer from the I/O thread");
   }
   return std::move(outcome->result);
@@ -392,9 +392,9 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
     return;
   }
   Node& node = *nodes_[static_cast<size_t>(node_index)];
-  const absl::Time now = absl::Now();
+  const SteadyTime now = SteadyNow();
   request->started = now;
-  request->give_up = std::min(deadline, now + options_.io_timeout);
+  request->give_up = SteadyDeadline(deadline, WallNow(), now, options_.io_timeout);
   if (request->give_up <= now) {
     request->Fail(absl::UnavailableError("memcached: the call's deadline passed"));
     return;
@@ -407,7 +407,7 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) {
       refused = absl::UnavailableError("memcached pipeline: shutting down");
-    } else if (InWindowEnding(now, node.failed_until, options_.retry_after_failure)) {
+    } else if (now < node.failed_until) {
       refused = absl::UnavailableError(
           absl::StrCat("memcached ", node.label, ": failed recently; retrying after ",
                        absl::FormatDuration(options_.retry_after_failure)));
@@ -441,7 +441,7 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
   }
 }
 
-void MemcachedPipeline::TakeLookupResult(Node& node, absl::Time now) {
+void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
   uint64_t count = 0;
   (void)!read(node.lookup->done_fd, &count, sizeof count);
   std::optional<absl::StatusOr<MemcachedAddress>> address;
@@ -461,7 +461,7 @@ void MemcachedPipeline::TakeLookupResult(Node& node, absl::Time now) {
       // Dispatched with the rest of this turn's requests.
       for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
     } else {
-      node.failed_until = now + options_.retry_after_failure;
+      node.failed_until = now + ToSteadyDuration(options_.retry_after_failure);
       failed = std::move(node.awaiting_address);
     }
     node.awaiting_address.clear();
@@ -472,9 +472,9 @@ void MemcachedPipeline::TakeLookupResult(Node& node, absl::Time now) {
   for (auto& r : failed) r->Fail(why);
 }
 
-absl::Time MemcachedPipeline::TakeExpiredAwaitingLocked(
-    absl::Time now, std::vector<std::shared_ptr<Request>>& expired) {
-  absl::Time next = absl::InfiniteFuture();
+SteadyTime MemcachedPipeline::TakeExpiredAwaitingLocked(
+    SteadyTime now, std::vector<std::shared_ptr<Request>>& expired) {
+  SteadyTime next = SteadyTime::max();
   for (auto& node : nodes_) {
     auto& awaiting = node->awaiting_address;
     for (auto it = awaiting.begin(); it != awaiting.end();) {
@@ -496,20 +496,21 @@ void MemcachedPipeline::Run() {
   std::vector<std::shared_ptr<Request>> unresolved_expired;
   // When the next request waiting for an address gives up (as of the last turn; a new one
   // wakes this thread).
-  absl::Time next_unresolved_give_up = absl::InfiniteFuture();
+  SteadyTime next_unresolved_give_up = SteadyTime::max();
   for (;;) {
-    absl::Time now = absl::Now();
-    const absl::Time timer = std::min(NextTimer(now), std::max(next_unresolved_give_up, now));
+    SteadyTime now = SteadyNow();
+    const SteadyTime timer = std::min(NextTimer(now), std::max(next_unresolved_give_up, now));
     int timeout_ms = -1;
-    if (timer != absl::InfiniteFuture()) {
-      timeout_ms = static_cast<int>(std::max<int64_t>(
-          0, absl::ToInt64Milliseconds(absl::Ceil(timer - now, absl::Milliseconds(1)))));
+    if (timer != SteadyTime::max()) {
+      // Every timer is at most a configured timeout away; the cap only keeps the cast safe.
+      timeout_ms = static_cast<int>(std::min<int64_t>(
+          std::chrono::ceil<std::chrono::milliseconds>(timer - now).count(), 3'600'000));
     }
     const int n = epoll_wait(epoll_fd_, events, 32, timeout_ms);
     // The answers this turn sends log a line each (the call observer); they go out in one
     // write when the turn ends, after the answers rather than before each of them.
     LogBatch access_log_lines;
-    now = absl::Now();
+    now = SteadyNow();
     for (int i = 0; i < n; ++i) {
       const uint64_t tag = events[i].data.u64;
       if (tag == kWakeTag) {
@@ -534,7 +535,7 @@ void MemcachedPipeline::Run() {
         nodes_[i]->failed_until_seen = nodes_[i]->failed_until;
       }
       next_unresolved_give_up =
-          TakeExpiredAwaitingLocked(stopping ? absl::InfiniteFuture() : now, unresolved_expired);
+          TakeExpiredAwaitingLocked(stopping ? SteadyTime::max() : now, unresolved_expired);
     }
     for (auto& r : unresolved_expired) {
       r->Fail(absl::UnavailableError(stopping
@@ -560,7 +561,8 @@ void MemcachedPipeline::Run() {
         Drop(node,
              absl::UnavailableError(absl::StrCat("memcached ", node.label, ": connect timed out")),
              true, now);
-      } else if (!node.in_flight.empty() && now - node.last_progress >= options_.io_timeout) {
+      } else if (!node.in_flight.empty() &&
+                 now - node.last_progress >= ToSteadyDuration(options_.io_timeout)) {
         Drop(node,
              absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer for ",
                                                  absl::FormatDuration(options_.io_timeout))),
@@ -572,12 +574,12 @@ void MemcachedPipeline::Run() {
   }
 }
 
-absl::Time MemcachedPipeline::NextTimer(absl::Time now) const {
-  absl::Time next = absl::InfiniteFuture();
+SteadyTime MemcachedPipeline::NextTimer(SteadyTime now) const {
+  SteadyTime next = SteadyTime::max();
   for (const auto& node : nodes_) {
     if (node->connecting) next = std::min(next, node->connect_deadline);
     if (node->in_flight.empty()) continue;
-    next = std::min(next, node->last_progress + options_.io_timeout);
+    next = std::min(next, node->last_progress + ToSteadyDuration(options_.io_timeout));
     for (const auto& r : node->in_flight) {
       if (!r->answered) next = std::min(next, r->give_up);
     }
@@ -585,18 +587,19 @@ absl::Time MemcachedPipeline::NextTimer(absl::Time now) const {
   return std::max(next, now);
 }
 
-void MemcachedPipeline::ExpireRequests(Node& node, absl::Time now) {
+void MemcachedPipeline::ExpireRequests(Node& node, SteadyTime now) {
   for (auto& r : node.in_flight) {
     if (r->answered || now < r->give_up) continue;
-    r->Fail(absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer within ",
-                                                absl::FormatDuration(r->give_up - r->started))));
+    r->Fail(absl::UnavailableError(
+        absl::StrCat("memcached ", node.label, ": no answer within ",
+                     absl::FormatDuration(absl::FromChrono(r->give_up - r->started)))));
   }
 }
 
 void MemcachedPipeline::Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh,
-                                 absl::Time now) {
+                                 SteadyTime now) {
   if (node.fd < 0) {
-    if (InWindowEnding(now, node.failed_until_seen, options_.retry_after_failure)) {
+    if (now < node.failed_until_seen) {
       const absl::Status failed =
           absl::UnavailableError(absl::StrCat("memcached ", node.label, ": failed recently"));
       for (auto& r : fresh) r->Fail(failed);
@@ -621,7 +624,7 @@ void MemcachedPipeline::Dispatch(Node& node, std::vector<std::shared_ptr<Request
   if (!node.connecting) Flush(node, now);
 }
 
-void MemcachedPipeline::StartConnect(Node& node, absl::Time now) {
+void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
   sockaddr_storage peer{};
   socklen_t peer_len = 0;
   {
@@ -646,7 +649,7 @@ void MemcachedPipeline::StartConnect(Node& node, absl::Time now) {
       return;
     }
     node.connecting = true;
-    node.connect_deadline = now + options_.connect_timeout;
+    node.connect_deadline = now + ToSteadyDuration(options_.connect_timeout);
   }
   epoll_event ev{};
   ev.events = EPOLLIN | EPOLLRDHUP | (node.connecting ? EPOLLOUT : 0u);
@@ -665,7 +668,7 @@ void MemcachedPipeline::Watch(Node& node, bool want_write) {
   if (epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, node.fd, &ev) == 0) node.watching_writes = want_write;
 }
 
-void MemcachedPipeline::OnEvents(Node& node, uint32_t events, absl::Time now) {
+void MemcachedPipeline::OnEvents(Node& node, uint32_t events, SteadyTime now) {
   if (node.connecting) {
     if ((events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) == 0) return;
     int err = 0;
@@ -685,7 +688,7 @@ void MemcachedPipeline::OnEvents(Node& node, uint32_t events, absl::Time now) {
   if (node.fd >= 0 && (events & EPOLLOUT) != 0) Flush(node, now);
 }
 
-void MemcachedPipeline::Flush(Node& node, absl::Time now) {
+void MemcachedPipeline::Flush(Node& node, SteadyTime now) {
   while (node.out_offset < node.out.size()) {
     const ssize_t sent = send(node.fd, node.out.data() + node.out_offset,
                               node.out.size() - node.out_offset, MSG_NOSIGNAL);
@@ -707,7 +710,7 @@ void MemcachedPipeline::Flush(Node& node, absl::Time now) {
   Watch(node, false);
 }
 
-void MemcachedPipeline::ReadAnswers(Node& node, absl::Time now) {
+void MemcachedPipeline::ReadAnswers(Node& node, SteadyTime now) {
   for (;;) {
     // Received into a buffer kept for the purpose, not straight into `in`: growing a string
     // by a chunk zero-fills all of it, 64 KiB per read for replies of a few hundred bytes.
@@ -804,8 +807,12 @@ bool MemcachedPipeline::ParseAnswers(Node& node) {
   return true;
 }
 
+absl::Time MemcachedPipeline::WallNow() const {
+  return options_.wall_clock != nullptr ? options_.wall_clock->Now() : absl::Now();
+}
+
 void MemcachedPipeline::Drop(Node& node, const absl::Status& why, bool mark_failed,
-                             absl::Time now) {
+                             SteadyTime now) {
   if (node.fd >= 0) close(node.fd);  // Also leaves the epoll set.
   node.fd = -1;
   node.connecting = false;
@@ -817,7 +824,7 @@ void MemcachedPipeline::Drop(Node& node, const absl::Status& why, bool mark_fail
   node.partial.clear();
   // Marked first, so that a caller retrying from its callback already fails fast.
   if (mark_failed) {
-    node.failed_until_seen = now + options_.retry_after_failure;
+    node.failed_until_seen = now + ToSteadyDuration(options_.retry_after_failure);
     std::lock_guard<std::mutex> lock(mu_);
     node.failed_until = node.failed_until_seen;
     // Look the name up again next time: the node may come back at another address.

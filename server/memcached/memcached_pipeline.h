@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "server/common/clock.h"
 #include "server/config/config.h"
 
 namespace sessionledger {
@@ -58,6 +59,10 @@ struct MemcachedPipelineOptions {
   // it stalled), requests to it fail at once for this long instead of each waiting for a connect
   // timeout. A refused connect is retried by the next request.
   absl::Duration retry_after_failure = absl::Seconds(1);
+  // The clock callers' deadlines are read against; absl::Now() when unset. Only the deadline's
+  // distance from now is taken from it, once per request: the pipeline times everything else
+  // on the steady clock. Tests inject one that steps. Must outlive the pipeline.
+  const Clock* wall_clock = nullptr;
 };
 
 // Memcached requests for hot paths that must not block a thread, pipelined over one persistent
@@ -135,24 +140,25 @@ class MemcachedPipeline {
   // I/O thread: applies what the node's resolver thread found (one per node, so that a slow
   // lookup of one never delays another's): the address, and the requests that waited for it
   // queued; or the requests failed and the node backed off.
-  void TakeLookupResult(Node& node, absl::Time now);
+  void TakeLookupResult(Node& node, SteadyTime now);
   // Under mu_: requests waiting for an address whose time is up are moved to `expired`; the
   // result is when the next of the others gives up.
-  absl::Time TakeExpiredAwaitingLocked(absl::Time now,
+  SteadyTime TakeExpiredAwaitingLocked(SteadyTime now,
                                        std::vector<std::shared_ptr<Request>>& expired);
   // I/O-thread helpers; `node` belongs to the I/O thread except where noted.
-  void Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh, absl::Time now);
-  void StartConnect(Node& node, absl::Time now);
-  void OnEvents(Node& node, uint32_t events, absl::Time now);
-  void Flush(Node& node, absl::Time now);
-  void ReadAnswers(Node& node, absl::Time now);
+  void Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh, SteadyTime now);
+  void StartConnect(Node& node, SteadyTime now);
+  void OnEvents(Node& node, uint32_t events, SteadyTime now);
+  void Flush(Node& node, SteadyTime now);
+  void ReadAnswers(Node& node, SteadyTime now);
   // Parses complete answers from the node's input; false on a protocol error.
   bool ParseAnswers(Node& node);
-  void Drop(Node& node, const absl::Status& why, bool mark_failed, absl::Time now);
+  void Drop(Node& node, const absl::Status& why, bool mark_failed, SteadyTime now);
   // Answers requests whose time is up; their replies, when they come, are read and dropped.
-  void ExpireRequests(Node& node, absl::Time now);
+  void ExpireRequests(Node& node, SteadyTime now);
   void Watch(Node& node, bool want_write);
-  absl::Time NextTimer(absl::Time now) const;
+  absl::Time WallNow() const;
+  SteadyTime NextTimer(SteadyTime now) const;
 
   const MemcachedPipelineOptions options_;
   const int epoll_fd_;

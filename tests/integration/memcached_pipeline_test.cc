@@ -41,6 +41,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "server/common/clock.h"
 #include "server/common/notification.h"
 #include "server/common/thread_name.h"
 #include "server/config/config.h"
@@ -119,11 +120,12 @@ MemcachedHits Mget(memcached_st* mc, const std::vector<std::string>& keys) {
 
 std::unique_ptr<MemcachedPipeline> StartReader(
     std::vector<MemcachedNode> nodes, absl::Duration io_timeout = absl::Seconds(5),
-    absl::Duration retry_after_failure = absl::Seconds(1)) {
+    absl::Duration retry_after_failure = absl::Seconds(1), const Clock* wall_clock = nullptr) {
   MemcachedPipelineOptions options;
   options.nodes = std::move(nodes);
   options.io_timeout = io_timeout;
   options.retry_after_failure = retry_after_failure;
+  options.wall_clock = wall_clock;
   absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
   EXPECT_TRUE(reader.ok()) << reader.status();
   return reader.ok() ? std::move(*reader) : nullptr;
@@ -1396,6 +1398,50 @@ TEST(MemcachedPipelineFailureTest, DeadlineShorterThanIoTimeoutIsKept) {
   EXPECT_TRUE(absl::IsUnavailable(answer->result.status())) << answer->result.status();
   EXPECT_GE(answer->took, wait - absl::Milliseconds(50));
   EXPECT_LE(answer->took, wait + kMargin);
+}
+
+// A read in flight when the wall clock steps, on a node that never answers; a second read,
+// submitted after the step with a deadline on the stepped clock, wakes the I/O thread.
+// Answers the first read and how long after its submission it was answered.
+struct SteppedRead {
+  AsyncAnswer<MemcachedHits> answer;
+  absl::Duration took;
+};
+SteppedRead ReadAcrossAWallClockStep(absl::Duration step, absl::Duration io_timeout) {
+  FakeMemcached server({Silent()});
+  SteppingClock wall;
+  std::unique_ptr<MemcachedPipeline> reader =
+      StartReader({server.node()}, io_timeout, absl::Seconds(60), &wall);
+  if (reader == nullptr) return {};
+  Pending<MemcachedHits> first;
+  const absl::Time start = absl::Now();
+  reader->GetAsync(0, {"k"}, wall.Now() + absl::Seconds(30), first.Callback());
+  EXPECT_TRUE(server.AwaitLines(1));
+  wall.Step(step);
+  Pending<MemcachedHits> second;
+  reader->GetAsync(0, {"k2"}, wall.Now() + absl::Seconds(30), second.Callback());
+  SteppedRead read{first.Wait(io_timeout + kMargin), absl::InfiniteDuration()};
+  const bool answered = read.answer.thread != std::thread::id();
+  if (answered) read.took = read.answer.at - start;
+  return read;
+}
+
+// The stall timeout runs on the steady clock: a step back does not put it off by the step (it
+// used to, and with it every read on the node, for as long as the step).
+TEST(MemcachedPipelineFailureTest, AWallClockStepBackDoesNotStretchTheStallTimeout) {
+  const absl::Duration io_timeout = absl::Seconds(1);
+  SteppedRead read = ReadAcrossAWallClockStep(-absl::Hours(1), io_timeout);
+  EXPECT_TRUE(absl::IsUnavailable(read.answer.result.status())) << read.answer.result.status();
+  EXPECT_LE(read.took, io_timeout + kMargin);
+}
+
+// Nor does a step forward end it early: it used to fail every read in flight at once and take
+// the node out for retry_after_failure, as if it had stalled.
+TEST(MemcachedPipelineFailureTest, AWallClockStepForwardFailsNoReadEarly) {
+  const absl::Duration io_timeout = absl::Seconds(1);
+  SteppedRead read = ReadAcrossAWallClockStep(absl::Hours(1), io_timeout);
+  EXPECT_TRUE(absl::IsUnavailable(read.answer.result.status())) << read.answer.result.status();
+  EXPECT_GE(read.took, io_timeout - absl::Milliseconds(50));
 }
 
 // Answers that are not memcached's, or not for what was asked, drop the connection and fail the
