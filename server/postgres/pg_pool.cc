@@ -2,11 +2,14 @@
 
 #include <poll.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 
 #include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 namespace sessionledger {
 namespace {
@@ -50,6 +53,15 @@ absl::Status StatusFromResult(const PGresult* result) {
   return status;
 }
 
+// Every wait is timed on the steady clock, so that a wall-clock step neither stretches it nor
+// cuts it short: the caller's deadline is turned into a steady one once, where it comes in. One
+// further off than this (none at all, say) counts as this far.
+constexpr absl::Duration kLongestWait = absl::Hours(24);
+SteadyTime GiveUpAt(absl::Time deadline, const Clock* wall_clock = nullptr) {
+  const absl::Time now = wall_clock != nullptr ? wall_clock->Now() : absl::Now();
+  return SteadyDeadline(deadline, now, SteadyNow(), kLongestWait);
+}
+
 }  // namespace
 
 std::string SqlStateOf(const absl::Status& status) {
@@ -68,13 +80,14 @@ bool IsRetryableTransactionFailure(const absl::Status& status) {
   return state == "40001" || state == "40P01";
 }
 
-absl::StatusOr<PgConnection> PgConnection::Connect(const std::string& conninfo,
-                                                   absl::Time deadline) {
+absl::StatusOr<PgConnection> PgConnection::Connect(const std::string& conninfo, absl::Time deadline,
+                                                   const Clock* wall_clock) {
   // expand_dbname = 1: "dbname" holds the whole URL; the other keywords fill what it leaves out.
   const char* const keywords[] = {"dbname", "application_name", nullptr};
   const char* const values[] = {conninfo.c_str(), "sessionledger", nullptr};
   PGconn* raw = PQconnectStartParams(keywords, values, 1);
   if (raw == nullptr) return absl::ResourceExhaustedError("postgres: out of memory");
+  const SteadyTime give_up = GiveUpAt(deadline, wall_clock);
   PgConnection conn(raw);
   if (PQstatus(raw) == CONNECTION_BAD) {
     return absl::UnavailableError(absl::StrCat("postgres: ", OneLine(PQerrorMessage(raw))));
@@ -86,7 +99,7 @@ absl::StatusOr<PgConnection> PgConnection::Connect(const std::string& conninfo,
       return absl::UnavailableError(
           absl::StrCat("postgres: connect failed: ", OneLine(PQerrorMessage(raw))));
     }
-    if (absl::Status s = conn.WaitSocket(poll_status == PGRES_POLLING_WRITING, deadline); !s.ok()) {
+    if (absl::Status s = conn.WaitSocket(poll_status == PGRES_POLLING_WRITING, give_up); !s.ok()) {
       return absl::UnavailableError("postgres: connect timed out");
     }
   }
@@ -112,11 +125,12 @@ PgConnection::~PgConnection() {
   if (conn_ != nullptr) PQfinish(conn_);
 }
 
-absl::Status PgConnection::WaitSocket(bool for_write, absl::Time deadline) {
+absl::Status PgConnection::WaitSocket(bool for_write, SteadyTime give_up) {
   const int fd = PQsocket(conn_);
   if (fd < 0) return absl::UnavailableError("postgres: connection has no socket");
   for (;;) {
-    const int64_t remaining_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    const int64_t remaining_ms =
+        std::chrono::ceil<std::chrono::milliseconds>(give_up - SteadyNow()).count();
     if (remaining_ms <= 0) return absl::DeadlineExceededError("postgres: deadline passed");
     pollfd pfd{fd, static_cast<short>(for_write ? POLLOUT : POLLIN), 0};
     const int n = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(remaining_ms, 60'000)));
@@ -136,12 +150,12 @@ void PgConnection::CancelAndBreak() {
   }
 }
 
-absl::StatusOr<PgResultPtr> PgConnection::Collect(absl::Time deadline) {
+absl::StatusOr<PgResultPtr> PgConnection::Collect(SteadyTime give_up) {
   // Flush the request.
   for (;;) {
     const int flushed = PQflush(conn_);
     if (flushed == 0) break;
-    if (flushed < 0 || !WaitSocket(/*for_write=*/true, deadline).ok()) {
+    if (flushed < 0 || !WaitSocket(/*for_write=*/true, give_up).ok()) {
       CancelAndBreak();
       return absl::UnavailableError("postgres: sending the statement failed or timed out");
     }
@@ -150,7 +164,7 @@ absl::StatusOr<PgResultPtr> PgConnection::Collect(absl::Time deadline) {
   absl::Status first_error;
   for (;;) {
     while (PQisBusy(conn_)) {
-      if (!WaitSocket(/*for_write=*/false, deadline).ok()) {
+      if (!WaitSocket(/*for_write=*/false, give_up).ok()) {
         CancelAndBreak();
         return absl::UnavailableError("postgres: statement did not finish within the deadline");
       }
@@ -181,6 +195,7 @@ absl::StatusOr<PgResultPtr> PgConnection::Collect(absl::Time deadline) {
 absl::StatusOr<PgResultPtr> PgConnection::Exec(
     absl::string_view sql, const std::vector<std::optional<std::string>>& params,
     absl::Time deadline) {
+  const SteadyTime give_up = GiveUpAt(deadline);
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   const std::string statement(sql);
   std::vector<const char*> values;
@@ -192,11 +207,12 @@ absl::StatusOr<PgResultPtr> PgConnection::Exec(
     CancelAndBreak();
     return absl::UnavailableError(absl::StrCat("postgres: send failed: ", why));
   }
-  return Collect(deadline);
+  return Collect(give_up);
 }
 
 absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
     const std::vector<PgStatement>& statements, absl::Time deadline) {
+  const SteadyTime give_up = GiveUpAt(deadline);
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   if (PQenterPipelineMode(conn_) != 1) {
     CancelAndBreak();
@@ -221,7 +237,7 @@ absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
   for (;;) {
     const int flushed = PQflush(conn_);
     if (flushed == 0) break;
-    if (flushed < 0 || !WaitSocket(/*for_write=*/true, deadline).ok()) {
+    if (flushed < 0 || !WaitSocket(/*for_write=*/true, give_up).ok()) {
       CancelAndBreak();
       return absl::UnavailableError("postgres: sending the statements failed or timed out");
     }
@@ -231,7 +247,7 @@ absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
   size_t index = 0;  // The statement whose results come next.
   for (;;) {
     while (PQisBusy(conn_)) {
-      if (!WaitSocket(/*for_write=*/false, deadline).ok()) {
+      if (!WaitSocket(/*for_write=*/false, give_up).ok()) {
         CancelAndBreak();
         return absl::UnavailableError("postgres: statements did not finish within the deadline");
       }
@@ -278,6 +294,7 @@ bool PgConnection::StillUsable() const {
 }
 
 absl::StatusOr<PgResultPtr> PgConnection::ExecSimple(absl::string_view sql, absl::Time deadline) {
+  const SteadyTime give_up = GiveUpAt(deadline);
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   const std::string statement(sql);
   if (PQsendQuery(conn_, statement.c_str()) == 0) {
@@ -285,7 +302,7 @@ absl::StatusOr<PgResultPtr> PgConnection::ExecSimple(absl::string_view sql, absl
     CancelAndBreak();
     return absl::UnavailableError(absl::StrCat("postgres: send failed: ", why));
   }
-  return Collect(deadline);
+  return Collect(give_up);
 }
 
 PgPool::Lease::~Lease() {
@@ -293,6 +310,7 @@ PgPool::Lease::~Lease() {
 }
 
 absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
+  const SteadyTime give_up = GiveUpAt(deadline);
   std::unique_lock<std::mutex> lock(mutex_);
   bool waited = false;
   for (;;) {
@@ -306,8 +324,8 @@ absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
     if (open_ < options_.size) {
       ++open_;
       lock.unlock();
-      const absl::Time connect_deadline =
-          std::min(deadline, absl::Now() + options_.connect_timeout);
+      const absl::Duration left = absl::FromChrono(give_up - SteadyNow());
+      const absl::Time connect_deadline = absl::Now() + std::min(left, options_.connect_timeout);
       absl::StatusOr<PgConnection> conn =
           PgConnection::Connect(options_.conninfo, connect_deadline);
       if (!conn.ok()) {
@@ -322,8 +340,8 @@ absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
       ++waits_;
       waited = true;
     }
-    if (returned_.wait_until(lock, absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
-        idle_.empty() && open_ >= options_.size) {
+    if (returned_.wait_until(lock, give_up) == std::cv_status::timeout && idle_.empty() &&
+        open_ >= options_.size) {
       return absl::UnavailableError(
           absl::StrCat("postgres: no pooled connection free within the deadline (pool size ",
                        options_.size, ")"));

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "server/common/clock.h"
 
 namespace sessionledger {
 
@@ -46,8 +47,10 @@ struct PgStatement {
 class PgConnection {
  public:
   // Connects without blocking past `deadline`. UNAVAILABLE when PostgreSQL cannot be reached
-  // or refuses (the message never contains the password).
-  static absl::StatusOr<PgConnection> Connect(const std::string& conninfo, absl::Time deadline);
+  // or refuses (the message never contains the password). `wall_clock`: what `deadline` is read
+  // against (absl::Now() when unset; tests step one).
+  static absl::StatusOr<PgConnection> Connect(const std::string& conninfo, absl::Time deadline,
+                                              const Clock* wall_clock = nullptr);
 
   PgConnection(PgConnection&& other) noexcept : conn_(std::exchange(other.conn_, nullptr)) {}
   PgConnection& operator=(PgConnection&& other) noexcept;
@@ -83,9 +86,9 @@ class PgConnection {
 
  private:
   explicit PgConnection(PGconn* conn) : conn_(conn) {}
-  // Sends with PQsend*, then waits for and collects the results until `deadline`.
-  absl::StatusOr<PgResultPtr> Collect(absl::Time deadline);
-  absl::Status WaitSocket(bool for_write, absl::Time deadline);
+  // Sends with PQsend*, then waits for and collects the results until `give_up`.
+  absl::StatusOr<PgResultPtr> Collect(SteadyTime give_up);
+  absl::Status WaitSocket(bool for_write, SteadyTime give_up);
   void CancelAndBreak();
 
   PGconn* conn_;

@@ -1,6 +1,11 @@
 // PgLedgerStore against the real PostgreSQL of scripts/backing-services (DATABASE_URL), through
 // LedgerService with a fake authenticator: every rule, concurrency, timeouts and outages at the
 // store level, without server processes.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <functional>
@@ -14,7 +19,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "server/common/clock.h"
 #include "server/common/logger.h"
+#include "server/common/notification.h"
 #include "server/common/status_macros.h"
 #include "server/ledger/fake_token_authenticator.h"
 #include "server/ledger/ledger_service.h"
@@ -346,6 +353,49 @@ TEST_F(LedgerPgStoreTest, SlowPostgresGivesUnavailableWithinTheDeadline) {
       ledger_.Transfer(alice, {a.account_id, b.account_id, 5, "slow"}, Soon());
   EXPECT_TRUE(retry.ok()) << retry.status();
   EXPECT_EQ(Balance(alice, b.account_id), 5);
+}
+
+// A connection's waits run on the steady clock: a wall-clock step back while PostgreSQL keeps
+// it waiting does not stretch them (they used to reread the wall clock on every poll, and so
+// waited for as long as the step). The server here is a socket that never answers.
+TEST(PgConnectionTest, AWallClockStepBackDoesNotStretchAWait) {
+  const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(listen(listener, 4), 0);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string url =
+      absl::StrCat("postgres://nobody@127.0.0.1:", ntohs(addr.sin_port), "/none?sslmode=disable");
+
+  struct Outcome {
+    SteppingClock wall;
+    Notification done;
+    absl::Status status;
+    absl::Duration took;
+  };
+  auto outcome = std::make_shared<Outcome>();
+  const absl::Duration wait = absl::Seconds(1);
+  // Detached, so that a wait that does stretch fails the test instead of hanging it.
+  std::thread([outcome, url, wait] {
+    const absl::Time start = absl::Now();
+    absl::StatusOr<PgConnection> conn =
+        PgConnection::Connect(url, outcome->wall.Now() + wait, &outcome->wall);
+    outcome->status = conn.status();
+    outcome->took = absl::Now() - start;
+    outcome->done.Notify();
+  }).detach();
+  absl::SleepFor(absl::Milliseconds(200));
+  outcome->wall.Step(-absl::Hours(1));
+  const bool answered = outcome->done.WaitForNotificationWithTimeout(wait + absl::Seconds(5));
+  close(listener);  // Resets the connection, so a stretched wait ends too.
+  ASSERT_TRUE(answered) << "still waiting 5 s after the deadline";
+  EXPECT_TRUE(absl::IsUnavailable(outcome->status)) << outcome->status;
+  EXPECT_GE(outcome->took, wait - absl::Milliseconds(50));
+  EXPECT_LE(outcome->took, wait + absl::Milliseconds(1500));
 }
 
 TEST_F(LedgerPgStoreTest, PostgresDownIsUnavailableAndRecoversWithoutRestart) {
