@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/clock.h"
 #include "server/common/status_macros.h"
 #include "server/common/thread_name.h"
 #include "server/ledger/late_bound_authenticator.h"
@@ -31,7 +32,7 @@ int ToMillisArg(absl::Duration d) {
 
 // Waits for PostgreSQL (it may still be starting next to us) and checks the schema version.
 absl::Status CheckSchemaAtStartup(const Config& config, Logger& logger, absl::Duration timeout) {
-  const absl::Time give_up = absl::Now() + timeout;
+  const SteadyTime give_up = SteadyNow() + ToSteadyDuration(timeout);
   absl::Status last;
   do {
     absl::StatusOr<PgConnection> conn =
@@ -40,7 +41,7 @@ absl::Status CheckSchemaAtStartup(const Config& config, Logger& logger, absl::Du
     last = conn.status();
     logger.Warn("waiting for postgres", {{"error", last.message()}});
     absl::SleepFor(absl::Milliseconds(500));
-  } while (absl::Now() < give_up);
+  } while (SteadyNow() < give_up);
   return absl::UnavailableError(absl::StrCat("DATABASE_URL: cannot connect: ", last.message()));
 }
 
@@ -327,7 +328,7 @@ void ServerApp::Wait() {
     // meanwhile may still wait on Memcached or the blocking threads; it ends by its deadline
     // (the store answers every request by then), and must, before the queues shut down.
     const absl::Duration longest_call = config_.default_call_timeout + absl::Seconds(5);
-    if (!async_queues_->WaitForCallsToEnd(absl::Now() + longest_call)) {
+    if (!async_queues_->WaitForCallsToEnd(longest_call)) {
       logger_.Log(LogLevel::kError, "asynchronous calls still unanswered at shutdown",
                   {{"waited_ms", absl::ToInt64Milliseconds(longest_call)}});
     }

@@ -9,6 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/clock.h"
 #include "server/common/status_macros.h"
 
 namespace sessionledger {
@@ -278,7 +279,8 @@ class Conn {
   memcached_return_t Counted(int copy, memcached_return_t rc) {
     if (Answered(rc)) return rc;
     lease_.RecordNodeFailure();
-    if (!op_cut_by_caller_ && absl::Now() - op_started_ >= kStallEvidence) {
+    if (!op_cut_by_caller_ &&
+        SteadyNow() - op_started_steady_ >= ToSteadyDuration(kStallEvidence)) {
       lease_.MarkNodeStalled(copies_[static_cast<size_t>(copy)].node);
     }
     return rc;
@@ -290,6 +292,7 @@ class Conn {
   // spend the whole deadline on a node that the other copy makes unnecessary.
   absl::Status Ready(int copy) {
     op_started_ = absl::Now();
+    op_started_steady_ = SteadyNow();
     const absl::Duration left = deadline_ - op_started_;
     if (left <= absl::ZeroDuration()) {
       return absl::UnavailableError("memcached: the call's deadline passed");
@@ -320,6 +323,9 @@ class Conn {
   absl::Time deadline_;
   std::vector<CopyPlace> copies_;
   absl::Time op_started_;
+  // How long the node took is measured on the steady clock: a wall-clock step forward would
+  // otherwise mark a node that answered at once as stalled.
+  SteadyTime op_started_steady_;
   bool op_cut_by_caller_ = false;
 };
 

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "server/common/clock.h"
 #include "server/common/status_macros.h"
 
 namespace sessionledger {
@@ -380,6 +381,8 @@ int PgLedgerStore::queued_movements() const {
 absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
                                                          absl::Time deadline) {
   Pending self(m, deadline);
+  // The wait below is timed on the steady clock, so that a wall-clock step does not stretch it.
+  const SteadyTime give_up = SteadyDeadline(deadline, absl::Now(), SteadyNow(), absl::Hours(24));
   std::unique_lock<std::mutex> lock(batch_mutex_);
   queue_.push_back(&self);
   for (;;) {
@@ -396,7 +399,7 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
       case Pending::State::kQueued:
         break;
     }
-    if (absl::Now() >= deadline) {
+    if (SteadyNow() >= give_up) {
       queue_.erase(std::find(queue_.begin(), queue_.end(), &self));
       // A leader that finished may have woken this caller as the next one: pass that on, or
       // the callers behind it would wait for a free slot until their own deadlines.
@@ -415,7 +418,7 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
       WakeNextLeaderLocked();
       continue;  // Settled now: kDone or kRunAlone.
     }
-    self.wake.wait_until(lock, absl::ToChronoTime(deadline));
+    self.wake.wait_until(lock, give_up);
   }
 }
 

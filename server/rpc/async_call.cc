@@ -1,6 +1,7 @@
 #include "server/rpc/async_call.h"
 
 #include "absl/time/clock.h"
+#include "server/common/clock.h"
 
 namespace sessionledger {
 
@@ -25,10 +26,11 @@ void AsyncCallQueues::Run() {
   }
 }
 
-bool AsyncCallQueues::WaitForCallsToEnd(absl::Time deadline) const {
+bool AsyncCallQueues::WaitForCallsToEnd(absl::Duration timeout) const {
   // Only at shutdown, so a poll: the calls' own path stays free of locks and signals.
+  const SteadyTime give_up = SteadyNow() + ToSteadyDuration(timeout);
   while (calls_answering_.load(std::memory_order_acquire) > 0) {
-    if (absl::Now() >= deadline) return false;
+    if (SteadyNow() >= give_up) return false;
     absl::SleepFor(absl::Milliseconds(10));
   }
   return true;

@@ -53,7 +53,7 @@ class AsyncCallQueues {
   // shutdown ends with the connections, not with these calls: one whose client cancelled it
   // may still wait on a store, and must end before Shutdown, or its answer would start on a
   // queue already shut down.
-  bool WaitForCallsToEnd(absl::Time deadline) const;
+  bool WaitForCallsToEnd(absl::Duration timeout) const;
   // Once the server has finished every call (no operation will start on either queue any
   // more): makes Run drain both queues and return.
   void Shutdown() { arrivals_->Shutdown(); }

@@ -48,11 +48,11 @@ bool HealthBoard::shutting_down() const {
 
 std::optional<HealthBoard::ServingStatus> HealthBoard::WaitForChange(const std::string& service,
                                                                      ServingStatus last,
-                                                                     absl::Time deadline) const {
+                                                                     absl::Duration timeout) const {
   std::unique_lock<std::mutex> lock(mutex_);
   // A service the board does not know reads as SERVICE_UNKNOWN, as Watch reports it: with an
   // unknown name counted as a change, a Watch of a misspelt name spun on a core.
-  changed_.wait_until(lock, absl::ToChronoTime(deadline), [&] {
+  changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [&] {
     auto it = statuses_.find(service);
     const ServingStatus now =
         it == statuses_.end() ? HealthCheckResponse::SERVICE_UNKNOWN : it->second;
@@ -83,7 +83,7 @@ grpc::Status HealthService::Watch(grpc::ServerContext* context, const HealthChec
   while (!context->IsCancelled() && !board_.shutting_down()) {
     // Wake up now and then to notice a cancelled stream.
     std::optional<HealthBoard::ServingStatus> next =
-        board_.WaitForChange(request->service(), response.status(), absl::Now() + absl::Seconds(1));
+        board_.WaitForChange(request->service(), response.status(), absl::Seconds(1));
     const auto next_status = next.value_or(HealthCheckResponse::SERVICE_UNKNOWN);
     if (next_status == response.status()) continue;
     response.set_status(next_status);

@@ -32,9 +32,9 @@ class HealthBoard {
   void Shutdown();
   bool shutting_down() const;
   // Blocks until `service`'s status (SERVICE_UNKNOWN while the board does not know it) differs
-  // from `last`, shutdown begins, or `deadline`.
+  // from `last`, shutdown begins, or `timeout` passes (on the steady clock).
   std::optional<ServingStatus> WaitForChange(const std::string& service, ServingStatus last,
-                                             absl::Time deadline) const;
+                                             absl::Duration timeout) const;
 
  private:
   mutable std::mutex mutex_;
