@@ -27,13 +27,11 @@ namespace sessionledger {
 namespace {
 
 constexpr absl::string_view kMemcachedScheme = "memcached://";
-// The longest session lifetime (and idle timeout): Memcached's 30-day limit for relative
-// expiries (above it reads a Unix time), less what the store keeps over a session's own
-// lifetime: two spare seconds per item for memcached's clock (MemcachedExptime) and a minute
-// more for the user's revocation generation (SessionService::GenerationKeepFor). Without that
-// room the cap would cut those margins and a session could lapse, or come back revoked-no-more,
-// in its last seconds.
-constexpr int64_t kMaxSessionLifetimeSeconds = 30 * 24 * 3600 - 120;
+// The longest session lifetime (and idle timeout), the contract's 30 days: Memcached's limit for
+// relative expiries. The store keeps items a little longer than that (two spare seconds per
+// item for memcached's clock, a minute more for the user's revocation generation) and writes
+// such an expiry as a Unix time (MemcachedExptime).
+constexpr int64_t kMaxSessionLifetimeSeconds = 30 * 24 * 3600;
 // A user id and an idempotency key share one btree entry (the key is unique per user), and
 // PostgreSQL refuses an entry above 2704 bytes: a longer one would turn a Deposit into INTERNAL.
 // Two of these, with their headers, stay well below that.
@@ -442,7 +440,7 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"DATABASE_URL", "", "libpq URL, e.g. postgres://user:pass@host:5432/db?sslmode=disable"},
       {"SESSION_TTL_SECONDS", "1800", "default idle timeout of a session"},
       {"SESSION_MAX_LIFETIME_SECONDS", "86400",
-       "absolute lifetime of a session; at most 2591880 (30 days less 2 minutes); must be >= "
+       "absolute lifetime of a session; at most 2592000 (30 days); must be >= "
        "SESSION_TTL_SECONDS"},
       {"SHUTDOWN_GRACE_SECONDS", "20",
        "on SIGTERM/SIGINT: stop accepting, finish in-flight calls within this, exit 0"},

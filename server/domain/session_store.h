@@ -163,8 +163,11 @@ class SessionStore {
       absl::Time deadline) = 0;
 };
 
-// Memcached stores relative expirations up to 30 days; a longer one is read as a Unix time.
-inline constexpr absl::Duration kMaxStoreTtl = absl::Hours(24 * 30);
+// The longest TTL a store takes: the contract's longest session lifetime (30 days) and the
+// minute a user's revocation generation is kept beyond it, with room to spare. (Memcached takes
+// relative expirations up to 30 days only; the Memcached store writes a longer one as a Unix
+// time, see MemcachedExptime.)
+inline constexpr absl::Duration kMaxStoreTtl = absl::Hours(24 * 31);
 
 }  // namespace sessionledger
 

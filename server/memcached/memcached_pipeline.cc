@@ -38,8 +38,9 @@ constexpr size_t kMaxLine = 512;
 // memcached's largest item is 1 MiB by default (-I raises it up to 1 GiB); this is only a
 // sanity bound against a corrupt length.
 constexpr uint64_t kMaxValueBytes = uint64_t{1} << 30;
-// Longest relative expiration memcached takes; above it exptime is a Unix time.
-constexpr int64_t kMaxRelativeExptime = int64_t{30} * 24 * 3600;
+// How far ahead an exptime given as a Unix time may lie: a year, well past the longest TTL of
+// any caller (31 days); larger is a garbled value, not an intent.
+constexpr int64_t kFarthestUnixExptimeAhead = int64_t{366} * 24 * 3600;
 
 uint64_t Tag(size_t index, uint64_t serial) { return (serial << 16) | index; }
 
@@ -367,10 +368,19 @@ void MemcachedPipeline::StoreAsync(int node_index, MemcachedWrite op, const std:
     std::move(done)(absl::InvalidArgumentError("memcached pipeline: invalid key"));
     return;
   }
-  // Above 30 days memcached reads exptime as a Unix time; that is never what a caller means.
-  if (exptime < 0 || exptime > kMaxRelativeExptime) {
+  // Above 30 days memcached reads exptime as a Unix time; one already past (the item gone at
+  // once, a relative time taken for a date in 1970) is never what a caller means.
+  if (exptime > kMaxRelativeExptimeSeconds) {
+    const int64_t now = absl::ToUnixSeconds(WallNow());
+    if (exptime <= now || exptime - now > kFarthestUnixExptimeAhead) {
+      std::move(done)(absl::InvalidArgumentError(
+          absl::StrCat("memcached pipeline: exptime ", exptime, " is neither 0..",
+                       kMaxRelativeExptimeSeconds, " seconds nor a Unix time in the coming year")));
+      return;
+    }
+  } else if (exptime < 0) {
     std::move(done)(absl::InvalidArgumentError(
-        absl::StrCat("memcached pipeline: exptime ", exptime, " is not 0..", kMaxRelativeExptime)));
+        absl::StrCat("memcached pipeline: exptime ", exptime, " is negative")));
     return;
   }
   auto request = std::make_shared<Request>();

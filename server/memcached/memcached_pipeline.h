@@ -45,6 +45,10 @@ struct MemcachedAddress {
   socklen_t length = 0;
 };
 
+// memcached reads an exptime up to this many seconds (30 days) as relative to now, and any
+// larger one as a Unix time.
+inline constexpr int64_t kMaxRelativeExptimeSeconds = int64_t{30} * 24 * 3600;
+
 struct MemcachedPipelineOptions {
   std::vector<MemcachedNode> nodes;
   // How a node's host is looked up: getaddrinfo when unset (tests inject slow lookups). It runs
@@ -111,7 +115,8 @@ class MemcachedPipeline {
   void GetAsync(int node, const std::vector<std::string>& keys, absl::Time deadline, Callback done);
 
   // Stores `value` under `key` on node `node` with `op` (`cas`: the CAS unique read; ignored
-  // otherwise) and a memcached expiration (`exptime`: seconds, 0..30 days; 0 never expires).
+  // otherwise) and a memcached expiration (`exptime`: seconds, 0..30 days, 0 never expires; or
+  // a Unix time in the coming year, as memcached reads any exptime above 30 days).
   // UNAVAILABLE as for reads; INVALID_ARGUMENT for a bad key or exptime.
   absl::StatusOr<MemcachedStored> Store(int node, MemcachedWrite op, const std::string& key,
                                         absl::string_view value, int64_t exptime, uint64_t cas,

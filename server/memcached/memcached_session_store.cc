@@ -11,6 +11,7 @@
 #include "absl/time/clock.h"
 #include "server/common/clock.h"
 #include "server/common/status_macros.h"
+#include "server/memcached/memcached_pipeline.h"
 
 namespace sessionledger {
 
@@ -61,16 +62,19 @@ time_t SecondsUntil(int64_t micros) {
 
 }  // namespace
 
-absl::StatusOr<time_t> MemcachedExptime(absl::Duration ttl) {
+absl::StatusOr<time_t> MemcachedExptime(absl::Duration ttl, absl::Time now) {
   if (ttl > kMaxStoreTtl) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("memcached TTL ", absl::FormatDuration(ttl), " is above 30 days"));
+    return absl::InvalidArgumentError(absl::StrCat("memcached TTL ", absl::FormatDuration(ttl),
+                                                   " is above ",
+                                                   absl::FormatDuration(kMaxStoreTtl)));
   }
   // Two seconds over the TTL, one for each way memcached's clock runs ahead of an item (see the
   // header). The session layer checks expires_at itself, so lingering longer is harmless;
-  // lapsing early is not (a live session would answer NOT_FOUND).
+  // lapsing early is not (a live session would answer NOT_FOUND, a revoked one come back).
   const int64_t seconds = absl::ToInt64Seconds(absl::Ceil(ttl, absl::Seconds(1))) + 2;
-  return static_cast<time_t>(std::min(seconds, absl::ToInt64Seconds(kMaxStoreTtl)));
+  if (seconds <= kMaxRelativeExptimeSeconds) return static_cast<time_t>(seconds);
+  // One more for the fraction of a second that ToUnixSeconds drops.
+  return static_cast<time_t>(absl::ToUnixSeconds(now) + 1 + seconds);
 }
 
 namespace {
@@ -525,7 +529,7 @@ bool LacksGeneration(const CopyState& copy, uint64_t generation) {
 // The generation is written back wherever an answering copy lacks it (or holds a lower one), so
 // a restarted node cannot un-revoke a user.
 void RepairGenerations(Conn& conn, const std::string& gkey, const LookupPlan& plan) {
-  const time_t generation_ttl = static_cast<time_t>(absl::ToInt64Seconds(kMaxStoreTtl));
+  const time_t generation_ttl = *MemcachedExptime(kMaxStoreTtl);
   for (int c = 0; c < conn.copies(); ++c) {
     const CopyState& state = plan.copies[static_cast<size_t>(c)];
     if (state.answered && LacksGeneration(state, plan.generation)) {

@@ -14,15 +14,18 @@
 
 namespace sessionledger {
 
-// The relative exptime that keeps a memcached item for at least `ttl`, or for memcached's
-// 30-day maximum; INVALID_ARGUMENT above 30 days. memcached's clock is a count of whole seconds
-// that a timer refreshes about once a second, so an exptime can lapse up to two seconds early:
+// The exptime that keeps a memcached item for at least `ttl` from `now`; INVALID_ARGUMENT
+// above kMaxStoreTtl. Relative seconds up to memcached's limit for them, 30 days; above it, a
+// Unix time (memcached reads every exptime above 30 days as one, against the wall clock of its
+// host, which must agree with ours as NTP keeps it). memcached's clock is a count of whole
+// seconds that a timer refreshes about once a second, so an exptime can lapse up to two
+// seconds early:
 //  - one second from rounding: the clock lags real time by the timer's phase, up to a second;
 //  - one more when the timer's drift carries that phase across a second boundary: the clock
 //    then steps by two. The drift measured on Debian 12's memcached 1.6.18 is about 0.8 ms per
 //    tick, so every node steps once in roughly twenty minutes and any session living longer
 //    than that meets a step.
-absl::StatusOr<time_t> MemcachedExptime(absl::Duration ttl);
+absl::StatusOr<time_t> MemcachedExptime(absl::Duration ttl, absl::Time now = absl::Now());
 
 // SessionStore on Memcached (libmemcached through MemcachedPool).
 //

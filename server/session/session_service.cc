@@ -177,7 +177,8 @@ SessionService::SessionService(std::shared_ptr<SessionStore> store, const Clock&
 
 absl::Duration SessionService::GenerationKeepFor() const {
   // Every session ends by created_at + max_lifetime; the generation must outlive all of them.
-  return std::min(options_.max_lifetime + absl::Minutes(1), kMaxStoreTtl);
+  // (At most 30 days and a minute: within kMaxStoreTtl.)
+  return options_.max_lifetime + absl::Minutes(1);
 }
 
 absl::Status SessionService::CheckLive(const SessionLookup& lookup, const SessionKey& key,

@@ -690,7 +690,7 @@ TEST_F(MemcachedPipelineTest, CasStoresOnlyOverTheValueItRead) {
   EXPECT_TRUE(Mget(mc_[0].get(), {p + "missing"}).empty());
 }
 
-TEST_F(MemcachedPipelineTest, ExptimeIsSecondsFromNowUpToThirtyDays) {
+TEST_F(MemcachedPipelineTest, ExptimeIsSecondsUpToThirtyDaysThenAUnixTime) {
   constexpr int64_t kThirtyDays = 2592000;
   const std::string p = Prefix("exptime");
   ASSERT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kSet, p + "set", "v", 1, 0, Deadline()),
@@ -710,18 +710,24 @@ TEST_F(MemcachedPipelineTest, ExptimeIsSecondsFromNowUpToThirtyDays) {
   ASSERT_TRUE(IsReply(
       reader_->Store(0, MemcachedWrite::kSet, p + "30-days", "v", kThirtyDays, 0, Deadline()),
       MemcachedStored::kStored));
+  // Longer ones are given as Unix times.
+  const int64_t in_31_days = absl::ToUnixSeconds(absl::Now()) + kThirtyDays + 24 * 3600;
+  ASSERT_TRUE(IsReply(
+      reader_->Store(0, MemcachedWrite::kSet, p + "31-days", "v", in_31_days, 0, Deadline()),
+      MemcachedStored::kStored));
 
   // memcached's clock ticks once a second: an item given 1 s lives at most 2 s.
   absl::SleepFor(absl::Milliseconds(2500));
-  const std::vector<std::string> keys = {p + "set", p + "add", p + "cas", p + "never",
-                                         p + "30-days"};
+  const std::vector<std::string> keys = {p + "set",   p + "add",     p + "cas",
+                                         p + "never", p + "30-days", p + "31-days"};
   absl::StatusOr<MemcachedHits> got = reader_->Get(0, keys, Deadline());
   ASSERT_TRUE(got.ok()) << got.status();
   const MemcachedHits want = Mget(mc_[0].get(), keys);
   EXPECT_TRUE(SameHits(*got, want));
-  EXPECT_EQ(got->size(), 2u);
+  EXPECT_EQ(got->size(), 3u);
   EXPECT_EQ(got->count(p + "never"), 1u);
   EXPECT_EQ(got->count(p + "30-days"), 1u);
+  EXPECT_EQ(got->count(p + "31-days"), 1u);
   // Gone means gone: it can be added again.
   EXPECT_TRUE(IsReply(reader_->Store(0, MemcachedWrite::kAdd, p + "add", "again", 0, 0, Deadline()),
                       MemcachedStored::kStored));
@@ -752,9 +758,12 @@ TEST_F(MemcachedPipelineTest, InvalidStoresFailWithInvalidArgumentAndSendNothing
   };
   const std::vector<MemcachedWrite> ops = {MemcachedWrite::kAdd, MemcachedWrite::kSet,
                                            MemcachedWrite::kCas};
-  for (int64_t exptime :
-       {int64_t{-1}, int64_t{-2592000}, int64_t{2592001}, int64_t{1700000000},
-        std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min()}) {
+  // Above 30 days an exptime is a Unix time, which must lie in the coming year: 2592001 is a
+  // relative time a second too long, read as a date in 1970.
+  const int64_t now = absl::ToUnixSeconds(absl::Now());
+  for (int64_t exptime : {int64_t{-1}, int64_t{-2592000}, int64_t{2592001}, int64_t{1700000000},
+                          now - 10, now + 367 * 24 * 3600, std::numeric_limits<int64_t>::max(),
+                          std::numeric_limits<int64_t>::min()}) {
     for (MemcachedWrite op : ops) {
       SCOPED_TRACE(absl::StrCat("op ", static_cast<int>(op), ", exptime ", exptime));
       expect_refused(op, key, exptime, Deadline(), absl::StatusCode::kInvalidArgument);

@@ -277,6 +277,47 @@ TEST(SessionLifetimeTest, TouchCannotPassTheAbsoluteLifetime) {
   EXPECT_EQ(client.GetCode(rotated.token(), true), grpc::StatusCode::NOT_FOUND);
 }
 
+// The contract allows 30-day lifetimes, the longest TTL memcached reads as relative, and the
+// store keeps items a little longer than their sessions: two spare seconds for memcached's
+// clock, and a user's revocation generation a minute past the longest lifetime. The server
+// takes 30 days (it used to refuse anything above 30 days less 2 minutes at start-up), and
+// memcached keeps both items that long (written as Unix times: cut to 30 days, the generation
+// could lapse before a revoked session and let it back in).
+TEST(SessionLifetimeTest, ThirtyDayLifetimesAreKeptInFull) {
+  constexpr int64_t kThirtyDays = 2592000;
+  std::unique_ptr<ServerProcess> server =
+      StartSessionServer({{"SESSION_MAX_LIFETIME_SECONDS", absl::StrCat(kThirtyDays)},
+                          {"SESSION_TTL_SECONDS", absl::StrCat(kThirtyDays)}});
+  ASSERT_NE(server, nullptr);
+  SessionClient client(*server);
+  const std::string user = UniqueUser("kim");
+  v1::Session revoked = client.MustCreate(user);
+  v1::RevokeUserSessionsResponse revoke;
+  ASSERT_TRUE(client.Revoke(user, &revoke).ok());
+  EXPECT_EQ(revoke.revoked(), 1);
+  v1::Session s = client.MustCreate(user);
+  EXPECT_EQ(s.ttl_seconds(), kThirtyDays);
+  EXPECT_EQ(ToTime(s.absolute_expires_at()) - ToTime(s.created_at()), absl::Seconds(kThirtyDays));
+  EXPECT_EQ(client.GetCode(s.token()), grpc::StatusCode::OK);
+  EXPECT_EQ(client.GetCode(revoked.token()), grpc::StatusCode::NOT_FOUND);
+
+  // memcached's clock may run a second or so either way of ours: bounds with that much room.
+  const std::string key = "sl:v1:s:" + Sha256Hex(s.token());
+  const std::optional<int64_t> session_ttl =
+      MemcachedHas(1, key) ? MemcachedTtl(1, key) : MemcachedTtl(2, key);
+  ASSERT_TRUE(session_ttl.has_value()) << key;
+  EXPECT_GT(*session_ttl, kThirtyDays);
+  EXPECT_LE(*session_ttl, kThirtyDays + 8);
+  // The user tag: hex of the first 16 bytes of SHA-256(user_id).
+  const std::string generation_key = "sl:v1:g:" + Sha256Hex(user).substr(0, 32);
+  const std::optional<int64_t> generation_ttl = MemcachedHas(1, generation_key)
+                                                    ? MemcachedTtl(1, generation_key)
+                                                    : MemcachedTtl(2, generation_key);
+  ASSERT_TRUE(generation_ttl.has_value()) << generation_key;
+  EXPECT_GT(*generation_ttl, kThirtyDays + 60);
+  EXPECT_LE(*generation_ttl, kThirtyDays + 60 + 8);
+}
+
 TEST(SessionStatelessnessTest, AnyServerServesAnySessionAndRestartsLoseNothing) {
   std::unique_ptr<ServerProcess> a = StartSessionServer();
   std::unique_ptr<ServerProcess> b = StartSessionServer();

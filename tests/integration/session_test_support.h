@@ -10,12 +10,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
@@ -208,6 +211,19 @@ inline std::optional<std::string> MemcachedGetValue(int node, const std::string&
   std::vector<std::string> header = absl::StrSplit(reply.substr(0, header_end), ' ');
   if (header.size() < 4) return std::nullopt;
   return reply.substr(header_end + 2, std::stoul(header[3]));
+}
+
+// The seconds node `node` keeps `key` for (meta get flag "t"; -1: forever); nullopt when absent.
+inline std::optional<int64_t> MemcachedTtl(int node, const std::string& key) {
+  // MemcachedText reads up to "END": the plain get after the meta get ends the reply.
+  const std::string reply =
+      MemcachedText(MemcachedPort(node), absl::StrCat("mg ", key, " t\r\nget ", key));
+  int64_t ttl = 0;
+  if (!absl::StartsWith(reply, "HD t") ||
+      !absl::SimpleAtoi(reply.substr(4, reply.find("\r\n") - 4), &ttl)) {
+    return std::nullopt;
+  }
+  return ttl;
 }
 
 // Writes `key` = `value` on node `node` directly (as a stale copy would be left behind).

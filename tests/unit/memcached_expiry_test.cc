@@ -61,12 +61,33 @@ TEST(MemcachedExptimeTest, ItemOutlivesItsTtlAcrossClockSteps) {
   }
 }
 
-TEST(MemcachedExptimeTest, StaysARelativeTimeAndRefusesMoreThanThirtyDays) {
-  EXPECT_EQ(*MemcachedExptime(kMaxStoreTtl), absl::ToInt64Seconds(kMaxStoreTtl));
-  EXPECT_EQ(*MemcachedExptime(kMaxStoreTtl - absl::Seconds(1)), absl::ToInt64Seconds(kMaxStoreTtl));
-  const absl::StatusOr<time_t> too_long = MemcachedExptime(kMaxStoreTtl + absl::Seconds(1));
+// memcached reads an exptime up to 30 days as seconds from now and any larger one as a Unix
+// time. A TTL whose spare seconds take it past 30 days (the contract allows 30-day lifetimes)
+// is written as a Unix time with the same spare seconds, not cut to 30 days (it used to be,
+// and such a session lapsed up to two seconds early) nor sent as seconds (a date in 1970: gone
+// at once).
+TEST(MemcachedExptimeTest, RelativeUpToThirtyDaysThenAUnixTimeWithTheSameMargin) {
+  constexpr int64_t kThirtyDays = 30 * 24 * 3600;
+  const absl::Time now = absl::FromUnixMicros(1'800'000'000'250'000);  // 0.25 s past a second.
+  EXPECT_EQ(*MemcachedExptime(absl::Seconds(kThirtyDays - 2), now), kThirtyDays);
+  EXPECT_EQ(*MemcachedExptime(absl::Seconds(kThirtyDays - 2.5), now), kThirtyDays);
+  // ceil(now + ttl) + 2 at the least: ToUnixSeconds(now) + 1 + ttl + 2.
+  EXPECT_EQ(*MemcachedExptime(absl::Seconds(kThirtyDays - 1), now),
+            1'800'000'000 + 1 + kThirtyDays - 1 + 2);
+  EXPECT_EQ(*MemcachedExptime(absl::Seconds(kThirtyDays), now),
+            1'800'000'000 + 1 + kThirtyDays + 2);
+  EXPECT_EQ(*MemcachedExptime(absl::Seconds(kThirtyDays + 60), now),
+            1'800'000'000 + 1 + kThirtyDays + 60 + 2);
+  EXPECT_EQ(*MemcachedExptime(kMaxStoreTtl, now),
+            1'800'000'000 + 1 + absl::ToInt64Seconds(kMaxStoreTtl) + 2);
+  for (absl::Duration ttl : {absl::Seconds(kThirtyDays - 1), absl::Seconds(kThirtyDays + 60)}) {
+    const int64_t exptime = *MemcachedExptime(ttl, now);
+    EXPECT_GE(absl::FromUnixSeconds(exptime), now + ttl + absl::Seconds(2)) << ttl;
+  }
+
+  const absl::StatusOr<time_t> too_long = MemcachedExptime(kMaxStoreTtl + absl::Seconds(1), now);
   EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(too_long.status().message().find("above 30 days"), absl::string_view::npos);
+  EXPECT_NE(too_long.status().message().find("is above"), absl::string_view::npos);
 }
 
 }  // namespace
