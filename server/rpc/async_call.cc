@@ -2,8 +2,18 @@
 
 #include "absl/time/clock.h"
 #include "server/common/clock.h"
+#include "server/common/tsan_handoff.h"
 
 namespace sessionledger {
+namespace {
+
+// A tag a queue returned, as the AsyncCall that gave it (AsyncCall::Tag).
+AsyncCall* Received(void* tag) {
+  MarkReceived(tag);
+  return static_cast<AsyncCall*>(tag);
+}
+
+}  // namespace
 
 AsyncCallQueues::AsyncCallQueues(std::unique_ptr<grpc::ServerCompletionQueue> arrivals,
                                  absl::Duration sweep)
@@ -16,13 +26,13 @@ void AsyncCallQueues::Run() {
     const grpc::CompletionQueue::NextStatus got =
         arrivals_->AsyncNext(&tag, &ok, absl::ToChronoTime(absl::Now() + sweep_));
     if (got == grpc::CompletionQueue::SHUTDOWN) break;
-    if (got == grpc::CompletionQueue::GOT_EVENT) static_cast<AsyncCall*>(tag)->Proceed(ok);
+    if (got == grpc::CompletionQueue::GOT_EVENT) Received(tag)->Proceed(ok);
     TakeAnswers(/*everything=*/got == grpc::CompletionQueue::TIMEOUT);
   }
   answers_.Shutdown();
   while (answers_.Next(&tag, &ok)) {
     expected_answers_.fetch_sub(1, std::memory_order_relaxed);
-    static_cast<AsyncCall*>(tag)->Proceed(ok);
+    Received(tag)->Proceed(ok);
   }
 }
 
@@ -47,7 +57,7 @@ void AsyncCallQueues::TakeAnswers(bool everything) {
       return;
     }
     expected_answers_.fetch_sub(1, std::memory_order_relaxed);
-    static_cast<AsyncCall*>(tag)->Proceed(ok);
+    Received(tag)->Proceed(ok);
   }
 }
 

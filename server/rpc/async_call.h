@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "absl/time/time.h"
+#include "server/common/tsan_handoff.h"
 
 namespace sessionledger {
 
@@ -18,6 +19,13 @@ class AsyncCall {
   // One operation of this call completed (`ok` false: the server is shutting down or the call
   // was cancelled). The call may delete itself.
   virtual void Proceed(bool ok) = 0;
+
+  // The tag for an operation this call starts: itself, marked as handed over, since gRPC gives
+  // it back on the serving thread (AsyncCallQueues::Run marks it received).
+  void* Tag() {
+    MarkHandedOver(this);
+    return this;
+  }
 };
 
 // The completion queues of the asynchronous methods, served by one thread (Run).
@@ -49,7 +57,7 @@ class AsyncCallQueues {
   // A call began answering (it will start its answer on answers()), or ended (deleted).
   void CallBegan() { calls_answering_.fetch_add(1, std::memory_order_relaxed); }
   void CallEnded() { calls_answering_.fetch_sub(1, std::memory_order_release); }
-  // Waits until every call that began has ended, or until `deadline` (then false). gRPC's
+  // Waits until every call that began has ended, or for `timeout` (then false). gRPC's
   // shutdown ends with the connections, not with these calls: one whose client cancelled it
   // may still wait on a store, and must end before Shutdown, or its answer would start on a
   // queue already shut down.

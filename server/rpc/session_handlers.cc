@@ -86,7 +86,7 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
         answer_(answer),
         responder_(&context_) {
     (handlers_.*request_method_)(&context_, &received_, &responder_, queues_.answers(),
-                                 queues_.arrivals(), this);
+                                 queues_.arrivals(), Tag());
   }
 
   ~UnaryCall() override {
@@ -114,7 +114,7 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
   void Finish(grpc::Status status) {
     queues_.ExpectAnswer();
     if (!status.ok()) {
-      responder_.FinishWithError(status, this);
+      responder_.FinishWithError(status, Tag());
       return;
     }
     grpc::ByteBuffer sent;
@@ -122,10 +122,10 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
     const grpc::Status serialized =
         grpc::SerializationTraits<Response>::Serialize(response_, &sent, &own_buffer);
     if (!serialized.ok()) {
-      responder_.FinishWithError(serialized, this);
+      responder_.FinishWithError(serialized, Tag());
       return;
     }
-    responder_.Finish(sent, grpc::Status::OK, this);
+    responder_.Finish(sent, grpc::Status::OK, Tag());
   }
 
   SessionHandlers& handlers_;

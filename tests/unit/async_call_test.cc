@@ -8,9 +8,9 @@
 #include <thread>
 #include <vector>
 
-#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "server/common/notification.h"
 
 namespace sessionledger {
 namespace {
@@ -31,7 +31,7 @@ class RecordingCall final : public AsyncCall {
   std::thread::id thread() const { return thread_; }
 
  private:
-  absl::Notification done_;
+  Notification done_;
   bool ok_ = false;
   std::thread::id thread_;
 };
@@ -67,7 +67,7 @@ class AsyncCallQueuesTest : public ::testing::Test {
   // thread and could land after whatever the test does next.
   void CompleteNow(grpc::CompletionQueue* queue, RecordingCall& call) {
     alarms_.push_back(std::make_unique<grpc::Alarm>());
-    alarms_.back()->Set(queue, gpr_inf_past(GPR_CLOCK_MONOTONIC), &call);
+    alarms_.back()->Set(queue, gpr_inf_past(GPR_CLOCK_MONOTONIC), call.Tag());
   }
 
   // A call's answer, announced and completed now, as UnaryCall's Finish does.
