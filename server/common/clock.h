@@ -40,15 +40,6 @@ inline SteadyTime SteadyDeadline(absl::Time deadline, absl::Time now, SteadyTime
   return steady_now + ToSteadyDuration(std::clamp(deadline - now, absl::ZeroDuration(), cap));
 }
 
-// Whether `now` falls in a window of `length` that ends at `until` (a node skipped after a
-// failure, say). A window that seems to end more than twice its length ahead was opened on a
-// wall clock that has since stepped back (NTP, a resumed VM): it counts as over, rather than
-// lasting for as long as the step. (Not just its length: a `now` read shortly before another
-// thread opened the window is still inside it.)
-inline bool InWindowEnding(absl::Time now, absl::Time until, absl::Duration length) {
-  return now < until && until - now <= 2 * length;
-}
-
 // A clock that moves only when told to. Thread-safe.
 class FakeClock final : public Clock {
  public:

@@ -191,16 +191,15 @@ absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(absl::Time deadline)
 
 void MemcachedPool::MarkNodeStalled(int node) {
   if (node < 0 || node >= node_count()) return;
-  const int64_t until = absl::ToUnixMicros(absl::Now() + options_.retry_after_failure);
-  stalled_until_micros_[static_cast<size_t>(node)].store(until, std::memory_order_relaxed);
+  const SteadyTime until = SteadyNow() + ToSteadyDuration(options_.retry_after_failure);
+  stalled_until_[static_cast<size_t>(node)].store(until.time_since_epoch().count(),
+                                                  std::memory_order_relaxed);
 }
 
-bool MemcachedPool::NodeStalled(int node, absl::Time now) const {
+bool MemcachedPool::NodeStalled(int node, SteadyTime now) const {
   if (node < 0 || node >= node_count()) return false;
-  const int64_t until =
-      stalled_until_micros_[static_cast<size_t>(node)].load(std::memory_order_relaxed);
-  return until != 0 &&
-         InWindowEnding(now, absl::FromUnixMicros(until), options_.retry_after_failure);
+  const int64_t until = stalled_until_[static_cast<size_t>(node)].load(std::memory_order_relaxed);
+  return until != 0 && now.time_since_epoch().count() < until;
 }
 
 MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout) {

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "server/common/clock.h"
 #include "server/config/config.h"
 #include "server/memcached/memcached_pipeline.h"
 
@@ -59,7 +60,7 @@ class MemcachedPool {
     void RecordNodeFailure() { owner_->RecordNodeFailure(); }
     // See MemcachedPool::MarkNodeStalled and NodeStalled.
     void MarkNodeStalled(int node) { owner_->MarkNodeStalled(node); }
-    bool NodeStalled(int node, absl::Time now) const { return owner_->NodeStalled(node, now); }
+    bool NodeStalled(int node, SteadyTime now) const { return owner_->NodeStalled(node, now); }
 
    private:
     friend class MemcachedPool;
@@ -97,7 +98,8 @@ class MemcachedPool {
   // are ignored. Thread-safe.
   void MarkNodeStalled(int node);
   // Whether `node` counts as stalled at `now` (the caller's clock reading, to spare a second).
-  bool NodeStalled(int node, absl::Time now) const;
+  // Timed on the steady clock, so that no wall-clock step lengthens or ends the window.
+  bool NodeStalled(int node, SteadyTime now) const;
 
  private:
   MemcachedPool(MemcachedPoolOptions options, memcached_st* master, memcached_st* placement,
@@ -107,7 +109,7 @@ class MemcachedPool {
         pool_(pool),
         pipeline_(std::move(pipeline)),
         placement_(placement),
-        stalled_until_micros_(new std::atomic<int64_t>[options_.url.nodes.size()]()) {}
+        stalled_until_(new std::atomic<int64_t>[options_.url.nodes.size()]()) {}
 
   const MemcachedPoolOptions options_;
   memcached_st* master_;  // Template the pool clones; owned.
@@ -120,8 +122,9 @@ class MemcachedPool {
   std::atomic<int> leased_{0};
   std::atomic<int64_t> exhausted_{0};
   std::atomic<int64_t> node_failures_{0};
-  // Per node: until when it counts as stalled (Unix microseconds; 0: not stalled).
-  std::unique_ptr<std::atomic<int64_t>[]> stalled_until_micros_;
+  // Per node: until when it counts as stalled (SteadyTime ticks since the clock's epoch; 0: not
+  // stalled).
+  std::unique_ptr<std::atomic<int64_t>[]> stalled_until_;
 };
 
 // Probes every node with a fresh connection (a version request) and counts the ones that answer.

@@ -283,8 +283,7 @@ class Conn {
   memcached_return_t Counted(int copy, memcached_return_t rc) {
     if (Answered(rc)) return rc;
     lease_.RecordNodeFailure();
-    if (!op_cut_by_caller_ &&
-        SteadyNow() - op_started_steady_ >= ToSteadyDuration(kStallEvidence)) {
+    if (!op_cut_by_caller_ && SteadyNow() - op_started_ >= ToSteadyDuration(kStallEvidence)) {
       lease_.MarkNodeStalled(copies_[static_cast<size_t>(copy)].node);
     }
     return rc;
@@ -295,9 +294,8 @@ class Conn {
   // trips to each copy one after the other, and waiting out the I/O timeout on each would
   // spend the whole deadline on a node that the other copy makes unnecessary.
   absl::Status Ready(int copy) {
-    op_started_ = absl::Now();
-    op_started_steady_ = SteadyNow();
-    const absl::Duration left = deadline_ - op_started_;
+    op_started_ = SteadyNow();
+    const absl::Duration left = deadline_ - absl::Now();
     if (left <= absl::ZeroDuration()) {
       return absl::UnavailableError("memcached: the call's deadline passed");
     }
@@ -326,10 +324,9 @@ class Conn {
   const MemcachedPoolOptions& options_;
   absl::Time deadline_;
   std::vector<CopyPlace> copies_;
-  absl::Time op_started_;
   // How long the node took is measured on the steady clock: a wall-clock step forward would
   // otherwise mark a node that answered at once as stalled.
-  SteadyTime op_started_steady_;
+  SteadyTime op_started_;
   bool op_cut_by_caller_ = false;
 };
 
