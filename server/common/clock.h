@@ -40,6 +40,17 @@ inline SteadyTime SteadyDeadline(absl::Time deadline, absl::Time now, SteadyTime
   return steady_now + ToSteadyDuration(std::clamp(deadline - now, absl::ZeroDuration(), cap));
 }
 
+// A deadline further off than this (none at all, say) is waited for this long: steady time
+// points must stay finite.
+inline constexpr absl::Duration kLongestSteadyWait = absl::Hours(24);
+
+// The steady time at which wall-clock `deadline` falls, read now against `wall_clock`
+// (absl::Now() when unset; tests step one).
+inline SteadyTime SteadyDeadline(absl::Time deadline, const Clock* wall_clock = nullptr) {
+  const absl::Time now = wall_clock != nullptr ? wall_clock->Now() : absl::Now();
+  return SteadyDeadline(deadline, now, SteadyNow(), kLongestSteadyWait);
+}
+
 // A clock that moves only when told to. Thread-safe.
 class FakeClock final : public Clock {
  public:

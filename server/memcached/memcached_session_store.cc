@@ -55,9 +55,10 @@ bool Answered(memcached_return_t rc) {
 
 // Seconds left until `micros` (a Unix time), as an exptime; 0 when it has passed.
 time_t SecondsUntil(int64_t micros) {
-  const absl::Duration left = absl::FromUnixMicros(micros) - absl::Now();
+  const absl::Time now = absl::Now();
+  const absl::Duration left = absl::FromUnixMicros(micros) - now;
   if (left <= absl::ZeroDuration()) return 0;
-  return *MemcachedExptime(std::min(left, kMaxStoreTtl));
+  return *MemcachedExptime(std::min(left, kMaxStoreTtl), now);
 }
 
 }  // namespace

@@ -382,7 +382,7 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
                                                          absl::Time deadline) {
   Pending self(m, deadline);
   // The wait below is timed on the steady clock, so that a wall-clock step does not stretch it.
-  const SteadyTime give_up = SteadyDeadline(deadline, absl::Now(), SteadyNow(), absl::Hours(24));
+  const SteadyTime give_up = SteadyDeadline(deadline);
   std::unique_lock<std::mutex> lock(batch_mutex_);
   queue_.push_back(&self);
   for (;;) {

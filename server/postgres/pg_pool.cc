@@ -9,7 +9,6 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 
 namespace sessionledger {
 namespace {
@@ -53,15 +52,6 @@ absl::Status StatusFromResult(const PGresult* result) {
   return status;
 }
 
-// Every wait is timed on the steady clock, so that a wall-clock step neither stretches it nor
-// cuts it short: the caller's deadline is turned into a steady one once, where it comes in. One
-// further off than this (none at all, say) counts as this far.
-constexpr absl::Duration kLongestWait = absl::Hours(24);
-SteadyTime GiveUpAt(absl::Time deadline, const Clock* wall_clock = nullptr) {
-  const absl::Time now = wall_clock != nullptr ? wall_clock->Now() : absl::Now();
-  return SteadyDeadline(deadline, now, SteadyNow(), kLongestWait);
-}
-
 }  // namespace
 
 std::string SqlStateOf(const absl::Status& status) {
@@ -82,12 +72,18 @@ bool IsRetryableTransactionFailure(const absl::Status& status) {
 
 absl::StatusOr<PgConnection> PgConnection::Connect(const std::string& conninfo, absl::Time deadline,
                                                    const Clock* wall_clock) {
+  // Every wait is timed on the steady clock, so that a wall-clock step neither stretches it nor
+  // cuts it short: the caller's deadline is turned into a steady one once, where it comes in.
+  return ConnectBy(conninfo, SteadyDeadline(deadline, wall_clock));
+}
+
+absl::StatusOr<PgConnection> PgConnection::ConnectBy(const std::string& conninfo,
+                                                     SteadyTime give_up) {
   // expand_dbname = 1: "dbname" holds the whole URL; the other keywords fill what it leaves out.
   const char* const keywords[] = {"dbname", "application_name", nullptr};
   const char* const values[] = {conninfo.c_str(), "sessionledger", nullptr};
   PGconn* raw = PQconnectStartParams(keywords, values, 1);
   if (raw == nullptr) return absl::ResourceExhaustedError("postgres: out of memory");
-  const SteadyTime give_up = GiveUpAt(deadline, wall_clock);
   PgConnection conn(raw);
   if (PQstatus(raw) == CONNECTION_BAD) {
     return absl::UnavailableError(absl::StrCat("postgres: ", OneLine(PQerrorMessage(raw))));
@@ -195,7 +191,7 @@ absl::StatusOr<PgResultPtr> PgConnection::Collect(SteadyTime give_up) {
 absl::StatusOr<PgResultPtr> PgConnection::Exec(
     absl::string_view sql, const std::vector<std::optional<std::string>>& params,
     absl::Time deadline) {
-  const SteadyTime give_up = GiveUpAt(deadline);
+  const SteadyTime give_up = SteadyDeadline(deadline);
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   const std::string statement(sql);
   std::vector<const char*> values;
@@ -212,7 +208,7 @@ absl::StatusOr<PgResultPtr> PgConnection::Exec(
 
 absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
     const std::vector<PgStatement>& statements, absl::Time deadline) {
-  const SteadyTime give_up = GiveUpAt(deadline);
+  const SteadyTime give_up = SteadyDeadline(deadline);
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   if (PQenterPipelineMode(conn_) != 1) {
     CancelAndBreak();
@@ -294,7 +290,7 @@ bool PgConnection::StillUsable() const {
 }
 
 absl::StatusOr<PgResultPtr> PgConnection::ExecSimple(absl::string_view sql, absl::Time deadline) {
-  const SteadyTime give_up = GiveUpAt(deadline);
+  const SteadyTime give_up = SteadyDeadline(deadline);
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   const std::string statement(sql);
   if (PQsendQuery(conn_, statement.c_str()) == 0) {
@@ -310,7 +306,7 @@ PgPool::Lease::~Lease() {
 }
 
 absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
-  const SteadyTime give_up = GiveUpAt(deadline);
+  const SteadyTime give_up = SteadyDeadline(deadline);
   std::unique_lock<std::mutex> lock(mutex_);
   bool waited = false;
   for (;;) {
@@ -324,10 +320,9 @@ absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
     if (open_ < options_.size) {
       ++open_;
       lock.unlock();
-      const absl::Duration left = absl::FromChrono(give_up - SteadyNow());
-      const absl::Time connect_deadline = absl::Now() + std::min(left, options_.connect_timeout);
-      absl::StatusOr<PgConnection> conn =
-          PgConnection::Connect(options_.conninfo, connect_deadline);
+      absl::StatusOr<PgConnection> conn = PgConnection::ConnectBy(
+          options_.conninfo,
+          std::min(give_up, SteadyNow() + ToSteadyDuration(options_.connect_timeout)));
       if (!conn.ok()) {
         lock.lock();
         --open_;

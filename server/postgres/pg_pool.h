@@ -86,6 +86,9 @@ class PgConnection {
 
  private:
   explicit PgConnection(PGconn* conn) : conn_(conn) {}
+  friend class PgPool;
+  // Connect, by a deadline on the steady clock (the pool's, already converted).
+  static absl::StatusOr<PgConnection> ConnectBy(const std::string& conninfo, SteadyTime give_up);
   // Sends with PQsend*, then waits for and collects the results until `give_up`.
   absl::StatusOr<PgResultPtr> Collect(SteadyTime give_up);
   absl::Status WaitSocket(bool for_write, SteadyTime give_up);
