@@ -61,7 +61,7 @@ std::string RunId() {
 class Replicas {
  public:
   Replicas() {
-    for (int i = 0; i < kReplicas; ++i) ports_.push_back(FreeTcpPort());
+    for (int i = 0; i < kReplicas; ++i) ports_.push_back(RestartableTcpPort());
     servers_.resize(kReplicas);
   }
 

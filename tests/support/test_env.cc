@@ -10,6 +10,8 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <fstream>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -153,20 +155,50 @@ bool PollUntil(absl::Time give_up, const std::function<bool()>& done, absl::Dura
   }
 }
 
-int FreeTcpPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+namespace {
+
+// Binds 127.0.0.1:`port` (0: any) and lets go again; the port bound, or 0 when none was.
+int BindAndRelease(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return 0;
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
   socklen_t len = sizeof(addr);
-  int port = 0;
+  int bound = 0;
   if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
       getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-    port = ntohs(addr.sin_port);
+    bound = ntohs(addr.sin_port);
   }
   close(fd);
-  return port;
+  return bound;
+}
+
+// The lowest port the kernel hands to outgoing connections (Linux's default when unreadable).
+int EphemeralRangeStart() {
+  std::ifstream range("/proc/sys/net/ipv4/ip_local_port_range");
+  int low = 0;
+  if (range >> low && low > 0) return low;
+  return 32768;
+}
+
+}  // namespace
+
+int FreeTcpPort() { return BindAndRelease(0); }
+
+int RestartableTcpPort() {
+  // Above the well-known and the usual registered service ports (memcached's 11211, the
+  // backing services' 2xxxx are still caught by the bind).
+  constexpr int kLowest = 10000;
+  const int end = EphemeralRangeStart();
+  if (end <= kLowest + 100) return FreeTcpPort();
+  std::random_device random;
+  std::uniform_int_distribution<int> pick(kLowest, end - 1);
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    if (const int port = BindAndRelease(pick(random)); port != 0) return port;
+  }
+  return FreeTcpPort();
 }
 
 }  // namespace sessionledger::testing

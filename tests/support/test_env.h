@@ -51,6 +51,12 @@ void BackingServices(const std::vector<std::string>& args);
 // A TCP port on 127.0.0.1 that was free a moment ago.
 int FreeTcpPort();
 
+// A free TCP port on 127.0.0.1 below the kernel's ephemeral range, for a server that a test
+// restarts on the same port (as a pod behind a stable address). A port from FreeTcpPort() can
+// be handed to any outgoing connection as its local port while the server is down, and the
+// restart then fails; the kernel never hands out a port from below its range.
+int RestartableTcpPort();
+
 // Asks `done` every `every` until it says yes or `give_up` has passed; whether it said yes. A
 // test expecting something to happen waits for it this way rather than sleeping a fixed time
 // and looking once, which a loaded machine can lose.
