@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -401,34 +402,62 @@ uint64_t KeepGeneration(Conn& conn, const std::string& gkey, const CopyReads& re
 
 // Where a user's index was found among the copies' answers.
 struct IndexPlan {
-  IndexRecord record;          // From the first copy that holds it (empty when none does).
-  const Item* held = nullptr;  // Its raw value.
-  std::vector<int> missed;     // Copies before it that answered without it (came back empty).
+  // The index of the first copy that holds one (empty when none does), with the entries that
+  // only later copies hold added; the CAS token is the first copy's.
+  IndexRecord record;
+  std::vector<int> missed;  // Copies before it that answered without it (came back empty).
 };
 
+// Adds to `into` the entries of `from` that it lacks.
+void AddMissingEntries(const UserSessionIndex& from, UserSessionIndex& into) {
+  absl::flat_hash_set<std::pair<absl::string_view, absl::string_view>> held;
+  held.reserve(static_cast<size_t>(into.entries_size()));
+  for (const auto& e : into.entries()) held.emplace(e.token_hash(), e.session_id());
+  for (const auto& entry : from.entries()) {
+    if (!held.contains({entry.token_hash(), entry.session_id()})) *into.add_entries() = entry;
+  }
+}
+
+// Copies of an index can differ: a node skipped while it stalled misses the writes of that
+// time, and comes back with its older index. Taking the first copy alone would then hide the
+// sessions indexed meanwhile from listing and revocation, and the next write would build on it
+// and erase them from every copy. So every answering copy's entries count; an entry that is no
+// longer live (deleted, rotated away, revoked) is dropped by the next listing, as any is.
 IndexPlan PlanIndex(const CopyReads& reads, const std::string& ikey) {
   IndexPlan plan;
+  std::vector<int> missed;
+  const std::string* first_value = nullptr;
   for (size_t i = 0; i < reads.size(); ++i) {
     const auto& read = reads[i];
     if (!read.has_value()) continue;
     const int c = static_cast<int>(i);
-    IndexRecord record;
     auto it = read->find(ikey);
-    if (it == read->end() || !record.index.ParseFromString(it->second.value)) {
-      plan.missed.push_back(c);
+    if (it == read->end()) {
+      if (first_value == nullptr) missed.push_back(c);
       continue;
     }
-    record.cas = CasToken{it->second.cas, c};
-    plan.record = std::move(record);
-    plan.held = &it->second;
-    return plan;
+    const std::string& value = it->second.value;
+    if (first_value != nullptr && value == *first_value) continue;  // The usual case.
+    UserSessionIndex index;
+    if (!index.ParseFromString(value)) {
+      if (first_value == nullptr) missed.push_back(c);
+      continue;
+    }
+    if (first_value != nullptr) {
+      AddMissingEntries(index, plan.record.index);
+      continue;
+    }
+    first_value = &value;
+    plan.record.index = std::move(index);
+    plan.record.cas = CasToken{it->second.cas, c};
   }
-  plan.missed.clear();  // Nobody holds it: nothing to repair from.
+  if (first_value != nullptr) plan.missed = std::move(missed);  // Else nothing to repair from.
   return plan;
 }
 
-// The index from the first copy that holds it; copies before it that answered without it (a
-// node that came back empty) get it back, and the CAS token is then the primary's.
+// The index from every copy that holds it; copies before the first of them that answered
+// without it (a node that came back empty) get it back, and the CAS token is then the
+// primary's.
 IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads& reads) {
   IndexPlan plan = PlanIndex(reads, ikey);
   if (plan.missed.empty()) return std::move(plan.record);
@@ -437,8 +466,9 @@ IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads
     newest = std::max(newest, e.absolute_expires_at_unix_micros());
   }
   const time_t ttl = SecondsUntil(newest);
+  const std::string value = plan.record.index.SerializeAsString();
   for (int m : plan.missed) {
-    if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, plan.held->value, ttl);
+    if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
   }
   absl::StatusOr<std::map<std::string, Item>> again = conn.Get(plan.missed.front(), {ikey});
   if (again.ok()) {
