@@ -55,6 +55,19 @@ int64_t SlidExpiry(const StoredSession& s, absl::Time now) {
                            s.absolute_expires_at_unix_micros()));
 }
 
+// Room for the clocks of the servers that touch one session to differ.
+constexpr absl::Duration kClockSkewMargin = absl::Minutes(1);
+
+// How long the tombstone that ends `s` at `now` must stay: as long as any copy of the session
+// could still be live. A touch or update that read the session before it ended can still land
+// on a copy after the tombstone, having slid the expiry to its own now + ttl; when the tombstone
+// expired first, that copy would bring the ended session back until then.
+absl::Duration TombstoneTtl(const StoredSession& s, absl::Time now) {
+  return StoreTtl(std::min(FromMicros(SlidExpiry(s, now)) + kClockSkewMargin,
+                           FromMicros(s.absolute_expires_at_unix_micros())),
+                  now);
+}
+
 size_t AttributesBytes(const AttributeMap& attributes) {
   size_t total = 0;
   for (const auto& [k, v] : attributes) total += k.size() + v.size();
@@ -624,7 +637,7 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     StoredSession ended_old = Tombstone(old);
     ended_old.set_rotated_to_token_hash(new_key.token_hash);
     const absl::Status ended = store_->CompareAndSwap(old_key, lookup.record->cas, ended_old,
-                                                      SessionTtl(old, now), deadline);
+                                                      TombstoneTtl(old, now), deadline);
     if (ended.ok()) return view;
     if (!absl::IsAborted(ended)) {
       // No answer is not no: a compare-and-swap whose reply was lost (a timeout) may have ended
@@ -663,7 +676,7 @@ absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline
   // A tombstone rather than a delete: a copy that missed this write (its node was unreachable)
   // must not be able to bring the session back through read repair. It needs to live only as
   // long as the session itself could have.
-  return store_->Put(*key, Tombstone(s), SessionTtl(s, now), deadline);
+  return store_->Put(*key, Tombstone(s), TombstoneTtl(s, now), deadline);
 }
 
 absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,

@@ -349,6 +349,24 @@ TEST_F(SessionServiceTest, DeleteIsIdempotent) {
   EXPECT_TRUE(absl::IsNotFound(service_->Rotate(v.token, Deadline()).status()));
 }
 
+// A touch or update that read a session just before it ended can still land on one copy after
+// the tombstone, having slid the expiry by a whole ttl_seconds. The tombstone must outlast that
+// (plus a minute of clock skew between servers), though never the absolute lifetime: were it
+// kept only for what was left of the idle lifetime, that copy would bring the session back.
+TEST_F(SessionServiceTest, TombstonesOutlastATouchThatRacedTheEnd) {
+  SessionView deleted = MustCreate("alice", 100);
+  SessionView rotated = MustCreate("alice", 100);
+  SessionView near_the_end = MustCreate("alice", 300);
+  clock_.Advance(absl::Seconds(50));  // 50 s of idle lifetime left, 250 s of absolute.
+  ASSERT_TRUE(service_->Delete(deleted.token, Deadline()).ok());
+  EXPECT_EQ(store_->TtlOf(KeyForToken(deleted.token)->token_hash), absl::Seconds(160));
+  ASSERT_TRUE(service_->Rotate(rotated.token, Deadline()).ok());
+  EXPECT_EQ(store_->TtlOf(KeyForToken(rotated.token)->token_hash), absl::Seconds(160));
+  clock_.Advance(absl::Seconds(200));  // 50 s of either lifetime left.
+  ASSERT_TRUE(service_->Delete(near_the_end.token, Deadline()).ok());
+  EXPECT_EQ(store_->TtlOf(KeyForToken(near_the_end.token)->token_hash), absl::Seconds(50));
+}
+
 std::vector<std::string> Ids(const std::vector<storage::v1::StoredSession>& sessions) {
   std::vector<std::string> ids;
   for (const auto& s : sessions) ids.push_back(s.session_id());
