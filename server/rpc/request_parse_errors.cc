@@ -1,6 +1,9 @@
 #include "server/rpc/request_parse_errors.h"
 
+#include <grpcpp/server_context.h>
+
 #include <algorithm>
+#include <chrono>
 #include <string>
 
 namespace sessionledger {
@@ -11,7 +14,8 @@ using grpc::experimental::InterceptionHookPoints;
 class RequestParseErrors final : public grpc::experimental::Interceptor {
  public:
   explicit RequestParseErrors(grpc::experimental::ServerRpcInfo* info)
-      : method_(info->method() != nullptr ? info->method() : ""),
+      : info_(info),
+        method_(info->method() != nullptr ? info->method() : ""),
         unary_(info->type() == grpc::experimental::ServerRpcInfo::Type::UNARY) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
@@ -19,20 +23,36 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
     // stream a null message only means the client finished sending: streams are left alone.)
     if (unary_ && methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE) &&
         methods->GetRecvMessage() == nullptr) {
-      unparsable_ = true;
+      no_request_ = true;
     }
-    if (unparsable_ &&
+    if (no_request_ &&
         methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS) &&
         methods->GetSendStatus().error_code() == grpc::StatusCode::INTERNAL) {
-      methods->ModifySendStatus(UnparsableRequest(method_));
+      // A call that ended before its request arrived (the caller cancelled, or its deadline
+      // passed while the request waited) has no request either. Nobody receives this status,
+      // but the access log and the metrics do: counting it as INVALID_ARGUMENT would show a
+      // burst of bad input where there was an overload. (Only the synchronous API's calls get
+      // here, for which IsCancelled is always safe.)
+      methods->ModifySendStatus(info_->server_context()->IsCancelled()
+                                    ? EndedBeforeItsRequest(*info_->server_context())
+                                    : UnparsableRequest(method_));
     }
     methods->Proceed();
   }
 
  private:
+  static grpc::Status EndedBeforeItsRequest(const grpc::ServerContextBase& context) {
+    const bool deadline_passed = context.deadline() <= std::chrono::system_clock::now();
+    return grpc::Status(
+        deadline_passed ? grpc::StatusCode::DEADLINE_EXCEEDED : grpc::StatusCode::CANCELLED,
+        deadline_passed ? "request: the deadline passed before the request arrived"
+                        : "request: the call was cancelled before the request arrived");
+  }
+
+  grpc::experimental::ServerRpcInfo* const info_;
   const std::string method_;
   const bool unary_;
-  bool unparsable_ = false;
+  bool no_request_ = false;
 };
 
 }  // namespace

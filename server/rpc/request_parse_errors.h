@@ -14,6 +14,8 @@ namespace sessionledger {
 // UTF-8 (a user_id or an idempotency key from a client that does not check) is a parse error,
 // and so are truncated or garbled bytes. INTERNAL would say "our fault, retrying will not help
 // you find out why"; the contract says bad input is INVALID_ARGUMENT with a message naming it.
+// A call that ended before its request arrived (cancelled, or its deadline passed) looks the
+// same to gRPC; it is logged and counted as CANCELLED or DEADLINE_EXCEEDED instead.
 // The factory is thread-safe and keeps no state between calls.
 // The answer to a request of `method` (full name, "/package.Service/Method") that cannot be
 // parsed; also used by handlers that parse their requests themselves.

@@ -1,5 +1,6 @@
 // What operators see of a running server: /metrics, request ids, the container health check.
 #include <grpcpp/client_context.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <signal.h>
 
 #include <regex>
@@ -208,6 +209,73 @@ TEST(RequestIdTest, LogsACallThePipelineAnsweredBeforeItsNextTurn) {
       R"("method":"/sessionledger.v1.SessionService/GetSession","code":"OK")", absl::Seconds(10)))
       << server->Output();
   EXPECT_THAT(server->Output(), HasSubstr(R"("request_id":"req-pipeline-read")"));
+}
+
+// Opens a call to `method` that never sends its request: it ends by `end` (a cancel, or the
+// deadline passing) while the server still waits for the request message.
+void CallThatEndsBeforeItsRequest(ServerProcess& server, const std::string& method,
+                                  const std::string& request_id, bool cancel) {
+  auto channel = server.NewChannel();
+  grpc::GenericStub stub(channel);
+  grpc::CompletionQueue queue;
+  grpc::ClientContext context;
+  context.AddMetadata("x-request-id", request_id);
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(cancel ? 10000 : 300)));
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call =
+      stub.PrepareCall(&context, method, &queue);
+  void* tag = nullptr;
+  bool ok = false;
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(queue.Next(&tag, &ok));
+  ASSERT_TRUE(ok) << "the call's headers were not sent";
+  absl::SleepFor(absl::Milliseconds(cancel ? 200 : 600));  // The server has seen the headers.
+  if (cancel) context.TryCancel();
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(2));
+  ASSERT_TRUE(queue.Next(&tag, &ok));
+  EXPECT_EQ(status.error_code(),
+            cancel ? grpc::StatusCode::CANCELLED : grpc::StatusCode::DEADLINE_EXCEEDED);
+  queue.Shutdown();
+  while (queue.Next(&tag, &ok)) {
+  }
+}
+
+// A call that ends before its request arrives has no request, like a request that cannot be
+// parsed. The access log and the metrics must count it as what it was: under overload,
+// deadlines that pass while requests wait would otherwise show up as a burst of
+// INVALID_ARGUMENT, "cannot be parsed". (Methods on the synchronous API: gRPC drops such a call
+// of an asynchronous method before our code sees it, see below.)
+TEST(AccessLogTest, CallsThatEndBeforeTheirRequestAreNotBadInput) {
+  auto server = StartServer({});
+  ASSERT_NE(server, nullptr);
+  for (bool cancel : {true, false}) {
+    const std::string id = cancel ? "req-cancelled-early" : "req-deadline-early";
+    CallThatEndsBeforeItsRequest(*server, "/sessionledger.v1.TransactionService/GetAccount", id,
+                                 cancel);
+    const std::string logged = absl::StrCat(R"("request_id":")", id, R"(")");
+    ASSERT_TRUE(server->WaitForOutput(logged, absl::Seconds(10))) << server->Output();
+    for (absl::string_view line : absl::StrSplit(server->Output(), '\n')) {
+      if (!absl::StrContains(line, logged)) continue;
+      EXPECT_THAT(std::string(line),
+                  HasSubstr(cancel ? R"("code":"CANCELLED")" : R"("code":"DEADLINE_EXCEEDED")"));
+    }
+  }
+}
+
+// The asynchronous methods keep a fixed number of calls waiting to be matched. A call that
+// ends before its request arrives must not use one up: gRPC drops it and asks for the next
+// itself. More of them than are waiting, and GetSession must still be served.
+TEST(AccessLogTest, AsynchronousMethodsOutlastCallsThatEndBeforeTheirRequest) {
+  auto server = StartServer({});
+  ASSERT_NE(server, nullptr);
+  for (int i = 0; i < 20; ++i) {
+    CallThatEndsBeforeItsRequest(*server, "/sessionledger.v1.SessionService/GetSession",
+                                 absl::StrCat("req-dropped-", i), /*cancel=*/true);
+  }
+  SessionClient client(*server);
+  const sessionledger::v1::Session created = client.MustCreate("dropped-calls");
+  EXPECT_EQ(client.GetCode(created.token()), grpc::StatusCode::OK);
+  EXPECT_THAT(server->Output(), ::testing::Not(HasSubstr("req-dropped-")));
 }
 
 TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {
