@@ -23,6 +23,8 @@ constexpr int kMaxAttempts = 5;
 // the budget of the others.
 constexpr absl::Duration kMinBatchBudget = absl::Milliseconds(100);
 
+constexpr absl::string_view kDeadlinePassed = "postgres: the call's deadline has passed";
+
 constexpr absl::string_view kSetStatementTimeout =
     "SELECT set_config('statement_timeout', $1, true)";
 
@@ -156,6 +158,22 @@ std::string StatementTimeoutMillis(absl::Time deadline) {
   return absl::StrCat(absl::ToInt64Milliseconds(ServerBudget(deadline - absl::Now())));
 }
 
+// A batch's two statements (its lock, then its movements) as statement_timeouts that together
+// stay within one budget: each statement gets a whole statement_timeout of its own. The lock
+// gets a quarter. Batches lock accounts only for the milliseconds a batch runs, so a lock that
+// takes longer is held by something else (a long transaction, another stuck caller), and every
+// movement of the batch that does not need that account should not wait on it for most of its
+// deadline: the batch gives up and each movement runs alone with three quarters left.
+struct BatchTimeouts {
+  std::string lock_millis;
+  std::string apply_millis;
+};
+BatchTimeouts BatchStatementTimeouts(absl::Time deadline) {
+  const int64_t budget = absl::ToInt64Milliseconds(ServerBudget(deadline - absl::Now()));
+  const int64_t lock = std::max<int64_t>(1, budget / 4);
+  return {absl::StrCat(lock), absl::StrCat(std::max<int64_t>(1, budget - lock))};
+}
+
 PgStatement MovementStatement(const MoneyMovement& m) {
   const bool transfer = m.kind == TransactionKind::kTransfer;
   return {kApplyMovement,
@@ -252,9 +270,12 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
     // retry never holds a connection that another call could use.
     if (IsRetryableTransactionFailure(last)) Backoff(attempt, deadline);
     if (deadline <= absl::Now()) {
-      return last.ok() ? absl::UnavailableError("postgres: the call's deadline has passed") : last;
+      return last.ok() ? absl::UnavailableError(kDeadlinePassed) : last;
     }
     SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
+    // A connection handed back just as the wait for it ended leaves no time to run anything:
+    // sent now, the statement would outlive its caller, and the connection be dropped.
+    if (deadline <= absl::Now()) return absl::UnavailableError(kDeadlinePassed);
     const std::vector<PgStatement> statements = {
         {kSetStatementTimeout, {StatementTimeoutMillis(deadline)}}, statement};
     absl::StatusOr<std::vector<PgResultPtr>> results = lease->ExecPipeline(statements, deadline);
@@ -494,12 +515,17 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
     PgStatement one = MovementStatement(p->movement);
     for (auto& param : one.params) apply.params.push_back(std::move(param));
   }
+  // The timeouts are set once a connection is ours.
+  constexpr size_t kLockTimeout = 0;
+  constexpr size_t kApplyTimeout = 2;
+  constexpr size_t kApplyRows = 3;
   std::vector<PgStatement> statements;
-  statements.reserve(3);
-  statements.push_back({kSetStatementTimeout, {""}});  // Set once a connection is ours.
+  statements.reserve(4);
+  statements.push_back({kSetStatementTimeout, {""}});
   // Account ids are canonical UUIDs (the ledger layer checks them), so they need no quoting
   // inside the array literal; anything else fails the cast and the batch falls back.
   statements.push_back({kLockAccounts, {absl::StrCat("{", absl::StrJoin(accounts, ","), "}")}});
+  statements.push_back({kSetStatementTimeout, {""}});
   statements.push_back(std::move(apply));
 
   // The lease goes back to the pool before anyone is answered, so a caller sent to the single
@@ -507,16 +533,19 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
   absl::StatusOr<std::vector<PgResultPtr>> results =
       [&]() -> absl::StatusOr<std::vector<PgResultPtr>> {
     if (deadline <= absl::Now()) {
-      return absl::UnavailableError("postgres: the call's deadline has passed");
+      return absl::UnavailableError(kDeadlinePassed);
     }
     SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
-    statements[0].params[0] = StatementTimeoutMillis(deadline);
+    if (deadline <= absl::Now()) return absl::UnavailableError(kDeadlinePassed);
+    BatchTimeouts timeouts = BatchStatementTimeouts(deadline);
+    statements[kLockTimeout].params[0] = std::move(timeouts.lock_millis);
+    statements[kApplyTimeout].params[0] = std::move(timeouts.apply_millis);
     absl::StatusOr<std::vector<PgResultPtr>> r = lease->ExecPipeline(statements, deadline);
     if (!r.ok() && (!lease->healthy() || NeedsFreshConnection(r.status()))) lease.MarkBroken();
     if (!r.ok()) return r;
     // One row per movement, in order. Anything else (which cannot happen) is handled like a
     // failed batch: whatever committed is replayed by the single path.
-    const PGresult* rows = (*r)[2].get();
+    const PGresult* rows = (*r)[kApplyRows].get();
     if (PQntuples(rows) != static_cast<int>(batch.size()) ||
         PQnfields(rows) != kMovementColumns + 1) {
       return absl::InternalError("postgres: unexpected result shape for a batch");
@@ -541,7 +570,8 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
   for (size_t i = 0; i < batch.size(); ++i) {
     Pending* p = batch[i];
     absl::StatusOr<Transaction> answer = absl::UnknownError("postgres: no answer");
-    switch (ReadMovementRow(p->movement, (*results)[2].get(), static_cast<int>(i), &answer)) {
+    switch (
+        ReadMovementRow(p->movement, (*results)[kApplyRows].get(), static_cast<int>(i), &answer)) {
       case MovementRow::kAnswer:
       // The rows were read after the batch held every account lock, so a committed identical
       // request would have been seen as the key's transaction: no re-check of the key needed.

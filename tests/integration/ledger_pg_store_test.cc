@@ -783,6 +783,91 @@ TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
   ExpectBalancesMatchRows({a.account_id, b.account_id, held.account_id});
 }
 
+// A batch locks every account of its movements first. When one of them is held by something
+// else, the movements that do not need it must not wait for it until the batch's deadline (and
+// then run alone with a fifth of their time left): the lock gets a quarter of the batch's
+// budget, then each movement runs alone.
+TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
+  // One batch at a time, and connections for the movements to run alone side by side.
+  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 5, absl::Seconds(2)});
+  PgLedgerStoreOptions options;
+  options.max_batch = 4;
+  options.max_concurrent_batches = 1;
+  options.eager_batches = 1;
+  options.parallel_batch_threshold = 100;
+  PgLedgerStore store(pool, options);
+  LedgerService ledger(store, auth_);
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  const Account held = Open(alice);
+  const Account gate = Open(alice);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1000, "fund"}, Soon()).ok());
+  absl::StatusOr<PgConnection> blocker = LockAccountRow(gate.account_id);
+  ASSERT_TRUE(blocker.ok()) << blocker.status();
+  ASSERT_TRUE(blocker
+                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
+                         {held.account_id}, Soon())
+                  .ok());
+  const absl::Time start = absl::Now();
+  const absl::Time deadline = start + absl::Seconds(6);
+  absl::StatusOr<Transaction> gated = absl::UnknownError("not run");
+  absl::StatusOr<Transaction> stuck = absl::UnknownError("not run");
+  std::vector<absl::StatusOr<Transaction>> free(3, absl::UnknownError("not run"));
+  std::vector<absl::Time> finished(3, absl::InfiniteFuture());
+  std::vector<std::thread> threads;
+  struct JoinOnExit {
+    std::vector<std::thread>& threads;
+    ~JoinOnExit() {
+      for (auto& t : threads) t.join();
+    }
+  } join_on_exit{threads};
+  // The only batch slot, taken until its deadline (a second) passes; meanwhile the others queue.
+  threads.emplace_back([&] {
+    gated = ledger.Deposit(alice, {gate.account_id, 1, "gate"}, start + absl::Seconds(1));
+  });
+  WaitUntilBlockedBy(*blocker, 1);
+  const auto queue = [&](int queued, std::function<void()> call) {
+    threads.emplace_back(std::move(call));
+    const absl::Time give_up = Soon();
+    while (store.queued_movements() < queued) {
+      ASSERT_LT(absl::Now(), give_up) << "the movement did not queue";
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  };
+  queue(1, [&] { stuck = ledger.Deposit(alice, {held.account_id, 5, "stuck"}, deadline); });
+  for (int i = 0; i < 3; ++i) {
+    queue(i + 2, [&, i] {
+      free[i] = ledger.Transfer(alice, {a.account_id, b.account_id, 100, absl::StrCat("free", i)},
+                                deadline);
+      finished[i] = absl::Now();
+    });
+  }
+  // Then let the stuck deposit through: alone, it waits on its account with time to spare.
+  const absl::Time give_up = Soon();
+  while (std::count(finished.begin(), finished.end(), absl::InfiniteFuture()) > 0 &&
+         absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
+  for (auto& t : threads) t.join();
+  threads.clear();
+  EXPECT_EQ(gated.status().code(), absl::StatusCode::kUnavailable) << gated.status();
+  EXPECT_TRUE(stuck.ok()) << stuck.status();
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(free[i].ok()) << free[i].status();
+    // The batch started when the gate gave up, ~0.8 s in, with ~5 s of budget: its lock may
+    // wait a quarter of that, so these finish ~2 s in; with the whole budget, ~5.8 s in.
+    EXPECT_LT(finished[i], start + absl::Seconds(4))
+        << "free transfer " << i << " waited " << (finished[i] - start)
+        << " for an account it does not use";
+  }
+  EXPECT_EQ(store.batch_fallbacks(), 1);
+  EXPECT_EQ(Balance(alice, a.account_id), 700);
+  EXPECT_EQ(Balance(alice, b.account_id), 300);
+  EXPECT_EQ(Balance(alice, held.account_id), 5);
+}
+
 TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue) {
   // Three batch slots, two of them eager; the third batch starts once 2 movements wait.
   PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 3, absl::Seconds(2)});
