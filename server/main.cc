@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -94,14 +95,117 @@ int HealthCheck() {
   return serving ? 0 : 1;
 }
 
+// Waits for SIGTERM/SIGINT on a thread of its own. What a signal does depends on how far the
+// process got. Before it listens there is nothing to drain, so it exits at once: start-up can
+// wait up to 15 s for PostgreSQL, and an orchestrator or an operator stopping it must not wait
+// that out (and then find it serving). Once it serves, the first signal starts the graceful
+// shutdown; a second one ends the process at once, for an operator who will not wait out the
+// grace period.
+class StopSignals {
+ public:
+  // `signals` must be blocked in every thread already.
+  StopSignals(const sigset_t& signals, Logger& logger) : signals_(signals), logger_(logger) {
+    waiter_ = std::thread([this] { WaitForSignals(); });
+  }
+  ~StopSignals() { Finish(); }
+
+  // The server is about to listen: from now on a signal must let calls finish.
+  void Listening() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    phase_ = Phase::kListening;
+  }
+
+  // From now on a signal shuts `app` down gracefully; when one came while it started
+  // listening, that begins now.
+  void Serving(ServerApp* app, absl::Duration notice, absl::Duration grace) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    app_ = app;
+    notice_ = notice;
+    grace_ = grace;
+    if (phase_ == Phase::kStopping) {
+      StartShutdownLocked();
+    } else {
+      phase_ = Phase::kServing;
+    }
+  }
+
+  // Once the app has stopped, before it is destroyed: ends the shutdown's thread and the
+  // waiting one.
+  void Finish() {
+    if (!waiter_.joinable()) return;
+    std::thread shutdown;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      phase_ = Phase::kFinished;
+      shutdown = std::move(shutdown_);
+    }
+    if (shutdown.joinable()) shutdown.join();
+    pthread_kill(waiter_.native_handle(), SIGTERM);  // Blocked: only sigwait takes it.
+    waiter_.join();
+  }
+
+ private:
+  enum class Phase { kStartingUp, kListening, kServing, kStopping, kFinished };
+
+  void WaitForSignals() {
+    NameThisThread("sl-signals");
+    for (;;) {
+      int signal_number = 0;
+      sigwait(&signals_, &signal_number);
+      std::lock_guard<std::mutex> lock(mutex_);
+      switch (phase_) {
+        case Phase::kFinished:
+          return;
+        case Phase::kStartingUp:
+          logger_.Info("stopped before serving", {{"signal", strsignal(signal_number)}});
+          std::_Exit(0);
+        case Phase::kListening:
+          phase_ = Phase::kStopping;  // Serving() starts the shutdown.
+          break;
+        case Phase::kServing:
+          logger_.Info("shutting down", {{"signal", strsignal(signal_number)},
+                                         {"notice_ms", absl::ToInt64Milliseconds(notice_)},
+                                         {"grace_seconds", absl::ToInt64Seconds(grace_)}});
+          StartShutdownLocked();
+          break;
+        case Phase::kStopping:
+          logger_.Warn("second stop signal: exiting without waiting for calls in flight",
+                       {{"signal", strsignal(signal_number)}});
+          std::_Exit(1);
+      }
+    }
+  }
+
+  void StartShutdownLocked() {
+    phase_ = Phase::kStopping;
+    shutdown_ = std::thread([app = app_, notice = notice_, grace = grace_] {
+      NameThisThread("sl-shutdown");
+      app->Shutdown(notice, grace);
+    });
+  }
+
+  const sigset_t signals_;
+  Logger& logger_;
+  std::mutex mutex_;
+  Phase phase_ = Phase::kStartingUp;
+  ServerApp* app_ = nullptr;
+  absl::Duration notice_;
+  absl::Duration grace_;
+  std::thread shutdown_;
+  std::thread waiter_;
+};
+
 int Serve() {
   // Block the stop signals in every thread (gRPC's included) before any is created; one thread
-  // below waits for them with sigwait.
+  // waits for them with sigwait.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // A log reader that goes away (a pipe to a shipper that restarts) must not end the server:
+  // the logger drops lines it cannot write.
+  signal(SIGPIPE, SIG_IGN);
   // glibc gives every thread that allocates under contention its own malloc arena, up to 8 per
   // core; with gRPC's poller threads that was 14 arenas of ~200 KiB each after the first seconds
   // of load, most of the step from idle to serving RSS. Two arenas measured no throughput loss
@@ -113,22 +217,15 @@ int Serve() {
   absl::StatusOr<Config> config = LoadConfig(ProcessEnvironment());
   if (!config.ok()) return Fail(config.status());
   Logger logger(config->log_level);
+  StopSignals stop(stop_signals, logger);
 
   absl::StatusOr<std::unique_ptr<ServerApp>> app = ServerApp::Create(*config, logger);
   if (!app.ok()) return Fail(app.status());
+  stop.Listening();
   if (absl::Status started = (*app)->Start(); !started.ok()) return Fail(started);
-
-  std::thread signal_waiter([&] {
-    NameThisThread("sl-signals");
-    int signal_number = 0;
-    sigwait(&stop_signals, &signal_number);
-    logger.Info("shutting down", {{"signal", strsignal(signal_number)},
-                                  {"notice_ms", absl::ToInt64Milliseconds(config->shutdown_notice)},
-                                  {"grace_seconds", absl::ToInt64Seconds(config->shutdown_grace)}});
-    (*app)->Shutdown(config->shutdown_notice, config->shutdown_grace);
-  });
+  stop.Serving(app->get(), config->shutdown_notice, config->shutdown_grace);
   (*app)->Wait();
-  signal_waiter.join();
+  stop.Finish();
   logger.Info("stopped");
   return 0;
 }

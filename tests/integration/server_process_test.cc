@@ -302,6 +302,66 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
   EXPECT_EQ(*exit_code, 0) << server->Output();
 }
 
+// Start-up waits up to 15 s for PostgreSQL. A stop signal meanwhile (an orchestrator scaling
+// down, an operator's Ctrl-C) must end the process at once, not after that wait, and certainly
+// not by serving once PostgreSQL comes back.
+TEST(ServerProcessTest, SigtermDuringStartUpExitsAtOnce) {
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["DATABASE_URL"] =
+      absl::StrCat("postgres://nobody@127.0.0.1:", FreeTcpPort(), "/none?sslmode=disable");
+  options.wait_until_serving = false;
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->WaitForOutput("waiting for postgres", absl::Seconds(10)))
+      << (*server)->Output();
+  const absl::Time signalled = absl::Now();
+  (*server)->Signal(SIGTERM);
+  const std::optional<int> exit_code = (*server)->WaitForExit(absl::Seconds(20));
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_LT(absl::Now() - signalled, absl::Seconds(3)) << "it waited out the start-up";
+  EXPECT_EQ(*exit_code, 0) << (*server)->Output();
+  EXPECT_THAT((*server)->Output(), HasSubstr("\"msg\":\"stopped before serving\""));
+}
+
+// The first SIGTERM drains for up to the grace period; a second one is the operator saying
+// "now": the process must end at once, not swallow it.
+TEST(ServerProcessTest, ASecondSigtermEndsTheDrainAtOnce) {
+  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "30"}, {"SHUTDOWN_NOTICE_MS", "0"}});
+  ASSERT_NE(server, nullptr);
+  const std::string port_1 = RequiredEnv("SL_MEMCACHED_PORT_1");
+  const std::string port_2 = RequiredEnv("SL_MEMCACHED_PORT_2");
+  // A call held in flight (memcached frozen) keeps the drain going.
+  SignalMemcached("-STOP", port_1);
+  SignalMemcached("-STOP", port_2);
+  auto channel = server->NewChannel();
+  grpc::Status slow_status;
+  std::thread slow_call([&] {
+    auto stub = sessionledger::v1::SessionService::NewStub(channel);
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(20)));
+    sessionledger::v1::CreateSessionRequest request;
+    request.set_user_id("second-signal-user");
+    sessionledger::v1::Session created;
+    slow_status = stub->CreateSession(&context, request, &created);
+  });
+  absl::SleepFor(absl::Milliseconds(200));
+  server->Signal(SIGTERM);
+  const bool draining = server->WaitForOutput("\"msg\":\"shutting down\"", absl::Seconds(5));
+  const absl::Time again = absl::Now();
+  server->Signal(SIGTERM);
+  const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(20));
+  SignalMemcached("-CONT", port_1);
+  SignalMemcached("-CONT", port_2);
+  slow_call.join();
+  EXPECT_TRUE(draining) << server->Output();
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_LT(absl::Now() - again, absl::Seconds(3)) << "the second signal was swallowed";
+  EXPECT_EQ(*exit_code, 1) << server->Output();
+  EXPECT_THAT(server->Output(), HasSubstr("second stop signal"));
+  EXPECT_FALSE(slow_status.ok()) << "the call in flight was cut off";
+}
+
 // GetSession runs on the asynchronous API, its read on the Memcached reader's thread: a call in
 // flight when SIGTERM arrives must still get its answer, and the process must then exit cleanly
 // (its completion queue is shut down only after the server has finished every call).
