@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -231,6 +232,23 @@ std::vector<std::string> SplitTargets(const std::string& value) {
     result.emplace_back(absl::StripAsciiWhitespace(part));
   }
   return result;
+}
+
+// The token goes into an HTTP/2 header value, which may hold printable ASCII only. gRPC
+// aborts the process on any other byte, and prints the header (the secret) in hex as it
+// does. The realistic cause is a token file with CRLF line endings: $(cat file) keeps the
+// '\r'. So such a token is a usage error, reported by position and byte, never by value; it
+// is not repaired, since a token changed by the CLI would be a different token.
+absl::Status CheckTokenFitsHeader(absl::string_view source, const std::string& token) {
+  for (size_t i = 0; i < token.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(token[i]);
+    if (c >= 0x20 && c <= 0x7e) continue;
+    return UsageError(absl::StrCat(
+        source, ": byte ", i + 1, " of ", token.size(), " is ", absl::StrFormat("0x%02x", c),
+        ", which a gRPC header cannot carry; a token is printable ASCII",
+        c == '\r' || c == '\n' ? " (a line ending from the file it was read from?)" : ""));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<BenchRpc> ParseBenchRpc(const std::string& value) {
@@ -576,8 +594,12 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
   if (o.targets.empty()) o.targets.push_back(kDefaultTarget);
   if (auto v = tokens->Last("token")) {
     o.token = *v;
+    absl::Status fits = CheckTokenFitsHeader("--token", o.token);
+    if (!fits.ok()) return fits;
   } else if (std::optional<std::string> from_env = env(kTokenEnv)) {
     o.token = *from_env;
+    absl::Status fits = CheckTokenFitsHeader(kTokenEnv, o.token);
+    if (!fits.ok()) return fits;
   }
   if (auto v = tokens->Last("deadline")) {
     absl::StatusOr<absl::Duration> d = ParseDurationFlag("deadline", *v);
@@ -643,7 +665,7 @@ Global options:
                            host:port, dns:///host:port, ipv4:/ipv6: lists; a comma-separated
                            list is balanced with client-side round_robin
   --token TOKEN            session token, sent as "authorization: Bearer TOKEN"
-                           (default $SESSIONLEDGER_TOKEN)
+                           (default $SESSIONLEDGER_TOKEN); printable ASCII only
   --deadline DURATION      per call, default 10s (e.g. 500ms, 2s)
   --json                   print responses as protobuf JSON
   --tls                    use TLS (system root certificates); implied by the options below

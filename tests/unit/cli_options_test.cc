@@ -371,6 +371,37 @@ TEST(CliOptionsTest, UnknownLongOptionIsNotEchoed) {
   EXPECT_THAT(UsageText(), HasSubstr("--                       ends the options"));
 }
 
+TEST(CliOptionsTest, TokenThatCannotBeAHeaderValueIsAUsageErrorThatHidesIt) {
+  // gRPC aborts the process on such a header value and prints it, the secret, in hex. A token
+  // file with CRLF line endings is the usual source: $(cat file) keeps the '\r'.
+  const std::string secret = "c2VjcmV0LXRva2Vu";
+  for (const std::string& token :
+       {secret + "\r", secret + "\n", "Bearer\t" + secret, secret + std::string(1, '\0'),
+        secret + "\x7f", secret + "\xc3\xa9"}) {
+    absl::StatusOr<CliOptions> o = Parse({"account", "get", "acc-1", "--token", token});
+    ASSERT_FALSE(o.ok()) << ::testing::PrintToString(token);
+    EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(o.status().message()), HasSubstr("--token:"));
+    EXPECT_THAT(std::string(o.status().message()), Not(HasSubstr(secret.substr(0, 6))));
+
+    o = Parse({"account", "get", "acc-1"}, {{"SESSIONLEDGER_TOKEN", token}});
+    ASSERT_FALSE(o.ok()) << ::testing::PrintToString(token);
+    EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(o.status().message()), HasSubstr("SESSIONLEDGER_TOKEN:"));
+    EXPECT_THAT(std::string(o.status().message()), Not(HasSubstr(secret.substr(0, 6))));
+  }
+  ExpectUsageError({"health", "--token", secret + "\r"}, "is 0x0d");
+
+  // Tokens are opaque to the client: any printable ASCII passes, unchanged.
+  const std::string printable = " !\"#$%&'()*+,-./09:;<=>?@AZ[\\]^_`az{|}~";
+  absl::StatusOr<CliOptions> o = Parse({"health", "--token", printable});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->token, printable);
+  o = Parse({"health"}, {{"SESSIONLEDGER_TOKEN", printable}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->token, printable);
+}
+
 TEST(CliOptionsTest, DoubleDashEndsOptions) {
   // A token may start with "--" in principle; "--" lets users pass it as an argument.
   absl::StatusOr<CliOptions> o = Parse({"session", "get", "--", "--odd-token"});

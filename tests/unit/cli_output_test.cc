@@ -319,5 +319,21 @@ TEST(CliRunTest, TokenThatLooksLikeAnOptionStaysOffStderr) {
   EXPECT_EQ(out.str(), "");
 }
 
+TEST(CliRunTest, TokenWithALineEndingExitsWithInvalidArgumentAndStaysOffStderr) {
+  // Before the parser checked it, gRPC aborted (exit 134) on this header value and printed it,
+  // the token included, in hex.
+  const std::string token = "c2VjcmV0LXRva2VuLWZyb20tYS1jcmxmLWZpbGU\r";
+  auto env = [&token](const std::string& name) -> std::optional<std::string> {
+    if (name == "SESSIONLEDGER_TOKEN") return token;
+    return std::nullopt;
+  };
+  std::ostringstream out;
+  std::ostringstream err;
+  EXPECT_EQ(RunCli({"--target", "127.0.0.1:1", "account", "get", "acc-1"}, env, out, err), 3);
+  EXPECT_THAT(err.str(), HasSubstr("SESSIONLEDGER_TOKEN")) << err.str();
+  EXPECT_THAT(err.str(), Not(HasSubstr(token.substr(0, 8)))) << err.str();
+  EXPECT_EQ(out.str(), "");
+}
+
 }  // namespace
 }  // namespace sessionledger::client
