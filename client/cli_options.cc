@@ -608,6 +608,16 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
     o.deadline = *d;
   }
   o.json = tokens->Has("json");
+  // An empty value (say, "--ca-file=$CA" with CA unset) would count as not given, and
+  // without the other TLS options the CLI would then talk plaintext and send the bearer
+  // token in the clear. Every value is checked, not only the last, for the same reason.
+  for (const char* flag : {"ca-file", "cert-file", "key-file", "tls-server-name"}) {
+    for (const std::string& value : tokens->All(flag)) {
+      if (value.empty()) {
+        return UsageError(absl::StrCat("--", flag, ": empty value; leave the option out instead"));
+      }
+    }
+  }
   o.tls.ca_file = tokens->Last("ca-file").value_or("");
   o.tls.cert_file = tokens->Last("cert-file").value_or("");
   o.tls.key_file = tokens->Last("key-file").value_or("");

@@ -338,6 +338,20 @@ TEST(CliOptionsTest, TlsIsOffByDefaultAndImpliedByItsFiles) {
   ExpectUsageError({"health", "--cert-file", "c.pem"}, "--cert-file and --key-file");
 }
 
+TEST(CliOptionsTest, EmptyTlsOptionIsAUsageErrorNotPlaintext) {
+  // "--ca-file=$CA" with CA unset: counted as not given, it would leave TLS off and the bearer
+  // token would go out in the clear.
+  for (const std::string flag : {"ca-file", "cert-file", "key-file", "tls-server-name"}) {
+    ExpectUsageError({"health", absl::StrCat("--", flag, "=")}, absl::StrCat("--", flag, ":"));
+    ExpectUsageError({"health", absl::StrCat("--", flag), ""}, absl::StrCat("--", flag, ":"));
+    // Also when a later, non-empty value would win.
+    ExpectUsageError(
+        {"--tls", "health", absl::StrCat("--", flag, "="), absl::StrCat("--", flag), "x.pem"},
+        absl::StrCat("--", flag, ":"));
+  }
+  ExpectUsageError({"health", "--cert-file=", "--key-file="}, "--cert-file: empty value");
+}
+
 TEST(CliOptionsTest, HelpWins) {
   absl::StatusOr<CliOptions> o = Parse({"session", "get", "--help"});
   ASSERT_TRUE(o.ok()) << o.status();
