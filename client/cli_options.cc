@@ -587,9 +587,18 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
     if (addresses.empty()) return UsageError("--target: no address given");
     for (std::string& t : addresses) o.targets.push_back(std::move(t));
   }
+  // The variable only when no --target was given, and held to the same rule: set but empty
+  // is an error too, not the default. "export SESSIONLEDGER_TARGET=$PROD" with PROD unset
+  // is the same mistake as "--target $PROD", and would send the calls (and the token) to
+  // whatever listens on localhost. Only an unset variable means the default.
   if (o.targets.empty()) {
-    std::optional<std::string> from_env = env(kTargetEnv);
-    if (from_env.has_value() && !from_env->empty()) o.targets = SplitTargets(*from_env);
+    if (std::optional<std::string> from_env = env(kTargetEnv)) {
+      o.targets = SplitTargets(*from_env);
+      if (o.targets.empty()) {
+        return UsageError(absl::StrCat(
+            kTargetEnv, ": set but holds no address; unset it for the default ", kDefaultTarget));
+      }
+    }
   }
   if (o.targets.empty()) o.targets.push_back(kDefaultTarget);
   if (auto v = tokens->Last("token")) {
@@ -671,9 +680,10 @@ Other:
          client's own is always reported)
 
 Global options:
-  --target ADDR[,ADDR...]  default localhost:50051 or $SESSIONLEDGER_TARGET; accepts
-                           host:port, dns:///host:port, ipv4:/ipv6: lists; a comma-separated
-                           list is balanced with client-side round_robin
+  --target ADDR[,ADDR...]  default $SESSIONLEDGER_TARGET, or localhost:50051 if it is unset
+                           (set but empty is an error); accepts host:port, dns:///host:port,
+                           ipv4:/ipv6: lists; a comma-separated list is balanced with
+                           client-side round_robin
   --token TOKEN            session token, sent as "authorization: Bearer TOKEN"
                            (default $SESSIONLEDGER_TOKEN); printable ASCII only
   --deadline DURATION      per call, default 10s (e.g. 500ms, 2s)

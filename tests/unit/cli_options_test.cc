@@ -59,6 +59,24 @@ TEST(CliOptionsTest, EnvironmentSuppliesTargetAndToken) {
   EXPECT_EQ(o->account_id, "acc-1");
 }
 
+TEST(CliOptionsTest, EnvironmentTargetWithoutAnAddressIsAnErrorLikeAnEmptyTargetFlag) {
+  // "export SESSIONLEDGER_TARGET=$PROD" with PROD unset must not send the calls to localhost.
+  for (const std::string value : {"", " ", ",", " , "}) {
+    absl::StatusOr<CliOptions> o = Parse({"health"}, {{"SESSIONLEDGER_TARGET", value}});
+    ASSERT_FALSE(o.ok()) << "accepted SESSIONLEDGER_TARGET='" << value << "'";
+    EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(o.status().message()), HasSubstr("SESSIONLEDGER_TARGET"));
+  }
+  // Unset still means the default, and --target makes the variable irrelevant.
+  absl::StatusOr<CliOptions> o = Parse({"health"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->targets, ElementsAre("localhost:50051"));
+  o = Parse({"health", "--target", "a:1"}, {{"SESSIONLEDGER_TARGET", ""}});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->targets, ElementsAre("a:1"));
+  EXPECT_THAT(UsageText(), HasSubstr("set but empty is an error"));
+}
+
 TEST(CliOptionsTest, FlagsOverrideEnvironmentAndMayFollowTheCommand) {
   absl::StatusOr<CliOptions> o = Parse(
       {"health", "--target", "dns:///svc:50051", "--token=flag", "--json", "--deadline", "250ms"},
