@@ -36,9 +36,13 @@ using v1::SessionService;
 using v1::TransactionService;
 
 constexpr size_t kStatusCodes = 17;
-// Prepared sessions outlive any run; created ones expire soon so runs do not fill Memcached.
-constexpr int64_t kPreparedSessionTtl = 3600;
-constexpr int64_t kCreatedSessionTtl = 600;
+// Every session the generator creates, prepared or measured, asks for the server's default
+// idle timeout (SESSION_TTL_SECONDS). An explicit TTL is refused (INVALID_ARGUMENT) by a
+// server whose SESSION_MAX_LIFETIME_SECONDS is below it, and the server refuses to start with
+// a default above its maximum, so the default is the one TTL every server accepts. Its 1800 s
+// outlive any usual run (a shorter one is the operator's choice). Measured sessions stay as
+// long; Memcached evicts the oldest when full, and scripts/bench flushes it between rows.
+constexpr int64_t kServerDefaultTtl = 0;
 // Enough for any run: a transfer moves one minor unit.
 constexpr int64_t kInitialDeposit = int64_t{1} << 40;
 
@@ -268,7 +272,7 @@ class LoadGenerator {
     SessionService::Stub& sessions = *sessions_[slot.connection];
     v1::CreateSessionRequest create;
     create.set_user_id(absl::StrCat("bench-", run_id_, "-", slot.index));
-    create.set_ttl_seconds(kPreparedSessionTtl);
+    create.set_ttl_seconds(kServerDefaultTtl);
     (*create.mutable_attributes())["bench"] = run_id_;
     v1::Session session;
     grpc::Status s = sessions.CreateSession(NewContext(slot, false).get(), create, &session);
@@ -389,7 +393,7 @@ class LoadGenerator {
         // list would measure that user's index instead.
         slot.create_request.set_user_id(
             absl::StrCat("bench-", run_id_, "-", slot.index, "-", slot.sequence));
-        slot.create_request.set_ttl_seconds(kCreatedSessionTtl);
+        slot.create_request.set_ttl_seconds(kServerDefaultTtl);
         Issue(slot, *sessions_[slot.connection], &SessionService::Stub::async::CreateSession,
               &SessionService::Stub::PrepareAsyncCreateSession, slot.create_request,
               &slot.session_response, slot.session_reader);
