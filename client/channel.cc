@@ -8,9 +8,10 @@
 #include <sys/socket.h>
 
 #include <algorithm>
-#include <fstream>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <memory>
-#include <sstream>
 #include <tuple>
 #include <utility>
 
@@ -88,6 +89,37 @@ absl::StatusOr<std::vector<std::pair<int, std::string>>> Resolve(const std::stri
     return absl::UnavailableError(absl::StrCat("--target: '", host, "' has no address"));
   }
   return addresses;
+}
+
+// A certificate or key file is a few KiB. The cap keeps a mistaken path (/dev/zero, a disk
+// image) from eating memory without bound; the server caps its TLS files the same way.
+constexpr size_t kMaxPemFileBytes = 1 << 20;
+
+// The contents of the file a TLS option names; INVALID_ARGUMENT names the option.
+absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& path) {
+  std::unique_ptr<FILE, decltype(&std::fclose)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (file == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, ": cannot read '", path, "': ", std::strerror(errno)));
+  }
+  std::string contents;
+  char buffer[4096];
+  size_t got;
+  while ((got = std::fread(buffer, 1, sizeof(buffer), file.get())) > 0) {
+    contents.append(buffer, got);
+    if (contents.size() > kMaxPemFileBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, ": '", path, "' is larger than 1 MiB; not a PEM file"));
+    }
+  }
+  if (std::ferror(file.get())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, ": cannot read '", path, "': ", std::strerror(errno)));
+  }
+  if (contents.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": '", path, "' is empty"));
+  }
+  return contents;
 }
 
 }  // namespace
@@ -172,21 +204,17 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const 
                                   {"--cert-file", &tls.cert_file, &ssl.pem_cert_chain},
                                   {"--key-file", &tls.key_file, &ssl.pem_private_key}}) {
     if (path->empty()) continue;
-    std::ifstream in(*path, std::ios::binary);
-    std::ostringstream contents;
-    contents << in.rdbuf();
-    if (!in || contents.str().empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read '", *path, "'"));
-    }
+    absl::StatusOr<std::string> contents = ReadPemFile(flag, *path);
+    if (!contents.ok()) return contents.status();
     // gRPC takes any bytes here and only fails at connect time, with log noise and
     // "UNAVAILABLE: empty address list", which names neither the option nor the file.
-    if (!absl::StrContains(contents.str(), "-----BEGIN ")) {
+    if (!absl::StrContains(*contents, "-----BEGIN ")) {
       return absl::InvalidArgumentError(
           absl::StrCat(flag, ": '", *path,
                        "' is not PEM (no \"-----BEGIN \" line); DER converts with "
                        "openssl x509 (or pkey) -inform der -outform pem"));
     }
-    *into = contents.str();
+    *into = *std::move(contents);
   }
   return grpc::SslCredentials(ssl);
 }

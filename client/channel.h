@@ -42,7 +42,8 @@ struct TlsOptions {
 };
 
 // Plaintext credentials, or TLS ones built from the files named in `tls` (read here, once).
-// INVALID_ARGUMENT names the option whose file is missing, unreadable or not PEM.
+// INVALID_ARGUMENT names the option whose file is missing, unreadable, empty, larger than
+// 1 MiB or not PEM.
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const TlsOptions& tls);
 
 struct ChannelOptions {

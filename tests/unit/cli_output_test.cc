@@ -128,6 +128,47 @@ TEST(CliChannelTest, CredentialsRejectFilesThatAreNotPem) {
   EXPECT_EQ(out.str(), "");
 }
 
+TEST(CliChannelTest, CredentialsRefuseFilesLargerThanOneMiB) {
+  // A certificate or key is a few KiB; a mistaken path such as /dev/zero must not grow the
+  // CLI's memory without bound. At the limit a file is still read.
+  const std::string pem_head = "-----BEGIN CERTIFICATE-----\n";
+  const std::string at_limit = ::testing::TempDir() + "/cli_output_test_1mib.pem";
+  const std::string over_limit = ::testing::TempDir() + "/cli_output_test_1mib_plus_1.pem";
+  {
+    std::ofstream out(at_limit, std::ios::binary);
+    out << pem_head << std::string((1 << 20) - pem_head.size(), 'A');
+  }
+  {
+    std::ofstream out(over_limit, std::ios::binary);
+    out << pem_head << std::string((1 << 20) - pem_head.size() + 1, 'A');
+  }
+  TlsOptions tls;
+  tls.enabled = true;
+  tls.ca_file = at_limit;
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = MakeCredentials(tls);
+  EXPECT_TRUE(creds.ok()) << creds.status();
+
+  tls.ca_file = over_limit;
+  creds = MakeCredentials(tls);
+  // ASSERT: without the cap, the /dev/zero reads below would not end.
+  ASSERT_EQ(creds.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("--ca-file"));
+  EXPECT_THAT(std::string(creds.status().message()), HasSubstr("larger than 1 MiB"));
+
+  for (const auto& [flag, file] : {std::pair<std::string, std::string*>{"--ca-file", &tls.ca_file},
+                                   {"--cert-file", &tls.cert_file},
+                                   {"--key-file", &tls.key_file}}) {
+    tls.ca_file = at_limit;
+    tls.cert_file = at_limit;
+    tls.key_file = at_limit;
+    *file = "/dev/zero";
+    creds = MakeCredentials(tls);
+    EXPECT_EQ(creds.status().code(), absl::StatusCode::kInvalidArgument) << flag;
+    EXPECT_THAT(std::string(creds.status().message()), HasSubstr(flag + ": '/dev/zero'"));
+    EXPECT_THAT(std::string(creds.status().message()), HasSubstr("larger than 1 MiB"));
+  }
+}
+
 TEST(CliOutputTest, EscapeForTerminal) {
   EXPECT_EQ(EscapeForTerminal("plain text, 1=2"), "plain text, 1=2");
   EXPECT_EQ(EscapeForTerminal("a\nb\r\tc\\d"), "a\\nb\\r\\tc\\\\d");
