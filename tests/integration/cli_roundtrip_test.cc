@@ -270,6 +270,26 @@ TEST_F(CliRoundTripTest, LedgerLifecycle) {
   EXPECT_EQ(r.exit_code, 7) << r.output;
 }
 
+// The load generator's sessions must suit any server: one whose SESSION_MAX_LIFETIME_SECONDS
+// is below a TTL the generator picked itself refused every session it asked for.
+TEST(CliBenchTest, RunsAgainstAServerWithShortLifetimes) {
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["SESSION_MAX_LIFETIME_SECONDS"] = "300";
+  options.env["SESSION_TTL_SECONDS"] = "300";
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  for (const char* rpc : {"get-session", "create-session"}) {
+    absl::StatusOr<CommandResult> r =
+        RunCommand({SL_CLI_BINARY, "--target", (*server)->target(), "--json", "bench", "--rpc", rpc,
+                    "--concurrency", "2", "--requests", "20", "--no-progress"},
+                   {}, absl::Seconds(60));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->exit_code, 0) << rpc << ": " << r->output;
+    EXPECT_THAT(r->output, HasSubstr("\"errors\":{}")) << rpc << ": " << r->output;
+  }
+}
+
 TEST_F(CliRoundTripTest, BenchRunsForOneSecond) {
   for (const char* rpc :
        {"health", "get-session", "create-session", "update-session", "transfer"}) {
