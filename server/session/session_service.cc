@@ -216,8 +216,13 @@ absl::Status SessionService::CheckLive(const SessionLookup& lookup, const Sessio
   return absl::OkStatus();
 }
 
-int SessionService::PruneIndexAt() const {
-  return std::min(kIndexPruneThreshold, options_.limits.max_live_sessions_per_user);
+int SessionService::PruneIndexAt(const UserSessionIndex& index) const {
+  // Amortized: a pruning that kept K entries reads K sessions, and the next one waits for K
+  // more entries. At the per-user limit it must prune, as only pruning tells how many live.
+  const int64_t after_growth =
+      std::max<int64_t>(kIndexPruneThreshold, int64_t{2} * index.kept_when_pruned());
+  return static_cast<int>(
+      std::min<int64_t>(after_growth, options_.limits.max_live_sessions_per_user));
 }
 
 absl::StatusOr<absl::Time> SessionService::AddToIndex(absl::string_view user_tag,
@@ -234,7 +239,7 @@ absl::StatusOr<absl::Time> SessionService::AddToIndex(absl::string_view user_tag
       SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
     }
     const absl::Time now = clock_.Now();
-    if (record.index.entries_size() >= PruneIndexAt()) {
+    if (record.index.entries_size() >= PruneIndexAt(record.index)) {
       // Rare: drop dead entries first (reads the user's sessions once).
       SL_ASSIGN_OR_RETURN(uint64_t generation,
                           store_->ReadGeneration(user_tag, GenerationKeepFor(), deadline));
@@ -302,6 +307,7 @@ absl::Duration SessionService::SessionTtl(const StoredSession& s, absl::Time now
 SessionService::IndexWrite SessionService::IndexWith(const UserSessionIndex& current,
                                                      const StoredSession& session, absl::Time now) {
   IndexWrite write;
+  write.index.set_kept_when_pruned(current.kept_when_pruned());
   int64_t newest = session.absolute_expires_at_unix_micros();
   for (const auto& e : current.entries()) {
     if (FromMicros(e.absolute_expires_at_unix_micros()) <= now) continue;
@@ -365,7 +371,7 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
         }
         const absl::Time now = clock_.Now();
         StampCreated(created->view.stored, user->generation, now);
-        if (user->index.index.entries_size() >= PruneIndexAt()) {
+        if (user->index.index.entries_size() >= PruneIndexAt(user->index.index)) {
           FinishCreateBlocking(created, std::move(user->index), now, deadline, std::move(done));
           return;
         }
@@ -722,7 +728,13 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
     *pruned.add_entries() = entry;
     newest = std::max(newest, entry.absolute_expires_at_unix_micros());
   }
-  if (pruned.entries_size() != record.index.entries_size() && record.cas.has_value()) {
+  pruned.set_kept_when_pruned(pruned.entries_size());
+  // Nothing dropped: written back only where the count moves the next pruning (PruneIndexAt),
+  // so that listing a small index costs no write.
+  const bool count_matters = pruned.entries_size() >= kIndexPruneThreshold / 2 &&
+                             pruned.kept_when_pruned() != record.index.kept_when_pruned();
+  if ((pruned.entries_size() != record.index.entries_size() || count_matters) &&
+      record.cas.has_value()) {
     // Best effort: a conflicting writer's index wins and is pruned another time.
     if (pruned.entries_size() == 0) {
       (void)store_->WriteIndex(user_tag, record.cas, pruned, absl::Seconds(1), deadline);

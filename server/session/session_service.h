@@ -168,8 +168,8 @@ class SessionService {
                                         const storage::v1::StoredSession& session,
                                         std::optional<IndexRecord> already_read, bool replaces_one,
                                         absl::Time deadline);
-  // How many entries an index may have before a new session prunes it first.
-  int PruneIndexAt() const;
+  // How many entries `index` may have before a new session prunes it first.
+  int PruneIndexAt(const storage::v1::UserSessionIndex& index) const;
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
   // revoked; returns the live sessions. Writing the pruned index back is best effort.
   absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(absl::string_view user_id,

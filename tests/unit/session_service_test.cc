@@ -400,9 +400,9 @@ TEST_F(SessionServiceTest, IndexStaysBoundedForAUserWhoNeverLists) {
   // prune threshold, the next CreateSession drops them, and entries past their absolute lifetime
   // go on every write, so the index tracks live sessions, not the user's history.
   std::vector<std::string> tokens;
-  for (int i = 0; i < 300; ++i) tokens.push_back(MustCreate("chatty").token);
-  EXPECT_EQ(store_->IndexSize(UserTag("chatty")), 300u);
-  for (int i = 1; i < 300; ++i) ASSERT_TRUE(service_->Delete(tokens[i], Deadline()).ok());
+  for (int i = 0; i < 256; ++i) tokens.push_back(MustCreate("chatty").token);
+  EXPECT_EQ(store_->IndexSize(UserTag("chatty")), 256u);
+  for (int i = 1; i < 256; ++i) ASSERT_TRUE(service_->Delete(tokens[i], Deadline()).ok());
   clock_.Advance(absl::Seconds(31));  // Past the grace for entries of in-flight creates.
   MustCreate("chatty");
   EXPECT_EQ(store_->IndexSize(UserTag("chatty")), 2u);
@@ -1309,10 +1309,36 @@ TEST_P(CreateAsyncTest, IndexAtThePruneThresholdGoesThroughThePrunePath) {
   EXPECT_EQ(std::count(listed.begin(), listed.end(), v->stored.session_id()), 1);
 }
 
+// A user who keeps hundreds of sessions live (a service account, say) must not make every
+// create read them all: after a pruning that kept K entries, the next waits for K more.
+TEST_P(CreateAsyncTest, PruningIsAmortizedOverTheCreatesAfterIt) {
+  for (int i = 0; i < 256; ++i) MustCreate("service");
+  const int session_reads = store_->Count(Op::kReadSessions);
+  for (int i = 0; i < 255; ++i) ASSERT_TRUE(CreateAsync("service").ok());
+  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 1) << "one pruning, at 256";
+  ASSERT_TRUE(CreateAsync("service").ok());
+  EXPECT_EQ(fake_->IndexSize(UserTag("service")), 512u);  // Twice the 256 the pruning kept.
+  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 1);
+  ASSERT_TRUE(CreateAsync("service").ok());
+  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 2) << "the next pruning, at 512";
+  EXPECT_EQ(ListedIds("service").size(), 513u);
+}
+
+// The per-user limit still holds exactly: an index that reaches it is pruned whatever the last
+// pruning kept, and a user at the limit gets no more.
+TEST_P(CreateAsyncTest, AmortizedPruningStillStopsAtTheLimit) {
+  options_.limits.max_live_sessions_per_user = 300;
+  Restart(1);
+  for (int i = 0; i < 300; ++i) ASSERT_TRUE(CreateAsync("service").ok()) << i;
+  const absl::StatusOr<SessionView> over = CreateAsync("service");
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  EXPECT_EQ(ListedIds("service").size(), 300u);
+}
+
 TEST_P(CreateAsyncTest, PrunePathDropsDeadEntries) {
   std::vector<SessionView> sessions;
-  for (int i = 0; i < 300; ++i) sessions.push_back(MustCreate("chatty"));
-  for (int i = 1; i < 300; ++i) ASSERT_TRUE(service_->Delete(sessions[i].token, Deadline()).ok());
+  for (int i = 0; i < 256; ++i) sessions.push_back(MustCreate("chatty"));
+  for (int i = 1; i < 256; ++i) ASSERT_TRUE(service_->Delete(sessions[i].token, Deadline()).ok());
   clock_.Advance(absl::Seconds(31));  // Past the grace for entries of in-flight creates.
   absl::StatusOr<SessionView> v = CreateAsync("chatty");
   ASSERT_TRUE(v.ok()) << v.status();
