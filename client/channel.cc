@@ -227,6 +227,9 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
   }
   args.SetServiceConfigJSON(ServiceConfigJson());
   args.SetInt(GRPC_ARG_ENABLE_RETRIES, options.enable_retries ? 1 : 0);
+  // gRPC's default refuses answers above 4 MiB. A user's listing holds up to 4,096 sessions
+  // with up to 64 KiB of attributes each; 64 such sessions already pass 4 MiB.
+  args.SetMaxReceiveMessageSize(-1);
   if (options.connection_index != 0) {
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     // Distinct arguments also keep the global pool from merging connections.

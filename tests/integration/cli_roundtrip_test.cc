@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "sessionledger/v1/session.grpc.pb.h"
 #include "sessionledger/v1/session.pb.h"
 #include "sessionledger/v1/transaction.pb.h"
 #include "tests/support/server_process.h"
@@ -288,6 +289,25 @@ TEST(CliBenchTest, RunsAgainstAServerWithShortLifetimes) {
     EXPECT_EQ(r->exit_code, 0) << rpc << ": " << r->output;
     EXPECT_THAT(r->output, HasSubstr("\"errors\":{}")) << rpc << ": " << r->output;
   }
+}
+
+// A listing can be far larger than gRPC's default 4 MiB limit on an answer: 70 sessions with
+// 60,000 bytes of attributes each are 4.2 MB, and a user may hold 4,096 of 64 KiB.
+TEST_F(CliRoundTripTest, ListsAUserWhoseSessionsPassFourMiB) {
+  const std::string user = UniqueUser("cli-big");
+  auto sessions = v1::SessionService::NewStub(server_->NewChannel());
+  for (int i = 0; i < 70; ++i) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    v1::CreateSessionRequest request;
+    request.set_user_id(user);
+    (*request.mutable_attributes())["blob"] = std::string(60'000, 'x');
+    v1::Session created;
+    ASSERT_TRUE(sessions->CreateSession(&context, request, &created).ok()) << i;
+  }
+  CommandResult r = Cli({"--json", "session", "list", "--user-id", user});
+  ASSERT_EQ(r.exit_code, 0) << r.output.substr(0, 1000);
+  EXPECT_EQ(ParseJson<v1::ListUserSessionsResponse>(r.output).sessions_size(), 70);
 }
 
 TEST_F(CliRoundTripTest, BenchRunsForOneSecond) {
