@@ -8,9 +8,6 @@
 #include <sys/socket.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstdio>
-#include <cstring>
 #include <memory>
 #include <tuple>
 #include <utility>
@@ -21,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "server/common/small_file.h"
 
 namespace sessionledger::client {
 namespace {
@@ -97,27 +95,12 @@ constexpr size_t kMaxPemFileBytes = 1 << 20;
 
 // The contents of the file a TLS option names; INVALID_ARGUMENT names the option.
 absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& path) {
-  std::unique_ptr<FILE, decltype(&std::fclose)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (file == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(flag, ": cannot read '", path, "': ", std::strerror(errno)));
+  absl::StatusOr<std::string> contents = ReadSmallFile(path, kMaxPemFileBytes);
+  if (!contents.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": ", contents.status().message()));
   }
-  std::string contents;
-  char buffer[4096];
-  size_t got;
-  while ((got = std::fread(buffer, 1, sizeof(buffer), file.get())) > 0) {
-    contents.append(buffer, got);
-    if (contents.size() > kMaxPemFileBytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(flag, ": '", path, "' is larger than 1 MiB; not a PEM file"));
-    }
-  }
-  if (std::ferror(file.get())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(flag, ": cannot read '", path, "': ", std::strerror(errno)));
-  }
-  if (contents.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, ": '", path, "' is empty"));
+  if (contents->empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": ", path, " is empty"));
   }
   return contents;
 }

@@ -6,10 +6,7 @@
 #include <openssl/x509.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <iterator>
 #include <limits>
 #include <memory>
@@ -21,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "server/common/small_file.h"
 #include "server/common/status_macros.h"
 
 namespace sessionledger {
@@ -149,22 +147,8 @@ absl::Status LoadDatabase(const Raw& raw, Config& config) {
 constexpr size_t kMaxPemFileBytes = 1 << 20;
 
 absl::StatusOr<std::string> ReadPemFile(absl::string_view variable, const std::string& path) {
-  std::unique_ptr<FILE, decltype(&std::fclose)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (file == nullptr) {
-    return VariableError(variable, absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
-  }
-  std::string contents;
-  char buffer[4096];
-  size_t got;
-  while ((got = std::fread(buffer, 1, sizeof(buffer), file.get())) > 0) {
-    contents.append(buffer, got);
-    if (contents.size() > kMaxPemFileBytes) {
-      return VariableError(variable, absl::StrCat(path, " is larger than 1 MiB; not a PEM file"));
-    }
-  }
-  if (std::ferror(file.get())) {
-    return VariableError(variable, absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
-  }
+  absl::StatusOr<std::string> contents = ReadSmallFile(path, kMaxPemFileBytes);
+  if (!contents.ok()) return VariableError(variable, contents.status().message());
   return contents;
 }
 
