@@ -15,8 +15,10 @@
 #include <random>
 #include <set>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/common/clock.h"
@@ -77,18 +79,22 @@ class LedgerPgStoreTest : public ::testing::Test {
     users_[token] = user;
     return token;
   }
-  // A session of its own holding `account_id`'s row lock (FOR UPDATE, in an open transaction)
-  // until it rolls back or closes.
-  absl::StatusOr<PgConnection> LockAccountRow(const std::string& account_id) {
+  // A session of its own holding the row locks of `account_ids` (FOR UPDATE, in an open
+  // transaction) until it rolls back or closes.
+  absl::StatusOr<PgConnection> LockAccountRows(const std::vector<std::string>& account_ids) {
     absl::StatusOr<PgConnection> holder =
         PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
     if (!holder.ok()) return holder.status();
     SL_RETURN_IF_ERROR(holder->ExecSimple("BEGIN", Soon()).status());
-    SL_RETURN_IF_ERROR(holder
-                           ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
-                                  {account_id}, Soon())
-                           .status());
+    SL_RETURN_IF_ERROR(
+        holder
+            ->Exec("SELECT 1 FROM accounts WHERE account_id = ANY($1::uuid[]) FOR UPDATE",
+                   {absl::StrCat("{", absl::StrJoin(account_ids, ","), "}")}, Soon())
+            .status());
     return holder;
+  }
+  absl::StatusOr<PgConnection> LockAccountRow(const std::string& account_id) {
+    return LockAccountRows({account_id});
   }
 
   Account Open(const std::string& token, const std::string& currency = "EUR") {
@@ -419,6 +425,21 @@ TEST_F(LedgerPgStoreTest, PostgresDownIsUnavailableAndRecoversWithoutRestart) {
   EXPECT_TRUE(up.ok()) << up.status();
   EXPECT_EQ(Balance(alice, a.account_id), 5);
 }
+
+// Threads a test starts, joined when the test ends (before the stores and the results they
+// write go away, even when an assertion returns early) or when it says so.
+class TestThreads {
+ public:
+  ~TestThreads() { JoinAll(); }
+  void Start(std::function<void()> work) { threads_.emplace_back(std::move(work)); }
+  void JoinAll() {
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+
+ private:
+  std::vector<std::thread> threads_;
+};
 
 // The batching path of PgLedgerStore, on a store whose pool has one connection, so that it runs
 // at most one batch at a time: while a "gate" movement holds that slot (waiting on a row lock
@@ -803,32 +824,22 @@ TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
   const Account held = Open(alice);
   const Account gate = Open(alice);
   ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1000, "fund"}, Soon()).ok());
-  absl::StatusOr<PgConnection> blocker = LockAccountRow(gate.account_id);
+  absl::StatusOr<PgConnection> blocker = LockAccountRows({gate.account_id, held.account_id});
   ASSERT_TRUE(blocker.ok()) << blocker.status();
-  ASSERT_TRUE(blocker
-                  ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
-                         {held.account_id}, Soon())
-                  .ok());
   const absl::Time start = absl::Now();
   const absl::Time deadline = start + absl::Seconds(6);
   absl::StatusOr<Transaction> gated = absl::UnknownError("not run");
   absl::StatusOr<Transaction> stuck = absl::UnknownError("not run");
   std::vector<absl::StatusOr<Transaction>> free(3, absl::UnknownError("not run"));
   std::vector<absl::Time> finished(3, absl::InfiniteFuture());
-  std::vector<std::thread> threads;
-  struct JoinOnExit {
-    std::vector<std::thread>& threads;
-    ~JoinOnExit() {
-      for (auto& t : threads) t.join();
-    }
-  } join_on_exit{threads};
+  TestThreads threads;
   // The only batch slot, taken until its deadline (a second) passes; meanwhile the others queue.
-  threads.emplace_back([&] {
+  threads.Start([&] {
     gated = ledger.Deposit(alice, {gate.account_id, 1, "gate"}, start + absl::Seconds(1));
   });
   WaitUntilBlockedBy(*blocker, 1);
   const auto queue = [&](int queued, std::function<void()> call) {
-    threads.emplace_back(std::move(call));
+    threads.Start(std::move(call));
     const absl::Time give_up = Soon();
     while (store.queued_movements() < queued) {
       ASSERT_LT(absl::Now(), give_up) << "the movement did not queue";
@@ -850,8 +861,7 @@ TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
     absl::SleepFor(absl::Milliseconds(5));
   }
   ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
-  for (auto& t : threads) t.join();
-  threads.clear();
+  threads.JoinAll();
   EXPECT_EQ(gated.status().code(), absl::StatusCode::kUnavailable) << gated.status();
   EXPECT_TRUE(stuck.ok()) << stuck.status();
   for (int i = 0; i < 3; ++i) {
@@ -883,36 +893,19 @@ TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue)
   const Account a = Open(alice);
   const Account b = Open(alice);
   ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 1000, "fund"}, Soon()).ok());
-  absl::StatusOr<PgConnection> blocker = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
-  ASSERT_TRUE(blocker.ok());
-  ASSERT_TRUE(blocker->ExecSimple("BEGIN", Soon()).ok());
-  ASSERT_TRUE(
-      blocker
-          ->Exec("SELECT 1 FROM accounts WHERE account_id IN ($1::uuid, $2::uuid) FOR UPDATE",
-                 {held.account_id, held2.account_id}, Soon())
-          .ok());
+  absl::StatusOr<PgConnection> blocker = LockAccountRows({held.account_id, held2.account_id});
+  ASSERT_TRUE(blocker.ok()) << blocker.status();
   absl::StatusOr<Transaction> stuck = absl::UnknownError("not run");
   absl::StatusOr<Transaction> stuck2 = absl::UnknownError("not run");
   std::atomic<int> done{0};
   std::vector<absl::StatusOr<Transaction>> r(2, absl::UnknownError("not run"));
-  // Joined before the store and the results above go away, even when an assertion returns.
-  std::vector<std::thread> threads;
-  struct JoinOnExit {
-    std::vector<std::thread>& threads;
-    ~JoinOnExit() {
-      for (auto& t : threads) t.join();
-    }
-  } join_on_exit{threads};
-  threads.emplace_back([&] {
-    stuck = ledger.Deposit(alice, {held.account_id, 1, "stuck"}, Soon());
-  });
+  TestThreads threads;
+  threads.Start([&] { stuck = ledger.Deposit(alice, {held.account_id, 1, "stuck"}, Soon()); });
   WaitUntilBlockedBy(*blocker, 1);
-  threads.emplace_back([&] {
-    stuck2 = ledger.Deposit(alice, {held2.account_id, 1, "stuck2"}, Soon());
-  });
+  threads.Start([&] { stuck2 = ledger.Deposit(alice, {held2.account_id, 1, "stuck2"}, Soon()); });
   WaitUntilBlockedBy(*blocker, 2);  // Both eager batches are stuck.
   auto transfer = [&](int i) {
-    threads.emplace_back([&, i] {
+    threads.Start([&, i] {
       r[i] = ledger.Transfer(alice, {a.account_id, b.account_id, 10, absl::StrCat("t", i)}, Soon());
       ++done;
     });
@@ -937,8 +930,7 @@ TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue)
   EXPECT_EQ(store.batches(), 1);
   EXPECT_EQ(store.batched_movements(), 2);
   ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
-  for (auto& t : threads) t.join();
-  threads.clear();
+  threads.JoinAll();
   EXPECT_TRUE(stuck.ok()) << stuck.status();  // Through once the locks went.
   EXPECT_TRUE(stuck2.ok()) << stuck2.status();
 }
