@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <functional>
@@ -831,7 +832,8 @@ TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
   absl::StatusOr<Transaction> gated = absl::UnknownError("not run");
   absl::StatusOr<Transaction> stuck = absl::UnknownError("not run");
   std::vector<absl::StatusOr<Transaction>> free(3, absl::UnknownError("not run"));
-  std::vector<absl::Time> finished(3, absl::InfiniteFuture());
+  // When each free transfer finished (Unix nanoseconds; 0 while it runs), read while they run.
+  std::vector<std::atomic<int64_t>> finished(3);
   TestThreads threads;
   // The only batch slot, taken until its deadline (a second) passes; meanwhile the others queue.
   threads.Start([&] {
@@ -851,12 +853,12 @@ TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
     queue(i + 2, [&, i] {
       free[i] = ledger.Transfer(alice, {a.account_id, b.account_id, 100, absl::StrCat("free", i)},
                                 deadline);
-      finished[i] = absl::Now();
+      finished[i].store(absl::ToUnixNanos(absl::Now()));
     });
   }
   // Then let the stuck deposit through: alone, it waits on its account with time to spare.
   const absl::Time give_up = Soon();
-  while (std::count(finished.begin(), finished.end(), absl::InfiniteFuture()) > 0 &&
+  while (std::any_of(finished.begin(), finished.end(), [](auto& t) { return t.load() == 0; }) &&
          absl::Now() < give_up) {
     absl::SleepFor(absl::Milliseconds(5));
   }
@@ -868,8 +870,9 @@ TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
     EXPECT_TRUE(free[i].ok()) << free[i].status();
     // The batch started when the gate gave up, ~0.8 s in, with ~5 s of budget: its lock may
     // wait a quarter of that, so these finish ~2 s in; with the whole budget, ~5.8 s in.
-    EXPECT_LT(finished[i], start + absl::Seconds(4))
-        << "free transfer " << i << " waited " << (finished[i] - start)
+    const absl::Time finished_at = absl::FromUnixNanos(finished[i].load());
+    EXPECT_LT(finished_at, start + absl::Seconds(4))
+        << "free transfer " << i << " waited " << (finished_at - start)
         << " for an account it does not use";
   }
   EXPECT_EQ(store.batch_fallbacks(), 1);
