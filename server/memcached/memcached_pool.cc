@@ -167,22 +167,43 @@ MemcachedPool::Lease::~Lease() {
   if (handle_ != nullptr) {
     memcached_pool_release(owner_->pool_, handle_);
     owner_->leased_.fetch_sub(1, std::memory_order_relaxed);
+    owner_->ReturnSlot();
   }
 }
 
+bool MemcachedPool::TakeSlot(SteadyTime give_up) {
+  std::unique_lock<std::mutex> lock(slots_mu_);
+  if (!slot_returned_.wait_until(lock, give_up, [this] { return free_slots_ > 0; })) return false;
+  --free_slots_;
+  return true;
+}
+
+void MemcachedPool::ReturnSlot() {
+  {
+    std::lock_guard<std::mutex> lock(slots_mu_);
+    ++free_slots_;
+  }
+  slot_returned_.notify_one();
+}
+
 absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(absl::Time deadline) {
-  const absl::Duration budget = deadline - absl::Now();
-  if (budget <= absl::ZeroDuration()) {
+  if (deadline <= absl::Now()) {
     return absl::UnavailableError("memcached: deadline passed before a connection was free");
   }
-  timespec wait = absl::ToTimespec(budget);
-  memcached_return_t rc = MEMCACHED_SUCCESS;
-  memcached_st* handle = memcached_pool_fetch(pool_, &wait, &rc);
-  if (handle == nullptr) {
+  if (!TakeSlot(SteadyDeadline(deadline))) {
     exhausted_.fetch_add(1, std::memory_order_relaxed);
     return absl::UnavailableError(
         absl::StrCat("memcached: no pooled connection free within the deadline (pool size ",
                      options_.size, ")"));
+  }
+  // A slot is ours, so a handle is free or may be created: no wait.
+  timespec no_wait{0, 0};
+  memcached_return_t rc = MEMCACHED_SUCCESS;
+  memcached_st* handle = memcached_pool_fetch(pool_, &no_wait, &rc);
+  if (handle == nullptr) {
+    ReturnSlot();
+    return absl::UnavailableError(
+        absl::StrCat("memcached: no pooled connection: ", memcached_strerror(nullptr, rc)));
   }
   SetIoTimeouts(handle, deadline - absl::Now(), options_);
   leased_.fetch_add(1, std::memory_order_relaxed);

@@ -5,6 +5,7 @@
 #include <libmemcached/util.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -107,13 +108,26 @@ class MemcachedPool {
       : options_(std::move(options)),
         master_(master),
         pool_(pool),
+        free_slots_(options_.size),
         pipeline_(std::move(pipeline)),
         placement_(placement),
         stalled_until_(new std::atomic<int64_t>[options_.url.nodes.size()]()) {}
 
+  // Takes one of the pool's `size` handles, waiting until `give_up` (steady) at most.
+  bool TakeSlot(SteadyTime give_up);
+  void ReturnSlot();
+
   const MemcachedPoolOptions options_;
   memcached_st* master_;  // Template the pool clones; owned.
   memcached_pool_st* pool_;
+  // The wait for a free handle is ours, not libmemcachedutil's: its memcached_pool_fetch times
+  // a wait on the wall clock from time(NULL), whole seconds, so a wait of under a second ended
+  // at once more often than not (and one woken by a returned handle it then lost to another
+  // waiter started over with its whole budget). A slot is taken here first; the fetch that
+  // follows then never waits.
+  std::mutex slots_mu_;
+  std::condition_variable slot_returned_;
+  int free_slots_;  // Guarded by slots_mu_.
   std::unique_ptr<MemcachedPipeline> pipeline_;
   mutable std::mutex placement_mu_;
   // A clone of master_ that only hashes keys to nodes (never connects); owned; used under

@@ -753,6 +753,47 @@ TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
       << "still stalled after its retry time";
 }
 
+// A caller waits for a pooled handle until its deadline, wherever in a second of the wall clock
+// it starts. libmemcachedutil's own wait ended at time(NULL) + the budget's whole seconds (plus
+// its nanoseconds): a 300 ms wait begun in the last 700 ms of a second gave up at once.
+TEST(MemcachedPoolTest, WaitsForAFreeHandleUntilItsDeadline) {
+  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL"));
+  ASSERT_TRUE(url.ok()) << url.status();
+  MemcachedPoolOptions options;
+  options.url = *url;
+  options.size = 1;
+  options.pipeline = false;
+  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  // Starts each wait 850 ms into a second of the wall clock.
+  const auto late_in_a_second = [] {
+    const int64_t into = absl::ToUnixMillis(absl::Now()) % 1000;
+    absl::SleepFor(absl::Milliseconds((1850 - into) % 1000));
+  };
+
+  std::optional<MemcachedPool::Lease> held;
+  {
+    absl::StatusOr<MemcachedPool::Lease> lease = (*pool)->Acquire(absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    held.emplace(*std::move(lease));
+  }
+  late_in_a_second();
+  absl::Time began = absl::Now();
+  absl::StatusOr<MemcachedPool::Lease> none = (*pool)->Acquire(began + absl::Milliseconds(300));
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable) << none.status();
+  EXPECT_GE(absl::Now() - began, absl::Milliseconds(290)) << "gave up before its deadline";
+
+  late_in_a_second();
+  began = absl::Now();
+  std::thread release([&] {
+    absl::SleepFor(absl::Milliseconds(100));
+    held.reset();
+  });
+  absl::StatusOr<MemcachedPool::Lease> next = (*pool)->Acquire(began + absl::Milliseconds(300));
+  release.join();
+  EXPECT_TRUE(next.ok()) << "the handle came back 100 ms into a 300 ms wait: " << next.status();
+}
+
 TEST_F(SessionStoreTest, ThirtyDayTtlIsRelativeAndLongerIsRejected) {
   Open("MEMCACHED_URL");
   storage::v1::StoredSession s;
