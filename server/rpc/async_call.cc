@@ -56,7 +56,12 @@ void AsyncCallQueues::TakeAnswers(bool everything) {
         grpc::CompletionQueue::GOT_EVENT) {
       return;
     }
-    expected_answers_.fetch_sub(1, std::memory_order_relaxed);
+    // Never below zero: a sweep may take a completion nobody announced, and counting it would
+    // make the next announced answer wait for a sweep instead of the next arrival.
+    int64_t expected = expected_answers_.load(std::memory_order_relaxed);
+    while (expected > 0 && !expected_answers_.compare_exchange_weak(expected, expected - 1,
+                                                                    std::memory_order_relaxed)) {
+    }
     Received(tag)->Proceed(ok);
   }
 }

@@ -138,10 +138,18 @@ TEST_F(AsyncCallQueuesTest, AnIdleServerTakesItsAnswersWithinTheSweep) {
 // Completions nobody announced (gRPC's own, which AsyncNext consumes itself) still go with
 // the sweep, while the count of expected answers stays right for the ones that follow.
 TEST_F(AsyncCallQueuesTest, TheSweepAlsoTakesCompletionsThatWereNotExpected) {
-  Start(absl::Milliseconds(50));
+  Start(absl::Seconds(1));
   RecordingCall& unannounced = NewCall();
   CompleteNow(queues_->answers(), unannounced);
   ASSERT_TRUE(unannounced.WaitFor(absl::Seconds(5)));
+  // A sweep just ran and the next is a second away: an announced answer must go with the next
+  // arrival, as if the unannounced completion had never been.
+  RecordingCall& answer = CompleteAnswer();
+  RecordingCall& arrival = NewCall();
+  CompleteNow(queues_->arrivals(), arrival);
+  ASSERT_TRUE(arrival.WaitFor(absl::Seconds(5)));
+  EXPECT_TRUE(answer.WaitFor(absl::Milliseconds(500)))
+      << "the answer waited for the sweep: the unannounced completion was counted";
 }
 
 TEST_F(AsyncCallQueuesTest, ShutdownHandsOverWhatIsLeftAndReturns) {
