@@ -577,6 +577,16 @@ void MemcachedPipeline::Run() {
              absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer for ",
                                                  absl::FormatDuration(options_.io_timeout))),
              true, now);
+      } else if (!node.in_flight.empty() &&
+                 now - node.in_flight.front()->started >= ToSteadyDuration(options_.io_timeout)) {
+        // Still answering, but slower than it is asked: every byte counts as progress, yet
+        // the backlog (kept in order, given up or not) would grow without bound, and every new
+        // request would wait behind requests nobody waits for any more.
+        Drop(node,
+             absl::UnavailableError(absl::StrCat(
+                 "memcached ", node.label, ": a request unanswered for ",
+                 absl::FormatDuration(options_.io_timeout), " (answering too slowly)")),
+             true, now);
       } else {
         ExpireRequests(node, now);
       }
@@ -590,6 +600,7 @@ SteadyTime MemcachedPipeline::NextTimer(SteadyTime now) const {
     if (node->connecting) next = std::min(next, node->connect_deadline);
     if (node->in_flight.empty()) continue;
     next = std::min(next, node->last_progress + ToSteadyDuration(options_.io_timeout));
+    next = std::min(next, node->in_flight.front()->started + ToSteadyDuration(options_.io_timeout));
     for (const auto& r : node->in_flight) {
       if (!r->answered) next = std::min(next, r->give_up);
     }

@@ -56,8 +56,9 @@ struct MemcachedPipelineOptions {
   // for that node, and those no longer than their deadlines.
   std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> resolve;
   absl::Duration connect_timeout = absl::Milliseconds(500);
-  // A node with requests in flight that sends nothing for this long is declared stalled: its
-  // connection is dropped and every request on it fails.
+  // A node with requests in flight that sends nothing for this long, or leaves its oldest
+  // request unanswered for this long (it still answers, but slower than it is asked), is
+  // declared stalled: its connection is dropped and every request on it fails.
   absl::Duration io_timeout = absl::Seconds(2);
   // After a node could not be reached (connect timed out or failed other than by refusal, or
   // it stalled), requests to it fail at once for this long instead of each waiting for a connect

@@ -1713,6 +1713,38 @@ TEST(MemcachedPipelineFailureTest, StoreWithoutReplyFailsByItsDeadlineOrTheIoTim
   EXPECT_TRUE(server.AwaitLines(6, absl::Seconds(1)));
 }
 
+// A node that still answers, but slower than it is asked (swapping, starved of CPU), sends
+// bytes often enough that it never looks silent. Its backlog must not grow without bound behind
+// requests already given up: once its oldest request has waited io_timeout, it is dropped and
+// skipped for a while, like a silent node.
+TEST(MemcachedPipelineFailureTest, ANodeThatAnswersSlowerThanItIsAskedIsDropped) {
+  Script slow{[](const std::string& line) -> std::optional<std::string> {
+    absl::SleepFor(absl::Milliseconds(300));
+    return Serve().reply(line);
+  }};
+  FakeMemcached server({slow});
+  const absl::Duration io_timeout = absl::Seconds(1);
+  std::unique_ptr<MemcachedPipeline> pipeline = StartReader({server.node()}, io_timeout);
+  ASSERT_NE(pipeline, nullptr);
+  // A read every 100 ms, each given up after 200 ms: three times what the node can answer.
+  constexpr int kReads = 30;
+  std::vector<std::string> errors(kReads);
+  std::vector<Notification> answered(kReads);
+  for (int i = 0; i < kReads; ++i) {
+    pipeline->GetAsync(0, {absl::StrCat("k", i)}, Deadline(absl::Milliseconds(200)),
+                       [&errors, &answered, i](absl::StatusOr<MemcachedHits> got) {
+                         errors[i] = got.ok() ? "" : std::string(got.status().message());
+                         answered[i].Notify();
+                       });
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  for (auto& a : answered) ASSERT_TRUE(a.WaitForNotificationWithTimeout(kMargin * 4));
+  const int dropped = static_cast<int>(std::count_if(errors.begin(), errors.end(), [](auto& e) {
+    return absl::StrContains(e, "answering too slowly");
+  }));
+  EXPECT_GT(dropped, 0) << "the slow node was never dropped; its backlog kept growing";
+}
+
 // A store given up at its deadline still gets its reply later, on the same connection; that
 // reply must be skipped, not handed to the store sent after it.
 TEST(MemcachedPipelineFailureTest, LateReplyOfAStoreGivenUpIsNotHandedToTheNextStore) {
