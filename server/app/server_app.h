@@ -57,9 +57,6 @@ class ServerApp {
   SystemClock clock_;
   std::unique_ptr<MemcachedPool> memcached_pool_;
   std::unique_ptr<PgPool> pg_pool_;
-  // After the pools, so destroyed before them: its queued work uses them. Before the services
-  // and the server, so it outlives every call that hands work to it.
-  std::unique_ptr<BlockingExecutor> blocking_;
   // Owned by the TransactionService handlers; read for metrics only.
   const PgLedgerStore* ledger_store_ = nullptr;
   HealthBoard health_board_;
@@ -67,6 +64,10 @@ class ServerApp {
   std::unique_ptr<TokenAuthenticator> authenticator_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   SessionHandlers* session_handlers_ = nullptr;  // One of services_.
+  // After the pools and the services, so destroyed before them: the work it still holds uses
+  // both, and runs before it goes. Before the queues and the server, so it outlives every call
+  // that hands work to it.
+  std::unique_ptr<BlockingExecutor> blocking_;
   std::unique_ptr<HealthMonitor> health_monitor_;
   ServerMetrics metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;

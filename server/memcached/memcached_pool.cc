@@ -143,6 +143,9 @@ absl::StatusOr<std::unique_ptr<MemcachedPool>> MemcachedPool::Create(
 }
 
 MemcachedPool::~MemcachedPool() {
+  // First: its destruction answers the requests still waiting, and their callbacks may still
+  // ask this pool about its nodes.
+  pipeline_.reset();
   memcached_pool_destroy(pool_);
   memcached_free(placement_);
   memcached_free(master_);
