@@ -383,6 +383,7 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightGetSessionFinish) {
   SignalMemcached("-STOP", port_2);
   grpc::Status read_status;
   sessionledger::v1::Session read;
+  const absl::Time call_began = absl::Now();
   std::thread in_flight([&] {
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
@@ -392,12 +393,20 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightGetSessionFinish) {
   });
   absl::SleepFor(absl::Milliseconds(200));
   server->Signal(SIGTERM);
-  // Thawed well within the reader's 2 s I/O timeout, after the server stopped taking calls.
-  absl::SleepFor(absl::Milliseconds(700));
+  // Memcached is thawed only once the server refuses new connections, so that the call really
+  // was in flight across the shutdown and not answered during the notice period; a signal
+  // handled late would otherwise let the test pass without that. The thaw must still come
+  // before the reader's 2 s I/O timeout fails the call: the wait ends 1.7 s after it began.
+  absl::StatusCode after_notice = absl::StatusCode::kOk;
+  PollUntil(call_began + absl::Milliseconds(1700), [&] {
+    after_notice = CheckHealth(server->NewChannel(), "").status().code();
+    return after_notice == absl::StatusCode::kUnavailable;
+  });
   SignalMemcached("-CONT", port_1);
   SignalMemcached("-CONT", port_2);
   in_flight.join();
 
+  EXPECT_EQ(after_notice, absl::StatusCode::kUnavailable) << "not shut down while in flight";
   EXPECT_TRUE(read_status.ok()) << read_status.error_code() << ": " << read_status.error_message();
   EXPECT_EQ(read.session_id(), created.session_id()) << "the in-flight call got its full answer";
   const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(15));
