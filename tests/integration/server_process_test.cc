@@ -254,6 +254,28 @@ void SignalMemcached(const std::string& signal, const std::string& port) {
   ASSERT_EQ(result->exit_code, 0) << "no memcached on port " << port << ": " << result->output;
 }
 
+// Both memcached nodes frozen (SIGSTOP) for its lifetime: connections are still accepted, but
+// nothing is answered. Thawed on destruction, so that a failed assertion in between does not
+// leave them frozen for every test after it.
+class FrozenMemcached {
+ public:
+  FrozenMemcached()
+      : port_1_(RequiredEnv("SL_MEMCACHED_PORT_1")), port_2_(RequiredEnv("SL_MEMCACHED_PORT_2")) {
+    SignalMemcached("-STOP", port_1_);
+    SignalMemcached("-STOP", port_2_);
+  }
+  ~FrozenMemcached() {
+    SignalMemcached("-CONT", port_1_);
+    SignalMemcached("-CONT", port_2_);
+  }
+  FrozenMemcached(const FrozenMemcached&) = delete;
+  FrozenMemcached& operator=(const FrozenMemcached&) = delete;
+
+ private:
+  const std::string port_1_;
+  const std::string port_2_;
+};
+
 TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
   auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "500"}});
   ASSERT_NE(server, nullptr);
@@ -577,30 +599,24 @@ TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {
   const auto create = [&](const std::string& user, std::map<std::string, std::string> attrs,
                           sessionledger::v1::Session* out) {
     grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
     sessionledger::v1::CreateSessionRequest request;
     request.set_user_id(user);
     for (const auto& [k, v] : attrs) (*request.mutable_attributes())[k] = v;
     return sessions->CreateSession(&context, request, out);
   };
-  sessionledger::v1::Session session;
-  grpc::Status status = create("123456789", {}, &session);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(status.error_message(), HasSubstr("user_id"));
-  EXPECT_EQ(create("u", {{"long", "v"}}, &session).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_EQ(create("u", {{"k", "0123456789"}}, &session).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
-  // A fresh 8-byte user per run: idempotency keys are scoped per user, and "abcd" must be
-  // unused.
+  // What is within the limits is accepted, with the backing services answering. A fresh 8-byte
+  // user per run: idempotency keys are scoped per user, and "abcd" must be unused.
   const std::string user =
       absl::StrCat(absl::Hex(absl::ToUnixNanos(absl::Now()) & 0xffffffff, absl::kZeroPad8));
+  sessionledger::v1::Session session;
   ASSERT_TRUE(create(user, {{"abc", "1234567"}}, &session).ok());
-
   auto ledger = sessionledger::v1::TransactionService::NewStub(channel);
   sessionledger::v1::Account account;
   ASSERT_TRUE(OpenEuroAccount(*ledger, session.token(), &account).ok());
   const auto deposit = [&](const std::string& key) {
     grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
     context.AddMetadata("authorization", "Bearer " + session.token());
     sessionledger::v1::DepositRequest request;
     request.set_account_id(account.account_id());
@@ -609,10 +625,28 @@ TEST(ServerProcessTest, ConfiguredInputLimitsApplyBeforeAnyBackingService) {
     sessionledger::v1::Transaction transaction;
     return ledger->Deposit(&context, request, &transaction);
   };
-  status = deposit("abcde");
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(status.error_message(), HasSubstr("idempotency_key"));
   EXPECT_TRUE(deposit("abcd").ok());
+
+  // With memcached frozen, a call that waited for any store round trip would end UNAVAILABLE
+  // (after the 2 s I/O timeout) or past its deadline; INVALID_ARGUMENT can only come from a
+  // check made before. A deposit reaches PostgreSQL only after its token was looked up in
+  // memcached, so its idempotency key is covered as well.
+  const FrozenMemcached frozen;
+  const absl::Time frozen_at = absl::Now();
+  sessionledger::v1::Session refused;
+  grpc::Status status = create("123456789", {}, &refused);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("user_id"));
+  status = create("u", {{"long", "v"}}, &refused);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  status = create("u", {{"k", "0123456789"}}, &refused);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  status = deposit("abcde");
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("idempotency_key"));
+  // A check made after a wait on memcached that ignored its failure would still say
+  // INVALID_ARGUMENT, but only once the I/O timeout had passed.
+  EXPECT_LT(absl::Now() - frozen_at, absl::Seconds(2)) << "a call waited for memcached";
 }
 
 // Starts a server that must refuse to serve: it exits non-zero within 20 s, and its output
