@@ -536,7 +536,8 @@ TEST_F(MemcachedPipelineTest, PassedDeadlineFailsAtOnce) {
   const absl::Time start = absl::Now();
   absl::StatusOr<MemcachedHits> got = reader_->Get(0, {"k"}, start - absl::Seconds(1));
   EXPECT_TRUE(absl::IsUnavailable(got.status())) << got.status();
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(200));
+  // What this guards against is a wait for the node or the 5 s I/O timeout.
+  EXPECT_LT(absl::Now() - start, kMargin);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -796,7 +797,7 @@ TEST_F(MemcachedPipelineTest, InvalidStoresFailWithInvalidArgumentAndSendNothing
   const absl::Time start = absl::Now();
   expect_refused(MemcachedWrite::kSet, key, 0, start - absl::Seconds(1),
                  absl::StatusCode::kUnavailable);
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(200));
+  EXPECT_LT(absl::Now() - start, kMargin);  // Not the 5 s I/O timeout.
 
   EXPECT_EQ(reader_->batches(), batches_before);
   EXPECT_EQ(reader_->batched_requests(), requests_before);
@@ -1282,12 +1283,13 @@ TEST(MemcachedPipelineFailureTest, ASlowNameLookupHoldsUpNoCallerAndNoOtherNode)
   const absl::Time start = absl::Now();
   Pending<MemcachedHits> slow;
   (*reader)->GetAsync(1, {p + "k"}, absl::Now() + absl::Milliseconds(300), slow.Callback());
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(100)) << "the caller waited for the lookup";
+  // A caller held up by the lookup would wait for its 10 s.
+  EXPECT_LT(absl::Now() - start, kMargin) << "the caller waited for the lookup";
   // Meanwhile the other node answers.
   EXPECT_TRUE(HitIs((*reader)->Get(0, {p + "k"}, Deadline()), p + "k", "fast"));
   const AsyncAnswer<MemcachedHits> late = slow.Wait();
   EXPECT_TRUE(absl::IsUnavailable(late.result.status())) << late.result.status();
-  EXPECT_LT(late.at - start, absl::Seconds(1)) << "the read outlived its deadline";
+  EXPECT_LT(late.at - start, absl::Milliseconds(300) + kMargin) << "the read outlived its deadline";
 
   // Once the name resolves, the node is used; it was looked up once.
   lookup_may_finish->Notify();
@@ -1314,7 +1316,7 @@ TEST(MemcachedPipelineFailureTest, DestructionDoesNotWaitForAHungNameLookup) {
   ASSERT_TRUE(lookup_started->WaitForNotificationWithTimeout(absl::Seconds(10)));
   const absl::Time start = absl::Now();
   reader->reset();
-  EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "destruction waited for the lookup";
+  EXPECT_LT(absl::Now() - start, kMargin) << "destruction waited for the lookup";  // Its 30 s.
   const AsyncAnswer<MemcachedHits> answer = waiting.Wait(absl::Seconds(1));
   EXPECT_TRUE(absl::IsUnavailable(answer.result.status())) << answer.result.status();
   lookup_may_finish->Notify();  // The resolver thread ends on its own.
@@ -1331,7 +1333,7 @@ TEST(MemcachedPipelineFailureTest, RefusedConnectionFailsFastAndTheNextReadTries
   for (int i = 0; i < 3; ++i) {
     Timed refused = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
     EXPECT_TRUE(absl::IsUnavailable(refused.result.status())) << refused.result.status();
-    EXPECT_LT(refused.took, absl::Seconds(1)) << "a refused connect must not wait for a timeout";
+    EXPECT_LT(refused.took, kMargin) << "a refused connect must not wait for a timeout";
   }
 
   // Something listens now: the very next read connects (a 60 s back-off would fail it).
