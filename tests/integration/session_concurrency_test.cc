@@ -82,6 +82,14 @@ TEST(SessionConcurrencyReplicatedTest, UnconditionalUpdatesFromTwoServersAllSurv
 TEST_F(SessionConcurrencyTest, ExactlyOneOfTwoSameVersionWritersWins) {
   SessionClient setup(*a_);
   const v1::Session s = setup.MustCreate(absl::StrCat("race-", absl::ToUnixMicros(absl::Now())));
+  // Each writer's channel is connected by a first call before the rounds: a connection opened
+  // after the barrier takes longer than an update, so the two writes would rarely overlap and
+  // the test would pass without compare-and-swap.
+  SessionClient writers[2] = {SessionClient(*a_), SessionClient(*b_)};
+  for (SessionClient& writer : writers) {
+    v1::Session warm;
+    ASSERT_TRUE(writer.Get(s.token(), false, &warm).ok());
+  }
   for (int round = 0; round < 20; ++round) {
     const int64_t version = 1 + round;
     std::atomic<int> ready{0};
@@ -89,7 +97,7 @@ TEST_F(SessionConcurrencyTest, ExactlyOneOfTwoSameVersionWritersWins) {
     std::vector<std::thread> threads;
     for (int w = 0; w < 2; ++w) {
       threads.emplace_back([&, w] {
-        SessionClient client(w == 0 ? *a_ : *b_);
+        SessionClient& client = writers[w];
         ++ready;
         while (ready.load() < 2) {
         }
