@@ -173,16 +173,17 @@ TEST_F(SessionApiTest, MemcachedHoldsHashedKeysAndProtobufValuesOnly) {
 }
 
 TEST_F(SessionApiTest, IdleExpiryAndTouchSliding) {
-  v1::Session s = client_->MustCreate(UniqueUser("erin"), 3);
+  // Every read that must find the session alive has 3 s or more of room to come late in.
+  v1::Session s = client_->MustCreate(UniqueUser("erin"), 7);
   const std::string key = "sl:v1:s:" + Sha256Hex(s.token());
   const absl::Time created = ToTime(s.created_at());
-  SleepUntil(created + absl::Milliseconds(1500));
+  SleepUntil(created + absl::Milliseconds(3500));
   v1::Session touched;
   ASSERT_TRUE(client_->Get(s.token(), true, &touched).ok());
   EXPECT_GT(ToTime(touched.expires_at()), ToTime(s.expires_at()));
   EXPECT_EQ(touched.version(), 1);
-  // Past the first expiry (the touch came at least 1.5 s after creation), alive thanks to it.
-  SleepUntil(ToTime(touched.expires_at()) - absl::Milliseconds(1200));
+  // Past the first expiry (the touch came at least 3.5 s after creation), alive thanks to it.
+  SleepUntil(ToTime(touched.expires_at()) - absl::Milliseconds(3000));
   v1::Session untouched;
   ASSERT_TRUE(client_->Get(s.token(), false, &untouched).ok());
   EXPECT_EQ(ToTime(untouched.expires_at()), ToTime(touched.expires_at()));
@@ -198,13 +199,14 @@ TEST_F(SessionApiTest, IdleExpiryAndTouchSliding) {
 }
 
 TEST_F(SessionApiTest, UpdateCountsAsActivity) {
-  v1::Session s = client_->MustCreate(UniqueUser("frank"), 3);
+  v1::Session s = client_->MustCreate(UniqueUser("frank"), 7);
   const absl::Time created = ToTime(s.created_at());
-  SleepUntil(created + absl::Milliseconds(1500));
+  SleepUntil(created + absl::Milliseconds(3500));
   v1::Session u;
   ASSERT_TRUE(client_->Update(s.token(), {{"k", "v"}}, {}, 0, &u).ok());
-  // Past the creation's expiry; the update's is at least 4.5 s after creation.
-  SleepUntil(created + absl::Milliseconds(3300));
+  // Past the creation's expiry; the update's is at least 10.5 s after creation, so this read
+  // has 3 s of room to come late in.
+  SleepUntil(created + absl::Milliseconds(7500));
   EXPECT_EQ(client_->GetCode(s.token()), grpc::StatusCode::OK);
 }
 
@@ -247,25 +249,25 @@ TEST_F(SessionApiTest, ListAndRevokeAll) {
 
 TEST(SessionLifetimeTest, TouchCannotPassTheAbsoluteLifetime) {
   std::unique_ptr<ServerProcess> server =
-      StartSessionServer({{"SESSION_MAX_LIFETIME_SECONDS", "8"}, {"SESSION_TTL_SECONDS", "4"}});
+      StartSessionServer({{"SESSION_MAX_LIFETIME_SECONDS", "14"}, {"SESSION_TTL_SECONDS", "7"}});
   ASSERT_NE(server, nullptr);
   SessionClient client(*server);
   v1::Session s = client.MustCreate(UniqueUser("ivan"));
-  EXPECT_EQ(s.ttl_seconds(), 4);
+  EXPECT_EQ(s.ttl_seconds(), 7);
   const absl::Time created = ToTime(s.created_at());
-  EXPECT_EQ(ToTime(s.absolute_expires_at()) - created, absl::Seconds(8));
+  EXPECT_EQ(ToTime(s.absolute_expires_at()) - created, absl::Seconds(14));
   v1::Session t;
-  EXPECT_EQ(client.Create("ivan", 9, &t).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  // The first touch slides the expiry and stays inside the lifetime; the second, more than 4 s
+  EXPECT_EQ(client.Create("ivan", 15, &t).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // The first touch slides the expiry and stays inside the lifetime; the second, more than 7 s
   // after creation, would slide past it and is held to it. A call can only come late, and each
-  // has 1.5 s or more of room for that (the first must come before 4 s, the second before the
-  // first's expiry at 6 s or later).
-  SleepUntil(created + absl::Milliseconds(2000));
+  // has 3 s or more of room for that (the first must come before 7 s, the second before the
+  // first's expiry at 10.5 s or later).
+  SleepUntil(created + absl::Milliseconds(3500));
   grpc::Status got = client.Get(s.token(), true, &t);
   ASSERT_TRUE(got.ok()) << got.error_code() << " " << got.error_message();
   EXPECT_GT(ToTime(t.expires_at()), ToTime(s.expires_at()));
   EXPECT_LT(ToTime(t.expires_at()), ToTime(t.absolute_expires_at()));
-  SleepUntil(created + absl::Milliseconds(4500));
+  SleepUntil(created + absl::Milliseconds(7500));
   got = client.Get(s.token(), true, &t);
   ASSERT_TRUE(got.ok()) << got.error_code() << " " << got.error_message();
   EXPECT_EQ(ToTime(t.expires_at()), ToTime(t.absolute_expires_at()));
