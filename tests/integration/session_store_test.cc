@@ -445,9 +445,15 @@ TEST_P(CreateStepsAsyncTest, WritesFallOverToTheCopyThatAnswers) {
   absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL"));
   ASSERT_TRUE(url.ok()) << url.status();
   OpenNodes({DeadNode(), url->nodes.front()}, GetParam());
-  // Eight users: their primary copies fall on both nodes.
-  for (int i = 0; i < 8; ++i) {
+  // Users until both placements were seen: the primary copy on the dead node (the writes fall
+  // over) and on the live one.
+  bool primary_seen[2] = {false, false};
+  for (int i = 0; i < 32 && !(primary_seen[0] && primary_seen[1]); ++i) {
+    SCOPED_TRACE(absl::StrCat("user ", i));
     const SessionKey key = Key(absl::StrCat("failover", i));
+    const int primary = pool_->NodeForGroupKey(key.user_tag);
+    ASSERT_TRUE(primary == 0 || primary == 1) << primary;
+    primary_seen[primary] = true;
     absl::StatusOr<UserState> state = ReadUserStateAsync(key.user_tag);
     ASSERT_TRUE(state.ok()) << state.status();
     const absl::Status indexed = WriteIndexAsync(key.user_tag, state->index.cas, IndexOf({"f"}));
@@ -459,6 +465,7 @@ TEST_P(CreateStepsAsyncTest, WritesFallOverToTheCopyThatAnswers) {
     absl::StatusOr<IndexRecord> index = store_->ReadIndex(key.user_tag, Deadline());
     ASSERT_TRUE(index.ok() && index->index.entries_size() == 1);
   }
+  EXPECT_TRUE(primary_seen[0] && primary_seen[1]);
   EXPECT_GE(pool_->node_failures(), 1);
 }
 
