@@ -28,6 +28,17 @@ namespace {
 
 class SessionStoreTest : public ::testing::Test {
  protected:
+  void TearDown() override {
+    // The store and the pool go first (the pipeline fails whatever still waits): a call
+    // answered again then, or too late for the 20 ms its own check waits, shows up here.
+    store_.reset();
+    pool_.reset();
+    for (size_t i = 0; i < answer_counts_.size(); ++i) {
+      EXPECT_EQ(answer_counts_[i]->load(), 1)
+          << "asynchronous call #" << i << " must answer exactly once";
+    }
+  }
+
   void Open(const std::string& url_env, bool pipeline = true) {
     absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv(url_env));
     ASSERT_TRUE(url.ok()) << url.status();
@@ -56,20 +67,28 @@ class SessionStoreTest : public ::testing::Test {
     store_ = std::make_unique<MemcachedSessionStore>(*pool_, 1, &executor_);
   }
 
+  // A count of the answers to one asynchronous call; TearDown checks it is 1. It outlives the
+  // caller's frame, which only the first answer may touch.
+  std::shared_ptr<std::atomic<int>> NewAnswerCount() {
+    answer_counts_.push_back(std::make_shared<std::atomic<int>>(0));
+    return answer_counts_.back();
+  }
+
   // LookupAsync, waited for.
   absl::StatusOr<SessionLookup> LookupAsync(const SessionKey& key) {
     Notification answered;
     absl::StatusOr<SessionLookup> result = absl::InternalError("never answered");
-    int answers = 0;
-    store_->LookupAsync(key, Deadline(), [&](absl::StatusOr<SessionLookup> got) {
+    std::shared_ptr<std::atomic<int>> answers = NewAnswerCount();
+    store_->LookupAsync(key, Deadline(), [&, answers](absl::StatusOr<SessionLookup> got) {
+      if (answers->fetch_add(1) > 0) return;
       result = std::move(got);
-      ++answers;
       answered.Notify();
     });
     answered.WaitForNotification();
-    // A second answer would run after Notify; give it a moment to show up.
+    // A second answer would run after Notify; give it a moment to show up (TearDown looks
+    // again).
     absl::SleepFor(absl::Milliseconds(20));
-    EXPECT_EQ(answers, 1);
+    EXPECT_EQ(answers->load(), 1);
     return result;
   }
 
@@ -82,6 +101,7 @@ class SessionStoreTest : public ::testing::Test {
   BlockingExecutor executor_{2};
   std::unique_ptr<MemcachedPool> pool_;
   std::unique_ptr<MemcachedSessionStore> store_;
+  std::vector<std::shared_ptr<std::atomic<int>>> answer_counts_;
 };
 
 // A loopback port nothing listens on (bound, then released).
@@ -243,18 +263,19 @@ class AsyncStoreTest : public SessionStoreTest, public ::testing::WithParamInter
   Result Await(Start start) {
     Notification answered;
     std::optional<Result> result;
-    std::atomic<int> answers{0};
+    std::shared_ptr<std::atomic<int>> answers = NewAnswerCount();
     const std::thread::id caller = std::this_thread::get_id();
-    start([&](Result got) {
+    start([&, answers](Result got) {
+      if (answers->fetch_add(1) > 0) return;
       result = std::move(got);
       answered_on_ = ThisThreadName();
       answered_at_once_ = std::this_thread::get_id() == caller;
-      answers.fetch_add(1);
       answered.Notify();
     });
     answered.WaitForNotification();
-    absl::SleepFor(absl::Milliseconds(20));  // Room for a second answer to show up.
-    EXPECT_EQ(answers.load(), 1);
+    // Room for a second answer to show up (TearDown looks again).
+    absl::SleepFor(absl::Milliseconds(20));
+    EXPECT_EQ(answers->load(), 1);
     return *std::move(result);
   }
 
