@@ -907,8 +907,10 @@ int64_t Delta(const std::map<std::string, int64_t>& before,
   return (a == after.end() ? 0 : a->second) - (b == before.end() ? 0 : b->second);
 }
 
-// CreateSession's first step: the generation and the index in one multi-get, and for a user
-// who was never revoked no write at all (generation 0 is the absence of the key).
+// CreateSession's first step: the generation and the index, each read once, and for a user
+// who was never revoked no write at all (generation 0 is the absence of the key). Memcached
+// counts a get per key, so its counters cannot tell one multi-get from two gets; the
+// pipeline's can, for the asynchronous form.
 TEST_F(SessionStoreTest, UserStateReadsBothKeysAndKeepsOnlyARealGenerationAlive) {
   Open("MEMCACHED_URL");
   const std::string tag = Key("state").user_tag;
@@ -918,11 +920,33 @@ TEST_F(SessionStoreTest, UserStateReadsBothKeysAndKeepsOnlyARealGenerationAlive)
   ASSERT_TRUE(fresh.ok()) << fresh.status();
   EXPECT_EQ(fresh->generation, 0u);
   EXPECT_FALSE(fresh->index.cas.has_value());
-  EXPECT_EQ(Delta(before, after, "cmd_get"), 2);  // Two keys, read together.
+  EXPECT_EQ(Delta(before, after, "cmd_get"), 2);  // Two keys, one get each.
   EXPECT_EQ(Delta(before, after, "cmd_set"), 0);
   EXPECT_EQ(Delta(before, after, "cmd_touch"), 0);
   EXPECT_FALSE(MemcachedHas(1, MemcachedSessionStore::GenerationKeyName(tag)) ||
                MemcachedHas(2, MemcachedSessionStore::GenerationKeyName(tag)));
+
+  // The asynchronous form sends both keys in one request to the one copy.
+  MemcachedPipeline* pipeline = pool_->pipeline();
+  ASSERT_NE(pipeline, nullptr);
+  const int64_t requests_before = pipeline->batched_requests();
+  before = CommandCounts();
+  Notification answered;
+  absl::StatusOr<UserState> async_fresh = absl::InternalError("never answered");
+  std::shared_ptr<std::atomic<int>> answers = NewAnswerCount();
+  store_->ReadUserStateAsync(Key("state-async").user_tag, absl::Seconds(60), Deadline(),
+                             [&, answers](absl::StatusOr<UserState> got) {
+                               if (answers->fetch_add(1) > 0) return;
+                               async_fresh = std::move(got);
+                               answered.Notify();
+                             });
+  answered.WaitForNotification();
+  after = CommandCounts();
+  ASSERT_TRUE(async_fresh.ok()) << async_fresh.status();
+  EXPECT_EQ(async_fresh->generation, 0u);
+  EXPECT_EQ(pipeline->batched_requests() - requests_before, 1);
+  EXPECT_EQ(Delta(before, after, "cmd_get"), 2);
+  EXPECT_EQ(Delta(before, after, "cmd_set"), 0);
 
   // The CAS token it returns creates the index; the next read sees it and the generation.
   storage::v1::UserSessionIndex index;
