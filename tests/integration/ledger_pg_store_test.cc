@@ -427,6 +427,19 @@ TEST_F(LedgerPgStoreTest, PostgresDownIsUnavailableAndRecoversWithoutRestart) {
   EXPECT_EQ(Balance(alice, a.account_id), 5);
 }
 
+// A ledger over a store of its own, whose batching a test shapes, on `connections`
+// connections.
+struct BatchingLedger {
+  BatchingLedger(int connections, const PgLedgerStoreOptions& options,
+                 TokenAuthenticator& authenticator)
+      : pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), connections, absl::Seconds(2)}),
+        store(pool, options),
+        ledger(store, authenticator) {}
+  PgPool pool;
+  PgLedgerStore store;
+  LedgerService ledger;
+};
+
 // Threads a test starts, joined when the test ends (before the stores and the results they
 // write go away, even when an assertion returns early) or when it says so.
 class TestThreads {
@@ -811,14 +824,14 @@ TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
 // budget, then each movement runs alone.
 TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
   // One batch at a time, and connections for the movements to run alone side by side.
-  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 5, absl::Seconds(2)});
   PgLedgerStoreOptions options;
   options.max_batch = 4;
   options.max_concurrent_batches = 1;
   options.eager_batches = 1;
   options.parallel_batch_threshold = 100;
-  PgLedgerStore store(pool, options);
-  LedgerService ledger(store, auth_);
+  BatchingLedger shaped(5, options, auth_);
+  PgLedgerStore& store = shaped.store;
+  LedgerService& ledger = shaped.ledger;
   const std::string alice = NewUser("alice");
   const Account a = Open(alice);
   const Account b = Open(alice);
@@ -883,13 +896,13 @@ TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
 
 TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue) {
   // Three batch slots, two of them eager; the third batch starts once 2 movements wait.
-  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 3, absl::Seconds(2)});
   PgLedgerStoreOptions options;
   options.max_batch = 4;
   options.eager_batches = 2;
   options.parallel_batch_threshold = 2;
-  PgLedgerStore store(pool, options);
-  LedgerService ledger(store, auth_);
+  BatchingLedger shaped(3, options, auth_);
+  PgLedgerStore& store = shaped.store;
+  LedgerService& ledger = shaped.ledger;
   const std::string alice = NewUser("alice");
   const Account held = Open(alice);
   const Account held2 = Open(alice);

@@ -745,15 +745,23 @@ INSTANTIATE_TEST_SUITE_P(WritePaths, CompareAndSwapAsyncTest, ::testing::Values(
                          PathName);
 
 // What one handle learns of a stalled node, every handle of the pool knows, for the retry time.
-TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
-  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL_REPLICATED"));
-  ASSERT_TRUE(url.ok()) << url.status();
+// A pool of `size` libmemcached handles (no pipeline) over the nodes of `url_variable`.
+absl::StatusOr<std::unique_ptr<MemcachedPool>> HandlePool(
+    const char* url_variable, int size,
+    absl::Duration retry_after_failure = MemcachedPoolOptions().retry_after_failure) {
+  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv(url_variable));
+  if (!url.ok()) return url.status();
   MemcachedPoolOptions options;
   options.url = *url;
-  options.size = 2;
+  options.size = size;
   options.pipeline = false;
-  options.retry_after_failure = absl::Milliseconds(300);
-  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
+  options.retry_after_failure = retry_after_failure;
+  return MemcachedPool::Create(options);
+}
+
+TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
+  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool =
+      HandlePool("MEMCACHED_URL_REPLICATED", 2, absl::Milliseconds(300));
   ASSERT_TRUE(pool.ok()) << pool.status();
   ASSERT_EQ((*pool)->node_count(), 2);
   EXPECT_FALSE((*pool)->NodeStalled(0, SteadyNow()));
@@ -785,13 +793,7 @@ TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
 // it starts. libmemcachedutil's own wait ended at time(NULL) + the budget's whole seconds (plus
 // its nanoseconds): a 300 ms wait begun in the last 700 ms of a second gave up at once.
 TEST(MemcachedPoolTest, WaitsForAFreeHandleUntilItsDeadline) {
-  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL"));
-  ASSERT_TRUE(url.ok()) << url.status();
-  MemcachedPoolOptions options;
-  options.url = *url;
-  options.size = 1;
-  options.pipeline = false;
-  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
+  absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = HandlePool("MEMCACHED_URL", 1);
   ASSERT_TRUE(pool.ok()) << pool.status();
   // Starts each wait 850 ms into a second of the wall clock.
   const auto late_in_a_second = [] {
