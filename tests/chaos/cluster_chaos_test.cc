@@ -289,6 +289,7 @@ class ClusterChaosTest : public ::testing::Test {
 
     CallCounters& c = client_->counters();
     const int64_t load_calls = c.calls, load_retries = c.retries, load_failures = c.failures;
+    retried_calls_ = c.retried_calls;
     int64_t transfers = 0, sessions = 0;
     for (const Worker& w : workers_) {
       transfers += static_cast<int64_t>(w.transfers.size());
@@ -481,15 +482,22 @@ class ClusterChaosTest : public ::testing::Test {
   std::vector<Worker> workers_;
   std::vector<AccountRef> all_accounts_;
   int64_t sessions_before_fault_ = 0;
+  // Calls of the last scenario's load that needed more than one attempt.
+  int64_t retried_calls_ = 0;
 };
 
-// Each replica in turn is killed without warning and started again on its port: at ~500
-// calls/s over three replicas a kill catches about one call in flight, so three kills give
-// the retry-with-the-same-key path a few calls to prove itself on.
+// Each replica in turn is killed without warning and started again on its port. At ~500
+// calls/s over three replicas a bare kill catches about one call in flight, and in about a
+// third of runs no transfer at all: the retry-with-the-same-key path would then go unproven.
+// So each replica is frozen first, long enough for every worker's next call to wait on it (as
+// on a replica that hangs before it dies): twelve calls in flight over the three kills, a
+// third of them transfers, and the retries are required.
 TEST_F(ClusterChaosTest, KillNineEachReplicaInTurnAndStartItAgain) {
   RunScenario("kill -9 replica", [this] {
     for (int i = 0; i < kReplicas; ++i) {
       const pid_t old_pid = replicas_.at(i).pid();
+      replicas_.at(i).Signal(SIGSTOP);
+      absl::SleepFor(absl::Milliseconds(300));
       replicas_.at(i).Signal(SIGKILL);
       EXPECT_EQ(replicas_.at(i).WaitForExit(absl::Seconds(10)), 128 + SIGKILL);
       // Down for a while, so that calls meet the dead address, then back on the same port.
@@ -499,6 +507,7 @@ TEST_F(ClusterChaosTest, KillNineEachReplicaInTurnAndStartItAgain) {
       absl::SleepFor(absl::Seconds(1));
     }
   });
+  EXPECT_GT(retried_calls_, 0) << "no call was caught in flight by a kill";
 }
 
 TEST_F(ClusterChaosTest, RollingRestartWithSigterm) {
@@ -581,13 +590,18 @@ class ClusterChaosThroughNginxTest : public ClusterChaosTest {
   std::unique_ptr<Nginx> nginx_;
 };
 
+// Frozen first, as in KillNineEachReplicaInTurnAndStartItAgain, so that the kill catches
+// calls that nginx has already passed to the replica.
 TEST_F(ClusterChaosThroughNginxTest, KillNineOneReplicaAndStartItAgain) {
   RunScenario("nginx: kill -9 replica", [this] {
+    replicas_.at(2).Signal(SIGSTOP);
+    absl::SleepFor(absl::Milliseconds(300));
     replicas_.at(2).Signal(SIGKILL);
     EXPECT_EQ(replicas_.at(2).WaitForExit(absl::Seconds(10)), 128 + SIGKILL);
     absl::SleepFor(absl::Seconds(3));
     replicas_.Start(2);
   });
+  EXPECT_GT(retried_calls_, 0) << "no call was caught in flight by the kill";
 }
 
 // DISABLED: fails with 1-2 calls per run answered CANCELLED (not retryable) by the replica
