@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <string>
 
 namespace sessionledger {
@@ -32,21 +33,34 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
       // passed while the request waited) has no request either. Nobody receives this status,
       // but the access log and the metrics do: counting it as INVALID_ARGUMENT would show a
       // burst of bad input where there was an overload. (Only the synchronous API's calls get
-      // here, for which IsCancelled is always safe.)
-      methods->ModifySendStatus(info_->server_context()->IsCancelled()
-                                    ? EndedBeforeItsRequest(*info_->server_context())
-                                    : UnparsableRequest(method_));
+      // here, for which IsCancelled is safe.)
+      const std::optional<grpc::Status> ended =
+          EndedBeforeItsRequest(*info_->server_context(), methods->GetSendStatus());
+      methods->ModifySendStatus(ended.has_value() ? *ended : UnparsableRequest(method_));
     }
     methods->Proceed();
   }
 
  private:
-  static grpc::Status EndedBeforeItsRequest(const grpc::ServerContextBase& context) {
-    const bool deadline_passed = context.deadline() <= std::chrono::system_clock::now();
-    return grpc::Status(
-        deadline_passed ? grpc::StatusCode::DEADLINE_EXCEEDED : grpc::StatusCode::CANCELLED,
-        deadline_passed ? "request: the deadline passed before the request arrived"
-                        : "request: the call was cancelled before the request arrived");
+  // The status of a call that ended before its request arrived, if it did; `answered` is
+  // gRPC's own. gRPC 1.51 answers a request it got no bytes of with "Couldn't initialize byte
+  // buffer reader" (older releases: "No payload"), and one that does not parse with the
+  // message's InitializationErrorString, empty for proto3. IsCancelled alone does not tell:
+  // the cancellation (the caller's, or its deadline's, whichever reached the server first) is
+  // not always visible yet when the handler answers.
+  static std::optional<grpc::Status> EndedBeforeItsRequest(const grpc::ServerContextBase& context,
+                                                           const grpc::Status& answered) {
+    if (context.deadline() <= std::chrono::system_clock::now()) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                          "request: the deadline passed before the request arrived");
+    }
+    const std::string& said = answered.error_message();
+    if (said == "Couldn't initialize byte buffer reader" || said == "No payload" ||
+        context.IsCancelled()) {
+      return grpc::Status(grpc::StatusCode::CANCELLED,
+                          "request: the call ended before the request arrived");
+    }
+    return std::nullopt;
   }
 
   grpc::experimental::ServerRpcInfo* const info_;
