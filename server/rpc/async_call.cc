@@ -31,7 +31,7 @@ void AsyncCallQueues::Run() {
   }
   answers_.Shutdown();
   while (answers_.Next(&tag, &ok)) {
-    expected_answers_.fetch_sub(1, std::memory_order_relaxed);
+    AnswerTaken();
     Received(tag)->Proceed(ok);
   }
 }
@@ -56,13 +56,17 @@ void AsyncCallQueues::TakeAnswers(bool everything) {
         grpc::CompletionQueue::GOT_EVENT) {
       return;
     }
-    // Never below zero: a sweep may take a completion nobody announced, and counting it would
-    // make the next announced answer wait for a sweep instead of the next arrival.
-    int64_t expected = expected_answers_.load(std::memory_order_relaxed);
-    while (expected > 0 && !expected_answers_.compare_exchange_weak(expected, expected - 1,
-                                                                    std::memory_order_relaxed)) {
-    }
+    AnswerTaken();
     Received(tag)->Proceed(ok);
+  }
+}
+
+void AsyncCallQueues::AnswerTaken() {
+  // Never below zero: a sweep may take a completion nobody announced, and counting it would
+  // make the next announced answer wait for a sweep instead of the next arrival.
+  int64_t expected = expected_answers_.load(std::memory_order_relaxed);
+  while (expected > 0 && !expected_answers_.compare_exchange_weak(expected, expected - 1,
+                                                                  std::memory_order_relaxed)) {
   }
 }
 

@@ -70,6 +70,8 @@ class AsyncCallQueues {
   // Takes what has completed on answers_: while answers are expected, or (`everything`) until
   // the queue is empty.
   void TakeAnswers(bool everything);
+  // One completion was taken from answers_: one answer fewer expected.
+  void AnswerTaken();
 
   const std::unique_ptr<grpc::ServerCompletionQueue> arrivals_;
   grpc::CompletionQueue answers_;
