@@ -247,46 +247,14 @@ TEST(ServerProcessTest, SigtermEndsWatchStreamsRefusesNewCallsAndExitsZero) {
   EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << "no new calls";
 }
 
-// Sends `signal` (e.g. "-STOP") to the memcached that scripts/backing-services runs on `port`.
-void SignalMemcached(const std::string& signal, const std::string& port) {
-  auto result = RunCommand({"pkill", signal, "-f", absl::StrCat("memcached .*-p ", port, " ")});
-  ASSERT_TRUE(result.ok());
-  ASSERT_EQ(result->exit_code, 0) << "no memcached on port " << port << ": " << result->output;
-}
-
-// Both memcached nodes frozen (SIGSTOP) for its lifetime: connections are still accepted, but
-// nothing is answered. Thawed on destruction, so that a failed assertion in between does not
-// leave them frozen for every test after it.
-class FrozenMemcached {
- public:
-  FrozenMemcached()
-      : port_1_(RequiredEnv("SL_MEMCACHED_PORT_1")), port_2_(RequiredEnv("SL_MEMCACHED_PORT_2")) {
-    SignalMemcached("-STOP", port_1_);
-    SignalMemcached("-STOP", port_2_);
-  }
-  ~FrozenMemcached() {
-    SignalMemcached("-CONT", port_1_);
-    SignalMemcached("-CONT", port_2_);
-  }
-  FrozenMemcached(const FrozenMemcached&) = delete;
-  FrozenMemcached& operator=(const FrozenMemcached&) = delete;
-
- private:
-  const std::string port_1_;
-  const std::string port_2_;
-};
-
 TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
   auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "500"}});
   ASSERT_NE(server, nullptr);
   auto channel = server->NewChannel();
-  const std::string port_1 = RequiredEnv("SL_MEMCACHED_PORT_1");
-  const std::string port_2 = RequiredEnv("SL_MEMCACHED_PORT_2");
 
   // Memcached frozen: the kernel still accepts connections, but no reply comes until SIGCONT,
   // so CreateSession stays in flight (its I/O timeout is 2 s).
-  SignalMemcached("-STOP", port_1);
-  SignalMemcached("-STOP", port_2);
+  std::optional<FrozenMemcached> frozen(std::in_place);
   grpc::Status slow_status;
   sessionledger::v1::Session created;
   const absl::Time call_began = absl::Now();
@@ -311,8 +279,7 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
     after_notice = CheckHealth(server->NewChannel(), "").status().code();
     return after_notice == absl::StatusCode::kUnavailable;
   });
-  SignalMemcached("-CONT", port_1);
-  SignalMemcached("-CONT", port_2);
+  frozen.reset();
   slow_call.join();
 
   EXPECT_TRUE(not_serving_during_notice);
@@ -351,11 +318,8 @@ TEST(ServerProcessTest, SigtermDuringStartUpExitsAtOnce) {
 TEST(ServerProcessTest, ASecondSigtermEndsTheDrainAtOnce) {
   auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "30"}, {"SHUTDOWN_NOTICE_MS", "0"}});
   ASSERT_NE(server, nullptr);
-  const std::string port_1 = RequiredEnv("SL_MEMCACHED_PORT_1");
-  const std::string port_2 = RequiredEnv("SL_MEMCACHED_PORT_2");
   // A call held in flight (memcached frozen) keeps the drain going.
-  SignalMemcached("-STOP", port_1);
-  SignalMemcached("-STOP", port_2);
+  std::optional<FrozenMemcached> frozen(std::in_place);
   auto channel = server->NewChannel();
   grpc::Status slow_status;
   std::thread slow_call([&] {
@@ -373,8 +337,7 @@ TEST(ServerProcessTest, ASecondSigtermEndsTheDrainAtOnce) {
   const absl::Time again = absl::Now();
   server->Signal(SIGTERM);
   const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(20));
-  SignalMemcached("-CONT", port_1);
-  SignalMemcached("-CONT", port_2);
+  frozen.reset();
   slow_call.join();
   EXPECT_TRUE(draining) << server->Output();
   ASSERT_TRUE(exit_code.has_value());
@@ -399,10 +362,7 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightGetSessionFinish) {
     request.set_user_id("drain-get-user");
     ASSERT_TRUE(stub->CreateSession(&context, request, &created).ok());
   }
-  const std::string port_1 = RequiredEnv("SL_MEMCACHED_PORT_1");
-  const std::string port_2 = RequiredEnv("SL_MEMCACHED_PORT_2");
-  SignalMemcached("-STOP", port_1);
-  SignalMemcached("-STOP", port_2);
+  std::optional<FrozenMemcached> frozen(std::in_place);
   grpc::Status read_status;
   sessionledger::v1::Session read;
   const absl::Time call_began = absl::Now();
@@ -424,8 +384,7 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightGetSessionFinish) {
     after_notice = CheckHealth(server->NewChannel(), "").status().code();
     return after_notice == absl::StatusCode::kUnavailable;
   });
-  SignalMemcached("-CONT", port_1);
-  SignalMemcached("-CONT", port_2);
+  frozen.reset();
   in_flight.join();
 
   EXPECT_EQ(after_notice, absl::StatusCode::kUnavailable) << "not shut down while in flight";

@@ -3,7 +3,6 @@
 #include <openssl/sha.h>
 #include <signal.h>
 
-#include <fstream>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -340,32 +339,6 @@ TEST(SessionOutageTest, MemcachedDownIsUnavailableWithinTheDeadlineAndRecovers) 
   EXPECT_EQ(client.GetCode(out.token()), grpc::StatusCode::OK);
 }
 
-// memcached's pid from the pid file scripts/backing-services keeps.
-pid_t MemcachedPid(int node) {
-  const std::string state = RequiredEnv("SL_STATE_DIR");
-  for (const std::string& dir : {state + "/run", state + "/runtime/run"}) {
-    std::ifstream in(absl::StrCat(dir, "/memcached-", node, ".pid"));
-    pid_t pid = 0;
-    if (in >> pid && pid > 0) return pid;
-  }
-  return 0;
-}
-
-// Freezes a memcached (SIGSTOP) for its lifetime: the node accepts connections but never
-// answers, like a stalled server.
-class Freeze {
- public:
-  explicit Freeze(pid_t pid) : pid_(pid) {
-    if (pid_ > 0) kill(pid_, SIGSTOP);
-  }
-  ~Freeze() {
-    if (pid_ > 0) kill(pid_, SIGCONT);
-  }
-
- private:
-  pid_t pid_;
-};
-
 // A node that stalls (accepts connections, never answers) is what replicas are for: every
 // session method must still work on the other copy within the server's default call timeout
 // (5 s). The blocking methods make several round trips to each copy one after the other; before
@@ -385,9 +358,7 @@ TEST_F(SessionReplicaTest, StallingEitherNodeLeavesEveryMethodWorking) {
                   MemcachedHas(2, SessionKey(s->token())))
           << "a session is not on both nodes before the stall";
     }
-    const pid_t pid = MemcachedPid(node);
-    ASSERT_GT(pid, 0);
-    Freeze frozen(pid);
+    const FrozenMemcached frozen({node});
     client_->set_timeout(absl::Seconds(10));
     v1::Session out;
     grpc::Status st = client_->Get(first.token(), false, &out);
@@ -416,12 +387,8 @@ TEST(SessionOutageTest, ACallerThatGivesUpEarlyDoesNotMarkTheNodeStalled) {
   SessionClient client(*server);
   const std::string user = absl::StrCat("hurry-", absl::ToUnixMicros(absl::Now()));
   client.MustCreate(user);
-  const pid_t pid1 = MemcachedPid(1);
-  const pid_t pid2 = MemcachedPid(2);
-  ASSERT_TRUE(pid1 > 0 && pid2 > 0);
   {
-    Freeze f1(pid1);
-    Freeze f2(pid2);
+    const FrozenMemcached frozen;
     client.set_timeout(absl::Milliseconds(800));  // Shorter than the node's 2 s I/O timeout.
     v1::ListUserSessionsResponse listed;
     // The server answers shortly before the caller's deadline; on a loaded machine that answer
@@ -460,9 +427,7 @@ TEST(SessionOutageTest, ShutdownWaitsForACancelledCallStillWaitingOnMemcached) {
   SessionClient client(*server);
   const v1::Session s =
       client.MustCreate(absl::StrCat("shutdown-cancelled-", absl::ToUnixMicros(absl::Now())));
-  const pid_t pid = MemcachedPid(1);
-  ASSERT_GT(pid, 0);
-  Freeze frozen(pid);
+  const FrozenMemcached frozen({1});
   auto stub = v1::SessionService::NewStub(server->NewChannel());
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
@@ -488,12 +453,8 @@ TEST(SessionOutageTest, StalledMemcachedIsUnavailableWithinTheDeadline) {
   ASSERT_NE(server, nullptr);
   SessionClient client(*server);
   v1::Session s = client.MustCreate("stall-user");
-  const pid_t pid1 = MemcachedPid(1);
-  const pid_t pid2 = MemcachedPid(2);
-  ASSERT_TRUE(pid1 > 0 && pid2 > 0);
   {
-    Freeze f1(pid1);
-    Freeze f2(pid2);
+    const FrozenMemcached frozen;
     // Well over the node's I/O timeout (2 s), at which the server answers: a loaded (or
     // sanitized) machine may take a second more to get there.
     const absl::Duration deadline = absl::Seconds(5);

@@ -10,8 +10,11 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <random>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -145,6 +148,65 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
   while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
   close(fd);
   return response;
+}
+
+pid_t MemcachedPid(int node) {
+  const std::string state = RequiredEnv("SL_STATE_DIR");
+  for (const std::string& dir : {state + "/run", state + "/runtime/run"}) {
+    std::ifstream in(absl::StrCat(dir, "/memcached-", node, ".pid"));
+    pid_t pid = 0;
+    if (in >> pid && pid > 0) return pid;
+  }
+  return 0;
+}
+
+namespace {
+
+// Whether no thread of `pid` can run any more: each is stopped, or gone.
+bool EveryThreadStopped(pid_t pid) {
+  std::error_code error;
+  std::filesystem::directory_iterator tasks(absl::StrCat("/proc/", pid, "/task"), error);
+  if (error) return false;
+  for (const std::filesystem::directory_entry& task : tasks) {
+    std::ifstream stat(task.path() / "stat");
+    std::stringstream text;
+    text << stat.rdbuf();
+    // "tid (comm) S ...": the state follows the last ')', as comm may hold one.
+    const std::string line = text.str();
+    const size_t close = line.rfind(')');
+    if (close == std::string::npos || close + 2 >= line.size()) continue;  // Thread just ended.
+    const char state = line[close + 2];
+    if (state != 'T' && state != 't' && state != 'Z' && state != 'X') return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+FrozenMemcached::FrozenMemcached(std::vector<int> nodes) {
+  for (int node : nodes) {
+    const pid_t pid = MemcachedPid(node);
+    if (pid <= 0) {
+      ADD_FAILURE() << "no pid file for memcached node " << node;
+      continue;
+    }
+    if (kill(pid, SIGSTOP) != 0) {
+      ADD_FAILURE() << "SIGSTOP to memcached node " << node << " (pid " << pid
+                    << "): " << std::strerror(errno);
+      continue;
+    }
+    pids_.push_back(pid);
+  }
+  for (pid_t pid : pids_) {
+    EXPECT_TRUE(PollUntil(
+        absl::Now() + absl::Seconds(10), [pid] { return EveryThreadStopped(pid); },
+        absl::Milliseconds(1)))
+        << "memcached (pid " << pid << ") still has a running thread after SIGSTOP";
+  }
+}
+
+FrozenMemcached::~FrozenMemcached() {
+  for (pid_t pid : pids_) kill(pid, SIGCONT);
 }
 
 bool PollUntil(absl::Time give_up, const std::function<bool()>& done, absl::Duration every) {

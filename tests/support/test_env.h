@@ -63,6 +63,26 @@ int RestartableTcpPort();
 bool PollUntil(absl::Time give_up, const std::function<bool()>& done,
                absl::Duration every = absl::Milliseconds(20));
 
+// The pid of memcached node `node` (1 or 2) that scripts/backing-services runs, from its pid
+// file; 0 when there is none.
+pid_t MemcachedPid(int node);
+
+// Memcached nodes stopped with SIGSTOP for the object's lifetime, like stalled servers: the
+// kernel still accepts connections, but nothing is answered. kill() returns before the stop
+// takes effect, and until every thread of the process has stopped a request can still be
+// answered, so the constructor waits for that (failing the test if it does not come). Continued
+// on destruction, so that a failed assertion does not leave them stopped for later tests.
+class FrozenMemcached {
+ public:
+  explicit FrozenMemcached(std::vector<int> nodes = {1, 2});
+  ~FrozenMemcached();
+  FrozenMemcached(const FrozenMemcached&) = delete;
+  FrozenMemcached& operator=(const FrozenMemcached&) = delete;
+
+ private:
+  std::vector<pid_t> pids_;
+};
+
 // GET http://127.0.0.1:<port><path> with HTTP/1.0; returns status line, headers and body as
 // received. UNAVAILABLE when nothing answers.
 absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
