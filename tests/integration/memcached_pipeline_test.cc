@@ -29,7 +29,6 @@
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
-#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/escaping.h"
@@ -45,6 +44,7 @@
 #include "server/common/notification.h"
 #include "server/common/thread_name.h"
 #include "server/config/config.h"
+#include "tests/support/memcached_pipeline_test_support.h"
 #include "tests/support/test_env.h"
 
 namespace sessionledger::testing {
@@ -52,15 +52,10 @@ namespace {
 
 using std::string_literals::operator""s;
 
-// CI runs this under ASan on two cores: time bounds get this much slack above what they check.
-constexpr absl::Duration kMargin = absl::Milliseconds(1500);
-
 // A run-unique key prefix: memcached keeps what earlier runs wrote.
 std::string Prefix(absl::string_view what) {
   return absl::StrCat("plr:", getpid(), ":", absl::ToUnixMicros(absl::Now()), ":", what, ":");
 }
-
-absl::Time Deadline(absl::Duration d = absl::Seconds(10)) { return absl::Now() + d; }
 
 // ---------------------------------------------------------------------------------------------
 // The real nodes, written and read through libmemcached for reference.
@@ -118,19 +113,6 @@ MemcachedHits Mget(memcached_st* mc, const std::vector<std::string>& keys) {
   return hits;
 }
 
-std::unique_ptr<MemcachedPipeline> StartReader(
-    std::vector<MemcachedNode> nodes, absl::Duration io_timeout = absl::Seconds(5),
-    absl::Duration retry_after_failure = absl::Seconds(1), const Clock* wall_clock = nullptr) {
-  MemcachedPipelineOptions options;
-  options.nodes = std::move(nodes);
-  options.io_timeout = io_timeout;
-  options.retry_after_failure = retry_after_failure;
-  options.wall_clock = wall_clock;
-  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
-  EXPECT_TRUE(reader.ok()) << reader.status();
-  return reader.ok() ? std::move(*reader) : nullptr;
-}
-
 // Hits compared field by field; values are compared without printing them (some are 500 KB).
 ::testing::AssertionResult SameHits(const MemcachedHits& got, const MemcachedHits& want) {
   if (got.size() != want.size()) {
@@ -152,67 +134,6 @@ std::unique_ptr<MemcachedPipeline> StartReader(
   return ::testing::AssertionSuccess();
 }
 
-std::string StoredName(MemcachedStored stored) {
-  switch (stored) {
-    case MemcachedStored::kStored:
-      return "STORED";
-    case MemcachedStored::kNotStored:
-      return "NOT_STORED";
-    case MemcachedStored::kExists:
-      return "EXISTS";
-    case MemcachedStored::kNotFound:
-      return "NOT_FOUND";
-  }
-  return "?";
-}
-
-// Whether a storage command was answered `want` (rather than another reply or an error).
-::testing::AssertionResult IsReply(const absl::StatusOr<MemcachedStored>& got,
-                                   MemcachedStored want) {
-  if (!got.ok()) {
-    return ::testing::AssertionFailure() << got.status() << ", want " << StoredName(want);
-  }
-  if (*got != want) {
-    return ::testing::AssertionFailure() << StoredName(*got) << ", want " << StoredName(want);
-  }
-  return ::testing::AssertionSuccess();
-}
-
-// What an asynchronous call answered, when, and on which thread its callback ran.
-template <typename T>
-struct AsyncAnswer {
-  absl::StatusOr<T> result = absl::DeadlineExceededError("no callback in time");
-  absl::Time at;
-  std::thread::id thread;
-};
-
-// The callback of one asynchronous call, and a wait for it. The state is shared with the
-// callback, so a callback that comes after a timed-out wait writes to nothing freed.
-template <typename T>
-class Pending {
- public:
-  absl::AnyInvocable<void(absl::StatusOr<T>) &&> Callback() const {
-    return [state = state_](absl::StatusOr<T> result) {
-      state->answer.result = std::move(result);
-      state->answer.at = absl::Now();
-      state->answer.thread = std::this_thread::get_id();
-      state->done.Notify();
-    };
-  }
-  // The answer, or DEADLINE_EXCEEDED when no callback ran within `timeout`.
-  AsyncAnswer<T> Wait(absl::Duration timeout = absl::Seconds(30)) const {
-    if (!state_->done.WaitForNotificationWithTimeout(timeout)) return AsyncAnswer<T>{};
-    return state_->answer;
-  }
-
- private:
-  struct State {
-    Notification done;
-    AsyncAnswer<T> answer;
-  };
-  std::shared_ptr<State> state_ = std::make_shared<State>();
-};
-
 AsyncAnswer<MemcachedStored> AwaitStore(MemcachedPipeline& pipeline, int node, MemcachedWrite op,
                                         const std::string& key, absl::string_view value,
                                         uint64_t cas = 0) {
@@ -227,22 +148,6 @@ AsyncAnswer<MemcachedHits> AwaitGet(MemcachedPipeline& pipeline, int node,
   Pending<MemcachedHits> pending;
   pipeline.GetAsync(node, keys, Deadline(absl::Seconds(20)), pending.Callback());
   return pending.Wait();
-}
-
-// Whether `got` is exactly one hit, `key` holding `value`; values are not printed (some are
-// 100 KB).
-::testing::AssertionResult HitIs(const absl::StatusOr<MemcachedHits>& got, const std::string& key,
-                                 const std::string& value) {
-  if (!got.ok()) return ::testing::AssertionFailure() << got.status();
-  if (got->size() != 1 || got->count(key) != 1) {
-    return ::testing::AssertionFailure() << got->size() << " hits, want just " << key;
-  }
-  const std::string& v = got->at(key).value;
-  if (v != value) {
-    return ::testing::AssertionFailure() << key << ": value of " << v.size()
-                                         << " bytes differs (want " << value.size() << " bytes)";
-  }
-  return ::testing::AssertionSuccess();
 }
 
 class MemcachedPipelineTest : public ::testing::Test {
