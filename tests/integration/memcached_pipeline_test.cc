@@ -1,7 +1,7 @@
 // MemcachedPipeline against the real memcached nodes of scripts/backing-services: values, CAS,
 // concurrency, restarts and outages, and a slow name lookup in front of a real node. What a real
 // memcached will not do on demand (refuse, stall, answer garbage, hang up) is driven by a
-// scripted server in the unit test tests/unit/memcached_pipeline_failure_test.cc.
+// scripted server in the unit test tests/service/memcached_pipeline_failure_test.cc.
 #include "server/memcached/memcached_pipeline.h"
 
 #include <arpa/inet.h>
