@@ -135,10 +135,9 @@ class Nginx {
         }
         continue;
       }
-      absl::StrAppend(&conf,
-                      absl::StrReplaceAll(line, {{"@PREFIX@", nginx->dir_},
-                                                 {"@LISTEN_PORT@", absl::StrCat(listen_port)}}),
-                      "\n");
+      // Paths in the template are relative to nginx's prefix (-p below).
+      absl::StrAppend(
+          &conf, absl::StrReplaceAll(line, {{"@LISTEN_PORT@", absl::StrCat(listen_port)}}), "\n");
     }
     const std::string conf_path = nginx->dir_ + "/nginx.conf";
     std::ofstream(conf_path) << conf;

@@ -156,14 +156,16 @@ nginx -t -q -e "$tmp/compose-nginx/error.log" -p "$tmp/compose-nginx/" \
 
 # --- 3. deploy/nginx/cluster.conf.template ---------------------------------------------------
 template=deploy/nginx/cluster.conf.template
-dir=$tmp/cluster
+# scripts/cluster runs nginx in <state dir>/cluster/nginx, under the checkout by default: a
+# checkout's path may hold a space, a quote, a `$` or an `&`, and the config must not care.
+dir="$tmp/cluster dir with \"quotes\" 'and' \$dollar & ampersand"
 mkdir -p "$dir"
 servers=$(for port in 50061 50062 50063; do
   printf '    server 127.0.0.1:%s max_fails=1 fail_timeout=2s;\n' "$port"
 done)
-awk -v prefix="$dir" -v port=50051 -v ups="$servers" '
+awk -v port=50051 -v ups="$servers" '
   /^[ \t]*@UPSTREAMS@[ \t]*$/ { print ups; next }
-  { gsub(/@PREFIX@/, prefix); gsub(/@LISTEN_PORT@/, port); print }' "$template" >"$dir/nginx.conf"
+  { gsub(/@LISTEN_PORT@/, port); print }' "$template" >"$dir/nginx.conf"
 if grep -v '^[[:space:]]*#' "$dir/nginx.conf" | grep -q '@[A-Z_]*@'; then
   fail "$template has a placeholder the documented rendering does not replace"
 fi

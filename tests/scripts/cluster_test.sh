@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# scripts/cluster from a checkout whose path holds a space: start 2 replicas + nginx (and the
+# backing services, in the checkout's default state directory, <checkout>/.local), call Health
+# through the balancer, stop it all. Own ports, own state directory: it shares nothing with the
+# services scripts/test started.
+# Usage: cluster_test.sh REPO_ROOT BUILD_DIR (BUILD_DIR holds server/sessionledger-server)
+set -euo pipefail
+repo_root=$1
+build_dir=$2
+# shellcheck source=tests/scripts/test_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"
+server=$build_dir/server/sessionledger-server
+[[ -x $server ]] || fail "no server binary at $server"
+
+tmp=$(mktemp -d /tmp/sessionledger-cluster-test.XXXXXX)
+# As root the services run as memcache/postgres, who must reach the state directory: without
+# this, backing-services would move its runtime files to a /tmp path without the space.
+chmod 0755 "$tmp"
+checkout="$tmp/a checkout"
+mkdir -p "$checkout/deploy"
+cp -R "$repo_root/scripts" "$checkout/scripts"
+cp -R "$repo_root/deploy/nginx" "$checkout/deploy/nginx"
+cluster=$checkout/scripts/cluster
+
+base=$(free_port_block 6) || fail "found no 6 free ports in a row"
+# scripts/test exports its own services' state directory and ports: not ours.
+unset SL_STATE_DIR SL_CLUSTER_METRICS_BASE_PORT
+export SL_MEMCACHED_PORT_1=$base SL_MEMCACHED_PORT_2=$((base + 1)) SL_POSTGRES_PORT=$((base + 2))
+export SL_CLUSTER_LB_PORT=$((base + 3)) SL_CLUSTER_BASE_PORT=$((base + 4))
+export SL_CLUSTER_BUILD_DIR=$build_dir
+
+cleanup() {
+  local rc=$?
+  if ((rc != 0)); then
+    for log in "$checkout"/.local/cluster/*.log "$checkout"/.local/cluster/nginx/error.log; do
+      [[ -f $log ]] && { echo "--- $log"; tail -n 20 "$log"; } >&2
+    done
+  fi
+  "$cluster" stop >/dev/null 2>&1 || true
+  # A start that failed half-way may have left backing services that `cluster stop` does not
+  # know it started.
+  "$checkout/scripts/backing-services" stop >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+  exit "$rc"
+}
+trap cleanup EXIT
+
+"$cluster" start 2 >"$tmp/env" || fail "scripts/cluster start 2 failed in '$checkout'"
+grep -qxF "export SL_CLUSTER_TARGET='127.0.0.1:$SL_CLUSTER_LB_PORT'" "$tmp/env" ||
+  fail "start printed no SL_CLUSTER_TARGET: $(cat "$tmp/env")"
+"$cluster" status || fail "status reports something down right after start"
+nginx_dir="$checkout/.local/cluster/nginx"
+[[ -s $nginx_dir/nginx.pid ]] || fail "nginx wrote no pid file in '$nginx_dir'"
+PORT=$SL_CLUSTER_LB_PORT "$server" healthcheck >/dev/null ||
+  fail "Health through the balancer on 127.0.0.1:$SL_CLUSTER_LB_PORT failed"
+
+"$cluster" stop || fail "scripts/cluster stop failed"
+if "$cluster" status >/dev/null; then
+  fail "status reports the cluster up after stop"
+fi
+if port_listening "$SL_CLUSTER_LB_PORT" || port_listening "$SL_MEMCACHED_PORT_1" ||
+  port_listening "$SL_POSTGRES_PORT"; then
+  fail "something still listens on the cluster's or the backing services' ports after stop"
+fi
+echo "cluster_test: ok"
