@@ -1,10 +1,52 @@
 # shellcheck shell=bash
-# Steps shared by scripts/run and scripts/test: installing the Debian packages the build, the
-# tests and the backing services need, and configuring/building with CMake.
-# Source this file; it defines functions and SL_REPO_ROOT and runs nothing.
+# Steps shared by the scripts: installing the Debian packages the build, the tests and the
+# backing services need, configuring/building with CMake, and reading paths the caller gave.
+# Source this file before any `cd`; it defines functions, SL_REPO_ROOT and SL_CALLER_DIR, makes
+# a relative SL_STATE_DIR absolute (see below), and runs nothing else.
 
 SL_REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 readonly SL_REPO_ROOT
+# The directory the script was started from. Most scripts cd to SL_REPO_ROOT next, but a
+# relative path a user types (--output out.md, SL_STATE_DIR=state) means one in their own
+# directory, as it does for every other command.
+SL_CALLER_DIR=$PWD
+readonly SL_CALLER_DIR
+
+# sl_abs_path PATH: PATH if absolute, else PATH under SL_CALLER_DIR. Only joins the two: PATH
+# need not exist, and symbolic links are left alone.
+sl_abs_path() {
+  if [[ $1 == /* ]]; then
+    printf '%s\n' "$1"
+  else
+    printf '%s\n' "$SL_CALLER_DIR/$1"
+  fi
+}
+
+# sl_output_file PATH: PATH made absolute (sl_abs_path), once it is known that a file can be
+# written there; otherwise says why and fails. For --output options: a benchmark finds out
+# before it runs for minutes, not after.
+sl_output_file() {
+  local path dir
+  path=$(sl_abs_path "$1")
+  dir=$(dirname -- "$path")
+  if [[ -d $path ]]; then
+    sl_log "cannot write $path: it is a directory"
+    return 1
+  fi
+  if [[ ! -d $dir || ! -w $dir ]]; then
+    sl_log "cannot write $path: $dir is not a writable directory"
+    return 1
+  fi
+  printf '%s\n' "$path"
+}
+
+# scripts/backing-services, which does not cd, reads a relative SL_STATE_DIR against its working
+# directory. Scripts that cd first and then run it (test, run, bench, bench-instructions,
+# cluster) would have it read against the repository instead: fix the meaning here, once.
+if [[ -n ${SL_STATE_DIR-} && $SL_STATE_DIR != /* ]]; then
+  SL_STATE_DIR=$(sl_abs_path "$SL_STATE_DIR")
+  export SL_STATE_DIR
+fi
 
 # Debian 12 packages (see shared/toolchain.md for why each library is there).
 readonly SL_PACKAGES=(
