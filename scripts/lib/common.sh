@@ -110,3 +110,34 @@ sl_build() {
   sl_log "building $build_dir"
   cmake --build "$build_dir" -j"$(nproc)"
 }
+
+# True if something accepts TCP connections on 127.0.0.1:PORT.
+sl_tcp_open() {
+  # shellcheck disable=SC2016 # expanded by the inner shell
+  timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+# sl_port_holder PORT: "NAME (pid PID)" of the process listening on TCP PORT, when `ss` can
+# tell (as root it sees every process, otherwise only the caller's own); nothing otherwise.
+sl_port_holder() {
+  command -v ss >/dev/null 2>&1 || return 0
+  ss -Hltnp "sport = :$1" 2>/dev/null |
+    sed -nE 's/.*users:\(\("([^"]*)",pid=([0-9]+).*/\1 (pid \2)/p' | head -n 1
+}
+
+# sl_free_offset PORT...: prints an offset D, a multiple of 1000, such that every PORT + D is a
+# port (1024..65535) nobody listens on, to suggest a free set of ports that keeps its layout;
+# fails if it finds none. Only a suggestion: a port can be taken between this and its use.
+sl_free_offset() {
+  local d p
+  for d in 10000 20000 30000 1000 2000 3000 4000 5000 -1000 -2000 -3000 -10000; do
+    for p in "$@"; do
+      if ((p + d < 1024 || p + d > 65535)) || sl_tcp_open $((p + d)); then
+        continue 2
+      fi
+    done
+    echo "$d"
+    return 0
+  done
+  return 1
+}

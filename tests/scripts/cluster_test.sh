@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/cluster from a checkout whose path holds a space: start 2 replicas + nginx (and the
 # backing services, in the checkout's default state directory, <checkout>/.local), call Health
-# through the balancer, stop it all. Own ports, own state directory: it shares nothing with the
+# through the balancer, stop it all. Before that, a start whose ports are held by somebody else
+# must start nothing and say so. Own ports, own state directory: it shares nothing with the
 # services scripts/test started.
 # Usage: cluster_test.sh REPO_ROOT BUILD_DIR (BUILD_DIR holds server/sessionledger-server)
 set -euo pipefail
@@ -29,8 +30,10 @@ export SL_MEMCACHED_PORT_1=$base SL_MEMCACHED_PORT_2=$((base + 1)) SL_POSTGRES_P
 export SL_CLUSTER_LB_PORT=$((base + 3)) SL_CLUSTER_BASE_PORT=$((base + 4))
 export SL_CLUSTER_BUILD_DIR=$build_dir
 
+holders=()
 cleanup() {
   local rc=$?
+  release_ports
   if ((rc != 0)); then
     for log in "$checkout"/.local/cluster/*.log "$checkout"/.local/cluster/nginx/error.log; do
       [[ -f $log ]] && { echo "--- $log"; tail -n 20 "$log"; } >&2
@@ -45,6 +48,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# --- Ports held by others: replica 2's and the balancer's -----------------------------------------
+hold_port $((SL_CLUSTER_BASE_PORT + 1))
+hold_port "$SL_CLUSTER_LB_PORT"
+run_capturing_stderr "$cluster" start 2
+((rc == 1)) || fail "start 2 with two of its ports taken: exit $rc, want 1: $err"
+expect_in "$err" "the message" \
+  "127.0.0.1:$((SL_CLUSTER_BASE_PORT + 1)) (SL_CLUSTER_BASE_PORT, for replica 2) is held by" \
+  "127.0.0.1:$SL_CLUSTER_LB_PORT (SL_CLUSTER_LB_PORT, for nginx) is held by" \
+  "not part of this checkout's cluster (state directory $checkout/.local)" \
+  "nothing was started" "SL_STATE_DIR"
+for port in "$SL_CLUSTER_BASE_PORT" "$SL_MEMCACHED_PORT_1" "$SL_POSTGRES_PORT"; do
+  port_listening "$port" && fail "127.0.0.1:$port was started although the cluster could not be"
+done
+for pid in "${holders[@]}"; do
+  kill -0 "$pid" 2>/dev/null || fail "a process holding a port (pid $pid) is gone"
+done
+release_ports
+
+# --- A cluster in a path with a space ---------------------------------------------------------
 "$cluster" start 2 >"$tmp/env" || fail "scripts/cluster start 2 failed in '$checkout'"
 grep -qxF "export SL_CLUSTER_TARGET='127.0.0.1:$SL_CLUSTER_LB_PORT'" "$tmp/env" ||
   fail "start printed no SL_CLUSTER_TARGET: $(cat "$tmp/env")"

@@ -30,22 +30,16 @@ $got
 want
 $want"
 
-# run_script SCRIPT ARGS...: runs it from the caller's directory; its stderr in $err, exit in $rc.
-run_script() {
-  rc=0
-  err=$("$@" 2>&1 >/dev/null) || rc=$?
-}
-
 for script in bench bench-instructions; do
   bin=$repo_root/scripts/$script
   # A relative --output in a directory the caller has (and the repository has not) is accepted;
   # the run then stops at the missing build, named under the caller's directory.
-  run_script "$bin" --no-build --build-dir no-such-build --output out/table.md
+  run_capturing_stderr "$bin" --no-build --build-dir no-such-build --output out/table.md
   ((rc == 1)) || fail "$script --no-build with a missing build: exit $rc, want 1: $err"
   [[ $err == *"missing $tmp/caller/no-such-build/"* ]] ||
     fail "$script did not look for --build-dir no-such-build in the caller's directory: $err"
   # An --output that cannot be written is refused before anything runs, by its full path.
-  run_script "$bin" --no-build --build-dir no-such-build --output no-such-dir/table.md
+  run_capturing_stderr "$bin" --no-build --build-dir no-such-build --output no-such-dir/table.md
   ((rc == 2)) || fail "$script --output into a missing directory: exit $rc, want 2: $err"
   [[ $err == *"cannot write $tmp/caller/no-such-dir/table.md"* ]] ||
     fail "$script did not name the --output path in the caller's directory: $err"
@@ -54,7 +48,7 @@ done
 # bench-instructions --server: the CLI is there (a stub), the relative server is not.
 printf '#!/bin/sh\nexit 1\n' >build/client/sessionledger-cli
 chmod +x build/client/sessionledger-cli
-run_script "$repo_root/scripts/bench-instructions" --no-build --build-dir build --server srv
+run_capturing_stderr "$repo_root/scripts/bench-instructions" --no-build --build-dir build --server srv
 ((rc == 1)) || fail "bench-instructions with a missing --server: exit $rc, want 1: $err"
 [[ $err == *"missing $tmp/caller/srv"* ]] ||
   fail "bench-instructions did not look for --server srv in the caller's directory: $err"

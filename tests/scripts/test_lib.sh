@@ -28,3 +28,50 @@ free_port_block() {
   done
   return 1
 }
+
+# hold_port PORT: starts a listener on 127.0.0.1:PORT, a process of the test's own that stands
+# for "somebody else's service", and appends its pid to the global array `holders`.
+hold_port() {
+  local tries=50
+  python3 -c '
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+time.sleep(3600)' "$1" &
+  holders+=("$!")
+  until port_listening "$1"; do
+    ((--tries > 0)) || fail "could not listen on 127.0.0.1:$1"
+    sleep 0.1
+  done
+}
+
+# Stops the listeners hold_port started (by pid: they are ours).
+release_ports() {
+  local pid
+  for pid in "${holders[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  holders=()
+}
+
+# Runs "$@" with its stderr captured in the global `err` and its exit status in `rc`; stdout is
+# thrown away.
+run_capturing_stderr() {
+  # shellcheck disable=SC2034 # read by the caller
+  rc=0
+  # shellcheck disable=SC2034 # read by the caller
+  err=$("$@" 2>&1 >/dev/null) || rc=$?
+}
+
+# expect_in TEXT WHAT NEEDLE...: fails unless every NEEDLE occurs in TEXT.
+expect_in() {
+  local text=$1 what=$2 needle
+  shift 2
+  for needle in "$@"; do
+    [[ $text == *"$needle"* ]] || fail "$what lacks '$needle':
+$text"
+  done
+}
