@@ -63,6 +63,8 @@ readonly SL_PACKAGES=(
   docker-compose
   # Backing services and their client tools (scripts/backing-services).
   memcached libmemcached-tools postgresql postgresql-contrib
+  # ss, which names the process holding a port the services or the cluster need.
+  iproute2
   # scripts/bench-instructions and its smoke test (callgrind).
   valgrind
 )
