@@ -21,10 +21,13 @@ namespace {
 
 using ::testing::HasSubstr;
 
-std::unique_ptr<ServerProcess> StartServer(std::map<std::string, std::optional<std::string>> env) {
+// With `serve_metrics`, /metrics is served on the server's metrics_port().
+std::unique_ptr<ServerProcess> StartServer(std::map<std::string, std::optional<std::string>> env,
+                                           bool serve_metrics = false) {
   ServerProcess::Options options;
   options.env = BackingServiceEnv();
   for (auto& [k, v] : env) options.env[k] = v;
+  options.serve_metrics = serve_metrics;
   auto server = ServerProcess::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? *std::move(server) : nullptr;
@@ -51,9 +54,9 @@ std::string Scrape(int port) {
 }
 
 TEST(MetricsTest, CountersMoveAfterCallsAndTheFormatParses) {
-  const int metrics_port = FreeTcpPort();
-  auto server = StartServer({{"METRICS_PORT", absl::StrCat(metrics_port)}});
+  auto server = StartServer({}, /*serve_metrics=*/true);
   ASSERT_NE(server, nullptr);
+  const int metrics_port = server->metrics_port();
   auto channel = server->NewChannel();
 
   const std::string before = Scrape(metrics_port);
@@ -110,10 +113,10 @@ TEST(MetricsTest, CountersMoveAfterCallsAndTheFormatParses) {
 }
 
 TEST(MetricsTest, CountsMemcachedNodeFailuresThatReplicasHid) {
-  const int metrics_port = FreeTcpPort();
-  auto server = StartServer({{"METRICS_PORT", absl::StrCat(metrics_port)},
-                             {"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}});
+  auto server = StartServer({{"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}},
+                            /*serve_metrics=*/true);
   ASSERT_NE(server, nullptr);
+  const int metrics_port = server->metrics_port();
   auto sessions = sessionledger::v1::SessionService::NewStub(server->NewChannel());
   sessionledger::v1::Session created;
   {

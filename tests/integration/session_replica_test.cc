@@ -410,14 +410,14 @@ TEST(SessionOutageTest, ACallerThatGivesUpEarlyDoesNotMarkTheNodeStalled) {
 // of exiting 0. (A call timeout above the grace period is allowed, with a warning.)
 TEST(SessionOutageTest, ShutdownWaitsForACancelledCallStillWaitingOnMemcached) {
   // One stalled node, so the call has nowhere else to go.
-  const int metrics_port = FreeTcpPort();
   std::unique_ptr<ServerProcess> server = StartSessionServer(
       {{"MEMCACHED_URL", absl::StrCat("memcached://127.0.0.1:", MemcachedPort(1))},
-       {"METRICS_PORT", absl::StrCat(metrics_port)},
        {"SHUTDOWN_NOTICE_MS", "0"},
        {"SHUTDOWN_GRACE_SECONDS", "1"},
-       {"DEFAULT_CALL_TIMEOUT_MS", "4000"}});
+       {"DEFAULT_CALL_TIMEOUT_MS", "4000"}},
+      /*serve_metrics=*/true);
   ASSERT_NE(server, nullptr);
+  const int metrics_port = server->metrics_port();
   // Whether the server holds exactly one call (the interceptor counts it from its arrival to
   // its answer).
   const auto one_call_in_flight = [&] {

@@ -36,11 +36,13 @@ inline absl::Time ToTime(const google::protobuf::Timestamp& t) {
   return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
 }
 
+// With `serve_metrics`, /metrics is served on the server's metrics_port().
 inline std::unique_ptr<ServerProcess> StartSessionServer(
-    std::map<std::string, std::optional<std::string>> overrides = {}) {
+    std::map<std::string, std::optional<std::string>> overrides = {}, bool serve_metrics = false) {
   ServerProcess::Options options;
   options.env = BackingServiceEnv();
   for (auto& [k, v] : overrides) options.env[k] = v;
+  options.serve_metrics = serve_metrics;
   absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? std::move(*server) : nullptr;

@@ -44,13 +44,17 @@ bool PortAcceptsConnections(int port) {
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options options) {
   // A free port is only free until someone takes it: between FreeTcpPort() and the server's
-  // bind, another test's connection can get it as its local port. The server then refuses to
-  // start, naming PORT; a port chosen here is chosen again.
+  // bind, another test's connection or listener can get it. The server then refuses to start,
+  // naming PORT or METRICS_PORT; a port chosen here is chosen again.
   const bool port_chosen_here = options.env.count("PORT") == 0;
   for (int attempt = 1;; ++attempt) {
     absl::StatusOr<std::unique_ptr<ServerProcess>> process = StartOnce(options);
-    if (process.ok() || !port_chosen_here || attempt == 3 ||
-        !absl::StrContains(process.status().message(), "PORT: cannot listen")) {
+    if (process.ok() || attempt == 3) return process;
+    const absl::string_view why = process.status().message();
+    // "METRICS_PORT: cannot listen" ends in "PORT: cannot listen" too.
+    const bool metrics_port_taken = absl::StrContains(why, "METRICS_PORT: cannot listen");
+    const bool port_taken = !metrics_port_taken && absl::StrContains(why, "PORT: cannot listen");
+    if (!(port_taken && port_chosen_here) && !(metrics_port_taken && options.serve_metrics)) {
       return process;
     }
   }
@@ -58,18 +62,25 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options opti
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::StartOnce(const Options& options) {
   std::unique_ptr<ServerProcess> process(new ServerProcess());
-  // A test that chose METRICS_PORT with FreeTcpPort() has not bound it yet, so the kernel may
-  // offer that same port again here; the server would then refuse two listeners on one port.
-  std::string port;
-  do {
-    port = absl::StrCat(FreeTcpPort());
-  } while (options.env.count("METRICS_PORT") != 0 && options.env.at("METRICS_PORT") == port);
-  std::map<std::string, std::optional<std::string>> overrides = {{"PORT", port},
-                                                                 {"METRICS_PORT", "0"}};
+  std::map<std::string, std::optional<std::string>> overrides = {{"METRICS_PORT", "0"}};
   for (const auto& [k, v] : options.env) overrides[k] = v;
+  // Ports chosen here have not been bound yet, so the kernel may offer the same one twice; the
+  // server would then refuse two listeners on one port.
+  const auto free_port_but = [&overrides](const char* other) {
+    std::string port;
+    do {
+      port = absl::StrCat(FreeTcpPort());
+    } while (overrides.count(other) != 0 && overrides.at(other) == port);
+    return port;
+  };
+  if (options.env.count("PORT") == 0) overrides["PORT"] = free_port_but("METRICS_PORT");
+  if (options.serve_metrics) overrides["METRICS_PORT"] = free_port_but("PORT");
   const std::map<std::string, std::string> env = EnvironmentWith(overrides);
   if (auto it = env.find("PORT"); it != env.end()) {
     process->port_ = std::atoi(it->second.c_str());
+  }
+  if (auto it = env.find("METRICS_PORT"); it != env.end()) {
+    process->metrics_port_ = std::atoi(it->second.c_str());
   }
   std::vector<std::string> args = {SL_SERVER_BINARY};
   args.insert(args.end(), options.args.begin(), options.args.end());

@@ -27,6 +27,10 @@ class ServerProcess {
     // Applied on top of this process's environment; std::nullopt unsets the variable. PORT
     // defaults to a free port and METRICS_PORT to 0 unless set here.
     std::map<std::string, std::optional<std::string>> env;
+    // Serve /metrics on a free port that Start chooses (metrics_port()); leave METRICS_PORT out
+    // of `env` then. A port a test chooses itself can be taken before the server binds it, and
+    // the server then refuses to start; one chosen here is chosen again.
+    bool serve_metrics = false;
     std::vector<std::string> args;
     // Wait until the process answers health checks (Start fails otherwise).
     bool wait_until_serving = true;
@@ -37,6 +41,8 @@ class ServerProcess {
   ~ServerProcess();
 
   int port() const { return port_; }
+  // The /metrics port (Options::serve_metrics or METRICS_PORT), 0 when metrics are off.
+  int metrics_port() const { return metrics_port_; }
   std::string target() const;
   std::shared_ptr<grpc::Channel> NewChannel() const;
   pid_t pid() const { return pid_; }
@@ -58,6 +64,7 @@ class ServerProcess {
 
   pid_t pid_ = -1;
   int port_ = 0;
+  int metrics_port_ = 0;
   std::optional<int> exit_code_;
   mutable std::mutex output_mutex_;
   mutable std::condition_variable output_changed_;
