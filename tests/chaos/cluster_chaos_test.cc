@@ -110,11 +110,11 @@ class Replicas {
 };
 
 // nginx from deploy/nginx/cluster.conf.template (rendered as its header says) in front of the
-// replicas: one address for the client, a replica picked per call. Stopped with SIGQUIT
-// (graceful) when destroyed.
+// replicas, listening on a free port: one address for the client, a replica picked per call.
+// Stopped with SIGQUIT (graceful) when destroyed.
 class Nginx {
  public:
-  static std::unique_ptr<Nginx> Start(int listen_port, const std::vector<int>& upstreams) {
+  static std::unique_ptr<Nginx> Start(const std::vector<int>& upstreams) {
     std::unique_ptr<Nginx> nginx(new Nginx());
     char dir_template[] = "/tmp/sessionledger-nginx-XXXXXX";
     if (mkdtemp(dir_template) == nullptr) {
@@ -127,22 +127,35 @@ class Nginx {
     std::ifstream in(absl::StrCat(SL_SOURCE_DIR, "/deploy/nginx/cluster.conf.template"));
     std::stringstream template_text;
     template_text << in.rdbuf();
-    std::string conf;
-    for (absl::string_view line : absl::StrSplit(template_text.str(), '\n')) {
-      if (absl::StripAsciiWhitespace(line) == "@UPSTREAMS@") {
-        for (int port : upstreams) {
-          absl::StrAppend(&conf, "    server 127.0.0.1:", port, " max_fails=1 fail_timeout=2s;\n");
-        }
-        continue;
-      }
-      // Paths in the template are relative to nginx's prefix (-p below).
-      absl::StrAppend(
-          &conf, absl::StrReplaceAll(line, {{"@LISTEN_PORT@", absl::StrCat(listen_port)}}), "\n");
-    }
+    // A free port is only free until someone takes it, and nginx binds it after this process
+    // let go of it: any process binding port 0 meanwhile can be given the same port. nginx then
+    // refuses to start ("Address already in use"), and another port is chosen.
     const std::string conf_path = nginx->dir_ + "/nginx.conf";
-    std::ofstream(conf_path) << conf;
-    absl::StatusOr<CommandResult> started =
-        RunCommand({"nginx", "-e", nginx->dir_ + "/error.log", "-p", nginx->dir_, "-c", conf_path});
+    int listen_port = 0;
+    absl::StatusOr<CommandResult> started = absl::UnknownError("not started");
+    for (int attempt = 1; attempt <= 3; ++attempt) {
+      listen_port = FreeTcpPort();
+      std::string conf;
+      for (absl::string_view line : absl::StrSplit(template_text.str(), '\n')) {
+        if (absl::StripAsciiWhitespace(line) == "@UPSTREAMS@") {
+          for (int port : upstreams) {
+            absl::StrAppend(&conf, "    server 127.0.0.1:", port,
+                            " max_fails=1 fail_timeout=2s;\n");
+          }
+          continue;
+        }
+        // Paths in the template are relative to nginx's prefix (-p below).
+        absl::StrAppend(
+            &conf, absl::StrReplaceAll(line, {{"@LISTEN_PORT@", absl::StrCat(listen_port)}}), "\n");
+      }
+      std::ofstream(conf_path) << conf;
+      started = RunCommand(
+          {"nginx", "-e", nginx->dir_ + "/error.log", "-p", nginx->dir_, "-c", conf_path});
+      if (!started.ok() || started->exit_code == 0 ||
+          !absl::StrContains(started->output, "Address already in use")) {
+        break;
+      }
+    }
     if (!started.ok() || started->exit_code != 0) {
       ADD_FAILURE() << "nginx did not start (is it installed? scripts/test installs it): "
                     << (started.ok() ? started->output : started.status().ToString());
@@ -567,7 +580,7 @@ TEST_F(ClusterChaosTest, PostgresRestarts) {
 class ClusterChaosThroughNginxTest : public ClusterChaosTest {
  protected:
   void StartClient() override {
-    nginx_ = Nginx::Start(FreeTcpPort(), replicas_.ports());
+    nginx_ = Nginx::Start(replicas_.ports());
     ASSERT_NE(nginx_, nullptr);
     ChaosClient::Options options;
     options.health_check = false;
