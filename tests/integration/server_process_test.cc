@@ -102,12 +102,14 @@ grpc::Status OpenEuroAccount(sessionledger::v1::TransactionService::Stub& ledger
   return ledger.OpenAccount(&context, request, account);
 }
 
+// With `serve_metrics`, /metrics is served on the server's metrics_port().
 std::unique_ptr<ServerProcess> StartServer(
-    std::map<std::string, std::optional<std::string>> extra_env = {}) {
+    std::map<std::string, std::optional<std::string>> extra_env = {}, bool serve_metrics = false) {
   ServerProcess::Options options;
   options.env = BackingServiceEnv();
   options.env["HEALTH_CHECK_INTERVAL_MS"] = "100";
   for (auto& [k, v] : extra_env) options.env[k] = v;
+  options.serve_metrics = serve_metrics;
   auto server = ServerProcess::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? *std::move(server) : nullptr;
@@ -248,7 +250,8 @@ TEST(ServerProcessTest, SigtermEndsWatchStreamsRefusesNewCallsAndExitsZero) {
 }
 
 TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
-  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "500"}});
+  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "500"}},
+                            /*serve_metrics=*/true);
   ASSERT_NE(server, nullptr);
   auto channel = server->NewChannel();
 
@@ -266,7 +269,9 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
     request.set_user_id("drain-test-user");
     slow_status = stub->CreateSession(&context, request, &created);
   });
-  absl::SleepFor(absl::Milliseconds(200));
+  // The call has reached the server (and waits on the frozen memcached) before the signal.
+  const bool call_in_flight = PollUntil(absl::Now() + absl::Seconds(5),
+                                        [&] { return RpcsInFlight(server->metrics_port(), 1); });
   server->Signal(SIGTERM);
   // During the notice period health says NOT_SERVING, and says it: calls are still answered.
   // Polled rather than read once, as the signal takes a moment to arrive on a busy machine.
@@ -281,6 +286,7 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
   });
   frozen.reset();
   slow_call.join();
+  EXPECT_TRUE(call_in_flight) << "the call never reached the server";
 
   EXPECT_TRUE(not_serving_during_notice);
   EXPECT_EQ(after_notice, absl::StatusCode::kUnavailable);
@@ -316,7 +322,8 @@ TEST(ServerProcessTest, SigtermDuringStartUpExitsAtOnce) {
 // The first SIGTERM drains for up to the grace period; a second one is the operator saying
 // "now": the process must end at once, not swallow it.
 TEST(ServerProcessTest, ASecondSigtermEndsTheDrainAtOnce) {
-  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "30"}, {"SHUTDOWN_NOTICE_MS", "0"}});
+  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "30"}, {"SHUTDOWN_NOTICE_MS", "0"}},
+                            /*serve_metrics=*/true);
   ASSERT_NE(server, nullptr);
   // A call held in flight (memcached frozen) keeps the drain going.
   std::optional<FrozenMemcached> frozen(std::in_place);
@@ -331,7 +338,9 @@ TEST(ServerProcessTest, ASecondSigtermEndsTheDrainAtOnce) {
     sessionledger::v1::Session created;
     slow_status = stub->CreateSession(&context, request, &created);
   });
-  absl::SleepFor(absl::Milliseconds(200));
+  // The call has reached the server (and waits on the frozen memcached) before the signal.
+  const bool call_in_flight = PollUntil(absl::Now() + absl::Seconds(5),
+                                        [&] { return RpcsInFlight(server->metrics_port(), 1); });
   server->Signal(SIGTERM);
   const bool draining = server->WaitForOutput("\"msg\":\"shutting down\"", absl::Seconds(5));
   const absl::Time again = absl::Now();
@@ -339,6 +348,7 @@ TEST(ServerProcessTest, ASecondSigtermEndsTheDrainAtOnce) {
   const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(20));
   frozen.reset();
   slow_call.join();
+  EXPECT_TRUE(call_in_flight) << "the call never reached the server";
   EXPECT_TRUE(draining) << server->Output();
   ASSERT_TRUE(exit_code.has_value());
   EXPECT_LT(absl::Now() - again, absl::Seconds(3)) << "the second signal was swallowed";
@@ -351,7 +361,8 @@ TEST(ServerProcessTest, ASecondSigtermEndsTheDrainAtOnce) {
 // flight when SIGTERM arrives must still get its answer, and the process must then exit cleanly
 // (its completion queue is shut down only after the server has finished every call).
 TEST(ServerProcessTest, SigtermLetsAnInFlightGetSessionFinish) {
-  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "500"}});
+  auto server = StartServer({{"SHUTDOWN_GRACE_SECONDS", "10"}, {"SHUTDOWN_NOTICE_MS", "500"}},
+                            /*serve_metrics=*/true);
   ASSERT_NE(server, nullptr);
   auto channel = server->NewChannel();
   auto stub = sessionledger::v1::SessionService::NewStub(channel);
@@ -373,7 +384,9 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightGetSessionFinish) {
     request.set_token(created.token());
     read_status = stub->GetSession(&context, request, &read);
   });
-  absl::SleepFor(absl::Milliseconds(200));
+  // The call has reached the server (and waits on the frozen memcached) before the signal.
+  const bool call_in_flight = PollUntil(absl::Now() + absl::Seconds(5),
+                                        [&] { return RpcsInFlight(server->metrics_port(), 1); });
   server->Signal(SIGTERM);
   // Memcached is thawed only once the server refuses new connections, so that the call really
   // was in flight across the shutdown and not answered during the notice period; a signal
@@ -386,6 +399,7 @@ TEST(ServerProcessTest, SigtermLetsAnInFlightGetSessionFinish) {
   });
   frozen.reset();
   in_flight.join();
+  EXPECT_TRUE(call_in_flight) << "the call never reached the server";
 
   EXPECT_EQ(after_notice, absl::StatusCode::kUnavailable) << "not shut down while in flight";
   EXPECT_TRUE(read_status.ok()) << read_status.error_code() << ": " << read_status.error_message();

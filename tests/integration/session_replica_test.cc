@@ -418,12 +418,7 @@ TEST(SessionOutageTest, ShutdownWaitsForACancelledCallStillWaitingOnMemcached) {
       /*serve_metrics=*/true);
   ASSERT_NE(server, nullptr);
   const int metrics_port = server->metrics_port();
-  // Whether the server holds exactly one call (the interceptor counts it from its arrival to
-  // its answer).
-  const auto one_call_in_flight = [&] {
-    absl::StatusOr<std::string> metrics = HttpGet(metrics_port, "/metrics");
-    return metrics.ok() && absl::StrContains(*metrics, "\nsessionledger_rpc_in_flight 1\n");
-  };
+  const auto one_call_in_flight = [&] { return RpcsInFlight(metrics_port, 1); };
   SessionClient client(*server);
   const v1::Session s =
       client.MustCreate(absl::StrCat("shutdown-cancelled-", absl::ToUnixMicros(absl::Now())));

@@ -16,6 +16,7 @@
 #include <random>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -148,6 +149,12 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
   while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
   close(fd);
   return response;
+}
+
+bool RpcsInFlight(int metrics_port, int calls) {
+  const absl::StatusOr<std::string> metrics = HttpGet(metrics_port, "/metrics");
+  return metrics.ok() &&
+         absl::StrContains(*metrics, absl::StrCat("\nsessionledger_rpc_in_flight ", calls, "\n"));
 }
 
 pid_t MemcachedPid(int node) {

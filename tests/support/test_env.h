@@ -87,6 +87,11 @@ class FrozenMemcached {
 // received. UNAVAILABLE when nothing answers.
 absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
 
+// Whether the server whose /metrics is on `metrics_port` holds exactly `calls` RPCs, from their
+// arrival to their answer (sessionledger_rpc_in_flight). For a test that needs a call to have
+// reached the server before it acts, instead of sleeping and hoping it has.
+bool RpcsInFlight(int metrics_port, int calls);
+
 }  // namespace sessionledger::testing
 
 #endif  // SESSIONLEDGER_TESTS_SUPPORT_TEST_ENV_H_
