@@ -338,6 +338,9 @@ absl::Status ValidateDatabaseUrl(absl::string_view url) {
     const absl::string_view value = option->val;
     if (keyword == "port") {
       for (absl::string_view port : absl::StrSplit(value, ',')) {
+        // libpq keeps one entry per host, empty for a host written without a port: that host
+        // takes the default (5432), as in "postgres://u@pg-0,pg-1/db".
+        if (port.empty()) continue;
         if (!ParseInteger(port, 1, 65535).ok()) {
           // A password with an unencoded '/' is read as host:port ("postgres://app:se/cret@db"
           // gives port "se"): the value is not echoed.

@@ -89,6 +89,18 @@ TEST(DatabaseUrlTest, AcceptsLibpqUrls) {
   EXPECT_TRUE(ValidateDatabaseUrl("postgres://u@[::1]:5432/db?connect_timeout=3").ok());
 }
 
+// libpq reads a host without a port as one on 5432: its port list then has empty entries.
+TEST(DatabaseUrlTest, AcceptsHostsWithoutAPortInAMultiHostUrl) {
+  for (const char* url : {"postgres://u:p@pg-0,pg-1,pg-2/db?target_session_attrs=read-write",
+                          "postgres://u:p@h1,h2:5433/db", "postgres://u:p@h1:5433,h2/db",
+                          "postgres://u:p@h1:5432,h2:5433/db"}) {
+    const absl::Status status = ValidateDatabaseUrl(url);
+    EXPECT_TRUE(status.ok()) << url << ": " << status;
+  }
+  EXPECT_FALSE(ValidateDatabaseUrl("postgres://u:p@h1,h2:0/db").ok());
+  EXPECT_FALSE(ValidateDatabaseUrl("postgres://u:p@h1:x,h2/db").ok());
+}
+
 TEST(DatabaseUrlTest, RejectsMalformedUrls) {
   EXPECT_FALSE(ValidateDatabaseUrl("mysql://h/db").ok());
   EXPECT_FALSE(ValidateDatabaseUrl("host=h dbname=db").ok()) << "URL form only, as the contract";
