@@ -283,6 +283,7 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
     last = results.status();
     const bool replace_connection = !lease->healthy() || NeedsFreshConnection(last);
     if (replace_connection) lease.MarkBroken();
+    if (NeedsFreshConnection(last)) pool_.DropIdle();
     if (IsRetryableTransactionFailure(last)) {
       retries_.fetch_add(1, std::memory_order_relaxed);
       continue;
@@ -542,6 +543,7 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
     statements[kApplyTimeout].params[0] = std::move(timeouts.apply_millis);
     absl::StatusOr<std::vector<PgResultPtr>> r = lease->ExecPipeline(statements, deadline);
     if (!r.ok() && (!lease->healthy() || NeedsFreshConnection(r.status()))) lease.MarkBroken();
+    if (!r.ok() && NeedsFreshConnection(r.status())) pool_.DropIdle();
     if (!r.ok()) return r;
     // One row per movement, in order. Anything else (which cannot happen) is handled like a
     // failed batch: whatever committed is replayed by the single path.

@@ -356,6 +356,18 @@ void PgPool::Return(std::optional<PgConnection> conn, bool broken) {
   returned_.notify_one();
 }
 
+void PgPool::DropIdle() {
+  std::vector<PgConnection> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ -= static_cast<int>(idle_.size());
+    dropped.swap(idle_);
+    // The slots they held are free for new connections.
+    returned_.notify_all();
+  }
+  // Closed (PQfinish, a network write) outside the lock.
+}
+
 int PgPool::open_connections() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return open_;

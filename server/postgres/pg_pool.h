@@ -139,6 +139,11 @@ class PgPool {
   // return until `deadline`. UNAVAILABLE on timeout or when PostgreSQL cannot be reached.
   absl::StatusOr<Lease> Acquire(absl::Time deadline);
 
+  // Closes every idle connection, so that the next Acquire opens a new one. For a failure that
+  // says where the pooled connections lead is wrong (a read-only server after a failover): the
+  // idle ones were opened to the same address, and retrying on one of them fails the same way.
+  void DropIdle();
+
   int size() const { return options_.size; }
   // Connections open now (idle + leased) and callers waiting for one; for metrics.
   int open_connections() const;

@@ -592,6 +592,43 @@ TEST_F(LedgerPgBatchTest, AConnectionToAReadOnlyServerIsReplaced) {
   EXPECT_STREQ(PQgetvalue(mode->get(), 0, 0), "off") << "the read-only connection is still pooled";
 }
 
+// After a failover every pooled connection leads to the old primary: the retry must not take
+// another of them, or the call fails again with the same read-only error.
+TEST_F(LedgerPgStoreTest, AfterAFailoverNoPooledConnectionIsReusedForTheRetry) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const auto every_pooled_connection_turns_read_only = [&] {
+    std::vector<PgPool::Lease> leases;
+    for (int i = 0; i < 4; ++i) {
+      absl::StatusOr<PgPool::Lease> lease = pool_.Acquire(Soon());
+      ASSERT_TRUE(lease.ok()) << lease.status();
+      ASSERT_TRUE((*lease)->ExecSimple("SET default_transaction_read_only = on", Soon()).ok());
+      leases.push_back(*std::move(lease));
+    }
+    leases.clear();
+    ASSERT_EQ(pool_.idle_connections(), pool_.open_connections());
+    ASSERT_GE(pool_.idle_connections(), 4);
+  };
+  every_pooled_connection_turns_read_only();
+  absl::StatusOr<Transaction> deposit =
+      ledger_.Deposit(alice, {a.account_id, 5, "after-failover-all"}, Soon());
+  EXPECT_TRUE(deposit.ok()) << deposit.status();
+  EXPECT_EQ(Balance(alice, a.account_id), 5);
+  every_pooled_connection_turns_read_only();
+  absl::StatusOr<Account> opened = ledger_.OpenAccount(alice, "EUR", Soon());
+  EXPECT_TRUE(opened.ok()) << opened.status();
+  std::vector<PgPool::Lease> every_idle_one;
+  for (int idle = pool_.idle_connections(); idle > 0; --idle) {
+    absl::StatusOr<PgPool::Lease> lease = pool_.Acquire(Soon());
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    absl::StatusOr<PgResultPtr> mode =
+        (*lease)->Exec("SELECT current_setting('default_transaction_read_only')", {}, Soon());
+    ASSERT_TRUE(mode.ok()) << mode.status();
+    EXPECT_STREQ(PQgetvalue(mode->get(), 0, 0), "off") << "a read-only connection is still pooled";
+    every_idle_one.push_back(*std::move(lease));
+  }
+}
+
 // Failures that are the database's trouble rather than the call's are UNAVAILABLE, which
 // clients retry, never INTERNAL: a read-only server and a lock_timeout among them.
 TEST_F(LedgerPgStoreTest, DatabaseTroubleIsUnavailable) {
