@@ -455,6 +455,21 @@ IndexPlan PlanIndex(const CopyReads& reads, const std::string& ikey) {
   return plan;
 }
 
+// A CAS token's copy when no copy's CAS value is current: compare-and-swap fails at once.
+constexpr int kNoCopy = -1;
+
+// The CAS token of `key` on `copy`, just written there with `written`: only while the copy
+// still holds those bytes. Another writer may have changed it between our write and this read;
+// its CAS value with our older value would let a compare-and-swap overwrite that write unseen.
+CasToken CasOfWhatWeWrote(Conn& conn, int copy, const std::string& key,
+                          const std::string& written) {
+  absl::StatusOr<std::map<std::string, Item>> again = conn.Get(copy, {key});
+  if (!again.ok()) return CasToken{0, kNoCopy};
+  auto it = again->find(key);
+  if (it == again->end() || it->second.value != written) return CasToken{0, kNoCopy};
+  return CasToken{it->second.cas, copy};
+}
+
 // The index from every copy that holds it; copies before the first of them that answered
 // without it (a node that came back empty) get it back, and the CAS token is then the
 // primary's.
@@ -470,17 +485,9 @@ IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads
   for (int m : plan.missed) {
     if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
   }
-  absl::StatusOr<std::map<std::string, Item>> again = conn.Get(plan.missed.front(), {ikey});
-  if (again.ok()) {
-    if (auto r = again->find(ikey); r != again->end()) {
-      plan.record.cas = CasToken{r->second.cas, plan.missed.front()};
-    }
-  }
+  plan.record.cas = CasOfWhatWeWrote(conn, plan.missed.front(), ikey, value);
   return std::move(plan.record);
 }
-
-// A CAS token's copy when no copy's CAS value is current: compare-and-swap fails at once.
-constexpr int kNoCopy = -1;
 
 // What one copy answered to a lookup's multi-get (session + generation).
 struct CopyState {
@@ -804,12 +811,7 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
       // unconditionally".)
       record.cas = CasToken{0, kNoCopy};
     } else if (primary_rewritten) {
-      absl::StatusOr<std::map<std::string, Item>> again = conn.Get(plan.primary, {skey});
-      if (again.ok()) {
-        if (auto r = again->find(skey); r != again->end()) {
-          record.cas = CasToken{r->second.cas, plan.primary};
-        }
-      }
+      record.cas = CasOfWhatWeWrote(conn, plan.primary, skey, winner.session->value);
     } else if (primary.session.has_value() && primary.parsed.version() == winner.parsed.version()) {
       record.cas = CasToken{primary.session->cas, plan.primary};
     }

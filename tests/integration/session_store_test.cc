@@ -1,8 +1,12 @@
 // MemcachedSessionStore directly against the real memcached nodes: TTL limits and placement.
+#include <poll.h>
+
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -253,6 +257,182 @@ TEST_P(LookupAsyncTest, NoNodeAnsweringIsUnavailable) {
 }
 
 INSTANTIATE_TEST_SUITE_P(ReadPaths, LookupAsyncTest, ::testing::Values(true, false), PathName);
+
+// A loopback proxy in front of one memcached node, for libmemcached's binary protocol. While
+// armed, it runs `between` once on a connection that sends a request to read (a get) right
+// after an add: after the add was answered and before the read reaches the node, while the
+// client waits. That puts another writer exactly between a read repair's add and its read-back.
+class RepairInterposer {
+ public:
+  RepairInterposer(int node_port, std::function<void()> between)
+      : node_port_(node_port), between_(std::move(between)) {
+    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        listen(listen_fd_, 16) != 0 ||
+        getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      ADD_FAILURE() << "cannot listen on loopback";
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    acceptor_ = std::thread([this] { Accept(); });
+  }
+  RepairInterposer(const RepairInterposer&) = delete;
+  RepairInterposer& operator=(const RepairInterposer&) = delete;
+  ~RepairInterposer() {
+    shutdown(listen_fd_, SHUT_RDWR);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+      for (int fd : fds_) shutdown(fd, SHUT_RDWR);
+    }
+    if (acceptor_.joinable()) acceptor_.join();
+    for (std::thread& t : forwarders_) t.join();
+    for (int fd : fds_) close(fd);
+    close(listen_fd_);
+  }
+
+  MemcachedNode node() const { return MemcachedNode{"127.0.0.1", port_}; }
+  void Arm(bool armed) { armed_.store(armed); }
+  int runs() const { return runs_.load(); }
+
+ private:
+  static constexpr uint8_t kAdd = 0x02, kAddQ = 0x12;
+  static bool IsRead(uint8_t opcode) {
+    return opcode == 0x00 || opcode == 0x09 || opcode == 0x0c || opcode == 0x0d;  // get(k)(q)
+  }
+
+  void Accept() {
+    for (;;) {
+      const int client = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (client < 0) return;
+      const int upstream = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(static_cast<uint16_t>(node_port_));
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      std::lock_guard<std::mutex> lock(mu_);
+      fds_.push_back(client);
+      fds_.push_back(upstream);
+      if (stopping_ || connect(upstream, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+        shutdown(client, SHUT_RDWR);
+        continue;
+      }
+      forwarders_.emplace_back([this, client, upstream] { Forward(client, upstream); });
+    }
+  }
+
+  static bool SendAll(int fd, const char* data, size_t n) {
+    while (n > 0) {
+      const ssize_t sent = send(fd, data, n, MSG_NOSIGNAL);
+      if (sent <= 0) return false;
+      data += sent;
+      n -= static_cast<size_t>(sent);
+    }
+    return true;
+  }
+
+  // Replies pass through as they come; requests go one whole frame at a time.
+  void Forward(int client, int upstream) {
+    std::string pending;
+    bool after_add = false;
+    char buf[16384];
+    pollfd fds[2] = {{client, POLLIN, 0}, {upstream, POLLIN, 0}};
+    for (;;) {
+      if (poll(fds, 2, -1) < 0) return;
+      if (fds[1].revents != 0) {
+        const ssize_t got = recv(upstream, buf, sizeof buf, 0);
+        if (got <= 0 || !SendAll(client, buf, static_cast<size_t>(got))) return;
+      }
+      if (fds[0].revents == 0) continue;
+      const ssize_t got = recv(client, buf, sizeof buf, 0);
+      if (got <= 0) return;
+      pending.append(buf, static_cast<size_t>(got));
+      // Header: magic, opcode, ..., total body length at bytes 8-11 (big-endian).
+      while (pending.size() >= 24) {
+        const auto byte = [&](size_t i) { return static_cast<uint8_t>(pending[i]); };
+        const size_t frame = 24 + ((size_t{byte(8)} << 24) | (size_t{byte(9)} << 16) |
+                                   (size_t{byte(10)} << 8) | size_t{byte(11)});
+        if (pending.size() < frame) break;
+        const uint8_t opcode = byte(1);
+        if (after_add && IsRead(opcode) && armed_.exchange(false)) {
+          between_();
+          runs_.fetch_add(1);
+        }
+        after_add = armed_.load() && (opcode == kAdd || opcode == kAddQ);
+        if (!SendAll(upstream, pending.data(), frame)) return;
+        pending.erase(0, frame);
+      }
+    }
+  }
+
+  const int node_port_;
+  const std::function<void()> between_;
+  int listen_fd_ = -1;
+  uint16_t port_ = 0;
+  std::atomic<bool> armed_{false};
+  std::atomic<int> runs_{0};
+  std::thread acceptor_;
+  std::mutex mu_;
+  bool stopping_ = false;  // Guarded by mu_, as are the two below.
+  std::vector<int> fds_;   // Every socket, closed at the end.
+  std::vector<std::thread> forwarders_;
+};
+
+// A read repair writes the primary copy back and then reads it again for its CAS value. If
+// another writer changed the primary in between, that CAS value belongs to the other write:
+// handed out with our older session, it would let our compare-and-swap overwrite that write.
+TEST_F(SessionStoreTest, ACasValueIsNeverTakenFromAnotherWritersRepairedCopy) {
+  // The other writer's session, set on whichever node the repair read back from.
+  const std::string tag = absl::StrCat("tag-cas-repair-", absl::ToUnixMicros(absl::Now()));
+  std::string skey;
+  const std::string theirs = [] {
+    storage::v1::StoredSession s = Session("cas-repair", 2);
+    (*s.mutable_attributes())["writer"] = "theirs";
+    return s.SerializeAsString();
+  }();
+  int written_on = 0;
+  const auto other_writer = [&](int node) {
+    return [&, node] {
+      written_on = node;
+      ASSERT_TRUE(MemcachedSetRaw(node, skey, theirs, 60));
+    };
+  };
+  RepairInterposer node1(MemcachedPort(1), other_writer(1));
+  RepairInterposer node2(MemcachedPort(2), other_writer(2));
+  // Either node may hold the primary copy of `tag`'s keys: lose each copy in turn; only a
+  // repair of the primary reads its copy back.
+  for (int lost : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("copy lost on node ", lost));
+    OpenNodes({node1.node(), node2.node()}, /*pipeline=*/false);  // New connections each time.
+    const SessionKey key{absl::StrCat("test-cas-repair-", lost, "-", tag), tag};
+    skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+    ASSERT_TRUE(store_->Add(key, Session("cas-repair", 1), absl::Seconds(60), Deadline()).ok());
+    ASSERT_TRUE(MemcachedSetRaw(lost, skey, "", -1));  // Expired at once: gone.
+    const int runs_before = node1.runs() + node2.runs();
+    node1.Arm(true);
+    node2.Arm(true);
+    absl::StatusOr<SessionLookup> got = store_->Lookup(key, Deadline());
+    node1.Arm(false);
+    node2.Arm(false);
+    ASSERT_TRUE(got.ok() && got->record.has_value()) << got.status();
+    // A secondary copy is repaired, not read back.
+    if (node1.runs() + node2.runs() == runs_before) continue;
+    ASSERT_EQ(written_on, lost);
+    storage::v1::StoredSession ours = got->record->session;
+    ASSERT_EQ(ours.version(), 1);
+    ours.set_version(2);
+    (*ours.mutable_attributes())["writer"] = "ours";
+    const absl::Status cas =
+        store_->CompareAndSwap(key, got->record->cas, ours, absl::Seconds(60), Deadline());
+    EXPECT_TRUE(absl::IsAborted(cas)) << cas;
+    EXPECT_EQ(MemcachedGetValue(lost, skey), theirs) << "the other writer's session was lost";
+  }
+  EXPECT_EQ(node1.runs() + node2.runs(), 1) << "exactly one of the two copies is the primary";
+}
 
 // The asynchronous writes on both paths (parameter: true for the pipeline, false for pooled
 // handles on the executor).
