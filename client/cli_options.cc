@@ -81,6 +81,8 @@ absl::Status UsageError(const std::string& message) { return absl::InvalidArgume
 
 // Bounds of bench options whose conversion to nanoseconds would otherwise overflow.
 constexpr absl::Duration kLongestBenchPhase = absl::Hours(24);
+// The same for --deadline, which is added to the wall clock.
+constexpr absl::Duration kLongestDeadline = absl::Hours(24);
 constexpr double kLowestRate = 0.001;
 constexpr double kHighestRate = 1e9;
 
@@ -614,6 +616,11 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
     absl::StatusOr<absl::Duration> d = ParseDurationFlag("deadline", *v);
     if (!d.ok()) return d.status();
     if (*d <= absl::ZeroDuration()) return UsageError("--deadline must be positive");
+    // The deadline is now + this in nanoseconds: far beyond a day ("inf", 1e10) that overflows
+    // into the past, and every call would end at once as DEADLINE_EXCEEDED.
+    if (*d > kLongestDeadline) {
+      return UsageError(absl::StrCat("--deadline must be at most 24h, got '", *v, "'"));
+    }
     o.deadline = *d;
   }
   o.json = tokens->Has("json");

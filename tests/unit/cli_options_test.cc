@@ -107,6 +107,9 @@ TEST(CliOptionsTest, DeadlineAcceptsBareSeconds) {
   EXPECT_EQ(o->deadline, absl::Milliseconds(1500));
   ExpectUsageError({"--deadline", "soon", "health"}, "--deadline");
   ExpectUsageError({"--deadline", "0", "health"}, "positive");
+  ExpectUsageError({"--deadline", "1e10", "health"}, "at most 24h");
+  ExpectUsageError({"--deadline", "inf", "health"}, "finite");
+  EXPECT_TRUE(Parse({"--deadline", "24h", "health"}).ok());
 }
 
 TEST(CliOptionsTest, SessionCreate) {
