@@ -149,6 +149,24 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
       "--target: the list mixes IPv4-only and IPv6-only hosts; gRPC needs one family per list");
 }
 
+absl::StatusOr<std::string> TlsNameForTargets(const std::vector<std::string>& targets) {
+  if (targets.size() < 2) return std::string();
+  std::string common;
+  for (const std::string& raw : targets) {
+    absl::StatusOr<HostPort> hp =
+        SplitHostPort(absl::StartsWith(raw, "dns:///") ? raw.substr(7) : raw);
+    if (!hp.ok()) return hp.status();
+    if (common.empty()) {
+      common = hp->host;
+    } else if (!absl::EqualsIgnoreCase(common, hp->host)) {
+      return absl::InvalidArgumentError(
+          "--target: a list of different hosts over TLS needs --tls-server-name NAME, a name "
+          "every server's certificate carries (gRPC checks one name for the whole list)");
+    }
+  }
+  return common;
+}
+
 std::string ServiceConfigJson() {
   // maxAttempts counts the first attempt. Backoff is randomised by gRPC (jitter), so
   // replicas restarting together are not hit in lockstep.

@@ -22,6 +22,13 @@ namespace sessionledger::client {
 // A "dns:///" prefix on a list element is accepted and stripped.
 absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& targets);
 
+// The name to check the servers' certificates against when `targets` go over TLS without
+// --tls-server-name: empty for one target (gRPC takes its host), the common host of a list
+// whose entries differ in port only, and INVALID_ARGUMENT naming --tls-server-name for a list
+// of different hosts. A list becomes one `ipv4:`/`ipv6:` target whose only name is the list
+// itself, which no certificate carries, and gRPC checks one name for every address in it.
+absl::StatusOr<std::string> TlsNameForTargets(const std::vector<std::string>& targets);
+
 // The service config every CLI channel uses: round_robin over all resolved addresses, and a
 // retry policy for UNAVAILABLE on the idempotent methods only (reads, DeleteSession, and
 // Deposit/Transfer, which carry an idempotency key). Writes that are not idempotent

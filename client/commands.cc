@@ -241,6 +241,14 @@ int RunCli(const std::vector<std::string>& args, const EnvLookup& env, std::ostr
   ChannelOptions channel_options;
   channel_options.credentials = *credentials;
   channel_options.ssl_target_name_override = options->tls.server_name;
+  if (options->tls.enabled && options->tls.server_name.empty()) {
+    absl::StatusOr<std::string> name = TlsNameForTargets(options->targets);
+    if (!name.ok()) {
+      err << "sessionledger-cli: " << name.status().message() << "\n";
+      return static_cast<int>(name.status().code());
+    }
+    channel_options.ssl_target_name_override = *name;
+  }
   if (options->command == Command::kBench) {
     return RunBenchCommand(*options, *target, channel_options, out, err);
   }

@@ -193,6 +193,32 @@ TEST_F(TlsTest, TlsServesTlsClientsOnly) {
   EXPECT_TRUE(server->WaitForOutput("\"tls\":\"on\"", absl::Seconds(10))) << server->Output();
 }
 
+// A list of addresses is one gRPC target named by the list itself; the CLI checks the
+// certificates against the list's one host, or asks for --tls-server-name.
+TEST_F(TlsTest, CliVerifiesAListOfTargetsAgainstOneName) {
+  std::unique_ptr<ServerProcess> server = StartTlsServer(/*mutual=*/false);
+  ASSERT_NE(server, nullptr);
+  const auto cli = [&](std::vector<std::string> args) {
+    std::vector<std::string> argv = {SL_CLI_BINARY, "--tls", "--ca-file", Path("ca.pem")};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.push_back("health");
+    absl::StatusOr<CommandResult> result = RunCommand(argv, {}, absl::Seconds(30));
+    EXPECT_TRUE(result.ok()) << result.status();
+    return result.ok() ? *result : CommandResult{-1, ""};
+  };
+  const std::string port = absl::StrCat(server->port());
+  CommandResult same_host =
+      cli({"--deadline", "5s", "--target", absl::StrCat("localhost:", port, ",localhost:", port)});
+  EXPECT_EQ(same_host.exit_code, 0) << same_host.output;
+  const std::string two_hosts = absl::StrCat("localhost:", port, ",127.0.0.1:", port);
+  CommandResult unnamed = cli({"--target", two_hosts});
+  EXPECT_EQ(unnamed.exit_code, 3) << unnamed.output;
+  EXPECT_TRUE(absl::StrContains(unnamed.output, "--tls-server-name")) << unnamed.output;
+  CommandResult named =
+      cli({"--deadline", "5s", "--target", two_hosts, "--tls-server-name", "localhost"});
+  EXPECT_EQ(named.exit_code, 0) << named.output;
+}
+
 TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
   std::unique_ptr<ServerProcess> server = StartTlsServer(/*mutual=*/true);
   ASSERT_NE(server, nullptr);

@@ -29,6 +29,17 @@ TEST(CliChannelTest, SingleTargetPassesThrough) {
   }
 }
 
+// Over TLS a list is checked against one name: the hosts' own when they are one host.
+TEST(CliChannelTest, TlsNameOfAListIsItsOneHostOrNone) {
+  EXPECT_EQ(TlsNameForTargets({"api.example:443"}).value_or("?"), "") << "gRPC's own authority";
+  EXPECT_EQ(TlsNameForTargets({"api.example:1", "dns:///API.example:2"}).value_or("?"),
+            "api.example");
+  EXPECT_EQ(TlsNameForTargets({"[::1]:1", "[::1]:2"}).value_or("?"), "::1");
+  const absl::Status mixed = TlsNameForTargets({"a.example:443", "b.example:443"}).status();
+  EXPECT_EQ(mixed.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(mixed.message(), HasSubstr("--tls-server-name"));
+}
+
 TEST(CliChannelTest, ListBecomesStaticAddressList) {
   absl::StatusOr<std::string> target =
       BuildChannelTarget({"10.0.0.1:50051", "dns:///10.0.0.2:50052"});
