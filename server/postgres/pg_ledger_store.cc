@@ -65,7 +65,10 @@ FROM transactions WHERE user_id = $1 AND idempotency_key = $2)sql";
 
 // $1 account, $2 acting user, $3 before_seq, $4 limit + 1 (one extra row says "more").
 // One row with NULL transaction columns when the account exists but has no (visible) rows or
-// is not the user's; no row when the account does not exist.
+// is not the user's; no row when the account does not exist. The owner check sits inside the
+// lateral subquery, where PostgreSQL makes it a one-time filter: in the join's ON clause it was
+// a join filter, and a stranger's call read up to 2 x (page_size + 1) of the account's rows
+// before they were thrown away.
 constexpr absl::string_view kListTransactions = R"sql(
 SELECT a.owner_user_id, t.transaction_id, t.kind, t.from_account_id, t.to_account_id,
        t.amount_minor, t.currency, (extract(epoch FROM t.created_at) * 1000000)::bigint,
@@ -79,8 +82,9 @@ LEFT JOIN LATERAL (
     (SELECT * FROM transactions
      WHERE to_account_id = $1::uuid AND seq < $3::bigint ORDER BY seq DESC LIMIT $4::int)
   ) u
+  WHERE a.owner_user_id = $2
   ORDER BY seq DESC LIMIT $4::int
-) t ON a.owner_user_id = $2
+) t ON true
 WHERE a.account_id = $1::uuid
 ORDER BY t.seq DESC)sql";
 
