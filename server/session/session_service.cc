@@ -55,6 +55,9 @@ int64_t SlidExpiry(const StoredSession& s, absl::Time now) {
                            s.absolute_expires_at_unix_micros()));
 }
 
+// The least a touch slides an expiry by; see TouchEdit.
+constexpr absl::Duration kTouchGranularity = absl::Seconds(1);
+
 // Room for the clocks of the servers that touch one session to differ.
 constexpr absl::Duration kClockSkewMargin = absl::Minutes(1);
 
@@ -520,7 +523,13 @@ SessionService::Edit SessionService::TouchEdit(bool touch) {
   return [touch](StoredSession& s, absl::Time now) -> absl::StatusOr<bool> {
     if (!touch) return false;
     const int64_t slid = SlidExpiry(s, now);
-    if (slid <= s.expires_at_unix_micros()) return false;  // Nothing to write.
+    // Less than a second to gain: nothing to write. Without the threshold every touch wrote
+    // (now moves by microseconds), so parallel touches of one session (a page's concurrent
+    // requests) collided on compare-and-swap, and each loser's re-read wrote again and could
+    // collide again; now the loser's re-read finds the winner's slide and is done. memcached
+    // keeps whole seconds anyway.
+    if (slid < s.expires_at_unix_micros() + absl::ToInt64Microseconds(kTouchGranularity))
+      return false;
     s.set_expires_at_unix_micros(slid);
     return true;
   };

@@ -1516,6 +1516,33 @@ TEST_P(ChangeAsyncTest, TouchThatSlidesNothingWritesNothing) {
   EXPECT_EQ(Writes(), 1);
 }
 
+// Parallel touches of one session would otherwise each write, and collide: a touch that would
+// slide the expiry by less than a second writes nothing, so a loser's re-read ends the call.
+TEST_P(ChangeAsyncTest, TouchesWithinASecondOfTheLastSlideWriteNothing) {
+  const SessionView v = MustCreate("alice");
+  clock_.Advance(absl::Seconds(40));
+  absl::StatusOr<SessionView> got = GetAsync(v.token, true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  const int64_t slid = Micros(clock_.Now() + kTtl);
+  EXPECT_EQ(got->stored.expires_at_unix_micros(), slid);
+  EXPECT_EQ(Writes(), 1);
+
+  clock_.Advance(absl::Milliseconds(999));
+  got = GetAsync(v.token, true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->stored.expires_at_unix_micros(), slid);
+  got = Get(v.token, true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->stored.expires_at_unix_micros(), slid);
+  EXPECT_EQ(Writes(), 1);
+
+  clock_.Advance(absl::Milliseconds(1));
+  got = GetAsync(v.token, true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->stored.expires_at_unix_micros(), Micros(clock_.Now() + kTtl));
+  EXPECT_EQ(Writes(), 2);
+}
+
 TEST_P(ChangeAsyncTest, UpdateAnswersWhatUpdateWouldAndStoresIt) {
   AttributeMap attrs;
   attrs["a"] = "1";
