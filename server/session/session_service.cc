@@ -770,18 +770,29 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::List(absl::string_vie
 absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::Time deadline) {
   SL_RETURN_IF_ERROR(ValidateText("user_id", user_id, options_.limits.max_user_id_bytes));
   const std::string tag = UserTag(user_id);
-  // Count first (sessions live under the current generation), then advance the generation,
-  // which is what actually ends them everywhere at once.
-  SL_ASSIGN_OR_RETURN(uint64_t generation,
+  // Advancing the generation is what ends the sessions everywhere at once, so it comes first:
+  // the count reads every session of the user, and when that read failed (a slow node, a large
+  // index, the deadline) nothing used to be revoked. Counted afterwards, the sessions ended are
+  // those of the generations before the new one.
+  SL_ASSIGN_OR_RETURN(const uint64_t before,
                       store_->ReadGeneration(tag, GenerationKeepFor(), deadline));
-  SL_ASSIGN_OR_RETURN(std::vector<StoredSession> live,
-                      LiveSessions(user_id, tag, generation, deadline));
-  SL_RETURN_IF_ERROR(store_->AdvanceGeneration(tag, GenerationKeepFor(), deadline).status());
-  // Freeing the memory is best effort: the generation already makes these sessions dead.
-  for (const StoredSession& s : live) {
+  SL_ASSIGN_OR_RETURN(const uint64_t advanced,
+                      store_->AdvanceGeneration(tag, GenerationKeepFor(), deadline));
+  absl::StatusOr<std::vector<StoredSession>> live = LiveSessions(user_id, tag, before, deadline);
+  if (!live.ok()) {
+    return absl::Status(live.status().code(),
+                        absl::StrCat("user_id: every session was revoked, but counting them "
+                                     "failed (a retry counts 0): ",
+                                     live.status().message()));
+  }
+  int64_t ended = 0;
+  for (const StoredSession& s : *live) {
+    if (s.user_generation() >= advanced) continue;  // Created after the revocation.
+    ++ended;
+    // Freeing the memory is best effort: the generation already makes these sessions dead.
     (void)store_->Remove(SessionKey{s.token_hash(), tag}, deadline);
   }
-  return static_cast<int64_t>(live.size());
+  return ended;
 }
 
 absl::StatusOr<std::string> SessionService::UserIdForToken(absl::string_view token,

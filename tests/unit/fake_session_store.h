@@ -44,6 +44,11 @@ class FakeSessionStore final : public SessionStore {
     fail_cas_ = n;
     cas_failure_ = std::move(failure);
   }
+  // The next ReadSessions fails with `failure`.
+  void FailNextReadSessions(absl::Status failure) {
+    std::lock_guard<std::mutex> l(mu_);
+    read_sessions_failure_ = std::move(failure);
+  }
   // The next session CompareAndSwap is applied but answers `lost` (a reply lost to a timeout).
   void LoseNextCasAnswer(absl::Status lost) {
     std::lock_guard<std::mutex> l(mu_);
@@ -199,6 +204,8 @@ class FakeSessionStore final : public SessionStore {
       absl::string_view, const std::vector<std::string>& hashes, absl::Time) override {
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
+    if (!read_sessions_failure_.ok())
+      return std::exchange(read_sessions_failure_, absl::OkStatus());
     std::vector<std::optional<storage::v1::StoredSession>> out;
     for (const auto& h : hashes) {
       auto* e = Live(sessions_, h);
@@ -234,6 +241,7 @@ class FakeSessionStore final : public SessionStore {
   bool unavailable_ = false;
   absl::Status failure_ = absl::UnavailableError("fake store: down");
   int fail_cas_ = 0;
+  absl::Status read_sessions_failure_;
   absl::Status cas_failure_;
   std::optional<int> copy_after_cas_;
   int answering_copy_ = 0;

@@ -432,6 +432,21 @@ TEST_F(SessionServiceTest, LiveSessionsPerUserAreBounded) {
   EXPECT_TRUE(service_->Create("greedy", 0, {}, Deadline()).ok());
 }
 
+// Revocation is a security action: it must not depend on counting the sessions it ends.
+TEST_F(SessionServiceTest, RevokeEndsTheSessionsEvenWhenCountingThemFails) {
+  SessionView a1 = MustCreate("alice");
+  SessionView a2 = MustCreate("alice");
+  store_->FailNextReadSessions(absl::DeadlineExceededError("fake store: too slow"));
+  const absl::Status failed = service_->Revoke("alice", Deadline()).status();
+  EXPECT_TRUE(absl::IsDeadlineExceeded(failed)) << failed;
+  EXPECT_THAT(std::string(failed.message()), HasSubstr("every session was revoked"));
+  EXPECT_TRUE(absl::IsNotFound(Get(a1.token).status()));
+  EXPECT_TRUE(absl::IsNotFound(Get(a2.token).status()));
+  SessionView a3 = MustCreate("alice");
+  EXPECT_TRUE(Get(a3.token).ok());
+  EXPECT_EQ(*service_->Revoke("alice", Deadline()), 1);
+}
+
 TEST_F(SessionServiceTest, RevokeEndsEveryLiveSessionAndLaterOnesWork) {
   SessionView a1 = MustCreate("alice");
   SessionView a2 = MustCreate("alice");
