@@ -108,7 +108,9 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
       config.default_call_timeout,
       LedgerLimits{static_cast<size_t>(config.max_idempotency_key_bytes)}));
 
-  app->services_.push_back(std::make_unique<HealthService>(app->health_board_));
+  auto health = std::make_unique<HealthService>(app->health_board_);
+  app->health_service_ = health.get();
+  app->services_.push_back(std::move(health));
   return app;
 }
 
@@ -177,7 +179,7 @@ absl::Status ServerApp::Start() {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10'000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-  // The synchronous handlers (the ledger, the other session methods, Health) block on
+  // The synchronous handlers (the ledger, the other session methods, Health/Check) block on
   // PostgreSQL/Memcached round trips. With gRPC's default of 1-2 threads waiting for new calls,
   // each call first has to wake or create a poller. Keeping 8 waiting once served 30-40% more
   // GetSession calls per second, when GetSession was synchronous. Measured again after it
@@ -205,6 +207,9 @@ absl::Status ServerApp::Start() {
   // Calls waiting to be matched cost a few hundred bytes each; 16 keep a burst from waiting
   // for the queue's thread to ask for the next one.
   session_handlers_->Accept(*async_queues_, 16);
+  // Watch streams open once per subchannel, so rarely, but in bursts when clients start
+  // together; a few requested keep the burst from waiting on the queue's thread for each.
+  health_service_->Accept(*async_queues_, 4);
   // One thread: each completion is short (hand the call to the store, or delete a finished
   // call) and the answers are sent from the store's I/O thread. Measured against 2 and 4
   // threads (16 in flight, 2 cores): the same throughput or better, 10-20 us less CPU per call.
@@ -326,7 +331,8 @@ void ServerApp::Wait() {
   if (async_thread_.joinable()) {
     // gRPC's shutdown ends with the connections. An asynchronous call whose client cancelled it
     // meanwhile may still wait on Memcached or the blocking threads; it ends by its deadline
-    // (the store answers every request by then), and must, before the queues shut down.
+    // (the store answers every request by then), and must, before the queues shut down. (Watch
+    // streams ended when the board shut down, or were cancelled with the connections.)
     const absl::Duration longest_call = config_.default_call_timeout + absl::Seconds(5);
     if (!async_queues_->WaitForCallsToEnd(longest_call)) {
       logger_.Log(LogLevel::kError, "asynchronous calls still unanswered at shutdown",

@@ -64,6 +64,7 @@ class ServerApp {
   std::unique_ptr<TokenAuthenticator> authenticator_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   SessionHandlers* session_handlers_ = nullptr;  // One of services_.
+  HealthService* health_service_ = nullptr;      // One of services_.
   // After the pools and the services, so destroyed before them: the work it still holds uses
   // both, and runs before it goes. Before the queues and the server, so it outlives every call
   // that hands work to it.
@@ -72,7 +73,7 @@ class ServerApp {
   ServerMetrics metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   // The completion queues of the asynchronous methods (GetSession, CreateSession,
-  // UpdateSession) and their thread; destroyed after the server.
+  // UpdateSession, Health/Watch) and their thread; destroyed after the server.
   std::unique_ptr<AsyncCallQueues> async_queues_;
   std::thread async_thread_;
   std::unique_ptr<grpc::Server> server_;

@@ -7,12 +7,14 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 
 #include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/common/logger.h"
+#include "server/rpc/async_call.h"
 
 namespace sessionledger {
 
@@ -25,38 +27,67 @@ class HealthBoard {
  public:
   using ServingStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
 
+  // Told when a service's status may have changed, so that a Watch stream need not poll.
+  class Watcher {
+   public:
+    // Called with the board's lock held, on the thread that changed the board: it must only
+    // arrange for the watcher to look again later (never call the board, never block).
+    virtual void Changed() = 0;
+
+   protected:
+    ~Watcher() = default;
+  };
+
   HealthBoard();
   void Set(const std::string& service, bool serving);
   // NOT_FOUND (std::nullopt) for a name the board does not know.
   std::optional<ServingStatus> Get(const std::string& service) const;
+  // The first call makes every service NOT_SERVING for good and tells every watcher; later
+  // calls do nothing.
   void Shutdown();
   bool shutting_down() const;
-  // Blocks until `service`'s status (SERVICE_UNKNOWN while the board does not know it) differs
-  // from `last`, shutdown begins, or `timeout` passes (on the steady clock).
-  std::optional<ServingStatus> WaitForChange(const std::string& service, ServingStatus last,
-                                             absl::Duration timeout) const;
+  // From AddWatcher until RemoveWatcher returns, `watcher` is told of every change of
+  // `service`'s status and of Shutdown (read the status after adding, so that no change falls
+  // in between). Once RemoveWatcher has returned, Changed is not running and will not be called.
+  void AddWatcher(const std::string& service, Watcher* watcher);
+  void RemoveWatcher(const std::string& service, Watcher* watcher);
+  // Watchers added and not removed (for tests: that ended streams let go of the board).
+  size_t watchers() const;
 
  private:
   mutable std::mutex mutex_;
-  mutable std::condition_variable changed_;
   std::map<std::string, ServingStatus> statuses_;
+  std::map<std::string, std::set<Watcher*>> watchers_;
   bool shutting_down_ = false;
 };
 
 // grpc.health.v1.Health served from our own compiled health.proto, so that reflection can
 // describe it and grpcurl can call it (the built-in service has no descriptor).
-class HealthService final : public grpc::health::v1::Health::Service {
+//
+// Check is synchronous (no I/O: it reads the board). Watch is served on gRPC's asynchronous API
+// (Accept): an open stream holds no thread and wakes nothing until its service's status changes
+// (HealthBoard::Watcher, through an alarm on the completion queue), since gRPC's client-side
+// health checking keeps one open per subchannel per client, and any peer can open thousands.
+// Not the callback API, for the reason SessionHandlers gives.
+class HealthService final
+    : public grpc::health::v1::Health::WithAsyncMethod_Watch<grpc::health::v1::Health::Service> {
  public:
-  explicit HealthService(const HealthBoard& board) : board_(board) {}
+  explicit HealthService(HealthBoard& board) : board_(board) {}
   grpc::Status Check(grpc::ServerContext* context,
                      const grpc::health::v1::HealthCheckRequest* request,
                      grpc::health::v1::HealthCheckResponse* response) override;
-  grpc::Status Watch(grpc::ServerContext* context,
-                     const grpc::health::v1::HealthCheckRequest* request,
-                     grpc::ServerWriter<grpc::health::v1::HealthCheckResponse>* writer) override;
+
+  // Serves Watch from `queues` (whose arrivals queue belongs to the server this service is
+  // registered on, after it started), keeping `accepting` calls requested at any time. Every
+  // event of a Watch call completes on queues.arrivals(), so all of a call runs on the thread
+  // that runs queues.Run(). Each stream counts as a call of `queues` (CallBegan) until it has
+  // ended, which it does promptly once the board shuts down or its client goes.
+  void Accept(AsyncCallQueues& queues, int accepting);
 
  private:
-  const HealthBoard& board_;
+  class WatchCall;
+
+  HealthBoard& board_;
 };
 
 // Probes the backing services on its own thread every `interval` and writes the results to the

@@ -28,27 +28,66 @@ TEST(HealthBoardTest, ShutdownIsFinal) {
   EXPECT_TRUE(board.shutting_down());
 }
 
-TEST(HealthBoardTest, WaitForChangeWakesOnChange) {
+// Counts the wake-ups the board gives it.
+class CountingWatcher final : public HealthBoard::Watcher {
+ public:
+  void Changed() override { ++changes_; }
+  int changes() const { return changes_.load(); }
+
+ private:
+  std::atomic<int> changes_{0};
+};
+
+TEST(HealthBoardTest, WatchersHearOfChangesToTheirServiceOnly) {
   HealthBoard board;
-  std::thread setter([&] {
-    absl::SleepFor(absl::Milliseconds(50));
-    board.Set(kSessionServiceName, true);
-  });
-  const auto status =
-      board.WaitForChange(kSessionServiceName, HealthCheckResponse::NOT_SERVING, absl::Seconds(10));
-  setter.join();
-  EXPECT_EQ(status, HealthCheckResponse::SERVING);
+  CountingWatcher session;
+  CountingWatcher overall;
+  board.AddWatcher(kSessionServiceName, &session);
+  board.AddWatcher("", &overall);
+  board.Set(kSessionServiceName, true);
+  board.Set(kSessionServiceName, true);  // No change, no wake-up.
+  board.Set(kTransactionServiceName, true);
+  EXPECT_EQ(session.changes(), 1);
+  EXPECT_EQ(overall.changes(), 0);
+  board.Set(kSessionServiceName, false);
+  EXPECT_EQ(session.changes(), 2);
+  board.RemoveWatcher(kSessionServiceName, &session);
+  board.RemoveWatcher("", &overall);
+  EXPECT_EQ(board.watchers(), 0u);
 }
 
-// Watch of a name the board does not know waits like any other: it used to return at once,
-// and the Watch loop spun on a core for as long as the stream stayed open.
-TEST(HealthBoardTest, WaitForChangeOfAnUnknownServiceWaits) {
+// A Watch of a name the board does not know waits like any other: an unknown name once counted
+// as a change, and its Watch loop spun on a core for as long as the stream stayed open.
+TEST(HealthBoardTest, AWatcherOfAnUnknownServiceIsWokenOnlyWhenThatNameAppears) {
   HealthBoard board;
-  const absl::Time start = absl::Now();
-  const auto status = board.WaitForChange("no.such.Service", HealthCheckResponse::SERVICE_UNKNOWN,
-                                          absl::Milliseconds(200));
-  EXPECT_EQ(status, std::nullopt);
-  EXPECT_GE(absl::Now() - start, absl::Milliseconds(190));
+  CountingWatcher unknown;
+  board.AddWatcher("no.such.Service", &unknown);
+  board.Set(kSessionServiceName, true);
+  board.Set(kTransactionServiceName, true);
+  EXPECT_EQ(unknown.changes(), 0);
+  board.Set("no.such.Service", true);
+  EXPECT_EQ(unknown.changes(), 1);
+  board.RemoveWatcher("no.such.Service", &unknown);
+}
+
+TEST(HealthBoardTest, ShutdownWakesEveryWatcherOnceAndRemovedOnesNever) {
+  HealthBoard board;
+  CountingWatcher a;
+  CountingWatcher b;
+  CountingWatcher removed;
+  board.AddWatcher("", &a);
+  board.AddWatcher("no.such.Service", &b);
+  board.AddWatcher(kSessionServiceName, &removed);
+  board.RemoveWatcher(kSessionServiceName, &removed);
+  board.Shutdown();
+  board.Shutdown();  // ServerApp's destructor shuts down again: no second round.
+  board.Set("", true);
+  EXPECT_EQ(a.changes(), 1);
+  EXPECT_EQ(b.changes(), 1);
+  EXPECT_EQ(removed.changes(), 0);
+  board.RemoveWatcher("", &a);
+  board.RemoveWatcher("no.such.Service", &b);
+  EXPECT_EQ(board.watchers(), 0u);
 }
 
 TEST(HealthMonitorTest, MapsProbesToServices) {
