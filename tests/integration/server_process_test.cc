@@ -12,7 +12,9 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
@@ -247,6 +249,96 @@ TEST(ServerProcessTest, SigtermEndsWatchStreamsRefusesNewCallsAndExitsZero) {
 
   auto after = CheckHealth(server->NewChannel(), "");
   EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << "no new calls";
+}
+
+// Threads of `pid` now (/proc/PID/task).
+int ThreadCount(pid_t pid) {
+  const std::filesystem::path tasks = absl::StrCat("/proc/", pid, "/task");
+  return static_cast<int>(std::distance(std::filesystem::directory_iterator(tasks),
+                                        std::filesystem::directory_iterator()));
+}
+
+// Context switches of every thread of `pid` so far: how often its threads woke up.
+int64_t ContextSwitches(pid_t pid) {
+  int64_t total = 0;
+  const std::filesystem::path tasks = absl::StrCat("/proc/", pid, "/task");
+  for (const auto& task : std::filesystem::directory_iterator(tasks)) {
+    std::ifstream status(task.path() / "status");
+    std::string line;
+    while (std::getline(status, line)) {
+      if (!absl::StrContains(line, "ctxt_switches:")) continue;
+      int64_t n = 0;
+      if (absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(line.find(':') + 1)), &n)) {
+        total += n;
+      }
+    }
+  }
+  return total;
+}
+
+// Client-side health checking opens one Watch per subchannel per client, and any peer can open
+// thousands: an open Watch must cost neither a server thread nor a periodic wake-up. (It held a
+// thread each, woken every second: 200 streams added 200 threads.)
+TEST(ServerProcessTest, OpenWatchStreamsHoldNoServerThreadAndDoNotWakeIt) {
+  constexpr int kStreams = 200;
+  // One connection carries them all, as a client's would; health probes rarely, so that they
+  // do not count as wake-ups.
+  auto server =
+      StartServer({{"GRPC_MAX_CONCURRENT_STREAMS", "1000"}, {"HEALTH_CHECK_INTERVAL_MS", "60000"}},
+                  /*serve_metrics=*/true);
+  ASSERT_NE(server, nullptr);
+  auto stub = Health::NewStub(server->NewChannel());
+  struct Stream {
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReader<HealthCheckResponse>> reader;
+  };
+  std::vector<std::unique_ptr<Stream>> streams;
+  auto open = [&](const std::string& service) {
+    auto& stream = streams.emplace_back(std::make_unique<Stream>());
+    HealthCheckRequest request;
+    request.set_service(service);
+    stream->reader = stub->Watch(&stream->context, request);
+    HealthCheckResponse first;
+    return stream->reader->Read(&first);
+  };
+  // The first stream, so that what it takes once (a connection, gRPC's pollers) is counted in
+  // the baseline.
+  ASSERT_TRUE(open(""));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(5),
+                        [&] { return RpcsInFlight(server->metrics_port(), 1); }));
+  absl::SleepFor(absl::Milliseconds(500));  // Threads started for the first call settle.
+  const int threads_before = ThreadCount(server->pid());
+
+  for (int i = 1; i < kStreams; ++i) {
+    // Unknown names too: they wait like the others.
+    ASSERT_TRUE(open(i % 2 == 0 ? std::string(kSession) : absl::StrCat("no.such.Service", i)))
+        << "stream " << i;
+  }
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(5),
+                        [&] { return RpcsInFlight(server->metrics_port(), kStreams); }));
+  const int threads_open = ThreadCount(server->pid());
+  const int64_t switches_before = ContextSwitches(server->pid());
+  absl::SleepFor(absl::Seconds(2));
+  const int64_t switches_idle = ContextSwitches(server->pid()) - switches_before;
+
+  for (auto& stream : streams) stream->context.TryCancel();
+  for (auto& stream : streams)
+    EXPECT_EQ(stream->reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  const bool all_ended = PollUntil(absl::Now() + absl::Seconds(5),
+                                   [&] { return RpcsInFlight(server->metrics_port(), 0); });
+
+  EXPECT_LT(threads_open - threads_before, 20)
+      << threads_before << " threads with one stream open, " << threads_open << " with "
+      << kStreams;
+  // Each wake of a thread is at least one switch; the streams themselves need none. What is
+  // left is gRPC's own timers and the completion-queue thread's sweep (10/s).
+  EXPECT_LT(switches_idle, kStreams)
+      << switches_idle << " context switches in 2 s with " << kStreams << " idle streams";
+  EXPECT_TRUE(all_ended) << "cancelled streams still counted in flight";
+  server->Signal(SIGTERM);
+  const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(15));
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_EQ(*exit_code, 0) << server->Output();
 }
 
 TEST(ServerProcessTest, SigtermLetsAnInFlightSlowCallFinishAndRefusesNewOnes) {
