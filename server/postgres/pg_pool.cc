@@ -74,15 +74,45 @@ absl::StatusOr<PgConnection> PgConnection::Connect(const std::string& conninfo, 
                                                    const Clock* wall_clock) {
   // Every wait is timed on the steady clock, so that a wall-clock step neither stretches it nor
   // cuts it short: the caller's deadline is turned into a steady one once, where it comes in.
-  return ConnectBy(conninfo, SteadyDeadline(deadline, wall_clock));
+  PgHostResolver resolver;
+  return ConnectBy(PgConnectTarget(conninfo), resolver, SteadyDeadline(deadline, wall_clock));
 }
 
-absl::StatusOr<PgConnection> PgConnection::ConnectBy(const std::string& conninfo,
-                                                     SteadyTime give_up) {
-  // expand_dbname = 1: "dbname" holds the whole URL; the other keywords fill what it leaves out.
-  const char* const keywords[] = {"dbname", "application_name", nullptr};
-  const char* const values[] = {conninfo.c_str(), "sessionledger", nullptr};
-  PGconn* raw = PQconnectStartParams(keywords, values, 1);
+absl::StatusOr<PgConnection> PgConnection::Connect(const PgConnectTarget& target,
+                                                   PgHostResolver& resolver, absl::Time deadline,
+                                                   const Clock* wall_clock) {
+  return ConnectBy(target, resolver, SteadyDeadline(deadline, wall_clock));
+}
+
+absl::StatusOr<PgConnection> PgConnection::ConnectBy(const PgConnectTarget& target,
+                                                     PgHostResolver& resolver, SteadyTime give_up) {
+  // libpq looks host names up synchronously inside PQconnectStartParams/PQconnectPoll, beyond
+  // any deadline; only a `hostaddr` spares it that. So names are looked up here first, on the
+  // resolver's threads and within the deadline, and libpq is handed the addresses.
+  std::optional<PgConnectTarget::Overrides> overrides;
+  if (!target.names().empty()) {
+    absl::StatusOr<std::vector<absl::StatusOr<std::vector<std::string>>>> addresses =
+        resolver.Resolve(target.names(), give_up);
+    if (!addresses.ok()) return addresses.status();
+    absl::StatusOr<PgConnectTarget::Overrides> by_address = target.WithAddresses(*addresses);
+    if (!by_address.ok()) return by_address.status();
+    overrides = *std::move(by_address);
+  }
+  // expand_dbname = 1: "dbname" holds the whole URL; the other keywords fill what it leaves out,
+  // and those after it (non-empty ones) override it.
+  std::vector<const char*> keywords = {"dbname", "application_name"};
+  std::vector<const char*> values = {target.conninfo().c_str(), "sessionledger"};
+  if (overrides.has_value()) {
+    keywords.insert(keywords.end(), {"host", "hostaddr"});
+    values.insert(values.end(), {overrides->host.c_str(), overrides->hostaddr.c_str()});
+    if (!overrides->port.empty()) {
+      keywords.push_back("port");
+      values.push_back(overrides->port.c_str());
+    }
+  }
+  keywords.push_back(nullptr);
+  values.push_back(nullptr);
+  PGconn* raw = PQconnectStartParams(keywords.data(), values.data(), 1);
   if (raw == nullptr) return absl::ResourceExhaustedError("postgres: out of memory");
   PgConnection conn(raw);
   if (PQstatus(raw) == CONNECTION_BAD) {
@@ -305,6 +335,12 @@ PgPool::Lease::~Lease() {
   if (pool_ != nullptr) pool_->Return(std::move(conn_), broken_);
 }
 
+PgPool::PgPool(PgPoolOptions options)
+    : options_(std::move(options)),
+      target_(options_.conninfo),
+      resolver_(options_.resolver != nullptr ? options_.resolver
+                                             : std::make_shared<PgHostResolver>()) {}
+
 absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
   const SteadyTime give_up = SteadyDeadline(deadline);
   std::unique_lock<std::mutex> lock(mutex_);
@@ -321,7 +357,7 @@ absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
       ++open_;
       lock.unlock();
       absl::StatusOr<PgConnection> conn = PgConnection::ConnectBy(
-          options_.conninfo,
+          target_, *resolver_,
           std::min(give_up, SteadyNow() + ToSteadyDuration(options_.connect_timeout)));
       if (!conn.ok()) {
         lock.lock();

@@ -15,6 +15,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "server/common/clock.h"
+#include "server/postgres/pg_host_resolver.h"
 
 namespace sessionledger {
 
@@ -46,9 +47,17 @@ struct PgStatement {
 // Not thread-safe: one thread uses a connection at a time (the pool guarantees that).
 class PgConnection {
  public:
-  // Connects without blocking past `deadline`. UNAVAILABLE when PostgreSQL cannot be reached
-  // or refuses (the message never contains the password). `wall_clock`: what `deadline` is read
-  // against (absl::Now() when unset; tests step one).
+  // Connects without blocking past `deadline`, host name lookups included (they run on
+  // `resolver`'s threads, see PgHostResolver). UNAVAILABLE when a host name does not resolve in
+  // time or at all, or PostgreSQL cannot be reached or refuses (the message never contains the
+  // password). `wall_clock`: what `deadline` is read against (absl::Now() when unset; tests
+  // step one).
+  static absl::StatusOr<PgConnection> Connect(const PgConnectTarget& target,
+                                              PgHostResolver& resolver, absl::Time deadline,
+                                              const Clock* wall_clock = nullptr);
+  // The same for a one-off connection, with a resolver of its own: its lookup is shared with no
+  // other caller. Repeated connects (probes, retries) should share a resolver instead, so that
+  // a DNS outage costs one lookup thread per name rather than one per attempt.
   static absl::StatusOr<PgConnection> Connect(const std::string& conninfo, absl::Time deadline,
                                               const Clock* wall_clock = nullptr);
 
@@ -88,7 +97,8 @@ class PgConnection {
   explicit PgConnection(PGconn* conn) : conn_(conn) {}
   friend class PgPool;
   // Connect, by a deadline on the steady clock (the pool's, already converted).
-  static absl::StatusOr<PgConnection> ConnectBy(const std::string& conninfo, SteadyTime give_up);
+  static absl::StatusOr<PgConnection> ConnectBy(const PgConnectTarget& target,
+                                                PgHostResolver& resolver, SteadyTime give_up);
   // Sends with PQsend*, then waits for and collects the results until `give_up`.
   absl::StatusOr<PgResultPtr> Collect(SteadyTime give_up);
   absl::Status WaitSocket(bool for_write, SteadyTime give_up);
@@ -101,10 +111,15 @@ struct PgPoolOptions {
   std::string conninfo;  // DATABASE_URL.
   int size = 8;
   absl::Duration connect_timeout = absl::Seconds(3);
+  // Looks up the hosts of `conninfo` for each new connection; when unset, the pool makes its
+  // own (getaddrinfo). Share one with other connects to the same database (the health probe).
+  std::shared_ptr<PgHostResolver> resolver;
 };
 
 // A bounded, thread-safe pool of PgConnections. Connections are opened lazily up to `size` and
-// reopened when found broken, so the pool recovers by itself after PostgreSQL restarts.
+// reopened when found broken, so the pool recovers by itself after PostgreSQL restarts. Each new
+// connection looks its host names up again (a failover may have moved them), within the
+// caller's deadline.
 // A lease whose user saw a connection-level failure (or is unsure of the session state, e.g. a
 // transaction left open) calls MarkBroken(): the connection is closed instead of returned.
 class PgPool {
@@ -131,7 +146,7 @@ class PgPool {
     bool broken_ = false;
   };
 
-  explicit PgPool(PgPoolOptions options) : options_(std::move(options)) {}
+  explicit PgPool(PgPoolOptions options);
   PgPool(const PgPool&) = delete;
   PgPool& operator=(const PgPool&) = delete;
 
@@ -154,6 +169,8 @@ class PgPool {
   void Return(std::optional<PgConnection> conn, bool broken);
 
   const PgPoolOptions options_;
+  const PgConnectTarget target_;  // options_.conninfo, parsed once.
+  const std::shared_ptr<PgHostResolver> resolver_;
   mutable std::mutex mutex_;
   std::condition_variable returned_;
   std::vector<PgConnection> idle_;

@@ -1,0 +1,235 @@
+#include "server/postgres/pg_host_resolver.h"
+
+#include <arpa/inet.h>
+#include <libpq-fe.h>
+#include <netdb.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "server/common/thread_name.h"
+
+namespace sessionledger {
+
+absl::StatusOr<std::vector<std::string>> LookUpPgHost(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(host.c_str(), nullptr, &hints, &found);
+  std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> owned(found, &freeaddrinfo);
+  if (rc != 0) {
+    return rc == EAI_NONAME ? absl::NotFoundError(gai_strerror(rc))
+                            : absl::UnavailableError(gai_strerror(rc));
+  }
+  std::vector<std::string> addresses;
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    char text[NI_MAXHOST];
+    if (getnameinfo(a->ai_addr, a->ai_addrlen, text, sizeof text, nullptr, 0, NI_NUMERICHOST) !=
+        0) {
+      continue;
+    }
+    // getaddrinfo's order (RFC 6724) is the order libpq would have tried them in.
+    if (std::find(addresses.begin(), addresses.end(), text) == addresses.end()) {
+      addresses.emplace_back(text);
+    }
+  }
+  if (addresses.empty()) return absl::NotFoundError("no address");
+  return addresses;
+}
+
+// One lookup in flight; guarded by State::mu.
+struct PgHostResolver::Lookup {
+  bool done = false;
+  absl::StatusOr<std::vector<std::string>> result;
+  std::condition_variable answered;
+};
+
+// Shared by the resolver and its lookup threads; whichever lets go last frees it.
+struct PgHostResolver::State {
+  explicit State(PgLookupFn fn) : lookup(std::move(fn)) {}
+  const PgLookupFn lookup;
+  std::mutex mu;
+  std::map<std::string, std::shared_ptr<Lookup>> in_flight;  // Guarded by mu,
+  int64_t started = 0;                                       // as are these.
+  int waiting = 0;
+};
+
+PgHostResolver::PgHostResolver(PgLookupFn lookup)
+    : state_(std::make_shared<State>(lookup ? std::move(lookup) : PgLookupFn(LookUpPgHost))) {}
+
+// Lookup threads hold their own reference to the state: nothing to wait for.
+PgHostResolver::~PgHostResolver() = default;
+
+absl::StatusOr<std::vector<absl::StatusOr<std::vector<std::string>>>> PgHostResolver::Resolve(
+    const std::vector<std::string>& hosts, SteadyTime give_up) {
+  std::vector<std::shared_ptr<Lookup>> lookups;
+  std::vector<std::pair<std::string, std::shared_ptr<Lookup>>> to_start;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    for (const std::string& host : hosts) {
+      std::shared_ptr<Lookup>& lookup = state_->in_flight[host];
+      if (lookup == nullptr) {
+        lookup = std::make_shared<Lookup>();
+        to_start.emplace_back(host, lookup);
+        ++state_->started;
+      }
+      lookups.push_back(lookup);
+    }
+  }
+  // Threads start outside the lock: other callers need not wait for thread creation.
+  for (auto& [host, lookup] : to_start) {
+    try {
+      std::thread([state = state_, host = host, lookup = lookup] {
+        NameThisThread("sl-pg-dns");
+        absl::StatusOr<std::vector<std::string>> result = state->lookup(host);
+        std::lock_guard<std::mutex> lock(state->mu);
+        lookup->result = std::move(result);
+        lookup->done = true;
+        // Forget it, so that the next caller looks the name up afresh (a failover may have
+        // moved it).
+        auto it = state->in_flight.find(host);
+        if (it != state->in_flight.end() && it->second == lookup) state->in_flight.erase(it);
+        lookup->answered.notify_all();
+      }).detach();
+    } catch (const std::system_error& e) {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      // As a failed lookup: the caller answers UNAVAILABLE (or tries the other hosts).
+      lookup->result = absl::UnavailableError(absl::StrCat("cannot start a thread: ", e.what()));
+      lookup->done = true;
+      auto it = state_->in_flight.find(host);
+      if (it != state_->in_flight.end() && it->second == lookup) state_->in_flight.erase(it);
+      lookup->answered.notify_all();
+    }
+  }
+  std::vector<absl::StatusOr<std::vector<std::string>>> results;
+  results.reserve(hosts.size());
+  std::unique_lock<std::mutex> lock(state_->mu);
+  ++state_->waiting;
+  for (size_t i = 0; i < hosts.size(); ++i) {
+    Lookup& lookup = *lookups[i];
+    if (!lookup.answered.wait_until(lock, give_up, [&] { return lookup.done; })) {
+      --state_->waiting;
+      return absl::UnavailableError(
+          absl::StrCat("postgres: looking up '", hosts[i], "' took longer than the deadline"));
+    }
+    results.push_back(lookup.result);
+  }
+  --state_->waiting;
+  return results;
+}
+
+int64_t PgHostResolver::lookups_started() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->started;
+}
+
+int PgHostResolver::waiting() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->waiting;
+}
+
+namespace {
+
+std::vector<std::string> SplitList(const char* value) {
+  if (value == nullptr || *value == '\0') return {};
+  return absl::StrSplit(value, ',');
+}
+
+bool IsNumericAddress(const std::string& host) {
+  in6_addr buffer;
+  return inet_pton(AF_INET, host.c_str(), &buffer) == 1 ||
+         inet_pton(AF_INET6, host.c_str(), &buffer) == 1;
+}
+
+}  // namespace
+
+PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(conninfo)) {
+  std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> options(
+      PQconninfoParse(conninfo_.c_str(), nullptr), &PQconninfoFree);
+  if (options == nullptr) return;  // libpq will say why when it connects.
+  const char* host = nullptr;
+  const char* hostaddr = nullptr;
+  const char* port = nullptr;
+  for (const PQconninfoOption* o = options.get(); o->keyword != nullptr; ++o) {
+    const std::string keyword = o->keyword;
+    if (keyword == "host") host = o->val;
+    if (keyword == "hostaddr") hostaddr = o->val;
+    if (keyword == "port") port = o->val;
+  }
+  const std::vector<std::string> hosts = SplitList(host);
+  const std::vector<std::string> hostaddrs = SplitList(hostaddr);
+  const std::vector<std::string> ports = SplitList(port);
+  // The same rules as libpq's: hostaddr one per host when both are given; one port for all or
+  // one per host. Otherwise libpq refuses the conninfo (before any lookup), so leave it be.
+  if (hosts.empty()) return;
+  if (!hostaddrs.empty() && hostaddrs.size() != hosts.size()) return;
+  if (ports.size() > 1 && ports.size() != hosts.size()) return;
+  per_entry_ports_ = ports.size() > 1;
+  for (size_t i = 0; i < hosts.size(); ++i) {
+    Entry entry;
+    entry.host = hosts[i];
+    if (!hostaddrs.empty()) entry.hostaddr = hostaddrs[i];
+    if (per_entry_ports_) entry.port = ports[i];
+    const bool needs_lookup = !entry.host.empty() && entry.hostaddr.empty() &&
+                              entry.host[0] != '/' && entry.host[0] != '@' &&
+                              !IsNumericAddress(entry.host);
+    if (needs_lookup) {
+      auto it = std::find(names_.begin(), names_.end(), entry.host);
+      entry.name_index = static_cast<int>(it - names_.begin());
+      if (it == names_.end()) names_.push_back(entry.host);
+    }
+    entries_.push_back(std::move(entry));
+  }
+}
+
+absl::StatusOr<PgConnectTarget::Overrides> PgConnectTarget::WithAddresses(
+    const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses) const {
+  if (addresses.size() != names_.size()) {
+    return absl::InternalError("postgres: lookup results do not match the host names");
+  }
+  std::vector<std::string> hosts;
+  std::vector<std::string> hostaddrs;
+  std::vector<std::string> ports;
+  absl::Status first_failure;
+  for (const Entry& entry : entries_) {
+    if (entry.name_index < 0) {
+      hosts.push_back(entry.host);
+      hostaddrs.push_back(entry.hostaddr);
+      ports.push_back(entry.port);
+      continue;
+    }
+    const absl::StatusOr<std::vector<std::string>>& found = addresses[entry.name_index];
+    if (!found.ok()) {
+      if (first_failure.ok()) {
+        first_failure = absl::UnavailableError(absl::StrCat(
+            "postgres: cannot look up '", entry.host, "': ", found.status().message()));
+      }
+      continue;
+    }
+    for (const std::string& address : *found) {
+      hosts.push_back(entry.host);
+      hostaddrs.push_back(address);
+      ports.push_back(entry.port);
+    }
+  }
+  if (hosts.empty()) return first_failure;
+  Overrides overrides;
+  overrides.host = absl::StrJoin(hosts, ",");
+  overrides.hostaddr = absl::StrJoin(hostaddrs, ",");
+  // One port for all (or none) is the conninfo's own and still applies to every entry.
+  if (per_entry_ports_) overrides.port = absl::StrJoin(ports, ",");
+  return overrides;
+}
+
+}  // namespace sessionledger

@@ -1,0 +1,118 @@
+#ifndef SESSIONLEDGER_SERVER_POSTGRES_PG_HOST_RESOLVER_H_
+#define SESSIONLEDGER_SERVER_POSTGRES_PG_HOST_RESOLVER_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "server/common/clock.h"
+
+namespace sessionledger {
+
+// How a PostgreSQL host name is turned into numeric addresses ("10.0.0.5", "::1"), in the order
+// they should be tried. NOT_FOUND or UNAVAILABLE when the name does not resolve.
+using PgLookupFn = std::function<absl::StatusOr<std::vector<std::string>>(const std::string& host)>;
+
+// getaddrinfo(3) (TCP, any family), as libpq itself would look the name up.
+absl::StatusOr<std::vector<std::string>> LookUpPgHost(const std::string& host);
+
+// Looks up PostgreSQL host names without ever blocking a caller past its deadline.
+//
+// libpq resolves names synchronously inside PQconnectStartParams/PQconnectPoll, where no
+// deadline reaches, and getaddrinfo cannot be interrupted: with a name server that drops
+// packets a connect would block for the resolver's whole timeout (glibc: 5 s x attempts x
+// search domains). So each lookup runs on a thread of its own ("sl-pg-dns"), and callers wait
+// for it only until their deadline.
+//
+// Lookups are coalesced: while a name's lookup is in flight, every caller asking for that name
+// waits on the same one, so a DNS outage costs at most one thread per name, however many calls
+// reconnect. Nothing is cached beyond that: once a lookup has answered, the next caller starts
+// a new one, so a connection opened after a failover finds the new address.
+//
+// Lookup threads are never joined: they share only a reference-counted state with the
+// resolver, which the last of them frees. Destroying the resolver therefore never waits for a
+// stuck lookup (a shutdown must not outlast the pod's grace period because of DNS).
+//
+// Thread-safe. Callers of Resolve must not outlive the resolver; lookups may.
+class PgHostResolver {
+ public:
+  // `lookup`: LookUpPgHost when unset; tests inject slow or counting ones. It runs on detached
+  // threads that may outlive the resolver, so it must capture nothing that dies with it.
+  explicit PgHostResolver(PgLookupFn lookup = nullptr);
+  ~PgHostResolver();
+  PgHostResolver(const PgHostResolver&) = delete;
+  PgHostResolver& operator=(const PgHostResolver&) = delete;
+
+  // The addresses of each of `hosts` (in that order), each looked up at most once at a time as
+  // described above; a name that does not resolve has its lookup's error in its place.
+  // UNAVAILABLE, naming the first host still being looked up, when `give_up` comes before every
+  // lookup has answered (the lookups go on, and later callers may still use them).
+  // A lookup whose thread cannot be started fails like a lookup (UNAVAILABLE in its place).
+  absl::StatusOr<std::vector<absl::StatusOr<std::vector<std::string>>>> Resolve(
+      const std::vector<std::string>& hosts, SteadyTime give_up);
+
+  // Lookups started so far, and callers waiting on one right now (metrics, tests).
+  int64_t lookups_started() const;
+  int waiting() const;
+
+ private:
+  struct Lookup;
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
+// What a conninfo asks libpq to connect to, parsed once, and how to connect there by address.
+//
+// A host entry needs a lookup when it is a name: not a unix-socket path ('/' or '@' first), not
+// empty (libpq's default socket), not a numeric address, and without a `hostaddr` of its own.
+// host, hostaddr and port may be comma lists (libpq tries each host in turn); so may be the
+// result: a name with several addresses becomes one entry per address, with the name kept as
+// `host` (TLS verify-full, .pgpass and libpq's messages use it) and the address as `hostaddr`
+// (libpq then does no lookup). libpq still tries each address in turn, and target_session_attrs
+// applies to each as before.
+//
+// Only what the conninfo itself says is read. A conninfo libpq cannot parse, or whose lists do
+// not match up, is passed on unchanged, so libpq reports the error as before. Hosts that come
+// only from PGHOST or a service file are left to libpq (and its unbounded lookup).
+class PgConnectTarget {
+ public:
+  explicit PgConnectTarget(std::string conninfo);
+
+  const std::string& conninfo() const { return conninfo_; }
+  // The distinct names to look up, in the order of the host list; empty when none.
+  const std::vector<std::string>& names() const { return names_; }
+
+  // Values for libpq's host, hostaddr and port keywords (port empty: keep the conninfo's),
+  // which override the conninfo's.
+  struct Overrides {
+    std::string host;
+    std::string hostaddr;
+    std::string port;
+  };
+  // The overrides given each of names()'s lookup results (same order). A name whose lookup
+  // failed is left out of the list, as libpq skips a host it cannot resolve; UNAVAILABLE with
+  // that failure when nothing is left to try.
+  absl::StatusOr<Overrides> WithAddresses(
+      const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses) const;
+
+ private:
+  struct Entry {
+    std::string host;
+    std::string hostaddr;
+    std::string port;
+    int name_index = -1;  // Into names_, when the entry needs a lookup.
+  };
+
+  std::string conninfo_;
+  std::vector<Entry> entries_;
+  bool per_entry_ports_ = false;  // The conninfo has one port per host.
+  std::vector<std::string> names_;
+};
+
+}  // namespace sessionledger
+
+#endif  // SESSIONLEDGER_SERVER_POSTGRES_PG_HOST_RESOLVER_H_

@@ -1,0 +1,270 @@
+// Host name lookups for PostgreSQL connections: bounded by the caller's deadline, shared
+// between concurrent callers, never cached past one lookup; and how conninfo host lists are
+// turned into host/hostaddr/port for libpq. No PostgreSQL needed: a lookup that never answers
+// in time fails the connect before libpq is ever called.
+#include "server/postgres/pg_host_resolver.h"
+
+#include <atomic>
+#include <memory>
+#include <thread>
+
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/common/notification.h"
+#include "server/postgres/pg_pool.h"
+
+namespace sessionledger {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+
+using Addresses = absl::StatusOr<std::vector<std::string>>;
+
+// A lookup that answers only when released (or after `longest`), counting its calls. Held by
+// shared_ptr: lookup threads are detached and may outlive the test's stack frame.
+struct GatedLookup {
+  Notification release;
+  std::atomic<int> calls{0};
+
+  static std::shared_ptr<GatedLookup> Make() { return std::make_shared<GatedLookup>(); }
+};
+
+// A lookup that answers `answer` once `gate` is released, or after 10 s.
+PgLookupFn Gated(std::shared_ptr<GatedLookup> gate,
+                 std::vector<std::string> answer = {"10.0.0.1"}) {
+  return [gate, answer](const std::string&) {
+    gate->calls.fetch_add(1);
+    gate->release.WaitForNotificationWithTimeout(absl::Seconds(10));
+    return Addresses(answer);
+  };
+}
+
+SteadyTime In(absl::Duration d) { return SteadyNow() + ToSteadyDuration(d); }
+
+absl::Duration Since(SteadyTime start) {
+  return absl::FromChrono(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(SteadyNow() - start));
+}
+
+TEST(PgHostResolverTest, ASlowLookupEndsAtTheDeadlineNamingTheHost) {
+  auto gate = GatedLookup::Make();
+  PgHostResolver resolver(Gated(gate));
+  const SteadyTime start = SteadyNow();
+  auto result = resolver.Resolve({"db.example"}, In(absl::Seconds(1)));
+  const absl::Duration took = Since(start);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(result.status().message(),
+              HasSubstr("looking up 'db.example' took longer than the deadline"));
+  EXPECT_GE(took, absl::Milliseconds(990));
+  EXPECT_LT(took, absl::Milliseconds(1500));
+  gate->release.Notify();
+}
+
+// The defect this guards against: libpq looked names up inside PQconnectStartParams, where the
+// deadline never reached. Here the lookup sleeps 10 s; the connect must give up after 1 s.
+TEST(PgHostResolverTest, ConnectWithASlowLookupAnswersUnavailableByTheDeadline) {
+  auto gate = GatedLookup::Make();
+  PgHostResolver resolver(Gated(gate));
+  const PgConnectTarget target("postgres://app@db.example:5432/app?sslmode=disable");
+  const SteadyTime start = SteadyNow();
+  absl::StatusOr<PgConnection> conn =
+      PgConnection::Connect(target, resolver, absl::Now() + absl::Seconds(1));
+  const absl::Duration took = Since(start);
+  ASSERT_FALSE(conn.ok());
+  EXPECT_EQ(conn.status().code(), absl::StatusCode::kUnavailable) << conn.status();
+  EXPECT_THAT(conn.status().message(), HasSubstr("'db.example'"));
+  EXPECT_LT(took, absl::Milliseconds(1500));
+  EXPECT_EQ(gate->calls.load(), 1);
+  gate->release.Notify();
+}
+
+TEST(PgHostResolverTest, PoolAcquireWithASlowLookupAnswersUnavailableByTheDeadline) {
+  auto gate = GatedLookup::Make();
+  PgPoolOptions options;
+  options.conninfo = "postgres://app@db.example:5432/app?sslmode=disable";
+  options.size = 2;
+  options.connect_timeout = absl::Seconds(30);  // The caller's deadline is the tighter one.
+  options.resolver = std::make_shared<PgHostResolver>(Gated(gate));
+  PgPool pool(options);
+  const SteadyTime start = SteadyNow();
+  absl::StatusOr<PgPool::Lease> lease = pool.Acquire(absl::Now() + absl::Seconds(1));
+  const absl::Duration took = Since(start);
+  ASSERT_FALSE(lease.ok());
+  EXPECT_EQ(lease.status().code(), absl::StatusCode::kUnavailable) << lease.status();
+  EXPECT_LT(took, absl::Milliseconds(1500));
+  // The slot is given back: nothing stays open for a connect that never happened.
+  EXPECT_EQ(pool.open_connections(), 0);
+  gate->release.Notify();
+}
+
+TEST(PgHostResolverTest, ConcurrentCallersShareOneLookup) {
+  auto gate = GatedLookup::Make();
+  PgHostResolver resolver(Gated(gate, {"10.0.0.7"}));
+  Addresses first, second;
+  std::thread a([&] {
+    auto r = resolver.Resolve({"db.example"}, In(absl::Seconds(10)));
+    first = r.ok() ? (*r)[0] : r.status();
+  });
+  std::thread b([&] {
+    auto r = resolver.Resolve({"db.example"}, In(absl::Seconds(10)));
+    second = r.ok() ? (*r)[0] : r.status();
+  });
+  for (int i = 0; i < 1000 && resolver.waiting() < 2; ++i) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_EQ(resolver.waiting(), 2);
+  gate->release.Notify();
+  a.join();
+  b.join();
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_THAT(*first, ElementsAre("10.0.0.7"));
+  EXPECT_THAT(*second, ElementsAre("10.0.0.7"));
+  EXPECT_EQ(gate->calls.load(), 1);
+  EXPECT_EQ(resolver.lookups_started(), 1);
+}
+
+// A caller that gave up leaves the lookup running; the next caller waits on that one rather
+// than starting another, so a DNS outage costs one thread per name, not one per call.
+TEST(PgHostResolverTest, CallersThatGaveUpDoNotPileUpThreads) {
+  auto gate = GatedLookup::Make();
+  PgHostResolver resolver(Gated(gate));
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_FALSE(resolver.Resolve({"db.example"}, In(absl::Milliseconds(20))).ok());
+  }
+  EXPECT_EQ(resolver.lookups_started(), 1);
+  gate->release.Notify();
+}
+
+// After a failover the name leads elsewhere: an answered lookup is not reused.
+TEST(PgHostResolverTest, EachResolveAfterAnAnswerLooksUpAgain) {
+  auto answers = std::make_shared<std::atomic<int>>(0);
+  PgHostResolver resolver([answers](const std::string&) -> Addresses {
+    return std::vector<std::string>{answers->fetch_add(1) == 0 ? "10.0.0.1" : "10.0.0.2"};
+  });
+  auto before = resolver.Resolve({"db.example"}, In(absl::Seconds(5)));
+  auto after = resolver.Resolve({"db.example"}, In(absl::Seconds(5)));
+  ASSERT_TRUE(before.ok() && after.ok());
+  EXPECT_THAT(*(*before)[0], ElementsAre("10.0.0.1"));
+  EXPECT_THAT(*(*after)[0], ElementsAre("10.0.0.2"));
+  EXPECT_EQ(resolver.lookups_started(), 2);
+}
+
+TEST(PgHostResolverTest, DestroyingTheResolverDoesNotWaitForAStuckLookup) {
+  auto gate = GatedLookup::Make();
+  auto resolver = std::make_unique<PgHostResolver>(Gated(gate));
+  EXPECT_FALSE(resolver->Resolve({"db.example"}, In(absl::Milliseconds(10))).ok());
+  const SteadyTime start = SteadyNow();
+  resolver.reset();
+  EXPECT_LT(Since(start), absl::Milliseconds(100));
+  gate->release.Notify();  // Lets the detached thread finish (and free the shared state).
+}
+
+TEST(PgHostResolverTest, AFailedLookupIsReportedWithTheHostName) {
+  PgHostResolver resolver([](const std::string&) -> Addresses {
+    return absl::NotFoundError("Name or service not known");
+  });
+  const PgConnectTarget target("postgres://app@nowhere.example/app");
+  absl::StatusOr<PgConnection> conn =
+      PgConnection::Connect(target, resolver, absl::Now() + absl::Seconds(5));
+  ASSERT_FALSE(conn.ok());
+  EXPECT_EQ(conn.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(conn.status().message(),
+              HasSubstr("cannot look up 'nowhere.example': Name or service not known"));
+}
+
+TEST(LookUpPgHostTest, NumericAndLocalNamesResolveWithoutDns) {
+  auto numeric = LookUpPgHost("127.0.0.1");
+  ASSERT_TRUE(numeric.ok()) << numeric.status();
+  EXPECT_THAT(*numeric, ElementsAre("127.0.0.1"));
+  auto local = LookUpPgHost("localhost");  // /etc/hosts
+  ASSERT_TRUE(local.ok()) << local.status();
+  EXPECT_THAT(*local, ::testing::Contains("127.0.0.1"));
+}
+
+// --- conninfo forms ---
+
+PgConnectTarget::Overrides Expect(const PgConnectTarget& target,
+                                  const std::vector<Addresses>& addresses) {
+  absl::StatusOr<PgConnectTarget::Overrides> o = target.WithAddresses(addresses);
+  EXPECT_TRUE(o.ok()) << o.status();
+  return o.ok() ? *o : PgConnectTarget::Overrides{};
+}
+
+TEST(PgConnectTargetTest, MultiHostUrlExpandsEachNameToItsAddresses) {
+  const PgConnectTarget target(
+      "postgres://app:secret@db1.example:5432,db2.example:5433/"
+      "app?target_session_attrs=read-write");
+  EXPECT_THAT(target.names(), ElementsAre("db1.example", "db2.example"));
+  const auto o = Expect(target, {std::vector<std::string>{"10.0.0.1", "fd00::1"},
+                                 std::vector<std::string>{"10.0.0.3"}});
+  EXPECT_EQ(o.host, "db1.example,db1.example,db2.example");
+  EXPECT_EQ(o.hostaddr, "10.0.0.1,fd00::1,10.0.0.3");
+  EXPECT_EQ(o.port, "5432,5432,5433");
+}
+
+TEST(PgConnectTargetTest, OnePortForAllIsLeftToTheConninfo) {
+  const PgConnectTarget target("postgres://app@db.example:6000/app");
+  EXPECT_THAT(target.names(), ElementsAre("db.example"));
+  const auto o = Expect(target, {std::vector<std::string>{"10.0.0.1", "10.0.0.2"}});
+  EXPECT_EQ(o.host, "db.example,db.example");
+  EXPECT_EQ(o.hostaddr, "10.0.0.1,10.0.0.2");
+  EXPECT_EQ(o.port, "");
+}
+
+TEST(PgConnectTargetTest, UnixSocketsNumericHostsAndGivenHostaddrsNeedNoLookup) {
+  EXPECT_THAT(PgConnectTarget("postgresql:///app?host=/var/run/postgresql").names(), IsEmpty());
+  EXPECT_THAT(PgConnectTarget("host=@abstract dbname=app").names(), IsEmpty());
+  EXPECT_THAT(PgConnectTarget("postgresql:///app").names(), IsEmpty());
+  EXPECT_THAT(PgConnectTarget("postgres://app@127.0.0.1:5432/app").names(), IsEmpty());
+  EXPECT_THAT(PgConnectTarget("postgres://app@[::1]:5432/app").names(), IsEmpty());
+  EXPECT_THAT(PgConnectTarget("host=db.example hostaddr=10.1.1.1 dbname=app").names(), IsEmpty());
+  EXPECT_THAT(PgConnectTarget("postgres://app@db.example/app?hostaddr=10.1.1.1").names(),
+              IsEmpty());
+}
+
+TEST(PgConnectTargetTest, MixedListsKeepWhatNeedsNoLookup) {
+  const PgConnectTarget target(
+      "host=a.example,/tmp,b.example,10.0.0.9 hostaddr=,,,10.0.0.9 port=1,2,3,4 dbname=x");
+  EXPECT_THAT(target.names(), ElementsAre("a.example", "b.example"));
+  const auto o = Expect(target, {std::vector<std::string>{"10.0.0.1"},
+                                 std::vector<std::string>{"10.0.0.2", "10.0.0.3"}});
+  EXPECT_EQ(o.host, "a.example,/tmp,b.example,b.example,10.0.0.9");
+  EXPECT_EQ(o.hostaddr, "10.0.0.1,,10.0.0.2,10.0.0.3,10.0.0.9");
+  EXPECT_EQ(o.port, "1,2,3,3,4");
+}
+
+TEST(PgConnectTargetTest, ARepeatedNameIsLookedUpOnce) {
+  const PgConnectTarget target("host=db.example,db.example port=5432,5433 dbname=x");
+  EXPECT_THAT(target.names(), ElementsAre("db.example"));
+  const auto o = Expect(target, {std::vector<std::string>{"10.0.0.1"}});
+  EXPECT_EQ(o.host, "db.example,db.example");
+  EXPECT_EQ(o.hostaddr, "10.0.0.1,10.0.0.1");
+  EXPECT_EQ(o.port, "5432,5433");
+}
+
+TEST(PgConnectTargetTest, AHostThatDoesNotResolveIsSkippedLikeLibpqDoes) {
+  const PgConnectTarget target("postgres://app@gone.example,db.example/app");
+  const auto o = Expect(target, {absl::NotFoundError("Name or service not known"),
+                                 std::vector<std::string>{"10.0.0.2"}});
+  EXPECT_EQ(o.host, "db.example");
+  EXPECT_EQ(o.hostaddr, "10.0.0.2");
+  absl::StatusOr<PgConnectTarget::Overrides> none = target.WithAddresses(
+      {absl::NotFoundError("Name or service not known"), absl::UnavailableError("SERVFAIL")});
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(none.status().message(), HasSubstr("'gone.example'"));
+}
+
+TEST(PgConnectTargetTest, WhatLibpqWouldRefuseIsPassedOnUnchanged) {
+  // libpq's own error ("could not match 3 port numbers to 2 hosts") stays the one reported.
+  EXPECT_THAT(PgConnectTarget("host=a.example,b.example port=1,2,3 dbname=x").names(), IsEmpty());
+  EXPECT_THAT(PgConnectTarget("host=a.example,b.example hostaddr=10.0.0.1 dbname=x").names(),
+              IsEmpty());
+  EXPECT_THAT(PgConnectTarget("postgres://[oops").names(), IsEmpty());
+}
+
+}  // namespace
+}  // namespace sessionledger
