@@ -33,10 +33,14 @@ int ToMillisArg(absl::Duration d) {
 // Waits for PostgreSQL (it may still be starting next to us) and checks the schema version.
 absl::Status CheckSchemaAtStartup(const Config& config, Logger& logger, absl::Duration timeout) {
   const SteadyTime give_up = SteadyNow() + ToSteadyDuration(timeout);
+  // One resolver for every attempt: with DNS down, later attempts wait on the lookup already
+  // running instead of each starting another.
+  const PgConnectTarget target(config.database_url);
+  PgHostResolver resolver;
   absl::Status last;
   do {
     absl::StatusOr<PgConnection> conn =
-        PgConnection::Connect(config.database_url, absl::Now() + absl::Seconds(3));
+        PgConnection::Connect(target, resolver, absl::Now() + absl::Seconds(3));
     if (conn.ok()) return CheckSchemaCurrent(*conn, absl::Now() + absl::Seconds(5));
     last = conn.status();
     logger.Warn("waiting for postgres", {{"error", last.message()}});
@@ -75,6 +79,7 @@ absl::StatusOr<std::unique_ptr<ServerApp>> ServerApp::Create(const Config& confi
   PgPoolOptions pg_options;
   pg_options.conninfo = config.database_url;
   pg_options.size = config.database_pool_size;
+  pg_options.resolver = app->pg_resolver_;
   app->pg_pool_ = std::make_unique<PgPool>(pg_options);
 
   // --- Session layer wiring (SessionService) ---
@@ -129,7 +134,7 @@ absl::Status ServerApp::Start() {
   // Probe the backing services once before listening, so the first health answer is real, then
   // keep probing in the background.
   const MemcachedUrl memcached_url = config_.memcached;
-  const std::string database_url = config_.database_url;
+  auto database = std::make_shared<const PgConnectTarget>(config_.database_url);
   HealthMonitor::Probes probes;
   probes.memcached_ok = [memcached_url] {
     const MemcachedReachability r = ProbeMemcachedNodes(memcached_url, absl::Milliseconds(500));
@@ -137,9 +142,9 @@ absl::Status ServerApp::Start() {
     // down, every session can still be served.
     return r.total - r.reachable <= memcached_url.replicas;
   };
-  probes.postgres_ok = [database_url] {
+  probes.postgres_ok = [database, resolver = pg_resolver_] {
     const absl::Time deadline = absl::Now() + absl::Seconds(1);
-    absl::StatusOr<PgConnection> conn = PgConnection::Connect(database_url, deadline);
+    absl::StatusOr<PgConnection> conn = PgConnection::Connect(*database, *resolver, deadline);
     return conn.ok() && conn->ExecSimple("SELECT 1", deadline).ok();
   };
   health_monitor_ = std::make_unique<HealthMonitor>(health_board_, std::move(probes),

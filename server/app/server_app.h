@@ -56,6 +56,9 @@ class ServerApp {
   Logger& logger_;
   SystemClock clock_;
   std::unique_ptr<MemcachedPool> memcached_pool_;
+  // Shared by the pool and the health probe, so that during a DNS outage they wait on the same
+  // lookup rather than each start their own.
+  std::shared_ptr<PgHostResolver> pg_resolver_ = std::make_shared<PgHostResolver>();
   std::unique_ptr<PgPool> pg_pool_;
   // Owned by the TransactionService handlers; read for metrics only.
   const PgLedgerStore* ledger_store_ = nullptr;
