@@ -68,7 +68,7 @@ class LedgerPgStoreTest : public ::testing::Test {
   }
 
   LedgerPgStoreTest()
-      : pool_(PgPoolOptions{RequiredEnv("DATABASE_URL"), 16, absl::Seconds(2)}),
+      : pool_(PgPoolOptions{RequiredEnv("DATABASE_URL"), 16, absl::Seconds(2), nullptr}),
         store_(pool_),
         ledger_(store_, auth_) {}
 
@@ -432,7 +432,7 @@ TEST_F(LedgerPgStoreTest, PostgresDownIsUnavailableAndRecoversWithoutRestart) {
 struct BatchingLedger {
   BatchingLedger(int connections, const PgLedgerStoreOptions& options,
                  TokenAuthenticator& authenticator)
-      : pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), connections, absl::Seconds(2)}),
+      : pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), connections, absl::Seconds(2), nullptr}),
         store(pool, options),
         ledger(store, authenticator) {}
   PgPool pool;
@@ -462,7 +462,7 @@ class TestThreads {
 class LedgerPgBatchTest : public LedgerPgStoreTest {
  protected:
   LedgerPgBatchTest()
-      : small_pool_(PgPoolOptions{RequiredEnv("DATABASE_URL"), 1, absl::Seconds(2)}),
+      : small_pool_(PgPoolOptions{RequiredEnv("DATABASE_URL"), 1, absl::Seconds(2), nullptr}),
         batch_store_(small_pool_),
         batch_ledger_(batch_store_, auth_) {}
 
@@ -991,7 +991,7 @@ TEST_F(LedgerPgBatchTest, ABatchStuckOnALockHoldsOthersBackOnlyUntilEnoughQueue)
 // Many callers moving money both ways between a few accounts (crossing pairs, the classic
 // deadlock) through few batch slots: batches form, nothing deadlocks, money is conserved.
 TEST_F(LedgerPgStoreTest, CrossingTransfersInBatchesConserveMoneyWithoutDeadlocks) {
-  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 2, absl::Seconds(2)});
+  PgPool pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), 2, absl::Seconds(2), nullptr});
   PgLedgerStore store(pool, PgLedgerStoreOptions{8, 0});
   LedgerService ledger(store, auth_);
   std::vector<std::pair<std::string, std::string>> accounts;  // (token, id)
