@@ -25,6 +25,12 @@ constexpr int kIndexPruneThreshold = 256;
 // How long an index entry whose session is missing is kept: longer than any Create or Rotate
 // takes between writing the entry and adding the session (AddSessionBy).
 constexpr absl::Duration kJustIndexed = absl::Seconds(30);
+// How many sessions one store read asks for when a call reads all of a user's sessions (list,
+// revoke, pruning). A user may hold thousands of sessions of up to 64 KiB, each read from every
+// copy: asked for at once, that was hundreds of MiB of replies held by one call, for a revoke
+// or a create at the limit that needs none of the attributes. In batches a call holds one
+// batch's replies at a time, and keeps attributes only where it answers with them.
+constexpr size_t kSessionsPerRead = 64;
 
 // The deadline of the add that follows an index entry written at `indexed_at`. A listing prunes
 // an entry whose session is still missing kJustIndexed after it was written; an add that came
@@ -246,8 +252,9 @@ absl::StatusOr<absl::Time> SessionService::AddToIndex(absl::string_view user_tag
       // Rare: drop dead entries first (reads the user's sessions once).
       SL_ASSIGN_OR_RETURN(uint64_t generation,
                           store_->ReadGeneration(user_tag, GenerationKeepFor(), deadline));
-      SL_ASSIGN_OR_RETURN(std::vector<StoredSession> live,
-                          LiveSessions(session.user_id(), user_tag, generation, deadline));
+      SL_ASSIGN_OR_RETURN(
+          std::vector<StoredSession> live,
+          LiveSessions(session.user_id(), user_tag, generation, Attributes::kDrop, deadline));
       // Without a bound the index would outgrow Memcached's item limit, and every create of
       // this user would then fail with Memcached's "object too large".
       const int limit = options_.limits.max_live_sessions_per_user;
@@ -697,46 +704,53 @@ absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline
 absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,
                                                                         absl::string_view user_tag,
                                                                         uint64_t generation,
+                                                                        Attributes attributes,
                                                                         absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(IndexRecord record, store_->ReadIndex(user_tag, deadline));
-  std::vector<std::string> hashes;
-  hashes.reserve(record.index.entries_size());
-  for (const auto& e : record.index.entries()) hashes.push_back(e.token_hash());
-  std::vector<std::optional<StoredSession>> sessions;
-  if (!hashes.empty()) {
-    SL_ASSIGN_OR_RETURN(sessions, store_->ReadSessions(user_tag, hashes, deadline));
-  }
-  const absl::Time now = clock_.Now();
+  const size_t indexed = static_cast<size_t>(record.index.entries_size());
   std::vector<StoredSession> live;
   UserSessionIndex pruned;
   int64_t newest = 0;
-  for (size_t i = 0; i < hashes.size(); ++i) {
-    const auto& entry = record.index.entries(static_cast<int>(i));
-    const std::optional<StoredSession>& s = sessions[i];
-    const bool expired_for_good = FromMicros(entry.absolute_expires_at_unix_micros()) <= now;
-    if (!s.has_value()) {
-      // Just indexed by a Create or Rotate whose Add has not landed yet: keep it. A rotated
-      // session keeps its predecessor's absolute expiry, so only the entry's own time tells
-      // (entries of older releases lack it; theirs is that of a new session).
-      const absl::Time indexed_at =
-          entry.indexed_at_unix_micros() != 0
-              ? FromMicros(entry.indexed_at_unix_micros())
-              : FromMicros(entry.absolute_expires_at_unix_micros()) - options_.max_lifetime;
-      if (!expired_for_good && indexed_at > now - kJustIndexed) {
-        *pruned.add_entries() = entry;
-        newest = std::max(newest, entry.absolute_expires_at_unix_micros());
-      }
-      continue;
+  for (size_t first = 0; first < indexed; first += kSessionsPerRead) {
+    const size_t end = std::min(indexed, first + kSessionsPerRead);
+    std::vector<std::string> hashes;
+    hashes.reserve(end - first);
+    for (size_t i = first; i < end; ++i) {
+      hashes.push_back(record.index.entries(static_cast<int>(i)).token_hash());
     }
-    const bool alive =
-        !s->deleted() && s->user_id() == user_id && s->token_hash() == entry.token_hash() &&
-        s->user_generation() >= generation && now < FromMicros(s->expires_at_unix_micros()) &&
-        now < FromMicros(s->absolute_expires_at_unix_micros());
-    if (!alive) continue;
-    live.push_back(*s);
-    *pruned.add_entries() = entry;
-    newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+    SL_ASSIGN_OR_RETURN(std::vector<std::optional<StoredSession>> sessions,
+                        store_->ReadSessions(user_tag, hashes, deadline));
+    const absl::Time now = clock_.Now();
+    for (size_t i = first; i < end; ++i) {
+      const auto& entry = record.index.entries(static_cast<int>(i));
+      std::optional<StoredSession>& s = sessions[i - first];
+      const bool expired_for_good = FromMicros(entry.absolute_expires_at_unix_micros()) <= now;
+      if (!s.has_value()) {
+        // Just indexed by a Create or Rotate whose Add has not landed yet: keep it. A rotated
+        // session keeps its predecessor's absolute expiry, so only the entry's own time tells
+        // (entries of older releases lack it; theirs is that of a new session).
+        const absl::Time indexed_at =
+            entry.indexed_at_unix_micros() != 0
+                ? FromMicros(entry.indexed_at_unix_micros())
+                : FromMicros(entry.absolute_expires_at_unix_micros()) - options_.max_lifetime;
+        if (!expired_for_good && indexed_at > now - kJustIndexed) {
+          *pruned.add_entries() = entry;
+          newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+        }
+        continue;
+      }
+      const bool alive =
+          !s->deleted() && s->user_id() == user_id && s->token_hash() == entry.token_hash() &&
+          s->user_generation() >= generation && now < FromMicros(s->expires_at_unix_micros()) &&
+          now < FromMicros(s->absolute_expires_at_unix_micros());
+      if (!alive) continue;
+      if (attributes == Attributes::kDrop) s->clear_attributes();
+      live.push_back(*std::move(s));
+      *pruned.add_entries() = entry;
+      newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+    }
   }
+  const absl::Time now = clock_.Now();
   pruned.set_kept_when_pruned(pruned.entries_size());
   // Nothing dropped: written back only where the count moves the next pruning (PruneIndexAt),
   // so that listing a small index costs no write.
@@ -764,7 +778,7 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::List(absl::string_vie
   const std::string tag = UserTag(user_id);
   SL_ASSIGN_OR_RETURN(uint64_t generation,
                       store_->ReadGeneration(tag, GenerationKeepFor(), deadline));
-  return LiveSessions(user_id, tag, generation, deadline);
+  return LiveSessions(user_id, tag, generation, Attributes::kKeep, deadline);
 }
 
 absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::Time deadline) {
@@ -778,7 +792,8 @@ absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::
                       store_->ReadGeneration(tag, GenerationKeepFor(), deadline));
   SL_ASSIGN_OR_RETURN(const uint64_t advanced,
                       store_->AdvanceGeneration(tag, GenerationKeepFor(), deadline));
-  absl::StatusOr<std::vector<StoredSession>> live = LiveSessions(user_id, tag, before, deadline);
+  absl::StatusOr<std::vector<StoredSession>> live =
+      LiveSessions(user_id, tag, before, Attributes::kDrop, deadline);
   if (!live.ok()) {
     return absl::Status(live.status().code(),
                         absl::StrCat("user_id: every session was revoked, but counting them "

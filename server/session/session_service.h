@@ -170,11 +170,15 @@ class SessionService {
                                         absl::Time deadline);
   // How many entries `index` may have before a new session prunes it first.
   int PruneIndexAt(const storage::v1::UserSessionIndex& index) const;
+  // Whether LiveSessions' sessions carry their attributes (only a listing answers with them).
+  enum class Attributes { kKeep, kDrop };
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
-  // revoked; returns the live sessions. Writing the pruned index back is best effort.
+  // revoked; returns the live sessions. Reads them in batches (kSessionsPerRead). Writing the
+  // pruned index back is best effort.
   absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(absl::string_view user_id,
                                                                        absl::string_view user_tag,
                                                                        uint64_t generation,
+                                                                       Attributes attributes,
                                                                        absl::Time deadline);
   absl::Duration GenerationKeepFor() const;
 

@@ -247,6 +247,36 @@ TEST_F(SessionApiTest, ListAndRevokeAll) {
   EXPECT_EQ(list.sessions(0).session_id(), after.session_id());
 }
 
+// A user's sessions are read in batches of 64 (see SessionService::LiveSessions): listing and
+// revoking a user with more than two batches, dead sessions among them, over real memcached.
+TEST_F(SessionApiTest, ListAndRevokeAcrossReadBatches) {
+  const std::string user = UniqueUser("robot");
+  std::set<std::string> live_ids;
+  std::vector<std::string> tokens;
+  for (int i = 0; i < 150; ++i) {
+    v1::Session s = client_->MustCreate(user, 0, {{"n", std::to_string(i)}});
+    tokens.push_back(s.token());
+    if (i % 7 == 0) {
+      ASSERT_TRUE(client_->Delete(s.token()).ok());
+    } else {
+      live_ids.insert(s.session_id());
+    }
+  }
+  v1::ListUserSessionsResponse list;
+  ASSERT_TRUE(client_->List(user, &list).ok());
+  std::set<std::string> listed;
+  for (const auto& s : list.sessions()) {
+    listed.insert(s.session_id());
+    EXPECT_EQ(s.attributes().count("n"), 1u) << "a listing shows attributes";
+  }
+  EXPECT_EQ(listed, live_ids);
+
+  v1::RevokeUserSessionsResponse revoked;
+  ASSERT_TRUE(client_->Revoke(user, &revoked).ok());
+  EXPECT_EQ(revoked.revoked(), static_cast<int64_t>(live_ids.size()));
+  EXPECT_EQ(client_->GetCode(tokens.back()), grpc::StatusCode::NOT_FOUND);
+}
+
 TEST(SessionLifetimeTest, TouchCannotPassTheAbsoluteLifetime) {
   std::unique_ptr<ServerProcess> server =
       StartSessionServer({{"SESSION_MAX_LIFETIME_SECONDS", "14"}, {"SESSION_TTL_SECONDS", "7"}});

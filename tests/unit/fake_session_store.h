@@ -1,6 +1,7 @@
 #ifndef SESSIONLEDGER_TESTS_UNIT_FAKE_SESSION_STORE_H_
 #define SESSIONLEDGER_TESTS_UNIT_FAKE_SESSION_STORE_H_
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -64,6 +65,15 @@ class FakeSessionStore final : public SessionStore {
   absl::Time last_add_deadline() const {
     std::lock_guard<std::mutex> l(mu_);
     return last_add_deadline_;
+  }
+  // The most sessions one ReadSessions call asked for, and how many such calls there were.
+  size_t largest_read_sessions() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return largest_read_sessions_;
+  }
+  int read_sessions_calls() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return read_sessions_calls_;
   }
   int cas_calls() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -206,6 +216,8 @@ class FakeSessionStore final : public SessionStore {
     if (unavailable_) return Down();
     if (!read_sessions_failure_.ok())
       return std::exchange(read_sessions_failure_, absl::OkStatus());
+    ++read_sessions_calls_;
+    largest_read_sessions_ = std::max(largest_read_sessions_, hashes.size());
     std::vector<std::optional<storage::v1::StoredSession>> out;
     for (const auto& h : hashes) {
       auto* e = Live(sessions_, h);
@@ -242,6 +254,8 @@ class FakeSessionStore final : public SessionStore {
   absl::Status failure_ = absl::UnavailableError("fake store: down");
   int fail_cas_ = 0;
   absl::Status read_sessions_failure_;
+  size_t largest_read_sessions_ = 0;
+  int read_sessions_calls_ = 0;
   absl::Status cas_failure_;
   std::optional<int> copy_after_cas_;
   int answering_copy_ = 0;

@@ -466,6 +466,41 @@ TEST_F(SessionServiceTest, RevokeEndsEveryLiveSessionAndLaterOnesWork) {
   EXPECT_TRUE(absl::IsInvalidArgument(service_->Revoke("", Deadline()).status()));
 }
 
+// Listing, revoking and pruning read every session of a user, and a user may hold thousands of
+// sessions of up to 64 KiB: they are read a batch at a time, not in one reply of hundreds of
+// MiB, and what is decided per batch (dead entries dropped) adds up to the same answer.
+TEST_F(SessionServiceTest, EverySessionOfAUserIsReadInBoundedBatches) {
+  AttributeMap attrs;
+  attrs["role"] = "robot";
+  std::vector<SessionView> created;
+  for (int i = 0; i < 150; ++i) created.push_back(MustCreate("service-account", 0, attrs));
+  std::vector<std::string> live_ids;
+  for (size_t i = 0; i < created.size(); ++i) {
+    if (i % 7 == 0) {  // Dead entries in every batch, the first and the last of one included.
+      ASSERT_TRUE(service_->Delete(created[i].token, Deadline()).ok());
+    } else {
+      live_ids.push_back(created[i].stored.session_id());
+    }
+  }
+  clock_.Advance(absl::Seconds(31));  // Past the grace for entries of in-flight creates.
+
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      service_->List("service-account", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_THAT(Ids(*listed), ::testing::UnorderedElementsAreArray(live_ids));
+  ASSERT_FALSE(listed->empty());
+  EXPECT_EQ(listed->front().attributes().at("role"), "robot") << "a listing shows attributes";
+  EXPECT_EQ(store_->IndexSize(UserTag("service-account")), live_ids.size()) << "pruned";
+  EXPECT_GE(store_->read_sessions_calls(), 3);
+  EXPECT_LE(store_->largest_read_sessions(), 64u);
+
+  absl::StatusOr<int64_t> revoked = service_->Revoke("service-account", Deadline());
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(*revoked, static_cast<int64_t>(live_ids.size()));
+  EXPECT_LE(store_->largest_read_sessions(), 64u);
+  EXPECT_TRUE(absl::IsNotFound(Get(created[1].token).status()));
+}
+
 // A rotation whose ending compare-and-swap was applied but whose answer was lost (a timeout):
 // the old token is already dead, so removing the new session would leave the caller with
 // neither. It reads back that the old one ended in its favour and answers with the new token.
@@ -1317,7 +1352,8 @@ TEST_P(CreateAsyncTest, IndexAtThePruneThresholdGoesThroughThePrunePath) {
   absl::StatusOr<SessionView> v = answer.Wait();
   ASSERT_TRUE(v.ok()) << v.status();
   EXPECT_EQ(answer.thread(), FinisherThread());
-  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 1);  // Pruning read them.
+  // Pruning read them, 64 at a time.
+  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 4);
   EXPECT_EQ(store_->Count(Op::kWriteIndexAsync), 0);
   EXPECT_EQ(fake_->IndexSize(UserTag("chatty")), 257u);
   EXPECT_TRUE(service_->Get(v->token, false, Deadline()).ok());
@@ -1331,13 +1367,14 @@ TEST_P(CreateAsyncTest, IndexAtThePruneThresholdGoesThroughThePrunePath) {
 TEST_P(CreateAsyncTest, PruningIsAmortizedOverTheCreatesAfterIt) {
   for (int i = 0; i < 256; ++i) MustCreate("service");
   const int session_reads = store_->Count(Op::kReadSessions);
+  // A pruning reads the sessions 64 at a time (kSessionsPerRead): 256 in 4 reads, 512 in 8.
   for (int i = 0; i < 255; ++i) ASSERT_TRUE(CreateAsync("service").ok());
-  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 1) << "one pruning, at 256";
+  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 4) << "one pruning, at 256";
   ASSERT_TRUE(CreateAsync("service").ok());
   EXPECT_EQ(fake_->IndexSize(UserTag("service")), 512u);  // Twice the 256 the pruning kept.
-  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 1);
+  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 4);
   ASSERT_TRUE(CreateAsync("service").ok());
-  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 2) << "the next pruning, at 512";
+  EXPECT_EQ(store_->Count(Op::kReadSessions), session_reads + 4 + 8) << "the next pruning, at 512";
   EXPECT_EQ(ListedIds("service").size(), 513u);
 }
 
