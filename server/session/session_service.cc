@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/status_macros.h"
+#include "server/common/utf8.h"
 #include "server/session/token.h"
 
 namespace sessionledger {
@@ -152,43 +153,18 @@ absl::Status ValidateText(absl::string_view field, absl::string_view value, size
     return absl::InvalidArgumentError(
         absl::StrCat(field, ": must be 1..", max_bytes, " bytes, got ", value.size()));
   }
-  const auto* p = reinterpret_cast<const unsigned char*>(value.data());
-  const size_t n = value.size();
-  for (size_t i = 0; i < n;) {
-    uint32_t cp;
-    size_t len;
-    const unsigned char c = p[i];
-    if (c < 0x80) {
-      cp = c;
-      len = 1;
-    } else if ((c & 0xE0) == 0xC0) {
-      cp = c & 0x1F;
-      len = 2;
-    } else if ((c & 0xF0) == 0xE0) {
-      cp = c & 0x0F;
-      len = 3;
-    } else if ((c & 0xF8) == 0xF0) {
-      cp = c & 0x07;
-      len = 4;
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
-    }
-    if (i + len > n) return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
-    for (size_t k = 1; k < len; ++k) {
-      if ((p[i + k] & 0xC0) != 0x80) {
-        return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
-      }
-      cp = (cp << 6) | (p[i + k] & 0x3F);
-    }
-    const bool overlong =
-        (len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000);
-    if (overlong || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
-    }
-    if (cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp <= 0x9F)) {
+  for (size_t i = 0; i < value.size();) {
+    const size_t length = Utf8SequenceLength(value, i);
+    if (length == 0) return absl::InvalidArgumentError(absl::StrCat(field, ": not valid UTF-8"));
+    const auto lead = static_cast<unsigned char>(value[i]);
+    // C0 controls and DEL are single bytes; the C1 controls, U+0080..U+009F, are C2 80..C2 9F.
+    const bool control =
+        (length == 1 && (lead < 0x20 || lead == 0x7F)) ||
+        (length == 2 && lead == 0xC2 && static_cast<unsigned char>(value[i + 1]) <= 0x9F);
+    if (control) {
       return absl::InvalidArgumentError(absl::StrCat(field, ": contains a control character"));
     }
-    i += len;
+    i += length;
   }
   return absl::OkStatus();
 }
