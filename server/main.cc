@@ -25,6 +25,7 @@
 #include "server/common/thread_name.h"
 #include "server/config/config.h"
 #include "server/postgres/migrations.h"
+#include "server/rpc/protobuf_log.h"
 
 namespace sessionledger {
 namespace {
@@ -217,6 +218,9 @@ int Serve() {
   absl::StatusOr<Config> config = LoadConfig(ProcessEnvironment());
   if (!config.ok()) return Fail(config.status());
   Logger logger(config->log_level);
+  // Before any request is parsed and until the app is gone: protobuf's lines become JSON lines,
+  // and the synchronous methods can name a field that is not valid UTF-8 (see the header).
+  const ProtobufLogToLogger protobuf_log(logger);
   StopSignals stop(stop_signals, logger);
 
   absl::StatusOr<std::unique_ptr<ServerApp>> app = ServerApp::Create(*config, logger);
