@@ -1,5 +1,6 @@
 #include "server/rpc/request_parse_errors.h"
 
+#include <google/protobuf/descriptor.h>
 #include <grpcpp/server_context.h>
 
 #include <algorithm>
@@ -7,8 +8,25 @@
 #include <optional>
 #include <string>
 
+#include "server/rpc/protobuf_log.h"
+
 namespace sessionledger {
 namespace {
+
+// The field of `method`'s request that `complaint` (protobuf's full field name) names.
+std::optional<InvalidUtf8Field> ComplainedField(const std::string& method,
+                                                const std::string& complaint) {
+  // "/pkg.Service/Method" -> "pkg.Service.Method", the name the descriptor pool knows.
+  if (method.size() < 2 || method[0] != '/') return std::nullopt;
+  std::string name = method.substr(1);
+  const size_t slash = name.find('/');
+  if (slash == std::string::npos) return std::nullopt;
+  name[slash] = '.';
+  const google::protobuf::MethodDescriptor* descriptor =
+      google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(name);
+  if (descriptor == nullptr) return std::nullopt;
+  return InvalidUtf8FieldFromFullName(*descriptor->input_type(), complaint);
+}
 
 using grpc::experimental::InterceptionHookPoints;
 
@@ -22,9 +40,15 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     // A unary request that gRPC failed to deserialize reaches this hook as a null message. (On a
     // stream a null message only means the client finished sending: streams are left alone.)
-    if (unary_ && methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE) &&
-        methods->GetRecvMessage() == nullptr) {
-      no_request_ = true;
+    if (unary_ && methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE)) {
+      // gRPC parsed the request on this thread just before this hook, so a complaint protobuf
+      // logged on it about invalid UTF-8 is about this request if it is about this request's
+      // type. Taken either way, so that no memo outlives the call that left it.
+      const std::optional<std::string> complaint = TakeUtf8ParseComplaint();
+      if (methods->GetRecvMessage() == nullptr) {
+        no_request_ = true;
+        if (complaint.has_value()) invalid_utf8_ = ComplainedField(method_, *complaint);
+      }
     }
     if (no_request_ &&
         methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS) &&
@@ -36,7 +60,9 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
       // here, for which IsCancelled is safe.)
       const std::optional<grpc::Status> ended =
           EndedBeforeItsRequest(*info_->server_context(), methods->GetSendStatus());
-      methods->ModifySendStatus(ended.has_value() ? *ended : UnparsableRequest(method_));
+      methods->ModifySendStatus(ended.has_value()           ? *ended
+                                : invalid_utf8_.has_value() ? InvalidUtf8Request(*invalid_utf8_)
+                                                            : UnparsableRequest(method_));
     }
     methods->Proceed();
   }
@@ -67,6 +93,7 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
   const std::string method_;
   const bool unary_;
   bool no_request_ = false;
+  std::optional<InvalidUtf8Field> invalid_utf8_;  // Why the request could not be parsed.
 };
 
 }  // namespace
@@ -75,6 +102,10 @@ grpc::Status UnparsableRequest(const std::string& method) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                       "request: cannot be parsed as the request message of " + method +
                           " (string fields must be valid UTF-8)");
+}
+
+grpc::Status InvalidUtf8Request(const InvalidUtf8Field& field) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, InvalidUtf8Message(field));
 }
 
 grpc::experimental::Interceptor* RequestParseErrorsFactory::CreateServerInterceptor(

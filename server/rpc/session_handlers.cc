@@ -1,7 +1,15 @@
 #include "server/rpc/session_handlers.h"
 
+#include <grpcpp/support/proto_buffer_reader.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
 #include "server/rpc/async_call.h"
 #include "server/rpc/call_deadline.h"
+#include "server/rpc/invalid_utf8.h"
+#include "server/rpc/protobuf_log.h"
 #include "server/rpc/request_parse_errors.h"
 #include "server/rpc/status_mapping.h"
 
@@ -22,6 +30,37 @@ grpc::Status Respond(absl::StatusOr<SessionView> view, v1::Session* response) {
   ToApiSession(std::move(view->stored), response);
   response->set_token(std::move(view->token));
   return grpc::Status::OK;
+}
+
+// Parses `received` into `request` as gRPC's own Deserialize does, except that the bytes are
+// kept until the parse has succeeded: when it fails, they are read again to name the field
+// that is not valid UTF-8 (FindInvalidUtf8Field), with its index or map key, which protobuf's
+// log line could not give. Clears `received` either way, as Deserialize does.
+grpc::Status ParseRequest(const char* method, grpc::ByteBuffer& received,
+                          google::protobuf::Message& request) {
+  bool parsed;
+  {
+    grpc::ProtoBufferReader reader(&received);
+    parsed = reader.status().ok() && request.ParseFromZeroCopyStream(&reader);
+  }
+  // The bytes name the field more exactly than protobuf's complaint: drop the memo, so that
+  // it cannot outlive this call on this thread.
+  (void)TakeUtf8ParseComplaint();
+  if (parsed) {
+    received.Clear();
+    return grpc::Status::OK;
+  }
+  std::vector<grpc::Slice> slices;
+  std::string bytes;
+  if (received.Dump(&slices).ok()) {
+    for (const grpc::Slice& slice : slices) {
+      bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    }
+  }
+  received.Clear();
+  const std::optional<InvalidUtf8Field> field =
+      FindInvalidUtf8Field(*request.GetDescriptor(), bytes);
+  return field.has_value() ? InvalidUtf8Request(*field) : UnparsableRequest(method);
 }
 
 // The service's answer as the asynchronous method's.
@@ -102,8 +141,8 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
     answering_ = true;
     queues_.CallBegan();
     new UnaryCall(handlers_, queues_, method_, request_method_, answer_);  // The next caller.
-    if (!grpc::SerializationTraits<Request>::Deserialize(&received_, &request_).ok()) {
-      Finish(UnparsableRequest(method_));
+    if (grpc::Status parsed = ParseRequest(method_, received_, request_); !parsed.ok()) {
+      Finish(std::move(parsed));
       return;
     }
     (handlers_.*answer_)(request_, handlers_.Deadline(context_), &response_,

@@ -2,18 +2,14 @@
 // oversized request gets its documented status code, the server stays up (pid alive, health
 // SERVING), and the data afterwards is exactly what it was (a reference session and reference
 // accounts are compared after every test).
-#include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/support/byte_buffer.h>
 #include <openssl/sha.h>
 #include <sys/random.h>
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <limits>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
@@ -25,6 +21,7 @@
 #include "gtest/gtest.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 #include "sessionledger/v1/transaction.grpc.pb.h"
+#include "tests/support/raw_call.h"
 #include "tests/support/server_process.h"
 #include "tests/support/test_env.h"
 
@@ -71,6 +68,22 @@ std::string CodeName(StatusCode code) { return absl::StrCat(static_cast<int>(cod
         << #status_expr << " -> " << CodeName(sl_status_.error_code()) << ": " \
         << sl_status_.error_message().substr(0, 200);                          \
   } while (0)
+
+// A request refused as INVALID_ARGUMENT with exactly `message`, which names the offending field.
+#define EXPECT_INVALID(message, status_expr)                                   \
+  do {                                                                         \
+    const grpc::Status sl_status_ = (status_expr);                             \
+    EXPECT_EQ(sl_status_.error_code(), StatusCode::INVALID_ARGUMENT)           \
+        << #status_expr << " -> " << CodeName(sl_status_.error_code()) << ": " \
+        << sl_status_.error_message().substr(0, 200);                          \
+    EXPECT_EQ(sl_status_.error_message(), (message)) << #status_expr;          \
+  } while (0)
+
+// A length-delimited field in wire format, for raw request bodies (lengths below 128).
+std::string Len(int field, const std::string& bytes) {
+  return absl::StrCat(std::string(1, static_cast<char>(field << 3 | 2)),
+                      std::string(1, static_cast<char>(bytes.size())), bytes);
+}
 
 // What must not change: a session, two accounts and the listing of one of them.
 struct Snapshot {
@@ -303,33 +316,9 @@ class BadInputTest : public ::testing::Test {
   // A raw request body sent to `method`, bypassing the generated (well-behaved) serializer.
   static grpc::Status RawCall(const std::string& method, const std::string& body,
                               const std::string& token, std::string* response = nullptr) {
-    grpc::GenericStub stub(*channel_);
     grpc::ClientContext context;
     Authorize(context, token);
-    grpc::Slice slice(body);
-    grpc::ByteBuffer request(&slice, 1);
-    grpc::ByteBuffer reply;
-    grpc::Status status;
-    bool done = false;
-    std::mutex mutex;
-    std::condition_variable cv;
-    stub.UnaryCall(&context, method, grpc::StubOptions(), &request, &reply, [&](grpc::Status s) {
-      std::lock_guard<std::mutex> lock(mutex);
-      status = std::move(s);
-      done = true;
-      cv.notify_one();
-    });
-    std::unique_lock<std::mutex> lock(mutex);
-    cv.wait(lock, [&] { return done; });
-    if (response != nullptr && status.ok()) {
-      std::vector<grpc::Slice> slices;
-      (void)reply.Dump(&slices);
-      response->clear();
-      for (const grpc::Slice& s : slices) {
-        response->append(reinterpret_cast<const char*>(s.begin()), s.size());
-      }
-    }
-    return status;
+    return testing::RawCall(*channel_, context, method, body, response);
   }
 
   static ServerProcess* server_;
@@ -427,23 +416,92 @@ TEST_F(BadInputTest, UserIdsThatAreNotUtf8) {
   };
   for (const std::string& user_id : bad) {
     SCOPED_TRACE(absl::CEscape(user_id));
-    // Field 1 (user_id), length-delimited.
-    const std::string body =
-        absl::StrCat("\x0a", std::string(1, static_cast<char>(user_id.size())), user_id);
-    EXPECT_CODE(StatusCode::INVALID_ARGUMENT,
-                RawCall("/sessionledger.v1.SessionService/CreateSession", body, ""));
-    EXPECT_CODE(StatusCode::INVALID_ARGUMENT,
-                RawCall("/sessionledger.v1.SessionService/ListUserSessions", body, ""));
+    // Field 1 (user_id), length-delimited. The answer names the field, and never echoes the
+    // bytes (whatever a client sent may be a secret).
+    const std::string body = Len(1, user_id);
+    EXPECT_INVALID("user_id: not valid UTF-8",
+                   RawCall("/sessionledger.v1.SessionService/CreateSession", body, ""));
+    EXPECT_INVALID("user_id: not valid UTF-8",
+                   RawCall("/sessionledger.v1.SessionService/ListUserSessions", body, ""));
     // The same bytes as a token (field 1 of GetSessionRequest too).
-    EXPECT_CODE(StatusCode::INVALID_ARGUMENT,
-                RawCall("/sessionledger.v1.SessionService/GetSession", body, ""));
+    EXPECT_INVALID("token: not valid UTF-8",
+                   RawCall("/sessionledger.v1.SessionService/GetSession", body, ""));
     // idempotency_key is field 3 of DepositRequest; account 1, amount 2.
-    const std::string deposit = absl::StrCat(
-        "\x0a", std::string(1, static_cast<char>((*accounts_)[0].size())), (*accounts_)[0],
-        "\x10\x05", "\x1a", std::string(1, static_cast<char>(user_id.size())), user_id);
-    EXPECT_CODE(StatusCode::INVALID_ARGUMENT,
-                RawCall("/sessionledger.v1.TransactionService/Deposit", deposit, *token_));
+    const std::string deposit = absl::StrCat(Len(1, (*accounts_)[0]), "\x10\x05", Len(3, user_id));
+    EXPECT_INVALID("idempotency_key: not valid UTF-8",
+                   RawCall("/sessionledger.v1.TransactionService/Deposit", deposit, *token_));
   }
+}
+
+// Every field that can hold invalid UTF-8 is named in the answer, on both parse paths: the
+// methods that parse their own requests (GetSession, CreateSession, UpdateSession) and those
+// that gRPC parses (the rest). The reference token and accounts are used where a real one
+// would otherwise make the call succeed, so a call that gets past parsing would show.
+TEST_F(BadInputTest, InvalidUtf8IsNamedByField) {
+  const std::string bad = "\xc3\x28";
+  const std::string& account = (*accounts_)[0];
+  const std::string& other = (*accounts_)[1];
+  const auto session = [](const char* method) {
+    return absl::StrCat("/sessionledger.v1.SessionService/", method);
+  };
+  const auto ledger = [](const char* method) {
+    return absl::StrCat("/sessionledger.v1.TransactionService/", method);
+  };
+  // CreateSessionRequest: user_id = 1, attributes = 3 (entries: key = 1, value = 2).
+  EXPECT_INVALID("user_id: not valid UTF-8",
+                 RawCall(session("CreateSession"), Len(1, "x" + bad), ""));
+  EXPECT_INVALID("attributes: a key is not valid UTF-8",
+                 RawCall(session("CreateSession"),
+                         absl::StrCat(Len(1, Unique("u")), Len(3, Len(1, bad) + Len(2, "v"))), ""));
+  EXPECT_INVALID(
+      "attributes[\"theme\"]: not valid UTF-8",
+      RawCall(session("CreateSession"),
+              absl::StrCat(Len(1, Unique("u")), Len(3, Len(1, "theme") + Len(2, bad))), ""));
+  // GetSessionRequest: token = 1.
+  EXPECT_INVALID("token: not valid UTF-8", RawCall(session("GetSession"), Len(1, bad), ""));
+  // UpdateSessionRequest: token = 1, set = 2, remove = 3.
+  EXPECT_INVALID("token: not valid UTF-8", RawCall(session("UpdateSession"), Len(1, bad), ""));
+  EXPECT_INVALID("set: a key is not valid UTF-8",
+                 RawCall(session("UpdateSession"),
+                         absl::StrCat(Len(1, *token_), Len(2, Len(1, bad) + Len(2, "v"))), ""));
+  EXPECT_INVALID("set[\"role\"]: not valid UTF-8",
+                 RawCall(session("UpdateSession"),
+                         absl::StrCat(Len(1, *token_), Len(2, Len(1, "role") + Len(2, bad))), ""));
+  EXPECT_INVALID("remove[1]: not valid UTF-8",
+                 RawCall(session("UpdateSession"),
+                         absl::StrCat(Len(1, *token_), Len(3, "plan"), Len(3, bad)), ""));
+  // The synchronous session methods: token = 1 or user_id = 1.
+  EXPECT_INVALID("token: not valid UTF-8", RawCall(session("RotateSession"), Len(1, bad), ""));
+  EXPECT_INVALID("token: not valid UTF-8", RawCall(session("DeleteSession"), Len(1, bad), ""));
+  EXPECT_INVALID("user_id: not valid UTF-8", RawCall(session("ListUserSessions"), Len(1, bad), ""));
+  EXPECT_INVALID("user_id: not valid UTF-8",
+                 RawCall(session("RevokeUserSessions"), Len(1, bad), ""));
+  // TransactionService, with a valid token: OpenAccount currency = 1; GetAccount account_id = 1;
+  // Deposit account_id = 1, idempotency_key = 3; Transfer from = 1, to = 2, key = 4;
+  // ListTransactions account_id = 1, page_token = 3.
+  EXPECT_INVALID("currency: not valid UTF-8", RawCall(ledger("OpenAccount"), Len(1, bad), *token_));
+  EXPECT_INVALID("account_id: not valid UTF-8",
+                 RawCall(ledger("GetAccount"), Len(1, bad), *token_));
+  EXPECT_INVALID(
+      "idempotency_key: not valid UTF-8",
+      RawCall(ledger("Deposit"), absl::StrCat(Len(1, account), "\x10\x01", Len(3, bad)), *token_));
+  EXPECT_INVALID(
+      "account_id: not valid UTF-8",
+      RawCall(ledger("Deposit"), absl::StrCat(Len(1, bad), "\x10\x01", Len(3, "k")), *token_));
+  EXPECT_INVALID(
+      "idempotency_key: not valid UTF-8",
+      RawCall(ledger("Transfer"),
+              absl::StrCat(Len(1, account), Len(2, other), "\x18\x01", Len(4, bad)), *token_));
+  EXPECT_INVALID(
+      "to_account_id: not valid UTF-8",
+      RawCall(ledger("Transfer"),
+              absl::StrCat(Len(1, account), Len(2, bad), "\x18\x01", Len(4, "k")), *token_));
+  EXPECT_INVALID(
+      "page_token: not valid UTF-8",
+      RawCall(ledger("ListTransactions"), absl::StrCat(Len(1, account), Len(3, bad)), *token_));
+  // Bad UTF-8 comes first (INVALID_ARGUMENT is the request's own shape), even without a token.
+  EXPECT_INVALID("idempotency_key: not valid UTF-8",
+                 RawCall(ledger("Deposit"), absl::StrCat(Len(1, account), Len(3, bad)), ""));
 }
 
 TEST_F(BadInputTest, AttributesTooManyOrTooBig) {
