@@ -26,8 +26,12 @@ bool MustBeUtf8(const FieldDescriptor& field) {
          field.file()->syntax() == FileDescriptor::SYNTAX_PROTO3;
 }
 
-bool IsLengthDelimited(uint32_t tag) {
-  return WireFormatLite::GetTagWireType(tag) == WireFormatLite::WIRETYPE_LENGTH_DELIMITED;
+// Whether the parser checks what `tag` carries for `field` (nullptr: unknown): a proto3 string,
+// or a message that may hold one, sent length-delimited as declared.
+bool IsChecked(const FieldDescriptor* field, uint32_t tag) {
+  return field != nullptr &&
+         WireFormatLite::GetTagWireType(tag) == WireFormatLite::WIRETYPE_LENGTH_DELIMITED &&
+         (MustBeUtf8(*field) || field->type() == FieldDescriptor::TYPE_MESSAGE);
 }
 
 // How a map's value is shown in a path: `["key"]` for a key that is short printable ASCII
@@ -78,20 +82,10 @@ class Walker {
         // The end of the message, or a tag of 0 (or an unreadable one) before it.
         return in_.BytesUntilLimit() == 0 ? Result::kValid : Result::kMalformed;
       }
-      const int number = static_cast<int>(WireFormatLite::GetTagFieldNumber(tag));
-      // Field number 0 does not exist; an end-group tag ends only a group, and groups are
-      // skipped whole.
-      if (number == 0 ||
-          WireFormatLite::GetTagWireType(tag) == WireFormatLite::WIRETYPE_END_GROUP) {
-        return Result::kMalformed;
-      }
-      const FieldDescriptor* field = type.FindFieldByNumber(number);
-      const bool checked = field != nullptr && IsLengthDelimited(tag) &&
-                           (MustBeUtf8(*field) || field->type() == FieldDescriptor::TYPE_MESSAGE);
-      if (!checked) {
-        // Unknown, of another type, or of another wire type: the parser keeps it as an unknown
-        // field, unchecked. (SkipField counts groups against the recursion limit.)
-        if (!WireFormatLite::SkipField(&in_, tag)) return Result::kMalformed;
+      const FieldDescriptor* field =
+          type.FindFieldByNumber(static_cast<int>(WireFormatLite::GetTagFieldNumber(tag)));
+      if (!IsChecked(field, tag)) {
+        if (!SkipUnchecked(tag)) return Result::kMalformed;
         continue;
       }
       const size_t path_size = path_.size();
@@ -116,19 +110,38 @@ class Walker {
     return Result::kFound;
   }
 
-  Result WalkNested(const Descriptor& type) {
+  // Unknown, of another type, or of another wire type: the parser keeps the field as an
+  // unknown one, unchecked. False when `tag` cannot start a field: field number 0 does not
+  // exist, and an end-group tag ends only a group, which is skipped whole. (SkipField counts
+  // groups against the recursion limit.)
+  bool SkipUnchecked(uint32_t tag) {
+    return WireFormatLite::GetTagFieldNumber(tag) != 0 &&
+           WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_END_GROUP &&
+           WireFormatLite::SkipField(&in_, tag);
+  }
+
+  // Runs `walk` over the length-delimited message (or map entry) that comes next, within its
+  // length and one level deeper: the same budget as the parser's (and as groups skipped
+  // inside), so deeper is malformed.
+  template <typename Walk>
+  Result InNested(Walk walk) {
     int length;
-    if (!in_.ReadVarintSizeAsInt(&length)) return Result::kMalformed;
-    if (length > in_.BytesUntilLimit()) return Result::kMalformed;
-    // The same budget as the parser's (and as groups skipped inside): deeper is malformed.
-    if (!in_.IncrementRecursionDepth()) return Result::kMalformed;
+    if (!in_.ReadVarintSizeAsInt(&length) || length > in_.BytesUntilLimit() ||
+        !in_.IncrementRecursionDepth()) {
+      return Result::kMalformed;
+    }
     const CodedInputStream::Limit limit = in_.PushLimit(length);
-    const size_t path_size = path_.size();
-    path_.push_back('.');
-    const Result result = WalkMessage(type);
-    path_.resize(path_size);
+    const Result result = walk();
     in_.PopLimit(limit);
     in_.DecrementRecursionDepth();
+    return result;
+  }
+
+  Result WalkNested(const Descriptor& type) {
+    const size_t path_size = path_.size();
+    path_.push_back('.');
+    const Result result = InNested([&] { return WalkMessage(type); });
+    path_.resize(path_size);
     return result;
   }
 
@@ -137,17 +150,7 @@ class Walker {
   // so checked, where it comes); so does this.
   Result WalkMapEntry(const FieldDescriptor& map) {
     const Descriptor& entry = *map.message_type();
-    const FieldDescriptor& key_field = *entry.map_key();
-    const FieldDescriptor& value_field = *entry.map_value();
-    int length;
-    if (!in_.ReadVarintSizeAsInt(&length)) return Result::kMalformed;
-    if (length > in_.BytesUntilLimit()) return Result::kMalformed;
-    if (!in_.IncrementRecursionDepth()) return Result::kMalformed;
-    const CodedInputStream::Limit limit = in_.PushLimit(length);
-    const Result result = WalkMapEntryFields(key_field, value_field);
-    in_.PopLimit(limit);
-    in_.DecrementRecursionDepth();
-    return result;
+    return InNested([&] { return WalkMapEntryFields(*entry.map_key(), *entry.map_value()); });
   }
 
   Result WalkMapEntryFields(const FieldDescriptor& key_field, const FieldDescriptor& value_field) {
@@ -164,13 +167,8 @@ class Walker {
       const FieldDescriptor* field = number == key_field.number()     ? &key_field
                                      : number == value_field.number() ? &value_field
                                                                       : nullptr;
-      if (field == nullptr || !IsLengthDelimited(tag) ||
-          (!MustBeUtf8(*field) && field->type() != FieldDescriptor::TYPE_MESSAGE)) {
-        if (number == 0 ||
-            WireFormatLite::GetTagWireType(tag) == WireFormatLite::WIRETYPE_END_GROUP ||
-            !WireFormatLite::SkipField(&in_, tag)) {
-          return Result::kMalformed;
-        }
+      if (!IsChecked(field, tag)) {
+        if (!SkipUnchecked(tag)) return Result::kMalformed;
         continue;
       }
       if (field->type() == FieldDescriptor::TYPE_MESSAGE) {

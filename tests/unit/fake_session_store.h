@@ -66,14 +66,10 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     return last_add_deadline_;
   }
-  // The most sessions one ReadSessions call asked for, and how many such calls there were.
+  // The most sessions one ReadSessions call asked for.
   size_t largest_read_sessions() const {
     std::lock_guard<std::mutex> l(mu_);
     return largest_read_sessions_;
-  }
-  int read_sessions_calls() const {
-    std::lock_guard<std::mutex> l(mu_);
-    return read_sessions_calls_;
   }
   int cas_calls() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -216,7 +212,6 @@ class FakeSessionStore final : public SessionStore {
     if (unavailable_) return Down();
     if (!read_sessions_failure_.ok())
       return std::exchange(read_sessions_failure_, absl::OkStatus());
-    ++read_sessions_calls_;
     largest_read_sessions_ = std::max(largest_read_sessions_, hashes.size());
     std::vector<std::optional<storage::v1::StoredSession>> out;
     for (const auto& h : hashes) {
@@ -255,7 +250,6 @@ class FakeSessionStore final : public SessionStore {
   int fail_cas_ = 0;
   absl::Status read_sessions_failure_;
   size_t largest_read_sessions_ = 0;
-  int read_sessions_calls_ = 0;
   absl::Status cas_failure_;
   std::optional<int> copy_after_cas_;
   int answering_copy_ = 0;
