@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -58,6 +59,18 @@ struct PgHostResolver::Lookup {
 // Shared by the resolver and its lookup threads; whichever lets go last frees it.
 struct PgHostResolver::State {
   explicit State(PgLookupFn fn) : lookup(std::move(fn)) {}
+
+  // Records `host`'s answer and wakes its waiters; mu held. The lookup is then forgotten, so
+  // that the next caller looks the name up afresh (a failover may have moved it).
+  void Answer(const std::string& host, Lookup& answered,
+              absl::StatusOr<std::vector<std::string>> result) {
+    answered.result = std::move(result);
+    answered.done = true;
+    auto it = in_flight.find(host);
+    if (it != in_flight.end() && it->second.get() == &answered) in_flight.erase(it);
+    answered.answered.notify_all();
+  }
+
   const PgLookupFn lookup;
   std::mutex mu;
   std::map<std::string, std::shared_ptr<Lookup>> in_flight;  // Guarded by mu,
@@ -71,9 +84,9 @@ PgHostResolver::PgHostResolver(PgLookupFn lookup)
 // Lookup threads hold their own reference to the state: nothing to wait for.
 PgHostResolver::~PgHostResolver() = default;
 
-absl::StatusOr<std::vector<absl::StatusOr<std::vector<std::string>>>> PgHostResolver::Resolve(
-    const std::vector<std::string>& hosts, SteadyTime give_up) {
-  std::vector<std::shared_ptr<Lookup>> lookups;
+PgHostResolver::Pending PgHostResolver::Start(const std::vector<std::string>& hosts) {
+  Pending pending;
+  pending.state_ = state_;
   std::vector<std::pair<std::string, std::shared_ptr<Lookup>>> to_start;
   {
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -84,7 +97,7 @@ absl::StatusOr<std::vector<absl::StatusOr<std::vector<std::string>>>> PgHostReso
         to_start.emplace_back(host, lookup);
         ++state_->started;
       }
-      lookups.push_back(lookup);
+      pending.lookups_.push_back(lookup);
     }
   }
   // Threads start outside the lock: other callers need not wait for thread creation.
@@ -94,39 +107,32 @@ absl::StatusOr<std::vector<absl::StatusOr<std::vector<std::string>>>> PgHostReso
         NameThisThread("sl-pg-dns");
         absl::StatusOr<std::vector<std::string>> result = state->lookup(host);
         std::lock_guard<std::mutex> lock(state->mu);
-        lookup->result = std::move(result);
-        lookup->done = true;
-        // Forget it, so that the next caller looks the name up afresh (a failover may have
-        // moved it).
-        auto it = state->in_flight.find(host);
-        if (it != state->in_flight.end() && it->second == lookup) state->in_flight.erase(it);
-        lookup->answered.notify_all();
+        state->Answer(host, *lookup, std::move(result));
       }).detach();
     } catch (const std::system_error& e) {
       std::lock_guard<std::mutex> lock(state_->mu);
       // As a failed lookup: the caller answers UNAVAILABLE (or tries the other hosts).
-      lookup->result = absl::UnavailableError(absl::StrCat("cannot start a thread: ", e.what()));
-      lookup->done = true;
-      auto it = state_->in_flight.find(host);
-      if (it != state_->in_flight.end() && it->second == lookup) state_->in_flight.erase(it);
-      lookup->answered.notify_all();
+      state_->Answer(host, *lookup,
+                     absl::UnavailableError(absl::StrCat("cannot start a thread: ", e.what())));
     }
   }
-  std::vector<absl::StatusOr<std::vector<std::string>>> results;
-  results.reserve(hosts.size());
+  return pending;
+}
+
+std::optional<absl::StatusOr<std::vector<std::string>>> PgHostResolver::Pending::Await(
+    size_t i, SteadyTime give_up) {
+  Lookup& lookup = *lookups_[i];
   std::unique_lock<std::mutex> lock(state_->mu);
   ++state_->waiting;
-  for (size_t i = 0; i < hosts.size(); ++i) {
-    Lookup& lookup = *lookups[i];
-    if (!lookup.answered.wait_until(lock, give_up, [&] { return lookup.done; })) {
-      --state_->waiting;
-      return absl::UnavailableError(
-          absl::StrCat("postgres: looking up '", hosts[i], "' took longer than the deadline"));
-    }
-    results.push_back(lookup.result);
-  }
+  const bool answered = lookup.answered.wait_until(lock, give_up, [&] { return lookup.done; });
   --state_->waiting;
-  return results;
+  if (!answered) return std::nullopt;
+  return lookup.result;
+}
+
+bool PgHostResolver::Pending::Answered(size_t i) const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return lookups_[i]->done;
 }
 
 int64_t PgHostResolver::lookups_started() const {
@@ -146,6 +152,22 @@ std::vector<std::string> SplitList(const char* value) {
   return absl::StrSplit(value, ',');
 }
 
+// The value `keyword` has in `options`; null when unset.
+const char* ValueOf(const PQconninfoOption* options, const char* keyword) {
+  for (const PQconninfoOption* o = options; o->keyword != nullptr; ++o) {
+    if (std::strcmp(o->keyword, keyword) == 0) return o->val;
+  }
+  return nullptr;
+}
+
+// libpq's built-in default for `keyword` ("5432" for the port); empty when it has none.
+std::string CompiledDefault(const PQconninfoOption* options, const char* keyword) {
+  for (const PQconninfoOption* o = options; o->keyword != nullptr; ++o) {
+    if (std::strcmp(o->keyword, keyword) == 0) return o->compiled != nullptr ? o->compiled : "";
+  }
+  return "";
+}
+
 bool IsNumericAddress(const std::string& host) {
   in6_addr buffer;
   return inet_pton(AF_INET, host.c_str(), &buffer) == 1 ||
@@ -158,14 +180,19 @@ PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(con
   std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> options(
       PQconninfoParse(conninfo_.c_str(), nullptr), &PQconninfoFree);
   if (options == nullptr) return;  // libpq will say why when it connects.
-  const char* host = nullptr;
-  const char* hostaddr = nullptr;
-  const char* port = nullptr;
-  for (const PQconninfoOption* o = options.get(); o->keyword != nullptr; ++o) {
-    const std::string keyword = o->keyword;
-    if (keyword == "host") host = o->val;
-    if (keyword == "hostaddr") hostaddr = o->val;
-    if (keyword == "port") port = o->val;
+  const char* host = ValueOf(options.get(), "host");
+  const char* hostaddr = ValueOf(options.get(), "hostaddr");
+  const char* port = ValueOf(options.get(), "port");
+  std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> defaults(nullptr, &PQconninfoFree);
+  if (host == nullptr || hostaddr == nullptr || port == nullptr) {
+    // A service named here would fill these in before the environment, and only libpq reads it.
+    if (ValueOf(options.get(), "service") != nullptr) return;
+    // What libpq fills in: the settings of the service PGSERVICE names, then PGHOST and the like.
+    defaults.reset(PQconndefaults());
+    if (defaults == nullptr) return;
+    if (host == nullptr) host = ValueOf(defaults.get(), "host");
+    if (hostaddr == nullptr) hostaddr = ValueOf(defaults.get(), "hostaddr");
+    if (port == nullptr) port = ValueOf(defaults.get(), "port");
   }
   const std::vector<std::string> hosts = SplitList(host);
   const std::vector<std::string> hostaddrs = SplitList(hostaddr);
@@ -180,7 +207,10 @@ PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(con
     Entry entry;
     entry.host = hosts[i];
     if (!hostaddrs.empty()) entry.hostaddr = hostaddrs[i];
-    if (per_entry_ports_) entry.port = ports[i];
+    // An empty entry means libpq's built-in port (not PGPORT's). Spelled out, so that it stays
+    // the entry's own when the entry is passed on without the others (see WithAddresses).
+    if (per_entry_ports_)
+      entry.port = ports[i].empty() ? CompiledDefault(options.get(), "port") : ports[i];
     const bool needs_lookup = !entry.host.empty() && entry.hostaddr.empty() &&
                               entry.host[0] != '/' && entry.host[0] != '@' &&
                               !IsNumericAddress(entry.host);
@@ -194,15 +224,18 @@ PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(con
 }
 
 absl::StatusOr<PgConnectTarget::Overrides> PgConnectTarget::WithAddresses(
-    const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses) const {
+    const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses, size_t begin,
+    size_t end) const {
   if (addresses.size() != names_.size()) {
     return absl::InternalError("postgres: lookup results do not match the host names");
   }
+  end = std::min(end, entries_.size());
   std::vector<std::string> hosts;
   std::vector<std::string> hostaddrs;
   std::vector<std::string> ports;
   absl::Status first_failure;
-  for (const Entry& entry : entries_) {
+  for (size_t i = begin; i < end; ++i) {
+    const Entry& entry = entries_[i];
     if (entry.name_index < 0) {
       hosts.push_back(entry.host);
       hostaddrs.push_back(entry.hostaddr);

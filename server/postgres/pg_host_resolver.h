@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,8 +38,12 @@ absl::StatusOr<std::vector<std::string>> LookUpPgHost(const std::string& host);
 // resolver, which the last of them frees. Destroying the resolver therefore never waits for a
 // stuck lookup (a shutdown must not outlast the pod's grace period because of DNS).
 //
-// Thread-safe. Callers of Resolve must not outlive the resolver; lookups may.
+// Thread-safe. A Pending shares the resolver's state, so it may outlive the resolver, as lookups
+// may.
 class PgHostResolver {
+  struct Lookup;  // One lookup in flight (the .cc file defines both).
+  struct State;   // What the resolver shares with its lookup threads.
+
  public:
   // `lookup`: LookUpPgHost when unset; tests inject slow or counting ones. It runs on detached
   // threads that may outlive the resolver, so it must capture nothing that dies with it.
@@ -47,21 +52,32 @@ class PgHostResolver {
   PgHostResolver(const PgHostResolver&) = delete;
   PgHostResolver& operator=(const PgHostResolver&) = delete;
 
-  // The addresses of each of `hosts` (in that order), each looked up at most once at a time as
-  // described above; a name that does not resolve has its lookup's error in its place.
-  // UNAVAILABLE, naming the first host still being looked up, when `give_up` comes before every
-  // lookup has answered (the lookups go on, and later callers may still use them).
-  // A lookup whose thread cannot be started fails like a lookup (UNAVAILABLE in its place).
-  absl::StatusOr<std::vector<absl::StatusOr<std::vector<std::string>>>> Resolve(
-      const std::vector<std::string>& hosts, SteadyTime give_up);
+  // Lookups of a list of hosts, all started at once, each awaited on its own: a caller that
+  // tries hosts in order waits only for the one it comes to, not for a slower one after it.
+  class Pending {
+   public:
+    // The addresses of hosts[i] once its lookup has answered (its error when the name does not
+    // resolve); nullopt when `give_up` comes first (the lookup goes on, and later callers may
+    // still use it).
+    std::optional<absl::StatusOr<std::vector<std::string>>> Await(size_t i, SteadyTime give_up);
+    // Whether hosts[i]'s lookup has answered (Await would not wait).
+    bool Answered(size_t i) const;
+
+   private:
+    friend class PgHostResolver;
+    std::shared_ptr<State> state_;
+    std::vector<std::shared_ptr<Lookup>> lookups_;
+  };
+
+  // Starts a lookup of each of `hosts` (in that order), or joins the one in flight for it, as
+  // described above. A lookup whose thread cannot be started fails like a lookup (UNAVAILABLE).
+  Pending Start(const std::vector<std::string>& hosts);
 
   // Lookups started so far, and callers waiting on one right now (metrics, tests).
   int64_t lookups_started() const;
   int waiting() const;
 
  private:
-  struct Lookup;
-  struct State;
   std::shared_ptr<State> state_;
 };
 
@@ -75,9 +91,11 @@ class PgHostResolver {
 // (libpq then does no lookup). libpq still tries each address in turn, and target_session_attrs
 // applies to each as before.
 //
-// Only what the conninfo itself says is read. A conninfo libpq cannot parse, or whose lists do
-// not match up, is passed on unchanged, so libpq reports the error as before. Hosts that come
-// only from PGHOST or a service file are left to libpq (and its unbounded lookup).
+// What the conninfo leaves out comes from where libpq would take it: the service PGSERVICE
+// names, then PGHOST, PGHOSTADDR and PGPORT. A conninfo that names a service itself, and leaves
+// host, hostaddr or port to it, is left to libpq (and its unbounded lookup): libpq offers no way
+// to read a service's settings short of connecting. A conninfo libpq cannot parse, or whose
+// lists do not match up, is passed on unchanged, so libpq reports the error as before.
 class PgConnectTarget {
  public:
   explicit PgConnectTarget(std::string conninfo);
@@ -85,6 +103,11 @@ class PgConnectTarget {
   const std::string& conninfo() const { return conninfo_; }
   // The distinct names to look up, in the order of the host list; empty when none.
   const std::vector<std::string>& names() const { return names_; }
+  // The host list's entries, in the order libpq tries them; for each, the index into names()
+  // of the name it needs looked up, or -1 when it needs none. None when the host list is left
+  // to libpq.
+  size_t entry_count() const { return entries_.size(); }
+  int name_index(size_t entry) const { return entries_[entry].name_index; }
 
   // Values for libpq's host, hostaddr and port keywords (port empty: keep the conninfo's),
   // which override the conninfo's.
@@ -93,11 +116,13 @@ class PgConnectTarget {
     std::string hostaddr;
     std::string port;
   };
-  // The overrides given each of names()'s lookup results (same order). A name whose lookup
-  // failed is left out of the list, as libpq skips a host it cannot resolve; UNAVAILABLE with
-  // that failure when nothing is left to try.
+  // The overrides for the entries [begin, end) of the host list, given names()'s lookup results
+  // (same order; only those of names in the range are read). A name whose lookup failed is left
+  // out of the list, as libpq skips a host it cannot resolve; UNAVAILABLE with that failure when
+  // nothing is left to try.
   absl::StatusOr<Overrides> WithAddresses(
-      const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses) const;
+      const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses, size_t begin = 0,
+      size_t end = SIZE_MAX) const;
 
  private:
   struct Entry {

@@ -9,6 +9,7 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace sessionledger {
 namespace {
@@ -52,6 +53,14 @@ absl::Status StatusFromResult(const PGresult* result) {
   return status;
 }
 
+// Why each attempt at a host list failed, in the order they were made, as one status.
+absl::Status OneFailure(const std::vector<absl::Status>& failures) {
+  if (failures.size() == 1) return failures.front();
+  return absl::UnavailableError(absl::StrJoin(
+      failures, "; ",
+      [](std::string* out, const absl::Status& s) { absl::StrAppend(out, s.message()); }));
+}
+
 }  // namespace
 
 std::string SqlStateOf(const absl::Status& status) {
@@ -89,20 +98,55 @@ absl::StatusOr<PgConnection> PgConnection::ConnectBy(const PgConnectTarget& targ
   // libpq looks host names up synchronously inside PQconnectStartParams/PQconnectPoll, beyond
   // any deadline; only a `hostaddr` spares it that. So names are looked up here first, on the
   // resolver's threads and within the deadline, and libpq is handed the addresses.
-  std::optional<PgConnectTarget::Overrides> overrides;
-  if (!target.names().empty()) {
-    absl::StatusOr<std::vector<absl::StatusOr<std::vector<std::string>>>> addresses =
-        resolver.Resolve(target.names(), give_up);
-    if (!addresses.ok()) return addresses.status();
-    absl::StatusOr<PgConnectTarget::Overrides> by_address = target.WithAddresses(*addresses);
-    if (!by_address.ok()) return by_address.status();
-    overrides = *std::move(by_address);
+  if (target.names().empty()) return ConnectTo(target.conninfo(), nullptr, give_up);
+  // libpq tries the hosts of a list in order and looks a name up only when it comes to it, so a
+  // fallback host's lookup never delays the hosts before it. The same here: every lookup starts
+  // at once, but each attempt waits only for the first name it comes to, and takes the hosts
+  // after it up to the first name whose lookup has not answered yet; the next attempt, if this
+  // one fails, starts there.
+  PgHostResolver::Pending lookups = resolver.Start(target.names());
+  std::vector<absl::StatusOr<std::vector<std::string>>> addresses(
+      target.names().size(), absl::UnknownError("not looked up"));
+  std::vector<bool> answered(target.names().size(), false);
+  std::vector<absl::Status> failures;
+  for (size_t begin = 0; begin < target.entry_count() && SteadyNow() < give_up;) {
+    size_t end = begin;
+    for (; end < target.entry_count(); ++end) {
+      const int name = target.name_index(end);
+      if (name < 0 || answered[name]) continue;
+      if (end > begin && !lookups.Answered(name)) break;
+      std::optional<absl::StatusOr<std::vector<std::string>>> found = lookups.Await(name, give_up);
+      if (!found.has_value()) {  // Nothing is left to try in time.
+        failures.push_back(absl::UnavailableError(absl::StrCat(
+            "postgres: looking up '", target.names()[name], "' took longer than the deadline")));
+        return OneFailure(failures);
+      }
+      addresses[name] = *std::move(found);
+      answered[name] = true;
+    }
+    absl::StatusOr<PgConnectTarget::Overrides> by_address =
+        target.WithAddresses(addresses, begin, end);
+    begin = end;
+    if (!by_address.ok()) {
+      failures.push_back(by_address.status());
+      continue;
+    }
+    absl::StatusOr<PgConnection> conn = ConnectTo(target.conninfo(), &*by_address, give_up);
+    if (conn.ok()) return conn;
+    failures.push_back(conn.status());
   }
+  if (failures.empty()) return absl::UnavailableError("postgres: connect timed out");
+  return OneFailure(failures);
+}
+
+absl::StatusOr<PgConnection> PgConnection::ConnectTo(const std::string& conninfo,
+                                                     const PgConnectTarget::Overrides* overrides,
+                                                     SteadyTime give_up) {
   // expand_dbname = 1: "dbname" holds the whole URL; the other keywords fill what it leaves out,
   // and those after it (non-empty ones) override it.
   std::vector<const char*> keywords = {"dbname", "application_name"};
-  std::vector<const char*> values = {target.conninfo().c_str(), "sessionledger"};
-  if (overrides.has_value()) {
+  std::vector<const char*> values = {conninfo.c_str(), "sessionledger"};
+  if (overrides != nullptr) {
     keywords.insert(keywords.end(), {"host", "hostaddr"});
     values.insert(values.end(), {overrides->host.c_str(), overrides->hostaddr.c_str()});
     if (!overrides->port.empty()) {

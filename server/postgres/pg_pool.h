@@ -99,6 +99,11 @@ class PgConnection {
   // Connect, by a deadline on the steady clock (the pool's, already converted).
   static absl::StatusOr<PgConnection> ConnectBy(const PgConnectTarget& target,
                                                 PgHostResolver& resolver, SteadyTime give_up);
+  // One connection attempt by libpq, to the hosts `overrides` lists (all of the conninfo's when
+  // null).
+  static absl::StatusOr<PgConnection> ConnectTo(const std::string& conninfo,
+                                                const PgConnectTarget::Overrides* overrides,
+                                                SteadyTime give_up);
   // Sends with PQsend*, then waits for and collects the results until `give_up`.
   absl::StatusOr<PgResultPtr> Collect(SteadyTime give_up);
   absl::Status WaitSocket(bool for_write, SteadyTime give_up);

@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -11,6 +12,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/common/notification.h"
 #include "server/postgres/pg_pool.h"
 #include "tests/support/test_env.h"
 
@@ -25,6 +27,12 @@ std::string UrlWithHosts(const std::string& hosts) {
   const std::string url = RequiredEnv("DATABASE_URL");
   EXPECT_THAT(url, HasSubstr("@127.0.0.1:"));
   return absl::StrReplaceAll(url, {{"@127.0.0.1:", "@" + hosts + ":"}});
+}
+
+// `host` with the backing server's port: in a URL's host list, a host without a port of its own
+// has libpq's default, 5432.
+std::string OnServerPort(const std::string& host) {
+  return host + ":" + RequiredEnv("SL_POSTGRES_PORT");
 }
 
 absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
@@ -77,6 +85,85 @@ TEST(PgHostLookupTest, AMultiHostListSkipsANameThatDoesNotResolve) {
   EXPECT_STREQ(PQhost(conn->raw()), "db.test");
   EXPECT_STREQ(PQhostaddr(conn->raw()), "127.0.0.1");
   ExpectWorks(*conn);
+}
+
+// A lookup of made-up names: each answers 127.0.0.1 (the real server) after its delay; a name
+// with a delay of 10 s or more answers only when `release` is notified. Held by shared_ptr:
+// lookup threads are detached and may outlive the test.
+struct DelayedNames {
+  std::map<std::string, absl::Duration> delays;
+  Notification release;
+
+  PgLookupFn Lookup(std::shared_ptr<DelayedNames> self) {
+    return [self](const std::string& host) -> absl::StatusOr<std::vector<std::string>> {
+      const absl::Duration delay = self->delays.at(host);
+      if (delay >= absl::Seconds(10)) {
+        self->release.WaitForNotification();
+      } else {
+        absl::SleepFor(delay);
+      }
+      return std::vector<std::string>{"127.0.0.1"};
+    };
+  }
+};
+
+// The defect this guards against: every name was looked up before libpq was called, so a
+// fallback host whose name server hangs held up a connection to a primary that was there.
+TEST(PgHostLookupTest, AFallbackHostsHangingLookupDoesNotDelayTheHostBeforeIt) {
+  auto names = std::make_shared<DelayedNames>();
+  names->delays = {{"db.test", absl::ZeroDuration()}, {"hanging.test", absl::Seconds(10)}};
+  PgHostResolver resolver(names->Lookup(names));
+  const PgConnectTarget target(UrlWithHosts(OnServerPort("db.test") + ",hanging.test") +
+                               "&target_session_attrs=read-write");
+  const absl::Time start = absl::Now();
+  absl::StatusOr<PgConnection> conn = PgConnection::Connect(target, resolver, Soon());
+  const absl::Duration took = absl::Now() - start;
+  names->release.Notify();
+  ASSERT_TRUE(conn.ok()) << conn.status();
+  EXPECT_STREQ(PQhost(conn->raw()), "db.test");
+  EXPECT_LT(took, absl::Seconds(3));  // The deadline is 10 s away.
+  ExpectWorks(*conn);
+}
+
+// As libpq does: the first host is tried first, even when a later name answers sooner.
+TEST(PgHostLookupTest, HostsAreTriedInTheirOrderWhicheverLookupAnswersFirst) {
+  auto names = std::make_shared<DelayedNames>();
+  names->delays = {{"first.test", absl::Milliseconds(300)}, {"second.test", absl::ZeroDuration()}};
+  PgHostResolver resolver(names->Lookup(names));
+  absl::StatusOr<PgConnection> conn = PgConnection::Connect(
+      PgConnectTarget(UrlWithHosts(OnServerPort("first.test") + ",second.test")), resolver, Soon());
+  ASSERT_TRUE(conn.ok()) << conn.status();
+  EXPECT_STREQ(PQhost(conn->raw()), "first.test");
+}
+
+// The first host refuses (nothing listens on port 1) before the second name has answered: the
+// connect then waits for that name and goes on to it, as libpq would.
+TEST(PgHostLookupTest, AHostWhoseLookupWasStillRunningIsTriedAfterTheOnesBeforeItFail) {
+  auto names = std::make_shared<DelayedNames>();
+  names->delays = {{"down.test", absl::ZeroDuration()}, {"db.test", absl::Milliseconds(500)}};
+  PgHostResolver resolver(names->Lookup(names));
+  // Per-host ports: down.test:1, db.test on the real server's port.
+  absl::StatusOr<PgConnection> conn =
+      PgConnection::Connect(PgConnectTarget(UrlWithHosts("down.test:1,db.test")), resolver, Soon());
+  ASSERT_TRUE(conn.ok()) << conn.status();
+  EXPECT_STREQ(PQhost(conn->raw()), "db.test");
+  ExpectWorks(*conn);
+}
+
+// Every host failed: the answer says why for each of them.
+TEST(PgHostLookupTest, WhenEveryHostFailsEachOneSaysWhy) {
+  auto names = std::make_shared<DelayedNames>();
+  names->delays = {{"down.test", absl::ZeroDuration()}, {"hanging.test", absl::Seconds(10)}};
+  PgHostResolver resolver(names->Lookup(names));
+  absl::StatusOr<PgConnection> conn =
+      PgConnection::Connect(PgConnectTarget(UrlWithHosts("down.test:1,hanging.test")), resolver,
+                            absl::Now() + absl::Seconds(1));
+  names->release.Notify();
+  ASSERT_FALSE(conn.ok());
+  EXPECT_EQ(conn.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(conn.status().message(), HasSubstr("connect failed"));
+  EXPECT_THAT(conn.status().message(),
+              HasSubstr("looking up 'hanging.test' took longer than the deadline"));
 }
 
 TEST(PgHostLookupTest, AGivenHostaddrIsUsedAsIs) {
