@@ -139,7 +139,13 @@ class SessionService::Backoff {
     }
     return true;
   }
-  int attempts() const { return attempt_ + 1; }
+  // The answer once Wait() has said to give up: the session kept changing under the caller, who
+  // can only try again later. UNAVAILABLE, as for any backing service too busy to answer in time;
+  // never ABORTED, which the contract keeps for an expected_version that does not match.
+  absl::Status GiveUp() const {
+    return absl::UnavailableError(absl::StrCat(
+        "token: the session changed concurrently at each of ", attempt_, " tries; retry"));
+  }
 
  private:
   const SessionServiceOptions& options_;
@@ -443,7 +449,7 @@ absl::StatusOr<SessionView> SessionService::Modify(const SessionKey& key, absl::
     // Every conflict re-reads, a conditional update too: the conflict may have been a touch
     // that left the version alone, and the re-read decides between success and ABORTED.
     if (!backoff.Wait()) {
-      return absl::AbortedError("token: session changed concurrently too often; retry");
+      return backoff.GiveUp();
     }
   }
 }
@@ -657,7 +663,7 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     }
     SL_RETURN_IF_ERROR(store_->Remove(new_key, deadline));
     if (!backoff.Wait()) {
-      return absl::AbortedError("token: session changed concurrently too often; retry");
+      return backoff.GiveUp();
     }
   }
 }

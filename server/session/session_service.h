@@ -65,9 +65,9 @@ struct SessionView {
 // number of server processes can serve the same sessions.
 //
 // Status codes: INVALID_ARGUMENT (request shape; checked first), NOT_FOUND (unknown, expired,
-// deleted or revoked session), ABORTED (UpdateSession's expected_version mismatch, or
-// compare-and-swap still conflicting after the bounded retries), UNAVAILABLE (store down or too
-// slow for `deadline`). Thread-safe.
+// deleted or revoked session), ABORTED (UpdateSession's expected_version mismatch),
+// UNAVAILABLE (store down or too slow for `deadline`, or compare-and-swap still conflicting
+// after the bounded retries). Thread-safe.
 class SessionService {
  public:
   SessionService(std::shared_ptr<SessionStore> store, const Clock& clock,

@@ -285,8 +285,29 @@ TEST_F(SessionServiceTest, RetriesAreBounded) {
   store_->FailNextCas(1'000'000);
   AttributeMap set;
   set["k"] = "v";
-  EXPECT_TRUE(absl::IsAborted(Update(v.token, set).status()));
+  // Retryable, naming the field; not ABORTED, which means a stale expected_version.
+  const absl::Status status = Update(v.token, set).status();
+  EXPECT_TRUE(absl::IsUnavailable(status)) << status;
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr(absl::StrCat("token: the session changed concurrently at each of ",
+                                     service_->options().max_cas_attempts, " tries")));
   EXPECT_EQ(store_->cas_calls(), service_->options().max_cas_attempts);
+}
+
+TEST_F(SessionServiceTest, RotateRetriesAreBoundedToo) {
+  SessionView v = MustCreate("alice");
+  store_->FailNextCas(1'000'000);
+  const absl::Status status = service_->Rotate(v.token, Deadline()).status();
+  EXPECT_TRUE(absl::IsUnavailable(status)) << status;
+  EXPECT_EQ(store_->cas_calls(), service_->options().max_cas_attempts);
+  // Each losing try removed the session it had made: the old one is still the only one.
+  store_->FailNextCas(0);
+  EXPECT_TRUE(Get(v.token).ok());
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].session_id(), v.stored.session_id());
 }
 
 TEST_F(SessionServiceTest, ConcurrentUnconditionalUpdatesAllSurvive) {
@@ -1902,7 +1923,7 @@ TEST_P(ChangeAsyncTest, ConditionalUpdateThatLostARaceIsDecidedByTheReread) {
   EXPECT_EQ(stored.attributes().at("other"), "x");
 }
 
-TEST_P(ChangeAsyncTest, ConflictsThatNeverEndAreAbortedLikeTheBlockingForm) {
+TEST_P(ChangeAsyncTest, ConflictsThatNeverEndAreUnavailableLikeTheBlockingForm) {
   options_.max_cas_attempts = 5;
   Restart(1);
   const SessionView v = MustCreate("alice");
@@ -1920,7 +1941,7 @@ TEST_P(ChangeAsyncTest, ConflictsThatNeverEndAreAbortedLikeTheBlockingForm) {
     const int writes = store_->Count(Op::kCompareAndSwap);
     AsyncAnswer& answer = StartChange(v.token, update, r);
     const absl::Status status = answer.Wait().status();
-    EXPECT_TRUE(absl::IsAborted(status)) << status;
+    EXPECT_TRUE(absl::IsUnavailable(status)) << status;
     EXPECT_EQ(answer.thread(), FinisherThread());
     // The blocking form's bounded retries.
     EXPECT_EQ(store_->Count(Op::kCompareAndSwap), writes + 5);
