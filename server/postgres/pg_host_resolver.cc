@@ -209,8 +209,9 @@ PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(con
     if (!hostaddrs.empty()) entry.hostaddr = hostaddrs[i];
     // An empty entry means libpq's built-in port (not PGPORT's). Spelled out, so that it stays
     // the entry's own when the entry is passed on without the others (see WithAddresses).
-    if (per_entry_ports_)
+    if (per_entry_ports_) {
       entry.port = ports[i].empty() ? CompiledDefault(options.get(), "port") : ports[i];
+    }
     const bool needs_lookup = !entry.host.empty() && entry.hostaddr.empty() &&
                               entry.host[0] != '/' && entry.host[0] != '@' &&
                               !IsNumericAddress(entry.host);
