@@ -152,20 +152,16 @@ std::vector<std::string> SplitList(const char* value) {
   return absl::StrSplit(value, ',');
 }
 
-// The value `keyword` has in `options`; null when unset.
-const char* ValueOf(const PQconninfoOption* options, const char* keyword) {
-  for (const PQconninfoOption* o = options; o->keyword != nullptr; ++o) {
-    if (std::strcmp(o->keyword, keyword) == 0) return o->val;
-  }
-  return nullptr;
+// `keyword`'s entry in `options` (libpq lists every keyword it knows, set or not).
+const PQconninfoOption& OptionOf(const PQconninfoOption* options, const char* keyword) {
+  const PQconninfoOption* o = options;
+  while (o->keyword != nullptr && std::strcmp(o->keyword, keyword) != 0) ++o;
+  return *o;  // The terminator, all null, for a keyword libpq does not know.
 }
 
-// libpq's built-in default for `keyword` ("5432" for the port); empty when it has none.
-std::string CompiledDefault(const PQconninfoOption* options, const char* keyword) {
-  for (const PQconninfoOption* o = options; o->keyword != nullptr; ++o) {
-    if (std::strcmp(o->keyword, keyword) == 0) return o->compiled != nullptr ? o->compiled : "";
-  }
-  return "";
+// The value `keyword` has in `options`; null when unset.
+const char* ValueOf(const PQconninfoOption* options, const char* keyword) {
+  return OptionOf(options, keyword).val;
 }
 
 bool IsNumericAddress(const std::string& host) {
@@ -210,7 +206,8 @@ PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(con
     // An empty entry means libpq's built-in port (not PGPORT's). Spelled out, so that it stays
     // the entry's own when the entry is passed on without the others (see WithAddresses).
     if (per_entry_ports_) {
-      entry.port = ports[i].empty() ? CompiledDefault(options.get(), "port") : ports[i];
+      const char* built_in = OptionOf(options.get(), "port").compiled;
+      entry.port = !ports[i].empty() ? ports[i] : built_in != nullptr ? built_in : "";
     }
     const bool needs_lookup = !entry.host.empty() && entry.hostaddr.empty() &&
                               entry.host[0] != '/' && entry.host[0] != '@' &&
