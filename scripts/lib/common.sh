@@ -71,6 +71,33 @@ readonly SL_PACKAGES=(
 
 sl_log() { printf '==> %s\n' "$*" >&2; }
 
+# sl_ctest_excluding REGEX [ctest args...]: sets the array SL_CTEST_ARGS to the ctest args with
+# the tests labelled REGEX left out, whatever they select. CTest 3.25 honours one -LE only
+# (given `-LE deploy -LE chaos` it left out neither), so the caller's own -LE/--label-exclude
+# options join REGEX in a single one. Fails on an -LE without its expression.
+sl_ctest_excluding() {
+  local excluded=$1
+  shift
+  SL_CTEST_ARGS=()
+  while (($# > 0)); do
+    case $1 in
+      -LE | --label-exclude)
+        if (($# < 2)); then
+          sl_log "$1 needs a regular expression"
+          return 2
+        fi
+        excluded+="|($2)"
+        shift 2
+        ;;
+      *)
+        SL_CTEST_ARGS+=("$1")
+        shift
+        ;;
+    esac
+  done
+  SL_CTEST_ARGS=(-LE "$excluded" ${SL_CTEST_ARGS[@]+"${SL_CTEST_ARGS[@]}"})
+}
+
 sl_package_installed() {
   [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == 'install ok installed' ]]
 }
