@@ -254,7 +254,11 @@ absl::StatusOr<PgConnectTarget::Overrides> PgConnectTarget::WithAddresses(
       ports.push_back(entry.port);
     }
   }
-  if (hosts.empty()) return first_failure;
+  if (hosts.empty()) {
+    // Nothing to try: every name failed (say why), or answered without an address.
+    if (!first_failure.ok()) return first_failure;
+    return absl::UnavailableError("postgres: no address to connect to");
+  }
   Overrides overrides;
   overrides.host = absl::StrJoin(hosts, ",");
   overrides.hostaddr = absl::StrJoin(hostaddrs, ",");

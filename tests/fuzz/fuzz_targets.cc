@@ -1,5 +1,6 @@
 #include "tests/fuzz/fuzz_targets.h"
 
+#include <arpa/inet.h>
 #include <grpcpp/server_context.h>
 #include <grpcpp/test/server_context_test_spouse.h>
 #include <libpq-fe.h>
@@ -23,6 +24,7 @@
 #include "server/ledger/in_memory_ledger_store.h"
 #include "server/ledger/ledger_rules.h"
 #include "server/ledger/page_token.h"
+#include "server/postgres/pg_host_resolver.h"
 #include "server/rpc/session_handlers.h"
 #include "server/rpc/transaction_handlers.h"
 #include "server/session/session_service.h"
@@ -278,6 +280,82 @@ std::string CheckCode(absl::string_view call, const grpc::Status& status) {
 
 constexpr absl::string_view kAccountId = "00000000-0000-4000-8000-000000000001";
 
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL connect target
+
+// Addresses a fake lookup gives names()[i]: one or two, so that entries multiply unevenly.
+std::vector<std::string> FakeAddresses(size_t i) {
+  std::vector<std::string> addresses = {absl::StrCat("192.0.2.", i % 250 + 1)};
+  if (i % 2 == 1) addresses.push_back(absl::StrCat("2001:db8::", absl::Hex(i)));
+  return addresses;
+}
+
+std::vector<std::string> ListOf(const std::string& list) { return absl::StrSplit(list, ','); }
+
+bool IsNumericHost(const std::string& host) {
+  in6_addr buffer;
+  return inet_pton(AF_INET, host.c_str(), &buffer) == 1 ||
+         inet_pton(AF_INET6, host.c_str(), &buffer) == 1;
+}
+
+// WithAddresses over entries [begin, end), every name answered (FakeAddresses) or every lookup
+// failed: the three lists stay parallel, each entry keeps its order, its host and its port, and
+// a name is replaced by exactly its addresses.
+std::string CheckOverrides(const PgConnectTarget& target, size_t begin, size_t end,
+                           bool lookups_fail) {
+  std::vector<absl::StatusOr<std::vector<std::string>>> answers;
+  for (size_t i = 0; i < target.names().size(); ++i) {
+    if (lookups_fail) {
+      answers.push_back(absl::NotFoundError("no such name"));
+    } else {
+      answers.push_back(FakeAddresses(i));
+    }
+  }
+  const absl::StatusOr<PgConnectTarget::Overrides> overrides =
+      target.WithAddresses(answers, begin, end);
+  // What the range should come to: one (host, hostaddr) pair per entry or per address.
+  std::vector<std::pair<std::string, std::string>> expected;
+  for (size_t e = begin; e < end; ++e) {
+    const int name = target.name_index(e);
+    if (name < 0) {
+      expected.emplace_back("", "");  // Passed on as the conninfo had it; checked by count only.
+    } else if (!lookups_fail) {
+      for (const std::string& address : FakeAddresses(static_cast<size_t>(name))) {
+        expected.emplace_back(target.names()[name], address);
+      }
+    }
+  }
+  if (expected.empty()) {
+    if (overrides.ok()) return "WithAddresses gave overrides for a range with nothing to try";
+    if (overrides.status().code() != absl::StatusCode::kUnavailable) {
+      return absl::StrCat("nothing to try, but not UNAVAILABLE: ", overrides.status().ToString());
+    }
+    return "";
+  }
+  if (!overrides.ok()) {
+    return absl::StrCat("WithAddresses failed with hosts to try: ", overrides.status().ToString());
+  }
+  const std::vector<std::string> hosts = ListOf(overrides->host);
+  const std::vector<std::string> hostaddrs = ListOf(overrides->hostaddr);
+  if (hosts.size() != expected.size() || hostaddrs.size() != expected.size()) {
+    return absl::StrCat("overrides list ", hosts.size(), " hosts and ", hostaddrs.size(),
+                        " hostaddrs for ", expected.size(), " entries: host=", overrides->host,
+                        " hostaddr=", overrides->hostaddr);
+  }
+  if (!overrides->port.empty() && ListOf(overrides->port).size() != expected.size()) {
+    return absl::StrCat("port list ", overrides->port, " does not match ", expected.size(),
+                        " entries");
+  }
+  for (size_t i = 0; i < expected.size(); ++i) {
+    if (expected[i].first.empty()) continue;
+    if (hosts[i] != expected[i].first || hostaddrs[i] != expected[i].second) {
+      return absl::StrCat("entry ", i, " is ", hosts[i], "/", hostaddrs[i], ", expected ",
+                          expected[i].first, "/", expected[i].second);
+    }
+  }
+  return "";
+}
+
 }  // namespace
 
 std::string FuzzConfig(absl::string_view data) {
@@ -506,6 +584,47 @@ std::string FuzzAuthorizationHeader(absl::string_view data) {
                         static_cast<int>(status.error_code()), ": ", status.error_message());
   }
   return "";
+}
+
+std::string FuzzPgConnectTarget(absl::string_view data) {
+  if (data.empty()) return "";
+  const unsigned char control = static_cast<unsigned char>(data[0]);
+  // DATABASE_URL is an environment value: nothing after a NUL reaches libpq.
+  absl::string_view text = data.substr(1);
+  text = text.substr(0, text.find('\0'));
+  const PgConnectTarget target{std::string(text)};
+  const std::vector<std::string>& names = target.names();
+  std::vector<bool> used(names.size(), false);
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string& name = names[i];
+    if (name.empty() || name[0] == '/' || name[0] == '@' || IsNumericHost(name) ||
+        absl::StrContains(name, ",")) {
+      return absl::StrCat("a name that needs no lookup is looked up: '", name, "'");
+    }
+    if (std::find(names.begin(), names.begin() + i, name) != names.begin() + i) {
+      return absl::StrCat("name listed twice: ", name);
+    }
+  }
+  for (size_t e = 0; e < target.entry_count(); ++e) {
+    const int name = target.name_index(e);
+    if (name < -1 || name >= static_cast<int>(names.size())) {
+      return absl::StrCat("entry ", e, " has name index ", name);
+    }
+    if (name >= 0) used[name] = true;
+  }
+  if (std::find(used.begin(), used.end(), false) != used.end()) {
+    return "a name no entry needs";
+  }
+  if (target.entry_count() == 0) return "";
+  // The whole list, and a range the input picks (as ConnectBy passes them round by round).
+  const bool lookups_fail = (control & 1) != 0;
+  if (std::string problem = CheckOverrides(target, 0, target.entry_count(), lookups_fail);
+      !problem.empty()) {
+    return problem;
+  }
+  const size_t begin = (control >> 1) % target.entry_count();
+  const size_t end = begin + 1 + (control >> 4) % (target.entry_count() - begin);
+  return CheckOverrides(target, begin, end, lookups_fail);
 }
 
 }  // namespace sessionledger::fuzz

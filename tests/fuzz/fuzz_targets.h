@@ -31,6 +31,11 @@ std::string FuzzStoredSession(absl::string_view data);
 // UNAUTHENTICATED for anything but the one valid token.
 std::string FuzzAuthorizationHeader(absl::string_view data);
 
+// PgConnectTarget over a DATABASE_URL (or key=value conninfo) after one control byte: the names
+// it looks up, and WithAddresses over the whole host list and over a part of it, with every
+// lookup answered or every lookup failed.
+std::string FuzzPgConnectTarget(absl::string_view data);
+
 }  // namespace sessionledger::fuzz
 
 #endif  // SESSIONLEDGER_TESTS_FUZZ_FUZZ_TARGETS_H_

@@ -61,6 +61,10 @@ TEST(FuzzRegressionTest, AuthorizationHeader) {
   EXPECT_GT(Replay("authorization_header", &FuzzAuthorizationHeader), 0u);
 }
 
+TEST(FuzzRegressionTest, PgConnectTarget) {
+  EXPECT_GT(Replay("pg_connect_target", &FuzzPgConnectTarget), 0u);
+}
+
 // The bodies must hold for the trivial inputs libFuzzer always starts with.
 TEST(FuzzRegressionTest, EmptyAndTinyInputs) {
   for (const std::string& input : {std::string(), std::string(1, '\0'), std::string("\x01"),
@@ -69,6 +73,7 @@ TEST(FuzzRegressionTest, EmptyAndTinyInputs) {
     EXPECT_EQ(FuzzPageToken(input), "");
     EXPECT_EQ(FuzzStoredSession(input), "");
     EXPECT_EQ(FuzzAuthorizationHeader(input), "");
+    EXPECT_EQ(FuzzPgConnectTarget(input), "");
   }
 }
 

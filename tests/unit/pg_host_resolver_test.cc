@@ -284,6 +284,20 @@ TEST(PgConnectTargetTest, AHostThatDoesNotResolveIsSkippedLikeLibpqDoes) {
   EXPECT_THAT(none.status().message(), HasSubstr("'gone.example'"));
 }
 
+// A lookup that answers without an address (an injected one; getaddrinfo's never does) leaves
+// nothing to try: UNAVAILABLE, not an OK status in a StatusOr (which Abseil turns into INTERNAL).
+TEST(PgConnectTargetTest, AnAnswerWithoutAddressesLeavesNothingToTry) {
+  const PgConnectTarget target("postgres://app@db.example/app");
+  absl::StatusOr<PgConnectTarget::Overrides> none =
+      target.WithAddresses({std::vector<std::string>{}});
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(none.status().message(), HasSubstr("no address"));
+  // An empty part of the list likewise.
+  EXPECT_EQ(target.WithAddresses({std::vector<std::string>{"10.0.0.1"}}, 1, 1).status().code(),
+            absl::StatusCode::kUnavailable);
+}
+
 TEST(PgConnectTargetTest, WhatLibpqWouldRefuseIsPassedOnUnchanged) {
   // libpq's own error ("could not match 3 port numbers to 2 hosts") stays the one reported.
   EXPECT_THAT(PgConnectTarget("host=a.example,b.example port=1,2,3 dbname=x").names(), IsEmpty());
