@@ -6,6 +6,8 @@
 #include <libpq-fe.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <memory>
@@ -625,6 +627,16 @@ std::string FuzzPgConnectTarget(absl::string_view data) {
   const size_t begin = (control >> 1) % target.entry_count();
   const size_t end = begin + 1 + (control >> 4) % (target.entry_count() - begin);
   return CheckOverrides(target, begin, end, lookups_fail);
+}
+
+int RunFuzzTarget(const char* name, std::string (*target)(absl::string_view), const uint8_t* data,
+                  size_t size) {
+  const std::string problem = target(absl::string_view(reinterpret_cast<const char*>(data), size));
+  if (!problem.empty()) {
+    std::fprintf(stderr, "%s: %s\n", name, problem.c_str());
+    std::abort();
+  }
+  return 0;
 }
 
 }  // namespace sessionledger::fuzz

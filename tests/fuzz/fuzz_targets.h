@@ -9,6 +9,8 @@
 // of the broken property. Crashes, leaks and undefined behaviour are left to the sanitizers.
 // Stateless apart from function-local constants; safe to call repeatedly from one thread.
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "absl/strings/string_view.h"
@@ -35,6 +37,12 @@ std::string FuzzAuthorizationHeader(absl::string_view data);
 // it looks up, and WithAddresses over the whole host list and over a part of it, with every
 // lookup answered or every lookup failed.
 std::string FuzzPgConnectTarget(absl::string_view data);
+
+// The body of every LLVMFuzzerTestOneInput: runs `target` on the input and, when it reports a
+// broken property, prints it under `name` and aborts, so that libFuzzer keeps the input as it
+// keeps a crash. Returns 0, as libFuzzer expects.
+int RunFuzzTarget(const char* name, std::string (*target)(absl::string_view), const uint8_t* data,
+                  size_t size);
 
 }  // namespace sessionledger::fuzz
 
