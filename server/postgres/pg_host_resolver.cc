@@ -164,13 +164,13 @@ const char* ValueOf(const PQconninfoOption* options, const char* keyword) {
   return OptionOf(options, keyword).val;
 }
 
+}  // namespace
+
 bool IsNumericAddress(const std::string& host) {
   in6_addr buffer;
   return inet_pton(AF_INET, host.c_str(), &buffer) == 1 ||
          inet_pton(AF_INET6, host.c_str(), &buffer) == 1;
 }
-
-}  // namespace
 
 PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(conninfo)) {
   std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> options(

@@ -21,6 +21,9 @@ using PgLookupFn = std::function<absl::StatusOr<std::vector<std::string>>(const 
 // getaddrinfo(3) (TCP, any family), as libpq itself would look the name up.
 absl::StatusOr<std::vector<std::string>> LookUpPgHost(const std::string& host);
 
+// Whether `host` is an IPv4 or IPv6 address in numeric form, which needs no lookup.
+bool IsNumericAddress(const std::string& host);
+
 // Looks up PostgreSQL host names without ever blocking a caller past its deadline.
 //
 // libpq resolves names synchronously inside PQconnectStartParams/PQconnectPoll, where no

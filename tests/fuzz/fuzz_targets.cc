@@ -1,6 +1,5 @@
 #include "tests/fuzz/fuzz_targets.h"
 
-#include <arpa/inet.h>
 #include <grpcpp/server_context.h>
 #include <grpcpp/test/server_context_test_spouse.h>
 #include <libpq-fe.h>
@@ -293,12 +292,6 @@ std::vector<std::string> FakeAddresses(size_t i) {
 }
 
 std::vector<std::string> ListOf(const std::string& list) { return absl::StrSplit(list, ','); }
-
-bool IsNumericHost(const std::string& host) {
-  in6_addr buffer;
-  return inet_pton(AF_INET, host.c_str(), &buffer) == 1 ||
-         inet_pton(AF_INET6, host.c_str(), &buffer) == 1;
-}
 
 // WithAddresses over entries [begin, end), every name answered (FakeAddresses) or every lookup
 // failed: the three lists stay parallel, each entry keeps its order, its host and its port, and
@@ -599,7 +592,7 @@ std::string FuzzPgConnectTarget(absl::string_view data) {
   std::vector<bool> used(names.size(), false);
   for (size_t i = 0; i < names.size(); ++i) {
     const std::string& name = names[i];
-    if (name.empty() || name[0] == '/' || name[0] == '@' || IsNumericHost(name) ||
+    if (name.empty() || name[0] == '/' || name[0] == '@' || IsNumericAddress(name) ||
         absl::StrContains(name, ",")) {
       return absl::StrCat("a name that needs no lookup is looked up: '", name, "'");
     }

@@ -1,7 +1,6 @@
 // Connections by host name to the real PostgreSQL of scripts/backing-services (DATABASE_URL,
 // which names 127.0.0.1): the name is looked up by PgHostResolver and libpq is handed the
 // address, while the name stays the one libpq reports (and would verify a certificate against).
-#include <arpa/inet.h>
 
 #include <atomic>
 #include <map>
@@ -37,12 +36,6 @@ std::string OnServerPort(const std::string& host) {
 
 absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
 
-bool IsNumeric(const char* address) {
-  in6_addr buffer;
-  return address != nullptr &&
-         (inet_pton(AF_INET, address, &buffer) == 1 || inet_pton(AF_INET6, address, &buffer) == 1);
-}
-
 void ExpectWorks(PgConnection& conn) {
   absl::StatusOr<PgResultPtr> r = conn.ExecSimple("SELECT 1", Soon());
   ASSERT_TRUE(r.ok()) << r.status();
@@ -54,7 +47,9 @@ TEST(PgHostLookupTest, LocalhostConnectsByItsAddressKeepingTheName) {
   absl::StatusOr<PgConnection> conn = PgConnection::Connect(UrlWithHosts("localhost"), Soon());
   ASSERT_TRUE(conn.ok()) << conn.status();
   EXPECT_STREQ(PQhost(conn->raw()), "localhost");
-  EXPECT_TRUE(IsNumeric(PQhostaddr(conn->raw()))) << PQhostaddr(conn->raw());
+  const char* hostaddr = PQhostaddr(conn->raw());
+  ASSERT_NE(hostaddr, nullptr);
+  EXPECT_TRUE(IsNumericAddress(hostaddr)) << hostaddr;
   ExpectWorks(*conn);
 }
 
