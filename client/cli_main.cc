@@ -9,12 +9,19 @@
 
 #include "absl/synchronization/mutex.h"
 #include "client/commands.h"
+#include "server/common/openssl_lifetime.h"
 
 int main(int argc, char** argv) {
   // Debian's Abseil keeps absl::Mutex deadlock detection on, and gRPC locks absl mutexes on
   // every call: perf showed its cycle graph (GraphCycles) at about 3% of the load
   // generator's CPU. A process-wide setting, so it belongs here and nowhere else.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  // Before the first channel touches OpenSSL: gRPC's threads may still be in it while exit
+  // handlers run.
+  if (absl::Status kept = sessionledger::KeepOpenSslUntilProcessExit(); !kept.ok()) {
+    std::cerr << "sessionledger-cli: " << kept.message() << "\n";
+    return static_cast<int>(kept.code());
+  }
   std::vector<std::string> args(argv + 1, argv + argc);
   auto env = [](const std::string& name) -> std::optional<std::string> {
     const char* value = std::getenv(name.c_str());

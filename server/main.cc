@@ -21,6 +21,7 @@
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/app/server_app.h"
+#include "server/common/openssl_lifetime.h"
 #include "server/common/status_macros.h"
 #include "server/common/thread_name.h"
 #include "server/config/config.h"
@@ -250,6 +251,10 @@ int main(int argc, char** argv) {
       (argc == 2 && command != "migrate" && command != "serve" && command != "healthcheck")) {
     std::fprintf(stderr, "sessionledger-server: unknown arguments; see --help\n");
     return 2;
+  }
+  // Before anything touches OpenSSL: gRPC's threads may still be in it while exit handlers run.
+  if (absl::Status kept = sessionledger::KeepOpenSslUntilProcessExit(); !kept.ok()) {
+    return sessionledger::Fail(kept);
   }
   if (command == "migrate") return sessionledger::Migrate();
   if (command == "healthcheck") return sessionledger::HealthCheck();

@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "server/common/openssl_lifetime.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 #include "tests/support/server_process.h"
 #include "tests/support/test_env.h"
@@ -32,6 +33,8 @@ std::string ReadFile(const std::string& path) {
 class TlsTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
+    // This process is a TLS client, like the CLI: gRPC's threads may outlive main (see there).
+    ASSERT_TRUE(KeepOpenSslUntilProcessExit().ok());
     char pattern[] = "/tmp/sl-tls-test-XXXXXX";
     ASSERT_NE(mkdtemp(pattern), nullptr);
     dir_ = new std::string(pattern);
