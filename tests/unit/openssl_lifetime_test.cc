@@ -6,10 +6,11 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 
+#include <condition_variable>
 #include <cstdlib>
+#include <mutex>
 #include <thread>
 
-#include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
 
 namespace sessionledger {
@@ -17,10 +18,14 @@ namespace {
 
 constexpr int kOpenSslGoneBeforeTheThreadEnded = 3;
 
+// Synchronised with the standard library's mutex rather than absl::Notification: Debian's
+// Abseil is not built for ThreadSanitizer, which would then see no order between the threads.
 struct LateThread {
   std::thread thread;
-  absl::Notification met_an_error;
-  absl::Notification may_end;
+  std::mutex mutex;
+  std::condition_variable changed;
+  bool met_an_error = false;
+  bool may_end = false;
 };
 
 // One per child process; exit handlers take no arguments.
@@ -31,17 +36,24 @@ void StartThreadThatMeetsAnOpenSslError() {
   late_thread->thread = std::thread([t = late_thread] {
     // Gives this thread an OpenSSL error queue, as a failed handshake does.
     ERR_raise(ERR_LIB_SSL, ERR_R_INTERNAL_ERROR);
-    t->met_an_error.Notify();
-    t->may_end.WaitForNotification();
+    std::unique_lock<std::mutex> lock(t->mutex);
+    t->met_an_error = true;
+    t->changed.notify_all();
+    t->changed.wait(lock, [t] { return t->may_end; });
   });
-  late_thread->met_an_error.WaitForNotification();
+  std::unique_lock<std::mutex> lock(late_thread->mutex);
+  late_thread->changed.wait(lock, [] { return late_thread->met_an_error; });
 }
 
 // Registered before OpenSSL initialises, so it runs after OpenSSL's own exit handler, if there
 // is one: the thread ends there, and then OpenSSL must still be usable. Under LeakSanitizer the
 // thread's error queue must also have been freed with it.
 void EndTheThreadThenUseOpenSsl() {
-  late_thread->may_end.Notify();
+  {
+    std::lock_guard<std::mutex> lock(late_thread->mutex);
+    late_thread->may_end = true;
+  }
+  late_thread->changed.notify_all();
   late_thread->thread.join();
   delete late_thread;
   if (OPENSSL_init_crypto(0, nullptr) != 1) std::_Exit(kOpenSslGoneBeforeTheThreadEnded);
