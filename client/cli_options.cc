@@ -345,6 +345,20 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
     }
     return absl::OkStatus();
   };
+  // A money movement's key, or none (the CLI then generates one). Every value given must be a
+  // key: "--idempotency-key=$KEY" with KEY unset would otherwise get a new key on every retry,
+  // and the retry would move the money again.
+  auto idempotency_key = [&]() -> absl::Status {
+    for (const std::string& value : t.All("idempotency-key")) {
+      if (value.empty()) {
+        return UsageError(
+            "--idempotency-key: empty value; give the key to retry with, or leave the option out "
+            "for a new one");
+      }
+    }
+    o.idempotency_key = t.Last("idempotency-key").value_or("");
+    return absl::OkStatus();
+  };
   // Session commands take their TOKEN argument from the command line or, so that a token can
   // be exported once, from --token / SESSIONLEDGER_TOKEN.
   auto session_token = [&]() -> absl::Status {
@@ -405,8 +419,7 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
       if (!t.Has("amount")) return UsageError("missing --amount (minor units, e.g. cents)");
       s = int_flag("amount", o.amount_minor);
       if (!s.ok()) return s;
-      o.idempotency_key = t.Last("idempotency-key").value_or("");
-      return absl::OkStatus();
+      return idempotency_key();
     }
     case Command::kTransfer: {
       absl::Status s = required(t.Last("from"), "--from", o.from_account_id);
@@ -416,8 +429,7 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
       if (!t.Has("amount")) return UsageError("missing --amount (minor units, e.g. cents)");
       s = int_flag("amount", o.amount_minor);
       if (!s.ok()) return s;
-      o.idempotency_key = t.Last("idempotency-key").value_or("");
-      return absl::OkStatus();
+      return idempotency_key();
     }
     case Command::kHistory: {
       absl::Status s = required(option_or_positional("account"), "ACCOUNT_ID", o.account_id);

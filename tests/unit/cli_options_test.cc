@@ -216,6 +216,18 @@ TEST(CliOptionsTest, AccountsDepositTransferHistory) {
   EXPECT_EQ(o->amount_minor, 5);
   EXPECT_EQ(o->idempotency_key, "k1");
 
+  // An empty key (say, "--idempotency-key=$KEY" with KEY unset) is refused, not replaced by a
+  // new one: a retry with a new key would move the money again.
+  ExpectUsageError({"deposit", "--account", "a1", "--amount", "1", "--idempotency-key="},
+                   "--idempotency-key: empty value");
+  ExpectUsageError(
+      {"transfer", "--from", "a1", "--to", "a2", "--amount", "5", "--idempotency-key", ""},
+      "--idempotency-key: empty value");
+  // Every value counts, not only the last.
+  ExpectUsageError({"transfer", "--from", "a1", "--to", "a2", "--amount", "5", "--idempotency-key",
+                    "", "--idempotency-key", "k1"},
+                   "--idempotency-key: empty value");
+
   // The server owns the amount rules (> 0); the CLI only checks that it is a number.
   o = Parse({"transfer", "--from", "a1", "--to", "a2", "--amount", "-5"});
   ASSERT_TRUE(o.ok()) << o.status();
