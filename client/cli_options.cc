@@ -480,6 +480,13 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
           *into = *d;
         }
       }
+      // A fixed number of calls runs without a warm-up and until they are all done: a length
+      // given with it would be silently ignored.
+      if (b.requests > 0 && (t.Has("duration") || t.Has("warmup"))) {
+        return UsageError(
+            "--requests runs a fixed number of calls, with no warm-up and no time limit; leave "
+            "out --duration and --warmup");
+      }
       if (b.requests == 0 && b.duration <= absl::ZeroDuration()) {
         return UsageError("--duration must be positive");
       }
@@ -693,7 +700,9 @@ Other:
         [--requests N] [--rate CALLS_PER_S] [--touch] [--no-progress]
         [--cpu-of NAME=PID[+PID...] ...]
         (--duration and --warmup: at most 24h; --rate: at least 0.001, or 0 for unpaced;
-         --connections: default 4, never more than --concurrency)
+         --connections: default 4, never more than --concurrency; --requests N: N calls
+         instead of a timed run, without --duration or --warmup; for create-get-session,
+         --requests and --rate count create-and-read pairs, the report both calls)
         (--cpu-of: also report the CPU microseconds per call of these processes over the
          measured window, e.g. --cpu-of server=1234 --cpu-of memcached=2001+2002; the
          client's own is always reported)

@@ -280,6 +280,18 @@ TEST(CliOptionsTest, Bench) {
   ExpectUsageError({"bench", "--requests", "-1"}, "--requests");
 }
 
+TEST(CliOptionsTest, BenchRequestsTakeNoDurationOrWarmup) {
+  absl::StatusOr<CliOptions> o = Parse({"bench", "--requests", "100"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->bench.requests, 100);
+  // Both would be ignored: the run makes its calls with no warm-up and no time limit.
+  ExpectUsageError({"bench", "--requests", "100", "--duration", "5s"}, "--requests");
+  ExpectUsageError({"bench", "--requests", "100", "--warmup", "0"}, "--warmup");
+  // --requests 0 means a timed run, which takes both.
+  o = Parse({"bench", "--requests", "0", "--duration", "5s", "--warmup", "1s"});
+  ASSERT_TRUE(o.ok()) << o.status();
+}
+
 TEST(CliOptionsTest, BenchRateHasALowerBound) {
   // concurrency / rate seconds must fit in int64 nanoseconds; 1e-12 used to overflow the
   // conversion and hang the run.
