@@ -40,12 +40,14 @@ class CallObserver final : public grpc::experimental::Interceptor {
         metrics_(metrics),
         info_(info),
         method_(info->method() != nullptr ? info->method() : ""),
-        start_(std::chrono::steady_clock::now()) {
-    if (metrics_ != nullptr) metrics_->RpcStarted();
-  }
+        start_(std::chrono::steady_clock::now()) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_INITIAL_METADATA)) {
+      // A call is counted in flight once it has arrived, not when its interceptor is made:
+      // gRPC also makes interceptors for the calls the server had asked for when it shuts down,
+      // calls that never come and never finish (they read as 52 phantom calls in a drain).
+      Started();
       AdoptRequestId(methods->GetRecvInitialMetadata());
     }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
@@ -71,7 +73,14 @@ class CallObserver final : public grpc::experimental::Interceptor {
     metadata->emplace(grpc::string_ref(kRequestIdHeader), grpc::string_ref(request_id_));
   }
 
+  void Started() {
+    if (started_) return;
+    started_ = true;
+    if (metrics_ != nullptr) metrics_->RpcStarted();
+  }
+
   void Finished(const grpc::Status& status) {
+    Started();  // Keeps the gauge balanced should a status ever come without a request.
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     const std::string code = StatusCodeName(status.error_code());
@@ -110,6 +119,7 @@ class CallObserver final : public grpc::experimental::Interceptor {
   const std::string method_;
   const std::chrono::steady_clock::time_point start_;
   std::string request_id_;
+  bool started_ = false;
 };
 
 }  // namespace
