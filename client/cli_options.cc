@@ -130,6 +130,16 @@ struct Tokens {
     }
     return result;
   }
+  // A usage error if any value given for `name` is empty (say, "--ca-file=$CA" with CA unset),
+  // which would otherwise read as the option left out; `instead` tells what to do.
+  absl::Status NoEmptyValue(const std::string& name, absl::string_view instead) const {
+    for (const auto& [flag, value] : flags) {
+      if (flag == name && value.empty()) {
+        return UsageError(absl::StrCat("--", name, ": empty value; ", instead));
+      }
+    }
+    return absl::OkStatus();
+  }
 };
 
 absl::StatusOr<Tokens> Tokenize(const std::vector<std::string>& args) {
@@ -349,13 +359,9 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
   // key: "--idempotency-key=$KEY" with KEY unset would otherwise get a new key on every retry,
   // and the retry would move the money again.
   auto idempotency_key = [&]() -> absl::Status {
-    for (const std::string& value : t.All("idempotency-key")) {
-      if (value.empty()) {
-        return UsageError(
-            "--idempotency-key: empty value; give the key to retry with, or leave the option out "
-            "for a new one");
-      }
-    }
+    absl::Status given = t.NoEmptyValue(
+        "idempotency-key", "give the key to retry with, or leave the option out for a new one");
+    if (!given.ok()) return given;
     o.idempotency_key = t.Last("idempotency-key").value_or("");
     return absl::OkStatus();
   };
@@ -647,11 +653,8 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
   // without the other TLS options the CLI would then talk plaintext and send the bearer
   // token in the clear. Every value is checked, not only the last, for the same reason.
   for (const char* flag : {"ca-file", "cert-file", "key-file", "tls-server-name"}) {
-    for (const std::string& value : tokens->All(flag)) {
-      if (value.empty()) {
-        return UsageError(absl::StrCat("--", flag, ": empty value; leave the option out instead"));
-      }
-    }
+    absl::Status given = tokens->NoEmptyValue(flag, "leave the option out instead");
+    if (!given.ok()) return given;
   }
   o.tls.ca_file = tokens->Last("ca-file").value_or("");
   o.tls.cert_file = tokens->Last("cert-file").value_or("");

@@ -33,7 +33,8 @@ std::string ReadFile(const std::string& path) {
 class TlsTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    // This process is a TLS client, like the CLI: gRPC's threads may outlive main (see there).
+    // This process is a TLS client like the CLI, whose gRPC threads may outlive main (see
+    // server/common/openssl_lifetime.h).
     ASSERT_TRUE(KeepOpenSslUntilProcessExit().ok());
     char pattern[] = "/tmp/sl-tls-test-XXXXXX";
     ASSERT_NE(mkdtemp(pattern), nullptr);
