@@ -144,21 +144,26 @@ class LoadGenerator {
 
   BenchResult Run(std::ostream& progress) {
     const bool counted = options_.requests > 0;
-    const bool warm = !counted && options_.warmup > absl::ZeroDuration();
-    phase_.store(warm ? kWarmup : kMeasure);
+    const bool paced = options_.rate > 0;
+    // An unpaced timed run measures from when every slot has its first call out, even with
+    // --warmup 0: starting 20,000 slots takes seconds, which would otherwise stretch the
+    // measured window past --duration. A paced run only queues its slots here (the schedule
+    // starts their calls), and a counted run counts every call, so both measure from the start.
+    const bool warm_first = !counted && (options_.warmup > absl::ZeroDuration() || !paced);
+    phase_.store(warm_first ? kWarmup : kMeasure);
     active_ = static_cast<int>(slots_.size());
-    steady_clock::time_point measure_start = steady_clock::now();
+    const steady_clock::time_point run_start = steady_clock::now();
+    steady_clock::time_point measure_start = run_start;
     CpuSample cpu_start = SampleCpu(options_.cpu_of);
-    if (options_.rate > 0) {
+    if (paced) {
       // Stagger the slots' schedules evenly over one interval. The option parser bounds the
       // rate from below, so the interval fits in int64 nanoseconds; each slot's offset is
       // computed in double, as interval_ * index could overflow.
       interval_ = std::chrono::nanoseconds(
           static_cast<int64_t>(1e9 * static_cast<double>(options_.concurrency) / options_.rate));
       for (auto& slot : slots_) {
-        slot->next_start =
-            measure_start + std::chrono::nanoseconds(static_cast<int64_t>(
-                                1e9 * static_cast<double>(slot->index) / options_.rate));
+        slot->next_start = run_start + std::chrono::nanoseconds(static_cast<int64_t>(
+                                           1e9 * static_cast<double>(slot->index) / options_.rate));
       }
       pacer_ = std::thread([this] { RunPacer(); });
       completer_ = std::thread([this] { RunCompleter(); });
@@ -170,11 +175,11 @@ class LoadGenerator {
       }
       StartIteration(*slot);
     }
-    if (warm) {
-      Wait(options_.warmup, "warm-up", progress);
-      cpu_start = SampleCpu(options_.cpu_of);
+    if (warm_first) {
+      if (options_.warmup > absl::ZeroDuration()) Wait(options_.warmup, "warm-up", progress);
       phase_.store(kMeasure);
       measure_start = steady_clock::now();
+      cpu_start = SampleCpu(options_.cpu_of);
     }
     if (counted) {
       Wait(absl::InfiniteDuration(), "measure", progress);
