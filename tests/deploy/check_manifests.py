@@ -155,6 +155,16 @@ def main():
                     f"example Secret key {key} must hold a CHANGE_ME placeholder, not a value")
     c.check(not kust.get("secretGenerator"), "kustomization.yaml",
             "secretGenerator would commit secret values; create the Secret out of band")
+    # libpq 15 (Debian 12, the image) never reads the system CA store: a verifying sslmode
+    # without sslrootcert looks for ~/.postgresql/root.crt, which the image's user lacks.
+    for f in files:
+        with open(os.path.join(c.k8s_dir, f), encoding="utf-8") as text:
+            for number, line in enumerate(text, 1):
+                for url in re.findall(r"postgres(?:ql)?://\S+", line):
+                    if re.search(r"sslmode=verify-(ca|full)", url):
+                        c.check("sslrootcert=" in url, f"{f}:{number}",
+                                "sslmode=verify-ca/verify-full needs sslrootcert= (libpq 15 has "
+                                "no system default): e.g. /etc/ssl/certs/ca-certificates.crt")
     image_names = {i.get("name") for i in kust.get("images") or []}
 
     # --- every object ------------------------------------------------------------------------
