@@ -472,6 +472,25 @@ def main():
                 f"MEMCACHED_URL lists {sts_name} pods {sorted(ordinals)}, the StatefulSet runs "
                 f"{n}: list every pod (consistent hashing needs the full, ordered list)")
         c.check(n >= 2, f"StatefulSet/{sts_name}", "run at least 2 memcached nodes")
+        if not (extra.isdigit() and int(extra) >= 1):
+            continue
+        # With a second copy, a restarted node holds only what was used since; the other copy
+        # must stay until then (see memcached.yaml): readiness no sooner than the idle timeout,
+        # and a budget that takes one node at a time, none while another is not ready.
+        sfile, sts = stss[sts_name]
+        swhere = f"{sfile} StatefulSet/{sts_name}"
+        ttl = int_config("SESSION_TTL_SECONDS")
+        for ct in pod_spec(sts).get("containers") or []:
+            delay = (ct.get("readinessProbe") or {}).get("initialDelaySeconds", 0)
+            c.check(ttl is not None and isinstance(delay, int) and delay >= ttl, swhere,
+                    f"container {ct.get('name')}: readinessProbe.initialDelaySeconds {delay} must "
+                    f"be at least SESSION_TTL_SECONDS {ttl}, or a rolling update or two drains "
+                    f"restart the second node before the first has the sessions back")
+        budgets = [p for _, p in c.objects("PodDisruptionBudget")
+                   if labels_match(((p.get("spec") or {}).get("selector") or {})
+                                   .get("matchLabels") or {}, pod_labels(sts))]
+        c.check(len(budgets) == 1 and (budgets[0].get("spec") or {}).get("maxUnavailable") == 1,
+                swhere, "needs one PodDisruptionBudget with maxUnavailable: 1 over its pods")
 
     kustomize_build(c)
     report(c)
