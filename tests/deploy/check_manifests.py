@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Checks the Kubernetes manifests under deploy/k8s/ (a kustomize base) without a cluster.
 
-Parses every YAML file there and asserts what operators rely on: gRPC probes on the right
-port and service name, a grace period longer than preStop + SHUTDOWN_GRACE_SECONDS, resources,
-a locked-down security context, labels and selectors that actually match between the
-Deployment, its Services, the PDB and the HPA, container ports that agree with the server's
-defaults (read from server/config/config.cc), MEMCACHED_URL naming the StatefulSet's pods, and
+Parses every YAML file there (and the env files of its configMapGenerator) and asserts what
+operators rely on: gRPC probes on the right port and service name, a grace period longer than
+preStop + SHUTDOWN_NOTICE_MS + SHUTDOWN_GRACE_SECONDS, resources, a locked-down security
+context, labels and selectors that actually match between the Deployment, its Services, the PDB
+and the HPA, container ports that agree with the server's defaults (read from
+server/config/config.cc), the server's configuration in a generated (hash-named) ConfigMap,
+MEMCACHED_URL naming the StatefulSet's pods, memcached nodes that are not ready before the
+sessions' idle timeout and a PDB over them, libpq URLs that verify TLS naming sslrootcert, and
 no Secret with a real value in the kustomization.
 
 Usage: check_manifests.py [--root REPO_ROOT]
@@ -83,13 +86,49 @@ class Checker:
         start = text.find("ConfigVariables()")
         body = text[start:] if start >= 0 else ""
         defaults = dict(re.findall(r'\{\s*"([A-Z_][A-Z0-9_]*)"\s*,\s*"([^"]*)"', body))
-        for name in ("PORT", "METRICS_PORT", "SHUTDOWN_GRACE_SECONDS"):
+        for name in ("PORT", "METRICS_PORT", "SHUTDOWN_GRACE_SECONDS", "SHUTDOWN_NOTICE_MS"):
             if name not in defaults:
                 sys.exit(
                     f"check_manifests: cannot find the default of {name} in ConfigVariables() "
                     f"in server/config/config.cc"
                 )
         return defaults
+
+
+def load_configmap_generators(c, kust):
+    """Adds the ConfigMaps kust's configMapGenerator makes (from env files and literals) to
+    c.docs, as kustomize renders them; returns their names."""
+    names = set()
+    c.check(not (kust.get("generatorOptions") or {}).get("disableNameSuffixHash"),
+            "kustomization.yaml", "generatorOptions.disableNameSuffixHash: a ConfigMap without "
+            "the content hash in its name does not roll the pods that use it when it changes")
+    for gen in kust.get("configMapGenerator") or []:
+        name = gen.get("name")
+        data = {}
+        source = f"kustomization.yaml configMapGenerator {name}"
+        for env_file in gen.get("envs") or []:
+            source = env_file
+            path = os.path.join(c.k8s_dir, env_file)
+            if not c.check(os.path.isfile(path), "kustomization.yaml",
+                           f"configMapGenerator {name}: env file {env_file} does not exist"):
+                continue
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    line = line.strip()
+                    if not line or line.startswith("#"):
+                        continue
+                    key, sep, value = line.partition("=")
+                    c.check(sep and key and not value.startswith(("'", '"')), f"{env_file}:{number}",
+                            "must be KEY=VALUE, unquoted (kustomize keeps quotes in the value)")
+                    data[key] = value
+        for literal in gen.get("literals") or []:
+            key, _, value = str(literal).partition("=")
+            data[key] = value
+        labels = (gen.get("options") or {}).get("labels") or {}
+        c.docs.append((source, {"apiVersion": "v1", "kind": "ConfigMap",
+                                "metadata": {"name": name, "labels": labels}, "data": data}))
+        names.add(name)
+    return names
 
 
 def labels_match(selector, labels):
@@ -166,6 +205,7 @@ def main():
                                 "sslmode=verify-ca/verify-full needs sslrootcert= (libpq 15 has "
                                 "no system default): e.g. /etc/ssl/certs/ca-certificates.crt")
     image_names = {i.get("name") for i in kust.get("images") or []}
+    generated_configmaps = load_configmap_generators(c, kust)
 
     # --- every object ------------------------------------------------------------------------
     for f, d in c.docs:
@@ -248,6 +288,10 @@ def main():
         if not c.check(name in configmaps, dwhere, f"envFrom ConfigMap {name} is not in deploy/k8s"):
             continue
         cfile, cm = configmaps[name]
+        c.check(name in generated_configmaps, dwhere,
+                f"envFrom ConfigMap {name} is a plain resource: make it a configMapGenerator, so "
+                f"that its name carries a hash of its content and a change rolls the pods (else "
+                f"old pods keep the old MEMCACHED_URL while new ones take the new)")
         data = cm.get("data") or {}
         for key, value in data.items():
             c.check(key in known_variables, f"{cfile} ConfigMap/{name}",
@@ -318,11 +362,13 @@ def main():
     c.check(isinstance(sleep, int) and sleep > 0, dwhere,
             "lifecycle.preStop.sleep.seconds must be > 0 so endpoints are removed before drain")
     tgps = dspec.get("terminationGracePeriodSeconds", GRACE_DEFAULT_K8S)
-    if grace is not None:
-        budget = grace + (sleep if isinstance(sleep, int) else 0)
+    notice_ms = int_config("SHUTDOWN_NOTICE_MS")
+    if grace is not None and notice_ms is not None:
+        budget = grace + (sleep if isinstance(sleep, int) else 0) + notice_ms / 1000
         c.check(isinstance(tgps, int) and tgps > budget, dwhere,
                 f"terminationGracePeriodSeconds {tgps} must exceed preStop sleep {sleep} + "
-                f"SHUTDOWN_GRACE_SECONDS {grace} = {budget}, or SIGKILL cuts the drain short")
+                f"SHUTDOWN_NOTICE_MS {notice_ms} ms + SHUTDOWN_GRACE_SECONDS {grace} = {budget} s, "
+                f"or SIGKILL cuts the drain short")
 
     tsc = dspec.get("topologySpreadConstraints") or []
     c.check(tsc, dwhere, "needs topologySpreadConstraints")
