@@ -112,23 +112,29 @@ check(str(env.get("MEMCACHED_URL", "")).startswith(
 check("replicas=1" in str(env.get("MEMCACHED_URL", "")),
       "server: MEMCACHED_URL needs ?replicas=1 (a session survives one memcached node)")
 grace = int(env.get("SHUTDOWN_GRACE_SECONDS", 20))
+notice = int(env.get("SHUTDOWN_NOTICE_MS", 1000)) / 1000
 stop = seconds(server.get("stop_grace_period"))
-check(stop is not None and stop > grace,
+check(stop is not None and stop > grace + notice,
       f"server stop_grace_period {server.get('stop_grace_period')} must exceed "
-      f"SHUTDOWN_GRACE_SECONDS {grace}, or Docker SIGKILLs the drain")
+      f"SHUTDOWN_NOTICE_MS + SHUTDOWN_GRACE_SECONDS ({notice} + {grace} s), or Docker SIGKILLs "
+      f"the drain")
 
 def ports(service):
-    """(published, target) pairs; docker-compose v1 and v2 print mappings, strings are
-    HOST_IP:PUBLISHED:TARGET or PUBLISHED:TARGET."""
+    """(host_ip, published, target) triples; docker-compose v1 and v2 print mappings, strings
+    are HOST_IP:PUBLISHED:TARGET or PUBLISHED:TARGET."""
     for p in service.get("ports") or []:
         if isinstance(p, dict):
-            yield str(p.get("published", "")), str(p.get("target", ""))
+            yield str(p.get("host_ip", "")), str(p.get("published", "")), str(p.get("target", ""))
         else:
             parts = str(p).split("/")[0].split(":")
-            yield (parts[-2] if len(parts) > 1 else ""), parts[-1]
+            yield ((parts[-3] if len(parts) > 2 else ""), (parts[-2] if len(parts) > 1 else ""),
+                   parts[-1])
 
-check(("50051", "50051") in set(ports(nginx)),
-      "nginx must publish host port 50051 to its port 50051 (`grpcurl localhost:50051`)")
+check(("127.0.0.1", "50051", "50051") in set(ports(nginx)),
+      "nginx must publish 127.0.0.1:50051 to its port 50051 (`grpcurl localhost:50051`; "
+      "loopback only, as the stack is plaintext and unauthenticated)")
+check(((nginx.get("depends_on") or {}).get("server") or {}).get("condition") == "service_healthy",
+      "nginx must wait for a healthy server (service_healthy), or its first calls get 502")
 check(any(src.endswith("deploy/nginx/nginx.conf") and dst == "/etc/nginx/nginx.conf"
           for src, dst in mounts(nginx)),
       "nginx must mount deploy/nginx/nginx.conf at /etc/nginx/nginx.conf")
@@ -195,6 +201,8 @@ if grep -Eiq '(curl|wget)[[:space:]]|^ADD[[:space:]]+https?://' <<<"$instruction
 fi
 grep -Eq '^ENTRYPOINT \["sessionledger-server"\]$' <<<"$runtime" ||
   fail "$df: the runtime stage needs exec-form ENTRYPOINT [\"sessionledger-server\"] (no shell)"
+grep -Eq '^HEALTHCHECK .*CMD \["sessionledger-server", "healthcheck"\]$' <<<"$runtime" ||
+  fail "$df: the runtime stage needs an exec-form HEALTHCHECK running \`sessionledger-server healthcheck\`"
 user=$(grep '^USER ' <<<"$runtime" | tail -n1 | awk '{print $2}' || true)
 [[ $user =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] ||
   fail "$df: the runtime stage must end as a numeric non-root USER (runAsNonRoot), not '$user'"
