@@ -115,7 +115,9 @@ class SessionStore {
                                       const storage::v1::StoredSession& session, absl::Duration ttl,
                                       absl::Time deadline) = 0;
 
-  // Unconditional write (tombstones).
+  // Unconditional write (tombstones) to every copy. OK only when every copy took it: an end
+  // that reached one copy would come back if that copy's node restarted empty while another
+  // still held the live session. UNAVAILABLE otherwise; the copies that took it keep it.
   virtual absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& session,
                            absl::Duration ttl, absl::Time deadline) = 0;
 
@@ -128,7 +130,8 @@ class SessionStore {
                                                   absl::Duration keep_for, absl::Time deadline) = 0;
 
   // Raises the user's generation to one above the highest stored value and returns it; every
-  // session created before is revoked from then on. Kept for `keep_for`.
+  // session created before is revoked from then on. Kept for `keep_for`. As for Put, OK only
+  // when every copy took it; UNAVAILABLE otherwise, the revocation holding where it did.
   virtual absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view user_tag,
                                                      absl::Duration keep_for,
                                                      absl::Time deadline) = 0;

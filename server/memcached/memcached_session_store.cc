@@ -231,19 +231,21 @@ class Conn {
     return MemcachedStatus(rc, "cas");
   }
 
-  // Set on every copy; OK when at least one copy stored it.
-  absl::Status SetAll(const std::string& key, const std::string& value, time_t expiration) {
-    absl::Status last = absl::UnavailableError("memcached: no node answered");
-    bool stored = false;
+  // Set on every copy; OK only when every copy stored it. The copies that did keep it.
+  absl::Status SetEveryCopy(const std::string& key, const std::string& value, time_t expiration) {
+    int stored = 0;
+    absl::Status last;
     for (int c = 0; c < copies(); ++c) {
       const memcached_return_t rc = Store(Op::kSet, c, key, value, expiration);
       if (memcached_success(rc)) {
-        stored = true;
+        ++stored;
       } else {
         last = MemcachedStatus(rc, "set");
       }
     }
-    return stored ? absl::OkStatus() : last;
+    if (stored == copies()) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat("memcached: ", stored, " of ", copies(),
+                                               " copies took the write (", last.message(), ")"));
   }
 
   // Raises copy `copy` of a generation key to at least `target` (never lowers it) and keeps it
@@ -1020,7 +1022,7 @@ absl::Status MemcachedSessionStore::Put(const SessionKey& key, const StoredSessi
                                         absl::Duration ttl, absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
-  return conn.SetAll(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
+  return conn.SetEveryCopy(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
 }
 
 absl::Status MemcachedSessionStore::Remove(const SessionKey& key, absl::Time deadline) {
@@ -1057,11 +1059,14 @@ absl::StatusOr<uint64_t> MemcachedSessionStore::AdvanceGeneration(absl::string_v
   const std::string gkey = GenerationKeyName(user_tag);
   SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {gkey}));
   const uint64_t target = HighestGeneration(gkey, reads) + 1;
-  bool raised = false;
+  int raised = 0;
   for (int c = 0; c < conn.copies(); ++c) {
-    if (conn.RaiseGeneration(c, gkey, target, expiration)) raised = true;
+    if (conn.RaiseGeneration(c, gkey, target, expiration)) ++raised;
   }
-  if (!raised) return absl::UnavailableError("memcached: no node took the new generation");
+  if (raised < conn.copies()) {
+    return absl::UnavailableError(absl::StrCat("memcached: ", raised, " of ", conn.copies(),
+                                               " copies took the new generation"));
+  }
   return target;
 }
 

@@ -102,6 +102,17 @@ absl::Status CheckAttributesSize(absl::string_view field, size_t bytes,
   return absl::OkStatus();
 }
 
+// An end (a deletion, rotation or revocation) that some copy did not take: what the caller
+// should know, and do, about it.
+absl::Status EndedOnEveryCopy(absl::string_view field, const absl::Status& written) {
+  if (written.ok() || !absl::IsUnavailable(written)) return written;
+  return absl::UnavailableError(
+      absl::StrCat(field,
+                   ": ended on some copies only, where it holds; retry to end it on every "
+                   "copy, or a node that restarts empty could bring it back (",
+                   written.message(), ")"));
+}
+
 StoredSession Tombstone(const StoredSession& live) {
   StoredSession t;
   t.set_session_id(live.session_id());
@@ -642,7 +653,14 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     ended_old.set_rotated_to_token_hash(new_key.token_hash);
     const absl::Status ended = store_->CompareAndSwap(old_key, lookup.record->cas, ended_old,
                                                       TombstoneTtl(old, now), deadline);
-    if (ended.ok()) return view;
+    if (ended.ok()) {
+      // The compare-and-swap wrote one copy, and the others only as best it could; the end
+      // must be on every copy (see SessionStore::Put).
+      const absl::Status everywhere =
+          store_->Put(old_key, ended_old, TombstoneTtl(old, now), deadline);
+      if (everywhere.ok()) return view;
+      return UndoRotation(old_key, old, new_key, now, everywhere, deadline);
+    }
     if (!absl::IsAborted(ended)) {
       // No answer is not no: a compare-and-swap whose reply was lost (a timeout) may have ended
       // the old token, and removing the new session then would leave the caller with neither.
@@ -668,19 +686,56 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
   }
 }
 
+absl::Status SessionService::UndoRotation(const SessionKey& old_key, const StoredSession& old,
+                                          const SessionKey& new_key, absl::Time now,
+                                          const absl::Status& failed, absl::Time deadline) {
+  absl::StatusOr<SessionLookup> ended = store_->Lookup(old_key, deadline);
+  absl::Status undone = ended.status();
+  if (ended.ok()) {
+    const std::optional<SessionRecord>& record = ended->record;
+    // Only our own end is undone: anything else has ended or changed the session since.
+    const bool ours = record.has_value() && record->session.deleted() &&
+                      record->session.rotated_to_token_hash() == new_key.token_hash;
+    undone = ours
+                 ? store_->CompareAndSwap(old_key, record->cas, old, SessionTtl(old, now), deadline)
+                 : absl::AbortedError("the session changed since");
+  }
+  // Never handed out, so the new session goes either way (best effort: it expires anyway).
+  (void)store_->Remove(new_key, deadline);
+  if (undone.ok()) {
+    return absl::UnavailableError(absl::StrCat(
+        "token: the rotation could not reach every copy of the session and was undone; the "
+        "token still works, retry (",
+        failed.message(), ")"));
+  }
+  return absl::UnavailableError(absl::StrCat(
+      "token: the rotation could not reach every copy of the session, and undoing it failed: "
+      "the token has ended, create a new session (",
+      failed.message(), "; undo: ", undone.message(), ")"));
+}
+
 absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline) {
   if (token.empty()) return absl::InvalidArgumentError("token: required");
   absl::StatusOr<SessionKey> key = KeyForToken(token);
   if (!key.ok()) return absl::OkStatus();  // Never issued, so nothing to delete.
   SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(*key, deadline));
-  if (!lookup.record.has_value() || lookup.record->session.deleted()) return absl::OkStatus();
+  if (!lookup.record.has_value()) return absl::OkStatus();
   const StoredSession& s = lookup.record->session;
   const absl::Time now = clock_.Now();
   if (!ConstantTimeEquals(s.token_hash(), key->token_hash)) return absl::OkStatus();
+  if (s.deleted()) {
+    // Ended already, but maybe on some copies only: a deletion or rotation that could not
+    // reach every copy answered UNAVAILABLE, and this retry completes it. No copy of the
+    // session outlives its absolute expiry, so neither need the end.
+    return EndedOnEveryCopy(
+        "token",
+        store_->Put(*key, s, StoreTtl(FromMicros(s.absolute_expires_at_unix_micros()), now),
+                    deadline));
+  }
   // A tombstone rather than a delete: a copy that missed this write (its node was unreachable)
   // must not be able to bring the session back through read repair. It needs to live only as
   // long as the session itself could have.
-  return store_->Put(*key, Tombstone(s), TombstoneTtl(s, now), deadline);
+  return EndedOnEveryCopy("token", store_->Put(*key, Tombstone(s), TombstoneTtl(s, now), deadline));
 }
 
 absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,
@@ -772,8 +827,10 @@ absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::
   // those of the generations before the new one.
   SL_ASSIGN_OR_RETURN(const uint64_t before,
                       store_->ReadGeneration(tag, GenerationKeepFor(), deadline));
-  SL_ASSIGN_OR_RETURN(const uint64_t advanced,
-                      store_->AdvanceGeneration(tag, GenerationKeepFor(), deadline));
+  absl::StatusOr<uint64_t> advanced_or =
+      store_->AdvanceGeneration(tag, GenerationKeepFor(), deadline);
+  if (!advanced_or.ok()) return EndedOnEveryCopy("user_id", advanced_or.status());
+  const uint64_t advanced = *advanced_or;
   absl::StatusOr<std::vector<StoredSession>> live =
       LiveSessions(user_id, tag, before, Attributes::kDrop, deadline);
   if (!live.ok()) {

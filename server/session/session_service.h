@@ -181,6 +181,13 @@ class SessionService {
                                                                        Attributes attributes,
                                                                        absl::Time deadline);
   absl::Duration GenerationKeepFor() const;
+  // A rotation whose end of the old session (`old`, read at `now`) reached some copies only
+  // (`failed`): puts `old` back where the end landed and removes the new session, so that the
+  // caller can retry with the old token. UNAVAILABLE either way; the message says which token
+  // the caller holds.
+  absl::Status UndoRotation(const SessionKey& old_key, const storage::v1::StoredSession& old,
+                            const SessionKey& new_key, absl::Time now, const absl::Status& failed,
+                            absl::Time deadline);
 
   std::shared_ptr<SessionStore> store_;
   const Clock& clock_;

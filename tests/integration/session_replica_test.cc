@@ -21,6 +21,8 @@
 namespace sessionledger::testing {
 namespace {
 
+using ::testing::HasSubstr;
+
 std::string SessionKey(const std::string& token) {
   unsigned char digest[SHA256_DIGEST_LENGTH];
   SHA256(reinterpret_cast<const unsigned char*>(token.data()), token.size(), digest);
@@ -126,12 +128,17 @@ TEST_F(SessionReplicaTest, StoppingEitherNodeLosesNoSession) {
   v1::Session out;
   ASSERT_TRUE(client_->Update(sessions[0].token(), {{"during", "outage"}}, {}, 0, &out).ok());
   sessions.push_back(client_->MustCreate("created-during-outage"));
-  ASSERT_TRUE(client_->Delete(sessions[1].token()).ok());
+  // An end cannot reach the stopped copy: it holds on the other, but is not confirmed.
+  EXPECT_EQ(client_->Delete(sessions[1].token()).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(client_->GetCode(sessions[1].token()), grpc::StatusCode::NOT_FOUND);
 
   BackingServices({"start-memcached", "1"});  // Comes back empty.
   std::vector<v1::Session> live = sessions;
   live.erase(live.begin() + 1);
   ReadUntilRepaired(live, 1);
+  // The retry the UNAVAILABLE asked for puts the end on node 1 too.
+  ASSERT_TRUE(client_->Delete(sessions[1].token()).ok());
+  EXPECT_TRUE(MemcachedHas(1, SessionKey(sessions[1].token())));
 
   BackingServices({"stop-memcached", "2"});
   ExpectAllReadable(live);
@@ -372,13 +379,50 @@ TEST_F(SessionReplicaTest, StallingEitherNodeLeavesEveryMethodWorking) {
     v1::ListUserSessionsResponse listed;
     st = client_->List(user, &listed);
     EXPECT_TRUE(st.ok()) << "ListUserSessions: " << st.error_message();
+    // Ends must reach every copy before they answer OK (see EndsAnswerOkOnlyOnEveryCopy): a
+    // rotation is undone, a revocation holds where it landed; both ask for a retry.
     st = client_->Rotate(second.token(), &out);
-    EXPECT_TRUE(st.ok()) << "RotateSession: " << st.error_message();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << "RotateSession";
+    EXPECT_THAT(st.error_message(), HasSubstr("the token still works"));
+    EXPECT_EQ(client_->GetCode(second.token()), grpc::StatusCode::OK) << "rotation undone";
     v1::RevokeUserSessionsResponse revoked;
     st = client_->Revoke(user, &revoked);
-    EXPECT_TRUE(st.ok()) << "RevokeUserSessions: " << st.error_message();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << "RevokeUserSessions";
     EXPECT_EQ(client_->GetCode(first.token()), grpc::StatusCode::NOT_FOUND) << "revoked";
   }
+}
+
+// An end (DeleteSession, RotateSession, RevokeUserSessions) answers OK only once every copy
+// holds it. Otherwise a copy that missed it (its node stalled) would keep the session, and once
+// the node that had taken the end restarted empty, the ended token would work again.
+TEST_F(SessionReplicaTest, EndsAnswerOkOnlyOnEveryCopy) {
+  const std::string run = absl::StrCat(absl::ToUnixMicros(absl::Now()));
+  const v1::Session deleted = client_->MustCreate("end-delete-" + run);
+  const v1::Session rotated = client_->MustCreate("end-rotate-" + run);
+  const v1::Session revoked = client_->MustCreate("end-revoke-" + run);
+  client_->set_timeout(absl::Seconds(10));
+  v1::Session new_session;
+  v1::RevokeUserSessionsResponse count;
+  {
+    const FrozenMemcached frozen({2});
+    EXPECT_EQ(client_->Delete(deleted.token()).error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(client_->Rotate(rotated.token(), &new_session).error_code(),
+              grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(client_->Revoke(revoked.user_id(), &count).error_code(),
+              grpc::StatusCode::UNAVAILABLE);
+  }
+  // The retries, once node 2 answers again (after the second it is skipped as stalled).
+  absl::SleepFor(absl::Milliseconds(1500));
+  ASSERT_TRUE(client_->Delete(deleted.token()).ok());
+  ASSERT_TRUE(client_->Rotate(rotated.token(), &new_session).ok());
+  ASSERT_TRUE(client_->Revoke(revoked.user_id(), &count).ok());
+  // Node 1, which took every end the first time, restarts empty: node 2 alone must keep them.
+  BackingServices({"restart-memcached", "1"});
+  absl::SleepFor(absl::Milliseconds(1200));  // Past libmemcached's retry timeout for node 1.
+  EXPECT_EQ(OpenAccount(deleted.token()), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(OpenAccount(rotated.token()), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(OpenAccount(revoked.token()), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(OpenAccount(new_session.token()), grpc::StatusCode::OK);
 }
 
 // A caller whose own deadline ends while it waits on a node says nothing about the node: the

@@ -50,6 +50,21 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     read_sessions_failure_ = std::move(failure);
   }
+  // The next `n` Puts (AdvanceGenerations) are applied but answer `partial`, as when some
+  // copies took the write and others did not answer.
+  void PartlyFailNextPuts(int n, absl::Status partial) {
+    std::lock_guard<std::mutex> l(mu_);
+    partial_puts_ = n;
+    partial_put_failure_ = std::move(partial);
+  }
+  void PartlyFailNextAdvance(absl::Status partial) {
+    std::lock_guard<std::mutex> l(mu_);
+    partial_advance_failure_ = std::move(partial);
+  }
+  int puts() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return puts_;
+  }
   // The next session CompareAndSwap is applied but answers `lost` (a reply lost to a timeout).
   void LoseNextCasAnswer(absl::Status lost) {
     std::lock_guard<std::mutex> l(mu_);
@@ -74,6 +89,11 @@ class FakeSessionStore final : public SessionStore {
   int cas_calls() const {
     std::lock_guard<std::mutex> l(mu_);
     return cas_calls_;
+  }
+  // How many session items the store holds, expired or not.
+  int SessionCount() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return static_cast<int>(sessions_.size());
   }
   // What the store holds under a token hash, expired or not (tests inspect keys).
   bool HasRaw(const std::string& token_hash) const {
@@ -149,6 +169,11 @@ class FakeSessionStore final : public SessionStore {
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(ttl);
     sessions_[key.token_hash] = {s, ++next_cas_, clock_.Now() + ttl};
+    ++puts_;
+    if (partial_puts_ > 0) {
+      --partial_puts_;
+      return partial_put_failure_;
+    }
     return absl::OkStatus();
   }
 
@@ -178,6 +203,7 @@ class FakeSessionStore final : public SessionStore {
     auto* g = Live(generations_, std::string(tag));
     const uint64_t value = (g == nullptr ? 0 : g->value) + 1;
     generations_[std::string(tag)] = {value, ++next_cas_, clock_.Now() + keep_for};
+    if (!partial_advance_failure_.ok()) return std::exchange(partial_advance_failure_, {});
     return value;
   }
 
@@ -248,6 +274,10 @@ class FakeSessionStore final : public SessionStore {
   bool unavailable_ = false;
   absl::Status failure_ = absl::UnavailableError("fake store: down");
   int fail_cas_ = 0;
+  int partial_puts_ = 0;
+  absl::Status partial_put_failure_;
+  absl::Status partial_advance_failure_;
+  int puts_ = 0;
   absl::Status read_sessions_failure_;
   size_t largest_read_sessions_ = 0;
   absl::Status cas_failure_;

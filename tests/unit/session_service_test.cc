@@ -593,6 +593,51 @@ TEST_F(SessionServiceTest, RotateWhoseEndingWriteFailedKeepsTheOldSession) {
   EXPECT_TRUE(Get(r->token).ok());
 }
 
+// An end (deletion, rotation, revocation) that reached some copies only must not answer OK: a
+// node that restarted empty could otherwise bring the session back from a copy that missed it.
+// The caller is told to retry, and the retry writes the end to every copy again.
+TEST_F(SessionServiceTest, ADeletionThatReachedSomeCopiesIsUnavailableAndItsRetryWritesAgain) {
+  SessionView v = MustCreate("alice");
+  store_->PartlyFailNextPuts(2, absl::UnavailableError("memcached: 1 of 2 copies took the write"));
+  const absl::Status first = service_->Delete(v.token, Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(first)) << first;
+  EXPECT_THAT(first.message(), HasSubstr("token: ended on some copies only"));
+  EXPECT_THAT(first.message(), HasSubstr("1 of 2 copies"));
+  EXPECT_TRUE(absl::IsNotFound(Get(v.token).status())) << "the end holds where it landed";
+  // The retry finds the tombstone but writes it again, to every copy.
+  const int puts = store_->puts();
+  EXPECT_TRUE(absl::IsUnavailable(service_->Delete(v.token, Deadline())));
+  EXPECT_EQ(store_->puts(), puts + 1);
+  EXPECT_TRUE(service_->Delete(v.token, Deadline()).ok());
+  EXPECT_EQ(store_->puts(), puts + 2);
+}
+
+TEST_F(SessionServiceTest, ARotationThatReachedSomeCopiesIsUndone) {
+  SessionView v = MustCreate("alice");
+  store_->PartlyFailNextPuts(1, absl::UnavailableError("memcached: 1 of 2 copies took the write"));
+  const absl::StatusOr<SessionView> failed = service_->Rotate(v.token, Deadline());
+  ASSERT_TRUE(absl::IsUnavailable(failed.status())) << failed.status();
+  EXPECT_THAT(failed.status().message(), HasSubstr("was undone; the token still works"));
+  absl::StatusOr<SessionView> old = Get(v.token);
+  ASSERT_TRUE(old.ok()) << old.status();
+  EXPECT_EQ(old->stored.session_id(), v.stored.session_id());
+  EXPECT_EQ(store_->SessionCount(), 1) << "the new session, never handed out, is removed";
+  absl::StatusOr<SessionView> r = service_->Rotate(v.token, Deadline());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(Get(r->token).ok());
+  EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
+}
+
+TEST_F(SessionServiceTest, ARevocationThatReachedSomeCopiesIsUnavailableButHolds) {
+  SessionView v = MustCreate("alice");
+  store_->PartlyFailNextAdvance(absl::UnavailableError("memcached: 1 of 2 copies took it"));
+  const absl::StatusOr<int64_t> first = service_->Revoke("alice", Deadline());
+  ASSERT_TRUE(absl::IsUnavailable(first.status())) << first.status();
+  EXPECT_THAT(first.status().message(), HasSubstr("user_id: ended on some copies only"));
+  EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
+  EXPECT_TRUE(service_->Revoke("alice", Deadline()).ok());
+}
+
 TEST_F(SessionServiceTest, RevocationHoldsEvenIfTheSessionValueSurvives) {
   SessionView a = MustCreate("alice");
   const std::string hash = KeyForToken(a.token)->token_hash;
