@@ -365,6 +365,26 @@ absl::Status ValidateDatabaseUrl(absl::string_view url) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// `text` with its %XX escapes decoded, as libpq decodes a URL's query keywords.
+std::string PercentDecoded(absl::string_view text) {
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    int value = 0;
+    if (text[i] == '%' && i + 2 < text.size() && absl::ascii_isxdigit(text[i + 1]) &&
+        absl::ascii_isxdigit(text[i + 2]) && absl::SimpleHexAtoi(text.substr(i + 1, 2), &value)) {
+      out.push_back(static_cast<char>(value));
+      i += 2;
+    } else {
+      out.push_back(text[i]);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 std::string RedactDatabaseUrl(absl::string_view url) {
   // postgres://user:secret@host/db -> postgres://user:****@host/db
   const size_t scheme_end = url.find("://");
@@ -387,30 +407,42 @@ std::string RedactDatabaseUrl(absl::string_view url) {
     }
     rest_start = authority_start + at + 1;
   }
-  // Host, path and query; a password may also be a query parameter.
+  // The keywords libpq itself treats as secret (shown as '*' in a dialog): password, and
+  // sslpassword, the passphrase of the client key.
+  const std::string copy(url);
+  std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> options(
+      PQconninfoParse(copy.c_str(), nullptr), &PQconninfoFree);
+  const auto secret = [&options](const PQconninfoOption& o) {
+    return o.dispchar != nullptr && o.dispchar[0] == '*';
+  };
+  const auto is_secret_keyword = [&](absl::string_view keyword) {
+    if (options == nullptr) return absl::EqualsIgnoreCase(keyword, "password");
+    for (const PQconninfoOption* o = options.get(); o->keyword != nullptr; ++o) {
+      if (secret(*o) && absl::EqualsIgnoreCase(keyword, o->keyword)) return true;
+    }
+    return false;
+  };
+  // Host, path and query; a secret may also be a query parameter, its keyword percent-encoded.
   const absl::string_view rest = url.substr(rest_start);
   const size_t q = rest.find('?');
   absl::StrAppend(&redacted, rest.substr(0, q));
   if (q != absl::string_view::npos) {
     std::vector<std::string> params;
     for (absl::string_view param : absl::StrSplit(rest.substr(q + 1), '&')) {
-      if (absl::StartsWithIgnoreCase(param, "password=")) {
-        params.push_back("password=****");
+      const size_t equals = param.find('=');
+      const absl::string_view keyword = param.substr(0, equals);
+      if (equals != absl::string_view::npos && is_secret_keyword(PercentDecoded(keyword))) {
+        params.push_back(absl::StrCat(keyword, "=****"));
       } else {
         params.emplace_back(param);
       }
     }
     absl::StrAppend(&redacted, "?", absl::StrJoin(params, "&"));
   }
-  // Belt and braces: whatever libpq itself would use as the password goes too, wherever and
-  // however the URL spells it (found by fuzzing: tests/fuzz/regressions/config).
-  const std::string copy(url);
-  std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> options(
-      PQconninfoParse(copy.c_str(), nullptr), &PQconninfoFree);
+  // Belt and braces: whatever libpq itself would use as a secret goes too, wherever and however
+  // the URL spells it (found by fuzzing: tests/fuzz/regressions/config).
   for (const PQconninfoOption* o = options.get(); o != nullptr && o->keyword != nullptr; ++o) {
-    if (o->val == nullptr || *o->val == '\0' || absl::string_view(o->keyword) != "password") {
-      continue;
-    }
+    if (o->val == nullptr || *o->val == '\0' || !secret(*o)) continue;
     std::string tail = redacted.substr(authority_start);
     absl::StrReplaceAll({{o->val, "****"}}, &tail);
     redacted = absl::StrCat(redacted.substr(0, authority_start), tail);

@@ -306,6 +306,11 @@ TEST(DatabaseUrlTest, RedactsPasswordsWithReservedCharacters) {
       {"postgres://app:pw?x@db", {"pw?x"}},
       {"postgresql://app:top-secret@db:5432?password=other-secret", {"top-secret", "other-secret"}},
       {"postgres://db/ledger?user=app&password=qu%65ry-secret", {"qu%65ry-secret", "query-secret"}},
+      // A keyword spelled with escapes is still the keyword to libpq (a security review).
+      {"postgres://db/ledger?user=app&pass%77ord=s%65cr%65t", {"s%65cr%65t", "secret"}},
+      // The passphrase of the client key for TLS to PostgreSQL is as secret as the password.
+      {"postgres://app@db/ledger?sslmode=verify-full&sslpassword=TOPSECRET", {"TOPSECRET"}},
+      {"postgres://app@db/ledger?ssl%70assword=TOP%53ECRET", {"TOP%53ECRET", "TOPSECRET"}},
   };
   for (const auto& [url, passwords] : cases) {
     ASSERT_TRUE(ValidateDatabaseUrl(url).ok()) << url;
