@@ -746,6 +746,7 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
   SL_ASSIGN_OR_RETURN(IndexRecord record, store_->ReadIndex(user_tag, deadline));
   const size_t indexed = static_cast<size_t>(record.index.entries_size());
   std::vector<StoredSession> live;
+  size_t listed_bytes = 0;
   UserSessionIndex pruned;
   int64_t newest = 0;
   for (size_t first = 0; first < indexed; first += kSessionsPerRead) {
@@ -781,7 +782,14 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
           s->user_generation() >= generation && now < FromMicros(s->expires_at_unix_micros()) &&
           now < FromMicros(s->absolute_expires_at_unix_micros());
       if (!alive) continue;
-      if (attributes == Attributes::kDrop) s->clear_attributes();
+      if (attributes == Attributes::kDrop) {
+        s->clear_attributes();
+      } else if ((listed_bytes += s->ByteSizeLong()) > options_.limits.max_listing_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "user_id: the user's live sessions come to more than ",
+            options_.limits.max_listing_bytes,
+            " bytes with their attributes, more than one listing answers; end some of them"));
+      }
       live.push_back(*std::move(s));
       *pruned.add_entries() = entry;
       newest = std::max(newest, entry.absolute_expires_at_unix_micros());

@@ -31,6 +31,10 @@ struct SessionLimits {
   // Live sessions one user may hold at once. Each is an entry of ~100 bytes in the user's index,
   // one Memcached item of at most 1 MiB: 4096 of them take ~400 KiB.
   int max_live_sessions_per_user = 4096;
+  // Most a ListUserSessions answer carries: 4096 sessions of 64 KiB would be 256 MiB, built in
+  // the server's memory for one small request, and refused by clients anyway above gRPC's
+  // default receive limit of 4 MiB. A user over it gets RESOURCE_EXHAUSTED.
+  size_t max_listing_bytes = 4 * 1024 * 1024;
 };
 
 struct SessionServiceOptions {

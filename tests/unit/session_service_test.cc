@@ -416,6 +416,30 @@ TEST_F(SessionServiceTest, ListShowsLiveSessionsOfThatUserOnly) {
   EXPECT_TRUE(service_->List("nobody", Deadline())->empty());
 }
 
+// One small ListUserSessions request must not build an answer of any size in the server's
+// memory (4096 sessions of 64 KiB were 256 MiB, and eight such listings 2 GB of RSS).
+TEST_F(SessionServiceTest, AListingStopsAtItsByteLimitButRevocationDoesNot) {
+  SessionServiceOptions options;
+  options.limits.max_listing_bytes = 100 * 1024;
+  SessionService limited(store_, clock_, options);
+  AttributeMap big;
+  big["blob"] = std::string(40 * 1024, 'x');
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(limited.Create("alice", 0, big, Deadline()).ok());
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      limited.List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->size(), 2u);
+  ASSERT_TRUE(limited.Create("alice", 0, big, Deadline()).ok());
+  listed = limited.List("alice", Deadline());
+  EXPECT_TRUE(absl::IsResourceExhausted(listed.status())) << listed.status();
+  EXPECT_THAT(listed.status().message(), HasSubstr("user_id: "));
+  EXPECT_THAT(listed.status().message(), HasSubstr("102400 bytes"));
+  // Revocation reads the same sessions without their attributes, and ends all three.
+  absl::StatusOr<int64_t> revoked = limited.Revoke("alice", Deadline());
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(*revoked, 3);
+}
+
 TEST_F(SessionServiceTest, IndexStaysBoundedForAUserWhoNeverLists) {
   // Sessions that end (deleted, idled out) leave index entries behind; once the index passes its
   // prune threshold, the next CreateSession drops them, and entries past their absolute lifetime
