@@ -538,6 +538,36 @@ def main():
         c.check(len(budgets) == 1 and (budgets[0].get("spec") or {}).get("maxUnavailable") == 1,
                 swhere, "needs one PodDisruptionBudget with maxUnavailable: 1 over its pods")
 
+    # --- NetworkPolicy: who may reach the servers and memcached (SECURITY.md) ----------------
+    policies = c.objects("NetworkPolicy")
+    def selecting(labels):
+        return [p for _, p in policies
+                if labels_match(((p.get("spec") or {}).get("podSelector") or {})
+                                .get("matchLabels") or {}, labels)]
+    server_policies = selecting(dlabels)
+    c.check(len(server_policies) == 1, "deploy/k8s",
+            "expected one NetworkPolicy over the server pods: SessionService trusts its callers")
+    for p in server_policies:
+        for rule in (p.get("spec") or {}).get("ingress") or []:
+            ports = {q.get("port") for q in rule.get("ports") or []}
+            if "grpc" in ports or port in ports:
+                c.check(all(((f.get("podSelector") or {}).get("matchLabels"))
+                            for f in rule.get("from") or [{}]), f"NetworkPolicy/{p['metadata']['name']}",
+                        "the gRPC port must be open only to labelled client pods")
+    for sts_name in used:
+        sts_labels = pod_labels(stss[sts_name][1])
+        mpolicies = selecting(sts_labels)
+        if not c.check(len(mpolicies) == 1, f"StatefulSet/{sts_name}",
+                       "expected one NetworkPolicy over the memcached pods (no authentication: "
+                       "whoever writes it can forge sessions)"):
+            continue
+        for rule in (mpolicies[0].get("spec") or {}).get("ingress") or [{}]:
+            sources = rule.get("from") or [{}]
+            c.check(all(labels_match((f.get("podSelector") or {}).get("matchLabels") or {},
+                                     dlabels) and "namespaceSelector" not in f for f in sources),
+                    f"NetworkPolicy/{mpolicies[0]['metadata']['name']}",
+                    "memcached must take connections only from the server pods")
+
     kustomize_build(c)
     report(c)
 
