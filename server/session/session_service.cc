@@ -113,6 +113,28 @@ absl::Status EndedOnEveryCopy(absl::string_view field, const absl::Status& writt
                    written.message(), ")"));
 }
 
+// A share of the bytes all listings may hold at once, given back when the listing is done.
+class ListingBudget {
+ public:
+  ListingBudget(std::atomic<size_t>& in_flight, size_t limit)
+      : in_flight_(in_flight), limit_(limit) {}
+  ~ListingBudget() { in_flight_.fetch_sub(taken_); }
+  ListingBudget(const ListingBudget&) = delete;
+  ListingBudget& operator=(const ListingBudget&) = delete;
+
+  // False when the listings together would pass the limit (the bytes are taken even so, and
+  // given back with the rest).
+  bool Take(size_t bytes) {
+    taken_ += bytes;
+    return in_flight_.fetch_add(bytes) + bytes <= limit_;
+  }
+
+ private:
+  std::atomic<size_t>& in_flight_;
+  const size_t limit_;
+  size_t taken_ = 0;
+};
+
 StoredSession Tombstone(const StoredSession& live) {
   StoredSession t;
   t.set_session_id(live.session_id());
@@ -747,6 +769,7 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
   const size_t indexed = static_cast<size_t>(record.index.entries_size());
   std::vector<StoredSession> live;
   size_t listed_bytes = 0;
+  ListingBudget budget(listing_bytes_in_flight_, options_.limits.max_listing_bytes_in_flight);
   UserSessionIndex pruned;
   int64_t newest = 0;
   for (size_t first = 0; first < indexed; first += kSessionsPerRead) {
@@ -784,11 +807,19 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
       if (!alive) continue;
       if (attributes == Attributes::kDrop) {
         s->clear_attributes();
-      } else if ((listed_bytes += s->ByteSizeLong()) > options_.limits.max_listing_bytes) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "user_id: the user's live sessions come to more than ",
-            options_.limits.max_listing_bytes,
-            " bytes with their attributes, more than one listing answers; end some of them"));
+      } else {
+        const size_t bytes = s->ByteSizeLong();
+        if ((listed_bytes += bytes) > options_.limits.max_listing_bytes) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "user_id: the user's live sessions come to more than ",
+              options_.limits.max_listing_bytes,
+              " bytes with their attributes, more than one listing answers; end some of them"));
+        }
+        if (!budget.Take(bytes)) {
+          return absl::UnavailableError(
+              "user_id: this server is assembling other large listings; retry, perhaps on "
+              "another replica");
+        }
       }
       live.push_back(*std::move(s));
       *pruned.add_entries() = entry;

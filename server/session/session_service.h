@@ -1,6 +1,7 @@
 #ifndef SESSIONLEDGER_SERVER_SESSION_SESSION_SERVICE_H_
 #define SESSIONLEDGER_SERVER_SESSION_SESSION_SERVICE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -32,9 +33,12 @@ struct SessionLimits {
   // one Memcached item of at most 1 MiB: 4096 of them take ~400 KiB.
   int max_live_sessions_per_user = 4096;
   // Most a ListUserSessions answer carries: 4096 sessions of 64 KiB would be 256 MiB, built in
-  // the server's memory for one small request, and refused by clients anyway above gRPC's
-  // default receive limit of 4 MiB. A user over it gets RESOURCE_EXHAUSTED.
-  size_t max_listing_bytes = 4 * 1024 * 1024;
+  // the server's memory for one small request. A user over it gets RESOURCE_EXHAUSTED.
+  size_t max_listing_bytes = 16 * 1024 * 1024;
+  // Most all the listings a process assembles at once may hold together, so that concurrent
+  // large listings cannot take the process past its memory limit: one that would pass it gets
+  // UNAVAILABLE (retry, perhaps on another replica).
+  size_t max_listing_bytes_in_flight = 64 * 1024 * 1024;
 };
 
 struct SessionServiceOptions {
@@ -196,6 +200,8 @@ class SessionService {
   std::shared_ptr<SessionStore> store_;
   const Clock& clock_;
   SessionServiceOptions options_;
+  // Bytes of the listings being assembled now (limits.max_listing_bytes_in_flight).
+  std::atomic<size_t> listing_bytes_in_flight_{0};
 };
 
 // TokenAuthenticator for the ledger: a thin adapter that maps NOT_FOUND (and a malformed token)

@@ -434,6 +434,24 @@ TEST_F(SessionServiceTest, AListingStopsAtItsByteLimitButRevocationDoesNot) {
   EXPECT_TRUE(absl::IsResourceExhausted(listed.status())) << listed.status();
   EXPECT_THAT(listed.status().message(), HasSubstr("user_id: "));
   EXPECT_THAT(listed.status().message(), HasSubstr("102400 bytes"));
+  // Listings together have a budget too; one alone can pass it, which shows it is checked,
+  // and the budget is given back when a listing ends.
+  SessionServiceOptions shared = options;
+  shared.limits.max_listing_bytes_in_flight = 60 * 1024;
+  SessionService busy(store_, clock_, shared);
+  ASSERT_TRUE(busy.Create("bob", 0, big, Deadline()).ok());
+  listed = busy.List("bob", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  absl::StatusOr<SessionView> second = busy.Create("bob", 0, big, Deadline());
+  ASSERT_TRUE(second.ok()) << second.status();
+  listed = busy.List("bob", Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(listed.status())) << listed.status();
+  EXPECT_THAT(listed.status().message(), HasSubstr("user_id: this server is assembling"));
+  // Had either listing kept its share, this one would not fit.
+  ASSERT_TRUE(busy.Delete(second->token, Deadline()).ok());
+  listed = busy.List("bob", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->size(), 1u);
   // Revocation reads the same sessions without their attributes, and ends all three.
   absl::StatusOr<int64_t> revoked = limited.Revoke("alice", Deadline());
   ASSERT_TRUE(revoked.ok()) << revoked.status();
