@@ -1,6 +1,7 @@
 #include "server/rpc/call_deadline.h"
 
 #include "gtest/gtest.h"
+#include "server/rpc/status_mapping.h"
 
 namespace sessionledger {
 namespace {
@@ -39,6 +40,27 @@ TEST(AnswerByTest, ADefaultTimeoutShorterThanTheCallersWins) {
 
 TEST(AnswerByTest, ADeadlineInThePastStaysInThePast) {
   EXPECT_LE(AnswerBy(kNow, kNow - absl::Seconds(1), absl::Seconds(5)), kNow);
+}
+
+// The server answers before the caller's deadline (AnswerBy), so a backing service that ran
+// out of that time is the server's failure to say so, and retryable: UNAVAILABLE, as the
+// contract says, never DEADLINE_EXCEEDED (which clients do not retry).
+TEST(ToGrpcStatusTest, ADeadlinePassedOnTheWayToABackingServiceIsUnavailable) {
+  const grpc::Status s = ToGrpcStatus(absl::DeadlineExceededError("postgres: timed out"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(s.error_message(), "postgres: timed out");
+}
+
+TEST(ToGrpcStatusTest, OtherCodesKeepTheirCodeAndMessage) {
+  EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
+  for (const absl::Status& in :
+       {absl::InvalidArgumentError("user_id: required"), absl::NotFoundError("token: unknown"),
+        absl::UnavailableError("memcached: down"), absl::AbortedError("version: stale"),
+        absl::PermissionDeniedError("account_id: not yours")}) {
+    const grpc::Status out = ToGrpcStatus(in);
+    EXPECT_EQ(static_cast<int>(out.error_code()), static_cast<int>(in.code())) << in;
+    EXPECT_EQ(out.error_message(), std::string(in.message())) << in;
+  }
 }
 
 }  // namespace

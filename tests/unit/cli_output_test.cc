@@ -1,3 +1,5 @@
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
 #include <grpcpp/support/validate_service_config.h>
 
 #include <algorithm>
@@ -75,6 +77,22 @@ TEST(CliChannelTest, ServiceConfigIsValidAndRetriesOnlyIdempotentMethods) {
   for (const char* method :
        {"CreateSession", "UpdateSession", "RotateSession", "RevokeUserSessions", "OpenAccount"}) {
     EXPECT_THAT(config, Not(HasSubstr(std::string("\"") + method + "\""))) << method;
+  }
+  // The validator passes fields gRPC does not know, and gRPC ignores them: a misspelt
+  // "retry_policy" would turn every retry off without a word. So the policy is read back by name.
+  google::protobuf::Struct parsed;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(config, &parsed).ok());
+  const auto& method_configs = parsed.fields().at("methodConfig").list_value();
+  ASSERT_EQ(method_configs.values_size(), 1);
+  const auto& method_config = method_configs.values(0).struct_value().fields();
+  ASSERT_EQ(method_config.count("retryPolicy"), 1u);
+  const auto& policy = method_config.at("retryPolicy").struct_value().fields();
+  EXPECT_GE(policy.at("maxAttempts").number_value(), 2);
+  const auto& codes = policy.at("retryableStatusCodes").list_value();
+  ASSERT_EQ(codes.values_size(), 1);
+  EXPECT_EQ(codes.values(0).string_value(), "UNAVAILABLE");
+  for (const char* field : {"initialBackoff", "maxBackoff", "backoffMultiplier"}) {
+    EXPECT_EQ(policy.count(field), 1u) << field;
   }
 }
 

@@ -215,12 +215,25 @@ TEST(LoadConfigTest, MalformedValuesAreNamedOnOneLine) {
       {"MAX_ATTRIBUTE_KEY_BYTES", "4097"},
       {"MAX_SESSION_ATTRIBUTES_BYTES", "1048576"},
       {"MAX_IDEMPOTENCY_KEY_BYTES", "x"},
+      // One below each minimum (the minimum itself: AcceptsEachMinimum).
+      {"DEFAULT_CALL_TIMEOUT_MS", "0"},
+      {"HEALTH_CHECK_INTERVAL_MS", "49"},
   };
   for (const auto& [name, value] : cases) {
     const std::string message = ErrorFor(name, value);
     EXPECT_THAT(message, StartsWith(std::string(name) + ": ")) << name << "=" << value;
     EXPECT_EQ(message.find('\n'), std::string::npos) << message;
   }
+}
+
+TEST(LoadConfigTest, AcceptsEachMinimum) {
+  auto env = MinimalEnv();
+  env["DEFAULT_CALL_TIMEOUT_MS"] = "1";
+  env["HEALTH_CHECK_INTERVAL_MS"] = "50";
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->default_call_timeout, absl::Milliseconds(1));
+  EXPECT_EQ(config->health_check_interval, absl::Milliseconds(50));
 }
 
 TEST(LoadConfigTest, TtlAboveMaxLifetimeIsAStartupError) {

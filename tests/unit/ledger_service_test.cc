@@ -21,6 +21,11 @@ MATCHER_P2(StatusIsAndSays, code, text, "") {
   return arg.code() == code && absl::StrContains(arg.message(), text);
 }
 
+// For messages that must name their field first ("to_account_id: ...").
+MATCHER_P2(StatusIsAndBegins, code, prefix, "") {
+  return arg.code() == code && absl::StartsWith(arg.message(), prefix);
+}
+
 class LedgerServiceTest : public ::testing::Test {
  protected:
   LedgerServiceTest() : store_(clock_), ledger_(store_, auth_) {
@@ -185,7 +190,15 @@ TEST_F(LedgerServiceTest, TransferRules) {
   ASSERT_TRUE(Deposit("alice-token", a.account_id, 100, "d1").ok());
 
   EXPECT_THAT(Transfer("alice-token", a.account_id, a.account_id, 5, "t").status(),
-              StatusIs(absl::StatusCode::kInvalidArgument));
+              StatusIsAndBegins(absl::StatusCode::kInvalidArgument,
+                                "to_account_id: must differ from from_account_id"));
+  // One account spelt in two letter cases is one account (the database would otherwise refuse
+  // the row with a constraint error, FAILED_PRECONDITION).
+  std::string upper = a.account_id;
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  EXPECT_THAT(Transfer("alice-token", a.account_id, upper, 5, "t").status(),
+              StatusIsAndBegins(absl::StatusCode::kInvalidArgument,
+                                "to_account_id: must differ from from_account_id"));
   EXPECT_THAT(Transfer("alice-token", "", b.account_id, 5, "t").status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(Transfer("alice-token", a.account_id, b.account_id, 0, "t").status(),
@@ -193,15 +206,20 @@ TEST_F(LedgerServiceTest, TransferRules) {
   absl::Status mismatch = Transfer("alice-token", a.account_id, a_usd.account_id, 5, "t").status();
   EXPECT_THAT(mismatch, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(std::string(mismatch.message()), HasSubstr("currency"));
+  // Each error names the field it is about.
   EXPECT_THAT(Transfer("alice-token", a.account_id, kNoSuchAccount, 5, "t").status(),
-              StatusIs(absl::StatusCode::kNotFound));
+              StatusIsAndBegins(absl::StatusCode::kNotFound, "to_account_id: "));
   EXPECT_THAT(Transfer("alice-token", kNoSuchAccount, a.account_id, 5, "t").status(),
-              StatusIs(absl::StatusCode::kNotFound));
+              StatusIsAndBegins(absl::StatusCode::kNotFound, "from_account_id: "));
   EXPECT_THAT(Transfer("alice-token", b.account_id, a.account_id, 5, "t").status(),
-              StatusIs(absl::StatusCode::kPermissionDenied));
+              StatusIsAndBegins(absl::StatusCode::kPermissionDenied, "from_account_id: "));
+  EXPECT_THAT(Deposit("alice-token", kNoSuchAccount, 5, "d").status(),
+              StatusIsAndBegins(absl::StatusCode::kNotFound, "account_id: "));
+  EXPECT_THAT(Deposit("alice-token", b.account_id, 5, "d").status(),
+              StatusIsAndBegins(absl::StatusCode::kPermissionDenied, "account_id: "));
   // Insufficient funds leaves the key unused: the same key works once the money is there.
   EXPECT_THAT(Transfer("alice-token", a.account_id, b.account_id, 150, "t").status(),
-              StatusIs(absl::StatusCode::kFailedPrecondition));
+              StatusIsAndBegins(absl::StatusCode::kFailedPrecondition, "amount_minor: "));
   ASSERT_TRUE(Deposit("alice-token", a.account_id, 50, "d2").ok());
   absl::StatusOr<Transaction> t = Transfer("alice-token", a.account_id, b.account_id, 150, "t");
   ASSERT_TRUE(t.ok()) << t.status();
