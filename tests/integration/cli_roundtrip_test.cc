@@ -2,6 +2,10 @@
 // scripts/test starts: every subcommand once, the exit-code convention, multi-address targets,
 // and one-second runs of the load generator (with the server's CPU per call).
 #include <google/protobuf/util/json_util.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <iostream>
 #include <map>
@@ -123,6 +127,48 @@ TEST_F(CliRoundTripTest, UnreachableServerIsUnavailable) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->exit_code, 14) << r->output;
   EXPECT_THAT(r->output, HasSubstr("error: UNAVAILABLE"));
+}
+
+// A peer that takes the connection and never answers (a hung server, a black-holing proxy):
+// --deadline is what ends the call, with DEADLINE_EXCEEDED (4), not a hang.
+TEST(CliDeadlineTest, ASilentPeerEndsAtTheDeadline) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  ASSERT_EQ(listen(listener, 16), 0);  // The kernel completes handshakes; nobody reads.
+  socklen_t length = sizeof(address);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length), 0);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<CommandResult> r =
+      RunCommand({SL_CLI_BINARY, "--target", absl::StrCat("127.0.0.1:", ntohs(address.sin_port)),
+                  "--deadline", "1s", "session", "get", "some-token"},
+                 {}, absl::Seconds(30));
+  const absl::Duration took = absl::Now() - start;
+  close(listener);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit_code, 4) << r->output;
+  EXPECT_THAT(r->output, HasSubstr("DEADLINE_EXCEEDED"));
+  EXPECT_LT(took, absl::Seconds(10)) << "the deadline did not end the call";
+}
+
+// `health` fails with 14 when the server answers NOT_SERVING, as a draining one does during
+// its notice: scripts (scripts/bench among them) probe with the exit code alone.
+TEST(CliHealthTest, ADrainingServerIsNotServingAndExits14) {
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["SHUTDOWN_NOTICE_MS"] = "10000";
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  (*server)->Signal(SIGTERM);
+  ASSERT_TRUE((*server)->WaitForOutput("shutting down", absl::Seconds(10)));
+  absl::StatusOr<CommandResult> r =
+      RunCommand({SL_CLI_BINARY, "--target", (*server)->target(), "health"}, {}, absl::Seconds(30));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit_code, 14) << r->output;
+  EXPECT_THAT(r->output, HasSubstr("NOT_SERVING"));
 }
 
 TEST_F(CliRoundTripTest, UsageErrorIsInvalidArgument) {
