@@ -2,6 +2,7 @@
 #define SESSIONLEDGER_TESTS_UNIT_FAKE_SESSION_STORE_H_
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -56,6 +57,12 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     partial_puts_ = n;
     partial_put_failure_ = std::move(partial);
+  }
+  // Runs `then` once, right after the next AdvanceGeneration (outside the store's lock, so it
+  // may call the store): for another caller that gets in between a revocation's steps.
+  void AfterNextAdvance(std::function<void()> then) {
+    std::lock_guard<std::mutex> l(mu_);
+    after_advance_ = std::move(then);
   }
   void PartlyFailNextAdvance(absl::Status partial) {
     std::lock_guard<std::mutex> l(mu_);
@@ -196,7 +203,19 @@ class FakeSessionStore final : public SessionStore {
   }
 
   absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view tag, absl::Duration keep_for,
-                                             absl::Time) override {
+                                             absl::Time deadline) override {
+    absl::StatusOr<uint64_t> advanced = AdvanceGenerationLocked(tag, keep_for, deadline);
+    std::function<void()> then;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      then = std::exchange(after_advance_, nullptr);
+    }
+    if (then) then();
+    return advanced;
+  }
+
+  absl::StatusOr<uint64_t> AdvanceGenerationLocked(absl::string_view tag, absl::Duration keep_for,
+                                                   absl::Time) {
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(keep_for);
@@ -277,6 +296,7 @@ class FakeSessionStore final : public SessionStore {
   int partial_puts_ = 0;
   absl::Status partial_put_failure_;
   absl::Status partial_advance_failure_;
+  std::function<void()> after_advance_;
   int puts_ = 0;
   absl::Status read_sessions_failure_;
   size_t largest_read_sessions_ = 0;

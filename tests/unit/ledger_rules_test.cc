@@ -1,7 +1,9 @@
 #include "server/ledger/ledger_rules.h"
 
+#include <limits>
 #include <set>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/ledger/page_token.h"
 
@@ -94,6 +96,17 @@ TEST(LedgerPageToken, EveryAlteredCharacterIsRejected) {
   for (const std::string& bad : {std::string(), token.substr(1), token + "A", std::string("!!!"),
                                  token.substr(0, token.size() - 1)}) {
     EXPECT_EQ(DecodePageToken(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+}
+
+// The checksum is not keyed, so a client can make a well-formed token for any seq; no seq that
+// no page could have ended on (seqs start at 1) may pass as a position.
+TEST(LedgerPageToken, ASequenceNoPageEndsOnIsRejected) {
+  for (int64_t seq : {int64_t{0}, int64_t{-1}, std::numeric_limits<int64_t>::min()}) {
+    const std::string token = EncodePageToken({"0b6f5c1e-1234-4abc-8def-0123456789ab", seq});
+    const absl::StatusOr<PageCursor> decoded = DecodePageToken(token);
+    EXPECT_EQ(decoded.status().code(), absl::StatusCode::kInvalidArgument) << seq;
+    EXPECT_THAT(std::string(decoded.status().message()), ::testing::HasSubstr("page_token"));
   }
 }
 

@@ -495,6 +495,24 @@ TEST_F(SessionServiceTest, LiveSessionsPerUserAreBounded) {
   EXPECT_TRUE(service_->Create("greedy", 0, {}, Deadline()).ok());
 }
 
+// A login that lands between a revocation's new generation and its count is not revoked, so it
+// is neither counted nor ended: it stays readable and listed.
+TEST_F(SessionServiceTest, ALoginDuringARevocationIsNotCountedAndStaysLive) {
+  MustCreate("alice");
+  MustCreate("alice");
+  std::optional<SessionView> during;
+  store_->AfterNextAdvance([&] { during = MustCreate("alice"); });
+  absl::StatusOr<int64_t> revoked = service_->Revoke("alice", Deadline());
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(*revoked, 2);
+  ASSERT_TRUE(during.has_value());
+  EXPECT_TRUE(Get(during->token).ok());
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_THAT(Ids(*listed), UnorderedElementsAre(during->stored.session_id()));
+}
+
 // Revocation is a security action: it must not depend on counting the sessions it ends.
 TEST_F(SessionServiceTest, RevokeEndsTheSessionsEvenWhenCountingThemFails) {
   SessionView a1 = MustCreate("alice");
