@@ -41,7 +41,14 @@ struct SessionLookup {
   std::optional<SessionRecord> record;
   // The user's current revocation generation (0 when the user was never revoked).
   uint64_t user_generation = 0;
+  // False when some copy did not answer: it may hold a state the answer does not show (a live
+  // session where the others have none), which an end must not overlook.
+  bool every_copy_answered = true;
 };
+
+// The payload key of an UNAVAILABLE that Put or AdvanceGeneration answer when some copies, but
+// not all, took the write: the end then holds where it landed.
+inline constexpr char kPartialWritePayload[] = "sessionledger.dev/partial-write";
 
 struct IndexRecord {
   storage::v1::UserSessionIndex index;

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -244,8 +245,10 @@ class Conn {
       }
     }
     if (stored == copies()) return absl::OkStatus();
-    return absl::UnavailableError(absl::StrCat("memcached: ", stored, " of ", copies(),
-                                               " copies took the write (", last.message(), ")"));
+    absl::Status failed = absl::UnavailableError(absl::StrCat(
+        "memcached: ", stored, " of ", copies(), " copies took the write (", last.message(), ")"));
+    if (stored > 0) failed.SetPayload(kPartialWritePayload, absl::Cord("1"));
+    return failed;
   }
 
   // Raises copy `copy` of a generation key to at least `target` (never lowers it) and keeps it
@@ -592,9 +595,15 @@ bool NeedsRepair(const LookupPlan& plan) {
 }
 
 // The lookup of a plan that needs no repair.
+bool EveryCopyAnswered(const LookupPlan& plan) {
+  return std::all_of(plan.copies.begin(), plan.copies.end(),
+                     [](const CopyState& c) { return c.answered; });
+}
+
 SessionLookup Settled(LookupPlan plan) {
   SessionLookup lookup;
   lookup.user_generation = plan.generation;
+  lookup.every_copy_answered = EveryCopyAnswered(plan);
   if (plan.best < 0) return lookup;
   CopyState& winner = plan.copies[static_cast<size_t>(plan.best)];
   SessionRecord record;
@@ -772,6 +781,7 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   LookupPlan plan = PlanLookup(reads, skey, gkey);
   SessionLookup lookup;
   lookup.user_generation = plan.generation;
+  lookup.every_copy_answered = EveryCopyAnswered(plan);
   if (plan.best < 0) return lookup;  // No copy holds the session.
 
   const CopyState& winner = plan.copies[static_cast<size_t>(plan.best)];
@@ -1064,8 +1074,10 @@ absl::StatusOr<uint64_t> MemcachedSessionStore::AdvanceGeneration(absl::string_v
     if (conn.RaiseGeneration(c, gkey, target, expiration)) ++raised;
   }
   if (raised < conn.copies()) {
-    return absl::UnavailableError(absl::StrCat("memcached: ", raised, " of ", conn.copies(),
-                                               " copies took the new generation"));
+    absl::Status failed = absl::UnavailableError(absl::StrCat(
+        "memcached: ", raised, " of ", conn.copies(), " copies took the new generation"));
+    if (raised > 0) failed.SetPayload(kPartialWritePayload, absl::Cord("1"));
+    return failed;
   }
   return target;
 }

@@ -105,7 +105,7 @@ absl::Status CheckAttributesSize(absl::string_view field, size_t bytes,
 // An end (a deletion, rotation or revocation) that some copy did not take: what the caller
 // should know, and do, about it.
 absl::Status EndedOnEveryCopy(absl::string_view field, const absl::Status& written) {
-  if (written.ok() || !absl::IsUnavailable(written)) return written;
+  if (!written.GetPayload(kPartialWritePayload).has_value()) return written;
   return absl::UnavailableError(
       absl::StrCat(field,
                    ": ended on some copies only, where it holds; retry to end it on every "
@@ -653,6 +653,12 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(old_key, deadline));
     const absl::Time now = clock_.Now();
     SL_RETURN_IF_ERROR(CheckLive(lookup, old_key, now));
+    // A rotation must end the old token on every copy (see SessionStore::Put); with a copy
+    // that does not answer, it could not, so it does not start.
+    if (!lookup.every_copy_answered) {
+      return absl::UnavailableError(
+          "token: a copy of the session did not answer; nothing was changed, retry");
+    }
     const StoredSession& old = lookup.record->session;
 
     SessionView view;
@@ -676,12 +682,8 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     const absl::Status ended = store_->CompareAndSwap(old_key, lookup.record->cas, ended_old,
                                                       TombstoneTtl(old, now), deadline);
     if (ended.ok()) {
-      // The compare-and-swap wrote one copy, and the others only as best it could; the end
-      // must be on every copy (see SessionStore::Put).
-      const absl::Status everywhere =
-          store_->Put(old_key, ended_old, TombstoneTtl(old, now), deadline);
-      if (everywhere.ok()) return view;
-      return UndoRotation(old_key, old, new_key, now, everywhere, deadline);
+      return FinishRotation(old_key, ended_old, TombstoneTtl(old, now), new_key, std::move(view),
+                            deadline);
     }
     if (!absl::IsAborted(ended)) {
       // No answer is not no: a compare-and-swap whose reply was lost (a timeout) may have ended
@@ -694,7 +696,8 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
       const SessionRecord& now_stored = *after->record;
       if (now_stored.session.deleted() &&
           now_stored.session.rotated_to_token_hash() == new_key.token_hash) {
-        return view;
+        return FinishRotation(old_key, ended_old, TombstoneTtl(old, now), new_key, std::move(view),
+                              deadline);
       }
       if (!now_stored.session.deleted() && now_stored.cas.copy == lookup.record->cas.copy) {
         (void)store_->Remove(new_key, deadline);
@@ -708,32 +711,21 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
   }
 }
 
-absl::Status SessionService::UndoRotation(const SessionKey& old_key, const StoredSession& old,
-                                          const SessionKey& new_key, absl::Time now,
-                                          const absl::Status& failed, absl::Time deadline) {
-  absl::StatusOr<SessionLookup> ended = store_->Lookup(old_key, deadline);
-  absl::Status undone = ended.status();
-  if (ended.ok()) {
-    const std::optional<SessionRecord>& record = ended->record;
-    // Only our own end is undone: anything else has ended or changed the session since.
-    const bool ours = record.has_value() && record->session.deleted() &&
-                      record->session.rotated_to_token_hash() == new_key.token_hash;
-    undone = ours
-                 ? store_->CompareAndSwap(old_key, record->cas, old, SessionTtl(old, now), deadline)
-                 : absl::AbortedError("the session changed since");
-  }
-  // Never handed out, so the new session goes either way (best effort: it expires anyway).
+absl::StatusOr<SessionView> SessionService::FinishRotation(const SessionKey& old_key,
+                                                           const StoredSession& ended_old,
+                                                           absl::Duration ttl,
+                                                           const SessionKey& new_key,
+                                                           SessionView view, absl::Time deadline) {
+  // The compare-and-swap wrote one copy, and the others only as best it could.
+  const absl::Status everywhere = store_->Put(old_key, ended_old, ttl, deadline);
+  if (everywhere.ok()) return view;
+  // The old token has ended where the end landed (a tombstone on any copy wins), so it is not
+  // put back: undoing could revive a token a concurrent DeleteSession has ended meanwhile.
   (void)store_->Remove(new_key, deadline);
-  if (undone.ok()) {
-    return absl::UnavailableError(absl::StrCat(
-        "token: the rotation could not reach every copy of the session and was undone; the "
-        "token still works, retry (",
-        failed.message(), ")"));
-  }
   return absl::UnavailableError(absl::StrCat(
-      "token: the rotation could not reach every copy of the session, and undoing it failed: "
-      "the token has ended, create a new session (",
-      failed.message(), "; undo: ", undone.message(), ")"));
+      "token: the rotation could not reach every copy of the session, so its new token is not "
+      "given out, and the old one has ended: create a new session (",
+      everywhere.message(), ")"));
 }
 
 absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline) {
@@ -741,18 +733,24 @@ absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline
   absl::StatusOr<SessionKey> key = KeyForToken(token);
   if (!key.ok()) return absl::OkStatus();  // Never issued, so nothing to delete.
   SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(*key, deadline));
-  if (!lookup.record.has_value()) return absl::OkStatus();
+  if (!lookup.record.has_value()) {
+    // None of the copies that answered holds it; one that did not may.
+    if (lookup.every_copy_answered) return absl::OkStatus();
+    return absl::UnavailableError(
+        "token: a copy of the session did not answer, which may hold it; retry");
+  }
   const StoredSession& s = lookup.record->session;
   const absl::Time now = clock_.Now();
   if (!ConstantTimeEquals(s.token_hash(), key->token_hash)) return absl::OkStatus();
   if (s.deleted()) {
-    // Ended already, but maybe on some copies only: a deletion or rotation that could not
-    // reach every copy answered UNAVAILABLE, and this retry completes it. No copy of the
-    // session outlives its absolute expiry, so neither need the end.
+    // Ended already, but maybe on some copies only: a deletion that could not reach every
+    // copy answered UNAVAILABLE, and this retry completes it. No copy of the session outlives
+    // its absolute expiry, so neither need the end. A plain tombstone: this deletion is not
+    // the rotation the stored one may record.
     return EndedOnEveryCopy(
         "token",
-        store_->Put(*key, s, StoreTtl(FromMicros(s.absolute_expires_at_unix_micros()), now),
-                    deadline));
+        store_->Put(*key, Tombstone(s),
+                    StoreTtl(FromMicros(s.absolute_expires_at_unix_micros()), now), deadline));
   }
   // A tombstone rather than a delete: a copy that missed this write (its node was unreachable)
   // must not be able to bring the session back through read repair. It needs to live only as

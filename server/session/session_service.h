@@ -189,13 +189,12 @@ class SessionService {
                                                                        Attributes attributes,
                                                                        absl::Time deadline);
   absl::Duration GenerationKeepFor() const;
-  // A rotation whose end of the old session (`old`, read at `now`) reached some copies only
-  // (`failed`): puts `old` back where the end landed and removes the new session, so that the
-  // caller can retry with the old token. UNAVAILABLE either way; the message says which token
-  // the caller holds.
-  absl::Status UndoRotation(const SessionKey& old_key, const storage::v1::StoredSession& old,
-                            const SessionKey& new_key, absl::Time now, const absl::Status& failed,
-                            absl::Time deadline);
+  // Rotate's last step: the end of the old session (`ended_old`) written to every copy. When
+  // some copy did not take it, the new session is removed again (it was never handed out).
+  absl::StatusOr<SessionView> FinishRotation(const SessionKey& old_key,
+                                             const storage::v1::StoredSession& ended_old,
+                                             absl::Duration ttl, const SessionKey& new_key,
+                                             SessionView view, absl::Time deadline);
 
   std::shared_ptr<SessionStore> store_;
   const Clock& clock_;

@@ -9,6 +9,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "server/common/clock.h"
 #include "server/domain/session_store.h"
 
@@ -51,12 +52,18 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     read_sessions_failure_ = std::move(failure);
   }
-  // The next `n` Puts (AdvanceGenerations) are applied but answer `partial`, as when some
-  // copies took the write and others did not answer.
+  // The next `n` Puts (AdvanceGenerations) are applied but answer `partial`, marked as the
+  // memcached store marks it, as when some copies took the write and others did not answer.
   void PartlyFailNextPuts(int n, absl::Status partial) {
     std::lock_guard<std::mutex> l(mu_);
     partial_puts_ = n;
+    partial.SetPayload(kPartialWritePayload, absl::Cord("1"));
     partial_put_failure_ = std::move(partial);
+  }
+  // While set, lookups say that some copy did not answer (a stalled memcached node).
+  void set_some_copies_silent(bool silent) {
+    std::lock_guard<std::mutex> l(mu_);
+    some_copies_silent_ = silent;
   }
   // Runs `then` once, right after the next AdvanceGeneration (outside the store's lock, so it
   // may call the store): for another caller that gets in between a revocation's steps.
@@ -66,6 +73,7 @@ class FakeSessionStore final : public SessionStore {
   }
   void PartlyFailNextAdvance(absl::Status partial) {
     std::lock_guard<std::mutex> l(mu_);
+    partial.SetPayload(kPartialWritePayload, absl::Cord("1"));
     partial_advance_failure_ = std::move(partial);
   }
   int puts() const {
@@ -122,6 +130,7 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     SessionLookup out;
+    out.every_copy_answered = !some_copies_silent_;
     if (auto* e = Live(sessions_, key.token_hash))
       out.record = SessionRecord{e->value, {e->cas, answering_copy_}};
     if (auto* g = Live(generations_, key.user_tag)) out.user_generation = g->value;
@@ -297,6 +306,7 @@ class FakeSessionStore final : public SessionStore {
   absl::Status partial_put_failure_;
   absl::Status partial_advance_failure_;
   std::function<void()> after_advance_;
+  bool some_copies_silent_ = false;
   int puts_ = 0;
   absl::Status read_sessions_failure_;
   size_t largest_read_sessions_ = 0;

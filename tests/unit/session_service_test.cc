@@ -672,20 +672,44 @@ TEST_F(SessionServiceTest, ADeletionThatReachedSomeCopiesIsUnavailableAndItsRetr
   EXPECT_EQ(store_->puts(), puts + 2);
 }
 
-TEST_F(SessionServiceTest, ARotationThatReachedSomeCopiesIsUndone) {
+// A rotation whose end of the old token reached some copies only does not hand out its new
+// token, and does not put the old one back either: a DeleteSession may have ended it meanwhile.
+TEST_F(SessionServiceTest, ARotationThatReachedSomeCopiesEndsTheOldTokenAndGivesNoNewOne) {
   SessionView v = MustCreate("alice");
   store_->PartlyFailNextPuts(1, absl::UnavailableError("memcached: 1 of 2 copies took the write"));
   const absl::StatusOr<SessionView> failed = service_->Rotate(v.token, Deadline());
   ASSERT_TRUE(absl::IsUnavailable(failed.status())) << failed.status();
-  EXPECT_THAT(failed.status().message(), HasSubstr("was undone; the token still works"));
-  absl::StatusOr<SessionView> old = Get(v.token);
-  ASSERT_TRUE(old.ok()) << old.status();
-  EXPECT_EQ(old->stored.session_id(), v.stored.session_id());
-  EXPECT_EQ(store_->SessionCount(), 1) << "the new session, never handed out, is removed";
-  absl::StatusOr<SessionView> r = service_->Rotate(v.token, Deadline());
-  ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_TRUE(Get(r->token).ok());
+  EXPECT_THAT(failed.status().message(), HasSubstr("token: the rotation could not reach every"));
+  EXPECT_THAT(failed.status().message(), HasSubstr("create a new session"));
   EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
+  EXPECT_EQ(store_->SessionCount(), 1) << "the new session, never handed out, is removed";
+}
+
+// With a copy that does not answer, an end could not reach every copy: a rotation does not
+// start, and a deletion that finds nothing cannot tell the silent copy holds nothing.
+TEST_F(SessionServiceTest, EndsWithASilentCopyChangeNothingAndAskForARetry) {
+  SessionView v = MustCreate("alice");
+  store_->set_some_copies_silent(true);
+  const absl::StatusOr<SessionView> rotated = service_->Rotate(v.token, Deadline());
+  ASSERT_TRUE(absl::IsUnavailable(rotated.status())) << rotated.status();
+  EXPECT_THAT(rotated.status().message(), HasSubstr("nothing was changed"));
+  EXPECT_TRUE(Get(v.token).ok());
+  EXPECT_EQ(store_->SessionCount(), 1);
+  // A token whose session none of the answering copies holds.
+  store_->set_some_copies_silent(false);
+  const std::string elsewhere = MustCreate("bob").token;
+  ASSERT_TRUE(store_->Remove(*KeyForToken(elsewhere), Deadline()).ok());
+  EXPECT_TRUE(service_->Delete(elsewhere, Deadline()).ok()) << "every copy answered: gone";
+  store_->set_some_copies_silent(true);
+  const absl::Status unsure = service_->Delete(elsewhere, Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(unsure)) << unsure;
+  EXPECT_THAT(unsure.message(), HasSubstr("token: a copy of the session did not answer"));
+  // An outage is not relabelled as an end that landed somewhere.
+  store_->set_some_copies_silent(false);
+  store_->set_unavailable(true);
+  const absl::Status down = service_->Delete(v.token, Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(down)) << down;
+  EXPECT_THAT(down.message(), ::testing::Not(HasSubstr("ended on some copies")));
 }
 
 TEST_F(SessionServiceTest, ARevocationThatReachedSomeCopiesIsUnavailableButHolds) {
