@@ -467,6 +467,15 @@ def main():
                 "the migrate image must be the server's image (same schema version)")
         c.check(spec.get("restartPolicy") in ("Never", "OnFailure"), where,
                 "restartPolicy must be Never or OnFailure")
+        # A generated ConfigMap's name changes with its content, and a Job's pod template cannot
+        # change once applied: a reference would make every config change fail `apply -k`.
+        refs = [((e.get("valueFrom") or {}).get("configMapKeyRef") or {}).get("name")
+                for ct in cts for e in ct.get("env") or []]
+        refs += [(e.get("configMapRef") or {}).get("name")
+                 for ct in cts for e in ct.get("envFrom") or []]
+        c.check(not set(refs) & generated_configmaps, where,
+                "must not read a generated ConfigMap (its name changes with its content, and a "
+                "Job's pod template is immutable)")
         for ct in cts:
             jenv = {e["name"]: e for e in ct.get("env") or [] if "name" in e}
             ref = ((jenv.get("DATABASE_URL") or {}).get("valueFrom") or {}).get("secretKeyRef")
@@ -547,6 +556,14 @@ def main():
     server_policies = selecting(dlabels)
     c.check(len(server_policies) == 1, "deploy/k8s",
             "expected one NetworkPolicy over the server pods: SessionService trusts its callers")
+    for p in server_policies + [q for name in used for q in selecting(pod_labels(stss[name][1]))]:
+        pwhere = f"NetworkPolicy/{p['metadata']['name']}"
+        c.check("Ingress" in ((p.get("spec") or {}).get("policyTypes") or []), pwhere,
+                "policyTypes must include Ingress")
+        for rule in (p.get("spec") or {}).get("ingress") or []:
+            c.check(rule.get("ports") and rule.get("from"), pwhere,
+                    "every ingress rule names its ports and its sources (a rule without them "
+                    "opens every port, or to everyone)")
     for p in server_policies:
         for rule in (p.get("spec") or {}).get("ingress") or []:
             ports = {q.get("port") for q in rule.get("ports") or []}
