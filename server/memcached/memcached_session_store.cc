@@ -594,12 +594,12 @@ bool NeedsRepair(const LookupPlan& plan) {
   return false;
 }
 
-// The lookup of a plan that needs no repair.
 bool EveryCopyAnswered(const LookupPlan& plan) {
   return std::all_of(plan.copies.begin(), plan.copies.end(),
                      [](const CopyState& c) { return c.answered; });
 }
 
+// The lookup of a plan that needs no repair.
 SessionLookup Settled(LookupPlan plan) {
   SessionLookup lookup;
   lookup.user_generation = plan.generation;

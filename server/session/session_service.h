@@ -36,8 +36,8 @@ struct SessionLimits {
   // the server's memory for one small request. A user over it gets RESOURCE_EXHAUSTED.
   size_t max_listing_bytes = 16 * 1024 * 1024;
   // Most all the listings a process assembles at once may hold together, so that concurrent
-  // large listings cannot take the process past its memory limit: one that would pass it gets
-  // UNAVAILABLE (retry, perhaps on another replica).
+  // large listings do not add up without bound while they are built (their answers are then
+  // gRPC's until sent): one that would pass it gets UNAVAILABLE (retry, perhaps elsewhere).
   size_t max_listing_bytes_in_flight = 64 * 1024 * 1024;
 };
 
