@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/common/status_macros.h"
+#include "server/domain/caller_message.h"
 #include "server/ledger/ledger_rules.h"
 #include "server/ledger/page_token.h"
 
@@ -57,8 +58,8 @@ absl::StatusOr<std::string> LedgerService::Authenticate(absl::string_view sessio
       return absl::UnauthenticatedError("authorization: unknown or expired session token");
     default:
       // Anything else means the session store is unusable: a transient outage to the caller.
-      return absl::UnavailableError(
-          absl::StrCat("session store: ", std::string(user.status().message())));
+      return ForCallers(absl::StatusCode::kUnavailable,
+                        "authorization: the session store failed; retry", user.status());
   }
 }
 

@@ -20,6 +20,8 @@ inline constexpr char kRequestIdHeader[] = "x-request-id";
 //  - writes one JSON log line per finished call: method, gRPC code name, duration, peer,
 //    request_id, and the error message on failure (health and reflection calls at debug level,
 //    so probes do not flood the log);
+//  - keeps a backing service's words, which ToGrpcStatus passes in error_details, in that log
+//    line: callers get the status without them, its message naming the request id instead;
 //  - counts the call in ServerMetrics (optional: null means no metrics).
 // The factory is thread-safe and keeps no state between calls.
 class CallObserverFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {

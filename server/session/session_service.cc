@@ -11,6 +11,7 @@
 #include "absl/time/clock.h"
 #include "server/common/status_macros.h"
 #include "server/common/utf8.h"
+#include "server/domain/caller_message.h"
 #include "server/session/token.h"
 
 namespace sessionledger {
@@ -106,11 +107,12 @@ absl::Status CheckAttributesSize(absl::string_view field, size_t bytes,
 // should know, and do, about it.
 absl::Status EndedOnEveryCopy(absl::string_view field, const absl::Status& written) {
   if (!written.GetPayload(kPartialWritePayload).has_value()) return written;
-  return absl::UnavailableError(
-      absl::StrCat(field,
-                   ": ended on some copies only, where it holds; retry to end it on every "
-                   "copy, or a node that restarts empty could bring it back (",
-                   written.message(), ")"));
+  return ForCallers(absl::StatusCode::kUnavailable,
+                    absl::StrCat(field,
+                                 ": ended on some copies only, where it holds; retry to end it "
+                                 "on every copy, or a node that restarts empty could bring it "
+                                 "back"),
+                    written);
 }
 
 // A share of the bytes all listings may hold at once, given back when the listing is done.
@@ -176,8 +178,9 @@ class SessionService::Backoff {
   // can only try again later. UNAVAILABLE, as for any backing service too busy to answer in time;
   // never ABORTED, which the contract keeps for an expected_version that does not match.
   absl::Status GiveUp() const {
-    return absl::UnavailableError(absl::StrCat(
-        "token: the session changed concurrently at each of ", attempt_, " tries; retry"));
+    return ForCallers(absl::StatusCode::kUnavailable,
+                      absl::StrCat("token: the session changed concurrently at each of ", attempt_,
+                                   " tries; retry"));
   }
 
  private:
@@ -286,7 +289,8 @@ absl::StatusOr<absl::Time> SessionService::AddToIndex(absl::string_view user_tag
     if (written.ok()) return now;
     if (!absl::IsAborted(written)) return written;
     if (!backoff.Wait()) {
-      return absl::UnavailableError("session index of this user is too busy; retry");
+      return ForCallers(absl::StatusCode::kUnavailable,
+                        "session index of this user is too busy; retry");
     }
   }
 }
@@ -656,8 +660,8 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     // A rotation must end the old token on every copy (see SessionStore::Put); with a copy
     // that does not answer, it could not, so it does not start.
     if (!lookup.every_copy_answered) {
-      return absl::UnavailableError(
-          "token: a copy of the session did not answer; nothing was changed, retry");
+      return ForCallers(absl::StatusCode::kUnavailable,
+                        "token: a copy of the session did not answer; nothing was changed, retry");
     }
     const StoredSession& old = lookup.record->session;
 
@@ -722,10 +726,10 @@ absl::StatusOr<SessionView> SessionService::FinishRotation(const SessionKey& old
   // The old token has ended where the end landed (a tombstone on any copy wins), so it is not
   // put back: undoing could revive a token a concurrent DeleteSession has ended meanwhile.
   (void)store_->Remove(new_key, deadline);
-  return absl::UnavailableError(absl::StrCat(
-      "token: the rotation could not reach every copy of the session, so its new token is not "
-      "given out, and the old one has ended: create a new session (",
-      everywhere.message(), ")"));
+  return ForCallers(absl::StatusCode::kUnavailable,
+                    "token: the rotation could not reach every copy of the session, so its new "
+                    "token is not given out, and the old one has ended: create a new session",
+                    everywhere);
 }
 
 absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline) {
@@ -736,8 +740,8 @@ absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline
   if (!lookup.record.has_value()) {
     // None of the copies that answered holds it; one that did not may.
     if (lookup.every_copy_answered) return absl::OkStatus();
-    return absl::UnavailableError(
-        "token: a copy of the session did not answer, which may hold it; retry");
+    return ForCallers(absl::StatusCode::kUnavailable,
+                      "token: a copy of the session did not answer, which may hold it; retry");
   }
   const StoredSession& s = lookup.record->session;
   const absl::Time now = clock_.Now();
@@ -814,9 +818,9 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
               " bytes with their attributes, more than one listing answers; end some of them"));
         }
         if (!budget.Take(bytes)) {
-          return absl::UnavailableError(
-              "user_id: this server is assembling other large listings; retry, perhaps on "
-              "another replica");
+          return ForCallers(absl::StatusCode::kUnavailable,
+                            "user_id: this server is assembling other large listings; retry, "
+                            "perhaps on another replica");
         }
       }
       live.push_back(*std::move(s));
@@ -871,10 +875,10 @@ absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::
   absl::StatusOr<std::vector<StoredSession>> live =
       LiveSessions(user_id, tag, before, Attributes::kDrop, deadline);
   if (!live.ok()) {
-    return absl::Status(live.status().code(),
-                        absl::StrCat("user_id: every session was revoked, but counting them "
-                                     "failed (a retry counts 0): ",
-                                     live.status().message()));
+    return ForCallers(live.status().code(),
+                      "user_id: every session was revoked, but counting them failed (a retry "
+                      "counts 0)",
+                      live.status());
   }
   int64_t ended = 0;
   for (const StoredSession& s : *live) {
@@ -905,7 +909,8 @@ absl::StatusOr<std::string> SessionTokenAuthenticator::UserIdForToken(absl::stri
   if (absl::IsNotFound(why) || absl::IsInvalidArgument(why) || absl::IsUnauthenticated(why)) {
     return absl::UnauthenticatedError("authorization: missing, unknown or expired session token");
   }
-  return absl::UnavailableError(why.message());
+  return ForCallers(absl::StatusCode::kUnavailable,
+                    "authorization: the session store failed; retry", why);
 }
 
 }  // namespace sessionledger

@@ -3,6 +3,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <signal.h>
 
+#include <functional>
 #include <regex>
 
 #include "absl/strings/match.h"
@@ -12,6 +13,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "sessionledger/v1/session.grpc.pb.h"
+#include "sessionledger/v1/transaction.grpc.pb.h"
 #include "tests/integration/session_test_support.h"
 #include "tests/support/server_process.h"
 #include "tests/support/test_env.h"
@@ -283,6 +285,78 @@ TEST(AccessLogTest, AsynchronousMethodsOutlastCallsThatEndBeforeTheirRequest) {
   const sessionledger::v1::Session created = client.MustCreate("dropped-calls");
   EXPECT_EQ(client.GetCode(created.token()), grpc::StatusCode::OK);
   EXPECT_THAT(server->Output(), ::testing::Not(HasSubstr("req-dropped-")));
+}
+
+// A backing service's words (hosts and ports, the database user, SQL) are for operators: a
+// caller reads what kind of thing failed and the call's request id, and that call's log line
+// has the rest. Through each way a call reaches Memcached: the pipeline (GetSession), a pooled
+// libmemcached connection (DeleteSession) and the ledger's session check (GetAccount).
+TEST(AccessLogTest, ABackingServicesWordsReachTheLogNotTheCaller) {
+  const std::string dead_port = absl::StrCat(RestartableTcpPort());
+  auto server = StartServer({{"MEMCACHED_URL", absl::StrCat("memcached://127.0.0.1:", dead_port)}});
+  ASSERT_NE(server, nullptr);
+  auto sessions = sessionledger::v1::SessionService::NewStub(server->NewChannel());
+  auto ledger = sessionledger::v1::TransactionService::NewStub(server->NewChannel());
+  const std::string token(64, 'A');  // Well formed, so that the store is asked.
+  struct Call {
+    std::string request_id;
+    std::function<grpc::Status(grpc::ClientContext&)> run;
+    std::string words_for_callers;
+    std::string words_for_the_log;
+  };
+  const std::vector<Call> calls = {
+      {"req-words-get",
+       [&](grpc::ClientContext& context) {
+         sessionledger::v1::GetSessionRequest request;
+         request.set_token(token);
+         sessionledger::v1::Session response;
+         return sessions->GetSession(&context, request, &response);
+       },
+       "a backing service failed or did not answer in time; retry",
+       absl::StrCat("memcached 127.0.0.1:", dead_port, ": Connection refused")},
+      {"req-words-delete",
+       [&](grpc::ClientContext& context) {
+         sessionledger::v1::DeleteSessionRequest request;
+         request.set_token(token);
+         sessionledger::v1::DeleteSessionResponse response;
+         return sessions->DeleteSession(&context, request, &response);
+       },
+       "a backing service failed or did not answer in time; retry", "memcached get: "},
+      {"req-words-ledger",
+       [&](grpc::ClientContext& context) {
+         context.AddMetadata("authorization", "Bearer " + token);
+         sessionledger::v1::GetAccountRequest request;
+         request.set_account_id("acct");
+         sessionledger::v1::Account response;
+         return ledger->GetAccount(&context, request, &response);
+       },
+       "authorization: the session store failed; retry",
+       "authorization: the session store failed; retry (memcached get: "},
+  };
+  for (const Call& call : calls) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    context.AddMetadata("x-request-id", call.request_id);
+    const grpc::Status status = call.run(context);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << call.request_id;
+    EXPECT_EQ(status.error_message(),
+              absl::StrCat(call.words_for_callers, " (request id ", call.request_id,
+                           " has the cause in the server log)"));
+    EXPECT_THAT(status.error_message(), ::testing::Not(HasSubstr("memcached")));
+    EXPECT_TRUE(status.error_details().empty()) << call.request_id;
+    EXPECT_EQ(context.GetServerTrailingMetadata().count("grpc-status-details-bin"), 0u);
+  }
+  for (const Call& call : calls) {
+    const std::string id = absl::StrCat(R"("request_id":")", call.request_id, R"(")");
+    ASSERT_TRUE(server->WaitForOutput(id, absl::Seconds(10))) << server->Output();
+    bool logged = false;
+    for (absl::string_view line : absl::StrSplit(server->Output(), '\n')) {
+      if (absl::StrContains(line, id)) {
+        logged = absl::StrContains(line, absl::StrCat(R"("error":")", call.words_for_the_log));
+      }
+    }
+    EXPECT_TRUE(logged) << call.request_id << ": " << server->Output();
+  }
 }
 
 TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {

@@ -1,6 +1,7 @@
 #include "server/rpc/call_deadline.h"
 
 #include "gtest/gtest.h"
+#include "server/domain/caller_message.h"
 #include "server/rpc/status_mapping.h"
 
 namespace sessionledger {
@@ -48,19 +49,57 @@ TEST(AnswerByTest, ADeadlineInThePastStaysInThePast) {
 TEST(ToGrpcStatusTest, ADeadlinePassedOnTheWayToABackingServiceIsUnavailable) {
   const grpc::Status s = ToGrpcStatus(absl::DeadlineExceededError("postgres: timed out"));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_EQ(s.error_message(), "postgres: timed out");
+  EXPECT_EQ(s.error_message(), kBackingServiceFailed);
+  EXPECT_EQ(s.error_details(), "postgres: timed out");
 }
 
-TEST(ToGrpcStatusTest, OtherCodesKeepTheirCodeAndMessage) {
+// The domain writes these for the caller, who needs them to act (which field, what to send).
+TEST(ToGrpcStatusTest, CodesOfTheCallersOwnMistakesKeepTheirCodeAndMessage) {
   EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
   for (const absl::Status& in :
        {absl::InvalidArgumentError("user_id: required"), absl::NotFoundError("token: unknown"),
-        absl::UnavailableError("memcached: down"), absl::AbortedError("version: stale"),
-        absl::PermissionDeniedError("account_id: not yours")}) {
+        absl::AbortedError("version: stale"), absl::PermissionDeniedError("account_id: not yours"),
+        absl::FailedPreconditionError("amount: more than the balance"),
+        absl::ResourceExhaustedError("user_id: too many bytes"),
+        absl::UnauthenticatedError("authorization: missing")}) {
     const grpc::Status out = ToGrpcStatus(in);
     EXPECT_EQ(static_cast<int>(out.error_code()), static_cast<int>(in.code())) << in;
     EXPECT_EQ(out.error_message(), std::string(in.message())) << in;
+    EXPECT_EQ(out.error_details(), "") << in;
   }
+}
+
+// A backing service's words name hosts, the database user, tables: callers get a generic
+// message, and the words travel in error_details to the call's log line (CallObserver).
+TEST(ToGrpcStatusTest, FailuresOfTheServerKeepTheBackingServicesWordsFromCallers) {
+  const std::string words =
+      R"(postgres: connection to server at "db.internal" (10.0.0.7), port 5432 failed: FATAL:  )"
+      R"(password authentication failed for user "ledger")";
+  for (const absl::StatusCode code : {absl::StatusCode::kUnavailable, absl::StatusCode::kInternal,
+                                      absl::StatusCode::kUnknown, absl::StatusCode::kDataLoss}) {
+    const grpc::Status out = ToGrpcStatus(absl::Status(code, words));
+    EXPECT_EQ(static_cast<int>(out.error_code()), static_cast<int>(code));
+    EXPECT_EQ(out.error_message(),
+              code == absl::StatusCode::kUnavailable ? kBackingServiceFailed : kInternalFailure)
+        << code;
+    EXPECT_EQ(out.error_details(), words) << code;
+  }
+}
+
+TEST(ToGrpcStatusTest, WordsWrittenForCallersReachThemAndTheCauseStaysInTheDetails) {
+  const absl::Status cause = absl::UnavailableError("memcached 10.0.0.9:11211: connect timed out");
+  const grpc::Status relabelled = ToGrpcStatus(
+      ForCallers(absl::StatusCode::kUnavailable, "token: ended on some copies only; retry", cause));
+  EXPECT_EQ(relabelled.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(relabelled.error_message(), "token: ended on some copies only; retry");
+  EXPECT_EQ(relabelled.error_details(),
+            "token: ended on some copies only; retry (memcached 10.0.0.9:11211: connect timed "
+            "out)");
+
+  const grpc::Status own =
+      ToGrpcStatus(ForCallers(absl::StatusCode::kUnavailable, "user_id: too busy; retry"));
+  EXPECT_EQ(own.error_message(), "user_id: too busy; retry");
+  EXPECT_EQ(own.error_details(), "") << "nothing to keep from the caller";
 }
 
 }  // namespace
