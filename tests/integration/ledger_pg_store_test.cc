@@ -1,10 +1,6 @@
 // PgLedgerStore against the real PostgreSQL of scripts/backing-services (DATABASE_URL), through
 // LedgerService with a fake authenticator: every rule, concurrency, timeouts and outages at the
 // store level, without server processes.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -366,17 +362,11 @@ TEST_F(LedgerPgStoreTest, SlowPostgresGivesUnavailableWithinTheDeadline) {
 // it waiting does not stretch them (they used to reread the wall clock on every poll, and so
 // waited for as long as the step). The server here is a socket that never answers.
 TEST(PgConnectionTest, AWallClockStepBackDoesNotStretchAWait) {
-  const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(listener, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  ASSERT_EQ(listen(listener, 4), 0);
-  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  std::optional<testing::SilentListener> listener;
+  listener.emplace(/*backlog=*/4);
+  ASSERT_NE(listener->port(), 0);
   const std::string url =
-      absl::StrCat("postgres://nobody@127.0.0.1:", ntohs(addr.sin_port), "/none?sslmode=disable");
+      absl::StrCat("postgres://nobody@127.0.0.1:", listener->port(), "/none?sslmode=disable");
 
   struct Outcome {
     SteppingClock wall;
@@ -398,7 +388,7 @@ TEST(PgConnectionTest, AWallClockStepBackDoesNotStretchAWait) {
   absl::SleepFor(absl::Milliseconds(200));
   outcome->wall.Step(-absl::Hours(1));
   const bool answered = outcome->done.WaitForNotificationWithTimeout(wait + absl::Seconds(5));
-  close(listener);  // Resets the connection, so a stretched wait ends too.
+  listener.reset();  // Resets the connection, so a stretched wait ends too.
   ASSERT_TRUE(answered) << "still waiting 5 s after the deadline";
   EXPECT_TRUE(absl::IsUnavailable(outcome->status)) << outcome->status;
   EXPECT_GE(outcome->took, wait - absl::Milliseconds(50));
@@ -485,6 +475,26 @@ class LedgerPgBatchTest : public LedgerPgStoreTest {
     const absl::Time give_up = Soon();
     while (BlockedBy(conn) < sessions) {
       ASSERT_LT(absl::Now(), give_up) << "nobody waits on the blocking session";
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  }
+  // Waits until `sessions` sessions wait on `conn`'s session, directly or behind another waiter
+  // (a second session waiting for a row lock queues behind the first, not behind the holder).
+  void WaitUntilQueuedBehind(PgConnection& conn, int sessions) {
+    const absl::Time give_up = Soon();
+    for (;;) {
+      absl::StatusOr<PgPool::Lease> lease = pool_.Acquire(Soon());
+      ASSERT_TRUE(lease.ok()) << lease.status();
+      absl::StatusOr<PgResultPtr> r = (*lease)->Exec(
+          "WITH RECURSIVE behind(pid) AS ("
+          "  SELECT pid FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
+          "  UNION SELECT a.pid FROM pg_stat_activity a"
+          "  JOIN behind b ON b.pid = ANY(pg_blocking_pids(a.pid)))"
+          " SELECT count(*) FROM behind",
+          {absl::StrCat(PQbackendPID(conn.raw()))}, Soon());
+      ASSERT_TRUE(r.ok()) << r.status();
+      if (std::atoi(PQgetvalue(r->get(), 0, 0)) >= sessions) return;
+      ASSERT_LT(absl::Now(), give_up) << "fewer than " << sessions << " sessions queued";
       absl::SleepFor(absl::Milliseconds(5));
     }
   }
@@ -736,6 +746,38 @@ TEST_F(LedgerPgBatchTest, SameKeyManyTimesInOneBatchAppliesOnce) {
   JoinAll();
   EXPECT_EQ(batch_store_.batches(), batches + 1);
   ExpectOneTransaction(r);
+  EXPECT_EQ(Balance(alice, a.account_id), 0);
+  EXPECT_EQ(Balance(alice, b.account_id), 700);
+}
+
+// Two identical transfers, each run alone (never batched), that both looked their key up before
+// the first of them committed: the second then finds the money gone. Its answer must be the
+// first one's transaction, which it finds by looking the key up again, not a refusal for lack
+// of funds that the caller would take for the outcome of its request.
+TEST_F(LedgerPgBatchTest, AnIdenticalTransferThatCommittedMeanwhileIsTheAnswerNotARefusal) {
+  PgLedgerStoreOptions alone_options;
+  alone_options.max_batch = 1;
+  PgLedgerStore alone_store(pool_, alone_options);
+  LedgerService alone_ledger(alone_store, auth_);
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 700, "fund"}, Soon()).ok());
+  absl::StatusOr<PgConnection> blocker = LockAccountRow(a.account_id);
+  ASSERT_TRUE(blocker.ok()) << blocker.status();
+
+  std::vector<absl::StatusOr<Transaction>> results(2, absl::UnknownError("not run"));
+  TestThreads threads;  // Joined before the store it calls goes away.
+  for (auto& result : results) {
+    threads.Start([&] {
+      result = alone_ledger.Transfer(alice, {a.account_id, b.account_id, 700, "same-key"}, Soon());
+    });
+  }
+  WaitUntilQueuedBehind(*blocker, 2);  // Both past their key lookup, waiting for the account.
+  ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
+  threads.JoinAll();
+  ExpectOneTransaction(results);
+  EXPECT_EQ(alone_store.batches(), 0) << "ran in a batch, not alone";
   EXPECT_EQ(Balance(alice, a.account_id), 0);
   EXPECT_EQ(Balance(alice, b.account_id), 700);
 }

@@ -309,6 +309,37 @@ TEST(MemcachedPipelineFailureTest, StalledNodeFailsAtIoTimeoutAndIsSkippedThenRe
   EXPECT_EQ(server.accepted(), 2);
 }
 
+// A connect that never completes (the peer's accept queue is full, so the kernel drops its
+// SYNs: a host that is down behind a firewall looks the same) fails the read at connect_timeout
+// and marks the node failed, as a stall does: the reads after it fail at once for
+// retry_after_failure instead of each waiting out a connect of its own.
+TEST(MemcachedPipelineFailureTest, ConnectTimeoutFailsTheReadAndMarksTheNodeFailed) {
+  SilentListener peer(/*backlog=*/0);
+  ASSERT_NE(peer.port(), 0);
+  peer.Fill();
+
+  MemcachedPipelineOptions options;
+  options.nodes = {MemcachedNode{"127.0.0.1", static_cast<uint16_t>(peer.port())}};
+  options.connect_timeout = absl::Seconds(1);
+  options.io_timeout = absl::Seconds(5);
+  options.retry_after_failure = absl::Seconds(60);
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+
+  Timed timed_out = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+  EXPECT_TRUE(absl::IsUnavailable(timed_out.result.status())) << timed_out.result.status();
+  EXPECT_TRUE(absl::StrContains(timed_out.result.status().message(), "connect timed out"))
+      << timed_out.result.status();
+  EXPECT_GE(timed_out.took, options.connect_timeout - absl::Milliseconds(50));
+  EXPECT_LE(timed_out.took, options.connect_timeout + kMargin);
+
+  for (int i = 0; i < 2; ++i) {
+    Timed skipped = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+    EXPECT_TRUE(absl::IsUnavailable(skipped.result.status())) << skipped.result.status();
+    EXPECT_LT(skipped.took, absl::Milliseconds(500)) << "read " << i << " waited for a connect";
+  }
+}
+
 TEST(MemcachedPipelineFailureTest, DeadlineShorterThanIoTimeoutIsKept) {
   FakeMemcached server({Silent()});
   const absl::Duration io_timeout = absl::Seconds(4);

@@ -1,5 +1,6 @@
 #include "tests/support/test_env.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -268,6 +269,42 @@ int RestartableTcpPort() {
     if (const int port = BindAndRelease(pick(random)); port != 0) return port;
   }
   return FreeTcpPort();
+}
+
+SilentListener::SilentListener(int backlog) : backlog_(backlog) {
+  fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      listen(fd_, backlog) != 0 ||
+      getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    ADD_FAILURE() << "cannot listen on 127.0.0.1: " << std::strerror(errno);
+    return;
+  }
+  port_ = ntohs(addr.sin_port);
+}
+
+SilentListener::~SilentListener() {
+  for (int fd : fillers_) close(fd);
+  if (fd_ >= 0) close(fd_);
+}
+
+void SilentListener::Fill() {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port_));
+  while (port_ != 0 && static_cast<int>(fillers_.size()) <= backlog_) {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      ADD_FAILURE() << "cannot connect to 127.0.0.1:" << port_ << ": " << std::strerror(errno);
+      if (fd >= 0) close(fd);
+      return;
+    }
+    fillers_.push_back(fd);
+  }
 }
 
 }  // namespace sessionledger::testing

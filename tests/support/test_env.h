@@ -57,6 +57,29 @@ int FreeTcpPort();
 // restart then fails; the kernel never hands out a port from below its range.
 int RestartableTcpPort();
 
+// A TCP socket listening on 127.0.0.1 (a free port) that never accepts: a peer that takes
+// connections and never says a word. Up to `backlog` + 1 connects complete into its accept
+// queue; once Fill() has taken every place, the kernel drops further SYNs, so a connect hangs
+// as to a host behind a firewall.
+class SilentListener {
+ public:
+  explicit SilentListener(int backlog);
+  ~SilentListener();
+  SilentListener(const SilentListener&) = delete;
+  SilentListener& operator=(const SilentListener&) = delete;
+
+  // 0 when it could not listen (the test has failed).
+  int port() const { return port_; }
+  // Connects until the accept queue is full (blocking connects this object keeps open).
+  void Fill();
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  int backlog_ = 0;
+  std::vector<int> fillers_;
+};
+
 // Asks `done` every `every` until it says yes or `give_up` has passed; whether it said yes. A
 // test expecting something to happen waits for it this way rather than sleeping a fixed time
 // and looking once, which a loaded machine can lose.
