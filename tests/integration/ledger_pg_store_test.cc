@@ -445,6 +445,27 @@ class TestThreads {
   std::vector<std::thread> threads_;
 };
 
+// One batch at a time, of up to four movements.
+PgLedgerStoreOptions OneBatchAtATime() {
+  PgLedgerStoreOptions options;
+  options.max_batch = 4;
+  options.max_concurrent_batches = 1;
+  options.eager_batches = 1;
+  options.parallel_batch_threshold = 100;
+  return options;
+}
+
+// Runs `call` on one of `threads`; returns once `queued` movements wait in `store`'s queue.
+void StartQueued(TestThreads& threads, const PgLedgerStore& store, int queued,
+                 std::function<void()> call) {
+  threads.Start(std::move(call));
+  const absl::Time give_up = Soon();
+  while (store.queued_movements() < queued) {
+    ASSERT_LT(absl::Now(), give_up) << "the movement did not queue";
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+}
+
 // The batching path of PgLedgerStore, on a store whose pool has one connection, so that it runs
 // at most one batch at a time: while a "gate" movement holds that slot (waiting on a row lock
 // another session holds), the movements started next queue up, and they all form the next
@@ -902,13 +923,8 @@ TEST_F(LedgerPgBatchTest, BatchThatFailsAsAWholeRunsEachMovementAlone) {
 // then run alone with a fifth of their time left): the lock gets a quarter of the batch's
 // budget, then each movement runs alone.
 TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
-  // One batch at a time, and connections for the movements to run alone side by side.
-  PgLedgerStoreOptions options;
-  options.max_batch = 4;
-  options.max_concurrent_batches = 1;
-  options.eager_batches = 1;
-  options.parallel_batch_threshold = 100;
-  BatchingLedger shaped(5, options, auth_);
+  // Connections for the movements to run alone side by side.
+  BatchingLedger shaped(5, OneBatchAtATime(), auth_);
   PgLedgerStore& store = shaped.store;
   LedgerService& ledger = shaped.ledger;
   const std::string alice = NewUser("alice");
@@ -932,17 +948,11 @@ TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
     gated = ledger.Deposit(alice, {gate.account_id, 1, "gate"}, start + absl::Seconds(1));
   });
   WaitUntilBlockedBy(*blocker, 1);
-  const auto queue = [&](int queued, std::function<void()> call) {
-    threads.Start(std::move(call));
-    const absl::Time give_up = Soon();
-    while (store.queued_movements() < queued) {
-      ASSERT_LT(absl::Now(), give_up) << "the movement did not queue";
-      absl::SleepFor(absl::Milliseconds(1));
-    }
-  };
-  queue(1, [&] { stuck = ledger.Deposit(alice, {held.account_id, 5, "stuck"}, deadline); });
+  StartQueued(threads, store, 1, [&] {
+    stuck = ledger.Deposit(alice, {held.account_id, 5, "stuck"}, deadline);
+  });
   for (int i = 0; i < 3; ++i) {
-    queue(i + 2, [&, i] {
+    StartQueued(threads, store, i + 2, [&, i] {
       free[i] = ledger.Transfer(alice, {a.account_id, b.account_id, 100, absl::StrCat("free", i)},
                                 deadline);
       finished[i].store(absl::ToUnixNanos(absl::Now()));
@@ -970,6 +980,54 @@ TEST_F(LedgerPgBatchTest, ABatchGivesUpOnAHeldAccountWithMostOfItsTimeLeft) {
   EXPECT_EQ(store.batch_fallbacks(), 1);
   EXPECT_EQ(Balance(alice, a.account_id), 700);
   EXPECT_EQ(Balance(alice, b.account_id), 300);
+  EXPECT_EQ(Balance(alice, held.account_id), 5);
+}
+
+// A batch answers all its movements at once, so it must end by the earliest of their
+// deadlines: a hurried caller batched with a patient one that waits on a held account gets its
+// answer in its own time, not when the patient one's budget runs out.
+TEST_F(LedgerPgBatchTest, ABatchEndsByItsEarliestDeadline) {
+  BatchingLedger shaped(3, OneBatchAtATime(), auth_);
+  const std::string alice = NewUser("alice");
+  const Account held = Open(alice);
+  const Account gate = Open(alice);
+  const Account free = Open(alice);
+  absl::StatusOr<PgConnection> blocker = LockAccountRows({gate.account_id, held.account_id});
+  ASSERT_TRUE(blocker.ok()) << blocker.status();
+  const absl::Time start = absl::Now();
+  const absl::Time hurried_deadline = start + absl::Seconds(3);
+  absl::StatusOr<Transaction> gated = absl::UnknownError("not run");
+  absl::StatusOr<Transaction> patient = absl::UnknownError("not run");
+  absl::StatusOr<Transaction> hurried = absl::UnknownError("not run");
+  std::atomic<int64_t> hurried_finished{0};  // Unix nanoseconds; 0 while it runs.
+  TestThreads threads;
+  // The only batch slot, taken until its deadline (a second) passes; meanwhile the others queue.
+  threads.Start([&] {
+    gated = shaped.ledger.Deposit(alice, {gate.account_id, 1, "gate"}, start + absl::Seconds(1));
+  });
+  WaitUntilBlockedBy(*blocker, 1);
+  StartQueued(threads, shaped.store, 1, [&] {
+    patient =
+        shaped.ledger.Deposit(alice, {held.account_id, 5, "patient"}, start + absl::Seconds(20));
+  });
+  StartQueued(threads, shaped.store, 2, [&] {
+    hurried = shaped.ledger.Deposit(alice, {free.account_id, 7, "hurried"}, hurried_deadline);
+    hurried_finished.store(absl::ToUnixNanos(absl::Now()));
+  });
+  // Taking the patient deadline, the batch's lock would wait ~5 s for the held account.
+  const absl::Time give_up = start + absl::Seconds(10);
+  while (hurried_finished.load() == 0 && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
+  threads.JoinAll();
+  EXPECT_EQ(gated.status().code(), absl::StatusCode::kUnavailable) << gated.status();
+  EXPECT_TRUE(patient.ok()) << patient.status();
+  EXPECT_TRUE(hurried.ok()) << hurried.status();
+  EXPECT_LT(absl::FromUnixNanos(hurried_finished.load()), hurried_deadline)
+      << "answered " << (absl::FromUnixNanos(hurried_finished.load()) - start) << " in";
+  EXPECT_EQ(shaped.store.batch_fallbacks(), 1) << "the two did not run as one batch";
+  EXPECT_EQ(Balance(alice, free.account_id), 7);
   EXPECT_EQ(Balance(alice, held.account_id), 5);
 }
 

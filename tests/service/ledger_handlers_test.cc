@@ -3,6 +3,11 @@
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
 
+#include <algorithm>
+#include <mutex>
+#include <utility>
+
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/common/clock.h"
 #include "server/ledger/fake_token_authenticator.h"
@@ -15,9 +20,57 @@ namespace {
 
 namespace pb = ::sessionledger::v1;
 
+// Passes every call to `inner`, noting the latest deadline it was given.
+class DeadlineRecordingStore final : public LedgerStore {
+ public:
+  explicit DeadlineRecordingStore(LedgerStore& inner) : inner_(inner) {}
+
+  absl::StatusOr<Account> CreateAccount(absl::string_view owner_user_id, absl::string_view currency,
+                                        absl::Time deadline) override {
+    Note(deadline);
+    return inner_.CreateAccount(owner_user_id, currency, deadline);
+  }
+  absl::StatusOr<Account> GetAccount(absl::string_view account_id, absl::Time deadline) override {
+    Note(deadline);
+    return inner_.GetAccount(account_id, deadline);
+  }
+  absl::StatusOr<Transaction> ApplyMovement(const MoneyMovement& movement,
+                                            absl::Time deadline) override {
+    Note(deadline);
+    return inner_.ApplyMovement(movement, deadline);
+  }
+  absl::StatusOr<TransactionPage> ListTransactions(absl::string_view acting_user_id,
+                                                   absl::string_view account_id, int64_t before_seq,
+                                                   int limit, absl::Time deadline) override {
+    Note(deadline);
+    return inner_.ListTransactions(acting_user_id, account_id, before_seq, limit, deadline);
+  }
+
+  // The latest deadline given since the last call of this (InfinitePast: no call).
+  absl::Time TakeLatestDeadline() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::exchange(latest_, absl::InfinitePast());
+  }
+
+ private:
+  void Note(absl::Time deadline) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    latest_ = std::max(latest_, deadline);
+  }
+
+  LedgerStore& inner_;
+  std::mutex mutex_;
+  absl::Time latest_ = absl::InfinitePast();
+};
+
+// A default call timeout far longer than the 5 s the calls here wait, so that which of the two
+// reached the store shows.
+constexpr absl::Duration kDefaultCallTimeout = absl::Seconds(60);
+
 class LedgerHandlersTest : public ::testing::Test {
  protected:
-  LedgerHandlersTest() : store_(clock_), handlers_(store_, auth_, absl::Seconds(5)) {
+  LedgerHandlersTest()
+      : memory_(clock_), store_(memory_), handlers_(store_, auth_, kDefaultCallTimeout) {
     auth_.Add("tok-alice", "alice");
     grpc::ServerBuilder builder;
     builder.RegisterService(&handlers_);
@@ -35,7 +88,8 @@ class LedgerHandlersTest : public ::testing::Test {
 
   FakeClock clock_;
   FakeAuthenticator auth_;
-  InMemoryLedgerStore store_;
+  InMemoryLedgerStore memory_;
+  DeadlineRecordingStore store_;
   TransactionHandlers handlers_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<pb::TransactionService::Stub> stub_;
@@ -111,8 +165,55 @@ TEST_F(LedgerHandlersTest, DepositTransferListRoundTrip) {
   EXPECT_EQ(got.balance_minor(), 400);
 }
 
+// Every method hands the store the caller's deadline (less a margin for the answer), so that a
+// slow database ends in the server's UNAVAILABLE before the caller gives up on its own, not
+// only DEFAULT_CALL_TIMEOUT_MS later.
+TEST_F(LedgerHandlersTest, EveryMethodHandsTheStoreTheCallersDeadline) {
+  const auto expect_callers_deadline = [&](const char* method, auto rpc) {
+    std::unique_ptr<grpc::ClientContext> context = Context("Bearer tok-alice");
+    const absl::Time callers = absl::FromChrono(context->deadline());
+    const grpc::Status status = rpc(context.get());
+    EXPECT_TRUE(status.ok()) << method << ": " << status.error_message();
+    const absl::Time given = store_.TakeLatestDeadline();
+    EXPECT_LT(given, callers) << method;
+    EXPECT_GT(given, callers - absl::Seconds(1)) << method;
+  };
+  pb::OpenAccountRequest open;
+  open.set_currency("EUR");
+  pb::Account a;
+  pb::Account b;
+  expect_callers_deadline("OpenAccount",
+                          [&](grpc::ClientContext* c) { return stub_->OpenAccount(c, open, &a); });
+  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &b).ok());
+  pb::GetAccountRequest get;
+  get.set_account_id(a.account_id());
+  pb::Account got;
+  expect_callers_deadline("GetAccount",
+                          [&](grpc::ClientContext* c) { return stub_->GetAccount(c, get, &got); });
+  pb::DepositRequest deposit;
+  deposit.set_account_id(a.account_id());
+  deposit.set_amount_minor(1000);
+  deposit.set_idempotency_key("d-1");
+  pb::Transaction t;
+  expect_callers_deadline("Deposit",
+                          [&](grpc::ClientContext* c) { return stub_->Deposit(c, deposit, &t); });
+  pb::TransferRequest transfer;
+  transfer.set_from_account_id(a.account_id());
+  transfer.set_to_account_id(b.account_id());
+  transfer.set_amount_minor(400);
+  transfer.set_idempotency_key("t-1");
+  expect_callers_deadline("Transfer",
+                          [&](grpc::ClientContext* c) { return stub_->Transfer(c, transfer, &t); });
+  pb::ListTransactionsRequest list;
+  list.set_account_id(a.account_id());
+  pb::ListTransactionsResponse page;
+  expect_callers_deadline("ListTransactions", [&](grpc::ClientContext* c) {
+    return stub_->ListTransactions(c, list, &page);
+  });
+}
+
 TEST_F(LedgerHandlersTest, StoreOutageIsUnavailable) {
-  store_.set_unavailable(true);
+  memory_.set_unavailable(true);
   pb::OpenAccountRequest open;
   open.set_currency("EUR");
   pb::Account a;

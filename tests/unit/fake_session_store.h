@@ -96,6 +96,11 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     return last_add_deadline_;
   }
+  // The deadline the last Lookup (or Peek) was given.
+  absl::Time last_lookup_deadline() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return last_lookup_deadline_;
+  }
   // The most sessions one ReadSessions call asked for.
   size_t largest_read_sessions() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -126,8 +131,9 @@ class FakeSessionStore final : public SessionStore {
     return it == indexes_.end() ? 0 : static_cast<size_t>(it->second.value.entries_size());
   }
 
-  absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time) override {
+  absl::StatusOr<SessionLookup> Lookup(const SessionKey& key, absl::Time deadline) override {
     std::lock_guard<std::mutex> l(mu_);
+    last_lookup_deadline_ = deadline;
     if (unavailable_) return Down();
     SessionLookup out;
     out.every_copy_answered = !some_copies_silent_;
@@ -316,6 +322,7 @@ class FakeSessionStore final : public SessionStore {
   absl::Status lose_cas_answer_;
   int cas_calls_ = 0;
   absl::Time last_add_deadline_ = absl::InfinitePast();
+  absl::Time last_lookup_deadline_ = absl::InfinitePast();
   int peeks_ = 0;
   uint64_t next_cas_ = 0;
   std::map<std::string, Entry<storage::v1::StoredSession>> sessions_;
