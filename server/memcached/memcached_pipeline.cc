@@ -21,6 +21,7 @@
 #include "server/common/logger.h"
 #include "server/common/notification.h"
 #include "server/common/thread_name.h"
+#include "server/domain/caller_message.h"
 
 namespace sessionledger {
 
@@ -65,9 +66,9 @@ std::optional<MemcachedStored> StoreReply(absl::string_view line) {
 // A store memcached refused: a value too large for it is the caller's to fix (as libmemcached's
 // E2BIG); anything else is the node's trouble, and another copy may take the write.
 absl::Status StoreRefused(absl::string_view node, absl::string_view line) {
-  const std::string message = absl::StrCat("memcached ", node, ": ", line);
-  if (absl::StrContains(line, "too large")) return absl::InvalidArgumentError(message);
-  return absl::UnavailableError(message);
+  const absl::Status refused = absl::UnavailableError(absl::StrCat("memcached ", node, ": ", line));
+  if (!absl::StrContains(line, "too large")) return refused;
+  return ForCallers(absl::StatusCode::kInvalidArgument, kSessionTooLargeForAnItem, refused);
 }
 
 bool ValidKey(const std::string& key) {

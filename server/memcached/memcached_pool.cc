@@ -7,6 +7,7 @@
 #include "absl/time/clock.h"
 #include "server/common/clock.h"
 #include "server/common/status_macros.h"
+#include "server/domain/caller_message.h"
 
 namespace sessionledger {
 namespace {
@@ -89,7 +90,9 @@ absl::Status MemcachedStatus(memcached_return_t rc, absl::string_view what) {
     case MEMCACHED_NOTSTORED:
       return absl::FailedPreconditionError(message);
     case MEMCACHED_E2BIG:
-      return absl::InvalidArgumentError(message);
+      // As the pipeline's StoreRefused: the caller learns the field to blame, not the words.
+      return ForCallers(absl::StatusCode::kInvalidArgument, kSessionTooLargeForAnItem,
+                        absl::InvalidArgumentError(message));
     case MEMCACHED_CONNECTION_FAILURE:
     case MEMCACHED_CONNECTION_SOCKET_CREATE_FAILURE:
     case MEMCACHED_HOST_LOOKUP_FAILURE:

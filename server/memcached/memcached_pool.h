@@ -34,7 +34,8 @@ struct MemcachedPoolOptions {
 };
 
 // Maps a libmemcached return code to a status: connection and timeout failures become
-// UNAVAILABLE, a miss NOT_FOUND, a CAS conflict ABORTED, "not stored" FAILED_PRECONDITION, the
+// UNAVAILABLE, a miss NOT_FOUND, a CAS conflict ABORTED, "not stored" FAILED_PRECONDITION, a
+// value above the item size limit INVALID_ARGUMENT (kSessionTooLargeForAnItem for callers), the
 // rest INTERNAL. `what` names the operation for the message.
 absl::Status MemcachedStatus(memcached_return_t rc, absl::string_view what);
 

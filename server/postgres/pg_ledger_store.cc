@@ -274,7 +274,13 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
     // retry never holds a connection that another call could use.
     if (IsRetryableTransactionFailure(last)) Backoff(attempt, deadline);
     if (deadline <= absl::Now()) {
-      return last.ok() ? absl::UnavailableError(kDeadlinePassed) : last;
+      if (last.ok()) return absl::UnavailableError(kDeadlinePassed);
+      // Out of time while conflicting transactions kept it from committing: the database is too
+      // busy for this call, which may be retried, not a conflict the caller could resolve.
+      if (IsRetryableTransactionFailure(last)) {
+        return absl::UnavailableError(absl::StrCat(kDeadlinePassed, " (", last.message(), ")"));
+      }
+      return last;
     }
     SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
     // A connection handed back just as the wait for it ended leaves no time to run anything:

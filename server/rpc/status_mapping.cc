@@ -13,18 +13,20 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
                                     ? grpc::StatusCode::UNAVAILABLE
                                     : static_cast<grpc::StatusCode>(status.code());
   std::string whole(status.message());
-  switch (code) {
-    case grpc::StatusCode::UNAVAILABLE:
-    case grpc::StatusCode::INTERNAL:
-    case grpc::StatusCode::UNKNOWN:
-    case grpc::StatusCode::DATA_LOSS:
-      break;
-    default:
-      return grpc::Status(code, whole);
-  }
   std::optional<std::string> for_callers = CallerMessage(status);
   if (!for_callers.has_value()) {
-    for_callers = code == grpc::StatusCode::UNAVAILABLE ? kBackingServiceFailed : kInternalFailure;
+    switch (code) {
+      case grpc::StatusCode::UNAVAILABLE:
+        for_callers = kBackingServiceFailed;
+        break;
+      case grpc::StatusCode::INTERNAL:
+      case grpc::StatusCode::UNKNOWN:
+      case grpc::StatusCode::DATA_LOSS:
+        for_callers = kInternalFailure;
+        break;
+      default:
+        return grpc::Status(code, whole);
+    }
   }
   if (*for_callers == whole) return grpc::Status(code, whole);
   return grpc::Status(code, *for_callers, whole);

@@ -17,11 +17,12 @@ inline constexpr char kInternalFailure[] = "internal error";
 // share the canonical code space); DEADLINE_EXCEEDED from a backing service is reported as
 // UNAVAILABLE so that callers retry it, as the contract asks.
 //
-// A failure of the server or of a backing service (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS)
-// gets the words ForCallers gave it, or a generic message, and the whole message rides in
-// error_details for the call's log line: CallObserver logs it and takes it out before the
-// status is sent, so callers never read a backing service's words (hosts, the database user,
-// SQL). Other codes keep their message, which the domain wrote for the caller.
+// A status marked by ForCallers gets those words, whatever its code; an unmarked failure of the
+// server or of a backing service (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS) a generic message.
+// Either way the whole message rides in error_details for the call's log line: CallObserver
+// logs it and takes it out before the status is sent, so callers never read a backing
+// service's words (hosts, the database user, SQL). An unmarked status of another code keeps
+// its message, which the domain wrote for the caller.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 }  // namespace sessionledger

@@ -33,7 +33,9 @@
 #include "server/common/clock.h"
 #include "server/common/notification.h"
 #include "server/config/config.h"
+#include "server/domain/caller_message.h"
 #include "server/memcached/memcached_pipeline.h"
+#include "server/memcached/memcached_pool.h"
 #include "tests/support/memcached_pipeline_test_support.h"
 #include "tests/support/test_env.h"
 
@@ -314,7 +316,7 @@ TEST(MemcachedPipelineFailureTest, StalledNodeFailsAtIoTimeoutAndIsSkippedThenRe
 // and marks the node failed, as a stall does: the reads after it fail at once for
 // retry_after_failure instead of each waiting out a connect of its own.
 TEST(MemcachedPipelineFailureTest, ConnectTimeoutFailsTheReadAndMarksTheNodeFailed) {
-  SilentListener peer(/*backlog=*/0);
+  SilentListener peer(/*backlog=*/1);
   ASSERT_NE(peer.port(), 0);
   peer.Fill();
 
@@ -772,12 +774,26 @@ TEST(MemcachedPipelineFailureTest, DestructionAnswersEveryOutstandingRequestOnce
   }
 }
 
+// The blocking path's libmemcached says the same of a value above the item size limit: the
+// caller reads the field, the log libmemcached's words.
+TEST(MemcachedStatusTest, AnItemTooBigNamesTheFieldForCallers) {
+  const absl::Status too_big = MemcachedStatus(MEMCACHED_E2BIG, "set");
+  EXPECT_EQ(too_big.code(), absl::StatusCode::kInvalidArgument) << too_big;
+  EXPECT_EQ(CallerMessage(too_big).value_or(""), kSessionTooLargeForAnItem);
+  EXPECT_TRUE(absl::StrContains(too_big.message(), "memcached set")) << too_big;
+  EXPECT_FALSE(CallerMessage(MemcachedStatus(MEMCACHED_TIMEOUT, "get")).has_value());
+}
+
 // memcached answers a storage command it cannot carry out (a value above its item size limit, no
 // memory for it) with SERVER_ERROR and swallows the data: the connection stays in step, and the
 // requests behind it are answered as usual.
 TEST(MemcachedPipelineFailureTest, ServerErrorToAStoreFailsThatStoreOnly) {
   const StoreThenGet too_large = AnswerStoreThenGet("SERVER_ERROR object too large for cache\r\n");
   EXPECT_EQ(too_large.stored.status().code(), absl::StatusCode::kInvalidArgument)
+      << too_large.stored.status();
+  // The caller reads the field to blame, not the node's address.
+  EXPECT_EQ(CallerMessage(too_large.stored.status()).value_or(""), kSessionTooLargeForAnItem);
+  EXPECT_TRUE(absl::StrContains(too_large.stored.status().message(), "object too large"))
       << too_large.stored.status();
   EXPECT_TRUE(HitIs(too_large.got, "k", "value of k"));
   EXPECT_TRUE(too_large.next_set_stored);

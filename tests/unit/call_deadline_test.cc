@@ -96,6 +96,13 @@ TEST(ToGrpcStatusTest, WordsWrittenForCallersReachThemAndTheCauseStaysInTheDetai
             "token: ended on some copies only; retry (memcached 10.0.0.9:11211: connect timed "
             "out)");
 
+  const grpc::Status other_code = ToGrpcStatus(
+      ForCallers(absl::StatusCode::kInvalidArgument, "attributes: too large for the store", cause));
+  EXPECT_EQ(other_code.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(other_code.error_message(), "attributes: too large for the store");
+  EXPECT_EQ(other_code.error_details(),
+            "attributes: too large for the store (memcached 10.0.0.9:11211: connect timed out)");
+
   const grpc::Status own =
       ToGrpcStatus(ForCallers(absl::StatusCode::kUnavailable, "user_id: too busy; retry"));
   EXPECT_EQ(own.error_message(), "user_id: too busy; retry");
