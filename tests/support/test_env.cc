@@ -297,13 +297,28 @@ void SilentListener::Fill() {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   addr.sin_port = htons(static_cast<uint16_t>(port_));
   while (port_ != 0 && static_cast<int>(fillers_.size()) <= backlog_) {
-    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-      ADD_FAILURE() << "cannot connect to 127.0.0.1:" << port_ << ": " << std::strerror(errno);
-      if (fd >= 0) close(fd);
+    // Non-blocking, so that a kernel that drops a filler's SYN too fails the test in seconds
+    // instead of hanging it for the minutes of TCP's SYN retries.
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+      ADD_FAILURE() << "cannot make a socket: " << std::strerror(errno);
       return;
     }
     fillers_.push_back(fd);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) continue;
+    if (errno != EINPROGRESS) {
+      ADD_FAILURE() << "cannot connect to 127.0.0.1:" << port_ << ": " << std::strerror(errno);
+      return;
+    }
+    pollfd writable{fd, POLLOUT, 0};
+    int error = 0;
+    socklen_t error_len = sizeof error;
+    if (poll(&writable, 1, /*timeout_ms=*/5000) != 1 ||
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &error_len) != 0 || error != 0) {
+      ADD_FAILURE() << "connect " << fillers_.size() << " to 127.0.0.1:" << port_
+                    << " did not complete: " << (error != 0 ? std::strerror(error) : "timed out");
+      return;
+    }
   }
 }
 

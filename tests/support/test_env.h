@@ -60,7 +60,8 @@ int RestartableTcpPort();
 // A TCP socket listening on 127.0.0.1 (a free port) that never accepts: a peer that takes
 // connections and never says a word. Up to `backlog` + 1 connects complete into its accept
 // queue; once Fill() has taken every place, the kernel drops further SYNs, so a connect hangs
-// as to a host behind a firewall.
+// as to a host behind a firewall. Take a backlog of at least 1: with 0, Linux completes even the
+// first connect only when it sends SYN cookies (net.ipv4.tcp_syncookies).
 class SilentListener {
  public:
   explicit SilentListener(int backlog);
@@ -70,7 +71,8 @@ class SilentListener {
 
   // 0 when it could not listen (the test has failed).
   int port() const { return port_; }
-  // Connects until the accept queue is full (blocking connects this object keeps open).
+  // Connects until the accept queue is full (connections this object keeps open); a connect
+  // that does not complete within 5 s fails the test.
   void Fill();
 
  private:
