@@ -356,6 +356,12 @@ absl::Status ValidateDatabaseUrl(absl::string_view url) {
         return absl::InvalidArgumentError(
             "sslmode is not one of disable, allow, prefer, require, verify-ca, verify-full");
       }
+    } else if (keyword == "service") {
+      // libpq reads a named service only when it connects, so the server could not look its
+      // hosts up within a call's deadline, and one hung name server would hang connects.
+      return absl::InvalidArgumentError(
+          "service= is not taken: name the hosts in the URL, or set PGSERVICE, whose hosts the "
+          "server looks up within each call's deadline");
     } else if (keyword == "connect_timeout") {
       if (!ParseInteger(value, 0, 3600).ok()) {
         return absl::InvalidArgumentError("connect_timeout is not a number of seconds (0..3600)");

@@ -108,6 +108,18 @@ TEST(DatabaseUrlTest, RejectsMalformedUrls) {
   EXPECT_FALSE(ValidateDatabaseUrl("postgres://h:99999999999/db?sslmode=bogus").ok());
 }
 
+// A service named in the URL is read by libpq alone, at connect time, with its unbounded name
+// lookup: refused at start-up, with the way out.
+TEST(DatabaseUrlTest, RefusesANamedService) {
+  for (const char* url : {"postgres:///db?service=ledger", "postgres://h:5432/db?service=ledger",
+                          "postgres://h/db?sslmode=disable&%73ervice=ledger"}) {
+    const absl::Status status = ValidateDatabaseUrl(url);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << url;
+    EXPECT_THAT(status.message(), HasSubstr("service=")) << url;
+    EXPECT_THAT(status.message(), HasSubstr("PGSERVICE")) << url;
+  }
+}
+
 // Start-up errors end up in logs; a mistyped URL must not put its password there.
 TEST(DatabaseUrlTest, ErrorsDoNotQuoteTheUrl) {
   // libpq's own parse error quotes the bad token, here the password.
