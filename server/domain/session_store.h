@@ -50,6 +50,13 @@ struct SessionLookup {
 // not all, took the write: the end then holds where it landed.
 inline constexpr char kPartialWritePayload[] = "sessionledger.dev/partial-write";
 
+// The words for callers (ForCallers) of the INVALID_ARGUMENT a store answers when the backing
+// store refused a write as larger than it takes in one item (memcached -I below what
+// MAX_SESSION_ATTRIBUTES_BYTES allows). They name the session's attributes; SessionService
+// names the user when the item was the user's session index.
+inline constexpr char kSessionTooLargeForAnItem[] =
+    "attributes: the session is larger than the session store takes in one item";
+
 struct IndexRecord {
   storage::v1::UserSessionIndex index;
   // Absent when the user has no index yet (write it with `cas` = nullopt to create it).

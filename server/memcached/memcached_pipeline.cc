@@ -22,6 +22,7 @@
 #include "server/common/notification.h"
 #include "server/common/thread_name.h"
 #include "server/domain/caller_message.h"
+#include "server/domain/session_store.h"
 
 namespace sessionledger {
 

@@ -25,12 +25,6 @@
 
 namespace sessionledger {
 
-// What a caller reads when Memcached refuses a session as larger than its item size limit
-// (memcached -I): only a session within MAX_SESSION_ATTRIBUTES_BYTES gets that far, so the
-// node's limit is set below what the service allows.
-inline constexpr char kSessionTooLargeForAnItem[] =
-    "attributes: the session is larger than the session store takes in one item";
-
 // One value of a multi-get and its CAS unique.
 struct MemcachedItem {
   std::string value;

@@ -8,6 +8,7 @@
 #include "server/common/clock.h"
 #include "server/common/status_macros.h"
 #include "server/domain/caller_message.h"
+#include "server/domain/session_store.h"
 
 namespace sessionledger {
 namespace {

@@ -312,7 +312,7 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
   }
   if (IsRetryableTransactionFailure(last)) {
     return absl::AbortedError(
-        "postgres: the transaction kept conflicting with concurrent ones; retry the call");
+        "request: the transaction kept conflicting with concurrent ones; retry the call");
   }
   return last;
 }
@@ -372,7 +372,8 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyAlone(const MoneyMovement& m, ab
     absl::StatusOr<Transaction> result = ApplyOnce(m, deadline, &key_race);
     if (!key_race) return result;
     if (attempt + 1 >= kMaxAttempts) {
-      return absl::AbortedError("postgres: the idempotency key kept racing; retry the call");
+      return absl::AbortedError(
+          "idempotency_key: kept racing with another call that uses it; retry the call");
     }
   }
 }

@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/domain/caller_message.h"
 
 namespace sessionledger {
 namespace {
@@ -35,7 +36,10 @@ absl::Status StatusFromResult(const PGresult* result) {
   if (sqlstate == "40001" || sqlstate == "40P01") {
     status = absl::AbortedError(message);
   } else if (absl::StartsWith(sqlstate, "23")) {
-    status = absl::FailedPreconditionError(message);
+    // The domain's rules run first, so a constraint of the schema refusing a change is its
+    // backstop; PostgreSQL's words name tables, columns and values, for the log only.
+    status = ForCallers(absl::StatusCode::kFailedPrecondition, kRefusedByAConstraint,
+                        absl::FailedPreconditionError(message));
   } else if (sqlstate == "57014" || absl::StartsWith(sqlstate, "08") || sqlstate == "57P01" ||
              sqlstate == "57P02" || sqlstate == "57P03" || sqlstate == "57P05" ||
              absl::StartsWith(sqlstate, "53") || sqlstate == "25006" || sqlstate == "55P03" ||

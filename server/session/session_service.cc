@@ -115,6 +115,17 @@ absl::Status EndedOnEveryCopy(absl::string_view field, const absl::Status& writt
                     written);
 }
 
+// A write of the user's session index that failed: the store's words for an item too large
+// name the session's attributes, but here the index is the item, which grows with the user's
+// sessions.
+absl::Status IndexWriteFailure(const absl::Status& written) {
+  if (CallerMessage(written) != kSessionTooLargeForAnItem) return written;
+  return ForCallers(absl::StatusCode::kResourceExhausted,
+                    "user_id: the user's session index is larger than the session store takes in "
+                    "one item; delete or revoke some sessions first",
+                    written);
+}
+
 // A share of the bytes all listings may hold at once, given back when the listing is done.
 class ListingBudget {
  public:
@@ -287,10 +298,10 @@ absl::StatusOr<absl::Time> SessionService::AddToIndex(absl::string_view user_tag
     const absl::Status written =
         store_->WriteIndex(user_tag, record.cas, write.index, write.ttl, deadline);
     if (written.ok()) return now;
-    if (!absl::IsAborted(written)) return written;
+    if (!absl::IsAborted(written)) return IndexWriteFailure(written);
     if (!backoff.Wait()) {
       return ForCallers(absl::StatusCode::kUnavailable,
-                        "session index of this user is too busy; retry");
+                        "user_id: the user's session index is too busy; retry");
     }
   }
 }
@@ -425,7 +436,7 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
             FinishCreateBlocking(created, std::nullopt, now, deadline, std::move(join->done),
                                  /*added=*/true);
           } else if (!join->written.ok()) {
-            std::move(join->done)(join->written);
+            std::move(join->done)(IndexWriteFailure(join->written));
           } else {
             std::move(join->done)(std::move(created->view));
           }

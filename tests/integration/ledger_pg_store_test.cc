@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -22,6 +23,7 @@
 #include "server/common/logger.h"
 #include "server/common/notification.h"
 #include "server/common/status_macros.h"
+#include "server/domain/caller_message.h"
 #include "server/ledger/fake_token_authenticator.h"
 #include "server/ledger/ledger_service.h"
 #include "server/postgres/migrations.h"
@@ -685,6 +687,22 @@ TEST_F(LedgerPgStoreTest, DatabaseTroubleIsUnavailable) {
   EXPECT_EQ(SqlStateOf(locked.status()), "55P03");
   EXPECT_FALSE(NeedsFreshConnection(locked.status()));
   ASSERT_TRUE(holder->ExecSimple("ROLLBACK", Soon()).ok());
+}
+
+// A constraint of the schema is the domain rules' backstop. What PostgreSQL says of it names
+// tables, columns and values: the log reads it, the caller gets words of its own.
+TEST_F(LedgerPgStoreTest, AConstraintsWordsAreForTheLog) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  absl::StatusOr<PgConnection> conn = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(conn.ok()) << conn.status();
+  absl::StatusOr<PgResultPtr> negative = conn->Exec(
+      "UPDATE accounts SET balance_minor = -1 WHERE account_id = $1::uuid", {a.account_id}, Soon());
+  EXPECT_EQ(negative.status().code(), absl::StatusCode::kFailedPrecondition) << negative.status();
+  EXPECT_EQ(SqlStateOf(negative.status()), "23514");
+  EXPECT_EQ(CallerMessage(negative.status()).value_or(""), kRefusedByAConstraint);
+  EXPECT_TRUE(absl::StrContains(negative.status().message(), "accounts")) << negative.status();
+  EXPECT_EQ(Balance(alice, a.account_id), 0);
 }
 
 TEST_F(LedgerPgBatchTest, EachMovementOfABatchGetsTheSinglePathsAnswer) {

@@ -34,6 +34,7 @@
 #include "server/common/notification.h"
 #include "server/config/config.h"
 #include "server/domain/caller_message.h"
+#include "server/domain/session_store.h"
 #include "server/memcached/memcached_pipeline.h"
 #include "server/memcached/memcached_pool.h"
 #include "tests/support/memcached_pipeline_test_support.h"

@@ -23,6 +23,7 @@
 #include "gtest/gtest.h"
 #include "server/common/blocking_executor.h"
 #include "server/common/status_macros.h"
+#include "server/domain/caller_message.h"
 #include "server/session/token.h"
 #include "tests/unit/fake_session_store.h"
 
@@ -1397,6 +1398,30 @@ TEST_P(CreateAsyncTest, IndexThatKeepsConflictingIsUnavailableLikeCreate) {
   EXPECT_TRUE(ListedIds("alice").empty());
   EXPECT_EQ(got, service_->Create("alice", 0, {}, Deadline()).status());
   EXPECT_EQ(store_->Count(Op::kWriteIndex), 10);
+  EXPECT_THAT(CallerMessage(got).value_or(""), ::testing::StartsWith("user_id: "));
+}
+
+// The store's words for an item too large name the session's attributes; when the item was the
+// user's session index, which grows with the user's sessions, the caller reads of the user.
+TEST_P(CreateAsyncTest, AnIndexTooLargeForAnItemNamesTheUser) {
+  const absl::Status too_large =
+      ForCallers(absl::StatusCode::kInvalidArgument, kSessionTooLargeForAnItem,
+                 absl::UnavailableError("memcached 10.0.0.9:11211: SERVER_ERROR object too large"));
+  store_->set_inject([&too_large](Op op) {
+    return op == Op::kWriteIndexAsync || op == Op::kWriteIndex ? too_large : absl::OkStatus();
+  });
+  for (const absl::Status& got :
+       {CreateAsync("alice").status(), service_->Create("alice", 0, {}, Deadline()).status()}) {
+    EXPECT_EQ(got.code(), absl::StatusCode::kResourceExhausted) << got;
+    EXPECT_THAT(CallerMessage(got).value_or(""), ::testing::StartsWith("user_id: "));
+    EXPECT_THAT(std::string(got.message()), HasSubstr("10.0.0.9")) << "the cause, for the log";
+  }
+  // The session itself too large keeps the store's words.
+  store_->set_inject(
+      [&too_large](Op op) { return op == Op::kAddAsync ? too_large : absl::OkStatus(); });
+  const absl::Status added = CreateAsync("bob").status();
+  EXPECT_EQ(added.code(), absl::StatusCode::kInvalidArgument) << added;
+  EXPECT_EQ(CallerMessage(added).value_or(""), kSessionTooLargeForAnItem);
 }
 
 TEST_P(CreateAsyncTest, StoreFailuresOfEachStepReachDone) {
