@@ -97,9 +97,9 @@ class PgHostResolver {
 // What the conninfo leaves out comes from where libpq would take it: the service PGSERVICE
 // names, then PGHOST, PGHOSTADDR and PGPORT. A conninfo that names a service itself, and leaves
 // host, hostaddr or port to it, is left to libpq (and its unbounded lookup): libpq offers no way
-// to read a service's settings short of connecting. DATABASE_URL cannot name one
-// (ValidateDatabaseUrl refuses it). A conninfo libpq cannot parse, or whose
-// lists do not match up, is passed on unchanged, so libpq reports the error as before.
+// to read a service's settings short of connecting; DATABASE_URL cannot name one
+// (ValidateDatabaseUrl refuses it). A conninfo libpq cannot parse, or whose lists do not match
+// up, is passed on unchanged, so libpq reports the error as before.
 class PgConnectTarget {
  public:
   explicit PgConnectTarget(std::string conninfo);

@@ -30,6 +30,7 @@ inline constexpr char kSqlStatePayload[] = "sessionledger/sqlstate";
 // What a caller reads when a constraint of the schema (SQLSTATE class 23) refused a change.
 inline constexpr char kRefusedByAConstraint[] =
     "request: refused by a rule of the ledger's records; nothing was changed";
+
 // The SQLSTATE attached to `status`, or "" when there is none.
 std::string SqlStateOf(const absl::Status& status);
 // True for SQLSTATE 40001 (serialization_failure) and 40P01 (deadlock_detected): the
