@@ -80,6 +80,10 @@ TEST(CliChannelTest, ServiceConfigIsValidAndRetriesOnlyIdempotentMethods) {
   }
   // The validator passes fields gRPC does not know, and gRPC ignores them: a misspelt
   // "retry_policy" would turn every retry off without a word. So the policy is read back by name.
+  // Not under ThreadSanitizer: there protobuf's MapFieldBase has two more fields (map_field.h),
+  // so code built with it misreads the map fields of Struct, which Debian's libprotobuf built
+  // without them (a crash inside Map::at).
+#if !defined(__SANITIZE_THREAD__)
   google::protobuf::Struct parsed;
   ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(config, &parsed).ok());
   const auto& method_configs = parsed.fields().at("methodConfig").list_value();
@@ -94,6 +98,7 @@ TEST(CliChannelTest, ServiceConfigIsValidAndRetriesOnlyIdempotentMethods) {
   for (const char* field : {"initialBackoff", "maxBackoff", "backoffMultiplier"}) {
     EXPECT_EQ(policy.count(field), 1u) << field;
   }
+#endif
 }
 
 TEST(CliChannelTest, CredentialsReportUnreadableFiles) {
