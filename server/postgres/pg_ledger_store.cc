@@ -15,9 +15,6 @@
 namespace sessionledger {
 namespace {
 
-// Serialization/deadlock retries, and key-race re-runs, per call.
-constexpr int kMaxAttempts = 5;
-
 // A movement with less time left than this does not join a batch (it runs alone): the batch's
 // statement_timeout comes from its earliest deadline, and one hurried caller should not cut
 // the budget of the others.
@@ -269,7 +266,7 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
                                                absl::Time deadline) {
   absl::Status last;
   bool retried_connection = false;
-  for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
+  for (int attempt = 0; attempt < max_attempts_; ++attempt) {
     // Back off here, after the previous attempt's lease went back to the pool, so a sleeping
     // retry never holds a connection that another call could use.
     if (IsRetryableTransactionFailure(last)) Backoff(attempt, deadline);
@@ -371,7 +368,7 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyAlone(const MoneyMovement& m, ab
     bool key_race = false;
     absl::StatusOr<Transaction> result = ApplyOnce(m, deadline, &key_race);
     if (!key_race) return result;
-    if (attempt + 1 >= kMaxAttempts) {
+    if (attempt + 1 >= max_attempts_) {
       return absl::AbortedError(
           "idempotency_key: kept racing with another call that uses it; retry the call");
     }
@@ -404,7 +401,8 @@ PgLedgerStore::PgLedgerStore(PgPool& pool, PgLedgerStoreOptions options)
                                                       : std::max(1, pool.size())),
       parallel_threshold_(options.parallel_batch_threshold > 0 ? options.parallel_batch_threshold
                                                                : std::max(1, max_batch_ / 2)),
-      eager_leaders_(std::min(max_leaders_, std::max(1, options.eager_batches))) {}
+      eager_leaders_(std::min(max_leaders_, std::max(1, options.eager_batches))),
+      max_attempts_(std::max(1, options.max_attempts)) {}
 
 int PgLedgerStore::queued_movements() const {
   std::lock_guard<std::mutex> lock(batch_mutex_);

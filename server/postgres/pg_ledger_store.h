@@ -25,6 +25,10 @@ struct PgLedgerStoreOptions {
   // Beyond eager_batches, a batch starts only once this many movements wait; 0 = half of
   // max_batch.
   int parallel_batch_threshold = 0;
+  // Runs of a statement that lost to a concurrent transaction (40001/40P01), and of a
+  // movement whose idempotency key raced with another call's, before the call is ABORTED
+  // (unless its deadline comes first, which makes it UNAVAILABLE).
+  int max_attempts = 5;
 };
 
 // LedgerStore on PostgreSQL (schema: server/postgres/migrations.inc).
@@ -89,7 +93,8 @@ struct PgLedgerStoreOptions {
 // transaction ends at its Sync, so any server connection can serve any call.
 //
 // Thread-safe (connections come from the PgPool). Serialization failures and deadlocks
-// (40001/40P01) are retried a bounded number of times, then ABORTED.
+// (40001/40P01) are retried up to max_attempts runs in all, then ABORTED (UNAVAILABLE if the
+// deadline comes first).
 class PgLedgerStore final : public LedgerStore {
  public:
   explicit PgLedgerStore(PgPool& pool, PgLedgerStoreOptions options = {});
@@ -144,6 +149,7 @@ class PgLedgerStore final : public LedgerStore {
   const int max_leaders_;
   const int parallel_threshold_;
   const int eager_leaders_;
+  const int max_attempts_;
   std::atomic<int64_t> retries_{0};
   std::atomic<int64_t> batches_{0};
   std::atomic<int64_t> batched_movements_{0};

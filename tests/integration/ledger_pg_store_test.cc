@@ -705,6 +705,69 @@ TEST_F(LedgerPgStoreTest, AConstraintsWordsAreForTheLog) {
   EXPECT_EQ(Balance(alice, a.account_id), 0);
 }
 
+// A transaction that loses to concurrent ones (40001/40P01) runs again a bounded number of
+// times. When they are used up the call is ABORTED, a conflict the caller may retry; when its
+// deadline comes first, the database was too busy for it: UNAVAILABLE, with PostgreSQL's words
+// for the log. A trigger that always answers 40001 for one owner makes both deterministic.
+TEST_F(LedgerPgStoreTest, AConflictThatNeverResolvesIsAbortedOrUnavailableByItsDeadline) {
+  const std::string owner = absl::StrCat("always-conflicting-", UniqueSuffix());
+  const std::string name = absl::StrCat("test_always_conflicting_", std::random_device{}());
+  absl::StatusOr<PgConnection> admin = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(admin.ok()) << admin.status();
+  // DDL takes no parameters; both names are made here, of digits, letters, '-' and '_'.
+  ASSERT_TRUE(admin
+                  ->ExecSimple(absl::StrCat("CREATE FUNCTION ", name,
+                                            "() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                                            "RAISE EXCEPTION 'a conflict that never resolves' "
+                                            "USING ERRCODE = 'serialization_failure'; END $$"),
+                               Soon())
+                  .ok());
+  ASSERT_TRUE(admin
+                  ->ExecSimple(absl::StrCat("CREATE TRIGGER ", name,
+                                            " BEFORE INSERT ON accounts FOR EACH ROW WHEN "
+                                            "(NEW.owner_user_id = '",
+                                            owner, "') EXECUTE FUNCTION ", name, "()"),
+                               Soon())
+                  .ok());
+  struct DropTrigger {
+    PgConnection& admin;
+    const std::string& name;
+    ~DropTrigger() {
+      EXPECT_TRUE(
+          admin.ExecSimple(absl::StrCat("DROP TRIGGER IF EXISTS ", name, " ON accounts"), Soon())
+              .ok());
+      EXPECT_TRUE(
+          admin.ExecSimple(absl::StrCat("DROP FUNCTION IF EXISTS ", name, "()"), Soon()).ok());
+    }
+  } drop_trigger{*admin, name};
+
+  const int64_t retries_before = store_.retries();
+  absl::StatusOr<Account> aborted = store_.CreateAccount(owner, "EUR", Soon());
+  EXPECT_EQ(aborted.status().code(), absl::StatusCode::kAborted) << aborted.status();
+  EXPECT_TRUE(absl::StartsWith(aborted.status().message(), "request: ")) << aborted.status();
+  EXPECT_EQ(store_.retries() - retries_before, 5) << "the default is five runs";
+
+  // So many runs allowed that the deadline ends them: each one after the first waits up to
+  // 2-32 ms first, so 300 ms cannot hold the 1,000,000.
+  PgLedgerStoreOptions patient;
+  patient.max_attempts = 1000000;
+  PgLedgerStore patient_store(pool_, patient);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Account> unavailable =
+      patient_store.CreateAccount(owner, "EUR", start + absl::Milliseconds(300));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(unavailable.status().code(), absl::StatusCode::kUnavailable) << unavailable.status();
+  // Between two runs it says so, with the last conflict's words; during one, the run's own
+  // timeout speaks. Either is for the log only.
+  EXPECT_TRUE(absl::StartsWith(unavailable.status().message(), "postgres: "))
+      << unavailable.status();
+  EXPECT_FALSE(CallerMessage(unavailable.status()).has_value())
+      << "PostgreSQL's words are not for callers";
+  EXPECT_GT(patient_store.retries(), 5);
+  // Ends at its deadline, not later; the slack absorbs sanitized builds on a loaded machine.
+  EXPECT_LE(took, absl::Milliseconds(800));
+}
+
 TEST_F(LedgerPgBatchTest, EachMovementOfABatchGetsTheSinglePathsAnswer) {
   const std::string alice = NewUser("alice");
   const std::string bob = NewUser("bob");
