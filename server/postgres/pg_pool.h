@@ -47,8 +47,9 @@ struct PgStatement {
 };
 
 // One libpq connection, move-only, closed on destruction. Every call takes a deadline and
-// never blocks past it: libpq is driven in non-blocking mode with poll(2), and a statement still
-// running at the deadline is cancelled and the connection marked broken.
+// never blocks past it: libpq is driven in non-blocking mode with poll(2), and at the deadline
+// the connection is closed and marked broken (no cancel request: PostgreSQL runs the statement
+// on until its statement_timeout, which the ledger sets before every statement).
 // Not thread-safe: one thread uses a connection at a time (the pool guarantees that).
 class PgConnection {
  public:

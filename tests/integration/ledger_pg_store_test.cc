@@ -329,6 +329,61 @@ TEST_F(LedgerPgStoreTest, PaginationUnderConcurrentInsertsIsExactlyOnce) {
   for (const std::string& id : before) EXPECT_EQ(seen.count(id), 1u) << id;
 }
 
+// An account's history is newest first, and its times say so too: a transfer that waited for
+// a lock while a deposit into the same account committed is newer than the deposit, though its
+// database transaction began first.
+TEST_F(LedgerPgStoreTest, HistoryTimesNeverGoBackwards) {
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  // The transfer locks its accounts in account_id order: held at the first, it has locked
+  // nothing yet, and a deposit into the second goes through meanwhile.
+  const Account& first = a.account_id < b.account_id ? a : b;
+  const Account& second = a.account_id < b.account_id ? b : a;
+  ASSERT_TRUE(ledger_.Deposit(alice, {first.account_id, 10, "fund"}, Soon()).ok());
+  absl::StatusOr<PgConnection> holder = LockAccountRow(first.account_id);
+  ASSERT_TRUE(holder.ok()) << holder.status();
+  absl::StatusOr<PgResultPtr> holder_pid = holder->ExecSimple("SELECT pg_backend_pid()", Soon());
+  ASSERT_TRUE(holder_pid.ok()) << holder_pid.status();
+  const std::string pid = PQgetvalue(holder_pid->get(), 0, 0);
+
+  absl::StatusOr<PgConnection> watcher = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(watcher.ok()) << watcher.status();
+
+  absl::StatusOr<Transaction> transfer = absl::UnknownError("not run");
+  std::thread waiting_transfer([&] {
+    transfer = ledger_.Transfer(alice, {first.account_id, second.account_id, 5, "waits"}, Soon());
+  });
+  bool blocked = false;
+  for (int i = 0; i < 500 && !blocked; ++i) {
+    absl::StatusOr<PgResultPtr> r = watcher->Exec(
+        "SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))", {pid},
+        Soon());
+    if (!r.ok()) {
+      ADD_FAILURE() << r.status();
+      break;
+    }
+    blocked = std::string(PQgetvalue(r->get(), 0, 0)) != "0";
+    if (!blocked) absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_TRUE(blocked) << "the transfer never waited for the held row";
+  const absl::StatusOr<Transaction> deposit =
+      ledger_.Deposit(alice, {second.account_id, 7, "meanwhile"}, Soon());
+  EXPECT_TRUE(deposit.ok()) << deposit.status();
+  EXPECT_TRUE(holder->ExecSimple("ROLLBACK", Soon()).ok());
+  waiting_transfer.join();
+  ASSERT_TRUE(transfer.ok()) << transfer.status();
+
+  absl::StatusOr<ListResult> history =
+      ledger_.ListTransactions(alice, {second.account_id, 10, ""}, Soon());
+  ASSERT_TRUE(history.ok()) << history.status();
+  ASSERT_EQ(history->transactions.size(), 2u);
+  EXPECT_EQ(history->transactions[0].transaction_id, transfer->transaction_id);
+  EXPECT_EQ(history->transactions[1].transaction_id, deposit->transaction_id);
+  EXPECT_GE(history->transactions[0].created_at, history->transactions[1].created_at)
+      << "the transfer carries a time from before the deposit it follows";
+}
+
 TEST_F(LedgerPgStoreTest, SlowPostgresGivesUnavailableWithinTheDeadline) {
   const std::string alice = NewUser("alice");
   const Account a = Open(alice);
