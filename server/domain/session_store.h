@@ -46,6 +46,13 @@ struct SessionLookup {
   bool every_copy_answered = true;
 };
 
+// What AdvanceGeneration did: the highest generation the copies held (0: none), and the one it
+// raised them to. Sessions stamped from `found` up to below `raised_to` are the ones it ended.
+struct GenerationAdvance {
+  uint64_t found = 0;
+  uint64_t raised_to = 0;
+};
+
 // The payload key of an UNAVAILABLE that Put or AdvanceGeneration answer when some copies, but
 // not all, took the write: the end then holds where it landed.
 inline constexpr char kPartialWritePayload[] = "sessionledger.dev/partial-write";
@@ -143,12 +150,14 @@ class SessionStore {
   virtual absl::StatusOr<uint64_t> ReadGeneration(absl::string_view user_tag,
                                                   absl::Duration keep_for, absl::Time deadline) = 0;
 
-  // Raises the user's generation to one above the highest stored value and returns it; every
-  // session created before is revoked from then on. Kept for `keep_for`. As for Put, OK only
-  // when every copy took it; UNAVAILABLE otherwise, the revocation holding where it did.
-  virtual absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view user_tag,
-                                                     absl::Duration keep_for,
-                                                     absl::Time deadline) = 0;
+  // Raises the user's generation to one above the highest stored value, or to `at_least` if
+  // that is higher; every session created before is revoked from then on. Kept for `keep_for`.
+  // As for Put, OK only when every copy took it; UNAVAILABLE otherwise, the revocation holding
+  // where it did.
+  virtual absl::StatusOr<GenerationAdvance> AdvanceGeneration(absl::string_view user_tag,
+                                                              uint64_t at_least,
+                                                              absl::Duration keep_for,
+                                                              absl::Time deadline) = 0;
 
   virtual absl::StatusOr<IndexRecord> ReadIndex(absl::string_view user_tag,
                                                 absl::Time deadline) = 0;

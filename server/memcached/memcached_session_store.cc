@@ -1061,17 +1061,18 @@ absl::StatusOr<uint64_t> MemcachedSessionStore::ReadGeneration(absl::string_view
   return KeepGeneration(conn, gkey, reads, expiration);
 }
 
-absl::StatusOr<uint64_t> MemcachedSessionStore::AdvanceGeneration(absl::string_view user_tag,
-                                                                  absl::Duration keep_for,
-                                                                  absl::Time deadline) {
+absl::StatusOr<GenerationAdvance> MemcachedSessionStore::AdvanceGeneration(
+    absl::string_view user_tag, uint64_t at_least, absl::Duration keep_for, absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(keep_for));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string gkey = GenerationKeyName(user_tag);
   SL_ASSIGN_OR_RETURN(CopyReads reads, ReadEveryCopy(conn, {gkey}));
-  const uint64_t target = HighestGeneration(gkey, reads) + 1;
+  GenerationAdvance advance;
+  advance.found = HighestGeneration(gkey, reads);
+  advance.raised_to = std::max(advance.found + 1, at_least);
   int raised = 0;
   for (int c = 0; c < conn.copies(); ++c) {
-    if (conn.RaiseGeneration(c, gkey, target, expiration)) ++raised;
+    if (conn.RaiseGeneration(c, gkey, advance.raised_to, expiration)) ++raised;
   }
   if (raised < conn.copies()) {
     absl::Status failed = absl::UnavailableError(absl::StrCat(
@@ -1079,7 +1080,7 @@ absl::StatusOr<uint64_t> MemcachedSessionStore::AdvanceGeneration(absl::string_v
     if (raised > 0) failed.SetPayload(kPartialWritePayload, absl::Cord("1"));
     return failed;
   }
-  return target;
+  return advance;
 }
 
 absl::StatusOr<IndexRecord> MemcachedSessionStore::ReadIndex(absl::string_view user_tag,

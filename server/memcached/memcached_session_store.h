@@ -88,8 +88,9 @@ class MemcachedSessionStore final : public SessionStore {
   absl::Status Remove(const SessionKey& key, absl::Time deadline) override;
   absl::StatusOr<uint64_t> ReadGeneration(absl::string_view user_tag, absl::Duration keep_for,
                                           absl::Time deadline) override;
-  absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view user_tag, absl::Duration keep_for,
-                                             absl::Time deadline) override;
+  absl::StatusOr<GenerationAdvance> AdvanceGeneration(absl::string_view user_tag, uint64_t at_least,
+                                                      absl::Duration keep_for,
+                                                      absl::Time deadline) override;
   absl::StatusOr<IndexRecord> ReadIndex(absl::string_view user_tag, absl::Time deadline) override;
   // One multi-get per copy for both keys (they share the user's group key, so one node).
   absl::StatusOr<UserState> ReadUserState(absl::string_view user_tag,

@@ -876,15 +876,20 @@ absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::
   // Advancing the generation is what ends the sessions everywhere at once, so it comes first:
   // the count reads every session of the user, and when that read failed (a slow node, a large
   // index, the deadline) nothing used to be revoked. Counted afterwards, the sessions ended are
-  // those of the generations before the new one.
-  SL_ASSIGN_OR_RETURN(const uint64_t before,
-                      store_->ReadGeneration(tag, GenerationKeepFor(), deadline));
-  absl::StatusOr<uint64_t> advanced_or =
-      store_->AdvanceGeneration(tag, GenerationKeepFor(), deadline);
-  if (!advanced_or.ok()) return EndedOnEveryCopy("user_id", advanced_or.status());
-  const uint64_t advanced = *advanced_or;
+  // those stamped from the generation it found up to below the new one, so a revocation that
+  // overlaps another does not count the other's sessions again.
+  //
+  // The new generation is at least the time now, in microseconds. memcached may evict the small
+  // generation item (its slab class fills on its own) while the user's sessions live on; one
+  // above the highest stored value would then start again from 1 and reuse a generation that
+  // sessions already carry, which would leave them live. A time never repeats (as long as the
+  // replicas' clocks agree to within the time between two revocations of one user).
+  const uint64_t now_micros = static_cast<uint64_t>(std::max<int64_t>(0, ToMicros(clock_.Now())));
+  absl::StatusOr<GenerationAdvance> advanced =
+      store_->AdvanceGeneration(tag, now_micros, GenerationKeepFor(), deadline);
+  if (!advanced.ok()) return EndedOnEveryCopy("user_id", advanced.status());
   absl::StatusOr<std::vector<StoredSession>> live =
-      LiveSessions(user_id, tag, before, Attributes::kDrop, deadline);
+      LiveSessions(user_id, tag, advanced->found, Attributes::kDrop, deadline);
   if (!live.ok()) {
     return ForCallers(live.status().code(),
                       "user_id: every session was revoked, but counting them failed (a retry "
@@ -893,7 +898,7 @@ absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::
   }
   int64_t ended = 0;
   for (const StoredSession& s : *live) {
-    if (s.user_generation() >= advanced) continue;  // Created after the revocation.
+    if (s.user_generation() >= advanced->raised_to) continue;  // Created after the revocation.
     ++ended;
     // Freeing the memory is best effort: the generation already makes these sessions dead.
     (void)store_->Remove(SessionKey{s.token_hash(), tag}, deadline);

@@ -214,10 +214,11 @@ class FuzzedSessionStore final : public SessionStore {
     SL_RETURN_IF_ERROR(CheckTtl(keep_for));
     return state_.generation;
   }
-  absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view, absl::Duration keep_for,
-                                             absl::Time) override {
+  absl::StatusOr<GenerationAdvance> AdvanceGeneration(absl::string_view, uint64_t at_least,
+                                                      absl::Duration keep_for,
+                                                      absl::Time) override {
     SL_RETURN_IF_ERROR(CheckTtl(keep_for));
-    return state_.generation + 1;
+    return GenerationAdvance{state_.generation, std::max(state_.generation + 1, at_least)};
   }
   absl::StatusOr<IndexRecord> ReadIndex(absl::string_view, absl::Time) override {
     IndexRecord record;

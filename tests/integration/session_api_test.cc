@@ -247,6 +247,33 @@ TEST_F(SessionApiTest, ListAndRevokeAll) {
   EXPECT_EQ(list.sessions(0).session_id(), after.session_id());
 }
 
+// memcached may evict a user's generation item (a small item, in a slab class that can fill up
+// on its own) while the user's sessions live on. A revocation after that still ends them all.
+TEST_F(SessionApiTest, ARevocationAfterTheGenerationWasEvictedEndsEverySession) {
+  const std::string user = UniqueUser("ivy");
+  client_->MustCreate(user);
+  v1::RevokeUserSessionsResponse revoked;
+  ASSERT_TRUE(client_->Revoke(user, &revoked).ok());
+  ASSERT_EQ(revoked.revoked(), 1);
+  v1::Session after_first = client_->MustCreate(user);
+  // The user tag is the first 16 bytes of the user id's SHA-256 (server/session/token.h).
+  const std::string generation_key = "sl:v1:g:" + Sha256Hex(user).substr(0, 32);
+  bool evicted = false;
+  for (int node : {1, 2}) {
+    // "get" after the delete ends the reply with the END that MemcachedText waits for.
+    const std::string reply = MemcachedText(
+        MemcachedPort(node), "delete " + generation_key + "\r\nget " + generation_key);
+    evicted = evicted || absl::StartsWith(reply, "DELETED");
+  }
+  ASSERT_TRUE(evicted) << "no node held " << generation_key;
+
+  revoked.Clear();
+  ASSERT_TRUE(client_->Revoke(user, &revoked).ok());
+  EXPECT_EQ(revoked.revoked(), 1);
+  EXPECT_EQ(client_->GetCode(after_first.token()), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(client_->GetCode(client_->MustCreate(user).token()), grpc::StatusCode::OK);
+}
+
 // A user's sessions are read in batches of 64 (see SessionService::LiveSessions): listing and
 // revoking a user with more than two batches, dead sessions among them, over real memcached.
 TEST_F(SessionApiTest, ListAndRevokeAcrossReadBatches) {

@@ -175,7 +175,8 @@ TEST_P(LookupAsyncTest, AnswersWhatLookupAnswers) {
   EXPECT_FALSE(missing->record.has_value());
 
   ASSERT_TRUE(store_->Add(key, Session("a", 1), absl::Seconds(60), Deadline()).ok());
-  ASSERT_EQ(*store_->AdvanceGeneration(key.user_tag, absl::Seconds(60), Deadline()), 1u);
+  ASSERT_EQ(store_->AdvanceGeneration(key.user_tag, 0, absl::Seconds(60), Deadline())->raised_to,
+            1u);
   absl::StatusOr<SessionLookup> sync = store_->Lookup(key, Deadline());
   absl::StatusOr<SessionLookup> async = LookupAsync(key);
   ASSERT_TRUE(sync.ok() && async.ok());
@@ -237,7 +238,8 @@ TEST_P(LookupAsyncTest, SeesARevocationOnlyOneCopyHolds) {
     const SessionKey key = Key(absl::StrCat("revoked", node));
     const std::string gkey = MemcachedSessionStore::GenerationKeyName(key.user_tag);
     ASSERT_TRUE(store_->Add(key, Session("g", 1), absl::Seconds(60), Deadline()).ok());
-    ASSERT_EQ(*store_->AdvanceGeneration(key.user_tag, absl::Seconds(60), Deadline()), 1u);
+    ASSERT_EQ(store_->AdvanceGeneration(key.user_tag, 0, absl::Seconds(60), Deadline())->raised_to,
+              1u);
     ASSERT_TRUE(MemcachedSetRaw(node, gkey, "", -1));  // Expired at once: gone.
     ASSERT_FALSE(MemcachedHas(node, gkey));
     absl::StatusOr<SessionLookup> got = LookupAsync(key);
@@ -586,7 +588,7 @@ TEST_P(CreateStepsAsyncTest, RevokedUserAndLostIndexCopyAreReadLikeTheBlockingFo
 
     // Revoked: the generation is read and kept for the 60 s asked, not the 1 s it was written
     // with (memcached would drop that within 1 + 2 s: MemcachedExptime).
-    ASSERT_EQ(*store_->AdvanceGeneration(tag, absl::Seconds(1), Deadline()), 1u);
+    ASSERT_EQ(store_->AdvanceGeneration(tag, 0, absl::Seconds(1), Deadline())->raised_to, 1u);
     read = ReadUserStateAsync(tag);
     ASSERT_TRUE(read.ok()) << read.status();
     EXPECT_EQ(read->generation, 1u);
@@ -1056,13 +1058,29 @@ TEST_F(SessionStoreTest, GenerationOnlyGrows) {
   Open("MEMCACHED_URL_REPLICATED");
   const std::string tag = Key("gen").user_tag;
   EXPECT_EQ(*store_->ReadGeneration(tag, absl::Seconds(60), Deadline()), 0u);
-  EXPECT_EQ(*store_->AdvanceGeneration(tag, absl::Seconds(60), Deadline()), 1u);
-  EXPECT_EQ(*store_->AdvanceGeneration(tag, absl::Seconds(60), Deadline()), 2u);
+  EXPECT_EQ(store_->AdvanceGeneration(tag, 0, absl::Seconds(60), Deadline())->raised_to, 1u);
+  EXPECT_EQ(store_->AdvanceGeneration(tag, 0, absl::Seconds(60), Deadline())->raised_to, 2u);
   // A copy that fell behind (here: forced to 0 on node 1) is raised again, never lowered.
   ASSERT_TRUE(MemcachedSetRaw(1, MemcachedSessionStore::GenerationKeyName(tag), "0", 60));
   EXPECT_EQ(*store_->ReadGeneration(tag, absl::Seconds(60), Deadline()), 2u);
   EXPECT_EQ(MemcachedGetValue(1, MemcachedSessionStore::GenerationKeyName(tag)), "2");
-  EXPECT_EQ(*store_->AdvanceGeneration(tag, absl::Seconds(60), Deadline()), 3u);
+  EXPECT_EQ(store_->AdvanceGeneration(tag, 0, absl::Seconds(60), Deadline())->raised_to, 3u);
+  // A floor above the stored value is taken as it is (SessionService passes the time), one
+  // below it is not: each advance still goes one past what it found.
+  absl::StatusOr<GenerationAdvance> to_floor =
+      store_->AdvanceGeneration(tag, 1000, absl::Seconds(60), Deadline());
+  ASSERT_TRUE(to_floor.ok()) << to_floor.status();
+  EXPECT_EQ(to_floor->found, 3u);
+  EXPECT_EQ(to_floor->raised_to, 1000u);
+  absl::StatusOr<GenerationAdvance> past_floor =
+      store_->AdvanceGeneration(tag, 5, absl::Seconds(60), Deadline());
+  ASSERT_TRUE(past_floor.ok()) << past_floor.status();
+  EXPECT_EQ(past_floor->found, 1000u);
+  EXPECT_EQ(past_floor->raised_to, 1001u);
+  for (int node : {1, 2}) {
+    EXPECT_EQ(MemcachedGetValue(node, MemcachedSessionStore::GenerationKeyName(tag)), "1001")
+        << "node " << node;
+  }
 }
 
 // memcached's command counters, summed over both nodes (text-protocol "stats").
@@ -1134,7 +1152,7 @@ TEST_F(SessionStoreTest, UserStateReadsBothKeysAndKeepsOnlyARealGenerationAlive)
   storage::v1::UserSessionIndex index;
   index.add_entries()->set_session_id("s1");
   ASSERT_TRUE(store_->WriteIndex(tag, fresh->index.cas, index, absl::Seconds(60), Deadline()).ok());
-  ASSERT_EQ(*store_->AdvanceGeneration(tag, absl::Seconds(60), Deadline()), 1u);
+  ASSERT_EQ(store_->AdvanceGeneration(tag, 0, absl::Seconds(60), Deadline())->raised_to, 1u);
   before = CommandCounts();
   absl::StatusOr<UserState> revoked = store_->ReadUserState(tag, absl::Seconds(60), Deadline());
   after = CommandCounts();

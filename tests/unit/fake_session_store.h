@@ -71,6 +71,23 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     after_advance_ = std::move(then);
   }
+  // Runs `first` once, right before the next AdvanceGeneration: for another revocation that
+  // gets in ahead of it.
+  void BeforeNextAdvance(std::function<void()> first) {
+    std::lock_guard<std::mutex> l(mu_);
+    before_advance_ = std::move(first);
+  }
+  // As memcached evicting the user's generation item (it sits in a slab class of small items,
+  // which can fill up while the user's sessions live on).
+  void ForgetGeneration(absl::string_view tag) {
+    std::lock_guard<std::mutex> l(mu_);
+    generations_.erase(std::string(tag));
+  }
+  // While set, Remove answers OK but keeps the session (as a delete lost on its way).
+  void set_removes_lost(bool lost) {
+    std::lock_guard<std::mutex> l(mu_);
+    removes_lost_ = lost;
+  }
   void PartlyFailNextAdvance(absl::Status partial) {
     std::lock_guard<std::mutex> l(mu_);
     partial.SetPayload(kPartialWritePayload, absl::Cord("1"));
@@ -202,7 +219,7 @@ class FakeSessionStore final : public SessionStore {
   absl::Status Remove(const SessionKey& key, absl::Time) override {
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
-    sessions_.erase(key.token_hash);
+    if (!removes_lost_) sessions_.erase(key.token_hash);
     return absl::OkStatus();
   }
 
@@ -217,9 +234,17 @@ class FakeSessionStore final : public SessionStore {
     return value;
   }
 
-  absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view tag, absl::Duration keep_for,
-                                             absl::Time deadline) override {
-    absl::StatusOr<uint64_t> advanced = AdvanceGenerationLocked(tag, keep_for, deadline);
+  absl::StatusOr<GenerationAdvance> AdvanceGeneration(absl::string_view tag, uint64_t at_least,
+                                                      absl::Duration keep_for,
+                                                      absl::Time deadline) override {
+    std::function<void()> first;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      first = std::exchange(before_advance_, nullptr);
+    }
+    if (first) first();
+    absl::StatusOr<GenerationAdvance> advanced =
+        AdvanceGenerationLocked(tag, at_least, keep_for, deadline);
     std::function<void()> then;
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -229,16 +254,19 @@ class FakeSessionStore final : public SessionStore {
     return advanced;
   }
 
-  absl::StatusOr<uint64_t> AdvanceGenerationLocked(absl::string_view tag, absl::Duration keep_for,
-                                                   absl::Time) {
+  absl::StatusOr<GenerationAdvance> AdvanceGenerationLocked(absl::string_view tag,
+                                                            uint64_t at_least,
+                                                            absl::Duration keep_for, absl::Time) {
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(keep_for);
     auto* g = Live(generations_, std::string(tag));
-    const uint64_t value = (g == nullptr ? 0 : g->value) + 1;
-    generations_[std::string(tag)] = {value, ++next_cas_, clock_.Now() + keep_for};
+    GenerationAdvance advance;
+    advance.found = g == nullptr ? 0 : g->value;
+    advance.raised_to = std::max(advance.found + 1, at_least);
+    generations_[std::string(tag)] = {advance.raised_to, ++next_cas_, clock_.Now() + keep_for};
     if (!partial_advance_failure_.ok()) return std::exchange(partial_advance_failure_, {});
-    return value;
+    return advance;
   }
 
   absl::StatusOr<IndexRecord> ReadIndex(absl::string_view tag, absl::Time) override {
@@ -312,6 +340,8 @@ class FakeSessionStore final : public SessionStore {
   absl::Status partial_put_failure_;
   absl::Status partial_advance_failure_;
   std::function<void()> after_advance_;
+  std::function<void()> before_advance_;
+  bool removes_lost_ = false;
   bool some_copies_silent_ = false;
   int puts_ = 0;
   absl::Status read_sessions_failure_;

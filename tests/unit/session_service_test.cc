@@ -736,6 +736,37 @@ TEST_F(SessionServiceTest, RevocationHoldsEvenIfTheSessionValueSurvives) {
   EXPECT_TRUE(absl::IsNotFound(Get(a.token).status()));
 }
 
+// memcached may evict the small generation item while the user's sessions live on. The next
+// revocation must not hand out a generation that sessions already carry (one above "none" is
+// the first revocation's generation again), or it would leave them live.
+TEST_F(SessionServiceTest, ARevocationAfterTheGenerationWasEvictedEndsEverySession) {
+  MustCreate("alice");
+  ASSERT_EQ(*service_->Revoke("alice", Deadline()), 1);
+  SessionView after_first = MustCreate("alice");
+  store_->ForgetGeneration(UserTag("alice"));
+  clock_.Advance(absl::Seconds(1));
+  EXPECT_EQ(*service_->Revoke("alice", Deadline()), 1);
+  EXPECT_TRUE(absl::IsNotFound(Get(after_first.token).status()));
+  EXPECT_TRUE(Get(MustCreate("alice").token).ok());
+}
+
+// Two revocations of one user that overlap count each session once: the later one counts from
+// the generation the earlier one set, not from what it read before either advanced.
+TEST_F(SessionServiceTest, OverlappingRevocationsCountEachSessionOnce) {
+  MustCreate("alice");
+  MustCreate("alice");
+  // Deletes lost on their way leave the sessions for the second count to find: only the
+  // generations tell which revocation ended them.
+  store_->set_removes_lost(true);
+  absl::StatusOr<int64_t> overtaking = absl::UnknownError("not run");
+  store_->BeforeNextAdvance([&] { overtaking = service_->Revoke("alice", Deadline()); });
+  absl::StatusOr<int64_t> overtaken = service_->Revoke("alice", Deadline());
+  ASSERT_TRUE(overtaking.ok()) << overtaking.status();
+  ASSERT_TRUE(overtaken.ok()) << overtaken.status();
+  EXPECT_EQ(*overtaking, 2);
+  EXPECT_EQ(*overtaken, 0);
+}
+
 TEST_F(SessionServiceTest, StoreOutageIsUnavailableEverywhere) {
   SessionView v = MustCreate("alice");
   store_->set_unavailable(true);
@@ -941,10 +972,11 @@ class RecordingStore final : public SessionStore {
     SL_RETURN_IF_ERROR(Record(Op::kReadGeneration));
     return fake_->ReadGeneration(user_tag, keep_for, deadline);
   }
-  absl::StatusOr<uint64_t> AdvanceGeneration(absl::string_view user_tag, absl::Duration keep_for,
-                                             absl::Time deadline) override {
+  absl::StatusOr<GenerationAdvance> AdvanceGeneration(absl::string_view user_tag, uint64_t at_least,
+                                                      absl::Duration keep_for,
+                                                      absl::Time deadline) override {
     SL_RETURN_IF_ERROR(Record(Op::kOther));
-    return fake_->AdvanceGeneration(user_tag, keep_for, deadline);
+    return fake_->AdvanceGeneration(user_tag, at_least, keep_for, deadline);
   }
   absl::StatusOr<IndexRecord> ReadIndex(absl::string_view user_tag, absl::Time deadline) override {
     SL_RETURN_IF_ERROR(Record(Op::kReadIndex));
@@ -1297,11 +1329,14 @@ TEST_P(CreateAsyncTest, SessionOfARevokedUserIsLiveUntilTheNextRevoke) {
   const std::string tag = UserTag("alice");
   SessionView old = MustCreate("alice");
   ASSERT_EQ(*service_->Revoke("alice", Deadline()), 1);
-  for (uint64_t generation = 1; generation <= 2; ++generation) {
-    SCOPED_TRACE(absl::StrCat("generation ", generation));
+  uint64_t earlier_generation = 0;
+  for (int revocation = 1; revocation <= 2; ++revocation) {
+    SCOPED_TRACE(absl::StrCat("after revocation ", revocation));
     absl::StatusOr<SessionView> v = CreateAsync("alice");
     ASSERT_TRUE(v.ok()) << v.status();
-    EXPECT_EQ(*fake_->ReadGeneration(tag, absl::Hours(1), Deadline()), generation);
+    const uint64_t generation = *fake_->ReadGeneration(tag, absl::Hours(1), Deadline());
+    EXPECT_GT(generation, earlier_generation);
+    earlier_generation = generation;
     EXPECT_EQ(v->stored.user_generation(), generation);
     EXPECT_TRUE(service_->Get(v->token, false, Deadline()).ok());
     EXPECT_THAT(ListedIds("alice"), UnorderedElementsAre(v->stored.session_id()));
