@@ -564,9 +564,12 @@ SessionService::Edit SessionService::TouchEdit(bool touch) {
     // (now moves by microseconds), so parallel touches of one session (a page's concurrent
     // requests) collided on compare-and-swap, and each loser's re-read wrote again and could
     // collide again; now the loser's re-read finds the winner's slide and is done. memcached
-    // keeps whole seconds anyway.
-    if (slid < s.expires_at_unix_micros() + absl::ToInt64Microseconds(kTouchGranularity))
-      return false;
+    // keeps whole seconds anyway. Half the idle timeout when that is shorter: a second to gain
+    // comes to a one-second session only once it has expired, so no touch could keep it alive.
+    const int64_t least_gain =
+        std::min(absl::ToInt64Microseconds(kTouchGranularity),
+                 std::max<int64_t>(0, s.ttl_seconds()) * (int64_t{1'000'000} / 2));
+    if (slid < s.expires_at_unix_micros() + least_gain) return false;
     s.set_expires_at_unix_micros(slid);
     return true;
   };

@@ -1805,6 +1805,24 @@ TEST_P(ChangeAsyncTest, TouchesWithinASecondOfTheLastSlideWriteNothing) {
   EXPECT_EQ(Writes(), 2);
 }
 
+// A one-second session lives on while touched more often than once a second: a touch slides it
+// once half its idle timeout has passed (a whole second to gain comes only after it expired).
+TEST_P(ChangeAsyncTest, AOneSecondSessionLivesOnWhileTouched) {
+  const SessionView v = MustCreate("alice", 1);
+  for (int touch = 1; touch <= 4; ++touch) {
+    SCOPED_TRACE(absl::StrCat("touch ", touch));
+    clock_.Advance(absl::Milliseconds(600));
+    absl::StatusOr<SessionView> got = touch % 2 == 0 ? GetAsync(v.token, true) : Get(v.token, true);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->stored.expires_at_unix_micros(), Micros(clock_.Now() + absl::Seconds(1)));
+  }
+  EXPECT_EQ(Writes(), 4);
+  // Within half a second of the last slide, nothing to write.
+  clock_.Advance(absl::Milliseconds(400));
+  ASSERT_TRUE(GetAsync(v.token, true).ok());
+  EXPECT_EQ(Writes(), 4);
+}
+
 TEST_P(ChangeAsyncTest, UpdateAnswersWhatUpdateWouldAndStoresIt) {
   AttributeMap attrs;
   attrs["a"] = "1";
