@@ -69,14 +69,17 @@ constexpr absl::Duration kTouchGranularity = absl::Seconds(1);
 // Room for the clocks of the servers that touch one session to differ.
 constexpr absl::Duration kClockSkewMargin = absl::Minutes(1);
 
-// How long the tombstone that ends `s` at `now` must stay: as long as any copy of the session
+// Until when the tombstone that ends `s` at `now` must stay: as long as any copy of the session
 // could still be live. A touch or update that read the session before it ended can still land
 // on a copy after the tombstone, having slid the expiry to its own now + ttl; when the tombstone
 // expired first, that copy would bring the ended session back until then.
+absl::Time TombstoneEnd(const StoredSession& s, absl::Time now) {
+  return std::min(FromMicros(SlidExpiry(s, now)) + kClockSkewMargin,
+                  FromMicros(s.absolute_expires_at_unix_micros()));
+}
+
 absl::Duration TombstoneTtl(const StoredSession& s, absl::Time now) {
-  return StoreTtl(std::min(FromMicros(SlidExpiry(s, now)) + kClockSkewMargin,
-                           FromMicros(s.absolute_expires_at_unix_micros())),
-                  now);
+  return StoreTtl(TombstoneEnd(s, now), now);
 }
 
 size_t AttributesBytes(const AttributeMap& attributes) {
@@ -148,12 +151,15 @@ class ListingBudget {
   size_t taken_ = 0;
 };
 
-StoredSession Tombstone(const StoredSession& live) {
+// The end of `live`, kept until `ends_at`. Its expiry is that end rather than the session's:
+// reads copy a tombstone onto the copies that lack it only until its expiry, and a copy that a
+// racing touch slid past the session's expiry (see TombstoneEnd) must be ended too.
+StoredSession Tombstone(const StoredSession& live, absl::Time ends_at) {
   StoredSession t;
   t.set_session_id(live.session_id());
   t.set_user_id(live.user_id());
   t.set_token_hash(live.token_hash());
-  t.set_expires_at_unix_micros(live.expires_at_unix_micros());
+  t.set_expires_at_unix_micros(ToMicros(ends_at));
   t.set_absolute_expires_at_unix_micros(live.absolute_expires_at_unix_micros());
   t.set_deleted(true);
   return t;
@@ -695,7 +701,7 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
         store_->Add(new_key, s, SessionTtl(s, now), AddSessionBy(indexed_at, deadline)));
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
     // both succeed (the loser's new session is removed again).
-    StoredSession ended_old = Tombstone(old);
+    StoredSession ended_old = Tombstone(old, TombstoneEnd(old, now));
     ended_old.set_rotated_to_token_hash(new_key.token_hash);
     const absl::Status ended = store_->CompareAndSwap(old_key, lookup.record->cas, ended_old,
                                                       TombstoneTtl(old, now), deadline);
@@ -765,15 +771,15 @@ absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline
     // copy answered UNAVAILABLE, and this retry completes it. No copy of the session outlives
     // its absolute expiry, so neither need the end. A plain tombstone: this deletion is not
     // the rotation the stored one may record.
+    const absl::Time absolute = FromMicros(s.absolute_expires_at_unix_micros());
     return EndedOnEveryCopy(
-        "token",
-        store_->Put(*key, Tombstone(s),
-                    StoreTtl(FromMicros(s.absolute_expires_at_unix_micros()), now), deadline));
+        "token", store_->Put(*key, Tombstone(s, absolute), StoreTtl(absolute, now), deadline));
   }
   // A tombstone rather than a delete: a copy that missed this write (its node was unreachable)
   // must not be able to bring the session back through read repair. It needs to live only as
   // long as the session itself could have.
-  return EndedOnEveryCopy("token", store_->Put(*key, Tombstone(s), TombstoneTtl(s, now), deadline));
+  return EndedOnEveryCopy("token", store_->Put(*key, Tombstone(s, TombstoneEnd(s, now)),
+                                               TombstoneTtl(s, now), deadline));
 }
 
 absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,

@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "sessionledger/storage/v1/stored_session.pb.h"
 #include "sessionledger/v1/transaction.grpc.pb.h"
 #include "tests/integration/session_test_support.h"
 
@@ -289,6 +290,53 @@ TEST_F(SessionReplicaTest, ListingHonoursWritesThatOneCopyMissed) {
       ASSERT_TRUE(client_->List(s.user_id(), &listed).ok());
       EXPECT_EQ(listed.sessions_size(), 0) << "node " << node << " alone missed the deletion";
     }
+  }
+}
+
+// A touch that won its compare-and-swap just before a DeleteSession can still set its later
+// expiry on another copy after the tombstone landed there (its plain set to the other copies
+// comes second). Reads must put the tombstone back on that copy for as long as the tombstone
+// lasts, not only until the expiry it recorded from before the touch: a restart of the node
+// that holds the tombstone would otherwise bring the deleted session back.
+TEST_F(SessionReplicaTest, ATouchThatOvertookADeletionOnOneCopyStaysEnded) {
+  struct Case {
+    v1::Session session;
+    int stale_node;
+  };
+  std::vector<Case> cases;
+  const std::string run = absl::StrCat(absl::ToUnixMicros(absl::Now()));
+  // Four users, whose first copies fall on either node; each node in turn holds the stale copy.
+  for (int i = 0; i < 4; ++i) {
+    for (int node : {1, 2}) {
+      cases.push_back(
+          {client_->MustCreate(absl::StrCat("touch-overtook-", run, "-", i), /*ttl=*/1), node});
+    }
+  }
+  absl::Time old_expiry = absl::InfinitePast();
+  for (const Case& c : cases) {
+    const std::string key = SessionKey(c.session.token());
+    const std::optional<std::string> live = MemcachedGetValue(1, key);
+    ASSERT_TRUE(live.has_value());
+    ASSERT_TRUE(client_->Delete(c.session.token()).ok());
+    storage::v1::StoredSession touched;
+    ASSERT_TRUE(touched.ParseFromString(*live));
+    touched.set_expires_at_unix_micros(touched.expires_at_unix_micros() + 30'000'000);
+    ASSERT_TRUE(MemcachedSetRaw(c.stale_node, key, touched.SerializeAsString(), 60));
+    old_expiry = std::max(old_expiry, ToTime(c.session.expires_at()));
+  }
+  absl::SleepFor(old_expiry - absl::Now() + absl::Milliseconds(100));
+  for (const Case& c : cases) {
+    const std::string key = SessionKey(c.session.token());
+    EXPECT_EQ(client_->GetCode(c.session.token()), grpc::StatusCode::NOT_FOUND);
+    const std::optional<std::string> repaired = MemcachedGetValue(c.stale_node, key);
+    storage::v1::StoredSession copy;
+    ASSERT_TRUE(repaired.has_value() && copy.ParseFromString(*repaired));
+    EXPECT_TRUE(copy.deleted()) << "node " << c.stale_node << " kept the touched copy";
+    // The node that held the tombstone restarts empty.
+    const int other = c.stale_node == 1 ? 2 : 1;
+    MemcachedText(MemcachedPort(other), "delete " + key + "\r\nget " + key);
+    EXPECT_EQ(client_->GetCode(c.session.token()), grpc::StatusCode::NOT_FOUND)
+        << "the deleted session came back from node " << c.stale_node;
   }
 }
 
