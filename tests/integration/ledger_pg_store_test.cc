@@ -34,6 +34,7 @@ namespace sessionledger {
 namespace {
 
 using ::sessionledger::testing::BackingServices;
+using ::sessionledger::testing::PollUntil;
 using ::sessionledger::testing::RequiredEnv;
 
 std::string UniqueSuffix() {
@@ -304,27 +305,44 @@ TEST_F(LedgerPgStoreTest, PaginationUnderConcurrentInsertsIsExactlyOnce) {
     before.insert(t->transaction_id);
   }
   std::atomic<bool> stop{false};
+  std::atomic<int> committed{0};
   std::thread writer([&] {
     for (int i = 0; !stop.load(); ++i) {
       // Both directions, so new rows land on both of the account's indexes.
       const bool out = i % 2 == 0;
-      (void)ledger_.Transfer(alice,
-                             {out ? a.account_id : b.account_id, out ? b.account_id : a.account_id,
-                              1, absl::StrCat("during-", i)},
-                             Soon());
+      if (ledger_
+              .Transfer(alice,
+                        {out ? a.account_id : b.account_id, out ? b.account_id : a.account_id, 1,
+                         absl::StrCat("during-", i)},
+                        Soon())
+              .ok()) {
+        committed.fetch_add(1);
+      }
     }
   });
   std::map<std::string, int> seen;
   std::string token;
+  int pages_without_an_insert = 0;
   do {
     absl::StatusOr<ListResult> page =
         ledger_.ListTransactions(alice, {a.account_id, 7, token}, Soon());
-    ASSERT_TRUE(page.ok()) << page.status();
+    if (!page.ok()) {
+      ADD_FAILURE() << page.status();
+      break;
+    }
     for (const Transaction& t : page->transactions) ++seen[t.transaction_id];
     token = page->next_page_token;
+    // A new transaction commits between every two pages, whatever the two threads' timing.
+    const int before = committed.load();
+    if (!token.empty() && !PollUntil(
+                              absl::Now() + absl::Seconds(5),
+                              [&] { return committed.load() > before; }, absl::Milliseconds(1))) {
+      ++pages_without_an_insert;
+    }
   } while (!token.empty());
   stop = true;
   writer.join();
+  EXPECT_EQ(pages_without_an_insert, 0);
   for (const auto& [id, count] : seen) EXPECT_EQ(count, 1) << id;
   for (const std::string& id : before) EXPECT_EQ(seen.count(id), 1u) << id;
 }

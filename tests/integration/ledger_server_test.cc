@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -123,9 +124,11 @@ class Client {
     request.set_page_token(page_token);
     return ledger_->ListTransactions(&context, request, out);
   }
-  // Every transaction of the account, following next_page_token to the end.
+  // Every transaction of the account, following next_page_token to the end; `between_pages`
+  // runs after each page but the last.
   std::vector<pb::Transaction> ListAll(const std::string& token, const std::string& id,
-                                       int page_size = 100) {
+                                       int page_size = 100,
+                                       const std::function<void()>& between_pages = nullptr) {
     std::vector<pb::Transaction> all;
     std::string page_token;
     do {
@@ -135,6 +138,7 @@ class Client {
       if (!status.ok()) break;
       all.insert(all.end(), page.transactions().begin(), page.transactions().end());
       page_token = page.next_page_token();
+      if (!page_token.empty() && between_pages) between_pages();
     } while (!page_token.empty());
     return all;
   }
@@ -451,19 +455,34 @@ TEST_F(LedgerServerTest, PaginationUnderConcurrentInsertsReturnsEveryTransaction
     existing.insert(t.transaction_id());
   }
   std::atomic<bool> stop{false};
+  std::atomic<int> committed{0};
   std::thread writer([&] {
     for (int i = 0; !stop.load(); ++i) {
       pb::Transaction w;
-      (void)b_->Transfer(alice, acct.account_id(), other.account_id(), 1,
-                         absl::StrCat("during-", i), &w);
+      if (b_->Transfer(alice, acct.account_id(), other.account_id(), 1, absl::StrCat("during-", i),
+                       &w)
+              .ok()) {
+        committed.fetch_add(1);
+      }
     }
   });
+  // A new transaction commits between every two pages, whatever the two threads' timing.
+  int pages_without_an_insert = 0;
+  const auto await_an_insert = [&] {
+    const int before = committed.load();
+    if (!PollUntil(
+            absl::Now() + absl::Seconds(5), [&] { return committed.load() > before; },
+            absl::Milliseconds(1))) {
+      ++pages_without_an_insert;
+    }
+  };
   std::map<std::string, int> seen;
-  for (const pb::Transaction& listed : a_->ListAll(alice, acct.account_id(), 9)) {
+  for (const pb::Transaction& listed : a_->ListAll(alice, acct.account_id(), 9, await_an_insert)) {
     ++seen[listed.transaction_id()];
   }
   stop = true;
   writer.join();
+  EXPECT_EQ(pages_without_an_insert, 0);
   for (const auto& [id, count] : seen) EXPECT_EQ(count, 1) << id;
   for (const std::string& id : existing) EXPECT_EQ(seen.count(id), 1u) << id;
 }

@@ -418,9 +418,9 @@ TEST_F(MemcachedPipelineTest, InvalidRequestsFailWithInvalidArgumentAndHarmNothi
   absl::StatusOr<MemcachedHits> empty = reader_->Get(0, {}, Deadline());
   ASSERT_TRUE(empty.ok()) << empty.status();
   EXPECT_TRUE(empty->empty());
-  absl::StatusOr<MemcachedHits> got = reader_->Get(0, {p + "ok", longest}, Deadline());
-  ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_TRUE(SameHits(*got, Mget(mc_[0].get(), {p + "ok"})));
+  // The key written at the start is still there (a flush that got through would leave both this
+  // read and libmemcached's empty, and equal).
+  EXPECT_TRUE(HitIs(reader_->Get(0, {p + "ok", longest}, Deadline()), p + "ok", "fine"));
 }
 
 TEST_F(MemcachedPipelineTest, NodeIndexFindsConfiguredNodesOnly) {

@@ -181,7 +181,8 @@ inline std::vector<std::string> MemcachedKeys(int node) {
     ADD_FAILURE() << "memcached node " << node << " refused a key dump: " << dump;
     return keys;
   }
-  for (absl::string_view line : absl::StrSplit(dump, "\r\n")) {
+  // One line per key, ended by "\n" alone (only the final END has "\r\n").
+  for (absl::string_view line : absl::StrSplit(dump, '\n')) {
     if (!absl::StartsWith(line, "key=")) continue;
     absl::string_view key = line.substr(4, line.find(' ') - 4);
     std::string decoded;

@@ -127,6 +127,14 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     return cas_calls_;
   }
+  // The next `n` session CompareAndSwaps wait for `pause` first (outside the lock), so that
+  // writers running at once read the same version and conflict even when the store answers
+  // at once. (On every call it would starve some writer past its tries.)
+  void PauseNextCas(int n, absl::Duration pause) {
+    std::lock_guard<std::mutex> l(mu_);
+    paused_cas_ = n;
+    cas_pause_ = pause;
+  }
   // How many session items the store holds, expired or not.
   int SessionCount() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -186,6 +194,15 @@ class FakeSessionStore final : public SessionStore {
   absl::Status CompareAndSwap(const SessionKey& key, const CasToken& cas,
                               const storage::v1::StoredSession& s, absl::Duration ttl,
                               absl::Time) override {
+    absl::Duration pause;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (paused_cas_ > 0) {
+        --paused_cas_;
+        pause = cas_pause_;
+      }
+    }
+    absl::SleepFor(pause);
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(ttl);
@@ -351,6 +368,8 @@ class FakeSessionStore final : public SessionStore {
   int answering_copy_ = 0;
   absl::Status lose_cas_answer_;
   int cas_calls_ = 0;
+  int paused_cas_ = 0;
+  absl::Duration cas_pause_;
   absl::Time last_add_deadline_ = absl::InfinitePast();
   absl::Time last_lookup_deadline_ = absl::InfinitePast();
   int peeks_ = 0;

@@ -313,13 +313,17 @@ TEST_F(SessionServiceTest, RotateRetriesAreBoundedToo) {
 
 TEST_F(SessionServiceTest, ConcurrentUnconditionalUpdatesAllSurvive) {
   SessionView v = MustCreate("alice");
+  // A pause between reading the session and writing it makes the first updates overlap (and
+  // conflict) even when each thread would otherwise finish within its time slice.
+  store_->PauseNextCas(16, absl::Microseconds(500));
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 50; ++i) {
         AttributeMap set;
         set[absl::StrCat("t", t, "-", i)] = "x";
-        EXPECT_TRUE(Update(v.token, set).ok());
+        const absl::StatusOr<SessionView> updated = Update(v.token, set);
+        EXPECT_TRUE(updated.ok()) << updated.status();
       }
     });
   }
@@ -328,6 +332,7 @@ TEST_F(SessionServiceTest, ConcurrentUnconditionalUpdatesAllSurvive) {
   ASSERT_TRUE(final_view.ok());
   EXPECT_EQ(final_view->stored.attributes().size(), 400u);
   EXPECT_EQ(final_view->stored.version(), 401);
+  EXPECT_GT(store_->cas_calls(), 400) << "no update lost a race: the retry went untested";
 }
 
 TEST_F(SessionServiceTest, RotateIssuesNewTokenAndKillsTheOldOne) {
