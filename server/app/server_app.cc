@@ -4,7 +4,10 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include <optional>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -14,6 +17,7 @@
 #include "server/ledger/late_bound_authenticator.h"
 #include "server/memcached/memcached_session_store.h"
 #include "server/postgres/migrations.h"
+#include "server/postgres/pg_host_resolver.h"
 #include "server/postgres/pg_ledger_store.h"
 #include "server/rpc/async_call.h"
 #include "server/rpc/call_observer.h"
@@ -59,6 +63,27 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls)
   options.pem_root_certs = tls.client_ca_pem;
   options.pem_key_cert_pairs.push_back({tls.private_key_pem, tls.cert_chain_pem});
   return grpc::SslServerCredentials(options);
+}
+
+// Host names for the Memcached health probe, looked up on `resolver`'s threads, each waited for
+// until `give_up` at most (see ProbeMemcachedNodes for why). PgHostResolver's lookup is the one
+// libmemcached would make (getaddrinfo, TCP, any family), and it keeps a lookup stuck on a
+// silent name server from piling up: later probes wait on the same one.
+MemcachedProbeLookup BoundedLookup(std::shared_ptr<PgHostResolver> resolver) {
+  return [resolver = std::move(resolver)](const std::vector<std::string>& hosts,
+                                          SteadyTime give_up) {
+    PgHostResolver::Pending pending = resolver->Start(hosts);
+    std::vector<absl::StatusOr<std::vector<std::string>>> found;
+    for (size_t i = 0; i < hosts.size(); ++i) {
+      std::optional<absl::StatusOr<std::vector<std::string>>> answer = pending.Await(i, give_up);
+      if (answer.has_value()) {
+        found.push_back(*std::move(answer));
+      } else {
+        found.push_back(absl::DeadlineExceededError("memcached: host lookup did not answer"));
+      }
+    }
+    return found;
+  };
 }
 
 }  // namespace
@@ -136,8 +161,10 @@ absl::Status ServerApp::Start() {
   const MemcachedUrl memcached_url = config_.memcached;
   auto database = std::make_shared<const PgConnectTarget>(config_.database_url);
   HealthMonitor::Probes probes;
-  probes.memcached_ok = [memcached_url] {
-    const MemcachedReachability r = ProbeMemcachedNodes(memcached_url, absl::Milliseconds(500));
+  probes.memcached_ok = [memcached_url, lookup = BoundedLookup(std::make_shared<PgHostResolver>(
+                                            nullptr, "sl-probe-dns"))] {
+    const MemcachedReachability r =
+        ProbeMemcachedNodes(memcached_url, absl::Milliseconds(500), lookup);
     // Every session has replicas + 1 copies on distinct nodes: with at most `replicas` nodes
     // down, every session can still be served.
     return r.total - r.reachable <= memcached_url.replicas;

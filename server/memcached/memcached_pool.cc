@@ -1,5 +1,7 @@
 #include "server/memcached/memcached_pool.h"
 
+#include <arpa/inet.h>
+
 #include <algorithm>
 #include <ctime>
 
@@ -64,6 +66,25 @@ absl::Status Configure(memcached_st* handle, const MemcachedPoolOptions& options
     }
   }
   return absl::OkStatus();
+}
+
+// Whether `host` is an IPv4 or IPv6 address, which libmemcached's getaddrinfo turns into a
+// socket address without asking a name server.
+bool IsNumericHost(const std::string& host) {
+  in6_addr buffer;
+  return inet_pton(AF_INET, host.c_str(), &buffer) == 1 ||
+         inet_pton(AF_INET6, host.c_str(), &buffer) == 1;
+}
+
+// A version request to memcached at a numeric `address`, on a connection of its own.
+bool ProbeAddress(const std::string& address, in_port_t port, absl::Duration timeout) {
+  MemcachedPtr probe(memcached_create(nullptr));
+  if (probe == nullptr) return false;
+  memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT, ClampMillis(timeout));
+  memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_POLL_TIMEOUT, ClampMillis(timeout));
+  memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_BINARY_PROTOCOL, 1);
+  if (!memcached_success(memcached_server_add(probe.get(), address.c_str(), port))) return false;
+  return memcached_success(memcached_version(probe.get()));
 }
 
 void SetIoTimeouts(memcached_st* handle, absl::Duration budget,
@@ -230,19 +251,34 @@ bool MemcachedPool::NodeStalled(int node, SteadyTime now) const {
   return until != 0 && now.time_since_epoch().count() < until;
 }
 
-MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout) {
+MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout,
+                                          const MemcachedProbeLookup& lookup) {
   MemcachedReachability result;
   result.total = static_cast<int>(url.nodes.size());
+  // Every name in one go: with the name server down, the probe waits `timeout` once, not once
+  // per node.
+  std::vector<std::string> names;
   for (const MemcachedNode& node : url.nodes) {
-    MemcachedPtr probe(memcached_create(nullptr));
-    if (probe == nullptr) continue;
-    memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT, ClampMillis(timeout));
-    memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_POLL_TIMEOUT, ClampMillis(timeout));
-    memcached_behavior_set(probe.get(), MEMCACHED_BEHAVIOR_BINARY_PROTOCOL, 1);
-    if (!memcached_success(memcached_server_add(probe.get(), node.host.c_str(), node.port))) {
-      continue;
+    if (!IsNumericHost(node.host) &&
+        std::find(names.begin(), names.end(), node.host) == names.end()) {
+      names.push_back(node.host);
     }
-    if (memcached_success(memcached_version(probe.get()))) ++result.reachable;
+  }
+  std::vector<absl::StatusOr<std::vector<std::string>>> found;
+  if (!names.empty()) found = lookup(names, SteadyNow() + ToSteadyDuration(timeout));
+  for (const MemcachedNode& node : url.nodes) {
+    std::vector<std::string> addresses = {node.host};
+    if (!IsNumericHost(node.host)) {
+      const size_t i = std::find(names.begin(), names.end(), node.host) - names.begin();
+      if (i >= found.size() || !found[i].ok()) continue;  // Unreachable: no address in time.
+      addresses = *found[i];
+    }
+    for (const std::string& address : addresses) {
+      if (ProbeAddress(address, node.port, timeout)) {
+        ++result.reachable;
+        break;
+      }
+    }
   }
   return result;
 }

@@ -6,9 +6,11 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -142,13 +144,27 @@ class MemcachedPool {
   std::unique_ptr<std::atomic<int64_t>[]> stalled_until_;
 };
 
+// Looks up host names for ProbeMemcachedNodes: for each of `hosts`, its numeric addresses
+// ("10.0.0.5", "::1") in the order to try them, or why there are none. Must return by
+// `give_up`, whatever the name server does; a lookup that has not answered by then counts as a
+// failure (it may go on in the background).
+using MemcachedProbeLookup = std::function<std::vector<absl::StatusOr<std::vector<std::string>>>(
+    const std::vector<std::string>& hosts, SteadyTime give_up)>;
+
 // Probes every node with a fresh connection (a version request) and counts the ones that answer.
 // Thread-safe; keeps no connection between calls.
+//
+// Host names are looked up through `lookup`, all at once and for at most `timeout`, and
+// libmemcached is handed the addresses: given a name, it would call getaddrinfo itself, which
+// no timeout of its own covers, so a name server that does not answer would hold the probe (and
+// the start-up and shutdown that wait for it) indefinitely. Each address then gets `timeout` to
+// connect and `timeout` to answer; a node counts as reachable when one of its addresses answers.
 struct MemcachedReachability {
   int reachable = 0;
   int total = 0;
 };
-MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout);
+MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duration timeout,
+                                          const MemcachedProbeLookup& lookup);
 
 }  // namespace sessionledger
 

@@ -58,7 +58,7 @@ struct PgHostResolver::Lookup {
 
 // Shared by the resolver and its lookup threads; whichever lets go last frees it.
 struct PgHostResolver::State {
-  explicit State(PgLookupFn fn) : lookup(std::move(fn)) {}
+  State(PgLookupFn fn, std::string name) : lookup(std::move(fn)), thread_name(std::move(name)) {}
 
   // Records `host`'s answer and wakes its waiters; mu held. The lookup is then forgotten, so
   // that the next caller looks the name up afresh (a failover may have moved it).
@@ -72,14 +72,16 @@ struct PgHostResolver::State {
   }
 
   const PgLookupFn lookup;
+  const std::string thread_name;
   std::mutex mu;
   std::map<std::string, std::shared_ptr<Lookup>> in_flight;  // Guarded by mu,
   int64_t started = 0;                                       // as are these.
   int waiting = 0;
 };
 
-PgHostResolver::PgHostResolver(PgLookupFn lookup)
-    : state_(std::make_shared<State>(lookup ? std::move(lookup) : PgLookupFn(LookUpPgHost))) {}
+PgHostResolver::PgHostResolver(PgLookupFn lookup, std::string thread_name)
+    : state_(std::make_shared<State>(lookup ? std::move(lookup) : PgLookupFn(LookUpPgHost),
+                                     std::move(thread_name))) {}
 
 // Lookup threads hold their own reference to the state: nothing to wait for.
 PgHostResolver::~PgHostResolver() = default;
@@ -104,7 +106,7 @@ PgHostResolver::Pending PgHostResolver::Start(const std::vector<std::string>& ho
   for (auto& [host, lookup] : to_start) {
     try {
       std::thread([state = state_, host = host, lookup = lookup] {
-        NameThisThread("sl-pg-dns");
+        NameThisThread(state->thread_name);
         absl::StatusOr<std::vector<std::string>> result = state->lookup(host);
         std::lock_guard<std::mutex> lock(state->mu);
         state->Answer(host, *lookup, std::move(result));

@@ -50,7 +50,9 @@ class PgHostResolver {
  public:
   // `lookup`: LookUpPgHost when unset; tests inject slow or counting ones. It runs on detached
   // threads that may outlive the resolver, so it must capture nothing that dies with it.
-  explicit PgHostResolver(PgLookupFn lookup = nullptr);
+  // `thread_name` names those threads (top -H), for a resolver that looks up other hosts than
+  // PostgreSQL's.
+  explicit PgHostResolver(PgLookupFn lookup = nullptr, std::string thread_name = "sl-pg-dns");
   ~PgHostResolver();
   PgHostResolver(const PgHostResolver&) = delete;
   PgHostResolver& operator=(const PgHostResolver&) = delete;

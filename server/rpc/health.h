@@ -101,9 +101,13 @@ class HealthMonitor {
     std::function<bool()> memcached_ok;
     // OK when PostgreSQL answers a trivial query; a cheap check with its own bounded timeout.
     std::function<bool()> postgres_ok;
+    // Bounded means every step, host-name lookups included: start-up waits for a round
+    // (ProbeOnce) and the destructor for the round in progress, so a probe that can hang holds
+    // up both.
   };
   HealthMonitor(HealthBoard& board, Probes probes, absl::Duration interval, Logger& logger);
-  ~HealthMonitor();  // Stops the thread.
+  // Stops the thread, once the round of probes in progress (if any) has ended.
+  ~HealthMonitor();
   HealthMonitor(const HealthMonitor&) = delete;
   HealthMonitor& operator=(const HealthMonitor&) = delete;
 

@@ -3,8 +3,12 @@
 #include "tests/support/server_process.h"
 
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -12,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -421,6 +426,44 @@ TEST(ServerProcessTest, SigtermDuringStartUpExitsAtOnce) {
   EXPECT_LT(absl::Now() - signalled, absl::Seconds(3)) << "it waited out the start-up";
   EXPECT_EQ(*exit_code, 0) << (*server)->Output();
   EXPECT_THAT((*server)->Output(), HasSubstr("\"msg\":\"stopped before serving\""));
+}
+
+// A Memcached host name whose lookup never answers (a name server that drops every packet) must
+// hold up neither the start-up, which probes the backing services before it listens, nor the
+// exit, which waits for the probe in progress. The health probe used to hand libmemcached the
+// name, whose getaddrinfo no timeout covers: the server never listened. glibc reads the file
+// HOSTALIASES names before it asks a name server about a name without a dot; opening a FIFO
+// that nobody writes to blocks, so that lookup never answers.
+TEST(ServerProcessTest, AMemcachedNameThatNeverResolvesHoldsUpNeitherStartNorExit) {
+  const std::string aliases = absl::StrCat(::testing::TempDir(), "/sl-hostaliases-fifo-", getpid());
+  unlink(aliases.c_str());
+  ASSERT_EQ(mkfifo(aliases.c_str(), 0600), 0) << std::strerror(errno);
+  const absl::Cleanup remove_fifo = [&aliases] { unlink(aliases.c_str()); };
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["HOSTALIASES"] = aliases;
+  // One copy on each node: with the named one unreachable, every session is still served.
+  options.env["MEMCACHED_URL"] =
+      absl::StrCat("memcached://127.0.0.1:", RequiredEnv("SL_MEMCACHED_PORT_1"),
+                   ",sl-name-never-answers:", RequiredEnv("SL_MEMCACHED_PORT_2"), "?replicas=1");
+  options.env["HEALTH_CHECK_INTERVAL_MS"] = "100";
+  options.env["SHUTDOWN_NOTICE_MS"] = "0";
+  options.env["SHUTDOWN_GRACE_SECONDS"] = "1";
+  options.startup_timeout = absl::Seconds(15);
+  const absl::Time starting = absl::Now();
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_LT(absl::Now() - starting, absl::Seconds(10)) << "start-up waited on the lookup";
+  EXPECT_TRUE(EventuallyHealth((*server)->NewChannel(), kSession, HealthCheckResponse::SERVING));
+  // Probe rounds are running (every 100 ms), each finding the lookup still stuck.
+  absl::SleepFor(absl::Milliseconds(300));
+
+  const absl::Time signalled = absl::Now();
+  (*server)->Signal(SIGTERM);
+  const std::optional<int> exit_code = (*server)->WaitForExit(absl::Seconds(20));
+  ASSERT_TRUE(exit_code.has_value()) << "still running after SIGTERM";
+  EXPECT_LT(absl::Now() - signalled, absl::Seconds(5)) << "the exit waited on the lookup";
+  EXPECT_EQ(*exit_code, 0) << (*server)->Output();
 }
 
 // The first SIGTERM drains for up to the grace period; a second one is the operator saying

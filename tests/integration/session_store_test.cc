@@ -1006,6 +1006,42 @@ TEST(MemcachedPoolTest, WaitsForAFreeHandleUntilItsDeadline) {
   EXPECT_TRUE(next.ok()) << "the handle came back 100 ms into a 300 ms wait: " << next.status();
 }
 
+// The health probe hands libmemcached the addresses its lookup found, never a name (whose
+// getaddrinfo no timeout covers): names are asked of the lookup, all at once and with the
+// probe's bound; numeric hosts are not; a node counts when any of its addresses answers.
+TEST(MemcachedProbeTest, NamesAreProbedAtTheAddressesTheirLookupGives) {
+  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL"));
+  ASSERT_TRUE(url.ok()) << url.status();
+  const uint16_t port = url->nodes[0].port;
+  MemcachedUrl named;
+  // memcached listens on 127.0.0.1 only: ::1 refuses, and the next address answers.
+  named.nodes = {
+      {"first.test", port}, {"second.test", port}, {"gone.test", port}, {"127.0.0.1", port}};
+  std::vector<std::string> asked;
+  SteadyTime asked_until;
+  const MemcachedProbeLookup lookup = [&](const std::vector<std::string>& hosts,
+                                          SteadyTime give_up) {
+    asked = hosts;
+    asked_until = give_up;
+    std::vector<absl::StatusOr<std::vector<std::string>>> found;
+    for (const std::string& host : hosts) {
+      if (host == "first.test") found.push_back(std::vector<std::string>{"127.0.0.1"});
+      if (host == "second.test") found.push_back(std::vector<std::string>{"::1", "127.0.0.1"});
+      if (host == "gone.test") found.push_back(absl::NotFoundError("no such name"));
+    }
+    return found;
+  };
+  const SteadyTime probing = SteadyNow();
+  const MemcachedReachability r = ProbeMemcachedNodes(named, absl::Milliseconds(500), lookup);
+  const SteadyTime probed = SteadyNow();
+  EXPECT_EQ(r.total, 4);
+  EXPECT_EQ(r.reachable, 3);
+  EXPECT_EQ(asked, (std::vector<std::string>{"first.test", "second.test", "gone.test"}));
+  // The lookups got the probe's timeout from when it began, no more.
+  EXPECT_GT(asked_until, probing);
+  EXPECT_LE(asked_until, probed + std::chrono::milliseconds(500));
+}
+
 TEST_F(SessionStoreTest, ThirtyDayTtlIsRelativeAndLongerIsRejected) {
   Open("MEMCACHED_URL");
   storage::v1::StoredSession s;

@@ -18,6 +18,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/common/notification.h"
+#include "server/common/thread_name.h"
 #include "server/postgres/pg_pool.h"
 
 namespace sessionledger {
@@ -182,6 +183,25 @@ TEST(PgHostResolverTest, AFailedLookupIsReportedWithTheHostName) {
   EXPECT_EQ(conn.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(conn.status().message(),
               HasSubstr("cannot look up 'nowhere.example': Name or service not known"));
+}
+
+// top -H tells the health probe's lookups of Memcached names from PostgreSQL's.
+TEST(PgHostResolverTest, LookupThreadsCarryTheGivenName) {
+  auto seen = std::make_shared<std::string>();
+  PgHostResolver named(
+      [seen](const std::string&) {
+        *seen = ThisThreadName();
+        return Addresses(std::vector<std::string>{"10.0.0.1"});
+      },
+      "sl-probe-dns");
+  ASSERT_TRUE(LookUp(named, "db", In(absl::Seconds(10))).ok());
+  EXPECT_EQ(*seen, "sl-probe-dns");
+  PgHostResolver unnamed([seen](const std::string&) {
+    *seen = ThisThreadName();
+    return Addresses(std::vector<std::string>{"10.0.0.1"});
+  });
+  ASSERT_TRUE(LookUp(unnamed, "db", In(absl::Seconds(10))).ok());
+  EXPECT_EQ(*seen, "sl-pg-dns");
 }
 
 TEST(LookUpPgHostTest, NumericAndLocalNamesResolveWithoutDns) {
