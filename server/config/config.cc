@@ -508,8 +508,8 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"TLS_CLIENT_CA_FILE", "unset",
        "PEM CA bundle; set = mutual TLS: every client must present a certificate it signed"},
       {"MALLOC_ARENA_MAX", "2",
-       "glibc's malloc arenas; the server sets 2 unless the variable is set, so that RSS does "
-       "not grow with the number of threads"},
+       "glibc's malloc arenas (a whole number >= 1); the server sets 2 unless the variable is "
+       "set, so that RSS does not grow with the number of threads"},
   };
   return *kVariables;
 }
@@ -617,6 +617,11 @@ absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
   SL_ASSIGN_OR_RETURN(
       config.max_idempotency_key_bytes,
       IntegerVariable(raw, "MAX_IDEMPOTENCY_KEY_BYTES", "128", 1, kMaxIndexedTextBytes));
+  // glibc reads this variable itself and ignores a value it cannot use ("two", "0") without a
+  // word, which would leave the process with no arena cap at all.
+  SL_ASSIGN_OR_RETURN(
+      config.malloc_arena_max,
+      IntegerVariable(raw, "MALLOC_ARENA_MAX", "2", 1, std::numeric_limits<int32_t>::max()));
   return config;
 }
 

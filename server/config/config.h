@@ -86,6 +86,9 @@ struct Config {
   // the server allocate for an unbounded number of calls at once.
   int grpc_max_concurrent_streams = 100;
   TlsConfig tls;  // Plaintext when !tls.enabled().
+  // glibc's malloc arenas (MALLOC_ARENA_MAX): the server applies it with mallopt, so its default
+  // holds even though glibc itself reads the variable only when set.
+  int malloc_arena_max = 2;
 };
 
 // One row of the configuration table: `--help` prints these and the README mirrors them.

@@ -616,6 +616,8 @@ TEST(ServerProcessTest, RefusesToStartOnBadConfigurationWithOneLineNamingTheVari
        {{"SESSION_TTL_SECONDS", "100"}, {"SESSION_MAX_LIFETIME_SECONDS", "10"}},
        2,
        "SESSION_TTL_SECONDS: "},
+      {"malformed MALLOC_ARENA_MAX", {{"MALLOC_ARENA_MAX", "two"}}, 2, "MALLOC_ARENA_MAX: "},
+      {"zero MALLOC_ARENA_MAX", {{"MALLOC_ARENA_MAX", "0"}}, 2, "MALLOC_ARENA_MAX: "},
   };
   for (const RefusalCase& c : cases) {
     SCOPED_TRACE(c.name);

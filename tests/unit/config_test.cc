@@ -166,6 +166,7 @@ TEST(LoadConfigTest, DefaultsMatchTheContract) {
   EXPECT_EQ(config->max_attribute_key_bytes, 128);
   EXPECT_EQ(config->max_session_attributes_bytes, 64 * 1024);
   EXPECT_EQ(config->max_idempotency_key_bytes, 128);
+  EXPECT_EQ(config->malloc_arena_max, 2);
 }
 
 TEST(LoadConfigTest, ReadsEveryVariable) {
@@ -178,6 +179,7 @@ TEST(LoadConfigTest, ReadsEveryVariable) {
   env["METRICS_PORT"] = "0";
   env["MEMCACHED_POOL_SIZE"] = "4";
   env["DATABASE_POOL_SIZE"] = "5";
+  env["MALLOC_ARENA_MAX"] = "1";
   absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->port, 6000);
@@ -188,6 +190,7 @@ TEST(LoadConfigTest, ReadsEveryVariable) {
   EXPECT_EQ(config->metrics_port, 0);
   EXPECT_EQ(config->memcached_pool_size, 4);
   EXPECT_EQ(config->database_pool_size, 5);
+  EXPECT_EQ(config->malloc_arena_max, 1);
 }
 
 TEST(LoadConfigTest, MissingRequiredVariablesAreNamed) {
@@ -230,6 +233,10 @@ TEST(LoadConfigTest, MalformedValuesAreNamedOnOneLine) {
       // One below each minimum (the minimum itself: AcceptsEachMinimum).
       {"DEFAULT_CALL_TIMEOUT_MS", "0"},
       {"HEALTH_CHECK_INTERVAL_MS", "49"},
+      // glibc would ignore these without a word, leaving no arena cap at all.
+      {"MALLOC_ARENA_MAX", "two"},
+      {"MALLOC_ARENA_MAX", "0"},
+      {"MALLOC_ARENA_MAX", "-1"},
   };
   for (const auto& [name, value] : cases) {
     const std::string message = ErrorFor(name, value);
