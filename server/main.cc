@@ -26,6 +26,7 @@
 #include "server/common/thread_name.h"
 #include "server/config/config.h"
 #include "server/postgres/migrations.h"
+#include "server/rpc/grpc_log.h"
 #include "server/rpc/protobuf_log.h"
 
 namespace sessionledger {
@@ -220,6 +221,8 @@ int Serve() {
   // Before any request is parsed and until the app is gone: protobuf's lines become JSON lines,
   // and the synchronous methods can name a field that is not valid UTF-8 (see the header).
   const ProtobufLogToLogger protobuf_log(logger);
+  // Likewise gRPC core's lines (a failed TLS handshake, say): JSON on stdout, not text on stderr.
+  const GrpcLogToLogger grpc_log(logger);
   StopSignals stop(stop_signals, logger);
 
   absl::StatusOr<std::unique_ptr<ServerApp>> app = ServerApp::Create(*config, logger);

@@ -3,6 +3,7 @@
 // temporary directory at test time; no key material is committed.
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
+#include <signal.h>
 
 #include <fstream>
 #include <map>
@@ -12,6 +13,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
@@ -221,6 +223,23 @@ TEST_F(TlsTest, CliVerifiesAListOfTargetsAgainstOneName) {
   CommandResult named =
       cli({"--deadline", "5s", "--target", two_hosts, "--tls-server-name", "localhost"});
   EXPECT_EQ(named.exit_code, 0) << named.output;
+}
+
+// gRPC core logs a failed handshake itself; like every line of the server, it must be one JSON
+// object on stdout, not gRPC's own text format on stderr.
+TEST_F(TlsTest, GrpcCoreLinesAreJsonLikeEveryOther) {
+  std::unique_ptr<ServerProcess> server = StartTlsServer(/*mutual=*/false);
+  ASSERT_NE(server, nullptr);
+  EXPECT_EQ(Check(server->target(), grpc::InsecureChannelCredentials()).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(server->WaitForOutput("\"source\":\"grpc\"", absl::Seconds(10)))
+      << "no line of gRPC's reached the logger:\n"
+      << server->Output();
+  server->Signal(SIGTERM);
+  ASSERT_TRUE(server->WaitForExit(absl::Seconds(30)).has_value());
+  for (absl::string_view line : absl::StrSplit(server->Output(), '\n', absl::SkipEmpty())) {
+    EXPECT_TRUE(absl::StartsWith(line, "{\"ts\":") && absl::EndsWith(line, "}")) << line;
+  }
 }
 
 TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
