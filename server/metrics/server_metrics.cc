@@ -2,20 +2,27 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <prometheus/collectable.h>
-#include <prometheus/exposer.h>
 #include <prometheus/text_serializer.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <exception>
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <thread>
+#include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "server/common/notification.h"
+#include "server/common/thread_name.h"
 
 namespace sessionledger {
 
@@ -124,55 +131,178 @@ std::string ServerMetrics::RenderText() const {
   return prometheus::TextSerializer().Serialize(families);
 }
 
-absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    int port, const ServerMetrics& metrics) {
-  std::unique_ptr<prometheus::Exposer> exposer;
-  try {
-    // civetweb's "num_threads": scrapes are rare; two threads keep the footprint small.
-    exposer = std::make_unique<prometheus::Exposer>(absl::StrCat("0.0.0.0:", port),
-                                                    /*num_threads=*/2);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("METRICS_PORT: cannot listen on port ", port, ": ", e.what()));
-  }
-  exposer->RegisterCollectable(metrics.registry());
-  exposer->RegisterCollectable(metrics.sampled_);
-  const std::vector<int> ports = exposer->GetListeningPorts();
-  return std::unique_ptr<MetricsHttpServer>(
-      new MetricsHttpServer(std::move(exposer), ports.empty() ? port : ports.front()));
-}
-
-MetricsHttpServer::MetricsHttpServer(std::unique_ptr<prometheus::Exposer> exposer, int port)
-    : exposer_(std::move(exposer)), port_(port) {}
-
 namespace {
 
-// Opens and closes a TCP connection to 127.0.0.1:port, without waiting for it to be accepted.
-void KnockOn(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return;
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address));
-  close(fd);
+// How long one connection may take, from its accept to the last byte of the answer: a client
+// that sends its request slowly (or never) holds up the next scrape no longer than this.
+constexpr absl::Duration kMetricsRequestTimeout = absl::Seconds(5);
+// A scrape's request is a request line and a few headers.
+constexpr size_t kMaxRequestBytes = 8192;
+
+// Waits until `fd` is ready for `events` or `stop_fd` is signalled, until `give_up`. 1: ready;
+// 0: timed out (or failed); -1: stopping.
+int WaitFor(int fd, short events, int stop_fd, absl::Time give_up) {
+  for (;;) {
+    int timeout_ms = -1;  // No end: waiting for the next connection.
+    if (give_up != absl::InfiniteFuture()) {
+      const int64_t ms = absl::ToInt64Milliseconds(give_up - absl::Now());
+      if (ms <= 0) return 0;
+      timeout_ms = static_cast<int>(std::min<int64_t>(ms, INT32_MAX));
+    }
+    pollfd fds[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
+    const int ready = poll(fds, 2, timeout_ms);
+    if (ready < 0 && errno != EINTR) return 0;
+    if (ready <= 0) continue;
+    if (fds[1].revents != 0) return -1;
+    if (fds[0].revents != 0) return 1;
+  }
+}
+
+std::string Response(absl::string_view status, absl::string_view content_type,
+                     absl::string_view body, bool with_body) {
+  return absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", content_type,
+                      "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n",
+                      with_body ? body : "");
+}
+
+// A listening TCP socket on every address: [::] with IPV6_V6ONLY off takes IPv4 too, as gRPC's
+// does; where the kernel has no IPv6, 0.0.0.0. -1 with errno set when it cannot listen.
+int ListenOnEveryAddress(int port) {
+  int family = AF_INET6;
+  int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd >= 0) {
+    const int off = 0;
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof off);
+  } else if (errno == EAFNOSUPPORT) {
+    family = AF_INET;
+    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  }
+  if (fd < 0) return -1;
+  // A restarted server takes its port back while the old connections sit in TIME_WAIT.
+  const int on = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+  sockaddr_in6 any6{};
+  any6.sin6_family = AF_INET6;
+  any6.sin6_addr = in6addr_any;
+  any6.sin6_port = htons(static_cast<uint16_t>(port));
+  sockaddr_in any4{};
+  any4.sin_family = AF_INET;
+  any4.sin_addr.s_addr = htonl(INADDR_ANY);
+  any4.sin_port = htons(static_cast<uint16_t>(port));
+  const int bound = family == AF_INET6
+                        ? bind(fd, reinterpret_cast<const sockaddr*>(&any6), sizeof any6)
+                        : bind(fd, reinterpret_cast<const sockaddr*>(&any4), sizeof any4);
+  if (bound != 0 || listen(fd, 16) != 0) {
+    const int err = errno;
+    close(fd);
+    errno = err;
+    return -1;
+  }
+  return fd;
+}
+
+int BoundPort(int fd) {
+  sockaddr_storage address{};
+  socklen_t length = sizeof address;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) return 0;
+  if (address.ss_family == AF_INET6) {
+    return ntohs(reinterpret_cast<const sockaddr_in6*>(&address)->sin6_port);
+  }
+  return ntohs(reinterpret_cast<const sockaddr_in*>(&address)->sin_port);
 }
 
 }  // namespace
 
-MetricsHttpServer::~MetricsHttpServer() {
-  // civetweb's listening thread waits for connections in 2-second poll(2) slices and sees the
-  // stop only between two of them, so a plain destruction kept every shutdown waiting up to
-  // 2 s more (the full 2 s right after a scrape). A connection ends the slice: knock until the
-  // stop, running on its own thread, is done.
-  Notification stopped;
-  std::thread stopper([this, &stopped] {
-    exposer_.reset();
-    stopped.Notify();
+absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
+    int port, const ServerMetrics& metrics) {
+  const int listen_fd = ListenOnEveryAddress(port);
+  if (listen_fd < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("METRICS_PORT: cannot listen on port ", port, ": ", std::strerror(errno)));
+  }
+  const int stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (stop_fd < 0) {
+    const int err = errno;
+    close(listen_fd);
+    return absl::InternalError(absl::StrCat("metrics: eventfd: ", std::strerror(err)));
+  }
+  return std::unique_ptr<MetricsHttpServer>(
+      new MetricsHttpServer(metrics, listen_fd, stop_fd, BoundPort(listen_fd)));
+}
+
+MetricsHttpServer::MetricsHttpServer(const ServerMetrics& metrics, int listen_fd, int stop_fd,
+                                     int port)
+    : metrics_(metrics), listen_fd_(listen_fd), stop_fd_(stop_fd), port_(port) {
+  thread_ = std::thread([this] {
+    NameThisThread("sl-metrics-http");
+    Run();
   });
-  while (!stopped.WaitForNotificationWithTimeout(absl::Milliseconds(20))) KnockOn(port_);
-  stopper.join();
+}
+
+MetricsHttpServer::~MetricsHttpServer() {
+  const uint64_t one = 1;
+  (void)!write(stop_fd_, &one, sizeof one);
+  thread_.join();
+  close(listen_fd_);
+  close(stop_fd_);
+}
+
+void MetricsHttpServer::Run() {
+  for (;;) {
+    const int ready = WaitFor(listen_fd_, POLLIN, stop_fd_, absl::InfiniteFuture());
+    if (ready < 0) return;
+    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) continue;  // Gone before we took it, or out of descriptors for now.
+    const bool go_on = Serve(fd);
+    close(fd);
+    if (!go_on) return;
+  }
+}
+
+bool MetricsHttpServer::Serve(int fd) {
+  const absl::Time give_up = absl::Now() + kMetricsRequestTimeout;
+  std::string request;
+  char buffer[2048];
+  while (request.find("\r\n\r\n") == std::string::npos &&
+         request.find("\n\n") == std::string::npos) {
+    if (request.size() > kMaxRequestBytes) return true;
+    const int ready = WaitFor(fd, POLLIN, stop_fd_, give_up);
+    if (ready <= 0) return ready == 0;
+    const ssize_t n = read(fd, buffer, sizeof buffer);
+    if (n == 0) return true;
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) continue;
+      return true;
+    }
+    request.append(buffer, static_cast<size_t>(n));
+  }
+  // "GET /metrics?x=y HTTP/1.1": the method and the path are all that is read.
+  const absl::string_view line =
+      absl::string_view(request).substr(0, request.find_first_of("\r\n"));
+  const std::vector<absl::string_view> parts = absl::StrSplit(line, ' ');
+  std::string answer;
+  if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/1.")) {
+    answer = Response("400 Bad Request", "text/plain", "bad request\n", true);
+  } else if (parts[0] != "GET" && parts[0] != "HEAD") {
+    answer = Response("405 Method Not Allowed", "text/plain", "only GET\n", true);
+  } else if (parts[1].substr(0, parts[1].find('?')) != "/metrics") {
+    answer = Response("404 Not Found", "text/plain", "see /metrics\n", parts[0] == "GET");
+  } else {
+    answer = Response("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics_.RenderText(),
+                      parts[0] == "GET");
+  }
+  size_t sent = 0;
+  while (sent < answer.size()) {
+    const ssize_t n = send(fd, answer.data() + sent, answer.size() - sent, MSG_NOSIGNAL);
+    if (n > 0) {
+      sent += static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno != EAGAIN && errno != EINTR) return true;
+    const int ready = WaitFor(fd, POLLOUT, stop_fd_, give_up);
+    if (ready <= 0) return ready == 0;
+  }
+  return true;
 }
 
 }  // namespace sessionledger

@@ -11,16 +11,13 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-
-namespace prometheus {
-class Exposer;
-}
 
 namespace sessionledger {
 
@@ -59,7 +56,6 @@ class ServerMetrics {
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
 
  private:
-  friend class MetricsHttpServer;
   class SampledCollectable;
 
   // One method's series, looked up once. prometheus-cpp's Family::Add builds the label set, and
@@ -80,20 +76,33 @@ class ServerMetrics {
   std::unordered_map<std::string, MethodSeries> series_;  // Guarded by series_mutex_.
 };
 
-// Serves GET /metrics on 0.0.0.0:port (civetweb, inside prometheus-cpp-pull). Stops on
-// destruction.
+// Serves GET /metrics (ServerMetrics::RenderText) over HTTP/1.x on `port` of every local IPv6
+// and IPv4 address, as gRPC listens on [::]. (Not prometheus-cpp's Exposer: Debian 12 builds its
+// civetweb without IPv6, so it could listen on IPv4 only, and a scraper that reaches pods over
+// IPv6 found nothing.) One thread, "sl-metrics-http", answers one connection at a time, each
+// within kMetricsRequestTimeout, then closes it; scrapes come seconds apart. Stops on
+// destruction, at once, even in the middle of a connection.
 class MetricsHttpServer {
  public:
-  // UNAVAILABLE when the port cannot be bound (the library's exception does not escape).
+  // UNAVAILABLE when the port cannot be bound. Port 0 picks a free one (port()).
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(int port,
                                                                   const ServerMetrics& metrics);
   ~MetricsHttpServer();
+  MetricsHttpServer(const MetricsHttpServer&) = delete;
+  MetricsHttpServer& operator=(const MetricsHttpServer&) = delete;
   int port() const { return port_; }
 
  private:
-  MetricsHttpServer(std::unique_ptr<prometheus::Exposer> exposer, int port);
-  std::unique_ptr<prometheus::Exposer> exposer_;
-  int port_;
+  MetricsHttpServer(const ServerMetrics& metrics, int listen_fd, int stop_fd, int port);
+  void Run();
+  // Reads one request from `fd` and answers it; false when the server is stopping.
+  bool Serve(int fd);
+
+  const ServerMetrics& metrics_;
+  const int listen_fd_;
+  const int stop_fd_;  // An eventfd, signalled by the destructor.
+  const int port_;
+  std::thread thread_;
 };
 
 }  // namespace sessionledger

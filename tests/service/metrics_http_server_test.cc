@@ -1,8 +1,14 @@
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
@@ -12,9 +18,80 @@
 namespace sessionledger {
 namespace {
 
-// A server with METRICS_PORT set stops its metrics endpoint on every shutdown. civetweb notices
-// a stop only between its 2-second waits for a connection, and a scrape starts a new one: the
-// stop right after a scrape used to take the full 2 s.
+// GET `path` from [::1]:port with HTTP/1.1; what came back, or UNAVAILABLE when nothing listens.
+absl::StatusOr<std::string> HttpGetOverIpv6(int port, const std::string& path) {
+  const int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::UnavailableError("no IPv6 socket");
+  sockaddr_in6 address{};
+  address.sin6_family = AF_INET6;
+  address.sin6_addr = in6addr_loopback;
+  address.sin6_port = htons(static_cast<uint16_t>(port));
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("nothing listens on [::1]:", port));
+  }
+  const std::string request = absl::StrCat("GET ", path, " HTTP/1.1\r\nHost: [::1]\r\n\r\n");
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return absl::UnavailableError("short write");
+  }
+  std::string response;
+  char buffer[4096];
+  ssize_t n;
+  while ((n = read(fd, buffer, sizeof buffer)) > 0) response.append(buffer, static_cast<size_t>(n));
+  close(fd);
+  return response;
+}
+
+// gRPC listens on [::], so a scraper that reaches pods over IPv6 expects /metrics there too;
+// civetweb as Debian builds it listened on IPv4 only. Both must answer.
+TEST(MetricsHttpServerTest, ServesOverIpv6AndIpv4) {
+  ServerMetrics metrics;
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const absl::StatusOr<std::string> over_ipv6 = HttpGetOverIpv6((*server)->port(), "/metrics");
+  ASSERT_TRUE(over_ipv6.ok()) << over_ipv6.status();
+  EXPECT_TRUE(absl::StartsWith(*over_ipv6, "HTTP/1.1 200 OK\r\n")) << *over_ipv6;
+  EXPECT_TRUE(absl::StrContains(*over_ipv6, "\nsessionledger_rpc_in_flight 0\n")) << *over_ipv6;
+  const absl::StatusOr<std::string> over_ipv4 = testing::HttpGet((*server)->port(), "/metrics");
+  ASSERT_TRUE(over_ipv4.ok()) << over_ipv4.status();
+  EXPECT_TRUE(absl::StrContains(*over_ipv4, "\nsessionledger_rpc_in_flight 0\n")) << *over_ipv4;
+}
+
+TEST(MetricsHttpServerTest, AnswersOtherPathsWithNotFound) {
+  ServerMetrics metrics;
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const absl::StatusOr<std::string> root = testing::HttpGet((*server)->port(), "/");
+  ASSERT_TRUE(root.ok()) << root.status();
+  EXPECT_TRUE(absl::StartsWith(*root, "HTTP/1.1 404 ")) << *root;
+  const absl::StatusOr<std::string> query = testing::HttpGet((*server)->port(), "/metrics?x=1");
+  ASSERT_TRUE(query.ok()) << query.status();
+  EXPECT_TRUE(absl::StartsWith(*query, "HTTP/1.1 200 ")) << *query;
+}
+
+// A client that connects and never sends its request holds the one serving thread; a stop
+// must not wait for it to give up.
+TEST(MetricsHttpServerTest, StopsAtOnceWhileAClientSendsNothing) {
+  ServerMetrics metrics;
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = htons(static_cast<uint16_t>((*server)->port()));
+  ASSERT_EQ(connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address), 0);
+  absl::SleepFor(absl::Milliseconds(100));  // Accepted by now, and waiting for the request.
+  const absl::Time stopping = absl::Now();
+  server->reset();
+  EXPECT_LT(absl::Now() - stopping, absl::Milliseconds(1000));
+  close(fd);
+}
+
+// A server with METRICS_PORT set stops its metrics endpoint on every shutdown. civetweb (which
+// served it before) noticed a stop only between its 2-second waits for a connection, and a
+// scrape started a new one: the stop right after a scrape took the full 2 s.
 TEST(MetricsHttpServerTest, StopsAtOnceRightAfterAScrape) {
   ServerMetrics metrics;
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
