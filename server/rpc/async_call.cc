@@ -13,6 +13,18 @@ AsyncCall* Received(void* tag) {
   return static_cast<AsyncCall*>(tag);
 }
 
+// Polls `done` until it says yes or `timeout` passes; whether it said yes. Only at shutdown, so
+// a poll: the calls' own path stays free of locks and signals.
+template <typename Done>
+bool WaitUntil(absl::Duration timeout, Done done) {
+  const SteadyTime give_up = SteadyNow() + ToSteadyDuration(timeout);
+  while (!done()) {
+    if (SteadyNow() >= give_up) return false;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return true;
+}
+
 }  // namespace
 
 AsyncCallQueues::AsyncCallQueues(std::unique_ptr<grpc::ServerCompletionQueue> arrivals,
@@ -37,13 +49,15 @@ void AsyncCallQueues::Run() {
 }
 
 bool AsyncCallQueues::WaitForCallsToEnd(absl::Duration timeout) const {
-  // Only at shutdown, so a poll: the calls' own path stays free of locks and signals.
-  const SteadyTime give_up = SteadyNow() + ToSteadyDuration(timeout);
-  while (calls_answering_.load(std::memory_order_acquire) > 0) {
-    if (SteadyNow() >= give_up) return false;
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  return true;
+  return WaitUntil(timeout,
+                   [this] { return calls_answering_.load(std::memory_order_acquire) == 0; });
+}
+
+bool AsyncCallQueues::WaitForCallsAndArrivals(absl::Duration timeout) const {
+  return WaitUntil(timeout, [this] {
+    return calls_answering_.load(std::memory_order_acquire) == 0 &&
+           calls_requested_.load(std::memory_order_acquire) == 0;
+  });
 }
 
 void AsyncCallQueues::TakeAnswers(bool everything) {

@@ -54,14 +54,23 @@ class AsyncCallQueues {
   // Run it on exactly one thread.
   void Run();
 
+  // A call was requested on arrivals() (before the request: its arrival, ok or not, will
+  // come back), or its arrival was taken.
+  void CallRequested() { calls_requested_.fetch_add(1, std::memory_order_relaxed); }
+  void CallArrived() { calls_requested_.fetch_sub(1, std::memory_order_release); }
   // A call began answering (it will start its answer on answers()), or ended (deleted).
   void CallBegan() { calls_answering_.fetch_add(1, std::memory_order_relaxed); }
   void CallEnded() { calls_answering_.fetch_sub(1, std::memory_order_release); }
-  // Waits until every call that began has ended, or for `timeout` (then false). gRPC's
-  // shutdown ends with the connections, not with these calls: one whose client cancelled it
-  // may still wait on a store, and must end before Shutdown, or its answer would start on a
-  // queue already shut down.
+  // Waits until every call that began has ended, or for `timeout` (then false).
   bool WaitForCallsToEnd(absl::Duration timeout) const;
+  // After the server has shut down, before Shutdown: WaitForCallsToEnd, and also until every
+  // requested call's arrival has been taken. gRPC's shutdown ends with the connections, not
+  // with these calls: one whose client cancelled it may still wait on a store, and an arrival
+  // may still wait on arrivals() (a call matched just before its connection closed). An answer,
+  // or the request for the next call that an arrival makes, started on a queue already shut
+  // down aborts the process in gRPC. (While the server runs, calls are always requested; once
+  // it has shut down, every outstanding request comes back at once, ok false.)
+  bool WaitForCallsAndArrivals(absl::Duration timeout) const;
   // Once the server has finished every call (no operation will start on either queue any
   // more): makes Run drain both queues and return.
   void Shutdown() { arrivals_->Shutdown(); }
@@ -80,6 +89,8 @@ class AsyncCallQueues {
   std::atomic<int64_t> expected_answers_{0};
   // Calls between CallBegan and CallEnded.
   std::atomic<int64_t> calls_answering_{0};
+  // Calls between CallRequested and CallArrived.
+  std::atomic<int64_t> calls_requested_{0};
 };
 
 }  // namespace sessionledger

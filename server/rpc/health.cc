@@ -55,6 +55,21 @@ bool HealthBoard::shutting_down() const {
   return shutting_down_;
 }
 
+void HealthBoard::EndWatches() {
+  Shutdown();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (watches_ending_) return;  // As for Shutdown: one round of wake-ups only.
+  watches_ending_ = true;
+  for (auto& [name, watchers] : watchers_) {
+    for (Watcher* watcher : watchers) watcher->Changed();
+  }
+}
+
+bool HealthBoard::watches_ending() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return watches_ending_;
+}
+
 void HealthBoard::AddWatcher(const std::string& service, Watcher* watcher) {
   std::lock_guard<std::mutex> lock(mutex_);
   watchers_[service].insert(watcher);
@@ -104,6 +119,7 @@ class HealthService::WatchCall final : public HealthBoard::Watcher {
     // Before the request, as gRPC requires: the notification then comes for every call that
     // arrives, cancelled or not, and for none that does not.
     context_.AsyncNotifyWhenDone(done_op_.Tag());
+    queues_.CallRequested();
     service_.RequestWatch(&context_, &request_, &writer_, queues_.arrivals(), queues_.arrivals(),
                           arrived_op_.Tag());
   }
@@ -140,6 +156,7 @@ class HealthService::WatchCall final : public HealthBoard::Watcher {
   void OnEvent(Event event, bool ok) {
     switch (event) {
       case Event::kArrived:
+        queues_.CallArrived();
         if (!ok) {
           // The server is shutting down before a call came: no other event will come.
           delete this;
@@ -184,9 +201,10 @@ class HealthService::WatchCall final : public HealthBoard::Watcher {
       Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"), std::nullopt);
       return;
     }
-    if (service_.board_.shutting_down()) {
+    if (service_.board_.watches_ending()) {
       // A stream that outlived shutdown would hold the drain for the whole grace period; it ends
-      // with NOT_SERVING sent, and the client reconnects elsewhere.
+      // with NOT_SERVING sent, and the client's next Watch meets a server that takes no calls
+      // (see HealthBoard::Shutdown).
       std::optional<HealthBoard::ServingStatus> last;
       if (last_sent_ != HealthCheckResponse::NOT_SERVING) last = HealthCheckResponse::NOT_SERVING;
       Finish(grpc::Status::OK, last);

@@ -22,7 +22,8 @@ inline constexpr char kSessionServiceName[] = "sessionledger.v1.SessionService";
 inline constexpr char kTransactionServiceName[] = "sessionledger.v1.TransactionService";
 
 // The serving status of each health-checked service name. Thread-safe. Once Shutdown() is
-// called every service reads NOT_SERVING for good, and Watch streams end.
+// called every service reads NOT_SERVING for good (Watch streams say so and stay open); once
+// EndWatches() is, Watch streams end.
 class HealthBoard {
  public:
   using ServingStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
@@ -43,9 +44,17 @@ class HealthBoard {
   // NOT_FOUND (std::nullopt) for a name the board does not know.
   std::optional<ServingStatus> Get(const std::string& service) const;
   // The first call makes every service NOT_SERVING for good and tells every watcher; later
-  // calls do nothing.
+  // calls do nothing. The start of the shutdown notice: Watch streams send NOT_SERVING but stay
+  // open, since gRPC's client-side health checking opens a new Watch at once, without backoff,
+  // when one that had sent a message ends, and while the server still takes calls the new one
+  // would come to this server again, round and round on the thread of the asynchronous calls.
   void Shutdown();
   bool shutting_down() const;
+  // Shutdown, and every Watch stream ends (OK, NOT_SERVING sent): called just before the
+  // server stops taking calls, so that a client's next Watch goes elsewhere and open streams
+  // do not hold the drain for the grace period.
+  void EndWatches();
+  bool watches_ending() const;
   // From AddWatcher until RemoveWatcher returns, `watcher` is told of every change of
   // `service`'s status and of Shutdown (read the status after adding, so that no change falls
   // in between). Once RemoveWatcher has returned, Changed is not running and will not be called.
@@ -59,6 +68,7 @@ class HealthBoard {
   std::map<std::string, ServingStatus> statuses_;
   std::map<std::string, std::set<Watcher*>> watchers_;
   bool shutting_down_ = false;
+  bool watches_ending_ = false;
 };
 
 // grpc.health.v1.Health served from our own compiled health.proto, so that reflection can

@@ -124,6 +124,7 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
         request_method_(request),
         answer_(answer),
         responder_(&context_) {
+    queues_.CallRequested();
     (handlers_.*request_method_)(&context_, &received_, &responder_, queues_.answers(),
                                  queues_.arrivals(), Tag());
   }
@@ -133,6 +134,7 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
   }
 
   void Proceed(bool ok) override {
+    if (!answering_) queues_.CallArrived();  // The first completion is the arrival.
     if (!ok || answering_) {
       // Shutting down before a call arrived, or the answer has gone out (or was cancelled).
       delete this;

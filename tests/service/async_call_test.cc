@@ -152,6 +152,18 @@ TEST_F(AsyncCallQueuesTest, TheSweepAlsoTakesCompletionsThatWereNotExpected) {
       << "the answer waited for the sweep: the unannounced completion was counted";
 }
 
+// A call matched just before its connection closed waits on arrivals() after gRPC's shutdown
+// has returned; taken after the queues shut down, the request its arrival makes for the next
+// call would abort the process. So the wait for calls also waits for every requested arrival.
+TEST_F(AsyncCallQueuesTest, TheWaitForCallsAlsoWaitsForEveryRequestedArrival) {
+  Start(absl::Hours(1));
+  EXPECT_TRUE(queues_->WaitForCallsAndArrivals(absl::Milliseconds(50)));
+  queues_->CallRequested();
+  EXPECT_FALSE(queues_->WaitForCallsAndArrivals(absl::Milliseconds(50)));
+  queues_->CallArrived();
+  EXPECT_TRUE(queues_->WaitForCallsAndArrivals(absl::Milliseconds(50)));
+}
+
 TEST_F(AsyncCallQueuesTest, ShutdownHandsOverWhatIsLeftAndReturns) {
   Start(absl::Hours(1));
   RecordingCall& answer = CompleteAnswer();

@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <filesystem>
+#include <future>
 #include <memory>
 #include <string>
 #include <thread>
@@ -81,7 +82,7 @@ class HealthWatchTest : public ::testing::Test {
     if (!serving_.joinable()) return true;
     server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
     server_->Wait();
-    const bool ended = queues_->WaitForCallsToEnd(absl::Seconds(5));
+    const bool ended = queues_->WaitForCallsAndArrivals(absl::Seconds(5));
     queues_->Shutdown();
     serving_.join();
     return ended;
@@ -140,22 +141,40 @@ TEST_F(HealthWatchTest, AnUnknownNameReadsServiceUnknownAndWaitsForItsOwnChange)
       << "something was sent before the name's own change";
 }
 
-TEST_F(HealthWatchTest, ShutdownSendsNotServingOnceAndEndsEveryStreamOk) {
+// The shutdown notice: streams say NOT_SERVING and stay open (gRPC's client health checking
+// would open the next Watch at once, on this server, had they ended); they end just before the
+// server stops taking calls.
+TEST_F(HealthWatchTest, ShutdownSendsNotServingOnceAndEndsEveryStreamOkOnlyAtTheNoticesEnd) {
   WatchStream overall(*stub_, "");
   WatchStream session(*stub_, kSessionServiceName);
   ASSERT_EQ(overall.Next(), HealthCheckResponse::SERVING);
   ASSERT_EQ(session.Next(), HealthCheckResponse::NOT_SERVING);
   board_.Shutdown();
   EXPECT_EQ(overall.Next(), HealthCheckResponse::NOT_SERVING);
-  EXPECT_EQ(overall.Next(), HealthCheckResponse::UNKNOWN) << "the stream did not end";
+  // A stream opened during the notice hears NOT_SERVING too.
+  WatchStream late(*stub_, "");
+  EXPECT_EQ(late.Next(), HealthCheckResponse::NOT_SERVING);
+  // Every stream is still open: none has left the board, and none ends meanwhile.
+  auto overall_next = std::async(std::launch::async, [&] { return overall.Next(); });
+  auto late_next = std::async(std::launch::async, [&] { return late.Next(); });
+  EXPECT_EQ(overall_next.wait_for(std::chrono::milliseconds(300)), std::future_status::timeout)
+      << "a stream ended during the notice";
+  EXPECT_EQ(late_next.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout)
+      << "a stream opened during the notice ended during it";
+  EXPECT_EQ(board_.watchers(), 3u);
+
+  board_.EndWatches();
+  EXPECT_EQ(overall_next.get(), HealthCheckResponse::UNKNOWN) << "the stream did not end";
+  EXPECT_EQ(late_next.get(), HealthCheckResponse::UNKNOWN) << "the stream did not end";
   EXPECT_EQ(session.Next(), HealthCheckResponse::UNKNOWN) << "NOT_SERVING was sent twice";
   EXPECT_TRUE(overall.reader->Finish().ok());
   EXPECT_TRUE(session.reader->Finish().ok());
-  // A stream opened during the notice period hears NOT_SERVING and ends at once.
-  WatchStream late(*stub_, "");
-  EXPECT_EQ(late.Next(), HealthCheckResponse::NOT_SERVING);
-  EXPECT_EQ(late.Next(), HealthCheckResponse::UNKNOWN);
   EXPECT_TRUE(late.reader->Finish().ok());
+  // A stream opened after that hears NOT_SERVING and ends at once.
+  WatchStream later(*stub_, "");
+  EXPECT_EQ(later.Next(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(later.Next(), HealthCheckResponse::UNKNOWN);
+  EXPECT_TRUE(later.reader->Finish().ok());
   EXPECT_TRUE(Eventually([&] { return board_.watchers() == 0; }));
   const absl::Time stopping = absl::Now();
   EXPECT_TRUE(StopServer(absl::Seconds(10))) << "a call was left when the queues shut down";

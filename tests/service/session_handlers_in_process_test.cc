@@ -34,8 +34,10 @@ class SessionHandlersTest : public ::testing::Test {
     stub_ = v1::SessionService::NewStub(server_->InProcessChannel(grpc::ChannelArguments()));
   }
   ~SessionHandlersTest() override {
+    // As ServerApp::Wait: the server, then every call and arrival, then the queues.
     server_->Shutdown();
     server_->Wait();
+    EXPECT_TRUE(queues_->WaitForCallsAndArrivals(absl::Seconds(5)));
     queues_->Shutdown();
     serving_.join();
   }

@@ -90,6 +90,31 @@ TEST(HealthBoardTest, ShutdownWakesEveryWatcherOnceAndRemovedOnesNever) {
   EXPECT_EQ(board.watchers(), 0u);
 }
 
+// The notice's end wakes every watcher once more (their streams end then), however often it
+// is called; a board that was never shut down is shut down by it.
+TEST(HealthBoardTest, EndingWatchesWakesEveryWatcherOnceMore) {
+  HealthBoard board;
+  CountingWatcher a;
+  board.AddWatcher("", &a);
+  board.Shutdown();
+  EXPECT_FALSE(board.watches_ending());
+  board.EndWatches();
+  board.EndWatches();
+  EXPECT_TRUE(board.watches_ending());
+  EXPECT_EQ(a.changes(), 2);
+  board.RemoveWatcher("", &a);
+
+  HealthBoard never_shut_down;
+  CountingWatcher b;
+  never_shut_down.AddWatcher(kSessionServiceName, &b);
+  never_shut_down.EndWatches();
+  EXPECT_TRUE(never_shut_down.shutting_down());
+  EXPECT_TRUE(never_shut_down.watches_ending());
+  EXPECT_EQ(never_shut_down.Get(""), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(b.changes(), 2);
+  never_shut_down.RemoveWatcher(kSessionServiceName, &b);
+}
+
 TEST(HealthMonitorTest, MapsProbesToServices) {
   HealthBoard board;
   Logger logger(LogLevel::kError, -1);
