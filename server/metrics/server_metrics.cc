@@ -133,9 +133,15 @@ std::string ServerMetrics::RenderText() const {
 
 namespace {
 
-// How long one connection may take, from its accept to the last byte of the answer: a client
-// that sends its request slowly (or never) holds up the next scrape no longer than this.
-constexpr absl::Duration kMetricsRequestTimeout = absl::Seconds(5);
+// Connections are served one at a time. A scrape's request is a few hundred bytes sent at
+// once, so a client that has not sent all of it within a second (or never) is dropped: a few
+// such connections cannot hold up a scrape past Prometheus's 10 s timeout. The answer may take
+// longer to go out to a slow reader.
+constexpr absl::Duration kMetricsRequestTimeout = absl::Seconds(1);
+constexpr absl::Duration kMetricsAnswerTimeout = absl::Seconds(5);
+// After an accept that failed for want of descriptors or memory: the connection stays queued,
+// so accepting again at once would spin on a core until one is free.
+constexpr absl::Duration kAcceptRetryPause = absl::Milliseconds(100);
 // A scrape's request is a request line and a few headers.
 constexpr size_t kMaxRequestBytes = 8192;
 
@@ -252,7 +258,13 @@ void MetricsHttpServer::Run() {
     const int ready = WaitFor(listen_fd_, POLLIN, stop_fd_, absl::InfiniteFuture());
     if (ready < 0) return;
     const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) continue;  // Gone before we took it, or out of descriptors for now.
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        // The stop still ends the pause at once.
+        if (WaitFor(stop_fd_, POLLIN, stop_fd_, absl::Now() + kAcceptRetryPause) < 0) return;
+      }
+      continue;  // Otherwise it went away before we took it.
+    }
     const bool go_on = Serve(fd);
     close(fd);
     if (!go_on) return;
@@ -260,7 +272,8 @@ void MetricsHttpServer::Run() {
 }
 
 bool MetricsHttpServer::Serve(int fd) {
-  const absl::Time give_up = absl::Now() + kMetricsRequestTimeout;
+  const absl::Time accepted = absl::Now();
+  const absl::Time give_up = accepted + kMetricsRequestTimeout;
   std::string request;
   char buffer[2048];
   while (request.find("\r\n\r\n") == std::string::npos &&
@@ -299,7 +312,7 @@ bool MetricsHttpServer::Serve(int fd) {
       continue;
     }
     if (n < 0 && errno != EAGAIN && errno != EINTR) return true;
-    const int ready = WaitFor(fd, POLLOUT, stop_fd_, give_up);
+    const int ready = WaitFor(fd, POLLOUT, stop_fd_, accepted + kMetricsAnswerTimeout);
     if (ready <= 0) return ready == 0;
   }
   return true;

@@ -79,9 +79,9 @@ class ServerMetrics {
 // Serves GET /metrics (ServerMetrics::RenderText) over HTTP/1.x on `port` of every local IPv6
 // and IPv4 address, as gRPC listens on [::]. (Not prometheus-cpp's Exposer: Debian 12 builds its
 // civetweb without IPv6, so it could listen on IPv4 only, and a scraper that reaches pods over
-// IPv6 found nothing.) One thread, "sl-metrics-http", answers one connection at a time, each
-// within kMetricsRequestTimeout, then closes it; scrapes come seconds apart. Stops on
-// destruction, at once, even in the middle of a connection.
+// IPv6 found nothing.) One thread, "sl-metrics-http", answers one connection at a time, then
+// closes it; scrapes come seconds apart. A connection gets a second to send its request and
+// five to take the answer. Stops on destruction, at once, even in the middle of a connection.
 class MetricsHttpServer {
  public:
   // UNAVAILABLE when the port cannot be bound. Port 0 picks a free one (port()).

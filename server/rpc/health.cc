@@ -156,15 +156,16 @@ class HealthService::WatchCall final : public HealthBoard::Watcher {
   void OnEvent(Event event, bool ok) {
     switch (event) {
       case Event::kArrived:
-        queues_.CallArrived();
         if (!ok) {
           // The server is shutting down before a call came: no other event will come.
+          queues_.CallArrived();
           delete this;
           return;
         }
         arrived_ok_ = true;
         queues_.CallBegan();
         new WatchCall(service_, queues_);  // The next caller.
+        queues_.CallArrived();             // Only now: see UnaryCall::Proceed.
         service_.board_.AddWatcher(request_.service(), this);
         break;
       case Event::kWritten:

@@ -134,15 +134,18 @@ class SessionHandlers::UnaryCall final : public AsyncCall {
   }
 
   void Proceed(bool ok) override {
-    if (!answering_) queues_.CallArrived();  // The first completion is the arrival.
     if (!ok || answering_) {
       // Shutting down before a call arrived, or the answer has gone out (or was cancelled).
+      if (!answering_) queues_.CallArrived();
       delete this;
       return;
     }
     answering_ = true;
     queues_.CallBegan();
     new UnaryCall(handlers_, queues_, method_, request_method_, answer_);  // The next caller.
+    // Arrived only now, with this call answering and the next one requested: the wait for
+    // calls and arrivals must never see both counts at zero in between.
+    queues_.CallArrived();
     if (grpc::Status parsed = ParseRequest(method_, received_, request_); !parsed.ok()) {
       Finish(std::move(parsed));
       return;

@@ -64,4 +64,19 @@ $want"
 }
 STUB_START_FAILS=1 start_then_stop "a backing-services start that failed half-way"
 STUB_START_FAILS=0 start_then_stop "memcached-1 up before the start"
+
+# An empty list, left by an older `cluster start`, means every service: a later start must not
+# shrink it to the services it finds down, or `stop` would leave the others running.
+mkdir -p "$SL_STATE_DIR/cluster"
+: >"$SL_STATE_DIR/cluster/started-backing-services"
+rm -f "$calls"
+STUB_START_FAILS=0 run_capturing_stderr "$checkout/scripts/cluster" start 2
+run_capturing_stderr "$checkout/scripts/cluster" stop
+((rc == 0)) || fail "an older empty list: cluster stop: exit $rc: $err"
+got=$(grep -vx env "$calls")
+want=$(printf '%s\n' status start stop)
+[[ $got == "$want" ]] || fail "an older empty list: backing-services was asked:
+$got
+want
+$want"
 echo "cluster_backing_test: ok"

@@ -1,10 +1,13 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
@@ -87,6 +90,78 @@ TEST(MetricsHttpServerTest, StopsAtOnceWhileAClientSendsNothing) {
   server->reset();
   EXPECT_LT(absl::Now() - stopping, absl::Milliseconds(1000));
   close(fd);
+}
+
+// Connections are served one at a time: three that never send their request hold a scrape up
+// for about a second each, not for the five seconds an answer may take (three of those would
+// pass Prometheus's 10 s scrape timeout).
+TEST(MetricsHttpServerTest, SilentClientsHoldAScrapeUpOnlyBriefly) {
+  ServerMetrics metrics;
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  ASSERT_TRUE(server.ok()) << server.status();
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = htons(static_cast<uint16_t>((*server)->port()));
+  std::vector<int> silent;
+  for (int i = 0; i < 3; ++i) {
+    silent.push_back(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ASSERT_EQ(connect(silent.back(), reinterpret_cast<const sockaddr*>(&address), sizeof address),
+              0);
+  }
+  const absl::Time start = absl::Now();
+  const absl::StatusOr<std::string> scraped = testing::HttpGet((*server)->port(), "/metrics");
+  const absl::Duration took = absl::Now() - start;
+  for (int fd : silent) close(fd);
+  ASSERT_TRUE(scraped.ok()) << scraped.status();
+  EXPECT_TRUE(absl::StartsWith(*scraped, "HTTP/1.1 200 ")) << *scraped;
+  EXPECT_LT(took, absl::Seconds(6)) << "each silent client held the thread for 5 s";
+}
+
+// Out of descriptors, an accept fails and the connection stays queued: accepting again at once
+// spun the serving thread on a core until one was free. It pauses instead, and serves the
+// connection once a descriptor is free again.
+TEST(MetricsHttpServerTest, OutOfDescriptorsItWaitsInsteadOfSpinning) {
+  ServerMetrics metrics;
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  ASSERT_TRUE(server.ok()) << server.status();
+  rlimit before{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &before), 0);
+  // With the limit at the lowest free descriptor, the server's accept has none left.
+  const int client = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(client, 0);
+  const int lowest_free = dup(client);
+  ASSERT_GE(lowest_free, 0);
+  close(lowest_free);
+  rlimit scarce = before;
+  scarce.rlim_cur = static_cast<rlim_t>(lowest_free);
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &scarce), 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = htons(static_cast<uint16_t>((*server)->port()));
+  const bool connected =
+      connect(client, reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0;
+  timespec cpu_start{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu_start);
+  absl::SleepFor(absl::Milliseconds(500));
+  timespec cpu_end{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu_end);
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &before), 0);
+  ASSERT_TRUE(connected);
+  const absl::Duration cpu =
+      absl::DurationFromTimespec(cpu_end) - absl::DurationFromTimespec(cpu_start);
+  EXPECT_LT(cpu, absl::Milliseconds(100)) << "the serving thread spun while out of descriptors";
+  // With a descriptor free again, the queued connection is served.
+  const std::string request = "GET /metrics HTTP/1.1\r\n\r\n";
+  ASSERT_EQ(write(client, request.data(), request.size()), static_cast<ssize_t>(request.size()));
+  std::string response;
+  char buffer[4096];
+  ssize_t n;
+  while ((n = read(client, buffer, sizeof buffer)) > 0)
+    response.append(buffer, static_cast<size_t>(n));
+  close(client);
+  EXPECT_TRUE(absl::StartsWith(response, "HTTP/1.1 200 ")) << response;
 }
 
 // A server with METRICS_PORT set stops its metrics endpoint on every shutdown. civetweb (which
