@@ -21,38 +21,14 @@
 namespace sessionledger {
 namespace {
 
-// GET `path` from [::1]:port with HTTP/1.1; what came back, or UNAVAILABLE when nothing listens.
-absl::StatusOr<std::string> HttpGetOverIpv6(int port, const std::string& path) {
-  const int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return absl::UnavailableError("no IPv6 socket");
-  sockaddr_in6 address{};
-  address.sin6_family = AF_INET6;
-  address.sin6_addr = in6addr_loopback;
-  address.sin6_port = htons(static_cast<uint16_t>(port));
-  if (connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
-    close(fd);
-    return absl::UnavailableError(absl::StrCat("nothing listens on [::1]:", port));
-  }
-  const std::string request = absl::StrCat("GET ", path, " HTTP/1.1\r\nHost: [::1]\r\n\r\n");
-  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
-    close(fd);
-    return absl::UnavailableError("short write");
-  }
-  std::string response;
-  char buffer[4096];
-  ssize_t n;
-  while ((n = read(fd, buffer, sizeof buffer)) > 0) response.append(buffer, static_cast<size_t>(n));
-  close(fd);
-  return response;
-}
-
 // gRPC listens on [::], so a scraper that reaches pods over IPv6 expects /metrics there too;
 // civetweb as Debian builds it listened on IPv4 only. Both must answer.
 TEST(MetricsHttpServerTest, ServesOverIpv6AndIpv4) {
   ServerMetrics metrics;
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
   ASSERT_TRUE(server.ok()) << server.status();
-  const absl::StatusOr<std::string> over_ipv6 = HttpGetOverIpv6((*server)->port(), "/metrics");
+  const absl::StatusOr<std::string> over_ipv6 =
+      testing::HttpGet((*server)->port(), "/metrics", /*over_ipv6=*/true);
   ASSERT_TRUE(over_ipv6.ok()) << over_ipv6.status();
   EXPECT_TRUE(absl::StartsWith(*over_ipv6, "HTTP/1.1 200 OK\r\n")) << *over_ipv6;
   EXPECT_TRUE(absl::StrContains(*over_ipv6, "\nsessionledger_rpc_in_flight 0\n")) << *over_ipv6;

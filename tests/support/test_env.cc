@@ -129,17 +129,25 @@ void BackingServices(const std::vector<std::string>& args) {
                                   << result->output;
 }
 
-absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+absl::StatusOr<std::string> HttpGet(int port, const std::string& path, bool over_ipv6) {
+  const int fd = socket(over_ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::UnavailableError("no socket of that family");
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   addr.sin_port = htons(static_cast<uint16_t>(port));
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+  sockaddr_in6 addr6{};
+  addr6.sin6_family = AF_INET6;
+  addr6.sin6_addr = in6addr_loopback;
+  addr6.sin6_port = htons(static_cast<uint16_t>(port));
+  const int connected = over_ipv6 ? connect(fd, reinterpret_cast<sockaddr*>(&addr6), sizeof(addr6))
+                                  : connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  const std::string host = over_ipv6 ? "[::1]" : "127.0.0.1";
+  if (connected != 0) {
     close(fd);
-    return absl::UnavailableError(absl::StrCat("nothing listens on port ", port));
+    return absl::UnavailableError(absl::StrCat("nothing listens on ", host, ":", port));
   }
-  const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+  const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: ", host, "\r\n\r\n");
   if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
     close(fd);
     return absl::UnavailableError("short write");

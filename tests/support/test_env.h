@@ -108,9 +108,9 @@ class FrozenMemcached {
   std::vector<pid_t> pids_;
 };
 
-// GET http://127.0.0.1:<port><path> with HTTP/1.0; returns status line, headers and body as
-// received. UNAVAILABLE when nothing answers.
-absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
+// GET http://127.0.0.1:<port><path> (http://[::1]:<port><path> `over_ipv6`) with HTTP/1.0;
+// returns status line, headers and body as received. UNAVAILABLE when nothing answers.
+absl::StatusOr<std::string> HttpGet(int port, const std::string& path, bool over_ipv6 = false);
 
 // Whether the server whose /metrics is on `metrics_port` holds exactly `calls` RPCs, from their
 // arrival to their answer (sessionledger_rpc_in_flight). For a test that needs a call to have

@@ -8,6 +8,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/captured_log.h"
 
 namespace sessionledger {
 namespace {
@@ -16,28 +17,7 @@ using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
-// A logger writing into an unlinked temporary file, read back whole.
-class CapturedLog {
- public:
-  CapturedLog() : file_(tmpfile()), logger_(LogLevel::kDebug, fileno(file_)) {}
-  ~CapturedLog() { fclose(file_); }
-  Logger& logger() { return logger_; }
-  std::string Read() {
-    std::string out;
-    char buffer[4096];
-    ssize_t n;
-    off_t offset = 0;
-    while ((n = pread(fileno(file_), buffer, sizeof(buffer), offset)) > 0) {
-      out.append(buffer, static_cast<size_t>(n));
-      offset += n;
-    }
-    return out;
-  }
-
- private:
-  FILE* const file_;
-  Logger logger_;
-};
+using ::sessionledger::testing::CapturedLog;
 
 // grpc_init does this in the server; until then gRPC logs nothing at all (GRPC_VERBOSITY unread).
 void LogLikeTheServer() { gpr_log_verbosity_init(); }

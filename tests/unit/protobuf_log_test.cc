@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "sessionledger/v1/session.pb.h"
 #include "sessionledger/v1/transaction.pb.h"
+#include "tests/support/captured_log.h"
 
 namespace sessionledger {
 namespace {
@@ -21,28 +22,7 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
-// A logger writing into an unlinked temporary file, read back whole.
-class CapturedLog {
- public:
-  CapturedLog() : file_(tmpfile()), logger_(LogLevel::kDebug, fileno(file_)) {}
-  ~CapturedLog() { fclose(file_); }
-  Logger& logger() { return logger_; }
-  std::string Read() {
-    std::string out;
-    char buffer[4096];
-    ssize_t n;
-    off_t offset = 0;
-    while ((n = pread(fileno(file_), buffer, sizeof(buffer), offset)) > 0) {
-      out.append(buffer, static_cast<size_t>(n));
-      offset += n;
-    }
-    return out;
-  }
-
- private:
-  FILE* const file_;
-  Logger logger_;
-};
+using ::sessionledger::testing::CapturedLog;
 
 // A TransferRequest whose idempotency_key (field 4) is not UTF-8, in wire format.
 std::string BadTransfer() {
