@@ -54,9 +54,12 @@ bool AsyncCallQueues::WaitForCallsToEnd(absl::Duration timeout) const {
 }
 
 bool AsyncCallQueues::WaitForCallsAndArrivals(absl::Duration timeout) const {
+  // Requested first: once the server is down, it reaches zero only after every arrival has
+  // counted itself as answering, and nothing raises either count afterwards. Read the other way
+  // round, an arrival could begin answering between the two reads and be missed.
   return WaitUntil(timeout, [this] {
-    return calls_answering_.load(std::memory_order_acquire) == 0 &&
-           calls_requested_.load(std::memory_order_acquire) == 0;
+    return calls_requested_.load(std::memory_order_acquire) == 0 &&
+           calls_answering_.load(std::memory_order_acquire) == 0;
   });
 }
 

@@ -572,10 +572,13 @@ SessionService::Edit SessionService::TouchEdit(bool touch) {
     // collide again; now the loser's re-read finds the winner's slide and is done. memcached
     // keeps whole seconds anyway. Half the idle timeout when that is shorter: a second to gain
     // comes to a one-second session only once it has expired, so no touch could keep it alive.
-    const int64_t least_gain =
-        std::min(absl::ToInt64Microseconds(kTouchGranularity),
-                 std::max<int64_t>(0, s.ttl_seconds()) * (int64_t{1'000'000} / 2));
-    if (slid < s.expires_at_unix_micros() + least_gain) return false;
+    // In absl::Duration, which saturates: both numbers come from Memcached, where a corrupt or
+    // forged value may be anything.
+    const absl::Duration least_gain =
+        std::min(kTouchGranularity, absl::Seconds(std::max<int64_t>(0, s.ttl_seconds())) / 2);
+    if (absl::Microseconds(slid) - absl::Microseconds(s.expires_at_unix_micros()) < least_gain) {
+      return false;
+    }
     s.set_expires_at_unix_micros(slid);
     return true;
   };

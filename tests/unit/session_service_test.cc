@@ -822,6 +822,21 @@ TEST_F(SessionServiceTest, ATokenNamingAnotherUsersTagIsRejected) {
   EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
 }
 
+// A stored session's idle timeout comes from Memcached like the rest of it: a corrupt or forged
+// one of any size is touched without overflowing (UBSan in the sanitized run), and, as the
+// session's own expiry is its own, without harm beyond the session it names.
+TEST_F(SessionServiceTest, AnEnormousStoredIdleTimeoutIsTouchedWithoutOverflow) {
+  SessionView v = MustCreate("alice");
+  SessionKey key = *KeyForToken(v.token);
+  storage::v1::StoredSession forged = v.stored;
+  forged.set_ttl_seconds(std::numeric_limits<int64_t>::max());
+  ASSERT_TRUE(store_->Put(key, forged, absl::Seconds(60), Deadline()).ok());
+  clock_.Advance(absl::Seconds(5));
+  absl::StatusOr<SessionView> touched = Get(v.token, /*touch=*/true);
+  ASSERT_TRUE(touched.ok()) << touched.status();
+  EXPECT_EQ(touched->stored.expires_at_unix_micros(), forged.absolute_expires_at_unix_micros());
+}
+
 // ---------------------------------------------------------------------------------------------
 // CreateAsync, GetAsync and UpdateAsync
 
