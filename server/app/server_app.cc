@@ -365,7 +365,7 @@ void ServerApp::Wait() {
     // gRPC's shutdown ends with the connections. An asynchronous call whose client cancelled it
     // meanwhile may still wait on Memcached or the blocking threads; it ends by its deadline
     // (the store answers every request by then), and must, before the queues shut down. (Watch
-    // streams ended when the board shut down, or were cancelled with the connections.)
+    // streams ended at the notice's end, EndWatches, or were cancelled with the connections.)
     const absl::Duration longest_call = config_.default_call_timeout + absl::Seconds(5);
     if (!async_queues_->WaitForCallsAndArrivals(longest_call)) {
       // A store broke its promise to answer by the deadline. Going on would free the queues

@@ -889,7 +889,8 @@ absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::
   // the count reads every session of the user, and when that read failed (a slow node, a large
   // index, the deadline) nothing used to be revoked. Counted afterwards, the sessions ended are
   // those stamped from the generation it found up to below the new one, so a revocation that
-  // overlaps another does not count the other's sessions again.
+  // reads the generation after another raised it does not count the other's sessions again
+  // (two that read it at the same moment may both count them).
   //
   // The new generation is at least the time now, in microseconds. memcached may evict the small
   // generation item (its slab class fills on its own) while the user's sessions live on; one
