@@ -867,6 +867,81 @@ TEST(ServerProcessTest, AMigrateWithNothingToApplyChangesNothing) {
   EXPECT_TRUE(serving.ok()) << serving.status();
 }
 
+// Migration 3 needs an exclusive lock on transactions for a moment. Behind a long transaction
+// it would queue every ledger call of the serving pods behind itself, so it gives up after its
+// lock_timeout instead, changes nothing, and applies when run again once the lock is free.
+TEST(ServerProcessTest, AMigrationBehindALongTransactionGivesUpAndAppliesLater) {
+  const std::string database = "sl_migrate_lock_timeout_test";
+  RecreateMigratedDatabase(database);
+  const std::string url = DatabaseUrlFor(database);
+  const auto psql = [&](const std::string& sql) {
+    auto result = RunCommand({"psql", url, "-v", "ON_ERROR_STOP=1", "-Atc", sql});
+    EXPECT_TRUE(result.ok()) << result.status();
+    EXPECT_EQ(result.ok() ? result->exit_code : -1, 0) << (result.ok() ? result->output : "");
+    return result.ok() ? result->output : std::string();
+  };
+  const std::string column_default =
+      "SELECT column_default FROM information_schema.columns "
+      "WHERE table_name = 'transactions' AND column_name = 'created_at'";
+  // Back to the schema before migration 3.
+  psql(
+      "ALTER TABLE transactions ALTER COLUMN created_at SET DEFAULT now(); "
+      "DELETE FROM schema_migrations WHERE version >= 3");
+  ASSERT_EQ(psql(column_default), "now()\n");
+
+  // A reader that keeps its lock for longer than the migrate below is given.
+  constexpr absl::string_view kHolder = "sl_lock_holder";
+  absl::StatusOr<CommandResult> holder_result = absl::UnknownError("not run");
+  std::thread holder([&] {
+    holder_result = RunCommand(
+        {"psql", url, "-qc",
+         "BEGIN; LOCK TABLE transactions IN ACCESS SHARE MODE; SELECT pg_sleep(60); COMMIT"},
+        {{"PGAPPNAME", std::string(kHolder)}}, absl::Seconds(90));
+  });
+  const auto end_holder = [&] {
+    psql(
+        absl::StrCat("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE application_name = '",
+                     kHolder, "'"));
+    holder.join();
+  };
+  const bool lock_held = PollUntil(
+      absl::Now() + absl::Seconds(10),
+      [&] {
+        return psql(absl::StrCat("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
+                                 "USING (pid) WHERE a.application_name = '",
+                                 kHolder,
+                                 "' AND l.relation = 'transactions'::regclass "
+                                 "AND l.granted")) == "1\n";
+      },
+      absl::Milliseconds(20));
+  if (!lock_held) end_holder();
+  ASSERT_TRUE(lock_held);
+
+  const absl::Time started = absl::Now();
+  auto refused =
+      RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}}, absl::Seconds(20));
+  const absl::Duration took = absl::Now() - started;
+  const bool holder_still_waiting =
+      psql(absl::StrCat("SELECT count(*) FROM pg_stat_activity WHERE application_name = '", kHolder,
+                        "'")) == "1\n";
+  end_holder();
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_NE(refused->exit_code, 0) << refused->output;
+  EXPECT_THAT(refused->output, HasSubstr("lock timeout"));
+  EXPECT_LT(took, absl::Seconds(10)) << "waited for the lock instead of giving up";
+  EXPECT_TRUE(holder_still_waiting) << "the lock was released before migrate gave up";
+  EXPECT_EQ(psql("SELECT max(version) FROM schema_migrations"), "2\n");
+  EXPECT_EQ(psql(column_default), "now()\n") << "half-applied";
+
+  auto applied = RunCommand({SL_SERVER_BINARY, "migrate"}, {{"DATABASE_URL", url}});
+  ASSERT_TRUE(applied.ok()) << applied.status();
+  EXPECT_EQ(applied->exit_code, 0) << applied->output;
+  EXPECT_EQ(psql("SELECT max(version) FROM schema_migrations"),
+            absl::StrCat(LatestSchemaVersion(), "\n"));
+  EXPECT_EQ(psql(column_default), "clock_timestamp()\n");
+}
+
 TEST(ServerProcessTest, ConcurrentMigrationsAreSafeAndIdempotent) {
   const std::string database = "sl_concurrent_migrate_test";
   RecreateDatabase(database);
