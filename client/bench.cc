@@ -123,10 +123,13 @@ class LoadGenerator {
       sessions_.push_back(SessionService::NewStub(channel));
       ledger_.push_back(TransactionService::NewStub(channel));
     }
+    const int shards = std::min(options.concurrency, kMaxLatencyShards);
+    for (int i = 0; i < shards; ++i) latency_shards_.push_back(std::make_unique<LatencyShard>());
     for (int i = 0; i < options.concurrency; ++i) {
       auto slot = std::make_unique<Slot>();
       slot->index = i;
       slot->connection = static_cast<size_t>(i) % health_.size();
+      slot->latency_shard = latency_shards_[static_cast<size_t>(i % shards)].get();
       slots_.push_back(std::move(slot));
     }
   }
@@ -223,6 +226,15 @@ class LoadGenerator {
  private:
   enum Phase { kWarmup, kMeasure, kStop };
 
+  // Latencies are kept per shard of slots rather than per slot: a histogram takes ~22 KiB,
+  // which at the largest --concurrency would be gigabytes. Up to 64 slots each have a shard
+  // of their own; beyond that, slots sharing a shard take turns for its lock.
+  static constexpr int kMaxLatencyShards = 64;
+  struct LatencyShard {
+    std::mutex mutex;
+    LatencyHistogram latencies;  // guarded by mutex
+  };
+
   // One closed-loop client: exactly one call in flight, so its fields are only touched by
   // that call's completion (gRPC orders callbacks, and a queue's events, after the call that
   // raised them) and, once every slot has finished, by Run().
@@ -255,7 +267,7 @@ class LoadGenerator {
     std::unique_ptr<grpc::ClientAsyncResponseReader<v1::Transaction>> transaction_reader;
     grpc::Status status;
 
-    LatencyHistogram latencies;
+    LatencyShard* latency_shard = nullptr;
     std::array<uint64_t, kStatusCodes> codes{};
     std::atomic<uint64_t> completed{0};  // read by the progress line
     std::atomic<uint64_t> failed{0};
@@ -322,8 +334,10 @@ class LoadGenerator {
     slot.next_start += interval_;
     const steady_clock::time_point now = steady_clock::now();
     if (due <= now) {
-      // Behind schedule: start at once but count the latency from when the call was due.
-      StartCall(slot, due);
+      // Behind schedule: start at once but count the latency from when the call was due, as
+      // the slot's previous call made it late. Its first call has none: if that is late, the
+      // client was (starting thousands of slots takes a while), so it counts from now.
+      StartCall(slot, slot.sequence == 1 ? now : due);
       return;
     }
     bool earliest = false;
@@ -480,7 +494,8 @@ class LoadGenerator {
       const size_t code = static_cast<size_t>(status.error_code());
       ++slot.codes[code < kStatusCodes ? code : 2];
       if (status.ok()) {
-        slot.latencies.Record(static_cast<uint64_t>(
+        std::lock_guard<std::mutex> lock(slot.latency_shard->mutex);
+        slot.latency_shard->latencies.Record(static_cast<uint64_t>(
             std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count()));
       }
     }
@@ -548,8 +563,11 @@ class LoadGenerator {
   BenchResult Collect(double seconds, const CpuSample& cpu_start, const CpuSample& cpu_end) const {
     LatencyHistogram latencies;
     std::array<uint64_t, kStatusCodes> codes{};
+    for (const auto& shard : latency_shards_) {
+      std::lock_guard<std::mutex> lock(shard->mutex);
+      latencies.Merge(shard->latencies);
+    }
     for (const auto& slot : slots_) {
-      latencies.Merge(slot->latencies);
       for (size_t i = 0; i < kStatusCodes; ++i) codes[i] += slot->codes[i];
     }
     BenchResult r;
@@ -584,6 +602,7 @@ class LoadGenerator {
   std::vector<std::unique_ptr<Health::Stub>> health_;
   std::vector<std::unique_ptr<SessionService::Stub>> sessions_;
   std::vector<std::unique_ptr<TransactionService::Stub>> ledger_;
+  std::vector<std::unique_ptr<LatencyShard>> latency_shards_;
   std::vector<std::unique_ptr<Slot>> slots_;
 
   // --rate: time between one slot's iterations, and the slots waiting for their turn.

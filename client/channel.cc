@@ -109,7 +109,25 @@ absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& pat
 
 absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& targets) {
   if (targets.empty()) return absl::InvalidArgumentError("--target: no address given");
-  if (targets.size() == 1) return targets.front();
+  if (targets.size() == 1) {
+    // A URI of another resolver (unix:, ipv4:, xds:///...) is gRPC's to read. A plain address
+    // is checked here: gRPC would take "localhost" to mean port 443 and "host:abc" to mean
+    // port 0, and report either as UNAVAILABLE after sending nothing useful (or the token to
+    // a port nobody meant).
+    const std::string& target = targets.front();
+    const bool plain =
+        absl::StartsWith(target, "dns:///") ||
+        (!absl::StrContains(target, "://") && !absl::StartsWith(target, "dns:") &&
+         !absl::StartsWith(target, "unix:") && !absl::StartsWith(target, "unix-abstract:") &&
+         !absl::StartsWith(target, "ipv4:") && !absl::StartsWith(target, "ipv6:") &&
+         !absl::StartsWith(target, "vsock:"));
+    if (plain) {
+      absl::StatusOr<HostPort> checked =
+          SplitHostPort(absl::StartsWith(target, "dns:///") ? target.substr(7) : target);
+      if (!checked.ok()) return checked.status();
+    }
+    return target;
+  }
 
   // Per host, its addresses of each family: names like "localhost" resolve to both.
   std::vector<std::string> v4;

@@ -90,16 +90,27 @@ constexpr double kHighestRate = 1e9;
 // tokens are URL-safe base64, which can start with "--". So a name that does not look like
 // one of ours is not echoed (the message would put a secret on the terminal and in logs),
 // and the message says how to pass such an argument.
-absl::Status UnknownOption(const std::string& name, const std::string& arg) {
+// Whether `word` could be one of our option or command names, and so may be echoed in a usage
+// error: anything else (a token in the wrong place, say) is described by its length only.
+bool LooksLikeOurName(const std::string& word) {
   constexpr size_t kLongestEchoed = 20;  // our longest option name has 15 characters
-  const bool looks_like_option =
-      name.size() <= kLongestEchoed && std::all_of(name.begin(), name.end(), [](char c) {
-        return absl::ascii_islower(static_cast<unsigned char>(c)) ||
-               absl::ascii_isdigit(static_cast<unsigned char>(c)) || c == '-';
-      });
+  return word.size() <= kLongestEchoed && std::all_of(word.begin(), word.end(), [](char c) {
+           return absl::ascii_islower(static_cast<unsigned char>(c)) ||
+                  absl::ascii_isdigit(static_cast<unsigned char>(c)) || c == '-';
+         });
+}
+
+// A misplaced word for a usage error: itself when it looks like a name of ours, otherwise only
+// its length.
+std::string Quoted(const std::string& word) {
+  return LooksLikeOurName(word) ? absl::StrCat("'", word, "'")
+                                : absl::StrCat("of ", word.size(), " characters");
+}
+
+absl::Status UnknownOption(const std::string& name, const std::string& arg) {
   return UsageError(absl::StrCat(
-      looks_like_option ? absl::StrCat("unknown option --", name)
-                        : absl::StrCat("unknown option of ", arg.size(), " characters"),
+      LooksLikeOurName(name) ? absl::StrCat("unknown option --", name)
+                             : absl::StrCat("unknown option of ", arg.size(), " characters"),
       "; an argument that starts with '-' (a token can) goes after '--', which ends the "
       "options, e.g. session get -- TOKEN"));
 }
@@ -336,16 +347,27 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
     if (positional.empty()) return std::nullopt;
     return positional.front();
   };
-  // A value from an option or, failing that, the positional argument.
-  auto option_or_positional = [&](const std::string& flag) -> std::optional<std::string> {
-    if (auto v = t.Last(flag)) return v;
-    return first_positional();
+  // A value from an option or from the positional argument. Both at once is refused rather
+  // than one silently dropped: "session revoke alice --user-id bob" must not revoke bob.
+  auto option_or_positional =
+      [&](const std::string& flag) -> absl::StatusOr<std::optional<std::string>> {
+    std::optional<std::string> option = t.Last(flag);
+    if (option.has_value() && !positional.empty()) {
+      return UsageError(absl::StrCat("give the argument or --", flag, ", not both"));
+    }
+    return option.has_value() ? option : first_positional();
   };
   auto required = [&](const std::optional<std::string>& v, const std::string& what,
                       std::string& into) -> absl::Status {
     if (!v.has_value() || v->empty()) return UsageError(absl::StrCat("missing ", what));
     into = *v;
     return absl::OkStatus();
+  };
+  auto required_option_or_positional = [&](const std::string& flag, const std::string& what,
+                                           std::string& into) -> absl::Status {
+    absl::StatusOr<std::optional<std::string>> v = option_or_positional(flag);
+    if (!v.ok()) return v.status();
+    return required(*v, what, into);
   };
   auto int_flag = [&](const std::string& flag, int64_t& into) -> absl::Status {
     if (auto v = t.Last(flag)) {
@@ -376,11 +398,14 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
   switch (o.command) {
     case Command::kHelp:
       return absl::OkStatus();
-    case Command::kHealth:
-      o.health_service = option_or_positional("service").value_or("");
+    case Command::kHealth: {
+      absl::StatusOr<std::optional<std::string>> service = option_or_positional("service");
+      if (!service.ok()) return service.status();
+      o.health_service = service->value_or("");
       return absl::OkStatus();
+    }
     case Command::kSessionCreate: {
-      absl::Status s = required(option_or_positional("user-id"), "--user-id", o.user_id);
+      absl::Status s = required_option_or_positional("user-id", "--user-id", o.user_id);
       if (!s.ok()) return s;
       if (auto v = t.Last("ttl")) {
         absl::StatusOr<int64_t> seconds = ParseTtl(*v);
@@ -414,11 +439,11 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
       return session_token();
     case Command::kSessionList:
     case Command::kSessionRevoke:
-      return required(option_or_positional("user-id"), "--user-id", o.user_id);
+      return required_option_or_positional("user-id", "--user-id", o.user_id);
     case Command::kAccountOpen:
-      return required(option_or_positional("currency"), "--currency", o.currency);
+      return required_option_or_positional("currency", "--currency", o.currency);
     case Command::kAccountGet:
-      return required(option_or_positional("account"), "ACCOUNT_ID", o.account_id);
+      return required_option_or_positional("account", "ACCOUNT_ID", o.account_id);
     case Command::kDeposit: {
       absl::Status s = required(t.Last("account"), "--account", o.account_id);
       if (!s.ok()) return s;
@@ -438,7 +463,7 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
       return idempotency_key();
     }
     case Command::kHistory: {
-      absl::Status s = required(option_or_positional("account"), "ACCOUNT_ID", o.account_id);
+      absl::Status s = required_option_or_positional("account", "ACCOUNT_ID", o.account_id);
       if (!s.ok()) return s;
       int64_t page_size = 0;
       s = int_flag("page-size", page_size);
@@ -508,6 +533,9 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
         }
       }
       b.touch = t.Has("touch");
+      if (b.touch && b.rpc != BenchRpc::kGetSession) {
+        return UsageError("--touch applies to --rpc get-session only");
+      }
       b.progress = !t.Has("no-progress");
       for (const std::string& value : t.All("cpu-of")) {
         absl::StatusOr<CpuOf> entry = ParseCpuOf(value);
@@ -588,16 +616,16 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
   }
   if (spec == nullptr) {
     if (pos[0] == "session" || pos[0] == "account") {
-      return UsageError(absl::StrCat("unknown ", pos[0], " command '", pos.size() > 1 ? pos[1] : "",
-                                     "'; try --help"));
+      return UsageError(absl::StrCat("unknown ", pos[0], " command ",
+                                     Quoted(pos.size() > 1 ? pos[1] : ""), "; try --help"));
     }
-    return UsageError(absl::StrCat("unknown command '", pos[0], "'; try --help"));
+    return UsageError(absl::StrCat("unknown command ", Quoted(pos[0]), "; try --help"));
   }
   o.command = spec->command;
   const std::vector<std::string> rest(pos.begin() + words_used, pos.end());
   if (rest.size() > spec->positionals.size()) {
-    return UsageError(absl::StrCat("unexpected argument '", rest[spec->positionals.size()],
-                                   "' for '", spec->words, "'"));
+    return UsageError(absl::StrCat("unexpected argument ", Quoted(rest[spec->positionals.size()]),
+                                   " for '", spec->words, "'"));
   }
   for (const auto& [flag, value] : tokens->flags) {
     if (GlobalFlags().count(flag) > 0) continue;

@@ -100,6 +100,11 @@ int RunRpcCommand(const CliOptions& o, const std::shared_ptr<grpc::Channel>& cha
       // A NOT_SERVING answer is a successful call but an unhealthy service; scripts probing
       // with `health` need a failing exit code, and UNAVAILABLE is what gRPC clients use for it.
       if (code == 0 && response.status() != grpc::health::v1::HealthCheckResponse::SERVING) {
+        err << "error: UNAVAILABLE: "
+            << (o.health_service.empty() ? "the server"
+                                         : absl::StrCat("service '", o.health_service, "'"))
+            << " is "
+            << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()) << "\n";
         return static_cast<int>(grpc::StatusCode::UNAVAILABLE);
       }
       return code;

@@ -10,8 +10,10 @@ namespace {
 constexpr int kSubBits = 7;
 constexpr uint64_t kSubCount = uint64_t{1} << kSubBits;  // 128
 constexpr uint64_t kHalf = kSubCount / 2;                // 64
-// Largest tracked magnitude: 2^37 ns is about 137 s, far beyond any deadline we use.
-constexpr int kMaxMsb = 37;
+// Largest tracked magnitude: values up to 2^48 - 1 ns (about 78 h). A paced run counts a call
+// from when it was due, so a latency can reach the run's length (--duration, at most 24 h)
+// plus a call's deadline (at most 24 h), and must still be reported as itself.
+constexpr int kMaxMsb = 47;
 constexpr uint64_t kMaxValue = (uint64_t{1} << (kMaxMsb + 1)) - 1;
 constexpr size_t kBucketCount = (kMaxMsb - (kSubBits - 1) + 1) * kHalf + kHalf;
 

@@ -9,9 +9,9 @@ namespace sessionledger::client {
 
 // An HDR-style log-linear histogram of latencies in nanoseconds: values below 128 ns are exact,
 // above that every power-of-two range is split into 64 linear buckets, so any recorded value is
-// reported within 1/64 (1.6%) of itself. Memory is fixed (about 17 KiB) whatever the number of
-// samples, which is why the load generator can keep one per in-flight call slot for a run of
-// any length. Values above ~137 s are clamped into the last bucket.
+// reported within 1/64 (1.6%) of itself. Memory is fixed (about 22 KiB) whatever the number of
+// samples. Values above ~78 h, beyond any run's length plus its deadline, are clamped into the
+// last bucket.
 //
 // Not thread-safe: give each writer its own histogram and Merge() them afterwards.
 class LatencyHistogram {

@@ -168,7 +168,8 @@ TEST(CliHealthTest, ADrainingServerIsNotServingAndExits14) {
       RunCommand({SL_CLI_BINARY, "--target", (*server)->target(), "health"}, {}, absl::Seconds(30));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->exit_code, 14) << r->output;
-  EXPECT_THAT(r->output, HasSubstr("NOT_SERVING"));
+  // The error line goes to stderr, as for every failing command; stdout has the answer.
+  EXPECT_THAT(r->output, HasSubstr("error: UNAVAILABLE: the server is NOT_SERVING"));
 }
 
 TEST_F(CliRoundTripTest, UsageErrorIsInvalidArgument) {

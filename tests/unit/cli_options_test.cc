@@ -430,6 +430,51 @@ TEST(CliOptionsTest, UnknownLongOptionIsNotEchoed) {
   EXPECT_THAT(UsageText(), HasSubstr("--                       ends the options"));
 }
 
+TEST(CliOptionsTest, AMisplacedTokenIsNotEchoed) {
+  // A token given as a command, or one word too many, is as secret as one that looks like an
+  // option: the message describes it by its length.
+  const std::string token = "Zm9vYmFyLXNlY3JldC10b2tlbi12YWx1ZS0xMjM0NTY3";
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{token, "session", "get"},
+        std::vector<std::string>{"session", token},
+        std::vector<std::string>{"session", "rotate", token, token}}) {
+    absl::StatusOr<CliOptions> o = Parse(args);
+    ASSERT_FALSE(o.ok()) << ::testing::PrintToString(args);
+    EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+    const std::string message(o.status().message());
+    EXPECT_THAT(message, Not(HasSubstr(token.substr(0, 6)))) << message;
+    EXPECT_THAT(message, HasSubstr(absl::StrCat("of ", token.size(), " characters"))) << message;
+  }
+}
+
+TEST(CliOptionsTest, AValueGivenAsBothArgumentAndOptionIsRefused) {
+  // Taking either one silently would act on a user or account the caller did not mean.
+  ExpectUsageError({"session", "revoke", "alice", "--user-id", "bob"},
+                   "give the argument or --user-id, not both");
+  ExpectUsageError({"session", "list", "alice", "--user-id", "alice"}, "--user-id, not both");
+  ExpectUsageError({"session", "create", "alice", "--user-id", "bob"}, "--user-id, not both");
+  ExpectUsageError({"account", "open", "EUR", "--currency", "USD"}, "--currency, not both");
+  ExpectUsageError({"account", "get", "a", "--account", "b"}, "--account, not both");
+  ExpectUsageError({"history", "a", "--account", "b"}, "--account, not both");
+  ExpectUsageError({"health", "x", "--service", "y"}, "--service, not both");
+  // Either one alone still works.
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"session", "revoke", "alice"},
+        std::vector<std::string>{"session", "revoke", "--user-id", "alice"}}) {
+    absl::StatusOr<CliOptions> o = Parse(args);
+    ASSERT_TRUE(o.ok()) << o.status();
+    EXPECT_EQ(o->user_id, "alice");
+  }
+}
+
+TEST(CliOptionsTest, BenchTouchAppliesToGetSessionOnly) {
+  ExpectUsageError({"bench", "--rpc", "health", "--touch"}, "--touch applies to --rpc get-session");
+  ExpectUsageError({"bench", "--touch"}, "--touch applies to --rpc get-session");
+  absl::StatusOr<CliOptions> o = Parse({"bench", "--rpc", "get-session", "--touch"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_TRUE(o->bench.touch);
+}
+
 TEST(CliOptionsTest, TokenThatCannotBeAHeaderValueIsAUsageErrorThatHidesIt) {
   // gRPC aborts the process on such a header value and prints it, the secret, in hex. A token
   // file with CRLF line endings is the usual source: $(cat file) keeps the '\r'.

@@ -31,6 +31,23 @@ TEST(CliChannelTest, SingleTargetPassesThrough) {
   }
 }
 
+// gRPC would read these as port 443 or port 0 and fail as UNAVAILABLE, the first after
+// sending the call (and a token) to a port nobody named.
+TEST(CliChannelTest, SinglePlainTargetNeedsHostAndPort) {
+  for (const char* t : {"localhost", "localhost:abc", "localhost:0", "dns:///svc.ns",
+                        "dns:///svc.ns:70000", ":50051", "a:b:c"}) {
+    absl::StatusOr<std::string> target = BuildChannelTarget({t});
+    EXPECT_EQ(target.status().code(), absl::StatusCode::kInvalidArgument) << t;
+    EXPECT_THAT(target.status().message(), HasSubstr("host:port")) << t;
+  }
+  for (const char* t : {"[::1]:50051", "10.0.0.1:1", "dns://8.8.8.8/svc.ns:50051",
+                        "unix-abstract:sock", "xds:///svc"}) {
+    absl::StatusOr<std::string> target = BuildChannelTarget({t});
+    ASSERT_TRUE(target.ok()) << t << ": " << target.status();
+    EXPECT_EQ(*target, t);
+  }
+}
+
 // Over TLS a list is checked against one name: the hosts' own when they are one host.
 TEST(CliChannelTest, TlsNameOfAListIsItsOneHostOrNone) {
   EXPECT_EQ(TlsNameForTargets({"api.example:443"}).value_or("?"), "") << "gRPC's own authority";
