@@ -825,11 +825,18 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
         }
         continue;
       }
-      const bool alive =
-          !s->deleted() && s->user_id() == user_id && s->token_hash() == entry.token_hash() &&
-          s->user_generation() >= generation && now < FromMicros(s->expires_at_unix_micros()) &&
-          now < FromMicros(s->absolute_expires_at_unix_micros());
-      if (!alive) continue;
+      const bool unended = !s->deleted() && s->user_id() == user_id &&
+                           s->token_hash() == entry.token_hash() &&
+                           now < FromMicros(s->expires_at_unix_micros()) &&
+                           now < FromMicros(s->absolute_expires_at_unix_micros());
+      if (!unended) continue;
+      // A session that a revocation's generation ends but no tombstone does yet (the
+      // revocation could not write them all) keeps its entry, so that the revocation's retry
+      // finds it: should memcached evict the generation item, only the tombstone keeps it
+      // ended.
+      *pruned.add_entries() = entry;
+      newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+      if (s->user_generation() < generation) continue;
       if (attributes == Attributes::kDrop) {
         s->clear_attributes();
       } else {
@@ -847,8 +854,6 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
         }
       }
       live.push_back(*std::move(s));
-      *pruned.add_entries() = entry;
-      newest = std::max(newest, entry.absolute_expires_at_unix_micros());
     }
   }
   const absl::Time now = clock_.Now();
@@ -897,24 +902,44 @@ absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::
   // above the highest stored value would then start again from 1 and reuse a generation that
   // sessions already carry, which would leave them live. A time never repeats (as long as the
   // replicas' clocks agree to within the time between two revocations of one user).
+  //
+  // The generation alone does not keep the sessions ended: were the item evicted, they would
+  // be live again. So each also gets a tombstone, as DeleteSession writes, and a revocation
+  // that could not write them all asks for a retry. The retry finds them again, those an
+  // earlier revocation ended included (pruning keeps their entries until they have one).
   const uint64_t now_micros = static_cast<uint64_t>(std::max<int64_t>(0, ToMicros(clock_.Now())));
   absl::StatusOr<GenerationAdvance> advanced =
       store_->AdvanceGeneration(tag, now_micros, GenerationKeepFor(), deadline);
   if (!advanced.ok()) return EndedOnEveryCopy("user_id", advanced.status());
-  absl::StatusOr<std::vector<StoredSession>> live =
-      LiveSessions(user_id, tag, advanced->found, Attributes::kDrop, deadline);
-  if (!live.ok()) {
-    return ForCallers(live.status().code(),
-                      "user_id: every session was revoked, but counting them failed (a retry "
-                      "counts 0)",
-                      live.status());
+  absl::StatusOr<std::vector<StoredSession>> unended =
+      LiveSessions(user_id, tag, /*generation=*/0, Attributes::kDrop, deadline);
+  if (!unended.ok()) {
+    return ForCallers(unended.status().code(),
+                      "user_id: every session was revoked, but reading them to end each one "
+                      "failed; retry to finish (a retry counts 0)",
+                      unended.status());
   }
   int64_t ended = 0;
-  for (const StoredSession& s : *live) {
+  int64_t not_ended = 0;
+  absl::Status first_failure;
+  const absl::Time now = clock_.Now();
+  for (const StoredSession& s : *unended) {
     if (s.user_generation() >= advanced->raised_to) continue;  // Created after the revocation.
-    ++ended;
-    // Freeing the memory is best effort: the generation already makes these sessions dead.
-    (void)store_->Remove(SessionKey{s.token_hash(), tag}, deadline);
+    if (s.user_generation() >= advanced->found) ++ended;       // Else an earlier revocation's.
+    const absl::Status written =
+        store_->Put(SessionKey{s.token_hash(), tag}, Tombstone(s, TombstoneEnd(s, now)),
+                    TombstoneTtl(s, now), deadline);
+    if (!written.ok()) {
+      ++not_ended;
+      if (first_failure.ok()) first_failure = written;
+    }
+  }
+  if (not_ended > 0) {
+    return ForCallers(absl::StatusCode::kUnavailable,
+                      absl::StrCat("user_id: every session was revoked, but ", not_ended,
+                                   " could not be ended on every copy; retry to finish (a retry "
+                                   "counts 0)"),
+                      first_failure);
   }
   return ended;
 }

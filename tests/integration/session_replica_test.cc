@@ -469,6 +469,13 @@ TEST_F(SessionReplicaTest, EndsAnswerOkOnlyOnEveryCopy) {
   EXPECT_EQ(OpenAccount(rotated.token()), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(OpenAccount(revoked.token()), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(OpenAccount(new_session.token()), grpc::StatusCode::OK);
+  // The revocation holds without the user's generation too, should memcached evict it: its
+  // retry gave the session a tombstone, although the first attempt had raised the generation.
+  const std::string generation_key = "sl:v1:g:" + SessionKey(revoked.user_id()).substr(8, 32);
+  for (int node : {1, 2}) {
+    MemcachedText(MemcachedPort(node), "delete " + generation_key + "\r\nget " + generation_key);
+  }
+  EXPECT_EQ(OpenAccount(revoked.token()), grpc::StatusCode::UNAUTHENTICATED);
 }
 
 // A caller whose own deadline ends while it waits on a node says nothing about the node: the

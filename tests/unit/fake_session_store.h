@@ -83,10 +83,17 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     generations_.erase(std::string(tag));
   }
-  // While set, Remove answers OK but keeps the session (as a delete lost on its way).
-  void set_removes_lost(bool lost) {
+  // While set, Remove and the Put of a tombstone answer OK but keep the session (as an end
+  // lost on its way).
+  void set_ends_lost(bool lost) {
     std::lock_guard<std::mutex> l(mu_);
-    removes_lost_ = lost;
+    ends_lost_ = lost;
+  }
+  // The next `n` Puts fail with `failure` without writing.
+  void FailNextPuts(int n, absl::Status failure) {
+    std::lock_guard<std::mutex> l(mu_);
+    failed_puts_ = n;
+    put_failure_ = std::move(failure);
   }
   void PartlyFailNextAdvance(absl::Status partial) {
     std::lock_guard<std::mutex> l(mu_);
@@ -224,8 +231,13 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(ttl);
-    sessions_[key.token_hash] = {s, ++next_cas_, clock_.Now() + ttl};
+    if (failed_puts_ > 0) {
+      --failed_puts_;
+      return put_failure_;
+    }
     ++puts_;
+    if (ends_lost_ && s.deleted()) return absl::OkStatus();
+    sessions_[key.token_hash] = {s, ++next_cas_, clock_.Now() + ttl};
     if (partial_puts_ > 0) {
       --partial_puts_;
       return partial_put_failure_;
@@ -236,7 +248,7 @@ class FakeSessionStore final : public SessionStore {
   absl::Status Remove(const SessionKey& key, absl::Time) override {
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
-    if (!removes_lost_) sessions_.erase(key.token_hash);
+    if (!ends_lost_) sessions_.erase(key.token_hash);
     return absl::OkStatus();
   }
 
@@ -358,7 +370,9 @@ class FakeSessionStore final : public SessionStore {
   absl::Status partial_advance_failure_;
   std::function<void()> after_advance_;
   std::function<void()> before_advance_;
-  bool removes_lost_ = false;
+  bool ends_lost_ = false;
+  int failed_puts_ = 0;
+  absl::Status put_failure_;
   bool some_copies_silent_ = false;
   int puts_ = 0;
   absl::Status read_sessions_failure_;

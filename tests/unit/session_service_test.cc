@@ -731,12 +731,12 @@ TEST_F(SessionServiceTest, ARevocationThatReachedSomeCopiesIsUnavailableButHolds
 TEST_F(SessionServiceTest, RevocationHoldsEvenIfTheSessionValueSurvives) {
   SessionView a = MustCreate("alice");
   const std::string hash = KeyForToken(a.token)->token_hash;
-  // Revoke with a store that cannot delete (simulated by re-adding the value afterwards):
-  // the generation alone must end it.
+  // Revoke with a store that lost the tombstone (simulated by putting the value back
+  // afterwards): the generation alone must end it.
   absl::StatusOr<SessionView> before = Get(a.token);
   ASSERT_TRUE(service_->Revoke("alice", Deadline()).ok());
   ASSERT_TRUE(
-      store_->Add(*KeyForToken(a.token), before->stored, absl::Seconds(60), Deadline()).ok());
+      store_->Put(*KeyForToken(a.token), before->stored, absl::Seconds(60), Deadline()).ok());
   EXPECT_TRUE(store_->HasRaw(hash));
   EXPECT_TRUE(absl::IsNotFound(Get(a.token).status()));
 }
@@ -760,9 +760,9 @@ TEST_F(SessionServiceTest, ARevocationAfterTheGenerationWasEvictedEndsEverySessi
 TEST_F(SessionServiceTest, OverlappingRevocationsCountEachSessionOnce) {
   MustCreate("alice");
   MustCreate("alice");
-  // Deletes lost on their way leave the sessions for the second count to find: only the
+  // Tombstones lost on their way leave the sessions for the second count to find: only the
   // generations tell which revocation ended them.
-  store_->set_removes_lost(true);
+  store_->set_ends_lost(true);
   absl::StatusOr<int64_t> overtaking = absl::UnknownError("not run");
   store_->BeforeNextAdvance([&] { overtaking = service_->Revoke("alice", Deadline()); });
   absl::StatusOr<int64_t> overtaken = service_->Revoke("alice", Deadline());
@@ -770,6 +770,43 @@ TEST_F(SessionServiceTest, OverlappingRevocationsCountEachSessionOnce) {
   ASSERT_TRUE(overtaken.ok()) << overtaken.status();
   EXPECT_EQ(*overtaking, 2);
   EXPECT_EQ(*overtaken, 0);
+}
+
+// The generation alone does not keep a revoked session ended: memcached may evict it while the
+// sessions live on. A revocation that could not give every session its tombstone asks for a
+// retry, and the retry ends them, even after another call pruned the user's index meanwhile.
+TEST_F(SessionServiceTest, ARevocationThatCouldNotEndEverySessionIsFinishedByItsRetry) {
+  const std::string first = MustCreate("alice").token;
+  const std::string second = MustCreate("alice").token;
+  store_->FailNextPuts(1, absl::UnavailableError("memcached: no answer"));
+  const absl::StatusOr<int64_t> failed = service_->Revoke("alice", Deadline());
+  ASSERT_TRUE(absl::IsUnavailable(failed.status())) << failed.status();
+  EXPECT_THAT(failed.status().message(),
+              HasSubstr("user_id: every session was revoked, but 1 could not be ended"));
+  EXPECT_TRUE(absl::IsNotFound(Get(first).status())) << "the generation holds meanwhile";
+  EXPECT_TRUE(absl::IsNotFound(Get(second).status()));
+  ASSERT_TRUE(service_->List("alice", Deadline()).ok());  // prunes the index
+  const absl::StatusOr<int64_t> retried = service_->Revoke("alice", Deadline());
+  ASSERT_TRUE(retried.ok()) << retried.status();
+  EXPECT_EQ(*retried, 0) << "the first revocation counted them";
+  store_->ForgetGeneration(UserTag("alice"));
+  EXPECT_TRUE(absl::IsNotFound(Get(first).status()));
+  EXPECT_TRUE(absl::IsNotFound(Get(second).status()));
+}
+
+// The same when reading the sessions failed, so that no session got its tombstone.
+TEST_F(SessionServiceTest, ARevocationThatCouldNotReadTheSessionsIsFinishedByItsRetry) {
+  const std::string token = MustCreate("alice").token;
+  store_->FailNextReadSessions(absl::UnavailableError("memcached: no answer"));
+  const absl::StatusOr<int64_t> failed = service_->Revoke("alice", Deadline());
+  ASSERT_TRUE(absl::IsUnavailable(failed.status())) << failed.status();
+  EXPECT_THAT(failed.status().message(), HasSubstr("retry to finish"));
+  EXPECT_TRUE(absl::IsNotFound(Get(token).status()));
+  ASSERT_TRUE(service_->List("alice", Deadline()).ok());
+  MustCreate("alice");  // a create prunes too
+  ASSERT_TRUE(service_->Revoke("alice", Deadline()).ok());
+  store_->ForgetGeneration(UserTag("alice"));
+  EXPECT_TRUE(absl::IsNotFound(Get(token).status()));
 }
 
 TEST_F(SessionServiceTest, StoreOutageIsUnavailableEverywhere) {
@@ -1998,15 +2035,15 @@ TEST_P(ChangeAsyncTest, AttributesTooLargeOnlyAfterMergingAreRejectedAndNothingI
 
 TEST_P(ChangeAsyncTest, SessionThatIsNotLiveIsNotFoundAndNothingIsWritten) {
   // Values that are still stored, but dead: idled out (the item outlives expires_at, as when
-  // Memcached rounds its TTL up), deleted (a tombstone), revoked (the value survived Revoke's
-  // best-effort removal).
+  // Memcached rounds its TTL up), deleted (a tombstone), revoked (the value survived, or came
+  // back over, Revoke's tombstone).
   const SessionView idle = MustCreate("alice", 2);
   ASSERT_TRUE(fake_->Put(*KeyForToken(idle.token), idle.stored, kTtl, Deadline()).ok());
   const SessionView deleted = MustCreate("alice");
   ASSERT_TRUE(service_->Delete(deleted.token, Deadline()).ok());
   const SessionView revoked = MustCreate("bob");
   ASSERT_TRUE(service_->Revoke("bob", Deadline()).ok());
-  ASSERT_TRUE(fake_->Add(*KeyForToken(revoked.token), revoked.stored, kTtl, Deadline()).ok());
+  ASSERT_TRUE(fake_->Put(*KeyForToken(revoked.token), revoked.stored, kTtl, Deadline()).ok());
   clock_.Advance(absl::Seconds(2));
   const std::vector<std::string> stored = {idle.token, deleted.token, revoked.token};
   std::vector<uint64_t> cas;
