@@ -136,6 +136,13 @@ class SessionStore {
                                       const storage::v1::StoredSession& session, absl::Duration ttl,
                                       absl::Time deadline) = 0;
 
+  // CompareAndSwap for an end (a rotation's tombstone), which, as with Put, must reach every
+  // copy. ABORTED as CompareAndSwap, having written nothing; OK only when every copy took it;
+  // otherwise UNAVAILABLE, marked with kPartialWritePayload when the copy read took it.
+  virtual absl::Status CompareAndSwapEveryCopy(const SessionKey& key, const CasToken& cas,
+                                               const storage::v1::StoredSession& session,
+                                               absl::Duration ttl, absl::Time deadline) = 0;
+
   // Unconditional write (tombstones) to every copy. OK only when every copy took it: an end
   // that reached one copy would come back if that copy's node restarted empty while another
   // still held the live session. UNAVAILABLE otherwise; the copies that took it keep it.

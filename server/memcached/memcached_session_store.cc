@@ -220,35 +220,21 @@ class Conn {
   // CAS on copy `copy` (the one the value was read from), then set on the others.
   absl::Status CasThenSet(int copy, uint64_t cas, const std::string& key, const std::string& value,
                           time_t expiration) {
-    if (copy < 0 || copy >= copies()) return absl::AbortedError("memcached cas: stale copy");
-    const memcached_return_t rc = Store(Op::kCas, copy, key, value, expiration, cas);
-    if (memcached_success(rc)) {
-      SetOthers(copy, key, value, expiration);
-      return absl::OkStatus();
-    }
-    if (rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_NOTSTORED) {
-      return absl::AbortedError("memcached cas: changed concurrently");
-    }
-    return MemcachedStatus(rc, "cas");
+    SL_RETURN_IF_ERROR(Cas(copy, cas, key, value, expiration));
+    SetOthers(copy, key, value, expiration);
+    return absl::OkStatus();
+  }
+
+  // CasThenSet for an end: OK only when every copy stored it, as SetEveryCopy.
+  absl::Status CasThenSetEveryCopy(int copy, uint64_t cas, const std::string& key,
+                                   const std::string& value, time_t expiration) {
+    SL_RETURN_IF_ERROR(Cas(copy, cas, key, value, expiration));
+    return SetCopies(key, value, expiration, /*done=*/copy);
   }
 
   // Set on every copy; OK only when every copy stored it. The copies that did keep it.
   absl::Status SetEveryCopy(const std::string& key, const std::string& value, time_t expiration) {
-    int stored = 0;
-    absl::Status last;
-    for (int c = 0; c < copies(); ++c) {
-      const memcached_return_t rc = Store(Op::kSet, c, key, value, expiration);
-      if (memcached_success(rc)) {
-        ++stored;
-      } else {
-        last = MemcachedStatus(rc, "set");
-      }
-    }
-    if (stored == copies()) return absl::OkStatus();
-    absl::Status failed = absl::UnavailableError(absl::StrCat(
-        "memcached: ", stored, " of ", copies(), " copies took the write (", last.message(), ")"));
-    if (stored > 0) failed.SetPayload(kPartialWritePayload, absl::Cord("1"));
-    return failed;
+    return SetCopies(key, value, expiration, /*done=*/-1);
   }
 
   // Raises copy `copy` of a generation key to at least `target` (never lowers it) and keeps it
@@ -319,6 +305,43 @@ class Conn {
     memcached_behavior_set(m(), MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT,
                            ms(std::min(left, options_.connect_timeout)));
     return absl::OkStatus();
+  }
+
+  // CAS on copy `copy`: ABORTED when the value changed or vanished since it was read.
+  absl::Status Cas(int copy, uint64_t cas, const std::string& key, const std::string& value,
+                   time_t expiration) {
+    if (copy < 0 || copy >= copies()) return absl::AbortedError("memcached cas: stale copy");
+    const memcached_return_t rc = Store(Op::kCas, copy, key, value, expiration, cas);
+    if (memcached_success(rc)) return absl::OkStatus();
+    if (rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_NOTSTORED) {
+      return absl::AbortedError("memcached cas: changed concurrently");
+    }
+    return MemcachedStatus(rc, "cas");
+  }
+
+  // Set on every copy but `done` (-1: none), which already holds the value. OK only when every
+  // copy holds it; UNAVAILABLE otherwise, marked as a partial write when some copy does.
+  absl::Status SetCopies(const std::string& key, const std::string& value, time_t expiration,
+                         int done) {
+    int stored = 0;
+    absl::Status last;
+    for (int c = 0; c < copies(); ++c) {
+      if (c == done) {
+        ++stored;
+        continue;
+      }
+      const memcached_return_t rc = Store(Op::kSet, c, key, value, expiration);
+      if (memcached_success(rc)) {
+        ++stored;
+      } else {
+        last = MemcachedStatus(rc, "set");
+      }
+    }
+    if (stored == copies()) return absl::OkStatus();
+    absl::Status failed = absl::UnavailableError(absl::StrCat(
+        "memcached: ", stored, " of ", copies(), " copies took the write (", last.message(), ")"));
+    if (stored > 0) failed.SetPayload(kPartialWritePayload, absl::Cord("1"));
+    return failed;
   }
 
   void SetOthers(int done, const std::string& key, const std::string& value, time_t expiration) {
@@ -1026,6 +1049,17 @@ absl::Status MemcachedSessionStore::CompareAndSwap(const SessionKey& key, const 
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   return conn.CasThenSet(cas.copy, cas.cas, SessionKeyName(key.token_hash),
                          session.SerializeAsString(), expiration);
+}
+
+absl::Status MemcachedSessionStore::CompareAndSwapEveryCopy(const SessionKey& key,
+                                                            const CasToken& cas,
+                                                            const StoredSession& session,
+                                                            absl::Duration ttl,
+                                                            absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
+  SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
+  return conn.CasThenSetEveryCopy(cas.copy, cas.cas, SessionKeyName(key.token_hash),
+                                  session.SerializeAsString(), expiration);
 }
 
 absl::Status MemcachedSessionStore::Put(const SessionKey& key, const StoredSession& session,

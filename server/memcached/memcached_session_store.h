@@ -83,6 +83,9 @@ class MemcachedSessionStore final : public SessionStore {
   absl::Status CompareAndSwap(const SessionKey& key, const CasToken& cas,
                               const storage::v1::StoredSession& session, absl::Duration ttl,
                               absl::Time deadline) override;
+  absl::Status CompareAndSwapEveryCopy(const SessionKey& key, const CasToken& cas,
+                                       const storage::v1::StoredSession& session,
+                                       absl::Duration ttl, absl::Time deadline) override;
   absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& session,
                    absl::Duration ttl, absl::Time deadline) override;
   absl::Status Remove(const SessionKey& key, absl::Time deadline) override;

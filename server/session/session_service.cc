@@ -706,11 +706,11 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     // both succeed (the loser's new session is removed again).
     StoredSession ended_old = Tombstone(old, TombstoneEnd(old, now));
     ended_old.set_rotated_to_token_hash(new_key.token_hash);
-    const absl::Status ended = store_->CompareAndSwap(old_key, lookup.record->cas, ended_old,
-                                                      TombstoneTtl(old, now), deadline);
-    if (ended.ok()) {
-      return FinishRotation(old_key, ended_old, TombstoneTtl(old, now), new_key, std::move(view),
-                            deadline);
+    const absl::Status ended = store_->CompareAndSwapEveryCopy(
+        old_key, lookup.record->cas, ended_old, TombstoneTtl(old, now), deadline);
+    if (ended.ok()) return view;
+    if (ended.GetPayload(kPartialWritePayload).has_value()) {
+      return RotationNotEverywhere(new_key, ended, deadline);
     }
     if (!absl::IsAborted(ended)) {
       // No answer is not no: a compare-and-swap whose reply was lost (a timeout) may have ended
@@ -743,16 +743,21 @@ absl::StatusOr<SessionView> SessionService::FinishRotation(const SessionKey& old
                                                            absl::Duration ttl,
                                                            const SessionKey& new_key,
                                                            SessionView view, absl::Time deadline) {
-  // The compare-and-swap wrote one copy, and the others only as best it could.
+  // The compare-and-swap's answer was lost, so which copies took it is unknown.
   const absl::Status everywhere = store_->Put(old_key, ended_old, ttl, deadline);
   if (everywhere.ok()) return view;
+  return RotationNotEverywhere(new_key, everywhere, deadline);
+}
+
+absl::Status SessionService::RotationNotEverywhere(const SessionKey& new_key,
+                                                   const absl::Status& why, absl::Time deadline) {
   // The old token has ended where the end landed (a tombstone on any copy wins), so it is not
   // put back: undoing could revive a token a concurrent DeleteSession has ended meanwhile.
   (void)store_->Remove(new_key, deadline);
   return ForCallers(absl::StatusCode::kUnavailable,
                     "token: the rotation could not reach every copy of the session, so its new "
                     "token is not given out, and the old one has ended: create a new session",
-                    everywhere);
+                    why);
 }
 
 absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline) {

@@ -189,12 +189,17 @@ class SessionService {
                                                                        Attributes attributes,
                                                                        absl::Time deadline);
   absl::Duration GenerationKeepFor() const;
-  // Rotate's last step: the end of the old session (`ended_old`) written to every copy. When
-  // some copy did not take it, the new session is removed again (it was never handed out).
+  // Rotate's last step after a compare-and-swap whose answer was lost but which took effect:
+  // the end of the old session (`ended_old`) written to every copy again. When some copy did
+  // not take it, the new session is removed again (it was never handed out).
   absl::StatusOr<SessionView> FinishRotation(const SessionKey& old_key,
                                              const storage::v1::StoredSession& ended_old,
                                              absl::Duration ttl, const SessionKey& new_key,
                                              SessionView view, absl::Time deadline);
+  // A rotation whose end of the old session reached some copies only (`why`): removes the new
+  // session, never handed out, and says so.
+  absl::Status RotationNotEverywhere(const SessionKey& new_key, const absl::Status& why,
+                                     absl::Time deadline);
 
   std::shared_ptr<SessionStore> store_;
   const Clock& clock_;

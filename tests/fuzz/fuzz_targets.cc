@@ -204,6 +204,11 @@ class FuzzedSessionStore final : public SessionStore {
     if (!state_.cas_succeeds) return absl::AbortedError("cas conflict (fuzz)");
     return CheckTtl(ttl);
   }
+  absl::Status CompareAndSwapEveryCopy(const SessionKey& key, const CasToken& cas,
+                                       const StoredSession& session, absl::Duration ttl,
+                                       absl::Time deadline) override {
+    return CompareAndSwap(key, cas, session, ttl, deadline);
+  }
   absl::Status Put(const SessionKey&, const StoredSession&, absl::Duration ttl,
                    absl::Time) override {
     return CheckTtl(ttl);

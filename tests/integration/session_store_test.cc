@@ -883,6 +883,38 @@ TEST_P(CompareAndSwapAsyncTest, CopyOnADeadNodeIsUnavailableAndTheLiveCopyStillS
   EXPECT_TRUE(dead_seen[0] && dead_seen[1]);
 }
 
+// A rotation's end of the old token: a compare-and-swap on the copy read, then a set on every
+// other copy, OK only once every copy took it.
+TEST_F(CompareAndSwapAsyncTest, AnEndByCompareAndSwapIsWrittenToEveryCopy) {
+  Open("MEMCACHED_URL_REPLICATED", /*pipeline=*/false);
+  const SessionKey key = Key("endswap");
+  const std::optional<CasToken> cas = AddAndRead(key, Session("e", 1));
+  ASSERT_TRUE(cas.has_value());
+  const absl::Status stale = store_->CompareAndSwapEveryCopy(
+      key, CasToken{cas->cas + 1, cas->copy}, Session("e", 2), absl::Seconds(60), Deadline());
+  EXPECT_TRUE(absl::IsAborted(stale)) << stale;
+  ExpectCopiesHold(key, "e", 1);
+  const absl::Status ended =
+      store_->CompareAndSwapEveryCopy(key, *cas, Session("e", 3), absl::Seconds(60), Deadline());
+  EXPECT_TRUE(ended.ok()) << ended;
+  ExpectCopiesHold(key, "e", 3);
+}
+
+// With the other copy on a dead node, the end holds on the copy read and says it is partial, so
+// that the rotation gives out no new token.
+TEST_F(CompareAndSwapAsyncTest, AnEndByCompareAndSwapThatMissedACopyIsAPartialWrite) {
+  OpenNodes({DeadNode(), MemcachedNode{"127.0.0.1", static_cast<uint16_t>(MemcachedPort(1))}},
+            /*pipeline=*/false);
+  const SessionKey key = Key("endswapdead");
+  const std::optional<CasToken> cas = AddAndRead(key, Session("p", 1));
+  ASSERT_TRUE(cas.has_value());
+  const absl::Status ended =
+      store_->CompareAndSwapEveryCopy(key, *cas, Session("p", 2), absl::Seconds(60), Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(ended)) << ended;
+  EXPECT_TRUE(ended.GetPayload(kPartialWritePayload).has_value()) << ended;
+  ExpectCopiesHold(key, "p", 2, {1});
+}
+
 // The answer waits for the other copies' sets (or their timeout), so that the caller's next
 // write cannot overtake them on a copy: with the second copy on a node that never answers, a
 // swap on the live copy still succeeds, but only once that set has timed out.

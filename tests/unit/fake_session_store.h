@@ -11,6 +11,7 @@
 
 #include "absl/strings/cord.h"
 #include "server/common/clock.h"
+#include "server/common/status_macros.h"
 #include "server/domain/session_store.h"
 
 // The fake rejects TTLs a real Memcached would misread, so unit tests catch them.
@@ -52,8 +53,9 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     read_sessions_failure_ = std::move(failure);
   }
-  // The next `n` Puts (AdvanceGenerations) are applied but answer `partial`, marked as the
-  // memcached store marks it, as when some copies took the write and others did not answer.
+  // The next `n` Puts (and CompareAndSwapEveryCopys, AdvanceGenerations) are applied but answer
+  // `partial`, marked as the memcached store marks it, as when some copies took the write and
+  // others did not answer.
   void PartlyFailNextPuts(int n, absl::Status partial) {
     std::lock_guard<std::mutex> l(mu_);
     partial_puts_ = n;
@@ -224,6 +226,18 @@ class FakeSessionStore final : public SessionStore {
     if (e == nullptr || e->cas != cas.cas) return absl::AbortedError("cas mismatch");
     *e = {s, ++next_cas_, clock_.Now() + ttl};
     return std::exchange(lose_cas_answer_, absl::OkStatus());
+  }
+
+  absl::Status CompareAndSwapEveryCopy(const SessionKey& key, const CasToken& cas,
+                                       const storage::v1::StoredSession& s, absl::Duration ttl,
+                                       absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(CompareAndSwap(key, cas, s, ttl, deadline));
+    std::lock_guard<std::mutex> l(mu_);
+    if (partial_puts_ > 0) {
+      --partial_puts_;
+      return partial_put_failure_;
+    }
+    return absl::OkStatus();
   }
 
   absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& s, absl::Duration ttl,

@@ -691,6 +691,18 @@ TEST_F(SessionServiceTest, ARotationThatReachedSomeCopiesEndsTheOldTokenAndGives
   EXPECT_EQ(store_->SessionCount(), 1) << "the new session, never handed out, is removed";
 }
 
+// A rotation whose compare-and-swap ended the old token on every copy is done: writing the end
+// again could only fail (say, its deadline just passed) and then take the new token away too,
+// leaving the caller with neither.
+TEST_F(SessionServiceTest, ARotationThatEndedTheOldTokenEverywhereSucceeds) {
+  SessionView v = MustCreate("alice");
+  store_->FailNextPuts(1, absl::UnavailableError("memcached: deadline passed"));
+  const absl::StatusOr<SessionView> rotated = service_->Rotate(v.token, Deadline());
+  ASSERT_TRUE(rotated.ok()) << rotated.status();
+  EXPECT_TRUE(Get(rotated->token).ok());
+  EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
+}
+
 // With a copy that does not answer, an end could not reach every copy: a rotation does not
 // start, and a deletion that finds nothing cannot tell the silent copy holds nothing.
 TEST_F(SessionServiceTest, EndsWithASilentCopyChangeNothingAndAskForARetry) {
@@ -1014,6 +1026,12 @@ class RecordingStore final : public SessionStore {
                               absl::Time deadline) override {
     SL_RETURN_IF_ERROR(Record(Op::kCompareAndSwap));
     return fake_->CompareAndSwap(key, cas, session, ttl, deadline);
+  }
+  absl::Status CompareAndSwapEveryCopy(const SessionKey& key, const CasToken& cas,
+                                       const storage::v1::StoredSession& session,
+                                       absl::Duration ttl, absl::Time deadline) override {
+    SL_RETURN_IF_ERROR(Record(Op::kCompareAndSwap));
+    return fake_->CompareAndSwapEveryCopy(key, cas, session, ttl, deadline);
   }
   absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& session,
                    absl::Duration ttl, absl::Time deadline) override {
