@@ -9,6 +9,7 @@
 #include "server/rpc/async_call.h"
 #include "server/rpc/call_deadline.h"
 #include "server/rpc/invalid_utf8.h"
+#include "server/rpc/proto_time.h"
 #include "server/rpc/protobuf_log.h"
 #include "server/rpc/request_parse_errors.h"
 #include "server/rpc/status_mapping.h"
@@ -19,11 +20,6 @@ namespace {
 constexpr char kGetSession[] = "/sessionledger.v1.SessionService/GetSession";
 constexpr char kCreateSession[] = "/sessionledger.v1.SessionService/CreateSession";
 constexpr char kUpdateSession[] = "/sessionledger.v1.SessionService/UpdateSession";
-
-void SetTimestamp(int64_t unix_micros, google::protobuf::Timestamp* out) {
-  out->set_seconds(unix_micros / 1'000'000);
-  out->set_nanos(static_cast<int32_t>((unix_micros % 1'000'000) * 1000));
-}
 
 grpc::Status Respond(absl::StatusOr<SessionView> view, v1::Session* response) {
   if (!view.ok()) return ToGrpcStatus(view.status());
@@ -80,9 +76,10 @@ namespace {
 
 // The fields ToApiSession copies and moves alike.
 void SetScalars(const storage::v1::StoredSession& stored, v1::Session* out) {
-  SetTimestamp(stored.created_at_unix_micros(), out->mutable_created_at());
-  SetTimestamp(stored.expires_at_unix_micros(), out->mutable_expires_at());
-  SetTimestamp(stored.absolute_expires_at_unix_micros(), out->mutable_absolute_expires_at());
+  SetTimestampFromUnixMicros(stored.created_at_unix_micros(), out->mutable_created_at());
+  SetTimestampFromUnixMicros(stored.expires_at_unix_micros(), out->mutable_expires_at());
+  SetTimestampFromUnixMicros(stored.absolute_expires_at_unix_micros(),
+                             out->mutable_absolute_expires_at());
   out->set_ttl_seconds(stored.ttl_seconds());
   out->set_version(stored.version());
 }

@@ -5,6 +5,7 @@
 #include "absl/strings/string_view.h"
 #include "google/protobuf/timestamp.pb.h"
 #include "server/rpc/call_deadline.h"
+#include "server/rpc/proto_time.h"
 #include "server/rpc/status_mapping.h"
 
 namespace sessionledger {
@@ -13,15 +14,7 @@ namespace {
 namespace pb = ::sessionledger::v1;
 
 void ToTimestamp(absl::Time t, google::protobuf::Timestamp* out) {
-  const int64_t micros = absl::ToUnixMicros(t);
-  int64_t seconds = micros / 1'000'000;
-  int64_t rest = micros % 1'000'000;
-  if (rest < 0) {
-    rest += 1'000'000;
-    --seconds;
-  }
-  out->set_seconds(seconds);
-  out->set_nanos(static_cast<int32_t>(rest * 1000));
+  SetTimestampFromUnixMicros(absl::ToUnixMicros(t), out);
 }
 
 void ToProto(const Account& account, pb::Account* out) {

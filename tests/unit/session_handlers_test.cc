@@ -41,6 +41,23 @@ TEST(ToApiSessionTest, CopiesEveryField) {
   EXPECT_TRUE(api.token().empty());
 }
 
+// Before the epoch (only a corrupt or forged stored value gets there) the nanos must stay
+// non-negative: a Timestamp with negative nanos is invalid, and JSON clients refuse the answer.
+TEST(ToApiSessionTest, TimesBeforeTheEpochAreValidTimestamps) {
+  storage::v1::StoredSession stored = SampleStored();
+  stored.set_created_at_unix_micros(-1);
+  stored.set_expires_at_unix_micros(-1'500'000);
+  stored.set_absolute_expires_at_unix_micros(-2'000'000);
+  v1::Session api;
+  ToApiSession(stored, &api);
+  EXPECT_EQ(api.created_at().seconds(), -1);
+  EXPECT_EQ(api.created_at().nanos(), 999'999'000);
+  EXPECT_EQ(api.expires_at().seconds(), -2);
+  EXPECT_EQ(api.expires_at().nanos(), 500'000'000);
+  EXPECT_EQ(api.absolute_expires_at().seconds(), -2);
+  EXPECT_EQ(api.absolute_expires_at().nanos(), 0);
+}
+
 // The hot paths move the stored session into the answer; it must say exactly what the copy
 // says.
 TEST(ToApiSessionTest, MovingGivesTheSameAnswerAsCopying) {
