@@ -59,14 +59,21 @@ readonly SL_PACKAGES=(
   grpc-proto
   # Tests.
   libgtest-dev libgmock-dev python3-yaml nghttp2-client
-  # Deploy checks: compose file validation (no Docker engine needed).
-  docker-compose
   # Backing services and their client tools (scripts/backing-services).
   memcached libmemcached-tools postgresql postgresql-contrib
   # ss, which names the process holding a port the services or the cluster need.
   iproute2
   # scripts/bench-instructions and its smoke test (callgrind).
   valgrind
+)
+
+# Installed with --no-install-recommends, in an apt-get call of their own (SL_PACKAGES keep
+# their recommends: some may rely on them).
+readonly SL_PACKAGES_NO_RECOMMENDS=(
+  # Deploy checks: `docker-compose config` validates the compose file (tests/deploy/
+  # check_compose.sh). It is Python and needs no Docker engine; its only recommend is docker.io,
+  # which would bring containerd, runc, criu and needrestart (~260 MB) and their daemons.
+  docker-compose
 )
 
 sl_log() { printf '==> %s\n' "$*" >&2; }
@@ -102,10 +109,10 @@ sl_package_installed() {
   [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == 'install ok installed' ]]
 }
 
-# Installs whatever is missing from SL_PACKAGES. apt-get runs only when something is missing,
-# so repeated runs cost a few dpkg-query calls.
+# Installs whatever is missing from SL_PACKAGES and SL_PACKAGES_NO_RECOMMENDS. apt-get runs
+# only when something is missing, so repeated runs cost a few dpkg-query calls.
 sl_install_packages() {
-  local missing=() pkg
+  local missing=() missing_no_recommends=() pkg
   for pkg in "${SL_PACKAGES[@]}"; do
     sl_package_installed "$pkg" || missing+=("$pkg")
   done
@@ -113,19 +120,35 @@ sl_install_packages() {
   if ! sl_package_installed nginx-light && ! sl_package_installed nginx; then
     missing+=(nginx-light)
   fi
-  if ((${#missing[@]} == 0)); then
+  for pkg in "${SL_PACKAGES_NO_RECOMMENDS[@]}"; do
+    sl_package_installed "$pkg" || missing_no_recommends+=("$pkg")
+  done
+  local all=("${missing[@]}" "${missing_no_recommends[@]}")
+  if ((${#all[@]} == 0)); then
     return 0
   fi
   if [[ $EUID -ne 0 ]]; then
-    sl_log "missing Debian packages: ${missing[*]}"
-    sl_log "install them as root (apt-get install ${missing[*]}) and run again"
+    sl_log "missing Debian packages: ${all[*]}"
+    if ((${#missing[@]} > 0)); then
+      sl_log "install them as root (apt-get install ${missing[*]}) and run again"
+    fi
+    if ((${#missing_no_recommends[@]} > 0)); then
+      sl_log "install them as root (apt-get install --no-install-recommends" \
+        "${missing_no_recommends[*]}) and run again"
+    fi
     return 1
   fi
-  sl_log "installing Debian packages: ${missing[*]}"
+  sl_log "installing Debian packages: ${all[*]}"
   # Package lists on a fresh machine may be absent or stale, so update before installing.
   # The lock timeout waits out another apt/dpkg run instead of failing at once.
   DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update
-  DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install "${missing[@]}"
+  if ((${#missing[@]} > 0)); then
+    DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install "${missing[@]}"
+  fi
+  if ((${#missing_no_recommends[@]} > 0)); then
+    DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install \
+      --no-install-recommends "${missing_no_recommends[@]}"
+  fi
 }
 
 # sl_build BUILD_DIR [CMAKE_ARGS...]: configures (cheap when nothing changed) and builds.
