@@ -139,16 +139,55 @@ sl_install_packages() {
     return 1
   fi
   sl_log "installing Debian packages: ${all[*]}"
-  # Package lists on a fresh machine may be absent or stale, so update before installing.
-  # The lock timeout waits out another apt/dpkg run instead of failing at once.
-  DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update
-  if ((${#missing[@]} > 0)); then
-    DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install "${missing[@]}"
-  fi
-  if ((${#missing_no_recommends[@]} > 0)); then
-    DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install \
-      --no-install-recommends "${missing_no_recommends[@]}"
-  fi
+  # Installing memcached, postgresql and nginx-light on a machine with an init system would
+  # start their system-wide daemons (:11211, :5432, :80), which nothing here uses or stops and
+  # which take CPU from builds and tests. While apt-get runs, a policy-rc.d that exits 101
+  # ("action forbidden") keeps invoke-rc.d and deb-systemd-invoke from starting them. Our own
+  # services are not affected: scripts/backing-services and scripts/cluster start memcached,
+  # pg_ctl and nginx themselves, never through either. A policy-rc.d that exists already (a
+  # container image's, an administrator's) is left as it is. The subshell's EXIT trap removes
+  # ours however the install ends (success, failure, SIGINT/SIGTERM/SIGHUP), and only ours:
+  # a file without our marker line is never removed.
+  (
+    policy=/usr/sbin/policy-rc.d
+    marker='# sessionledger: scripts/lib/common.sh, removed when its apt-get install ends'
+    ours=0
+    # shellcheck disable=SC2317 # invoked by the EXIT trap
+    remove_policy() {
+      if ((ours)) && grep -qxF "$marker" "$policy" 2>/dev/null; then
+        rm -f "$policy"
+      fi
+    }
+    trap remove_policy EXIT
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    # Set before the attempt, so that a signal right after it cannot leave our file behind;
+    # the marker check keeps the trap off a file that was there before.
+    ours=1
+    set -C # create only if absent (O_EXCL)
+    if printf '%s\n' '#!/bin/sh' "$marker" 'exit 101' 2>/dev/null >"$policy"; then
+      set +C
+      # (Not executable, it would be ignored: the install goes on either way.)
+      if chmod 0755 "$policy"; then
+        sl_log "system services do not start during the install ($policy, removed afterwards)"
+      fi
+    else
+      set +C
+      ours=0
+    fi
+    # Package lists on a fresh machine may be absent or stale, so update before installing.
+    # The lock timeout waits out another apt/dpkg run instead of failing at once.
+    DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update || exit
+    if ((${#missing[@]} > 0)); then
+      DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install \
+        "${missing[@]}" || exit
+    fi
+    if ((${#missing_no_recommends[@]} > 0)); then
+      DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install \
+        --no-install-recommends "${missing_no_recommends[@]}" || exit
+    fi
+  )
 }
 
 # sl_build BUILD_DIR [CMAKE_ARGS...]: configures (cheap when nothing changed) and builds.
