@@ -59,6 +59,9 @@ readonly SL_PACKAGES=(
   grpc-proto
   # Tests.
   libgtest-dev libgmock-dev python3-yaml nghttp2-client
+  # The openssl command, which the TLS tests run to make their keys and certificates
+  # (tls_config_test, tls_test).
+  openssl
   # Backing services and their client tools (scripts/backing-services).
   memcached libmemcached-tools postgresql postgresql-contrib
   # ss, which names the process holding a port the services or the cluster need.
