@@ -2,7 +2,8 @@
 # Steps shared by the scripts: installing the Debian packages the build, the tests and the
 # backing services need, configuring/building with CMake, and reading paths the caller gave.
 # Source this file before any `cd`; it defines functions, SL_REPO_ROOT and SL_CALLER_DIR, makes
-# a relative SL_STATE_DIR absolute (see below), and runs nothing else.
+# a relative SL_STATE_DIR absolute and appends /usr/sbin and /sbin to PATH if missing (see
+# below), and runs nothing else.
 
 SL_REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 readonly SL_REPO_ROOT
@@ -47,6 +48,17 @@ if [[ -n ${SL_STATE_DIR-} && $SL_STATE_DIR != /* ]]; then
   SL_STATE_DIR=$(sl_abs_path "$SL_STATE_DIR")
   export SL_STATE_DIR
 fi
+
+# The scripts run programs from /usr/sbin (runuser in scripts/backing-services, nginx in
+# scripts/cluster), which a non-login shell or `su` without `-` can leave off PATH. Appended,
+# not prepended, so that the caller's own choices still come first.
+for sl_sbin in /usr/sbin /sbin; do
+  if [[ :${PATH-}: != *:"$sl_sbin":* ]]; then
+    PATH=${PATH:+$PATH:}$sl_sbin
+  fi
+done
+unset sl_sbin
+export PATH
 
 # Debian 12 packages (see shared/toolchain.md for why each library is there).
 readonly SL_PACKAGES=(
