@@ -60,7 +60,7 @@ done
 unset sl_sbin
 export PATH
 
-# Debian 12 packages (see shared/toolchain.md for why each library is there).
+# Debian 12 packages, each group under a comment that says what needs it.
 readonly SL_PACKAGES=(
   # Toolchain.
   cmake g++ make pkg-config clang-format
