@@ -2,7 +2,8 @@
 # Steps shared by the scripts: installing the Debian packages the build, the tests and the
 # backing services need, configuring/building with CMake, and reading paths the caller gave.
 # Source this file before any `cd`; it defines functions, SL_REPO_ROOT and SL_CALLER_DIR, makes
-# a relative SL_STATE_DIR absolute (see below), and runs nothing else.
+# a relative SL_STATE_DIR absolute and appends /usr/sbin and /sbin to PATH if missing (see
+# below), and runs nothing else.
 
 SL_REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 readonly SL_REPO_ROOT
@@ -48,7 +49,18 @@ if [[ -n ${SL_STATE_DIR-} && $SL_STATE_DIR != /* ]]; then
   export SL_STATE_DIR
 fi
 
-# Debian 12 packages (see shared/toolchain.md for why each library is there).
+# The scripts run programs from /usr/sbin (runuser in scripts/backing-services, nginx in
+# scripts/cluster), which a non-login shell or `su` without `-` can leave off PATH. Appended,
+# not prepended, so that the caller's own choices still come first.
+for sl_sbin in /usr/sbin /sbin; do
+  if [[ :${PATH-}: != *:"$sl_sbin":* ]]; then
+    PATH=${PATH:+$PATH:}$sl_sbin
+  fi
+done
+unset sl_sbin
+export PATH
+
+# Debian 12 packages, each group under a comment that says what needs it.
 readonly SL_PACKAGES=(
   # Toolchain.
   cmake g++ make pkg-config clang-format
@@ -59,14 +71,24 @@ readonly SL_PACKAGES=(
   grpc-proto
   # Tests.
   libgtest-dev libgmock-dev python3-yaml nghttp2-client
-  # Deploy checks: compose file validation (no Docker engine needed).
-  docker-compose
+  # The openssl command, which the TLS tests run to make their keys and certificates
+  # (tls_config_test, tls_test).
+  openssl
   # Backing services and their client tools (scripts/backing-services).
   memcached libmemcached-tools postgresql postgresql-contrib
   # ss, which names the process holding a port the services or the cluster need.
   iproute2
   # scripts/bench-instructions and its smoke test (callgrind).
   valgrind
+)
+
+# Installed with --no-install-recommends, in an apt-get call of their own (SL_PACKAGES keep
+# their recommends: some may rely on them).
+readonly SL_PACKAGES_NO_RECOMMENDS=(
+  # Deploy checks: `docker-compose config` validates the compose file (tests/deploy/
+  # check_compose.sh). It is Python and needs no Docker engine; its only recommend is docker.io,
+  # which would bring containerd, runc, criu and needrestart (~260 MB) and their daemons.
+  docker-compose
 )
 
 sl_log() { printf '==> %s\n' "$*" >&2; }
@@ -102,10 +124,10 @@ sl_package_installed() {
   [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == 'install ok installed' ]]
 }
 
-# Installs whatever is missing from SL_PACKAGES. apt-get runs only when something is missing,
-# so repeated runs cost a few dpkg-query calls.
+# Installs whatever is missing from SL_PACKAGES and SL_PACKAGES_NO_RECOMMENDS. apt-get runs
+# only when something is missing, so repeated runs cost a few dpkg-query calls.
 sl_install_packages() {
-  local missing=() pkg
+  local missing=() missing_no_recommends=() pkg
   for pkg in "${SL_PACKAGES[@]}"; do
     sl_package_installed "$pkg" || missing+=("$pkg")
   done
@@ -113,19 +135,74 @@ sl_install_packages() {
   if ! sl_package_installed nginx-light && ! sl_package_installed nginx; then
     missing+=(nginx-light)
   fi
-  if ((${#missing[@]} == 0)); then
+  for pkg in "${SL_PACKAGES_NO_RECOMMENDS[@]}"; do
+    sl_package_installed "$pkg" || missing_no_recommends+=("$pkg")
+  done
+  local all=("${missing[@]}" "${missing_no_recommends[@]}")
+  if ((${#all[@]} == 0)); then
     return 0
   fi
   if [[ $EUID -ne 0 ]]; then
-    sl_log "missing Debian packages: ${missing[*]}"
-    sl_log "install them as root (apt-get install ${missing[*]}) and run again"
+    sl_log "missing Debian packages: ${all[*]}"
+    if ((${#missing[@]} > 0)); then
+      sl_log "install them as root (apt-get install ${missing[*]}) and run again"
+    fi
+    if ((${#missing_no_recommends[@]} > 0)); then
+      sl_log "install them as root (apt-get install --no-install-recommends" \
+        "${missing_no_recommends[*]}) and run again"
+    fi
     return 1
   fi
-  sl_log "installing Debian packages: ${missing[*]}"
-  # Package lists on a fresh machine may be absent or stale, so update before installing.
-  # The lock timeout waits out another apt/dpkg run instead of failing at once.
-  DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update
-  DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install "${missing[@]}"
+  sl_log "installing Debian packages: ${all[*]}"
+  # Installing memcached, postgresql and nginx-light on a machine with an init system would
+  # start their system-wide daemons (:11211, :5432, :80), which nothing here uses or stops and
+  # which take CPU from builds and tests. While apt-get runs, a policy-rc.d that exits 101
+  # ("action forbidden") keeps invoke-rc.d and deb-systemd-invoke from starting them. Our own
+  # services are not affected: scripts/backing-services and scripts/cluster start memcached,
+  # pg_ctl and nginx themselves, never through either. A policy-rc.d that exists already (a
+  # container image's, an administrator's) is left as it is. The subshell's EXIT trap removes
+  # ours however the install ends (success, failure, SIGINT/SIGTERM/SIGHUP), and only ours:
+  # a file without our marker line is never removed.
+  (
+    policy=/usr/sbin/policy-rc.d
+    marker='# sessionledger: scripts/lib/common.sh, removed when its apt-get install ends'
+    ours=0
+    # shellcheck disable=SC2317 # invoked by the EXIT trap
+    remove_policy() {
+      if ((ours)) && grep -qxF "$marker" "$policy" 2>/dev/null; then
+        rm -f "$policy"
+      fi
+    }
+    trap remove_policy EXIT
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    # Set before the attempt, so that a signal right after it cannot leave our file behind;
+    # the marker check keeps the trap off a file that was there before.
+    ours=1
+    set -C # create only if absent (O_EXCL)
+    if printf '%s\n' '#!/bin/sh' "$marker" 'exit 101' 2>/dev/null >"$policy"; then
+      set +C
+      # (Not executable, it would be ignored: the install goes on either way.)
+      if chmod 0755 "$policy"; then
+        sl_log "system services do not start during the install ($policy, removed afterwards)"
+      fi
+    else
+      set +C
+      ours=0
+    fi
+    # Package lists on a fresh machine may be absent or stale, so update before installing.
+    # The lock timeout waits out another apt/dpkg run instead of failing at once.
+    DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update || exit
+    if ((${#missing[@]} > 0)); then
+      DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install \
+        "${missing[@]}" || exit
+    fi
+    if ((${#missing_no_recommends[@]} > 0)); then
+      DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install \
+        --no-install-recommends "${missing_no_recommends[@]}" || exit
+    fi
+  )
 }
 
 # sl_build BUILD_DIR [CMAKE_ARGS...]: configures (cheap when nothing changed) and builds.

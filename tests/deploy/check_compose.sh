@@ -105,6 +105,12 @@ for name in ("server", "migrate"):
     env = services[name].get("environment") or {}
     check(str(env.get("DATABASE_URL", "")).startswith(("postgres://", "postgresql://")),
           f"{name}: DATABASE_URL must be a postgres:// URL")
+# What `sessionledger-server migrate` reads (LoadMigrateConfig in server/config/config.cc): a
+# server setting there would suggest the migration uses it.
+extra = sorted(set(migrate.get("environment") or {}) - {"LOG_LEVEL", "DATABASE_URL",
+                                                        "DATABASE_POOL_SIZE"})
+check(not extra, f"migrate reads only LOG_LEVEL, DATABASE_URL and DATABASE_POOL_SIZE; "
+                 f"it is given {', '.join(extra)} too")
 env = server.get("environment") or {}
 check(str(env.get("MEMCACHED_URL", "")).startswith(
           "memcached://memcached-1:11211,memcached-2:11211"),
