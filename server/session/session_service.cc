@@ -835,13 +835,22 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
                            now < FromMicros(s->expires_at_unix_micros()) &&
                            now < FromMicros(s->absolute_expires_at_unix_micros());
       if (!unended) continue;
-      // A session that a revocation's generation ends but no tombstone does yet (the
-      // revocation could not write them all) keeps its entry, so that the revocation's retry
-      // finds it: should memcached evict the generation item, only the tombstone keeps it
-      // ended.
+      if (s->user_generation() < generation) {
+        // Revoked by the generation but without the tombstone a revocation writes: it could
+        // not write them all, or the session was added while it ran. Should memcached evict the
+        // generation item, only a tombstone keeps it ended, so it is written here. The entry
+        // stays until one is in, for the next try (a listing, a revocation's retry).
+        const absl::Status ended =
+            store_->Put(SessionKey{s->token_hash(), std::string(user_tag)},
+                        Tombstone(*s, TombstoneEnd(*s, now)), TombstoneTtl(*s, now), deadline);
+        if (!ended.ok()) {
+          *pruned.add_entries() = entry;
+          newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+        }
+        continue;
+      }
       *pruned.add_entries() = entry;
       newest = std::max(newest, entry.absolute_expires_at_unix_micros());
-      if (s->user_generation() < generation) continue;
       if (attributes == Attributes::kDrop) {
         s->clear_attributes();
       } else {

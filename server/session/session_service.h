@@ -181,8 +181,9 @@ class SessionService {
   // Whether LiveSessions' sessions carry their attributes (only a listing answers with them).
   enum class Attributes { kKeep, kDrop };
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
-  // revoked; returns the live sessions. Reads them in batches (kSessionsPerRead). Writing the
-  // pruned index back is best effort.
+  // revoked, writing the tombstone of a revoked one that has none yet (and keeping its entry
+  // when that fails); returns the live sessions. Reads them in batches (kSessionsPerRead).
+  // Writing the pruned index back is best effort.
   absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(absl::string_view user_id,
                                                                        absl::string_view user_tag,
                                                                        uint64_t generation,

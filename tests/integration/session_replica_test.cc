@@ -472,9 +472,15 @@ TEST_F(SessionReplicaTest, EndsAnswerOkOnlyOnEveryCopy) {
   // The revocation holds without the user's generation too, should memcached evict it: its
   // retry gave the session a tombstone, although the first attempt had raised the generation.
   const std::string generation_key = "sl:v1:g:" + SessionKey(revoked.user_id()).substr(8, 32);
+  bool held = false;
   for (int node : {1, 2}) {
-    MemcachedText(MemcachedPort(node), "delete " + generation_key + "\r\nget " + generation_key);
+    // "get" after the delete ends the reply with the END that MemcachedText waits for.
+    held = absl::StartsWith(MemcachedText(MemcachedPort(node),
+                                          "delete " + generation_key + "\r\nget " + generation_key),
+                            "DELETED") ||
+           held;
   }
+  ASSERT_TRUE(held) << "no node held " << generation_key;
   EXPECT_EQ(OpenAccount(revoked.token()), grpc::StatusCode::UNAUTHENTICATED);
 }
 
