@@ -331,13 +331,10 @@ class LoadGenerator {
       return;
     }
     const steady_clock::time_point due = slot.next_start;
-    slot.next_start += interval_;
-    const steady_clock::time_point now = steady_clock::now();
-    if (due <= now) {
-      // Behind schedule: start at once but count the latency from when the call was due, as
-      // the slot's previous call made it late. Its first call has none: if that is late, the
-      // client was (starting thousands of slots takes a while), so it counts from now.
-      StartCall(slot, slot.sequence == 1 ? now : due);
+    const PacedCall plan = PlanPacedCall(slot.sequence == 1, due, steady_clock::now(), interval_);
+    slot.next_start = plan.next_due;
+    if (!plan.wait) {
+      StartCall(slot, plan.timed_from);
       return;
     }
     bool earliest = false;
@@ -628,6 +625,28 @@ class LoadGenerator {
 };
 
 }  // namespace
+
+PacedCall PlanPacedCall(bool first_call, steady_clock::time_point due, steady_clock::time_point now,
+                        std::chrono::nanoseconds interval) {
+  PacedCall plan;
+  if (due > now) {
+    plan.wait = true;
+    plan.timed_from = due;
+    plan.next_due = due + interval;
+  } else if (first_call) {
+    // A slot's first call has no previous call to blame: if it is late, the client was
+    // (starting thousands of slots takes a while). It counts from now, and the slot's schedule
+    // starts over from now, or its next calls would carry the same lateness.
+    plan.timed_from = now;
+    plan.next_due = now + interval;
+  } else {
+    // Behind schedule because the previous call was slow: it starts at once but counts from
+    // when it was due, and the schedule stays, so that queueing is measured.
+    plan.timed_from = due;
+    plan.next_due = due + interval;
+  }
+  return plan;
+}
 
 absl::StatusOr<BenchResult> RunBench(const BenchOptions& options, const std::string& target,
                                      const ChannelOptions& channel_options,

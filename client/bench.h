@@ -1,6 +1,7 @@
 #ifndef SESSIONLEDGER_CLIENT_BENCH_H_
 #define SESSIONLEDGER_CLIENT_BENCH_H_
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -59,6 +60,18 @@ struct BenchResult {
 absl::StatusOr<BenchResult> RunBench(const BenchOptions& options, const std::string& target,
                                      const ChannelOptions& channel_options,
                                      absl::Duration call_deadline, std::ostream& progress);
+
+// --rate: when a slot's next call starts, from when its latency counts, and when the call after
+// it is due. `due` is when the call was scheduled and `now` when the slot got to it (its
+// previous call ended, or, for its first call, the client started the slot).
+struct PacedCall {
+  bool wait = false;  // not due yet: start it at `due`, timed from then
+  std::chrono::steady_clock::time_point timed_from;
+  std::chrono::steady_clock::time_point next_due;
+};
+PacedCall PlanPacedCall(bool first_call, std::chrono::steady_clock::time_point due,
+                        std::chrono::steady_clock::time_point now,
+                        std::chrono::nanoseconds interval);
 
 // The readable report and the one-line JSON object (`--json`); both end with '\n'. CPU entries
 // without a value are JSON null.

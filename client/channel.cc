@@ -122,9 +122,20 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
          !absl::StartsWith(target, "ipv4:") && !absl::StartsWith(target, "ipv6:") &&
          !absl::StartsWith(target, "vsock:"));
     if (plain) {
-      absl::StatusOr<HostPort> checked =
-          SplitHostPort(absl::StartsWith(target, "dns:///") ? target.substr(7) : target);
-      if (!checked.ok()) return checked.status();
+      absl::string_view address = target;
+      absl::ConsumePrefix(&address, "dns:///");
+      // gRPC's resolvers also take the service names http and https for a port.
+      std::string numeric(address);
+      if (absl::ConsumeSuffix(&address, ":https")) {
+        numeric = absl::StrCat(address, ":443");
+      } else if (absl::ConsumeSuffix(&address, ":http")) {
+        numeric = absl::StrCat(address, ":80");
+      }
+      absl::StatusOr<HostPort> checked = SplitHostPort(numeric);
+      if (!checked.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--target: '", target, "' needs the form host:port (IPv6 as [addr]:port)"));
+      }
     }
     return target;
   }

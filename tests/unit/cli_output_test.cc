@@ -40,8 +40,8 @@ TEST(CliChannelTest, SinglePlainTargetNeedsHostAndPort) {
     EXPECT_EQ(target.status().code(), absl::StatusCode::kInvalidArgument) << t;
     EXPECT_THAT(target.status().message(), HasSubstr("host:port")) << t;
   }
-  for (const char* t : {"[::1]:50051", "10.0.0.1:1", "dns://8.8.8.8/svc.ns:50051",
-                        "unix-abstract:sock", "xds:///svc"}) {
+  for (const char* t : {"[::1]:50051", "10.0.0.1:1", "api.example:https", "dns:///api.example:http",
+                        "dns://8.8.8.8/svc.ns:50051", "unix-abstract:sock", "xds:///svc"}) {
     absl::StatusOr<std::string> target = BuildChannelTarget({t});
     ASSERT_TRUE(target.ok()) << t << ": " << target.status();
     EXPECT_EQ(*target, t);
