@@ -80,7 +80,9 @@ bool ValidKey(const std::string& key) {
   });
 }
 
-absl::StatusOr<MemcachedAddress> LookUpNode(const MemcachedNode& node) {
+// Every address of the node's name, in getaddrinfo's order: "localhost" may lead to ::1 first
+// while memcached listens on 127.0.0.1 only, and the next address is tried then.
+absl::StatusOr<std::vector<MemcachedAddress>> LookUpNode(const MemcachedNode& node) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -91,11 +93,17 @@ absl::StatusOr<MemcachedAddress> LookUpNode(const MemcachedNode& node) {
     if (found != nullptr) freeaddrinfo(found);
     return absl::UnavailableError(absl::StrCat("cannot resolve: ", gai_strerror(rc)));
   }
-  MemcachedAddress address;
-  std::memcpy(&address.address, found->ai_addr, found->ai_addrlen);
-  address.length = found->ai_addrlen;
+  std::vector<MemcachedAddress> addresses;
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    if (a->ai_addrlen > sizeof(sockaddr_storage)) continue;
+    MemcachedAddress address;
+    std::memcpy(&address.address, a->ai_addr, a->ai_addrlen);
+    address.length = a->ai_addrlen;
+    addresses.push_back(address);
+  }
   freeaddrinfo(found);
-  return address;
+  if (addresses.empty()) return absl::UnavailableError("cannot resolve: no usable address");
+  return addresses;
 }
 
 // What a node's resolver thread shares with the pipeline. The thread touches nothing else, so
@@ -104,7 +112,7 @@ absl::StatusOr<MemcachedAddress> LookUpNode(const MemcachedNode& node) {
 // The thread and the pipeline each hold it; whichever lets go last closes its eventfd.
 struct NodeLookup {
   NodeLookup(MemcachedNode a,
-             std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> r)
+             std::function<absl::StatusOr<std::vector<MemcachedAddress>>(const MemcachedNode&)> r)
       : address(std::move(a)),
         resolve(std::move(r)),
         done_fd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
@@ -115,7 +123,8 @@ struct NodeLookup {
   NodeLookup& operator=(const NodeLookup&) = delete;
 
   const MemcachedNode address;
-  const std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> resolve;  // Set.
+  const std::function<absl::StatusOr<std::vector<MemcachedAddress>>(const MemcachedNode&)>
+      resolve;  // Set.
   // Signalled when `result` is set; in the pipeline's epoll set.
   const int done_fd;
 
@@ -123,7 +132,7 @@ struct NodeLookup {
   std::condition_variable wanted_cv;
   bool wanted = false;  // Guarded by mu, as are the two below.
   bool stop = false;
-  std::optional<absl::StatusOr<MemcachedAddress>> result;
+  std::optional<absl::StatusOr<std::vector<MemcachedAddress>>> result;
 };
 
 // A node's resolver thread: one lookup each time it is asked, until told to stop.
@@ -134,7 +143,8 @@ void ResolveNames(const std::shared_ptr<NodeLookup>& lookup) {
     if (lookup->stop) return;
     lookup->wanted = false;
     lock.unlock();
-    absl::StatusOr<MemcachedAddress> address = lookup->resolve(lookup->address);
+    absl::StatusOr<std::vector<MemcachedAddress>> address = lookup->resolve(lookup->address);
+    if (address.ok() && address->empty()) address = absl::UnavailableError("no address");
     lock.lock();
     if (lookup->stop) return;
     lookup->result = std::move(address);
@@ -149,6 +159,7 @@ struct MemcachedPipeline::Request {
   std::string command;            // The request as sent, data block included.
   std::vector<std::string> keys;  // A get's keys; empty for a storage command.
   SteadyTime started;
+  SteadyTime sent;       // When it was handed to a connection (after the name was looked up).
   SteadyTime give_up;    // The caller's deadline or io_timeout, whichever is first.
   Callback got;          // Set for a get,
   StoreCallback stored;  // or for a storage command.
@@ -193,8 +204,11 @@ struct MemcachedPipeline::Node {
   bool resolving = false;  // Asked of the node's resolver thread, not answered yet.
   // Requests that came while the name was not resolved; they are queued once it is.
   std::vector<std::shared_ptr<Request>> awaiting_address;
-  sockaddr_storage peer{};
-  socklen_t peer_len = 0;
+  // Where the name led, the one to connect to next, and when it was looked up.
+  std::vector<MemcachedAddress> addresses;
+  size_t next_address = 0;
+  size_t refused_in_a_row = 0;  // Connects refused since one last succeeded.
+  SteadyTime resolved_at = SteadyTime::min();
 
   // Shared with the node's resolver thread; lock order: the reader's mu_, then lookup->mu.
   std::shared_ptr<NodeLookup> lookup;
@@ -456,7 +470,7 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
 void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
   uint64_t count = 0;
   (void)!read(node.lookup->done_fd, &count, sizeof count);
-  std::optional<absl::StatusOr<MemcachedAddress>> address;
+  std::optional<absl::StatusOr<std::vector<MemcachedAddress>>> address;
   {
     std::lock_guard<std::mutex> lock(node.lookup->mu);
     address.swap(node.lookup->result);
@@ -467,8 +481,10 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
     std::lock_guard<std::mutex> lock(mu_);
     node.resolving = false;
     if (address->ok()) {
-      node.peer = (*address)->address;
-      node.peer_len = (*address)->length;
+      node.addresses = **std::move(address);
+      node.next_address = 0;
+      node.refused_in_a_row = 0;
+      node.resolved_at = now;
       node.resolved = true;
       // Dispatched with the rest of this turn's requests.
       for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
@@ -580,7 +596,7 @@ void MemcachedPipeline::Run() {
                                                  absl::FormatDuration(options_.io_timeout))),
              true, now);
       } else if (!node.in_flight.empty() &&
-                 now - node.in_flight.front()->started >= ToSteadyDuration(options_.io_timeout)) {
+                 now - node.in_flight.front()->sent >= ToSteadyDuration(options_.io_timeout)) {
         // Still answering, but slower than it is asked: every byte counts as progress, yet
         // the backlog (kept in order, given up or not) would grow without bound, and every new
         // request would wait behind requests nobody waits for any more.
@@ -602,7 +618,7 @@ SteadyTime MemcachedPipeline::NextTimer(SteadyTime now) const {
     if (node->connecting) next = std::min(next, node->connect_deadline);
     if (node->in_flight.empty()) continue;
     next = std::min(next, node->last_progress + ToSteadyDuration(options_.io_timeout));
-    next = std::min(next, node->in_flight.front()->started + ToSteadyDuration(options_.io_timeout));
+    next = std::min(next, node->in_flight.front()->sent + ToSteadyDuration(options_.io_timeout));
     for (const auto& r : node->in_flight) {
       if (!r->answered) next = std::min(next, r->give_up);
     }
@@ -641,6 +657,9 @@ void MemcachedPipeline::Dispatch(Node& node, std::vector<std::shared_ptr<Request
   batches_.fetch_add(1, std::memory_order_relaxed);
   batched_requests_.fetch_add(static_cast<int64_t>(fresh.size()), std::memory_order_relaxed);
   for (auto& r : fresh) {
+    // A slow name lookup is not the node answering slowly: the "answering too slowly" check
+    // counts from here, not from when the caller asked.
+    r->sent = now;
     node.out += r->command;
     node.in_flight.push_back(std::move(r));
   }
@@ -648,15 +667,13 @@ void MemcachedPipeline::Dispatch(Node& node, std::vector<std::shared_ptr<Request
 }
 
 void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
-  sockaddr_storage peer{};
-  socklen_t peer_len = 0;
+  MemcachedAddress peer;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!node.resolved) return;
-    peer = node.peer;
-    peer_len = node.peer_len;
+    if (!node.resolved || node.addresses.empty()) return;
+    peer = node.addresses[node.next_address % node.addresses.size()];
   }
-  const int fd = socket(peer.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  const int fd = socket(peer.address.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return;
   const int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -664,15 +681,16 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
   ++node.serial;
   node.connecting = false;
   node.watching_writes = false;
-  if (connect(fd, reinterpret_cast<const sockaddr*>(&peer), peer_len) != 0) {
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&peer.address), peer.length) != 0) {
     const int err = errno;
     if (err != EINPROGRESS) {
-      Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), err)),
-           BackOffAfter(err), now);
+      ConnectFailed(node, err, now);
       return;
     }
     node.connecting = true;
     node.connect_deadline = now + ToSteadyDuration(options_.connect_timeout);
+  } else {
+    Connected(node);
   }
   epoll_event ev{};
   ev.events = EPOLLIN | EPOLLRDHUP | (node.connecting ? EPOLLOUT : 0u);
@@ -681,6 +699,50 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
   if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) {
     Drop(node, absl::UnavailableError(Errno("epoll_ctl", errno)), false, now);
   }
+}
+
+void MemcachedPipeline::Connected(Node& node) {
+  std::lock_guard<std::mutex> lock(mu_);
+  node.refused_in_a_row = 0;
+}
+
+void MemcachedPipeline::ConnectFailed(Node& node, int err, SteadyTime now) {
+  bool try_next = false;
+  if (err == ECONNREFUSED) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!node.addresses.empty()) {
+      node.next_address = (node.next_address + 1) % node.addresses.size();
+      try_next = ++node.refused_in_a_row < node.addresses.size();
+      if (!try_next) {
+        node.refused_in_a_row = 0;
+        // Every address refused: the node may have moved (a pod's new IP), so the name is
+        // looked up again, at most once per retry_after_failure while the refusals go on.
+        if (now - node.resolved_at >= ToSteadyDuration(options_.retry_after_failure)) {
+          node.resolved = false;
+        }
+      }
+    }
+  }
+  if (try_next) {
+    // Nothing was sent on a connection that never opened: the requests wait for the next
+    // address instead of failing.
+    close(node.fd);  // Also leaves the epoll set.
+    node.fd = -1;
+    node.connecting = false;
+    node.watching_writes = false;
+    node.out_offset = 0;
+    StartConnect(node, now);
+    if (node.fd < 0) {
+      // No socket, or that address failed too (then its requests have failed already).
+      Drop(node, absl::UnavailableError(absl::StrCat("memcached ", node.label, ": cannot connect")),
+           false, now);
+    } else if (!node.connecting) {
+      Flush(node, now);
+    }
+    return;
+  }
+  Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), err)),
+       BackOffAfter(err), now);
 }
 
 void MemcachedPipeline::Watch(Node& node, bool want_write) {
@@ -698,12 +760,12 @@ void MemcachedPipeline::OnEvents(Node& node, uint32_t events, SteadyTime now) {
     socklen_t len = sizeof err;
     if (getsockopt(node.fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
     if (err != 0) {
-      Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), err)),
-           BackOffAfter(err), now);
+      ConnectFailed(node, err, now);
       return;
     }
     node.connecting = false;
     node.last_progress = now;
+    Connected(node);
     Flush(node, now);
     return;
   }

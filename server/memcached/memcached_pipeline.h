@@ -39,7 +39,7 @@ enum class MemcachedWrite { kAdd, kSet, kCas };
 // exists; cas: it changed since read, or is gone).
 enum class MemcachedStored { kStored, kNotStored, kExists, kNotFound };
 
-// Where a node's name led: the address to connect to.
+// Where a node's name led: an address to connect to (a name may lead to several).
 struct MemcachedAddress {
   sockaddr_storage address{};
   socklen_t length = 0;
@@ -54,7 +54,8 @@ struct MemcachedPipelineOptions {
   // How a node's host is looked up: getaddrinfo when unset (tests inject slow lookups). It runs
   // on the pipeline's own resolver thread, so a slow name server holds up only the requests
   // for that node, and those no longer than their deadlines.
-  std::function<absl::StatusOr<MemcachedAddress>(const MemcachedNode&)> resolve;
+  // Every address it leads to, in the order to try them.
+  std::function<absl::StatusOr<std::vector<MemcachedAddress>>(const MemcachedNode&)> resolve;
   absl::Duration connect_timeout = absl::Milliseconds(500);
   // A node with requests in flight that sends nothing for this long, or leaves its oldest
   // request unanswered for this long (it still answers, but slower than it is asked), is
@@ -154,6 +155,13 @@ class MemcachedPipeline {
   // I/O-thread helpers; `node` belongs to the I/O thread except where noted.
   void Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh, SteadyTime now);
   void StartConnect(Node& node, SteadyTime now);
+  // A connect succeeded: the name's addresses are tried from this one again on a refusal.
+  void Connected(Node& node);
+  // A connect failed with `err`. A refusal moves on to the name's next address, at once while
+  // some address has not refused since the last connect that worked (the requests wait for
+  // it); once every one has, the requests fail and the name is looked up again. Anything else
+  // drops the node (backing off).
+  void ConnectFailed(Node& node, int err, SteadyTime now);
   void OnEvents(Node& node, uint32_t events, SteadyTime now);
   void Flush(Node& node, SteadyTime now);
   void ReadAnswers(Node& node, SteadyTime now);

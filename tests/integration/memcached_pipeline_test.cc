@@ -974,7 +974,8 @@ TEST(MemcachedPipelineNameLookupTest, ASlowNameLookupHoldsUpNoCallerAndNoOtherNo
   auto lookup_may_finish = std::make_shared<Notification>();
   auto slow_lookups = std::make_shared<std::atomic<int>>(0);
   const std::string slow_target = real[1].host;
-  options.resolve = [=](const MemcachedNode& node) -> absl::StatusOr<MemcachedAddress> {
+  options.resolve =
+      [=](const MemcachedNode& node) -> absl::StatusOr<std::vector<MemcachedAddress>> {
     std::string host = node.host;
     if (host == "slow-dns.test") {
       slow_lookups->fetch_add(1);
@@ -989,7 +990,7 @@ TEST(MemcachedPipelineNameLookupTest, ASlowNameLookupHoldsUpNoCallerAndNoOtherNo
       return absl::UnavailableError("not an IPv4 address: " + host);
     }
     address.length = sizeof(sockaddr_in);
-    return address;
+    return std::vector<MemcachedAddress>{address};
   };
   absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
   ASSERT_TRUE(reader.ok()) << reader.status();

@@ -234,7 +234,7 @@ TEST(MemcachedPipelineFailureTest, DestructionDoesNotWaitForAHungNameLookup) {
   options.nodes = {MemcachedNode{"hung-dns.test", 11211}};
   auto lookup_may_finish = std::make_shared<Notification>();
   auto lookup_started = std::make_shared<Notification>();
-  options.resolve = [=](const MemcachedNode&) -> absl::StatusOr<MemcachedAddress> {
+  options.resolve = [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
     lookup_started->Notify();
     lookup_may_finish->WaitForNotificationWithTimeout(absl::Seconds(30));
     return absl::UnavailableError("name server unreachable");
@@ -275,6 +275,110 @@ TEST(MemcachedPipelineFailureTest, RefusedConnectionFailsFastAndTheNextReadTries
   ASSERT_TRUE(got.result.ok()) << got.result.status();
   EXPECT_EQ(got.result->at("k").value, "value of k");
   EXPECT_EQ(got.result->at("k").cas, 7u);
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+// 127.0.0.1:`port` as a resolver answers it.
+MemcachedAddress LoopbackAddress(int port) {
+  MemcachedAddress address;
+  auto* in = reinterpret_cast<sockaddr_in*>(&address.address);
+  in->sin_family = AF_INET;
+  in->sin_port = htons(static_cast<uint16_t>(port));
+  in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.length = sizeof(sockaddr_in);
+  return address;
+}
+
+// A pipeline on one node named "memcached.test", looked up by `resolve`.
+std::unique_ptr<MemcachedPipeline> StartResolvingReader(
+    std::function<absl::StatusOr<std::vector<MemcachedAddress>>(const MemcachedNode&)> resolve,
+    absl::Duration io_timeout, absl::Duration retry_after_failure) {
+  MemcachedPipelineOptions options;
+  options.nodes = {MemcachedNode{"memcached.test", 11211}};
+  options.resolve = std::move(resolve);
+  options.io_timeout = io_timeout;
+  options.retry_after_failure = retry_after_failure;
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  EXPECT_TRUE(reader.ok()) << reader.status();
+  return reader.ok() ? std::move(*reader) : nullptr;
+}
+
+// A name may lead to an address where nothing listens ("localhost" to ::1 first, while memcached
+// listens on 127.0.0.1 only): the pipeline goes on to the next one, and the read does not fail.
+TEST(MemcachedPipelineFailureTest, ANameWhoseFirstAddressRefusesIsReachedAtTheNext) {
+  const int refusing = FreeTcpPort();
+  ASSERT_GT(refusing, 0);
+  FakeMemcached server({Serve()});
+  const int listening = server.node().port;
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        return std::vector<MemcachedAddress>{LoopbackAddress(refusing), LoopbackAddress(listening)};
+      },
+      absl::Seconds(5), absl::Seconds(60));
+  ASSERT_NE(reader, nullptr);
+  for (int i = 0; i < 3; ++i) {
+    Timed got = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
+    ASSERT_TRUE(got.result.ok()) << got.result.status();
+    EXPECT_EQ(got.result->at("k").value, "value of k");
+  }
+  EXPECT_EQ(server.accepted(), 1) << "one connection, kept";
+}
+
+// A node whose every address refuses may have moved (a pod restarted with a new IP): its name
+// is looked up again (at most once per retry_after_failure), and the reads reach it there.
+TEST(MemcachedPipelineFailureTest, ANodeThatMovedIsLookedUpAgainAfterItsAddressRefuses) {
+  const int old_port = FreeTcpPort();
+  ASSERT_GT(old_port, 0);
+  FakeMemcached server({Serve()});
+  const int new_port = server.node().port;
+  auto lookups = std::make_shared<std::atomic<int>>(0);
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        return std::vector<MemcachedAddress>{
+            LoopbackAddress(lookups->fetch_add(1) == 0 ? old_port : new_port)};
+      },
+      absl::Seconds(5), absl::Milliseconds(100));
+  ASSERT_NE(reader, nullptr);
+  bool reached = false;
+  for (int i = 0; i < 40 && !reached; ++i) {
+    reached = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8))).result.ok();
+    if (!reached) absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_TRUE(reached) << "still at the old address after " << lookups->load() << " lookups";
+  EXPECT_EQ(lookups->load(), 2);
+}
+
+// A slow name lookup is not the node answering slowly: the node must not be dropped (and made to
+// fail every read for retry_after_failure, then looked up again just as slowly) because
+// requests that waited for the lookup are still unanswered io_timeout after they were asked.
+TEST(MemcachedPipelineFailureTest, ASlowNameLookupDoesNotGetAHealthyNodeDropped) {
+  const absl::Duration io_timeout = absl::Seconds(1);
+  // Answers each read 300 ms after reading it.
+  Script slow = Serve();
+  slow.reply = [serve = slow.reply](const std::string& line) {
+    absl::SleepFor(absl::Milliseconds(300));
+    return serve(line);
+  };
+  FakeMemcached server({slow});
+  const int port = server.node().port;
+  auto lookups = std::make_shared<std::atomic<int>>(0);
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        lookups->fetch_add(1);
+        absl::SleepFor(io_timeout - absl::Milliseconds(100));
+        return std::vector<MemcachedAddress>{LoopbackAddress(port)};
+      },
+      io_timeout, absl::Seconds(60));
+  ASSERT_NE(reader, nullptr);
+  // The first read waits 0.9 s for the lookup and is answered 0.3 s after it was sent: past its
+  // io_timeout, so it fails by itself (as its caller asked no longer).
+  Timed first = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(10)));
+  EXPECT_TRUE(absl::IsUnavailable(first.result.status())) << first.result.status();
+  // The node is still there for the next read.
+  Timed next = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(10)));
+  ASSERT_TRUE(next.result.ok()) << next.result.status();
+  EXPECT_EQ(next.result->at("k").value, "value of k");
+  EXPECT_EQ(lookups->load(), 1);
   EXPECT_EQ(server.accepted(), 1);
 }
 
