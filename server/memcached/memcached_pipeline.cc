@@ -165,7 +165,11 @@ struct MemcachedPipeline::Request {
   StoreCallback stored;  // or for a storage command.
   bool answered = false;
 
-  bool is_store() const { return static_cast<bool>(stored); }
+  // Said outright rather than read off `stored`: once called, an rvalue-invoked AnyInvocable
+  // is left in an unspecified state, and a late reply to an answered store must still be read
+  // as a store's.
+  bool store = false;
+  bool is_store() const { return store; }
 
   // Only the first answer counts (a request that timed out may still get its reply later).
   void Answer(MemcachedHits hits) {
@@ -407,6 +411,7 @@ void MemcachedPipeline::StoreAsync(int node_index, MemcachedWrite op, const std:
   if (op == MemcachedWrite::kCas) absl::StrAppend(&request->command, " ", cas);
   absl::StrAppend(&request->command, "\r\n", value, "\r\n");
   request->stored = std::move(done);
+  request->store = true;
   Submit(node_index, std::move(request), deadline);
 }
 

@@ -49,10 +49,11 @@ class ScopedResult {
 
 using Item = MemcachedItem;
 
-// Answers that prove the node is there (as opposed to connection failures and timeouts).
+// Answers that prove the node is there (as opposed to connection failures and timeouts). An
+// item too large for it is the caller's to fix, not the node's failure.
 bool Answered(memcached_return_t rc) {
   return memcached_success(rc) || rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_NOTSTORED ||
-         rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_END;
+         rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_END || rc == MEMCACHED_E2BIG;
 }
 
 // Seconds left until `micros` (a Unix time), as an exptime; 0 when it has passed.
@@ -213,6 +214,9 @@ class Conn {
         return absl::AbortedError("memcached add: key exists");
       }
       last = MemcachedStatus(rc, "add");
+      // Only a node in trouble is a reason to try the next copy; a value too large for one is
+      // too large for every one.
+      if (!absl::IsUnavailable(last)) return last;
     }
     return last;
   }

@@ -23,6 +23,7 @@
 #include "server/common/notification.h"
 #include "server/common/thread_name.h"
 #include "server/config/config.h"
+#include "server/domain/caller_message.h"
 #include "server/memcached/memcached_pool.h"
 #include "server/memcached/memcached_session_store.h"
 #include "tests/integration/session_test_support.h"
@@ -1091,6 +1092,21 @@ TEST_F(SessionStoreTest, ThirtyDayTtlIsRelativeAndLongerIsRejected) {
   EXPECT_EQ(got->record->session.session_id(), "thirty-days");
   EXPECT_TRUE(absl::IsAlreadyExists(store_->Add(key, s, absl::Seconds(5), Deadline())));
   ASSERT_TRUE(store_->Remove(key, Deadline()).ok());
+}
+
+// A value too large for memcached is the caller's to fix, not a failure of the node: nothing is
+// counted against the nodes (enough of it would have them skipped as stalled), and the add is
+// not sent on to the other copy, which would refuse it too.
+TEST_F(SessionStoreTest, AnItemTooLargeIsTheCallersNotTheNodes) {
+  Open("MEMCACHED_URL_REPLICATED", /*pipeline=*/false);
+  const SessionKey key = Key("toolarge");
+  storage::v1::StoredSession big = Session("big", 1);
+  (*big.mutable_attributes())["blob"] = std::string(size_t{2} << 20, 'x');  // memcached: 1 MiB
+  const int64_t failures = pool_->node_failures();
+  const absl::Status added = store_->Add(key, big, absl::Seconds(60), Deadline());
+  EXPECT_EQ(added.code(), absl::StatusCode::kInvalidArgument) << added;
+  EXPECT_EQ(CallerMessage(added).value_or(""), kSessionTooLargeForAnItem) << added;
+  EXPECT_EQ(pool_->node_failures(), failures);
 }
 
 TEST_F(SessionStoreTest, CompareAndSwapDetectsAConcurrentWrite) {
