@@ -80,7 +80,9 @@ class MemcachedPool {
 
   // Waits for a free handle until `deadline`; UNAVAILABLE when none frees up in time (the pool
   // is exhausted) or the deadline has passed. The handle's I/O timeouts are set to the time
-  // left, so no operation on it blocks past `deadline`.
+  // left. libmemcached applies them to each wait for the socket, not to a whole operation: a
+  // node that sends its answer a few bytes at a time can hold one call past `deadline` (the
+  // pipeline drops such a node; README, "Known limit").
   absl::StatusOr<Lease> Acquire(absl::Time deadline);
 
   const MemcachedPoolOptions& options() const { return options_; }
