@@ -211,7 +211,7 @@ struct MemcachedPipeline::Node {
   // Where the name led, the one to connect to next, and when it was looked up.
   std::vector<MemcachedAddress> addresses;
   size_t next_address = 0;
-  size_t refused_in_a_row = 0;  // Connects refused since one last succeeded.
+  size_t failed_in_a_row = 0;  // Connects that failed since one last succeeded.
   SteadyTime resolved_at = SteadyTime::min();
 
   // Shared with the node's resolver thread; lock order: the reader's mu_, then lookup->mu.
@@ -488,10 +488,17 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
     if (address->ok()) {
       node.addresses = **std::move(address);
       node.next_address = 0;
-      node.refused_in_a_row = 0;
+      node.failed_in_a_row = 0;
       node.resolved_at = now;
       node.resolved = true;
       // Dispatched with the rest of this turn's requests.
+      for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
+    } else if (!node.addresses.empty()) {
+      // The name server failed, but the name was found before: the node is tried where it was
+      // (a memcached restarted at the same address must not wait for DNS), and its name looked
+      // up again after retry_after_failure.
+      node.resolved_at = now;
+      node.resolved = true;
       for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
     } else {
       node.failed_until = now + ToSteadyDuration(options_.retry_after_failure);
@@ -591,9 +598,7 @@ void MemcachedPipeline::Run() {
     for (auto& owned : nodes_) {
       Node& node = *owned;
       if (node.connecting && now >= node.connect_deadline) {
-        Drop(node,
-             absl::UnavailableError(absl::StrCat("memcached ", node.label, ": connect timed out")),
-             true, now);
+        ConnectFailed(node, ETIMEDOUT, now);
       } else if (!node.in_flight.empty() &&
                  now - node.last_progress >= ToSteadyDuration(options_.io_timeout)) {
         Drop(node,
@@ -708,20 +713,21 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
 
 void MemcachedPipeline::Connected(Node& node) {
   std::lock_guard<std::mutex> lock(mu_);
-  node.refused_in_a_row = 0;
+  node.failed_in_a_row = 0;
 }
 
 void MemcachedPipeline::ConnectFailed(Node& node, int err, SteadyTime now) {
   bool try_next = false;
-  if (err == ECONNREFUSED) {
+  {
     std::lock_guard<std::mutex> lock(mu_);
     if (!node.addresses.empty()) {
       node.next_address = (node.next_address + 1) % node.addresses.size();
-      try_next = ++node.refused_in_a_row < node.addresses.size();
+      try_next = ++node.failed_in_a_row < node.addresses.size();
       if (!try_next) {
-        node.refused_in_a_row = 0;
+        node.failed_in_a_row = 0;
         // Every address refused: the node may have moved (a pod's new IP), so the name is
         // looked up again, at most once per retry_after_failure while the refusals go on.
+        // (Other failures back off, and Drop has the name looked up again.)
         if (now - node.resolved_at >= ToSteadyDuration(options_.retry_after_failure)) {
           node.resolved = false;
         }
@@ -746,7 +752,10 @@ void MemcachedPipeline::ConnectFailed(Node& node, int err, SteadyTime now) {
     }
     return;
   }
-  Drop(node, absl::UnavailableError(Errno(absl::StrCat("memcached ", node.label), err)),
+  Drop(node,
+       absl::UnavailableError(err == ETIMEDOUT
+                                  ? absl::StrCat("memcached ", node.label, ": connect timed out")
+                                  : Errno(absl::StrCat("memcached ", node.label), err)),
        BackOffAfter(err), now);
 }
 

@@ -155,12 +155,12 @@ class MemcachedPipeline {
   // I/O-thread helpers; `node` belongs to the I/O thread except where noted.
   void Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh, SteadyTime now);
   void StartConnect(Node& node, SteadyTime now);
-  // A connect succeeded: the name's addresses are tried from this one again on a refusal.
+  // A connect succeeded: the name's addresses are tried from this one again after a failure.
   void Connected(Node& node);
-  // A connect failed with `err`. A refusal moves on to the name's next address, at once while
-  // some address has not refused since the last connect that worked (the requests wait for
-  // it); once every one has, the requests fail and the name is looked up again. Anything else
-  // drops the node (backing off).
+  // A connect failed with `err` (ETIMEDOUT: connect_timeout passed). It moves on to the name's
+  // next address, at once while some address has not failed since the last connect that worked
+  // (the requests wait for it). Once every one has, the requests fail: after refusals the name
+  // is looked up again; after anything else the node also backs off (Drop).
   void ConnectFailed(Node& node, int err, SteadyTime now);
   void OnEvents(Node& node, uint32_t events, SteadyTime now);
   void Flush(Node& node, SteadyTime now);

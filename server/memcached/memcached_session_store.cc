@@ -214,9 +214,9 @@ class Conn {
         return absl::AbortedError("memcached add: key exists");
       }
       last = MemcachedStatus(rc, "add");
-      // Only a node in trouble is a reason to try the next copy; a value too large for one is
-      // too large for every one.
-      if (!absl::IsUnavailable(last)) return last;
+      // A value too large for one copy is too large for every one; anything else (a node out
+      // of memory, say) may be that node's alone, and the next copy may take the write.
+      if (rc == MEMCACHED_E2BIG) return last;
     }
     return last;
   }

@@ -33,6 +33,10 @@ constexpr absl::Duration kJustIndexed = absl::Seconds(30);
 // or a create at the limit that needs none of the attributes. In batches a call holds one
 // batch's replies at a time, and keeps attributes only where it answers with them.
 constexpr size_t kSessionsPerRead = 64;
+// At most this many tombstones of revoked sessions written by one listing or pruning (see
+// LiveSessions): each is a round trip of its own, and the call must stay within its deadline
+// and keep its blocking thread for no longer. The next one writes the next ones.
+constexpr int kTombstonesPerPruning = 64;
 
 // The deadline of the add that follows an index entry written at `indexed_at`. A listing prunes
 // an entry whose session is still missing kJustIndexed after it was written; an add that came
@@ -802,6 +806,7 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
   ListingBudget budget(listing_bytes_in_flight_, options_.limits.max_listing_bytes_in_flight);
   UserSessionIndex pruned;
   int64_t newest = 0;
+  int tombstones_left = kTombstonesPerPruning;
   for (size_t first = 0; first < indexed; first += kSessionsPerRead) {
     const size_t end = std::min(indexed, first + kSessionsPerRead);
     std::vector<std::string> hashes;
@@ -838,12 +843,19 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
       if (s->user_generation() < generation) {
         // Revoked by the generation but without the tombstone a revocation writes: it could
         // not write them all, or the session was added while it ran. Should memcached evict the
-        // generation item, only a tombstone keeps it ended, so it is written here. The entry
-        // stays until one is in, for the next try (a listing, a revocation's retry).
-        const absl::Status ended =
-            store_->Put(SessionKey{s->token_hash(), std::string(user_tag)},
-                        Tombstone(*s, TombstoneEnd(*s, now)), TombstoneTtl(*s, now), deadline);
-        if (!ended.ok()) {
+        // generation item, only a tombstone keeps it ended, so it is written here, a few per
+        // call, and none more once one failed (a copy is down: the next call tries again). The
+        // entry stays until one is written, for the next try (a listing, a revocation's retry).
+        bool ended = false;
+        if (tombstones_left > 0) {
+          --tombstones_left;
+          ended = store_
+                      ->Put(SessionKey{s->token_hash(), std::string(user_tag)},
+                            Tombstone(*s, TombstoneEnd(*s, now)), TombstoneTtl(*s, now), deadline)
+                      .ok();
+          if (!ended) tombstones_left = 0;
+        }
+        if (!ended) {
           *pruned.add_entries() = entry;
           newest = std::max(newest, entry.absolute_expires_at_unix_micros());
         }

@@ -289,6 +289,34 @@ MemcachedAddress LoopbackAddress(int port) {
   return address;
 }
 
+// A port on 127.0.0.1 where connects are refused for as long as this object lives: bound, so
+// that no other test (ctest runs them side by side) can listen there, but not listening.
+class RefusingPort {
+ public:
+  RefusingPort() : fd_(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      ADD_FAILURE() << "cannot bind a port on 127.0.0.1: " << std::strerror(errno);
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+  }
+  ~RefusingPort() {
+    if (fd_ >= 0) close(fd_);
+  }
+  RefusingPort(const RefusingPort&) = delete;
+  RefusingPort& operator=(const RefusingPort&) = delete;
+  int port() const { return port_; }
+
+ private:
+  int fd_;
+  int port_ = 0;
+};
+
 // A pipeline on one node named "memcached.test", looked up by `resolve`.
 std::unique_ptr<MemcachedPipeline> StartResolvingReader(
     std::function<absl::StatusOr<std::vector<MemcachedAddress>>(const MemcachedNode&)> resolve,
@@ -306,7 +334,8 @@ std::unique_ptr<MemcachedPipeline> StartResolvingReader(
 // A name may lead to an address where nothing listens ("localhost" to ::1 first, while memcached
 // listens on 127.0.0.1 only): the pipeline goes on to the next one, and the read does not fail.
 TEST(MemcachedPipelineFailureTest, ANameWhoseFirstAddressRefusesIsReachedAtTheNext) {
-  const int refusing = FreeTcpPort();
+  const RefusingPort refusing_port;
+  const int refusing = refusing_port.port();
   ASSERT_GT(refusing, 0);
   FakeMemcached server({Serve()});
   const int listening = server.node().port;
@@ -327,7 +356,8 @@ TEST(MemcachedPipelineFailureTest, ANameWhoseFirstAddressRefusesIsReachedAtTheNe
 // A node whose every address refuses may have moved (a pod restarted with a new IP): its name
 // is looked up again (at most once per retry_after_failure), and the reads reach it there.
 TEST(MemcachedPipelineFailureTest, ANodeThatMovedIsLookedUpAgainAfterItsAddressRefuses) {
-  const int old_port = FreeTcpPort();
+  const RefusingPort refusing_port;
+  const int old_port = refusing_port.port();
   ASSERT_GT(old_port, 0);
   FakeMemcached server({Serve()});
   const int new_port = server.node().port;
@@ -348,37 +378,95 @@ TEST(MemcachedPipelineFailureTest, ANodeThatMovedIsLookedUpAgainAfterItsAddressR
   EXPECT_EQ(lookups->load(), 2);
 }
 
+// A memcached restart while the name server is down: the lookup that the refusals asked for
+// fails, and the node is tried at the address it had, so the reads come back with memcached.
+TEST(MemcachedPipelineFailureTest, ANodeRestartedWhileItsNameServerIsDownIsReachedWhereItWas) {
+  auto refusing = std::make_unique<RefusingPort>();
+  const int port = refusing->port();
+  ASSERT_GT(port, 0);
+  auto lookups = std::make_shared<std::atomic<int>>(0);
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        if (lookups->fetch_add(1) > 0) return absl::UnavailableError("name server down");
+        return std::vector<MemcachedAddress>{LoopbackAddress(port)};
+      },
+      absl::Seconds(5), absl::Milliseconds(100));
+  ASSERT_NE(reader, nullptr);
+  // Refused until the name is looked up again, and that lookup fails.
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(5), [&] {
+    EXPECT_FALSE(TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8))).result.ok());
+    return lookups->load() >= 2;
+  }));
+  refusing.reset();
+  FakeMemcached server({Serve()}, port);
+  ASSERT_EQ(server.node().port, port);
+  bool reached = false;
+  for (int i = 0; i < 40 && !reached; ++i) {
+    reached = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8))).result.ok();
+    if (!reached) absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_TRUE(reached) << "not reached after " << lookups->load() << " lookups";
+}
+
 // A slow name lookup is not the node answering slowly: the node must not be dropped (and made to
-// fail every read for retry_after_failure, then looked up again just as slowly) because
-// requests that waited for the lookup are still unanswered io_timeout after they were asked.
+// fail every read for retry_after_failure, then looked up again just as slowly) because a
+// request that waited for the lookup is still unanswered io_timeout after it was asked.
 TEST(MemcachedPipelineFailureTest, ASlowNameLookupDoesNotGetAHealthyNodeDropped) {
-  const absl::Duration io_timeout = absl::Seconds(1);
-  // Answers each read 300 ms after reading it.
-  Script slow = Serve();
-  slow.reply = [serve = slow.reply](const std::string& line) {
-    absl::SleepFor(absl::Milliseconds(300));
+  const absl::Duration io_timeout = absl::Seconds(2);
+  // Answers the first read 1.5 s after reading it, the others at once.
+  auto reads = std::make_shared<std::atomic<int>>(0);
+  Script slow_first = Serve();
+  slow_first.reply = [serve = slow_first.reply, reads](const std::string& line) {
+    if (reads->fetch_add(1) == 0) absl::SleepFor(absl::Milliseconds(1500));
     return serve(line);
   };
-  FakeMemcached server({slow});
+  FakeMemcached server({slow_first});
   const int port = server.node().port;
   auto lookups = std::make_shared<std::atomic<int>>(0);
   std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
       [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
         lookups->fetch_add(1);
-        absl::SleepFor(io_timeout - absl::Milliseconds(100));
+        absl::SleepFor(absl::Seconds(1));
         return std::vector<MemcachedAddress>{LoopbackAddress(port)};
       },
       io_timeout, absl::Seconds(60));
   ASSERT_NE(reader, nullptr);
-  // The first read waits 0.9 s for the lookup and is answered 0.3 s after it was sent: past its
-  // io_timeout, so it fails by itself (as its caller asked no longer).
+  // The first read is sent after the 1 s lookup and answered 1.5 s later: past its own
+  // io_timeout (2 s from when it was asked), so it fails by itself, as its caller asked no
+  // longer; but only 1.5 s after it was sent, so the node is not "answering too slowly".
   Timed first = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(10)));
   EXPECT_TRUE(absl::IsUnavailable(first.result.status())) << first.result.status();
-  // The node is still there for the next read.
+  // The node is still there for the next read, on the same connection.
   Timed next = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(10)));
   ASSERT_TRUE(next.result.ok()) << next.result.status();
   EXPECT_EQ(next.result->at("k").value, "value of k");
   EXPECT_EQ(lookups->load(), 1);
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+// An address whose connect times out (a stale IP, a path a firewall drops) is not tried
+// forever: the name's next address is, as libmemcached does.
+TEST(MemcachedPipelineFailureTest, AnAddressWhoseConnectTimesOutGivesWayToTheNext) {
+  SilentListener full(/*backlog=*/1);
+  ASSERT_NE(full.port(), 0);
+  full.Fill();
+  FakeMemcached server({Serve()});
+  const int listening = server.node().port;
+  MemcachedPipelineOptions options;
+  options.nodes = {MemcachedNode{"memcached.test", 11211}};
+  options.resolve = [=, hanging = full.port()](
+                        const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+    return std::vector<MemcachedAddress>{LoopbackAddress(hanging), LoopbackAddress(listening)};
+  };
+  options.connect_timeout = absl::Milliseconds(300);
+  options.io_timeout = absl::Seconds(5);
+  options.retry_after_failure = absl::Seconds(60);
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  Timed got = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+  ASSERT_TRUE(got.result.ok()) << got.result.status();
+  EXPECT_EQ(got.result->at("k").value, "value of k");
+  EXPECT_GE(got.took, options.connect_timeout - absl::Milliseconds(50)) << "the first address";
   EXPECT_EQ(server.accepted(), 1);
 }
 

@@ -842,6 +842,29 @@ TEST_F(SessionServiceTest, AListingEndsRevokedSessionsThatHaveNoTombstoneYet) {
   EXPECT_TRUE(absl::IsNotFound(Get(token).status()));
 }
 
+// The tombstones a listing writes are a round trip each, so one call writes at most 64 of them,
+// and none more after one failed (a copy is down); the next call goes on.
+TEST_F(SessionServiceTest, AListingWritesAFewTombstonesPerCallAndStopsAtAFailure) {
+  for (int i = 0; i < 70; ++i) MustCreate("alice");
+  store_->FailNextReadSessions(absl::UnavailableError("memcached: no answer"));
+  ASSERT_TRUE(absl::IsUnavailable(service_->Revoke("alice", Deadline()).status()));
+  const auto indexed = [&] {
+    absl::StatusOr<IndexRecord> index = store_->ReadIndex(UserTag("alice"), Deadline());
+    return index.ok() ? index->index.entries_size() : -1;
+  };
+  ASSERT_EQ(indexed(), 70);
+  store_->FailNextPuts(1, absl::UnavailableError("memcached: no answer"));
+  const int puts = store_->puts();
+  ASSERT_TRUE(service_->List("alice", Deadline()).ok());
+  EXPECT_EQ(store_->puts(), puts) << "none after the first failed";
+  EXPECT_EQ(indexed(), 70);
+  ASSERT_TRUE(service_->List("alice", Deadline()).ok());
+  EXPECT_EQ(store_->puts(), puts + 64);
+  EXPECT_EQ(indexed(), 6);
+  ASSERT_TRUE(service_->List("alice", Deadline()).ok());
+  EXPECT_EQ(indexed(), 0);
+}
+
 TEST_F(SessionServiceTest, StoreOutageIsUnavailableEverywhere) {
   SessionView v = MustCreate("alice");
   store_->set_unavailable(true);
