@@ -135,6 +135,14 @@ struct NodeLookup {
   std::optional<absl::StatusOr<std::vector<MemcachedAddress>>> result;
 };
 
+bool SameAddresses(const std::vector<MemcachedAddress>& a, const std::vector<MemcachedAddress>& b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(),
+                    [](const MemcachedAddress& x, const MemcachedAddress& y) {
+                      return x.length == y.length &&
+                             std::memcmp(&x.address, &y.address, x.length) == 0;
+                    });
+}
+
 // A node's resolver thread: one lookup each time it is asked, until told to stop.
 void ResolveNames(const std::shared_ptr<NodeLookup>& lookup) {
   std::unique_lock<std::mutex> lock(lookup->mu);
@@ -212,6 +220,10 @@ struct MemcachedPipeline::Node {
   std::vector<MemcachedAddress> addresses;
   size_t next_address = 0;
   size_t failed_in_a_row = 0;  // Connects that failed since one last succeeded.
+  // Of this round of failed connects (through the name's addresses, once): whether one was
+  // refused, and whether one failed slowly (a timeout, or an error the connect reported later).
+  bool round_refused = false;
+  bool round_failed_slowly = false;
   SteadyTime resolved_at = SteadyTime::min();
 
   // Shared with the node's resolver thread; lock order: the reader's mu_, then lookup->mu.
@@ -486,9 +498,15 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
     std::lock_guard<std::mutex> lock(mu_);
     node.resolving = false;
     if (address->ok()) {
-      node.addresses = **std::move(address);
-      node.next_address = 0;
-      node.failed_in_a_row = 0;
+      // The same addresses as before (a refresh): where the rotation through them stands is
+      // kept, or a first address that does not work would be tried first again.
+      if (!SameAddresses(node.addresses, **address)) {
+        node.addresses = **std::move(address);
+        node.next_address = 0;
+        node.failed_in_a_row = 0;
+        node.round_refused = false;
+        node.round_failed_slowly = false;
+      }
       node.resolved_at = now;
       node.resolved = true;
       // Dispatched with the rest of this turn's requests.
@@ -598,14 +616,14 @@ void MemcachedPipeline::Run() {
     for (auto& owned : nodes_) {
       Node& node = *owned;
       if (node.connecting && now >= node.connect_deadline) {
-        ConnectFailed(node, ETIMEDOUT, now);
-      } else if (!node.in_flight.empty() &&
+        ConnectFailed(node, ETIMEDOUT, /*at_once=*/false, now);
+      } else if (!node.connecting && !node.in_flight.empty() &&
                  now - node.last_progress >= ToSteadyDuration(options_.io_timeout)) {
         Drop(node,
              absl::UnavailableError(absl::StrCat("memcached ", node.label, ": no answer for ",
                                                  absl::FormatDuration(options_.io_timeout))),
              true, now);
-      } else if (!node.in_flight.empty() &&
+      } else if (!node.connecting && !node.in_flight.empty() &&
                  now - node.in_flight.front()->sent >= ToSteadyDuration(options_.io_timeout)) {
         // Still answering, but slower than it is asked: every byte counts as progress, yet
         // the backlog (kept in order, given up or not) would grow without bound, and every new
@@ -684,7 +702,11 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
     peer = node.addresses[node.next_address % node.addresses.size()];
   }
   const int fd = socket(peer.address.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return;
+  if (fd < 0) {
+    // No socket of that family on this host (::1 with IPv6 off): the next address, then.
+    ConnectFailed(node, errno, /*at_once=*/true, now);
+    return;
+  }
   const int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   node.fd = fd;
@@ -694,7 +716,7 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
   if (connect(fd, reinterpret_cast<const sockaddr*>(&peer.address), peer.length) != 0) {
     const int err = errno;
     if (err != EINPROGRESS) {
-      ConnectFailed(node, err, now);
+      ConnectFailed(node, err, /*at_once=*/true, now);
       return;
     }
     node.connecting = true;
@@ -716,20 +738,32 @@ void MemcachedPipeline::Connected(Node& node) {
   node.failed_in_a_row = 0;
 }
 
-void MemcachedPipeline::ConnectFailed(Node& node, int err, SteadyTime now) {
+void MemcachedPipeline::ConnectFailed(Node& node, int err, bool at_once, SteadyTime now) {
   bool try_next = false;
+  bool back_off = BackOffAfter(err);
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!node.addresses.empty()) {
+      if (err == ECONNREFUSED) {
+        node.round_refused = true;
+      } else if (!at_once) {
+        node.round_failed_slowly = true;
+      }
       node.next_address = (node.next_address + 1) % node.addresses.size();
       try_next = ++node.failed_in_a_row < node.addresses.size();
       if (!try_next) {
+        // Every address failed. Requests fail at once for a while only when waiting for this
+        // node cost time (a connect timed out) or nothing but odd errors came back; a refusal
+        // is retried at once, as memcached may be restarting. (An address that cannot work
+        // on this host at all, ::1 with IPv6 off, fails at once and does not count.)
+        back_off = node.round_failed_slowly || !node.round_refused;
         node.failed_in_a_row = 0;
-        // Every address refused: the node may have moved (a pod's new IP), so the name is
-        // looked up again, at most once per retry_after_failure while the refusals go on.
-        // (Other failures back off, and Drop has the name looked up again.)
+        node.round_refused = false;
+        node.round_failed_slowly = false;
+        // The node may have moved (a pod's new IP): its name is looked up again, in the
+        // background and at most once per retry_after_failure, while it is tried where it was.
         if (now - node.resolved_at >= ToSteadyDuration(options_.retry_after_failure)) {
-          node.resolved = false;
+          RefreshAddressesLocked(node);
         }
       }
     }
@@ -737,26 +771,28 @@ void MemcachedPipeline::ConnectFailed(Node& node, int err, SteadyTime now) {
   if (try_next) {
     // Nothing was sent on a connection that never opened: the requests wait for the next
     // address instead of failing.
-    close(node.fd);  // Also leaves the epoll set.
+    if (node.fd >= 0) close(node.fd);  // Also leaves the epoll set.
     node.fd = -1;
     node.connecting = false;
     node.watching_writes = false;
     node.out_offset = 0;
     StartConnect(node, now);
-    if (node.fd < 0) {
-      // No socket, or that address failed too (then its requests have failed already).
-      Drop(node, absl::UnavailableError(absl::StrCat("memcached ", node.label, ": cannot connect")),
-           false, now);
-    } else if (!node.connecting) {
-      Flush(node, now);
-    }
+    if (node.fd >= 0 && !node.connecting) Flush(node, now);
     return;
   }
   Drop(node,
        absl::UnavailableError(err == ETIMEDOUT
                                   ? absl::StrCat("memcached ", node.label, ": connect timed out")
                                   : Errno(absl::StrCat("memcached ", node.label), err)),
-       BackOffAfter(err), now);
+       back_off, now);
+}
+
+void MemcachedPipeline::RefreshAddressesLocked(Node& node) {
+  if (node.resolving) return;
+  node.resolving = true;
+  std::lock_guard<std::mutex> asking(node.lookup->mu);
+  node.lookup->wanted = true;
+  node.lookup->wanted_cv.notify_one();
 }
 
 void MemcachedPipeline::Watch(Node& node, bool want_write) {
@@ -774,7 +810,7 @@ void MemcachedPipeline::OnEvents(Node& node, uint32_t events, SteadyTime now) {
     socklen_t len = sizeof err;
     if (getsockopt(node.fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
     if (err != 0) {
-      ConnectFailed(node, err, now);
+      ConnectFailed(node, err, /*at_once=*/false, now);
       return;
     }
     node.connecting = false;
@@ -926,8 +962,9 @@ void MemcachedPipeline::Drop(Node& node, const absl::Status& why, bool mark_fail
     node.failed_until_seen = now + ToSteadyDuration(options_.retry_after_failure);
     std::lock_guard<std::mutex> lock(mu_);
     node.failed_until = node.failed_until_seen;
-    // Look the name up again next time: the node may come back at another address.
-    node.resolved = false;
+    // The node may come back at another address: its name is looked up again in the
+    // background, and it is tried where it was meanwhile.
+    RefreshAddressesLocked(node);
   }
   std::deque<std::shared_ptr<Request>> answered = std::move(node.in_flight);
   node.in_flight.clear();

@@ -157,11 +157,15 @@ class MemcachedPipeline {
   void StartConnect(Node& node, SteadyTime now);
   // A connect succeeded: the name's addresses are tried from this one again after a failure.
   void Connected(Node& node);
-  // A connect failed with `err` (ETIMEDOUT: connect_timeout passed). It moves on to the name's
-  // next address, at once while some address has not failed since the last connect that worked
-  // (the requests wait for it). Once every one has, the requests fail: after refusals the name
-  // is looked up again; after anything else the node also backs off (Drop).
-  void ConnectFailed(Node& node, int err, SteadyTime now);
+  // A connect failed with `err` (ETIMEDOUT: connect_timeout passed), `at_once` (socket() or
+  // connect() itself) or later. It moves on to the name's next address, at once while some
+  // address has not failed since the last connect that worked (the requests wait for it). Once
+  // every one has, the requests fail, the node backs off unless waiting cost nothing (see the
+  // definition), and the name is looked up again in the background.
+  void ConnectFailed(Node& node, int err, bool at_once, SteadyTime now);
+  // Asks the node's resolver thread for its addresses again, unless a lookup is under way. The
+  // node keeps its current addresses until the answer comes. Needs mu_.
+  void RefreshAddressesLocked(Node& node);
   void OnEvents(Node& node, uint32_t events, SteadyTime now);
   void Flush(Node& node, SteadyTime now);
   void ReadAnswers(Node& node, SteadyTime now);

@@ -293,10 +293,13 @@ MemcachedAddress LoopbackAddress(int port) {
 // that no other test (ctest runs them side by side) can listen there, but not listening.
 class RefusingPort {
  public:
-  RefusingPort() : fd_(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+  // Port 0: any free one. A port a server is to take over later should come from
+  // RestartableTcpPort(), which no outgoing connection can be handed meanwhile.
+  explicit RefusingPort(int port = 0) : fd_(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
     socklen_t len = sizeof addr;
     if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
         getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
@@ -378,10 +381,106 @@ TEST(MemcachedPipelineFailureTest, ANodeThatMovedIsLookedUpAgainAfterItsAddressR
   EXPECT_EQ(lookups->load(), 2);
 }
 
+// An address this host cannot connect to at all (no socket of its family: ::1 with IPv6 off)
+// gives way to the next one, as a refused one does.
+MemcachedAddress AddressOfNoFamily() {
+  MemcachedAddress address;
+  address.address.ss_family = AF_MAX;  // socket() says EAFNOSUPPORT
+  address.length = sizeof(sockaddr_in);
+  return address;
+}
+
+TEST(MemcachedPipelineFailureTest, AnAddressWithoutASocketGivesWayToTheNext) {
+  FakeMemcached server({Serve()});
+  const int listening = server.node().port;
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        return std::vector<MemcachedAddress>{AddressOfNoFamily(), LoopbackAddress(listening)};
+      },
+      absl::Seconds(5), absl::Seconds(60));
+  ASSERT_NE(reader, nullptr);
+  Timed got = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
+  ASSERT_TRUE(got.result.ok()) << got.result.status();
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+// Whether the node backs off once every address failed depends on the whole round, not on the
+// last address: a refusal (memcached restarting) next to an address that cannot work here is
+// retried at once, while a round that waited out a connect timeout makes reads fail at once
+// for a while rather than each waiting for it again.
+TEST(MemcachedPipelineFailureTest, ARoundOfRefusalsIsRetriedAtOnceAndOneThatTimedOutBacksOff) {
+  {
+    auto refusing = std::make_unique<RefusingPort>(RestartableTcpPort());
+    const int port = refusing->port();
+    ASSERT_GT(port, 0);
+    std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+        [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+          return std::vector<MemcachedAddress>{LoopbackAddress(port), AddressOfNoFamily()};
+        },
+        absl::Seconds(5), absl::Seconds(60));
+    ASSERT_NE(reader, nullptr);
+    EXPECT_FALSE(TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8))).result.ok());
+    refusing.reset();
+    FakeMemcached server({Serve()}, port);
+    ASSERT_EQ(server.node().port, port);
+    Timed got = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
+    EXPECT_TRUE(got.result.ok()) << got.result.status() << " (backed off after a refusal)";
+  }
+  {
+    SilentListener full(/*backlog=*/1);
+    ASSERT_NE(full.port(), 0);
+    full.Fill();
+    const RefusingPort refusing;
+    MemcachedPipelineOptions options;
+    options.nodes = {MemcachedNode{"memcached.test", 11211}};
+    options.resolve = [hanging = full.port(), refused = refusing.port()](
+                          const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+      return std::vector<MemcachedAddress>{LoopbackAddress(hanging), LoopbackAddress(refused)};
+    };
+    options.connect_timeout = absl::Milliseconds(500);
+    options.io_timeout = absl::Seconds(5);
+    options.retry_after_failure = absl::Seconds(60);
+    absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    Timed first = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+    EXPECT_FALSE(first.result.ok());
+    EXPECT_GE(first.took, options.connect_timeout - absl::Milliseconds(50));
+    Timed second = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+    EXPECT_FALSE(second.result.ok());
+    EXPECT_LT(second.took, absl::Milliseconds(250)) << "waited for the connect timeout again";
+  }
+}
+
+// While every address refuses (memcached down for a while), the name is looked up again at most
+// once per retry_after_failure, in the background: not once per read.
+TEST(MemcachedPipelineFailureTest, RefusalsLookTheNameUpAgainAtMostOncePerRetryPeriod) {
+  const RefusingPort refusing;
+  const int port = refusing.port();
+  ASSERT_GT(port, 0);
+  auto lookups = std::make_shared<std::atomic<int>>(0);
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        lookups->fetch_add(1);
+        return std::vector<MemcachedAddress>{LoopbackAddress(port)};
+      },
+      absl::Seconds(5), absl::Milliseconds(100));
+  ASSERT_NE(reader, nullptr);
+  int reads = 0;
+  const absl::Time start = absl::Now();
+  while (absl::Now() - start < absl::Milliseconds(500)) {
+    EXPECT_FALSE(TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8))).result.ok());
+    ++reads;
+  }
+  EXPECT_GT(reads, 20);
+  EXPECT_GE(lookups->load(), 2) << "never looked up again";
+  EXPECT_LE(lookups->load(), 7) << "looked up again " << lookups->load() << " times in " << reads
+                                << " reads";
+}
+
 // A memcached restart while the name server is down: the lookup that the refusals asked for
 // fails, and the node is tried at the address it had, so the reads come back with memcached.
 TEST(MemcachedPipelineFailureTest, ANodeRestartedWhileItsNameServerIsDownIsReachedWhereItWas) {
-  auto refusing = std::make_unique<RefusingPort>();
+  auto refusing = std::make_unique<RefusingPort>(RestartableTcpPort());
   const int port = refusing->port();
   ASSERT_GT(port, 0);
   auto lookups = std::make_shared<std::atomic<int>>(0);
@@ -413,11 +512,11 @@ TEST(MemcachedPipelineFailureTest, ANodeRestartedWhileItsNameServerIsDownIsReach
 // request that waited for the lookup is still unanswered io_timeout after it was asked.
 TEST(MemcachedPipelineFailureTest, ASlowNameLookupDoesNotGetAHealthyNodeDropped) {
   const absl::Duration io_timeout = absl::Seconds(2);
-  // Answers the first read 1.5 s after reading it, the others at once.
+  // Answers the first read 1 s after reading it, the others at once.
   auto reads = std::make_shared<std::atomic<int>>(0);
   Script slow_first = Serve();
   slow_first.reply = [serve = slow_first.reply, reads](const std::string& line) {
-    if (reads->fetch_add(1) == 0) absl::SleepFor(absl::Milliseconds(1500));
+    if (reads->fetch_add(1) == 0) absl::SleepFor(absl::Seconds(1));
     return serve(line);
   };
   FakeMemcached server({slow_first});
@@ -426,14 +525,14 @@ TEST(MemcachedPipelineFailureTest, ASlowNameLookupDoesNotGetAHealthyNodeDropped)
   std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
       [=](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
         lookups->fetch_add(1);
-        absl::SleepFor(absl::Seconds(1));
+        absl::SleepFor(absl::Milliseconds(1500));
         return std::vector<MemcachedAddress>{LoopbackAddress(port)};
       },
       io_timeout, absl::Seconds(60));
   ASSERT_NE(reader, nullptr);
-  // The first read is sent after the 1 s lookup and answered 1.5 s later: past its own
+  // The first read is sent after the 1.5 s lookup and answered 1 s later: past its own
   // io_timeout (2 s from when it was asked), so it fails by itself, as its caller asked no
-  // longer; but only 1.5 s after it was sent, so the node is not "answering too slowly".
+  // longer; but only 1 s after it was sent, so the node is not "answering too slowly".
   Timed first = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(10)));
   EXPECT_TRUE(absl::IsUnavailable(first.result.status())) << first.result.status();
   // The node is still there for the next read, on the same connection.
