@@ -494,6 +494,7 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
   }
   if (!address.has_value()) return;
   std::vector<std::shared_ptr<Request>> failed;
+  bool moved = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     node.resolving = false;
@@ -501,6 +502,7 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
       // The same addresses as before (a refresh): where the rotation through them stands is
       // kept, or a first address that does not work would be tried first again.
       if (!SameAddresses(node.addresses, **address)) {
+        moved = true;
         node.addresses = **std::move(address);
         node.next_address = 0;
         node.failed_in_a_row = 0;
@@ -523,6 +525,17 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
       failed = std::move(node.awaiting_address);
     }
     node.awaiting_address.clear();
+  }
+  if (moved && node.connecting) {
+    // A connect to an address the name no longer leads to: the new first address instead,
+    // before the old one times out (nothing was sent; the requests wait for this one).
+    close(node.fd);  // Also leaves the epoll set.
+    node.fd = -1;
+    node.connecting = false;
+    node.watching_writes = false;
+    node.out_offset = 0;
+    StartConnect(node, now);
+    if (node.fd >= 0 && !node.connecting) Flush(node, now);
   }
   if (failed.empty()) return;
   const absl::Status why = absl::UnavailableError(
@@ -645,8 +658,11 @@ SteadyTime MemcachedPipeline::NextTimer(SteadyTime now) const {
   for (const auto& node : nodes_) {
     if (node->connecting) next = std::min(next, node->connect_deadline);
     if (node->in_flight.empty()) continue;
-    next = std::min(next, node->last_progress + ToSteadyDuration(options_.io_timeout));
-    next = std::min(next, node->in_flight.front()->sent + ToSteadyDuration(options_.io_timeout));
+    // The stall checks wait while a connect is under way (Run), and so do their timers.
+    if (!node->connecting) {
+      next = std::min(next, node->last_progress + ToSteadyDuration(options_.io_timeout));
+      next = std::min(next, node->in_flight.front()->sent + ToSteadyDuration(options_.io_timeout));
+    }
     for (const auto& r : node->in_flight) {
       if (!r->answered) next = std::min(next, r->give_up);
     }
@@ -722,7 +738,7 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
     node.connecting = true;
     node.connect_deadline = now + ToSteadyDuration(options_.connect_timeout);
   } else {
-    Connected(node);
+    Connected(node, now);
   }
   epoll_event ev{};
   ev.events = EPOLLIN | EPOLLRDHUP | (node.connecting ? EPOLLOUT : 0u);
@@ -733,9 +749,17 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
   }
 }
 
-void MemcachedPipeline::Connected(Node& node) {
-  std::lock_guard<std::mutex> lock(mu_);
-  node.failed_in_a_row = 0;
+void MemcachedPipeline::Connected(Node& node, SteadyTime now) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    node.failed_in_a_row = 0;
+    node.round_refused = false;
+    node.round_failed_slowly = false;
+  }
+  // The requests that waited for the connect (through several addresses, maybe) are sent now:
+  // the stall checks count from here.
+  node.last_progress = now;
+  for (auto& r : node.in_flight) r->sent = now;
 }
 
 void MemcachedPipeline::ConnectFailed(Node& node, int err, bool at_once, SteadyTime now) {
@@ -814,8 +838,7 @@ void MemcachedPipeline::OnEvents(Node& node, uint32_t events, SteadyTime now) {
       return;
     }
     node.connecting = false;
-    node.last_progress = now;
-    Connected(node);
+    Connected(node, now);
     Flush(node, now);
     return;
   }

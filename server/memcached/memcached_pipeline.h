@@ -155,8 +155,9 @@ class MemcachedPipeline {
   // I/O-thread helpers; `node` belongs to the I/O thread except where noted.
   void Dispatch(Node& node, std::vector<std::shared_ptr<Request>> fresh, SteadyTime now);
   void StartConnect(Node& node, SteadyTime now);
-  // A connect succeeded: the name's addresses are tried from this one again after a failure.
-  void Connected(Node& node);
+  // A connect succeeded: the name's addresses are tried from this one again after a failure,
+  // and the requests that waited for it count as sent now.
+  void Connected(Node& node, SteadyTime now);
   // A connect failed with `err` (ETIMEDOUT: connect_timeout passed), `at_once` (socket() or
   // connect() itself) or later. It moves on to the name's next address, at once while some
   // address has not failed since the last connect that worked (the requests wait for it). Once

@@ -451,6 +451,69 @@ TEST(MemcachedPipelineFailureTest, ARoundOfRefusalsIsRetriedAtOnceAndOneThatTime
   }
 }
 
+// Connects that time out one address after another may take longer than io_timeout in all; the
+// requests that waited count as sent once a connect works, so the node is not then dropped as
+// "answering too slowly" before it could answer.
+TEST(MemcachedPipelineFailureTest, RequestsThatWaitedForSeveralConnectsAreSentWhenOneWorks) {
+  SilentListener first(/*backlog=*/1);
+  SilentListener second(/*backlog=*/1);
+  ASSERT_NE(first.port(), 0);
+  ASSERT_NE(second.port(), 0);
+  first.Fill();
+  second.Fill();
+  FakeMemcached server({Serve()});
+  MemcachedPipelineOptions options;
+  options.nodes = {MemcachedNode{"memcached.test", 11211}};
+  options.resolve = [a = first.port(), b = second.port(), c = server.node().port](
+                        const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+    return std::vector<MemcachedAddress>{LoopbackAddress(a), LoopbackAddress(b),
+                                         LoopbackAddress(c)};
+  };
+  options.connect_timeout = absl::Seconds(1);
+  options.io_timeout = absl::Milliseconds(1500);
+  options.retry_after_failure = absl::Seconds(60);
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  // The first read gives up at its io_timeout, while the second address is still connecting.
+  Pending<MemcachedHits> first_read;
+  (*reader)->GetAsync(0, {"k"}, Deadline(absl::Seconds(10)), first_read.Callback());
+  EXPECT_FALSE(first_read.Wait(absl::Seconds(5)).result.ok());
+  // The next one joins it; the third address connects at about 2 s and answers.
+  Timed next = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(10)));
+  ASSERT_TRUE(next.result.ok()) << next.result.status();
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+// A name that moves while a connect to its old address hangs: the connect goes to the new
+// address when the lookup says so, rather than after the old one timed out.
+TEST(MemcachedPipelineFailureTest, ALookupThatMovesTheNodeRedirectsAConnectUnderWay) {
+  SilentListener hanging(/*backlog=*/1);
+  ASSERT_NE(hanging.port(), 0);
+  hanging.Fill();
+  FakeMemcached server({Serve()});
+  auto lookups = std::make_shared<std::atomic<int>>(0);
+  MemcachedPipelineOptions options;
+  options.nodes = {MemcachedNode{"memcached.test", 11211}};
+  options.resolve = [lookups, old_port = hanging.port(), new_port = server.node().port](
+                        const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+    if (lookups->fetch_add(1) == 0) return std::vector<MemcachedAddress>{LoopbackAddress(old_port)};
+    absl::SleepFor(absl::Milliseconds(500));  // The refresh answers while the next connect hangs.
+    return std::vector<MemcachedAddress>{LoopbackAddress(new_port)};
+  };
+  options.connect_timeout = absl::Seconds(1);
+  options.io_timeout = absl::Seconds(5);
+  options.retry_after_failure = absl::Milliseconds(50);
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  // Times out at the old address, backs off for 50 ms and asks for the name again.
+  EXPECT_FALSE(TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8))).result.ok());
+  absl::SleepFor(absl::Milliseconds(100));
+  // Connects to the old address again (the refresh has not answered), then is redirected.
+  Timed moved = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+  ASSERT_TRUE(moved.result.ok()) << moved.result.status();
+  EXPECT_LT(moved.took, options.connect_timeout) << "waited for the old address";
+}
+
 // While every address refuses (memcached down for a while), the name is looked up again at most
 // once per retry_after_failure, in the background: not once per read.
 TEST(MemcachedPipelineFailureTest, RefusalsLookTheNameUpAgainAtMostOncePerRetryPeriod) {
