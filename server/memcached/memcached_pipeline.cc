@@ -526,17 +526,9 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
     }
     node.awaiting_address.clear();
   }
-  if (moved && node.connecting) {
-    // A connect to an address the name no longer leads to: the new first address instead,
-    // before the old one times out (nothing was sent; the requests wait for this one).
-    close(node.fd);  // Also leaves the epoll set.
-    node.fd = -1;
-    node.connecting = false;
-    node.watching_writes = false;
-    node.out_offset = 0;
-    StartConnect(node, now);
-    if (node.fd >= 0 && !node.connecting) Flush(node, now);
-  }
+  // A connect to an address the name no longer leads to: the new first address instead,
+  // before the old one times out.
+  if (moved && node.connecting) Reconnect(node, now);
   if (failed.empty()) return;
   const absl::Status why = absl::UnavailableError(
       absl::StrCat("memcached ", node.label, ": ", address->status().message()));
@@ -793,15 +785,7 @@ void MemcachedPipeline::ConnectFailed(Node& node, int err, bool at_once, SteadyT
     }
   }
   if (try_next) {
-    // Nothing was sent on a connection that never opened: the requests wait for the next
-    // address instead of failing.
-    if (node.fd >= 0) close(node.fd);  // Also leaves the epoll set.
-    node.fd = -1;
-    node.connecting = false;
-    node.watching_writes = false;
-    node.out_offset = 0;
-    StartConnect(node, now);
-    if (node.fd >= 0 && !node.connecting) Flush(node, now);
+    Reconnect(node, now);
     return;
   }
   Drop(node,
@@ -809,6 +793,16 @@ void MemcachedPipeline::ConnectFailed(Node& node, int err, bool at_once, SteadyT
                                   ? absl::StrCat("memcached ", node.label, ": connect timed out")
                                   : Errno(absl::StrCat("memcached ", node.label), err)),
        back_off, now);
+}
+
+void MemcachedPipeline::Reconnect(Node& node, SteadyTime now) {
+  if (node.fd >= 0) close(node.fd);  // Also leaves the epoll set.
+  node.fd = -1;
+  node.connecting = false;
+  node.watching_writes = false;
+  node.out_offset = 0;
+  StartConnect(node, now);
+  if (node.fd >= 0 && !node.connecting) Flush(node, now);
 }
 
 void MemcachedPipeline::RefreshAddressesLocked(Node& node) {

@@ -164,6 +164,9 @@ class MemcachedPipeline {
   // every one has, the requests fail, the node backs off unless waiting cost nothing (see the
   // definition), and the name is looked up again in the background.
   void ConnectFailed(Node& node, int err, bool at_once, SteadyTime now);
+  // Closes a connection that never opened and connects to the node's current address instead.
+  // Nothing was sent on it: its requests stay, to be sent on the new one (or failed by Drop).
+  void Reconnect(Node& node, SteadyTime now);
   // Asks the node's resolver thread for its addresses again, unless a lookup is under way. The
   // node keeps its current addresses until the answer comes. Needs mu_.
   void RefreshAddressesLocked(Node& node);
