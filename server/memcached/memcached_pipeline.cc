@@ -135,12 +135,12 @@ struct NodeLookup {
   std::optional<absl::StatusOr<std::vector<MemcachedAddress>>> result;
 };
 
+bool SameAddress(const MemcachedAddress& x, const MemcachedAddress& y) {
+  return x.length == y.length && std::memcmp(&x.address, &y.address, x.length) == 0;
+}
+
 bool SameAddresses(const std::vector<MemcachedAddress>& a, const std::vector<MemcachedAddress>& b) {
-  return std::equal(a.begin(), a.end(), b.begin(), b.end(),
-                    [](const MemcachedAddress& x, const MemcachedAddress& y) {
-                      return x.length == y.length &&
-                             std::memcmp(&x.address, &y.address, x.length) == 0;
-                    });
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(), SameAddress);
 }
 
 // A node's resolver thread: one lookup each time it is asked, until told to stop.
@@ -235,6 +235,7 @@ struct MemcachedPipeline::Node {
   bool connecting = false;
   bool watching_writes = false;
   SteadyTime connect_deadline;
+  MemcachedAddress connecting_to;  // While connecting.
   SteadyTime last_progress;
   SteadyTime failed_until_seen = SteadyTime::min();
   // Requests written (or being written), in the order memcached answers them.
@@ -502,12 +503,23 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
       // The same addresses as before (a refresh): where the rotation through them stands is
       // kept, or a first address that does not work would be tried first again.
       if (!SameAddresses(node.addresses, **address)) {
-        moved = true;
         node.addresses = **std::move(address);
         node.next_address = 0;
         node.failed_in_a_row = 0;
         node.round_refused = false;
         node.round_failed_slowly = false;
+        if (node.connecting) {
+          // A connect under way to an address still listed goes on (the rotation continues
+          // from there); one to an address the name no longer leads to is redirected below.
+          const auto listed = std::find_if(
+              node.addresses.begin(), node.addresses.end(),
+              [&](const MemcachedAddress& a) { return SameAddress(a, node.connecting_to); });
+          if (listed != node.addresses.end()) {
+            node.next_address = static_cast<size_t>(listed - node.addresses.begin());
+          } else {
+            moved = true;
+          }
+        }
       }
       node.resolved_at = now;
       node.resolved = true;
@@ -526,8 +538,7 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
     }
     node.awaiting_address.clear();
   }
-  // A connect to an address the name no longer leads to: the new first address instead,
-  // before the old one times out.
+  // The new first address instead, before the old one times out.
   if (moved && node.connecting) Reconnect(node, now);
   if (failed.empty()) return;
   const absl::Status why = absl::UnavailableError(
@@ -728,6 +739,7 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
       return;
     }
     node.connecting = true;
+    node.connecting_to = peer;
     node.connect_deadline = now + ToSteadyDuration(options_.connect_timeout);
   } else {
     Connected(node, now);
@@ -748,10 +760,20 @@ void MemcachedPipeline::Connected(Node& node, SteadyTime now) {
     node.round_refused = false;
     node.round_failed_slowly = false;
   }
-  // The requests that waited for the connect (through several addresses, maybe) are sent now:
-  // the stall checks count from here.
+  // The requests that waited for the connect (through several addresses, maybe) are sent now,
+  // and the stall checks count from here. Those that gave up meanwhile are not sent: a write
+  // its caller was told had failed must not land later. (Nothing is on the wire yet.)
   node.last_progress = now;
-  for (auto& r : node.in_flight) r->sent = now;
+  std::deque<std::shared_ptr<Request>> waiting;
+  node.out.clear();
+  node.out_offset = 0;
+  for (auto& r : node.in_flight) {
+    if (r->answered) continue;
+    r->sent = now;
+    node.out += r->command;
+    waiting.push_back(std::move(r));
+  }
+  node.in_flight = std::move(waiting);
 }
 
 void MemcachedPipeline::ConnectFailed(Node& node, int err, bool at_once, SteadyTime now) {

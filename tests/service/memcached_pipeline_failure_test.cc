@@ -451,9 +451,10 @@ TEST(MemcachedPipelineFailureTest, ARoundOfRefusalsIsRetriedAtOnceAndOneThatTime
   }
 }
 
-// Connects that time out one address after another may take longer than io_timeout in all; the
-// requests that waited count as sent once a connect works, so the node is not then dropped as
-// "answering too slowly" before it could answer.
+// Connects that time out one address after another may take longer than io_timeout in all. A
+// request that gave up meanwhile is not sent once a connect works (its caller was told it
+// failed), and the ones still waiting are sent and answered, not dropped as "answering too
+// slowly" for the time they waited.
 TEST(MemcachedPipelineFailureTest, RequestsThatWaitedForSeveralConnectsAreSentWhenOneWorks) {
   SilentListener first(/*backlog=*/1);
   SilentListener second(/*backlog=*/1);
@@ -469,19 +470,20 @@ TEST(MemcachedPipelineFailureTest, RequestsThatWaitedForSeveralConnectsAreSentWh
     return std::vector<MemcachedAddress>{LoopbackAddress(a), LoopbackAddress(b),
                                          LoopbackAddress(c)};
   };
-  options.connect_timeout = absl::Seconds(1);
-  options.io_timeout = absl::Milliseconds(1500);
+  options.connect_timeout = absl::Seconds(2);
+  options.io_timeout = absl::Seconds(3);
   options.retry_after_failure = absl::Seconds(60);
   absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
   ASSERT_TRUE(reader.ok()) << reader.status();
-  // The first read gives up at its io_timeout, while the second address is still connecting.
+  // The first read gives up at its io_timeout (3 s), while the second address is connecting.
   Pending<MemcachedHits> first_read;
-  (*reader)->GetAsync(0, {"k"}, Deadline(absl::Seconds(10)), first_read.Callback());
-  EXPECT_FALSE(first_read.Wait(absl::Seconds(5)).result.ok());
-  // The next one joins it; the third address connects at about 2 s and answers.
-  Timed next = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(10)));
+  (*reader)->GetAsync(0, {"k"}, Deadline(absl::Seconds(20)), first_read.Callback());
+  EXPECT_FALSE(first_read.Wait(absl::Seconds(10)).result.ok());
+  // The next one waits for the third address, which connects at about 4 s, and is answered.
+  Timed next = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(20)));
   ASSERT_TRUE(next.result.ok()) << next.result.status();
   EXPECT_EQ(server.accepted(), 1);
+  EXPECT_FALSE(server.AwaitLines(2, absl::Milliseconds(300))) << "the read that gave up was sent";
 }
 
 // A name that moves while a connect to its old address hangs: the connect goes to the new
@@ -492,26 +494,35 @@ TEST(MemcachedPipelineFailureTest, ALookupThatMovesTheNodeRedirectsAConnectUnder
   hanging.Fill();
   FakeMemcached server({Serve()});
   auto lookups = std::make_shared<std::atomic<int>>(0);
+  auto refresh_may_answer = std::make_shared<Notification>();
   MemcachedPipelineOptions options;
   options.nodes = {MemcachedNode{"memcached.test", 11211}};
-  options.resolve = [lookups, old_port = hanging.port(), new_port = server.node().port](
+  options.resolve = [lookups, refresh_may_answer, old_port = hanging.port(),
+                     new_port = server.node().port](
                         const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
     if (lookups->fetch_add(1) == 0) return std::vector<MemcachedAddress>{LoopbackAddress(old_port)};
-    absl::SleepFor(absl::Milliseconds(500));  // The refresh answers while the next connect hangs.
+    refresh_may_answer->WaitForNotificationWithTimeout(absl::Seconds(30));
     return std::vector<MemcachedAddress>{LoopbackAddress(new_port)};
   };
-  options.connect_timeout = absl::Seconds(1);
-  options.io_timeout = absl::Seconds(5);
+  options.connect_timeout = absl::Seconds(3);
+  options.io_timeout = absl::Seconds(10);
   options.retry_after_failure = absl::Milliseconds(50);
   absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
   ASSERT_TRUE(reader.ok()) << reader.status();
-  // Times out at the old address, backs off for 50 ms and asks for the name again.
-  EXPECT_FALSE(TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8))).result.ok());
+  // Times out at the old address, backs off for 50 ms and asks for the name again; that lookup
+  // answers only when the test says so.
+  EXPECT_FALSE(TimedGet(**reader, {"k"}, Deadline(absl::Seconds(20))).result.ok());
   absl::SleepFor(absl::Milliseconds(100));
-  // Connects to the old address again (the refresh has not answered), then is redirected.
-  Timed moved = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
-  ASSERT_TRUE(moved.result.ok()) << moved.result.status();
-  EXPECT_LT(moved.took, options.connect_timeout) << "waited for the old address";
+  // Connects to the old address again, and is redirected when the lookup answers.
+  Pending<MemcachedHits> moved;
+  const absl::Time asked = absl::Now();
+  (*reader)->GetAsync(0, {"k"}, Deadline(absl::Seconds(20)), moved.Callback());
+  absl::SleepFor(absl::Milliseconds(300));
+  refresh_may_answer->Notify();
+  const AsyncAnswer<MemcachedHits> answer = moved.Wait(absl::Seconds(15));
+  ASSERT_TRUE(answer.result.ok()) << answer.result.status();
+  EXPECT_LT(answer.at - asked, options.connect_timeout) << "waited for the old address";
+  EXPECT_EQ(lookups->load(), 2);
 }
 
 // While every address refuses (memcached down for a while), the name is looked up again at most
