@@ -790,8 +790,12 @@ absl::Status SessionService::Delete(absl::string_view token, absl::Time deadline
   // A tombstone rather than a delete: a copy that missed this write (its node was unreachable)
   // must not be able to bring the session back through read repair. It needs to live only as
   // long as the session itself could have.
-  return EndedOnEveryCopy("token", store_->Put(*key, Tombstone(s, TombstoneEnd(s, now)),
-                                               TombstoneTtl(s, now), deadline));
+  return EndedOnEveryCopy("token", PutTombstone(*key, s, now, deadline));
+}
+
+absl::Status SessionService::PutTombstone(const SessionKey& key, const StoredSession& s,
+                                          absl::Time now, absl::Time deadline) {
+  return store_->Put(key, Tombstone(s, TombstoneEnd(s, now)), TombstoneTtl(s, now), deadline);
 }
 
 absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,
@@ -849,10 +853,9 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
         bool ended = false;
         if (tombstones_left > 0) {
           --tombstones_left;
-          ended = store_
-                      ->Put(SessionKey{s->token_hash(), std::string(user_tag)},
-                            Tombstone(*s, TombstoneEnd(*s, now)), TombstoneTtl(*s, now), deadline)
-                      .ok();
+          ended =
+              PutTombstone(SessionKey{s->token_hash(), std::string(user_tag)}, *s, now, deadline)
+                  .ok();
           if (!ended) tombstones_left = 0;
         }
         if (!ended) {
@@ -952,9 +955,7 @@ absl::StatusOr<int64_t> SessionService::Revoke(absl::string_view user_id, absl::
   for (const StoredSession& s : *unended) {
     if (s.user_generation() >= advanced->raised_to) continue;  // Created after the revocation.
     if (s.user_generation() >= advanced->found) ++ended;       // Else an earlier revocation's.
-    const absl::Status written =
-        store_->Put(SessionKey{s.token_hash(), tag}, Tombstone(s, TombstoneEnd(s, now)),
-                    TombstoneTtl(s, now), deadline);
+    const absl::Status written = PutTombstone(SessionKey{s.token_hash(), tag}, s, now, deadline);
     if (!written.ok()) {
       ++not_ended;
       if (first_failure.ok()) first_failure = written;

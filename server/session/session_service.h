@@ -190,6 +190,9 @@ class SessionService {
                                                                        Attributes attributes,
                                                                        absl::Time deadline);
   absl::Duration GenerationKeepFor() const;
+  // Ends `s`, stored under `key`, at `now` with a tombstone on every copy (see SessionStore::Put).
+  absl::Status PutTombstone(const SessionKey& key, const storage::v1::StoredSession& s,
+                            absl::Time now, absl::Time deadline);
   // Rotate's last step after a compare-and-swap whose answer was lost but which took effect:
   // the end of the old session (`ended_old`) written to every copy again. When some copy did
   // not take it, the new session is removed again (it was never handed out).
