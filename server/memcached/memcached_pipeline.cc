@@ -212,11 +212,11 @@ struct MemcachedPipeline::Node {
   // Guarded by the reader's mu_ (callers and the I/O thread).
   std::vector<std::shared_ptr<Request>> queued;
   SteadyTime failed_until = SteadyTime::min();
-  bool resolved = false;
   bool resolving = false;  // Asked of the node's resolver thread, not answered yet.
-  // Requests that came while the name was not resolved; they are queued once it is.
+  // Requests that came before the name was first resolved; they are queued once it is.
   std::vector<std::shared_ptr<Request>> awaiting_address;
-  // Where the name led, the one to connect to next, and when it was looked up.
+  // Where the name led (empty until a lookup first succeeded; never emptied after), the one to
+  // connect to next, and when it was looked up.
   std::vector<MemcachedAddress> addresses;
   size_t next_address = 0;
   size_t failed_in_a_row = 0;  // Connects that failed since one last succeeded.
@@ -456,19 +456,14 @@ void MemcachedPipeline::Submit(int node_index, std::shared_ptr<Request> request,
           absl::StrCat("memcached ", node.label, ": failed recently; retrying after ",
                        absl::FormatDuration(options_.retry_after_failure)));
     } else {
-      if (node.resolved) {
+      if (!node.addresses.empty()) {
         node.queued.push_back(std::move(request));
       } else {
         // The name is looked up on the resolver thread, never here: this may be the thread
         // that takes every call's arrival, or the I/O thread itself (a write to the next copy,
         // started from an answer), and a slow name server would hold up everyone's requests.
         node.awaiting_address.push_back(std::move(request));
-        if (!node.resolving) {
-          node.resolving = true;
-          std::lock_guard<std::mutex> asking(node.lookup->mu);
-          node.lookup->wanted = true;
-          node.lookup->wanted_cv.notify_one();
-        }
+        RefreshAddressesLocked(node);
       }
       // Also for a request that waits for an address: the I/O thread keeps its deadline.
       wake = !wake_pending_;
@@ -522,16 +517,13 @@ void MemcachedPipeline::TakeLookupResult(Node& node, SteadyTime now) {
         }
       }
       node.resolved_at = now;
-      node.resolved = true;
       // Dispatched with the rest of this turn's requests.
       for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
     } else if (!node.addresses.empty()) {
-      // The name server failed, but the name was found before: the node is tried where it was
-      // (a memcached restarted at the same address must not wait for DNS), and its name looked
-      // up again after retry_after_failure.
+      // A refresh failed (no request waits for it): the node is tried where it was (a memcached
+      // restarted at the same address must not wait for DNS), and its name looked up again
+      // after retry_after_failure.
       node.resolved_at = now;
-      node.resolved = true;
-      for (auto& r : node.awaiting_address) node.queued.push_back(std::move(r));
     } else {
       node.failed_until = now + ToSteadyDuration(options_.retry_after_failure);
       failed = std::move(node.awaiting_address);
@@ -717,7 +709,7 @@ void MemcachedPipeline::StartConnect(Node& node, SteadyTime now) {
   MemcachedAddress peer;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!node.resolved || node.addresses.empty()) return;
+    if (node.addresses.empty()) return;
     peer = node.addresses[node.next_address % node.addresses.size()];
   }
   const int fd = socket(peer.address.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

@@ -167,8 +167,8 @@ class MemcachedPipeline {
   // Closes a connection that never opened and connects to the node's current address instead.
   // Nothing was sent on it: its requests stay, to be sent on the new one (or failed by Drop).
   void Reconnect(Node& node, SteadyTime now);
-  // Asks the node's resolver thread for its addresses again, unless a lookup is under way. The
-  // node keeps its current addresses until the answer comes. Needs mu_.
+  // Asks the node's resolver thread for its addresses (again), unless a lookup is under way.
+  // The node keeps its current addresses, if any, until the answer comes. Needs mu_.
   void RefreshAddressesLocked(Node& node);
   void OnEvents(Node& node, uint32_t events, SteadyTime now);
   void Flush(Node& node, SteadyTime now);
