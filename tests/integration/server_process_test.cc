@@ -90,6 +90,14 @@ void RecreateDatabase(const std::string& database) {
   ASSERT_EQ(result->exit_code, 0) << result->output;
 }
 
+// What psql prints for `sql` on `url` (unaligned, tuples only); a failure fails the test.
+std::string Psql(const std::string& url, const std::string& sql) {
+  auto result = RunCommand({"psql", url, "-v", "ON_ERROR_STOP=1", "-Atc", sql});
+  EXPECT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result.ok() ? result->exit_code : -1, 0) << (result.ok() ? result->output : "");
+  return result.ok() ? result->output : std::string();
+}
+
 // A new database `database`, migrated by this release.
 void RecreateMigratedDatabase(const std::string& database) {
   RecreateDatabase(database);
@@ -846,11 +854,7 @@ TEST(ServerProcessTest, AMigrateWithNothingToApplyChangesNothing) {
   const std::string database = "sl_schema_previous_release_test";
   RecreateMigratedDatabase(database);
   const std::string url = DatabaseUrlFor(database);
-  const auto psql = [&](const std::string& sql) {
-    auto result = RunCommand({"psql", url, "-v", "ON_ERROR_STOP=1", "-Atc", sql});
-    EXPECT_TRUE(result.ok()) << result.status();
-    return result.ok() ? result->output : std::string();
-  };
+  const auto psql = [&](const std::string& sql) { return Psql(url, sql); };
   const std::string has_column =
       "SELECT count(*) FROM information_schema.columns WHERE table_name = 'schema_migrations' "
       "AND column_name = 'works_with_binaries_from'";
@@ -874,12 +878,7 @@ TEST(ServerProcessTest, AMigrationBehindALongTransactionGivesUpAndAppliesLater) 
   const std::string database = "sl_migrate_lock_timeout_test";
   RecreateMigratedDatabase(database);
   const std::string url = DatabaseUrlFor(database);
-  const auto psql = [&](const std::string& sql) {
-    auto result = RunCommand({"psql", url, "-v", "ON_ERROR_STOP=1", "-Atc", sql});
-    EXPECT_TRUE(result.ok()) << result.status();
-    EXPECT_EQ(result.ok() ? result->exit_code : -1, 0) << (result.ok() ? result->output : "");
-    return result.ok() ? result->output : std::string();
-  };
+  const auto psql = [&](const std::string& sql) { return Psql(url, sql); };
   const std::string column_default =
       "SELECT column_default FROM information_schema.columns "
       "WHERE table_name = 'transactions' AND column_name = 'created_at'";

@@ -323,15 +323,15 @@ class RefusingPort {
 // A pipeline on one node named "memcached.test", looked up by `resolve`.
 std::unique_ptr<MemcachedPipeline> StartResolvingReader(
     std::function<absl::StatusOr<std::vector<MemcachedAddress>>(const MemcachedNode&)> resolve,
-    absl::Duration io_timeout, absl::Duration retry_after_failure) {
+    absl::Duration io_timeout, absl::Duration retry_after_failure,
+    absl::Duration connect_timeout = absl::Milliseconds(500)) {
   MemcachedPipelineOptions options;
   options.nodes = {MemcachedNode{"memcached.test", 11211}};
   options.resolve = std::move(resolve);
+  options.connect_timeout = connect_timeout;
   options.io_timeout = io_timeout;
   options.retry_after_failure = retry_after_failure;
-  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
-  EXPECT_TRUE(reader.ok()) << reader.status();
-  return reader.ok() ? std::move(*reader) : nullptr;
+  return StartPipeline(options);
 }
 
 // A name may lead to an address where nothing listens ("localhost" to ::1 first, while memcached
@@ -431,21 +431,18 @@ TEST(MemcachedPipelineFailureTest, ARoundOfRefusalsIsRetriedAtOnceAndOneThatTime
     ASSERT_NE(full.port(), 0);
     full.Fill();
     const RefusingPort refusing;
-    MemcachedPipelineOptions options;
-    options.nodes = {MemcachedNode{"memcached.test", 11211}};
-    options.resolve = [hanging = full.port(), refused = refusing.port()](
-                          const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
-      return std::vector<MemcachedAddress>{LoopbackAddress(hanging), LoopbackAddress(refused)};
-    };
-    options.connect_timeout = absl::Milliseconds(500);
-    options.io_timeout = absl::Seconds(5);
-    options.retry_after_failure = absl::Seconds(60);
-    absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
-    ASSERT_TRUE(reader.ok()) << reader.status();
-    Timed first = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+    const absl::Duration connect_timeout = absl::Milliseconds(500);
+    std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+        [hanging = full.port(), refused = refusing.port()](
+            const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+          return std::vector<MemcachedAddress>{LoopbackAddress(hanging), LoopbackAddress(refused)};
+        },
+        absl::Seconds(5), absl::Seconds(60), connect_timeout);
+    ASSERT_NE(reader, nullptr);
+    Timed first = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
     EXPECT_FALSE(first.result.ok());
-    EXPECT_GE(first.took, options.connect_timeout - absl::Milliseconds(50));
-    Timed second = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+    EXPECT_GE(first.took, connect_timeout - absl::Milliseconds(50));
+    Timed second = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
     EXPECT_FALSE(second.result.ok());
     EXPECT_LT(second.took, absl::Milliseconds(250)) << "waited for the connect timeout again";
   }
@@ -463,24 +460,20 @@ TEST(MemcachedPipelineFailureTest, RequestsThatWaitedForSeveralConnectsAreSentWh
   first.Fill();
   second.Fill();
   FakeMemcached server({Serve()});
-  MemcachedPipelineOptions options;
-  options.nodes = {MemcachedNode{"memcached.test", 11211}};
-  options.resolve = [a = first.port(), b = second.port(), c = server.node().port](
-                        const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
-    return std::vector<MemcachedAddress>{LoopbackAddress(a), LoopbackAddress(b),
-                                         LoopbackAddress(c)};
-  };
-  options.connect_timeout = absl::Seconds(2);
-  options.io_timeout = absl::Seconds(3);
-  options.retry_after_failure = absl::Seconds(60);
-  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
-  ASSERT_TRUE(reader.ok()) << reader.status();
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [a = first.port(), b = second.port(), c = server.node().port](
+          const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        return std::vector<MemcachedAddress>{LoopbackAddress(a), LoopbackAddress(b),
+                                             LoopbackAddress(c)};
+      },
+      /*io_timeout=*/absl::Seconds(3), absl::Seconds(60), /*connect_timeout=*/absl::Seconds(2));
+  ASSERT_NE(reader, nullptr);
   // The first read gives up at its io_timeout (3 s), while the second address is connecting.
   Pending<MemcachedHits> first_read;
-  (*reader)->GetAsync(0, {"k"}, Deadline(absl::Seconds(20)), first_read.Callback());
+  reader->GetAsync(0, {"k"}, Deadline(absl::Seconds(20)), first_read.Callback());
   EXPECT_FALSE(first_read.Wait(absl::Seconds(10)).result.ok());
   // The next one waits for the third address, which connects at about 4 s, and is answered.
-  Timed next = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(20)));
+  Timed next = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(20)));
   ASSERT_TRUE(next.result.ok()) << next.result.status();
   EXPECT_EQ(server.accepted(), 1);
   EXPECT_FALSE(server.AwaitLines(2, absl::Milliseconds(300))) << "the read that gave up was sent";
@@ -495,33 +488,32 @@ TEST(MemcachedPipelineFailureTest, ALookupThatMovesTheNodeRedirectsAConnectUnder
   FakeMemcached server({Serve()});
   auto lookups = std::make_shared<std::atomic<int>>(0);
   auto refresh_may_answer = std::make_shared<Notification>();
-  MemcachedPipelineOptions options;
-  options.nodes = {MemcachedNode{"memcached.test", 11211}};
-  options.resolve = [lookups, refresh_may_answer, old_port = hanging.port(),
-                     new_port = server.node().port](
-                        const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
-    if (lookups->fetch_add(1) == 0) return std::vector<MemcachedAddress>{LoopbackAddress(old_port)};
-    refresh_may_answer->WaitForNotificationWithTimeout(absl::Seconds(30));
-    return std::vector<MemcachedAddress>{LoopbackAddress(new_port)};
-  };
-  options.connect_timeout = absl::Seconds(3);
-  options.io_timeout = absl::Seconds(10);
-  options.retry_after_failure = absl::Milliseconds(50);
-  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
-  ASSERT_TRUE(reader.ok()) << reader.status();
+  const absl::Duration connect_timeout = absl::Seconds(3);
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [lookups, refresh_may_answer, old_port = hanging.port(), new_port = server.node().port](
+          const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        if (lookups->fetch_add(1) == 0) {
+          return std::vector<MemcachedAddress>{LoopbackAddress(old_port)};
+        }
+        refresh_may_answer->WaitForNotificationWithTimeout(absl::Seconds(30));
+        return std::vector<MemcachedAddress>{LoopbackAddress(new_port)};
+      },
+      /*io_timeout=*/absl::Seconds(10), /*retry_after_failure=*/absl::Milliseconds(50),
+      connect_timeout);
+  ASSERT_NE(reader, nullptr);
   // Times out at the old address, backs off for 50 ms and asks for the name again; that lookup
   // answers only when the test says so.
-  EXPECT_FALSE(TimedGet(**reader, {"k"}, Deadline(absl::Seconds(20))).result.ok());
+  EXPECT_FALSE(TimedGet(*reader, {"k"}, Deadline(absl::Seconds(20))).result.ok());
   absl::SleepFor(absl::Milliseconds(100));
   // Connects to the old address again, and is redirected when the lookup answers.
   Pending<MemcachedHits> moved;
   const absl::Time asked = absl::Now();
-  (*reader)->GetAsync(0, {"k"}, Deadline(absl::Seconds(20)), moved.Callback());
+  reader->GetAsync(0, {"k"}, Deadline(absl::Seconds(20)), moved.Callback());
   absl::SleepFor(absl::Milliseconds(300));
   refresh_may_answer->Notify();
   const AsyncAnswer<MemcachedHits> answer = moved.Wait(absl::Seconds(15));
   ASSERT_TRUE(answer.result.ok()) << answer.result.status();
-  EXPECT_LT(answer.at - asked, options.connect_timeout) << "waited for the old address";
+  EXPECT_LT(answer.at - asked, connect_timeout) << "waited for the old address";
   EXPECT_EQ(lookups->load(), 2);
 }
 
@@ -625,21 +617,18 @@ TEST(MemcachedPipelineFailureTest, AnAddressWhoseConnectTimesOutGivesWayToTheNex
   full.Fill();
   FakeMemcached server({Serve()});
   const int listening = server.node().port;
-  MemcachedPipelineOptions options;
-  options.nodes = {MemcachedNode{"memcached.test", 11211}};
-  options.resolve = [=, hanging = full.port()](
-                        const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
-    return std::vector<MemcachedAddress>{LoopbackAddress(hanging), LoopbackAddress(listening)};
-  };
-  options.connect_timeout = absl::Milliseconds(300);
-  options.io_timeout = absl::Seconds(5);
-  options.retry_after_failure = absl::Seconds(60);
-  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
-  ASSERT_TRUE(reader.ok()) << reader.status();
-  Timed got = TimedGet(**reader, {"k"}, Deadline(absl::Seconds(8)));
+  const absl::Duration connect_timeout = absl::Milliseconds(300);
+  std::unique_ptr<MemcachedPipeline> reader = StartResolvingReader(
+      [=, hanging =
+              full.port()](const MemcachedNode&) -> absl::StatusOr<std::vector<MemcachedAddress>> {
+        return std::vector<MemcachedAddress>{LoopbackAddress(hanging), LoopbackAddress(listening)};
+      },
+      absl::Seconds(5), absl::Seconds(60), connect_timeout);
+  ASSERT_NE(reader, nullptr);
+  Timed got = TimedGet(*reader, {"k"}, Deadline(absl::Seconds(8)));
   ASSERT_TRUE(got.result.ok()) << got.result.status();
   EXPECT_EQ(got.result->at("k").value, "value of k");
-  EXPECT_GE(got.took, options.connect_timeout - absl::Milliseconds(50)) << "the first address";
+  EXPECT_GE(got.took, connect_timeout - absl::Milliseconds(50)) << "the first address";
   EXPECT_EQ(server.accepted(), 1);
 }
 

@@ -30,6 +30,13 @@ inline constexpr absl::Duration kMargin = absl::Milliseconds(1500);
 // A deadline `d` from now.
 inline absl::Time Deadline(absl::Duration d = absl::Seconds(10)) { return absl::Now() + d; }
 
+// A pipeline with `options` (nullptr, and a failed test, when it cannot start).
+inline std::unique_ptr<MemcachedPipeline> StartPipeline(const MemcachedPipelineOptions& options) {
+  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
+  EXPECT_TRUE(reader.ok()) << reader.status();
+  return reader.ok() ? std::move(*reader) : nullptr;
+}
+
 // A pipeline on `nodes` (nullptr, and a failed test, when it cannot start).
 inline std::unique_ptr<MemcachedPipeline> StartReader(
     std::vector<MemcachedNode> nodes, absl::Duration io_timeout = absl::Seconds(5),
@@ -39,9 +46,7 @@ inline std::unique_ptr<MemcachedPipeline> StartReader(
   options.io_timeout = io_timeout;
   options.retry_after_failure = retry_after_failure;
   options.wall_clock = wall_clock;
-  absl::StatusOr<std::unique_ptr<MemcachedPipeline>> reader = MemcachedPipeline::Start(options);
-  EXPECT_TRUE(reader.ok()) << reader.status();
-  return reader.ok() ? std::move(*reader) : nullptr;
+  return StartPipeline(options);
 }
 
 // The reply memcached sends for `stored`.
