@@ -34,7 +34,8 @@ int ToMillisArg(absl::Duration d) {
   return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), INT32_MAX));
 }
 
-// Waits for PostgreSQL (it may still be starting next to us) and checks the schema version.
+// Waits for PostgreSQL (it may still be starting next to us), checks the schema version and
+// that transactions run at the isolation level the ledger relies on.
 absl::Status CheckSchemaAtStartup(const Config& config, Logger& logger, absl::Duration timeout) {
   const SteadyTime give_up = SteadyNow() + ToSteadyDuration(timeout);
   // One resolver for every attempt: with DNS down, later attempts wait on the lookup already
@@ -45,7 +46,10 @@ absl::Status CheckSchemaAtStartup(const Config& config, Logger& logger, absl::Du
   do {
     absl::StatusOr<PgConnection> conn =
         PgConnection::Connect(target, resolver, absl::Now() + absl::Seconds(3));
-    if (conn.ok()) return CheckSchemaCurrent(*conn, absl::Now() + absl::Seconds(5));
+    if (conn.ok()) {
+      SL_RETURN_IF_ERROR(CheckSchemaCurrent(*conn, absl::Now() + absl::Seconds(5)));
+      return CheckTransactionIsolation(*conn, absl::Now() + absl::Seconds(5));
+    }
     last = conn.status();
     logger.Warn("waiting for postgres", {{"error", last.message()}});
     absl::SleepFor(absl::Milliseconds(500));

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstdint>
 #include <random>
 
 #include "absl/strings/escaping.h"
@@ -148,8 +149,12 @@ void Backoff(int attempt, absl::Time deadline) {
 // The statement_timeout for a transaction with `left` until its deadline. It leaves PostgreSQL
 // a margin to report its own timeout before our deadline, so the connection survives (a
 // client-side timeout has to drop it).
+// A far deadline (or none: InfiniteFuture) is cut to the most statement_timeout takes, which
+// PostgreSQL keeps in a 32-bit count of milliseconds and refuses (22023) above it.
 absl::Duration ServerBudget(absl::Duration left) {
-  return std::max(absl::Milliseconds(1), left - std::min(left / 5, absl::Milliseconds(200)));
+  constexpr absl::Duration kLongestStatementTimeout = absl::Milliseconds(INT32_MAX);
+  return std::clamp(left - std::min(left / 5, absl::Milliseconds(200)), absl::Milliseconds(1),
+                    kLongestStatementTimeout);
 }
 
 // statement_timeout for a connection just taken from the pool: the budget of what is left
@@ -393,6 +398,19 @@ struct PgLedgerStore::Pending {
   absl::StatusOr<Transaction> result = absl::UnknownError("postgres: no answer");
   std::condition_variable wake;
 };
+
+absl::Status CheckTransactionIsolation(PgConnection& conn, absl::Time deadline) {
+  SL_ASSIGN_OR_RETURN(
+      PgResultPtr result,
+      conn.Exec("SELECT current_setting('default_transaction_isolation')", {}, deadline));
+  const absl::string_view level = PQgetvalue(result.get(), 0, 0);
+  if (level == "read committed") return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "PostgreSQL's default_transaction_isolation is '", level,
+      "'; the ledger needs 'read committed' (under a stricter level every transfer that waits "
+      "for a busy account fails): ALTER ROLE <this role> SET default_transaction_isolation = "
+      "'read committed', or RESET it where it was set (database, role, PgBouncer connect_query)"));
+}
 
 PgLedgerStore::PgLedgerStore(PgPool& pool, PgLedgerStoreOptions options)
     : pool_(pool),

@@ -31,6 +31,16 @@ struct PgLedgerStoreOptions {
   int max_attempts = 5;
 };
 
+// OK when transactions on `conn` start at READ COMMITTED, PostgreSQL's default, which
+// PgLedgerStore relies on: a movement reads its accounts as its row locks leave them, and a
+// refusal read under those locks needs no second look. A database or role set to another
+// default_transaction_isolation (REPEATABLE READ, SERIALIZABLE) keeps the money right, but
+// every movement that waited for a lock fails (40001), so a busy account's calls would end
+// ABORTED. The ledger cannot set the level per transaction without PostgreSQL logging a
+// warning for each one, nor per connection behind PgBouncer: FAILED_PRECONDITION instead,
+// naming the setting and how to fix it.
+absl::Status CheckTransactionIsolation(PgConnection& conn, absl::Time deadline);
+
 // LedgerStore on PostgreSQL (schema: server/postgres/migrations.inc).
 //
 // Round trips: every call is exactly one network round trip in the common case. The statements

@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/common/clock.h"
 #include "server/common/logger.h"
@@ -431,6 +432,46 @@ TEST_F(LedgerPgStoreTest, SlowPostgresGivesUnavailableWithinTheDeadline) {
       ledger_.Transfer(alice, {a.account_id, b.account_id, 5, "slow"}, Soon());
   EXPECT_TRUE(retry.ok()) << retry.status();
   EXPECT_EQ(Balance(alice, b.account_id), 5);
+}
+
+// LedgerStore allows a call without a deadline (InfiniteFuture), as the service tests make.
+// statement_timeout stops at INT32_MAX ms; a longer one failed every such call (22023).
+TEST_F(LedgerPgStoreTest, ACallWithoutADeadlineRuns) {
+  const absl::Time none = absl::InfiniteFuture();
+  const std::string alice = NewUser("alice");
+  absl::StatusOr<Account> from = ledger_.OpenAccount(alice, "EUR", none);
+  ASSERT_TRUE(from.ok()) << from.status();
+  const Account to = Open(alice);
+  absl::StatusOr<Transaction> deposit =
+      ledger_.Deposit(alice, {from->account_id, 100, "no-deadline-1"}, none);
+  EXPECT_TRUE(deposit.ok()) << deposit.status();
+  absl::StatusOr<Transaction> transfer =
+      ledger_.Transfer(alice, {from->account_id, to.account_id, 40, "no-deadline-2"}, none);
+  EXPECT_TRUE(transfer.ok()) << transfer.status();
+  absl::StatusOr<Account> read = ledger_.GetAccount(alice, from->account_id, none);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->balance_minor, 60);
+}
+
+// The ledger relies on READ COMMITTED; a connection whose transactions start at another level
+// is refused with the setting's name and its value.
+TEST(PgTransactionIsolationTest, OnlyReadCommittedPasses) {
+  absl::StatusOr<PgConnection> conn = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
+  ASSERT_TRUE(conn.ok()) << conn.status();
+  EXPECT_TRUE(CheckTransactionIsolation(*conn, Soon()).ok());
+  for (const std::string level : {"repeatable read", "serializable"}) {
+    ASSERT_TRUE(
+        conn->ExecSimple(absl::StrCat("SET default_transaction_isolation = '", level, "'"), Soon())
+            .ok());
+    const absl::Status refused = CheckTransactionIsolation(*conn, Soon());
+    EXPECT_TRUE(absl::IsFailedPrecondition(refused)) << refused;
+    EXPECT_THAT(std::string(refused.message()),
+                ::testing::AllOf(::testing::HasSubstr("default_transaction_isolation"),
+                                 ::testing::HasSubstr(level)));
+  }
+  ASSERT_TRUE(
+      conn->ExecSimple("SET default_transaction_isolation = 'read committed'", Soon()).ok());
+  EXPECT_TRUE(CheckTransactionIsolation(*conn, Soon()).ok());
 }
 
 // A connection's waits run on the steady clock: a wall-clock step back while PostgreSQL keeps

@@ -808,6 +808,26 @@ TEST(ServerProcessTest, RefusesToServeASchemaThatIsBehindAndMigrateFixesIt) {
   EXPECT_TRUE(serving.ok()) << serving.status();
 }
 
+// A database set to a stricter default isolation would make every transfer that waits for a
+// busy account fail; the server says so at start-up instead, and starts once it is reset.
+TEST(ServerProcessTest, RefusesADatabaseWhoseTransactionsAreNotReadCommitted) {
+  const std::string database = "sl_isolation_test";
+  RecreateMigratedDatabase(database);
+  Psql(RequiredEnv("DATABASE_URL"),
+       absl::StrCat("ALTER DATABASE ", database,
+                    " SET default_transaction_isolation = 'serializable'"));
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["DATABASE_URL"] = DatabaseUrlFor(database);
+  ExpectRefusesToStart(options, "default_transaction_isolation is 'serializable'");
+
+  Psql(RequiredEnv("DATABASE_URL"),
+       absl::StrCat("ALTER DATABASE ", database, " RESET default_transaction_isolation"));
+  options.wait_until_serving = true;
+  auto serving = ServerProcess::Start(options);
+  EXPECT_TRUE(serving.ok()) << serving.status();
+}
+
 // A schema that a newer release migrated: this release still starts on it (and its `migrate`
 // is a no-op) while every migration it does not know says it works with binaries this old, so
 // that a rollback, or an old pod started in mid-rollout, keeps running; it refuses otherwise.
