@@ -80,6 +80,8 @@ readonly SL_PACKAGES=(
   iproute2
   # scripts/bench-instructions and its smoke test (callgrind).
   valgrind
+  # jq, into which the README's examples pipe grpcurl's and sessionledger-cli's JSON.
+  jq
 )
 
 # Installed with --no-install-recommends, in an apt-get call of their own (SL_PACKAGES keep
