@@ -25,10 +25,30 @@ struct SessionKey {
   std::string user_tag;
 };
 
+// What one copy held when a value was read (see CasToken::copies).
+struct CopyCas {
+  // False when the copy did not answer the read, or was written since: its state is unknown.
+  bool known = false;
+  // Its CAS value; 0 when it held no value.
+  uint64_t cas = 0;
+};
+
 // Opaque compare-and-swap token of one read: which copy answered and its CAS value.
 struct CasToken {
+  CasToken() = default;
+  CasToken(uint64_t cas, int copy, std::vector<CopyCas> copies = {})
+      : cas(cas), copy(copy), copies(std::move(copies)) {}
+
   uint64_t cas = 0;
   int copy = 0;
+  // What every copy held at the read, by copy; empty with a single copy, or when unknown for
+  // all. A write through this token reaches the other copies only where they still hold what
+  // was read: compare-and-swap where they held a value, add where they held none, nothing
+  // where it is unknown (a later read repairs them). A plain set there could land late, behind
+  // other requests on its connection, and undo what came since: a deletion's tombstone, which
+  // would bring the session back once the node holding the tombstone restarted empty, or
+  // another writer's newer state.
+  std::vector<CopyCas> copies;
 };
 
 struct SessionRecord {

@@ -123,6 +123,12 @@ std::vector<CopyPlace> PlaceCopies(const MemcachedPool& pool, int replicas,
 // caller's deadline rather than by the node's own timeouts.
 constexpr absl::Duration kStallEvidence = absl::Milliseconds(100);
 
+// What an add's writes to the other copies go by: none held the key, so each is added there too
+// and whatever a copy took since (a tombstone) stays.
+std::vector<CopyCas> NoCopyHeldIt(int copies) {
+  return std::vector<CopyCas>(static_cast<size_t>(copies), CopyCas{true, 0});
+}
+
 // One call's view of memcached: a pooled handle, the group key of each copy, the deadline.
 class Conn {
  public:
@@ -200,14 +206,14 @@ class Conn {
         copy, memcached_touch_by_key(m(), g.data(), g.size(), key.data(), key.size(), expiration));
   }
 
-  // Add on the first copy that answers, then set on the others. ABORTED when the primary already
-  // holds the key.
-  absl::Status AddThenSet(const std::string& key, const std::string& value, time_t expiration) {
+  // Add on the first copy that answers, then on the others, where a value written since (a
+  // tombstone) stays. ABORTED when the primary already holds the key.
+  absl::Status AddOnEveryCopy(const std::string& key, const std::string& value, time_t expiration) {
     absl::Status last = absl::UnavailableError("memcached: no node answered");
     for (int c = 0; c < copies(); ++c) {
       const memcached_return_t rc = Store(Op::kAdd, c, key, value, expiration);
       if (memcached_success(rc)) {
-        SetOthers(c, key, value, expiration);
+        if (copies() > 1) WriteOthers(c, key, value, expiration, NoCopyHeldIt(copies()));
         return absl::OkStatus();
       }
       if (rc == MEMCACHED_NOTSTORED || rc == MEMCACHED_DATA_EXISTS) {
@@ -221,15 +227,17 @@ class Conn {
     return last;
   }
 
-  // CAS on copy `copy` (the one the value was read from), then set on the others.
-  absl::Status CasThenSet(int copy, uint64_t cas, const std::string& key, const std::string& value,
-                          time_t expiration) {
-    SL_RETURN_IF_ERROR(Cas(copy, cas, key, value, expiration));
-    SetOthers(copy, key, value, expiration);
+  // CAS on the copy the value was read from, then on the others where they still hold what the
+  // read saw (CasToken::copies).
+  absl::Status CasThenWriteOthers(const CasToken& token, const std::string& key,
+                                  const std::string& value, time_t expiration) {
+    SL_RETURN_IF_ERROR(Cas(token.copy, token.cas, key, value, expiration));
+    WriteOthers(token.copy, key, value, expiration, token.copies);
     return absl::OkStatus();
   }
 
-  // CasThenSet for an end: OK only when every copy stored it, as SetEveryCopy.
+  // CAS for an end: OK only when every copy stored it, as SetEveryCopy. The others are set
+  // unconditionally: a tombstone overwriting whatever came since is what an end means.
   absl::Status CasThenSetEveryCopy(int copy, uint64_t cas, const std::string& key,
                                    const std::string& value, time_t expiration) {
     SL_RETURN_IF_ERROR(Cas(copy, cas, key, value, expiration));
@@ -348,9 +356,15 @@ class Conn {
     return failed;
   }
 
-  void SetOthers(int done, const std::string& key, const std::string& value, time_t expiration) {
-    for (int c = 0; c < copies(); ++c) {
-      if (c != done) (void)Store(Op::kSet, c, key, value, expiration);
+  // Writes to every copy but `done` whose state `read` knows, only while it still holds that
+  // state (CasToken::copies). Best effort: a copy left behind is repaired by a later read.
+  void WriteOthers(int done, const std::string& key, const std::string& value, time_t expiration,
+                   const std::vector<CopyCas>& read) {
+    for (int c = 0; c < copies() && static_cast<size_t>(c) < read.size(); ++c) {
+      const CopyCas& held = read[static_cast<size_t>(c)];
+      if (c == done || !held.known) continue;
+      (void)(held.cas == 0 ? Store(Op::kAdd, c, key, value, expiration)
+                           : Store(Op::kCas, c, key, value, expiration, held.cas));
     }
   }
 
@@ -397,6 +411,30 @@ absl::StatusOr<CopyReads> ReadEveryCopy(Conn& conn, const std::vector<std::strin
   std::vector<absl::StatusOr<MemcachedHits>> answers;
   for (int c = 0; c < conn.copies(); ++c) answers.push_back(conn.Get(c, keys));
   return CopyReadsOf(std::move(answers));
+}
+
+// What each copy held of `key` in `reads`, for a token's writes to the other copies
+// (CasToken::copies); empty with a single copy, which has no other.
+std::vector<CopyCas> CopyCasOf(const CopyReads& reads, const std::string& key) {
+  std::vector<CopyCas> held;
+  if (reads.size() < 2) return held;
+  held.resize(reads.size());
+  for (size_t c = 0; c < reads.size(); ++c) {
+    if (!reads[c].has_value()) continue;
+    held[c].known = true;
+    if (auto it = reads[c]->find(key); it != reads[c]->end()) held[c].cas = it->second.cas;
+  }
+  return held;
+}
+
+// `held` with the copies in `written` marked unknown: this call wrote them, so their CAS values
+// changed.
+std::vector<CopyCas> WithoutWrittenCopies(std::vector<CopyCas> held,
+                                          const std::vector<int>& written) {
+  for (int c : written) {
+    if (static_cast<size_t>(c) < held.size()) held[static_cast<size_t>(c)].known = false;
+  }
+  return held;
 }
 
 // The highest generation any copy answered (0 when none holds the key).
@@ -483,7 +521,10 @@ IndexPlan PlanIndex(const CopyReads& reads, const std::string& ikey) {
     plan.record.index = std::move(index);
     plan.record.cas = CasToken{it->second.cas, c};
   }
-  if (first_value != nullptr) plan.missed = std::move(missed);  // Else nothing to repair from.
+  if (first_value != nullptr) {
+    plan.missed = std::move(missed);  // Else nothing to repair from.
+    plan.record.cas->copies = CopyCasOf(reads, ikey);
+  }
   return plan;
 }
 
@@ -513,11 +554,16 @@ IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads
     newest = std::max(newest, e.absolute_expires_at_unix_micros());
   }
   const time_t ttl = SecondsUntil(newest);
+  // Every entry has expired (or none is left: an emptied index kept for a second), so the index
+  // lists no live session: it is as good as absent. Copying it back would not do (a TTL of 0
+  // would mean "never expire"), and without it on the primary no CAS value there would be
+  // current, so every write of the index would be ABORTED until the stale copy expired.
+  if (ttl <= 0) return IndexRecord{};
   const std::string value = plan.record.index.SerializeAsString();
-  for (int m : plan.missed) {
-    if (ttl > 0) (void)conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
-  }
+  for (int m : plan.missed) (void)conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
+  std::vector<CopyCas> held = WithoutWrittenCopies(std::move(plan.record.cas->copies), plan.missed);
   plan.record.cas = CasOfWhatWeWrote(conn, plan.missed.front(), ikey, value);
+  plan.record.cas->copies = std::move(held);
   return std::move(plan.record);
 }
 
@@ -533,9 +579,10 @@ struct CopyState {
 // The copies of a lookup reconciled: which copy is authoritative and what the others lack.
 struct LookupPlan {
   std::vector<CopyState> copies;
-  int best = -1;            // The copy whose session wins; -1 when no copy holds the session.
-  int primary = -1;         // The first copy that answered.
-  uint64_t generation = 0;  // The highest any copy holds.
+  int best = -1;              // The copy whose session wins; -1 when no copy holds the session.
+  int primary = -1;           // The first copy that answered.
+  uint64_t generation = 0;    // The highest any copy holds.
+  std::vector<CopyCas> held;  // What each copy held of the session (CasToken::copies).
 };
 
 // Two copies of one state of a session, but for expires_at: a touch slides the expiry without
@@ -556,6 +603,7 @@ bool Supersedes(const StoredSession& candidate, const StoredSession& chosen) {
 
 LookupPlan PlanLookup(CopyReads& reads, const std::string& skey, const std::string& gkey) {
   LookupPlan plan;
+  plan.held = CopyCasOf(reads, skey);
   plan.copies.resize(reads.size());
   for (size_t i = 0; i < reads.size(); ++i) {
     if (!reads[i].has_value()) continue;
@@ -635,7 +683,7 @@ SessionLookup Settled(LookupPlan plan) {
   CopyState& winner = plan.copies[static_cast<size_t>(plan.best)];
   SessionRecord record;
   record.session = std::move(winner.parsed);
-  record.cas = CasToken{winner.session->cas, plan.best};
+  record.cas = CasToken{winner.session->cas, plan.best, std::move(plan.held)};
   lookup.record = std::move(record);
   return lookup;
 }
@@ -683,9 +731,9 @@ void ReadEveryCopyAsync(MemcachedPool& pool, MemcachedPipeline& pipeline,
   }
 }
 
-// One value written the way Conn::AddThenSet and Conn::CasThenSet write it (the primary copy
-// first, then a set on the others), without blocking: each step starts from the answer of the
-// one before, on the pipeline's I/O thread.
+// One value written the way Conn::AddOnEveryCopy and Conn::CasThenWriteOthers write it (the
+// primary copy first, then the others where they still hold what was read), without blocking: each
+// step starts from the answer of the one before, on the pipeline's I/O thread.
 struct CopyWrite {
   MemcachedPool* pool = nullptr;
   MemcachedPipeline* pipeline = nullptr;
@@ -693,10 +741,12 @@ struct CopyWrite {
   std::string key;
   std::string value;
   time_t expiration = 0;
+  // What the other copies held when read (CasToken::copies), which their writes depend on.
+  std::vector<CopyCas> held;
   absl::Time deadline;
   SessionStore::StatusCallback done;
   absl::Status last;  // The last copy's error; see LastCopyError.
-  std::atomic<size_t> sets_pending{0};
+  std::atomic<size_t> writes_pending{0};
 
   int copies() const { return static_cast<int>(places.size()); }
 };
@@ -717,21 +767,30 @@ std::shared_ptr<CopyWrite> NewCopyWrite(MemcachedPool& pool, MemcachedPipeline& 
   return write;
 }
 
-// The primary took the value: set it on the other copies (best effort, as in Conn::SetOthers)
-// and answer once they have answered, so that a caller's next write cannot overtake them.
-void SetOthersAsync(const std::shared_ptr<CopyWrite>& write, int primary) {
-  if (write->copies() == 1) {
+// The primary took the value: write it to the other copies as Conn::WriteOthers does (best
+// effort) and answer once they have answered, so that a caller's next write cannot overtake
+// them.
+void WriteOthersAsync(const std::shared_ptr<CopyWrite>& write, int primary) {
+  const auto written = [&](int c) {
+    return c != primary && static_cast<size_t>(c) < write->held.size() &&
+           write->held[static_cast<size_t>(c)].known;
+  };
+  size_t others = 0;
+  for (int c = 0; c < write->copies(); ++c) others += written(c) ? 1 : 0;
+  if (others == 0) {
     std::move(write->done)(absl::OkStatus());
     return;
   }
-  write->sets_pending.store(static_cast<size_t>(write->copies() - 1));
+  write->writes_pending.store(others);
   for (int c = 0; c < write->copies(); ++c) {
-    if (c == primary) continue;
+    if (!written(c)) continue;
+    const uint64_t cas = write->held[static_cast<size_t>(c)].cas;
     write->pipeline->StoreAsync(
-        write->places[static_cast<size_t>(c)].node, MemcachedWrite::kSet, write->key, write->value,
-        write->expiration, 0, write->deadline, [write](absl::StatusOr<MemcachedStored> stored) {
+        write->places[static_cast<size_t>(c)].node,
+        cas == 0 ? MemcachedWrite::kAdd : MemcachedWrite::kCas, write->key, write->value,
+        write->expiration, cas, write->deadline, [write](absl::StatusOr<MemcachedStored> stored) {
           CountFailure(*write->pool, stored.status());
-          if (write->sets_pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+          if (write->writes_pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
           std::move(write->done)(absl::OkStatus());
         });
   }
@@ -748,7 +807,7 @@ void AddFromCopy(const std::shared_ptr<CopyWrite>& write, int copy) {
   pipeline.StoreAsync(node, MemcachedWrite::kAdd, write->key, write->value, write->expiration, 0,
                       write->deadline, [write, copy](absl::StatusOr<MemcachedStored> stored) {
                         if (stored.ok() && *stored == MemcachedStored::kStored) {
-                          SetOthersAsync(write, copy);
+                          WriteOthersAsync(write, copy);
                         } else if (stored.ok()) {
                           std::move(write->done)(absl::AbortedError("memcached add: key exists"));
                         } else if (absl::IsUnavailable(stored.status())) {
@@ -773,7 +832,7 @@ void CasOnCopy(const std::shared_ptr<CopyWrite>& write, const CasToken& cas) {
       node, MemcachedWrite::kCas, write->key, write->value, write->expiration, cas.cas,
       write->deadline, [write, copy = cas.copy](absl::StatusOr<MemcachedStored> stored) {
         if (stored.ok() && *stored == MemcachedStored::kStored) {
-          SetOthersAsync(write, copy);
+          WriteOthersAsync(write, copy);
         } else if (stored.ok()) {
           std::move(write->done)(absl::AbortedError("memcached cas: changed concurrently"));
         } else {
@@ -816,6 +875,7 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   RepairGenerations(conn, gkey, plan);
   bool primary_rewritten = false;
   bool primary_moved_on = false;
+  std::vector<int> repaired;
   // Read repair: copies that answered but lack the session or hold an older version get the
   // authoritative state back, but only if they still hold what we read (add where it was
   // missing, compare-and-swap where it was older). The copies were read one after another, so
@@ -828,6 +888,7 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
         state.session.has_value()
             ? conn.Store(Conn::Op::kCas, c, skey, winner.session->value, ttl, state.session->cas)
             : conn.Store(Conn::Op::kAdd, c, skey, winner.session->value, ttl);
+    repaired.push_back(c);
     if (c != plan.primary) continue;
     if (memcached_success(rc)) {
       primary_rewritten = true;
@@ -840,6 +901,7 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   SessionRecord record;
   record.session = winner.parsed;
   record.cas = CasToken{winner.session->cas, plan.best};
+  std::vector<CopyCas> held = WithoutWrittenCopies(std::move(plan.held), repaired);
   if (plan.best != plan.primary) {
     // Compare-and-swap must meet every writer on the primary, so hand out its CAS value.
     const CopyState& primary = plan.copies[static_cast<size_t>(plan.primary)];
@@ -855,6 +917,7 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
       record.cas = CasToken{primary.session->cas, plan.primary};
     }
   }
+  record.cas.copies = std::move(held);
   lookup.record = std::move(record);
   return lookup;
 }
@@ -975,8 +1038,10 @@ void MemcachedSessionStore::WriteCopiesAsync(absl::string_view user_tag, std::st
   auto write = NewCopyWrite(pool_, *pipeline, std::move(places), std::move(key_name),
                             std::move(value), *expiration, deadline, std::move(done));
   if (cas.has_value()) {
+    write->held = cas->copies;
     CasOnCopy(write, *cas);
   } else {
+    if (write->copies() > 1) write->held = NoCopyHeldIt(write->copies());
     AddFromCopy(write, 0);
   }
 }
@@ -1041,7 +1106,7 @@ absl::Status MemcachedSessionStore::Add(const SessionKey& key, const StoredSessi
   SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   const absl::Status added =
-      conn.AddThenSet(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
+      conn.AddOnEveryCopy(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
   if (absl::IsAborted(added)) return absl::AlreadyExistsError("session key already taken");
   return added;
 }
@@ -1051,8 +1116,8 @@ absl::Status MemcachedSessionStore::CompareAndSwap(const SessionKey& key, const 
                                                    absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
-  return conn.CasThenSet(cas.copy, cas.cas, SessionKeyName(key.token_hash),
-                         session.SerializeAsString(), expiration);
+  return conn.CasThenWriteOthers(cas, SessionKeyName(key.token_hash), session.SerializeAsString(),
+                                 expiration);
 }
 
 absl::Status MemcachedSessionStore::CompareAndSwapEveryCopy(const SessionKey& key,
@@ -1151,8 +1216,8 @@ absl::Status MemcachedSessionStore::WriteIndex(absl::string_view user_tag,
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string ikey = IndexKeyName(user_tag);
   const std::string value = index.SerializeAsString();
-  if (!cas.has_value()) return conn.AddThenSet(ikey, value, expiration);
-  return conn.CasThenSet(cas->copy, cas->cas, ikey, value, expiration);
+  if (!cas.has_value()) return conn.AddOnEveryCopy(ikey, value, expiration);
+  return conn.CasThenWriteOthers(*cas, ikey, value, expiration);
 }
 
 absl::StatusOr<std::vector<std::optional<StoredSession>>> MemcachedSessionStore::ReadSessions(

@@ -50,8 +50,9 @@ absl::StatusOr<time_t> MemcachedExptime(absl::Duration ttl, absl::Time now = abs
 // any copy holds and is written back where it is missing, so a restarted node can neither lose
 // a session nor un-revoke one. A copy that answers "miss" is trusted over copies that do not
 // answer (NOT_FOUND rather than UNAVAILABLE). Index and list reads stop at the first copy that
-// has the value. Writes: CAS (or add) on the first copy that answers (the primary), then a
-// plain set on the others.
+// has the value. Writes: CAS (or add) on the first copy that answers (the primary), then on
+// the others only where they still hold what was read (CasToken::copies); ends (tombstones, a
+// generation) are written to every copy unconditionally.
 //
 // Consistency trade-off (documented, deliberate): while every node is up, all writers of a key
 // meet on copy 0, so compare-and-swap is exact. During a node failure writers fall over to the
@@ -106,7 +107,7 @@ class MemcachedSessionStore final : public SessionStore {
   // thread (a request refused before it is sent, such as a TTL above 30 days or a CAS token of
   // no copy, is answered at once). ReadUserStateAsync writes nothing: when the generation must be
   // kept alive (a revoked user) or an index copy repaired, it runs ReadUserState on the executor.
-  // The writes take the primary copy first, then set the others, as their blocking forms do.
+  // The writes take the primary copy first, then the others, as their blocking forms do.
   // Without a pipeline, each runs its blocking form on the executor.
   void ReadUserStateAsync(absl::string_view user_tag, absl::Duration keep_generation_for,
                           absl::Time deadline, UserStateCallback done) override;

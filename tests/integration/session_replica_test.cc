@@ -290,9 +290,10 @@ TEST_F(SessionReplicaTest, ListingHonoursWritesThatOneCopyMissed) {
   }
 }
 
-// A touch that won its compare-and-swap just before a DeleteSession can still set its later
-// expiry on another copy after the tombstone landed there (its plain set to the other copies
-// comes second). Reads must put the tombstone back on that copy for as long as the tombstone
+// One copy holds a live session with a later expiry, the other the tombstone of a
+// DeleteSession: a touch's write to the other copies that landed after the tombstone (a plain
+// set until 2026-12-03; now conditional, see session_store_test), or a deletion whose write to
+// that copy failed. Reads must put the tombstone back on that copy for as long as the tombstone
 // lasts, not only until the expiry it recorded from before the touch: a restart of the node
 // that holds the tombstone would otherwise bring the deleted session back.
 TEST_F(SessionReplicaTest, ATouchThatOvertookADeletionOnOneCopyStaysEnded) {

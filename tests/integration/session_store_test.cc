@@ -507,6 +507,100 @@ storage::v1::UserSessionIndex IndexOf(std::initializer_list<const char*> ids) {
   return index;
 }
 
+// The session node `node` holds under `key`, read directly; nullopt when it holds none.
+std::optional<storage::v1::StoredSession> SessionOn(int node, const SessionKey& key) {
+  const std::optional<std::string> raw =
+      MemcachedGetValue(node, MemcachedSessionStore::SessionKeyName(key.token_hash));
+  storage::v1::StoredSession session;
+  if (!raw.has_value() || !session.ParseFromString(*raw)) return std::nullopt;
+  return session;
+}
+
+// What a deletion leaves on a copy it reached.
+std::string TombstoneValue() {
+  storage::v1::StoredSession tombstone = Session("ended", 9);
+  tombstone.set_deleted(true);
+  return tombstone.SerializeAsString();
+}
+
+// A write reaches the other copies after the first, and may land late, behind other requests
+// on its connection: it must not overwrite what a copy took since the read. A plain set there
+// put a deleted session back over the tombstone on that copy, and the session lived again once
+// the node holding the other tombstone restarted empty. Here the tombstone reaches `node` first;
+// where that node holds the first copy, the write is refused there and writes nothing.
+TEST_P(CreateStepsAsyncTest, AnAddLeavesWhatAnotherCopyTookSinceAlone) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  bool other_copy_seen[2] = {false, false};
+  for (int i = 0; i < 32 && !(other_copy_seen[0] && other_copy_seen[1]); ++i) {
+    for (int node : {1, 2}) {
+      SCOPED_TRACE(absl::StrCat("user ", i, ", tombstone on node ", node));
+      const SessionKey key = Key(absl::StrCat("lateadd", i, "n", node));
+      const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+      ASSERT_TRUE(MemcachedSetRaw(node, skey, TombstoneValue(), 60));
+      const absl::Status added = AddAsync(key, Session("s", 1));
+      if (added.ok()) {
+        other_copy_seen[node - 1] = true;
+      } else {
+        EXPECT_TRUE(absl::IsAlreadyExists(added)) << added;
+      }
+      const std::optional<storage::v1::StoredSession> held = SessionOn(node, key);
+      ASSERT_TRUE(held.has_value());
+      EXPECT_TRUE(held->deleted()) << "the add overwrote the tombstone";
+    }
+  }
+  EXPECT_TRUE(other_copy_seen[0] && other_copy_seen[1]);
+}
+
+TEST_P(CreateStepsAsyncTest, AnIndexWriteLeavesWhatAnotherCopyTookSinceAlone) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  bool other_copy_seen[2] = {false, false};
+  for (int i = 0; i < 32 && !(other_copy_seen[0] && other_copy_seen[1]); ++i) {
+    for (int node : {1, 2}) {
+      SCOPED_TRACE(absl::StrCat("user ", i, ", newer index on node ", node));
+      const SessionKey key = Key(absl::StrCat("lateindex", i, "n", node));
+      const std::string ikey = MemcachedSessionStore::IndexKeyName(key.user_tag);
+      ASSERT_TRUE(WriteIndexAsync(key.user_tag, std::nullopt, IndexOf({"s1"})).ok());
+      absl::StatusOr<UserState> read = ReadUserStateAsync(key.user_tag);
+      ASSERT_TRUE(read.ok() && read->index.cas.has_value()) << read.status();
+      // Another writer's index reached `node` since the read.
+      ASSERT_TRUE(MemcachedSetRaw(node, ikey, IndexOf({"s1", "theirs"}).SerializeAsString(), 60));
+      const absl::Status written = WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s2"}));
+      if (written.ok()) {
+        other_copy_seen[node - 1] = true;
+      } else {
+        EXPECT_TRUE(absl::IsAborted(written)) << written;
+      }
+      storage::v1::UserSessionIndex held;
+      ASSERT_TRUE(held.ParseFromString(MemcachedGetValue(node, ikey).value_or("")));
+      EXPECT_EQ(held.entries_size(), 2) << "the write overwrote the newer index";
+    }
+  }
+  EXPECT_TRUE(other_copy_seen[0] && other_copy_seen[1]);
+}
+
+// The first copy came back empty, and the other holds an index of sessions that have all
+// expired (or an emptied one, kept for a second). It lists nothing live, so it reads as no
+// index, and the next write creates one: it was read with a CAS token of no copy, and every
+// write of the index was ABORTED (CreateSession failing) until that stale copy expired.
+TEST_P(CreateStepsAsyncTest, AnIndexOfExpiredSessionsOnlyOnTheOtherCopyReadsAsNone) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  storage::v1::UserSessionIndex expired = IndexOf({"gone"});
+  expired.mutable_entries(0)->set_absolute_expires_at_unix_micros(
+      absl::ToUnixMicros(absl::Now() - absl::Minutes(1)));
+  for (int node : {1, 2}) {
+    for (const storage::v1::UserSessionIndex& stale : {expired, storage::v1::UserSessionIndex()}) {
+      SCOPED_TRACE(absl::StrCat("index of ", stale.entries_size(), " on node ", node));
+      const SessionKey key = Key(absl::StrCat("expiredindex", node, stale.entries_size()));
+      const std::string ikey = MemcachedSessionStore::IndexKeyName(key.user_tag);
+      ASSERT_TRUE(MemcachedSetRaw(node, ikey, stale.SerializeAsString(), 60));
+      absl::StatusOr<UserState> read = ReadUserStateAsync(key.user_tag);
+      ASSERT_TRUE(read.ok()) << read.status();
+      const absl::Status written = WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s1"}));
+      EXPECT_TRUE(written.ok()) << written;
+    }
+  }
+}
+
 TEST_P(CreateStepsAsyncTest, WritesWhatTheBlockingFormsWriteOnEveryCopy) {
   Open("MEMCACHED_URL_REPLICATED", GetParam());
   const SessionKey key = Key("create");
@@ -710,7 +804,8 @@ INSTANTIATE_TEST_SUITE_P(WritePaths, CreateStepsAsyncTest, ::testing::Values(tru
                          PathName);
 
 // UpdateSession's (and a touch's) asynchronous write on both paths: compare-and-swap on the copy
-// the token names, then a set on the others, answering what the blocking form answers.
+// the token names, then on the others where they hold what was read, answering what the
+// blocking form answers.
 class CompareAndSwapAsyncTest : public AsyncStoreTest {
  protected:
   absl::Status CompareAndSwapAsync(const SessionKey& key, const CasToken& cas,
@@ -733,15 +828,6 @@ class CompareAndSwapAsyncTest : public AsyncStoreTest {
     return ReadToken(key);
   }
 };
-
-// The session node `node` holds under `key`, read directly; nullopt when it holds none.
-std::optional<storage::v1::StoredSession> SessionOn(int node, const SessionKey& key) {
-  const std::optional<std::string> raw =
-      MemcachedGetValue(node, MemcachedSessionStore::SessionKeyName(key.token_hash));
-  storage::v1::StoredSession session;
-  if (!raw.has_value() || !session.ParseFromString(*raw)) return std::nullopt;
-  return session;
-}
 
 // The seconds node `node` keeps the session under `key` for.
 std::optional<int64_t> TtlOn(int node, const SessionKey& key) {
@@ -826,6 +912,40 @@ TEST_P(CompareAndSwapAsyncTest, StaleTokenIsAbortedAndTheWinnerStays) {
   EXPECT_TRUE(absl::IsAborted(second)) << second;
   ExpectAnsweredOnTheStoreThread();
   ExpectCopiesHold(key, "first", 3);
+}
+
+// As AnAddLeavesWhatAnotherCopyTookSinceAlone, for an update or a touch: a deletion that reached
+// the other copy after the read keeps its tombstone there, and the session stays ended even once
+// the first copy is lost.
+TEST_P(CompareAndSwapAsyncTest, WritesToTheOtherCopiesLeaveWhatTheyTookSinceAlone) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  bool other_copy_seen[2] = {false, false};
+  for (int i = 0; i < 32 && !(other_copy_seen[0] && other_copy_seen[1]); ++i) {
+    for (int node : {1, 2}) {
+      SCOPED_TRACE(absl::StrCat("user ", i, ", tombstone on node ", node));
+      const SessionKey key = Key(absl::StrCat("lateswap", i, "n", node));
+      const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+      const std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+      ASSERT_TRUE(cas.has_value());
+      ASSERT_TRUE(MemcachedSetRaw(node, skey, TombstoneValue(), 60));
+      const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
+      if (!swapped.ok()) {
+        EXPECT_TRUE(absl::IsAborted(swapped)) << swapped;
+        continue;
+      }
+      other_copy_seen[node - 1] = true;
+      const std::optional<storage::v1::StoredSession> held = SessionOn(node, key);
+      ASSERT_TRUE(held.has_value());
+      EXPECT_TRUE(held->deleted()) << "the write overwrote the tombstone";
+      // The node that took the write restarts empty.
+      MemcachedText(MemcachedPort(node == 1 ? 2 : 1), "delete " + skey + "\r\nget " + skey);
+      const absl::StatusOr<SessionLookup> after = store_->Peek(key, Deadline());
+      ASSERT_TRUE(after.ok()) << after.status();
+      EXPECT_TRUE(!after->record.has_value() || after->record->session.deleted())
+          << "the deleted session came back";
+    }
+  }
+  EXPECT_TRUE(other_copy_seen[0] && other_copy_seen[1]);
 }
 
 // A token that names no copy, or whose key was deleted since the read, writes nothing.
@@ -916,10 +1036,11 @@ TEST_F(CompareAndSwapAsyncTest, AnEndByCompareAndSwapThatMissedACopyIsAPartialWr
   ExpectCopiesHold(key, "p", 2, {1});
 }
 
-// The answer waits for the other copies' sets (or their timeout), so that the caller's next
-// write cannot overtake them on a copy: with the second copy on a node that never answers, a
-// swap on the live copy still succeeds, but only once that set has timed out.
-TEST_P(CompareAndSwapAsyncTest, AnswerWaitsForTheOtherCopiesSets) {
+// The answer waits for the writes to the other copies (or their timeout), so that the caller's
+// next write cannot overtake them on a copy: with the second copy on a node that stopped
+// answering after the read, a swap on the live copy still succeeds, but only once that write
+// has timed out.
+TEST_P(CompareAndSwapAsyncTest, AnswerWaitsForTheOtherCopiesWrites) {
   SilentNode silent;
   ASSERT_NE(silent.node().port, 0);
   constexpr absl::Duration kIoTimeout = absl::Milliseconds(300);
@@ -929,6 +1050,10 @@ TEST_P(CompareAndSwapAsyncTest, AnswerWaitsForTheOtherCopiesSets) {
   // Stored on the live copy (the silent one times out), and read from it.
   std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
   ASSERT_TRUE(cas.has_value());
+  // As if the silent copy had answered the read, holding nothing: it is written (an add). A
+  // copy that did not answer is not written at all, and would not make the answer wait.
+  ASSERT_EQ(cas->copies.size(), 2u);
+  cas->copies[static_cast<size_t>(1 - cas->copy)] = CopyCas{true, 0};
   // The timeouts above marked the silent node failed; past that, requests go to it again
   // (libmemcached counts the retry time in whole seconds of the wall clock, hence + 1 s).
   absl::SleepFor(MemcachedPoolOptions().retry_after_failure + absl::Milliseconds(1100));
