@@ -144,6 +144,11 @@ class FakeSessionStore final : public SessionStore {
     paused_cas_ = n;
     cas_pause_ = pause;
   }
+  // The next Add takes `pause` (real time, outside the lock) before it writes, as a slow store.
+  void PauseNextAdd(absl::Duration pause) {
+    std::lock_guard<std::mutex> l(mu_);
+    add_pause_ = pause;
+  }
   // How many session items the store holds, expired or not.
   int SessionCount() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -191,6 +196,12 @@ class FakeSessionStore final : public SessionStore {
 
   absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& s, absl::Duration ttl,
                    absl::Time deadline) override {
+    absl::Duration pause;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      pause = std::exchange(add_pause_, absl::ZeroDuration());
+    }
+    absl::SleepFor(pause);
     std::lock_guard<std::mutex> l(mu_);
     last_add_deadline_ = deadline;
     if (unavailable_) return Down();
@@ -398,6 +409,7 @@ class FakeSessionStore final : public SessionStore {
   int cas_calls_ = 0;
   int paused_cas_ = 0;
   absl::Duration cas_pause_;
+  absl::Duration add_pause_;
   absl::Time last_add_deadline_ = absl::InfinitePast();
   absl::Time last_lookup_deadline_ = absl::InfinitePast();
   int peeks_ = 0;

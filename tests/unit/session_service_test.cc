@@ -649,6 +649,26 @@ TEST_F(SessionServiceTest, ListingDuringARotationKeepsTheNewSessionIndexed) {
 }
 
 // One whose ending write did not land: UNAVAILABLE, and the old token still works.
+// Ending the old token is the one step of a rotation that cannot be undone. Started with less
+// of the deadline left than the steps before it took, it would likely be cut off after some
+// copies only, and the caller would hold neither token; so it does not start.
+TEST_F(SessionServiceTest, RotateWithTooLittleOfItsDeadlineLeftChangesNothing) {
+  SessionView v = MustCreate("alice");
+  store_->PauseNextAdd(absl::Milliseconds(300));
+  const absl::Status late =
+      service_->Rotate(v.token, absl::Now() + absl::Milliseconds(500)).status();
+  EXPECT_TRUE(absl::IsUnavailable(late)) << late;
+  EXPECT_THAT(late.message(), HasSubstr("nothing was changed"));
+  EXPECT_TRUE(Get(v.token).ok()) << "the old token ended";
+  EXPECT_EQ(store_->SessionCount(), 1) << "the new session was kept";
+
+  // With most of the deadline left after the same steps, it goes ahead.
+  store_->PauseNextAdd(absl::Milliseconds(100));
+  absl::StatusOr<SessionView> r = service_->Rotate(v.token, absl::Now() + absl::Seconds(2));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
+}
+
 TEST_F(SessionServiceTest, RotateWhoseEndingWriteFailedKeepsTheOldSession) {
   SessionView v = MustCreate("alice");
   store_->FailNextCas(1, absl::UnavailableError("memcached: timed out"));
