@@ -371,17 +371,15 @@ void ServerApp::Wait() {
     // (the store answers every request by then), and must, before the queues shut down. (Watch
     // streams ended at the notice's end, EndWatches, or were cancelled with the connections.)
     const absl::Duration longest_call = config_.default_call_timeout + absl::Seconds(5);
-    if (!async_queues_->WaitForCallsAndArrivals(longest_call)) {
-      // A store broke its promise to answer by the deadline. Going on would free the queues
-      // and the app that its late answer still touches (a crash); waiting keeps the process to
-      // what it was told: a second stop signal, or the orchestrator's kill, ends it at once.
+    // Past that, a store broke its promise to answer by the deadline. Going on would free the
+    // queues and the app that its late answer still touches (a crash); waiting keeps the process
+    // to what it was told: a second stop signal, or the orchestrator's kill, ends it at once.
+    async_queues_->WaitForEveryCallAndArrival(longest_call, [this, longest_call] {
       logger_.Log(LogLevel::kError,
                   "asynchronous calls still unanswered at shutdown; waiting for them (a second "
                   "stop signal exits at once)",
                   {{"waited_ms", absl::ToInt64Milliseconds(longest_call)}});
-      while (!async_queues_->WaitForCallsAndArrivals(kLongestSteadyWait)) {
-      }
-    }
+    });
     async_queues_->Shutdown();
     async_thread_.join();
   }

@@ -63,6 +63,15 @@ bool AsyncCallQueues::WaitForCallsAndArrivals(absl::Duration timeout) const {
   });
 }
 
+void AsyncCallQueues::WaitForEveryCallAndArrival(absl::Duration promised,
+                                                 absl::FunctionRef<void()> overdue) const {
+  if (WaitForCallsAndArrivals(promised)) return;
+  overdue();
+  // A wait without limit, in finite steps: steady time points must stay finite.
+  while (!WaitForCallsAndArrivals(kLongestSteadyWait)) {
+  }
+}
+
 void AsyncCallQueues::TakeAnswers(bool everything) {
   void* tag = nullptr;
   bool ok = false;

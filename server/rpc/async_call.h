@@ -6,6 +6,7 @@
 #include <atomic>
 #include <memory>
 
+#include "absl/functional/function_ref.h"
 #include "absl/time/time.h"
 #include "server/common/tsan_handoff.h"
 
@@ -71,6 +72,12 @@ class AsyncCallQueues {
   // down aborts the process in gRPC. (While the server runs, calls are always requested; once
   // it has shut down, every outstanding request comes back at once, ok false.)
   bool WaitForCallsAndArrivals(absl::Duration timeout) const;
+  // WaitForCallsAndArrivals for `promised`, the longest the calls may take; if some are still
+  // there then, calls `overdue` once (to say so) and waits on without limit, since shutting the
+  // queues down under them would abort or crash the process when they answer late. Whoever
+  // stops the process can still end it meanwhile (a second stop signal, the orchestrator's
+  // kill). Returns once every call and arrival has ended.
+  void WaitForEveryCallAndArrival(absl::Duration promised, absl::FunctionRef<void()> overdue) const;
   // Once the server has finished every call (no operation will start on either queue any
   // more): makes Run drain both queues and return.
   void Shutdown() { arrivals_->Shutdown(); }

@@ -3,6 +3,7 @@
 #include <grpcpp/alarm.h>
 #include <grpcpp/server_builder.h>
 
+#include <atomic>
 #include <deque>
 #include <memory>
 #include <thread>
@@ -10,6 +11,7 @@
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "server/common/clock.h"
 #include "server/common/notification.h"
 
 namespace sessionledger {
@@ -162,6 +164,50 @@ TEST_F(AsyncCallQueuesTest, TheWaitForCallsAlsoWaitsForEveryRequestedArrival) {
   EXPECT_FALSE(queues_->WaitForCallsAndArrivals(absl::Milliseconds(50)));
   queues_->CallArrived();
   EXPECT_TRUE(queues_->WaitForCallsAndArrivals(absl::Milliseconds(50)));
+}
+
+// A call still answering after the time it was promised (a store that broke its promise to
+// answer by the deadline): the wait says so once, then waits on for it rather than return and
+// let the queues shut down under it, and returns once it has ended.
+TEST_F(AsyncCallQueuesTest, AWaitPastItsPromiseSaysSoOnceAndWaitsForTheLastCall) {
+  Start(absl::Hours(1));
+  constexpr absl::Duration kPromised = absl::Milliseconds(50);
+  queues_->CallBegan();
+  std::atomic<int> overdue_calls{0};
+  SteadyTime told_at;  // Written before `told` is notified.
+  Notification told;
+  Notification returned;
+  const SteadyTime began = SteadyNow();  // On the clock the wait keeps its time by.
+  std::thread waiting([&] {
+    queues_->WaitForEveryCallAndArrival(kPromised, [&] {
+      told_at = SteadyNow();
+      overdue_calls.fetch_add(1);
+      told.Notify();
+    });
+    returned.Notify();
+  });
+  // No ASSERT until the thread has been joined: the call ends whatever happened before.
+  const bool was_told = told.WaitForNotificationWithTimeout(absl::Seconds(10));
+  EXPECT_TRUE(was_told) << "the wait outlived its promise without saying so";
+  if (was_told) {
+    EXPECT_GE(absl::FromChrono(told_at - began), kPromised) << "said overdue before its time";
+  }
+  EXPECT_FALSE(returned.WaitForNotificationWithTimeout(absl::Milliseconds(300)))
+      << "the wait returned with a call still answering";
+  queues_->CallEnded();
+  EXPECT_TRUE(returned.WaitForNotificationWithTimeout(absl::Seconds(5)))
+      << "the wait went on after the last call ended";
+  waiting.join();  // A wait that never returns stays here until ctest's timeout.
+  EXPECT_EQ(overdue_calls.load(), 1);
+}
+
+TEST_F(AsyncCallQueuesTest, AWaitWithNothingPendingReturnsAtOnceAndNeverSaysOverdue) {
+  Start(absl::Hours(1));
+  int overdue_calls = 0;
+  const absl::Time began = absl::Now();
+  queues_->WaitForEveryCallAndArrival(absl::Seconds(30), [&overdue_calls] { ++overdue_calls; });
+  EXPECT_LT(absl::Now() - began, absl::Seconds(5)) << "the wait waited with nothing to wait for";
+  EXPECT_EQ(overdue_calls, 0);
 }
 
 TEST_F(AsyncCallQueuesTest, ShutdownHandsOverWhatIsLeftAndReturns) {

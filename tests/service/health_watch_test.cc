@@ -3,9 +3,13 @@
 // tests change directly.
 #include <grpcpp/grpcpp.h>
 
+#include <condition_variable>
+#include <deque>
 #include <filesystem>
 #include <future>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -23,6 +27,7 @@ namespace {
 using grpc::health::v1::Health;
 using grpc::health::v1::HealthCheckRequest;
 using grpc::health::v1::HealthCheckResponse;
+using ServingStatus = HealthCheckResponse::ServingStatus;
 
 // Asks `done` every 10 ms until it says yes or `timeout` passes; whether it said yes.
 template <typename Done>
@@ -56,6 +61,59 @@ struct WatchStream {
 
   grpc::ClientContext context;
   std::unique_ptr<grpc::ClientReader<HealthCheckResponse>> reader;
+};
+
+// A Watch stream read on a thread of its own, so that a test can wait for the next message with
+// a deadline, and see that none comes. Its destructor cancels the stream.
+class WatchReader {
+ public:
+  WatchReader(Health::Stub& stub, const std::string& service) : stream_(stub, service) {
+    thread_ = std::thread([this] {
+      for (;;) {
+        const ServingStatus status = stream_.Next();
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (status == HealthCheckResponse::UNKNOWN) {
+          ended_ = true;
+          arrived_.notify_all();
+          return;
+        }
+        received_.push_back(status);
+        arrived_.notify_all();
+      }
+    });
+  }
+  ~WatchReader() {
+    stream_.context.TryCancel();
+    thread_.join();
+    stream_.reader->Finish();
+  }
+  WatchReader(const WatchReader&) = delete;
+  WatchReader& operator=(const WatchReader&) = delete;
+
+  // The next message not yet taken, or std::nullopt when none came within `wait` or the stream
+  // has ended (ended() tells which).
+  std::optional<ServingStatus> NextWithin(absl::Duration wait) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    arrived_.wait_for(lock, absl::ToChronoNanoseconds(wait),
+                      [this] { return !received_.empty() || ended_; });
+    if (received_.empty()) return std::nullopt;
+    const ServingStatus next = received_.front();
+    received_.pop_front();
+    return next;
+  }
+
+  bool ended() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ended_;
+  }
+
+ private:
+  WatchStream stream_;
+  std::mutex mutex_;
+  std::condition_variable arrived_;
+  std::deque<ServingStatus> received_;  // Read and not yet taken.
+  bool ended_ = false;
+  std::thread thread_;
 };
 
 class HealthWatchTest : public ::testing::Test {
@@ -108,27 +166,52 @@ TEST_F(HealthWatchTest, SendsTheCurrentStatusThenEveryChange) {
       << "a message was sent for something other than a change of this service";
 }
 
-// Changes faster than the stream sends: never the same status twice in a row, and the last one
-// sent is the board's.
+// Changes faster than the stream sends are coalesced (HealthService::WatchCall): one write at
+// a time, and once it has completed the board is read again and its status then is sent, if it
+// differs from the last one sent. So no status comes twice in a row, fewer messages come than
+// there were changes, and once the changes stop the last message is the board's status, with
+// nothing stale queued behind it: the next change is the next message, and the only one.
 TEST_F(HealthWatchTest, ChangesDuringAWriteEndWithTheLatestStatus) {
-  WatchStream watch(*stub_, kSessionServiceName);
-  ASSERT_EQ(watch.Next(), HealthCheckResponse::NOT_SERVING);
+  // Once the changes stop, at most one write is in flight and one more is due; a pause this long
+  // between them takes a stalled machine, not a slow one (two cores under a sanitizer).
+  constexpr absl::Duration kQuiet = absl::Milliseconds(500);
+  // For a message that must come.
+  constexpr absl::Duration kPatience = absl::Seconds(10);
+  WatchReader watch(*stub_, kSessionServiceName);
+  ASSERT_EQ(watch.NextWithin(kPatience), HealthCheckResponse::NOT_SERVING);
   constexpr int kFlips = 1001;  // Odd: it ends SERVING.
   for (int i = 0; i < kFlips; ++i) board_.Set(kSessionServiceName, i % 2 == 0);
-  HealthCheckResponse::ServingStatus last = HealthCheckResponse::NOT_SERVING;
-  int received = 0;
-  // Every message differs from the one before, so they alternate; the last is SERVING.
-  while (last != HealthCheckResponse::SERVING || received % 2 == 0) {
-    const HealthCheckResponse::ServingStatus next = watch.Next();
-    ASSERT_NE(next, HealthCheckResponse::UNKNOWN) << "the stream ended";
-    ASSERT_NE(next, last) << "the same status sent twice in a row";
-    last = next;
+
+  // Read until the stream has been quiet for kQuiet after a message with the board's status.
+  // After any other message, quiet is waited out for up to kPatience: the latest status is
+  // still owed, and only a lost change never sends it.
+  ServingStatus last = HealthCheckResponse::NOT_SERVING;
+  int received = 0;  // After the first message.
+  for (;;) {
+    const std::optional<ServingStatus> next =
+        watch.NextWithin(last == HealthCheckResponse::SERVING ? kQuiet : kPatience);
+    if (!next.has_value()) break;
+    ASSERT_NE(*next, last) << "the same status sent twice in a row, after " << received
+                           << " messages";
+    last = *next;
     ++received;
+    // Each message differs from the one before, so there cannot be more than changes.
+    ASSERT_LE(received, kFlips) << "more messages than changes";
   }
-  EXPECT_LE(received, kFlips);
-  // Nothing more is due: the next message is the next change.
+  ASSERT_FALSE(watch.ended()) << "the stream ended";
+  EXPECT_EQ(last, HealthCheckResponse::SERVING)
+      << "the board's latest status was never sent: the last of " << received
+      << " messages is stale";
+  EXPECT_LT(received, kFlips) << "a message for every change: none was coalesced";
+
+  // Everything due has been read: the next message is the next change, and nothing follows it.
   board_.Set(kSessionServiceName, false);
-  EXPECT_EQ(watch.Next(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(watch.NextWithin(kPatience), HealthCheckResponse::NOT_SERVING)
+      << "the change after the stream went quiet was not sent";
+  if (const std::optional<ServingStatus> extra = watch.NextWithin(kQuiet); extra.has_value()) {
+    ADD_FAILURE() << "a message after the last change: "
+                  << HealthCheckResponse::ServingStatus_Name(*extra);
+  }
 }
 
 TEST_F(HealthWatchTest, AnUnknownNameReadsServiceUnknownAndWaitsForItsOwnChange) {

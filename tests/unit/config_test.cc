@@ -1,6 +1,7 @@
 #include "server/config/config.h"
 
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -278,6 +279,76 @@ TEST(ConfigHelpTest, ListsEveryVariableWithItsDefault) {
       EXPECT_THAT(help, HasSubstr("[" + std::string(v.default_value) + "]"));
     }
   }
+}
+
+// The table that --help prints (and the README mirrors) names exactly what LoadConfig reads: a
+// variable read but not listed is undocumented, one listed but not read is silently ignored.
+TEST(ConfigHelpTest, ListsExactlyTheVariablesLoadConfigReads) {
+  std::set<std::string> read;
+  const EnvLookup minimal = FakeEnv(MinimalEnv());
+  const EnvLookup recording = [&read, &minimal](absl::string_view name) {
+    read.insert(std::string(name));
+    return minimal(name);
+  };
+  // A valid environment, so that LoadConfig reads every variable before it returns.
+  const absl::StatusOr<Config> config = LoadConfig(recording);
+  ASSERT_TRUE(config.ok()) << config.status();
+  std::set<std::string> listed;
+  for (const ConfigVariable& v : ConfigVariables()) listed.insert(std::string(v.name));
+  EXPECT_EQ(listed.size(), ConfigVariables().size()) << "a variable is listed twice";
+  EXPECT_EQ(read, listed);
+}
+
+// Every field of two Configs, each named when it differs. A field added to Config belongs here.
+void ExpectSameConfig(const Config& a, const Config& b) {
+  EXPECT_EQ(a.port, b.port) << "port";
+  EXPECT_EQ(a.memcached.nodes, b.memcached.nodes) << "memcached.nodes";
+  EXPECT_EQ(a.memcached.replicas, b.memcached.replicas) << "memcached.replicas";
+  EXPECT_EQ(a.database_url, b.database_url) << "database_url";
+  EXPECT_EQ(a.session_ttl, b.session_ttl) << "session_ttl";
+  EXPECT_EQ(a.session_max_lifetime, b.session_max_lifetime) << "session_max_lifetime";
+  EXPECT_EQ(a.shutdown_grace, b.shutdown_grace) << "shutdown_grace";
+  EXPECT_EQ(a.shutdown_notice, b.shutdown_notice) << "shutdown_notice";
+  EXPECT_EQ(a.log_level, b.log_level) << "log_level";
+  EXPECT_EQ(a.metrics_port, b.metrics_port) << "metrics_port";
+  EXPECT_EQ(a.memcached_pool_size, b.memcached_pool_size) << "memcached_pool_size";
+  EXPECT_EQ(a.memcached_pipeline, b.memcached_pipeline) << "memcached_pipeline";
+  EXPECT_EQ(a.database_pool_size, b.database_pool_size) << "database_pool_size";
+  EXPECT_EQ(a.default_call_timeout, b.default_call_timeout) << "default_call_timeout";
+  EXPECT_EQ(a.health_check_interval, b.health_check_interval) << "health_check_interval";
+  EXPECT_EQ(a.grpc_max_connection_age, b.grpc_max_connection_age) << "grpc_max_connection_age";
+  EXPECT_EQ(a.grpc_max_recv_bytes, b.grpc_max_recv_bytes) << "grpc_max_recv_bytes";
+  EXPECT_EQ(a.max_user_id_bytes, b.max_user_id_bytes) << "max_user_id_bytes";
+  EXPECT_EQ(a.max_attribute_key_bytes, b.max_attribute_key_bytes) << "max_attribute_key_bytes";
+  EXPECT_EQ(a.max_session_attributes_bytes, b.max_session_attributes_bytes)
+      << "max_session_attributes_bytes";
+  EXPECT_EQ(a.max_idempotency_key_bytes, b.max_idempotency_key_bytes)
+      << "max_idempotency_key_bytes";
+  EXPECT_EQ(a.grpc_max_concurrent_streams, b.grpc_max_concurrent_streams)
+      << "grpc_max_concurrent_streams";
+  EXPECT_EQ(a.tls.cert_chain_pem, b.tls.cert_chain_pem) << "tls.cert_chain_pem";
+  EXPECT_EQ(a.tls.private_key_pem, b.tls.private_key_pem) << "tls.private_key_pem";
+  EXPECT_EQ(a.tls.client_ca_pem, b.tls.client_ca_pem) << "tls.client_ca_pem";
+  EXPECT_EQ(a.malloc_arena_max, b.malloc_arena_max) << "malloc_arena_max";
+}
+
+// The defaults the table lists are LoadConfig's own: every variable set to its listed default
+// loads the same Config as an environment with only the required variables.
+TEST(ConfigHelpTest, ListedDefaultsAreLoadConfigsDefaults) {
+  auto env = MinimalEnv();
+  for (const ConfigVariable& v : ConfigVariables()) {
+    if (v.default_value.empty()) {  // Required: no default, and MinimalEnv sets it.
+      EXPECT_EQ(env.count(std::string(v.name)), 1u) << v.name << " is required";
+      continue;
+    }
+    if (v.default_value == "unset") continue;  // Not a value but its absence (no TLS).
+    env[std::string(v.name)] = std::string(v.default_value);
+  }
+  const absl::StatusOr<Config> listed = LoadConfig(FakeEnv(env));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  const absl::StatusOr<Config> unset = LoadConfig(FakeEnv(MinimalEnv()));
+  ASSERT_TRUE(unset.ok()) << unset.status();
+  ExpectSameConfig(*listed, *unset);
 }
 
 TEST(LoadConfigTest, GrpcLimitsHaveSafeDefaultsAndBounds) {
