@@ -5,6 +5,7 @@
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_certificate_verifier.h>
 #include <grpcpp/security/tls_credentials_options.h>
+#include <grpcpp/support/channel_arguments.h>
 #include <malloc.h>
 #include <signal.h>
 
@@ -83,7 +84,13 @@ int HealthCheck() {
   const std::string target = absl::StrCat("127.0.0.1:", *port);
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = HealthCheckCredentials();
   if (!credentials.ok()) return Fail(credentials.status());
-  auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(target, *credentials));
+  // The server is this container's own loopback: never through an HTTP CONNECT proxy. gRPC takes
+  // one from http_proxy, https_proxy or grpc_proxy, and Docker injects those into every
+  // container from ~/.docker/config.json; the check would then ask the proxy and fail.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);
+  auto stub =
+      grpc::health::v1::Health::NewStub(grpc::CreateCustomChannel(target, *credentials, args));
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
   grpc::health::v1::HealthCheckRequest request;
