@@ -5,6 +5,7 @@
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_certificate_verifier.h>
 #include <grpcpp/security/tls_credentials_options.h>
+#include <grpcpp/support/channel_arguments.h>
 #include <malloc.h>
 #include <signal.h>
 
@@ -21,6 +22,7 @@
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/app/server_app.h"
+#include "server/common/notification.h"
 #include "server/common/openssl_lifetime.h"
 #include "server/common/status_macros.h"
 #include "server/common/thread_name.h"
@@ -82,7 +84,13 @@ int HealthCheck() {
   const std::string target = absl::StrCat("127.0.0.1:", *port);
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = HealthCheckCredentials();
   if (!credentials.ok()) return Fail(credentials.status());
-  auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(target, *credentials));
+  // The server is this container's own loopback: never through an HTTP CONNECT proxy. gRPC takes
+  // one from http_proxy, https_proxy or grpc_proxy, and Docker injects those into every
+  // container from ~/.docker/config.json; the check would then ask the proxy and fail.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);
+  auto stub =
+      grpc::health::v1::Health::NewStub(grpc::CreateCustomChannel(target, *credentials, args));
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
   grpc::health::v1::HealthCheckRequest request;
@@ -104,6 +112,10 @@ int HealthCheck() {
 // that out (and then find it serving). Once it serves, the first signal starts the graceful
 // shutdown; a second one ends the process at once, for an operator who will not wait out the
 // grace period.
+//
+// The waiting thread never writes a log line itself: stdout may be a pipe whose reader has
+// stalled, where a write blocks, and the thread must stay free to start the drain and to take
+// the second signal.
 class StopSignals {
  public:
   // `signals` must be blocked in every thread already.
@@ -126,23 +138,33 @@ class StopSignals {
     notice_ = notice;
     grace_ = grace;
     if (phase_ == Phase::kStopping) {
-      StartShutdownLocked();
+      StartShutdownLocked(stop_signal_name_);
     } else {
       phase_ = Phase::kServing;
     }
   }
 
-  // Once the app has stopped, before it is destroyed: ends the shutdown's thread and the
+  // Once the app has stopped, before it is destroyed: ends the shutdown's threads and the
   // waiting one.
   void Finish() {
     if (!waiter_.joinable()) return;
-    std::thread shutdown;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      phase_ = Phase::kFinished;
-      shutdown = std::move(shutdown_);
+    for (bool finished = false; !finished;) {
+      std::thread shutdown;
+      std::thread announcement;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        shutdown = std::move(shutdown_);
+        announcement = std::move(announcement_);
+        // Only once nothing is left to join: until then a second signal still ends the process,
+        // and the announcement may be stuck behind a stalled log reader.
+        if (!shutdown.joinable() && !announcement.joinable()) {
+          phase_ = Phase::kFinished;
+          finished = true;
+        }
+      }
+      if (shutdown.joinable()) shutdown.join();
+      if (announcement.joinable()) announcement.join();
     }
-    if (shutdown.joinable()) shutdown.join();
     pthread_kill(waiter_.native_handle(), SIGTERM);  // Blocked: only sigwait takes it.
     waiter_.join();
   }
@@ -150,51 +172,80 @@ class StopSignals {
  private:
   enum class Phase { kStartingUp, kListening, kServing, kStopping, kFinished };
 
+  // How long an exit waits for its log line.
+  static constexpr absl::Duration kExitLineWait = absl::Milliseconds(250);
+
   void WaitForSignals() {
     NameThisThread("sl-signals");
     for (;;) {
       int signal_number = 0;
       sigwait(&signals_, &signal_number);
+      std::string signal_name = strsignal(signal_number);
       std::lock_guard<std::mutex> lock(mutex_);
       switch (phase_) {
         case Phase::kFinished:
           return;
         case Phase::kStartingUp:
-          logger_.Info("stopped before serving", {{"signal", strsignal(signal_number)}});
-          std::_Exit(0);
+          LogThenExit(0, LogLevel::kInfo, "stopped before serving", signal_name);
         case Phase::kListening:
           phase_ = Phase::kStopping;  // Serving() starts the shutdown.
+          stop_signal_name_ = std::move(signal_name);
           break;
         case Phase::kServing:
-          logger_.Info("shutting down", {{"signal", strsignal(signal_number)},
-                                         {"notice_ms", absl::ToInt64Milliseconds(notice_)},
-                                         {"grace_seconds", absl::ToInt64Seconds(grace_)}});
-          StartShutdownLocked();
+          StartShutdownLocked(std::move(signal_name));
           break;
         case Phase::kStopping:
-          logger_.Warn("second stop signal: exiting without waiting for calls in flight",
-                       {{"signal", strsignal(signal_number)}});
-          std::_Exit(1);
+          LogThenExit(1, LogLevel::kWarn,
+                      "second stop signal: exiting without waiting for calls in flight",
+                      signal_name);
       }
     }
   }
 
-  void StartShutdownLocked() {
+  // Starts the drain, then says so from a thread of its own (joined by Finish), so that a
+  // stalled log reader holds up neither the drain nor the next signal.
+  void StartShutdownLocked(std::string signal_name) {
     phase_ = Phase::kStopping;
     shutdown_ = std::thread([app = app_, notice = notice_, grace = grace_] {
       NameThisThread("sl-shutdown");
       app->Shutdown(notice, grace);
     });
+    announcement_ =
+        std::thread([this, signal_name = std::move(signal_name), notice = notice_, grace = grace_] {
+          logger_.Info("shutting down", {{"signal", signal_name},
+                                         {"notice_ms", absl::ToInt64Milliseconds(notice)},
+                                         {"grace_seconds", absl::ToInt64Seconds(grace)}});
+        });
+  }
+
+  // Ends the process with `exit_code`, after `message` when it can be written within
+  // kExitLineWait: the line is written from a thread of its own, as a stalled log reader would
+  // block the write, and an exit must not wait for the reader.
+  [[noreturn]] void LogThenExit(int exit_code, LogLevel level, absl::string_view message,
+                                const std::string& signal_name) {
+    Notification written;
+    // Detached, as _Exit ends it wherever it is; what it uses lives until then, since this
+    // frame is never left and the logger outlives the waiting thread (Finish joins it).
+    std::thread([this, &written, level, message, &signal_name] {
+      logger_.Log(level, message, {{"signal", signal_name}});
+      written.Notify();
+    }).detach();
+    written.WaitForNotificationWithTimeout(kExitLineWait);
+    std::_Exit(exit_code);
   }
 
   const sigset_t signals_;
   Logger& logger_;
   std::mutex mutex_;
   Phase phase_ = Phase::kStartingUp;
+  // The signal that came while the server started listening, for Serving() to announce.
+  std::string stop_signal_name_;
   ServerApp* app_ = nullptr;
   absl::Duration notice_;
   absl::Duration grace_;
   std::thread shutdown_;
+  // Writes the "shutting down" line.
+  std::thread announcement_;
   std::thread waiter_;
 };
 

@@ -1,8 +1,11 @@
 #include "server/common/logger.h"
 
+#include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -186,14 +189,58 @@ void Logger::Log(LogLevel level, absl::string_view message,
 
 void Logger::WriteLines(absl::string_view lines) {
   std::lock_guard<std::mutex> lock(write_mutex_);
-  size_t written = 0;
-  while (written < lines.size()) {
-    const ssize_t n = ::write(fd_, lines.data() + written, lines.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0)
-      return;  // Nowhere left to report a failing stdout; dropping the lines is all we can do.
-    written += static_cast<size_t>(n);
+  // One bound for the whole call, the rest of an earlier line included.
+  std::optional<SteadyTime> give_up;
+  if (!unfinished_line_rest_.empty()) {
+    unfinished_line_rest_.erase(0, WriteLocked(unfinished_line_rest_, give_up));
+    // Nothing may follow half a line: these lines are dropped.
+    if (!unfinished_line_rest_.empty()) return;
   }
+  const size_t written = WriteLocked(lines, give_up);
+  // Cut short inside a line: its rest goes out first next time, so that the reader never sees a
+  // fragment glued to the next line (which would not be JSON). The lines after it are dropped,
+  // so at most one line is ever kept. Every line ends in '\n', Log and LogBatch see to that.
+  if (written == 0 || written == lines.size() || lines[written - 1] == '\n') return;
+  const size_t line_end = lines.find('\n', written);
+  unfinished_line_rest_.assign(lines.substr(
+      written, line_end == absl::string_view::npos ? line_end : line_end + 1 - written));
+}
+
+size_t Logger::WriteLocked(absl::string_view bytes, std::optional<SteadyTime>& give_up) {
+  size_t written = 0;
+  while (written < bytes.size()) {
+    const ssize_t n = ::write(fd_, bytes.data() + written, bytes.size() - written);
+    if (n > 0) {
+      written += static_cast<size_t>(n);
+      stalled_ = false;
+      continue;
+    }
+    const int error = n < 0 ? errno : 0;
+    if (error == EINTR) continue;
+    // A non-blocking descriptor whose reader is behind. Anything else (a closed reader, EPIPE,
+    // or write returning 0) will not get better by waiting: the lines are dropped at once, and
+    // nowhere is left to report it.
+    const bool no_room = error == EAGAIN || error == EWOULDBLOCK;
+    if (no_room && !stalled_ && WaitForRoomLocked(give_up)) continue;
+    if (no_room) stalled_ = true;
+    break;
+  }
+  return written;
+}
+
+bool Logger::WaitForRoomLocked(std::optional<SteadyTime>& give_up) {
+  SteadyTime now = SteadyNow();
+  if (!give_up.has_value()) give_up = now + ToSteadyDuration(longest_write_wait_);
+  while (now < *give_up) {
+    const int64_t left_ms = std::chrono::ceil<std::chrono::milliseconds>(*give_up - now).count();
+    pollfd writable{fd_, POLLOUT, 0};
+    const int ready = ::poll(&writable, 1, static_cast<int>(std::min<int64_t>(left_ms, 60'000)));
+    // POLLOUT, or POLLERR/POLLHUP/POLLNVAL, which the next write turns into its error.
+    if (ready > 0) return true;
+    if (ready < 0 && errno != EINTR) return false;
+    now = SteadyNow();
+  }
+  return false;
 }
 
 namespace {

@@ -4,12 +4,14 @@
 #include <cstdint>
 #include <initializer_list>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <variant>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "server/common/clock.h"
 
 namespace sessionledger {
 
@@ -40,9 +42,18 @@ class LogBatch;
 // to a file descriptor (stdout in production; the Twelve-Factor app never writes log files).
 // Thread-safe: each line (or a LogBatch's lines) is emitted with a single write(2) under a
 // mutex, so lines from concurrent RPCs never interleave.
+//
+// When the descriptor cannot take a line: a closed reader (EPIPE) or another error drops the
+// lines at once. On a non-blocking descriptor whose reader is behind (EAGAIN), a write waits for
+// room up to `longest_write_wait`; when that runs out, lines are dropped without waiting until a
+// write succeeds again, so a stalled reader costs one wait, not one per line. A line cut short
+// (written in part) is finished before any later line is written, so the reader sees whole
+// lines only. (On a blocking descriptor write(2) itself waits as long as its reader stalls.)
 class Logger {
  public:
-  explicit Logger(LogLevel min_level, int fd = 1) : min_level_(min_level), fd_(fd) {}
+  explicit Logger(LogLevel min_level, int fd = 1,
+                  absl::Duration longest_write_wait = absl::Seconds(1))
+      : min_level_(min_level), fd_(fd), longest_write_wait_(longest_write_wait) {}
   Logger(const Logger&) = delete;
   Logger& operator=(const Logger&) = delete;
 
@@ -64,12 +75,25 @@ class Logger {
 
  private:
   friend class LogBatch;
-  // Writes whole lines, retrying short writes, under write_mutex_.
+  // Writes whole lines, retrying short writes, under write_mutex_; see the class comment for
+  // what it does when the descriptor has no room.
   void WriteLines(absl::string_view lines);
+  // Writes as much of `bytes` as the descriptor takes and returns how much that was. When it
+  // has no room, waits until `give_up` (set at the first wait of the WriteLines call).
+  size_t WriteLocked(absl::string_view bytes, std::optional<SteadyTime>& give_up);
+  // Whether the descriptor may have room before `give_up`.
+  bool WaitForRoomLocked(std::optional<SteadyTime>& give_up);
 
   const LogLevel min_level_;
   const int fd_;
+  const absl::Duration longest_write_wait_;
   std::mutex write_mutex_;
+  // The rest of a line that was cut short, written before any later line. Guarded by
+  // write_mutex_.
+  std::string unfinished_line_rest_;
+  // A wait for room ran out and no write has succeeded since: a stalled reader costs one wait,
+  // not one per line. Guarded by write_mutex_.
+  bool stalled_ = false;
 };
 
 // While a LogBatch is alive, the lines its thread logs are kept in it and written together,

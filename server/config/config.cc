@@ -120,6 +120,28 @@ struct Raw {
   }
 };
 
+// Session tokens are 64 characters (kTokenLength in server/session/token.h, a layer above this
+// one); UpdateSession carries one where CreateSession carries the user id.
+constexpr int64_t kSessionTokenBytes = 64;
+
+// The most distinct keys whose lengths add up to at most `total_bytes`: the shortest ones,
+// counting every byte string (256^n of length n). The server accepts fewer keys than that
+// (UTF-8, no control characters, none empty), which only makes the true count smaller.
+int64_t MostDistinctKeys(int64_t total_bytes) {
+  int64_t keys = 0;
+  int64_t bytes_left = total_bytes;
+  int64_t keys_of_this_length = 1;  // The empty key.
+  for (int64_t length = 0;; ++length) {
+    if (length > 0 && bytes_left / length < keys_of_this_length) {
+      return keys + bytes_left / length;
+    }
+    keys += keys_of_this_length;
+    bytes_left -= keys_of_this_length * length;
+    // Capped so that 256^n cannot overflow: more than total_bytes + 1 keys never fit anyway.
+    keys_of_this_length = std::min(keys_of_this_length * 256, total_bytes + 1);
+  }
+}
+
 absl::StatusOr<int64_t> IntegerVariable(const Raw& raw, absl::string_view name,
                                         absl::string_view fallback, int64_t min, int64_t max) {
   auto value = ParseInteger(raw.Get(name, fallback), min, max);
@@ -495,11 +517,13 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"MAX_ATTRIBUTE_KEY_BYTES", "128", "longest session attribute key accepted"},
       {"MAX_SESSION_ATTRIBUTES_BYTES", "65536",
        "a session's attributes together (key and value bytes); at most 524288, as one "
-       "Memcached item holds at most 1 MiB"},
+       "Memcached item holds at most 1 MiB; above about 300000, raise GRPC_MAX_RECV_BYTES too"},
       {"MAX_IDEMPOTENCY_KEY_BYTES", "128",
        "longest idempotency_key accepted; at most 1024 (see MAX_USER_ID_BYTES)"},
       {"GRPC_MAX_RECV_BYTES", "1048576",
-       "largest request message accepted; a larger one fails with RESOURCE_EXHAUSTED"},
+       "largest request message accepted; a larger one fails with RESOURCE_EXHAUSTED; the "
+       "server refuses to start when a CreateSession within MAX_SESSION_ATTRIBUTES_BYTES "
+       "(in many small attributes) could be larger (266336 bytes for the defaults)"},
       {"GRPC_MAX_CONCURRENT_STREAMS", "100",
        "concurrent calls per client connection (HTTP/2 streams); more wait for a free one"},
       {"TLS_CERT_FILE", "unset",
@@ -532,6 +556,31 @@ std::string ConfigHelpText() {
         v.meaning, "\n");
   }
   return text;
+}
+
+int64_t LargestSessionWriteRequestBytes(int64_t max_session_attributes_bytes,
+                                        int64_t max_user_id_bytes) {
+  // SessionService counts MAX_SESSION_ATTRIBUTES_BYTES as the key and value bytes of the map
+  // alone (AttributesBytes), so the protobuf framing of each entry comes on top, and a map of
+  // many small entries carries much more framing than a few large ones. On the wire an entry of
+  // key length k and value length v (content c = k + v) is
+  //   tag(1) len(e) e,  e = tag(1) len(k) k tag(1) len(v) v,
+  // every length a varint: 1 byte below 128, at most 3 below 2^21 (LoadConfig caps the limit at
+  // 512 KiB, so e stays below that). Writers that leave out an empty key or value only send less.
+  // An entry thus takes c + 6 bytes while e < 128, and at most c + 12 otherwise; such an entry
+  // has c >= 128 - 8 = 120, so there are at most limit / 120 of them. Over all entries:
+  //   limit + 6 * (number of entries) + 6 * (limit / 120),
+  // and map keys are distinct, so the number of entries is at most MostDistinctKeys(limit).
+  // For the default 64 KiB that is 266,194 bytes; the map of 32,897 entries (keys of up to 2
+  // bytes, empty values) that it allows for takes 262,918 bytes on the wire.
+  const int64_t limit = max_session_attributes_bytes;
+  const int64_t attributes = limit + 6 * MostDistinctKeys(limit) + 6 * (limit / 120);
+  // Besides the map: CreateSession's user_id (tag, length of at most 2 bytes below 16384, the
+  // id) and ttl_seconds (tag and a varint of at most 10 bytes), or UpdateSession's token and
+  // expected_version, alike. UpdateSession's `remove` list is left out: no limit bounds how
+  // many keys a request names there.
+  const int64_t other_fields = 1 + 2 + std::max(max_user_id_bytes, kSessionTokenBytes) + 1 + 10;
+  return attributes + other_fields;
 }
 
 EnvLookup ProcessEnvironment() {
@@ -617,6 +666,20 @@ absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
   SL_ASSIGN_OR_RETURN(
       config.max_idempotency_key_bytes,
       IntegerVariable(raw, "MAX_IDEMPOTENCY_KEY_BYTES", "128", 1, kMaxIndexedTextBytes));
+  // gRPC refuses a larger message with RESOURCE_EXHAUSTED before any handler runs, and nothing
+  // is logged: a CreateSession within every configured limit would fail without a trace.
+  if (const int64_t needed = LargestSessionWriteRequestBytes(config.max_session_attributes_bytes,
+                                                             config.max_user_id_bytes);
+      config.grpc_max_recv_bytes < needed) {
+    return VariableError(
+        "GRPC_MAX_RECV_BYTES",
+        absl::StrCat(config.grpc_max_recv_bytes, " is below ", needed,
+                     ", the size of a CreateSession or UpdateSession request within "
+                     "MAX_SESSION_ATTRIBUTES_BYTES (",
+                     config.max_session_attributes_bytes, ") and MAX_USER_ID_BYTES (",
+                     config.max_user_id_bytes,
+                     "), which gRPC would refuse: raise it or lower MAX_SESSION_ATTRIBUTES_BYTES"));
+  }
   // glibc reads this variable itself and ignores a value it cannot use ("two", "0") without a
   // word, which would leave the process with no arena cap at all.
   SL_ASSIGN_OR_RETURN(

@@ -108,6 +108,12 @@ EnvLookup ProcessEnvironment();
 // no other variable.
 absl::StatusOr<uint16_t> ListenPort(const EnvLookup& env);
 
+// The most bytes a CreateSessionRequest, or an UpdateSessionRequest without `remove`, can take
+// on the wire when it keeps to MAX_SESSION_ATTRIBUTES_BYTES and MAX_USER_ID_BYTES (within the
+// ranges LoadConfig accepts for them). LoadConfig refuses a GRPC_MAX_RECV_BYTES below it.
+int64_t LargestSessionWriteRequestBytes(int64_t max_session_attributes_bytes,
+                                        int64_t max_user_id_bytes);
+
 // Validates every variable. The error message is one line that starts with the variable's
 // name and says what is wrong, e.g. "MEMCACHED_URL: required, e.g. memcached://127.0.0.1:11211".
 absl::StatusOr<Config> LoadConfig(const EnvLookup& env);

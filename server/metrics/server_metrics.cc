@@ -11,17 +11,19 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "server/common/clock.h"
 #include "server/common/thread_name.h"
 
 namespace sessionledger {
@@ -145,13 +147,15 @@ constexpr absl::Duration kAcceptRetryPause = absl::Milliseconds(100);
 // A scrape's request is a request line and a few headers.
 constexpr size_t kMaxRequestBytes = 8192;
 
-// Waits until `fd` is ready for `events` or `stop_fd` is signalled, until `give_up`. 1: ready;
-// 0: timed out (or failed); -1: stopping.
-int WaitFor(int fd, short events, int stop_fd, absl::Time give_up) {
+// Waits until `fd` is ready for `events` or `stop_fd` is signalled, until `give_up` (none: no
+// end). 1: ready; 0: timed out (or failed); -1: stopping. On the steady clock, as every timeout
+// kept inside the process: a wall-clock step back would stretch a silent client's second.
+int WaitFor(int fd, short events, int stop_fd, std::optional<SteadyTime> give_up) {
   for (;;) {
     int timeout_ms = -1;  // No end: waiting for the next connection.
-    if (give_up != absl::InfiniteFuture()) {
-      const int64_t ms = absl::ToInt64Milliseconds(give_up - absl::Now());
+    if (give_up.has_value()) {
+      const int64_t ms =
+          std::chrono::ceil<std::chrono::milliseconds>(*give_up - SteadyNow()).count();
       if (ms <= 0) return 0;
       timeout_ms = static_cast<int>(std::min<int64_t>(ms, INT32_MAX));
     }
@@ -255,13 +259,14 @@ MetricsHttpServer::~MetricsHttpServer() {
 
 void MetricsHttpServer::Run() {
   for (;;) {
-    const int ready = WaitFor(listen_fd_, POLLIN, stop_fd_, absl::InfiniteFuture());
+    const int ready = WaitFor(listen_fd_, POLLIN, stop_fd_, std::nullopt);
     if (ready < 0) return;
     const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
         // The stop still ends the pause at once.
-        if (WaitFor(stop_fd_, POLLIN, stop_fd_, absl::Now() + kAcceptRetryPause) < 0) return;
+        const SteadyTime pause_end = SteadyNow() + ToSteadyDuration(kAcceptRetryPause);
+        if (WaitFor(stop_fd_, POLLIN, stop_fd_, pause_end) < 0) return;
       }
       continue;  // Otherwise it went away before we took it.
     }
@@ -272,8 +277,8 @@ void MetricsHttpServer::Run() {
 }
 
 bool MetricsHttpServer::Serve(int fd) {
-  const absl::Time accepted = absl::Now();
-  const absl::Time give_up = accepted + kMetricsRequestTimeout;
+  const SteadyTime accepted = SteadyNow();
+  const SteadyTime give_up = accepted + ToSteadyDuration(kMetricsRequestTimeout);
   std::string request;
   char buffer[2048];
   while (request.find("\r\n\r\n") == std::string::npos &&
@@ -312,7 +317,8 @@ bool MetricsHttpServer::Serve(int fd) {
       continue;
     }
     if (n < 0 && errno != EAGAIN && errno != EINTR) return true;
-    const int ready = WaitFor(fd, POLLOUT, stop_fd_, accepted + kMetricsAnswerTimeout);
+    const int ready =
+        WaitFor(fd, POLLOUT, stop_fd_, accepted + ToSteadyDuration(kMetricsAnswerTimeout));
     if (ready <= 0) return ready == 0;
   }
   return true;

@@ -281,6 +281,7 @@ HealthMonitor::~HealthMonitor() {
 }
 
 void HealthMonitor::ProbeOnce() {
+  std::lock_guard<std::mutex> round(round_mutex_);
   const bool memcached_ok = probes_.memcached_ok();
   const bool postgres_ok = probes_.postgres_ok();
   board_.Set(kSessionServiceName, memcached_ok);

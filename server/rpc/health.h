@@ -122,7 +122,8 @@ class HealthMonitor {
   HealthMonitor& operator=(const HealthMonitor&) = delete;
 
   // Runs one round of probes now, on the calling thread (start-up uses this so the first health
-  // answer is already real).
+  // answer is already real). Rounds run one at a time: one that comes due on the monitor's
+  // thread meanwhile waits for this one to end.
   void ProbeOnce();
 
  private:
@@ -132,6 +133,10 @@ class HealthMonitor {
   Probes probes_;
   const absl::Duration interval_;
   Logger& logger_;
+  // Held for a whole round of probes. Two rounds at once (start-up's on the main thread, the
+  // first on the monitor's when a slow probe outlasts the interval) would let the one that
+  // started first, with the older view, write the board last.
+  std::mutex round_mutex_;
   std::mutex mutex_;
   std::condition_variable stop_cv_;
   bool stop_ = false;

@@ -380,6 +380,30 @@ TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {
   EXPECT_EQ(down->exit_code, 1) << down->output;
 }
 
+// Docker injects the proxy settings of ~/.docker/config.json into every container, and gRPC
+// sends a channel through the proxy that http_proxy (or https_proxy, grpc_proxy) names: the
+// container's health check must still reach its own server on the loopback.
+TEST(HealthcheckCommandTest, IgnoresHttpProxySettings) {
+  auto server = StartServer({});
+  ASSERT_NE(server, nullptr);
+  // Nothing listens on port 1: a check sent to this proxy fails.
+  const std::string proxy = "http://127.0.0.1:1";
+  auto checked = RunCommand({SL_SERVER_BINARY, "healthcheck"},
+                            {{"PORT", absl::StrCat(server->port())},
+                             {"http_proxy", proxy},
+                             {"https_proxy", proxy},
+                             {"grpc_proxy", proxy},
+                             {"HTTP_PROXY", proxy},
+                             {"HTTPS_PROXY", proxy},
+                             // An exemption in the test's own environment must not hide the proxy.
+                             {"no_proxy", ""},
+                             {"no_grpc_proxy", ""},
+                             {"NO_PROXY", ""}});
+  ASSERT_TRUE(checked.ok());
+  EXPECT_EQ(checked->exit_code, 0) << checked->output;
+  EXPECT_THAT(checked->output, HasSubstr("SERVING"));
+}
+
 TEST(HealthcheckCommandTest, NamesABadPort) {
   auto bad = RunCommand({SL_SERVER_BINARY, "healthcheck"}, {{"PORT", "5005x"}});
   ASSERT_TRUE(bad.ok());

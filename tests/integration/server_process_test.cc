@@ -512,6 +512,40 @@ TEST(ServerProcessTest, ASecondSigtermEndsTheDrainAtOnce) {
   EXPECT_FALSE(slow_status.ok()) << "the call in flight was cut off";
 }
 
+// A log reader that stalls (a shipper that stopped reading) fills the server's stdout pipe, and
+// every write to it then blocks. The stop signals must still work: the first starts the drain,
+// and a second ends the process at once. The signal thread used to write "shutting down" itself,
+// holding the lock a second signal needs; stuck in that write, it never took the second signal.
+TEST(ServerProcessTest, ASecondSigtermEndsTheProcessWhileStdoutIsStalled) {
+  auto server = StartServer(
+      {{"LOG_LEVEL", "debug"}, {"SHUTDOWN_GRACE_SECONDS", "30"}, {"SHUTDOWN_NOTICE_MS", "0"}});
+  ASSERT_NE(server, nullptr);
+  server->PauseOutput();
+  // A health check logs its line (at debug) before it answers: once the pipe (64 KiB, ~300
+  // lines) is full, a check gets no answer, which shows that writes to stdout now block.
+  auto stub = Health::NewStub(server->NewChannel());
+  bool stdout_full = false;
+  for (int i = 0; i < 5000 && !stdout_full; ++i) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(500)));
+    HealthCheckResponse response;
+    stdout_full = stub->Check(&context, HealthCheckRequest(), &response).error_code() ==
+                  grpc::StatusCode::DEADLINE_EXCEEDED;
+  }
+  ASSERT_TRUE(stdout_full) << "every health check was answered: stdout never filled up";
+
+  server->Signal(SIGTERM);
+  // Standard signals do not queue: a second one sent before the first was taken would be lost.
+  absl::SleepFor(absl::Milliseconds(500));
+  const absl::Time again = absl::Now();
+  server->Signal(SIGTERM);
+  const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(10));
+  server->ResumeOutput();
+  ASSERT_TRUE(exit_code.has_value()) << "the second signal was not taken";
+  EXPECT_LT(absl::Now() - again, absl::Seconds(3));
+  EXPECT_EQ(*exit_code, 1);
+}
+
 // GetSession runs on the asynchronous API, its read on the Memcached reader's thread: a call in
 // flight when SIGTERM arrives must still get its answer, and the process must then exit cleanly
 // (its completion queue is shut down only after the server has finished every call).

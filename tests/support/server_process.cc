@@ -124,6 +124,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::StartOnce(const Op
 }
 
 ServerProcess::~ServerProcess() {
+  // The reader must reach the end of the output to be joined.
+  ResumeOutput();
   if (pid_ > 0 && !exit_code_.has_value()) {
     kill(pid_, SIGKILL);
     WaitForExit(absl::Seconds(10));
@@ -160,7 +162,8 @@ std::optional<int> ServerProcess::WaitForExit(absl::Duration timeout) {
       // test could read the output before the child's last lines reach it. Bounded, because a
       // grandchild could hold the pipe open.
       std::unique_lock<std::mutex> lock(output_mutex_);
-      output_changed_.wait_for(lock, std::chrono::seconds(10), [this] { return output_at_eof_; });
+      output_changed_.wait_for(lock, std::chrono::seconds(10),
+                               [this] { return output_at_eof_ || output_paused_; });
       return exit_code_;
     }
     if (absl::Now() >= give_up) return std::nullopt;
@@ -180,9 +183,26 @@ bool ServerProcess::WaitForOutput(absl::string_view text, absl::Duration timeout
   }) && absl::StrContains(output_, text);
 }
 
+void ServerProcess::PauseOutput() {
+  std::lock_guard<std::mutex> lock(output_mutex_);
+  output_paused_ = true;
+}
+
+void ServerProcess::ResumeOutput() {
+  {
+    std::lock_guard<std::mutex> lock(output_mutex_);
+    output_paused_ = false;
+  }
+  output_changed_.notify_all();
+}
+
 void ServerProcess::ReadOutput(int fd) {
   char buffer[4096];
   for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(output_mutex_);
+      output_changed_.wait(lock, [this] { return !output_paused_; });
+    }
     const ssize_t got = read(fd, buffer, sizeof(buffer));
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0) break;

@@ -56,6 +56,11 @@ class ServerProcess {
   // Whether `text` appears in the output within `timeout`. A line the child has written can reach
   // Output() a little later, so a test expecting one waits here rather than reading once.
   bool WaitForOutput(absl::string_view text, absl::Duration timeout) const;
+  // Stops reading the child's output until ResumeOutput, as a log shipper that stalled: once
+  // its stdout pipe is full, every write to it blocks. (A read already under way still ends.)
+  // While paused, WaitForExit does not wait for the rest of the output.
+  void PauseOutput();
+  void ResumeOutput();
 
  private:
   ServerProcess() = default;
@@ -69,6 +74,7 @@ class ServerProcess {
   mutable std::mutex output_mutex_;
   mutable std::condition_variable output_changed_;
   bool output_at_eof_ = false;
+  bool output_paused_ = false;
   std::string output_;
   std::thread reader_;
 };

@@ -1,12 +1,17 @@
 #include "server/config/config.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <map>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
+#include "google/protobuf/map.h"
 #include "gtest/gtest.h"
+#include "sessionledger/v1/session.pb.h"
 
 namespace sessionledger {
 namespace {
@@ -359,11 +364,11 @@ TEST(LoadConfigTest, GrpcLimitsHaveSafeDefaultsAndBounds) {
   EXPECT_FALSE(config->tls.enabled()) << "TLS is opt-in";
 
   auto env = MinimalEnv();
-  env["GRPC_MAX_RECV_BYTES"] = "65536";
+  env["GRPC_MAX_RECV_BYTES"] = "524288";
   env["GRPC_MAX_CONCURRENT_STREAMS"] = "8";
   config = LoadConfig(FakeEnv(env));
   ASSERT_TRUE(config.ok()) << config.status();
-  EXPECT_EQ(config->grpc_max_recv_bytes, 65536);
+  EXPECT_EQ(config->grpc_max_recv_bytes, 524288);
   EXPECT_EQ(config->grpc_max_concurrent_streams, 8);
 
   for (const char* bad : {"0", "-1", "lots", "100001", "1e3"}) {
@@ -373,6 +378,96 @@ TEST(LoadConfigTest, GrpcLimitsHaveSafeDefaultsAndBounds) {
   // Below 1 KiB no real request fits; above 2 GiB gRPC's int argument overflows.
   EXPECT_THAT(ErrorFor("GRPC_MAX_RECV_BYTES", "1023"), StartsWith("GRPC_MAX_RECV_BYTES: "));
   EXPECT_THAT(ErrorFor("GRPC_MAX_RECV_BYTES", "2147483648"), StartsWith("GRPC_MAX_RECV_BYTES: "));
+}
+
+// Attributes of `total_bytes` (key and value bytes, as SessionService counts them) in as many
+// entries as a map can hold: the shortest distinct keys, with empty values. Any byte may be in
+// a key here; the server's rules for keys only allow fewer entries.
+google::protobuf::Map<std::string, std::string> MostEntriesWithin(int64_t total_bytes) {
+  google::protobuf::Map<std::string, std::string> attributes;
+  int64_t bytes_left = total_bytes;
+  for (size_t length = 0; static_cast<int64_t>(length) <= bytes_left; ++length) {
+    // Every key of this length in turn, counting it up as a base-256 number.
+    std::string key(length, '\0');
+    for (;;) {
+      if (static_cast<int64_t>(length) > bytes_left) return attributes;
+      attributes[key] = "";
+      bytes_left -= static_cast<int64_t>(length);
+      size_t digit = 0;
+      for (; digit < length; ++digit) {
+        key[digit] = static_cast<char>(static_cast<unsigned char>(key[digit]) + 1);
+        if (key[digit] != '\0') break;  // No carry into the next digit.
+      }
+      if (digit == length) break;  // Every key of this length is taken.
+    }
+  }
+  return attributes;
+}
+
+// gRPC refuses a request above GRPC_MAX_RECV_BYTES before any handler runs, logging nothing;
+// the bound LoadConfig holds it to must cover the largest request the other limits allow.
+TEST(LoadConfigTest, LargestSessionWriteRequestBoundsWhatTheLimitsAllow) {
+  const std::pair<int64_t, int64_t> limits[] = {{65536, 128}, {524288, 1024}, {1, 1},
+                                                {200, 64},    {1000, 1},      {70000, 300}};
+  for (const auto& [attributes_bytes, user_id_bytes] : limits) {
+    const int64_t bound = LargestSessionWriteRequestBytes(attributes_bytes, user_id_bytes);
+    const google::protobuf::Map<std::string, std::string> many =
+        MostEntriesWithin(attributes_bytes);
+
+    v1::CreateSessionRequest create;
+    create.set_user_id(std::string(static_cast<size_t>(user_id_bytes), 'u'));
+    create.set_ttl_seconds(-1);  // A negative varint takes the most bytes, 10.
+    *create.mutable_attributes() = many;
+    EXPECT_LE(static_cast<int64_t>(create.ByteSizeLong()), bound)
+        << attributes_bytes << " attribute bytes in " << many.size() << " entries";
+
+    v1::UpdateSessionRequest update;
+    update.set_token(std::string(64, 't'));
+    update.set_expected_version(-1);
+    *update.mutable_set() = many;
+    EXPECT_LE(static_cast<int64_t>(update.ByteSizeLong()), bound) << attributes_bytes;
+
+    // One entry as large as the limit allows: the framing of long lengths.
+    v1::CreateSessionRequest one_large = create;
+    one_large.clear_attributes();
+    const size_t key_bytes = static_cast<size_t>(std::min<int64_t>(attributes_bytes, 128));
+    (*one_large.mutable_attributes())[std::string(key_bytes, 'k')] =
+        std::string(static_cast<size_t>(attributes_bytes) - key_bytes, 'v');
+    EXPECT_LE(static_cast<int64_t>(one_large.ByteSizeLong()), bound) << attributes_bytes;
+
+    // Sound, yet not so loose that it refuses GRPC_MAX_RECV_BYTES values that would serve.
+    const int64_t largest =
+        static_cast<int64_t>(std::max(create.ByteSizeLong(), update.ByteSizeLong()));
+    EXPECT_GT(largest, bound - bound / 20) << attributes_bytes;
+  }
+}
+
+TEST(LoadConfigTest, RefusesAReceiveLimitBelowARequestTheAttributeLimitAllows) {
+  // 65536 bytes of attributes (the default) as 32,897 small entries take ~263 KB on the wire.
+  const std::string message = ErrorFor("GRPC_MAX_RECV_BYTES", "65536");
+  EXPECT_THAT(message, StartsWith("GRPC_MAX_RECV_BYTES: 65536 is below "));
+  EXPECT_THAT(message, HasSubstr("MAX_SESSION_ATTRIBUTES_BYTES (65536)"));
+  EXPECT_THAT(message, HasSubstr("MAX_USER_ID_BYTES (128)"));
+  EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+
+  const int64_t needed = LargestSessionWriteRequestBytes(65536, 128);
+  auto env = MinimalEnv();
+  env["GRPC_MAX_RECV_BYTES"] = std::to_string(needed);
+  absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->grpc_max_recv_bytes, needed);
+  EXPECT_THAT(ErrorFor("GRPC_MAX_RECV_BYTES", std::to_string(needed - 1)),
+              StartsWith("GRPC_MAX_RECV_BYTES: "));
+
+  // The other way out: a smaller attribute limit fits the smaller receive limit.
+  env["GRPC_MAX_RECV_BYTES"] = "65536";
+  env["MAX_SESSION_ATTRIBUTES_BYTES"] = "8192";
+  config = LoadConfig(FakeEnv(env));
+  ASSERT_TRUE(config.ok()) << config.status();
+
+  // The largest attribute limit needs more than the default receive limit.
+  EXPECT_THAT(ErrorFor("MAX_SESSION_ATTRIBUTES_BYTES", "524288"),
+              StartsWith("GRPC_MAX_RECV_BYTES: 1048576 is below "));
 }
 
 // A user id and an idempotency key are indexed together in PostgreSQL, whose btree entries

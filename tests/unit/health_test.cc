@@ -1,6 +1,10 @@
 #include "server/rpc/health.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
@@ -151,6 +155,34 @@ TEST(HealthMonitorTest, ProbesPeriodicallyOnItsOwnThread) {
   }
   EXPECT_GE(probes.load(), 3);
   EXPECT_EQ(board.Get(kSessionServiceName), HealthCheckResponse::SERVING);
+}
+
+// Start-up runs a round on its own thread while the monitor's thread starts counting its
+// interval: a probe slower than the interval made the two rounds overlap, and the older result
+// could then overwrite the newer one.
+TEST(HealthMonitorTest, RoundsOfProbesNeverOverlap) {
+  HealthBoard board;
+  Logger logger(LogLevel::kError, -1);
+  std::mutex mutex;
+  std::condition_variable changed;
+  int probing = 0;
+  int most_at_once = 0;
+  // Stays in the probe until another one joins it, or 200 ms have passed.
+  const auto slow_probe = [&] {
+    std::unique_lock<std::mutex> lock(mutex);
+    most_at_once = std::max(most_at_once, ++probing);
+    changed.notify_all();
+    changed.wait_for(lock, std::chrono::milliseconds(200), [&] { return probing > 1; });
+    --probing;
+    return true;
+  };
+  {
+    // The monitor's first round comes due 10 ms into this thread's round.
+    HealthMonitor monitor(board, {slow_probe, [] { return true; }}, absl::Milliseconds(10), logger);
+    monitor.ProbeOnce();
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  EXPECT_EQ(most_at_once, 1);
 }
 
 }  // namespace

@@ -2,19 +2,24 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "absl/time/civil_time.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -43,6 +48,13 @@ class PipeCapture {
       if (n <= 0) break;
       out.append(buffer, n);
     }
+    return out;
+  }
+  // At most `bytes` of what has been written, in one read(2).
+  std::string ReadUpTo(size_t bytes) {
+    std::string out(bytes, '\0');
+    const ssize_t n = read(fds_[0], out.data(), bytes);
+    out.resize(n > 0 ? static_cast<size_t>(n) : 0);
     return out;
   }
   // Room for `bytes` unread, so that a test can write that much without a reader.
@@ -259,6 +271,118 @@ TEST(LoggerTest, ConcurrentLinesNeverInterleave) {
 
 std::vector<std::string> Lines(const std::string& text) {
   return absl::StrSplit(text, '\n', absl::SkipEmpty());
+}
+
+// A line of FillWithJsonLines's.
+constexpr absl::string_view kFillerLine = R"({"f":1})";
+
+// Makes `fd` non-blocking, as a stdout can be when a parent process set O_NONBLOCK on the pipe
+// it shares with the server.
+void SetNonBlocking(int fd) {
+  const int flags = fcntl(fd, F_GETFL);
+  ASSERT_GE(flags, 0);
+  ASSERT_EQ(fcntl(fd, F_SETFL, flags | O_NONBLOCK), 0);
+}
+
+// Fills the pipe behind the non-blocking `write_fd` with kFillerLine lines until it takes no
+// more, a page (4096 bytes, 512 lines) a write: a reader that reads one page then frees room
+// for exactly one.
+void FillWithJsonLines(int write_fd) {
+  std::string page;
+  while (page.size() < 4096) absl::StrAppend(&page, kFillerLine, "\n");
+  while (write(write_fd, page.data(), page.size()) == static_cast<ssize_t>(page.size())) {
+  }
+}
+
+// Every line of `text` is one whole JSON object: a filler line, or one of the logger's whose
+// strings hold no braces, so that a fragment glued to the next line shows as a second '{'.
+void ExpectWholeLines(const std::string& text) {
+  ASSERT_FALSE(text.empty());
+  EXPECT_EQ(text.back(), '\n');
+  for (const std::string& line : Lines(text)) {
+    if (line == kFillerLine) continue;
+    EXPECT_THAT(line, ::testing::StartsWith(R"({"ts":")")) << line.substr(0, 200);
+    EXPECT_EQ(line.back(), '}') << line.substr(0, 200);
+    EXPECT_EQ(std::count(line.begin(), line.end(), '{'), 1) << line.substr(0, 200);
+  }
+}
+
+// The logger's own lines of `text`, without the filler.
+std::vector<std::string> LoggedLines(const std::string& text) {
+  std::vector<std::string> logged;
+  for (std::string& line : Lines(text)) {
+    if (line != kFillerLine) logged.push_back(std::move(line));
+  }
+  return logged;
+}
+
+// A non-blocking stdout whose reader is behind answers EAGAIN: the lines wait for room instead
+// of being dropped.
+TEST(LoggerTest, WaitsForRoomWhenANonBlockingReaderIsBehind) {
+  PipeCapture capture;
+  SetNonBlocking(capture.write_fd());
+  FillWithJsonLines(capture.write_fd());
+  // Far longer than the reader below takes to catch up.
+  Logger logger(LogLevel::kInfo, capture.write_fd(), absl::Seconds(60));
+  std::atomic<bool> logged{false};
+  std::thread writer([&logger, &logged] {
+    for (int i = 0; i < 100; ++i) logger.Info("line", {{"i", i}});
+    logged = true;
+  });
+  // The writer finds the pipe full meanwhile; a logger that did not wait would drop every line.
+  absl::SleepFor(absl::Milliseconds(100));
+  std::string out;
+  while (!logged) {
+    out += capture.ReadAvailable();
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  writer.join();
+  out += capture.CloseAndRead();
+  ExpectWholeLines(out);
+  const std::vector<std::string> lines = LoggedLines(out);
+  ASSERT_EQ(lines.size(), 100u);
+  for (int i = 0; i < 100; ++i) {
+    EXPECT_THAT(lines[i], HasSubstr(absl::StrCat(R"("msg":"line","i":)", i, "}")));
+  }
+}
+
+// A line that the reader took only part of before its wait ran out is finished before the next
+// one, never left as a fragment that the next line is glued to.
+TEST(LoggerTest, FinishesALineCutShortBeforeTheNextOne) {
+  PipeCapture capture;
+  SetNonBlocking(capture.write_fd());
+  FillWithJsonLines(capture.write_fd());
+  std::string out = capture.ReadUpTo(4096);  // Room for one page.
+  Logger logger(LogLevel::kInfo, capture.write_fd(), absl::Milliseconds(10));
+  // Three pages and more: the first goes in, then the pipe is full and the wait runs out.
+  logger.Info("long", {{"padding", std::string(3 * 4096, 'p')}});
+  // The reader is still behind, and half a line waits: this one is dropped, without a wait.
+  logger.Info("while stalled");
+  out += capture.ReadAvailable();
+  logger.Info("after");
+  out += capture.CloseAndRead();
+  ExpectWholeLines(out);
+  const std::vector<std::string> lines = LoggedLines(out);
+  ASSERT_EQ(lines.size(), 2u) << out.size();
+  EXPECT_THAT(lines[0],
+              HasSubstr(R"("msg":"long","padding":")" + std::string(3 * 4096, 'p') + R"("})"));
+  EXPECT_THAT(lines[1], HasSubstr(R"("msg":"after"})"));
+}
+
+// README: a log reader that goes away does not stop the server, and its lines are dropped; with
+// nobody to read, waiting for room would only hold every logging thread up.
+TEST(LoggerTest, AClosedReaderDropsLinesWithoutWaiting) {
+  signal(SIGPIPE, SIG_IGN);  // As the server does.
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  SetNonBlocking(fds[1]);
+  close(fds[0]);
+  Logger logger(LogLevel::kInfo, fds[1], absl::Seconds(60));
+  const absl::Time start = absl::Now();
+  logger.Info("nobody reads this");
+  logger.Info("nor this");
+  EXPECT_LT(absl::Now() - start, absl::Seconds(30));
+  close(fds[1]);
 }
 
 TEST(LogBatchTest, HoldsItsThreadsLinesUntilItEnds) {
