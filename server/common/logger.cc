@@ -202,8 +202,9 @@ void Logger::WriteLines(absl::string_view lines) {
   // so at most one line is ever kept. Every line ends in '\n', Log and LogBatch see to that.
   if (written == 0 || written == lines.size() || lines[written - 1] == '\n') return;
   const size_t line_end = lines.find('\n', written);
-  unfinished_line_rest_.assign(lines.substr(
-      written, line_end == absl::string_view::npos ? line_end : line_end + 1 - written));
+  const absl::string_view rest = lines.substr(
+      written, line_end == absl::string_view::npos ? line_end : line_end + 1 - written);
+  unfinished_line_rest_.assign(rest.data(), rest.size());
 }
 
 size_t Logger::WriteLocked(absl::string_view bytes, std::optional<SteadyTime>& give_up) {
