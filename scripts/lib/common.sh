@@ -95,6 +95,13 @@ readonly SL_PACKAGES_NO_RECOMMENDS=(
 
 sl_log() { printf '==> %s\n' "$*" >&2; }
 
+# gRPC clients (sessionledger-cli) take an HTTP CONNECT proxy from http_proxy/https_proxy/
+# grpc_proxy; the scripts' servers are on this host, which a proxy cannot reach or would only
+# slow down. gRPC reads no_grpc_proxy instead of no_proxy when it is set, hence both.
+sl_no_proxy_to_loopback() {
+  export no_grpc_proxy="127.0.0.1,localhost,::1${no_grpc_proxy:+,$no_grpc_proxy}${no_proxy:+,$no_proxy}"
+}
+
 # sl_ctest_excluding REGEX [ctest args...]: sets the array SL_CTEST_ARGS to the ctest args with
 # the tests labelled REGEX left out, whatever they select. CTest 3.25 honours one -LE only
 # (given `-LE deploy -LE chaos` it left out neither), so the caller's own -LE/--label-exclude
