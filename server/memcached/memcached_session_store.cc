@@ -427,16 +427,6 @@ std::vector<CopyCas> CopyCasOf(const CopyReads& reads, const std::string& key) {
   return held;
 }
 
-// `held` with the copies in `written` marked unknown: this call wrote them, so their CAS values
-// changed.
-std::vector<CopyCas> WithoutWrittenCopies(std::vector<CopyCas> held,
-                                          const std::vector<int>& written) {
-  for (int c : written) {
-    if (static_cast<size_t>(c) < held.size()) held[static_cast<size_t>(c)].known = false;
-  }
-  return held;
-}
-
 // The highest generation any copy answered (0 when none holds the key).
 uint64_t HighestGeneration(const std::string& gkey, const CopyReads& reads) {
   uint64_t highest = 0;
@@ -543,6 +533,16 @@ CasToken CasOfWhatWeWrote(Conn& conn, int copy, const std::string& key,
   return CasToken{it->second.cas, copy};
 }
 
+// What `copy` holds once this call wrote `written` there, for a token's writes to the other
+// copies (CasToken::copies): its new CAS value, known only while it still holds those bytes.
+// Left unknown, every later write would skip that copy, and each read repair it again: one
+// write behind for good.
+CopyCas CopyAfterOurWrite(Conn& conn, int copy, const std::string& key,
+                          const std::string& written) {
+  const CasToken read_back = CasOfWhatWeWrote(conn, copy, key, written);
+  return read_back.copy == copy ? CopyCas{true, read_back.cas} : CopyCas{false, 0};
+}
+
 // The index from every copy that holds it; copies before the first of them that answered
 // without it (a node that came back empty) get it back, and the CAS token is then the
 // primary's.
@@ -560,10 +560,16 @@ IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads
   // current, so every write of the index would be ABORTED until the stale copy expired.
   if (ttl <= 0) return IndexRecord{};
   const std::string value = plan.record.index.SerializeAsString();
-  for (int m : plan.missed) (void)conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
-  std::vector<CopyCas> held = WithoutWrittenCopies(std::move(plan.record.cas->copies), plan.missed);
-  plan.record.cas = CasOfWhatWeWrote(conn, plan.missed.front(), ikey, value);
-  plan.record.cas->copies = std::move(held);
+  std::vector<CopyCas> held = std::move(plan.record.cas->copies);
+  CasToken token{0, kNoCopy};
+  for (int m : plan.missed) {
+    (void)conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
+    const CopyCas now_held = CopyAfterOurWrite(conn, m, ikey, value);
+    if (static_cast<size_t>(m) < held.size()) held[static_cast<size_t>(m)] = now_held;
+    if (m == plan.missed.front() && now_held.known) token = CasToken{now_held.cas, m};
+  }
+  token.copies = std::move(held);
+  plan.record.cas = std::move(token);
   return std::move(plan.record);
 }
 
@@ -873,9 +879,9 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   const CopyState& winner = plan.copies[static_cast<size_t>(plan.best)];
   const time_t ttl = SecondsUntil(winner.parsed.expires_at_unix_micros());
   RepairGenerations(conn, gkey, plan);
-  bool primary_rewritten = false;
+  std::optional<CasToken> primary_rewritten;
   bool primary_moved_on = false;
-  std::vector<int> repaired;
+  std::vector<CopyCas> held = std::move(plan.held);
   // Read repair: copies that answered but lack the session or hold an older version get the
   // authoritative state back, but only if they still hold what we read (add where it was
   // missing, compare-and-swap where it was older). The copies were read one after another, so
@@ -888,10 +894,14 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
         state.session.has_value()
             ? conn.Store(Conn::Op::kCas, c, skey, winner.session->value, ttl, state.session->cas)
             : conn.Store(Conn::Op::kAdd, c, skey, winner.session->value, ttl);
-    repaired.push_back(c);
+    // Its CAS value changed: read back, as a token's writes to this copy need it.
+    const CopyCas now_held = memcached_success(rc)
+                                 ? CopyAfterOurWrite(conn, c, skey, winner.session->value)
+                                 : CopyCas{false, 0};
+    if (static_cast<size_t>(c) < held.size()) held[static_cast<size_t>(c)] = now_held;
     if (c != plan.primary) continue;
     if (memcached_success(rc)) {
-      primary_rewritten = true;
+      primary_rewritten = now_held.known ? CasToken{now_held.cas, c} : CasToken{0, kNoCopy};
     } else if (rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTSTORED ||
                rc == MEMCACHED_NOTFOUND) {
       primary_moved_on = true;
@@ -901,7 +911,6 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   SessionRecord record;
   record.session = winner.parsed;
   record.cas = CasToken{winner.session->cas, plan.best};
-  std::vector<CopyCas> held = WithoutWrittenCopies(std::move(plan.held), repaired);
   if (plan.best != plan.primary) {
     // Compare-and-swap must meet every writer on the primary, so hand out its CAS value.
     const CopyState& primary = plan.copies[static_cast<size_t>(plan.primary)];
@@ -911,8 +920,8 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
       // again. (CAS value 0 would not do: libmemcached's binary protocol reads it as "store
       // unconditionally".)
       record.cas = CasToken{0, kNoCopy};
-    } else if (primary_rewritten) {
-      record.cas = CasOfWhatWeWrote(conn, plan.primary, skey, winner.session->value);
+    } else if (primary_rewritten.has_value()) {
+      record.cas = *primary_rewritten;
     } else if (primary.session.has_value() && primary.parsed.version() == winner.parsed.version()) {
       record.cas = CasToken{primary.session->cas, plan.primary};
     }

@@ -404,7 +404,8 @@ absl::Status CheckTransactionIsolation(PgConnection& conn, absl::Time deadline) 
       PgResultPtr result,
       conn.Exec("SELECT current_setting('default_transaction_isolation')", {}, deadline));
   const absl::string_view level = PQgetvalue(result.get(), 0, 0);
-  if (level == "read committed") return absl::OkStatus();
+  // PostgreSQL runs READ UNCOMMITTED as READ COMMITTED.
+  if (level == "read committed" || level == "read uncommitted") return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
       "PostgreSQL's default_transaction_isolation is '", level,
       "'; the ledger needs 'read committed' (under a stricter level every transfer that waits "

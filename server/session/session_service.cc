@@ -681,7 +681,6 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
   SL_ASSIGN_OR_RETURN(SessionKey old_key, KeyForToken(token));
   Backoff backoff(options_, deadline);
   for (;;) {
-    const absl::Time attempt_began = absl::Now();
     SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(old_key, deadline));
     const absl::Time now = clock_.Now();
     SL_RETURN_IF_ERROR(CheckLive(lookup, old_key, now));
@@ -705,14 +704,15 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
 
     SL_ASSIGN_OR_RETURN(const absl::Time indexed_at, AddToIndex(new_key.user_tag, s, std::nullopt,
                                                                 /*replaces_one=*/true, deadline));
+    const absl::Time add_began = absl::Now();
     SL_RETURN_IF_ERROR(
         store_->Add(new_key, s, SessionTtl(s, now), AddSessionBy(indexed_at, deadline)));
     // Ending the old token cannot be undone, and takes a compare-and-swap and a write to every
-    // other copy. With less of the deadline left than the steps so far took, the deadline
-    // would likely cut it off after some copies only: the old token ended, and the new one not
-    // given out (RotationNotEverywhere). So it does not start, and nothing has changed.
-    if (const absl::Time before_end = absl::Now();
-        deadline - before_end < before_end - attempt_began) {
+    // other copy: the shape of the add just made. With less of the deadline left than that add
+    // took, the deadline would likely cut the end off after some copies only: the old token
+    // ended, and the new one not given out (RotationNotEverywhere). So it does not start, and
+    // nothing has changed.
+    if (const absl::Time added = absl::Now(); deadline - added < added - add_began) {
       (void)store_->Remove(new_key, deadline);
       return ForCallers(absl::StatusCode::kUnavailable,
                         "token: too little of the deadline was left to end the old token on "

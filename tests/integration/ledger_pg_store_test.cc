@@ -459,6 +459,9 @@ TEST(PgTransactionIsolationTest, OnlyReadCommittedPasses) {
   absl::StatusOr<PgConnection> conn = PgConnection::Connect(RequiredEnv("DATABASE_URL"), Soon());
   ASSERT_TRUE(conn.ok()) << conn.status();
   EXPECT_TRUE(CheckTransactionIsolation(*conn, Soon()).ok());
+  ASSERT_TRUE(
+      conn->ExecSimple("SET default_transaction_isolation = 'read uncommitted'", Soon()).ok());
+  EXPECT_TRUE(CheckTransactionIsolation(*conn, Soon()).ok()) << "runs as READ COMMITTED";
   for (const std::string level : {"repeatable read", "serializable"}) {
     ASSERT_TRUE(
         conn->ExecSimple(absl::StrCat("SET default_transaction_isolation = '", level, "'"), Soon())

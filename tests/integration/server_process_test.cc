@@ -283,6 +283,23 @@ int ThreadCount(pid_t pid) {
                                         std::filesystem::directory_iterator()));
 }
 
+// True while `signal` is pending for process `pid` (sent, not yet taken by a thread):
+// /proc/PID/status lists the pending sets as hex masks, ShdPnd for the process, SigPnd for its
+// main thread.
+bool SignalPending(pid_t pid, int signal) {
+  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(status, line)) {
+    if (!absl::StartsWith(line, "ShdPnd:") && !absl::StartsWith(line, "SigPnd:")) continue;
+    uint64_t mask = 0;
+    if (absl::SimpleHexAtoi(absl::StripAsciiWhitespace(line.substr(line.find(':') + 1)), &mask) &&
+        (mask & (uint64_t{1} << (signal - 1))) != 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // Context switches of every thread of `pid` so far: how often its threads woke up.
 int64_t ContextSwitches(pid_t pid) {
   int64_t total = 0;
@@ -536,7 +553,9 @@ TEST(ServerProcessTest, ASecondSigtermEndsTheProcessWhileStdoutIsStalled) {
 
   server->Signal(SIGTERM);
   // Standard signals do not queue: a second one sent before the first was taken would be lost.
-  absl::SleepFor(absl::Milliseconds(500));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(10), [&] {
+    return !SignalPending(server->pid(), SIGTERM);
+  })) << "the first signal was never taken";
   const absl::Time again = absl::Now();
   server->Signal(SIGTERM);
   const std::optional<int> exit_code = server->WaitForExit(absl::Seconds(10));

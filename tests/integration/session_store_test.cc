@@ -385,9 +385,10 @@ class RepairInterposer {
   std::vector<std::thread> forwarders_;
 };
 
-// A read repair writes the primary copy back and then reads it again for its CAS value. If
-// another writer changed the primary in between, that CAS value belongs to the other write:
-// handed out with our older session, it would let our compare-and-swap overwrite that write.
+// A read repair writes a copy back and then reads it again for its CAS value. If another writer
+// changed that copy in between, the CAS value belongs to the other write: handed out with our
+// older session, it would let our compare-and-swap (on the primary), or the write that follows
+// it on the other copies, overwrite that write.
 TEST_F(SessionStoreTest, ACasValueIsNeverTakenFromAnotherWritersRepairedCopy) {
   // The other writer's session, set on whichever node the repair read back from.
   const std::string tag = absl::StrCat("tag-cas-repair-", absl::ToUnixMicros(absl::Now()));
@@ -406,8 +407,8 @@ TEST_F(SessionStoreTest, ACasValueIsNeverTakenFromAnotherWritersRepairedCopy) {
   };
   RepairInterposer node1(MemcachedPort(1), other_writer(1));
   RepairInterposer node2(MemcachedPort(2), other_writer(2));
-  // Either node may hold the primary copy of `tag`'s keys: lose each copy in turn; only a
-  // repair of the primary reads its copy back.
+  // Either node may hold the primary copy of `tag`'s keys: lose each copy in turn.
+  int primaries_lost = 0;
   for (int lost : {1, 2}) {
     SCOPED_TRACE(absl::StrCat("copy lost on node ", lost));
     OpenNodes({node1.node(), node2.node()}, /*pipeline=*/false);  // New connections each time.
@@ -422,8 +423,7 @@ TEST_F(SessionStoreTest, ACasValueIsNeverTakenFromAnotherWritersRepairedCopy) {
     node1.Arm(false);
     node2.Arm(false);
     ASSERT_TRUE(got.ok() && got->record.has_value()) << got.status();
-    // A secondary copy is repaired, not read back.
-    if (node1.runs() + node2.runs() == runs_before) continue;
+    ASSERT_EQ(node1.runs() + node2.runs(), runs_before + 1) << "the repair was not read back";
     ASSERT_EQ(written_on, lost);
     storage::v1::StoredSession ours = got->record->session;
     ASSERT_EQ(ours.version(), 1);
@@ -431,10 +431,17 @@ TEST_F(SessionStoreTest, ACasValueIsNeverTakenFromAnotherWritersRepairedCopy) {
     (*ours.mutable_attributes())["writer"] = "ours";
     const absl::Status cas =
         store_->CompareAndSwap(key, got->record->cas, ours, absl::Seconds(60), Deadline());
-    EXPECT_TRUE(absl::IsAborted(cas)) << cas;
+    // The primary's CAS value is the token's: none is current, so the swap fails at once. A
+    // second copy's is only what the swap's write there goes by, so the swap itself succeeds.
+    if (got->record->cas.copy < 0) {
+      primaries_lost += 1;
+      EXPECT_TRUE(absl::IsAborted(cas)) << cas;
+    } else {
+      EXPECT_TRUE(cas.ok()) << cas;
+    }
     EXPECT_EQ(MemcachedGetValue(lost, skey), theirs) << "the other writer's session was lost";
   }
-  EXPECT_EQ(node1.runs() + node2.runs(), 1) << "exactly one of the two copies is the primary";
+  EXPECT_EQ(primaries_lost, 1) << "exactly one of the two copies is the primary";
 }
 
 // The asynchronous writes on both paths (parameter: true for the pipeline, false for pooled
@@ -587,18 +594,32 @@ TEST_P(CreateStepsAsyncTest, AnIndexOfExpiredSessionsOnlyOnTheOtherCopyReadsAsNo
   storage::v1::UserSessionIndex expired = IndexOf({"gone"});
   expired.mutable_entries(0)->set_absolute_expires_at_unix_micros(
       absl::ToUnixMicros(absl::Now() - absl::Minutes(1)));
-  for (int node : {1, 2}) {
-    for (const storage::v1::UserSessionIndex& stale : {expired, storage::v1::UserSessionIndex()}) {
-      SCOPED_TRACE(absl::StrCat("index of ", stale.entries_size(), " on node ", node));
-      const SessionKey key = Key(absl::StrCat("expiredindex", node, stale.entries_size()));
-      const std::string ikey = MemcachedSessionStore::IndexKeyName(key.user_tag);
-      ASSERT_TRUE(MemcachedSetRaw(node, ikey, stale.SerializeAsString(), 60));
-      absl::StatusOr<UserState> read = ReadUserStateAsync(key.user_tag);
-      ASSERT_TRUE(read.ok()) << read.status();
-      const absl::Status written = WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s1"}));
-      EXPECT_TRUE(written.ok()) << written;
+  // Users until the stale index sat on each node's second copy (on a first copy it is read
+  // as any index is), for both kinds of stale index.
+  bool other_copy_seen[2][2] = {{false, false}, {false, false}};
+  const auto all_seen = [&] {
+    return other_copy_seen[0][0] && other_copy_seen[0][1] && other_copy_seen[1][0] &&
+           other_copy_seen[1][1];
+  };
+  for (int i = 0; i < 32 && !all_seen(); ++i) {
+    for (int node : {1, 2}) {
+      for (const storage::v1::UserSessionIndex& stale :
+           {expired, storage::v1::UserSessionIndex()}) {
+        SCOPED_TRACE(absl::StrCat("index of ", stale.entries_size(), " on node ", node));
+        const SessionKey key = Key(absl::StrCat("expiredindex", i, node, stale.entries_size()));
+        const std::string ikey = MemcachedSessionStore::IndexKeyName(key.user_tag);
+        ASSERT_TRUE(MemcachedSetRaw(node, ikey, stale.SerializeAsString(), 60));
+        absl::StatusOr<UserState> read = ReadUserStateAsync(key.user_tag);
+        ASSERT_TRUE(read.ok()) << read.status();
+        // Read as no index at all only when the stale one is on the second copy.
+        if (!read->index.cas.has_value()) other_copy_seen[stale.entries_size()][node - 1] = true;
+        const absl::Status written =
+            WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s1"}));
+        EXPECT_TRUE(written.ok()) << written;
+      }
     }
   }
+  EXPECT_TRUE(all_seen());
 }
 
 TEST_P(CreateStepsAsyncTest, WritesWhatTheBlockingFormsWriteOnEveryCopy) {
@@ -946,6 +967,29 @@ TEST_P(CompareAndSwapAsyncTest, WritesToTheOtherCopiesLeaveWhatTheyTookSinceAlon
     }
   }
   EXPECT_TRUE(other_copy_seen[0] && other_copy_seen[1]);
+}
+
+// A copy that a read repaired (its node came back empty) takes the next write too: the token
+// carries its new CAS value. Left out, it stayed one write behind, and every read went to the
+// blocking path to repair it again.
+TEST_P(CompareAndSwapAsyncTest, ACopyARepairWroteTakesTheNextWrite) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  // Sixteen users: the emptied node holds the second copy of some of them (2^-16 that none).
+  for (int i = 0; i < 8; ++i) {
+    for (int node : {1, 2}) {
+      SCOPED_TRACE(absl::StrCat("user ", i, ", node ", node, " emptied"));
+      const SessionKey key = Key(absl::StrCat("repairedswap", i, "n", node));
+      const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+      ASSERT_TRUE(store_->Add(key, Session("s", 1), absl::Seconds(60), Deadline()).ok());
+      ASSERT_TRUE(MemcachedSetRaw(node, skey, "", -1));  // Expired at once: gone.
+      const std::optional<CasToken> cas = ReadToken(key);
+      ASSERT_TRUE(cas.has_value());
+      ASSERT_TRUE(SessionOn(node, key).has_value()) << "the read did not repair the copy";
+      const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
+      ASSERT_TRUE(swapped.ok()) << swapped;
+      ExpectCopiesHold(key, "s", 2);
+    }
+  }
 }
 
 // A token that names no copy, or whose key was deleted since the read, writes nothing.
