@@ -540,11 +540,15 @@ TEST(ServerProcessTest, ASecondSigtermEndsTheProcessWhileStdoutIsStalled) {
   server->PauseOutput();
   // A health check logs its line (at debug) before it answers: once the pipe (64 KiB, ~300
   // lines) is full, a check gets no answer, which shows that writes to stdout now block.
-  auto stub = Health::NewStub(server->NewChannel());
+  // Connected first, and 3 s a check: only the check that stdout blocks waits that long, and a
+  // slow server under sanitizers is not taken for a full pipe.
+  std::shared_ptr<grpc::Channel> channel = server->NewChannel();
+  ASSERT_TRUE(channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10))));
+  auto stub = Health::NewStub(channel);
   bool stdout_full = false;
   for (int i = 0; i < 5000 && !stdout_full; ++i) {
     grpc::ClientContext context;
-    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(500)));
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(3)));
     HealthCheckResponse response;
     stdout_full = stub->Check(&context, HealthCheckRequest(), &response).error_code() ==
                   grpc::StatusCode::DEADLINE_EXCEEDED;

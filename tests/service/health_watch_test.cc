@@ -174,7 +174,9 @@ TEST_F(HealthWatchTest, SendsTheCurrentStatusThenEveryChange) {
 TEST_F(HealthWatchTest, ChangesDuringAWriteEndWithTheLatestStatus) {
   // Once the changes stop, at most one write is in flight and one more is due; a pause this long
   // between them takes a stalled machine, not a slow one (two cores under a sanitizer).
-  constexpr absl::Duration kQuiet = absl::Milliseconds(500);
+  // Long enough for a write already in flight to arrive on a loaded machine under sanitizers:
+  // stopping before it would judge a stale status.
+  constexpr absl::Duration kQuiet = absl::Seconds(2);
   // For a message that must come.
   constexpr absl::Duration kPatience = absl::Seconds(10);
   WatchReader watch(*stub_, kSessionServiceName);

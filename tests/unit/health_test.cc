@@ -167,12 +167,13 @@ TEST(HealthMonitorTest, RoundsOfProbesNeverOverlap) {
   std::condition_variable changed;
   int probing = 0;
   int most_at_once = 0;
-  // Stays in the probe until another one joins it, or 200 ms have passed.
+  // Stays in the probe until another one joins it, or 1 s has passed: long enough for the
+  // monitor's thread to come due on a loaded machine, so that an overlap would show.
   const auto slow_probe = [&] {
     std::unique_lock<std::mutex> lock(mutex);
     most_at_once = std::max(most_at_once, ++probing);
     changed.notify_all();
-    changed.wait_for(lock, std::chrono::milliseconds(200), [&] { return probing > 1; });
+    changed.wait_for(lock, std::chrono::seconds(1), [&] { return probing > 1; });
     --probing;
     return true;
   };

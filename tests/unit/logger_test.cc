@@ -324,12 +324,16 @@ TEST(LoggerTest, WaitsForRoomWhenANonBlockingReaderIsBehind) {
   FillWithJsonLines(capture.write_fd());
   // Far longer than the reader below takes to catch up.
   Logger logger(LogLevel::kInfo, capture.write_fd(), absl::Seconds(60));
+  std::atomic<bool> started{false};
   std::atomic<bool> logged{false};
-  std::thread writer([&logger, &logged] {
+  std::thread writer([&logger, &started, &logged] {
+    started = true;
     for (int i = 0; i < 100; ++i) logger.Info("line", {{"i", i}});
     logged = true;
   });
   // The writer finds the pipe full meanwhile; a logger that did not wait would drop every line.
+  // (Counted from when the writer runs: a writer scheduled late would find the reader draining.)
+  while (!started) absl::SleepFor(absl::Milliseconds(1));
   absl::SleepFor(absl::Milliseconds(100));
   std::string out;
   while (!logged) {
