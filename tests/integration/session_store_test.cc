@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -530,6 +531,24 @@ std::string TombstoneValue() {
   return tombstone.SerializeAsString();
 }
 
+// Runs `attempt(user, node, on_second_copy)` for users 0, 1, ... on each node in turn, until each
+// node has held some user's second copy (the attempt says when it found that: which node holds
+// a user's first copy depends on the user's key). Fails the test if that never happened.
+void UntilEachNodeHeldASecondCopy(
+    absl::FunctionRef<void(int user, int node, bool& on_second_copy)> attempt) {
+  bool seen[2] = {false, false};
+  for (int user = 0; user < 32 && !(seen[0] && seen[1]); ++user) {
+    for (int node : {1, 2}) {
+      SCOPED_TRACE(absl::StrCat("user ", user, ", node ", node));
+      bool on_second_copy = false;
+      attempt(user, node, on_second_copy);
+      if (::testing::Test::HasFatalFailure()) return;
+      if (on_second_copy) seen[node - 1] = true;
+    }
+  }
+  EXPECT_TRUE(seen[0] && seen[1]) << "some node never held a second copy";
+}
+
 // A write reaches the other copies after the first, and may land late, behind other requests
 // on its connection: it must not overwrite what a copy took since the read. A plain set there
 // put a deleted session back over the tombstone on that copy, and the session lived again once
@@ -537,52 +556,40 @@ std::string TombstoneValue() {
 // where that node holds the first copy, the write is refused there and writes nothing.
 TEST_P(CreateStepsAsyncTest, AnAddLeavesWhatAnotherCopyTookSinceAlone) {
   Open("MEMCACHED_URL_REPLICATED", GetParam());
-  bool other_copy_seen[2] = {false, false};
-  for (int i = 0; i < 32 && !(other_copy_seen[0] && other_copy_seen[1]); ++i) {
-    for (int node : {1, 2}) {
-      SCOPED_TRACE(absl::StrCat("user ", i, ", tombstone on node ", node));
-      const SessionKey key = Key(absl::StrCat("lateadd", i, "n", node));
-      const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
-      ASSERT_TRUE(MemcachedSetRaw(node, skey, TombstoneValue(), 60));
-      const absl::Status added = AddAsync(key, Session("s", 1));
-      if (added.ok()) {
-        other_copy_seen[node - 1] = true;
-      } else {
-        EXPECT_TRUE(absl::IsAlreadyExists(added)) << added;
-      }
-      const std::optional<storage::v1::StoredSession> held = SessionOn(node, key);
-      ASSERT_TRUE(held.has_value());
-      EXPECT_TRUE(held->deleted()) << "the add overwrote the tombstone";
+  UntilEachNodeHeldASecondCopy([&](int user, int node, bool& on_second_copy) {
+    const SessionKey key = Key(absl::StrCat("lateadd", user, "n", node));
+    const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+    ASSERT_TRUE(MemcachedSetRaw(node, skey, TombstoneValue(), 60));  // A deletion, first.
+    const absl::Status added = AddAsync(key, Session("s", 1));
+    on_second_copy = added.ok();
+    if (!added.ok()) {
+      EXPECT_TRUE(absl::IsAlreadyExists(added)) << added;
     }
-  }
-  EXPECT_TRUE(other_copy_seen[0] && other_copy_seen[1]);
+    const std::optional<storage::v1::StoredSession> held = SessionOn(node, key);
+    ASSERT_TRUE(held.has_value());
+    EXPECT_TRUE(held->deleted()) << "the add overwrote the tombstone";
+  });
 }
 
 TEST_P(CreateStepsAsyncTest, AnIndexWriteLeavesWhatAnotherCopyTookSinceAlone) {
   Open("MEMCACHED_URL_REPLICATED", GetParam());
-  bool other_copy_seen[2] = {false, false};
-  for (int i = 0; i < 32 && !(other_copy_seen[0] && other_copy_seen[1]); ++i) {
-    for (int node : {1, 2}) {
-      SCOPED_TRACE(absl::StrCat("user ", i, ", newer index on node ", node));
-      const SessionKey key = Key(absl::StrCat("lateindex", i, "n", node));
-      const std::string ikey = MemcachedSessionStore::IndexKeyName(key.user_tag);
-      ASSERT_TRUE(WriteIndexAsync(key.user_tag, std::nullopt, IndexOf({"s1"})).ok());
-      absl::StatusOr<UserState> read = ReadUserStateAsync(key.user_tag);
-      ASSERT_TRUE(read.ok() && read->index.cas.has_value()) << read.status();
-      // Another writer's index reached `node` since the read.
-      ASSERT_TRUE(MemcachedSetRaw(node, ikey, IndexOf({"s1", "theirs"}).SerializeAsString(), 60));
-      const absl::Status written = WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s2"}));
-      if (written.ok()) {
-        other_copy_seen[node - 1] = true;
-      } else {
-        EXPECT_TRUE(absl::IsAborted(written)) << written;
-      }
-      storage::v1::UserSessionIndex held;
-      ASSERT_TRUE(held.ParseFromString(MemcachedGetValue(node, ikey).value_or("")));
-      EXPECT_EQ(held.entries_size(), 2) << "the write overwrote the newer index";
+  UntilEachNodeHeldASecondCopy([&](int user, int node, bool& on_second_copy) {
+    const SessionKey key = Key(absl::StrCat("lateindex", user, "n", node));
+    const std::string ikey = MemcachedSessionStore::IndexKeyName(key.user_tag);
+    ASSERT_TRUE(WriteIndexAsync(key.user_tag, std::nullopt, IndexOf({"s1"})).ok());
+    absl::StatusOr<UserState> read = ReadUserStateAsync(key.user_tag);
+    ASSERT_TRUE(read.ok() && read->index.cas.has_value()) << read.status();
+    // Another writer's index reached `node` since the read.
+    ASSERT_TRUE(MemcachedSetRaw(node, ikey, IndexOf({"s1", "theirs"}).SerializeAsString(), 60));
+    const absl::Status written = WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s2"}));
+    on_second_copy = written.ok();
+    if (!written.ok()) {
+      EXPECT_TRUE(absl::IsAborted(written)) << written;
     }
-  }
-  EXPECT_TRUE(other_copy_seen[0] && other_copy_seen[1]);
+    storage::v1::UserSessionIndex held;
+    ASSERT_TRUE(held.ParseFromString(MemcachedGetValue(node, ikey).value_or("")));
+    EXPECT_EQ(held.entries_size(), 2) << "the write overwrote the newer index";
+  });
 }
 
 // The first copy came back empty, and the other holds an index of sessions that have all
@@ -940,33 +947,28 @@ TEST_P(CompareAndSwapAsyncTest, StaleTokenIsAbortedAndTheWinnerStays) {
 // the first copy is lost.
 TEST_P(CompareAndSwapAsyncTest, WritesToTheOtherCopiesLeaveWhatTheyTookSinceAlone) {
   Open("MEMCACHED_URL_REPLICATED", GetParam());
-  bool other_copy_seen[2] = {false, false};
-  for (int i = 0; i < 32 && !(other_copy_seen[0] && other_copy_seen[1]); ++i) {
-    for (int node : {1, 2}) {
-      SCOPED_TRACE(absl::StrCat("user ", i, ", tombstone on node ", node));
-      const SessionKey key = Key(absl::StrCat("lateswap", i, "n", node));
-      const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
-      const std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
-      ASSERT_TRUE(cas.has_value());
-      ASSERT_TRUE(MemcachedSetRaw(node, skey, TombstoneValue(), 60));
-      const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
-      if (!swapped.ok()) {
-        EXPECT_TRUE(absl::IsAborted(swapped)) << swapped;
-        continue;
-      }
-      other_copy_seen[node - 1] = true;
-      const std::optional<storage::v1::StoredSession> held = SessionOn(node, key);
-      ASSERT_TRUE(held.has_value());
-      EXPECT_TRUE(held->deleted()) << "the write overwrote the tombstone";
-      // The node that took the write restarts empty.
-      MemcachedText(MemcachedPort(node == 1 ? 2 : 1), "delete " + skey + "\r\nget " + skey);
-      const absl::StatusOr<SessionLookup> after = store_->Peek(key, Deadline());
-      ASSERT_TRUE(after.ok()) << after.status();
-      EXPECT_TRUE(!after->record.has_value() || after->record->session.deleted())
-          << "the deleted session came back";
+  UntilEachNodeHeldASecondCopy([&](int user, int node, bool& on_second_copy) {
+    const SessionKey key = Key(absl::StrCat("lateswap", user, "n", node));
+    const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+    const std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+    ASSERT_TRUE(cas.has_value());
+    ASSERT_TRUE(MemcachedSetRaw(node, skey, TombstoneValue(), 60));  // A deletion, since.
+    const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
+    on_second_copy = swapped.ok();
+    if (!swapped.ok()) {
+      EXPECT_TRUE(absl::IsAborted(swapped)) << swapped;
+      return;
     }
-  }
-  EXPECT_TRUE(other_copy_seen[0] && other_copy_seen[1]);
+    const std::optional<storage::v1::StoredSession> held = SessionOn(node, key);
+    ASSERT_TRUE(held.has_value());
+    EXPECT_TRUE(held->deleted()) << "the write overwrote the tombstone";
+    // The node that took the write restarts empty.
+    MemcachedText(MemcachedPort(node == 1 ? 2 : 1), "delete " + skey + "\r\nget " + skey);
+    const absl::StatusOr<SessionLookup> after = store_->Peek(key, Deadline());
+    ASSERT_TRUE(after.ok()) << after.status();
+    EXPECT_TRUE(!after->record.has_value() || after->record->session.deleted())
+        << "the deleted session came back";
+  });
 }
 
 // A copy that a read repaired (its node came back empty) takes the next write too: the token
