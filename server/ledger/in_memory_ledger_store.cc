@@ -1,6 +1,10 @@
 #include "server/ledger/in_memory_ledger_store.h"
 
 #include <cstdio>
+#include <utility>
+
+#include "absl/time/clock.h"
+#include "server/common/status_macros.h"
 
 namespace sessionledger {
 namespace {
@@ -18,15 +22,25 @@ std::string InMemoryLedgerStore::NewId() {
 }
 
 void InMemoryLedgerStore::set_unavailable(bool unavailable) {
+  set_failure(unavailable ? Unavailable() : absl::OkStatus());
+}
+
+void InMemoryLedgerStore::set_failure(absl::Status failure) {
   std::lock_guard<std::mutex> lock(mutex_);
-  unavailable_ = unavailable;
+  failure_ = std::move(failure);
+}
+
+absl::Status InMemoryLedgerStore::Refusal(absl::Time deadline) const {
+  if (!failure_.ok()) return failure_;
+  if (deadline <= absl::Now()) return absl::UnavailableError("ledger store: deadline passed");
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Account> InMemoryLedgerStore::CreateAccount(absl::string_view owner_user_id,
                                                            absl::string_view currency,
-                                                           absl::Time /*deadline*/) {
+                                                           absl::Time deadline) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (unavailable_) return Unavailable();
+  SL_RETURN_IF_ERROR(Refusal(deadline));
   Account account;
   account.account_id = NewId();
   account.owner_user_id = std::string(owner_user_id);
@@ -37,18 +51,18 @@ absl::StatusOr<Account> InMemoryLedgerStore::CreateAccount(absl::string_view own
 }
 
 absl::StatusOr<Account> InMemoryLedgerStore::GetAccount(absl::string_view account_id,
-                                                        absl::Time /*deadline*/) {
+                                                        absl::Time deadline) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (unavailable_) return Unavailable();
+  SL_RETURN_IF_ERROR(Refusal(deadline));
   auto it = accounts_.find(std::string(account_id));
   if (it == accounts_.end()) return absl::NotFoundError("account_id: no such account");
   return it->second;
 }
 
 absl::StatusOr<Transaction> InMemoryLedgerStore::ApplyMovement(const MoneyMovement& m,
-                                                               absl::Time /*deadline*/) {
+                                                               absl::Time deadline) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (unavailable_) return Unavailable();
+  SL_RETURN_IF_ERROR(Refusal(deadline));
   if (auto it = by_key_.find({m.acting_user_id, m.idempotency_key}); it != by_key_.end()) {
     const StoredTransaction& stored = transactions_[it->second];
     if (stored.fingerprint != m.fingerprint) {
@@ -99,9 +113,9 @@ absl::StatusOr<Transaction> InMemoryLedgerStore::ApplyMovement(const MoneyMoveme
 
 absl::StatusOr<TransactionPage> InMemoryLedgerStore::ListTransactions(
     absl::string_view acting_user_id, absl::string_view account_id, int64_t before_seq, int limit,
-    absl::Time /*deadline*/) {
+    absl::Time deadline) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (unavailable_) return Unavailable();
+  SL_RETURN_IF_ERROR(Refusal(deadline));
   auto account = accounts_.find(std::string(account_id));
   if (account == accounts_.end()) return absl::NotFoundError("account_id: no such account");
   if (account->second.owner_user_id != acting_user_id) {

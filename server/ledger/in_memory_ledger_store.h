@@ -15,7 +15,9 @@ namespace sessionledger {
 // A LedgerStore in process memory with the same semantics as PgLedgerStore (idempotency,
 // error order via MovementFailure, keyset pages), for unit tests. One mutex serialises every
 // call, which makes it trivially atomic; thread-safe. set_unavailable(true) makes every call
-// UNAVAILABLE, to test outage handling above the store.
+// UNAVAILABLE, to test outage handling above the store; set_failure any other outcome that only
+// PostgreSQL produces (ABORTED after serialization failures, say). A deadline already passed is
+// UNAVAILABLE, as PgLedgerStore answers it.
 class InMemoryLedgerStore final : public LedgerStore {
  public:
   explicit InMemoryLedgerStore(const Clock& clock) : clock_(clock) {}
@@ -30,6 +32,8 @@ class InMemoryLedgerStore final : public LedgerStore {
                                                    int limit, absl::Time deadline) override;
 
   void set_unavailable(bool unavailable);
+  // Every call fails with `failure` until set_failure(absl::OkStatus()).
+  void set_failure(absl::Status failure);
   // Sum of all balances and of all deposits; equal whenever money is conserved.
   std::pair<int64_t, int64_t> BalanceAndDepositTotals() const;
 
@@ -44,7 +48,10 @@ class InMemoryLedgerStore final : public LedgerStore {
 
   const Clock& clock_;
   mutable std::mutex mutex_;
-  bool unavailable_ = false;
+  // Requires mutex_: the failure every call answers, or why its deadline passed.
+  absl::Status Refusal(absl::Time deadline) const;
+
+  absl::Status failure_;
   uint64_t next_id_ = 1;
   std::map<std::string, Account> accounts_;
   std::vector<StoredTransaction> transactions_;                   // Index = seq - 1.

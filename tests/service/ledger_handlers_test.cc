@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
@@ -219,6 +220,37 @@ TEST_F(LedgerHandlersTest, StoreOutageIsUnavailable) {
   pb::Account a;
   EXPECT_EQ(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &a).error_code(),
             grpc::StatusCode::UNAVAILABLE);
+}
+
+// What only PostgreSQL produces reaches the caller with its own code: ABORTED after a movement
+// lost to concurrent transactions five times (the contract's "retry with the same key"), and a
+// refusal the database made. Neither may turn into INTERNAL, nor lose its words for callers.
+TEST_F(LedgerHandlersTest, StoreOutcomesOnlyPostgresGivesKeepTheirCode) {
+  pb::OpenAccountRequest open;
+  open.set_currency("EUR");
+  pb::Account a;
+  pb::Account b;
+  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &a).ok());
+  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &b).ok());
+  pb::TransferRequest transfer;
+  transfer.set_from_account_id(a.account_id());
+  transfer.set_to_account_id(b.account_id());
+  transfer.set_amount_minor(1);
+  transfer.set_idempotency_key("t-outcome");
+  for (const auto& [failure, code] : std::vector<std::pair<absl::Status, grpc::StatusCode>>{
+           {absl::AbortedError("transfer: lost to concurrent transactions 5 times; retry"),
+            grpc::StatusCode::ABORTED},
+           {absl::FailedPreconditionError("amount_minor: refused by the database"),
+            grpc::StatusCode::FAILED_PRECONDITION},
+       }) {
+    SCOPED_TRACE(failure.ToString());
+    memory_.set_failure(failure);
+    pb::Transaction t;
+    const grpc::Status status = stub_->Transfer(Context("Bearer tok-alice").get(), transfer, &t);
+    EXPECT_EQ(status.error_code(), code);
+    EXPECT_EQ(status.error_message(), failure.message());
+  }
+  memory_.set_failure(absl::OkStatus());
 }
 
 // The server wires the ledger to the app's authenticator slot; an empty slot (no session layer)
