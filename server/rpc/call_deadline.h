@@ -1,6 +1,7 @@
 #ifndef SESSIONLEDGER_SERVER_RPC_CALL_DEADLINE_H_
 #define SESSIONLEDGER_SERVER_RPC_CALL_DEADLINE_H_
 
+#include <grpc/support/time.h>
 #include <grpcpp/server_context.h>
 
 #include <algorithm>
@@ -28,12 +29,20 @@ inline absl::Time AnswerBy(absl::Time now, absl::Time caller_deadline,
   return deadline - std::max(margin, absl::ZeroDuration());
 }
 
+// The caller's deadline as gRPC keeps it (ServerContextBase::raw_deadline()), on the wall
+// clock; absl::InfiniteFuture() when the caller set none. ServerContextBase::deadline() is no
+// use here: it converts to system_clock nanoseconds without saturating, so a deadline past the
+// year 2262 came out in the past, and Go's and Java's clients send one ~292 years away for
+// "no deadline" (grpc-timeout 2562047H); every such call then failed at once, UNAVAILABLE.
+inline absl::Time CallerDeadline(gpr_timespec raw) {
+  if (gpr_time_cmp(raw, gpr_inf_future(raw.clock_type)) == 0) return absl::InfiniteFuture();
+  const gpr_timespec wall = gpr_convert_clock_type(raw, GPR_CLOCK_REALTIME);
+  // Saturating arithmetic: a time beyond absl::Time's range is its infinite future.
+  return absl::FromUnixSeconds(wall.tv_sec) + absl::Nanoseconds(wall.tv_nsec);
+}
+
 inline absl::Time AnswerBy(const grpc::ServerContextBase& context, absl::Duration default_timeout) {
-  const auto deadline = context.deadline();
-  const absl::Time caller_deadline = deadline == std::chrono::system_clock::time_point::max()
-                                         ? absl::InfiniteFuture()
-                                         : absl::FromChrono(deadline);
-  return AnswerBy(absl::Now(), caller_deadline, default_timeout);
+  return AnswerBy(absl::Now(), CallerDeadline(context.raw_deadline()), default_timeout);
 }
 
 }  // namespace sessionledger

@@ -2,6 +2,10 @@
 
 #include <grpcpp/alarm.h>
 
+#include <algorithm>
+#include <string>
+
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/thread_name.h"
 
@@ -9,6 +13,23 @@ namespace sessionledger {
 
 using grpc::health::v1::HealthCheckRequest;
 using grpc::health::v1::HealthCheckResponse;
+
+namespace {
+
+// The answer to a name the board does not know. The name is the client's text, up to a whole
+// request long; echoed into the grpc-message trailer, a long one made the client refuse the
+// trailer (past its metadata limit) instead of reading NOT_FOUND. So only a short printable one
+// is named.
+std::string UnknownServiceMessage(absl::string_view name) {
+  constexpr size_t kMaxShownName = 128;
+  const bool shown = name.size() <= kMaxShownName &&
+                     std::all_of(name.begin(), name.end(),
+                                 [](char c) { return c >= 0x20 && c <= 0x7E && c != '\''; });
+  return shown ? absl::StrCat("service: unknown service name '", name, "'")
+               : "service: unknown service name";
+}
+
+}  // namespace
 
 HealthBoard::HealthBoard() {
   // NOT_SERVING until the first probe says otherwise.
@@ -95,8 +116,7 @@ grpc::Status HealthService::Check(grpc::ServerContext*, const HealthCheckRequest
                                   HealthCheckResponse* response) {
   std::optional<HealthBoard::ServingStatus> status = board_.Get(request->service());
   if (!status.has_value()) {
-    return grpc::Status(grpc::StatusCode::NOT_FOUND,
-                        "service: unknown service name '" + request->service() + "'");
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, UnknownServiceMessage(request->service()));
   }
   response->set_status(*status);
   return grpc::Status::OK;

@@ -4,10 +4,11 @@
 #include <grpcpp/server_context.h>
 
 #include <algorithm>
-#include <chrono>
 #include <optional>
 #include <string>
 
+#include "absl/time/clock.h"
+#include "server/rpc/call_deadline.h"
 #include "server/rpc/protobuf_log.h"
 
 namespace sessionledger {
@@ -76,7 +77,7 @@ class RequestParseErrors final : public grpc::experimental::Interceptor {
   // not always visible yet when the handler answers.
   static std::optional<grpc::Status> EndedBeforeItsRequest(const grpc::ServerContextBase& context,
                                                            const grpc::Status& answered) {
-    if (context.deadline() <= std::chrono::system_clock::now()) {
+    if (CallerDeadline(context.raw_deadline()) <= absl::Now()) {
       return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                           "request: the deadline passed before the request arrived");
     }

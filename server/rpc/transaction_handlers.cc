@@ -40,8 +40,9 @@ void ToProto(const Transaction& t, pb::Transaction* out) {
 
 std::string BearerToken(const grpc::ServerContext& context) {
   const auto& metadata = context.client_metadata();
+  // Two credentials (a proxy adding its own, say) are ambiguous: neither is taken.
+  if (metadata.count("authorization") != 1) return "";
   const auto it = metadata.find("authorization");
-  if (it == metadata.end()) return "";
   const absl::string_view value(it->second.data(), it->second.size());
   constexpr absl::string_view kScheme = "bearer ";
   if (value.size() <= kScheme.size() ||

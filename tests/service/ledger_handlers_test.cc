@@ -105,6 +105,15 @@ TEST_F(LedgerHandlersTest, BearerMetadata) {
               grpc::StatusCode::UNAUTHENTICATED)
         << bad;
   }
+  // Two credentials, even two good ones, are ambiguous: neither is taken.
+  auth_.Add("tok-bob", "bob");
+  for (const char* second : {"Bearer tok-bob", "Bearer tok-alice"}) {
+    std::unique_ptr<grpc::ClientContext> twice = Context("Bearer tok-alice");
+    twice->AddMetadata("authorization", second);
+    EXPECT_EQ(stub_->OpenAccount(twice.get(), request, &account).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED)
+        << second;
+  }
   EXPECT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), request, &account).ok());
   EXPECT_TRUE(stub_->OpenAccount(Context("bearer tok-alice").get(), request, &account).ok());
   EXPECT_EQ(account.owner_user_id(), "alice");

@@ -9,6 +9,35 @@ namespace {
 
 const absl::Time kNow = absl::FromUnixSeconds(1'800'000'000);
 
+gpr_timespec RealtimeIn(absl::Duration d) {
+  return gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
+                      gpr_time_from_seconds(absl::ToInt64Seconds(d), GPR_TIMESPAN));
+}
+
+// Go's and Java's clients send a deadline ~292 years away for "none" (grpc-timeout 2562047H),
+// and the protocol allows 99999999H. ServerContext::deadline() wraps such a time into the past
+// (std::chrono nanoseconds end in 2262), and every such call failed at once.
+TEST(CallerDeadlineTest, AFarDeadlineStaysInTheFuture) {
+  const absl::Time now = absl::Now();
+  for (const absl::Duration far : {absl::Hours(2562047), absl::Hours(99999999)}) {
+    SCOPED_TRACE(absl::FormatDuration(far));
+    const absl::Time deadline = CallerDeadline(RealtimeIn(far));
+    EXPECT_GT(deadline, now + absl::Hours(24 * 365 * 200));
+    EXPECT_EQ(AnswerBy(now, deadline, absl::Seconds(5)),
+              now + absl::Seconds(5) - absl::Milliseconds(500));
+  }
+}
+
+TEST(CallerDeadlineTest, NoDeadlineIsTheInfiniteFutureAndAMonotonicOneIsOnTheWallClock) {
+  EXPECT_EQ(CallerDeadline(gpr_inf_future(GPR_CLOCK_MONOTONIC)), absl::InfiniteFuture());
+  EXPECT_EQ(CallerDeadline(gpr_inf_future(GPR_CLOCK_REALTIME)), absl::InfiniteFuture());
+  const gpr_timespec in_five_seconds =
+      gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_seconds(5, GPR_TIMESPAN));
+  const absl::Duration left = CallerDeadline(in_five_seconds) - absl::Now();
+  EXPECT_GT(left, absl::Seconds(4));
+  EXPECT_LE(left, absl::Seconds(5) + absl::Milliseconds(100));  // Clocks read apart.
+}
+
 TEST(AnswerByTest, LeavesATenthOfTheCallersBudgetForTheReply) {
   EXPECT_EQ(AnswerBy(kNow, kNow + absl::Milliseconds(1500), absl::Seconds(5)),
             kNow + absl::Milliseconds(1350));

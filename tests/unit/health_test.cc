@@ -22,6 +22,25 @@ TEST(HealthBoardTest, StartsServingOverallAndNotServingPerService) {
   EXPECT_EQ(board.Get("no.such.Service"), std::nullopt);
 }
 
+// An unknown name is NOT_FOUND, named in the answer only when short and printable: a long one
+// would not fit the client's trailer limit.
+TEST(HealthServiceTest, UnknownNamesAreNotFoundAndOnlyShortOnesAreNamed) {
+  HealthBoard board;
+  HealthService service(board);
+  grpc::health::v1::HealthCheckRequest request;
+  grpc::health::v1::HealthCheckResponse response;
+  request.set_service("no.such.Service");
+  grpc::Status status = service.Check(nullptr, &request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(status.error_message(), "service: unknown service name 'no.such.Service'");
+  for (const std::string& name : {std::string(100'000, 'x'), std::string("bad\nname")}) {
+    request.set_service(name);
+    status = service.Check(nullptr, &request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(status.error_message(), "service: unknown service name");
+  }
+}
+
 TEST(HealthBoardTest, ShutdownIsFinal) {
   HealthBoard board;
   board.Set(kSessionServiceName, true);
