@@ -87,6 +87,14 @@ class LedgerHandlersTest : public ::testing::Test {
     return context;
   }
 
+  // Two EUR accounts of alice's.
+  void OpenTwoEuroAccounts(pb::Account* a, pb::Account* b) {
+    pb::OpenAccountRequest open;
+    open.set_currency("EUR");
+    ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, a).ok());
+    ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, b).ok());
+  }
+
   FakeClock clock_;
   FakeAuthenticator auth_;
   InMemoryLedgerStore memory_;
@@ -123,12 +131,9 @@ TEST_F(LedgerHandlersTest, BearerMetadata) {
 }
 
 TEST_F(LedgerHandlersTest, DepositTransferListRoundTrip) {
-  pb::OpenAccountRequest open;
-  open.set_currency("EUR");
   pb::Account a;
   pb::Account b;
-  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &a).ok());
-  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &b).ok());
+  ASSERT_NO_FATAL_FAILURE(OpenTwoEuroAccounts(&a, &b));
 
   pb::DepositRequest deposit;
   deposit.set_account_id(a.account_id());
@@ -235,12 +240,9 @@ TEST_F(LedgerHandlersTest, StoreOutageIsUnavailable) {
 // lost to concurrent transactions five times (the contract's "retry with the same key"), and a
 // refusal the database made. Neither may turn into INTERNAL, nor lose its words for callers.
 TEST_F(LedgerHandlersTest, StoreOutcomesOnlyPostgresGivesKeepTheirCode) {
-  pb::OpenAccountRequest open;
-  open.set_currency("EUR");
   pb::Account a;
   pb::Account b;
-  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &a).ok());
-  ASSERT_TRUE(stub_->OpenAccount(Context("Bearer tok-alice").get(), open, &b).ok());
+  ASSERT_NO_FATAL_FAILURE(OpenTwoEuroAccounts(&a, &b));
   pb::TransferRequest transfer;
   transfer.set_from_account_id(a.account_id());
   transfer.set_to_account_id(b.account_id());
