@@ -1,5 +1,7 @@
-// sessionledger-server: thin entry point. Reads the environment once, then either migrates the
-// schema or serves until SIGTERM/SIGINT.
+// sessionledger-server's entry point: reads the environment once, then migrates the schema,
+// checks a local server's health (`healthcheck`, for container health checks), or serves until
+// SIGTERM/SIGINT. Serving is ServerApp's; what stays here is the process's own part: the stop
+// signals and the drain they start.
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/tls_certificate_provider.h>
