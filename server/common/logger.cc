@@ -1,17 +1,15 @@
 #include "server/common/logger.h"
 
-#include <poll.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
-#include <chrono>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "server/common/fd_wait.h"
 #include "server/common/utf8.h"
 
 namespace sessionledger {
@@ -230,18 +228,9 @@ size_t Logger::WriteLocked(absl::string_view bytes, std::optional<SteadyTime>& g
 }
 
 bool Logger::WaitForRoomLocked(std::optional<SteadyTime>& give_up) {
-  SteadyTime now = SteadyNow();
-  if (!give_up.has_value()) give_up = now + ToSteadyDuration(longest_write_wait_);
-  while (now < *give_up) {
-    const int64_t left_ms = std::chrono::ceil<std::chrono::milliseconds>(*give_up - now).count();
-    pollfd writable{fd_, POLLOUT, 0};
-    const int ready = ::poll(&writable, 1, static_cast<int>(std::min<int64_t>(left_ms, 60'000)));
-    // POLLOUT, or POLLERR/POLLHUP/POLLNVAL, which the next write turns into its error.
-    if (ready > 0) return true;
-    if (ready < 0 && errno != EINTR) return false;
-    now = SteadyNow();
-  }
-  return false;
+  if (!give_up.has_value()) give_up = SteadyNow() + ToSteadyDuration(longest_write_wait_);
+  // Ready includes an error or hang-up, which the next write turns into its error.
+  return WaitForFd(fd_, POLLOUT, *give_up) == FdWait::kReady;
 }
 
 namespace {

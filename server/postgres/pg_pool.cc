@@ -3,13 +3,12 @@
 #include <poll.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <chrono>
 
 #include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/common/fd_wait.h"
 #include "server/domain/caller_message.h"
 
 namespace sessionledger {
@@ -202,15 +201,15 @@ PgConnection::~PgConnection() {
 absl::Status PgConnection::WaitSocket(bool for_write, SteadyTime give_up) {
   const int fd = PQsocket(conn_);
   if (fd < 0) return absl::UnavailableError("postgres: connection has no socket");
-  for (;;) {
-    const int64_t remaining_ms =
-        std::chrono::ceil<std::chrono::milliseconds>(give_up - SteadyNow()).count();
-    if (remaining_ms <= 0) return absl::DeadlineExceededError("postgres: deadline passed");
-    pollfd pfd{fd, static_cast<short>(for_write ? POLLOUT : POLLIN), 0};
-    const int n = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(remaining_ms, 60'000)));
-    if (n > 0) return absl::OkStatus();
-    if (n < 0 && errno != EINTR) return absl::UnavailableError("postgres: poll failed");
+  switch (WaitForFd(fd, for_write ? POLLOUT : POLLIN, give_up)) {
+    case FdWait::kReady:
+      return absl::OkStatus();
+    case FdWait::kTimedOut:
+      return absl::DeadlineExceededError("postgres: deadline passed");
+    case FdWait::kFailed:
+      break;
   }
+  return absl::UnavailableError("postgres: poll failed");
 }
 
 void PgConnection::CancelAndBreak() {
