@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "google/protobuf/map.h"
 #include "gtest/gtest.h"
+#include "server/session/token.h"
 #include "sessionledger/v1/session.pb.h"
 
 namespace sessionledger {
@@ -422,7 +423,8 @@ TEST(LoadConfigTest, LargestSessionWriteRequestBoundsWhatTheLimitsAllow) {
         << attributes_bytes << " attribute bytes in " << many.size() << " entries";
 
     v1::UpdateSessionRequest update;
-    update.set_token(std::string(64, 't'));
+    // config.cc keeps its own copy of the token length (its layer is below the session's).
+    update.set_token(std::string(kTokenLength, 't'));
     update.set_expected_version(-1);
     *update.mutable_set() = many;
     EXPECT_LE(static_cast<int64_t>(update.ByteSizeLong()), bound) << attributes_bytes;
