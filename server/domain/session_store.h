@@ -45,7 +45,9 @@ struct CasToken {
   // all. A write through this token reaches the other copies only where they still hold what
   // was read: compare-and-swap where they held a value, add where they held none, nothing
   // where it is unknown (a session's next read repairs it; the next write of an index read
-  // from every copy, merging their entries, brings that copy up to date). A plain set there could
+  // from every copy, merging their entries, brings that copy up to date). A copy that took
+  // another write since is read again and gets what wins of the two: the later state of a
+  // session (a tombstone stays), both writers' entries of an index. A plain set there could
   // land late, behind other requests on its connection, and undo what came since: a deletion's
   // tombstone, which would bring the session back once the node holding the tombstone restarted
   // empty, or another writer's newer state.

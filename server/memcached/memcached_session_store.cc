@@ -129,6 +129,99 @@ std::vector<CopyCas> NoCopyHeldIt(int copies) {
   return std::vector<CopyCas>(static_cast<size_t>(copies), CopyCas{true, 0});
 }
 
+// Two copies of one state of a session, but for expires_at: a touch slides the expiry without
+// a new version, and may have reached only the secondary (the primary skipped for a second).
+bool SameStateExpiringLater(const StoredSession& candidate, const StoredSession& chosen) {
+  return candidate.deleted() == chosen.deleted() && candidate.version() == chosen.version() &&
+         candidate.expires_at_unix_micros() > chosen.expires_at_unix_micros();
+}
+
+// Which of two copies of a session is authoritative: a tombstone anywhere wins (a deletion must
+// stick), then the highest version, then the later expiry (expiries only move forward); on a
+// tie the one already chosen (the earlier copy, the primary) stays.
+bool Supersedes(const StoredSession& candidate, const StoredSession& chosen) {
+  return (candidate.deleted() && !chosen.deleted()) ||
+         (candidate.deleted() == chosen.deleted() && candidate.version() > chosen.version()) ||
+         SameStateExpiringLater(candidate, chosen);
+}
+
+// Adds to `into` the entries of `from` that it lacks.
+void AddMissingEntries(const UserSessionIndex& from, UserSessionIndex& into) {
+  absl::flat_hash_set<std::pair<absl::string_view, absl::string_view>> held;
+  held.reserve(static_cast<size_t>(into.entries_size()));
+  for (const auto& e : into.entries()) held.emplace(e.token_hash(), e.session_id());
+  for (const auto& entry : from.entries()) {
+    if (!held.contains({entry.token_hash(), entry.session_id()})) *into.add_entries() = entry;
+  }
+}
+
+// What a write to one of the other copies puts there when that copy took another write after it
+// was read (its compare-and-swap or add was refused): a copy left as it was would lack what this
+// write brought, unseen, until the primary lost it and the copy's older state came back.
+struct CopyRewrite {
+  std::string value;
+  time_t expiration = 0;
+};
+// Given our value and what the copy holds now (null: nothing), what to write there instead of
+// it, or nullopt to leave the copy as it is.
+using CopyMerge = std::optional<CopyRewrite> (*)(const std::string& ours, time_t expiration,
+                                                 const std::string* theirs);
+
+// A session copy takes ours unless it holds a state that wins over it (a tombstone, a later
+// version): Supersedes decides, as it does between copies on a read.
+std::optional<CopyRewrite> MergeSessionCopy(const std::string& ours, time_t expiration,
+                                            const std::string* theirs) {
+  StoredSession held;
+  if (theirs == nullptr || !held.ParseFromString(*theirs)) return CopyRewrite{ours, expiration};
+  StoredSession written;
+  if (!written.ParseFromString(ours) || !Supersedes(written, held)) return std::nullopt;
+  return CopyRewrite{ours, expiration};
+}
+
+// The later of two memcached expirations (relative seconds or a Unix time, see MemcachedExptime).
+time_t LaterExpiration(time_t a, time_t b) {
+  const int64_t now = absl::ToUnixSeconds(absl::Now());
+  const auto absolute = [now](time_t e) -> int64_t {
+    return e <= kMaxRelativeExptimeSeconds ? now + e : static_cast<int64_t>(e);
+  };
+  return absolute(a) >= absolute(b) ? a : b;
+}
+
+// An index copy takes ours with the live entries only it holds added (an index has no
+// tombstones: an entry that should not be there is dropped by the next listing, while one
+// missing hides a live session from listing and revocation), kept as long as its
+// longest-lived entry.
+std::optional<CopyRewrite> MergeIndexCopy(const std::string& ours, time_t expiration,
+                                          const std::string* theirs) {
+  UserSessionIndex held;
+  if (theirs == nullptr || !held.ParseFromString(*theirs)) return CopyRewrite{ours, expiration};
+  UserSessionIndex merged;
+  if (!merged.ParseFromString(ours)) return std::nullopt;
+  const int64_t now = absl::ToUnixMicros(absl::Now());
+  UserSessionIndex live_held;
+  for (const auto& entry : held.entries()) {
+    if (entry.absolute_expires_at_unix_micros() > now) *live_held.add_entries() = entry;
+  }
+  const int ours_entries = merged.entries_size();
+  AddMissingEntries(live_held, merged);
+  if (merged.entries_size() == ours_entries) return CopyRewrite{ours, expiration};
+  int64_t newest = 0;
+  for (const auto& entry : merged.entries()) {
+    newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+  }
+  return CopyRewrite{merged.SerializeAsString(), LaterExpiration(expiration, SecondsUntil(newest))};
+}
+
+// How many times a write to another copy reads it again and retries when it keeps changing
+// under the write; past that, the writers it keeps meeting carry the copy forward themselves.
+constexpr int kCopyRewriteAttempts = 4;
+
+// Whether a store was refused because the copy holds something else than the write expected
+// (as opposed to the node failing to answer).
+bool Refused(memcached_return_t rc) {
+  return rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_NOTSTORED;
+}
+
 // One call's view of memcached: a pooled handle, the group key of each copy, the deadline.
 class Conn {
  public:
@@ -207,13 +300,14 @@ class Conn {
   }
 
   // Add on the first copy that answers, then on the others, where a value written since (a
-  // tombstone) stays. ABORTED when the primary already holds the key.
-  absl::Status AddOnEveryCopy(const std::string& key, const std::string& value, time_t expiration) {
+  // tombstone) stays as `merge` decides. ABORTED when the primary already holds the key.
+  absl::Status AddOnEveryCopy(const std::string& key, const std::string& value, time_t expiration,
+                              CopyMerge merge) {
     absl::Status last = absl::UnavailableError("memcached: no node answered");
     for (int c = 0; c < copies(); ++c) {
       const memcached_return_t rc = Store(Op::kAdd, c, key, value, expiration);
       if (memcached_success(rc)) {
-        if (copies() > 1) WriteOthers(c, key, value, expiration, NoCopyHeldIt(copies()));
+        if (copies() > 1) WriteOthers(c, key, value, expiration, NoCopyHeldIt(copies()), merge);
         return absl::OkStatus();
       }
       if (rc == MEMCACHED_NOTSTORED || rc == MEMCACHED_DATA_EXISTS) {
@@ -228,11 +322,11 @@ class Conn {
   }
 
   // CAS on the copy the value was read from, then on the others where they still hold what the
-  // read saw (CasToken::copies).
+  // read saw (CasToken::copies); one that changed since gets what `merge` makes of it.
   absl::Status CasThenWriteOthers(const CasToken& token, const std::string& key,
-                                  const std::string& value, time_t expiration) {
+                                  const std::string& value, time_t expiration, CopyMerge merge) {
     SL_RETURN_IF_ERROR(Cas(token.copy, token.cas, key, value, expiration));
-    WriteOthers(token.copy, key, value, expiration, token.copies);
+    WriteOthers(token.copy, key, value, expiration, token.copies, merge);
     return absl::OkStatus();
   }
 
@@ -270,6 +364,29 @@ class Conn {
       if (!Answered(rc)) return false;
     }
     return true;  // Lost every race: somebody else keeps raising it, which is as good.
+  }
+
+  // Copy `c` holds something else than a write to it expected: reads it again and writes what
+  // `merge` makes of it and `ours`, conditionally on what it read, a few times at most. The
+  // bytes the copy was left holding by this call, or nullopt when it wrote nothing there.
+  std::optional<std::string> RewriteCopy(int c, const std::string& key, const std::string& ours,
+                                         time_t expiration, CopyMerge merge) {
+    for (int attempt = 0; attempt < kCopyRewriteAttempts; ++attempt) {
+      absl::StatusOr<std::map<std::string, Item>> got = Get(c, {key});
+      if (!got.ok()) return std::nullopt;
+      const auto it = got->find(key);
+      const Item* theirs = it == got->end() ? nullptr : &it->second;
+      std::optional<CopyRewrite> rewrite =
+          merge(ours, expiration, theirs == nullptr ? nullptr : &theirs->value);
+      if (!rewrite.has_value()) return std::nullopt;
+      const memcached_return_t rc =
+          theirs == nullptr
+              ? Store(Op::kAdd, c, key, rewrite->value, rewrite->expiration)
+              : Store(Op::kCas, c, key, rewrite->value, rewrite->expiration, theirs->cas);
+      if (memcached_success(rc)) return std::move(rewrite->value);
+      if (!Refused(rc)) return std::nullopt;
+    }
+    return std::nullopt;
   }
 
  private:
@@ -325,9 +442,7 @@ class Conn {
     if (copy < 0 || copy >= copies()) return absl::AbortedError("memcached cas: stale copy");
     const memcached_return_t rc = Store(Op::kCas, copy, key, value, expiration, cas);
     if (memcached_success(rc)) return absl::OkStatus();
-    if (rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_NOTSTORED) {
-      return absl::AbortedError("memcached cas: changed concurrently");
-    }
+    if (Refused(rc)) return absl::AbortedError("memcached cas: changed concurrently");
     return MemcachedStatus(rc, "cas");
   }
 
@@ -356,15 +471,18 @@ class Conn {
     return failed;
   }
 
-  // Writes to every copy but `done` whose state `read` knows, only while it still holds that
-  // state (CasToken::copies). Best effort: a copy left behind is repaired by a later read.
+  // Writes to every copy but `done` whose state `read` knows, while it still holds that state
+  // (CasToken::copies); a copy that took another write since gets what `merge` makes of the two.
+  // Best effort: a copy that does not answer is repaired by a later read.
   void WriteOthers(int done, const std::string& key, const std::string& value, time_t expiration,
-                   const std::vector<CopyCas>& read) {
+                   const std::vector<CopyCas>& read, CopyMerge merge) {
     for (int c = 0; c < copies() && static_cast<size_t>(c) < read.size(); ++c) {
       const CopyCas& held = read[static_cast<size_t>(c)];
       if (c == done || !held.known) continue;
-      (void)(held.cas == 0 ? Store(Op::kAdd, c, key, value, expiration)
-                           : Store(Op::kCas, c, key, value, expiration, held.cas));
+      const memcached_return_t rc = held.cas == 0
+                                        ? Store(Op::kAdd, c, key, value, expiration)
+                                        : Store(Op::kCas, c, key, value, expiration, held.cas);
+      if (Refused(rc)) (void)RewriteCopy(c, key, value, expiration, merge);
     }
   }
 
@@ -468,16 +586,6 @@ struct IndexPlan {
   std::vector<int> missed;  // Copies before it that answered without it (came back empty).
 };
 
-// Adds to `into` the entries of `from` that it lacks.
-void AddMissingEntries(const UserSessionIndex& from, UserSessionIndex& into) {
-  absl::flat_hash_set<std::pair<absl::string_view, absl::string_view>> held;
-  held.reserve(static_cast<size_t>(into.entries_size()));
-  for (const auto& e : into.entries()) held.emplace(e.token_hash(), e.session_id());
-  for (const auto& entry : from.entries()) {
-    if (!held.contains({entry.token_hash(), entry.session_id()})) *into.add_entries() = entry;
-  }
-}
-
 // Copies of an index can differ: a node skipped while it stalled misses the writes of that
 // time, and comes back with its older index. Taking the first copy alone would then hide the
 // sessions indexed meanwhile from listing and revocation, and the next write would build on it
@@ -563,8 +671,19 @@ IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads
   std::vector<CopyCas> held = std::move(plan.record.cas->copies);
   CasToken token{0, kNoCopy};
   for (int m : plan.missed) {
-    (void)conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
-    const CopyCas now_held = CopyAfterOurWrite(conn, m, ikey, value);
+    // A copy that got an index since takes the entries it lacks (a concurrent writer's index
+    // may lack ours).
+    const memcached_return_t rc = conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
+    std::optional<std::string> left_holding;
+    if (memcached_success(rc)) {
+      left_holding = value;
+    } else if (Refused(rc)) {
+      left_holding = conn.RewriteCopy(m, ikey, value, ttl, MergeIndexCopy);
+    }
+    // Known only where the copy holds what the record says: with entries merged in that the
+    // record lacks, a write through its token would drop them there again.
+    const CopyCas now_held =
+        left_holding == value ? CopyAfterOurWrite(conn, m, ikey, value) : CopyCas{false, 0};
     if (static_cast<size_t>(m) < held.size()) held[static_cast<size_t>(m)] = now_held;
     if (m == plan.missed.front() && now_held.known) token = CasToken{now_held.cas, m};
   }
@@ -590,22 +709,6 @@ struct LookupPlan {
   uint64_t generation = 0;    // The highest any copy holds.
   std::vector<CopyCas> held;  // What each copy held of the session (CasToken::copies).
 };
-
-// Two copies of one state of a session, but for expires_at: a touch slides the expiry without
-// a new version, and may have reached only the secondary (the primary skipped for a second).
-bool SameStateExpiringLater(const StoredSession& candidate, const StoredSession& chosen) {
-  return candidate.deleted() == chosen.deleted() && candidate.version() == chosen.version() &&
-         candidate.expires_at_unix_micros() > chosen.expires_at_unix_micros();
-}
-
-// Which of two copies of a session is authoritative: a tombstone anywhere wins (a deletion must
-// stick), then the highest version, then the later expiry (expiries only move forward); on a
-// tie the one already chosen (the earlier copy, the primary) stays.
-bool Supersedes(const StoredSession& candidate, const StoredSession& chosen) {
-  return (candidate.deleted() && !chosen.deleted()) ||
-         (candidate.deleted() == chosen.deleted() && candidate.version() > chosen.version()) ||
-         SameStateExpiringLater(candidate, chosen);
-}
 
 LookupPlan PlanLookup(CopyReads& reads, const std::string& skey, const std::string& gkey) {
   LookupPlan plan;
@@ -749,6 +852,8 @@ struct CopyWrite {
   time_t expiration = 0;
   // What the other copies held when read (CasToken::copies), which their writes depend on.
   std::vector<CopyCas> held;
+  // What a copy that changed since takes (see Conn::WriteOthers).
+  CopyMerge merge = MergeSessionCopy;
   absl::Time deadline;
   SessionStore::StatusCallback done;
   absl::Status last;  // The last copy's error; see LastCopyError.
@@ -759,9 +864,10 @@ struct CopyWrite {
 
 std::shared_ptr<CopyWrite> NewCopyWrite(MemcachedPool& pool, MemcachedPipeline& pipeline,
                                         std::vector<CopyPlace> places, std::string key,
-                                        std::string value, time_t expiration, absl::Time deadline,
-                                        SessionStore::StatusCallback done) {
+                                        std::string value, time_t expiration, CopyMerge merge,
+                                        absl::Time deadline, SessionStore::StatusCallback done) {
   auto write = std::make_shared<CopyWrite>();
+  write->merge = merge;
   write->pool = &pool;
   write->pipeline = &pipeline;
   write->places = std::move(places);
@@ -771,6 +877,50 @@ std::shared_ptr<CopyWrite> NewCopyWrite(MemcachedPool& pool, MemcachedPipeline& 
   write->deadline = deadline;
   write->done = std::move(done);
   return write;
+}
+
+// One of WriteOthersAsync's writes is over; the caller is answered after the last.
+void OtherCopyWritten(const std::shared_ptr<CopyWrite>& write) {
+  if (write->writes_pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  std::move(write->done)(absl::OkStatus());
+}
+
+// Conn::RewriteCopy without blocking: copy `c` refused the write to it, so it is read again and
+// takes what `write->merge` makes of the two, conditionally on that read.
+void RewriteCopyAsync(const std::shared_ptr<CopyWrite>& write, int c, int attempt) {
+  if (attempt >= kCopyRewriteAttempts) {
+    OtherCopyWritten(write);
+    return;
+  }
+  const int node = write->places[static_cast<size_t>(c)].node;
+  write->pipeline->GetAsync(
+      node, {write->key}, write->deadline,
+      [write, c, attempt, node](absl::StatusOr<MemcachedHits> got) {
+        CountFailure(*write->pool, got.status());
+        if (!got.ok()) {
+          OtherCopyWritten(write);
+          return;
+        }
+        const auto it = got->find(write->key);
+        const bool held = it != got->end();
+        const std::optional<CopyRewrite> rewrite =
+            write->merge(write->value, write->expiration, held ? &it->second.value : nullptr);
+        if (!rewrite.has_value()) {
+          OtherCopyWritten(write);
+          return;
+        }
+        write->pipeline->StoreAsync(node, held ? MemcachedWrite::kCas : MemcachedWrite::kAdd,
+                                    write->key, rewrite->value, rewrite->expiration,
+                                    held ? it->second.cas : 0, write->deadline,
+                                    [write, c, attempt](absl::StatusOr<MemcachedStored> stored) {
+                                      CountFailure(*write->pool, stored.status());
+                                      if (stored.ok() && *stored != MemcachedStored::kStored) {
+                                        RewriteCopyAsync(write, c, attempt + 1);
+                                        return;
+                                      }
+                                      OtherCopyWritten(write);
+                                    });
+      });
 }
 
 // The primary took the value: write it to the other copies as Conn::WriteOthers does (best
@@ -791,14 +941,17 @@ void WriteOthersAsync(const std::shared_ptr<CopyWrite>& write, int primary) {
   for (int c = 0; c < write->copies(); ++c) {
     if (!written(c)) continue;
     const uint64_t cas = write->held[static_cast<size_t>(c)].cas;
-    write->pipeline->StoreAsync(
-        write->places[static_cast<size_t>(c)].node,
-        cas == 0 ? MemcachedWrite::kAdd : MemcachedWrite::kCas, write->key, write->value,
-        write->expiration, cas, write->deadline, [write](absl::StatusOr<MemcachedStored> stored) {
-          CountFailure(*write->pool, stored.status());
-          if (write->writes_pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-          std::move(write->done)(absl::OkStatus());
-        });
+    write->pipeline->StoreAsync(write->places[static_cast<size_t>(c)].node,
+                                cas == 0 ? MemcachedWrite::kAdd : MemcachedWrite::kCas, write->key,
+                                write->value, write->expiration, cas, write->deadline,
+                                [write, c](absl::StatusOr<MemcachedStored> stored) {
+                                  CountFailure(*write->pool, stored.status());
+                                  if (stored.ok() && *stored != MemcachedStored::kStored) {
+                                    RewriteCopyAsync(write, c, 0);
+                                    return;
+                                  }
+                                  OtherCopyWritten(write);
+                                });
   }
 }
 
@@ -887,6 +1040,7 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   // missing, compare-and-swap where it was older). The copies were read one after another, so
   // a copy that looks stale may have taken a newer write since: overwriting it would undo that
   // write, and on the primary, where every writer's compare-and-swap meets, lose it for good.
+  // So a copy that changed is read again and takes the winner only where it still wins.
   for (int c = 0; c < conn.copies() && ttl > 0; ++c) {
     const CopyState& state = plan.copies[static_cast<size_t>(c)];
     if (!state.answered || c == plan.best || !IsStale(state, winner)) continue;
@@ -894,16 +1048,23 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
         state.session.has_value()
             ? conn.Store(Conn::Op::kCas, c, skey, winner.session->value, ttl, state.session->cas)
             : conn.Store(Conn::Op::kAdd, c, skey, winner.session->value, ttl);
+    // A copy that took a write since (or holds bytes that do not parse) gets what wins of the
+    // two; left as it is, it would stay behind, skipped by every write through this token.
+    std::optional<std::string> left_holding;
+    if (memcached_success(rc)) {
+      left_holding = winner.session->value;
+    } else if (Refused(rc)) {
+      left_holding = conn.RewriteCopy(c, skey, winner.session->value, ttl, MergeSessionCopy);
+    }
     // Its CAS value changed: read back, as a token's writes to this copy need it.
-    const CopyCas now_held = memcached_success(rc)
-                                 ? CopyAfterOurWrite(conn, c, skey, winner.session->value)
+    const CopyCas now_held = left_holding.has_value()
+                                 ? CopyAfterOurWrite(conn, c, skey, *left_holding)
                                  : CopyCas{false, 0};
     if (static_cast<size_t>(c) < held.size()) held[static_cast<size_t>(c)] = now_held;
     if (c != plan.primary) continue;
-    if (memcached_success(rc)) {
+    if (left_holding.has_value()) {
       primary_rewritten = now_held.known ? CasToken{now_held.cas, c} : CasToken{0, kNoCopy};
-    } else if (rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTSTORED ||
-               rc == MEMCACHED_NOTFOUND) {
+    } else if (Refused(rc)) {
       primary_moved_on = true;
     }
   }
@@ -1027,8 +1188,9 @@ void MemcachedSessionStore::ReadUserStateBlocking(std::string user_tag,
 }
 
 void MemcachedSessionStore::WriteCopiesAsync(absl::string_view user_tag, std::string key_name,
-                                             std::string value, const std::optional<CasToken>& cas,
-                                             absl::Duration ttl, absl::Time deadline,
+                                             std::string value, CopyKind kind,
+                                             const std::optional<CasToken>& cas, absl::Duration ttl,
+                                             absl::Time deadline,
                                              absl::FunctionRef<BlockingWrite()> blocking,
                                              StatusCallback done) {
   std::vector<CopyPlace> places = PlaceCopies(pool_, replicas_, user_tag);
@@ -1044,8 +1206,9 @@ void MemcachedSessionStore::WriteCopiesAsync(absl::string_view user_tag, std::st
     });
     return;
   }
-  auto write = NewCopyWrite(pool_, *pipeline, std::move(places), std::move(key_name),
-                            std::move(value), *expiration, deadline, std::move(done));
+  auto write = NewCopyWrite(
+      pool_, *pipeline, std::move(places), std::move(key_name), std::move(value), *expiration,
+      kind == CopyKind::kIndex ? MergeIndexCopy : MergeSessionCopy, deadline, std::move(done));
   if (cas.has_value()) {
     write->held = cas->copies;
     CasOnCopy(write, *cas);
@@ -1060,7 +1223,8 @@ void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,
                                             const UserSessionIndex& index, absl::Duration ttl,
                                             absl::Time deadline, StatusCallback done) {
   WriteCopiesAsync(
-      user_tag, IndexKeyName(user_tag), index.SerializeAsString(), cas, ttl, deadline,
+      user_tag, IndexKeyName(user_tag), index.SerializeAsString(), CopyKind::kIndex, cas, ttl,
+      deadline,
       [&]() -> BlockingWrite {
         return [this, tag = std::string(user_tag), cas, index, ttl, deadline] {
           return WriteIndex(tag, cas, index, ttl, deadline);
@@ -1072,8 +1236,8 @@ void MemcachedSessionStore::WriteIndexAsync(absl::string_view user_tag,
 void MemcachedSessionStore::AddAsync(const SessionKey& key, const StoredSession& session,
                                      absl::Duration ttl, absl::Time deadline, StatusCallback done) {
   WriteCopiesAsync(
-      key.user_tag, SessionKeyName(key.token_hash), session.SerializeAsString(), std::nullopt, ttl,
-      deadline,
+      key.user_tag, SessionKeyName(key.token_hash), session.SerializeAsString(), CopyKind::kSession,
+      std::nullopt, ttl, deadline,
       [&]() -> BlockingWrite {
         return [this, key, session, ttl, deadline] { return Add(key, session, ttl, deadline); };
       },
@@ -1088,7 +1252,8 @@ void MemcachedSessionStore::CompareAndSwapAsync(const SessionKey& key, const Cas
                                                 const StoredSession& session, absl::Duration ttl,
                                                 absl::Time deadline, StatusCallback done) {
   WriteCopiesAsync(
-      key.user_tag, SessionKeyName(key.token_hash), session.SerializeAsString(), cas, ttl, deadline,
+      key.user_tag, SessionKeyName(key.token_hash), session.SerializeAsString(), CopyKind::kSession,
+      cas, ttl, deadline,
       [&]() -> BlockingWrite {
         return [this, key, cas, session, ttl, deadline] {
           return CompareAndSwap(key, cas, session, ttl, deadline);
@@ -1114,8 +1279,8 @@ absl::Status MemcachedSessionStore::Add(const SessionKey& key, const StoredSessi
                                         absl::Duration ttl, absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
-  const absl::Status added =
-      conn.AddOnEveryCopy(SessionKeyName(key.token_hash), session.SerializeAsString(), expiration);
+  const absl::Status added = conn.AddOnEveryCopy(
+      SessionKeyName(key.token_hash), session.SerializeAsString(), expiration, MergeSessionCopy);
   if (absl::IsAborted(added)) return absl::AlreadyExistsError("session key already taken");
   return added;
 }
@@ -1126,7 +1291,7 @@ absl::Status MemcachedSessionStore::CompareAndSwap(const SessionKey& key, const 
   SL_ASSIGN_OR_RETURN(time_t expiration, MemcachedExptime(ttl));
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   return conn.CasThenWriteOthers(cas, SessionKeyName(key.token_hash), session.SerializeAsString(),
-                                 expiration);
+                                 expiration, MergeSessionCopy);
 }
 
 absl::Status MemcachedSessionStore::CompareAndSwapEveryCopy(const SessionKey& key,
@@ -1225,8 +1390,8 @@ absl::Status MemcachedSessionStore::WriteIndex(absl::string_view user_tag,
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, user_tag, deadline));
   const std::string ikey = IndexKeyName(user_tag);
   const std::string value = index.SerializeAsString();
-  if (!cas.has_value()) return conn.AddOnEveryCopy(ikey, value, expiration);
-  return conn.CasThenWriteOthers(*cas, ikey, value, expiration);
+  if (!cas.has_value()) return conn.AddOnEveryCopy(ikey, value, expiration, MergeIndexCopy);
+  return conn.CasThenWriteOthers(*cas, ikey, value, expiration, MergeIndexCopy);
 }
 
 absl::StatusOr<std::vector<std::optional<StoredSession>>> MemcachedSessionStore::ReadSessions(

@@ -136,14 +136,19 @@ class MemcachedSessionStore final : public SessionStore {
                              absl::Time deadline, UserStateCallback done);
   // Runs `work` on the executor (or here, without one).
   void RunBlocking(absl::AnyInvocable<void() &&> work);
-  // The asynchronous writes: `value` under `key_name` among `user_tag`'s copies, by CAS on the
-  // copy `cas` names, or by add when there is none. When the pipeline cannot place every copy,
-  // the write `blocking` returns (the same write through libmemcached) runs on the executor;
+  // What a value written to every copy is, which decides what a copy that took another write
+  // since it was read is left holding: the state that wins (a session), or both's entries (an
+  // index).
+  enum class CopyKind { kSession, kIndex };
+  // The asynchronous writes: `value` (a `kind`) under `key_name` among `user_tag`'s copies, by
+  // CAS on the copy `cas` names, or by add when there is none. When the pipeline cannot place every
+  // copy, the write `blocking` returns (the same write through libmemcached) runs on the executor;
   // it is made only then, so the hot path copies nothing for it.
   using BlockingWrite = absl::AnyInvocable<absl::Status() &&>;
   void WriteCopiesAsync(absl::string_view user_tag, std::string key_name, std::string value,
-                        const std::optional<CasToken>& cas, absl::Duration ttl, absl::Time deadline,
-                        absl::FunctionRef<BlockingWrite()> blocking, StatusCallback done);
+                        CopyKind kind, const std::optional<CasToken>& cas, absl::Duration ttl,
+                        absl::Time deadline, absl::FunctionRef<BlockingWrite()> blocking,
+                        StatusCallback done);
 
   MemcachedPool& pool_;
   const int replicas_;

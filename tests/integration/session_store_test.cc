@@ -1,6 +1,7 @@
 // MemcachedSessionStore directly against the real memcached nodes: TTL limits and placement.
 #include <poll.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <functional>
@@ -31,6 +32,8 @@
 
 namespace sessionledger::testing {
 namespace {
+
+using ::testing::ElementsAre;
 
 class SessionStoreTest : public ::testing::Test {
  protected:
@@ -571,7 +574,21 @@ TEST_P(CreateStepsAsyncTest, AnAddLeavesWhatAnotherCopyTookSinceAlone) {
   });
 }
 
-TEST_P(CreateStepsAsyncTest, AnIndexWriteLeavesWhatAnotherCopyTookSinceAlone) {
+// The session ids an index copy on `node` lists, sorted; empty when it holds none.
+std::vector<std::string> IndexIdsOn(int node, const std::string& ikey) {
+  storage::v1::UserSessionIndex held;
+  std::vector<std::string> ids;
+  if (!held.ParseFromString(MemcachedGetValue(node, ikey).value_or(""))) return ids;
+  for (const auto& entry : held.entries()) ids.push_back(entry.session_id());
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+// An index write that finds another writer's index on the other copy since its read keeps that
+// writer's entries there and adds its own. Left alone, that copy lacked ours: two creates of one
+// user at once, and the copy the first reached late missed the second's session, for good once
+// the first copy was lost (then listing and revocation missed a live session).
+TEST_P(CreateStepsAsyncTest, AnIndexWriteAddsItsEntriesToWhatAnotherCopyTookSince) {
   Open("MEMCACHED_URL_REPLICATED", GetParam());
   UntilEachNodeHeldASecondCopy([&](int user, int node, bool& on_second_copy) {
     const SessionKey key = Key(absl::StrCat("lateindex", user, "n", node));
@@ -581,14 +598,18 @@ TEST_P(CreateStepsAsyncTest, AnIndexWriteLeavesWhatAnotherCopyTookSinceAlone) {
     ASSERT_TRUE(read.ok() && read->index.cas.has_value()) << read.status();
     // Another writer's index reached `node` since the read.
     ASSERT_TRUE(MemcachedSetRaw(node, ikey, IndexOf({"s1", "theirs"}).SerializeAsString(), 60));
-    const absl::Status written = WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s2"}));
+    const absl::Status written =
+        WriteIndexAsync(key.user_tag, read->index.cas, IndexOf({"s1", "ours"}));
     on_second_copy = written.ok();
     if (!written.ok()) {
+      // `node` holds the first copy, where every writer's compare-and-swap meets: ours lost.
       EXPECT_TRUE(absl::IsAborted(written)) << written;
+      EXPECT_THAT(IndexIdsOn(node, ikey), ElementsAre("s1", "theirs"));
+      return;
     }
-    storage::v1::UserSessionIndex held;
-    ASSERT_TRUE(held.ParseFromString(MemcachedGetValue(node, ikey).value_or("")));
-    EXPECT_EQ(held.entries_size(), 2) << "the write overwrote the newer index";
+    EXPECT_THAT(IndexIdsOn(node, ikey), ElementsAre("ours", "s1", "theirs"))
+        << "the write dropped the other writer's entries or left out its own";
+    EXPECT_THAT(IndexIdsOn(node == 1 ? 2 : 1, ikey), ElementsAre("ours", "s1"));
   });
 }
 
@@ -969,6 +990,67 @@ TEST_P(CompareAndSwapAsyncTest, WritesToTheOtherCopiesLeaveWhatTheyTookSinceAlon
     EXPECT_TRUE(!after->record.has_value() || after->record->session.deleted())
         << "the deleted session came back";
   });
+}
+
+// A write that finds a later state of the session on the other copy than its read saw there (a
+// writer before it, whose write to that copy landed late) still lands there when it wins over
+// it (a higher version), and bytes that do not parse are replaced. Left as they were, that
+// copy stayed a write behind, and lost the acknowledged update if the first copy was lost.
+TEST_P(CompareAndSwapAsyncTest, WritesToTheOtherCopiesReplaceAnOlderStateTheyTookSince) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  for (const bool garbage : {false, true}) {
+    UntilEachNodeHeldASecondCopy([&](int user, int node, bool& on_second_copy) {
+      SCOPED_TRACE(garbage ? "bytes that do not parse" : "an older version");
+      const SessionKey key = Key(absl::StrCat("lateolder", garbage, user, "n", node));
+      const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+      const std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+      ASSERT_TRUE(cas.has_value());
+      ASSERT_TRUE(MemcachedSetRaw(
+          node, skey, garbage ? std::string("not a session") : Session("s", 2).SerializeAsString(),
+          60));
+      const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 3));
+      on_second_copy = swapped.ok();
+      if (!swapped.ok()) {
+        EXPECT_TRUE(absl::IsAborted(swapped)) << swapped;
+        return;
+      }
+      ExpectCopiesHold(key, "s", 3);
+    });
+  }
+}
+
+// ... but a later version than ours there stays.
+TEST_P(CompareAndSwapAsyncTest, WritesToTheOtherCopiesLeaveALaterVersionTheyTookSince) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  UntilEachNodeHeldASecondCopy([&](int user, int node, bool& on_second_copy) {
+    const SessionKey key = Key(absl::StrCat("latenewer", user, "n", node));
+    const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+    const std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
+    ASSERT_TRUE(cas.has_value());
+    ASSERT_TRUE(MemcachedSetRaw(node, skey, Session("s", 5).SerializeAsString(), 60));
+    const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
+    on_second_copy = swapped.ok();
+    ExpectCopiesHold(key, "s", 5, {node});
+  });
+}
+
+// A copy whose bytes do not parse (corrupt, or another program's) is rewritten by a read, as a
+// copy that lost the session is: an add there was refused, and every later write skipped it.
+TEST_P(CompareAndSwapAsyncTest, AReadRepairsACopyThatDoesNotParse) {
+  Open("MEMCACHED_URL_REPLICATED", GetParam());
+  for (int node : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("node ", node));
+    const SessionKey key = Key(absl::StrCat("unparsable", node));
+    const std::string skey = MemcachedSessionStore::SessionKeyName(key.token_hash);
+    ASSERT_TRUE(store_->Add(key, Session("s", 1), absl::Seconds(60), Deadline()).ok());
+    ASSERT_TRUE(MemcachedSetRaw(node, skey, "not a session", 60));
+    const std::optional<CasToken> cas = ReadToken(key);
+    ASSERT_TRUE(cas.has_value());
+    ExpectCopiesHold(key, "s", 1);
+    const absl::Status swapped = CompareAndSwapAsync(key, *cas, Session("s", 2));
+    ASSERT_TRUE(swapped.ok()) << swapped;
+    ExpectCopiesHold(key, "s", 2);
+  }
 }
 
 // A copy that a read repaired (its node came back empty) takes the next write too: the token
