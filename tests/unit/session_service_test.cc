@@ -672,14 +672,28 @@ TEST_F(SessionServiceTest, RotateWithTooLittleOfItsDeadlineLeftChangesNothing) {
   EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
 }
 
+// The copy the compare-and-swap went to still holds the old session as it was read, so the
+// end did not land: the new session, never handed out, is removed again, and the user's
+// listing shows the old session alone.
 TEST_F(SessionServiceTest, RotateWhoseEndingWriteFailedKeepsTheOldSession) {
   SessionView v = MustCreate("alice");
   store_->FailNextCas(1, absl::UnavailableError("memcached: timed out"));
   EXPECT_TRUE(absl::IsUnavailable(service_->Rotate(v.token, Deadline()).status()));
   EXPECT_TRUE(Get(v.token).ok());
+  EXPECT_EQ(store_->SessionCount(), 1) << "the new session, never handed out, was kept";
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].session_id(), v.stored.session_id());
+
   absl::StatusOr<SessionView> r = service_->Rotate(v.token, Deadline());
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(Get(r->token).ok());
+  listed = service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].session_id(), r->stored.session_id());
 }
 
 // An end (deletion, rotation, revocation) that reached some copies only must not answer OK: a
