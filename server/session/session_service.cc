@@ -702,21 +702,40 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     s.set_token_hash(new_key.token_hash);
     s.set_expires_at_unix_micros(SlidExpiry(s, now));
 
+    // Ending the old token cannot be undone, and takes a compare-and-swap and a write to every
+    // other copy. With too little of the deadline left for it, the deadline would likely cut
+    // the end off after some copies only: the old token ended, and the new one not given out
+    // (RotationNotEverywhere). The index write below has that shape, and the add and the end
+    // are still to come after it; so with less of the deadline left than twice what it took,
+    // the rotation stops there, before the new session exists. Its index entry, whose session
+    // never comes, is pruned by a later listing (kJustIndexed).
+    const absl::Time index_began = absl::Now();
     SL_ASSIGN_OR_RETURN(const absl::Time indexed_at, AddToIndex(new_key.user_tag, s, std::nullopt,
                                                                 /*replaces_one=*/true, deadline));
-    const absl::Time add_began = absl::Now();
-    SL_RETURN_IF_ERROR(
-        store_->Add(new_key, s, SessionTtl(s, now), AddSessionBy(indexed_at, deadline)));
-    // Ending the old token cannot be undone, and takes a compare-and-swap and a write to every
-    // other copy: the shape of the add just made. With less of the deadline left than that add
-    // took, the deadline would likely cut the end off after some copies only: the old token
-    // ended, and the new one not given out (RotationNotEverywhere). So it does not start, and
-    // nothing has changed.
-    if (const absl::Time added = absl::Now(); deadline - added < added - add_began) {
-      (void)store_->Remove(new_key, deadline);
+    if (const absl::Time indexed = absl::Now(); deadline - indexed < 2 * (indexed - index_began)) {
       return ForCallers(absl::StatusCode::kUnavailable,
                         "token: too little of the deadline was left to end the old token on "
                         "every copy; nothing was changed, retry with a longer deadline");
+    }
+    const absl::Time add_began = absl::Now();
+    SL_RETURN_IF_ERROR(
+        store_->Add(new_key, s, SessionTtl(s, now), AddSessionBy(indexed_at, deadline)));
+    // A backstop for an add that was slower than the index write: with less of the deadline
+    // left than the add took, the end does not start either. The new session, never handed
+    // out, is removed again; that removal has even less time, and when it is cut off the
+    // session stays, listed (and counted against the user's limit) until it expires.
+    if (const absl::Time added = absl::Now(); deadline - added < added - add_began) {
+      const absl::Status removed = store_->Remove(new_key, deadline);
+      if (removed.ok()) {
+        return ForCallers(absl::StatusCode::kUnavailable,
+                          "token: too little of the deadline was left to end the old token on "
+                          "every copy; nothing was changed, retry with a longer deadline");
+      }
+      return ForCallers(absl::StatusCode::kUnavailable,
+                        "token: too little of the deadline was left to end the old token on "
+                        "every copy; the old token still works, and a session that was never "
+                        "handed out may be listed until it expires; retry with a longer deadline",
+                        removed);
     }
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
     // both succeed (the loser's new session is removed again).

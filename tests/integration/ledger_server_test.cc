@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "server/postgres/pg_pool.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 #include "sessionledger/v1/transaction.grpc.pb.h"
 #include "tests/support/server_process.h"
@@ -30,6 +31,8 @@ std::string Unique() {
   std::random_device random;
   return absl::StrCat(random(), "-", counter++);
 }
+
+absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
 
 std::unique_ptr<ServerProcess> StartServer() {
   ServerProcess::Options options;
@@ -389,6 +392,12 @@ TEST_F(LedgerServerTest, ConservationWith4000RandomConcurrentTransfersThroughTwo
   EXPECT_EQ(total, deposited);
 }
 
+// Server A is killed while calls stream through it; every call that got no answer is retried
+// through server B with its key. What this always checks: the calls in flight at the kill that
+// had not committed, and those sent after it, are applied exactly once by their retry, and the
+// balances and history come out exact. A call whose transfer committed but whose answer died
+// with the server (the retry must then return that transaction, not apply it again) happens
+// here only by chance; TransferCommittedWhileItsServerDiedIsRetriedExactly makes it happen.
 TEST_F(LedgerServerTest, Kill9MidStreamThenRetriesThroughAnotherServerAreExact) {
   const std::string alice = a_->NewSession("crash-" + Unique());
   const pb::Account from = a_->MustOpen(alice);
@@ -424,7 +433,7 @@ TEST_F(LedgerServerTest, Kill9MidStreamThenRetriesThroughAnotherServerAreExact) 
   while (answered.load() < 200 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(5));
   server_a_->Signal(SIGKILL);
   for (auto& thread : threads) thread.join();
-  EXPECT_GT(unanswered.size(), 0u) << "the kill came too late to test anything";
+  EXPECT_GT(unanswered.size(), 0u) << "every call was answered before the kill: none to retry";
 
   int64_t expected = 0;
   for (int w = 0; w < kThreads; ++w) {
@@ -437,8 +446,102 @@ TEST_F(LedgerServerTest, Kill9MidStreamThenRetriesThroughAnotherServerAreExact) 
   }
   EXPECT_EQ(b_->Balance(alice, to.account_id()), expected);
   EXPECT_EQ(b_->Balance(alice, from.account_id()), 1'000'000 - expected);
+  // One row per key, none twice: the funding deposit went into `from`, so `to` holds exactly
+  // the transfers.
   EXPECT_EQ(b_->ListAll(alice, to.account_id(), 1000).size(),
-            static_cast<size_t>(kThreads * kPerThread + 0));
+            static_cast<size_t>(kThreads * kPerThread));
+}
+
+// A Transfer that PostgreSQL committed but whose answer never left server A, which died first:
+// the caller saw the call fail, retries it through server B with the same key, and must get
+// the transaction that committed, with the money moved once. A transfer is one statement in
+// autocommit (ledger_apply_movement, which locks both accounts FOR UPDATE), so a session of
+// the test's own that holds the source account's row lock parks it inside PostgreSQL. Server A
+// is stopped, every thread of it, before the lock is released: the statement then commits
+// while A cannot read its answer, and A is killed.
+// The movement may be batched with others (PgLedgerStore::RunBatch): a batch waits for its
+// locks for a quarter of the call's budget, then each movement runs alone. Of this call's
+// 20 s that is 5 s, far longer than the lock is held here; either way one statement commits
+// the transfer, and the row it writes is what the test waits for.
+TEST_F(LedgerServerTest, TransferCommittedWhileItsServerDiedIsRetriedExactly) {
+  const std::string user = "lost-reply-" + Unique();
+  const std::string alice = a_->NewSession(user);
+  const pb::Account from = a_->MustOpen(alice);
+  const pb::Account to = a_->MustOpen(alice);
+  pb::Transaction t;
+  ASSERT_TRUE(a_->Deposit(alice, from.account_id(), 1000, "fund", &t).ok());
+  const std::string key = "lost-reply";
+
+  const std::string url = RequiredEnv("DATABASE_URL");
+  absl::StatusOr<PgConnection> watcher = PgConnection::Connect(url, Soon());
+  ASSERT_TRUE(watcher.ok()) << watcher.status();
+  absl::StatusOr<PgConnection> holder = PgConnection::Connect(url, Soon());
+  ASSERT_TRUE(holder.ok()) << holder.status();
+  ASSERT_TRUE(holder->ExecSimple("BEGIN", Soon()).ok());
+  absl::StatusOr<PgResultPtr> locked = holder->Exec(
+      "SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE", {from.account_id()}, Soon());
+  ASSERT_TRUE(locked.ok()) << locked.status();
+  ASSERT_EQ(PQntuples(locked->get()), 1);
+  const std::string holder_pid = absl::StrCat(PQbackendPID(holder->raw()));
+
+  // No ASSERT from here until the thread is joined: a joinable std::thread destroyed by an
+  // early return would end the whole test binary.
+  grpc::Status through_a(grpc::StatusCode::UNKNOWN, "not run");
+  std::thread call([&] {
+    pb::Transaction unanswered;
+    through_a = a_->Transfer(alice, from.account_id(), to.account_id(), 250, key, &unanswered,
+                             absl::Seconds(20));
+  });
+  EXPECT_TRUE(PollUntil(
+      Soon(),
+      [&] {
+        absl::StatusOr<PgResultPtr> r = watcher->Exec(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))",
+            {holder_pid}, Soon());
+        return r.ok() && std::string(PQgetvalue(r->get(), 0, 0)) != "0";
+      },
+      absl::Milliseconds(5)))
+      << "the transfer never waited for the held row";
+  server_a_->Signal(SIGSTOP);
+  EXPECT_TRUE(PollUntil(
+      Soon(), [&] { return EveryThreadStopped(server_a_->pid()); }, absl::Milliseconds(1)))
+      << "server A still has a running thread after SIGSTOP";
+  EXPECT_TRUE(holder->ExecSimple("ROLLBACK", Soon()).ok());
+  // Other sessions see the transfer's row once it has committed.
+  std::string committed_id;
+  EXPECT_TRUE(PollUntil(
+      Soon(),
+      [&] {
+        absl::StatusOr<PgResultPtr> r = watcher->Exec(
+            "SELECT transaction_id FROM transactions WHERE user_id = $1 AND idempotency_key = $2",
+            {user, key}, Soon());
+        if (!r.ok() || PQntuples(r->get()) != 1) return false;
+        committed_id = PQgetvalue(r->get(), 0, 0);
+        return true;
+      },
+      absl::Milliseconds(5)))
+      << "the transfer did not commit";
+  server_a_->Signal(SIGKILL);
+  call.join();
+  EXPECT_FALSE(through_a.ok()) << "server A answered: the answer was not lost";
+  ASSERT_FALSE(committed_id.empty());
+
+  pb::Transaction retried;
+  const grpc::Status through_b =
+      b_->Transfer(alice, from.account_id(), to.account_id(), 250, key, &retried);
+  ASSERT_TRUE(through_b.ok()) << through_b.error_message();
+  EXPECT_EQ(retried.transaction_id(), committed_id);
+  EXPECT_EQ(b_->Balance(alice, from.account_id()), 750);
+  EXPECT_EQ(b_->Balance(alice, to.account_id()), 250);
+  int rows_of_the_key = 0;
+  for (const pb::Transaction& listed : b_->ListAll(alice, from.account_id())) {
+    if (listed.idempotency_key() != key) continue;
+    ++rows_of_the_key;
+    EXPECT_EQ(listed.transaction_id(), committed_id);
+    EXPECT_EQ(listed.kind(), "transfer");
+  }
+  EXPECT_EQ(rows_of_the_key, 1);
+  EXPECT_EQ(b_->ListAll(alice, to.account_id()).size(), 1u);
 }
 
 TEST_F(LedgerServerTest, PaginationUnderConcurrentInsertsReturnsEveryTransactionOnce) {

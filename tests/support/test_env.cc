@@ -176,9 +176,6 @@ pid_t MemcachedPid(int node) {
   return 0;
 }
 
-namespace {
-
-// Whether no thread of `pid` can run any more: each is stopped, or gone.
 bool EveryThreadStopped(pid_t pid) {
   std::error_code error;
   std::filesystem::directory_iterator tasks(absl::StrCat("/proc/", pid, "/task"), error);
@@ -196,8 +193,6 @@ bool EveryThreadStopped(pid_t pid) {
   }
   return true;
 }
-
-}  // namespace
 
 FrozenMemcached::FrozenMemcached(std::vector<int> nodes) {
   for (int node : nodes) {

@@ -92,6 +92,11 @@ bool PollUntil(absl::Time give_up, const std::function<bool()>& done,
 // file; 0 when there is none.
 pid_t MemcachedPid(int node);
 
+// Whether no thread of process `pid` can run any more: each is stopped (SIGSTOP) or gone. kill()
+// returns before a stop takes effect, and until every thread has stopped the process can still
+// act (answer a request, read a reply), so a test that stops a process waits for this.
+bool EveryThreadStopped(pid_t pid);
+
 // Memcached nodes stopped with SIGSTOP for the object's lifetime, like stalled servers: the
 // kernel still accepts connections, but nothing is answered. kill() returns before the stop
 // takes effect, and until every thread of the process has stopped a request can still be

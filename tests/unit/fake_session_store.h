@@ -117,6 +117,11 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     copy_after_cas_ = copy;
   }
+  // How many Adds were called, whatever they answered.
+  int adds() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return adds_;
+  }
   // The deadline the last Add was given.
   absl::Time last_add_deadline() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -148,6 +153,17 @@ class FakeSessionStore final : public SessionStore {
   void PauseNextAdd(absl::Duration pause) {
     std::lock_guard<std::mutex> l(mu_);
     add_pause_ = pause;
+  }
+  // The next WriteIndex takes `pause` (real time, outside the lock) before it writes.
+  void PauseNextIndexWrite(absl::Duration pause) {
+    std::lock_guard<std::mutex> l(mu_);
+    index_write_pause_ = pause;
+  }
+  // The next Remove takes `pause` (real time, outside the lock) before it removes; a Remove
+  // whose deadline has passed by then removes nothing (see Remove).
+  void PauseNextRemove(absl::Duration pause) {
+    std::lock_guard<std::mutex> l(mu_);
+    remove_pause_ = pause;
   }
   // How many session items the store holds, expired or not.
   int SessionCount() const {
@@ -203,6 +219,7 @@ class FakeSessionStore final : public SessionStore {
     }
     absl::SleepFor(pause);
     std::lock_guard<std::mutex> l(mu_);
+    ++adds_;
     last_add_deadline_ = deadline;
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(ttl);
@@ -270,9 +287,19 @@ class FakeSessionStore final : public SessionStore {
     return absl::OkStatus();
   }
 
-  absl::Status Remove(const SessionKey& key, absl::Time) override {
+  // Fails with UNAVAILABLE, removing nothing, once `deadline` (wall-clock time, as callers'
+  // deadlines are) has passed: a removal cut off by its deadline, which callers must not take
+  // for one that happened.
+  absl::Status Remove(const SessionKey& key, absl::Time deadline) override {
+    absl::Duration pause;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      pause = std::exchange(remove_pause_, absl::ZeroDuration());
+    }
+    absl::SleepFor(pause);
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
+    if (absl::Now() >= deadline) return absl::UnavailableError("fake store: deadline passed");
     if (!ends_lost_) sessions_.erase(key.token_hash);
     return absl::OkStatus();
   }
@@ -337,6 +364,12 @@ class FakeSessionStore final : public SessionStore {
   absl::Status WriteIndex(absl::string_view tag, const std::optional<CasToken>& cas,
                           const storage::v1::UserSessionIndex& index, absl::Duration ttl,
                           absl::Time) override {
+    absl::Duration pause;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      pause = std::exchange(index_write_pause_, absl::ZeroDuration());
+    }
+    absl::SleepFor(pause);
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     SL_FAKE_CHECK_TTL(ttl);
@@ -400,6 +433,7 @@ class FakeSessionStore final : public SessionStore {
   absl::Status put_failure_;
   bool some_copies_silent_ = false;
   int puts_ = 0;
+  int adds_ = 0;
   absl::Status read_sessions_failure_;
   size_t largest_read_sessions_ = 0;
   absl::Status cas_failure_;
@@ -410,6 +444,8 @@ class FakeSessionStore final : public SessionStore {
   int paused_cas_ = 0;
   absl::Duration cas_pause_;
   absl::Duration add_pause_;
+  absl::Duration index_write_pause_;
+  absl::Duration remove_pause_;
   absl::Time last_add_deadline_ = absl::InfinitePast();
   absl::Time last_lookup_deadline_ = absl::InfinitePast();
   int peeks_ = 0;

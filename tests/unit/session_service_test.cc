@@ -651,35 +651,87 @@ TEST_F(SessionServiceTest, ListingDuringARotationKeepsTheNewSessionIndexed) {
   EXPECT_TRUE(after->empty());
 }
 
-// One whose ending write did not land: UNAVAILABLE, and the old token still works.
-// Ending the old token is the one step of a rotation that cannot be undone. Started with less
-// of the deadline left than the steps before it took, it would likely be cut off after some
-// copies only, and the caller would hold neither token; so it does not start.
+// Ending the old token is the one step of a rotation that cannot be undone. Started with too
+// little of the deadline left, it would likely be cut off after some copies only, and the
+// caller would hold neither token. The index write, of the same shape, tells how long that may
+// take: with less of the deadline left than twice what it took (the add and the end are still
+// to come), the rotation stops before it adds its new session.
 TEST_F(SessionServiceTest, RotateWithTooLittleOfItsDeadlineLeftChangesNothing) {
   SessionView v = MustCreate("alice");
-  store_->PauseNextAdd(absl::Milliseconds(300));
+  const int adds = store_->adds();
+  store_->PauseNextIndexWrite(absl::Milliseconds(300));
   const absl::Status late =
       service_->Rotate(v.token, absl::Now() + absl::Milliseconds(500)).status();
   EXPECT_TRUE(absl::IsUnavailable(late)) << late;
   EXPECT_THAT(late.message(), HasSubstr("nothing was changed"));
+  EXPECT_EQ(store_->adds(), adds) << "the new session was added before the refusal";
   EXPECT_TRUE(Get(v.token).ok()) << "the old token ended";
   EXPECT_EQ(store_->SessionCount(), 1) << "the new session was kept";
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].session_id(), v.stored.session_id());
 
   // With most of the deadline left after the same steps, it goes ahead.
-  store_->PauseNextAdd(absl::Milliseconds(100));
+  store_->PauseNextIndexWrite(absl::Milliseconds(100));
   absl::StatusOr<SessionView> r = service_->Rotate(v.token, absl::Now() + absl::Seconds(10));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
 }
 
+// Behind that check, a backstop: an add much slower than the index write leaves too little of
+// the deadline too, and the new session, never handed out, is removed again. That removal has
+// even less time; when the deadline cuts it off, the new session stays (listed until it
+// expires), and the answer must not say that nothing was changed.
+TEST_F(SessionServiceTest, RotateWhoseAddLeftTooLittleOfItsDeadlineSaysWhatItLeftBehind) {
+  SessionView v = MustCreate("alice");
+  // 400 ms of the deadline left after the add, less than it took, and ample for the removal.
+  store_->PauseNextAdd(absl::Milliseconds(600));
+  const absl::Status removed = service_->Rotate(v.token, absl::Now() + absl::Seconds(1)).status();
+  EXPECT_TRUE(absl::IsUnavailable(removed)) << removed;
+  EXPECT_THAT(removed.message(), HasSubstr("nothing was changed"));
+  EXPECT_TRUE(Get(v.token).ok()) << "the old token ended";
+  EXPECT_EQ(store_->SessionCount(), 1) << "the new session was kept";
+
+  // 300 ms left after the add, and the removal takes 400 ms: the deadline cuts it off.
+  store_->PauseNextAdd(absl::Milliseconds(700));
+  store_->PauseNextRemove(absl::Milliseconds(400));
+  const absl::Status kept = service_->Rotate(v.token, absl::Now() + absl::Seconds(1)).status();
+  EXPECT_TRUE(absl::IsUnavailable(kept)) << kept;
+  EXPECT_THAT(kept.message(), ::testing::Not(HasSubstr("nothing was changed")));
+  EXPECT_THAT(kept.message(), HasSubstr("the old token still works"));
+  EXPECT_THAT(kept.message(), HasSubstr("never handed out may be listed until it expires"));
+  EXPECT_TRUE(Get(v.token).ok()) << "the old token ended";
+  EXPECT_EQ(store_->SessionCount(), 2) << "the removal was not cut off";
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->size(), 2u) << "the session left behind is not listed";
+}
+
+// The copy the compare-and-swap went to still holds the old session as it was read, so the
+// end did not land: the new session, never handed out, is removed again, and the user's
+// listing shows the old session alone.
 TEST_F(SessionServiceTest, RotateWhoseEndingWriteFailedKeepsTheOldSession) {
   SessionView v = MustCreate("alice");
   store_->FailNextCas(1, absl::UnavailableError("memcached: timed out"));
   EXPECT_TRUE(absl::IsUnavailable(service_->Rotate(v.token, Deadline()).status()));
   EXPECT_TRUE(Get(v.token).ok());
+  EXPECT_EQ(store_->SessionCount(), 1) << "the new session, never handed out, was kept";
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> listed =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].session_id(), v.stored.session_id());
+
   absl::StatusOr<SessionView> r = service_->Rotate(v.token, Deadline());
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(Get(r->token).ok());
+  listed = service_->List("alice", Deadline());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].session_id(), r->stored.session_id());
 }
 
 // An end (deletion, rotation, revocation) that reached some copies only must not answer OK: a
