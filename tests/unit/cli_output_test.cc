@@ -341,6 +341,18 @@ TEST(CliOutputTest, StatusCodeNames) {
   EXPECT_EQ(StatusCodeName(static_cast<grpc::StatusCode>(99)), "UNKNOWN");
 }
 
+// A peer's grpc-status is any number gRPC 1.51 could parse; the shell keeps its low 8 bits.
+TEST(CliOutputTest, ExitCodeIsTheStatusCodeOnlyInGrpcsRange) {
+  EXPECT_EQ(ExitCodeForStatus(grpc::Status::OK), 0);
+  EXPECT_EQ(ExitCodeForStatus(grpc::Status(grpc::StatusCode::CANCELLED, "")), 1);
+  EXPECT_EQ(ExitCodeForStatus(grpc::Status(grpc::StatusCode::NOT_FOUND, "")), 5);
+  EXPECT_EQ(ExitCodeForStatus(grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "")), 16);
+  for (int code : {-1, 17, 256, 270}) {
+    EXPECT_EQ(ExitCodeForStatus(grpc::Status(static_cast<grpc::StatusCode>(code), "odd")), 2)
+        << code;
+  }
+}
+
 TEST(CliOutputTest, BenchJsonHasTheDocumentedFields) {
   BenchResult r;
   r.rpc = "get-session";
