@@ -59,6 +59,19 @@ TEST(CliChannelTest, TlsNameOfAListIsItsOneHostOrNone) {
   EXPECT_THAT(mixed.message(), HasSubstr("--tls-server-name"));
 }
 
+// An explicit ipv4:/ipv6: list is the target a list becomes, and is checked the same way; without
+// a name its TLS check would run against the whole list string and fail in the handshake.
+TEST(CliChannelTest, TlsNameOfAnExplicitAddressListIsItsOneHostOrNone) {
+  for (const char* t : {"ipv4:10.0.0.1:443,10.0.0.2:443", "ipv6:[::1]:443,[fe80::2]:443"}) {
+    const absl::Status mixed = TlsNameForTargets({t}).status();
+    EXPECT_EQ(mixed.code(), absl::StatusCode::kInvalidArgument) << t;
+    EXPECT_THAT(mixed.message(), HasSubstr("--tls-server-name")) << t;
+  }
+  EXPECT_EQ(TlsNameForTargets({"ipv4:10.0.0.1:1,10.0.0.1:2"}).value_or("?"), "10.0.0.1");
+  EXPECT_EQ(TlsNameForTargets({"ipv6:[::1]:1,[::1]:2"}).value_or("?"), "::1");
+  EXPECT_EQ(TlsNameForTargets({"ipv4:10.0.0.1:443"}).value_or("?"), "") << "gRPC's own authority";
+}
+
 TEST(CliChannelTest, ListBecomesStaticAddressList) {
   absl::StatusOr<std::string> target =
       BuildChannelTarget({"10.0.0.1:50051", "dns:///10.0.0.2:50052"});
