@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/channel.h"
+#include "client/commands.h"
 #include "client/latency_histogram.h"
 #include "client/output_format.h"
 #include "client/process_cpu.h"
@@ -50,9 +51,10 @@ std::chrono::system_clock::time_point DeadlineFrom(absl::Duration d) {
   return std::chrono::system_clock::now() + absl::ToChronoNanoseconds(d);
 }
 
+// The code is the one the CLI exits with when preparing the run fails.
 absl::Status FromGrpc(const grpc::Status& s, const std::string& what) {
   return absl::Status(
-      static_cast<absl::StatusCode>(s.error_code()),
+      static_cast<absl::StatusCode>(ExitCodeForStatus(s)),
       absl::StrCat(what, ": ", StatusCodeName(s.error_code()), ": ", s.error_message()));
 }
 

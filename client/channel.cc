@@ -17,6 +17,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "server/common/small_file.h"
 
@@ -179,6 +181,16 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
 }
 
 absl::StatusOr<std::string> TlsNameForTargets(const std::vector<std::string>& targets) {
+  if (targets.size() == 1) {
+    // An explicit ipv4:/ipv6: list is the same list BuildChannelTarget makes of several
+    // addresses, and gRPC's only name for it is the whole string: it needs the same name.
+    absl::string_view list = targets.front();
+    if ((absl::ConsumePrefix(&list, "ipv4:") || absl::ConsumePrefix(&list, "ipv6:")) &&
+        absl::StrContains(list, ',')) {
+      const std::vector<std::string> addresses = absl::StrSplit(list, ',');
+      return TlsNameForTargets(addresses);
+    }
+  }
   if (targets.size() < 2) return std::string();
   std::string common;
   for (const std::string& raw : targets) {

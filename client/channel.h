@@ -26,7 +26,8 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
 // --tls-server-name: empty for one target (gRPC takes its host), the common host of a list
 // whose entries differ in port only, and INVALID_ARGUMENT naming --tls-server-name for a list
 // of different hosts. A list becomes one `ipv4:`/`ipv6:` target whose only name is the list
-// itself, which no certificate carries, and gRPC checks one name for every address in it.
+// itself, which no certificate carries, and gRPC checks one name for every address in it; so
+// one explicit `ipv4:`/`ipv6:` target of several addresses counts as a list too.
 absl::StatusOr<std::string> TlsNameForTargets(const std::vector<std::string>& targets);
 
 // The service config every CLI channel uses: round_robin over all resolved addresses, and a

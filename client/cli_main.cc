@@ -1,7 +1,11 @@
 // sessionledger-cli: a command-line client for every sessionledger RPC, and a load generator.
 // Everything lives in the sl_client library; main only hands it argv, the environment and the
-// standard streams.
+// standard streams, and checks that what went to stdout was written.
+#include <grpcpp/support/status_code_enum.h>
+
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -10,6 +14,15 @@
 #include "absl/synchronization/mutex.h"
 #include "client/commands.h"
 #include "server/common/openssl_lifetime.h"
+
+namespace {
+
+// The exit code when stdout cannot take the output (a full disk, say). The call may have taken
+// effect, a session created or money moved, while its answer (a session token) is gone: that is
+// DATA_LOSS. Not UNAVAILABLE, which scripts retry, repeating a call that did its work.
+constexpr int kCannotWriteOutput = static_cast<int>(grpc::StatusCode::DATA_LOSS);
+
+}  // namespace
 
 int main(int argc, char** argv) {
   // Debian's Abseil keeps absl::Mutex deadlock detection on, and gRPC locks absl mutexes on
@@ -28,5 +41,20 @@ int main(int argc, char** argv) {
     if (value == nullptr) return std::nullopt;
     return std::string(value);
   };
-  return sessionledger::client::RunCli(args, env, std::cout, std::cerr);
+  const int code = sessionledger::client::RunCli(args, env, std::cout, std::cerr);
+  // std::cout goes through C stdio's buffer, and a write that fails (ENOSPC) mostly shows only
+  // when that is flushed, after RunCli returned; the exit handlers' flush would ignore it. errno
+  // is cleared first so that only this flush names a cause: after an earlier failed write the
+  // stream is bad already and flush() writes nothing.
+  errno = 0;
+  std::cout.flush();
+  if (!std::cout) {
+    const int error = errno;
+    std::cerr << "sessionledger-cli: cannot write output";
+    if (error != 0) std::cerr << ": " << std::strerror(error);
+    std::cerr << "\n";
+    // A command that failed wrote nothing to stdout, and its own code says more.
+    return code != 0 ? code : kCannotWriteOutput;
+  }
+  return code;
 }

@@ -758,7 +758,8 @@ Global options:
                            session get -- TOKEN
 
 The exit code is the gRPC status code (0 OK, 3 INVALID_ARGUMENT also for usage errors,
-5 NOT_FOUND, 14 UNAVAILABLE, 16 UNAUTHENTICATED, ...); errors go to stderr.
+5 NOT_FOUND, 14 UNAVAILABLE, 15 DATA_LOSS when stdout cannot be written, 16 UNAUTHENTICATED,
+...); errors go to stderr.
 )";
 }
 

@@ -40,7 +40,7 @@ int Finish(const CliOptions& o, const grpc::Status& status, const Response& resp
   if (!status.ok()) {
     err << "error: " << StatusCodeName(status.error_code()) << ": " << status.error_message()
         << "\n";
-    return static_cast<int>(status.error_code());
+    return ExitCodeForStatus(status);
   }
   out << (o.json ? ToJson(response) : format(response));
   return 0;
@@ -77,6 +77,15 @@ std::string KeyFor(const CliOptions& o, std::ostream& err) {
 }
 
 }  // namespace
+
+int ExitCodeForStatus(const grpc::Status& status) {
+  const int code = static_cast<int>(status.error_code());
+  if (code < static_cast<int>(grpc::StatusCode::OK) ||
+      code > static_cast<int>(grpc::StatusCode::UNAUTHENTICATED)) {
+    return static_cast<int>(grpc::StatusCode::UNKNOWN);
+  }
+  return code;
+}
 
 std::string GenerateIdempotencyKey() {
   absl::BitGen gen;

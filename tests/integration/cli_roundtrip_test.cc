@@ -178,6 +178,22 @@ TEST_F(CliRoundTripTest, UsageErrorIsInvalidArgument) {
   EXPECT_THAT(r.output, HasSubstr("--user-id"));
 }
 
+// A session created while stdout is on a full disk (/dev/full fails every write) is one whose
+// token nobody will see: the CLI must say so and fail, not exit 0.
+TEST_F(CliRoundTripTest, SessionCreateWithUnwritableOutputFails) {
+  if (access("/dev/full", W_OK) != 0) GTEST_SKIP() << "no writable /dev/full here";
+  ASSERT_NE(server_, nullptr);
+  absl::StatusOr<CommandResult> r =
+      RunCommand({"/bin/sh", "-c", "exec \"$0\" \"$@\" > /dev/full", SL_CLI_BINARY, "--target",
+                  server_->target(), "session", "create", "--user-id", UniqueUser("cli-full")});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit_code, 15) << r->output;  // DATA_LOSS
+  // The few lines of a session wait in stdout's buffer until the final flush, whose errno is
+  // the cause.
+  EXPECT_THAT(r->output, HasSubstr("sessionledger-cli: cannot write output: No space left"))
+      << r->output;
+}
+
 TEST_F(CliRoundTripTest, SessionLifecycle) {
   const std::string user = UniqueUser("cli-session");
   CommandResult r = Cli(

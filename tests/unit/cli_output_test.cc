@@ -59,6 +59,19 @@ TEST(CliChannelTest, TlsNameOfAListIsItsOneHostOrNone) {
   EXPECT_THAT(mixed.message(), HasSubstr("--tls-server-name"));
 }
 
+// An explicit ipv4:/ipv6: list is the target a list becomes, and is checked the same way; without
+// a name its TLS check would run against the whole list string and fail in the handshake.
+TEST(CliChannelTest, TlsNameOfAnExplicitAddressListIsItsOneHostOrNone) {
+  for (const char* t : {"ipv4:10.0.0.1:443,10.0.0.2:443", "ipv6:[::1]:443,[fe80::2]:443"}) {
+    const absl::Status mixed = TlsNameForTargets({t}).status();
+    EXPECT_EQ(mixed.code(), absl::StatusCode::kInvalidArgument) << t;
+    EXPECT_THAT(mixed.message(), HasSubstr("--tls-server-name")) << t;
+  }
+  EXPECT_EQ(TlsNameForTargets({"ipv4:10.0.0.1:1,10.0.0.1:2"}).value_or("?"), "10.0.0.1");
+  EXPECT_EQ(TlsNameForTargets({"ipv6:[::1]:1,[::1]:2"}).value_or("?"), "::1");
+  EXPECT_EQ(TlsNameForTargets({"ipv4:10.0.0.1:443"}).value_or("?"), "") << "gRPC's own authority";
+}
+
 TEST(CliChannelTest, ListBecomesStaticAddressList) {
   absl::StatusOr<std::string> target =
       BuildChannelTarget({"10.0.0.1:50051", "dns:///10.0.0.2:50052"});
@@ -339,6 +352,18 @@ TEST(CliOutputTest, StatusCodeNames) {
   EXPECT_EQ(StatusCodeName(grpc::StatusCode::UNAUTHENTICATED), "UNAUTHENTICATED");
   EXPECT_EQ(StatusCodeName(grpc::StatusCode::FAILED_PRECONDITION), "FAILED_PRECONDITION");
   EXPECT_EQ(StatusCodeName(static_cast<grpc::StatusCode>(99)), "UNKNOWN");
+}
+
+// A peer's grpc-status is any number gRPC 1.51 could parse; the shell keeps its low 8 bits.
+TEST(CliOutputTest, ExitCodeIsTheStatusCodeOnlyInGrpcsRange) {
+  EXPECT_EQ(ExitCodeForStatus(grpc::Status::OK), 0);
+  EXPECT_EQ(ExitCodeForStatus(grpc::Status(grpc::StatusCode::CANCELLED, "")), 1);
+  EXPECT_EQ(ExitCodeForStatus(grpc::Status(grpc::StatusCode::NOT_FOUND, "")), 5);
+  EXPECT_EQ(ExitCodeForStatus(grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "")), 16);
+  for (int code : {-1, 17, 256, 270}) {
+    EXPECT_EQ(ExitCodeForStatus(grpc::Status(static_cast<grpc::StatusCode>(code), "odd")), 2)
+        << code;
+  }
 }
 
 TEST(CliOutputTest, BenchJsonHasTheDocumentedFields) {
