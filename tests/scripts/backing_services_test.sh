@@ -8,7 +8,8 @@
 #      short after `pg_ctl start`): `start` must create them;
 #   3. a memcached node frozen with SIGSTOP (by a test killed before it let go): `status` must
 #      report it down, `start` must restart it, and `stop` must end it at once (no 10 s wait
-#      for SIGKILL).
+#      for SIGKILL);
+# and a stop that finds nothing running says only that (.ci/run's backstop relies on it).
 # Usage: backing_services_test.sh REPO_ROOT
 set -euo pipefail
 repo_root=$1
@@ -120,4 +121,12 @@ for port in "$SL_MEMCACHED_PORT_1" "$SL_MEMCACHED_PORT_2" "$SL_POSTGRES_PORT"; d
     fail "127.0.0.1:$port still listens after stop"
   fi
 done
+# A stop that finds nothing running says only "... not running", a line per service: .ci/run's
+# backstop drops those lines, to stay quiet after scripts/test has stopped everything.
+run_capturing_stderr env SL_STATE_DIR="$state" "$backing" stop
+((rc == 0)) || fail "a second stop: exit $rc: $err"
+if [[ $(grep -c ' not running$' <<<"$err") != 3 ]] || grep -qv ' not running$' <<<"$err"; then
+  fail "a stop with nothing running said more than '... not running' per service:
+$err"
+fi
 echo "backing_services_test: ok"
