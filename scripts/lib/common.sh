@@ -129,6 +129,67 @@ sl_ctest_excluding() {
   SL_CTEST_ARGS=(-LE "$excluded" ${SL_CTEST_ARGS[@]+"${SL_CTEST_ARGS[@]}"})
 }
 
+# sl_apt_get ARGS...: `apt-get -q ARGS` (non-interactive), retried while another apt or dpkg
+# run holds a lock it needs; its exit status otherwise. On a fresh machine cloud-init or
+# apt-daily often runs its own `apt-get update` at first: `-o DPkg::Lock::Timeout` waits only for
+# dpkg's locks, and apt-get fails at once (exit 100, "Could not get lock
+# /var/lib/apt/lists/lock") on the package lists' lock, or an install on the download
+# directory's (/var/cache/apt/archives/lock). So a failure that reports a lock held elsewhere is
+# retried every SL_APT_RETRY_INTERVAL seconds (default 5), each wait logged, until
+# SL_APT_LOCK_WAIT seconds (default 300) have gone by; DPkg::Lock::Timeout gets what is left of
+# them. Any other failure is returned at once. Messages are read in the C locale.
+sl_apt_get() {
+  local budget=${SL_APT_LOCK_WAIT:-300} interval=${SL_APT_RETRY_INTERVAL:-5}
+  local start=$SECONDS attempt=1 left errors rc what=apt-get arg line skip=0
+  # "apt-get update", "apt-get install": what the log lines name (-o, -c and -t take a value).
+  for arg in "$@"; do
+    if ((skip)); then
+      skip=0
+    elif [[ $arg == -[oct] ]]; then
+      skip=1
+    elif [[ $arg != -* ]]; then
+      what+=" $arg"
+      break
+    fi
+  done
+  while :; do
+    left=$((budget - (SECONDS - start)))
+    ((left > 0)) || left=0
+    # apt-get's stderr goes on to ours line by line and is kept, to tell a held lock from other
+    # errors (a loop, not `tee /dev/fd/4`: /dev/fd cannot reopen a socket, which stderr under
+    # systemd is). Its stdout goes to ours untouched.
+    rc=0
+    {
+      errors=$(
+        set -o pipefail
+        DEBIAN_FRONTEND=noninteractive LC_ALL=C apt-get -q -o DPkg::Lock::Timeout="$left" "$@" \
+          2>&1 >&3 3>&- 4>&- |
+          while IFS= read -r line || [[ -n $line ]]; do
+            printf '%s\n' "$line" >&4
+            printf '%s\n' "$line"
+          done
+      ) || rc=$?
+    } 3>&1 4>&2
+    ((rc == 0)) && return 0
+    if ! grep -qE '^E: (Could not get lock|Unable to lock|Unable to acquire the dpkg frontend lock)' \
+      <<<"$errors"; then
+      return "$rc"
+    fi
+    left=$((budget - (SECONDS - start)))
+    if ((left <= 0)); then
+      sl_log "$what: another apt or dpkg run (see the lock above) still held its lock after" \
+        "${budget} s and $attempt attempts; giving up. Wait for it to finish (ps -C apt-get,dpkg" \
+        "-f) and run again"
+      return "$rc"
+    fi
+    ((interval < left)) || interval=$left
+    sl_log "$what: another apt or dpkg run holds a lock (see above); attempt $attempt" \
+      "failed, trying again in ${interval} s ($((SECONDS - start)) s of ${budget} s waited)"
+    sleep "$interval"
+    ((attempt++))
+  done
+}
+
 sl_package_installed() {
   [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == 'install ok installed' ]]
 }
@@ -201,15 +262,14 @@ sl_install_packages() {
       ours=0
     fi
     # Package lists on a fresh machine may be absent or stale, so update before installing.
-    # The lock timeout waits out another apt/dpkg run instead of failing at once.
-    DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update || exit
+    # sl_apt_get waits out another apt/dpkg run (cloud-init's, apt-daily's) for up to 5 minutes
+    # instead of failing at once on a lock.
+    sl_apt_get update || exit
     if ((${#missing[@]} > 0)); then
-      DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install \
-        "${missing[@]}" || exit
+      sl_apt_get -y install "${missing[@]}" || exit
     fi
     if ((${#missing_no_recommends[@]} > 0)); then
-      DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install \
-        --no-install-recommends "${missing_no_recommends[@]}" || exit
+      sl_apt_get -y install --no-install-recommends "${missing_no_recommends[@]}" || exit
     fi
   )
 }

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# What scripts/test and .ci/run leave behind and report, with stubs in place of everything they
+# run (nothing is installed, built, started or stopped):
+#   scripts/test  gives ctest no_grpc_proxy naming loopback when http_proxy/https_proxy are set
+#                 (a proxy cannot reach the tests' servers on 127.0.0.1); exits non-zero when the
+#                 tests passed but `backing-services stop` failed, and keeps ctest's own failure
+#                 code when both failed;
+#   .ci/run       stops the backing services on exit as a backstop, quietly when there was
+#                 nothing left to stop, and turns a 0 into 1 when that stop fails, never
+#                 changing a step's failure code.
+# Usage: test_exit_test.sh REPO_ROOT
+set -euo pipefail
+repo_root=$1
+# shellcheck source=tests/scripts/test_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+checkout=$tmp/checkout
+calls=$tmp/backing-calls
+mkdir -p "$checkout/.ci" "$checkout/build-test/server" "$tmp/bin" "$tmp/state"
+cp -R "$repo_root/scripts" "$checkout/scripts"
+cp "$repo_root/.ci/run" "$checkout/.ci/run"
+
+# backing-services: every service down until `start`; `stop` as STUB_STOP says (ok: it stops
+# them; fail: it cannot; clean: nothing was running, as after scripts/test's own stop).
+cat >"$checkout/scripts/backing-services" <<STUB
+#!/usr/bin/env bash
+echo "\$*" >>"$calls"
+case \$1 in
+  status) echo 'memcached-1  down  127.0.0.1:21211'; exit 1 ;;
+  start) exit 0 ;;
+  env) echo 'export SL_MEMCACHED_PORT_1=1' ;;
+  stop)
+    case \${STUB_STOP:-ok} in
+      ok) echo 'backing-services: memcached-1 stopped' >&2 ;;
+      clean) printf 'backing-services: %s not running\n' memcached-1 memcached-2 postgres >&2 ;;
+      fail) echo 'backing-services: error: could not stop memcached-1 (pid 4242)' >&2; exit 1 ;;
+    esac ;;
+  *) echo "backing-services stub: unexpected \$*" >&2; exit 1 ;;
+esac
+STUB
+# ctest records the proxy settings it was given and exits STUB_CTEST_RC.
+cat >"$tmp/bin/ctest" <<STUB
+#!/usr/bin/env bash
+printf 'no_grpc_proxy=%s\n' "\${no_grpc_proxy-<unset>}" >"$tmp/ctest-env"
+exit "\${STUB_CTEST_RC:-0}"
+STUB
+# Every package is installed; configuring and building succeed at once; memcached "is
+# installed" (.ci/run's backstop only runs where it or PostgreSQL is).
+printf '#!/bin/sh\nprintf "install ok installed"\n' >"$tmp/bin/dpkg-query"
+printf '#!/bin/sh\nexit 0\n' >"$tmp/bin/cmake"
+printf '#!/bin/sh\nexit 0\n' >"$tmp/bin/memcached"
+printf '#!/bin/sh\nexit 0\n' >"$checkout/build-test/server/sessionledger-server"
+chmod +x "$checkout/scripts/backing-services" "$tmp/bin/"* \
+  "$checkout/build-test/server/sessionledger-server"
+
+export PATH=$tmp/bin:$PATH SL_STATE_DIR=$tmp/state
+# The proxy of a CI runner, and no exemption (scripts/test, which runs this test, sets one).
+export http_proxy=http://proxy.invalid:3128 https_proxy=http://proxy.invalid:3128
+unset no_proxy no_grpc_proxy NO_PROXY
+
+# --- scripts/test ---------------------------------------------------------------------------
+# run_test CTEST_RC STOP WANT: scripts/test with ctest exiting CTEST_RC and `stop` as STOP; its
+# exit code must be WANT.
+run_test() {
+  rm -f "$calls" "$tmp/ctest-env"
+  STUB_CTEST_RC=$1 STUB_STOP=$2 run_capturing_stderr "$checkout/scripts/test"
+  ((rc == $3)) || fail "scripts/test, ctest exit $1, stop $2: exit $rc, want $3: $err"
+  grep -qx stop "$calls" || fail "scripts/test, ctest exit $1, stop $2: no stop: $err"
+}
+run_test 0 ok 0
+got=$(<"$tmp/ctest-env")
+[[ $got == no_grpc_proxy=127.0.0.1,localhost,::1* ]] ||
+  fail "ctest ran with http_proxy set and $got: loopback channels would go to the proxy"
+run_test 0 fail 1
+expect_in "$err" "scripts/test's log" "scripts/backing-services stop failed"
+run_test 8 fail 8
+run_test 8 ok 8
+
+# --- .ci/run ----------------------------------------------------------------------------------
+# scripts/test: each step exits as STUB_STEP_1 or STUB_STEP_2 says (--sanitize is step 2).
+cat >"$checkout/scripts/test" <<'STUB'
+#!/usr/bin/env bash
+if [[ ${1-} == --sanitize ]]; then exit "${STUB_STEP_2:-0}"; fi
+exit "${STUB_STEP_1:-0}"
+STUB
+chmod +x "$checkout/scripts/test"
+# run_ci STEP_1 STEP_2 STOP WANT: .ci/run with the steps exiting STEP_1 and STEP_2 and the
+# backstop's `stop` as STOP; its exit code must be WANT, and it must have run one stop.
+run_ci() {
+  rm -f "$calls"
+  STUB_STEP_1=$1 STUB_STEP_2=$2 STUB_STOP=$3 run_capturing_stderr "$checkout/.ci/run"
+  ((rc == $4)) || fail ".ci/run, steps $1 $2, stop $3: exit $rc, want $4: $err"
+  [[ $(cat "$calls" 2>/dev/null) == stop ]] ||
+    fail ".ci/run, steps $1 $2, stop $3: backing-services was asked: $(cat "$calls" 2>/dev/null)"
+}
+run_ci 0 0 clean 0
+[[ $err != *backstop* && $err != *"not running"* ]] ||
+  fail ".ci/run talked about a backstop stop that found nothing running: $err"
+run_ci 3 0 ok 3
+expect_in "$err" ".ci/run's log" "stopped backing services the steps left running" \
+  "memcached-1 stopped"
+run_ci 0 0 fail 1
+expect_in "$err" ".ci/run's log" "stop failed" "could not stop memcached-1" "exiting 1"
+run_ci 0 5 fail 5
+echo "test_exit_test: ok"
