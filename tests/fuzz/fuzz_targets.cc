@@ -515,6 +515,9 @@ std::string FuzzStoredSession(absl::string_view data) {
     v1::Session response;
     const grpc::Status status = handlers.RotateSession(&context, &request, &response);
     problem = CheckCode("RotateSession", status);
+    if (problem.empty() && status.ok() && !must_not_serve.empty()) {
+      problem = absl::StrCat("RotateSession gave a new token for ", must_not_serve);
+    }
     if (problem.empty() && status.ok() && response.token().empty()) {
       problem = "RotateSession returned no token";
     }
