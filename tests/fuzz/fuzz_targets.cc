@@ -463,8 +463,20 @@ std::string FuzzStoredSession(absl::string_view data) {
     return status;
   };
 
-  const bool live_key_checks_fail =
-      state.session.deleted() || state.session.token_hash() != key->token_hash;
+  // What CheckLive must refuse whatever the clock says, or "" when the value may be live: a
+  // call that serves it has served a session that must not be served. Taken from the values
+  // rather than the flags: flag 1 clear still matches a stored user "fuzz-user", and flag 4
+  // gives no higher generation when user_generation + 1 wraps to 0.
+  std::string must_not_serve;
+  if (state.session.deleted()) {
+    must_not_serve = "a deleted session";
+  } else if (state.session.token_hash() != key->token_hash) {
+    must_not_serve = "a session stored under another token's key";
+  } else if (UserTag(state.session.user_id()) != key->user_tag) {
+    must_not_serve = "a session of another user than the token's";
+  } else if (state.generation > state.session.user_generation()) {
+    must_not_serve = "a session its user's revocation ended";
+  }
   std::string problem;
   {
     v1::GetSessionRequest request;
@@ -473,8 +485,8 @@ std::string FuzzStoredSession(absl::string_view data) {
     v1::Session response;
     const grpc::Status status = answer(&SessionHandlers::AnswerGetSession, request, &response);
     problem = CheckCode("GetSession", status);
-    if (problem.empty() && status.ok() && live_key_checks_fail) {
-      problem = "GetSession served a deleted session or one stored under another key";
+    if (problem.empty() && status.ok() && !must_not_serve.empty()) {
+      problem = absl::StrCat("GetSession served ", must_not_serve);
     }
     if (problem.empty() && !response.token().empty()) problem = "GetSession returned a token";
   }
@@ -487,8 +499,8 @@ std::string FuzzStoredSession(absl::string_view data) {
     v1::Session response;
     const grpc::Status status = answer(&SessionHandlers::AnswerUpdateSession, request, &response);
     problem = CheckCode("UpdateSession", status);
-    if (problem.empty() && status.ok() && live_key_checks_fail) {
-      problem = "UpdateSession changed a deleted session or one stored under another key";
+    if (problem.empty() && status.ok() && !must_not_serve.empty()) {
+      problem = absl::StrCat("UpdateSession changed ", must_not_serve);
     }
     // Versions only grow: a client waiting for "version > n" must never see it go back.
     if (problem.empty() && status.ok() && response.version() <= stored.version()) {
@@ -503,6 +515,9 @@ std::string FuzzStoredSession(absl::string_view data) {
     v1::Session response;
     const grpc::Status status = handlers.RotateSession(&context, &request, &response);
     problem = CheckCode("RotateSession", status);
+    if (problem.empty() && status.ok() && !must_not_serve.empty()) {
+      problem = absl::StrCat("RotateSession gave a new token for ", must_not_serve);
+    }
     if (problem.empty() && status.ok() && response.token().empty()) {
       problem = "RotateSession returned no token";
     }
@@ -542,8 +557,8 @@ std::string FuzzStoredSession(absl::string_view data) {
         !absl::IsUnavailable(user.status())) {
       problem = absl::StrCat("authenticator answered ", user.status().ToString());
     }
-    if (user.ok() && live_key_checks_fail) {
-      problem = "authenticator accepted a deleted session or one stored under another key";
+    if (user.ok() && !must_not_serve.empty()) {
+      problem = absl::StrCat("authenticator accepted ", must_not_serve);
     }
   }
   return problem;
