@@ -19,13 +19,22 @@ namespace {
 
 class SessionConcurrencyTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    a_ = StartSessionServer();
-    b_ = StartSessionServer();
+  void SetUp() override { StartServers({}); }
+  void StartServers(const std::map<std::string, std::optional<std::string>>& env) {
+    a_ = StartSessionServer(env);
+    b_ = StartSessionServer(env);
     ASSERT_TRUE(a_ != nullptr && b_ != nullptr);
   }
   std::unique_ptr<ServerProcess> a_;
   std::unique_ptr<ServerProcess> b_;
+};
+
+// The same two servers on memcached with a replica (MEMCACHED_URL_REPLICATED).
+class SessionConcurrencyReplicatedTest : public SessionConcurrencyTest {
+ protected:
+  void SetUp() override {
+    StartServers({{"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}});
+  }
 };
 
 // Unconditional updates (expected_version 0) from 8 threads, half through each server: the
@@ -74,13 +83,8 @@ TEST_F(SessionConcurrencyTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
 // With a replica, reads that meet a write half-way (the primary copy changed, the other not
 // yet, or the other way round) repair the stale copy. A repair must never overwrite a newer
 // write on the primary, where every writer's compare-and-swap meets.
-TEST(SessionConcurrencyReplicatedTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
-  const std::map<std::string, std::optional<std::string>> replicated = {
-      {"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}};
-  auto a = StartSessionServer(replicated);
-  auto b = StartSessionServer(replicated);
-  ASSERT_TRUE(a != nullptr && b != nullptr);
-  ExpectUnconditionalUpdatesAllSurvive(*a, *b);
+TEST_F(SessionConcurrencyReplicatedTest, UnconditionalUpdatesFromTwoServersAllSurvive) {
+  ExpectUnconditionalUpdatesAllSurvive(*a_, *b_);
 }
 
 TEST_F(SessionConcurrencyTest, ExactlyOneOfTwoSameVersionWritersWins) {
@@ -210,13 +214,8 @@ TEST_F(SessionConcurrencyTest, OneOfTwoConcurrentRotationsWins) {
 
 // With a replica, the old session ends on both copies (a compare-and-swap on the copy that was
 // read, then a write to the other): a rotation that reads it half-way must still lose.
-TEST(SessionConcurrencyReplicatedTest, OneOfTwoConcurrentRotationsWins) {
-  const std::map<std::string, std::optional<std::string>> replicated = {
-      {"MEMCACHED_URL", RequiredEnv("MEMCACHED_URL_REPLICATED")}};
-  auto a = StartSessionServer(replicated);
-  auto b = StartSessionServer(replicated);
-  ASSERT_TRUE(a != nullptr && b != nullptr);
-  ExpectOneOfTwoConcurrentRotationsWins(*a, *b);
+TEST_F(SessionConcurrencyReplicatedTest, OneOfTwoConcurrentRotationsWins) {
+  ExpectOneOfTwoConcurrentRotationsWins(*a_, *b_);
 }
 
 }  // namespace
