@@ -67,9 +67,18 @@ LOCKED_RUNS=1000 SL_APT_LOCK_WAIT=2 apt -y install jq
 (($(wc -l <<<"$calls") >= 2)) || fail "install, always locked: not tried again: $calls"
 expect_in "$err" "the log" "apt-get install: another apt or dpkg run" \
   "still held its lock after 2 s" "giving up"
-# The dpkg lock's own timeout is what is left of the wait, never more.
-[[ $(tail -n 1 <<<"$calls") == "-q -o DPkg::Lock::Timeout=0 -y install jq" ]] ||
-  fail "install, always locked: the last attempt's arguments: $calls"
+# The dpkg lock's own timeout is what is left of the wait, never more: at most the 2 s, and
+# never growing. (Not "0 on the last try": whole seconds tick during a try, so the last one
+# may have started with 1 s left.)
+previous=2
+while read -r call; do
+  [[ $call =~ ^-q\ -o\ DPkg::Lock::Timeout=([0-9]+)\ -y\ install\ jq$ ]] ||
+    fail "install, always locked: an attempt's arguments: $call"
+  timeout=${BASH_REMATCH[1]}
+  ((timeout <= previous)) ||
+    fail "install, always locked: the dpkg lock timeout grew to $timeout s: $calls"
+  previous=$timeout
+done <<<"$calls"
 
 # --- 3. any other failure is not waited out --------------------------------------------------
 OTHER_ERROR='Unable to locate package no-such-package' apt -y install no-such-package
