@@ -759,7 +759,7 @@ Global options:
 
 The exit code is the gRPC status code (0 OK, 3 INVALID_ARGUMENT also for usage errors,
 5 NOT_FOUND, 14 UNAVAILABLE, 15 DATA_LOSS when stdout cannot be written, 16 UNAUTHENTICATED,
-...); errors go to stderr.
+...; 2 UNKNOWN for a code outside 0..16); errors go to stderr.
 )";
 }
 
