@@ -15,9 +15,11 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "server/common/status_macros.h"
 #include "server/common/thread_name.h"
 
 namespace sessionledger {
@@ -192,6 +194,23 @@ PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(con
     if (hostaddr == nullptr) hostaddr = ValueOf(defaults.get(), "hostaddr");
     if (port == nullptr) port = ValueOf(defaults.get(), "port");
   }
+  // Read before the host list, whose shape may leave everything to libpq.
+  const auto setting = [&](const char* keyword) -> const char* {
+    if (const char* value = ValueOf(options.get(), keyword); value != nullptr) return value;
+    if (defaults == nullptr && ValueOf(options.get(), "service") == nullptr) {
+      defaults.reset(PQconndefaults());
+    }
+    return defaults == nullptr ? nullptr : ValueOf(defaults.get(), keyword);
+  };
+  if (const char* timeout = setting("connect_timeout"); timeout != nullptr) {
+    int seconds = 0;
+    if (absl::SimpleAtoi(timeout, &seconds) && seconds > 0) {
+      connect_timeout_ = absl::Seconds(std::max(seconds, 2));
+    }
+  }
+  if (const char* attrs = setting("target_session_attrs"); attrs != nullptr) {
+    needs_whole_list_ = absl::string_view(attrs) == "prefer-standby";
+  }
   const std::vector<std::string> hosts = SplitList(host);
   const std::vector<std::string> hostaddrs = SplitList(hostaddr);
   const std::vector<std::string> ports = SplitList(port);
@@ -226,20 +245,36 @@ PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(con
 absl::StatusOr<PgConnectTarget::Overrides> PgConnectTarget::WithAddresses(
     const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses, size_t begin,
     size_t end) const {
+  SL_ASSIGN_OR_RETURN(const std::vector<Overrides> candidates, Candidates(addresses, begin, end));
+  std::vector<absl::string_view> hosts;
+  std::vector<absl::string_view> hostaddrs;
+  std::vector<absl::string_view> ports;
+  for (const Overrides& candidate : candidates) {
+    hosts.push_back(candidate.host);
+    hostaddrs.push_back(candidate.hostaddr);
+    ports.push_back(candidate.port);
+  }
+  Overrides overrides;
+  overrides.host = absl::StrJoin(hosts, ",");
+  overrides.hostaddr = absl::StrJoin(hostaddrs, ",");
+  // One port for all (or none) is the conninfo's own and still applies to every entry.
+  if (per_entry_ports_) overrides.port = absl::StrJoin(ports, ",");
+  return overrides;
+}
+
+absl::StatusOr<std::vector<PgConnectTarget::Overrides>> PgConnectTarget::Candidates(
+    const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses, size_t begin,
+    size_t end) const {
   if (addresses.size() != names_.size()) {
     return absl::InternalError("postgres: lookup results do not match the host names");
   }
   end = std::min(end, entries_.size());
-  std::vector<std::string> hosts;
-  std::vector<std::string> hostaddrs;
-  std::vector<std::string> ports;
+  std::vector<Overrides> candidates;
   absl::Status first_failure;
   for (size_t i = begin; i < end; ++i) {
     const Entry& entry = entries_[i];
     if (entry.name_index < 0) {
-      hosts.push_back(entry.host);
-      hostaddrs.push_back(entry.hostaddr);
-      ports.push_back(entry.port);
+      candidates.push_back(Overrides{entry.host, entry.hostaddr, entry.port});
       continue;
     }
     const absl::StatusOr<std::vector<std::string>>& found = addresses[entry.name_index];
@@ -251,22 +286,15 @@ absl::StatusOr<PgConnectTarget::Overrides> PgConnectTarget::WithAddresses(
       continue;
     }
     for (const std::string& address : *found) {
-      hosts.push_back(entry.host);
-      hostaddrs.push_back(address);
-      ports.push_back(entry.port);
+      candidates.push_back(Overrides{entry.host, address, entry.port});
     }
   }
-  if (hosts.empty()) {
+  if (candidates.empty()) {
     // Nothing to try: every name failed (say why), or answered without an address.
     if (!first_failure.ok()) return first_failure;
     return absl::UnavailableError("postgres: no address to connect to");
   }
-  Overrides overrides;
-  overrides.host = absl::StrJoin(hosts, ",");
-  overrides.hostaddr = absl::StrJoin(hostaddrs, ",");
-  // One port for all (or none) is the conninfo's own and still applies to every entry.
-  if (per_entry_ports_) overrides.port = absl::StrJoin(ports, ",");
-  return overrides;
+  return candidates;
 }
 
 }  // namespace sessionledger

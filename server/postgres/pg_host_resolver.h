@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "server/common/clock.h"
 
 namespace sessionledger {
@@ -129,6 +130,18 @@ class PgConnectTarget {
   absl::StatusOr<Overrides> WithAddresses(
       const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses, size_t begin = 0,
       size_t end = SIZE_MAX) const;
+  // The same, one libpq host entry (one address) each, in the order libpq would try them: to
+  // connect to them one at a time, each with its own time limit.
+  absl::StatusOr<std::vector<Overrides>> Candidates(
+      const std::vector<absl::StatusOr<std::vector<std::string>>>& addresses, size_t begin = 0,
+      size_t end = SIZE_MAX) const;
+
+  // The conninfo's connect_timeout (or PGCONNECT_TIMEOUT's), as libpq reads it: at least 2 s;
+  // zero when none is set (libpq would wait for each host without a limit).
+  absl::Duration connect_timeout() const { return connect_timeout_; }
+  // True when only libpq itself can choose among the hosts: target_session_attrs=prefer-standby
+  // goes over the whole list twice, for a standby first, then for any server.
+  bool needs_whole_list() const { return needs_whole_list_; }
 
  private:
   struct Entry {
@@ -141,6 +154,8 @@ class PgConnectTarget {
   std::string conninfo_;
   std::vector<Entry> entries_;
   bool per_entry_ports_ = false;  // The conninfo has one port per host.
+  absl::Duration connect_timeout_ = absl::ZeroDuration();
+  bool needs_whole_list_ = false;
   std::vector<std::string> names_;
 };
 

@@ -64,6 +64,19 @@ absl::Status OneFailure(const std::vector<absl::Status>& failures) {
       [](std::string* out, const absl::Status& s) { absl::StrAppend(out, s.message()); }));
 }
 
+// When one attempt of a host list gives up on its host, with `after` more hosts to try: the
+// conninfo's connect_timeout (which libpq itself ignores in PQconnectPoll), or without one an
+// even share of what is left, so that every host gets a chance within the deadline. The last
+// host has what is left.
+SteadyTime AttemptDeadline(absl::Duration connect_timeout, size_t after, SteadyTime give_up) {
+  const SteadyTime now = SteadyNow();
+  if (connect_timeout > absl::ZeroDuration()) {
+    return std::min(give_up, now + ToSteadyDuration(connect_timeout));
+  }
+  if (after == 0 || give_up <= now) return give_up;
+  return now + (give_up - now) / static_cast<int64_t>(after + 1);
+}
+
 }  // namespace
 
 std::string SqlStateOf(const absl::Status& status) {
@@ -101,7 +114,7 @@ absl::StatusOr<PgConnection> PgConnection::ConnectBy(const PgConnectTarget& targ
   // libpq looks host names up synchronously inside PQconnectStartParams/PQconnectPoll, beyond
   // any deadline; only a `hostaddr` spares it that. So names are looked up here first, on the
   // resolver's threads and within the deadline, and libpq is handed the addresses.
-  if (target.names().empty()) return ConnectTo(target.conninfo(), nullptr, give_up);
+  if (target.entry_count() == 0) return ConnectTo(target.conninfo(), nullptr, give_up);
   // libpq tries the hosts of a list in order and looks a name up only when it comes to it, so a
   // fallback host's lookup never delays the hosts before it. The same here: every lookup starts
   // at once, but each attempt waits only for the first name it comes to, and takes the hosts
@@ -127,16 +140,44 @@ absl::StatusOr<PgConnection> PgConnection::ConnectBy(const PgConnectTarget& targ
       addresses[name] = *std::move(found);
       answered[name] = true;
     }
-    absl::StatusOr<PgConnectTarget::Overrides> by_address =
-        target.WithAddresses(addresses, begin, end);
-    begin = end;
-    if (!by_address.ok()) {
-      failures.push_back(by_address.status());
+    if (target.needs_whole_list()) {
+      absl::StatusOr<PgConnectTarget::Overrides> by_address =
+          target.WithAddresses(addresses, begin, end);
+      begin = end;
+      if (!by_address.ok()) {
+        failures.push_back(by_address.status());
+        continue;
+      }
+      absl::StatusOr<PgConnection> conn = ConnectTo(target.conninfo(), &*by_address, give_up);
+      if (conn.ok()) return conn;
+      failures.push_back(conn.status());
       continue;
     }
-    absl::StatusOr<PgConnection> conn = ConnectTo(target.conninfo(), &*by_address, give_up);
-    if (conn.ok()) return conn;
-    failures.push_back(conn.status());
+    absl::StatusOr<std::vector<PgConnectTarget::Overrides>> candidates =
+        target.Candidates(addresses, begin, end);
+    begin = end;
+    if (!candidates.ok()) {
+      failures.push_back(candidates.status());
+      continue;
+    }
+    // One address at a time, each within its own limit: libpq cannot be told to give up on a
+    // host and go on to the next, so a host that never answers (its node gone, the packets
+    // dropped) would hold the whole list until the deadline, and a failover to the next host
+    // would never happen.
+    for (size_t i = 0; i < candidates->size() && SteadyNow() < give_up; ++i) {
+      const PgConnectTarget::Overrides& candidate = (*candidates)[i];
+      const size_t after = candidates->size() - i - 1 + (target.entry_count() - begin);
+      absl::StatusOr<PgConnection> conn = ConnectTo(
+          target.conninfo(), &candidate, AttemptDeadline(target.connect_timeout(), after, give_up));
+      if (conn.ok()) return conn;
+      failures.push_back(absl::Status(
+          conn.status().code(),
+          absl::StrCat(conn.status().message(), " (", candidate.host,
+                       candidate.hostaddr.empty() || candidate.hostaddr == candidate.host
+                           ? ""
+                           : absl::StrCat(" at ", candidate.hostaddr),
+                       ")")));
+    }
   }
   if (failures.empty()) return absl::UnavailableError("postgres: connect timed out");
   return OneFailure(failures);

@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
@@ -159,6 +160,30 @@ TEST(PgHostLookupTest, WhenEveryHostFailsEachOneSaysWhy) {
   EXPECT_THAT(conn.status().message(), HasSubstr("connect failed"));
   EXPECT_THAT(conn.status().message(),
               HasSubstr("looking up 'hanging.test' took longer than the deadline"));
+}
+
+// A host that takes the connection and never answers (or whose packets are dropped: its node
+// gone) must not hold up the hosts after it: libpq cannot be told to give up on one host, so
+// each is tried on its own, within connect_timeout. Before, the whole list waited out the
+// deadline on the first host, and a failover to the second never happened.
+TEST(PgHostLookupTest, AHostThatNeverAnswersDoesNotHoldUpTheNextOne) {
+  testing::SilentListener silent(/*backlog=*/4);
+  ASSERT_NE(silent.port(), 0);
+  const std::string hosts = absl::StrCat("127.0.0.1:", silent.port(), ",127.0.0.1");
+  for (const std::string& timeout : {std::string("&connect_timeout=1"), std::string()}) {
+    SCOPED_TRACE(timeout.empty() ? "no connect_timeout: a share of the deadline"
+                                 : "connect_timeout=1 (libpq's 2 s at least)");
+    const absl::Time start = absl::Now();
+    absl::StatusOr<PgConnection> conn =
+        PgConnection::Connect(UrlWithHosts(hosts) + "&target_session_attrs=read-write" + timeout,
+                              absl::Now() + absl::Seconds(8));
+    const absl::Duration took = absl::Now() - start;
+    ASSERT_TRUE(conn.ok()) << conn.status();
+    EXPECT_EQ(std::string(PQport(conn->raw())), RequiredEnv("SL_POSTGRES_PORT"));
+    // 2 s on the silent host with connect_timeout, half of the 8 s without.
+    EXPECT_LT(took, absl::Seconds(timeout.empty() ? 6 : 4));
+    ExpectWorks(*conn);
+  }
 }
 
 TEST(PgHostLookupTest, AGivenHostaddrIsUsedAsIs) {

@@ -234,6 +234,41 @@ TEST(PgConnectTargetTest, MultiHostUrlExpandsEachNameToItsAddresses) {
   EXPECT_EQ(o.port, "5432,5432,5433");
 }
 
+// One candidate per address, for connecting to them one at a time; each keeps its entry's port.
+TEST(PgConnectTargetTest, CandidatesAreOneAddressEachInLibpqsOrder) {
+  const PgConnectTarget target("postgres://app@db1.example:5432,10.0.0.9:5433/app");
+  absl::StatusOr<std::vector<PgConnectTarget::Overrides>> candidates =
+      target.Candidates({std::vector<std::string>{"10.0.0.1", "fd00::1"}});
+  ASSERT_TRUE(candidates.ok()) << candidates.status();
+  ASSERT_EQ(candidates->size(), 3u);
+  EXPECT_EQ((*candidates)[0].host, "db1.example");
+  EXPECT_EQ((*candidates)[0].hostaddr, "10.0.0.1");
+  EXPECT_EQ((*candidates)[0].port, "5432");
+  EXPECT_EQ((*candidates)[1].hostaddr, "fd00::1");
+  EXPECT_EQ((*candidates)[2].host, "10.0.0.9");
+  EXPECT_EQ((*candidates)[2].hostaddr, "");
+  EXPECT_EQ((*candidates)[2].port, "5433");
+}
+
+// What decides how long one host of a list gets: libpq's connect_timeout (2 s at least, none
+// when 0 or unset), and whether only libpq can walk the list (prefer-standby's two passes).
+TEST(PgConnectTargetTest, ConnectTimeoutAndPreferStandbyAreReadAsLibpqReadsThem) {
+  EXPECT_EQ(PgConnectTarget("postgres://a@db1.example,db2.example/app?connect_timeout=5")
+                .connect_timeout(),
+            absl::Seconds(5));
+  EXPECT_EQ(PgConnectTarget("postgres://a@db.example/app?connect_timeout=1").connect_timeout(),
+            absl::Seconds(2));
+  EXPECT_EQ(PgConnectTarget("postgres://a@db.example/app?connect_timeout=0").connect_timeout(),
+            absl::ZeroDuration());
+  EXPECT_EQ(PgConnectTarget("postgres://a@db.example/app").connect_timeout(), absl::ZeroDuration());
+  EXPECT_TRUE(PgConnectTarget("postgres://a@db1.example,db2.example/app"
+                              "?target_session_attrs=prefer-standby")
+                  .needs_whole_list());
+  EXPECT_FALSE(PgConnectTarget("postgres://a@db1.example,db2.example/app"
+                               "?target_session_attrs=read-write")
+                   .needs_whole_list());
+}
+
 TEST(PgConnectTargetTest, OnePortForAllIsLeftToTheConninfo) {
   const PgConnectTarget target("postgres://app@db.example:6000/app");
   EXPECT_THAT(target.names(), ElementsAre("db.example"));
