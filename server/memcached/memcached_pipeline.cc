@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -405,10 +406,14 @@ void MemcachedPipeline::StoreAsync(int node_index, MemcachedWrite op, const std:
   // once, a relative time taken for a date in 1970) is never what a caller means.
   if (exptime > kMaxRelativeExptimeSeconds) {
     const int64_t now = absl::ToUnixSeconds(WallNow());
-    if (exptime <= now || exptime - now > kFarthestUnixExptimeAhead) {
-      std::move(done)(absl::InvalidArgumentError(
-          absl::StrCat("memcached pipeline: exptime ", exptime, " is neither 0..",
-                       kMaxRelativeExptimeSeconds, " seconds nor a Unix time in the coming year")));
+    // memcached reads exptime into a 32-bit int: past 2038-01-19 a Unix time would wrap to a
+    // negative one, and the item, answered STORED, be gone at once.
+    if (exptime <= now || exptime - now > kFarthestUnixExptimeAhead ||
+        exptime > std::numeric_limits<int32_t>::max()) {
+      std::move(done)(absl::InvalidArgumentError(absl::StrCat(
+          "memcached pipeline: exptime ", exptime, " is neither 0..", kMaxRelativeExptimeSeconds,
+          " seconds nor a Unix time in the coming year that memcached can read (up "
+          "to 2038-01-19)")));
       return;
     }
   } else if (exptime < 0) {
@@ -591,6 +596,9 @@ void MemcachedPipeline::Run() {
       Node& node = *nodes_[tag & 0xffff];
       if (node.fd >= 0 && node.serial == (tag >> 16)) OnEvents(node, events[i].events, now);
     }
+    // Read again: the answers' callbacks may have taken a while, and a request queued meanwhile
+    // whose time ran out must be seen to have (Dispatch does not send it).
+    now = SteadyNow();
     bool stopping = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -665,6 +673,13 @@ SteadyTime MemcachedPipeline::NextTimer(SteadyTime now) const {
   return std::max(next, now);
 }
 
+absl::Status MemcachedPipeline::TooLateToSend(const Node& node, const Request& r) {
+  return absl::UnavailableError(
+      absl::StrCat("memcached ", node.label, ": no answer within ",
+                   absl::FormatDuration(absl::FromChrono(r.give_up - r.started)),
+                   " (not sent: its time ran out before it could be)"));
+}
+
 void MemcachedPipeline::ExpireRequests(Node& node, SteadyTime now) {
   for (auto& r : node.in_flight) {
     if (r->answered || now < r->give_up) continue;
@@ -696,6 +711,12 @@ void MemcachedPipeline::Dispatch(Node& node, std::vector<std::shared_ptr<Request
   batches_.fetch_add(1, std::memory_order_relaxed);
   batched_requests_.fetch_add(static_cast<int64_t>(fresh.size()), std::memory_order_relaxed);
   for (auto& r : fresh) {
+    // Its time ran out while it waited for this turn of the loop (the I/O thread late, a slow
+    // callback): not sent at all, as a write its caller is told failed must not land later.
+    if (now >= r->give_up) {
+      r->Fail(TooLateToSend(node, *r));
+      continue;
+    }
     // A slow name lookup is not the node answering slowly: the "answering too slowly" check
     // counts from here, not from when the caller asked.
     r->sent = now;
@@ -761,6 +782,10 @@ void MemcachedPipeline::Connected(Node& node, SteadyTime now) {
   node.out_offset = 0;
   for (auto& r : node.in_flight) {
     if (r->answered) continue;
+    if (now >= r->give_up) {
+      r->Fail(TooLateToSend(node, *r));
+      continue;
+    }
     r->sent = now;
     node.out += r->command;
     waiting.push_back(std::move(r));
@@ -864,6 +889,13 @@ void MemcachedPipeline::Flush(Node& node, SteadyTime now) {
     }
     if (sent < 0 && errno == EINTR) continue;
     if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      // The part already sent goes once it is a chunk's worth: a node that always has more
+      // to take than its socket holds would otherwise keep the buffer from ever emptying, and
+      // it would hold every byte sent to it since.
+      if (node.out_offset >= kReadChunk) {
+        node.out.erase(0, node.out_offset);
+        node.out_offset = 0;
+      }
       Watch(node, true);
       return;
     }

@@ -177,6 +177,8 @@ class MemcachedPipeline {
   bool ParseAnswers(Node& node);
   void Drop(Node& node, const absl::Status& why, bool mark_failed, SteadyTime now);
   // Answers requests whose time is up; their replies, when they come, are read and dropped.
+  // The failure of a request whose time ran out before it was sent.
+  static absl::Status TooLateToSend(const Node& node, const Request& r);
   void ExpireRequests(Node& node, SteadyTime now);
   void Watch(Node& node, bool want_write);
   absl::Time WallNow() const;

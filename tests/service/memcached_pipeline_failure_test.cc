@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -1087,6 +1088,54 @@ TEST(MemcachedPipelineFailureTest, LateReplyOfAStoreGivenUpIsNotHandedToTheNextS
   EXPECT_TRUE(IsReply(TimedSet(*pipeline, Deadline()).result, MemcachedStored::kStored));
   EXPECT_TRUE(IsReply(TimedSet(*pipeline, Deadline()).result, MemcachedStored::kStored));
   EXPECT_EQ(server.accepted(), 1) << "a late reply is no reason to drop the connection";
+}
+
+// A store whose time ran out while the I/O thread was held up elsewhere (here a callback that
+// blocks, as a starved CPU would) is failed and not sent: a write its caller was told had failed
+// must not land later. It used to be written first and failed by the timer check after.
+TEST(MemcachedPipelineFailureTest, AStoreWhoseTimeRanOutBeforeItsTurnIsNotSent) {
+  FakeMemcached reads({Serve()});
+  FakeMemcached writes({ServeStores()});
+  std::unique_ptr<MemcachedPipeline> pipeline =
+      StartReader({reads.node(), writes.node()}, absl::Seconds(5));
+  ASSERT_NE(pipeline, nullptr);
+  // The connection to the second node is open and idle: "set k 0 0 1" and its data line.
+  ASSERT_TRUE(IsReply(pipeline->Store(1, MemcachedWrite::kSet, "k", "v", 0, 0, Deadline()),
+                      MemcachedStored::kStored));
+  ASSERT_TRUE(writes.AwaitLines(2));
+  auto holding = std::make_shared<Notification>();
+  pipeline->GetAsync(0, {"k"}, Deadline(), [holding](absl::StatusOr<MemcachedHits>) {
+    holding->Notify();
+    absl::SleepFor(absl::Milliseconds(600));
+  });
+  ASSERT_TRUE(holding->WaitForNotificationWithTimeout(absl::Seconds(10)));
+  Pending<MemcachedStored> late;
+  pipeline->StoreAsync(1, MemcachedWrite::kSet, "late", "v", 0, 0,
+                       Deadline(absl::Milliseconds(200)), late.Callback());
+  const AsyncAnswer<MemcachedStored> answer = late.Wait(absl::Seconds(5));
+  EXPECT_TRUE(absl::IsUnavailable(answer.result.status())) << answer.result.status();
+  EXPECT_FALSE(writes.AwaitLines(3, absl::Milliseconds(500)))
+      << "the store was sent after its time had run out";
+}
+
+// memcached reads an exptime into a 32-bit int: a Unix time past 2038-01-19, though within the
+// coming year, would wrap to a past one, and the item, answered STORED, be gone at once.
+TEST(MemcachedPipelineFailureTest, AUnixExptimePastWhatMemcachedCanReadIsRefused) {
+  FakeMemcached server({ServeStores()});
+  SteppingClock wall;  // Some months before 2038-01-19.
+  wall.Step(absl::FromUnixSeconds(int64_t{std::numeric_limits<int32_t>::max()}) -
+            absl::Hours(24 * 100) - absl::Now());
+  std::unique_ptr<MemcachedPipeline> pipeline =
+      StartReader({server.node()}, absl::Seconds(5), absl::Seconds(1), &wall);
+  ASSERT_NE(pipeline, nullptr);
+  const int64_t last = std::numeric_limits<int32_t>::max();
+  // Deadlines are read on the pipeline's wall clock.
+  const absl::StatusOr<MemcachedStored> past = pipeline->Store(
+      0, MemcachedWrite::kSet, "k", "v", last + 3600, 0, wall.Now() + absl::Seconds(10));
+  EXPECT_EQ(past.status().code(), absl::StatusCode::kInvalidArgument) << past.status();
+  EXPECT_TRUE(IsReply(pipeline->Store(0, MemcachedWrite::kSet, "k", "v", last - 3600, 0,
+                                      wall.Now() + absl::Seconds(10)),
+                      MemcachedStored::kStored));
 }
 
 // Reads and stores alike: each is answered once, with UNAVAILABLE, and destruction does not
