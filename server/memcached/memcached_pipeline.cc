@@ -596,9 +596,6 @@ void MemcachedPipeline::Run() {
       Node& node = *nodes_[tag & 0xffff];
       if (node.fd >= 0 && node.serial == (tag >> 16)) OnEvents(node, events[i].events, now);
     }
-    // Read again: the answers' callbacks may have taken a while, and a request queued meanwhile
-    // whose time ran out must be seen to have (Dispatch does not send it).
-    now = SteadyNow();
     bool stopping = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -625,8 +622,13 @@ void MemcachedPipeline::Run() {
       }
       return;
     }
+    // The answers' callbacks may have taken a while: what is sent goes by the clock now, so
+    // that a request whose time ran out meanwhile is not (Dispatch). The checks below keep the
+    // reading the events were taken at: a node's answer that came in during the callbacks is
+    // read next turn, and must not count as missing.
+    const SteadyTime send_now = SteadyNow();
     for (size_t i = 0; i < nodes_.size(); ++i) {
-      if (!fresh[i].empty()) Dispatch(*nodes_[i], std::move(fresh[i]), now);
+      if (!fresh[i].empty()) Dispatch(*nodes_[i], std::move(fresh[i]), send_now);
       fresh[i].clear();
     }
     for (auto& owned : nodes_) {
@@ -775,18 +777,21 @@ void MemcachedPipeline::Connected(Node& node, SteadyTime now) {
   }
   // The requests that waited for the connect (through several addresses, maybe) are sent now,
   // and the stall checks count from here. Those that gave up meanwhile are not sent: a write
-  // its caller was told had failed must not land later. (Nothing is on the wire yet.)
-  node.last_progress = now;
+  // its caller was told had failed must not land later. (Nothing is on the wire yet.) The clock
+  // is read again for that: `now` is from before this turn's callbacks, which may have taken a
+  // while.
+  const SteadyTime send_now = std::max(now, SteadyNow());
+  node.last_progress = send_now;
   std::deque<std::shared_ptr<Request>> waiting;
   node.out.clear();
   node.out_offset = 0;
   for (auto& r : node.in_flight) {
     if (r->answered) continue;
-    if (now >= r->give_up) {
+    if (send_now >= r->give_up) {
       r->Fail(TooLateToSend(node, *r));
       continue;
     }
-    r->sent = now;
+    r->sent = send_now;
     node.out += r->command;
     waiting.push_back(std::move(r));
   }

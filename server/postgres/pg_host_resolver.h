@@ -140,7 +140,8 @@ class PgConnectTarget {
   // zero when none is set (libpq would wait for each host without a limit).
   absl::Duration connect_timeout() const { return connect_timeout_; }
   // True when only libpq itself can choose among the hosts: target_session_attrs=prefer-standby
-  // goes over the whole list twice, for a standby first, then for any server.
+  // goes over the whole list twice, for a standby first, then for any server; and an entry
+  // with an empty host, or an empty hostaddr beside others', cannot be passed on alone.
   bool needs_whole_list() const { return needs_whole_list_; }
 
  private:

@@ -64,17 +64,18 @@ absl::Status OneFailure(const std::vector<absl::Status>& failures) {
       [](std::string* out, const absl::Status& s) { absl::StrAppend(out, s.message()); }));
 }
 
-// When one attempt of a host list gives up on its host, with `after` more hosts to try: the
-// conninfo's connect_timeout (which libpq itself ignores in PQconnectPoll), or without one an
-// even share of what is left, so that every host gets a chance within the deadline. The last
-// host has what is left.
+// When one attempt of a host list gives up on its host, with `after` more hosts to try: after
+// an even share of what is left, so that every host gets a chance within the deadline (the
+// pool's 3 s, the health probe's 1 s), or the conninfo's connect_timeout (which libpq itself
+// ignores in PQconnectPoll) when that is sooner. The last host has what is left.
 SteadyTime AttemptDeadline(absl::Duration connect_timeout, size_t after, SteadyTime give_up) {
   const SteadyTime now = SteadyNow();
+  SteadyTime limit = give_up;
+  if (after > 0 && give_up > now) limit = now + (give_up - now) / static_cast<int64_t>(after + 1);
   if (connect_timeout > absl::ZeroDuration()) {
-    return std::min(give_up, now + ToSteadyDuration(connect_timeout));
+    limit = std::min(limit, now + ToSteadyDuration(connect_timeout));
   }
-  if (after == 0 || give_up <= now) return give_up;
-  return now + (give_up - now) / static_cast<int64_t>(after + 1);
+  return limit;
 }
 
 }  // namespace

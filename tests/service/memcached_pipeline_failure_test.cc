@@ -1118,6 +1118,33 @@ TEST(MemcachedPipelineFailureTest, AStoreWhoseTimeRanOutBeforeItsTurnIsNotSent) 
       << "the store was sent after its time had run out";
 }
 
+// A node whose answer came in while another node's callback held the I/O thread answered in
+// time: it must not be taken for a stalled one (dropped, its read failed, the node marked
+// failed) because the clock moved on during the callback, before its answer could be read.
+TEST(MemcachedPipelineFailureTest, AnAnswerThatCameDuringASlowCallbackIsNotAStall) {
+  const auto after = [](absl::Duration delay) {
+    Script serve = Serve();
+    return Script{[serve, delay](const std::string& line) {
+      absl::SleepFor(delay);
+      return serve.reply(line);
+    }};
+  };
+  FakeMemcached first({after(absl::Milliseconds(100))});
+  FakeMemcached second({after(absl::Milliseconds(300))});
+  const absl::Duration io_timeout = absl::Seconds(1);
+  std::unique_ptr<MemcachedPipeline> pipeline =
+      StartReader({first.node(), second.node()}, io_timeout);
+  ASSERT_NE(pipeline, nullptr);
+  pipeline->GetAsync(0, {"k"}, Deadline(), [](absl::StatusOr<MemcachedHits>) {
+    absl::SleepFor(absl::Milliseconds(1500));  // Past io_timeout, with the second's answer in.
+  });
+  Pending<MemcachedHits> read;
+  pipeline->GetAsync(1, {"k"}, Deadline(), read.Callback());
+  const AsyncAnswer<MemcachedHits> answer = read.Wait(absl::Seconds(10));
+  ASSERT_TRUE(answer.result.ok()) << answer.result.status();
+  EXPECT_EQ(answer.result->at("k").value, "value of k");
+}
+
 // memcached reads an exptime into a 32-bit int: a Unix time past 2038-01-19, though within the
 // coming year, would wrap to a past one, and the item, answered STORED, be gone at once.
 TEST(MemcachedPipelineFailureTest, AUnixExptimePastWhatMemcachedCanReadIsRefused) {

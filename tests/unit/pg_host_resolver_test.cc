@@ -267,6 +267,12 @@ TEST(PgConnectTargetTest, ConnectTimeoutAndPreferStandbyAreReadAsLibpqReadsThem)
   EXPECT_FALSE(PgConnectTarget("postgres://a@db1.example,db2.example/app"
                                "?target_session_attrs=read-write")
                    .needs_whole_list());
+  // libpq drops an empty value, so such an entry alone would mean the conninfo's whole list.
+  EXPECT_TRUE(PgConnectTarget("host=,db2.example dbname=app").needs_whole_list());
+  EXPECT_TRUE(
+      PgConnectTarget("host=10.0.0.1,10.0.0.2 hostaddr=,10.0.0.3 dbname=app").needs_whole_list());
+  EXPECT_FALSE(PgConnectTarget("host=db1.example,db2.example hostaddr=10.0.0.1,10.0.0.3 dbname=app")
+                   .needs_whole_list());
 }
 
 TEST(PgConnectTargetTest, OnePortForAllIsLeftToTheConninfo) {
