@@ -870,11 +870,22 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
         }
         continue;
       }
-      const bool unended = !s->deleted() && s->user_id() == user_id &&
-                           s->token_hash() == entry.token_hash() &&
-                           now < FromMicros(s->expires_at_unix_micros()) &&
+      const bool owned =
+          !s->deleted() && s->user_id() == user_id && s->token_hash() == entry.token_hash();
+      const bool unended = owned && now < FromMicros(s->expires_at_unix_micros()) &&
                            now < FromMicros(s->absolute_expires_at_unix_micros());
-      if (!unended) continue;
+      if (!unended) {
+        // Expired by this server's clock, but another's may run up to kClockSkewMargin behind
+        // it and still touch the session, which then lives on: dropped from the index now, it
+        // would be live and yet missing from listings and revocations. So its entry stays that
+        // long, unlisted.
+        if (owned && now < FromMicros(s->expires_at_unix_micros()) + kClockSkewMargin &&
+            now < FromMicros(s->absolute_expires_at_unix_micros()) + kClockSkewMargin) {
+          *pruned.add_entries() = entry;
+          newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+        }
+        continue;
+      }
       if (s->user_generation() < generation) {
         // Revoked by the generation but without the tombstone a revocation writes: it could
         // not write them all, or the session was added while it ran. Should memcached evict the

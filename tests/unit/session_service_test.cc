@@ -656,6 +656,34 @@ TEST_F(SessionServiceTest, ListingDuringARotationKeepsTheNewSessionIndexed) {
 // caller would hold neither token. The index write, of the same shape, tells how long that may
 // take: with less of the deadline left than twice what it took (the add and the end are still
 // to come), the rotation stops before it adds its new session.
+// Server A's clock runs 30 s ahead of B's. A session that A's listing finds expired may still
+// be touched through B, whose clock says it is live, and then lives on: its index entry must
+// survive A's listing, or the live session would be missing from B's listings and revocations.
+TEST_F(SessionServiceTest, AListingOnAServerWhoseClockRunsAheadKeepsTheEntryOfASessionStillLive) {
+  FakeClock ahead(clock_.Now() + absl::Seconds(30));
+  SessionServiceOptions options;
+  options.default_ttl = kTtl;
+  options.max_lifetime = kLifetime;
+  SessionService server_a(store_, ahead, options);
+  const SessionView v = MustCreate("alice", /*ttl=*/60);
+  clock_.Advance(absl::Seconds(40));
+  ahead.Advance(absl::Seconds(40));
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> on_a = server_a.List("alice", Deadline());
+  ASSERT_TRUE(on_a.ok()) << on_a.status();
+  EXPECT_TRUE(on_a->empty()) << "expired by A's clock, so not listed there";
+  ASSERT_TRUE(Get(v.token, /*touch=*/true).ok()) << "live by B's clock";
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> on_b =
+      service_->List("alice", Deadline());
+  ASSERT_TRUE(on_b.ok()) << on_b.status();
+  ASSERT_EQ(on_b->size(), 1u) << "A's listing dropped the live session from the index";
+  EXPECT_EQ((*on_b)[0].session_id(), v.stored.session_id());
+  // Once the margin has passed by A's clock too, the entry goes, as any ended session's.
+  clock_.Advance(absl::Minutes(3));
+  ahead.Advance(absl::Minutes(3));
+  ASSERT_TRUE(server_a.List("alice", Deadline()).ok());
+  EXPECT_EQ(store_->IndexSize(UserTag("alice")), 0u);
+}
+
 TEST_F(SessionServiceTest, RotateWithTooLittleOfItsDeadlineLeftChangesNothing) {
   SessionView v = MustCreate("alice");
   const int adds = store_->adds();
