@@ -493,8 +493,7 @@ const std::vector<ConfigVariable>& ConfigVariables() {
        "on SIGTERM/SIGINT: stop accepting, finish in-flight calls within this, exit 0"},
       {"SHUTDOWN_NOTICE_MS", "1000",
        "on SIGTERM/SIGINT: how long health reads NOT_SERVING (new calls still served) before the "
-       "server "
-       "refuses new calls, so health-checking clients and load balancers move away first"},
+       "server refuses new calls, so health-checking clients and load balancers move away first"},
       {"LOG_LEVEL", "info", "debug, info, warn or error; JSON logs to stdout, one object a line"},
       {"METRICS_PORT", "9464", "HTTP /metrics in Prometheus text format; 0 turns it off"},
       {"MEMCACHED_POOL_SIZE", "16",
