@@ -55,6 +55,13 @@ class SessionServiceTest : public ::testing::Test {
 
   absl::Time Deadline() const { return absl::Now() + absl::Seconds(10); }
 
+  // The service again, with at most `limit` live sessions per user.
+  void LimitSessionsPerUser(int limit) {
+    SessionServiceOptions options = service_->options();
+    options.limits.max_live_sessions_per_user = limit;
+    service_ = std::make_shared<SessionService>(store_, clock_, options);
+  }
+
   SessionView MustCreate(const std::string& user, int64_t ttl = 0, AttributeMap attrs = {}) {
     absl::StatusOr<SessionView> v = service_->Create(user, ttl, attrs, Deadline());
     EXPECT_TRUE(v.ok()) << v.status();
@@ -486,9 +493,7 @@ TEST_F(SessionServiceTest, IndexStaysBoundedForAUserWhoNeverLists) {
 // A user's live sessions are bounded, so that the user's index (one Memcached item) never
 // outgrows Memcached's item limit. Ended sessions make room again; a rotation replaces one.
 TEST_F(SessionServiceTest, LiveSessionsPerUserAreBounded) {
-  SessionServiceOptions options = service_->options();
-  options.limits.max_live_sessions_per_user = 3;
-  service_ = std::make_shared<SessionService>(store_, clock_, options);
+  LimitSessionsPerUser(3);
   std::vector<SessionView> held;
   for (int i = 0; i < 3; ++i) held.push_back(MustCreate("greedy"));
   absl::StatusOr<SessionView> fourth = service_->Create("greedy", 0, {}, Deadline());
@@ -507,9 +512,7 @@ TEST_F(SessionServiceTest, LiveSessionsPerUserAreBounded) {
 // Creates of one user at once, at the limit, must not each pass: one that is indexed but whose
 // session is not stored yet holds a place (it used to be left out of the count)...
 TEST_F(SessionServiceTest, ACreateUnderWayCountsTowardTheLimit) {
-  SessionServiceOptions options = service_->options();
-  options.limits.max_live_sessions_per_user = 2;
-  service_ = std::make_shared<SessionService>(store_, clock_, options);
+  LimitSessionsPerUser(2);
   MustCreate("busy");
   store_->PauseNextAdd(absl::Milliseconds(500));
   absl::StatusOr<SessionView> first = absl::UnknownError("not run");
@@ -528,9 +531,7 @@ TEST_F(SessionServiceTest, ACreateUnderWayCountsTowardTheLimit) {
 // ... and so does one that finished while the count read the sessions: the count's index write
 // is a compare-and-swap on a read made after it, whose new entries count too.
 TEST_F(SessionServiceTest, ACreateThatFinishedDuringTheCountCountsTowardTheLimit) {
-  SessionServiceOptions options = service_->options();
-  options.limits.max_live_sessions_per_user = 2;
-  service_ = std::make_shared<SessionService>(store_, clock_, options);
+  LimitSessionsPerUser(2);
   MustCreate("busy");
   // A second entry, of an ended session, so that the next create counts (the index is at the
   // limit).
