@@ -291,27 +291,18 @@ absl::StatusOr<absl::Time> SessionService::AddToIndex(absl::string_view user_tag
       // Rare: drop dead entries first (reads the user's sessions once).
       SL_ASSIGN_OR_RETURN(uint64_t generation,
                           store_->ReadGeneration(user_tag, GenerationKeepFor(), deadline));
-      IndexSeen seen;
-      SL_ASSIGN_OR_RETURN(std::vector<StoredSession> live,
-                          LiveSessions(session.user_id(), user_tag, generation, Attributes::kDrop,
-                                       deadline, &seen));
-      SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
+      SL_ASSIGN_OR_RETURN(
+          std::vector<StoredSession> live,
+          LiveSessions(session.user_id(), user_tag, generation, Attributes::kDrop, deadline));
       // Without a bound the index would outgrow Memcached's item limit, and every create of
-      // this user would then fail with Memcached's "object too large". Counted: the live
-      // sessions, the creates under way (indexed, not stored yet), and whatever was indexed
-      // since the count read the index. Creates at the limit at once would otherwise each pass.
-      // The write below is a compare-and-swap on this read, so nothing indexed after it is
-      // missed: that write fails, and the next round counts again.
-      int64_t holding = static_cast<int64_t>(live.size()) + seen.being_created;
-      for (const auto& entry : record.index.entries()) {
-        if (!seen.token_hashes.contains(entry.token_hash())) ++holding;
-      }
+      // this user would then fail with Memcached's "object too large".
       const int limit = options_.limits.max_live_sessions_per_user;
-      if (!replaces_one && holding >= limit) {
+      if (!replaces_one && static_cast<int64_t>(live.size()) >= limit) {
         return absl::ResourceExhaustedError(
-            absl::StrCat("user_id: already holds ", holding, " live sessions, the most one ",
+            absl::StrCat("user_id: already holds ", live.size(), " live sessions, the most one ",
                          "user may hold (", limit, "); delete or revoke some first"));
       }
+      SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
     }
     const IndexWrite write = IndexWith(record.index, session, now);
     const absl::Status written =
@@ -838,13 +829,12 @@ absl::Status SessionService::PutTombstone(const SessionKey& key, const StoredSes
   return store_->Put(key, Tombstone(s, TombstoneEnd(s, now)), TombstoneTtl(s, now), deadline);
 }
 
-absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(
-    absl::string_view user_id, absl::string_view user_tag, uint64_t generation,
-    Attributes attributes, absl::Time deadline, IndexSeen* seen) {
+absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,
+                                                                        absl::string_view user_tag,
+                                                                        uint64_t generation,
+                                                                        Attributes attributes,
+                                                                        absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(IndexRecord record, store_->ReadIndex(user_tag, deadline));
-  if (seen != nullptr) {
-    for (const auto& entry : record.index.entries()) seen->token_hashes.insert(entry.token_hash());
-  }
   const size_t indexed = static_cast<size_t>(record.index.entries_size());
   std::vector<StoredSession> live;
   size_t listed_bytes = 0;
@@ -877,7 +867,6 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(
         if (!expired_for_good && indexed_at > now - kJustIndexed) {
           *pruned.add_entries() = entry;
           newest = std::max(newest, entry.absolute_expires_at_unix_micros());
-          if (seen != nullptr) ++seen->being_created;
         }
         continue;
       }

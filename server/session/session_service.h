@@ -9,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -181,20 +180,15 @@ class SessionService {
   int PruneIndexAt(const storage::v1::UserSessionIndex& index) const;
   // Whether LiveSessions' sessions carry their attributes (only a listing answers with them).
   enum class Attributes { kKeep, kDrop };
-  // What LiveSessions saw of the index besides the live sessions, for a count at the per-user
-  // limit: the sessions being created (indexed, not stored yet) hold a place too, and so does
-  // any entry indexed after this read.
-  struct IndexSeen {
-    int64_t being_created = 0;
-    absl::flat_hash_set<std::string> token_hashes;  // Every entry of the index it read.
-  };
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
   // revoked, writing the tombstone of a revoked one that has none yet (and keeping its entry
-  // when that fails); returns the live sessions, and what it saw into `seen` when given. Reads
-  // them in batches (kSessionsPerRead). Writing the pruned index back is best effort.
-  absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(
-      absl::string_view user_id, absl::string_view user_tag, uint64_t generation,
-      Attributes attributes, absl::Time deadline, IndexSeen* seen = nullptr);
+  // when that fails); returns the live sessions. Reads them in batches (kSessionsPerRead).
+  // Writing the pruned index back is best effort.
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(absl::string_view user_id,
+                                                                       absl::string_view user_tag,
+                                                                       uint64_t generation,
+                                                                       Attributes attributes,
+                                                                       absl::Time deadline);
   absl::Duration GenerationKeepFor() const;
   // Ends `s`, stored under `key`, at `now` with a tombstone on every copy (see SessionStore::Put).
   absl::Status PutTombstone(const SessionKey& key, const storage::v1::StoredSession& s,

@@ -69,12 +69,6 @@ class FakeSessionStore final : public SessionStore {
   }
   // Runs `then` once, right after the next AdvanceGeneration (outside the store's lock, so it
   // may call the store): for another caller that gets in between a revocation's steps.
-  // Runs `first` once, right before the next ReadSessions reads: for a call that gets in while
-  // another counts the user's sessions.
-  void BeforeNextReadSessions(std::function<void()> first) {
-    std::lock_guard<std::mutex> l(mu_);
-    before_read_sessions_ = std::move(first);
-  }
   void AfterNextAdvance(std::function<void()> then) {
     std::lock_guard<std::mutex> l(mu_);
     after_advance_ = std::move(then);
@@ -389,12 +383,6 @@ class FakeSessionStore final : public SessionStore {
 
   absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
       absl::string_view, const std::vector<std::string>& hashes, absl::Time) override {
-    std::function<void()> first;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      first = std::exchange(before_read_sessions_, nullptr);
-    }
-    if (first) first();
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     if (!read_sessions_failure_.ok())
@@ -439,7 +427,6 @@ class FakeSessionStore final : public SessionStore {
   absl::Status partial_put_failure_;
   absl::Status partial_advance_failure_;
   std::function<void()> after_advance_;
-  std::function<void()> before_read_sessions_;
   std::function<void()> before_advance_;
   bool ends_lost_ = false;
   int failed_puts_ = 0;
