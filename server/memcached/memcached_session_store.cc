@@ -366,27 +366,22 @@ class Conn {
     return true;  // Lost every race: somebody else keeps raising it, which is as good.
   }
 
-  // Copy `c` holds something else than a write to it expected: reads it again and writes what
-  // `merge` makes of it and `ours`, conditionally on what it read, a few times at most. The
-  // bytes the copy was left holding by this call, or nullopt when it wrote nothing there.
-  std::optional<std::string> RewriteCopy(int c, const std::string& key, const std::string& ours,
-                                         time_t expiration, CopyMerge merge) {
-    for (int attempt = 0; attempt < kCopyRewriteAttempts; ++attempt) {
-      absl::StatusOr<std::map<std::string, Item>> got = Get(c, {key});
-      if (!got.ok()) return std::nullopt;
-      const auto it = got->find(key);
-      const Item* theirs = it == got->end() ? nullptr : &it->second;
-      std::optional<CopyRewrite> rewrite =
-          merge(ours, expiration, theirs == nullptr ? nullptr : &theirs->value);
-      if (!rewrite.has_value()) return std::nullopt;
-      const memcached_return_t rc =
-          theirs == nullptr
-              ? Store(Op::kAdd, c, key, rewrite->value, rewrite->expiration)
-              : Store(Op::kCas, c, key, rewrite->value, rewrite->expiration, theirs->cas);
-      if (memcached_success(rc)) return std::move(rewrite->value);
-      if (!Refused(rc)) return std::nullopt;
-    }
-    return std::nullopt;
+  // What a conditional write to one copy left there.
+  struct CopyOutcome {
+    std::optional<std::string> holding;  // The bytes this call left there; none when it wrote none.
+    bool changed = false;                // The copy held something else than the write expected.
+  };
+  // Writes `value` to copy `c` while it still holds what was read there (`read_cas`; 0: nothing):
+  // an add or a compare-and-swap. A copy that changed since is read again and takes what `merge`
+  // makes of the two (RewriteCopy).
+  CopyOutcome WriteUnlessChanged(int c, const std::string& key, const std::string& value,
+                                 time_t expiration, uint64_t read_cas, CopyMerge merge) {
+    const memcached_return_t rc = read_cas == 0
+                                      ? Store(Op::kAdd, c, key, value, expiration)
+                                      : Store(Op::kCas, c, key, value, expiration, read_cas);
+    if (memcached_success(rc)) return {value, false};
+    if (!Refused(rc)) return {};
+    return {RewriteCopy(c, key, value, expiration, merge), true};
   }
 
  private:
@@ -479,11 +474,31 @@ class Conn {
     for (int c = 0; c < copies() && static_cast<size_t>(c) < read.size(); ++c) {
       const CopyCas& held = read[static_cast<size_t>(c)];
       if (c == done || !held.known) continue;
-      const memcached_return_t rc = held.cas == 0
-                                        ? Store(Op::kAdd, c, key, value, expiration)
-                                        : Store(Op::kCas, c, key, value, expiration, held.cas);
-      if (Refused(rc)) (void)RewriteCopy(c, key, value, expiration, merge);
+      (void)WriteUnlessChanged(c, key, value, expiration, held.cas, merge);
     }
+  }
+
+  // Copy `c` holds something else than a write to it expected: reads it again and writes what
+  // `merge` makes of it and `ours`, conditionally on what it read, a few times at most. The
+  // bytes the copy was left holding by this call, or nullopt when it wrote nothing there.
+  std::optional<std::string> RewriteCopy(int c, const std::string& key, const std::string& ours,
+                                         time_t expiration, CopyMerge merge) {
+    for (int attempt = 0; attempt < kCopyRewriteAttempts; ++attempt) {
+      absl::StatusOr<std::map<std::string, Item>> got = Get(c, {key});
+      if (!got.ok()) return std::nullopt;
+      const auto it = got->find(key);
+      const Item* theirs = it == got->end() ? nullptr : &it->second;
+      std::optional<CopyRewrite> rewrite =
+          merge(ours, expiration, theirs == nullptr ? nullptr : &theirs->value);
+      if (!rewrite.has_value()) return std::nullopt;
+      const memcached_return_t rc =
+          theirs == nullptr
+              ? Store(Op::kAdd, c, key, rewrite->value, rewrite->expiration)
+              : Store(Op::kCas, c, key, rewrite->value, rewrite->expiration, theirs->cas);
+      if (memcached_success(rc)) return std::move(rewrite->value);
+      if (!Refused(rc)) return std::nullopt;
+    }
+    return std::nullopt;
   }
 
   MemcachedPool::Lease lease_;
@@ -673,17 +688,12 @@ IndexRecord IndexFromCopies(Conn& conn, const std::string& ikey, const CopyReads
   for (int m : plan.missed) {
     // A copy that got an index since takes the entries it lacks (a concurrent writer's index
     // may lack ours).
-    const memcached_return_t rc = conn.Store(Conn::Op::kAdd, m, ikey, value, ttl);
-    std::optional<std::string> left_holding;
-    if (memcached_success(rc)) {
-      left_holding = value;
-    } else if (Refused(rc)) {
-      left_holding = conn.RewriteCopy(m, ikey, value, ttl, MergeIndexCopy);
-    }
+    const Conn::CopyOutcome written =
+        conn.WriteUnlessChanged(m, ikey, value, ttl, /*read_cas=*/0, MergeIndexCopy);
     // Known only where the copy holds what the record says: with entries merged in that the
     // record lacks, a write through its token would drop them there again.
     const CopyCas now_held =
-        left_holding == value ? CopyAfterOurWrite(conn, m, ikey, value) : CopyCas{false, 0};
+        written.holding == value ? CopyAfterOurWrite(conn, m, ikey, value) : CopyCas{false, 0};
     if (static_cast<size_t>(m) < held.size()) held[static_cast<size_t>(m)] = now_held;
     if (m == plan.missed.front() && now_held.known) token = CasToken{now_held.cas, m};
   }
@@ -853,7 +863,7 @@ struct CopyWrite {
   // What the other copies held when read (CasToken::copies), which their writes depend on.
   std::vector<CopyCas> held;
   // What a copy that changed since takes (see Conn::WriteOthers).
-  CopyMerge merge = MergeSessionCopy;
+  CopyMerge merge = nullptr;
   absl::Time deadline;
   SessionStore::StatusCallback done;
   absl::Status last;  // The last copy's error; see LastCopyError.
@@ -1044,27 +1054,20 @@ absl::StatusOr<SessionLookup> MemcachedSessionStore::Lookup(const SessionKey& ke
   for (int c = 0; c < conn.copies() && ttl > 0; ++c) {
     const CopyState& state = plan.copies[static_cast<size_t>(c)];
     if (!state.answered || c == plan.best || !IsStale(state, winner)) continue;
-    const memcached_return_t rc =
-        state.session.has_value()
-            ? conn.Store(Conn::Op::kCas, c, skey, winner.session->value, ttl, state.session->cas)
-            : conn.Store(Conn::Op::kAdd, c, skey, winner.session->value, ttl);
     // A copy that took a write since (or holds bytes that do not parse) gets what wins of the
     // two; left as it is, it would stay behind, skipped by every write through this token.
-    std::optional<std::string> left_holding;
-    if (memcached_success(rc)) {
-      left_holding = winner.session->value;
-    } else if (Refused(rc)) {
-      left_holding = conn.RewriteCopy(c, skey, winner.session->value, ttl, MergeSessionCopy);
-    }
+    const Conn::CopyOutcome written = conn.WriteUnlessChanged(
+        c, skey, winner.session->value, ttl, state.session.has_value() ? state.session->cas : 0,
+        MergeSessionCopy);
     // Its CAS value changed: read back, as a token's writes to this copy need it.
-    const CopyCas now_held = left_holding.has_value()
-                                 ? CopyAfterOurWrite(conn, c, skey, *left_holding)
+    const CopyCas now_held = written.holding.has_value()
+                                 ? CopyAfterOurWrite(conn, c, skey, *written.holding)
                                  : CopyCas{false, 0};
     if (static_cast<size_t>(c) < held.size()) held[static_cast<size_t>(c)] = now_held;
     if (c != plan.primary) continue;
-    if (left_holding.has_value()) {
+    if (written.holding.has_value()) {
       primary_rewritten = now_held.known ? CasToken{now_held.cas, c} : CasToken{0, kNoCopy};
-    } else if (Refused(rc)) {
+    } else if (written.changed) {
       primary_moved_on = true;
     }
   }

@@ -220,15 +220,13 @@ PgConnectTarget::PgConnectTarget(std::string conninfo) : conninfo_(std::move(con
   if (!hostaddrs.empty() && hostaddrs.size() != hosts.size()) return;
   if (ports.size() > 1 && ports.size() != hosts.size()) return;
   per_entry_ports_ = ports.size() > 1;
-  // libpq drops an empty keyword value, and the conninfo's own list would then apply: an
-  // entry with no host (the default socket) or, beside other entries' hostaddrs, none of its
-  // own cannot be handed over alone.
   for (size_t i = 0; i < hosts.size(); ++i) {
+    // libpq drops an empty keyword value, and the conninfo's own list would then apply: an
+    // entry with no host (the default socket) or, beside other entries' hostaddrs, none of its
+    // own cannot be handed over alone.
     if (hosts[i].empty() || (!hostaddrs.empty() && hostaddrs[i].empty())) {
       needs_whole_list_ = true;
     }
-  }
-  for (size_t i = 0; i < hosts.size(); ++i) {
     Entry entry;
     entry.host = hosts[i];
     if (!hostaddrs.empty()) entry.hostaddr = hostaddrs[i];

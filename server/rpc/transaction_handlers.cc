@@ -1,5 +1,7 @@
 #include "server/rpc/transaction_handlers.h"
 
+#include <iterator>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/string_view.h"
@@ -39,10 +41,9 @@ void ToProto(const Transaction& t, pb::Transaction* out) {
 }  // namespace
 
 std::string BearerToken(const grpc::ServerContext& context) {
-  const auto& metadata = context.client_metadata();
   // Two credentials (a proxy adding its own, say) are ambiguous: neither is taken.
-  if (metadata.count("authorization") != 1) return "";
-  const auto it = metadata.find("authorization");
+  const auto [it, end] = context.client_metadata().equal_range("authorization");
+  if (it == end || std::next(it) != end) return "";
   const absl::string_view value(it->second.data(), it->second.size());
   constexpr absl::string_view kScheme = "bearer ";
   if (value.size() <= kScheme.size() ||

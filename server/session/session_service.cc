@@ -73,6 +73,12 @@ constexpr absl::Duration kTouchGranularity = absl::Seconds(1);
 // Room for the clocks of the servers that touch one session to differ.
 constexpr absl::Duration kClockSkewMargin = absl::Minutes(1);
 
+// Rotate's answer when it stops for lack of deadline before the old token's end.
+constexpr absl::string_view kRotationOutOfTime =
+    "token: too little of the deadline was left to end the old token on every copy; ";
+constexpr absl::string_view kNothingChangedRetry =
+    "nothing was changed, retry with a longer deadline";
+
 // Until when the tombstone that ends `s` at `now` must stay: as long as any copy of the session
 // could still be live. A touch or update that read the session before it ended can still land
 // on a copy after the tombstone, having slid the expiry to its own now + ttl; when the tombstone
@@ -714,8 +720,7 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
                                                                 /*replaces_one=*/true, deadline));
     if (const absl::Time indexed = absl::Now(); deadline - indexed < 2 * (indexed - index_began)) {
       return ForCallers(absl::StatusCode::kUnavailable,
-                        "token: too little of the deadline was left to end the old token on "
-                        "every copy; nothing was changed, retry with a longer deadline");
+                        absl::StrCat(kRotationOutOfTime, kNothingChangedRetry));
     }
     const absl::Time add_began = absl::Now();
     SL_RETURN_IF_ERROR(
@@ -728,13 +733,13 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
       const absl::Status removed = store_->Remove(new_key, deadline);
       if (removed.ok()) {
         return ForCallers(absl::StatusCode::kUnavailable,
-                          "token: too little of the deadline was left to end the old token on "
-                          "every copy; nothing was changed, retry with a longer deadline");
+                          absl::StrCat(kRotationOutOfTime, kNothingChangedRetry));
       }
       return ForCallers(absl::StatusCode::kUnavailable,
-                        "token: too little of the deadline was left to end the old token on "
-                        "every copy; the old token still works, and a session that was never "
-                        "handed out may be listed until it expires; retry with a longer deadline",
+                        absl::StrCat(kRotationOutOfTime,
+                                     "the old token still works, and a session that was never "
+                                     "handed out may be listed until it expires; retry with a "
+                                     "longer deadline"),
                         removed);
     }
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
