@@ -10,12 +10,8 @@ repo_root=$1
 # shellcheck source=tests/scripts/test_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-checkout=$tmp/checkout
-calls=$tmp/backing-calls
+scratch_checkout "$repo_root"
 mkdir -p "$checkout/deploy" "$tmp/build/server" "$tmp/bin"
-cp -R "$repo_root/scripts" "$checkout/scripts"
 cp -R "$repo_root/deploy/nginx" "$checkout/deploy/nginx"
 cat >"$checkout/scripts/backing-services" <<STUB
 #!/usr/bin/env bash

@@ -14,12 +14,8 @@ repo_root=$1
 # shellcheck source=tests/scripts/test_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-checkout=$tmp/checkout
-calls=$tmp/backing-calls
+scratch_checkout "$repo_root"
 mkdir -p "$checkout/.ci" "$checkout/build-test/server" "$tmp/bin" "$tmp/state"
-cp -R "$repo_root/scripts" "$checkout/scripts"
 cp "$repo_root/.ci/run" "$checkout/.ci/run"
 
 # backing-services: every service down until `start`; `stop` as STUB_STOP says (ok: it stops

@@ -6,6 +6,19 @@ fail() {
   exit 1
 }
 
+# scratch_checkout REPO_ROOT: sets `tmp`, a scratch directory removed on exit, and in it
+# `checkout`, holding a copy of the repo's scripts/ (whose backing-services a test replaces with
+# a stub), and `calls`, the file such a stub appends its arguments to.
+scratch_checkout() {
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  checkout=$tmp/checkout
+  # shellcheck disable=SC2034 # read by the sourcing test and its stub
+  calls=$tmp/backing-calls
+  mkdir -p "$checkout"
+  cp -R "$1/scripts" "$checkout/scripts"
+}
+
 # True if something accepts TCP connections on 127.0.0.1:PORT.
 port_listening() {
   # shellcheck disable=SC2016 # expanded by the inner shell
