@@ -1,14 +1,12 @@
 #include "client/channel.h"
 
-#include <arpa/inet.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
-#include <netdb.h>
-#include <sys/socket.h>
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -20,6 +18,8 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "absl/time/time.h"
+#include "server/common/clock.h"
 #include "server/common/small_file.h"
 
 namespace sessionledger::client {
@@ -58,39 +58,6 @@ absl::StatusOr<HostPort> SplitHostPort(const std::string& address) {
   return HostPort{host, port};
 }
 
-// Resolves `host` to literal addresses (numeric hosts come back unchanged).
-absl::StatusOr<std::vector<std::pair<int, std::string>>> Resolve(const std::string& host) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* result = nullptr;
-  const int rc = getaddrinfo(host.c_str(), nullptr, &hints, &result);
-  if (rc != 0) {
-    return absl::UnavailableError(
-        absl::StrCat("--target: cannot resolve '", host, "': ", gai_strerror(rc)));
-  }
-  std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> owner(result, &freeaddrinfo);
-  std::vector<std::pair<int, std::string>> addresses;
-  for (const addrinfo* ai = result; ai != nullptr; ai = ai->ai_next) {
-    char text[INET6_ADDRSTRLEN] = {};
-    const void* raw =
-        ai->ai_family == AF_INET
-            ? static_cast<const void*>(&reinterpret_cast<const sockaddr_in*>(ai->ai_addr)->sin_addr)
-            : static_cast<const void*>(
-                  &reinterpret_cast<const sockaddr_in6*>(ai->ai_addr)->sin6_addr);
-    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
-    if (inet_ntop(ai->ai_family, raw, text, sizeof(text)) == nullptr) continue;
-    std::pair<int, std::string> entry{ai->ai_family, text};
-    if (std::find(addresses.begin(), addresses.end(), entry) == addresses.end()) {
-      addresses.push_back(std::move(entry));
-    }
-  }
-  if (addresses.empty()) {
-    return absl::UnavailableError(absl::StrCat("--target: '", host, "' has no address"));
-  }
-  return addresses;
-}
-
 // A certificate or key file is a few KiB. The cap keeps a mistaken path (/dev/zero, a disk
 // image) from eating memory without bound; the server caps its TLS files the same way.
 constexpr size_t kMaxPemFileBytes = 1 << 20;
@@ -109,7 +76,8 @@ absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& pat
 
 }  // namespace
 
-absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& targets) {
+absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& targets,
+                                               absl::Duration lookup_limit, HostLookupFn lookup) {
   if (targets.empty()) return absl::InvalidArgumentError("--target: no address given");
   if (targets.size() == 1) {
     // A URI of another resolver (unix:, ipv4:, xds:///...) is gRPC's to read. A plain address
@@ -142,11 +110,8 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
     return target;
   }
 
-  // Per host, its addresses of each family: names like "localhost" resolve to both.
-  std::vector<std::string> v4;
-  std::vector<std::string> v6;
-  bool every_host_has_v4 = true;
-  bool every_host_has_v6 = true;
+  std::vector<HostPort> hosts;
+  std::vector<std::string> names;  // The hosts that need a lookup, each once.
   for (const std::string& raw : targets) {
     std::string address = raw;
     if (absl::StartsWith(address, "dns:///")) address = address.substr(7);
@@ -157,17 +122,48 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
     }
     absl::StatusOr<HostPort> hp = SplitHostPort(address);
     if (!hp.ok()) return hp.status();
-    absl::StatusOr<std::vector<std::pair<int, std::string>>> resolved = Resolve(hp->host);
-    if (!resolved.ok()) return resolved.status();
+    if (!IsNumericAddress(hp->host) &&
+        std::find(names.begin(), names.end(), hp->host) == names.end()) {
+      names.push_back(hp->host);
+    }
+    hosts.push_back(*std::move(hp));
+  }
+  // getaddrinfo cannot be interrupted, and a silent name server would hold it for the
+  // resolver's whole timeout: each name is looked up on a thread of its own, all at once, and
+  // waited for until --deadline at most. A lookup left running dies with the process.
+  HostResolver resolver(std::move(lookup), "sl-cli-dns");
+  HostResolver::Pending pending = resolver.Start(names);
+  const SteadyTime give_up = SteadyNow() + ToSteadyDuration(lookup_limit);
+  // Per host, its addresses of each family: names like "localhost" resolve to both.
+  std::vector<std::string> v4;
+  std::vector<std::string> v6;
+  bool every_host_has_v4 = true;
+  bool every_host_has_v6 = true;
+  for (const HostPort& hp : hosts) {
+    std::vector<std::string> addresses{hp.host};
+    if (const auto name = std::find(names.begin(), names.end(), hp.host); name != names.end()) {
+      std::optional<absl::StatusOr<std::vector<std::string>>> found =
+          pending.Await(name - names.begin(), give_up);
+      if (!found.has_value()) {
+        return absl::DeadlineExceededError(absl::StrCat("--target: looking up '", hp.host,
+                                                        "' took longer than --deadline (",
+                                                        absl::FormatDuration(lookup_limit), ")"));
+      }
+      if (!found->ok()) {
+        return absl::UnavailableError(
+            absl::StrCat("--target: cannot resolve '", hp.host, "': ", found->status().message()));
+      }
+      addresses = **std::move(found);
+    }
     bool has_v4 = false;
     bool has_v6 = false;
-    for (const auto& [family, literal] : *resolved) {
-      if (family == AF_INET) {
-        v4.push_back(absl::StrCat(literal, ":", hp->port));
-        has_v4 = true;
-      } else {
-        v6.push_back(absl::StrCat("[", literal, "]:", hp->port));
+    for (const std::string& literal : addresses) {
+      if (absl::StrContains(literal, ':')) {
+        v6.push_back(absl::StrCat("[", literal, "]:", hp.port));
         has_v6 = true;
+      } else {
+        v4.push_back(absl::StrCat(literal, ":", hp.port));
+        has_v4 = true;
       }
     }
     every_host_has_v4 = every_host_has_v4 && has_v4;

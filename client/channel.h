@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/common/host_resolver.h"
 
 namespace sessionledger::client {
 
@@ -19,8 +21,13 @@ namespace sessionledger::client {
 //                        syntax); host names are resolved once, here, because those schemes
 //                        take literals only. Mixing IPv4 and IPv6 is an error, since one
 //                        target can name only one scheme.
-// A "dns:///" prefix on a list element is accepted and stripped.
-absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& targets);
+// A "dns:///" prefix on a list element is accepted and stripped. The names of a list are looked
+// up at once, on threads of their own (`lookup`: getaddrinfo when unset), and waited for until
+// `lookup_limit` at most: DEADLINE_EXCEEDED names the host whose lookup took longer, UNAVAILABLE
+// one that does not resolve.
+absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& targets,
+                                               absl::Duration lookup_limit,
+                                               HostLookupFn lookup = nullptr);
 
 // The name to check the servers' certificates against when `targets` go over TLS without
 // --tls-server-name: empty for one target (gRPC takes its host), the common host of a list

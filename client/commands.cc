@@ -241,7 +241,7 @@ int RunCli(const std::vector<std::string>& args, const EnvLookup& env, std::ostr
     out << UsageText();
     return 0;
   }
-  absl::StatusOr<std::string> target = BuildChannelTarget(options->targets);
+  absl::StatusOr<std::string> target = BuildChannelTarget(options->targets, options->deadline);
   if (!target.ok()) {
     err << "sessionledger-cli: " << target.status().message() << "\n";
     return static_cast<int>(target.status().code());

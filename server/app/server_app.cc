@@ -12,12 +12,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/clock.h"
+#include "server/common/host_resolver.h"
 #include "server/common/status_macros.h"
 #include "server/common/thread_name.h"
 #include "server/ledger/late_bound_authenticator.h"
 #include "server/memcached/memcached_session_store.h"
 #include "server/postgres/migrations.h"
-#include "server/postgres/pg_host_resolver.h"
+#include "server/postgres/pg_connect_target.h"
 #include "server/postgres/pg_ledger_store.h"
 #include "server/rpc/async_call.h"
 #include "server/rpc/call_observer.h"
@@ -41,7 +42,7 @@ absl::Status CheckSchemaAtStartup(const Config& config, Logger& logger, absl::Du
   // One resolver for every attempt: with DNS down, later attempts wait on the lookup already
   // running instead of each starting another.
   const PgConnectTarget target(config.database_url);
-  PgHostResolver resolver;
+  HostResolver resolver(nullptr, "sl-pg-dns");
   absl::Status last;
   do {
     absl::StatusOr<PgConnection> conn =
@@ -70,13 +71,13 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsConfig& tls)
 }
 
 // Host names for the Memcached health probe, looked up on `resolver`'s threads, each waited for
-// until `give_up` at most (see ProbeMemcachedNodes for why). PgHostResolver's lookup is the one
+// until `give_up` at most (see ProbeMemcachedNodes for why). HostResolver's lookup is the one
 // libmemcached would make (getaddrinfo, TCP, any family), and it keeps a lookup stuck on a
 // silent name server from piling up: later probes wait on the same one.
-MemcachedProbeLookup BoundedLookup(std::shared_ptr<PgHostResolver> resolver) {
+MemcachedProbeLookup BoundedLookup(std::shared_ptr<HostResolver> resolver) {
   return [resolver = std::move(resolver)](const std::vector<std::string>& hosts,
                                           SteadyTime give_up) {
-    PgHostResolver::Pending pending = resolver->Start(hosts);
+    HostResolver::Pending pending = resolver->Start(hosts);
     std::vector<absl::StatusOr<std::vector<std::string>>> found;
     for (size_t i = 0; i < hosts.size(); ++i) {
       std::optional<absl::StatusOr<std::vector<std::string>>> answer = pending.Await(i, give_up);
@@ -165,7 +166,7 @@ absl::Status ServerApp::Start() {
   const MemcachedUrl memcached_url = config_.memcached;
   auto database = std::make_shared<const PgConnectTarget>(config_.database_url);
   HealthMonitor::Probes probes;
-  probes.memcached_ok = [memcached_url, lookup = BoundedLookup(std::make_shared<PgHostResolver>(
+  probes.memcached_ok = [memcached_url, lookup = BoundedLookup(std::make_shared<HostResolver>(
                                             nullptr, "sl-probe-dns"))] {
     const MemcachedReachability r =
         ProbeMemcachedNodes(memcached_url, absl::Milliseconds(500), lookup);

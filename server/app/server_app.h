@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "server/common/blocking_executor.h"
 #include "server/common/clock.h"
+#include "server/common/host_resolver.h"
 #include "server/common/logger.h"
 #include "server/config/config.h"
 #include "server/domain/token_authenticator.h"
@@ -58,7 +59,7 @@ class ServerApp {
   std::unique_ptr<MemcachedPool> memcached_pool_;
   // Shared by the pool and the health probe, so that during a DNS outage they wait on the same
   // lookup rather than each start their own.
-  std::shared_ptr<PgHostResolver> pg_resolver_ = std::make_shared<PgHostResolver>();
+  std::shared_ptr<HostResolver> pg_resolver_ = std::make_shared<HostResolver>(nullptr, "sl-pg-dns");
   std::unique_ptr<PgPool> pg_pool_;
   // Owned by the TransactionService handlers; read for metrics only.
   const PgLedgerStore* ledger_store_ = nullptr;

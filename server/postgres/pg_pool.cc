@@ -100,18 +100,18 @@ absl::StatusOr<PgConnection> PgConnection::Connect(const std::string& conninfo, 
                                                    const Clock* wall_clock) {
   // Every wait is timed on the steady clock, so that a wall-clock step neither stretches it nor
   // cuts it short: the caller's deadline is turned into a steady one once, where it comes in.
-  PgHostResolver resolver;
+  HostResolver resolver(nullptr, "sl-pg-dns");
   return ConnectBy(PgConnectTarget(conninfo), resolver, SteadyDeadline(deadline, wall_clock));
 }
 
 absl::StatusOr<PgConnection> PgConnection::Connect(const PgConnectTarget& target,
-                                                   PgHostResolver& resolver, absl::Time deadline,
+                                                   HostResolver& resolver, absl::Time deadline,
                                                    const Clock* wall_clock) {
   return ConnectBy(target, resolver, SteadyDeadline(deadline, wall_clock));
 }
 
 absl::StatusOr<PgConnection> PgConnection::ConnectBy(const PgConnectTarget& target,
-                                                     PgHostResolver& resolver, SteadyTime give_up) {
+                                                     HostResolver& resolver, SteadyTime give_up) {
   // libpq looks host names up synchronously inside PQconnectStartParams/PQconnectPoll, beyond
   // any deadline; only a `hostaddr` spares it that. So names are looked up here first, on the
   // resolver's threads and within the deadline, and libpq is handed the addresses.
@@ -121,7 +121,7 @@ absl::StatusOr<PgConnection> PgConnection::ConnectBy(const PgConnectTarget& targ
   // at once, but each attempt waits only for the first name it comes to, and takes the hosts
   // after it up to the first name whose lookup has not answered yet; the next attempt, if this
   // one fails, starts there.
-  PgHostResolver::Pending lookups = resolver.Start(target.names());
+  HostResolver::Pending lookups = resolver.Start(target.names());
   std::vector<absl::StatusOr<std::vector<std::string>>> addresses(
       target.names().size(), absl::UnknownError("not looked up"));
   std::vector<bool> answered(target.names().size(), false);
@@ -427,8 +427,9 @@ PgPool::Lease::~Lease() {
 PgPool::PgPool(PgPoolOptions options)
     : options_(std::move(options)),
       target_(options_.conninfo),
-      resolver_(options_.resolver != nullptr ? options_.resolver
-                                             : std::make_shared<PgHostResolver>()) {}
+      resolver_(options_.resolver != nullptr
+                    ? options_.resolver
+                    : std::make_shared<HostResolver>(nullptr, "sl-pg-dns")) {}
 
 absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
   const SteadyTime give_up = SteadyDeadline(deadline);

@@ -15,7 +15,8 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "server/common/clock.h"
-#include "server/postgres/pg_host_resolver.h"
+#include "server/common/host_resolver.h"
+#include "server/postgres/pg_connect_target.h"
 
 namespace sessionledger {
 
@@ -54,12 +55,12 @@ struct PgStatement {
 class PgConnection {
  public:
   // Connects without blocking past `deadline`, host name lookups included (they run on
-  // `resolver`'s threads, see PgHostResolver). UNAVAILABLE when a host name does not resolve in
+  // `resolver`'s threads, see HostResolver). UNAVAILABLE when a host name does not resolve in
   // time or at all, or PostgreSQL cannot be reached or refuses (the message never contains the
   // password). `wall_clock`: what `deadline` is read against (absl::Now() when unset; tests
   // step one).
-  static absl::StatusOr<PgConnection> Connect(const PgConnectTarget& target,
-                                              PgHostResolver& resolver, absl::Time deadline,
+  static absl::StatusOr<PgConnection> Connect(const PgConnectTarget& target, HostResolver& resolver,
+                                              absl::Time deadline,
                                               const Clock* wall_clock = nullptr);
   // The same for a one-off connection, with a resolver of its own: its lookup is shared with no
   // other caller. Repeated connects (probes, retries) should share a resolver instead, so that
@@ -104,7 +105,7 @@ class PgConnection {
   friend class PgPool;
   // Connect, by a deadline on the steady clock (the pool's, already converted).
   static absl::StatusOr<PgConnection> ConnectBy(const PgConnectTarget& target,
-                                                PgHostResolver& resolver, SteadyTime give_up);
+                                                HostResolver& resolver, SteadyTime give_up);
   // One connection attempt by libpq, to the hosts `overrides` lists (all of the conninfo's when
   // null).
   static absl::StatusOr<PgConnection> ConnectTo(const std::string& conninfo,
@@ -124,7 +125,7 @@ struct PgPoolOptions {
   absl::Duration connect_timeout = absl::Seconds(3);
   // Looks up the hosts of `conninfo` for each new connection; when unset, the pool makes its
   // own (getaddrinfo). Share one with other connects to the same database (the health probe).
-  std::shared_ptr<PgHostResolver> resolver;
+  std::shared_ptr<HostResolver> resolver;
 };
 
 // A bounded, thread-safe pool of PgConnections. Connections are opened lazily up to `size` and
@@ -181,7 +182,7 @@ class PgPool {
 
   const PgPoolOptions options_;
   const PgConnectTarget target_;  // options_.conninfo, parsed once.
-  const std::shared_ptr<PgHostResolver> resolver_;
+  const std::shared_ptr<HostResolver> resolver_;
   mutable std::mutex mutex_;
   std::condition_variable returned_;
   std::vector<PgConnection> idle_;

@@ -1,5 +1,5 @@
 // Connections by host name to the real PostgreSQL of scripts/backing-services (DATABASE_URL,
-// which names 127.0.0.1): the name is looked up by PgHostResolver and libpq is handed the
+// which names 127.0.0.1): the name is looked up by HostResolver and libpq is handed the
 // address, while the name stays the one libpq reports (and would verify a certificate against).
 
 #include <atomic>
@@ -12,6 +12,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/common/host_resolver.h"
 #include "server/common/notification.h"
 #include "server/postgres/pg_pool.h"
 #include "tests/support/test_env.h"
@@ -58,7 +59,7 @@ TEST(PgHostLookupTest, PoolConnectsByNameWithASharedResolver) {
   PgPoolOptions options;
   options.conninfo = UrlWithHosts("localhost");
   options.size = 2;
-  options.resolver = std::make_shared<PgHostResolver>();
+  options.resolver = std::make_shared<HostResolver>();
   PgPool pool(options);
   absl::StatusOr<PgPool::Lease> lease = pool.Acquire(Soon());
   ASSERT_TRUE(lease.ok()) << lease.status();
@@ -70,7 +71,7 @@ TEST(PgHostLookupTest, PoolConnectsByNameWithASharedResolver) {
 // the real server. libpq skips the first as it skips a host it cannot resolve, and
 // target_session_attrs still applies (the backing server is a primary).
 TEST(PgHostLookupTest, AMultiHostListSkipsANameThatDoesNotResolve) {
-  PgHostResolver resolver([](const std::string& host) -> absl::StatusOr<std::vector<std::string>> {
+  HostResolver resolver([](const std::string& host) -> absl::StatusOr<std::vector<std::string>> {
     if (host == "db.test") return std::vector<std::string>{"127.0.0.1"};
     return absl::NotFoundError("Name or service not known");
   });
@@ -90,7 +91,7 @@ struct DelayedNames {
   std::map<std::string, absl::Duration> delays;
   Notification release;
 
-  PgLookupFn Lookup(std::shared_ptr<DelayedNames> self) {
+  HostLookupFn Lookup(std::shared_ptr<DelayedNames> self) {
     return [self](const std::string& host) -> absl::StatusOr<std::vector<std::string>> {
       const absl::Duration delay = self->delays.at(host);
       if (delay >= absl::Seconds(10)) {
@@ -108,7 +109,7 @@ struct DelayedNames {
 TEST(PgHostLookupTest, AFallbackHostsHangingLookupDoesNotDelayTheHostBeforeIt) {
   auto names = std::make_shared<DelayedNames>();
   names->delays = {{"db.test", absl::ZeroDuration()}, {"hanging.test", absl::Seconds(10)}};
-  PgHostResolver resolver(names->Lookup(names));
+  HostResolver resolver(names->Lookup(names));
   const PgConnectTarget target(UrlWithHosts(OnServerPort("db.test") + ",hanging.test") +
                                "&target_session_attrs=read-write");
   const absl::Time start = absl::Now();
@@ -125,7 +126,7 @@ TEST(PgHostLookupTest, AFallbackHostsHangingLookupDoesNotDelayTheHostBeforeIt) {
 TEST(PgHostLookupTest, HostsAreTriedInTheirOrderWhicheverLookupAnswersFirst) {
   auto names = std::make_shared<DelayedNames>();
   names->delays = {{"first.test", absl::Milliseconds(300)}, {"second.test", absl::ZeroDuration()}};
-  PgHostResolver resolver(names->Lookup(names));
+  HostResolver resolver(names->Lookup(names));
   absl::StatusOr<PgConnection> conn = PgConnection::Connect(
       PgConnectTarget(UrlWithHosts(OnServerPort("first.test") + ",second.test")), resolver, Soon());
   ASSERT_TRUE(conn.ok()) << conn.status();
@@ -137,7 +138,7 @@ TEST(PgHostLookupTest, HostsAreTriedInTheirOrderWhicheverLookupAnswersFirst) {
 TEST(PgHostLookupTest, AHostWhoseLookupWasStillRunningIsTriedAfterTheOnesBeforeItFail) {
   auto names = std::make_shared<DelayedNames>();
   names->delays = {{"down.test", absl::ZeroDuration()}, {"db.test", absl::Milliseconds(500)}};
-  PgHostResolver resolver(names->Lookup(names));
+  HostResolver resolver(names->Lookup(names));
   // Per-host ports: down.test:1, db.test on the real server's port.
   absl::StatusOr<PgConnection> conn =
       PgConnection::Connect(PgConnectTarget(UrlWithHosts("down.test:1,db.test")), resolver, Soon());
@@ -150,7 +151,7 @@ TEST(PgHostLookupTest, AHostWhoseLookupWasStillRunningIsTriedAfterTheOnesBeforeI
 TEST(PgHostLookupTest, WhenEveryHostFailsEachOneSaysWhy) {
   auto names = std::make_shared<DelayedNames>();
   names->delays = {{"down.test", absl::ZeroDuration()}, {"hanging.test", absl::Seconds(10)}};
-  PgHostResolver resolver(names->Lookup(names));
+  HostResolver resolver(names->Lookup(names));
   absl::StatusOr<PgConnection> conn =
       PgConnection::Connect(PgConnectTarget(UrlWithHosts("down.test:1,hanging.test")), resolver,
                             absl::Now() + absl::Seconds(1));
@@ -200,11 +201,10 @@ TEST(PgHostLookupTest, AHostThatNeverAnswersDoesNotHoldUpTheNextOne) {
 
 TEST(PgHostLookupTest, AGivenHostaddrIsUsedAsIs) {
   auto lookups = std::make_shared<std::atomic<int>>(0);
-  PgHostResolver resolver(
-      [lookups](const std::string&) -> absl::StatusOr<std::vector<std::string>> {
-        lookups->fetch_add(1);
-        return absl::NotFoundError("not asked for");
-      });
+  HostResolver resolver([lookups](const std::string&) -> absl::StatusOr<std::vector<std::string>> {
+    lookups->fetch_add(1);
+    return absl::NotFoundError("not asked for");
+  });
   const PgConnectTarget target(UrlWithHosts("db.test") + "&hostaddr=127.0.0.1");
   EXPECT_TRUE(target.names().empty());
   absl::StatusOr<PgConnection> conn = PgConnection::Connect(target, resolver, Soon());

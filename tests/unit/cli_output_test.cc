@@ -8,12 +8,14 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "client/bench.h"
 #include "client/channel.h"
 #include "client/commands.h"
 #include "client/output_format.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/common/notification.h"
 
 namespace sessionledger::client {
 namespace {
@@ -22,10 +24,12 @@ using ::testing::HasSubstr;
 using ::testing::MatchesRegex;
 using ::testing::Not;
 
+constexpr absl::Duration kLookupLimit = absl::Seconds(10);
+
 TEST(CliChannelTest, SingleTargetPassesThrough) {
   for (const char* t : {"localhost:50051", "dns:///svc.ns:50051", "ipv4:10.0.0.1:1,10.0.0.2:2",
                         "unix:/tmp/s.sock"}) {
-    absl::StatusOr<std::string> target = BuildChannelTarget({t});
+    absl::StatusOr<std::string> target = BuildChannelTarget({t}, kLookupLimit);
     ASSERT_TRUE(target.ok()) << target.status();
     EXPECT_EQ(*target, t);
   }
@@ -36,13 +40,13 @@ TEST(CliChannelTest, SingleTargetPassesThrough) {
 TEST(CliChannelTest, SinglePlainTargetNeedsHostAndPort) {
   for (const char* t : {"localhost", "localhost:abc", "localhost:0", "dns:///svc.ns",
                         "dns:///svc.ns:70000", ":50051", "a:b:c"}) {
-    absl::StatusOr<std::string> target = BuildChannelTarget({t});
+    absl::StatusOr<std::string> target = BuildChannelTarget({t}, kLookupLimit);
     EXPECT_EQ(target.status().code(), absl::StatusCode::kInvalidArgument) << t;
     EXPECT_THAT(target.status().message(), HasSubstr("host:port")) << t;
   }
   for (const char* t : {"[::1]:50051", "10.0.0.1:1", "api.example:https", "dns:///api.example:http",
                         "dns://8.8.8.8/svc.ns:50051", "unix-abstract:sock", "xds:///svc"}) {
-    absl::StatusOr<std::string> target = BuildChannelTarget({t});
+    absl::StatusOr<std::string> target = BuildChannelTarget({t}, kLookupLimit);
     ASSERT_TRUE(target.ok()) << t << ": " << target.status();
     EXPECT_EQ(*target, t);
   }
@@ -74,24 +78,72 @@ TEST(CliChannelTest, TlsNameOfAnExplicitAddressListIsItsOneHostOrNone) {
 
 TEST(CliChannelTest, ListBecomesStaticAddressList) {
   absl::StatusOr<std::string> target =
-      BuildChannelTarget({"10.0.0.1:50051", "dns:///10.0.0.2:50052"});
+      BuildChannelTarget({"10.0.0.1:50051", "dns:///10.0.0.2:50052"}, kLookupLimit);
   ASSERT_TRUE(target.ok()) << target.status();
   EXPECT_EQ(*target, "ipv4:10.0.0.1:50051,10.0.0.2:50052");
 
-  target = BuildChannelTarget({"[::1]:1", "[fe80::2]:2"});
+  target = BuildChannelTarget({"[::1]:1", "[fe80::2]:2"}, kLookupLimit);
   ASSERT_TRUE(target.ok()) << target.status();
   EXPECT_EQ(*target, "ipv6:[::1]:1,[fe80::2]:2");
 }
 
+// Names in a list are looked up on threads of their own, all at once: two lookups of 400 ms
+// fit in 600 ms only side by side. A name with addresses of both families counts for both.
+TEST(CliChannelTest, TheNamesOfAListAreLookedUpAtOnce) {
+  const HostLookupFn slow =
+      [](const std::string& host) -> absl::StatusOr<std::vector<std::string>> {
+    absl::SleepFor(absl::Milliseconds(400));
+    if (host == "both.example") return std::vector<std::string>{"10.0.0.7", "fd00::7"};
+    return std::vector<std::string>{"10.0.0.8"};
+  };
+  absl::StatusOr<std::string> target = BuildChannelTarget(
+      {"both.example:1", "v4.example:2", "10.0.0.9:3"}, absl::Milliseconds(600), slow);
+  ASSERT_TRUE(target.ok()) << target.status();
+  EXPECT_EQ(*target, "ipv4:10.0.0.7:1,10.0.0.8:2,10.0.0.9:3");
+}
+
+// getaddrinfo cannot be interrupted; with a silent name server it would hold the CLI for the
+// resolver's whole timeout, far past the --deadline the user gave.
+TEST(CliChannelTest, ALookupThatDoesNotAnswerEndsAtTheDeadline) {
+  auto release = std::make_shared<Notification>();
+  const HostLookupFn stuck =
+      [release](const std::string&) -> absl::StatusOr<std::vector<std::string>> {
+    release->WaitForNotification();
+    return absl::UnavailableError("released");
+  };
+  const absl::Time start = absl::Now();
+  const absl::Status status =
+      BuildChannelTarget({"10.0.0.1:1", "silent.example:2"}, absl::Milliseconds(200), stuck)
+          .status();
+  const absl::Duration took = absl::Now() - start;
+  release->Notify();
+  EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded) << status;
+  EXPECT_THAT(status.message(), HasSubstr("silent.example"));
+  EXPECT_THAT(status.message(), HasSubstr("--deadline (200ms)"));
+  EXPECT_GE(took, absl::Milliseconds(200));
+  EXPECT_LT(took, absl::Seconds(2));
+}
+
+TEST(CliChannelTest, ANameThatDoesNotResolveIsUnavailable) {
+  const HostLookupFn unknown = [](const std::string&) -> absl::StatusOr<std::vector<std::string>> {
+    return absl::NotFoundError("Name or service not known");
+  };
+  const absl::Status status =
+      BuildChannelTarget({"10.0.0.1:1", "nowhere.example:2"}, kLookupLimit, unknown).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  EXPECT_THAT(status.message(),
+              HasSubstr("cannot resolve 'nowhere.example': Name or service not known"));
+}
+
 TEST(CliChannelTest, BadListsAreRejected) {
-  EXPECT_FALSE(BuildChannelTarget({}).ok());
-  EXPECT_EQ(BuildChannelTarget({"10.0.0.1", "10.0.0.2:1"}).status().code(),
+  EXPECT_FALSE(BuildChannelTarget({}, kLookupLimit).ok());
+  EXPECT_EQ(BuildChannelTarget({"10.0.0.1", "10.0.0.2:1"}, kLookupLimit).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(BuildChannelTarget({"10.0.0.1:0", "10.0.0.2:1"}).status().code(),
+  EXPECT_EQ(BuildChannelTarget({"10.0.0.1:0", "10.0.0.2:1"}, kLookupLimit).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(BuildChannelTarget({"unix:/x", "10.0.0.2:1"}).status().code(),
+  EXPECT_EQ(BuildChannelTarget({"unix:/x", "10.0.0.2:1"}, kLookupLimit).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(BuildChannelTarget({"10.0.0.1:1", "[::1]:2"}).status().code(),
+  EXPECT_EQ(BuildChannelTarget({"10.0.0.1:1", "[::1]:2"}, kLookupLimit).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 

@@ -2,8 +2,6 @@
 // between concurrent callers, never cached past one lookup; and how conninfo host lists are
 // turned into host/hostaddr/port for libpq. No PostgreSQL needed: a lookup that never answers
 // in time fails the connect before libpq is ever called.
-#include "server/postgres/pg_host_resolver.h"
-
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -17,8 +15,10 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/common/host_resolver.h"
 #include "server/common/notification.h"
 #include "server/common/thread_name.h"
+#include "server/postgres/pg_connect_target.h"
 #include "server/postgres/pg_pool.h"
 
 namespace sessionledger {
@@ -40,8 +40,8 @@ struct GatedLookup {
 };
 
 // A lookup that answers `answer` once `gate` is released, or after 10 s.
-PgLookupFn Gated(std::shared_ptr<GatedLookup> gate,
-                 std::vector<std::string> answer = {"10.0.0.1"}) {
+HostLookupFn Gated(std::shared_ptr<GatedLookup> gate,
+                   std::vector<std::string> answer = {"10.0.0.1"}) {
   return [gate, answer](const std::string&) {
     gate->calls.fetch_add(1);
     gate->release.WaitForNotificationWithTimeout(absl::Seconds(10));
@@ -57,16 +57,16 @@ absl::Duration Since(SteadyTime start) {
 }
 
 // One host's lookup; DEADLINE_EXCEEDED when it has not answered by `give_up`.
-Addresses LookUp(PgHostResolver& resolver, const std::string& host, SteadyTime give_up) {
+Addresses LookUp(HostResolver& resolver, const std::string& host, SteadyTime give_up) {
   std::optional<Addresses> found = resolver.Start({host}).Await(0, give_up);
   return found.has_value() ? *found : absl::DeadlineExceededError("not answered");
 }
 
-TEST(PgHostResolverTest, ASlowLookupEndsAtTheDeadline) {
+TEST(HostResolverTest, ASlowLookupEndsAtTheDeadline) {
   auto gate = GatedLookup::Make();
-  PgHostResolver resolver(Gated(gate));
+  HostResolver resolver(Gated(gate));
   const SteadyTime start = SteadyNow();
-  PgHostResolver::Pending pending = resolver.Start({"db.example"});
+  HostResolver::Pending pending = resolver.Start({"db.example"});
   EXPECT_FALSE(pending.Await(0, In(absl::Seconds(1))).has_value());
   const absl::Duration took = Since(start);
   EXPECT_FALSE(pending.Answered(0));
@@ -81,9 +81,9 @@ TEST(PgHostResolverTest, ASlowLookupEndsAtTheDeadline) {
 
 // The defect this guards against: libpq looked names up inside PQconnectStartParams, where the
 // deadline never reached. Here the lookup sleeps 10 s; the connect must give up after 1 s.
-TEST(PgHostResolverTest, ConnectWithASlowLookupAnswersUnavailableByTheDeadline) {
+TEST(HostResolverTest, ConnectWithASlowLookupAnswersUnavailableByTheDeadline) {
   auto gate = GatedLookup::Make();
-  PgHostResolver resolver(Gated(gate));
+  HostResolver resolver(Gated(gate));
   const PgConnectTarget target("postgres://app@db.example:5432/app?sslmode=disable");
   const SteadyTime start = SteadyNow();
   absl::StatusOr<PgConnection> conn =
@@ -98,13 +98,13 @@ TEST(PgHostResolverTest, ConnectWithASlowLookupAnswersUnavailableByTheDeadline) 
   gate->release.Notify();
 }
 
-TEST(PgHostResolverTest, PoolAcquireWithASlowLookupAnswersUnavailableByTheDeadline) {
+TEST(HostResolverTest, PoolAcquireWithASlowLookupAnswersUnavailableByTheDeadline) {
   auto gate = GatedLookup::Make();
   PgPoolOptions options;
   options.conninfo = "postgres://app@db.example:5432/app?sslmode=disable";
   options.size = 2;
   options.connect_timeout = absl::Seconds(30);  // The caller's deadline is the tighter one.
-  options.resolver = std::make_shared<PgHostResolver>(Gated(gate));
+  options.resolver = std::make_shared<HostResolver>(Gated(gate));
   PgPool pool(options);
   const SteadyTime start = SteadyNow();
   absl::StatusOr<PgPool::Lease> lease = pool.Acquire(absl::Now() + absl::Seconds(1));
@@ -117,9 +117,9 @@ TEST(PgHostResolverTest, PoolAcquireWithASlowLookupAnswersUnavailableByTheDeadli
   gate->release.Notify();
 }
 
-TEST(PgHostResolverTest, ConcurrentCallersShareOneLookup) {
+TEST(HostResolverTest, ConcurrentCallersShareOneLookup) {
   auto gate = GatedLookup::Make();
-  PgHostResolver resolver(Gated(gate, {"10.0.0.7"}));
+  HostResolver resolver(Gated(gate, {"10.0.0.7"}));
   Addresses first, second;
   std::thread a([&] { first = LookUp(resolver, "db.example", In(absl::Seconds(10))); });
   std::thread b([&] { second = LookUp(resolver, "db.example", In(absl::Seconds(10))); });
@@ -138,9 +138,9 @@ TEST(PgHostResolverTest, ConcurrentCallersShareOneLookup) {
 
 // A caller that gave up leaves the lookup running; the next caller waits on that one rather
 // than starting another, so a DNS outage costs one thread per name, not one per call.
-TEST(PgHostResolverTest, CallersThatGaveUpDoNotPileUpThreads) {
+TEST(HostResolverTest, CallersThatGaveUpDoNotPileUpThreads) {
   auto gate = GatedLookup::Make();
-  PgHostResolver resolver(Gated(gate));
+  HostResolver resolver(Gated(gate));
   for (int i = 0; i < 5; ++i) {
     EXPECT_FALSE(LookUp(resolver, "db.example", In(absl::Milliseconds(20))).ok());
   }
@@ -149,9 +149,9 @@ TEST(PgHostResolverTest, CallersThatGaveUpDoNotPileUpThreads) {
 }
 
 // After a failover the name leads elsewhere: an answered lookup is not reused.
-TEST(PgHostResolverTest, EachStartAfterAnAnswerLooksUpAgain) {
+TEST(HostResolverTest, EachStartAfterAnAnswerLooksUpAgain) {
   auto answers = std::make_shared<std::atomic<int>>(0);
-  PgHostResolver resolver([answers](const std::string&) -> Addresses {
+  HostResolver resolver([answers](const std::string&) -> Addresses {
     return std::vector<std::string>{answers->fetch_add(1) == 0 ? "10.0.0.1" : "10.0.0.2"};
   });
   Addresses before = LookUp(resolver, "db.example", In(absl::Seconds(5)));
@@ -162,9 +162,9 @@ TEST(PgHostResolverTest, EachStartAfterAnAnswerLooksUpAgain) {
   EXPECT_EQ(resolver.lookups_started(), 2);
 }
 
-TEST(PgHostResolverTest, DestroyingTheResolverDoesNotWaitForAStuckLookup) {
+TEST(HostResolverTest, DestroyingTheResolverDoesNotWaitForAStuckLookup) {
   auto gate = GatedLookup::Make();
-  auto resolver = std::make_unique<PgHostResolver>(Gated(gate));
+  auto resolver = std::make_unique<HostResolver>(Gated(gate));
   EXPECT_FALSE(LookUp(*resolver, "db.example", In(absl::Milliseconds(10))).ok());
   const SteadyTime start = SteadyNow();
   resolver.reset();
@@ -172,8 +172,8 @@ TEST(PgHostResolverTest, DestroyingTheResolverDoesNotWaitForAStuckLookup) {
   gate->release.Notify();  // Lets the detached thread finish (and free the shared state).
 }
 
-TEST(PgHostResolverTest, AFailedLookupIsReportedWithTheHostName) {
-  PgHostResolver resolver([](const std::string&) -> Addresses {
+TEST(HostResolverTest, AFailedLookupIsReportedWithTheHostName) {
+  HostResolver resolver([](const std::string&) -> Addresses {
     return absl::NotFoundError("Name or service not known");
   });
   const PgConnectTarget target("postgres://app@nowhere.example/app");
@@ -186,9 +186,9 @@ TEST(PgHostResolverTest, AFailedLookupIsReportedWithTheHostName) {
 }
 
 // top -H tells the health probe's lookups of Memcached names from PostgreSQL's.
-TEST(PgHostResolverTest, LookupThreadsCarryTheGivenName) {
+TEST(HostResolverTest, LookupThreadsCarryTheGivenName) {
   auto seen = std::make_shared<std::string>();
-  PgHostResolver named(
+  HostResolver named(
       [seen](const std::string&) {
         *seen = ThisThreadName();
         return Addresses(std::vector<std::string>{"10.0.0.1"});
@@ -196,7 +196,7 @@ TEST(PgHostResolverTest, LookupThreadsCarryTheGivenName) {
       "sl-probe-dns");
   ASSERT_TRUE(LookUp(named, "db", In(absl::Seconds(10))).ok());
   EXPECT_EQ(*seen, "sl-probe-dns");
-  PgHostResolver unnamed([seen](const std::string&) {
+  HostResolver unnamed([seen](const std::string&) {
     *seen = ThisThreadName();
     return Addresses(std::vector<std::string>{"10.0.0.1"});
   });
@@ -204,11 +204,11 @@ TEST(PgHostResolverTest, LookupThreadsCarryTheGivenName) {
   EXPECT_EQ(*seen, "sl-pg-dns");
 }
 
-TEST(LookUpPgHostTest, NumericAndLocalNamesResolveWithoutDns) {
-  auto numeric = LookUpPgHost("127.0.0.1");
+TEST(LookUpHostTest, NumericAndLocalNamesResolveWithoutDns) {
+  auto numeric = LookUpHost("127.0.0.1");
   ASSERT_TRUE(numeric.ok()) << numeric.status();
   EXPECT_THAT(*numeric, ElementsAre("127.0.0.1"));
-  auto local = LookUpPgHost("localhost");  // /etc/hosts
+  auto local = LookUpHost("localhost");  // /etc/hosts
   ASSERT_TRUE(local.ok()) << local.status();
   EXPECT_THAT(*local, ::testing::Contains("127.0.0.1"));
 }

@@ -1,91 +1,14 @@
-#ifndef SESSIONLEDGER_SERVER_POSTGRES_PG_HOST_RESOLVER_H_
-#define SESSIONLEDGER_SERVER_POSTGRES_PG_HOST_RESOLVER_H_
+#ifndef SESSIONLEDGER_SERVER_POSTGRES_PG_CONNECT_TARGET_H_
+#define SESSIONLEDGER_SERVER_POSTGRES_PG_CONNECT_TARGET_H_
 
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
-#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "server/common/clock.h"
 
 namespace sessionledger {
-
-// How a PostgreSQL host name is turned into numeric addresses ("10.0.0.5", "::1"), in the order
-// they should be tried. NOT_FOUND or UNAVAILABLE when the name does not resolve.
-using PgLookupFn = std::function<absl::StatusOr<std::vector<std::string>>(const std::string& host)>;
-
-// getaddrinfo(3) (TCP, any family), as libpq itself would look the name up.
-absl::StatusOr<std::vector<std::string>> LookUpPgHost(const std::string& host);
-
-// Whether `host` is an IPv4 or IPv6 address in numeric form, which needs no lookup.
-bool IsNumericAddress(const std::string& host);
-
-// Looks up PostgreSQL host names without ever blocking a caller past its deadline.
-//
-// libpq resolves names synchronously inside PQconnectStartParams/PQconnectPoll, where no
-// deadline reaches, and getaddrinfo cannot be interrupted: with a name server that drops
-// packets a connect would block for the resolver's whole timeout (glibc: 5 s x attempts x
-// search domains). So each lookup runs on a thread of its own ("sl-pg-dns"), and callers wait
-// for it only until their deadline.
-//
-// Lookups are coalesced: while a name's lookup is in flight, every caller asking for that name
-// waits on the same one, so a DNS outage costs at most one thread per name, however many calls
-// reconnect. Nothing is cached beyond that: once a lookup has answered, the next caller starts
-// a new one, so a connection opened after a failover finds the new address.
-//
-// Lookup threads are never joined: they share only a reference-counted state with the
-// resolver, which the last of them frees. Destroying the resolver therefore never waits for a
-// stuck lookup (a shutdown must not outlast the pod's grace period because of DNS).
-//
-// Thread-safe. A Pending shares the resolver's state, so it may outlive the resolver, as lookups
-// may.
-class PgHostResolver {
-  struct Lookup;  // One lookup in flight (the .cc file defines both).
-  struct State;   // What the resolver shares with its lookup threads.
-
- public:
-  // `lookup`: LookUpPgHost when unset; tests inject slow or counting ones. It runs on detached
-  // threads that may outlive the resolver, so it must capture nothing that dies with it.
-  // `thread_name` names those threads (top -H), for a resolver that looks up other hosts than
-  // PostgreSQL's.
-  explicit PgHostResolver(PgLookupFn lookup = nullptr, std::string thread_name = "sl-pg-dns");
-  ~PgHostResolver();
-  PgHostResolver(const PgHostResolver&) = delete;
-  PgHostResolver& operator=(const PgHostResolver&) = delete;
-
-  // Lookups of a list of hosts, all started at once, each awaited on its own: a caller that
-  // tries hosts in order waits only for the one it comes to, not for a slower one after it.
-  class Pending {
-   public:
-    // The addresses of hosts[i] once its lookup has answered (its error when the name does not
-    // resolve); nullopt when `give_up` comes first (the lookup goes on, and later callers may
-    // still use it).
-    std::optional<absl::StatusOr<std::vector<std::string>>> Await(size_t i, SteadyTime give_up);
-    // Whether hosts[i]'s lookup has answered (Await would not wait).
-    bool Answered(size_t i) const;
-
-   private:
-    friend class PgHostResolver;
-    std::shared_ptr<State> state_;
-    std::vector<std::shared_ptr<Lookup>> lookups_;
-  };
-
-  // Starts a lookup of each of `hosts` (in that order), or joins the one in flight for it, as
-  // described above. A lookup whose thread cannot be started fails like a lookup (UNAVAILABLE).
-  Pending Start(const std::vector<std::string>& hosts);
-
-  // Lookups started so far, and callers waiting on one right now (metrics, tests).
-  int64_t lookups_started() const;
-  int waiting() const;
-
- private:
-  std::shared_ptr<State> state_;
-};
 
 // What a conninfo asks libpq to connect to, parsed once, and how to connect there by address.
 //
@@ -162,4 +85,4 @@ class PgConnectTarget {
 
 }  // namespace sessionledger
 
-#endif  // SESSIONLEDGER_SERVER_POSTGRES_PG_HOST_RESOLVER_H_
+#endif  // SESSIONLEDGER_SERVER_POSTGRES_PG_CONNECT_TARGET_H_
