@@ -215,10 +215,14 @@ void MemcachedPool::ReturnSlot() {
 }
 
 absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(absl::Time deadline) {
-  if (deadline <= absl::Now()) {
+  return Acquire(SteadyDeadline(deadline, options_.wall_clock));
+}
+
+absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(SteadyTime give_up) {
+  if (give_up <= SteadyNow()) {
     return absl::UnavailableError("memcached: deadline passed before a connection was free");
   }
-  if (!TakeSlot(SteadyDeadline(deadline))) {
+  if (!TakeSlot(give_up)) {
     exhausted_.fetch_add(1, std::memory_order_relaxed);
     return absl::UnavailableError(
         absl::StrCat("memcached: no pooled connection free within the deadline (pool size ",
@@ -233,7 +237,7 @@ absl::StatusOr<MemcachedPool::Lease> MemcachedPool::Acquire(absl::Time deadline)
     return absl::UnavailableError(
         absl::StrCat("memcached: no pooled connection: ", memcached_strerror(nullptr, rc)));
   }
-  SetIoTimeouts(handle, deadline - absl::Now(), options_);
+  SetIoTimeouts(handle, absl::FromChrono(give_up - SteadyNow()), options_);
   leased_.fetch_add(1, std::memory_order_relaxed);
   return Lease(this, handle);
 }

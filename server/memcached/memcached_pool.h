@@ -33,6 +33,9 @@ struct MemcachedPoolOptions {
   // Starts a MemcachedPipeline (one pipelined connection per node, batching concurrent requests)
   // for the non-blocking session calls. Blocking calls always use the pool.
   bool pipeline = true;
+  // What a caller's deadline is read against, once per call (absl::Now() when unset; tests step
+  // one): every later wait of the call is timed on the steady clock.
+  const Clock* wall_clock = nullptr;
 };
 
 // Maps a libmemcached return code to a status: connection and timeout failures become
@@ -84,6 +87,8 @@ class MemcachedPool {
   // node that sends its answer a few bytes at a time can hold one call past `deadline` (the
   // pipeline drops such a node; README, "Known limit").
   absl::StatusOr<Lease> Acquire(absl::Time deadline);
+  // The same, for a deadline already on the steady clock.
+  absl::StatusOr<Lease> Acquire(SteadyTime give_up);
 
   const MemcachedPoolOptions& options() const { return options_; }
   // Index in options().url.nodes of the node that `group_key` maps to on the ketama ring (the

@@ -225,10 +225,13 @@ bool Refused(memcached_return_t rc) {
 // One call's view of memcached: a pooled handle, the group key of each copy, the deadline.
 class Conn {
  public:
+  // The deadline is read against the wall clock here, once: a step of that clock later in the
+  // call (NTP, a resumed VM) neither cuts its remaining round trips short nor stretches them.
   static absl::StatusOr<Conn> Open(MemcachedPool& pool, int replicas, absl::string_view user_tag,
                                    absl::Time deadline) {
-    SL_ASSIGN_OR_RETURN(MemcachedPool::Lease lease, pool.Acquire(deadline));
-    return Conn(std::move(lease), pool.options(), deadline, PlaceCopies(pool, replicas, user_tag));
+    const SteadyTime give_up = SteadyDeadline(deadline, pool.options().wall_clock);
+    SL_ASSIGN_OR_RETURN(MemcachedPool::Lease lease, pool.Acquire(give_up));
+    return Conn(std::move(lease), pool.options(), give_up, PlaceCopies(pool, replicas, user_tag));
   }
 
   int copies() const { return static_cast<int>(copies_.size()); }
@@ -385,11 +388,11 @@ class Conn {
   }
 
  private:
-  Conn(MemcachedPool::Lease lease, const MemcachedPoolOptions& options, absl::Time deadline,
+  Conn(MemcachedPool::Lease lease, const MemcachedPoolOptions& options, SteadyTime give_up,
        std::vector<CopyPlace> copies)
       : lease_(std::move(lease)),
         options_(options),
-        deadline_(deadline),
+        give_up_(give_up),
         copies_(std::move(copies)) {}
 
   memcached_st* m() const { return lease_.get(); }
@@ -412,7 +415,7 @@ class Conn {
   // spend the whole deadline on a node that the other copy makes unnecessary.
   absl::Status Ready(int copy) {
     op_started_ = SteadyNow();
-    const absl::Duration left = deadline_ - absl::Now();
+    const absl::Duration left = absl::FromChrono(give_up_ - op_started_);
     if (left <= absl::ZeroDuration()) {
       return absl::UnavailableError("memcached: the call's deadline passed");
     }
@@ -503,7 +506,7 @@ class Conn {
 
   MemcachedPool::Lease lease_;
   const MemcachedPoolOptions& options_;
-  absl::Time deadline_;
+  SteadyTime give_up_;
   std::vector<CopyPlace> copies_;
   // How long the node took is measured on the steady clock: a wall-clock step forward would
   // otherwise mark a node that answered at once as stalled.

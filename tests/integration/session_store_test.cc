@@ -48,13 +48,14 @@ class SessionStoreTest : public ::testing::Test {
     }
   }
 
-  void Open(const std::string& url_env, bool pipeline = true) {
+  void Open(const std::string& url_env, bool pipeline = true, const Clock* wall_clock = nullptr) {
     absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv(url_env));
     ASSERT_TRUE(url.ok()) << url.status();
     MemcachedPoolOptions options;
     options.url = *url;
     options.size = 2;
     options.pipeline = pipeline;
+    options.wall_clock = wall_clock;
     absl::StatusOr<std::unique_ptr<MemcachedPool>> pool = MemcachedPool::Create(options);
     ASSERT_TRUE(pool.ok()) << pool.status();
     pool_ = std::move(*pool);
@@ -1360,6 +1361,37 @@ TEST_F(SessionStoreTest, AnItemTooLargeIsTheCallersNotTheNodes) {
   EXPECT_EQ(added.code(), absl::StatusCode::kInvalidArgument) << added;
   EXPECT_EQ(CallerMessage(added).value_or(""), kSessionTooLargeForAnItem) << added;
   EXPECT_EQ(pool_->node_failures(), failures);
+}
+
+// A wall clock that reads true the first time after Reset and an hour later at every read after:
+// NTP stepping it, or a VM resumed, in the middle of a call.
+class SteppingClock final : public Clock {
+ public:
+  absl::Time Now() const override { return absl::Now() + absl::Hours(reads_.fetch_add(1)); }
+  int reads() const { return reads_.load(); }
+  void Reset() { reads_ = 0; }
+
+ private:
+  mutable std::atomic<int> reads_{0};
+};
+
+// A call's deadline is read against the wall clock once, when the call starts; its round trips
+// (one per copy here) are then timed on the steady clock. Reading the wall clock again before
+// each would take the step for the deadline passing, and fail a call that had its whole time.
+TEST_F(SessionStoreTest, AWallClockStepDuringACallDoesNotEndIt) {
+  SteppingClock clock;
+  Open("MEMCACHED_URL_REPLICATED", /*pipeline=*/false, &clock);
+  const SessionKey key = Key("clockstep");
+  const absl::Status added =
+      store_->Add(key, Session("stepped", 1), absl::Seconds(30), absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(added.ok()) << added;
+  EXPECT_EQ(clock.reads(), 1) << "the wall clock is read once per call";
+  clock.Reset();
+  absl::StatusOr<SessionLookup> got = store_->Lookup(key, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(got->record.has_value());
+  EXPECT_EQ(got->record->session.session_id(), "stepped");
+  EXPECT_EQ(clock.reads(), 1) << "the wall clock is read once per call";
 }
 
 TEST_F(SessionStoreTest, CompareAndSwapDetectsAConcurrentWrite) {
