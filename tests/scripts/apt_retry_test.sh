@@ -88,12 +88,36 @@ expect_in "$err" "the log" "Unable to locate package no-such-package"
 [[ $err != *"trying again"* ]] || fail "install of a missing package: waited for a lock: $err"
 
 # --- 4. no apt-get of the scripts bypasses sl_apt_get -----------------------------------------
-# A command line (not a comment or a message) that runs apt-get itself; sl_apt_get's own is the
-# one allowed.
-# shellcheck disable=SC2016 # the literal text of that line
-direct=$(grep -nE '^[[:space:]]*([A-Z_]+=[^[:space:]]+[[:space:]]+)*apt-get[[:space:]]' \
-  "$repo_root"/scripts/* "$repo_root"/scripts/lib/* 2>/dev/null |
-  grep -v 'LC_ALL=C apt-get -q -o DPkg::Lock::Timeout="$left"' || true)
+# The lines of FILES... that run apt or apt-get as a command, wherever it stands on the line
+# (`if ! apt-get`, `sudo apt-get`, `"${sudo[@]}" apt install`); comments and quoted text (log
+# messages) are not commands. sl_apt_get's own line is the one allowed.
+direct_apt_calls() {
+  grep -Hn '' "$@" | grep -vE '^[^:]+:[0-9]+:[[:space:]]*#' |
+    sed -E "s/\"[^\"]*\"//g; s/'[^']*'//g" |
+    grep -E '(^[^:]+:[0-9]+:|[[:space:];&|(!{`])apt(-get)?([[:space:]]|$)' |
+    grep -v 'LC_ALL=C apt-get -q -o DPkg::Lock::Timeout= ' || true
+}
+# The check itself: each of these runs apt, none of those does.
+cat >"$tmp/runs_apt" <<'LINES'
+if ! apt-get -y install x; then
+  sudo apt-get update
+"${sudo[@]}" apt-get install -y x
+apt install x
+x && apt-get install y
+LINES
+cat >"$tmp/runs_no_apt" <<'LINES'
+# apt-get install x
+sl_log "install them as root (apt-get install x) and run again"
+local what=apt-get
+die 'apt-get install nginx-light'
+apt-cache policy x
+LINES
+[[ $(direct_apt_calls "$tmp/runs_apt" | wc -l) == 5 ]] ||
+  fail "the check missed a run of apt: $(direct_apt_calls "$tmp/runs_apt")"
+[[ -z $(direct_apt_calls "$tmp/runs_no_apt") ]] ||
+  fail "the check took text for a run of apt: $(direct_apt_calls "$tmp/runs_no_apt")"
+mapfile -t scripts < <(find "$repo_root/scripts" "$repo_root/.ci" -type f)
+direct=$(direct_apt_calls "${scripts[@]}")
 [[ -z $direct ]] || fail "apt-get run without sl_apt_get:
 $direct"
 echo "apt_retry_test: ok"
