@@ -20,12 +20,16 @@ namespace {
 struct FlagSpec {
   const char* name;
   bool takes_value;
+  // Whether each value adds to the others. Any other option with a value is given once: of two
+  // --user-id, --to or --idempotency-key values, either could be the one meant, and taking the
+  // last would revoke, pay or retry with the other.
+  bool repeats = false;
 };
 
 // Every option of every command. A name means the same thing (and takes a value or not) in
 // every command, which lets us tokenise the command line before knowing the command.
 constexpr FlagSpec kFlags[] = {
-    {"target", true},
+    {"target", true, /*repeats=*/true},
     {"token", true},
     {"deadline", true},
     {"json", false},
@@ -33,9 +37,9 @@ constexpr FlagSpec kFlags[] = {
     {"service", true},
     {"user-id", true},
     {"ttl", true},
-    {"attr", true},
-    {"set", true},
-    {"remove", true},
+    {"attr", true, /*repeats=*/true},
+    {"set", true, /*repeats=*/true},
+    {"remove", true, /*repeats=*/true},
     {"expected-version", true},
     {"touch", false},
     {"currency", true},
@@ -60,7 +64,7 @@ constexpr FlagSpec kFlags[] = {
     {"key-file", true},
     {"tls-server-name", true},
     {"no-progress", false},
-    {"cpu-of", true},
+    {"cpu-of", true, /*repeats=*/true},
 };
 
 const std::set<std::string>& GlobalFlags() {
@@ -126,7 +130,7 @@ struct Tokens {
     }
     return false;
   }
-  // The last value given wins, as with most CLIs.
+  // The value given (Tokenize refuses a second one of an option that does not repeat).
   std::optional<std::string> Last(const std::string& name) const {
     std::optional<std::string> result;
     for (const auto& [flag, value] : flags) {
@@ -141,7 +145,7 @@ struct Tokens {
     }
     return result;
   }
-  // A usage error if any value given for `name` is empty (say, "--ca-file=$CA" with CA unset),
+  // A usage error if the value given for `name` is empty (say, "--ca-file=$CA" with CA unset),
   // which would otherwise read as the option left out; `instead` tells what to do.
   absl::Status NoEmptyValue(const std::string& name, absl::string_view instead) const {
     for (const auto& [flag, value] : flags) {
@@ -179,6 +183,10 @@ absl::StatusOr<Tokens> Tokenize(const std::vector<std::string>& args) {
       }
       tokens.flags.emplace_back(name, "");
       continue;
+    }
+    if (!spec->repeats && tokens.Has(name)) {
+      // Values are not echoed: one may be a token.
+      return UsageError(absl::StrCat("option --", name, " is given more than once; give it once"));
     }
     if (eq != std::string::npos) {
       tokens.flags.emplace_back(name, arg.substr(eq + 1));
@@ -272,6 +280,26 @@ absl::Status CheckTokenFitsHeader(absl::string_view source, const std::string& t
         c == '\r' || c == '\n' ? " (a line ending from the file it was read from?)" : ""));
   }
   return absl::OkStatus();
+}
+
+// Whether `command` sends --token / SESSIONLEDGER_TOKEN: every TransactionService call, as its
+// bearer token, and a session command whose TOKEN argument (`rest`) is left out.
+bool SendsGlobalToken(Command command, const std::vector<std::string>& rest) {
+  switch (command) {
+    case Command::kAccountOpen:
+    case Command::kAccountGet:
+    case Command::kDeposit:
+    case Command::kTransfer:
+    case Command::kHistory:
+      return true;
+    case Command::kSessionGet:
+    case Command::kSessionUpdate:
+    case Command::kSessionRotate:
+    case Command::kSessionDelete:
+      return rest.empty();
+    default:
+      return false;
+  }
 }
 
 absl::StatusOr<BenchRpc> ParseBenchRpc(const std::string& value) {
@@ -377,8 +405,8 @@ absl::Status ApplyCommandOptions(const Tokens& t, const std::vector<std::string>
     }
     return absl::OkStatus();
   };
-  // A money movement's key, or none (the CLI then generates one). Every value given must be a
-  // key: "--idempotency-key=$KEY" with KEY unset would otherwise get a new key on every retry,
+  // A money movement's key, or none (the CLI then generates one). A value given must be a key:
+  // "--idempotency-key=$KEY" with KEY unset would otherwise get a new key on every retry,
   // and the retry would move the money again.
   auto idempotency_key = [&]() -> absl::Status {
     absl::Status given = t.NoEmptyValue(
@@ -656,14 +684,16 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
     }
   }
   if (o.targets.empty()) o.targets.push_back(kDefaultTarget);
+  // A --token given is checked whatever the command; the variable only where the command sends
+  // it (below): one exported from a CRLF file must not break `health` or `session create`.
+  bool token_from_env = false;
   if (auto v = tokens->Last("token")) {
     o.token = *v;
     absl::Status fits = CheckTokenFitsHeader("--token", o.token);
     if (!fits.ok()) return fits;
   } else if (std::optional<std::string> from_env = env(kTokenEnv)) {
     o.token = *from_env;
-    absl::Status fits = CheckTokenFitsHeader(kTokenEnv, o.token);
-    if (!fits.ok()) return fits;
+    token_from_env = true;
   }
   if (auto v = tokens->Last("deadline")) {
     absl::StatusOr<absl::Duration> d = ParseDurationFlag("deadline", *v);
@@ -679,7 +709,7 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
   o.json = tokens->Has("json");
   // An empty value (say, "--ca-file=$CA" with CA unset) would count as not given, and
   // without the other TLS options the CLI would then talk plaintext and send the bearer
-  // token in the clear. Every value is checked, not only the last, for the same reason.
+  // token in the clear.
   for (const char* flag : {"ca-file", "cert-file", "key-file", "tls-server-name"}) {
     absl::Status given = tokens->NoEmptyValue(flag, "leave the option out instead");
     if (!given.ok()) return given;
@@ -698,6 +728,10 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
 
   absl::Status s = ApplyCommandOptions(*tokens, rest, o);
   if (!s.ok()) return s;
+  if (token_from_env && SendsGlobalToken(o.command, rest)) {
+    s = CheckTokenFitsHeader(kTokenEnv, o.token);
+    if (!s.ok()) return s;
+  }
   return o;
 }
 

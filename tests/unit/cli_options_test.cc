@@ -223,10 +223,10 @@ TEST(CliOptionsTest, AccountsDepositTransferHistory) {
   ExpectUsageError(
       {"transfer", "--from", "a1", "--to", "a2", "--amount", "5", "--idempotency-key", ""},
       "--idempotency-key: empty value");
-  // Every value counts, not only the last.
+  // Nor is a second key taken over the first: either could be the one a retry means.
   ExpectUsageError({"transfer", "--from", "a1", "--to", "a2", "--amount", "5", "--idempotency-key",
                     "", "--idempotency-key", "k1"},
-                   "--idempotency-key: empty value");
+                   "--idempotency-key is given more than once");
 
   // The server owns the amount rules (> 0); the CLI only checks that it is a number.
   o = Parse({"transfer", "--from", "a1", "--to", "a2", "--amount", "-5"});
@@ -389,10 +389,10 @@ TEST(CliOptionsTest, EmptyTlsOptionIsAUsageErrorNotPlaintext) {
   for (const std::string flag : {"ca-file", "cert-file", "key-file", "tls-server-name"}) {
     ExpectUsageError({"health", absl::StrCat("--", flag, "=")}, absl::StrCat("--", flag, ":"));
     ExpectUsageError({"health", absl::StrCat("--", flag), ""}, absl::StrCat("--", flag, ":"));
-    // Also when a later, non-empty value would win.
+    // A later, non-empty value does not win either.
     ExpectUsageError(
         {"--tls", "health", absl::StrCat("--", flag, "="), absl::StrCat("--", flag), "x.pem"},
-        absl::StrCat("--", flag, ":"));
+        absl::StrCat("--", flag, " is given more than once"));
   }
   ExpectUsageError({"health", "--cert-file=", "--key-file="}, "--cert-file: empty value");
 }
@@ -504,6 +504,58 @@ TEST(CliOptionsTest, TokenThatCannotBeAHeaderValueIsAUsageErrorThatHidesIt) {
   o = Parse({"health"}, {{"SESSIONLEDGER_TOKEN", printable}});
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_EQ(o->token, printable);
+}
+
+// Of two values of one option, either could be the one meant: taking the last would revoke the
+// other user, pay the other account or retry with a new key.
+TEST(CliOptionsTest, AnOptionWithAValueIsGivenOnce) {
+  ExpectUsageError({"session", "revoke", "--user-id", "alice", "--user-id", "bob"},
+                   "option --user-id is given more than once; give it once");
+  ExpectUsageError({"transfer", "--from", "a1", "--to", "a2", "--to", "a3", "--amount", "5"},
+                   "option --to is given more than once");
+  ExpectUsageError({"--deadline", "1s", "health", "--deadline=2s"}, "--deadline is given");
+  // Values are not echoed: a token is a secret.
+  absl::StatusOr<CliOptions> o =
+      Parse({"account", "get", "a1", "--token", "secret-one", "--token", "secret-two"});
+  ASSERT_FALSE(o.ok());
+  EXPECT_THAT(std::string(o.status().message()), HasSubstr("--token is given more than once"));
+  EXPECT_THAT(std::string(o.status().message()), Not(HasSubstr("secret")));
+
+  // Options whose values add up repeat.
+  o = Parse({"--target", "10.0.0.1:1", "--target", "10.0.0.2:2", "session", "create", "--user-id",
+             "u", "--attr", "a=1", "--attr", "b=2", "--json", "--json"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->targets, ElementsAre("10.0.0.1:1", "10.0.0.2:2"));
+  EXPECT_EQ(o->attributes.size(), 2u);
+  o = Parse(
+      {"session", "update", "t", "--set", "a=1", "--set", "b=2", "--remove", "c", "--remove", "d"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_THAT(o->remove, ElementsAre("c", "d"));
+}
+
+// SESSIONLEDGER_TOKEN is checked where it is sent only: one exported from a file with CRLF line
+// endings must not break the commands that never send it.
+TEST(CliOptionsTest, AnUnsendableTokenInTheEnvironmentFailsOnlyTheCommandsThatSendIt) {
+  const std::map<std::string, std::string> env = {{"SESSIONLEDGER_TOKEN", "c2VjcmV0\r"}};
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{{"health"},
+                                             {"session", "create", "--user-id", "u"},
+                                             {"session", "list", "--user-id", "u"},
+                                             {"session", "get", "explicit-token"},
+                                             {"bench", "--rpc", "health"}}) {
+    absl::StatusOr<CliOptions> o = Parse(args, env);
+    EXPECT_TRUE(o.ok()) << ::testing::PrintToString(args) << ": " << o.status();
+  }
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"session", "get"},
+           {"session", "rotate"},
+           {"account", "open", "--currency", "EUR"},
+           {"transfer", "--from", "a1", "--to", "a2", "--amount", "5"}}) {
+    absl::StatusOr<CliOptions> o = Parse(args, env);
+    ASSERT_FALSE(o.ok()) << ::testing::PrintToString(args);
+    EXPECT_THAT(std::string(o.status().message()), HasSubstr("SESSIONLEDGER_TOKEN: byte 9 of 9"))
+        << ::testing::PrintToString(args);
+  }
 }
 
 TEST(CliOptionsTest, DoubleDashEndsOptions) {
