@@ -358,7 +358,18 @@ absl::Status ValidateDatabaseUrl(absl::string_view url) {
     if (option->val == nullptr) continue;
     const absl::string_view keyword = option->keyword;
     const absl::string_view value = option->val;
-    if (keyword == "port") {
+    if (keyword == "host") {
+      // libpq ends the user info at the first '@': "postgres://app:pa@ss@db/x" is password "pa"
+      // on host "ss@db", whose failed lookup would put the rest of the password in the logs. A
+      // leading '@' names an abstract unix socket (host=@name), which is a host.
+      for (absl::string_view host : absl::StrSplit(value, ',')) {
+        if (host.find('@', 1) != absl::string_view::npos) {
+          return absl::InvalidArgumentError(
+              "the host holds an '@' (percent-encode any of : / @ ? # % in the user name or "
+              "password)");
+        }
+      }
+    } else if (keyword == "port") {
       for (absl::string_view port : absl::StrSplit(value, ',')) {
         // libpq keeps one entry per host, empty for a host written without a port: that host
         // takes the default (5432), as in "postgres://u@pg-0,pg-1/db".

@@ -502,7 +502,6 @@ TEST(DatabaseUrlTest, RedactsPasswordsWithReservedCharacters) {
   // spelling it has.
   const std::pair<const char*, std::vector<std::string>> cases[] = {
       {"postgres://app:my?secret@db/ledger", {"my?secret"}},
-      {"postgres://app:a?b@c@db/ledger?sslmode=disable", {"a?b@c"}},
       {"postgres://app:pw?x@db", {"pw?x"}},
       {"postgresql://app:top-secret@db:5432?password=other-secret", {"top-secret", "other-secret"}},
       {"postgres://db/ledger?user=app&password=qu%65ry-secret", {"qu%65ry-secret", "query-secret"}},
@@ -522,6 +521,30 @@ TEST(DatabaseUrlTest, RedactsPasswordsWithReservedCharacters) {
   }
   EXPECT_EQ(RedactDatabaseUrl("postgres://app:my?secret@db/ledger"),
             "postgres://app:****@db/ledger");
+}
+
+// libpq ends the user info at the first '@', so the rest of such a password becomes the host, and
+// its failed lookup would be logged: the URL is refused at start-up, without echoing any of it.
+TEST(DatabaseUrlTest, AnUnencodedAtInThePasswordIsRefusedWithoutEchoingIt) {
+  // Each URL with the part of its password that libpq would take for the host.
+  const std::pair<const char*, const char*> cases[] = {
+      {"postgres://app:pa@zzq@db/x", "zzq"},
+      {"postgres://app:a?b@xqz@db/ledger", "xqz"},
+      {"postgres://app:pw@qzx@db-0,db-1/ledger", "qzx"},
+  };
+  for (const auto& [url, rest] : cases) {
+    const absl::Status status = ValidateDatabaseUrl(url);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << url;
+    EXPECT_THAT(status.message(), HasSubstr("percent-encode")) << url;
+    EXPECT_THAT(status.message(), ::testing::Not(HasSubstr(rest))) << url;
+    // Redaction still hides everything up to the last '@'.
+    EXPECT_THAT(RedactDatabaseUrl(url), ::testing::Not(HasSubstr(rest))) << url;
+  }
+  EXPECT_EQ(ValidateDatabaseUrl("postgres://db/x?host=a,b@c").code(),
+            absl::StatusCode::kInvalidArgument);
+  // Encoded, the same password is fine; so is an abstract unix socket's leading '@'.
+  EXPECT_TRUE(ValidateDatabaseUrl("postgres://app:pa%40ss@db/x").ok());
+  EXPECT_TRUE(ValidateDatabaseUrl("postgres://app@/ledger?host=@pgsock").ok());
 }
 
 }  // namespace
