@@ -172,7 +172,8 @@ class SessionStore {
   virtual absl::Status Put(const SessionKey& key, const storage::v1::StoredSession& session,
                            absl::Duration ttl, absl::Time deadline) = 0;
 
-  // Deletes the key; OK when it is already gone.
+  // Deletes the key from every copy; OK when every copy answered (the key is gone, or never was
+  // there). UNAVAILABLE otherwise, marked with kPartialWritePayload when some copy deleted it.
   virtual absl::Status Remove(const SessionKey& key, absl::Time deadline) = 0;
 
   // The user's generation, making sure it is kept for at least `keep_for` from now (so that it

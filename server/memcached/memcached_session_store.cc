@@ -359,6 +359,8 @@ class Conn {
         rc = Store(Op::kAdd, copy, key, text, expiration);
       } else if (ParseGeneration(it->second.value) >= target) {
         rc = Touch(copy, key, expiration);
+        // Gone since the read (evicted, or expired that moment): read again, and add it.
+        if (rc == MEMCACHED_NOTFOUND) continue;
         return Answered(rc);
       } else {
         rc = Store(Op::kCas, copy, key, text, expiration, it->second.cas);
@@ -587,11 +589,12 @@ uint64_t KeepGeneration(Conn& conn, const std::string& gkey, const CopyReads& re
     const auto& read = reads[static_cast<size_t>(c)];
     if (!read.has_value()) continue;
     auto g = read->find(gkey);
-    if (g != read->end() && ParseGeneration(g->second.value) == generation) {
-      (void)conn.Touch(c, gkey, expiration);
-    } else {
-      conn.RaiseGeneration(c, gkey, generation, expiration);
+    // A touch that finds the key gone since the read (evicted) repairs it as a missing copy.
+    if (g != read->end() && ParseGeneration(g->second.value) == generation &&
+        conn.Touch(c, gkey, expiration) != MEMCACHED_NOTFOUND) {
+      continue;
     }
+    conn.RaiseGeneration(c, gkey, generation, expiration);
   }
   return generation;
 }
@@ -1321,17 +1324,24 @@ absl::Status MemcachedSessionStore::Put(const SessionKey& key, const StoredSessi
 absl::Status MemcachedSessionStore::Remove(const SessionKey& key, absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(Conn conn, Conn::Open(pool_, replicas_, key.user_tag, deadline));
   const std::string skey = SessionKeyName(key.token_hash);
-  absl::Status last = absl::UnavailableError("memcached: no node answered");
-  bool answered = false;
+  // Every copy must answer: a copy that kept the item would still list it, and count it against
+  // the user's limit, until it expired.
+  int answered = 0;
+  absl::Status last;
   for (int c = 0; c < conn.copies(); ++c) {
     const memcached_return_t rc = conn.Delete(c, skey);
     if (Answered(rc)) {
-      answered = true;
+      ++answered;
     } else {
       last = MemcachedStatus(rc, "delete");
     }
   }
-  return answered ? absl::OkStatus() : last;
+  if (answered == conn.copies()) return absl::OkStatus();
+  absl::Status failed =
+      absl::UnavailableError(absl::StrCat("memcached: ", answered, " of ", conn.copies(),
+                                          " copies took the delete (", last.message(), ")"));
+  if (answered > 0) failed.SetPayload(kPartialWritePayload, absl::Cord("1"));
+  return failed;
 }
 
 absl::StatusOr<uint64_t> MemcachedSessionStore::ReadGeneration(absl::string_view user_tag,

@@ -771,7 +771,13 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
       }
       return ended;
     }
-    SL_RETURN_IF_ERROR(store_->Remove(new_key, deadline));
+    // Lost to a concurrent write of the old session: the new one, never handed out, goes again.
+    if (const absl::Status removed = store_->Remove(new_key, deadline); !removed.ok()) {
+      return ForCallers(absl::StatusCode::kUnavailable,
+                        "token: the rotation was interrupted; the old token is as it was, and a "
+                        "session that was never handed out may be listed until it expires; retry",
+                        removed);
+    }
     if (!backoff.Wait()) {
       return backoff.GiveUp();
     }

@@ -1363,6 +1363,30 @@ TEST_F(SessionStoreTest, AnItemTooLargeIsTheCallersNotTheNodes) {
   EXPECT_EQ(pool_->node_failures(), failures);
 }
 
+// A removal must reach every copy: one that kept the session would list it, and count it against
+// the user's limit, until it expired.
+TEST_F(SessionStoreTest, ARemovalThatMissedACopyIsAPartialWrite) {
+  OpenNodes({DeadNode(), MemcachedNode{"127.0.0.1", static_cast<uint16_t>(MemcachedPort(1))}},
+            /*pipeline=*/false);
+  const SessionKey key = Key("removal");
+  ASSERT_TRUE(store_->Add(key, Session("r", 1), absl::Seconds(30), Deadline()).ok());
+  const absl::Status removed = store_->Remove(key, Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(removed)) << removed;
+  EXPECT_THAT(std::string(removed.message()),
+              ::testing::HasSubstr("1 of 2 copies took the delete"));
+  EXPECT_TRUE(removed.GetPayload(kPartialWritePayload).has_value());
+  EXPECT_FALSE(MemcachedGetValue(1, MemcachedSessionStore::SessionKeyName(key.token_hash)))
+      << "the copy that answered deleted it";
+
+  OpenNodes({DeadNode(), DeadNode()}, /*pipeline=*/false);
+  const absl::Status none = store_->Remove(key, Deadline());
+  EXPECT_TRUE(absl::IsUnavailable(none)) << none;
+  EXPECT_FALSE(none.GetPayload(kPartialWritePayload).has_value());
+
+  Open("MEMCACHED_URL_REPLICATED", /*pipeline=*/false);
+  EXPECT_TRUE(store_->Remove(key, Deadline()).ok()) << "gone from every copy already";
+}
+
 // A wall clock that reads true the first time after Reset and an hour later at every read after:
 // NTP stepping it, or a VM resumed, in the middle of a call.
 class SteppingClock final : public Clock {

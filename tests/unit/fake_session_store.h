@@ -165,6 +165,13 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     remove_pause_ = pause;
   }
+  // The next Remove answers `partial`, marked as the memcached store marks it, and the session
+  // stays: as when one copy deleted it and another, which still lists it, did not answer.
+  void PartlyFailNextRemove(absl::Status partial) {
+    std::lock_guard<std::mutex> l(mu_);
+    partial.SetPayload(kPartialWritePayload, absl::Cord("1"));
+    partial_remove_failure_ = std::move(partial);
+  }
   // How many session items the store holds, expired or not.
   int SessionCount() const {
     std::lock_guard<std::mutex> l(mu_);
@@ -300,6 +307,10 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     if (absl::Now() >= deadline) return absl::UnavailableError("fake store: deadline passed");
+    if (absl::Status partial = std::exchange(partial_remove_failure_, absl::OkStatus());
+        !partial.ok()) {
+      return partial;
+    }
     if (!ends_lost_) sessions_.erase(key.token_hash);
     return absl::OkStatus();
   }
@@ -446,6 +457,7 @@ class FakeSessionStore final : public SessionStore {
   absl::Duration add_pause_;
   absl::Duration index_write_pause_;
   absl::Duration remove_pause_;
+  absl::Status partial_remove_failure_;
   absl::Time last_add_deadline_ = absl::InfinitePast();
   absl::Time last_lookup_deadline_ = absl::InfinitePast();
   int peeks_ = 0;
