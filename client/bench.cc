@@ -194,6 +194,9 @@ class LoadGenerator {
     phase_.store(kStop);
     const steady_clock::time_point measure_end = steady_clock::now();
     const CpuSample cpu_end = SampleCpu(options_.cpu_of);
+    // The calls still out no longer count, and waiting for them would hold the report back
+    // until each one ended by itself: up to --deadline against a server that stopped answering.
+    CancelCalls();
     if (pacer_.joinable()) {
       // Slots waiting for their turn would otherwise keep the run going until they were due,
       // which at a low rate is long after the measured phase (or never).
@@ -203,8 +206,8 @@ class LoadGenerator {
       }
       pacer_wake_.notify_all();
     }
-    // Every call has a deadline and the pacer finishes every waiting slot, so every slot
-    // comes back.
+    // Every call out was cancelled, none starts from now on, and the pacer finishes every
+    // waiting slot, so every slot comes back.
     {
       std::unique_lock<std::mutex> lock(mutex_);
       done_.wait(lock, [this] { return active_ == 0; });
@@ -239,7 +242,9 @@ class LoadGenerator {
 
   // One closed-loop client: exactly one call in flight, so its fields are only touched by
   // that call's completion (gRPC orders callbacks, and a queue's events, after the call that
-  // raised them) and, once every slot has finished, by Run().
+  // raised them) and, once every slot has finished, by Run(). The exceptions are `context` and
+  // `stopped`, which Run() also reaches while calls are out (CancelCalls) and so are guarded by
+  // `call_mutex`.
   struct Slot {
     int index = 0;
     size_t connection = 0;
@@ -251,7 +256,12 @@ class LoadGenerator {
     // --rate: when this slot's next iteration is due.
     steady_clock::time_point next_start;
 
+    std::mutex call_mutex;
+    // The context of the slot's current (or last) call. Replaced only under call_mutex, so that
+    // CancelCalls never cancels one that is being destroyed; read without it by the thread
+    // starting the call, the only one that replaces it.
     std::unique_ptr<grpc::ClientContext> context;
+    bool stopped = false;  // no call may start any more; guarded by call_mutex
     steady_clock::time_point started;
     grpc::health::v1::HealthCheckRequest health_request;
     grpc::health::v1::HealthCheckResponse health_response;
@@ -382,7 +392,32 @@ class LoadGenerator {
     }
   }
 
-  // `started` is when the call began or, under --rate, when it was due.
+  // Cancels every slot's call in flight and keeps any slot from starting another. A call
+  // whose context is in place but not yet started is cancelled as it starts (ClientContext
+  // allows TryCancel at any stage of the call).
+  void CancelCalls() {
+    for (auto& slot : slots_) {
+      std::lock_guard<std::mutex> lock(slot->call_mutex);
+      slot->stopped = true;
+      // OnDone, if gRPC ran it in this thread, takes no call_mutex once the phase is kStop.
+      if (slot->context != nullptr) slot->context->TryCancel();
+    }
+  }
+
+  // Gives the slot a fresh context for its next call, unless CancelCalls has stopped it.
+  bool RenewContext(Slot& slot) {
+    std::unique_ptr<grpc::ClientContext> fresh =
+        NewContext(slot, options_.rpc == BenchRpc::kTransfer);
+    std::unique_ptr<grpc::ClientContext> finished;  // destroyed after the lock is released
+    std::lock_guard<std::mutex> lock(slot.call_mutex);
+    if (slot.stopped) return false;
+    finished = std::move(slot.context);
+    slot.context = std::move(fresh);
+    return true;
+  }
+
+  // `started` is when the call began or, under --rate, when it was due. A slot that the end of
+  // the run stopped starts nothing and finishes instead.
   void StartCall(Slot& slot, steady_clock::time_point started) {
     slot.started = started;
     // A queued call's reader lives in its call's arena, which the context's destruction frees:
@@ -390,23 +425,24 @@ class LoadGenerator {
     slot.health_reader.reset();
     slot.session_reader.reset();
     slot.transaction_reader.reset();
+    if (!RenewContext(slot)) {
+      FinishSlot();
+      return;
+    }
     switch (options_.rpc) {
       case BenchRpc::kHealth:
-        slot.context = NewContext(slot, false);
         Issue(slot, *health_[slot.connection], &Health::Stub::async::Check,
               &Health::Stub::PrepareAsyncCheck, slot.health_request, &slot.health_response,
               slot.health_reader);
         return;
       case BenchRpc::kCreateGetSession:
         if (slot.reading_back) {
-          slot.context = NewContext(slot, false);
           slot.get_request.set_token(slot.session_response.token());
           IssueGetSession(slot);
           return;
         }
         [[fallthrough]];
       case BenchRpc::kCreateSession:
-        slot.context = NewContext(slot, false);
         // A new user per call, as logins of many users look; one user with a huge session
         // list would measure that user's index instead.
         slot.create_request.set_user_id(
@@ -417,13 +453,11 @@ class LoadGenerator {
               &slot.session_response, slot.session_reader);
         return;
       case BenchRpc::kGetSession:
-        slot.context = NewContext(slot, false);
         slot.get_request.set_token(slot.token);
         slot.get_request.set_touch(options_.touch);
         IssueGetSession(slot);
         return;
       case BenchRpc::kUpdateSession:
-        slot.context = NewContext(slot, false);
         slot.update_request.set_token(slot.token);
         (*slot.update_request.mutable_set())["n"] = absl::StrCat(slot.sequence);
         Issue(slot, *sessions_[slot.connection], &SessionService::Stub::async::UpdateSession,
@@ -431,7 +465,6 @@ class LoadGenerator {
               &slot.session_response, slot.session_reader);
         return;
       case BenchRpc::kTransfer:
-        slot.context = NewContext(slot, true);
         slot.transfer_request.set_from_account_id(slot.from_account);
         slot.transfer_request.set_to_account_id(slot.to_account);
         slot.transfer_request.set_amount_minor(1);
@@ -499,7 +532,8 @@ class LoadGenerator {
       }
     }
     slot.completed.fetch_add(1, std::memory_order_relaxed);
-    if (!status.ok()) slot.failed.fetch_add(1, std::memory_order_relaxed);
+    // After the measured phase a failure is most likely CancelCalls' CANCELLED: no error.
+    if (!status.ok() && phase != kStop) slot.failed.fetch_add(1, std::memory_order_relaxed);
     if (phase != kStop) {
       if (options_.rpc == BenchRpc::kCreateGetSession && !slot.reading_back && status.ok()) {
         slot.reading_back = true;

@@ -46,8 +46,9 @@ struct BenchResult {
 // one call in flight, issue the next call from the completion callback of the previous one, so
 // a handful of gRPC threads drive any concurrency (no thread per call). Calls are spread over
 // `connections` channels (separate HTTP/2 connections; never more than slots, so each carries
-// calls), each balanced round_robin over the target's addresses. Under `rate` the run still
-// ends with the measured phase: slots waiting for their next turn are finished at once.
+// calls), each balanced round_robin over the target's addresses. The run ends with the
+// measured phase: calls still in flight then are cancelled (neither they nor their CANCELLED
+// count), and under `rate` slots waiting for their next turn are finished at once.
 //
 // Before the clock starts it prepares its own data through the same target: one session per
 // slot for get-session / update-session, and for transfer a session, two accounts and a large

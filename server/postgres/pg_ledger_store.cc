@@ -136,21 +136,25 @@ absl::StatusOr<Transaction> Replay(const MoneyMovement& m, Transaction stored,
   return stored;
 }
 
+// What is left until `give_up`, negative once it has passed.
+absl::Duration Left(SteadyTime give_up) { return absl::FromChrono(give_up - SteadyNow()); }
+
 // A short randomised pause before re-running a transaction that lost a serialization race, so
 // that the competitors do not collide again in lockstep.
-void Backoff(int attempt, absl::Time deadline) {
+void Backoff(int attempt, SteadyTime give_up) {
   thread_local std::minstd_rand random(std::random_device{}());
   const int64_t max_micros = 1000 << std::min(attempt, 5);
   const absl::Duration pause =
       absl::Microseconds(std::uniform_int_distribution<int64_t>(0, max_micros)(random));
-  absl::SleepFor(std::min(pause, std::max(absl::ZeroDuration(), deadline - absl::Now())));
+  absl::SleepFor(std::min(pause, std::max(absl::ZeroDuration(), Left(give_up))));
 }
 
 // The statement_timeout for a transaction with `left` until its deadline. It leaves PostgreSQL
 // a margin to report its own timeout before our deadline, so the connection survives (a
 // client-side timeout has to drop it).
-// A far deadline (or none: InfiniteFuture) is cut to the most statement_timeout takes, which
-// PostgreSQL keeps in a 32-bit count of milliseconds and refuses (22023) above it.
+// A far deadline is cut to the most statement_timeout takes, which PostgreSQL keeps in a 32-bit
+// count of milliseconds and refuses (22023) above it (a steady deadline is at most
+// kLongestSteadyWait away, well below that, but the cut costs nothing).
 absl::Duration ServerBudget(absl::Duration left) {
   constexpr absl::Duration kLongestStatementTimeout = absl::Milliseconds(INT32_MAX);
   return std::clamp(left - std::min(left / 5, absl::Milliseconds(200)), absl::Milliseconds(1),
@@ -160,8 +164,8 @@ absl::Duration ServerBudget(absl::Duration left) {
 // statement_timeout for a connection just taken from the pool: the budget of what is left
 // now, not of what was left before waiting for a connection (that wait can take most of it,
 // and then the call's deadline, which breaks the connection, would come before PostgreSQL's).
-std::string StatementTimeoutMillis(absl::Time deadline) {
-  return absl::StrCat(absl::ToInt64Milliseconds(ServerBudget(deadline - absl::Now())));
+std::string StatementTimeoutMillis(SteadyTime give_up) {
+  return absl::StrCat(absl::ToInt64Milliseconds(ServerBudget(Left(give_up))));
 }
 
 // A batch's two statements (its lock, then its movements) as statement_timeouts that together
@@ -174,8 +178,8 @@ struct BatchTimeouts {
   std::string lock_millis;
   std::string apply_millis;
 };
-BatchTimeouts BatchStatementTimeouts(absl::Time deadline) {
-  const int64_t budget = absl::ToInt64Milliseconds(ServerBudget(deadline - absl::Now()));
+BatchTimeouts BatchStatementTimeouts(SteadyTime give_up) {
+  const int64_t budget = absl::ToInt64Milliseconds(ServerBudget(Left(give_up)));
   const int64_t lock = std::max<int64_t>(1, budget / 4);
   return {absl::StrCat(lock), absl::StrCat(std::max<int64_t>(1, budget - lock))};
 }
@@ -267,15 +271,19 @@ MovementRow ReadMovementRow(const MoneyMovement& m, const PGresult* r, int row,
 
 }  // namespace
 
+SteadyTime PgLedgerStore::GiveUpAt(absl::Time deadline) const {
+  return SteadyDeadline(deadline, pool_.wall_clock());
+}
+
 absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, bool idempotent,
-                                               absl::Time deadline) {
+                                               SteadyTime give_up) {
   absl::Status last;
   bool retried_connection = false;
   for (int attempt = 0; attempt < max_attempts_; ++attempt) {
     // Back off here, after the previous attempt's lease went back to the pool, so a sleeping
     // retry never holds a connection that another call could use.
-    if (IsRetryableTransactionFailure(last)) Backoff(attempt, deadline);
-    if (deadline <= absl::Now()) {
+    if (IsRetryableTransactionFailure(last)) Backoff(attempt, give_up);
+    if (give_up <= SteadyNow()) {
       if (last.ok()) return absl::UnavailableError(kDeadlinePassed);
       // Out of time while conflicting transactions kept it from committing: the database is too
       // busy for this call, which may be retried, not a conflict the caller could resolve.
@@ -284,13 +292,13 @@ absl::StatusOr<PgResultPtr> PgLedgerStore::Run(const PgStatement& statement, boo
       }
       return last;
     }
-    SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
+    SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(give_up));
     // A connection handed back just as the wait for it ended leaves no time to run anything:
     // sent now, the statement would outlive its caller, and the connection be dropped.
-    if (deadline <= absl::Now()) return absl::UnavailableError(kDeadlinePassed);
+    if (give_up <= SteadyNow()) return absl::UnavailableError(kDeadlinePassed);
     const std::vector<PgStatement> statements = {
-        {kSetStatementTimeout, {StatementTimeoutMillis(deadline)}}, statement};
-    absl::StatusOr<std::vector<PgResultPtr>> results = lease->ExecPipeline(statements, deadline);
+        {kSetStatementTimeout, {StatementTimeoutMillis(give_up)}}, statement};
+    absl::StatusOr<std::vector<PgResultPtr>> results = lease->ExecPipeline(statements, give_up);
     if (results.ok()) return std::move((*results)[1]);
     last = results.status();
     const bool replace_connection = !lease->healthy() || NeedsFreshConnection(last);
@@ -325,7 +333,7 @@ absl::StatusOr<Account> PgLedgerStore::CreateAccount(absl::string_view owner_use
   // Not idempotent: a retry after a lost reply could open a second account.
   SL_ASSIGN_OR_RETURN(PgResultPtr result,
                       Run({kCreateAccount, {std::string(owner_user_id), std::string(currency)}},
-                          /*idempotent=*/false, deadline));
+                          /*idempotent=*/false, GiveUpAt(deadline)));
   if (PQntuples(result.get()) != 1) return absl::InternalError("postgres: account not created");
   return AccountFromRow(result.get(), 0);
 }
@@ -333,16 +341,16 @@ absl::StatusOr<Account> PgLedgerStore::CreateAccount(absl::string_view owner_use
 absl::StatusOr<Account> PgLedgerStore::GetAccount(absl::string_view account_id,
                                                   absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(PgResultPtr result, Run({kGetAccount, {std::string(account_id)}},
-                                              /*idempotent=*/true, deadline));
+                                              /*idempotent=*/true, GiveUpAt(deadline)));
   if (PQntuples(result.get()) == 0) return absl::NotFoundError("account_id: no such account");
   return AccountFromRow(result.get(), 0);
 }
 
-absl::StatusOr<Transaction> PgLedgerStore::ApplyOnce(const MoneyMovement& m, absl::Time deadline,
+absl::StatusOr<Transaction> PgLedgerStore::ApplyOnce(const MoneyMovement& m, SteadyTime give_up,
                                                      bool* retry_key_race) {
   *retry_key_race = false;
   // Idempotent thanks to the key: a re-run after a lost connection replays or applies once.
-  SL_ASSIGN_OR_RETURN(PgResultPtr result, Run(MovementStatement(m), /*idempotent=*/true, deadline));
+  SL_ASSIGN_OR_RETURN(PgResultPtr result, Run(MovementStatement(m), /*idempotent=*/true, give_up));
   if (PQntuples(result.get()) != 1 || PQnfields(result.get()) != kMovementColumns) {
     return absl::InternalError("postgres: unexpected result shape for a movement");
   }
@@ -360,7 +368,7 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyOnce(const MoneyMovement& m, abs
   // account locks; an identical request may have committed meanwhile and changed the
   // balances this refusal is based on. Its transaction, not the refusal, is the answer.
   SL_ASSIGN_OR_RETURN(PgResultPtr again, Run({kLookupKey, {m.acting_user_id, m.idempotency_key}},
-                                             /*idempotent=*/true, deadline));
+                                             /*idempotent=*/true, give_up));
   if (PQntuples(again.get()) == 1) {
     return Replay(m, TransactionFromColumns(again.get(), 0, 0, m.idempotency_key),
                   Text(again.get(), 0, 8));
@@ -368,10 +376,10 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyOnce(const MoneyMovement& m, abs
   return answer;
 }
 
-absl::StatusOr<Transaction> PgLedgerStore::ApplyAlone(const MoneyMovement& m, absl::Time deadline) {
+absl::StatusOr<Transaction> PgLedgerStore::ApplyAlone(const MoneyMovement& m, SteadyTime give_up) {
   for (int attempt = 0;; ++attempt) {
     bool key_race = false;
-    absl::StatusOr<Transaction> result = ApplyOnce(m, deadline, &key_race);
+    absl::StatusOr<Transaction> result = ApplyOnce(m, give_up, &key_race);
     if (!key_race) return result;
     if (attempt + 1 >= max_attempts_) {
       return absl::AbortedError(
@@ -389,10 +397,12 @@ struct PgLedgerStore::Pending {
     kDone,      // `result` is the answer.
     kRunAlone,  // The caller runs it through the single path.
   };
-  Pending(const MoneyMovement& m, absl::Time d) : movement(m), deadline(d) {}
+  Pending(const MoneyMovement& m, SteadyTime g) : movement(m), give_up(g) {}
 
   const MoneyMovement& movement;
-  const absl::Time deadline;
+  // The caller's deadline on the steady clock, read once when the call came in: the leader
+  // that runs this movement times it on that, not on the wall clock of its own moment.
+  const SteadyTime give_up;
   // Guarded by batch_mutex_.
   State state = State::kQueued;
   absl::StatusOr<Transaction> result = absl::UnknownError("postgres: no answer");
@@ -430,9 +440,11 @@ int PgLedgerStore::queued_movements() const {
 
 absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
                                                          absl::Time deadline) {
-  Pending self(m, deadline);
-  // The wait below is timed on the steady clock, so that a wall-clock step does not stretch it.
-  const SteadyTime give_up = SteadyDeadline(deadline);
+  // The one reading of the wall clock for this call: the wait below, the batch that carries the
+  // movement and the single path all time it on the steady clock, so that a wall-clock step
+  // neither stretches what is left of it nor ends it early.
+  const SteadyTime give_up = GiveUpAt(deadline);
+  Pending self(m, give_up);
   std::unique_lock<std::mutex> lock(batch_mutex_);
   queue_.push_back(&self);
   for (;;) {
@@ -441,7 +453,7 @@ absl::StatusOr<Transaction> PgLedgerStore::ApplyMovement(const MoneyMovement& m,
         return std::move(self.result);
       case Pending::State::kRunAlone:
         lock.unlock();
-        return ApplyAlone(m, deadline);
+        return ApplyAlone(m, give_up);
       case Pending::State::kTaken:
         // The leader answers within the batch's deadline, which is at most ours.
         self.wake.wait(lock);
@@ -485,18 +497,19 @@ std::vector<PgLedgerStore::Pending*> PgLedgerStore::TakeBatchLocked(Pending* sel
   queue_.erase(std::find(queue_.begin(), queue_.end(), self));
   self->state = Pending::State::kTaken;
   std::vector<Pending*> batch = {self};
-  const absl::Time now = absl::Now();
+  const SteadyTime now = SteadyNow();
+  const SteadyDuration min_budget = ToSteadyDuration(kMinBatchBudget);
   // A hurried leader runs alone rather than shorten a batch's budget.
-  if (self->deadline - now < kMinBatchBudget) return batch;
+  if (self->give_up - now < min_budget) return batch;
   while (!queue_.empty() && static_cast<int>(batch.size()) < max_batch_) {
     Pending* p = queue_.front();
     queue_.pop_front();
-    if (p->deadline <= now) {
+    if (p->give_up <= now) {
       p->result = absl::UnavailableError(
           "postgres: the call's deadline passed while it waited for a connection");
       p->state = Pending::State::kDone;
       p->wake.notify_one();
-    } else if (p->deadline - now < kMinBatchBudget) {
+    } else if (p->give_up - now < min_budget) {
       p->state = Pending::State::kRunAlone;
       p->wake.notify_one();
     } else {
@@ -521,14 +534,14 @@ void PgLedgerStore::Settle(Pending* p, std::optional<absl::StatusOr<Transaction>
 
 void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
   if (batch.size() == 1) {
-    Settle(batch[0], ApplyAlone(batch[0]->movement, batch[0]->deadline));
+    Settle(batch[0], ApplyAlone(batch[0]->movement, batch[0]->give_up));
     return;
   }
-  absl::Time deadline = absl::InfiniteFuture();
+  SteadyTime give_up = SteadyTime::max();
   std::vector<std::string> accounts;
   accounts.reserve(2 * batch.size());
   for (const Pending* p : batch) {
-    deadline = std::min(deadline, p->deadline);
+    give_up = std::min(give_up, p->give_up);
     if (p->movement.kind == TransactionKind::kTransfer) {
       accounts.push_back(p->movement.from_account_id);
     }
@@ -561,15 +574,15 @@ void PgLedgerStore::RunBatch(const std::vector<Pending*>& batch) {
   // path finds it free.
   absl::StatusOr<std::vector<PgResultPtr>> results =
       [&]() -> absl::StatusOr<std::vector<PgResultPtr>> {
-    if (deadline <= absl::Now()) {
+    if (give_up <= SteadyNow()) {
       return absl::UnavailableError(kDeadlinePassed);
     }
-    SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(deadline));
-    if (deadline <= absl::Now()) return absl::UnavailableError(kDeadlinePassed);
-    BatchTimeouts timeouts = BatchStatementTimeouts(deadline);
+    SL_ASSIGN_OR_RETURN(PgPool::Lease lease, pool_.Acquire(give_up));
+    if (give_up <= SteadyNow()) return absl::UnavailableError(kDeadlinePassed);
+    BatchTimeouts timeouts = BatchStatementTimeouts(give_up);
     statements[kLockTimeout].params[0] = std::move(timeouts.lock_millis);
     statements[kApplyTimeout].params[0] = std::move(timeouts.apply_millis);
-    absl::StatusOr<std::vector<PgResultPtr>> r = lease->ExecPipeline(statements, deadline);
+    absl::StatusOr<std::vector<PgResultPtr>> r = lease->ExecPipeline(statements, give_up);
     if (!r.ok() && (!lease->healthy() || NeedsFreshConnection(r.status()))) lease.MarkBroken();
     if (!r.ok() && NeedsFreshConnection(r.status())) pool_.DropIdle();
     if (!r.ok()) return r;
@@ -624,7 +637,7 @@ absl::StatusOr<TransactionPage> PgLedgerStore::ListTransactions(absl::string_vie
                       Run({kListTransactions,
                            {std::string(account_id), std::string(acting_user_id),
                             absl::StrCat(before_seq), absl::StrCat(limit + 1)}},
-                          /*idempotent=*/true, deadline));
+                          /*idempotent=*/true, GiveUpAt(deadline)));
   const PGresult* r = result.get();
   const int rows = PQntuples(r);
   if (rows == 0) return absl::NotFoundError("account_id: no such account");

@@ -102,6 +102,12 @@ absl::Status CheckTransactionIsolation(PgConnection& conn, absl::Time deadline);
 // PgBouncer (transaction pooling): only unnamed statements, no session-level SET, and every
 // transaction ends at its Sync, so any server connection can serve any call.
 //
+// Deadlines: each public method reads its wall-clock deadline once, on entry, against the
+// pool's wall_clock() (absl::Now() when unset), and times everything after that on the steady
+// clock: the wait in the batch queue and for a connection, statement_timeout, back-offs, the
+// wait for PostgreSQL's answer. A wall-clock step (NTP, a resumed VM) in the middle of a call
+// thus neither stretches what is left of it by the step nor ends it early.
+//
 // Thread-safe (connections come from the PgPool). Serialization failures and deadlocks
 // (40001/40P01) are retried up to max_attempts runs in all, then ABORTED (UNAVAILABLE if the
 // deadline comes first).
@@ -133,14 +139,16 @@ class PgLedgerStore final : public LedgerStore {
  private:
   struct Pending;
 
+  // The steady time at which a call's wall-clock `deadline` falls, read now (once per call).
+  SteadyTime GiveUpAt(absl::Time deadline) const;
   // Runs `statement` after the statement_timeout prefix on a pooled connection and returns its
   // result. Retries 40001/40P01 and, when `idempotent`, one lost connection.
   absl::StatusOr<PgResultPtr> Run(const PgStatement& statement, bool idempotent,
-                                  absl::Time deadline);
-  absl::StatusOr<Transaction> ApplyOnce(const MoneyMovement& movement, absl::Time deadline,
+                                  SteadyTime give_up);
+  absl::StatusOr<Transaction> ApplyOnce(const MoneyMovement& movement, SteadyTime give_up,
                                         bool* retry_key_race);
   // The single-movement path: ApplyOnce, re-run after a key race.
-  absl::StatusOr<Transaction> ApplyAlone(const MoneyMovement& movement, absl::Time deadline);
+  absl::StatusOr<Transaction> ApplyAlone(const MoneyMovement& movement, SteadyTime give_up);
 
   // With batch_mutex_ held: moves `self` and up to max_batch - 1 other queued movements out of
   // the queue; answers or releases those that cannot join.

@@ -310,7 +310,12 @@ absl::StatusOr<PgResultPtr> PgConnection::Collect(SteadyTime give_up) {
 absl::StatusOr<PgResultPtr> PgConnection::Exec(
     absl::string_view sql, const std::vector<std::optional<std::string>>& params,
     absl::Time deadline) {
-  const SteadyTime give_up = SteadyDeadline(deadline);
+  return Exec(sql, params, SteadyDeadline(deadline));
+}
+
+absl::StatusOr<PgResultPtr> PgConnection::Exec(
+    absl::string_view sql, const std::vector<std::optional<std::string>>& params,
+    SteadyTime give_up) {
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   const std::string statement(sql);
   std::vector<const char*> values;
@@ -327,7 +332,11 @@ absl::StatusOr<PgResultPtr> PgConnection::Exec(
 
 absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
     const std::vector<PgStatement>& statements, absl::Time deadline) {
-  const SteadyTime give_up = SteadyDeadline(deadline);
+  return ExecPipeline(statements, SteadyDeadline(deadline));
+}
+
+absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
+    const std::vector<PgStatement>& statements, SteadyTime give_up) {
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   if (PQenterPipelineMode(conn_) != 1) {
     CancelAndBreak();
@@ -432,7 +441,10 @@ PgPool::PgPool(PgPoolOptions options)
                     : std::make_shared<HostResolver>(nullptr, "sl-pg-dns")) {}
 
 absl::StatusOr<PgPool::Lease> PgPool::Acquire(absl::Time deadline) {
-  const SteadyTime give_up = SteadyDeadline(deadline);
+  return Acquire(SteadyDeadline(deadline, options_.wall_clock));
+}
+
+absl::StatusOr<PgPool::Lease> PgPool::Acquire(SteadyTime give_up) {
   std::unique_lock<std::mutex> lock(mutex_);
   bool waited = false;
   for (;;) {

@@ -82,6 +82,12 @@ class PgConnection {
   absl::StatusOr<PgResultPtr> Exec(absl::string_view sql,
                                    const std::vector<std::optional<std::string>>& params,
                                    absl::Time deadline);
+  // The same, for a deadline already on the steady clock: a caller that makes several calls
+  // for one request converts its deadline once and passes that (a wall-clock step between the
+  // calls then changes none of their budgets).
+  absl::StatusOr<PgResultPtr> Exec(absl::string_view sql,
+                                   const std::vector<std::optional<std::string>>& params,
+                                   SteadyTime give_up);
   // Sends every statement and then a Sync in one network round trip (libpq pipeline mode).
   // PostgreSQL runs them as one implicit transaction that commits at the Sync, or rolls back
   // entirely at the first error; so this returns only after the commit is durable, and the
@@ -90,6 +96,9 @@ class PgConnection {
   // statement, or the first error with the same mapping as Exec.
   absl::StatusOr<std::vector<PgResultPtr>> ExecPipeline(const std::vector<PgStatement>& statements,
                                                         absl::Time deadline);
+  // The same, for a deadline already on the steady clock.
+  absl::StatusOr<std::vector<PgResultPtr>> ExecPipeline(const std::vector<PgStatement>& statements,
+                                                        SteadyTime give_up);
   // Runs SQL without parameters (several statements allowed); for BEGIN/COMMIT and migrations.
   absl::StatusOr<PgResultPtr> ExecSimple(absl::string_view sql, absl::Time deadline);
 
@@ -126,6 +135,10 @@ struct PgPoolOptions {
   // Looks up the hosts of `conninfo` for each new connection; when unset, the pool makes its
   // own (getaddrinfo). Share one with other connects to the same database (the health probe).
   std::shared_ptr<HostResolver> resolver;
+  // What a caller's deadline is read against, once per call (absl::Now() when unset; tests step
+  // one): every later wait of the call is timed on the steady clock. PgLedgerStore reads it
+  // too, through wall_clock().
+  const Clock* wall_clock = nullptr;
 };
 
 // A bounded, thread-safe pool of PgConnections. Connections are opened lazily up to `size` and
@@ -163,8 +176,11 @@ class PgPool {
   PgPool& operator=(const PgPool&) = delete;
 
   // An idle connection, or a new one while fewer than `size` are open; otherwise waits for a
-  // return until `deadline`. UNAVAILABLE on timeout or when PostgreSQL cannot be reached.
+  // return until `deadline` (read against options.wall_clock). UNAVAILABLE on timeout or when
+  // PostgreSQL cannot be reached.
   absl::StatusOr<Lease> Acquire(absl::Time deadline);
+  // The same, for a deadline already on the steady clock.
+  absl::StatusOr<Lease> Acquire(SteadyTime give_up);
 
   // Closes every idle connection, so that the next Acquire opens a new one. For a failure that
   // says where the pooled connections lead is wrong (a read-only server after a failover): the
@@ -172,6 +188,8 @@ class PgPool {
   void DropIdle();
 
   int size() const { return options_.size; }
+  // options.wall_clock: null for absl::Now().
+  const Clock* wall_clock() const { return options_.wall_clock; }
   // Connections open now (idle + leased) and callers waiting for one; for metrics.
   int open_connections() const;
   int idle_connections() const;

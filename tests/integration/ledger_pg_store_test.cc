@@ -537,11 +537,12 @@ TEST_F(LedgerPgStoreTest, PostgresDownIsUnavailableAndRecoversWithoutRestart) {
 }
 
 // A ledger over a store of its own, whose batching a test shapes, on `connections`
-// connections.
+// connections, reading deadlines against `wall_clock` (absl::Now() when null).
 struct BatchingLedger {
   BatchingLedger(int connections, const PgLedgerStoreOptions& options,
-                 TokenAuthenticator& authenticator)
-      : pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), connections, absl::Seconds(2), nullptr}),
+                 TokenAuthenticator& authenticator, const Clock* wall_clock = nullptr)
+      : pool(PgPoolOptions{RequiredEnv("DATABASE_URL"), connections, absl::Seconds(2), nullptr,
+                           wall_clock}),
         store(pool, options),
         ledger(store, authenticator) {}
   PgPool pool;
@@ -1356,6 +1357,120 @@ TEST_F(LedgerPgStoreTest, CrossingTransfersInBatchesConserveMoneyWithoutDeadlock
   ExpectBalancesMatchRows(ids);
   std::cout << "batches " << store.batches() << ", movements in them " << store.batched_movements()
             << ", ok " << ok << ", insufficient " << insufficient << "\n";
+}
+
+// A wall clock that reads true the first time after Reset and `step` further at every read
+// after: NTP stepping it, or a VM resumed, in the middle of a call. Thread-safe.
+class StepPerReadClock final : public Clock {
+ public:
+  explicit StepPerReadClock(absl::Duration step) : step_(step) {}
+  absl::Time Now() const override { return absl::Now() + step_ * reads_.fetch_add(1); }
+  int reads() const { return reads_.load(); }
+  void Reset() { reads_ = 0; }
+
+ private:
+  const absl::Duration step_;
+  mutable std::atomic<int> reads_{0};
+};
+
+// Every store call reads its deadline against the wall clock once, when it comes in, and times
+// the rest (the wait for a connection, statement_timeout, the wait for PostgreSQL's answer) on
+// the steady clock. A second reading here would be an hour on and take the deadline for passed.
+TEST_F(LedgerPgStoreTest, AWallClockStepDuringACallDoesNotEndIt) {
+  StepPerReadClock clock(absl::Hours(1));
+  BatchingLedger clocked(2, PgLedgerStoreOptions{}, auth_, &clock);
+  const std::string alice = NewUser("alice");
+  const Account other = Open(alice);
+  const auto in_5s = [] { return absl::Now() + absl::Seconds(5); };
+
+  clock.Reset();
+  absl::StatusOr<Account> opened = clocked.ledger.OpenAccount(alice, "EUR", in_5s());
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_EQ(clock.reads(), 1) << "OpenAccount reads the wall clock once";
+  clock.Reset();
+  absl::StatusOr<Transaction> deposit =
+      clocked.ledger.Deposit(alice, {opened->account_id, 10, "clock-deposit"}, in_5s());
+  ASSERT_TRUE(deposit.ok()) << deposit.status();
+  EXPECT_EQ(clock.reads(), 1) << "Deposit reads the wall clock once";
+  clock.Reset();
+  absl::StatusOr<Transaction> transfer = clocked.ledger.Transfer(
+      alice, {opened->account_id, other.account_id, 4, "clock-transfer"}, in_5s());
+  ASSERT_TRUE(transfer.ok()) << transfer.status();
+  EXPECT_EQ(clock.reads(), 1) << "Transfer reads the wall clock once";
+  clock.Reset();
+  absl::StatusOr<Account> read = clocked.ledger.GetAccount(alice, opened->account_id, in_5s());
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->balance_minor, 6);
+  EXPECT_EQ(clock.reads(), 1) << "GetAccount reads the wall clock once";
+  clock.Reset();
+  absl::StatusOr<ListResult> listed =
+      clocked.ledger.ListTransactions(alice, {opened->account_id, 10, ""}, in_5s());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->transactions.size(), 2u);
+  EXPECT_EQ(clock.reads(), 1) << "ListTransactions reads the wall clock once";
+}
+
+// A batch's leader runs the others' movements by the deadlines their callers read, without
+// reading the wall clock again for them. (Whether batches form depends on timing; the count
+// holds either way.)
+TEST_F(LedgerPgStoreTest, BatchedMovementsReadTheWallClockOncePerCall) {
+  StepPerReadClock clock(absl::ZeroDuration());
+  BatchingLedger clocked(2, PgLedgerStoreOptions{}, auth_, &clock);
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  constexpr int kCalls = 16;
+  std::vector<absl::StatusOr<Transaction>> results(kCalls, absl::UnknownError("not run"));
+  clock.Reset();
+  {
+    TestThreads threads;
+    for (int i = 0; i < kCalls; ++i) {
+      threads.Start([&, i] {
+        results[i] = clocked.ledger.Deposit(
+            alice, {a.account_id, 1, absl::StrCat("clock-batch-", i)}, Soon());
+      });
+    }
+  }
+  for (const auto& r : results) EXPECT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(clock.reads(), kCalls);
+  EXPECT_EQ(Balance(alice, a.account_id), kCalls);
+  std::cout << "batches " << clocked.store.batches() << ", movements in them "
+            << clocked.store.batched_movements() << "\n";
+}
+
+// A transfer waiting on a row lock while the wall clock steps back an hour still ends by its
+// 2 s deadline: its statement_timeout and its wait for the answer come from the deadline as read
+// when it came in. (Read again after the step, they would have let it wait an hour.)
+TEST_F(LedgerPgStoreTest, AWallClockStepBackDoesNotStretchAWaitForARowLock) {
+  StepPerReadClock clock(-absl::Hours(1));
+  BatchingLedger clocked(2, PgLedgerStoreOptions{}, auth_, &clock);
+  const std::string alice = NewUser("alice");
+  const Account a = Open(alice);
+  const Account b = Open(alice);
+  ASSERT_TRUE(ledger_.Deposit(alice, {a.account_id, 10, "fund"}, Soon()).ok());
+  absl::StatusOr<PgConnection> blocker = LockAccountRow(a.account_id);
+  ASSERT_TRUE(blocker.ok()) << blocker.status();
+
+  clock.Reset();
+  absl::StatusOr<Transaction> t = absl::UnknownError("not answered");
+  absl::Duration took;
+  Notification answered;
+  std::thread call([&] {
+    const absl::Time start = absl::Now();
+    t = clocked.ledger.Transfer(alice, {a.account_id, b.account_id, 5, "stepped-back"},
+                                start + absl::Seconds(2));
+    took = absl::Now() - start;
+    answered.Notify();
+  });
+  // Should the call wait past its deadline, the lock goes anyway, so that it ends (and fails
+  // the checks below) instead of holding the test for the hour.
+  const bool in_time = answered.WaitForNotificationWithTimeout(absl::Seconds(5));
+  EXPECT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
+  call.join();
+  EXPECT_TRUE(in_time) << "the transfer outlived its deadline";
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable) << t.status();
+  // The slack absorbs sanitized builds on a loaded machine.
+  EXPECT_LE(took, absl::Seconds(3));
+  EXPECT_EQ(clock.reads(), 1) << "the wall clock is read once per call";
 }
 
 }  // namespace
