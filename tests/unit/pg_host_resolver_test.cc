@@ -201,7 +201,7 @@ TEST(HostResolverTest, LookupThreadsCarryTheGivenName) {
     return Addresses(std::vector<std::string>{"10.0.0.1"});
   });
   ASSERT_TRUE(LookUp(unnamed, "db", In(absl::Seconds(10))).ok());
-  EXPECT_EQ(*seen, "sl-pg-dns");
+  EXPECT_EQ(*seen, "sl-dns");
 }
 
 TEST(LookUpHostTest, NumericAndLocalNamesResolveWithoutDns) {
