@@ -34,6 +34,8 @@ chmod 0755 "$tmp"
 state=$tmp/state
 # Made by the test, traversable: what the script makes inside it is under its umask.
 mkdir -m 0755 "$state"
+# For .ci/run, should ctest kill this test before its cleanup runs (test_lib.sh).
+register_scratch "$repo_root" backing "$state"
 frozen=()
 cleanup() {
   local rc=$? pid
@@ -42,6 +44,7 @@ cleanup() {
   done
   SL_STATE_DIR=$state "$backing" stop >/dev/null 2>&1 || true
   rm -rf "$tmp"
+  unregister_scratch
   exit "$rc"
 }
 trap cleanup EXIT

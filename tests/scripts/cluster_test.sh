@@ -22,6 +22,9 @@ mkdir -p "$checkout/deploy"
 cp -R "$repo_root/scripts" "$checkout/scripts"
 cp -R "$repo_root/deploy/nginx" "$checkout/deploy/nginx"
 cluster=$checkout/scripts/cluster
+# scripts/cluster's state directory there is the checkout's default, .local. For .ci/run, should
+# ctest kill this test before its cleanup runs (test_lib.sh).
+register_scratch "$repo_root" cluster "$checkout/.local" "$(cd "$build_dir" && pwd)"
 
 base=$(free_port_block 6) || fail "found no 6 free ports in a row"
 # scripts/test exports its own services' state directory and ports: not ours.
@@ -44,6 +47,7 @@ cleanup() {
   # know it started.
   "$checkout/scripts/backing-services" stop >/dev/null 2>&1 || true
   rm -rf "$tmp"
+  unregister_scratch
   exit "$rc"
 }
 trap cleanup EXIT
