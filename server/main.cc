@@ -79,11 +79,14 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> HealthCheckCredentials
 }
 
 // For container health checks (the image has no shell or grpc_health_probe): asks the local
-// server's health service for "" and exits 0 only when it is SERVING.
+// server's health service for "" and exits 0 only when it is SERVING. The server is reached on
+// PORT at 127.0.0.1, or at LISTEN_ADDRESS when that is neither a wildcard nor localhost.
 int HealthCheck() {
   const absl::StatusOr<uint16_t> port = ListenPort(ProcessEnvironment());
   if (!port.ok()) return Fail(port.status());
-  const std::string target = absl::StrCat("127.0.0.1:", *port);
+  const absl::StatusOr<std::string> address = ListenAddress(ProcessEnvironment());
+  if (!address.ok()) return Fail(address.status());
+  const std::string target = LocalTarget(*address, *port);
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = HealthCheckCredentials();
   if (!credentials.ok()) return Fail(credentials.status());
   // The server is this container's own loopback: never through an HTTP CONNECT proxy. gRPC takes

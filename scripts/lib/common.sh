@@ -194,6 +194,83 @@ sl_package_installed() {
   [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == 'install ok installed' ]]
 }
 
+# sl_package_service PACKAGE: the system service (systemd unit NAME.service, init script
+# /etc/init.d/NAME) that installing PACKAGE adds and its postinst enables to start at boot:
+# memcached (:11211), postgresql (postgresql-common's postgresql.service, which starts the 15/main
+# cluster on :5432) and nginx-light (nginx-common's nginx.service, whose default site listens on
+# 0.0.0.0:80). Fails for a package without one.
+sl_package_service() {
+  case $1 in
+    memcached) echo memcached ;;
+    postgresql) echo postgresql ;;
+    nginx-light) echo nginx ;;
+    *) return 1 ;;
+  esac
+}
+
+sl_systemd_is_init() { [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; }
+
+# sl_service_known NAME: whether the machine has the system service NAME: a unit file
+# NAME.service (masked included) or an init script /etc/init.d/NAME.
+sl_service_known() {
+  local f
+  for f in "/etc/init.d/$1" "/etc/systemd/system/$1.service" "/run/systemd/system/$1.service" \
+    "/lib/systemd/system/$1.service" "/usr/lib/systemd/system/$1.service"; do
+    [[ -e $f || -L $f ]] && return 0
+  done
+  sl_systemd_has_unit "$1.service"
+}
+
+# sl_systemd_has_unit UNIT: whether systemd, as the init system, has a unit file UNIT. (Output
+# captured, not piped to grep -q: under pipefail, systemctl killed by SIGPIPE would read as "no".)
+sl_systemd_has_unit() {
+  local listed
+  sl_systemd_is_init || return 1
+  listed=$(systemctl list-unit-files --no-legend --no-pager "$1" 2>/dev/null) || true
+  [[ -n $listed ]]
+}
+
+# sl_disable_new_services NAME...: disables the system services NAME, which the caller found
+# absent before its install (sl_service_known), so that they do not start at the next boot;
+# logs the ones it disabled. With systemd as the init system, through `systemctl disable --now`
+# (which also stops one that runs); otherwise (a container, say) through `update-rc.d NAME
+# disable` when there is one, its failures ignored. Never fails.
+sl_disable_new_services() {
+  local name state now_disabled=() not_disabled=() undo='update-rc.d NAME enable'
+  if sl_systemd_is_init; then
+    undo='systemctl enable NAME'
+    for name in "$@"; do
+      # Not installed after all (an install that failed first): nothing to disable.
+      sl_systemd_has_unit "$name.service" || continue
+      state=$(systemctl is-enabled "$name.service" 2>/dev/null) || true
+      if [[ $state != enabled ]] && ! systemctl --quiet is-active "$name.service" 2>/dev/null; then
+        continue
+      fi
+      if systemctl --quiet disable --now "$name.service" >/dev/null 2>&1; then
+        now_disabled+=("$name.service")
+      else
+        not_disabled+=("$name.service")
+      fi
+    done
+  elif command -v update-rc.d >/dev/null 2>&1; then
+    for name in "$@"; do
+      [[ -e /etc/init.d/$name ]] || continue
+      if update-rc.d "$name" disable >/dev/null 2>&1; then
+        now_disabled+=("$name")
+      fi
+    done
+  fi
+  if ((${#now_disabled[@]} > 0)); then
+    sl_log "disabled the system services this install added, which would start at boot:" \
+      "${now_disabled[*]} (the scripts start their own; \`$undo\` undoes it)"
+  fi
+  if ((${#not_disabled[@]} > 0)); then
+    sl_log "warning: could not disable ${not_disabled[*]}: they may start at the next boot" \
+      "(systemctl disable --now ${not_disabled[*]})"
+  fi
+  return 0
+}
+
 # Installs whatever is missing from SL_PACKAGES and SL_PACKAGES_NO_RECOMMENDS. apt-get runs
 # only when something is missing, so repeated runs cost a few dpkg-query calls.
 sl_install_packages() {
@@ -230,20 +307,33 @@ sl_install_packages() {
   # ("action forbidden") keeps invoke-rc.d and deb-systemd-invoke from starting them. Our own
   # services are not affected: scripts/backing-services and scripts/cluster start memcached,
   # pg_ctl and nginx themselves, never through either. A policy-rc.d that exists already (a
-  # container image's, an administrator's) is left as it is. The subshell's EXIT trap removes
-  # ours however the install ends (success, failure, SIGINT/SIGTERM/SIGHUP), and only ours:
-  # a file without our marker line is never removed.
+  # container image's, an administrator's) is left as it is.
+  # Their postinsts still enable them, to start at the next boot (nginx's default site on
+  # 0.0.0.0:80): so afterwards the services this install added are disabled (and stopped, had
+  # someone else's policy-rc.d let them start), see sl_disable_new_services. Only those that
+  # the machine did not have before: one it had (an nginx of its own, a PostgreSQL of another
+  # version under postgresql.service) is left as it is.
+  # The subshell's EXIT trap does both however the install ends (success, failure,
+  # SIGINT/SIGTERM/SIGHUP: a failed or interrupted install may have configured some packages),
+  # and removes only our policy-rc.d: a file without our marker line is never removed.
+  local new_services=() service
+  for pkg in "${missing[@]}"; do
+    if service=$(sl_package_service "$pkg") && ! sl_service_known "$service"; then
+      new_services+=("$service")
+    fi
+  done
   (
     policy=/usr/sbin/policy-rc.d
     marker='# sessionledger: scripts/lib/common.sh, removed when its apt-get install ends'
     ours=0
     # shellcheck disable=SC2317 # invoked by the EXIT trap
-    remove_policy() {
+    finish_install() {
+      sl_disable_new_services ${new_services[@]+"${new_services[@]}"}
       if ((ours)) && grep -qxF "$marker" "$policy" 2>/dev/null; then
         rm -f "$policy"
       fi
     }
-    trap remove_policy EXIT
+    trap finish_install EXIT
     trap 'exit 129' HUP
     trap 'exit 130' INT
     trap 'exit 143' TERM

@@ -196,8 +196,8 @@ absl::Status ServerApp::Start() {
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(absl::StrCat("[::]:", config_.port), ServerCredentials(config_.tls),
-                           &port_);
+  builder.AddListeningPort(absl::StrCat(config_.listen_address, ":", config_.port),
+                           ServerCredentials(config_.tls), &port_);
   // gRPC sets SO_REUSEPORT by default, so a second server on a port already taken would start
   // without complaint and silently take half of the first one's new connections (another build,
   // another database). Without it the second one fails to start, naming PORT.
@@ -238,8 +238,9 @@ absl::Status ServerApp::Start() {
     server_.reset();
     async_queues_->Shutdown();
     async_queues_->Run();
-    return absl::UnavailableError(
-        absl::StrCat("PORT: cannot listen on port ", config_.port, " (in use, or not permitted)"));
+    return absl::UnavailableError(absl::StrCat(
+        "PORT: cannot listen on port ", config_.port, " of LISTEN_ADDRESS ", config_.listen_address,
+        " (in use, not permitted, or not an address of this machine)"));
   }
   // Calls waiting to be matched cost a few hundred bytes each; 16 keep a burst from waiting
   // for the queue's thread to ask for the next one.
@@ -254,7 +255,8 @@ absl::Status ServerApp::Start() {
     NameThisThread("sl-async-cq");
     queues->Run();
   });
-  logger_.Info("listening", {{"port", port_},
+  logger_.Info("listening", {{"address", config_.listen_address},
+                             {"port", port_},
                              {"metrics_port", metrics_port()},
                              {"memcached_nodes", static_cast<int>(config_.memcached.nodes.size())},
                              {"memcached_replicas", config_.memcached.replicas},
@@ -353,7 +355,8 @@ absl::Status ServerApp::StartMetrics() {
                        false,
                        {},
                        [ledger] { return double(ledger->queued_movements()); }});
-  SL_ASSIGN_OR_RETURN(metrics_http_, MetricsHttpServer::Start(config_.metrics_port, metrics_));
+  SL_ASSIGN_OR_RETURN(metrics_http_, MetricsHttpServer::Start(config_.listen_address,
+                                                              config_.metrics_port, metrics_));
   return absl::OkStatus();
 }
 

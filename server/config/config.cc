@@ -1,12 +1,16 @@
 #include "server/config/config.h"
 
+#include <arpa/inet.h>
 #include <libpq-fe.h>
+#include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
 #include <memory>
@@ -18,6 +22,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "server/common/small_file.h"
 #include "server/common/status_macros.h"
 
@@ -491,7 +496,11 @@ std::string RedactDatabaseUrl(absl::string_view url) {
 
 const std::vector<ConfigVariable>& ConfigVariables() {
   static const auto* const kVariables = new std::vector<ConfigVariable>{
-      {"PORT", "50051", "gRPC listen port (all interfaces)"},
+      {"PORT", "50051", "gRPC listen port (on LISTEN_ADDRESS)"},
+      {"LISTEN_ADDRESS", "[::]",
+       "address the gRPC port and /metrics listen on: [::] (every interface), an IPv4 or IPv6 "
+       "address, or localhost (127.0.0.1 and ::1); scripts/run and scripts/cluster set "
+       "127.0.0.1"},
       {"MEMCACHED_URL", "",
        "memcached://host:port[,host:port...][?replicas=N]; replicas=N keeps N extra copies of "
        "each session on other nodes"},
@@ -607,11 +616,72 @@ absl::StatusOr<uint16_t> ListenPort(const EnvLookup& env) {
   return static_cast<uint16_t>(port);
 }
 
+absl::StatusOr<std::string> ParseListenAddress(absl::string_view text) {
+  if (text == "localhost") return std::string(text);
+  // inet_pton reads a C string: a NUL inside the value must not cut it short.
+  if (!text.empty() && text.find('\0') == absl::string_view::npos) {
+    char written[INET6_ADDRSTRLEN];
+    const std::string v4_text(text);
+    in_addr v4{};
+    if (inet_pton(AF_INET, v4_text.c_str(), &v4) == 1 &&
+        inet_ntop(AF_INET, &v4, written, sizeof written) != nullptr) {
+      return std::string(written);
+    }
+    absl::string_view inner = text;
+    if (absl::ConsumePrefix(&inner, "[") && !absl::ConsumeSuffix(&inner, "]")) inner = text;
+    const std::string v6_text(inner);
+    in6_addr v6{};
+    if (inet_pton(AF_INET6, v6_text.c_str(), &v6) == 1) {
+      // ::ffff:a.b.c.d is the IPv4 address a.b.c.d: the metrics listener then needs no IPv6,
+      // and the address reads the same wherever it is shown.
+      static constexpr unsigned char kV4MappedPrefix[12] = {0, 0, 0, 0, 0,    0,
+                                                            0, 0, 0, 0, 0xff, 0xff};
+      if (std::memcmp(v6.s6_addr, kV4MappedPrefix, sizeof kV4MappedPrefix) == 0) {
+        std::memcpy(&v4, &v6.s6_addr[12], sizeof v4);
+        if (inet_ntop(AF_INET, &v4, written, sizeof written) != nullptr) {
+          return std::string(written);
+        }
+      } else if (inet_ntop(AF_INET6, &v6, written, sizeof written) != nullptr) {
+        return absl::StrCat("[", written, "]");
+      }
+    }
+  }
+  if (text.empty()) {
+    return absl::InvalidArgumentError(
+        "empty: unset it to listen on every interface ([::]), or name an address, e.g. "
+        "127.0.0.1");
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("'", text,
+                   "' is not an IPv4 or IPv6 address or localhost, e.g. 127.0.0.1, ::1 or [::] "
+                   "(without a port: that is PORT)"));
+}
+
+absl::StatusOr<std::string> ListenAddress(const EnvLookup& env) {
+  // Unlike the other variables, an empty value is not taken for unset: that would listen on
+  // every interface, the one outcome a mistyped or unexpanded setting must not have.
+  const std::optional<std::string> value = env("LISTEN_ADDRESS");
+  if (!value.has_value()) return std::string("[::]");
+  absl::StatusOr<std::string> address = ParseListenAddress(*value);
+  if (!address.ok()) return VariableError("LISTEN_ADDRESS", address.status().message());
+  return address;
+}
+
+std::string LocalTarget(absl::string_view listen_address, uint16_t port) {
+  // A wildcard takes connections on the loopback too ([::] on IPv4 as well: gRPC turns
+  // IPV6_V6ONLY off); localhost includes 127.0.0.1.
+  if (listen_address == "[::]" || listen_address == "0.0.0.0" || listen_address == "localhost") {
+    return absl::StrCat("127.0.0.1:", port);
+  }
+  return absl::StrCat(listen_address, ":", port);
+}
+
 absl::StatusOr<Config> LoadConfig(const EnvLookup& env) {
   const Raw raw{env};
   Config config;
   SL_RETURN_IF_ERROR(LoadLogLevel(raw, config));
   SL_ASSIGN_OR_RETURN(config.port, ListenPort(env));
+  SL_ASSIGN_OR_RETURN(config.listen_address, ListenAddress(env));
 
   std::optional<std::string> memcached_url = raw.GetRequired("MEMCACHED_URL");
   if (!memcached_url.has_value()) {

@@ -60,6 +60,9 @@ absl::StatusOr<TlsConfig> LoadTlsFiles(std::optional<std::string> cert_file,
 // receive the plain values they need, never the environment.
 struct Config {
   uint16_t port = 50051;
+  // LISTEN_ADDRESS, as ParseListenAddress returns it: the address both the gRPC port and
+  // /metrics listen on.
+  std::string listen_address = "[::]";
   MemcachedUrl memcached;
   std::string database_url;
   absl::Duration session_ttl = absl::Seconds(1800);
@@ -103,6 +106,21 @@ std::string ConfigHelpText();
 using EnvLookup = std::function<std::optional<std::string>(absl::string_view name)>;
 // Reads the real process environment.
 EnvLookup ProcessEnvironment();
+
+// LISTEN_ADDRESS's value in the form gRPC's AddListeningPort takes before ":port": "[::]" (every
+// IPv6 and IPv4 address), an IPv4 literal ("127.0.0.1"; "0.0.0.0" is every IPv4 address), an
+// IPv6 literal in brackets ("[::1]", given with or without them; written as inet_ntop writes
+// it), or "localhost" (the loopback addresses, 127.0.0.1 and ::1). Anything else (empty, a
+// port, another name, an IPv6 zone) is INVALID_ARGUMENT, its message not naming the variable.
+absl::StatusOr<std::string> ParseListenAddress(absl::string_view text);
+
+// LISTEN_ADDRESS alone (default "[::]"), checked as LoadConfig checks it: for `healthcheck`.
+absl::StatusOr<std::string> ListenAddress(const EnvLookup& env);
+
+// The target ("host:port") at which a process on this machine reaches a server listening on
+// `listen_address` (ParseListenAddress's form) and `port`: 127.0.0.1 for the wildcards and
+// localhost, the address itself otherwise.
+std::string LocalTarget(absl::string_view listen_address, uint16_t port);
 
 // PORT alone (default 50051), checked as LoadConfig checks it: for `healthcheck`, which needs
 // no other variable.

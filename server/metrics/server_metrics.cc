@@ -17,11 +17,13 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "server/common/clock.h"
 #include "server/common/thread_name.h"
@@ -175,40 +177,41 @@ std::string Response(absl::string_view status, absl::string_view content_type,
                       with_body ? body : "");
 }
 
-// A listening TCP socket on every address: [::] with IPV6_V6ONLY off takes IPv4 too, as gRPC's
-// does; where the kernel has no IPv6, 0.0.0.0. -1 with errno set when it cannot listen.
-int ListenOnEveryAddress(int port) {
-  int family = AF_INET6;
-  int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd >= 0) {
+// A listening TCP socket on `address`; an IPv6 one with IPV6_V6ONLY off, so that [::] takes
+// IPv4 too, as gRPC's does. -1 with errno set when it cannot listen.
+int ListenOn(const sockaddr* address, socklen_t length) {
+  const int fd = socket(address->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  if (address->sa_family == AF_INET6) {
     const int off = 0;
     setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof off);
-  } else if (errno == EAFNOSUPPORT) {
-    family = AF_INET;
-    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   }
-  if (fd < 0) return -1;
   // A restarted server takes its port back while the old connections sit in TIME_WAIT.
   const int on = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
-  sockaddr_in6 any6{};
-  any6.sin6_family = AF_INET6;
-  any6.sin6_addr = in6addr_any;
-  any6.sin6_port = htons(static_cast<uint16_t>(port));
-  sockaddr_in any4{};
-  any4.sin_family = AF_INET;
-  any4.sin_addr.s_addr = htonl(INADDR_ANY);
-  any4.sin_port = htons(static_cast<uint16_t>(port));
-  const int bound = family == AF_INET6
-                        ? bind(fd, reinterpret_cast<const sockaddr*>(&any6), sizeof any6)
-                        : bind(fd, reinterpret_cast<const sockaddr*>(&any4), sizeof any4);
-  if (bound != 0 || listen(fd, 16) != 0) {
+  if (bind(fd, address, length) != 0 || listen(fd, 16) != 0) {
     const int err = errno;
     close(fd);
     errno = err;
     return -1;
   }
   return fd;
+}
+
+int ListenOnIpv4(const in_addr& host, int port) {
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr = host;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  return ListenOn(reinterpret_cast<const sockaddr*>(&address), sizeof address);
+}
+
+int ListenOnIpv6(const in6_addr& host, int port) {
+  sockaddr_in6 address{};
+  address.sin6_family = AF_INET6;
+  address.sin6_addr = host;
+  address.sin6_port = htons(static_cast<uint16_t>(port));
+  return ListenOn(reinterpret_cast<const sockaddr*>(&address), sizeof address);
 }
 
 int BoundPort(int fd) {
@@ -221,28 +224,77 @@ int BoundPort(int fd) {
   return ntohs(reinterpret_cast<const sockaddr_in*>(&address)->sin_port);
 }
 
+// The listening sockets for `listen_address` (LISTEN_ADDRESS as ParseListenAddress in
+// server/config/config.h writes it), as gRPC listens there: [::] is every IPv6 and IPv4 address
+// (0.0.0.0 where the kernel has no IPv6); localhost is 127.0.0.1 and, where the kernel has
+// IPv6, ::1 on the same port; an IPv4 literal or a bracketed IPv6 one is that address alone.
+// Empty with errno set when it cannot listen (EINVAL: not such an address).
+std::vector<int> ListenOnAddress(absl::string_view listen_address, int port) {
+  if (listen_address == "[::]") {
+    const int fd = ListenOnIpv6(in6addr_any, port);
+    if (fd >= 0) return {fd};
+    if (errno != EAFNOSUPPORT) return {};
+    in_addr any{};
+    any.s_addr = htonl(INADDR_ANY);
+    const int v4 = ListenOnIpv4(any, port);
+    if (v4 < 0) return {};
+    return {v4};
+  }
+  if (listen_address == "localhost") {
+    in_addr loopback{};
+    loopback.s_addr = htonl(INADDR_LOOPBACK);
+    const int v4 = ListenOnIpv4(loopback, port);
+    if (v4 < 0) return {};
+    const int v6 = ListenOnIpv6(in6addr_loopback, BoundPort(v4));
+    if (v6 >= 0) return {v4, v6};
+    // No IPv6 in this kernel, or no ::1 on its loopback: 127.0.0.1 alone, as gRPC then does.
+    if (errno == EAFNOSUPPORT || errno == EADDRNOTAVAIL) return {v4};
+    const int err = errno;
+    close(v4);
+    errno = err;
+    return {};
+  }
+  absl::string_view host = listen_address;
+  const bool bracketed = absl::ConsumePrefix(&host, "[") && absl::ConsumeSuffix(&host, "]");
+  const std::string literal(host);
+  int fd = -1;
+  in_addr v4{};
+  in6_addr v6{};
+  if (!bracketed && inet_pton(AF_INET, literal.c_str(), &v4) == 1) {
+    fd = ListenOnIpv4(v4, port);
+  } else if (bracketed && inet_pton(AF_INET6, literal.c_str(), &v6) == 1) {
+    fd = ListenOnIpv6(v6, port);
+  } else {
+    errno = EINVAL;
+  }
+  if (fd < 0) return {};
+  return {fd};
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    int port, const ServerMetrics& metrics) {
-  const int listen_fd = ListenOnEveryAddress(port);
-  if (listen_fd < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("METRICS_PORT: cannot listen on port ", port, ": ", std::strerror(errno)));
+    absl::string_view listen_address, int port, const ServerMetrics& metrics) {
+  std::vector<int> listen_fds = ListenOnAddress(listen_address, port);
+  if (listen_fds.empty()) {
+    return absl::UnavailableError(absl::StrCat("METRICS_PORT: cannot listen on port ", port,
+                                               " of LISTEN_ADDRESS ", listen_address, ": ",
+                                               std::strerror(errno)));
   }
   const int stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (stop_fd < 0) {
     const int err = errno;
-    close(listen_fd);
+    for (const int fd : listen_fds) close(fd);
     return absl::InternalError(absl::StrCat("metrics: eventfd: ", std::strerror(err)));
   }
+  const int bound_port = BoundPort(listen_fds.front());
   return std::unique_ptr<MetricsHttpServer>(
-      new MetricsHttpServer(metrics, listen_fd, stop_fd, BoundPort(listen_fd)));
+      new MetricsHttpServer(metrics, std::move(listen_fds), stop_fd, bound_port));
 }
 
-MetricsHttpServer::MetricsHttpServer(const ServerMetrics& metrics, int listen_fd, int stop_fd,
-                                     int port)
-    : metrics_(metrics), listen_fd_(listen_fd), stop_fd_(stop_fd), port_(port) {
+MetricsHttpServer::MetricsHttpServer(const ServerMetrics& metrics, std::vector<int> listen_fds,
+                                     int stop_fd, int port)
+    : metrics_(metrics), listen_fds_(std::move(listen_fds)), stop_fd_(stop_fd), port_(port) {
   thread_ = std::thread([this] {
     NameThisThread("sl-metrics-http");
     Run();
@@ -253,26 +305,34 @@ MetricsHttpServer::~MetricsHttpServer() {
   const uint64_t one = 1;
   (void)!write(stop_fd_, &one, sizeof one);
   thread_.join();
-  close(listen_fd_);
+  for (const int fd : listen_fds_) close(fd);
   close(stop_fd_);
 }
 
 void MetricsHttpServer::Run() {
+  // The listening sockets, then the stop.
+  std::vector<pollfd> waiting;
+  for (const int fd : listen_fds_) waiting.push_back({fd, POLLIN, 0});
+  waiting.push_back({stop_fd_, POLLIN, 0});
   for (;;) {
-    const int ready = WaitFor(listen_fd_, POLLIN, stop_fd_, std::nullopt);
-    if (ready < 0) return;
-    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-        // The stop still ends the pause at once.
-        const SteadyTime pause_end = SteadyNow() + ToSteadyDuration(kAcceptRetryPause);
-        if (WaitFor(stop_fd_, POLLIN, stop_fd_, pause_end) < 0) return;
+    for (pollfd& p : waiting) p.revents = 0;
+    if (poll(waiting.data(), static_cast<nfds_t>(waiting.size()), -1) <= 0) continue;
+    if (waiting.back().revents != 0) return;
+    for (size_t i = 0; i + 1 < waiting.size(); ++i) {
+      if (waiting[i].revents == 0) continue;
+      const int fd = accept4(waiting[i].fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          // The stop still ends the pause at once.
+          const SteadyTime pause_end = SteadyNow() + ToSteadyDuration(kAcceptRetryPause);
+          if (WaitFor(stop_fd_, POLLIN, stop_fd_, pause_end) < 0) return;
+        }
+        continue;  // Otherwise it went away before we took it.
       }
-      continue;  // Otherwise it went away before we took it.
+      const bool go_on = Serve(fd);
+      close(fd);
+      if (!go_on) return;
     }
-    const bool go_on = Serve(fd);
-    close(fd);
-    if (!go_on) return;
   }
 }
 

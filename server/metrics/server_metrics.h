@@ -76,16 +76,20 @@ class ServerMetrics {
   std::unordered_map<std::string, MethodSeries> series_;  // Guarded by series_mutex_.
 };
 
-// Serves GET /metrics (ServerMetrics::RenderText) over HTTP/1.x on `port` of every local IPv6
-// and IPv4 address, as gRPC listens on [::]. (Not prometheus-cpp's Exposer: Debian 12 builds its
-// civetweb without IPv6, so it could listen on IPv4 only, and a scraper that reaches pods over
-// IPv6 found nothing.) One thread, "sl-metrics-http", answers one connection at a time, then
-// closes it; scrapes come seconds apart. A connection gets a second to send its request and
-// five to take the answer. Stops on destruction, at once, even in the middle of a connection.
+// Serves GET /metrics (ServerMetrics::RenderText) over HTTP/1.x on `port` of the address the
+// gRPC port listens on (LISTEN_ADDRESS): with the default [::], every local IPv6 and IPv4
+// address. (Not prometheus-cpp's Exposer: Debian 12 builds its civetweb without IPv6, so it
+// could listen on IPv4 only, and a scraper that reaches pods over IPv6 found nothing.) One
+// thread, "sl-metrics-http", answers one connection at a time, then closes it; scrapes come
+// seconds apart. A connection gets a second to send its request and five to take the answer.
+// Stops on destruction, at once, even in the middle of a connection.
 class MetricsHttpServer {
  public:
-  // UNAVAILABLE when the port cannot be bound. Port 0 picks a free one (port()).
-  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(int port,
+  // `listen_address` as ParseListenAddress (server/config/config.h) writes it: "[::]", an IPv4
+  // literal, a bracketed IPv6 literal, or "localhost" (127.0.0.1, and ::1 where the kernel has
+  // IPv6). UNAVAILABLE when the port cannot be bound there. Port 0 picks a free one (port()).
+  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(absl::string_view listen_address,
+                                                                  int port,
                                                                   const ServerMetrics& metrics);
   ~MetricsHttpServer();
   MetricsHttpServer(const MetricsHttpServer&) = delete;
@@ -93,14 +97,15 @@ class MetricsHttpServer {
   int port() const { return port_; }
 
  private:
-  MetricsHttpServer(const ServerMetrics& metrics, int listen_fd, int stop_fd, int port);
+  MetricsHttpServer(const ServerMetrics& metrics, std::vector<int> listen_fds, int stop_fd,
+                    int port);
   void Run();
   // Reads one request from `fd` and answers it; false when the server is stopping.
   bool Serve(int fd);
 
   const ServerMetrics& metrics_;
-  const int listen_fd_;
-  const int stop_fd_;  // An eventfd, signalled by the destructor.
+  const std::vector<int> listen_fds_;  // One, or two for localhost (127.0.0.1 and ::1).
+  const int stop_fd_;                  // An eventfd, signalled by the destructor.
   const int port_;
   std::thread thread_;
 };

@@ -2,12 +2,16 @@
 // scripts/backing-services, configuration by environment, signals, exit codes and logs.
 #include "tests/support/server_process.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -24,6 +28,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -677,6 +682,11 @@ TEST(ServerProcessTest, RefusesToStartOnBadConfigurationWithOneLineNamingTheVari
        "DATABASE_URL: "},
       {"missing MEMCACHED_URL", {{"MEMCACHED_URL", std::nullopt}}, 2, "MEMCACHED_URL: required"},
       {"bad PORT", {{"PORT", "http"}}, 2, "PORT: "},
+      {"LISTEN_ADDRESS with a port",
+       {{"LISTEN_ADDRESS", "127.0.0.1:50051"}},
+       2,
+       "LISTEN_ADDRESS: "},
+      {"empty LISTEN_ADDRESS", {{"LISTEN_ADDRESS", ""}}, 2, "LISTEN_ADDRESS: "},
       {"ttl above lifetime",
        {{"SESSION_TTL_SECONDS", "100"}, {"SESSION_MAX_LIFETIME_SECONDS", "10"}},
        2,
@@ -716,6 +726,89 @@ TEST(ServerProcessTest, RefusesAPortAnotherServerListensOn) {
   ASSERT_TRUE(exit_code.has_value()) << "started on a taken port: " << (*second)->Output();
   EXPECT_NE(*exit_code, 0);
   EXPECT_THAT((*second)->Output(), HasSubstr("PORT: cannot listen on port"));
+}
+
+// The TCP sockets process `pid` listens on, as "tcp ADDRESS:PORT" or "tcp6 ADDRESS:PORT": the
+// LISTEN lines of /proc/net/tcp and /proc/net/tcp6 whose inode is one of the process's sockets.
+// ADDRESS is as the kernel writes it there (see ProcNetIpv4), PORT in decimal.
+std::vector<std::string> ListeningSockets(pid_t pid) {
+  std::set<std::string> inodes;
+  std::error_code error;
+  for (const auto& entry :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/fd"), error)) {
+    std::error_code link_error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), link_error).string();
+    absl::string_view inode = target;
+    if (!link_error && absl::ConsumePrefix(&inode, "socket:[") &&
+        absl::ConsumeSuffix(&inode, "]")) {
+      inodes.insert(std::string(inode));
+    }
+  }
+  EXPECT_FALSE(error) << "cannot list /proc/" << pid << "/fd: " << error.message();
+  std::vector<std::string> listening;
+  for (const char* table : {"tcp", "tcp6"}) {
+    std::ifstream in(absl::StrCat("/proc/net/", table));
+    std::string line;
+    std::getline(in, line);  // The header.
+    while (std::getline(in, line)) {
+      // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+      const std::vector<std::string> fields = absl::StrSplit(line, ' ', absl::SkipEmpty());
+      constexpr char kListen[] = "0A";
+      if (fields.size() < 10 || fields[3] != kListen || inodes.count(fields[9]) == 0) continue;
+      const size_t colon = fields[1].find(':');
+      int port = 0;
+      if (colon == std::string::npos ||
+          !absl::SimpleHexAtoi(absl::string_view(fields[1]).substr(colon + 1), &port)) {
+        ADD_FAILURE() << "unexpected /proc/net/" << table << " line: " << line;
+        continue;
+      }
+      listening.push_back(absl::StrCat(table, " ", fields[1].substr(0, colon), ":", port));
+    }
+  }
+  return listening;
+}
+
+// An IPv4 address as /proc/net/tcp writes it: the hex of its 32 bits as they lie in memory.
+std::string ProcNetIpv4(uint32_t network_order) {
+  char hex[9];
+  std::snprintf(hex, sizeof hex, "%08X", network_order);
+  return hex;
+}
+
+// SECURITY.md: the gRPC port must only be reachable by its callers. With LISTEN_ADDRESS=127.0.0.1
+// (what scripts/run and scripts/cluster set) the server's listening sockets, the gRPC port's and
+// /metrics', are bound to 127.0.0.1 alone: no other interface can reach them, which the kernel's
+// socket tables show without one. Unset, they are the wildcard, as before.
+TEST(ServerProcessTest, ListensOnlyOnLoopbackWhenListenAddressIsLoopback) {
+  auto server = StartServer({{"LISTEN_ADDRESS", "127.0.0.1"}}, /*serve_metrics=*/true);
+  ASSERT_NE(server, nullptr);
+  const std::string loopback = ProcNetIpv4(htonl(INADDR_LOOPBACK));
+  EXPECT_THAT(
+      ListeningSockets(server->pid()),
+      ::testing::UnorderedElementsAre(absl::StrCat("tcp ", loopback, ":", server->port()),
+                                      absl::StrCat("tcp ", loopback, ":", server->metrics_port())));
+  const absl::StatusOr<std::string> metrics = HttpGet(server->metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_THAT(*metrics, HasSubstr("sessionledger_rpc_in_flight"));
+  // `healthcheck` reaches a server that listens on LISTEN_ADDRESS.
+  auto check =
+      RunCommand({SL_SERVER_BINARY, "healthcheck"},
+                 {{"PORT", absl::StrCat(server->port())}, {"LISTEN_ADDRESS", "127.0.0.1"}});
+  ASSERT_TRUE(check.ok()) << check.status();
+  EXPECT_EQ(check->exit_code, 0) << check->output;
+
+  // Unset: [::] (IPv4 too, IPV6_V6ONLY off), or 0.0.0.0 where the kernel has no IPv6, as before
+  // LISTEN_ADDRESS. This also shows that ListeningSockets sees a wildcard when there is one.
+  auto everywhere = StartServer({{"LISTEN_ADDRESS", std::nullopt}}, /*serve_metrics=*/true);
+  ASSERT_NE(everywhere, nullptr);
+  const std::vector<std::string> wildcard = ListeningSockets(everywhere->pid());
+  for (const int port : {everywhere->port(), everywhere->metrics_port()}) {
+    EXPECT_THAT(wildcard,
+                ::testing::AnyOf(
+                    ::testing::Contains(absl::StrCat("tcp6 ", std::string(32, '0'), ":", port)),
+                    ::testing::Contains(absl::StrCat("tcp ", std::string(8, '0'), ":", port))))
+        << "port " << port;
+  }
 }
 
 // At their largest allowed values, a user id and an idempotency key must still fit the

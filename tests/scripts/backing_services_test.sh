@@ -3,7 +3,9 @@
 # services scripts/test started), in the conditions that once broke it:
 #   1. root's umask 027 (the directories postgres must reach were made 0750 root:root) and the
 #      caller's PG* variables (PGSSLMODE=require, PGSERVICE, PGOPTIONS, PGHOST...), which reached
-#      the administrative psql: `start` must still bring everything up;
+#      the administrative psql, and the leftovers of a first setup cut short (initdb writes
+#      PG_VERSION early, and a data directory with it once counted as set up for good): `start`
+#      must still bring everything up;
 #   2. a running PostgreSQL without the application's role and database (a first start cut
 #      short after `pg_ctl start`): `start` must create them;
 #   3. a memcached node frozen with SIGSTOP (by a test killed before it let go): `status` must
@@ -32,6 +34,8 @@ chmod 0755 "$tmp"
 state=$tmp/state
 # Made by the test, traversable: what the script makes inside it is under its umask.
 mkdir -m 0755 "$state"
+# For .ci/run, should ctest kill this test before its cleanup runs (test_lib.sh).
+register_scratch "$repo_root" backing "$state"
 frozen=()
 cleanup() {
   local rc=$? pid
@@ -40,6 +44,7 @@ cleanup() {
   done
   SL_STATE_DIR=$state "$backing" stop >/dev/null 2>&1 || true
   rm -rf "$tmp"
+  unregister_scratch
   exit "$rc"
 }
 trap cleanup EXIT
@@ -69,9 +74,20 @@ memcached_pid_of() {
     sed -nE "s/^memcached-$1 +(up|down) .* pid ([0-9]+)( .*)?\$/\\2/p"
 }
 
-# --- 1. umask 027 and the caller's PG* variables ------------------------------------------------
+# --- 1. umask 027, the caller's PG* variables, an interrupted first setup ----------------------
+# What a first start cut short during the cluster's setup leaves (see pg_init): a partial
+# cluster in pg/data.new, PG_VERSION already in it, and pg/data without PG_VERSION, here with a
+# stray file. Made 0700, so that only the script's own modes let postgres in.
+mkdir -m 0700 "$state/pg" "$state/pg/data" "$state/pg/data.new" "$state/pg/data.new/base"
+echo 15 >"$state/pg/data.new/PG_VERSION"
+echo 'left over' >"$state/pg/data/left-over"
 bs start
-((rc == 0)) || fail "start under umask 027 with PGSSLMODE=require etc.: exit $rc: $err"
+((rc == 0)) ||
+  fail "start under umask 027, PGSSLMODE=require etc., after an interrupted setup: exit $rc: $err"
+[[ ! -e $state/pg/data.new && ! -e $state/pg/data/left-over ]] ||
+  fail "start left an interrupted setup's files behind: $(ls -A "$state/pg" "$state/pg/data")"
+grep -qxF "include_if_exists = 'sessionledger.conf'" "$state/pg/data/postgresql.conf" ||
+  fail "the cluster's postgresql.conf does not include sessionledger.conf"
 run_capturing_stderr env SL_STATE_DIR="$state" "$backing" status
 ((rc == 0)) || fail "status after start: exit $rc: $err"
 [[ $(psql_admin "SELECT count(*) FROM pg_database WHERE datname = 'sessionledger'") == 1 ]] ||

@@ -22,6 +22,9 @@ mkdir -p "$checkout/deploy"
 cp -R "$repo_root/scripts" "$checkout/scripts"
 cp -R "$repo_root/deploy/nginx" "$checkout/deploy/nginx"
 cluster=$checkout/scripts/cluster
+# scripts/cluster's state directory there is the checkout's default, .local. For .ci/run, should
+# ctest kill this test before its cleanup runs (test_lib.sh).
+register_scratch "$repo_root" cluster "$checkout/.local" "$(cd "$build_dir" && pwd)"
 
 base=$(free_port_block 6) || fail "found no 6 free ports in a row"
 # scripts/test exports its own services' state directory and ports: not ours.
@@ -44,6 +47,7 @@ cleanup() {
   # know it started.
   "$checkout/scripts/backing-services" stop >/dev/null 2>&1 || true
   rm -rf "$tmp"
+  unregister_scratch
   exit "$rc"
 }
 trap cleanup EXIT
@@ -71,6 +75,15 @@ release_ports
 grep -qxF "export SL_CLUSTER_TARGET='127.0.0.1:$SL_CLUSTER_LB_PORT'" "$tmp/env" ||
   fail "start printed no SL_CLUSTER_TARGET: $(cat "$tmp/env")"
 "$cluster" status || fail "status reports something down right after start"
+# The replicas listen on 127.0.0.1 alone (LISTEN_ADDRESS): nothing listens on their ports on
+# any other address, the wildcard least of all (/proc/net: `ss` may not be installed).
+for port in "$SL_CLUSTER_BASE_PORT" $((SL_CLUSTER_BASE_PORT + 1)); do
+  others=$(awk -v port="$(printf ':%04X' "$port")" \
+    '$4 == "0A" && substr($2, length($2) - 4) == port && $2 !~ /^(0100007F|7F000001):/ {print $2}' \
+    /proc/net/tcp /proc/net/tcp6)
+  [[ -z $others ]] || fail "replica port $port listens beyond 127.0.0.1: $others"
+  port_listening "$port" || fail "nothing listens on 127.0.0.1:$port"
+done
 nginx_dir="$checkout/.local/cluster/nginx"
 [[ -s $nginx_dir/nginx.pid ]] || fail "nginx wrote no pid file in '$nginx_dir'"
 PORT=$SL_CLUSTER_LB_PORT "$server" healthcheck >/dev/null ||

@@ -16,12 +16,16 @@ chmod 0755 "$tmp" # memcached runs as `memcache` under root and writes its pid f
 holders=()
 other=$tmp/other-checkout
 ours=$tmp/this-checkout
+# For .ci/run, should ctest kill this test before its cleanup runs (test_lib.sh).
+register_scratch "$repo_root" backing "$other"
+register_scratch "$repo_root" backing "$ours"
 cleanup() {
   local rc=$?
   release_ports
   SL_STATE_DIR=$other "$backing" stop >/dev/null 2>&1 || true
   SL_STATE_DIR=$ours "$backing" stop >/dev/null 2>&1 || true
   rm -rf "$tmp"
+  unregister_scratch
   exit "$rc"
 }
 trap cleanup EXIT

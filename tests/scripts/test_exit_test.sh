@@ -7,7 +7,9 @@
 #                 code when both failed;
 #   .ci/run       stops the backing services on exit as a backstop, quietly when there was
 #                 nothing left to stop, and turns a 0 into 1 when that stop fails, never
-#                 changing a step's failure code.
+#                 changing a step's failure code; and, before that, those of the scratch state
+#                 directories that tests registered and did not unregister (a test ctest killed),
+#                 skipping directories that are gone.
 # Usage: test_exit_test.sh REPO_ROOT
 set -euo pipefail
 repo_root=$1
@@ -19,10 +21,15 @@ mkdir -p "$checkout/.ci" "$checkout/build-test/server" "$tmp/bin" "$tmp/state"
 cp "$repo_root/.ci/run" "$checkout/.ci/run"
 
 # backing-services: every service down until `start`; `stop` as STUB_STOP says (ok: it stops
-# them; fail: it cannot; clean: nothing was running, as after scripts/test's own stop).
+# them; fail: it cannot; clean: nothing was running, as after scripts/test's own stop). A call
+# on another state directory than the main one ($tmp/state) is recorded with it.
 cat >"$checkout/scripts/backing-services" <<STUB
 #!/usr/bin/env bash
-echo "\$*" >>"$calls"
+if [[ \$SL_STATE_DIR == "$tmp/state" ]]; then
+  echo "\$*" >>"$calls"
+else
+  echo "\$* in \$SL_STATE_DIR" >>"$calls"
+fi
 case \$1 in
   status) echo 'memcached-1  down  127.0.0.1:21211'; exit 1 ;;
   start) exit 0 ;;
@@ -100,4 +107,48 @@ expect_in "$err" ".ci/run's log" "stopped backing services the steps left runnin
 run_ci 0 0 fail 1
 expect_in "$err" ".ci/run's log" "stop failed" "could not stop memcached-1" "exiting 1"
 run_ci 0 5 fail 5
+
+# --- .ci/run: scratch services of tests ctest killed ----------------------------------------
+# Registered as the tests register theirs (test_lib.sh): a backing set, a cluster (with a space
+# in its path, as cluster_test.sh's has), and a directory that is gone. scripts/cluster is a stub
+# that records its stop, with the state and build directories it got.
+cat >"$checkout/scripts/cluster" <<STUB
+#!/usr/bin/env bash
+echo "cluster \$* in \$SL_STATE_DIR from \$SL_CLUSTER_BUILD_DIR" >>"$calls"
+[[ \${STUB_STOP:-ok} != fail ]] || exit 1
+echo 'cluster: replica 1 stopped' >&2
+STUB
+chmod +x "$checkout/scripts/cluster"
+registry=$checkout/.local/test-scratch
+mkdir -p "$tmp/scratch-a" "$tmp/scratch b/.local"
+# scratch_ci STOP WANT: .ci/run with passing steps, after registering the three; its exit code
+# must be WANT, and it must have stopped the two that exist, then the main services.
+scratch_ci() {
+  rm -rf "$registry" "$calls"
+  (
+    register_scratch "$checkout" backing "$tmp/scratch-a"
+    register_scratch "$checkout" cluster "$tmp/scratch b/.local" "$tmp/build dir"
+    register_scratch "$checkout" backing "$tmp/gone"
+  )
+  STUB_STOP=$1 run_capturing_stderr "$checkout/.ci/run"
+  ((rc == $2)) || fail ".ci/run, scratch stops $1: exit $rc, want $2: $err"
+  local want
+  want=$(printf '%s\n' "stop in $tmp/scratch-a" \
+    "cluster stop in $tmp/scratch b/.local from $tmp/build dir" "stop in $tmp/scratch b/.local" \
+    stop)
+  [[ $(cat "$calls" 2>/dev/null) == "$want" ]] ||
+    fail ".ci/run, scratch stops $1: backing-services and cluster were asked:
+$(cat "$calls" 2>/dev/null)
+want
+$want"
+}
+scratch_ci ok 0
+expect_in "$err" ".ci/run's log" "left running in $tmp/scratch-a" \
+  "left running in $tmp/scratch b/.local" "replica 1 stopped"
+[[ $err != *"$tmp/gone"* ]] || fail ".ci/run talked about a scratch directory that is gone: $err"
+[[ -z $(ls -A "$registry") ]] || fail ".ci/run left its stopped scratch entries: $(ls -A "$registry")"
+scratch_ci fail 1
+expect_in "$err" ".ci/run's log" "stopping the scratch services in $tmp/scratch-a failed" \
+  "may still be running: exiting 1"
+[[ -n $(ls -A "$registry") ]] || fail ".ci/run dropped the entries of scratch stops that failed"
 echo "test_exit_test: ok"

@@ -88,3 +88,37 @@ expect_in() {
 $text"
   done
 }
+
+# Scratch services and .ci/run. A test that starts services of its own (scripts/backing-services
+# or scripts/cluster on a scratch state directory) stops them in its EXIT trap, which never runs
+# when ctest SIGKILLs the test for running past its timeout: the detached daemons (memcached,
+# PostgreSQL, nginx, the replicas) would outlive CI. So such a test names each scratch state
+# directory in a file under REPO_ROOT/.local/test-scratch/ before it starts anything, and
+# removes the file once its cleanup has stopped them; .ci/run's EXIT trap stops what the files
+# still there name (it reads the format written here), then removes them.
+#
+# register_scratch REPO_ROOT KIND STATE_DIR [BUILD_DIR]: adds a line to this test's file:
+#   backing   scripts/backing-services with SL_STATE_DIR=STATE_DIR
+#   cluster   scripts/cluster with SL_STATE_DIR=STATE_DIR and SL_CLUSTER_BUILD_DIR=BUILD_DIR
+#             (its replicas count as its own only when run from that build), then
+#             scripts/backing-services with the same SL_STATE_DIR
+# as KIND, STATE_DIR and BUILD_DIR separated by tabs (absolute paths, which the test makes).
+# A registry that cannot be written only costs the backstop: the test goes on, with a warning.
+scratch_entry=
+register_scratch() {
+  local registry=$1/.local/test-scratch
+  scratch_entry=$registry/${0##*/}.$$
+  if ! { mkdir -p "$registry" && printf '%s\t%s\t%s\n' "$2" "$3" "${4-}" >>"$scratch_entry"; } \
+    2>/dev/null; then
+    printf '%s: warning: could not register %s in %s: .ci/run will not stop what it runs\n' \
+      "${0##*/}" "$3" "$registry" >&2
+  fi
+}
+
+# unregister_scratch: removes this test's file of scratch state directories (once they are
+# stopped).
+unregister_scratch() {
+  if [[ -n $scratch_entry ]]; then
+    rm -f "$scratch_entry"
+  fi
+}

@@ -38,7 +38,8 @@ bool HasIpv6Loopback() {
 // civetweb as Debian builds it listened on IPv4 only. Both must answer.
 TEST(MetricsHttpServerTest, ServesOverIpv6AndIpv4) {
   ServerMetrics metrics;
-  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+      MetricsHttpServer::Start("[::]", 0, metrics);
   ASSERT_TRUE(server.ok()) << server.status();
   const absl::StatusOr<std::string> over_ipv4 = testing::HttpGet((*server)->port(), "/metrics");
   ASSERT_TRUE(over_ipv4.ok()) << over_ipv4.status();
@@ -51,9 +52,63 @@ TEST(MetricsHttpServerTest, ServesOverIpv6AndIpv4) {
   EXPECT_TRUE(absl::StrContains(*over_ipv6, "\nsessionledger_rpc_in_flight 0\n")) << *over_ipv6;
 }
 
+// LISTEN_ADDRESS narrows /metrics as it narrows the gRPC port: an address of one family does not
+// answer on the other's loopback, so neither would it on another interface.
+TEST(MetricsHttpServerTest, ListensOnlyOnTheListenAddress) {
+  ServerMetrics metrics;
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> ipv4 =
+      MetricsHttpServer::Start("127.0.0.1", 0, metrics);
+  ASSERT_TRUE(ipv4.ok()) << ipv4.status();
+  const absl::StatusOr<std::string> over_ipv4 = testing::HttpGet((*ipv4)->port(), "/metrics");
+  ASSERT_TRUE(over_ipv4.ok()) << over_ipv4.status();
+  EXPECT_TRUE(absl::StrContains(*over_ipv4, "\nsessionledger_rpc_in_flight 0\n")) << *over_ipv4;
+  if (!HasIpv6Loopback()) GTEST_SKIP() << "this host has no ::1";
+  EXPECT_FALSE(testing::HttpGet((*ipv4)->port(), "/metrics", /*over_ipv6=*/true).ok())
+      << "127.0.0.1 answered on ::1";
+
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> ipv6 =
+      MetricsHttpServer::Start("[::1]", 0, metrics);
+  ASSERT_TRUE(ipv6.ok()) << ipv6.status();
+  const absl::StatusOr<std::string> over_ipv6 =
+      testing::HttpGet((*ipv6)->port(), "/metrics", /*over_ipv6=*/true);
+  ASSERT_TRUE(over_ipv6.ok()) << over_ipv6.status();
+  EXPECT_TRUE(absl::StrContains(*over_ipv6, "\nsessionledger_rpc_in_flight 0\n")) << *over_ipv6;
+  EXPECT_FALSE(testing::HttpGet((*ipv6)->port(), "/metrics").ok()) << "[::1] answered on 127.0.0.1";
+}
+
+// localhost is both loopback addresses, on one port, as gRPC listens on every address the name
+// has.
+TEST(MetricsHttpServerTest, LocalhostServesOnBothLoopbacks) {
+  ServerMetrics metrics;
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+      MetricsHttpServer::Start("localhost", 0, metrics);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const absl::StatusOr<std::string> over_ipv4 = testing::HttpGet((*server)->port(), "/metrics");
+  ASSERT_TRUE(over_ipv4.ok()) << over_ipv4.status();
+  EXPECT_TRUE(absl::StartsWith(*over_ipv4, "HTTP/1.1 200 OK\r\n")) << *over_ipv4;
+  if (!HasIpv6Loopback()) GTEST_SKIP() << "this host has no ::1; served over IPv4";
+  const absl::StatusOr<std::string> over_ipv6 =
+      testing::HttpGet((*server)->port(), "/metrics", /*over_ipv6=*/true);
+  ASSERT_TRUE(over_ipv6.ok()) << over_ipv6.status();
+  EXPECT_TRUE(absl::StartsWith(*over_ipv6, "HTTP/1.1 200 OK\r\n")) << *over_ipv6;
+}
+
+TEST(MetricsHttpServerTest, NamesAnAddressItCannotListenOn) {
+  ServerMetrics metrics;
+  for (const char* address : {"", "example.com", "127.0.0.1:9464", "::1"}) {
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+        MetricsHttpServer::Start(address, 0, metrics);
+    ASSERT_FALSE(server.ok()) << "listened on '" << address << "'";
+    EXPECT_EQ(server.status().code(), absl::StatusCode::kUnavailable) << address;
+    EXPECT_TRUE(absl::StartsWith(server.status().message(), "METRICS_PORT: ")) << server.status();
+    EXPECT_TRUE(absl::StrContains(server.status().message(), "LISTEN_ADDRESS")) << server.status();
+  }
+}
+
 TEST(MetricsHttpServerTest, AnswersOtherPathsWithNotFound) {
   ServerMetrics metrics;
-  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+      MetricsHttpServer::Start("[::]", 0, metrics);
   ASSERT_TRUE(server.ok()) << server.status();
   const absl::StatusOr<std::string> root = testing::HttpGet((*server)->port(), "/");
   ASSERT_TRUE(root.ok()) << root.status();
@@ -67,7 +122,8 @@ TEST(MetricsHttpServerTest, AnswersOtherPathsWithNotFound) {
 // must not wait for it to give up.
 TEST(MetricsHttpServerTest, StopsAtOnceWhileAClientSendsNothing) {
   ServerMetrics metrics;
-  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+      MetricsHttpServer::Start("[::]", 0, metrics);
   ASSERT_TRUE(server.ok()) << server.status();
   const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_in address{};
@@ -87,7 +143,8 @@ TEST(MetricsHttpServerTest, StopsAtOnceWhileAClientSendsNothing) {
 // pass Prometheus's 10 s scrape timeout).
 TEST(MetricsHttpServerTest, SilentClientsHoldAScrapeUpOnlyBriefly) {
   ServerMetrics metrics;
-  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+      MetricsHttpServer::Start("[::]", 0, metrics);
   ASSERT_TRUE(server.ok()) << server.status();
   sockaddr_in address{};
   address.sin_family = AF_INET;
@@ -113,7 +170,8 @@ TEST(MetricsHttpServerTest, SilentClientsHoldAScrapeUpOnlyBriefly) {
 // connection once a descriptor is free again.
 TEST(MetricsHttpServerTest, OutOfDescriptorsItWaitsInsteadOfSpinning) {
   ServerMetrics metrics;
-  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+      MetricsHttpServer::Start("[::]", 0, metrics);
   ASSERT_TRUE(server.ok()) << server.status();
   rlimit before{};
   ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &before), 0);
@@ -159,7 +217,8 @@ TEST(MetricsHttpServerTest, OutOfDescriptorsItWaitsInsteadOfSpinning) {
 // scrape started a new one: the stop right after a scrape took the full 2 s.
 TEST(MetricsHttpServerTest, StopsAtOnceRightAfterAScrape) {
   ServerMetrics metrics;
-  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start(0, metrics);
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+      MetricsHttpServer::Start("[::]", 0, metrics);
   ASSERT_TRUE(server.ok()) << server.status();
   const int port = (*server)->port();
   ASSERT_GT(port, 0);

@@ -162,6 +162,7 @@ TEST(LoadConfigTest, DefaultsMatchTheContract) {
   absl::StatusOr<Config> config = LoadConfig(FakeEnv(MinimalEnv()));
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->port, 50051);
+  EXPECT_EQ(config->listen_address, "[::]") << "every interface, as before LISTEN_ADDRESS";
   EXPECT_EQ(config->session_ttl, absl::Seconds(1800));
   EXPECT_EQ(config->session_max_lifetime, absl::Seconds(86400));
   EXPECT_EQ(config->shutdown_grace, absl::Seconds(20));
@@ -179,6 +180,7 @@ TEST(LoadConfigTest, DefaultsMatchTheContract) {
 TEST(LoadConfigTest, ReadsEveryVariable) {
   auto env = MinimalEnv();
   env["PORT"] = "6000";
+  env["LISTEN_ADDRESS"] = "127.0.0.1";
   env["SESSION_TTL_SECONDS"] = "60";
   env["SESSION_MAX_LIFETIME_SECONDS"] = "2592000";
   env["SHUTDOWN_GRACE_SECONDS"] = "3";
@@ -190,6 +192,7 @@ TEST(LoadConfigTest, ReadsEveryVariable) {
   absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->port, 6000);
+  EXPECT_EQ(config->listen_address, "127.0.0.1");
   EXPECT_EQ(config->session_ttl, absl::Seconds(60));
   EXPECT_EQ(config->session_max_lifetime, absl::Hours(24 * 30));
   EXPECT_EQ(config->shutdown_grace, absl::Seconds(3));
@@ -220,6 +223,9 @@ TEST(LoadConfigTest, MalformedValuesAreNamedOnOneLine) {
       {"PORT", "http"},
       {"PORT", "70000"},
       {"PORT", " 80"},
+      {"LISTEN_ADDRESS", ""},
+      {"LISTEN_ADDRESS", "127.0.0.1:50051"},
+      {"LISTEN_ADDRESS", "my-host"},
       {"MEMCACHED_URL", "memcached://a:1?replicas=3"},
       {"DATABASE_URL", "mysql://x"},
       {"SESSION_TTL_SECONDS", "-5"},
@@ -250,6 +256,86 @@ TEST(LoadConfigTest, MalformedValuesAreNamedOnOneLine) {
     EXPECT_THAT(message, StartsWith(std::string(name) + ": ")) << name << "=" << value;
     EXPECT_EQ(message.find('\n'), std::string::npos) << message;
   }
+}
+
+// LISTEN_ADDRESS is stored as gRPC's AddListeningPort takes it before ":port": IPv6 in
+// brackets, however it was given.
+TEST(ListenAddressTest, AcceptsAddressLiteralsAndLocalhost) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"127.0.0.1", "127.0.0.1"},
+      {"0.0.0.0", "0.0.0.0"},
+      {"10.20.30.40", "10.20.30.40"},
+      {"::1", "[::1]"},
+      {"[::1]", "[::1]"},
+      {"::", "[::]"},
+      {"[::]", "[::]"},
+      {"0:0:0:0:0:0:0:1", "[::1]"},
+      {"[2001:DB8::1]", "[2001:db8::1]"},
+      {"fd00::10", "[fd00::10]"},
+      // An IPv4-mapped IPv6 address is that IPv4 address.
+      {"::ffff:127.0.0.1", "127.0.0.1"},
+      {"localhost", "localhost"},
+  };
+  for (const auto& [given, stored] : cases) {
+    const absl::StatusOr<std::string> parsed = ParseListenAddress(given);
+    ASSERT_TRUE(parsed.ok()) << given << ": " << parsed.status();
+    EXPECT_EQ(*parsed, stored) << given;
+    auto env = MinimalEnv();
+    env["LISTEN_ADDRESS"] = given;
+    const absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+    ASSERT_TRUE(config.ok()) << given << ": " << config.status();
+    EXPECT_EQ(config->listen_address, stored) << given;
+  }
+}
+
+TEST(ListenAddressTest, UnsetIsEveryInterface) {
+  const absl::StatusOr<std::string> address = ListenAddress(FakeEnv({}));
+  ASSERT_TRUE(address.ok()) << address.status();
+  EXPECT_EQ(*address, "[::]");
+}
+
+// Unlike the other variables, an empty LISTEN_ADDRESS is not read as unset: that would listen
+// on every interface. A port, a host name, a scope id and other text are refused too.
+TEST(ListenAddressTest, RefusesAnythingButAnAddressOrLocalhostNamingTheVariable) {
+  const char* const refused[] = {
+      "",          " ",         " 127.0.0.1",   "127.0.0.1:50051", "[::1]:50051", "localhost:50051",
+      "127.1",     "256.0.0.1", "1.2.3.4.5",    "[127.0.0.1]",     "[::1",        "::1]",
+      "[]",        "[[::1]]",   "fe80::1%eth0", "my-host",         "example.com", "*",
+      "0.0.0.0/0", "::1/128",
+  };
+  for (const char* value : refused) {
+    EXPECT_EQ(ParseListenAddress(value).status().code(), absl::StatusCode::kInvalidArgument)
+        << "accepted '" << value << "'";
+    auto env = MinimalEnv();
+    env["LISTEN_ADDRESS"] = value;
+    const absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
+    ASSERT_FALSE(config.ok()) << "accepted '" << value << "'";
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << value;
+    const std::string message(config.status().message());
+    EXPECT_THAT(message, StartsWith("LISTEN_ADDRESS: ")) << value;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    const absl::StatusOr<std::string> alone = ListenAddress(FakeEnv({{"LISTEN_ADDRESS", value}}));
+    ASSERT_FALSE(alone.ok()) << value;
+    EXPECT_THAT(std::string(alone.status().message()), StartsWith("LISTEN_ADDRESS: ")) << value;
+  }
+  EXPECT_THAT(ErrorFor("LISTEN_ADDRESS", "127.0.0.1:50051"), HasSubstr("PORT"))
+      << "says where the port goes";
+}
+
+// A NUL inside the value must not let its first part pass for the whole.
+TEST(ListenAddressTest, RefusesAnAddressFollowedByANul) {
+  EXPECT_FALSE(ParseListenAddress(absl::string_view("127.0.0.1\0junk", 14)).ok());
+  EXPECT_FALSE(ParseListenAddress(absl::string_view("::1\0junk", 8)).ok());
+}
+
+// What `healthcheck` connects to: the loopback for a wildcard or localhost, else the address.
+TEST(ListenAddressTest, LocalTargetReachesTheListener) {
+  EXPECT_EQ(LocalTarget("[::]", 50051), "127.0.0.1:50051");
+  EXPECT_EQ(LocalTarget("0.0.0.0", 50051), "127.0.0.1:50051");
+  EXPECT_EQ(LocalTarget("localhost", 6000), "127.0.0.1:6000");
+  EXPECT_EQ(LocalTarget("127.0.0.1", 6000), "127.0.0.1:6000");
+  EXPECT_EQ(LocalTarget("[::1]", 6000), "[::1]:6000");
+  EXPECT_EQ(LocalTarget("10.1.2.3", 50051), "10.1.2.3:50051");
 }
 
 TEST(LoadConfigTest, AcceptsEachMinimum) {
@@ -308,6 +394,7 @@ TEST(ConfigHelpTest, ListsExactlyTheVariablesLoadConfigReads) {
 // Every field of two Configs, each named when it differs. A field added to Config belongs here.
 void ExpectSameConfig(const Config& a, const Config& b) {
   EXPECT_EQ(a.port, b.port) << "port";
+  EXPECT_EQ(a.listen_address, b.listen_address) << "listen_address";
   EXPECT_EQ(a.memcached.nodes, b.memcached.nodes) << "memcached.nodes";
   EXPECT_EQ(a.memcached.replicas, b.memcached.replicas) << "memcached.replicas";
   EXPECT_EQ(a.database_url, b.database_url) << "database_url";
