@@ -729,8 +729,9 @@ TEST(ServerProcessTest, RefusesAPortAnotherServerListensOn) {
 }
 
 // The TCP sockets process `pid` listens on, as "tcp ADDRESS:PORT" or "tcp6 ADDRESS:PORT": the
-// LISTEN lines of /proc/net/tcp and /proc/net/tcp6 whose inode is one of the process's sockets.
-// ADDRESS is as the kernel writes it there (see ProcNetIpv4), PORT in decimal.
+// LISTEN lines of /proc/net/tcp and /proc/net/tcp6 whose inode is one of the process's sockets,
+// as "TABLE ADDRESS:PORT": ADDRESS as the kernel writes it there (see ProcNetIpv4), a v4-mapped
+// IPv6 one as the IPv4 address in table tcp; PORT in decimal.
 std::vector<std::string> ListeningSockets(pid_t pid) {
   std::set<std::string> inodes;
   std::error_code error;
@@ -762,7 +763,15 @@ std::vector<std::string> ListeningSockets(pid_t pid) {
         ADD_FAILURE() << "unexpected /proc/net/" << table << " line: " << line;
         continue;
       }
-      listening.push_back(absl::StrCat(table, " ", fields[1].substr(0, colon), ":", port));
+      // gRPC may bind an IPv4 address on an IPv6 socket, as ::ffff:a.b.c.d (v4-mapped): the
+      // same address, listed as IPv4.
+      absl::string_view address = absl::string_view(fields[1]).substr(0, colon);
+      constexpr absl::string_view kV4MappedPrefix = "0000000000000000FFFF0000";
+      if (absl::string_view(table) == "tcp6" && absl::ConsumePrefix(&address, kV4MappedPrefix)) {
+        listening.push_back(absl::StrCat("tcp ", address, ":", port));
+      } else {
+        listening.push_back(absl::StrCat(table, " ", address, ":", port));
+      }
     }
   }
   return listening;

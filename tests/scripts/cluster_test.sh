@@ -76,10 +76,11 @@ grep -qxF "export SL_CLUSTER_TARGET='127.0.0.1:$SL_CLUSTER_LB_PORT'" "$tmp/env" 
   fail "start printed no SL_CLUSTER_TARGET: $(cat "$tmp/env")"
 "$cluster" status || fail "status reports something down right after start"
 # The replicas listen on 127.0.0.1 alone (LISTEN_ADDRESS): nothing listens on their ports on
-# any other address, the wildcard least of all (/proc/net: `ss` may not be installed).
+# any other address, the wildcard least of all (/proc/net: `ss` may not be installed). gRPC may
+# bind 127.0.0.1 on an IPv6 socket, as ::ffff:127.0.0.1.
 for port in "$SL_CLUSTER_BASE_PORT" $((SL_CLUSTER_BASE_PORT + 1)); do
   others=$(awk -v port="$(printf ':%04X' "$port")" \
-    '$4 == "0A" && substr($2, length($2) - 4) == port && $2 !~ /^(0100007F|7F000001):/ {print $2}' \
+    '$4 == "0A" && substr($2, length($2) - 4) == port && $2 !~ /^(0000000000000000FFFF0000)?(0100007F|7F000001):/ {print $2}' \
     /proc/net/tcp /proc/net/tcp6)
   [[ -z $others ]] || fail "replica port $port listens beyond 127.0.0.1: $others"
   port_listening "$port" || fail "nothing listens on 127.0.0.1:$port"
