@@ -283,8 +283,11 @@ int Serve() {
 
   absl::StatusOr<std::unique_ptr<ServerApp>> app = ServerApp::Create(*config, logger);
   if (!app.ok()) return Fail(app.status());
-  stop.Listening();
-  if (absl::Status started = (*app)->Start(); !started.ok()) return Fail(started);
+  // Until the port opens, a stop signal ends the process at once: nothing has been served. The
+  // first probe of the backing services, before that, may take seconds.
+  if (absl::Status started = (*app)->Start([&stop] { stop.Listening(); }); !started.ok()) {
+    return Fail(started);
+  }
   stop.Serving(app->get(), config->shutdown_notice, config->shutdown_grace);
   (*app)->Wait();
   stop.Finish();

@@ -156,7 +156,7 @@ ServerApp::~ServerApp() {
   }
 }
 
-absl::Status ServerApp::Start() {
+absl::Status ServerApp::Start(const std::function<void()>& about_to_listen) {
   // OpenSSL initialises itself (provider loading, ~2 MiB of code paged in) on its first digest.
   // Paying that now keeps it out of the first call's latency, and the idle RSS is then the
   // serving RSS rather than a figure that jumps with the first session.
@@ -233,6 +233,7 @@ absl::Status ServerApp::Start() {
       std::make_unique<RequestParseErrorsFactory>(SessionHandlers::SelfParsingMethods()));
   interceptors.push_back(std::make_unique<CallObserverFactory>(logger_, &metrics_));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  if (about_to_listen) about_to_listen();
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     server_.reset();

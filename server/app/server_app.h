@@ -3,6 +3,7 @@
 
 #include <grpcpp/server.h>
 
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -34,8 +35,10 @@ class ServerApp {
       const Config& config, Logger& logger, absl::Duration startup_timeout = absl::Seconds(15));
   ~ServerApp();
 
-  // Starts listening on config.port (0 = pick a free port, for tests).
-  absl::Status Start();
+  // Starts listening on config.port (0 = pick a free port, for tests). `about_to_listen`, when
+  // set, runs once everything before the port is done (the first probe of the backing services
+  // may take seconds), just before the port opens.
+  absl::Status Start(const std::function<void()>& about_to_listen = nullptr);
   int port() const { return port_; }
   // 0 when METRICS_PORT is 0.
   int metrics_port() const { return metrics_http_ != nullptr ? metrics_http_->port() : 0; }

@@ -24,6 +24,7 @@
 #include "sessionledger/v1/session.pb.h"
 #include "sessionledger/v1/transaction.pb.h"
 #include "tests/support/server_process.h"
+#include "tests/support/silent_peer.h"
 #include "tests/support/test_env.h"
 
 namespace sessionledger::testing {
@@ -129,40 +130,6 @@ TEST_F(CliRoundTripTest, UnreachableServerIsUnavailable) {
   EXPECT_EQ(r->exit_code, 14) << r->output;
   EXPECT_THAT(r->output, HasSubstr("error: UNAVAILABLE"));
 }
-
-// A peer that takes connections and never answers (a hung server, a black-holing proxy): the
-// kernel completes the TCP handshakes and nobody reads, so gRPC's HTTP/2 handshake never ends
-// and calls wait on it (the channel stays CONNECTING, so they do not fail fast either).
-class SilentPeer {
- public:
-  SilentPeer() {
-    fd_ = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd_ < 0) return;
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t length = sizeof(address);
-    if (bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
-        listen(fd_, 64) != 0 ||
-        getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
-      return;
-    }
-    port_ = ntohs(address.sin_port);
-  }
-  ~SilentPeer() {
-    if (fd_ >= 0) close(fd_);
-  }
-  SilentPeer(const SilentPeer&) = delete;
-  SilentPeer& operator=(const SilentPeer&) = delete;
-
-  // 0 when the listener could not be set up.
-  int port() const { return port_; }
-  std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
-
- private:
-  int fd_ = -1;
-  int port_ = 0;
-};
 
 // --deadline is what ends the call, with DEADLINE_EXCEEDED (4), not a hang.
 TEST(CliDeadlineTest, ASilentPeerEndsAtTheDeadline) {

@@ -37,6 +37,7 @@
 #include "server/postgres/migrations.h"
 #include "sessionledger/v1/session.grpc.pb.h"
 #include "sessionledger/v1/transaction.grpc.pb.h"
+#include "tests/support/silent_peer.h"
 #include "tests/support/test_env.h"
 
 namespace sessionledger::testing {
@@ -456,6 +457,28 @@ TEST(ServerProcessTest, SigtermDuringStartUpExitsAtOnce) {
   EXPECT_LT(absl::Now() - signalled, absl::Seconds(3)) << "it waited out the start-up";
   EXPECT_EQ(*exit_code, 0) << (*server)->Output();
   EXPECT_THAT((*server)->Output(), HasSubstr("\"msg\":\"stopped before serving\""));
+}
+
+// Before it listens the server probes the backing services once, which takes up to half a second
+// per node that does not answer. A stop signal then is a stop before serving: the process ends at
+// once, having never listened, rather than listening, serving and draining afterwards.
+TEST(ServerProcessTest, SigtermDuringTheFirstProbeExitsWithoutListening) {
+  SilentPeer memcached;
+  ASSERT_NE(memcached.port(), 0);
+  ServerProcess::Options options;
+  options.env = BackingServiceEnv();
+  options.env["MEMCACHED_URL"] = absl::StrCat("memcached://", memcached.target());
+  options.wait_until_serving = false;
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  // The probe's connection; its answer is half a second away.
+  ASSERT_TRUE(memcached.AwaitConnection(absl::Seconds(20))) << (*server)->Output();
+  (*server)->Signal(SIGTERM);
+  const std::optional<int> exit_code = (*server)->WaitForExit(absl::Seconds(20));
+  ASSERT_TRUE(exit_code.has_value());
+  EXPECT_EQ(*exit_code, 0) << (*server)->Output();
+  EXPECT_THAT((*server)->Output(), HasSubstr("\"msg\":\"stopped before serving\""));
+  EXPECT_THAT((*server)->Output(), ::testing::Not(HasSubstr("\"msg\":\"listening\"")));
 }
 
 // A Memcached host name whose lookup never answers (a name server that drops every packet) must

@@ -29,6 +29,7 @@
 #include "server/memcached/memcached_pool.h"
 #include "server/memcached/memcached_session_store.h"
 #include "tests/integration/session_test_support.h"
+#include "tests/support/silent_peer.h"
 
 namespace sessionledger::testing {
 namespace {
@@ -134,28 +135,9 @@ int UnusedPort() {
 MemcachedNode DeadNode() { return MemcachedNode{"127.0.0.1", static_cast<uint16_t>(UnusedPort())}; }
 
 // A node that takes connections (the kernel completes them) and requests, and never answers.
-class SilentNode {
- public:
-  SilentNode() : fd_(socket(AF_INET, SOCK_STREAM, 0)) {
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof addr;
-    if (bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 && listen(fd_, 16) == 0 &&
-        getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-      port_ = ntohs(addr.sin_port);
-    }
-  }
-  ~SilentNode() { close(fd_); }
-  SilentNode(const SilentNode&) = delete;
-  SilentNode& operator=(const SilentNode&) = delete;
-
-  MemcachedNode node() const { return MemcachedNode{"127.0.0.1", port_}; }
-
- private:
-  int fd_;
-  uint16_t port_ = 0;
-};
+MemcachedNode SilentNode(const SilentPeer& peer) {
+  return MemcachedNode{"127.0.0.1", static_cast<uint16_t>(peer.port())};
+}
 
 storage::v1::StoredSession Session(const std::string& id, int64_t version) {
   storage::v1::StoredSession s;
@@ -1170,11 +1152,12 @@ TEST_F(CompareAndSwapAsyncTest, AnEndByCompareAndSwapThatMissedACopyIsAPartialWr
 // answering after the read, a swap on the live copy still succeeds, but only once that write
 // has timed out.
 TEST_P(CompareAndSwapAsyncTest, AnswerWaitsForTheOtherCopiesWrites) {
-  SilentNode silent;
-  ASSERT_NE(silent.node().port, 0);
+  SilentPeer silent;
+  ASSERT_NE(silent.port(), 0);
   constexpr absl::Duration kIoTimeout = absl::Milliseconds(300);
-  OpenNodes({MemcachedNode{"127.0.0.1", static_cast<uint16_t>(MemcachedPort(1))}, silent.node()},
-            GetParam(), kIoTimeout);
+  OpenNodes(
+      {MemcachedNode{"127.0.0.1", static_cast<uint16_t>(MemcachedPort(1))}, SilentNode(silent)},
+      GetParam(), kIoTimeout);
   const SessionKey key = Key("slowcopy");
   // Stored on the live copy (the silent one times out), and read from it.
   std::optional<CasToken> cas = AddAndRead(key, Session("s", 1));
