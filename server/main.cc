@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -149,26 +150,30 @@ class StopSignals {
     }
   }
 
-  // Once the app has stopped, before it is destroyed: ends the shutdown's threads and the
-  // waiting one.
-  void Finish() {
+  // Once the app has stopped, before it is destroyed: ends the shutdown's threads, writes
+  // `last_words`, and ends the waiting thread. Until the last words are written a second signal
+  // still ends the process: the announcement, or they, may be stuck behind a stalled log reader.
+  void Finish(const std::function<void()>& last_words = [] {}) {
     if (!waiter_.joinable()) return;
-    for (bool finished = false; !finished;) {
+    for (bool joined = false; !joined;) {
       std::thread shutdown;
       std::thread announcement;
       {
         std::lock_guard<std::mutex> lock(mutex_);
         shutdown = std::move(shutdown_);
         announcement = std::move(announcement_);
-        // Only once nothing is left to join: until then a second signal still ends the process,
-        // and the announcement may be stuck behind a stalled log reader.
-        if (!shutdown.joinable() && !announcement.joinable()) {
-          phase_ = Phase::kFinished;
-          finished = true;
-        }
+        joined = !shutdown.joinable() && !announcement.joinable();
+        // No shutdown starts from here on (it would leave a thread unjoined): a signal now is a
+        // second one.
+        if (joined) phase_ = Phase::kStopping;
       }
       if (shutdown.joinable()) shutdown.join();
       if (announcement.joinable()) announcement.join();
+    }
+    last_words();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      phase_ = Phase::kFinished;
     }
     pthread_kill(waiter_.native_handle(), SIGTERM);  // Blocked: only sigwait takes it.
     waiter_.join();
@@ -290,8 +295,7 @@ int Serve() {
   }
   stop.Serving(app->get(), config->shutdown_notice, config->shutdown_grace);
   (*app)->Wait();
-  stop.Finish();
-  logger.Info("stopped");
+  stop.Finish([&logger] { logger.Info("stopped"); });
   return 0;
 }
 
