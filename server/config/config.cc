@@ -41,7 +41,18 @@ constexpr int64_t kMaxSessionLifetimeSeconds = 30 * 24 * 3600;
 constexpr int64_t kMaxIndexedTextBytes = 1024;
 
 absl::Status VariableError(absl::string_view name, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(name, ": ", what));
+  // `what` may quote the value, and a value read from a file often ends in a newline: control
+  // bytes are written as \xNN, so the error stays one line on stderr and in a log shipper.
+  std::string message = absl::StrCat(name, ": ");
+  for (const char c : what) {
+    const unsigned char byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte == 0x7f) {
+      absl::StrAppend(&message, "\\x", absl::Hex(byte, absl::kZeroPad2));
+    } else {
+      message.push_back(c);
+    }
+  }
+  return absl::InvalidArgumentError(message);
 }
 
 absl::StatusOr<int64_t> ParseInteger(absl::string_view text, int64_t min, int64_t max) {

@@ -250,12 +250,19 @@ TEST(LoadConfigTest, MalformedValuesAreNamedOnOneLine) {
       {"MALLOC_ARENA_MAX", "two"},
       {"MALLOC_ARENA_MAX", "0"},
       {"MALLOC_ARENA_MAX", "-1"},
+      // A value read from a file keeps its line ending; quoted, it is escaped.
+      {"PORT", "50051\n"},
+      {"LOG_LEVEL", "info\r\n"},
+      {"LISTEN_ADDRESS", "127.0.0.1\n"},
+      {"MEMCACHED_URL", "memcached://a:1\n"},
+      {"SHUTDOWN_GRACE_SECONDS", "5\n"},
   };
   for (const auto& [name, value] : cases) {
     const std::string message = ErrorFor(name, value);
     EXPECT_THAT(message, StartsWith(std::string(name) + ": ")) << name << "=" << value;
-    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    EXPECT_EQ(message.find_first_of("\r\n"), std::string::npos) << message;
   }
+  EXPECT_THAT(ErrorFor("PORT", "50051\n"), HasSubstr("'50051\\x0a'"));
 }
 
 // LISTEN_ADDRESS is stored as gRPC's AddListeningPort takes it before ":port": IPv6 in
