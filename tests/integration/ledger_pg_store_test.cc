@@ -29,6 +29,7 @@
 #include "server/ledger/ledger_service.h"
 #include "server/postgres/migrations.h"
 #include "server/postgres/pg_ledger_store.h"
+#include "tests/support/step_per_read_clock.h"
 #include "tests/support/test_env.h"
 
 namespace sessionledger {
@@ -1359,25 +1360,11 @@ TEST_F(LedgerPgStoreTest, CrossingTransfersInBatchesConserveMoneyWithoutDeadlock
             << ", ok " << ok << ", insufficient " << insufficient << "\n";
 }
 
-// A wall clock that reads true the first time after Reset and `step` further at every read
-// after: NTP stepping it, or a VM resumed, in the middle of a call. Thread-safe.
-class StepPerReadClock final : public Clock {
- public:
-  explicit StepPerReadClock(absl::Duration step) : step_(step) {}
-  absl::Time Now() const override { return absl::Now() + step_ * reads_.fetch_add(1); }
-  int reads() const { return reads_.load(); }
-  void Reset() { reads_ = 0; }
-
- private:
-  const absl::Duration step_;
-  mutable std::atomic<int> reads_{0};
-};
-
 // Every store call reads its deadline against the wall clock once, when it comes in, and times
 // the rest (the wait for a connection, statement_timeout, the wait for PostgreSQL's answer) on
 // the steady clock. A second reading here would be an hour on and take the deadline for passed.
 TEST_F(LedgerPgStoreTest, AWallClockStepDuringACallDoesNotEndIt) {
-  StepPerReadClock clock(absl::Hours(1));
+  testing::StepPerReadClock clock(absl::Hours(1));
   BatchingLedger clocked(2, PgLedgerStoreOptions{}, auth_, &clock);
   const std::string alice = NewUser("alice");
   const Account other = Open(alice);
@@ -1414,7 +1401,7 @@ TEST_F(LedgerPgStoreTest, AWallClockStepDuringACallDoesNotEndIt) {
 // reading the wall clock again for them. (Whether batches form depends on timing; the count
 // holds either way.)
 TEST_F(LedgerPgStoreTest, BatchedMovementsReadTheWallClockOncePerCall) {
-  StepPerReadClock clock(absl::ZeroDuration());
+  testing::StepPerReadClock clock(absl::ZeroDuration());
   BatchingLedger clocked(2, PgLedgerStoreOptions{}, auth_, &clock);
   const std::string alice = NewUser("alice");
   const Account a = Open(alice);
@@ -1441,7 +1428,7 @@ TEST_F(LedgerPgStoreTest, BatchedMovementsReadTheWallClockOncePerCall) {
 // 2 s deadline: its statement_timeout and its wait for the answer come from the deadline as read
 // when it came in. (Read again after the step, they would have let it wait an hour.)
 TEST_F(LedgerPgStoreTest, AWallClockStepBackDoesNotStretchAWaitForARowLock) {
-  StepPerReadClock clock(-absl::Hours(1));
+  testing::StepPerReadClock clock(-absl::Hours(1));
   BatchingLedger clocked(2, PgLedgerStoreOptions{}, auth_, &clock);
   const std::string alice = NewUser("alice");
   const Account a = Open(alice);

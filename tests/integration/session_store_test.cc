@@ -30,6 +30,7 @@
 #include "server/memcached/memcached_session_store.h"
 #include "tests/integration/session_test_support.h"
 #include "tests/support/silent_peer.h"
+#include "tests/support/step_per_read_clock.h"
 
 namespace sessionledger::testing {
 namespace {
@@ -1370,23 +1371,11 @@ TEST_F(SessionStoreTest, ARemovalThatMissedACopyIsAPartialWrite) {
   EXPECT_TRUE(store_->Remove(key, Deadline()).ok()) << "gone from every copy already";
 }
 
-// A wall clock that reads true the first time after Reset and an hour later at every read after:
-// NTP stepping it, or a VM resumed, in the middle of a call.
-class SteppingClock final : public Clock {
- public:
-  absl::Time Now() const override { return absl::Now() + absl::Hours(reads_.fetch_add(1)); }
-  int reads() const { return reads_.load(); }
-  void Reset() { reads_ = 0; }
-
- private:
-  mutable std::atomic<int> reads_{0};
-};
-
 // A call's deadline is read against the wall clock once, when the call starts; its round trips
 // (one per copy here) are then timed on the steady clock. Reading the wall clock again before
 // each would take the step for the deadline passing, and fail a call that had its whole time.
 TEST_F(SessionStoreTest, AWallClockStepDuringACallDoesNotEndIt) {
-  SteppingClock clock;
+  StepPerReadClock clock(absl::Hours(1));
   Open("MEMCACHED_URL_REPLICATED", /*pipeline=*/false, &clock);
   const SessionKey key = Key("clockstep");
   const absl::Status added =
