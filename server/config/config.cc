@@ -377,9 +377,10 @@ absl::Status ValidateDatabaseUrl(absl::string_view url) {
     if (keyword == "host") {
       // libpq ends the user info at the first '@': "postgres://app:pa@ss@db/x" is password "pa"
       // on host "ss@db", whose failed lookup would put the rest of the password in the logs. A
-      // leading '@' names an abstract unix socket (host=@name), which is a host.
+      // leading '@' names an abstract unix socket (host=@name), and a leading '/' a socket
+      // directory, whose path may hold an '@': neither is looked up.
       for (absl::string_view host : absl::StrSplit(value, ',')) {
-        if (host.find('@', 1) != absl::string_view::npos) {
+        if (!absl::StartsWith(host, "/") && host.find('@', 1) != absl::string_view::npos) {
           return absl::InvalidArgumentError(
               "the host holds an '@' (percent-encode any of : / @ ? # % in the user name or "
               "password)");

@@ -773,10 +773,11 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     }
     // Lost to a concurrent write of the old session: the new one, never handed out, goes again.
     if (const absl::Status removed = store_->Remove(new_key, deadline); !removed.ok()) {
-      return ForCallers(absl::StatusCode::kUnavailable,
-                        "token: the rotation was interrupted; the old token is as it was, and a "
-                        "session that was never handed out may be listed until it expires; retry",
-                        removed);
+      return ForCallers(
+          absl::StatusCode::kUnavailable,
+          "token: the rotation was interrupted; it did not change the old token, and a "
+          "session that was never handed out may be listed until it expires; retry",
+          removed);
     }
     if (!backoff.Wait()) {
       return backoff.GiveUp();

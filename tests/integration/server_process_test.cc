@@ -460,14 +460,22 @@ TEST(ServerProcessTest, SigtermDuringStartUpExitsAtOnce) {
 }
 
 // Before it listens the server probes the backing services once, which takes up to half a second
-// per node that does not answer. A stop signal then is a stop before serving: the process ends at
-// once, having never listened, rather than listening, serving and draining afterwards.
+// per node that does not answer, one node after the other. A stop signal then is a stop before
+// serving: the process ends at once, having never listened, rather than listening, serving and
+// draining afterwards.
 TEST(ServerProcessTest, SigtermDuringTheFirstProbeExitsWithoutListening) {
+  // Four silent nodes: the signal has two seconds to land in the probe, however slow the machine.
   SilentPeer memcached;
+  SilentPeer others[3];
   ASSERT_NE(memcached.port(), 0);
+  std::string url = absl::StrCat("memcached://", memcached.target());
+  for (const SilentPeer& other : others) {
+    ASSERT_NE(other.port(), 0);
+    absl::StrAppend(&url, ",", other.target());
+  }
   ServerProcess::Options options;
   options.env = BackingServiceEnv();
-  options.env["MEMCACHED_URL"] = absl::StrCat("memcached://", memcached.target());
+  options.env["MEMCACHED_URL"] = url;
   options.wait_until_serving = false;
   absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(options);
   ASSERT_TRUE(server.ok()) << server.status();

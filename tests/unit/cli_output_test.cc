@@ -3,7 +3,9 @@
 #include <grpcpp/support/validate_service_config.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <string>
 
@@ -87,17 +89,30 @@ TEST(CliChannelTest, ListBecomesStaticAddressList) {
   EXPECT_EQ(*target, "ipv6:[::1]:1,[fe80::2]:2");
 }
 
-// Names in a list are looked up on threads of their own, all at once: two lookups of 400 ms
-// fit in 600 ms only side by side. A name with addresses of both families counts for both.
+// Names in a list are looked up on threads of their own, all at once: each lookup here waits
+// until both have started, which looked up one after the other they never would. A name with
+// addresses of both families counts for both.
 TEST(CliChannelTest, TheNamesOfAListAreLookedUpAtOnce) {
-  const HostLookupFn slow =
-      [](const std::string& host) -> absl::StatusOr<std::vector<std::string>> {
-    absl::SleepFor(absl::Milliseconds(400));
+  struct Latch {
+    std::mutex mutex;
+    std::condition_variable all_started;
+    int started = 0;
+  };
+  auto latch = std::make_shared<Latch>();
+  const HostLookupFn together =
+      [latch](const std::string& host) -> absl::StatusOr<std::vector<std::string>> {
+    std::unique_lock<std::mutex> lock(latch->mutex);
+    ++latch->started;
+    latch->all_started.notify_all();
+    if (!latch->all_started.wait_for(lock, std::chrono::seconds(30),
+                                     [&] { return latch->started == 2; })) {
+      return absl::DeadlineExceededError("the other lookup never started");
+    }
     if (host == "both.example") return std::vector<std::string>{"10.0.0.7", "fd00::7"};
     return std::vector<std::string>{"10.0.0.8"};
   };
   absl::StatusOr<std::string> target = BuildChannelTarget(
-      {"both.example:1", "v4.example:2", "10.0.0.9:3"}, absl::Milliseconds(600), slow);
+      {"both.example:1", "v4.example:2", "10.0.0.9:3"}, absl::Seconds(10), together);
   ASSERT_TRUE(target.ok()) << target.status();
   EXPECT_EQ(*target, "ipv4:10.0.0.7:1,10.0.0.8:2,10.0.0.9:3");
 }

@@ -639,6 +639,7 @@ TEST(DatabaseUrlTest, AnUnencodedAtInThePasswordIsRefusedWithoutEchoingIt) {
   // Encoded, the same password is fine; so is an abstract unix socket's leading '@'.
   EXPECT_TRUE(ValidateDatabaseUrl("postgres://app:pa%40ss@db/x").ok());
   EXPECT_TRUE(ValidateDatabaseUrl("postgres://app@/ledger?host=@pgsock").ok());
+  EXPECT_TRUE(ValidateDatabaseUrl("postgres:///ledger?host=/run/pg@main").ok());
 }
 
 }  // namespace

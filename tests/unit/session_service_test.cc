@@ -743,9 +743,6 @@ TEST_F(SessionServiceTest, RotateWhoseAddLeftTooLittleOfItsDeadlineSaysWhatItLef
   EXPECT_EQ(listed->size(), 2u) << "the session left behind is not listed";
 }
 
-// The copy the compare-and-swap went to still holds the old session as it was read, so the
-// end did not land: the new session, never handed out, is removed again, and the user's
-// listing shows the old session alone.
 // A rotation that lost to a concurrent write of the old session removes its new one again; when
 // a copy of that one did not answer the removal, it is listed until it expires, and the caller is
 // told so rather than that nothing was changed.
@@ -756,13 +753,16 @@ TEST_F(SessionServiceTest, ARotationWhoseNewSessionWasNotRemovedEverywhereSaysSo
   const absl::Status status = service_->Rotate(v.token, Deadline()).status();
   EXPECT_TRUE(absl::IsUnavailable(status)) << status;
   EXPECT_THAT(std::string(status.message()),
-              HasSubstr("the old token is as it was, and a session that was never handed out may "
-                        "be listed until it expires; retry"));
+              HasSubstr("it did not change the old token, and a session that was never handed "
+                        "out may be listed until it expires; retry"));
   EXPECT_THAT(std::string(status.message()), HasSubstr("1 of 2 copies took the delete"));
   EXPECT_TRUE(Get(v.token).ok());
   EXPECT_EQ(store_->cas_calls(), 1) << "no second try after a failed removal";
 }
 
+// The copy the compare-and-swap went to still holds the old session as it was read, so the
+// end did not land: the new session, never handed out, is removed again, and the user's
+// listing shows the old session alone.
 TEST_F(SessionServiceTest, RotateWhoseEndingWriteFailedKeepsTheOldSession) {
   SessionView v = MustCreate("alice");
   store_->FailNextCas(1, absl::UnavailableError("memcached: timed out"));
