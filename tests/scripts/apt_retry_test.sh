@@ -89,11 +89,12 @@ expect_in "$err" "the log" "Unable to locate package no-such-package"
 
 # --- 4. no apt-get of the scripts bypasses sl_apt_get -----------------------------------------
 # The lines of FILES... that run apt or apt-get as a command, wherever it stands on the line
-# (`if ! apt-get`, `sudo apt-get`, `"${sudo[@]}" apt install`); comments and quoted text (log
-# messages) are not commands. sl_apt_get's own line is the one allowed.
+# (`if ! apt-get`, `sudo apt-get`, `"${sudo[@]}" apt install`, `out="$(apt-get ...)"`); comments
+# and quoted text (log messages) are not commands, but a command substitution inside quotes is.
+# sl_apt_get's own line is the one allowed.
 direct_apt_calls() {
   grep -Hn '' "$@" | grep -vE '^[^:]+:[0-9]+:[[:space:]]*#' |
-    sed -E "s/\"[^\"]*\"//g; s/'[^']*'//g" |
+    perl -pe 's/"(?:(?!\$\()[^"])*"//g; s/\x27[^\x27]*\x27//g' |
     grep -E '(^[^:]+:[0-9]+:|[[:space:];&|(!{`])apt(-get)?([[:space:]]|$)' |
     grep -v 'LC_ALL=C apt-get -q -o DPkg::Lock::Timeout= ' || true
 }
@@ -104,6 +105,8 @@ if ! apt-get -y install x; then
 "${sudo[@]}" apt-get install -y x
 apt install x
 x && apt-get install y
+out="$(apt-get -y install x)"
+sl_log "installing: $(apt-get install "x" 2>&1)"
 LINES
 cat >"$tmp/runs_no_apt" <<'LINES'
 # apt-get install x
@@ -112,7 +115,7 @@ local what=apt-get
 die 'apt-get install nginx-light'
 apt-cache policy x
 LINES
-[[ $(direct_apt_calls "$tmp/runs_apt" | wc -l) == 5 ]] ||
+[[ $(direct_apt_calls "$tmp/runs_apt" | wc -l) == 7 ]] ||
   fail "the check missed a run of apt: $(direct_apt_calls "$tmp/runs_apt")"
 [[ -z $(direct_apt_calls "$tmp/runs_no_apt") ]] ||
   fail "the check took text for a run of apt: $(direct_apt_calls "$tmp/runs_no_apt")"

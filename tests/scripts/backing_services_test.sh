@@ -38,13 +38,13 @@ mkdir -m 0755 "$state"
 register_scratch "$repo_root" backing "$state"
 frozen=()
 cleanup() {
-  local rc=$? pid
+  local rc=$? pid stopped=1
   for pid in "${frozen[@]}"; do
     kill -CONT "$pid" 2>/dev/null || true
   done
-  SL_STATE_DIR=$state "$backing" stop >/dev/null 2>&1 || true
-  rm -rf "$tmp"
-  unregister_scratch
+  SL_STATE_DIR=$state "$backing" stop >/dev/null 2>&1 || stopped=0
+  finish_scratch "$stopped" "$tmp"
+  ((stopped)) || rc=1
   exit "$rc"
 }
 trap cleanup EXIT

@@ -35,19 +35,19 @@ export SL_CLUSTER_BUILD_DIR=$build_dir
 
 holders=()
 cleanup() {
-  local rc=$?
+  local rc=$? stopped=1
   release_ports
   if ((rc != 0)); then
     for log in "$checkout"/.local/cluster/*.log "$checkout"/.local/cluster/nginx/error.log; do
       [[ -f $log ]] && { echo "--- $log"; tail -n 20 "$log"; } >&2
     done
   fi
-  "$cluster" stop >/dev/null 2>&1 || true
+  "$cluster" stop >/dev/null 2>&1 || stopped=0
   # A start that failed half-way may have left backing services that `cluster stop` does not
   # know it started.
-  "$checkout/scripts/backing-services" stop >/dev/null 2>&1 || true
-  rm -rf "$tmp"
-  unregister_scratch
+  "$checkout/scripts/backing-services" stop >/dev/null 2>&1 || stopped=0
+  finish_scratch "$stopped" "$tmp"
+  ((stopped)) || rc=1
   exit "$rc"
 }
 trap cleanup EXIT
@@ -87,7 +87,7 @@ for port in "$SL_CLUSTER_BASE_PORT" $((SL_CLUSTER_BASE_PORT + 1)); do
 done
 nginx_dir="$checkout/.local/cluster/nginx"
 [[ -s $nginx_dir/nginx.pid ]] || fail "nginx wrote no pid file in '$nginx_dir'"
-PORT=$SL_CLUSTER_LB_PORT "$server" healthcheck >/dev/null ||
+PORT=$SL_CLUSTER_LB_PORT LISTEN_ADDRESS=127.0.0.1 "$server" healthcheck >/dev/null ||
   fail "Health through the balancer on 127.0.0.1:$SL_CLUSTER_LB_PORT failed"
 
 "$cluster" stop || fail "scripts/cluster stop failed"

@@ -20,12 +20,12 @@ ours=$tmp/this-checkout
 register_scratch "$repo_root" backing "$other"
 register_scratch "$repo_root" backing "$ours"
 cleanup() {
-  local rc=$?
+  local rc=$? stopped=1
   release_ports
-  SL_STATE_DIR=$other "$backing" stop >/dev/null 2>&1 || true
-  SL_STATE_DIR=$ours "$backing" stop >/dev/null 2>&1 || true
-  rm -rf "$tmp"
-  unregister_scratch
+  SL_STATE_DIR=$other "$backing" stop >/dev/null 2>&1 || stopped=0
+  SL_STATE_DIR=$ours "$backing" stop >/dev/null 2>&1 || stopped=0
+  finish_scratch "$stopped" "$tmp"
+  ((stopped)) || rc=1
   exit "$rc"
 }
 trap cleanup EXIT

@@ -122,3 +122,16 @@ unregister_scratch() {
     rm -f "$scratch_entry"
   fi
 }
+
+# finish_scratch STOPPED DIR: the end of a cleanup that stopped its scratch services (STOPPED 1)
+# or failed to (0). Stopped, DIR (the scratch tree) goes, and so does the registration. Not
+# stopped, both stay, so that .ci/run's backstop stops the services and reports it; the caller
+# fails the test.
+finish_scratch() {
+  if (($1)); then
+    rm -rf "$2"
+    unregister_scratch
+  else
+    printf '%s: cleanup: a stop failed; %s is left for .ci/run to stop\n' "${0##*/}" "$2" >&2
+  fi
+}
