@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/clock.h"
+#include "server/common/host_resolver.h"
 #include "server/common/status_macros.h"
 #include "server/domain/caller_message.h"
 #include "server/domain/session_store.h"
@@ -66,14 +67,6 @@ absl::Status Configure(memcached_st* handle, const MemcachedPoolOptions& options
     }
   }
   return absl::OkStatus();
-}
-
-// Whether `host` is an IPv4 or IPv6 address, which libmemcached's getaddrinfo turns into a
-// socket address without asking a name server.
-bool IsNumericHost(const std::string& host) {
-  in6_addr buffer;
-  return inet_pton(AF_INET, host.c_str(), &buffer) == 1 ||
-         inet_pton(AF_INET6, host.c_str(), &buffer) == 1;
 }
 
 // A version request to memcached at a numeric `address`, on a connection of its own.
@@ -263,7 +256,7 @@ MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duratio
   // per node.
   std::vector<std::string> names;
   for (const MemcachedNode& node : url.nodes) {
-    if (!IsNumericHost(node.host) &&
+    if (!IsNumericAddress(node.host) &&
         std::find(names.begin(), names.end(), node.host) == names.end()) {
       names.push_back(node.host);
     }
@@ -272,7 +265,7 @@ MemcachedReachability ProbeMemcachedNodes(const MemcachedUrl& url, absl::Duratio
   if (!names.empty()) found = lookup(names, SteadyNow() + ToSteadyDuration(timeout));
   for (const MemcachedNode& node : url.nodes) {
     std::vector<std::string> addresses = {node.host};
-    if (!IsNumericHost(node.host)) {
+    if (!IsNumericAddress(node.host)) {
       const size_t i = std::find(names.begin(), names.end(), node.host) - names.begin();
       if (i >= found.size() || !found[i].ok()) continue;  // Unreachable: no address in time.
       addresses = *found[i];

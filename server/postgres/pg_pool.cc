@@ -331,11 +331,6 @@ absl::StatusOr<PgResultPtr> PgConnection::Exec(
 }
 
 absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
-    const std::vector<PgStatement>& statements, absl::Time deadline) {
-  return ExecPipeline(statements, SteadyDeadline(deadline));
-}
-
-absl::StatusOr<std::vector<PgResultPtr>> PgConnection::ExecPipeline(
     const std::vector<PgStatement>& statements, SteadyTime give_up) {
   if (!healthy()) return absl::UnavailableError("postgres: connection is closed");
   if (PQenterPipelineMode(conn_) != 1) {

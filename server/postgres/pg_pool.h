@@ -93,10 +93,8 @@ class PgConnection {
   // entirely at the first error; so this returns only after the commit is durable, and the
   // connection is idle again afterwards (no session state left behind, which keeps it usable
   // behind PgBouncer's transaction pooling). Unnamed statements only. The results, one per
-  // statement, or the first error with the same mapping as Exec.
-  absl::StatusOr<std::vector<PgResultPtr>> ExecPipeline(const std::vector<PgStatement>& statements,
-                                                        absl::Time deadline);
-  // The same, for a deadline already on the steady clock.
+  // statement, or the first error with the same mapping as Exec. `give_up` is on the steady
+  // clock (see Exec).
   absl::StatusOr<std::vector<PgResultPtr>> ExecPipeline(const std::vector<PgStatement>& statements,
                                                         SteadyTime give_up);
   // Runs SQL without parameters (several statements allowed); for BEGIN/COMMIT and migrations.

@@ -78,6 +78,9 @@ constexpr absl::string_view kRotationOutOfTime =
     "token: too little of the deadline was left to end the old token on every copy; ";
 constexpr absl::string_view kNothingChangedRetry =
     "nothing was changed, retry with a longer deadline";
+// What a rotation leaves when it cannot remove the new session it made again.
+constexpr absl::string_view kUnremovedSessionMayBeListed =
+    "a session that was never handed out may be listed until it expires";
 
 // Until when the tombstone that ends `s` at `now` must stay: as long as any copy of the session
 // could still be live. A touch or update that read the session before it ended can still land
@@ -735,12 +738,11 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
         return ForCallers(absl::StatusCode::kUnavailable,
                           absl::StrCat(kRotationOutOfTime, kNothingChangedRetry));
       }
-      return ForCallers(absl::StatusCode::kUnavailable,
-                        absl::StrCat(kRotationOutOfTime,
-                                     "the old token still works, and a session that was never "
-                                     "handed out may be listed until it expires; retry with a "
-                                     "longer deadline"),
-                        removed);
+      return ForCallers(
+          absl::StatusCode::kUnavailable,
+          absl::StrCat(kRotationOutOfTime, "the old token still works, and ",
+                       kUnremovedSessionMayBeListed, "; retry with a longer deadline"),
+          removed);
     }
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
     // both succeed (the loser's new session is removed again).
@@ -775,8 +777,8 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
     if (const absl::Status removed = store_->Remove(new_key, deadline); !removed.ok()) {
       return ForCallers(
           absl::StatusCode::kUnavailable,
-          "token: the rotation was interrupted; it did not change the old token, and a "
-          "session that was never handed out may be listed until it expires; retry",
+          absl::StrCat("token: the rotation was interrupted; it did not change the old token, and ",
+                       kUnremovedSessionMayBeListed, "; retry"),
           removed);
     }
     if (!backoff.Wait()) {
