@@ -511,8 +511,8 @@ const std::vector<ConfigVariable>& ConfigVariables() {
       {"PORT", "50051", "gRPC listen port (on LISTEN_ADDRESS)"},
       {"LISTEN_ADDRESS", "[::]",
        "address the gRPC port and /metrics listen on: [::] (every interface), an IPv4 or IPv6 "
-       "address, or localhost (127.0.0.1 and ::1); scripts/run and scripts/cluster set "
-       "127.0.0.1"},
+       "address, or localhost (127.0.0.1 and ::1); scripts/run, scripts/cluster, scripts/bench "
+       "and scripts/bench-instructions use 127.0.0.1"},
       {"MEMCACHED_URL", "",
        "memcached://host:port[,host:port...][?replicas=N]; replicas=N keeps N extra copies of "
        "each session on other nodes"},

@@ -75,7 +75,8 @@ struct Config {
   int memcached_pool_size = 16;
   bool memcached_pipeline = true;
   int database_pool_size = 8;
-  // How long a call may wait for a backing service when its caller set no deadline.
+  // The longest a call waits on a backing service, whatever the caller's deadline (an earlier
+  // one of the caller's comes first): server/rpc/call_deadline.h.
   absl::Duration default_call_timeout = absl::Seconds(5);
   absl::Duration health_check_interval = absl::Seconds(2);
   absl::Duration grpc_max_connection_age = absl::Seconds(300);
