@@ -418,12 +418,19 @@ TEST_F(LedgerPgStoreTest, SlowPostgresGivesUnavailableWithinTheDeadline) {
                   ->Exec("SELECT 1 FROM accounts WHERE account_id = $1::uuid FOR UPDATE",
                          {a.account_id}, Soon())
                   .ok());
+  const int connections_before = pool_.open_connections();
   const absl::Time start = absl::Now();
   const absl::Time deadline = start + absl::Milliseconds(800);
   absl::StatusOr<Transaction> t =
       ledger_.Transfer(alice, {a.account_id, b.account_id, 5, "slow"}, deadline);
   const absl::Duration took = absl::Now() - start;
   EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable) << t.status();
+  // PostgreSQL cancelled the statement itself (query_canceled), so the connection came back to
+  // the pool. Had the client's own deadline ended the wait instead, it would have closed the
+  // connection: that is what this tells apart from a lost statement_timeout.
+  EXPECT_EQ(SqlStateOf(t.status()), "57014") << t.status();
+  EXPECT_EQ(pool_.open_connections(), connections_before)
+      << "the connection was dropped rather than its statement cancelled by PostgreSQL";
   // Cancelled near the deadline, not after the lock is released; the slack absorbs sanitized
   // builds on a loaded machine.
   EXPECT_LE(took, absl::Milliseconds(1300));
