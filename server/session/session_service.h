@@ -170,12 +170,18 @@ class SessionService {
   // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when
   // the caller has just read the index (saves a round trip), re-reading after a conflict.
   // RESOURCE_EXHAUSTED when the user already holds limits.max_live_sessions_per_user live
-  // sessions, unless `replaces_one` (a rotation, whose old session ends). Returns the entry's
-  // indexed_at.
-  absl::StatusOr<absl::Time> AddToIndex(absl::string_view user_tag,
-                                        const storage::v1::StoredSession& session,
-                                        std::optional<IndexRecord> already_read, bool replaces_one,
-                                        absl::Time deadline);
+  // sessions, unless `replaces_one` (a rotation, whose old session ends).
+  struct Indexed {
+    absl::Time indexed_at;  // The entry's, on clock_.
+    // When the attempt that wrote it began (absl::Now()): after any pruning and back-off, so
+    // what it took since is the read and write of one index item, what a caller may weigh
+    // against the writes still to come.
+    absl::Time attempt_began;
+  };
+  absl::StatusOr<Indexed> AddToIndex(absl::string_view user_tag,
+                                     const storage::v1::StoredSession& session,
+                                     std::optional<IndexRecord> already_read, bool replaces_one,
+                                     absl::Time deadline);
   // How many entries `index` may have before a new session prunes it first.
   int PruneIndexAt(const storage::v1::UserSessionIndex& index) const;
   // Whether LiveSessions' sessions carry their attributes (only a listing answers with them).

@@ -159,6 +159,12 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     index_write_pause_ = pause;
   }
+  // The next ReadSessions takes `pause` (real time, outside the lock) before it reads, as a
+  // pruning of a large index reading many sessions.
+  void PauseNextReadSessions(absl::Duration pause) {
+    std::lock_guard<std::mutex> l(mu_);
+    read_sessions_pause_ = pause;
+  }
   // The next Remove takes `pause` (real time, outside the lock) before it removes; a Remove
   // whose deadline has passed by then removes nothing (see Remove).
   void PauseNextRemove(absl::Duration pause) {
@@ -394,6 +400,12 @@ class FakeSessionStore final : public SessionStore {
 
   absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
       absl::string_view, const std::vector<std::string>& hashes, absl::Time) override {
+    absl::Duration pause;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      pause = std::exchange(read_sessions_pause_, absl::ZeroDuration());
+    }
+    absl::SleepFor(pause);
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
     if (!read_sessions_failure_.ok())
@@ -456,6 +468,7 @@ class FakeSessionStore final : public SessionStore {
   absl::Duration cas_pause_;
   absl::Duration add_pause_;
   absl::Duration index_write_pause_;
+  absl::Duration read_sessions_pause_;
   absl::Duration remove_pause_;
   absl::Status partial_remove_failure_;
   absl::Time last_add_deadline_ = absl::InfinitePast();

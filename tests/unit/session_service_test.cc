@@ -713,6 +713,21 @@ TEST_F(SessionServiceTest, RotateWithTooLittleOfItsDeadlineLeftChangesNothing) {
   EXPECT_TRUE(absl::IsNotFound(Get(v.token).status()));
 }
 
+// The check weighs the index write, not a pruning before it: at the per-user limit every
+// rotation prunes, reading all of the user's sessions, and a rotation is always allowed there.
+// Counting that read as the write's time refused every rotation of a user with many sessions.
+TEST_F(SessionServiceTest, RotateAtTheLimitIsNotRefusedForThePruningBeforeItsIndexWrite) {
+  LimitSessionsPerUser(4);
+  std::vector<SessionView> held;
+  for (int i = 0; i < 4; ++i) held.push_back(MustCreate("service-account"));
+  store_->PauseNextReadSessions(absl::Milliseconds(400));
+  absl::StatusOr<SessionView> rotated =
+      service_->Rotate(held[0].token, absl::Now() + absl::Seconds(1));
+  ASSERT_TRUE(rotated.ok()) << rotated.status();
+  EXPECT_TRUE(absl::IsNotFound(Get(held[0].token).status()));
+  EXPECT_TRUE(Get(rotated->token).ok());
+}
+
 // Behind that check, a backstop: an add much slower than the index write leaves too little of
 // the deadline too, and the new session, never handed out, is removed again. That removal has
 // even less time; when the deadline cuts it off, the new session stays (listed until it
