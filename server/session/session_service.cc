@@ -142,6 +142,16 @@ absl::Status IndexWriteFailure(const absl::Status& written) {
                     written);
 }
 
+// An update the store refused as larger than one item: the store's words name the session's
+// attributes, a field of CreateSession; an update's request sets them through `set`.
+absl::Status UpdateWriteFailure(const absl::Status& written) {
+  if (CallerMessage(written) != kSessionTooLargeForAnItem) return written;
+  return ForCallers(absl::StatusCode::kInvalidArgument,
+                    "set: the session with these attributes is larger than the session store "
+                    "takes in one item",
+                    written);
+}
+
 // A share of the bytes all listings may hold at once, given back when the listing is done.
 class ListingBudget {
  public:
@@ -670,7 +680,9 @@ absl::StatusOr<SessionView> SessionService::Update(absl::string_view token, cons
                                                    absl::Time deadline) {
   SL_ASSIGN_OR_RETURN(SessionKey key, CheckUpdate(token, set, remove, expected_version));
   Edit edit = UpdateEdit(set, remove, expected_version);
-  return Modify(key, deadline, edit);
+  absl::StatusOr<SessionView> updated = Modify(key, deadline, edit);
+  if (!updated.ok()) return UpdateWriteFailure(updated.status());
+  return updated;
 }
 
 void SessionService::UpdateAsync(absl::string_view token, const AttributeMap& set,
@@ -682,7 +694,10 @@ void SessionService::UpdateAsync(absl::string_view token, const AttributeMap& se
     return;
   }
   ModifyAsync(*std::move(key), deadline, UpdateEdit(set, remove, expected_version),
-              std::move(done));
+              [done = std::move(done)](absl::StatusOr<SessionView> updated) mutable {
+                if (!updated.ok()) updated = UpdateWriteFailure(updated.status());
+                std::move(done)(std::move(updated));
+              });
 }
 
 absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl::Time deadline) {

@@ -2271,6 +2271,44 @@ TEST_P(ChangeAsyncTest, SessionThatIsNotLiveIsNotFoundAndNothingIsWritten) {
   for (size_t i = 0; i < stored.size(); ++i) EXPECT_EQ(Stored(stored[i]).cas.cas, cas[i]);
 }
 
+// A store that refuses the grown session as larger than one item names the session's
+// attributes; an update has no such field, its request's is `set`, so the message names that.
+TEST_P(ChangeAsyncTest, AnUpdateTooLargeForAnItemNamesSet) {
+  const auto too_large = [] {
+    return ForCallers(absl::StatusCode::kInvalidArgument, kSessionTooLargeForAnItem,
+                      absl::InvalidArgumentError("injected: object too large for cache"));
+  };
+  UpdateRequest r;
+  r.set["avatar"] = std::string(1000, 'x');
+  const auto expect_names_set = [](const absl::Status& got) {
+    ASSERT_EQ(got.code(), absl::StatusCode::kInvalidArgument) << got;
+    EXPECT_THAT(CallerMessage(got).value_or(""), ::testing::StartsWith("set: ")) << got;
+  };
+  {
+    SCOPED_TRACE("UpdateAsync, refused by its asynchronous write");
+    const SessionView v = MustCreate("alice");
+    store_->InjectOnce(Op::kCompareAndSwapAsync, too_large);
+    expect_names_set(UpdateAsync(v.token, r).status());
+  }
+  {
+    SCOPED_TRACE("UpdateAsync, refused on the blocking path after a lost race");
+    const SessionView v = MustCreate("alice");
+    store_->set_inject([too_large](Op op) {
+      if (op == Op::kCompareAndSwapAsync) return absl::AbortedError("injected: lost a race");
+      if (op == Op::kCompareAndSwap) return too_large();
+      return absl::OkStatus();
+    });
+    expect_names_set(UpdateAsync(v.token, r).status());
+  }
+  {
+    SCOPED_TRACE("Update");
+    const SessionView v = MustCreate("alice");
+    store_->InjectOnce(Op::kCompareAndSwap, too_large);
+    expect_names_set(Update(v.token, r).status());
+  }
+  store_->set_inject(nullptr);
+}
+
 TEST_P(ChangeAsyncTest, LostRaceFinishesOnTheBlockingPath) {
   for (const bool update : {false, true}) {
     SCOPED_TRACE(update ? "UpdateAsync" : "GetAsync with touch");
