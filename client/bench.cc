@@ -53,9 +53,9 @@ std::chrono::system_clock::time_point DeadlineFrom(absl::Duration d) {
 
 // The code is the one the CLI exits with when preparing the run fails.
 absl::Status FromGrpc(const grpc::Status& s, const std::string& what) {
-  return absl::Status(
-      static_cast<absl::StatusCode>(ExitCodeForStatus(s)),
-      absl::StrCat(what, ": ", StatusCodeName(s.error_code()), ": ", s.error_message()));
+  return absl::Status(static_cast<absl::StatusCode>(ExitCodeForStatus(s)),
+                      absl::StrCat(what, ": ", StatusCodeName(s.error_code()), ": ",
+                                   EscapeForTerminal(s.error_message())));
 }
 
 // The CPU time of this process and of each --cpu-of entry at one moment; a reading that failed
@@ -519,8 +519,15 @@ class LoadGenerator {
 
   // Runs on a gRPC callback thread (under --rate, on the completer). Issuing the next call from
   // here is what makes the loop closed: a slot never has more than one call outstanding.
-  void OnDone(Slot& slot, const grpc::Status& status) {
+  void OnDone(Slot& slot, const grpc::Status& call_status) {
     const auto elapsed = steady_clock::now() - slot.started;
+    // A NOT_SERVING answer is a failed health check, as `sessionledger-cli health` exits with
+    // it; counted a success, a draining server would set the floor of every ratio.
+    const grpc::Status status =
+        call_status.ok() && options_.rpc == BenchRpc::kHealth &&
+                slot.health_response.status() != grpc::health::v1::HealthCheckResponse::SERVING
+            ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "not serving")
+            : call_status;
     const Phase phase = static_cast<Phase>(phase_.load(std::memory_order_acquire));
     if (phase == kMeasure) {
       const size_t code = static_cast<size_t>(status.error_code());

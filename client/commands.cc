@@ -4,7 +4,9 @@
 
 #include <chrono>
 #include <cstdint>
+#include <string>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -38,8 +40,9 @@ template <typename Response, typename Formatter>
 int Finish(const CliOptions& o, const grpc::Status& status, const Response& response,
            Formatter format, std::ostream& out, std::ostream& err) {
   if (!status.ok()) {
-    err << "error: " << StatusCodeName(status.error_code()) << ": " << status.error_message()
-        << "\n";
+    // The server's words (or a proxy's) could carry escape sequences for the terminal.
+    err << "error: " << StatusCodeName(status.error_code()) << ": "
+        << EscapeForTerminal(status.error_message()) << "\n";
     return ExitCodeForStatus(status);
   }
   out << (o.json ? ToJson(response) : format(response));
@@ -53,6 +56,8 @@ int RunHistory(const CliOptions& o, TransactionService::Stub& stub, std::ostream
   request.set_page_size(o.page_size);
   request.set_page_token(o.page_token);
   v1::ListTransactionsResponse all;
+  // A server that hands out a page token it handed out before would keep --all going forever.
+  absl::flat_hash_set<std::string> tokens_seen;
   for (;;) {
     v1::ListTransactionsResponse page;
     const grpc::Status status = stub.ListTransactions(NewContext(o, true).get(), request, &page);
@@ -61,6 +66,11 @@ int RunHistory(const CliOptions& o, TransactionService::Stub& stub, std::ostream
     }
     for (v1::Transaction& t : *page.mutable_transactions()) *all.add_transactions() = std::move(t);
     if (page.next_page_token().empty()) break;
+    if (!tokens_seen.insert(page.next_page_token()).second) {
+      err << "error: INTERNAL: the server repeated a next_page_token; stopped after "
+          << all.transactions_size() << " transactions\n";
+      return static_cast<int>(grpc::StatusCode::INTERNAL);
+    }
     request.set_page_token(page.next_page_token());
   }
   return Finish(o, grpc::Status::OK, all, FormatTransactionList, out, err);

@@ -10,20 +10,28 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <sstream>
+#include <string>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "client/cli_options.h"
 #include "client/commands.h"
 #include "gmock/gmock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "sessionledger/v1/transaction.grpc.pb.h"
 
 namespace sessionledger::client {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
-// Answers every Check with the status code set last (0: SERVING). Thread-safe.
+// Answers every Check with the status code set last (0: OK, with the serving status set last)
+// and the message set last. Thread-safe.
 class ScriptedHealth final : public grpc::health::v1::Health::Service {
  public:
   grpc::Status Check(grpc::ServerContext* /*context*/,
@@ -31,15 +39,42 @@ class ScriptedHealth final : public grpc::health::v1::Health::Service {
                      grpc::health::v1::HealthCheckResponse* response) override {
     const int code = code_.load();
     if (code == 0) {
-      response->set_status(grpc::health::v1::HealthCheckResponse::SERVING);
+      response->set_status(serving_.load() ? grpc::health::v1::HealthCheckResponse::SERVING
+                                           : grpc::health::v1::HealthCheckResponse::NOT_SERVING);
       return grpc::Status::OK;
     }
-    return grpc::Status(static_cast<grpc::StatusCode>(code), "odd");
+    std::lock_guard<std::mutex> lock(mutex_);
+    return grpc::Status(static_cast<grpc::StatusCode>(code), message_);
   }
   void set_code(int code) { code_.store(code); }
+  void set_serving(bool serving) { serving_.store(serving); }
+  void set_message(std::string message) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    message_ = std::move(message);
+  }
 
  private:
   std::atomic<int> code_{0};
+  std::atomic<bool> serving_{true};
+  std::mutex mutex_;
+  std::string message_ = "odd";
+};
+
+// A ledger whose every page of history says there is a next page, always the same one.
+class RepeatingPagesLedger final : public v1::TransactionService::Service {
+ public:
+  grpc::Status ListTransactions(grpc::ServerContext* /*context*/,
+                                const v1::ListTransactionsRequest* /*request*/,
+                                v1::ListTransactionsResponse* response) override {
+    ++pages_;
+    response->add_transactions()->set_transaction_id("t");
+    response->set_next_page_token("same-again");
+    return grpc::Status::OK;
+  }
+  int pages() const { return pages_.load(); }
+
+ private:
+  std::atomic<int> pages_{0};
 };
 
 class CliExitCodeTest : public ::testing::Test {
@@ -47,6 +82,8 @@ class CliExitCodeTest : public ::testing::Test {
   void SetUp() override {
     grpc::ServerBuilder builder;
     builder.RegisterService(&health_);
+    builder.RegisterService(&ledger_);
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
     server_ = builder.BuildAndStart();
     ASSERT_NE(server_, nullptr);
     channel_ = server_->InProcessChannel(grpc::ChannelArguments());
@@ -64,7 +101,20 @@ class CliExitCodeTest : public ::testing::Test {
     return RunRpcCommand(options, channel_, out_, err_);
   }
 
-  ScriptedHealth health_;  // outlives server_
+  // The whole command line `args`, against this server over loopback TCP (the load generator
+  // makes channels of its own); keeps stdout and stderr in out_ and err_.
+  int Cli(std::vector<std::string> args) {
+    args.insert(args.begin(), {"--target", absl::StrCat("127.0.0.1:", port_)});
+    out_.str("");
+    err_.str("");
+    return RunCli(
+        args, [](const std::string&) -> std::optional<std::string> { return std::nullopt; }, out_,
+        err_);
+  }
+
+  ScriptedHealth health_;        // outlives server_
+  RepeatingPagesLedger ledger_;  // outlives server_
+  int port_ = 0;
   std::unique_ptr<grpc::Server> server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::ostringstream out_;
@@ -88,6 +138,41 @@ TEST_F(CliExitCodeTest, CodesInGrpcsRangeAreTheExitCode) {
   EXPECT_THAT(err_.str(), HasSubstr("error: UNAVAILABLE: odd"));
   EXPECT_EQ(Health(16), 16);
   EXPECT_THAT(err_.str(), HasSubstr("error: UNAUTHENTICATED: odd"));
+}
+
+// What a server (or a proxy in front of it) says goes to a terminal: it cannot clear the
+// screen or move the cursor.
+TEST_F(CliExitCodeTest, AnErrorMessageReachesTheTerminalEscaped) {
+  health_.set_message("bad\x1b[2Jthing\nfake prompt");
+  EXPECT_EQ(Health(14), 14);
+  EXPECT_THAT(err_.str(), HasSubstr("error: UNAVAILABLE: bad\\x1b[2Jthing\\nfake prompt\n"));
+  EXPECT_THAT(err_.str(), Not(HasSubstr("\x1b")));
+}
+
+TEST_F(CliExitCodeTest, HistoryAllStopsWhenTheServerRepeatsAPageToken) {
+  EXPECT_EQ(Cli({"--token", "t", "history", "acc-1", "--all"}), 13) << err_.str();
+  EXPECT_THAT(err_.str(), HasSubstr("repeated a next_page_token"));
+  EXPECT_EQ(ledger_.pages(), 2) << "one page with the token, one that handed it out again";
+  EXPECT_EQ(out_.str(), "");
+}
+
+// A draining server answers its health checks NOT_SERVING: bench counts those as errors (and
+// none as a latency sample), as `health` exits with them.
+TEST_F(CliExitCodeTest, BenchCountsNotServingAsAnError) {
+  health_.set_serving(false);
+  EXPECT_EQ(Cli({"--json", "bench", "--rpc", "health", "--concurrency", "2", "--requests", "20",
+                 "--no-progress"}),
+            0)
+      << err_.str();
+  EXPECT_THAT(out_.str(), HasSubstr("\"errors\":{\"UNAVAILABLE\":")) << out_.str();
+  EXPECT_THAT(out_.str(), HasSubstr("\"calls\":0")) << out_.str();
+
+  health_.set_serving(true);
+  EXPECT_EQ(Cli({"--json", "bench", "--rpc", "health", "--concurrency", "2", "--requests", "20",
+                 "--no-progress"}),
+            0)
+      << err_.str();
+  EXPECT_THAT(out_.str(), HasSubstr("\"errors\":{}")) << out_.str();
 }
 
 }  // namespace
