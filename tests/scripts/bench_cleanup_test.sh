@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# scripts/bench stops a server it started when the run ends inside start_server: here the
-# server answers the first health check and then reports SessionService NOT_SERVING, which ends
-# the run under set -e. No real server or backing service: a copy of scripts/ whose
-# backing-services is a stub, and a build directory holding stub binaries (the server records
-# its pid and sleeps). The run must leave that server stopped.
+# scripts/bench without a real server or backing service: a copy of scripts/ whose
+# backing-services is a stub, and build directories holding stub binaries. Two runs:
+#   1. It stops a server it started when the run ends inside start_server: here the server
+#      answers the first health check and then reports SessionService NOT_SERVING, which ends
+#      the run under set -e. The run must leave that server stopped.
+#   2. The main server passes the start-up checks and then dies (writing its "crash" to its
+#      log). The run must still print its table (the RSS it could no longer read as "-"), then
+#      the end of that server's log on stderr, and exit non-zero; before, the RSS read failed
+#      under set -e and the cleanup deleted the log with the crash in it. memcaslap, psql,
+#      pgbench and h2load are stubs that fail, so the run needs none installed and reaches no
+#      real service.
 # Usage: bench_cleanup_test.sh REPO_ROOT
 set -euo pipefail
 repo_root=$1
@@ -12,13 +18,17 @@ source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"
 
 tmp=$(mktemp -d)
 server_pid_file=$tmp/server.pid
+dying_pid_file=$tmp/dying-server.pid
+pooled_pid_file=$tmp/pooled-server.pid
 cleanup() {
-  local rc=$? pid
-  # A server the bench left behind is the test's to stop (it is the stub this test made).
-  if [[ -s $server_pid_file ]]; then
-    pid=$(<"$server_pid_file")
-    kill "$pid" 2>/dev/null || true
-  fi
+  local rc=$? file pid
+  # A server the bench left behind is the test's to stop (it is a stub this test made).
+  for file in "$server_pid_file" "$dying_pid_file" "$pooled_pid_file"; do
+    if [[ -s $file ]]; then
+      pid=$(<"$file")
+      kill "$pid" 2>/dev/null || true
+    fi
+  done
   rm -rf "$tmp"
   exit "$rc"
 }
@@ -55,6 +65,7 @@ STUB
 chmod +x "$checkout/scripts/backing-services" "$tmp/build/server/sessionledger-server" \
   "$tmp/build/client/sessionledger-cli"
 
+# --- 1. the run ends inside start_server ------------------------------------------------------
 run_capturing_stderr timeout 60 "$checkout/scripts/bench" --no-build --build-dir "$tmp/build" \
   --smoke
 ((rc != 0 && rc != 124)) || fail "bench: exit $rc, want a failure of its own: $err"
@@ -66,5 +77,63 @@ for _ in $(seq 50); do
 done
 if kill -0 "$pid" 2>/dev/null; then
   fail "bench exited ($rc) and left its server (pid $pid) running: $err"
+fi
+
+# --- 2. the main server dies after the start-up checks ----------------------------------------
+dying=$tmp/build-dying
+crash=$tmp/crash-now
+mkdir -p "$dying/server" "$dying/client" "$tmp/bin"
+# The main server logs 50 lines and waits; once the CLI has made the last start-up check, it
+# writes its crash and exits as abort() would. The second server (MEMCACHED_PIPELINE=0, for the
+# libmemcached row) stays up until the bench stops it.
+cat >"$dying/server/sessionledger-server" <<STUB
+#!/usr/bin/env bash
+[[ \${1-} == migrate ]] && exit 0
+if [[ \${MEMCACHED_PIPELINE-} == 0 ]]; then
+  echo \$\$ >"$pooled_pid_file"
+  exec sleep 300
+fi
+echo \$\$ >"$dying_pid_file"
+for i in \$(seq 50); do echo "stub server log line \$i"; done
+until [[ -e "$crash" ]]; do sleep 0.05; done
+echo "stub server: fatal: the crash the bench must show" >&2
+exit 134
+STUB
+# Every health check passes; the check of TransactionService, the last before the bench
+# measures, lets the main server crash. Every call after that fails as against a server that is
+# gone: bench reports UNAVAILABLE for each call, and creating a session fails.
+cat >"$dying/client/sessionledger-cli" <<STUB
+#!/usr/bin/env bash
+case " \$* " in
+  *" bench "*)
+    echo '{"rpc":"stub","seconds":1.0,"calls":0,"throughput":0.0,"cpu_us_per_call":{"client":null,"server":null},"errors":{"UNAVAILABLE":16}}' ;;
+  *" health sessionledger.v1.TransactionService "*) touch "$crash" ;;
+  *" health "*) ;;
+  *) echo "UNAVAILABLE: connection refused" >&2; exit 14 ;;
+esac
+STUB
+for tool in memcaslap psql pgbench h2load; do
+  printf '#!/usr/bin/env bash\necho "%s stub: not available" >&2\nexit 1\n' "$tool" \
+    >"$tmp/bin/$tool"
+  chmod +x "$tmp/bin/$tool"
+done
+chmod +x "$dying/server/sessionledger-server" "$dying/client/sessionledger-cli"
+
+rc=0
+err=$(PATH=$tmp/bin:$PATH timeout 60 "$checkout/scripts/bench" --no-build --build-dir "$dying" \
+  --smoke 2>&1 >"$tmp/table.md") || rc=$?
+table=$(<"$tmp/table.md")
+[[ -s $dying_pid_file ]] || fail "the dying stub server never started: $err"
+((rc != 0 && rc != 124)) || fail "bench: exit $rc after its server died, want a failure of its own:
+$err"
+expect_in "$table" "the table (stdout) of a run whose server died" \
+  "| measurement | tool |" "| GetSession | sessionledger-cli |" \
+  "| at the end of the whole run | - | - | - |"
+expect_in "$err" "stderr of a run whose server died" \
+  "stub server log line 50" "stub server: fatal: the crash the bench must show"
+[[ $err != *"stub server log line 1"$'\n'* ]] ||
+  fail "stderr shows more of the log than its last 40 lines: $err"
+if [[ -s $pooled_pid_file ]] && kill -0 "$(<"$pooled_pid_file")" 2>/dev/null; then
+  fail "bench exited ($rc) and left its second server running: $err"
 fi
 echo "bench_cleanup_test: ok"
