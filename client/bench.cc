@@ -674,7 +674,6 @@ PacedCall PlanPacedCall(bool first_call, steady_clock::time_point due, steady_cl
   PacedCall plan;
   if (due > now) {
     plan.wait = true;
-    plan.timed_from = due;
     plan.next_due = due + interval;
   } else if (first_call) {
     // A slot's first call has no previous call to blame: if it is late, the client was

@@ -66,7 +66,10 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options, const std::str
 // it is due. `due` is when the call was scheduled and `now` when the slot got to it (its
 // previous call ended, or, for its first call, the client started the slot).
 struct PacedCall {
-  bool wait = false;  // not due yet: start it at `due`, timed from then
+  // Not due yet: the pacer starts it at `due` and times it from when it really starts (its
+  // own lateness is the client's, not the server's), so `timed_from` is left unset.
+  bool wait = false;
+  // A call that starts at once (!wait): the time its latency counts from.
   std::chrono::steady_clock::time_point timed_from;
   std::chrono::steady_clock::time_point next_due;
 };
