@@ -4,11 +4,13 @@
 #include <grpcpp/completion_queue.h>
 #include <grpcpp/support/async_unary_call.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <queue>
@@ -194,6 +196,7 @@ class LoadGenerator {
     phase_.store(kStop);
     const steady_clock::time_point measure_end = steady_clock::now();
     const CpuSample cpu_end = SampleCpu(options_.cpu_of);
+    const Unfinished unfinished = UnfinishedAt(measure_end);
     // The calls still out no longer count, and waiting for them would hold the report back
     // until each one ended by itself: up to --deadline against a server that stopped answering.
     CancelCalls();
@@ -224,12 +227,17 @@ class LoadGenerator {
       completer_.join();
     }
     if (options_.progress) progress << "\n";
-    return Collect(std::chrono::duration<double>(measure_end - measure_start).count(), cpu_start,
-                   cpu_end);
+    BenchResult result = Collect(std::chrono::duration<double>(measure_end - measure_start).count(),
+                                 cpu_start, cpu_end);
+    result.unfinished = unfinished.calls;
+    result.oldest_unfinished_ms =
+        std::chrono::duration<double, std::milli>(unfinished.oldest).count();
+    return result;
   }
 
  private:
   enum Phase { kWarmup, kMeasure, kStop };
+  static constexpr steady_clock::rep kNotInFlight = std::numeric_limits<steady_clock::rep>::min();
 
   // Latencies are kept per shard of slots rather than per slot: a histogram takes ~22 KiB,
   // which at the largest --concurrency would be gigabytes. Up to 64 slots each have a shard
@@ -283,6 +291,9 @@ class LoadGenerator {
     std::array<uint64_t, kStatusCodes> codes{};
     std::atomic<uint64_t> completed{0};  // read by the progress line
     std::atomic<uint64_t> failed{0};
+    // When the call in flight started (steady_clock ticks), or kNotInFlight; read by Run() at
+    // the end of the measured phase while the call may still be out.
+    std::atomic<steady_clock::rep> in_flight_since{kNotInFlight};
   };
 
   std::unique_ptr<grpc::ClientContext> NewContext(const Slot& slot, bool authenticated) const {
@@ -420,6 +431,7 @@ class LoadGenerator {
   // the run stopped starts nothing and finishes instead.
   void StartCall(Slot& slot, steady_clock::time_point started) {
     slot.started = started;
+    slot.in_flight_since.store(started.time_since_epoch().count(), std::memory_order_relaxed);
     // A queued call's reader lives in its call's arena, which the context's destruction frees:
     // the reader goes first.
     slot.health_reader.reset();
@@ -520,6 +532,7 @@ class LoadGenerator {
   // Runs on a gRPC callback thread (under --rate, on the completer). Issuing the next call from
   // here is what makes the loop closed: a slot never has more than one call outstanding.
   void OnDone(Slot& slot, const grpc::Status& call_status) {
+    slot.in_flight_since.store(kNotInFlight, std::memory_order_relaxed);
     const auto elapsed = steady_clock::now() - slot.started;
     // A NOT_SERVING answer is a failed health check, as `sessionledger-cli health` exits with
     // it; counted a success, a draining server would set the floor of every ratio.
@@ -598,6 +611,23 @@ class LoadGenerator {
       }
       if (now >= end) return;
     }
+  }
+
+  // The calls out at `end`, which CancelCalls is about to end: no other figure counts them.
+  struct Unfinished {
+    uint64_t calls = 0;
+    steady_clock::duration oldest{};
+  };
+  Unfinished UnfinishedAt(steady_clock::time_point end) const {
+    Unfinished unfinished;
+    for (const auto& slot : slots_) {
+      const steady_clock::rep since = slot->in_flight_since.load(std::memory_order_relaxed);
+      if (since == kNotInFlight) continue;
+      ++unfinished.calls;
+      unfinished.oldest = std::max(unfinished.oldest,
+                                   end - steady_clock::time_point(steady_clock::duration(since)));
+    }
+    return unfinished;
   }
 
   BenchResult Collect(double seconds, const CpuSample& cpu_start, const CpuSample& cpu_end) const {
@@ -716,6 +746,10 @@ std::string FormatBenchResult(const BenchResult& r) {
       {"latency p99.9", absl::StrFormat("%.3f ms", r.p999_ms)},
       {"latency max", absl::StrFormat("%.3f ms", r.max_ms)},
       {"errors", errors.empty() ? "none" : errors},
+      {"unfinished", r.unfinished == 0
+                         ? "none"
+                         : absl::StrFormat("%d calls in flight at the end, the oldest %.3f ms",
+                                           r.unfinished, r.oldest_unfinished_ms)},
   };
   for (const CpuPerCall& cpu : r.cpu) {
     fields.emplace_back(absl::StrCat("cpu ", cpu.name),
@@ -742,9 +776,10 @@ std::string BenchResultJson(const BenchResult& r) {
   return absl::StrFormat(
       "{\"rpc\":\"%s\",\"concurrency\":%d,\"connections\":%d,\"seconds\":%.3f,\"calls\":%d,"
       "\"throughput\":%.1f,\"p50_ms\":%.4f,\"p90_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,"
-      "\"max_ms\":%.4f,\"cpu_us_per_call\":{%s},\"errors\":{%s}}\n",
+      "\"max_ms\":%.4f,\"cpu_us_per_call\":{%s},\"errors\":{%s},\"unfinished\":%d,"
+      "\"oldest_unfinished_ms\":%.4f}\n",
       r.rpc, r.concurrency, r.connections, r.seconds, r.ok_calls, r.throughput, r.p50_ms, r.p90_ms,
-      r.p99_ms, r.p999_ms, r.max_ms, cpu, errors);
+      r.p99_ms, r.p999_ms, r.max_ms, cpu, errors, r.unfinished, r.oldest_unfinished_ms);
 }
 
 int RunBenchCommand(const CliOptions& options, const std::string& target,

@@ -37,6 +37,11 @@ struct BenchResult {
   double p999_ms = 0;
   double max_ms = 0;
   std::map<std::string, uint64_t> errors;  // status code name -> count, OK excluded
+  // The calls still in flight when the measured phase ended (cancelled then, so in no other
+  // figure), and the age of the oldest: a call stuck for most of the run shows here, not in
+  // the latencies. With a server that answers, about one per slot, each younger than a call.
+  uint64_t unfinished = 0;
+  double oldest_unfinished_ms = 0;
   // Per successful and failed call of the measured phase: "client" (this process) first, then
   // each --cpu-of entry in the order given.
   std::vector<CpuPerCall> cpu;
@@ -47,8 +52,9 @@ struct BenchResult {
 // a handful of gRPC threads drive any concurrency (no thread per call). Calls are spread over
 // `connections` channels (separate HTTP/2 connections; never more than slots, so each carries
 // calls), each balanced round_robin over the target's addresses. The run ends with the
-// measured phase: calls still in flight then are cancelled (neither they nor their CANCELLED
-// count), and under `rate` slots waiting for their next turn are finished at once.
+// measured phase: calls still in flight then are cancelled (their CANCELLED is no error; they
+// are reported as `unfinished`), and under `rate` slots waiting for their next turn are
+// finished at once.
 //
 // Before the clock starts it prepares its own data through the same target: one session per
 // slot for get-session / update-session, and for transfer a session, two accounts and a large

@@ -34,6 +34,15 @@ using ::testing::HasSubstr;
 using ::testing::MatchesRegex;
 using ::testing::Not;
 
+// The number after "`key`": in a one-line JSON object, or -1 when it is not there.
+double JsonNumber(const std::string& json, const std::string& key) {
+  std::smatch found;
+  if (!std::regex_search(json, found, std::regex(absl::StrCat("\"", key, "\":(-?[0-9.eE+-]+)")))) {
+    return -1;
+  }
+  return std::stod(found[1].str());
+}
+
 class CliRoundTripTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -174,6 +183,10 @@ TEST(CliBenchTest, ASilentServerDoesNotHoldTheReportPastTheMeasuredPhase) {
     EXPECT_LT(took, absl::Seconds(10)) << name << ": " << r->output;
     EXPECT_THAT(r->output, HasSubstr("\"calls\":0,")) << name << ": " << r->output;
     EXPECT_THAT(r->output, HasSubstr("\"errors\":{}")) << name << ": " << r->output;
+    // The calls that never came back are not lost from the report: each slot's first, out
+    // for the whole measured phase.
+    EXPECT_THAT(r->output, HasSubstr("\"unfinished\":4,")) << name << ": " << r->output;
+    EXPECT_GE(JsonNumber(r->output, "oldest_unfinished_ms"), 900) << name << ": " << r->output;
   }
 }
 
@@ -405,7 +418,8 @@ TEST_F(CliRoundTripTest, BenchRunsForOneSecond) {
     EXPECT_THAT(r.output, MatchesRegex(absl::StrCat(
                               ".*\\{\"rpc\":\"", rpc,
                               "\",.*\"throughput\":[1-9][0-9.]*,\"p50_ms\":.*\"p999_ms\":.*"
-                              "\"errors\":\\{\\}\\}\n")))
+                              "\"errors\":\\{\\},\"unfinished\":[0-9]+,"
+                              "\"oldest_unfinished_ms\":[0-9.]+\\}\n")))
         << rpc << ": " << r.output;
   }
   // --rate paces the loop: about 200 calls a second, whatever the concurrency. Calls still in

@@ -101,12 +101,13 @@ exit 134
 STUB
 # Every health check passes; the check of TransactionService, the last before the bench
 # measures, lets the main server crash. Every call after that fails as against a server that is
-# gone: bench reports UNAVAILABLE for each call, and creating a session fails.
+# gone: bench reports UNAVAILABLE for each call (and some calls stuck at the end), and creating
+# a session fails.
 cat >"$dying/client/sessionledger-cli" <<STUB
 #!/usr/bin/env bash
 case " \$* " in
   *" bench "*)
-    echo '{"rpc":"stub","seconds":1.0,"calls":0,"throughput":0.0,"cpu_us_per_call":{"client":null,"server":null},"errors":{"UNAVAILABLE":16}}' ;;
+    echo '{"rpc":"stub","seconds":1.0,"calls":0,"throughput":0.0,"cpu_us_per_call":{"client":null,"server":null},"errors":{"UNAVAILABLE":16},"unfinished":3,"oldest_unfinished_ms":4500.0}' ;;
   *" health sessionledger.v1.TransactionService "*) touch "$crash" ;;
   *" health "*) ;;
   *) echo "UNAVAILABLE: connection refused" >&2; exit 14 ;;
@@ -128,7 +129,7 @@ table=$(<"$tmp/table.md")
 $err"
 expect_in "$table" "the table (stdout) of a run whose server died" \
   "| measurement | tool |" "| GetSession | sessionledger-cli |" \
-  "| at the end of the whole run | - | - | - |"
+  "| at the end of the whole run | - | - | - |" "UNAVAILABLE=16, 3 unfinished, the oldest 4.5 s"
 expect_in "$err" "stderr of a run whose server died" \
   "stub server log line 50" "stub server: fatal: the crash the bench must show"
 [[ $err != *"stub server log line 1"$'\n'* ]] ||

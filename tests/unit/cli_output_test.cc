@@ -446,14 +446,19 @@ TEST(CliOutputTest, BenchJsonHasTheDocumentedFields) {
   r.p999_ms = 9.25;
   r.errors["UNAVAILABLE"] = 3;
   r.errors["DEADLINE_EXCEEDED"] = 1;
+  r.unfinished = 2;
+  r.oldest_unfinished_ms = 9000.5;
   const std::string json = BenchResultJson(r);
   EXPECT_THAT(json, MatchesRegex("^\\{.*\\}\n$"));
   for (const char* field : {"\"throughput\":100.0", "\"p50_ms\":0.5000",
                             "\"p90_ms\":", "\"p99_ms\":", "\"p999_ms\":9.2500",
-                            "\"errors\":{\"DEADLINE_EXCEEDED\":1,\"UNAVAILABLE\":3}"}) {
+                            "\"errors\":{\"DEADLINE_EXCEEDED\":1,\"UNAVAILABLE\":3}",
+                            "\"unfinished\":2,\"oldest_unfinished_ms\":9000.5000"}) {
     EXPECT_THAT(json, HasSubstr(field));
   }
-  EXPECT_THAT(FormatBenchResult(r), HasSubstr("DEADLINE_EXCEEDED=1, UNAVAILABLE=3"));
+  const std::string text = FormatBenchResult(r);
+  EXPECT_THAT(text, HasSubstr("DEADLINE_EXCEEDED=1, UNAVAILABLE=3"));
+  EXPECT_THAT(text, HasSubstr("2 calls in flight at the end, the oldest 9000.500 ms"));
 }
 
 TEST(CliOutputTest, BenchReportsCpuPerCallAndNullForWhatWasNotMeasured) {
