@@ -194,8 +194,10 @@ StoredSession Tombstone(const StoredSession& live, absl::Time ends_at) {
 // call's deadline. The random source is created on the first conflict only.
 class SessionService::Backoff {
  public:
-  Backoff(const SessionServiceOptions& options, absl::Time deadline)
-      : options_(options), deadline_(deadline) {}
+  // `tries_made`: tries the caller made before this backoff's first, which count towards
+  // options.max_cas_attempts.
+  Backoff(const SessionServiceOptions& options, absl::Time deadline, int tries_made = 0)
+      : options_(options), deadline_(deadline), attempt_(tries_made) {}
 
   // False when the caller must give up.
   bool Wait() {
@@ -226,7 +228,7 @@ class SessionService::Backoff {
  private:
   const SessionServiceOptions& options_;
   const absl::Time deadline_;
-  int attempt_ = 0;
+  int attempt_;
   std::unique_ptr<absl::BitGen> gen_;
 };
 
@@ -509,8 +511,8 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
 }
 
 absl::StatusOr<SessionView> SessionService::Modify(const SessionKey& key, absl::Time deadline,
-                                                   Edit& edit) {
-  Backoff backoff(options_, deadline);
+                                                   Edit& edit, int tries_made) {
+  Backoff backoff(options_, deadline, tries_made);
   for (;;) {
     SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
     const absl::Time now = clock_.Now();
@@ -579,7 +581,7 @@ void SessionService::ModifyAsync(SessionKey key, absl::Time deadline, Edit edit,
                               RunBlocking([this, key, deadline, edit = std::move(edit),
                                            done = std::move(done)]() mutable {
                                 Backoff(options_, deadline).Wait();
-                                std::move(done)(Modify(*key, deadline, edit));
+                                std::move(done)(Modify(*key, deadline, edit, /*tries_made=*/1));
                               });
                             });
                       });

@@ -99,8 +99,8 @@ class SessionService {
   // Get and Update for callers that must not block: one read and (for an update, or a touch
   // that slides the expiry) one compare-and-swap through the store's asynchronous methods. A
   // lost race finishes on options_.blocking as the blocking form, which reads again and retries
-  // with backoff, so both answer what Get and Update would (the asynchronous attempt comes on
-  // top of the blocking form's max_cas_attempts).
+  // with backoff, so both answer what Get and Update would (the asynchronous attempt counts
+  // as the first of max_cas_attempts).
   void GetAsync(absl::string_view token, bool touch, absl::Time deadline, ViewCallback done);
   void UpdateAsync(absl::string_view token, const AttributeMap& set, const KeyList& remove,
                    int64_t expected_version, absl::Time deadline, ViewCallback done);
@@ -161,7 +161,10 @@ class SessionService {
   Edit UpdateEdit(const AttributeMap& set, const KeyList& remove, int64_t expected_version) const;
   // Reads the session under `key`, checks it is live, applies `edit` and writes the result by
   // compare-and-swap, re-reading after a conflict (bounded, with backoff).
-  absl::StatusOr<SessionView> Modify(const SessionKey& key, absl::Time deadline, Edit& edit);
+  // `tries_made`: compare-and-swaps already lost (by ModifyAsync), which count towards
+  // options_.max_cas_attempts.
+  absl::StatusOr<SessionView> Modify(const SessionKey& key, absl::Time deadline, Edit& edit,
+                                     int tries_made = 0);
   // Modify without blocking: one read and at most one compare-and-swap through the store's
   // asynchronous methods; a lost race finishes as Modify on options_.blocking.
   void ModifyAsync(SessionKey key, absl::Time deadline, Edit edit, ViewCallback done);
