@@ -131,25 +131,28 @@ absl::Status EndedOnEveryCopy(absl::string_view field, const absl::Status& writt
                     written);
 }
 
-// A write of the user's session index that failed: the store's words for an item too large
-// name the session's attributes, but here the index is the item, which grows with the user's
-// sessions.
-absl::Status IndexWriteFailure(const absl::Status& written) {
+// `written` with other words for callers (and `code`) when the store refused its item as too
+// large: the store's words name the session's attributes, which fits CreateSession only.
+absl::Status TooLargeForAnItemAs(const absl::Status& written, absl::StatusCode code,
+                                 absl::string_view for_callers) {
   if (CallerMessage(written) != kSessionTooLargeForAnItem) return written;
-  return ForCallers(absl::StatusCode::kResourceExhausted,
-                    "user_id: the user's session index is larger than the session store takes in "
-                    "one item; delete or revoke some sessions first",
-                    written);
+  return ForCallers(code, for_callers, written);
 }
 
-// An update the store refused as larger than one item: the store's words name the session's
-// attributes, a field of CreateSession; an update's request sets them through `set`.
+// A write of the user's session index that failed: the index is the item, which grows with the
+// user's sessions.
+absl::Status IndexWriteFailure(const absl::Status& written) {
+  return TooLargeForAnItemAs(
+      written, absl::StatusCode::kResourceExhausted,
+      "user_id: the user's session index is larger than the session store takes in one item; "
+      "delete or revoke some sessions first");
+}
+
+// An update that failed: its request sets the attributes through `set`.
 absl::Status UpdateWriteFailure(const absl::Status& written) {
-  if (CallerMessage(written) != kSessionTooLargeForAnItem) return written;
-  return ForCallers(absl::StatusCode::kInvalidArgument,
-                    "set: the session with these attributes is larger than the session store "
-                    "takes in one item",
-                    written);
+  return TooLargeForAnItemAs(
+      written, absl::StatusCode::kInvalidArgument,
+      "set: the session with these attributes is larger than the session store takes in one item");
 }
 
 // A share of the bytes all listings may hold at once, given back when the listing is done.
