@@ -583,7 +583,11 @@ void SessionService::ModifyAsync(SessionKey key, absl::Time deadline, Edit edit,
                               // again.
                               RunBlocking([this, key, deadline, edit = std::move(edit),
                                            done = std::move(done)]() mutable {
-                                Backoff(options_, deadline).Wait();
+                                Backoff backoff(options_, deadline);
+                                if (!backoff.Wait()) {
+                                  std::move(done)(backoff.GiveUp());
+                                  return;
+                                }
                                 std::move(done)(Modify(*key, deadline, edit, /*tries_made=*/1));
                               });
                             });
