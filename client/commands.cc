@@ -58,6 +58,7 @@ int RunHistory(const CliOptions& o, TransactionService::Stub& stub, std::ostream
   v1::ListTransactionsResponse all;
   // A server that hands out a page token it handed out before would keep --all going forever.
   absl::flat_hash_set<std::string> tokens_seen;
+  if (!o.page_token.empty()) tokens_seen.insert(o.page_token);
   for (;;) {
     v1::ListTransactionsResponse page;
     const grpc::Status status = stub.ListTransactions(NewContext(o, true).get(), request, &page);

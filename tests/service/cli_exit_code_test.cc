@@ -154,6 +154,10 @@ TEST_F(CliExitCodeTest, HistoryAllStopsWhenTheServerRepeatsAPageToken) {
   EXPECT_THAT(err_.str(), HasSubstr("repeated a next_page_token"));
   EXPECT_EQ(ledger_.pages(), 2) << "one page with the token, one that handed it out again";
   EXPECT_EQ(out_.str(), "");
+  // The token it started from counts as handed out.
+  EXPECT_EQ(Cli({"--token", "t", "history", "acc-1", "--all", "--page-token", "same-again"}), 13)
+      << err_.str();
+  EXPECT_EQ(ledger_.pages(), 3);
 }
 
 // A draining server answers its health checks NOT_SERVING: bench counts those as errors (and
