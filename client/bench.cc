@@ -195,8 +195,9 @@ class LoadGenerator {
     }
     phase_.store(kStop);
     const steady_clock::time_point measure_end = steady_clock::now();
-    const CpuSample cpu_end = SampleCpu(options_.cpu_of);
+    // At once: a call that ends from now on is in no other figure either.
     const Unfinished unfinished = UnfinishedAt(measure_end);
+    const CpuSample cpu_end = SampleCpu(options_.cpu_of);
     // The calls still out no longer count, and waiting for them would hold the report back
     // until each one ended by itself: up to --deadline against a server that stopped answering.
     CancelCalls();
@@ -431,7 +432,10 @@ class LoadGenerator {
   // the run stopped starts nothing and finishes instead.
   void StartCall(Slot& slot, steady_clock::time_point started) {
     slot.started = started;
-    slot.in_flight_since.store(started.time_since_epoch().count(), std::memory_order_relaxed);
+    // When it really starts: a paced call behind schedule is timed from when it was due, but
+    // its age as an unfinished call is how long the server has had it.
+    slot.in_flight_since.store(steady_clock::now().time_since_epoch().count(),
+                               std::memory_order_relaxed);
     // A queued call's reader lives in its call's arena, which the context's destruction frees:
     // the reader goes first.
     slot.health_reader.reset();
