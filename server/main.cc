@@ -10,6 +10,7 @@
 #include <grpcpp/support/channel_arguments.h>
 #include <malloc.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -43,7 +44,23 @@ int Fail(const absl::Status& status) {
   return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
 }
 
+// In a container `migrate` is PID 1, and the kernel drops every signal PID 1 has no handler
+// for: a Job deleted, or `docker compose down`, while it waited for another migrate's lock would
+// wait out the whole termination grace period and be killed. Each migration is one transaction,
+// so ending at once rolls back the one under way, as a lost connection does.
+void StopMigrateOnSignal(int signal_number) {
+  static constexpr char kStopped[] =
+      "sessionledger-server: migrate stopped by a signal; a migration under way is rolled back\n";
+  (void)!write(STDERR_FILENO, kStopped, sizeof(kStopped) - 1);
+  _exit(128 + signal_number);
+}
+
 int Migrate() {
+  struct sigaction stop = {};
+  stop.sa_handler = StopMigrateOnSignal;
+  sigemptyset(&stop.sa_mask);
+  sigaction(SIGTERM, &stop, nullptr);
+  sigaction(SIGINT, &stop, nullptr);
   absl::StatusOr<Config> config = LoadMigrateConfig(ProcessEnvironment());
   if (!config.ok()) return Fail(config.status());
   Logger logger(config->log_level);

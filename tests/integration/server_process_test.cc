@@ -1156,6 +1156,80 @@ TEST(ServerProcessTest, AMigrationBehindALongTransactionGivesUpAndAppliesLater) 
   EXPECT_EQ(psql(column_default), "clock_timestamp()\n");
 }
 
+// In a container `migrate` is PID 1, and the kernel drops any signal PID 1 has no handler for
+// (also one from outside its PID namespace, as the container runtime's). A migrate waiting for
+// another's lock then outlived `docker compose down` or a deleted Job until it was killed.
+TEST(ServerProcessTest, MigrateAsPidOneEndsOnSigterm) {
+  const std::string database = "sl_migrate_pid_one_test";
+  RecreateMigratedDatabase(database);
+  const std::string url = DatabaseUrlFor(database);
+  // Another migrate holds the migration lock (the key is migrations.cc's kMigrationLockKey).
+  constexpr absl::string_view kHolder = "sl_migration_lock_holder";
+  absl::StatusOr<CommandResult> holder_result = absl::UnknownError("not run");
+  std::thread holder([&] {
+    holder_result =
+        RunCommand({"psql", url, "-qc", "SELECT pg_advisory_lock(7216100341122029), pg_sleep(60)"},
+                   {{"PGAPPNAME", std::string(kHolder)}}, absl::Seconds(90));
+  });
+  const absl::Cleanup end_holder = [&] {
+    Psql(url, absl::StrCat("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE application_name = '",
+                           kHolder, "'"));
+    holder.join();
+  };
+  const auto waiting_for_the_lock = [&](absl::string_view who) {
+    return Psql(url,
+                absl::StrCat("SELECT count(*) FROM pg_stat_activity WHERE application_name ", who,
+                             " AND wait_event_type = 'Lock' AND query LIKE "
+                             "'%pg_advisory_lock%'")) == "1\n";
+  };
+  ASSERT_TRUE(PollUntil(
+      absl::Now() + absl::Seconds(10),
+      [&] {
+        return Psql(url, absl::StrCat("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
+                                      "USING (pid) WHERE a.application_name = '",
+                                      kHolder, "' AND l.locktype = 'advisory' AND l.granted")) ==
+               "1\n";
+      },
+      absl::Milliseconds(20)));
+
+  ServerProcess::Options options;
+  options.wrapper = {"unshare", "--pid", "--fork"};
+  options.args = {"migrate"};
+  options.env = {{"DATABASE_URL", url}};
+  options.wait_until_serving = false;
+  absl::StatusOr<std::unique_ptr<ServerProcess>> wrapper = ServerProcess::Start(options);
+  ASSERT_TRUE(wrapper.ok()) << wrapper.status();
+  const bool waiting = PollUntil(
+      absl::Now() + absl::Seconds(20),
+      [&] {
+        return (*wrapper)->WaitForExit(absl::ZeroDuration()).has_value() ||
+               waiting_for_the_lock(absl::StrCat("<> '", kHolder, "'"));
+      },
+      absl::Milliseconds(20));
+  if (const std::optional<int> early = (*wrapper)->WaitForExit(absl::ZeroDuration())) {
+    if ((*wrapper)->Output().find("unshare failed") != std::string::npos) {
+      GTEST_SKIP() << "no PID namespaces here: " << (*wrapper)->Output();
+    }
+    FAIL() << "migrate exited " << *early
+           << " before it waited for the lock: " << (*wrapper)->Output();
+  }
+  ASSERT_TRUE(waiting) << (*wrapper)->Output();
+  // The server is the wrapper's one child, PID 1 in its namespace.
+  const pid_t pid = (*wrapper)->pid();
+  std::string children;
+  std::getline(std::ifstream(absl::StrCat("/proc/", pid, "/task/", pid, "/children")), children);
+  pid_t migrate = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(absl::StripAsciiWhitespace(children), &migrate)) << children;
+  ASSERT_EQ(kill(migrate, SIGTERM), 0) << std::strerror(errno);
+  const std::optional<int> exit_code = (*wrapper)->WaitForExit(absl::Seconds(5));
+  // SIGKILL reaches it whatever it handles; the wrapper's output ends only once it has gone.
+  if (!exit_code.has_value()) kill(migrate, SIGKILL);
+  ASSERT_TRUE(exit_code.has_value()) << "migrate ignored SIGTERM as PID 1";
+  EXPECT_NE(*exit_code, 0);
+  EXPECT_THAT((*wrapper)->Output(), HasSubstr("migrate stopped by a signal"));
+}
+
 TEST(ServerProcessTest, ConcurrentMigrationsAreSafeAndIdempotent) {
   const std::string database = "sl_concurrent_migrate_test";
   RecreateDatabase(database);

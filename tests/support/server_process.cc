@@ -82,7 +82,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::StartOnce(const Op
   if (auto it = env.find("METRICS_PORT"); it != env.end()) {
     process->metrics_port_ = std::atoi(it->second.c_str());
   }
-  std::vector<std::string> args = {SL_SERVER_BINARY};
+  std::vector<std::string> args = options.wrapper;
+  args.push_back(SL_SERVER_BINARY);
   args.insert(args.end(), options.args.begin(), options.args.end());
   absl::StatusOr<ChildProcess> child = SpawnWithOutputPipe(args, env);
   if (!child.ok()) return child.status();

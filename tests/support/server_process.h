@@ -32,6 +32,9 @@ class ServerProcess {
     // the server then refuses to start; one chosen here is chosen again.
     bool serve_metrics = false;
     std::vector<std::string> args;
+    // Runs the server under this command (say {"unshare", "--pid", "--fork"}): pid() and
+    // Signal() then reach the wrapper, which the test must see through itself.
+    std::vector<std::string> wrapper;
     // Wait until the process answers health checks (Start fails otherwise).
     bool wait_until_serving = true;
     absl::Duration startup_timeout = absl::Seconds(30);
