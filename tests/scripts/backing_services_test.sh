@@ -31,7 +31,8 @@ tmp=$(mktemp -d /tmp/sessionledger-backing-test.XXXXXX)
 # As root the services run as memcache/postgres, who must reach the state directory (otherwise
 # the runtime files move to /tmp/sessionledger-<hash>, which this test would have to clean up).
 chmod 0755 "$tmp"
-state=$tmp/state
+# A quote, a comma and a space: each has its own meaning in postgresql.conf's socket list.
+state="$tmp/o'brien, state"
 # Made by the test, traversable: what the script makes inside it is under its umask.
 mkdir -m 0755 "$state"
 # For .ci/run, should ctest kill this test before its cleanup runs (test_lib.sh).
