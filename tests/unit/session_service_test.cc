@@ -2427,59 +2427,37 @@ TEST_P(ChangeAsyncTest, ConditionalUpdateThatLostARaceIsDecidedByTheReread) {
   EXPECT_EQ(stored.attributes().at("other"), "x");
 }
 
+// The asynchronous try is the first of max_cas_attempts, and the blocking form makes the
+// others: with a single try allowed, a lost race answers without a blocking one.
 TEST_P(ChangeAsyncTest, ConflictsThatNeverEndAreUnavailableLikeTheBlockingForm) {
-  options_.max_cas_attempts = 5;
-  Restart(1);
-  const SessionView v = MustCreate("alice");
-  clock_.Advance(absl::Seconds(10));
-  store_->set_inject([](Op op) {
-    if (op == Op::kCompareAndSwapAsync || op == Op::kCompareAndSwap) {
-      return absl::AbortedError("injected: lost a race");
+  for (const int attempts : {5, 1}) {
+    SCOPED_TRACE(absl::StrCat(attempts, " tries"));
+    options_.max_cas_attempts = attempts;
+    Restart(1);
+    const SessionView v = MustCreate("alice");
+    clock_.Advance(absl::Seconds(10));
+    store_->set_inject([](Op op) {
+      if (op == Op::kCompareAndSwapAsync || op == Op::kCompareAndSwap) {
+        return absl::AbortedError("injected: lost a race");
+      }
+      return absl::OkStatus();
+    });
+    UpdateRequest r;
+    r.set["k"] = "v";
+    for (const bool update : {false, true}) {
+      SCOPED_TRACE(update ? "UpdateAsync" : "GetAsync with touch");
+      const int writes = store_->Count(Op::kCompareAndSwap);
+      AsyncAnswer& answer = StartChange(v.token, update, r);
+      const absl::Status status = answer.Wait().status();
+      EXPECT_TRUE(absl::IsUnavailable(status)) << status;
+      EXPECT_THAT(status.message(), HasSubstr(absl::StrCat("at each of ", attempts, " tries")));
+      EXPECT_EQ(answer.thread(), FinisherThread());
+      EXPECT_EQ(store_->Count(Op::kCompareAndSwap), writes + attempts - 1);
+      EXPECT_EQ(status, BlockingChange(v.token, update, r));
     }
-    return absl::OkStatus();
-  });
-  UpdateRequest r;
-  r.set["k"] = "v";
-  for (const bool update : {false, true}) {
-    SCOPED_TRACE(update ? "UpdateAsync" : "GetAsync with touch");
-    const int writes = store_->Count(Op::kCompareAndSwap);
-    AsyncAnswer& answer = StartChange(v.token, update, r);
-    const absl::Status status = answer.Wait().status();
-    EXPECT_TRUE(absl::IsUnavailable(status)) << status;
-    EXPECT_EQ(answer.thread(), FinisherThread());
-    // The asynchronous try is the first of the five; the blocking form makes the others.
-    EXPECT_EQ(store_->Count(Op::kCompareAndSwap), writes + 4);
-    EXPECT_EQ(status, BlockingChange(v.token, update, r));
+    store_->set_inject(nullptr);
+    EXPECT_TRUE(SameSession(Stored(v.token).session, v.stored));
   }
-  store_->set_inject(nullptr);
-  EXPECT_TRUE(SameSession(Stored(v.token).session, v.stored));
-}
-
-// With a single try allowed, the asynchronous one was it: a lost race answers without a
-// blocking retry, as the blocking form answers after its one try.
-TEST_P(ChangeAsyncTest, ASingleAllowedTryIsTheAsynchronousOne) {
-  options_.max_cas_attempts = 1;
-  Restart(1);
-  const SessionView v = MustCreate("alice");
-  clock_.Advance(absl::Seconds(10));
-  store_->set_inject([](Op op) {
-    if (op == Op::kCompareAndSwapAsync || op == Op::kCompareAndSwap) {
-      return absl::AbortedError("injected: lost a race");
-    }
-    return absl::OkStatus();
-  });
-  UpdateRequest r;
-  r.set["k"] = "v";
-  for (const bool update : {false, true}) {
-    SCOPED_TRACE(update ? "UpdateAsync" : "GetAsync with touch");
-    const int writes = store_->Count(Op::kCompareAndSwap);
-    const absl::Status status = StartChange(v.token, update, r).Wait().status();
-    EXPECT_TRUE(absl::IsUnavailable(status)) << status;
-    EXPECT_THAT(status.message(), HasSubstr("at each of 1 tries")) << status;
-    EXPECT_EQ(store_->Count(Op::kCompareAndSwap), writes);
-    EXPECT_EQ(status, BlockingChange(v.token, update, r));
-  }
-  store_->set_inject(nullptr);
 }
 
 TEST_P(ChangeAsyncTest, StoreFailuresReachDoneWithoutRetries) {
