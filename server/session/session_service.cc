@@ -197,10 +197,8 @@ StoredSession Tombstone(const StoredSession& live, absl::Time ends_at) {
 // call's deadline. The random source is created on the first conflict only.
 class SessionService::Backoff {
  public:
-  // `tries_made`: tries the caller made before this backoff's first, which count towards
-  // options.max_cas_attempts.
-  Backoff(const SessionServiceOptions& options, absl::Time deadline, int tries_made = 0)
-      : options_(options), deadline_(deadline), attempt_(tries_made) {}
+  Backoff(const SessionServiceOptions& options, absl::Time deadline)
+      : options_(options), deadline_(deadline) {}
 
   // False when the caller must give up.
   bool Wait() {
@@ -231,7 +229,7 @@ class SessionService::Backoff {
  private:
   const SessionServiceOptions& options_;
   const absl::Time deadline_;
-  int attempt_;
+  int attempt_ = 0;
   std::unique_ptr<absl::BitGen> gen_;
 };
 
@@ -514,8 +512,10 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
 }
 
 absl::StatusOr<SessionView> SessionService::Modify(const SessionKey& key, absl::Time deadline,
-                                                   Edit& edit, int tries_made) {
-  Backoff backoff(options_, deadline, tries_made);
+                                                   Edit& edit, Backoff* after_lost_race) {
+  std::optional<Backoff> own;
+  Backoff& backoff =
+      after_lost_race != nullptr ? *after_lost_race : own.emplace(options_, deadline);
   for (;;) {
     SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
     const absl::Time now = clock_.Now();
@@ -588,7 +588,7 @@ void SessionService::ModifyAsync(SessionKey key, absl::Time deadline, Edit edit,
                                   std::move(done)(backoff.GiveUp());
                                   return;
                                 }
-                                std::move(done)(Modify(*key, deadline, edit, /*tries_made=*/1));
+                                std::move(done)(Modify(*key, deadline, edit, &backoff));
                               });
                             });
                       });

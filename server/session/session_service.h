@@ -161,10 +161,10 @@ class SessionService {
   Edit UpdateEdit(const AttributeMap& set, const KeyList& remove, int64_t expected_version) const;
   // Reads the session under `key`, checks it is live, applies `edit` and writes the result by
   // compare-and-swap, re-reading after a conflict (bounded, with backoff).
-  // `tries_made`: compare-and-swaps already lost (by ModifyAsync), which count towards
-  // options_.max_cas_attempts.
+  // `after_lost_race`: the backoff of a caller that already lost a compare-and-swap (ModifyAsync),
+  // whose tries count towards options_.max_cas_attempts.
   absl::StatusOr<SessionView> Modify(const SessionKey& key, absl::Time deadline, Edit& edit,
-                                     int tries_made = 0);
+                                     Backoff* after_lost_race = nullptr);
   // Modify without blocking: one read and at most one compare-and-swap through the store's
   // asynchronous methods; a lost race finishes as Modify on options_.blocking.
   void ModifyAsync(SessionKey key, absl::Time deadline, Edit edit, ViewCallback done);

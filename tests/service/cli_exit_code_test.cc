@@ -4,6 +4,9 @@
 // 256 would read as success and 270 as UNAVAILABLE, which scripts retry. The codes here stay
 // within what grpc::StatusCode can hold (-32..31, as DO_NOT_USE is -1): a Status holding 256 is
 // itself undefined behaviour, which the sanitizer build stops at, in gRPC's inline accessors.
+// The same scripted server, also on a loopback port, answers what the CLI must not trust: an
+// error message with terminal escapes, a history that repeats its page token, and NOT_SERVING
+// to `bench`, which makes channels of its own.
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
 #include <grpcpp/support/channel_arguments.h>
