@@ -95,6 +95,22 @@ readonly SL_PACKAGES_NO_RECOMMENDS=(
 
 sl_log() { printf '==> %s\n' "$*" >&2; }
 
+# sl_sanitizer_file_option NAME PATH: prints NAME=PATH quoted for the sanitizers' option parser,
+# which splits values at spaces, commas and colons unless they are in single or double quotes,
+# and has no escapes. So the quote is one PATH does not contain; a PATH with both cannot be
+# written, and fails with a message naming it.
+sl_sanitizer_file_option() {
+  local name=$1 path=$2
+  if [[ $path != *"'"* ]]; then
+    printf "%s='%s'\n" "$name" "$path"
+  elif [[ $path != *'"'* ]]; then
+    printf '%s="%s"\n' "$name" "$path"
+  else
+    sl_log "cannot pass $path to the sanitizers: their options cannot quote a path holding both ' and \""
+    return 1
+  fi
+}
+
 # gRPC clients (sessionledger-cli) take an HTTP CONNECT proxy from http_proxy/https_proxy/
 # grpc_proxy; the scripts' servers are on this host, which a proxy cannot reach or would only
 # slow down. gRPC reads no_grpc_proxy instead of no_proxy when it is set, hence both.
