@@ -820,6 +820,19 @@ TEST_F(BadInputTest, DuplicateIdempotencyKeysWithOtherParameters) {
               Transfer(*token_, b.account_id(), a.account_id(), 10, transfer_key));
   EXPECT_CODE(StatusCode::ALREADY_EXISTS, Deposit(*token_, a.account_id(), 10, transfer_key));
 
+  // A used key is answered before the accounts are looked up: its replay must get the original
+  // answer whatever became of them since, and keys are the caller's own, so the answer tells
+  // nothing about another user's account.
+  pb::Session stranger;
+  ASSERT_TRUE(CreateSession(Unique("stranger"), {}, &stranger).ok());
+  pb::Account theirs;
+  ASSERT_TRUE(OpenAccount(stranger.token(), "EUR", &theirs).ok());
+  EXPECT_CODE(StatusCode::ALREADY_EXISTS,
+              Transfer(*token_, theirs.account_id(), a.account_id(), 100, key));
+  EXPECT_CODE(StatusCode::ALREADY_EXISTS,
+              Deposit(*token_, "00000000-0000-4000-8000-000000000000", 100, key));
+  EXPECT_CODE(StatusCode::OK, DeleteSession(stranger.token()));
+
   pb::Account after_a, after_b;
   ASSERT_TRUE(GetAccount(*token_, a.account_id(), &after_a).ok());
   ASSERT_TRUE(GetAccount(*token_, b.account_id(), &after_b).ok());
