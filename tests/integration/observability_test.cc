@@ -375,13 +375,22 @@ TEST(AccessLogTest, ABackingServicesWordsReachTheLogNotTheCaller) {
 }
 
 TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {
-  auto server = StartServer({});
+  // A notice long enough to ask while the server drains.
+  auto server = StartServer({{"SHUTDOWN_NOTICE_MS", "10000"}});
   ASSERT_NE(server, nullptr);
   const std::string port = absl::StrCat(server->port());
   auto serving = RunCommand({SL_SERVER_BINARY, "healthcheck"}, {{"PORT", port}});
   ASSERT_TRUE(serving.ok());
   EXPECT_EQ(serving->exit_code, 0) << serving->output;
   EXPECT_THAT(serving->output, HasSubstr("SERVING"));
+
+  // Draining: alive, answering, NOT_SERVING. The container is then unhealthy.
+  server->Signal(SIGTERM);
+  ASSERT_TRUE(server->WaitForOutput("shutting down", absl::Seconds(10))) << server->Output();
+  auto draining = RunCommand({SL_SERVER_BINARY, "healthcheck"}, {{"PORT", port}});
+  ASSERT_TRUE(draining.ok());
+  EXPECT_EQ(draining->exit_code, 1) << draining->output;
+  EXPECT_THAT(draining->output, HasSubstr("NOT_SERVING"));
 
   server->Signal(SIGKILL);
   server->WaitForExit(absl::Seconds(10));

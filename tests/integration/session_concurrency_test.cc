@@ -98,10 +98,12 @@ TEST_F(SessionConcurrencyTest, ExactlyOneOfTwoSameVersionWritersWins) {
     v1::Session warm;
     ASSERT_TRUE(writer.Get(s.token(), false, &warm).ok());
   }
+  int overlapping_rounds = 0;
   for (int round = 0; round < 20; ++round) {
     const int64_t version = 1 + round;
     std::atomic<int> ready{0};
     grpc::Status results[2];
+    absl::Time began[2], ended[2];
     std::vector<std::thread> threads;
     for (int w = 0; w < 2; ++w) {
       threads.emplace_back([&, w] {
@@ -110,10 +112,14 @@ TEST_F(SessionConcurrencyTest, ExactlyOneOfTwoSameVersionWritersWins) {
         while (ready.load() < 2) {
         }
         v1::Session out;
+        began[w] = absl::Now();
         results[w] = client.Update(s.token(), {{"winner", absl::StrCat(w)}}, {}, version, &out);
+        ended[w] = absl::Now();
       });
     }
     for (auto& t : threads) t.join();
+    // Without an overlap the expected_version check alone picks the winner, CAS or not.
+    if (std::max(began[0], began[1]) < std::min(ended[0], ended[1])) ++overlapping_rounds;
     const int ok = results[0].ok() + results[1].ok();
     ASSERT_EQ(ok, 1) << "round " << round << ": " << results[0].error_message() << " / "
                      << results[1].error_message();
@@ -123,6 +129,8 @@ TEST_F(SessionConcurrencyTest, ExactlyOneOfTwoSameVersionWritersWins) {
   v1::Session final_session;
   ASSERT_TRUE(setup.Get(s.token(), false, &final_session).ok());
   EXPECT_EQ(final_session.version(), 21);
+  EXPECT_GT(overlapping_rounds, 0)
+      << "the two updates were never in flight at once: the test raced nothing";
 }
 
 // One RotateSession call of a race, and when the client had it in flight.
