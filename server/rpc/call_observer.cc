@@ -68,17 +68,13 @@ class CallObserver final : public grpc::experimental::Interceptor {
   }
 
  private:
-  void AdoptRequestId(std::multimap<grpc::string_ref, grpc::string_ref>* metadata) {
+  void AdoptRequestId(const std::multimap<grpc::string_ref, grpc::string_ref>* metadata) {
     auto it = metadata->find(kRequestIdHeader);
     if (it != metadata->end() && AcceptableRequestId(it->second)) {
       request_id_.assign(it->second.data(), it->second.size());
       return;
     }
-    if (it != metadata->end()) metadata->erase(it);
     request_id_ = NewRequestId();
-    // Handlers read the id from the client metadata; the strings live in this interceptor,
-    // which outlives the handler.
-    metadata->emplace(grpc::string_ref(kRequestIdHeader), grpc::string_ref(request_id_));
   }
 
   void Started() {
@@ -136,13 +132,6 @@ class CallObserver final : public grpc::experimental::Interceptor {
 grpc::experimental::Interceptor* CallObserverFactory::CreateServerInterceptor(
     grpc::experimental::ServerRpcInfo* info) {
   return new CallObserver(logger_, metrics_, info);
-}
-
-std::string RequestIdOf(const grpc::ServerContextBase& context) {
-  const auto& metadata = context.client_metadata();
-  auto it = metadata.find(kRequestIdHeader);
-  if (it == metadata.end()) return "";
-  return std::string(it->second.data(), it->second.size());
 }
 
 std::string StatusCodeName(grpc::StatusCode code) {

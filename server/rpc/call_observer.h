@@ -14,9 +14,8 @@ namespace sessionledger {
 inline constexpr char kRequestIdHeader[] = "x-request-id";
 
 // Server interceptor, one per call, that
-//  - takes the caller's x-request-id (printable ASCII, at most 128 bytes) or makes one up, makes
-//    it visible to handlers in the call's client metadata, and echoes it in the response's
-//    initial metadata;
+//  - takes the caller's x-request-id (printable ASCII, at most 128 bytes; the first, if sent
+//    twice) or makes one up, and echoes it in the response's initial metadata;
 //  - writes one JSON log line per finished call: method, gRPC code name, duration, peer,
 //    request_id, and the error message on failure (health and reflection calls at debug level,
 //    so probes do not flood the log);
@@ -38,10 +37,6 @@ class CallObserverFactory final : public grpc::experimental::ServerInterceptorFa
 
 // "OK", "INVALID_ARGUMENT", ...: the canonical name, as logs and metrics show it.
 std::string StatusCodeName(grpc::StatusCode code);
-
-// The request id a handler sees for its call (what the interceptor accepted or generated), or ""
-// outside an observed call.
-std::string RequestIdOf(const grpc::ServerContextBase& context);
 
 }  // namespace sessionledger
 
