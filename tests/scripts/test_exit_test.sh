@@ -2,7 +2,8 @@
 # What scripts/test and .ci/run leave behind and report, with stubs in place of everything they
 # run (nothing is installed, built, started or stopped):
 #   scripts/test  gives ctest no_grpc_proxy naming loopback when http_proxy/https_proxy are set
-#                 (a proxy cannot reach the tests' servers on 127.0.0.1); exits non-zero when the
+#                 (a proxy cannot reach the tests' servers on 127.0.0.1); names the tests that
+#                 skipped themselves inside a binary ctest ran whole; exits non-zero when the
 #                 tests passed but `backing-services stop` failed, and keeps ctest's own failure
 #                 code when both failed;
 #   .ci/run       stops the backing services on exit as a backstop, quietly when there was
@@ -43,10 +44,16 @@ case \$1 in
   *) echo "backing-services stub: unexpected \$*" >&2; exit 1 ;;
 esac
 STUB
-# ctest records the proxy settings it was given and exits STUB_CTEST_RC.
+# ctest records the proxy settings it was given, writes a log in which one test of a binary
+# skipped itself (GoogleTest's lines), and exits STUB_CTEST_RC.
 cat >"$tmp/bin/ctest" <<STUB
 #!/usr/bin/env bash
 printf 'no_grpc_proxy=%s\n' "\${no_grpc_proxy-<unset>}" >"$tmp/ctest-env"
+mkdir -p "$checkout/build-test/Testing/Temporary"
+printf '%s\n' '[ RUN      ] Suite.Skips' '[  SKIPPED ] Suite.Skips (3 ms)' \
+  '[ RUN      ] Suite.Runs' '[       OK ] Suite.Runs (1 ms)' \
+  '[  SKIPPED ] 1 test, listed below:' '[  SKIPPED ] Suite.Skips' \
+  >"$checkout/build-test/Testing/Temporary/LastTest.log"
 exit "\${STUB_CTEST_RC:-0}"
 STUB
 # Every package is installed; configuring and building succeed at once; memcached "is
@@ -73,6 +80,9 @@ run_test() {
   grep -qx stop "$calls" || fail "scripts/test, ctest exit $1, stop $2: no stop: $err"
 }
 run_test 0 ok 0
+expect_in "$err" "scripts/test's log" "these tests skipped themselves" "[  SKIPPED ] Suite.Skips (3 ms)"
+[[ $err != *Suite.Runs* && $err != *"1 test, listed below"* ]] ||
+  fail "scripts/test named more than the skipped test: $err"
 got=$(<"$tmp/ctest-env")
 [[ $got == no_grpc_proxy=127.0.0.1,localhost,::1* ]] ||
   fail "ctest ran with http_proxy set and $got: loopback channels would go to the proxy"
