@@ -49,6 +49,12 @@ absl::Time AddSessionBy(absl::Time indexed_at, absl::Time deadline) {
 
 absl::Status NotFound() { return absl::NotFoundError("token: no live session for this token"); }
 
+// The answer once the user's index kept changing under every try of a create or rotation.
+absl::Status IndexTooBusy() {
+  return ForCallers(absl::StatusCode::kUnavailable,
+                    "user_id: the user's session index is too busy; retry");
+}
+
 absl::Time FromMicros(int64_t micros) { return absl::FromUnixMicros(micros); }
 int64_t ToMicros(absl::Time t) { return absl::ToUnixMicros(t); }
 
@@ -297,8 +303,11 @@ int SessionService::PruneIndexAt(const UserSessionIndex& index) const {
 
 absl::StatusOr<SessionService::Indexed> SessionService::AddToIndex(
     absl::string_view user_tag, const StoredSession& session,
-    std::optional<IndexRecord> already_read, bool replaces_one, absl::Time deadline) {
-  Backoff backoff(options_, deadline);
+    std::optional<IndexRecord> already_read, bool replaces_one, absl::Time deadline,
+    Backoff* after_lost_race) {
+  std::optional<Backoff> own;
+  Backoff& backoff =
+      after_lost_race != nullptr ? *after_lost_race : own.emplace(options_, deadline);
   for (;;) {
     absl::Time attempt_began = absl::Now();
     IndexRecord record;
@@ -332,10 +341,7 @@ absl::StatusOr<SessionService::Indexed> SessionService::AddToIndex(
         store_->WriteIndex(user_tag, record.cas, write.index, write.ttl, deadline);
     if (written.ok()) return Indexed{now, attempt_began};
     if (!absl::IsAborted(written)) return IndexWriteFailure(written);
-    if (!backoff.Wait()) {
-      return ForCallers(absl::StatusCode::kUnavailable,
-                        "user_id: the user's session index is too busy; retry");
-    }
+    if (!backoff.Wait()) return IndexTooBusy();
   }
 }
 
@@ -493,11 +499,16 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
   auto finish = [this, created = std::move(created), index = std::move(index), now, deadline,
                  done = std::move(done), added]() mutable {
     if (added) {
-      // The index write lost a race: wait as AddToIndex would after a conflict, then retry.
-      Backoff(options_, deadline).Wait();
+      // The index write lost a race: that was the first try. Wait as AddToIndex would after a
+      // conflict, then retry with the same count of tries.
+      Backoff backoff(options_, deadline);
+      if (!backoff.Wait()) {
+        std::move(done)(IndexTooBusy());
+        return;
+      }
       const absl::Status indexed =
           AddToIndex(created->key.user_tag, created->view.stored, std::move(index),
-                     /*replaces_one=*/false, deadline)
+                     /*replaces_one=*/false, deadline, &backoff)
               .status();
       if (!indexed.ok()) {
         std::move(done)(indexed);

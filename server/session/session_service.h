@@ -181,10 +181,12 @@ class SessionService {
     // against the writes still to come.
     absl::Time attempt_began;
   };
+  // `after_lost_race`: the backoff of a caller whose own index write already lost a race, so
+  // that its try counts against max_cas_attempts; null for a first try.
   absl::StatusOr<Indexed> AddToIndex(absl::string_view user_tag,
                                      const storage::v1::StoredSession& session,
                                      std::optional<IndexRecord> already_read, bool replaces_one,
-                                     absl::Time deadline);
+                                     absl::Time deadline, Backoff* after_lost_race = nullptr);
   // How many entries `index` may have before a new session prunes it first.
   int PruneIndexAt(const storage::v1::UserSessionIndex& index) const;
   // Whether LiveSessions' sessions carry their attributes (only a listing answers with them).
