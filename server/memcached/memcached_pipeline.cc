@@ -38,9 +38,12 @@ constexpr size_t kReadChunk = 64 * 1024;
 // Longest header line we accept ("VALUE <250-byte key> <flags> <bytes> <cas>"); anything longer
 // is not memcached speaking.
 constexpr size_t kMaxLine = 512;
-// memcached's largest item is 1 MiB by default (-I raises it up to 1 GiB); this is only a
-// sanity bound against a corrupt length.
-constexpr uint64_t kMaxValueBytes = uint64_t{1} << 30;
+// Longer than any value this server writes: a session is at most ~2 MiB (512 KiB of attributes,
+// MAX_SESSION_ATTRIBUTES_BYTES' cap, with protobuf framing: LargestSessionWriteRequestBytes), a
+// user's index ~0.5 MiB (4,096 entries). A longer announced length is a corrupt or hostile
+// reply, which would otherwise have one node's input buffer grow towards it (memcached's own
+// bound, -I, goes up to 1 GiB) until the I/O timeout.
+constexpr uint64_t kMaxValueBytes = uint64_t{16} << 20;
 // How far ahead an exptime given as a Unix time may lie: a year, well past the longest TTL of
 // any caller (31 days); larger is a garbled value, not an intent.
 constexpr int64_t kFarthestUnixExptimeAhead = int64_t{366} * 24 * 3600;

@@ -819,6 +819,9 @@ INSTANTIATE_TEST_SUITE_P(
         Surprise{"LengthNotANumber", "VALUE k 0 x 1\r\nx\r\nEND\r\n"},
         // No CAS: a "get" answer, not a "gets" one.
         Surprise{"NoCas", "VALUE k 0 1\r\nx\r\nEND\r\n"},
+        // Longer than any value the server writes (16 MiB): refused at the header, before the
+        // node's buffer grows towards it, not when the I/O timeout ends the wait for the bytes.
+        Surprise{"LengthPastAnyValueWritten", "VALUE k 0 16777217 1\r\n"},
         // A header line far longer than memcached ever sends, with no end.
         Surprise{"EndlessLine", std::string(4096, 'V')}),
     [](const ::testing::TestParamInfo<Surprise>& info) { return info.param.name; });
