@@ -134,7 +134,9 @@ TEST(MetricsHttpServerTest, StopsAtOnceWhileAClientSendsNothing) {
   absl::SleepFor(absl::Milliseconds(100));  // Accepted by now, and waiting for the request.
   const absl::Time stopping = absl::Now();
   server->reset();
-  EXPECT_LT(absl::Now() - stopping, absl::Milliseconds(1000));
+  // Well under the 1 s a silent client is given, counted from the accept: a stop that waited it
+  // out would come ~900 ms from here.
+  EXPECT_LT(absl::Now() - stopping, absl::Milliseconds(400));
   close(fd);
 }
 

@@ -1,3 +1,5 @@
+#include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -94,6 +96,41 @@ TEST(CliProcessCpuTest, CpuUsedBetweenSumsAndNoticesAReusedPid) {
   EXPECT_THAT(std::string(used.status().message()), HasSubstr("pid 11"));
 
   EXPECT_FALSE(CpuUsedBetween(start, {end[0]}).ok());
+}
+
+// This thread's user and system time so far, by getrusage.
+absl::Duration ThreadTime(bool system) {
+  rusage usage{};
+  getrusage(RUSAGE_THREAD, &usage);
+  return absl::DurationFromTimeval(system ? usage.ru_stime : usage.ru_utime);
+}
+
+// /proc/PID/stat's reading is the process's user and system time, in seconds: compared with
+// getrusage after ~150 ms of each (spinning, then the kernel copying from /dev/zero). Clock ticks
+// are 10 ms; each of the two /proc fields may fall short by one.
+TEST(CliProcessCpuTest, AProcessCpuIsItsUserAndSystemTime) {
+  const absl::Duration user_from = ThreadTime(false);
+  volatile uint64_t sink = 0;
+  while (ThreadTime(false) - user_from < absl::Milliseconds(150)) {
+    for (int i = 0; i < 100000; ++i) sink = sink + static_cast<uint64_t>(i);
+  }
+  const int zero = open("/dev/zero", O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(zero, 0);
+  std::vector<char> buffer(1 << 20);
+  const absl::Duration system_from = ThreadTime(true);
+  while (ThreadTime(true) - system_from < absl::Milliseconds(150)) {
+    ASSERT_GT(read(zero, buffer.data(), buffer.size()), 0);
+  }
+  close(zero);
+
+  absl::StatusOr<absl::Duration> self = SelfCpuTime();
+  ASSERT_TRUE(self.ok()) << self.status();
+  absl::StatusOr<std::vector<ProcessCpu>> proc = ReadProcessesCpu({getpid()});
+  ASSERT_TRUE(proc.ok()) << proc.status();
+  const absl::Duration read = (*proc)[0].cpu;
+  EXPECT_GE(read, absl::Milliseconds(280)) << "user and system time, in seconds";
+  EXPECT_GE(read, *self - absl::Milliseconds(30)) << "some of it was left out";
+  EXPECT_LE(read, *self + absl::Milliseconds(30));
 }
 
 TEST(CliProcessCpuTest, SelfCpuTimeGrowsWithWork) {

@@ -357,11 +357,15 @@ TEST(LoggerTest, FinishesALineCutShortBeforeTheNextOne) {
   SetNonBlocking(capture.write_fd());
   FillWithJsonLines(capture.write_fd());
   std::string out = capture.ReadUpTo(4096);  // Room for one page.
-  Logger logger(LogLevel::kInfo, capture.write_fd(), absl::Milliseconds(10));
+  constexpr absl::Duration kLongestWait = absl::Milliseconds(500);
+  Logger logger(LogLevel::kInfo, capture.write_fd(), kLongestWait);
   // Three pages and more: the first goes in, then the pipe is full and the wait runs out.
   logger.Info("long", {{"padding", std::string(3 * 4096, 'p')}});
-  // The reader is still behind, and half a line waits: this one is dropped, without a wait.
+  // The reader is still behind, and half a line waits: this one is dropped, without a wait (a
+  // stalled reader costs one wait, not one per line).
+  const absl::Time stalled_line = absl::Now();
   logger.Info("while stalled");
+  EXPECT_LT(absl::Now() - stalled_line, kLongestWait / 2) << "waited again for a stalled reader";
   out += capture.ReadAvailable();
   logger.Info("after");
   out += capture.CloseAndRead();
