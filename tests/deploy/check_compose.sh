@@ -117,13 +117,23 @@ check(str(env.get("MEMCACHED_URL", "")).startswith(
       "server: MEMCACHED_URL must name memcached-1:11211,memcached-2:11211")
 check("replicas=1" in str(env.get("MEMCACHED_URL", "")),
       "server: MEMCACHED_URL needs ?replicas=1 (a session survives one memcached node)")
-grace = int(env.get("SHUTDOWN_GRACE_SECONDS", 20))
-notice = int(env.get("SHUTDOWN_NOTICE_MS", 1000)) / 1000
+# The server's own defaults, from ConfigVariables() in server/config/config.cc (as
+# check_manifests.py reads them), for the settings the compose file leaves unset.
+config_cc = open("server/config/config.cc", encoding="utf-8").read()
+defaults = dict(re.findall(r'\{\s*"([A-Z_][A-Z0-9_]*)"\s*,\s*"([^"]*)"',
+                           config_cc[config_cc.find("ConfigVariables()"):]))
+def setting(name):
+    return int(env.get(name, defaults[name]))
+grace = setting("SHUTDOWN_GRACE_SECONDS")
+notice = setting("SHUTDOWN_NOTICE_MS") / 1000
+# As in check_manifests.py: a handler waiting on a backing service runs on to its own deadline,
+# DEFAULT_CALL_TIMEOUT_MS after the last call arrived, and the process exits only then.
+overrun = max(0, setting("DEFAULT_CALL_TIMEOUT_MS") / 1000 - grace)
 stop = seconds(server.get("stop_grace_period"))
-check(stop is not None and stop > grace + notice,
+check(stop is not None and stop > notice + grace + overrun,
       f"server stop_grace_period {server.get('stop_grace_period')} must exceed "
-      f"SHUTDOWN_NOTICE_MS + SHUTDOWN_GRACE_SECONDS ({notice} + {grace} s), or Docker SIGKILLs "
-      f"the drain")
+      f"SHUTDOWN_NOTICE_MS + SHUTDOWN_GRACE_SECONDS + what DEFAULT_CALL_TIMEOUT_MS runs past the "
+      f"grace ({notice} + {grace} + {overrun} s), or Docker SIGKILLs the drain")
 
 def ports(service):
     """(host_ip, published, target) triples; docker-compose v1 and v2 print mappings, strings

@@ -309,7 +309,8 @@ TEST_F(MemcachedPipelineTest, ManyThreadsGetExactlyTheKeysTheyAskedFor) {
   }
   for (std::thread& t : threads) t.join();
   EXPECT_EQ(failures, 0) << first_failure;
-  // Every read went out on a connection, some in shared batches; never more batches than reads.
+  // Every read went out on a connection; never more batches than reads. (That requests queued
+  // together share a batch is checked by BatchMetricsCountStores.)
   const int64_t reads = reader_->batched_requests() - batched_before;
   const int64_t batches = reader_->batches() - batches_before;
   EXPECT_EQ(reads, kThreads * kReadsPerThread);
@@ -861,7 +862,8 @@ TEST_F(MemcachedPipelineTest, BatchMetricsCountStores) {
   const int64_t sent_batches = reader_->batches() - batches;
   EXPECT_EQ(sent, kStores + kGets);
   EXPECT_GE(sent_batches, 1);
-  EXPECT_LE(sent_batches, sent);
+  // Queued back to back from one thread, faster than one request's round trip: some share one.
+  EXPECT_LT(sent_batches, sent) << "every request went out in a batch of its own";
   std::cout << "[ info ] " << sent << " stores and reads in " << sent_batches << " batches\n";
 }
 

@@ -1238,6 +1238,7 @@ TEST(MemcachedPoolTest, RemembersAStalledNodeForItsRetryTime) {
   (*pool)->MarkNodeStalled(-1);  // Ignored, as is any index past the last node.
   (*pool)->MarkNodeStalled(2);
   EXPECT_FALSE((*pool)->NodeStalled(-1, marked));
+  EXPECT_FALSE((*pool)->NodeStalled(0, SteadyNow())) << "an index out of range marked node 0";
   EXPECT_FALSE((*pool)->NodeStalled(1, SteadyNow() + std::chrono::milliseconds(300)))
       << "still stalled after its retry time";
 }
@@ -1336,8 +1337,15 @@ TEST_F(SessionStoreTest, ThirtyDayTtlIsRelativeAndLongerIsRejected) {
 // counted against the nodes (enough of it would have them skipped as stalled), and the add is
 // not sent on to the other copy, which would refuse it too.
 TEST_F(SessionStoreTest, AnItemTooLargeIsTheCallersNotTheNodes) {
-  Open("MEMCACHED_URL_REPLICATED", /*pipeline=*/false);
-  const SessionKey key = Key("toolarge");
+  absl::StatusOr<MemcachedUrl> url = ParseMemcachedUrl(RequiredEnv("MEMCACHED_URL"));
+  ASSERT_TRUE(url.ok()) << url.status();
+  // The other copy's node is dead: an add sent on to it would count a failure there.
+  OpenNodes({url->nodes.front(), DeadNode()}, /*pipeline=*/false);
+  SessionKey key = Key("toolarge");
+  for (int i = 0; pool_->NodeForGroupKey(key.user_tag) != 0; ++i) {
+    ASSERT_LT(i, 64) << "no user whose first copy is on the live node";
+    key = Key(absl::StrCat("toolarge", i));
+  }
   storage::v1::StoredSession big = Session("big", 1);
   (*big.mutable_attributes())["blob"] = std::string(size_t{2} << 20, 'x');  // memcached: 1 MiB
   const int64_t failures = pool_->node_failures();
