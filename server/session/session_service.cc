@@ -49,7 +49,8 @@ absl::Time AddSessionBy(absl::Time indexed_at, absl::Time deadline) {
 
 absl::Status NotFound() { return absl::NotFoundError("token: no live session for this token"); }
 
-// The answer once the user's index kept changing under every try of a create or rotation.
+// The answer once the user's index kept changing under a create or rotation until it ran out of
+// tries, or of time to wait before the next.
 absl::Status IndexTooBusy() {
   return ForCallers(absl::StatusCode::kUnavailable,
                     "user_id: the user's session index is too busy; retry");

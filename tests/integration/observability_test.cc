@@ -384,11 +384,17 @@ TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {
   EXPECT_EQ(serving->exit_code, 0) << serving->output;
   EXPECT_THAT(serving->output, HasSubstr("SERVING"));
 
-  // Draining: alive, answering, NOT_SERVING. The container is then unhealthy.
+  // Draining: alive, answering, NOT_SERVING. The container is then unhealthy. The log line and
+  // the switch to NOT_SERVING come from two threads, so the check is asked until it says so.
   server->Signal(SIGTERM);
   ASSERT_TRUE(server->WaitForOutput("shutting down", absl::Seconds(10))) << server->Output();
-  auto draining = RunCommand({SL_SERVER_BINARY, "healthcheck"}, {{"PORT", port}});
-  ASSERT_TRUE(draining.ok());
+  absl::StatusOr<CommandResult> draining;
+  const bool unhealthy = PollUntil(absl::Now() + absl::Seconds(5), [&] {
+    draining = RunCommand({SL_SERVER_BINARY, "healthcheck"}, {{"PORT", port}});
+    return draining.ok() && draining->exit_code != 0;
+  });
+  ASSERT_TRUE(draining.ok()) << draining.status();
+  EXPECT_TRUE(unhealthy) << "still healthy while draining: " << draining->output;
   EXPECT_EQ(draining->exit_code, 1) << draining->output;
   EXPECT_THAT(draining->output, HasSubstr("NOT_SERVING"));
 

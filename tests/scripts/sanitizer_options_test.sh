@@ -27,10 +27,14 @@ C
 printf 'int main(void) { return 0; }\n' >"$tmp/empty.c"
 gcc -g -O0 -fsanitize=address "$tmp/leak.c" -o "$tmp/leak"
 gcc -fsanitize=thread "$tmp/empty.c" -o "$tmp/tsan-empty"
-# The control: unsuppressed, LeakSanitizer reports the leak (or this test could not fail).
-if LSAN_OPTIONS='' ASAN_OPTIONS='' "$tmp/leak" 2>/dev/null; then
+# The controls. Unsuppressed, LeakSanitizer reports the leak, by name (or this test could not
+# fail); a sanitizer that cannot run here at all is named as such, not as a quoting fault.
+if out=$(LSAN_OPTIONS='' ASAN_OPTIONS='' "$tmp/leak" 2>&1); then
   fail "the leak is not reported without suppressions: the checks below would prove nothing"
 fi
+expect_in "$out" "LeakSanitizer's report without suppressions" "leaked_on_purpose"
+out=$(TSAN_OPTIONS='' "$tmp/tsan-empty" 2>&1) ||
+  fail "a ThreadSanitizer program does not run here even without options: $out"
 
 # ctest records the options it was given; the rest succeed at once.
 cat >"$tmp/bin/ctest" <<STUB

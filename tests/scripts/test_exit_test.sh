@@ -45,15 +45,17 @@ case \$1 in
 esac
 STUB
 # ctest records the proxy settings it was given, writes a log in which one test of a binary
-# skipped itself (GoogleTest's lines), and exits STUB_CTEST_RC.
+# skipped itself (GoogleTest's lines) after another printed a NUL, and exits STUB_CTEST_RC.
 cat >"$tmp/bin/ctest" <<STUB
 #!/usr/bin/env bash
 printf 'no_grpc_proxy=%s\n' "\${no_grpc_proxy-<unset>}" >"$tmp/ctest-env"
 mkdir -p "$checkout/build-test/Testing/Temporary"
-printf '%s\n' '[ RUN      ] Suite.Skips' '[  SKIPPED ] Suite.Skips (3 ms)' \
-  '[ RUN      ] Suite.Runs' '[       OK ] Suite.Runs (1 ms)' \
-  '[  SKIPPED ] 1 test, listed below:' '[  SKIPPED ] Suite.Skips' \
-  >"$checkout/build-test/Testing/Temporary/LastTest.log"
+{
+  printf 'a test printed a NUL byte: \0\n'
+  printf '%s\n' '[ RUN      ] Suite.Skips' '[  SKIPPED ] Suite.Skips (3 ms)' \
+    '[ RUN      ] Suite.Runs' '[       OK ] Suite.Runs (1 ms)' \
+    '[  SKIPPED ] 1 test, listed below:' '[  SKIPPED ] Suite.Skips'
+} >"$checkout/build-test/Testing/Temporary/LastTest.log"
 exit "\${STUB_CTEST_RC:-0}"
 STUB
 # Every package is installed; configuring and building succeed at once; memcached "is
@@ -83,6 +85,8 @@ run_test 0 ok 0
 expect_in "$err" "scripts/test's log" "these tests skipped themselves" "[  SKIPPED ] Suite.Skips (3 ms)"
 [[ $err != *Suite.Runs* && $err != *"1 test, listed below"* ]] ||
   fail "scripts/test named more than the skipped test: $err"
+[[ $(grep -c 'Suite\.Skips' <<<"$err") == 1 ]] ||
+  fail "scripts/test named the skipped test more than once (GoogleTest's summary too?): $err"
 got=$(<"$tmp/ctest-env")
 [[ $got == no_grpc_proxy=127.0.0.1,localhost,::1* ]] ||
   fail "ctest ran with http_proxy set and $got: loopback channels would go to the proxy"
