@@ -38,6 +38,15 @@ constexpr size_t kSessionsPerRead = 64;
 // and keep its blocking thread for no longer. The next one writes the next ones.
 constexpr int kTombstonesPerPruning = 64;
 
+// How long after its index entry was written a session that is not stored is counted against
+// the user's limit as a create (or rotation) still under way. Short, because a session that is
+// missing for another reason would be counted too: one evicted, or a losing rotation's new one
+// that was removed again. An ended session is not missing within it: a deletion leaves a
+// tombstone, a revoked session stays stored, and memcached keeps even a 1 s session for 3 s
+// (MemcachedExptime's margin). An add slower than this (a stalled node) is not counted, and can
+// take the user one past the limit.
+constexpr absl::Duration kAddUnderWay = absl::Seconds(2);
+
 // The deadline of the add that follows an index entry written at `indexed_at`. A listing prunes
 // an entry whose session is still missing kJustIndexed after it was written; an add that came
 // later (a call timeout above that, a stalled node) would leave a live session out of the
@@ -323,19 +332,32 @@ absl::StatusOr<SessionService::Indexed> SessionService::AddToIndex(
       // Rare: drop dead entries first (reads the user's sessions once).
       SL_ASSIGN_OR_RETURN(uint64_t generation,
                           store_->ReadGeneration(user_tag, GenerationKeepFor(), deadline));
-      SL_ASSIGN_OR_RETURN(
-          std::vector<StoredSession> live,
-          LiveSessions(session.user_id(), user_tag, generation, Attributes::kDrop, deadline));
-      // Without a bound the index would outgrow Memcached's item limit, and every create of
-      // this user would then fail with Memcached's "object too large".
-      const int limit = options_.limits.max_live_sessions_per_user;
-      if (!replaces_one && static_cast<int64_t>(live.size()) >= limit) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("user_id: already holds ", live.size(), " live sessions, the most one ",
-                         "user may hold (", limit, "); delete or revoke some first"));
-      }
+      IndexCensus census;
+      SL_ASSIGN_OR_RETURN(std::vector<StoredSession> live,
+                          LiveSessions(session.user_id(), user_tag, generation, Attributes::kDrop,
+                                       deadline, &census));
       attempt_began = absl::Now();
       SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
+      // Without a bound the index would outgrow Memcached's item limit, and every create of
+      // this user would then fail with Memcached's "object too large". Counted besides the live
+      // sessions: the creates under way, whose sessions are not stored yet, and those indexed
+      // while the sessions were read. The index write below is conditional on the index as
+      // read last, so a create indexed after that makes it retry and count again.
+      if (!replaces_one) {
+        int64_t indexed_meanwhile = 0;
+        for (const auto& entry : record.index.entries()) {
+          indexed_meanwhile += census.token_hashes.count(entry.token_hash()) == 0;
+        }
+        const int64_t being_created = census.adds_under_way + indexed_meanwhile;
+        const int64_t held = static_cast<int64_t>(live.size()) + being_created;
+        const int limit = options_.limits.max_live_sessions_per_user;
+        if (held >= limit) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "user_id: already holds ", held, " live sessions",
+              being_created > 0 ? absl::StrCat(" (", being_created, " of them being created)") : "",
+              ", the most one user may hold (", limit, "); delete or revoke some first"));
+        }
+      }
     }
     const IndexWrite write = IndexWith(record.index, session, now);
     const absl::Status written =
@@ -881,12 +903,14 @@ absl::Status SessionService::PutTombstone(const SessionKey& key, const StoredSes
   return store_->Put(key, Tombstone(s, TombstoneEnd(s, now)), TombstoneTtl(s, now), deadline);
 }
 
-absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::string_view user_id,
-                                                                        absl::string_view user_tag,
-                                                                        uint64_t generation,
-                                                                        Attributes attributes,
-                                                                        absl::Time deadline) {
+absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(
+    absl::string_view user_id, absl::string_view user_tag, uint64_t generation,
+    Attributes attributes, absl::Time deadline, IndexCensus* census) {
   SL_ASSIGN_OR_RETURN(IndexRecord record, store_->ReadIndex(user_tag, deadline));
+  if (census != nullptr) {
+    for (const auto& entry : record.index.entries())
+      census->token_hashes.insert(entry.token_hash());
+  }
   const size_t indexed = static_cast<size_t>(record.index.entries_size());
   std::vector<StoredSession> live;
   size_t listed_bytes = 0;
@@ -919,6 +943,7 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(absl::st
         if (!expired_for_good && indexed_at > now - kJustIndexed) {
           *pruned.add_entries() = entry;
           newest = std::max(newest, entry.absolute_expires_at_unix_micros());
+          if (census != nullptr && indexed_at > now - kAddUnderWay) ++census->adds_under_way;
         }
         continue;
       }

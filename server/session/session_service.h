@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "absl/functional/any_invocable.h"
@@ -191,15 +192,20 @@ class SessionService {
   int PruneIndexAt(const storage::v1::UserSessionIndex& index) const;
   // Whether LiveSessions' sessions carry their attributes (only a listing answers with them).
   enum class Attributes { kKeep, kDrop };
+  // What a count of the user's sessions against the limit needs besides the live ones: the
+  // entries the index held when read, and how many of them are of creates (or rotations) whose
+  // session is not stored yet.
+  struct IndexCensus {
+    std::unordered_set<std::string> token_hashes;
+    int64_t adds_under_way = 0;
+  };
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
   // revoked, writing the tombstone of a revoked one that has none yet (and keeping its entry
   // when that fails); returns the live sessions. Reads them in batches (kSessionsPerRead).
-  // Writing the pruned index back is best effort.
-  absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(absl::string_view user_id,
-                                                                       absl::string_view user_tag,
-                                                                       uint64_t generation,
-                                                                       Attributes attributes,
-                                                                       absl::Time deadline);
+  // Writing the pruned index back is best effort. Fills `census` when given.
+  absl::StatusOr<std::vector<storage::v1::StoredSession>> LiveSessions(
+      absl::string_view user_id, absl::string_view user_tag, uint64_t generation,
+      Attributes attributes, absl::Time deadline, IndexCensus* census = nullptr);
   absl::Duration GenerationKeepFor() const;
   // Ends `s`, stored under `key`, at `now` with a tombstone on every copy (see SessionStore::Put).
   absl::Status PutTombstone(const SessionKey& key, const storage::v1::StoredSession& s,

@@ -165,6 +165,18 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     read_sessions_pause_ = pause;
   }
+  // Runs `first` once, outside the lock, as the next Add begins (before it writes): another
+  // call that gets in while a create's session is indexed but not stored yet.
+  void BeforeNextAdd(std::function<void()> first) {
+    std::lock_guard<std::mutex> l(mu_);
+    before_add_ = std::move(first);
+  }
+  // Runs `first` once, outside the lock, as the next ReadSessions begins (before it reads):
+  // another call that gets in while a pruning reads the sessions.
+  void BeforeNextReadSessions(std::function<void()> first) {
+    std::lock_guard<std::mutex> l(mu_);
+    before_read_sessions_ = std::move(first);
+  }
   // The next Remove takes `pause` (real time, outside the lock) before it removes; a Remove
   // whose deadline has passed by then removes nothing (see Remove).
   void PauseNextRemove(absl::Duration pause) {
@@ -226,10 +238,13 @@ class FakeSessionStore final : public SessionStore {
   absl::Status Add(const SessionKey& key, const storage::v1::StoredSession& s, absl::Duration ttl,
                    absl::Time deadline) override {
     absl::Duration pause;
+    std::function<void()> first;
     {
       std::lock_guard<std::mutex> l(mu_);
       pause = std::exchange(add_pause_, absl::ZeroDuration());
+      first = std::exchange(before_add_, nullptr);
     }
+    if (first) first();
     absl::SleepFor(pause);
     std::lock_guard<std::mutex> l(mu_);
     ++adds_;
@@ -401,10 +416,13 @@ class FakeSessionStore final : public SessionStore {
   absl::StatusOr<std::vector<std::optional<storage::v1::StoredSession>>> ReadSessions(
       absl::string_view, const std::vector<std::string>& hashes, absl::Time) override {
     absl::Duration pause;
+    std::function<void()> first;
     {
       std::lock_guard<std::mutex> l(mu_);
       pause = std::exchange(read_sessions_pause_, absl::ZeroDuration());
+      first = std::exchange(before_read_sessions_, nullptr);
     }
+    if (first) first();
     absl::SleepFor(pause);
     std::lock_guard<std::mutex> l(mu_);
     if (unavailable_) return Down();
@@ -470,6 +488,8 @@ class FakeSessionStore final : public SessionStore {
   absl::Duration index_write_pause_;
   absl::Duration read_sessions_pause_;
   absl::Duration remove_pause_;
+  std::function<void()> before_add_;
+  std::function<void()> before_read_sessions_;
   absl::Status partial_remove_failure_;
   absl::Time last_add_deadline_ = absl::InfinitePast();
   absl::Time last_lookup_deadline_ = absl::InfinitePast();

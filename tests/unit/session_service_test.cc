@@ -509,6 +509,53 @@ TEST_F(SessionServiceTest, LiveSessionsPerUserAreBounded) {
   EXPECT_TRUE(service_->Create("greedy", 0, {}, Deadline()).ok());
 }
 
+// The limit counts a create whose entry is indexed and whose session is not stored yet: two
+// creates at once at one below the limit must not both pass. (The count read the stored
+// sessions only, so the second passed.)
+TEST_F(SessionServiceTest, ACreateWhoseSessionIsNotStoredYetCountsAgainstTheLimit) {
+  LimitSessionsPerUser(3);
+  MustCreate("busy");
+  MustCreate("busy");
+  absl::StatusOr<SessionView> second = absl::UnknownError("not run");
+  // The second create runs while the first one's session is indexed but not yet added.
+  store_->BeforeNextAdd([&] { second = service_->Create("busy", 0, {}, Deadline()); });
+  absl::StatusOr<SessionView> first = service_->Create("busy", 0, {}, Deadline());
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
+  EXPECT_THAT(std::string(second.status().message()),
+              HasSubstr("already holds 3 live sessions (1 of them being created)"));
+  EXPECT_EQ(store_->SessionCount(), 3);
+}
+
+// And a create that was indexed while the count read the sessions, which the count did not see.
+TEST_F(SessionServiceTest, ACreateIndexedWhileTheLimitIsCountedCountsToo) {
+  LimitSessionsPerUser(3);
+  MustCreate("busy");
+  MustCreate("busy");
+  // A third entry, of an ended session, so that the next create counts (prunes) first.
+  ASSERT_TRUE(service_->Delete(MustCreate("busy").token, Deadline()).ok());
+  absl::StatusOr<SessionView> meanwhile = absl::UnknownError("not run");
+  store_->BeforeNextReadSessions([&] { meanwhile = service_->Create("busy", 0, {}, Deadline()); });
+  absl::StatusOr<SessionView> counted = service_->Create("busy", 0, {}, Deadline());
+  ASSERT_TRUE(meanwhile.ok()) << meanwhile.status();
+  EXPECT_EQ(counted.status().code(), absl::StatusCode::kResourceExhausted) << counted.status();
+  EXPECT_THAT(std::string(counted.status().message()),
+              HasSubstr("already holds 3 live sessions (1 of them being created)"));
+}
+
+// Entries without a stored session count as creates under way for kAddUnderWay (2 s) only:
+// sessions that ended and are gone (here a 1 s session past memcached's extra 2 s) leave room.
+TEST_F(SessionServiceTest, EndedSessionsMissingFromTheStoreLeaveRoomUnderTheLimit) {
+  LimitSessionsPerUser(3);
+  MustCreate("churn", /*ttl=*/1);
+  MustCreate("churn", /*ttl=*/1);
+  MustCreate("churn", /*ttl=*/1);
+  clock_.Advance(absl::Seconds(3));  // Gone from the store, their entries still indexed.
+  for (int i = 0; i < 3; ++i) MustCreate("churn");
+  EXPECT_EQ(service_->Create("churn", 0, {}, Deadline()).status().code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
 // A login that lands between a revocation's new generation and its count is not revoked, so it
 // is neither counted nor ended: it stays readable and listed.
 TEST_F(SessionServiceTest, ALoginDuringARevocationIsNotCountedAndStaysLive) {
