@@ -39,13 +39,24 @@ constexpr size_t kSessionsPerRead = 64;
 constexpr int kTombstonesPerPruning = 64;
 
 // How long after its index entry was written a session that is not stored is counted against
-// the user's limit as a create (or rotation) still under way. Short, because a session that is
-// missing for another reason would be counted too: one evicted, or a losing rotation's new one
-// that was removed again. An ended session is not missing within it: a deletion leaves a
-// tombstone, a revoked session stays stored, and memcached keeps even a 1 s session for 3 s
-// (MemcachedExptime's margin). An add slower than this (a stalled node) is not counted, and can
+// the user's limit as a create (or rotation) still under way. Short, because a session missing
+// for another reason is counted too: one evicted, a losing rotation's new one removed again, a
+// create whose add failed. Not one that ended: a deletion leaves a tombstone, a revoked session
+// stays stored, and an expired one lived at least its TTL, 1 s or more, after its add, which
+// came after its entry (memcached may drop an item up to 2 s before its exptime, which is why
+// MemcachedExptime adds 2). An add slower than this (a stalled node) is not counted, and can
 // take the user one past the limit.
-constexpr absl::Duration kAddUnderWay = absl::Seconds(2);
+constexpr absl::Duration kAddUnderWay = absl::Seconds(1);
+
+// When an index entry was written. A rotated session keeps its predecessor's absolute expiry,
+// so only the entry's own time tells; entries of older releases lack it, and theirs is that of
+// a new session.
+absl::Time IndexedAt(const storage::v1::UserSessionIndex::Entry& entry,
+                     absl::Duration max_lifetime) {
+  return entry.indexed_at_unix_micros() != 0
+             ? absl::FromUnixMicros(entry.indexed_at_unix_micros())
+             : absl::FromUnixMicros(entry.absolute_expires_at_unix_micros()) - max_lifetime;
+}
 
 // The deadline of the add that follows an index entry written at `indexed_at`. A listing prunes
 // an entry whose session is still missing kJustIndexed after it was written; an add that came
@@ -311,6 +322,38 @@ int SessionService::PruneIndexAt(const UserSessionIndex& index) const {
       std::min<int64_t>(after_growth, options_.limits.max_live_sessions_per_user));
 }
 
+absl::Status SessionService::RoomForOneMore(size_t live, const IndexCensus& census,
+                                            const UserSessionIndex& index_now,
+                                            absl::Time count_began) const {
+  // Without a bound the index would outgrow Memcached's item limit, and every create of this
+  // user would then fail with Memcached's "object too large".
+  const int limit = options_.limits.max_live_sessions_per_user;
+  if (static_cast<int64_t>(live) >= limit) {
+    return absl::ResourceExhaustedError(absl::StrCat("user_id: already holds ", live,
+                                                     " live sessions, the most one user may hold (",
+                                                     limit, "); delete or revoke some first"));
+  }
+  // Counted too: the creates under way, whose sessions are not stored yet, and those indexed
+  // while the sessions were read (written since the count began, which leaves out the stale
+  // entries of a copy that answers only the second read). The caller's index write is
+  // conditional on `index_now`, so a create indexed after that makes it count again.
+  int64_t indexed_meanwhile = 0;
+  for (const auto& entry : index_now.entries()) {
+    indexed_meanwhile += census.token_hashes.count(entry.token_hash()) == 0 &&
+                         IndexedAt(entry, options_.max_lifetime) > count_began - kAddUnderWay;
+  }
+  const int64_t being_created = census.adds_under_way + indexed_meanwhile;
+  if (static_cast<int64_t>(live) + being_created >= limit) {
+    // Not RESOURCE_EXHAUSTED: some of those creates may yet fail.
+    return ForCallers(absl::StatusCode::kUnavailable,
+                      absl::StrCat("user_id: holds ", live, " live sessions and ", being_created,
+                                   " more are being created, which reach the most one user may "
+                                   "hold (",
+                                   limit, "); retry once they are done"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<SessionService::Indexed> SessionService::AddToIndex(
     absl::string_view user_tag, const StoredSession& session,
     std::optional<IndexRecord> already_read, bool replaces_one, absl::Time deadline,
@@ -327,7 +370,7 @@ absl::StatusOr<SessionService::Indexed> SessionService::AddToIndex(
     } else {
       SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
     }
-    const absl::Time now = clock_.Now();
+    absl::Time now = clock_.Now();
     if (record.index.entries_size() >= PruneIndexAt(record.index)) {
       // Rare: drop dead entries first (reads the user's sessions once).
       SL_ASSIGN_OR_RETURN(uint64_t generation,
@@ -338,26 +381,12 @@ absl::StatusOr<SessionService::Indexed> SessionService::AddToIndex(
                                        deadline, &census));
       attempt_began = absl::Now();
       SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
-      // Without a bound the index would outgrow Memcached's item limit, and every create of
-      // this user would then fail with Memcached's "object too large". Counted besides the live
-      // sessions: the creates under way, whose sessions are not stored yet, and those indexed
-      // while the sessions were read. The index write below is conditional on the index as
-      // read last, so a create indexed after that makes it retry and count again.
       if (!replaces_one) {
-        int64_t indexed_meanwhile = 0;
-        for (const auto& entry : record.index.entries()) {
-          indexed_meanwhile += census.token_hashes.count(entry.token_hash()) == 0;
-        }
-        const int64_t being_created = census.adds_under_way + indexed_meanwhile;
-        const int64_t held = static_cast<int64_t>(live.size()) + being_created;
-        const int limit = options_.limits.max_live_sessions_per_user;
-        if (held >= limit) {
-          return absl::ResourceExhaustedError(absl::StrCat(
-              "user_id: already holds ", held, " live sessions",
-              being_created > 0 ? absl::StrCat(" (", being_created, " of them being created)") : "",
-              ", the most one user may hold (", limit, "); delete or revoke some first"));
-        }
+        SL_RETURN_IF_ERROR(RoomForOneMore(live.size(), census, record.index, now));
       }
+      // The entry says when it was written, which a count of this user's sessions on another
+      // call weighs against kAddUnderWay; the count above may have taken a while.
+      now = clock_.Now();
     }
     const IndexWrite write = IndexWith(record.index, session, now);
     const absl::Status written =
@@ -933,13 +962,8 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(
       std::optional<StoredSession>& s = sessions[i - first];
       const bool expired_for_good = FromMicros(entry.absolute_expires_at_unix_micros()) <= now;
       if (!s.has_value()) {
-        // Just indexed by a Create or Rotate whose Add has not landed yet: keep it. A rotated
-        // session keeps its predecessor's absolute expiry, so only the entry's own time tells
-        // (entries of older releases lack it; theirs is that of a new session).
-        const absl::Time indexed_at =
-            entry.indexed_at_unix_micros() != 0
-                ? FromMicros(entry.indexed_at_unix_micros())
-                : FromMicros(entry.absolute_expires_at_unix_micros()) - options_.max_lifetime;
+        // Just indexed by a Create or Rotate whose Add has not landed yet: keep it.
+        const absl::Time indexed_at = IndexedAt(entry, options_.max_lifetime);
         if (!expired_for_good && indexed_at > now - kJustIndexed) {
           *pruned.add_entries() = entry;
           newest = std::max(newest, entry.absolute_expires_at_unix_micros());

@@ -199,6 +199,12 @@ class SessionService {
     std::unordered_set<std::string> token_hashes;
     int64_t adds_under_way = 0;
   };
+  // OK when the user, holding `live` sessions as counted by LiveSessions (`census`), may have
+  // one more: RESOURCE_EXHAUSTED at the limit, UNAVAILABLE when creates under way reach it.
+  // `index_now` is the index as read after the count, which began at `count_began`.
+  absl::Status RoomForOneMore(size_t live, const IndexCensus& census,
+                              const storage::v1::UserSessionIndex& index_now,
+                              absl::Time count_began) const;
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
   // revoked, writing the tombstone of a revoked one that has none yet (and keeping its entry
   // when that fails); returns the live sessions. Reads them in batches (kSessionsPerRead).
