@@ -323,8 +323,7 @@ int SessionService::PruneIndexAt(const UserSessionIndex& index) const {
 }
 
 absl::Status SessionService::RoomForOneMore(size_t live, const IndexCensus& census,
-                                            const UserSessionIndex& index_now,
-                                            absl::Time count_began) const {
+                                            const UserSessionIndex& index_now) const {
   // Without a bound the index would outgrow Memcached's item limit, and every create of this
   // user would then fail with Memcached's "object too large".
   const int limit = options_.limits.max_live_sessions_per_user;
@@ -334,13 +333,13 @@ absl::Status SessionService::RoomForOneMore(size_t live, const IndexCensus& cens
                                                      limit, "); delete or revoke some first"));
   }
   // Counted too: the creates under way, whose sessions are not stored yet, and those indexed
-  // while the sessions were read (written since the count began, which leaves out the stale
-  // entries of a copy that answers only the second read). The caller's index write is
-  // conditional on `index_now`, so a create indexed after that makes it count again.
+  // while the sessions were read, whatever their time (a write that took long to land, a
+  // writer's clock behind ours). The caller's index write is conditional on `index_now`, so a
+  // create indexed after that makes it count again. (A copy that answered the second read only
+  // may add stale entries here: a needless UNAVAILABLE, never a create past the limit.)
   int64_t indexed_meanwhile = 0;
   for (const auto& entry : index_now.entries()) {
-    indexed_meanwhile += census.token_hashes.count(entry.token_hash()) == 0 &&
-                         IndexedAt(entry, options_.max_lifetime) > count_began - kAddUnderWay;
+    indexed_meanwhile += census.token_hashes.count(entry.token_hash()) == 0;
   }
   const int64_t being_created = census.adds_under_way + indexed_meanwhile;
   if (static_cast<int64_t>(live) + being_created >= limit) {
@@ -382,7 +381,7 @@ absl::StatusOr<SessionService::Indexed> SessionService::AddToIndex(
       attempt_began = absl::Now();
       SL_ASSIGN_OR_RETURN(record, store_->ReadIndex(user_tag, deadline));
       if (!replaces_one) {
-        SL_RETURN_IF_ERROR(RoomForOneMore(live.size(), census, record.index, now));
+        SL_RETURN_IF_ERROR(RoomForOneMore(live.size(), census, record.index));
       }
       // The entry says when it was written, which a count of this user's sessions on another
       // call weighs against kAddUnderWay; the count above may have taken a while.

@@ -174,7 +174,8 @@ class SessionService {
   // Adds `session` to its user's index by compare-and-swap, starting from `already_read` when
   // the caller has just read the index (saves a round trip), re-reading after a conflict.
   // RESOURCE_EXHAUSTED when the user already holds limits.max_live_sessions_per_user live
-  // sessions, unless `replaces_one` (a rotation, whose old session ends).
+  // sessions, UNAVAILABLE when creates under way reach that (RoomForOneMore), unless
+  // `replaces_one` (a rotation, whose old session ends).
   struct Indexed {
     absl::Time indexed_at;  // The entry's, on clock_.
     // When the attempt that wrote it began (absl::Now()): after any pruning and back-off, so
@@ -201,10 +202,9 @@ class SessionService {
   };
   // OK when the user, holding `live` sessions as counted by LiveSessions (`census`), may have
   // one more: RESOURCE_EXHAUSTED at the limit, UNAVAILABLE when creates under way reach it.
-  // `index_now` is the index as read after the count, which began at `count_began`.
+  // `index_now` is the index as read after the count.
   absl::Status RoomForOneMore(size_t live, const IndexCensus& census,
-                              const storage::v1::UserSessionIndex& index_now,
-                              absl::Time count_began) const;
+                              const storage::v1::UserSessionIndex& index_now) const;
   // Drops index entries whose session is gone, expired, deleted or (below `generation`)
   // revoked, writing the tombstone of a revoked one that has none yet (and keeping its entry
   // when that fails); returns the live sessions. Reads them in batches (kSessionsPerRead).

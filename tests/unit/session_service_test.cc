@@ -547,6 +547,24 @@ TEST_F(SessionServiceTest, ACreateIndexedWhileTheLimitIsCountedCountsToo) {
               HasSubstr("holds 2 live sessions and 1 more are being created"));
 }
 
+// Whatever the time on that entry: its writer's clock may run behind ours (here by 2 s), or its
+// write may have taken long to land.
+TEST_F(SessionServiceTest, ACreateIndexedWhileTheLimitIsCountedCountsWhateverItsClock) {
+  LimitSessionsPerUser(3);
+  MustCreate("busy");
+  MustCreate("busy");
+  ASSERT_TRUE(service_->Delete(MustCreate("busy").token, Deadline()).ok());
+  absl::StatusOr<SessionView> meanwhile = absl::UnknownError("not run");
+  store_->BeforeNextReadSessions([&] {
+    clock_.Advance(-absl::Seconds(2));
+    meanwhile = service_->Create("busy", 0, {}, Deadline());
+    clock_.Advance(absl::Seconds(2));
+  });
+  absl::StatusOr<SessionView> counted = service_->Create("busy", 0, {}, Deadline());
+  ASSERT_TRUE(meanwhile.ok()) << meanwhile.status();
+  EXPECT_TRUE(absl::IsUnavailable(counted.status())) << counted.status();
+}
+
 // An entry is stamped when it is written, after its create's own count: a count that took a
 // while (here 1.5 s, more than kAddUnderWay) must not make the entry look old to the next one.
 TEST_F(SessionServiceTest, ASlowCountDoesNotAgeTheEntryItWrites) {
