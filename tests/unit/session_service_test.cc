@@ -62,6 +62,15 @@ class SessionServiceTest : public ::testing::Test {
     service_ = std::make_shared<SessionService>(store_, clock_, options);
   }
 
+  // A limit of 3 and two live sessions of `user`, whose index holds a third entry (a deleted
+  // session's): the next create of `user` counts its sessions against the limit first.
+  void OneBelowALimitOfThree(const std::string& user) {
+    LimitSessionsPerUser(3);
+    MustCreate(user);
+    MustCreate(user);
+    ASSERT_TRUE(service_->Delete(MustCreate(user).token, Deadline()).ok());
+  }
+
   SessionView MustCreate(const std::string& user, int64_t ttl = 0, AttributeMap attrs = {}) {
     absl::StatusOr<SessionView> v = service_->Create(user, ttl, attrs, Deadline());
     EXPECT_TRUE(v.ok()) << v.status();
@@ -514,9 +523,8 @@ TEST_F(SessionServiceTest, LiveSessionsPerUserAreBounded) {
 // sessions only, so the second passed.) UNAVAILABLE rather than RESOURCE_EXHAUSTED, as the
 // create under way may yet fail.
 TEST_F(SessionServiceTest, ACreateWhoseSessionIsNotStoredYetCountsAgainstTheLimit) {
-  LimitSessionsPerUser(3);
-  MustCreate("busy");
-  MustCreate("busy");
+  OneBelowALimitOfThree("busy");
+  const int items = store_->SessionCount();
   absl::StatusOr<SessionView> second = absl::UnknownError("not run");
   // The second create runs while the first one's session is indexed but not yet added.
   store_->BeforeNextAdd([&] { second = service_->Create("busy", 0, {}, Deadline()); });
@@ -525,7 +533,7 @@ TEST_F(SessionServiceTest, ACreateWhoseSessionIsNotStoredYetCountsAgainstTheLimi
   EXPECT_TRUE(absl::IsUnavailable(second.status())) << second.status();
   EXPECT_THAT(CallerMessage(second.status()).value_or(""),
               HasSubstr("holds 2 live sessions and 1 more are being created"));
-  EXPECT_EQ(store_->SessionCount(), 3);
+  EXPECT_EQ(store_->SessionCount(), items + 1) << "the second create stored a session";
   // Once it is stored, the limit is plain.
   EXPECT_EQ(service_->Create("busy", 0, {}, Deadline()).status().code(),
             absl::StatusCode::kResourceExhausted);
@@ -533,11 +541,7 @@ TEST_F(SessionServiceTest, ACreateWhoseSessionIsNotStoredYetCountsAgainstTheLimi
 
 // And a create indexed while the count read the sessions, which the count did not see.
 TEST_F(SessionServiceTest, ACreateIndexedWhileTheLimitIsCountedCountsToo) {
-  LimitSessionsPerUser(3);
-  MustCreate("busy");
-  MustCreate("busy");
-  // A third entry, of an ended session, so that the next create counts (prunes) first.
-  ASSERT_TRUE(service_->Delete(MustCreate("busy").token, Deadline()).ok());
+  OneBelowALimitOfThree("busy");
   absl::StatusOr<SessionView> meanwhile = absl::UnknownError("not run");
   store_->BeforeNextReadSessions([&] { meanwhile = service_->Create("busy", 0, {}, Deadline()); });
   absl::StatusOr<SessionView> counted = service_->Create("busy", 0, {}, Deadline());
@@ -550,10 +554,7 @@ TEST_F(SessionServiceTest, ACreateIndexedWhileTheLimitIsCountedCountsToo) {
 // Whatever the time on that entry: its writer's clock may run behind ours (here by 2 s), or its
 // write may have taken long to land.
 TEST_F(SessionServiceTest, ACreateIndexedWhileTheLimitIsCountedCountsWhateverItsClock) {
-  LimitSessionsPerUser(3);
-  MustCreate("busy");
-  MustCreate("busy");
-  ASSERT_TRUE(service_->Delete(MustCreate("busy").token, Deadline()).ok());
+  OneBelowALimitOfThree("busy");
   absl::StatusOr<SessionView> meanwhile = absl::UnknownError("not run");
   store_->BeforeNextReadSessions([&] {
     clock_.Advance(-absl::Seconds(2));
@@ -568,10 +569,7 @@ TEST_F(SessionServiceTest, ACreateIndexedWhileTheLimitIsCountedCountsWhateverIts
 // An entry is stamped when it is written, after its create's own count: a count that took a
 // while (here 1.5 s, more than kAddUnderWay) must not make the entry look old to the next one.
 TEST_F(SessionServiceTest, ASlowCountDoesNotAgeTheEntryItWrites) {
-  LimitSessionsPerUser(3);
-  MustCreate("busy");
-  MustCreate("busy");
-  ASSERT_TRUE(service_->Delete(MustCreate("busy").token, Deadline()).ok());
+  OneBelowALimitOfThree("busy");
   store_->BeforeNextReadSessions([&] { clock_.Advance(absl::Milliseconds(1500)); });
   absl::StatusOr<SessionView> second = absl::UnknownError("not run");
   store_->BeforeNextAdd([&] { second = service_->Create("busy", 0, {}, Deadline()); });
