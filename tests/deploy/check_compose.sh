@@ -117,11 +117,12 @@ check(str(env.get("MEMCACHED_URL", "")).startswith(
       "server: MEMCACHED_URL must name memcached-1:11211,memcached-2:11211")
 check("replicas=1" in str(env.get("MEMCACHED_URL", "")),
       "server: MEMCACHED_URL needs ?replicas=1 (a session survives one memcached node)")
-# The server's own defaults, from ConfigVariables() in server/config/config.cc (as
-# check_manifests.py reads them), for the settings the compose file leaves unset.
-config_cc = open("server/config/config.cc", encoding="utf-8").read()
-defaults = dict(re.findall(r'\{\s*"([A-Z_][A-Z0-9_]*)"\s*,\s*"([^"]*)"',
-                           config_cc[config_cc.find("ConfigVariables()"):]))
+# The server's own defaults, read from server/config/config.cc as check_manifests.py reads
+# them, for the settings the compose file leaves unset.
+sys.dont_write_bytecode = True  # No __pycache__ in the checkout.
+sys.path.insert(0, "tests/deploy")
+from check_manifests import server_defaults
+defaults = server_defaults(".")
 def setting(name):
     return int(env.get(name, defaults[name]))
 grace = setting("SHUTDOWN_GRACE_SECONDS")

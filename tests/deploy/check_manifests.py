@@ -77,23 +77,26 @@ class Checker:
             if isinstance(d, dict) and d.get("kind") == kind and (files is None or f in files)
         ]
 
-    # --- server defaults ---------------------------------------------------------------------
-    def server_defaults(self):
-        path = os.path.join(self.root, "server", "config", "config.cc")
-        try:
-            text = open(path, encoding="utf-8").read()
-        except OSError as e:
-            sys.exit(f"check_manifests: cannot read {path}: {e}")
-        start = text.find("ConfigVariables()")
-        body = text[start:] if start >= 0 else ""
-        defaults = dict(re.findall(r'\{\s*"([A-Z_][A-Z0-9_]*)"\s*,\s*"([^"]*)"', body))
-        for name in ("PORT", "METRICS_PORT", "SHUTDOWN_GRACE_SECONDS", "SHUTDOWN_NOTICE_MS"):
-            if name not in defaults:
-                sys.exit(
-                    f"check_manifests: cannot find the default of {name} in ConfigVariables() "
-                    f"in server/config/config.cc"
-                )
-        return defaults
+
+def server_defaults(root):
+    """The server's defaults, {NAME: value}, as ConfigVariables() in server/config/config.cc
+    lists them (check_compose.sh reads them here too)."""
+    path = os.path.join(root, "server", "config", "config.cc")
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        sys.exit(f"check_manifests: cannot read {path}: {e}")
+    start = text.find("ConfigVariables()")
+    body = text[start:] if start >= 0 else ""
+    defaults = dict(re.findall(r'\{\s*"([A-Z_][A-Z0-9_]*)"\s*,\s*"([^"]*)"', body))
+    for name in ("PORT", "METRICS_PORT", "SHUTDOWN_GRACE_SECONDS", "SHUTDOWN_NOTICE_MS",
+                 "DEFAULT_CALL_TIMEOUT_MS"):
+        if name not in defaults:
+            sys.exit(
+                f"check_manifests: cannot find the default of {name} in ConfigVariables() "
+                f"in server/config/config.cc"
+            )
+    return defaults
 
 
 def load_configmap_generators(c, kust):
@@ -175,7 +178,7 @@ def main():
             load_configmap_generators(c, kust[0])  # The rendering holds them too.
             kustomize_build(c)
         report(c)
-    defaults = c.server_defaults()
+    defaults = server_defaults(c.root)
     known_variables = set(defaults)
 
     # --- kustomization -----------------------------------------------------------------------
