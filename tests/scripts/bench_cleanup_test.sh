@@ -132,8 +132,9 @@ expect_in "$table" "the table (stdout) of a run whose server died" \
   "| at the end of the whole run | - | - | - |" "UNAVAILABLE=16, 3 unfinished, the oldest 4.5 s"
 expect_in "$err" "stderr of a run whose server died" \
   "stub server log line 50" "stub server: fatal: the crash the bench must show"
-[[ $err != *"stub server log line 1"$'\n'* ]] ||
-  fail "stderr shows more of the log than its last 40 lines: $err"
+# Its last 40 lines: log lines 12 to 50 and the crash.
+[[ $err == *"stub server log line 12"$'\n'* && $err != *"stub server log line 11"$'\n'* ]] ||
+  fail "stderr shows other than the log's last 40 lines: $err"
 if [[ -s $pooled_pid_file ]] && kill -0 "$(<"$pooled_pid_file")" 2>/dev/null; then
   fail "bench exited ($rc) and left its second server running: $err"
 fi
