@@ -12,7 +12,7 @@ namespace {
 
 TEST(LedgerRules, Currency) {
   EXPECT_TRUE(ValidateCurrency("EUR").ok());
-  for (const char* bad : {"", "EU", "EURO", "eur", "Eur", "E1R", "EÜR"}) {
+  for (const char* bad : {"", "EU", "EURO", "eur", "Eur", "EUr", "E1R", "EU1", "EÜR"}) {
     const absl::Status s = ValidateCurrency(bad);
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
     EXPECT_NE(std::string(s.message()).find("currency"), std::string::npos);
