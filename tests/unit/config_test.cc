@@ -175,6 +175,8 @@ TEST(LoadConfigTest, DefaultsMatchTheContract) {
   EXPECT_EQ(config->max_session_attributes_bytes, 64 * 1024);
   EXPECT_EQ(config->max_idempotency_key_bytes, 128);
   EXPECT_EQ(config->malloc_arena_max, 2);
+  EXPECT_EQ(config->grpc_max_connection_age, absl::Seconds(300));
+  EXPECT_TRUE(config->memcached_pipeline);
 }
 
 TEST(LoadConfigTest, ReadsEveryVariable) {
@@ -189,6 +191,8 @@ TEST(LoadConfigTest, ReadsEveryVariable) {
   env["MEMCACHED_POOL_SIZE"] = "4";
   env["DATABASE_POOL_SIZE"] = "5";
   env["MALLOC_ARENA_MAX"] = "1";
+  env["GRPC_MAX_CONNECTION_AGE_SECONDS"] = "60";
+  env["MEMCACHED_PIPELINE"] = "0";
   absl::StatusOr<Config> config = LoadConfig(FakeEnv(env));
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->port, 6000);
@@ -201,6 +205,8 @@ TEST(LoadConfigTest, ReadsEveryVariable) {
   EXPECT_EQ(config->memcached_pool_size, 4);
   EXPECT_EQ(config->database_pool_size, 5);
   EXPECT_EQ(config->malloc_arena_max, 1);
+  EXPECT_EQ(config->grpc_max_connection_age, absl::Seconds(60));
+  EXPECT_FALSE(config->memcached_pipeline);
 }
 
 TEST(LoadConfigTest, MissingRequiredVariablesAreNamed) {

@@ -58,6 +58,9 @@ TEST(ServerMetricsTest, CountsEachMethodAndCodeInItsOwnSeries) {
       Sample(text, absl::StrCat("sessionledger_rpc_duration_seconds_sum{method=\"", create, "\"}")),
       0.003);
   EXPECT_EQ(Sample(text, "sessionledger_rpc_in_flight"), 0);
+  metrics.RpcStarted();
+  EXPECT_EQ(Sample(metrics.RenderText(), "sessionledger_rpc_in_flight"), 1)
+      << "a call still running";
 }
 
 // The bucket bounds are the configured ones, on the first series and on later ones alike.
