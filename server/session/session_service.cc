@@ -456,14 +456,17 @@ SessionService::IndexWrite SessionService::IndexWith(const UserSessionIndex& cur
 
 absl::StatusOr<SessionView> SessionService::FinishCreate(NewSession created,
                                                          std::optional<IndexRecord> index,
-                                                         absl::Time now, absl::Time deadline) {
-  const StoredSession& s = created.view.stored;
+                                                         absl::Time deadline) {
+  StoredSession& s = created.view.stored;
   // Indexed before it exists, so a session is never live without being listable/revocable by
   // the index; an entry whose add failed is pruned later.
   SL_ASSIGN_OR_RETURN(const Indexed indexed, AddToIndex(created.key.user_tag, s, std::move(index),
                                                         /*replaces_one=*/false, deadline));
-  SL_RETURN_IF_ERROR(
-      store_->Add(created.key, s, SessionTtl(s, now), AddSessionBy(indexed.indexed_at, deadline)));
+  // Its idle time starts once it is indexed: a count of the user's sessions before that may
+  // have taken longer than a short TTL. (Its absolute expiry is in the entry, and stays.)
+  s.set_expires_at_unix_micros(SlidExpiry(s, indexed.indexed_at));
+  SL_RETURN_IF_ERROR(store_->Add(created.key, s, SessionTtl(s, indexed.indexed_at),
+                                 AddSessionBy(indexed.indexed_at, deadline)));
   return std::move(created.view);
 }
 
@@ -477,7 +480,7 @@ absl::StatusOr<SessionView> SessionService::Create(absl::string_view user_id, in
                       store_->ReadUserState(created.key.user_tag, GenerationKeepFor(), deadline));
   const absl::Time now = clock_.Now();
   StampCreated(created.view.stored, user.generation, now);
-  return FinishCreate(std::move(created), std::move(user.index), now, deadline);
+  return FinishCreate(std::move(created), std::move(user.index), deadline);
 }
 
 void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
@@ -501,7 +504,7 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
         const absl::Time now = clock_.Now();
         StampCreated(created->view.stored, user->generation, now);
         if (user->index.index.entries_size() >= PruneIndexAt(user->index.index)) {
-          FinishCreateBlocking(created, std::move(user->index), now, deadline, std::move(done));
+          FinishCreateBlocking(created, std::move(user->index), deadline, std::move(done));
           return;
         }
         const IndexWrite write = IndexWith(user->index.index, created->view.stored, now);
@@ -522,7 +525,7 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
             std::move(join->done)(join->added);
           } else if (absl::IsAborted(join->written)) {
             // Another session of this user was indexed meanwhile: read again and retry.
-            FinishCreateBlocking(created, std::nullopt, now, deadline, std::move(join->done),
+            FinishCreateBlocking(created, std::nullopt, deadline, std::move(join->done),
                                  /*added=*/true);
           } else if (!join->written.ok()) {
             std::move(join->done)(IndexWriteFailure(join->written));
@@ -545,9 +548,9 @@ void SessionService::CreateAsync(absl::string_view user_id, int64_t ttl_seconds,
 }
 
 void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
-                                          std::optional<IndexRecord> index, absl::Time now,
-                                          absl::Time deadline, ViewCallback done, bool added) {
-  auto finish = [this, created = std::move(created), index = std::move(index), now, deadline,
+                                          std::optional<IndexRecord> index, absl::Time deadline,
+                                          ViewCallback done, bool added) {
+  auto finish = [this, created = std::move(created), index = std::move(index), deadline,
                  done = std::move(done), added]() mutable {
     if (added) {
       // The index write lost a race: that was the first try. Wait as AddToIndex would after a
@@ -568,7 +571,7 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
       }
       return;
     }
-    std::move(done)(FinishCreate(std::move(*created), std::move(index), now, deadline));
+    std::move(done)(FinishCreate(std::move(*created), std::move(index), deadline));
   };
   RunBlocking(std::move(finish));
 }

@@ -141,12 +141,11 @@ class SessionService {
                               const storage::v1::StoredSession& session, absl::Time now);
   // Indexes and stores a stamped session (the blocking tail of Create).
   absl::StatusOr<SessionView> FinishCreate(NewSession created, std::optional<IndexRecord> index,
-                                           absl::Time now, absl::Time deadline);
+                                           absl::Time deadline);
   // FinishCreate on options_.blocking, answering through `done`; with `added`, the session is
   // already stored and only its index entry is written.
   void FinishCreateBlocking(std::shared_ptr<NewSession> created, std::optional<IndexRecord> index,
-                            absl::Time now, absl::Time deadline, ViewCallback done,
-                            bool added = false);
+                            absl::Time deadline, ViewCallback done, bool added = false);
 
   absl::Status CheckLive(const SessionLookup& lookup, const SessionKey& key, absl::Time now) const;
   // A change to a live session read at `now`: true when it must be written back (by

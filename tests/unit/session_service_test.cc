@@ -578,6 +578,17 @@ TEST_F(SessionServiceTest, ASlowCountDoesNotAgeTheEntryItWrites) {
   EXPECT_TRUE(absl::IsUnavailable(second.status())) << second.status();
 }
 
+// Nor hand out a session that expired during it: a 1 s session whose count took 1.5 s is good
+// for 1 s from when it is indexed, not from before the count.
+TEST_F(SessionServiceTest, ASlowCountDoesNotHandOutAnExpiredSession) {
+  OneBelowALimitOfThree("busy");
+  store_->BeforeNextReadSessions([&] { clock_.Advance(absl::Milliseconds(1500)); });
+  absl::StatusOr<SessionView> created = service_->Create("busy", /*ttl_seconds=*/1, {}, Deadline());
+  ASSERT_TRUE(created.ok()) << created.status();
+  EXPECT_GT(created->stored.expires_at_unix_micros(), Micros(clock_.Now()));
+  EXPECT_TRUE(Get(created->token).ok()) << Get(created->token).status();
+}
+
 // Entries without a stored session count as creates under way for kAddUnderWay (1 s) only:
 // sessions that expired and are gone (1 s sessions, 1.5 s later) leave room.
 TEST_F(SessionServiceTest, ExpiredSessionsMissingFromTheStoreLeaveRoomUnderTheLimit) {
