@@ -566,6 +566,12 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
               .status();
       if (!indexed.ok()) {
         std::move(done)(indexed);
+      } else if (FromMicros(created->view.stored.expires_at_unix_micros()) <= clock_.Now()) {
+        // Stored before the race, with the expiry stamped then: retries that outlasted a short
+        // TTL would hand out a token that is already dead.
+        std::move(done)(ForCallers(absl::StatusCode::kUnavailable,
+                                   "user_id: the session expired while the user's session index "
+                                   "was busy; retry"));
       } else {
         std::move(done)(std::move(created->view));
       }

@@ -1767,6 +1767,33 @@ TEST_P(CreateAsyncTest, AbortedIndexWriteRereadsTheIndex) {
               UnorderedElementsAre(first.stored.session_id(), v->stored.session_id()));
 }
 
+// A lost race that took longer to index than the session's TTL (here 1.5 s for a 1 s session)
+// must not hand out the session, stored before the race and expired since: the caller is told
+// to retry.
+TEST_P(CreateAsyncTest, ASessionThatExpiredWhileItsIndexWasRetriedIsNotHandedOut) {
+  auto aborted = std::make_shared<std::atomic<bool>>(false);
+  auto advanced = std::make_shared<std::atomic<bool>>(false);
+  store_->set_inject([this, aborted, advanced](Op op) {
+    if (op == Op::kWriteIndexAsync && !aborted->exchange(true)) {
+      return absl::AbortedError("injected: index changed");
+    }
+    if (op == Op::kReadIndex && !advanced->exchange(true)) {
+      clock_.Advance(absl::Milliseconds(1500));
+    }
+    return absl::OkStatus();
+  });
+  const absl::StatusOr<SessionView> v = CreateAsync("alice", /*ttl=*/1);
+  store_->set_inject(nullptr);
+  ASSERT_TRUE(advanced->load()) << "the retry never read the index";
+  if (v.ok()) {
+    EXPECT_GT(v->stored.expires_at_unix_micros(), absl::ToUnixMicros(clock_.Now()));
+    EXPECT_TRUE(service_->Get(v->token, false, Deadline()).ok()) << "handed out, yet expired";
+  } else {
+    EXPECT_TRUE(absl::IsUnavailable(v.status())) << v.status();
+    EXPECT_THAT(CallerMessage(v.status()).value_or(""), HasSubstr("retry"));
+  }
+}
+
 // The asynchronous index write is the first of max_cas_attempts tries, as for the blocking
 // form: with 5 allowed, 1 + 4 writes; with 1, a lost race gives up at once.
 TEST_P(CreateAsyncTest, IndexThatKeepsConflictingIsUnavailableLikeCreate) {
