@@ -227,6 +227,13 @@ class SessionService::Backoff {
   Backoff(const SessionServiceOptions& options, absl::Time deadline)
       : options_(options), deadline_(deadline) {}
 
+  // The backoff of a caller whose first try already lost a race, so that try counts against
+  // max_cas_attempts; without one, a fresh backoff held in `own`.
+  static Backoff& ContinuedOrNew(Backoff* after_lost_race, std::optional<Backoff>& own,
+                                 const SessionServiceOptions& options, absl::Time deadline) {
+    return after_lost_race != nullptr ? *after_lost_race : own.emplace(options, deadline);
+  }
+
   // False when the caller must give up.
   bool Wait() {
     ++attempt_;
@@ -358,8 +365,7 @@ absl::StatusOr<SessionService::Indexed> SessionService::AddToIndex(
     std::optional<IndexRecord> already_read, bool replaces_one, absl::Time deadline,
     Backoff* after_lost_race) {
   std::optional<Backoff> own;
-  Backoff& backoff =
-      after_lost_race != nullptr ? *after_lost_race : own.emplace(options_, deadline);
+  Backoff& backoff = Backoff::ContinuedOrNew(after_lost_race, own, options_, deadline);
   for (;;) {
     absl::Time attempt_began = absl::Now();
     IndexRecord record;
@@ -585,8 +591,7 @@ void SessionService::FinishCreateBlocking(std::shared_ptr<NewSession> created,
 absl::StatusOr<SessionView> SessionService::Modify(const SessionKey& key, absl::Time deadline,
                                                    Edit& edit, Backoff* after_lost_race) {
   std::optional<Backoff> own;
-  Backoff& backoff =
-      after_lost_race != nullptr ? *after_lost_race : own.emplace(options_, deadline);
+  Backoff& backoff = Backoff::ContinuedOrNew(after_lost_race, own, options_, deadline);
   for (;;) {
     SL_ASSIGN_OR_RETURN(SessionLookup lookup, store_->Lookup(key, deadline));
     const absl::Time now = clock_.Now();
