@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -247,20 +248,46 @@ absl::Status ParseKeyValue(const std::string& flag, const std::string& value,
   if (eq == std::string::npos || eq == 0) {
     return UsageError(absl::StrCat("--", flag, ": expected KEY=VALUE, got '", value, "'"));
   }
-  into[value.substr(0, eq)] = value.substr(eq + 1);
+  // A key given twice would keep its last value only, without a word. Keys are the caller's
+  // own words and may hold any byte: printed escaped.
+  if (!into.emplace(value.substr(0, eq), value.substr(eq + 1)).second) {
+    return UsageError(absl::StrCat("--", flag, ": key '", absl::CHexEscape(value.substr(0, eq)),
+                                   "' is given twice; give each key once"));
+  }
   return absl::OkStatus();
 }
 
-// Splits a --target value into addresses. "ipv4:" and "ipv6:" targets are already gRPC
-// address lists (their commas are part of the syntax), so they stay whole.
-std::vector<std::string> SplitTargets(const std::string& value) {
+// Splits a --target value (or SESSIONLEDGER_TARGET's, named by `source`) into addresses.
+// "ipv4:" and "ipv6:" targets are already gRPC address lists (their commas are part of the
+// syntax), so they stay whole. A value without any address gives an empty list, which the
+// caller reports in its own words; an empty entry beside others ("$A,$B" with B unset) or a
+// scheme with nothing after it is an error here.
+absl::StatusOr<std::vector<std::string>> SplitTargets(absl::string_view source,
+                                                      const std::string& value) {
   const std::string trimmed(absl::StripAsciiWhitespace(value));
-  if (absl::StartsWith(trimmed, "ipv4:") || absl::StartsWith(trimmed, "ipv6:")) {
-    return {trimmed};
-  }
   std::vector<std::string> result;
-  for (absl::string_view part : absl::StrSplit(trimmed, ',', absl::SkipWhitespace())) {
-    result.emplace_back(absl::StripAsciiWhitespace(part));
+  if (absl::StartsWith(trimmed, "ipv4:") || absl::StartsWith(trimmed, "ipv6:")) {
+    result.push_back(trimmed);
+  } else {
+    for (absl::string_view part : absl::StrSplit(trimmed, ',')) {
+      result.emplace_back(absl::StripAsciiWhitespace(part));
+    }
+    const bool all_empty = std::all_of(result.begin(), result.end(),
+                                       [](const std::string& address) { return address.empty(); });
+    if (all_empty) return std::vector<std::string>{};
+  }
+  for (const std::string& address : result) {
+    if (address.empty()) {
+      return UsageError(absl::StrCat(source,
+                                     ": an empty address in the list (a comma too many, or an "
+                                     "unset variable?)"));
+    }
+    for (absl::string_view scheme :
+         {"ipv4:", "ipv6:", "unix:", "unix-abstract:", "dns:", "dns:///", "vsock:"}) {
+      if (address == scheme) {
+        return UsageError(absl::StrCat(source, ": no address after '", scheme, "'"));
+      }
+    }
   }
   return result;
 }
@@ -664,11 +691,12 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
 
   // Global options, with the environment as fallback.
   for (const std::string& value : tokens->All("target")) {
-    std::vector<std::string> addresses = SplitTargets(value);
+    absl::StatusOr<std::vector<std::string>> addresses = SplitTargets("--target", value);
+    if (!addresses.ok()) return addresses.status();
     // An empty --target (say, from an unset shell variable) must not quietly become the
     // default address: the call would go to whatever listens there.
-    if (addresses.empty()) return UsageError("--target: no address given");
-    for (std::string& t : addresses) o.targets.push_back(std::move(t));
+    if (addresses->empty()) return UsageError("--target: no address given");
+    for (std::string& t : *addresses) o.targets.push_back(std::move(t));
   }
   // The variable only when no --target was given, and held to the same rule: set but empty
   // is an error too, not the default. "export SESSIONLEDGER_TARGET=$PROD" with PROD unset
@@ -676,7 +704,9 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
   // whatever listens on localhost. Only an unset variable means the default.
   if (o.targets.empty()) {
     if (std::optional<std::string> from_env = env(kTargetEnv)) {
-      o.targets = SplitTargets(*from_env);
+      absl::StatusOr<std::vector<std::string>> addresses = SplitTargets(kTargetEnv, *from_env);
+      if (!addresses.ok()) return addresses.status();
+      o.targets = *std::move(addresses);
       if (o.targets.empty()) {
         return UsageError(absl::StrCat(
             kTargetEnv, ": set but holds no address; unset it for the default ", kDefaultTarget));
@@ -687,6 +717,12 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
   // A --token given is checked whatever the command; the variable only where the command sends
   // it (below): one exported from a CRLF file must not break `health` or `session create`.
   bool token_from_env = false;
+  // "--token=$TOKEN" with TOKEN unset would send the call without one.
+  if (absl::Status given = tokens->NoEmptyValue(
+          "token", "leave the option out for $SESSIONLEDGER_TOKEN, or give the session token");
+      !given.ok()) {
+    return given;
+  }
   if (auto v = tokens->Last("token")) {
     o.token = *v;
     absl::Status fits = CheckTokenFitsHeader("--token", o.token);

@@ -101,6 +101,39 @@ TEST(CliOptionsTest, Ipv4AddressListStaysWhole) {
   EXPECT_THAT(o->targets, ElementsAre("ipv4:10.0.0.1:1,10.0.0.2:2"));
 }
 
+// "--target $A,$B" with B unset must not quietly drop a replica from the list, nor a scheme
+// with no address after it reach gRPC, which would only say UNAVAILABLE.
+TEST(CliOptionsTest, AnEmptyAddressInATargetIsAUsageError) {
+  for (const std::string value : {"a:1,", ",a:1", "a:1,,b:2", "a:1, ,b:2"}) {
+    ExpectUsageError({"health", "--target", value}, "--target: an empty address in the list");
+    absl::StatusOr<CliOptions> o = Parse({"health"}, {{"SESSIONLEDGER_TARGET", value}});
+    ASSERT_FALSE(o.ok()) << "accepted SESSIONLEDGER_TARGET='" << value << "'";
+    EXPECT_THAT(std::string(o.status().message()),
+                HasSubstr("SESSIONLEDGER_TARGET: an empty address in the list"));
+  }
+  for (const std::string value :
+       {"ipv4:", "ipv6:", "unix:", "unix-abstract:", "dns:///", "dns:", "vsock:", " ipv4: "}) {
+    ExpectUsageError({"health", "--target", value}, "no address after");
+  }
+}
+
+// An empty --token (say, "--token=$TOKEN" with TOKEN unset) would send the call without one.
+TEST(CliOptionsTest, AnEmptyTokenOptionIsAUsageError) {
+  ExpectUsageError({"account", "get", "a", "--token", ""}, "--token: empty value");
+  ExpectUsageError({"--token=", "health"}, "--token: empty value");
+}
+
+// A key given twice would keep only its last value without a word.
+TEST(CliOptionsTest, AnAttributeKeyGivenTwiceIsAUsageError) {
+  ExpectUsageError({"session", "create", "u", "--attr", "role=a", "--attr", "role=b"},
+                   "--attr: key 'role' is given twice");
+  ExpectUsageError({"session", "update", "t", "--set", "x=1", "--set", "y=2", "--set", "x="},
+                   "--set: key 'x' is given twice");
+  // Keys are printed escaped: one may hold a terminal's control sequence.
+  ExpectUsageError({"session", "create", "u", "--attr", "\x1b[2J=a", "--attr", "\x1b[2J=b"},
+                   "key '\\x1b[2J' is given twice");
+}
+
 TEST(CliOptionsTest, DeadlineAcceptsBareSeconds) {
   absl::StatusOr<CliOptions> o = Parse({"--deadline", "1.5", "health"});
   ASSERT_TRUE(o.ok()) << o.status();
