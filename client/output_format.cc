@@ -234,7 +234,8 @@ std::string FormatTransactionList(const v1::ListTransactionsResponse& response) 
   std::string out = FormatTable(
       {"CREATED_AT", "KIND", "AMOUNT_MINOR", "CURRENCY", "FROM", "TO", "TRANSACTION_ID"}, rows);
   if (!response.next_page_token().empty()) {
-    absl::StrAppend(&out, "next page: --page-token ", response.next_page_token(), "\n");
+    absl::StrAppend(&out, "next page: --page-token ", EscapeForTerminal(response.next_page_token()),
+                    "\n");
   }
   return out;
 }

@@ -411,6 +411,10 @@ TEST(CliOutputTest, TransactionListShowsNextPageHint) {
   EXPECT_THAT(text, HasSubstr("deposit"));
   EXPECT_THAT(text, HasSubstr("1250"));
   EXPECT_THAT(text, HasSubstr("next page: --page-token pt"));
+  // The server writes the token: escaped like every other field it writes.
+  response.set_next_page_token("pt\x1b]0;owned\x07");
+  EXPECT_THAT(FormatTransactionList(response),
+              HasSubstr("next page: --page-token pt\\x1b]0;owned\\x07\n"));
 }
 
 TEST(CliOutputTest, StatusCodeNames) {
