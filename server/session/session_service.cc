@@ -967,6 +967,9 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(
     for (size_t i = first; i < end; ++i) {
       hashes.push_back(record.index.entries(static_cast<int>(i)).token_hash());
     }
+    // A create whose session this read misses was under way when the read began, not when it
+    // answered: the read may take a while, and the add land meanwhile.
+    const absl::Time read_began = clock_.Now();
     SL_ASSIGN_OR_RETURN(std::vector<std::optional<StoredSession>> sessions,
                         store_->ReadSessions(user_tag, hashes, deadline));
     const absl::Time now = clock_.Now();
@@ -980,7 +983,9 @@ absl::StatusOr<std::vector<StoredSession>> SessionService::LiveSessions(
         if (!expired_for_good && indexed_at > now - kJustIndexed) {
           *pruned.add_entries() = entry;
           newest = std::max(newest, entry.absolute_expires_at_unix_micros());
-          if (census != nullptr && indexed_at > now - kAddUnderWay) ++census->adds_under_way;
+          if (census != nullptr && indexed_at > read_began - kAddUnderWay) {
+            ++census->adds_under_way;
+          }
         }
         continue;
       }

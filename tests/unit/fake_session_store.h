@@ -177,6 +177,12 @@ class FakeSessionStore final : public SessionStore {
     std::lock_guard<std::mutex> l(mu_);
     before_read_sessions_ = std::move(first);
   }
+  // Runs `then` once, outside the lock, as the next ReadSessions has read (before it answers):
+  // a read that took long, when `then` advances the clock.
+  void AfterNextReadSessions(std::function<void()> then) {
+    std::lock_guard<std::mutex> l(mu_);
+    after_read_sessions_ = std::move(then);
+  }
   // The next Remove takes `pause` (real time, outside the lock) before it removes; a Remove
   // whose deadline has passed by then removes nothing (see Remove).
   void PauseNextRemove(absl::Duration pause) {
@@ -424,17 +430,22 @@ class FakeSessionStore final : public SessionStore {
     }
     if (first) first();
     absl::SleepFor(pause);
-    std::lock_guard<std::mutex> l(mu_);
-    if (unavailable_) return Down();
-    if (!read_sessions_failure_.ok())
-      return std::exchange(read_sessions_failure_, absl::OkStatus());
-    largest_read_sessions_ = std::max(largest_read_sessions_, hashes.size());
     std::vector<std::optional<storage::v1::StoredSession>> out;
-    for (const auto& h : hashes) {
-      auto* e = Live(sessions_, h);
-      out.push_back(e == nullptr ? std::nullopt
-                                 : std::optional<storage::v1::StoredSession>(e->value));
+    std::function<void()> then;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (unavailable_) return Down();
+      if (!read_sessions_failure_.ok())
+        return std::exchange(read_sessions_failure_, absl::OkStatus());
+      largest_read_sessions_ = std::max(largest_read_sessions_, hashes.size());
+      for (const auto& h : hashes) {
+        auto* e = Live(sessions_, h);
+        out.push_back(e == nullptr ? std::nullopt
+                                   : std::optional<storage::v1::StoredSession>(e->value));
+      }
+      then = std::exchange(after_read_sessions_, nullptr);
     }
+    if (then) then();
     return out;
   }
 
@@ -490,6 +501,7 @@ class FakeSessionStore final : public SessionStore {
   absl::Duration remove_pause_;
   std::function<void()> before_add_;
   std::function<void()> before_read_sessions_;
+  std::function<void()> after_read_sessions_;
   absl::Status partial_remove_failure_;
   absl::Time last_add_deadline_ = absl::InfinitePast();
   absl::Time last_lookup_deadline_ = absl::InfinitePast();
