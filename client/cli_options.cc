@@ -775,27 +775,27 @@ std::string UsageText() {
   return R"(usage: sessionledger-cli [GLOBAL OPTIONS] COMMAND [ARGS]
 
 Commands (SessionService):
-  session create --user-id U [--ttl SECONDS|30m] [--attr K=V ...]
+  session create USER_ID|--user-id U [--ttl SECONDS|30m] [--attr K=V ...]
                  (--ttl: whole seconds, at least 1; without it the server's default)
   session get    [TOKEN] [--touch]
   session update [TOKEN] [--set K=V ...] [--remove K ...] [--expected-version N]
   session rotate [TOKEN]
   session delete [TOKEN]
-  session list   --user-id U
-  session revoke --user-id U
+  session list   USER_ID|--user-id U
+  session revoke USER_ID|--user-id U
   (TOKEN defaults to --token / SESSIONLEDGER_TOKEN)
 
 Commands (TransactionService; authenticated with --token / SESSIONLEDGER_TOKEN):
-  account open --currency EUR
-  account get ACCOUNT_ID
+  account open CURRENCY|--currency EUR
+  account get  ACCOUNT_ID|--account ID
   deposit  --account ID --amount MINOR [--idempotency-key K]
   transfer --from ID --to ID --amount MINOR [--idempotency-key K]
-  history ACCOUNT_ID [--page-size N] [--page-token T] [--all]
+  history  ACCOUNT_ID|--account ID [--page-size N] [--page-token T] [--all]
   (amounts are integer minor units, e.g. cents; without --idempotency-key a key is generated
    and printed on stderr, so a failed call can be retried with the same key)
 
 Other:
-  health [SERVICE]
+  health [SERVICE|--service NAME]
   bench --rpc health|create-session|get-session|update-session|transfer|create-get-session
         [--concurrency 16] [--connections N] [--duration 10s] [--warmup 2s]
         [--requests N] [--rate CALLS_PER_S] [--touch] [--no-progress]
@@ -815,7 +815,7 @@ Global options:
                            client-side round_robin
   --token TOKEN            session token, sent as "authorization: Bearer TOKEN"
                            (default $SESSIONLEDGER_TOKEN); printable ASCII only
-  --deadline DURATION      per call, default 10s (e.g. 500ms, 2s)
+  --deadline DURATION      per call, default 10s, at most 24h (e.g. 500ms, 2s)
   --json                   print responses as protobuf JSON
   --tls                    use TLS (system root certificates); implied by the options below
   --ca-file PEM            roots that sign the server's certificate

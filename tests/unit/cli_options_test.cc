@@ -440,6 +440,34 @@ TEST(CliOptionsTest, HelpWins) {
   EXPECT_THAT(UsageText(), HasSubstr("session create"));
 }
 
+// The help shows each form a command accepts, and each form it shows parses.
+TEST(CliOptionsTest, HelpShowsEveryFormOfAnArgument) {
+  const std::pair<const char*, std::vector<std::vector<std::string>>> forms[] = {
+      {"session create USER_ID|--user-id U",
+       {{"session", "create", "u"}, {"session", "create", "--user-id", "u"}}},
+      {"session list   USER_ID|--user-id U",
+       {{"session", "list", "u"}, {"session", "list", "--user-id", "u"}}},
+      {"session revoke USER_ID|--user-id U",
+       {{"session", "revoke", "u"}, {"session", "revoke", "--user-id", "u"}}},
+      {"account open CURRENCY|--currency EUR",
+       {{"account", "open", "EUR"}, {"account", "open", "--currency", "EUR"}}},
+      {"account get  ACCOUNT_ID|--account ID",
+       {{"account", "get", "a"}, {"account", "get", "--account", "a"}}},
+      {"history  ACCOUNT_ID|--account ID", {{"history", "a"}, {"history", "--account", "a"}}},
+      {"health [SERVICE|--service NAME]",
+       {{"health"}, {"health", "s"}, {"health", "--service", "s"}}},
+  };
+  for (const auto& [help, argument_lists] : forms) {
+    EXPECT_THAT(UsageText(), HasSubstr(help));
+    for (const std::vector<std::string>& args : argument_lists) {
+      absl::StatusOr<CliOptions> o = Parse(args);
+      EXPECT_TRUE(o.ok()) << ::testing::PrintToString(args) << ": " << o.status();
+    }
+  }
+  EXPECT_THAT(UsageText(), HasSubstr("at most 24h (e.g. 500ms"));
+  ExpectUsageError({"--deadline", "25h", "health"}, "at most 24h");
+}
+
 TEST(CliOptionsTest, UnknownLongOptionIsNotEchoed) {
   // Session tokens are URL-safe base64 and may start with "--": a token passed without "--"
   // before it must not end up on stderr (and in CI logs) in an error message.
