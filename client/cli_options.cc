@@ -6,7 +6,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
-#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -248,10 +247,9 @@ absl::Status ParseKeyValue(const std::string& flag, const std::string& value,
   if (eq == std::string::npos || eq == 0) {
     return UsageError(absl::StrCat("--", flag, ": expected KEY=VALUE, got '", value, "'"));
   }
-  // A key given twice would keep its last value only, without a word. Keys are the caller's
-  // own words and may hold any byte: printed escaped.
+  // A key given twice would keep its last value only, without a word.
   if (!into.emplace(value.substr(0, eq), value.substr(eq + 1)).second) {
-    return UsageError(absl::StrCat("--", flag, ": key '", absl::CHexEscape(value.substr(0, eq)),
+    return UsageError(absl::StrCat("--", flag, ": key '", value.substr(0, eq),
                                    "' is given twice; give each key once"));
   }
   return absl::OkStatus();
@@ -282,8 +280,8 @@ absl::StatusOr<std::vector<std::string>> SplitTargets(absl::string_view source,
                                      ": an empty address in the list (a comma too many, or an "
                                      "unset variable?)"));
     }
-    for (absl::string_view scheme :
-         {"ipv4:", "ipv6:", "unix:", "unix-abstract:", "dns:", "dns:///", "vsock:"}) {
+    for (absl::string_view scheme : {"ipv4:", "ipv6:", "unix:", "unix://",
+                                     "unix-abstract:", "dns:", "dns://", "dns:///", "vsock:"}) {
       if (address == scheme) {
         return UsageError(absl::StrCat(source, ": no address after '", scheme, "'"));
       }
@@ -717,12 +715,6 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
   // A --token given is checked whatever the command; the variable only where the command sends
   // it (below): one exported from a CRLF file must not break `health` or `session create`.
   bool token_from_env = false;
-  // "--token=$TOKEN" with TOKEN unset would send the call without one.
-  if (absl::Status given = tokens->NoEmptyValue(
-          "token", "leave the option out for $SESSIONLEDGER_TOKEN, or give the session token");
-      !given.ok()) {
-    return given;
-  }
   if (auto v = tokens->Last("token")) {
     o.token = *v;
     absl::Status fits = CheckTokenFitsHeader("--token", o.token);
@@ -764,9 +756,19 @@ absl::StatusOr<CliOptions> ParseCommandLine(const std::vector<std::string>& args
 
   absl::Status s = ApplyCommandOptions(*tokens, rest, o);
   if (!s.ok()) return s;
-  if (token_from_env && SendsGlobalToken(o.command, rest)) {
-    s = CheckTokenFitsHeader(kTokenEnv, o.token);
-    if (!s.ok()) return s;
+  if (SendsGlobalToken(o.command, rest)) {
+    // "--token=$TOKEN" with TOKEN unset, or an exported empty variable, would send the call
+    // without a token; a token nowhere at all is the server's to refuse (UNAUTHENTICATED).
+    if (o.token.empty() && token_from_env) {
+      return UsageError(absl::StrCat(kTokenEnv, ": set but empty; unset it or give the token"));
+    }
+    if (o.token.empty() && tokens->Has("token")) {
+      return UsageError("--token: empty value; give the session token or leave the option out");
+    }
+    if (token_from_env) {
+      s = CheckTokenFitsHeader(kTokenEnv, o.token);
+      if (!s.ok()) return s;
+    }
   }
   return o;
 }

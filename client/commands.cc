@@ -243,9 +243,11 @@ int RunRpcCommand(const CliOptions& o, const std::shared_ptr<grpc::Channel>& cha
 
 int RunCli(const std::vector<std::string>& args, const EnvLookup& env, std::ostream& out,
            std::ostream& err) {
+  // The CLI's own errors quote what the caller gave (a key, a file name, a target), which may
+  // hold a terminal's control sequences: escaped as the server's words are.
   absl::StatusOr<CliOptions> options = ParseCommandLine(args, env);
   if (!options.ok()) {
-    err << "sessionledger-cli: " << options.status().message() << "\n";
+    err << "sessionledger-cli: " << EscapeForTerminal(options.status().message()) << "\n";
     return static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT);
   }
   if (options->command == Command::kHelp) {
@@ -254,13 +256,13 @@ int RunCli(const std::vector<std::string>& args, const EnvLookup& env, std::ostr
   }
   absl::StatusOr<std::string> target = BuildChannelTarget(options->targets, options->deadline);
   if (!target.ok()) {
-    err << "sessionledger-cli: " << target.status().message() << "\n";
+    err << "sessionledger-cli: " << EscapeForTerminal(target.status().message()) << "\n";
     return static_cast<int>(target.status().code());
   }
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
       MakeCredentials(options->tls);
   if (!credentials.ok()) {
-    err << "sessionledger-cli: " << credentials.status().message() << "\n";
+    err << "sessionledger-cli: " << EscapeForTerminal(credentials.status().message()) << "\n";
     return static_cast<int>(credentials.status().code());
   }
   ChannelOptions channel_options;
@@ -269,7 +271,7 @@ int RunCli(const std::vector<std::string>& args, const EnvLookup& env, std::ostr
   if (options->tls.enabled && options->tls.server_name.empty()) {
     absl::StatusOr<std::string> name = TlsNameForTargets(options->targets);
     if (!name.ok()) {
-      err << "sessionledger-cli: " << name.status().message() << "\n";
+      err << "sessionledger-cli: " << EscapeForTerminal(name.status().message()) << "\n";
       return static_cast<int>(name.status().code());
     }
     channel_options.ssl_target_name_override = *name;

@@ -152,6 +152,13 @@ TEST_F(CliExitCodeTest, AnErrorMessageReachesTheTerminalEscaped) {
   EXPECT_THAT(err_.str(), Not(HasSubstr("\x1b")));
 }
 
+// And so does a usage error, which quotes what the caller gave: a key pasted from elsewhere.
+TEST_F(CliExitCodeTest, AUsageErrorReachesTheTerminalEscaped) {
+  EXPECT_EQ(Cli({"session", "create", "u", "--attr", "\x1b[2J=a", "--attr", "\x1b[2J=b"}), 3);
+  EXPECT_THAT(err_.str(), HasSubstr("--attr: key '\\x1b[2J' is given twice"));
+  EXPECT_THAT(err_.str(), Not(HasSubstr("\x1b")));
+}
+
 TEST_F(CliExitCodeTest, HistoryAllStopsWhenTheServerRepeatsAPageToken) {
   EXPECT_EQ(Cli({"--token", "t", "history", "acc-1", "--all"}), 13) << err_.str();
   EXPECT_THAT(err_.str(), HasSubstr("repeated a next_page_token"));
