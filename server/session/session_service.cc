@@ -38,14 +38,16 @@ constexpr size_t kSessionsPerRead = 64;
 // and keep its blocking thread for no longer. The next one writes the next ones.
 constexpr int kTombstonesPerPruning = 64;
 
-// How long after its index entry was written a session that is not stored is counted against
-// the user's limit as a create (or rotation) still under way. Short, because a session missing
-// for another reason is counted too: one evicted, a losing rotation's new one removed again, a
-// create whose add failed. Not one that ended: a deletion leaves a tombstone, a revoked session
-// stays stored, and an expired one lived at least its TTL, 1 s or more, after its add, which
-// came after its entry (memcached may drop an item up to 2 s before its exptime, which is why
-// MemcachedExptime adds 2). An add slower than this (a stalled node) is not counted, and can
-// take the user one past the limit.
+// How long after its index entry was written, until the count's read began, a session that is
+// not stored is counted against the user's limit as a create (or rotation) still under way.
+// Short, because a session missing for another reason is counted too: one evicted, a losing
+// rotation's new one removed again, a create whose add failed. Mostly not one that ended: a
+// deletion leaves a tombstone, a revoked session stays stored, and an expired one lived at
+// least its TTL, 1 s or more, after its add, which came after its entry (memcached may drop an
+// item up to 2 s before its exptime, which is why MemcachedExptime adds 2). The exceptions, an
+// asynchronous create that wrote its session and its entry at once and a short session that
+// expired while a slow read ran, cost a needless UNAVAILABLE at worst. An add slower than this
+// (a stalled node) is not counted, and can take the user one past the limit.
 constexpr absl::Duration kAddUnderWay = absl::Seconds(1);
 
 // When an index entry was written. A rotated session keeps its predecessor's absolute expiry,
