@@ -83,8 +83,9 @@ TEST_F(LedgerServiceTest, ErrorOrderInvalidArgumentBeforeUnauthenticated) {
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(ledger_.ListTransactions("forged", {kNoSuchAccount, -1, ""}, kDeadline).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ledger_.ListTransactions("forged", {kNoSuchAccount, 0, "garbage"}, kDeadline).status(),
-              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(
+      ledger_.ListTransactions("forged", {kNoSuchAccount, 0, "garbage"}, kDeadline).status(),
+      StatusIs(absl::StatusCode::kInvalidArgument));
   // UNAUTHENTICATED before NOT_FOUND, an account id that is no UUID included: it names no
   // account, which only a caller who may ask learns.
   EXPECT_THAT(ledger_.GetAccount("forged", kNoSuchAccount, kDeadline).status(),
