@@ -829,8 +829,10 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
       return ForCallers(absl::StatusCode::kUnavailable,
                         absl::StrCat(kRotationOutOfTime, kNothingChangedRetry));
     }
+    // As for a create, the idle time starts once the entry is written, after any count.
+    s.set_expires_at_unix_micros(SlidExpiry(s, index_entry.indexed_at));
     const absl::Time add_began = absl::Now();
-    SL_RETURN_IF_ERROR(store_->Add(new_key, s, SessionTtl(s, now),
+    SL_RETURN_IF_ERROR(store_->Add(new_key, s, SessionTtl(s, index_entry.indexed_at),
                                    AddSessionBy(index_entry.indexed_at, deadline)));
     // A backstop for an add that was slower than the index write: with less of the deadline
     // left than the add took, the end does not start either. The new session, never handed

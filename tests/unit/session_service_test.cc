@@ -600,6 +600,21 @@ TEST_F(SessionServiceTest, ASlowReadStillCountsTheCreateItMissed) {
   EXPECT_TRUE(absl::IsUnavailable(second.status())) << second.status();
 }
 
+// A rotation slides the new session's idle expiry as of when its entry is written too: at the
+// limit it counts the user's sessions first, and a count of 1.5 s left a 2 s session 0.5 s.
+TEST_F(SessionServiceTest, ASlowCountDoesNotShortenARotatedSession) {
+  LimitSessionsPerUser(3);
+  const SessionView old = MustCreate("rotating", /*ttl=*/2);
+  MustCreate("rotating");
+  MustCreate("rotating");
+  store_->AfterNextReadSessions([&] { clock_.Advance(absl::Milliseconds(1500)); });
+  const absl::Time before_count = clock_.Now();
+  absl::StatusOr<SessionView> rotated = service_->Rotate(old.token, Deadline());
+  ASSERT_TRUE(rotated.ok()) << rotated.status();
+  ASSERT_GT(clock_.Now(), before_count) << "the rotation did not count";
+  EXPECT_EQ(rotated->stored.expires_at_unix_micros(), Micros(clock_.Now() + absl::Seconds(2)));
+}
+
 // Entries without a stored session count as creates under way for kAddUnderWay (1 s) only:
 // sessions that expired and are gone (1 s sessions, 1.5 s later) leave room.
 TEST_F(SessionServiceTest, ExpiredSessionsMissingFromTheStoreLeaveRoomUnderTheLimit) {
