@@ -112,6 +112,12 @@ std::string Quoted(const std::string& word) {
 }
 
 absl::Status UnknownOption(const std::string& name, const std::string& arg) {
+  // "--user_id" or "--User-Id": one of ours in another spelling, and so no secret either.
+  std::string ours = absl::AsciiStrToLower(name);
+  std::replace(ours.begin(), ours.end(), '_', '-');
+  if (ours != name && FindFlag(ours) != nullptr) {
+    return UsageError(absl::StrCat("unknown option --", name, "; did you mean --", ours, "?"));
+  }
   return UsageError(absl::StrCat(
       LooksLikeOurName(name) ? absl::StrCat("unknown option --", name)
                              : absl::StrCat("unknown option of ", arg.size(), " characters"),

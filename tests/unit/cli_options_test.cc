@@ -514,6 +514,15 @@ TEST(CliOptionsTest, UnknownLongOptionIsNotEchoed) {
   EXPECT_THAT(UsageText(), HasSubstr("--                       ends the options"));
 }
 
+// One of our options in another spelling is named, with the right one: a token never reads as
+// one of our names, however its case and '_' are changed.
+TEST(CliOptionsTest, AnOptionSpelledWithUnderscoresOrCapitalsSaysWhichOneIsMeant) {
+  ExpectUsageError({"session", "create", "--user_id", "alice"},
+                   "unknown option --user_id; did you mean --user-id?");
+  ExpectUsageError({"--Target=a:1", "health"}, "unknown option --Target; did you mean --target?");
+  ExpectUsageError({"deposit", "--IDEMPOTENCY_KEY", "k"}, "did you mean --idempotency-key?");
+}
+
 TEST(CliOptionsTest, AMisplacedTokenIsNotEchoed) {
   // A token given as a command, or one word too many, is as secret as one that looks like an
   // option: the message describes it by its length.
