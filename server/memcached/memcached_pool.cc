@@ -127,6 +127,9 @@ absl::Status MemcachedStatus(memcached_return_t rc, absl::string_view what) {
     case MEMCACHED_SOME_ERRORS:
     case MEMCACHED_FAILURE:
     case MEMCACHED_PROTOCOL_ERROR:
+    // A node that refuses our credentials serves no session, as one that is down.
+    case MEMCACHED_AUTH_PROBLEM:
+    case MEMCACHED_AUTH_FAILURE:
       return absl::UnavailableError(message);
     default:
       return absl::InternalError(message);

@@ -1218,6 +1218,17 @@ TEST(MemcachedStatusTest, AnItemTooBigNamesTheFieldForCallers) {
   EXPECT_FALSE(CallerMessage(MemcachedStatus(MEMCACHED_TIMEOUT, "get")).has_value());
 }
 
+// A memcached that refuses this server's credentials is, to a caller, one that is down:
+// UNAVAILABLE, as the contract has it for a backing service, not INTERNAL. A request libmemcached
+// finds malformed is this server's own bug, and stays INTERNAL.
+TEST(MemcachedStatusTest, ARefusedLoginIsUnavailableAndABadRequestInternal) {
+  for (const memcached_return_t refused : {MEMCACHED_AUTH_FAILURE, MEMCACHED_AUTH_PROBLEM}) {
+    EXPECT_EQ(MemcachedStatus(refused, "get").code(), absl::StatusCode::kUnavailable)
+        << memcached_strerror(nullptr, refused);
+  }
+  EXPECT_EQ(MemcachedStatus(MEMCACHED_BAD_KEY_PROVIDED, "get").code(), absl::StatusCode::kInternal);
+}
+
 // memcached answers a storage command it cannot carry out (a value above its item size limit, no
 // memory for it) with SERVER_ERROR and swallows the data: the connection stays in step, and the
 // requests behind it are answered as usual.
