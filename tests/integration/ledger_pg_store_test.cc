@@ -434,8 +434,11 @@ TEST_F(LedgerPgStoreTest, SlowPostgresGivesUnavailableWithinTheDeadline) {
   EXPECT_EQ(pool_.open_connections(), connections_before)
       << "the connection was dropped rather than its statement cancelled by PostgreSQL";
   // Cancelled near the deadline, not after the lock is released; the slack absorbs sanitized
-  // builds on a loaded machine.
+  // builds on a loaded machine. Nor long before it: PostgreSQL gets all but 200 ms of what is
+  // left, so the statement cannot end before 1.3 s, and a budget cut short (say, to half) would
+  // fail calls that wait briefly on a busy account at a fraction of their deadline.
   EXPECT_LE(took, absl::Milliseconds(2000));
+  EXPECT_GE(took, absl::Milliseconds(1100));
   ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());
   // The key stayed unused and the pool's connection is still good.
   absl::StatusOr<Transaction> retry =
@@ -715,10 +718,14 @@ TEST_F(LedgerPgBatchTest, ACallThatWaitedForAConnectionGivesPostgresOnlyWhatIsLe
     absl::SleepFor(absl::Milliseconds(1500));
     held.reset();
   });
+  const absl::Time start = absl::Now();
   const absl::StatusOr<Transaction> late =
-      batch_ledger_.Deposit(alice, {a.account_id, 1, "late"}, absl::Now() + absl::Seconds(3));
+      batch_ledger_.Deposit(alice, {a.account_id, 1, "late"}, start + absl::Seconds(3));
+  const absl::Duration took = absl::Now() - start;
   release.join();
   EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable) << late.status();
+  // All of what was left, but 200 ms: it ends near 2.8 s however late the connection came.
+  EXPECT_GE(took, absl::Milliseconds(2600)) << "PostgreSQL was given less than was left";
   EXPECT_EQ(small_pool_.open_connections(), 1)
       << "the call's deadline broke the connection: PostgreSQL was given more time than was left";
   ASSERT_TRUE(blocker->ExecSimple("ROLLBACK", Soon()).ok());

@@ -22,6 +22,7 @@ namespace sessionledger::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 // With `serve_metrics`, /metrics is served on the server's metrics_port().
 std::unique_ptr<ServerProcess> StartServer(std::map<std::string, std::optional<std::string>> env,
@@ -383,6 +384,7 @@ TEST(HealthcheckCommandTest, ExitsZeroOnlyWhileTheServerServes) {
   ASSERT_TRUE(serving.ok());
   EXPECT_EQ(serving->exit_code, 0) << serving->output;
   EXPECT_THAT(serving->output, HasSubstr("SERVING"));
+  EXPECT_THAT(serving->output, Not(HasSubstr("NOT_SERVING")));
 
   // Draining: alive, answering, NOT_SERVING. The container is then unhealthy. The log line and
   // the switch to NOT_SERVING come from two threads, so the check is asked until it says so.
@@ -427,6 +429,7 @@ TEST(HealthcheckCommandTest, IgnoresHttpProxySettings) {
   ASSERT_TRUE(checked.ok());
   EXPECT_EQ(checked->exit_code, 0) << checked->output;
   EXPECT_THAT(checked->output, HasSubstr("SERVING"));
+  EXPECT_THAT(checked->output, Not(HasSubstr("NOT_SERVING")));
 }
 
 TEST(HealthcheckCommandTest, NamesABadPort) {

@@ -159,6 +159,8 @@ TEST(PgHostLookupTest, WhenEveryHostFailsEachOneSaysWhy) {
   ASSERT_FALSE(conn.ok());
   EXPECT_EQ(conn.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(conn.status().message(), HasSubstr("connect failed"));
+  // Named, with the address it was reached at: which host of a failover list refused.
+  EXPECT_THAT(conn.status().message(), HasSubstr("(down.test at 127.0.0.1)"));
   EXPECT_THAT(conn.status().message(),
               HasSubstr("looking up 'hanging.test' took longer than the deadline"));
 }

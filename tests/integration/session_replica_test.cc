@@ -116,6 +116,14 @@ TEST_F(SessionReplicaTest, NodeThatRestartsEmptyLosesNothingAndIsRepairedOnRead)
   v1::Session out;
   ASSERT_TRUE(client_->Update(sessions[0].token(), {{"after", "flap"}}, {}, 0, &out).ok());
   EXPECT_EQ(out.version(), 2);
+  for (const int node : {1, 2}) {
+    const std::optional<std::string> copy =
+        MemcachedGetValue(node, SessionKey(sessions[0].token()));
+    storage::v1::StoredSession stored;
+    ASSERT_TRUE(copy.has_value() && stored.ParseFromString(*copy)) << "node " << node;
+    EXPECT_EQ(stored.version(), 2) << "node " << node;
+    EXPECT_EQ(stored.attributes().at("after"), "flap") << "node " << node;
+  }
 }
 
 TEST_F(SessionReplicaTest, StoppingEitherNodeLosesNoSession) {
