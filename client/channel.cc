@@ -74,6 +74,18 @@ absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& pat
   return contents;
 }
 
+// The schemes of gRPC's resolvers a --target may name besides a plain host:port.
+constexpr absl::string_view kResolverSchemes[] = {
+    "dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:"};
+
+// The resolver scheme `target` starts with, if any.
+std::optional<absl::string_view> ResolverScheme(absl::string_view target) {
+  for (absl::string_view scheme : kResolverSchemes) {
+    if (absl::StartsWith(target, scheme)) return scheme;
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& targets,
@@ -85,12 +97,14 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
     // port 0, and report either as UNAVAILABLE after sending nothing useful (or the token to
     // a port nobody meant).
     const std::string& target = targets.front();
-    const bool plain =
-        absl::StartsWith(target, "dns:///") ||
-        (!absl::StrContains(target, "://") && !absl::StartsWith(target, "dns:") &&
-         !absl::StartsWith(target, "unix:") && !absl::StartsWith(target, "unix-abstract:") &&
-         !absl::StartsWith(target, "ipv4:") && !absl::StartsWith(target, "ipv6:") &&
-         !absl::StartsWith(target, "vsock:"));
+    const std::optional<absl::string_view> scheme = ResolverScheme(target);
+    // "ipv4:" or "unix://" alone (an unset variable after it) would reach gRPC, which says only
+    // UNAVAILABLE.
+    if (scheme.has_value() && target.find_first_not_of('/', scheme->size()) == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("--target: no address after '", target, "'"));
+    }
+    const bool plain = absl::StartsWith(target, "dns:///") ||
+                       (!absl::StrContains(target, "://") && !scheme.has_value());
     if (plain) {
       absl::string_view address = target;
       absl::ConsumePrefix(&address, "dns:///");
@@ -115,8 +129,7 @@ absl::StatusOr<std::string> BuildChannelTarget(const std::vector<std::string>& t
   for (const std::string& raw : targets) {
     std::string address = raw;
     if (absl::StartsWith(address, "dns:///")) address = address.substr(7);
-    if (absl::StrContains(address, "://") || absl::StartsWith(address, "unix:") ||
-        absl::StartsWith(address, "ipv4:") || absl::StartsWith(address, "ipv6:")) {
+    if (absl::StrContains(address, "://") || ResolverScheme(address).has_value()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--target: '", raw, "' cannot be part of a list; list plain host:port addresses"));
     }

@@ -54,6 +54,17 @@ TEST(CliChannelTest, SinglePlainTargetNeedsHostAndPort) {
   }
 }
 
+// A scheme with no address after it ("$HOST" unset) would reach gRPC, which says only
+// UNAVAILABLE.
+TEST(CliChannelTest, ASchemeWithoutAnAddressIsRefused) {
+  for (const char* t : {"ipv4:", "ipv6:", "unix:", "unix://", "unix-abstract:", "dns:", "dns://",
+                        "dns:///", "vsock:"}) {
+    absl::StatusOr<std::string> target = BuildChannelTarget({t}, kLookupLimit);
+    EXPECT_EQ(target.status().code(), absl::StatusCode::kInvalidArgument) << t;
+    EXPECT_THAT(target.status().message(), HasSubstr("no address after")) << t;
+  }
+}
+
 // Over TLS a list is checked against one name: the hosts' own when they are one host.
 TEST(CliChannelTest, TlsNameOfAListIsItsOneHostOrNone) {
   EXPECT_EQ(TlsNameForTargets({"api.example:443"}).value_or("?"), "") << "gRPC's own authority";
