@@ -5,12 +5,13 @@
 #                 (a proxy cannot reach the tests' servers on 127.0.0.1); names the tests that
 #                 skipped themselves inside a binary ctest ran whole; exits non-zero when the
 #                 tests passed but `backing-services stop` failed, and keeps ctest's own failure
-#                 code when both failed;
+#                 code when both failed; with --build-only, builds and touches nothing else;
 #   .ci/run       stops the backing services on exit as a backstop, quietly when there was
 #                 nothing left to stop, and turns a 0 into 1 when that stop fails, never
 #                 changing a step's failure code; and, before that, those of the scratch state
 #                 directories that tests registered and did not unregister (a test ctest killed),
-#                 skipping directories that are gone.
+#                 skipping directories that are gone; runs the sanitizer build beside step 1's
+#                 tests at SCHED_IDLE, fails on its failure, and ends it when step 1 fails.
 # Usage: test_exit_test.sh REPO_ROOT
 set -euo pipefail
 repo_root=$1
@@ -95,12 +96,56 @@ expect_in "$err" "scripts/test's log" "scripts/backing-services stop failed"
 run_test 8 fail 8
 run_test 8 ok 8
 
+# --build-only builds and exits: no services asked for, no ctest; it takes no ctest arguments.
+# It does not take the state directory's lock, so it runs beside a run that holds it (as .ci/run
+# has it), but not beside another build of the same directory.
+rm -f "$calls" "$tmp/ctest-env"
+(
+  exec 8>>"$tmp/state/test.lock"
+  flock 8
+  run_capturing_stderr "$checkout/scripts/test" --build-only
+  ((rc == 0)) || fail "scripts/test --build-only beside a run holding the state lock: exit $rc: $err"
+)
+[[ ! -e $calls && ! -e $tmp/ctest-env ]] ||
+  fail "scripts/test --build-only asked for services ($(cat "$calls" 2>/dev/null)) or ran ctest"
+run_capturing_stderr "$checkout/scripts/test" --build-only -L unit
+((rc == 2)) || fail "scripts/test --build-only -L unit: exit $rc, want 2: $err"
+expect_in "$err" "scripts/test's log" "--build-only runs no tests"
+(
+  exec 7>>"$tmp/state/build-test.lock"
+  flock 7
+  run_capturing_stderr "$checkout/scripts/test" --build-only
+  ((rc == 1)) || fail "scripts/test --build-only while build-test is being built: exit $rc: $err"
+  expect_in "$err" "scripts/test's log" "is using $checkout/build-test"
+)
+
 # --- .ci/run ----------------------------------------------------------------------------------
-# scripts/test: each step exits as STUB_STEP_1 or STUB_STEP_2 says (--sanitize is step 2).
-cat >"$checkout/scripts/test" <<'STUB'
+# scripts/test: each step exits as STUB_STEP_1 or STUB_STEP_2 says (--sanitize is step 2); step
+# 1's --build-only run passes, step 2's exits as STUB_SANITIZER_BUILD says, or as step 2; each
+# run records its arguments in $runs. With STUB_WAIT_FOR_SANITIZER_BUILD set, step 1's tests
+# wait until the sanitizer build has started. The sanitizer build also records its scheduling
+# policy, writes its pid to $tmp/sanitizer-build.pid, prints a line and sleeps
+# STUB_SANITIZER_BUILD_SECONDS (default 0) before it exits.
+runs=$tmp/test-runs
+cat >"$checkout/scripts/test" <<STUB
 #!/usr/bin/env bash
-if [[ ${1-} == --sanitize ]]; then exit "${STUB_STEP_2:-0}"; fi
-exit "${STUB_STEP_1:-0}"
+echo "test \$*" >>"$runs"
+if [[ \$* == '--sanitize --build-only' ]]; then
+  echo \$\$ >"$tmp/sanitizer-build.pid"
+  chrt -p \$\$ >"$tmp/sanitizer-build.policy"
+  echo 'stub sanitizer build: all targets built'
+  sleep "\${STUB_SANITIZER_BUILD_SECONDS:-0}"
+  exit "\${STUB_SANITIZER_BUILD:-\${STUB_STEP_2:-0}}"
+fi
+if [[ \${1-} == --sanitize ]]; then exit "\${STUB_STEP_2:-0}"; fi
+[[ \${1-} != --build-only ]] || exit 0
+if [[ -n \${STUB_WAIT_FOR_SANITIZER_BUILD-} ]]; then
+  for ((i = 0; i < 100; i++)); do
+    [[ ! -s "$tmp/sanitizer-build.pid" ]] || break
+    sleep 0.1
+  done
+fi
+exit "\${STUB_STEP_1:-0}"
 STUB
 chmod +x "$checkout/scripts/test"
 # run_ci STEP_1 STEP_2 STOP WANT: .ci/run with the steps exiting STEP_1 and STEP_2 and the
@@ -121,6 +166,43 @@ expect_in "$err" ".ci/run's log" "stopped backing services the steps left runnin
 run_ci 0 0 fail 1
 expect_in "$err" ".ci/run's log" "stop failed" "could not stop memcached-1" "exiting 1"
 run_ci 0 5 fail 5
+
+# The steps' order: step 1's build, then its tests beside the sanitizer build (which of the two
+# starts first is up to the scheduler), then step 2 once that build is done; the sanitizer
+# build at SCHED_IDLE, its output printed and its time reported.
+rm -f "$runs"
+rc=0
+out=$("$checkout/.ci/run" 2>&1) || rc=$?
+((rc == 0)) || fail ".ci/run with passing steps: exit $rc: $out"
+got=$(sed -n 1p "$runs")$'\n'$(sed -n 2,3p "$runs" | sort)$'\n'$(sed -n '4,$p' "$runs")
+want=$'test --build-only\ntest \ntest --sanitize --build-only\ntest --sanitize'
+[[ $got == "$want" ]] || fail ".ci/run ran scripts/test as
+$(cat "$runs")
+want (lines 2 and 3 in either order)
+$want"
+grep -q SCHED_IDLE "$tmp/sanitizer-build.policy" ||
+  fail "the sanitizer build did not run at SCHED_IDLE: $(cat "$tmp/sanitizer-build.policy")"
+expect_in "$out" ".ci/run's output" "stub sanitizer build: all targets built" \
+  "./scripts/test --sanitize --build-only took"
+
+# A failing sanitizer build fails .ci/run with its exit code, after its output, and step 2 does
+# not run.
+rm -f "$runs"
+STUB_SANITIZER_BUILD=6 run_capturing_stderr "$checkout/.ci/run"
+((rc == 6)) || fail ".ci/run, sanitizer build exit 6: exit $rc, want 6: $err"
+expect_in "$err" ".ci/run's log" "./scripts/test --sanitize --build-only failed (exit 6)"
+! grep -qx 'test --sanitize' "$runs" || fail "step 2 ran after its build failed: $(cat "$runs")"
+
+# A failing step 1 ends the sanitizer build that still runs beside it, at once.
+rm -f "$runs" "$tmp/sanitizer-build.pid"
+started=$SECONDS
+STUB_STEP_1=3 STUB_SANITIZER_BUILD=0 STUB_SANITIZER_BUILD_SECONDS=60 \
+  STUB_WAIT_FOR_SANITIZER_BUILD=1 run_capturing_stderr "$checkout/.ci/run"
+((rc == 3)) || fail ".ci/run, step 1 exit 3 during the sanitizer build: exit $rc, want 3: $err"
+((SECONDS - started < 30)) || fail ".ci/run waited for the sanitizer build after step 1 failed"
+build_pid=$(<"$tmp/sanitizer-build.pid")
+! kill -0 "$build_pid" 2>/dev/null || fail ".ci/run left the sanitizer build (pid $build_pid) running"
+! pgrep -s "$build_pid" >/dev/null || fail ".ci/run left the sanitizer build's children running"
 
 # --- .ci/run: scratch services of tests ctest killed ----------------------------------------
 # Registered as the tests register theirs (test_lib.sh): a backing set, a cluster (with a space
