@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/test's selection for a sanitizer build (sl_ctest_excluding in scripts/lib/common.sh):
 # whatever -L/-LE the caller passes, the labels a sanitizer build cannot run stay out, and the
-# caller's -LE still takes effect. Lists tests of BUILD_DIR with `ctest -N`; runs none.
+# caller's -LE still takes effect. And every long test has a duration for ctest's order. Lists
+# tests of BUILD_DIR with `ctest -N`; runs none.
 # Usage: ctest_selection_test.sh REPO_ROOT BUILD_DIR
 set -euo pipefail
 repo_root=$1
@@ -46,4 +47,17 @@ sl_ctest_excluding 'deploy'
 if sl_ctest_excluding 'deploy' -L unit -LE 2>/dev/null; then
   fail "a trailing -LE was accepted"
 fi
+# Every test labelled integration or chaos (whole binaries and scripts that run for seconds to
+# minutes, most of them alone) says how long it runs (sl_test_seconds in tests/CMakeLists.txt):
+# in a clean clone ctest would otherwise start them in no useful order.
+uncosted=$(ctest --test-dir "$build_dir" --show-only=json-v1 | python3 -c '
+import json, sys
+for test in json.load(sys.stdin)["tests"]:
+    props = {p["name"]: p["value"] for p in test.get("properties", [])}
+    labels = props.get("LABELS", [])
+    if ("integration" in labels or "chaos" in labels) and not props.get("COST"):
+        print(test["name"])
+')
+[[ -z $uncosted ]] || fail "tests without a duration (sl_test_seconds):
+$uncosted"
 echo "ctest_selection_test: ok"
