@@ -851,11 +851,15 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
           removed);
     }
     // The old session ends by compare-and-swap, so two concurrent rotations of one token cannot
-    // both succeed (the loser's new session is removed again).
-    StoredSession ended_old = Tombstone(old, TombstoneEnd(old, now));
+    // both succeed (the loser's new session is removed again). The tombstone's end is taken
+    // now, not at `now`: a count at the limit came between them, and a touch that raced the
+    // end slides the copy it lands on from its own clock.
+    const absl::Time ending = clock_.Now();
+    StoredSession ended_old = Tombstone(old, TombstoneEnd(old, ending));
     ended_old.set_rotated_to_token_hash(new_key.token_hash);
-    const absl::Status ended = store_->CompareAndSwapEveryCopy(
-        old_key, lookup.record->cas, ended_old, TombstoneTtl(old, now), deadline);
+    const absl::Duration ended_old_ttl = TombstoneTtl(old, ending);
+    const absl::Status ended = store_->CompareAndSwapEveryCopy(old_key, lookup.record->cas,
+                                                               ended_old, ended_old_ttl, deadline);
     if (ended.ok()) return view;
     if (ended.GetPayload(kPartialWritePayload).has_value()) {
       return RotationNotEverywhere(new_key, ended, deadline);
@@ -871,7 +875,7 @@ absl::StatusOr<SessionView> SessionService::Rotate(absl::string_view token, absl
       const SessionRecord& now_stored = *after->record;
       if (now_stored.session.deleted() &&
           now_stored.session.rotated_to_token_hash() == new_key.token_hash) {
-        return FinishRotation(old_key, ended_old, TombstoneTtl(old, now), new_key, std::move(view),
+        return FinishRotation(old_key, ended_old, ended_old_ttl, new_key, std::move(view),
                               deadline);
       }
       if (!now_stored.session.deleted() && now_stored.cas.copy == lookup.record->cas.copy) {

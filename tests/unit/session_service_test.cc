@@ -615,6 +615,26 @@ TEST_F(SessionServiceTest, ASlowCountDoesNotShortenARotatedSession) {
   EXPECT_EQ(rotated->stored.expires_at_unix_micros(), Micros(clock_.Now() + absl::Seconds(2)));
 }
 
+// The old token's tombstone is timed from when it is written, not from when the rotation began:
+// a count at the limit comes between them, and a tombstone stamped before a 90 s count stopped
+// being copied to the copies that lacked it 90 s early, while a touch that raced the end could
+// keep such a copy live until the full 100 s + the skew margin after it.
+TEST_F(SessionServiceTest, ASlowCountDoesNotShortenTheOldTokensTombstone) {
+  LimitSessionsPerUser(3);
+  const SessionView old = MustCreate("rotating", /*ttl=*/100);
+  MustCreate("rotating");
+  MustCreate("rotating");
+  store_->AfterNextReadSessions([&] { clock_.Advance(absl::Seconds(90)); });
+  ASSERT_TRUE(service_->Rotate(old.token, Deadline()).ok());
+  const SessionKey old_key = *KeyForToken(old.token);
+  absl::StatusOr<SessionLookup> ended = store_->Lookup(old_key, Deadline());
+  ASSERT_TRUE(ended.ok()) << ended.status();
+  ASSERT_TRUE(ended->record.has_value() && ended->record->session.deleted());
+  EXPECT_EQ(ended->record->session.expires_at_unix_micros(),
+            Micros(clock_.Now() + absl::Seconds(160)));
+  EXPECT_EQ(store_->TtlOf(old_key.token_hash), absl::Seconds(160));
+}
+
 // Entries without a stored session count as creates under way for kAddUnderWay (1 s) only:
 // sessions that expired and are gone (1 s sessions, 1.5 s later) leave room.
 TEST_F(SessionServiceTest, ExpiredSessionsMissingFromTheStoreLeaveRoomUnderTheLimit) {
